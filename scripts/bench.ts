@@ -1,0 +1,62 @@
+// `npm run bench -- NAME [--json FILE] [bench args…]`: runs scripts/bench/NAME, prints the table and
+// writes the JSON report (default bench-results/NAME.json). Every bench measures its peer in the same
+// run, so the ratio compares like with like on this machine today.
+import { mkdirSync, writeFileSync, readdirSync } from 'node:fs';
+import { dirname, join } from 'node:path';
+import { fileURLToPath } from 'node:url';
+import { machine, round, table, type BenchModule, type BenchReport } from './bench/lib.js';
+
+const here = dirname(fileURLToPath(import.meta.url));
+
+async function main(argv: string[]): Promise<number> {
+  const available = readdirSync(join(here, 'bench'))
+    .filter((f) => f.endsWith('.js') && f !== 'lib.js' && !f.startsWith('_'))
+    .map((f) => f.slice(0, -3));
+  const name = argv[0];
+  if (!name || name.startsWith('-')) {
+    console.error(`usage: npm run bench -- NAME [--json FILE] [args]\nbenches: ${available.join(', ')}`);
+    return 2;
+  }
+  if (!available.includes(name)) {
+    console.error(`unknown bench "${name}"; benches: ${available.join(', ')}`);
+    return 2;
+  }
+  const rest = argv.slice(1);
+  let jsonPath = join(process.cwd(), 'bench-results', `${name}.json`);
+  const args: string[] = [];
+  for (let i = 0; i < rest.length; i++) {
+    if (rest[i] === '--json') {
+      const v = rest[++i];
+      if (!v) throw new Error('--json needs a file name');
+      jsonPath = v;
+    } else args.push(rest[i]!);
+  }
+  const mod = (await import(`./bench/${name}.js`)) as BenchModule;
+  const figures = await mod.run({ args, log: (l) => console.error(`[${name}] ${l}`) });
+  const report: BenchReport = {
+    bench: name,
+    date: new Date().toISOString(),
+    machine: machine(),
+    figures: figures.map((f) => ({
+      id: f.id,
+      unit: f.unit,
+      ours: round(f.ours),
+      peer: round(f.peer),
+      ratio: round(f.ours / f.peer, 4),
+      ...(f.note ? { note: f.note } : {}),
+    })),
+  };
+  mkdirSync(dirname(jsonPath), { recursive: true });
+  writeFileSync(jsonPath, JSON.stringify(report, null, 2) + '\n');
+  console.log(table(report));
+  console.log(`\nwrote ${jsonPath}`);
+  return 0;
+}
+
+main(process.argv.slice(2)).then(
+  (code) => process.exit(code),
+  (err: unknown) => {
+    console.error(err instanceof Error ? (err.stack ?? err.message) : String(err));
+    process.exit(1);
+  },
+);

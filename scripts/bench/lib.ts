@@ -1,0 +1,82 @@
+// Shared pieces of every benchmark: figures, percentiles, machine facts and the report format
+// `{"bench", "date", "machine", "figures": [{id, unit, ours, peer, ratio}]}` of the bench harness.
+import os from 'node:os';
+
+export interface Figure {
+  id: string;
+  unit: string;
+  ours: number;
+  peer: number;
+  /** ours / peer, computed by the harness so every bench reports it the same way. */
+  ratio?: number;
+  /** What "peer" was in this run (e.g. "swtpm 0.7.3 socket"), shown in the table. */
+  note?: string;
+}
+
+export interface BenchContext {
+  /** Arguments after the bench name that the harness did not consume (e.g. `--mode multi`). */
+  args: string[];
+  log: (line: string) => void;
+}
+
+export interface BenchModule {
+  run(ctx: BenchContext): Promise<Figure[]>;
+}
+
+export interface BenchReport {
+  bench: string;
+  date: string;
+  machine: { cpus: number; model: string; node: string; memGiB: number; kernel: string };
+  figures: Array<Required<Omit<Figure, 'note'>> & { note?: string }>;
+}
+
+export function machine(): BenchReport['machine'] {
+  const cpus = os.cpus();
+  return {
+    cpus: cpus.length,
+    model: cpus[0]?.model.trim() ?? 'unknown',
+    node: process.version,
+    memGiB: Math.round(os.totalmem() / 2 ** 30),
+    kernel: os.release(),
+  };
+}
+
+/** Nearest-rank percentile of an unsorted sample (p in 0..100). */
+export function percentile(sample: ArrayLike<number>, p: number): number {
+  const s = Float64Array.from(sample as ArrayLike<number>).sort();
+  if (s.length === 0) return NaN;
+  const rank = Math.min(s.length - 1, Math.max(0, Math.ceil((p / 100) * s.length) - 1));
+  return s[rank]!;
+}
+
+export function median(sample: ArrayLike<number>): number {
+  return percentile(sample, 50);
+}
+
+/** Microseconds elapsed since a process.hrtime.bigint() reading. */
+export function usSince(t0: bigint): number {
+  return Number(process.hrtime.bigint() - t0) / 1000;
+}
+
+export function round(x: number, digits = 3): number {
+  if (!Number.isFinite(x)) return x;
+  const f = 10 ** digits;
+  return Math.round(x * f) / f;
+}
+
+export function table(report: BenchReport): string {
+  const m = report.machine;
+  const head = `bench ${report.bench} — ${report.date} — ${m.cpus}× ${m.model}, ${m.memGiB} GiB, Node ${m.node}, Linux ${m.kernel}`;
+  const rows = report.figures.map((f) => [f.id, f.unit, fmt(f.ours), fmt(f.peer), fmt(f.ratio), f.note ?? '']);
+  const header = ['figure', 'unit', 'ours', 'peer', 'ratio', 'peer is'];
+  const widths = header.map((h, i) => Math.max(h.length, ...rows.map((r) => r[i]!.length)));
+  const line = (cells: string[]): string => `| ${cells.map((c, i) => c.padEnd(widths[i]!)).join(' | ')} |`;
+  return [head, '', line(header), `|${widths.map((w) => '-'.repeat(w + 2)).join('|')}|`, ...rows.map(line)].join('\n');
+}
+
+function fmt(x: number): string {
+  if (!Number.isFinite(x)) return String(x);
+  if (Math.abs(x) >= 1000) return x.toFixed(0);
+  if (Math.abs(x) >= 10) return x.toFixed(1);
+  return x.toFixed(3);
+}

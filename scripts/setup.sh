@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# One set-up for every entry point (npm start/test/bench, scripts/vtpm): install the Debian packages
+# the real peers come from, install npm packages when node_modules is missing or stale, then build.
+# Idempotent and quiet when nothing is missing, so it can run before every command.
+set -euo pipefail
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$root"
+
+# Debian packages: libtpms is the TPM we run; the rest are the real clients and peers the tests and
+# benchmarks talk to (tpm2-tools, swtpm, xenstore-utils, QEMU with a kernel and busybox to boot).
+pkgs=(libtpms0 tpm2-tools libtss2-tcti-swtpm0 swtpm swtpm-tools xenstore-utils qemu-system-x86
+      linux-image-amd64 busybox-static)
+missing=()
+for p in "${pkgs[@]}"; do
+  st=$(dpkg-query -W -f='${Status}' "$p" 2>/dev/null || true)
+  [[ "$st" == "install ok installed" ]] || missing+=("$p")
+done
+if ((${#missing[@]})); then
+  line="apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends ${missing[*]}"
+  if [[ $(id -u) -ne 0 ]]; then
+    echo "vtpm-split set-up: missing Debian packages: ${missing[*]}" >&2
+    echo "run as root:  $line" >&2
+    exit 1
+  fi
+  echo "vtpm-split set-up: installing ${missing[*]}" >&2
+  apt-get update -qq >&2
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >&2
+fi
+
+# npm packages: reinstall when the lock file changed since the last install.
+stamp=node_modules/.vtpm-split-lock
+want=$(sha256sum package-lock.json | cut -d' ' -f1)
+if [[ ! -d node_modules || ! -f $stamp || "$(cat "$stamp")" != "$want" ]]; then
+  echo "vtpm-split set-up: npm ci" >&2
+  npm ci --no-audit --no-fund --loglevel=error >&2
+  echo "$want" > "$stamp"
+fi
+
+# Build: tsc is incremental enough at this size; always run it so dist/ never lags the sources.
+node node_modules/typescript/bin/tsc -p tsconfig.json >&2

@@ -1,0 +1,10 @@
+// Every subcommand of `vtpm`, one module each. Keep one line per module so parallel work merges.
+import type { Command } from 'commander';
+
+type Register = (program: Command) => void;
+
+const registrars: Register[] = [];
+
+export function registerCommands(program: Command): void {
+  for (const r of registrars) r(program);
+}

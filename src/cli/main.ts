@@ -1,0 +1,20 @@
+#!/usr/bin/env node
+// The `vtpm` command line. Each subcommand lives in its own file under src/cli/ and registers itself
+// on the program here, so adding one is a one-line change to this list.
+import { Command } from 'commander';
+import { registerCommands } from './commands.js';
+
+const program = new Command();
+program
+  .name('vtpm')
+  .description('Xen-style split-driver virtual TPMs: xenstored, manager, backend, guests')
+  .showHelpAfterError()
+  .enablePositionalOptions();
+
+registerCommands(program);
+
+program.parseAsync(process.argv).catch((err: unknown) => {
+  const msg = err instanceof Error ? err.message : String(err);
+  process.stderr.write(`vtpm: ${msg}\n`);
+  process.exit(1);
+});
