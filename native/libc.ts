@@ -1,0 +1,91 @@
+// The libc calls the emulated hypervisor needs and Node does not offer: mmap/munmap of shared files
+// (so two processes see the same bytes), memfd_create, and typed views over the mapped memory.
+// Nothing outside native/ imports koffi; callers get ArrayBuffers and plain numbers.
+import koffi from 'koffi';
+
+const libc = koffi.load('libc.so.6');
+
+const PROT_READ = 0x1;
+const PROT_WRITE = 0x2;
+const MAP_SHARED = 0x01;
+export const PAGE_SIZE = 4096;
+
+const c_mmap = libc.func('void *mmap(void *addr, size_t length, int prot, int flags, int fd, int64_t offset)');
+const c_munmap = libc.func('int munmap(void *addr, size_t length)');
+const c_memfd_create = libc.func('int memfd_create(const char *name, unsigned int flags)');
+const c_errno = libc.func('int *__errno_location(void)');
+const c_strerror = libc.func('const char *strerror(int errnum)');
+
+export class NativeError extends Error {
+  constructor(
+    readonly call: string,
+    readonly errno: number,
+  ) {
+    super(`${call} failed: ${c_strerror(errno) as string} (errno ${errno})`);
+    this.name = 'NativeError';
+  }
+}
+
+function lastErrno(): number {
+  return koffi.decode(c_errno(), 'int') as number;
+}
+
+/**
+ * A shared mapping of part of a file. `buffer` aliases the mapped pages directly (no copy), so an
+ * Atomics store here is seen by every process that maps the same file page.
+ * After unmap() the buffer must not be touched: the pages are gone and access would fault, so the
+ * object drops its own reference and callers should drop theirs.
+ */
+export class Mapping {
+  #ptr: unknown;
+  #buffer: ArrayBuffer | null;
+  readonly length: number;
+  readonly writable: boolean;
+
+  constructor(ptr: unknown, length: number, writable: boolean) {
+    this.#ptr = ptr;
+    this.length = length;
+    this.writable = writable;
+    this.#buffer = koffi.view(ptr, length) as ArrayBuffer;
+  }
+
+  get buffer(): ArrayBuffer {
+    if (!this.#buffer) throw new Error('mapping used after unmap');
+    return this.#buffer;
+  }
+
+  get mapped(): boolean {
+    return this.#buffer !== null;
+  }
+
+  unmap(): void {
+    if (!this.#buffer) return;
+    this.#buffer = null;
+    if ((c_munmap(this.#ptr, this.length) as number) !== 0) throw new NativeError('munmap', lastErrno());
+    this.#ptr = null;
+  }
+}
+
+/**
+ * Map `length` bytes of `fd` at `offset` (both multiples of PAGE_SIZE) shared. A read-only mapping
+ * is enforced by the MMU: a write through it faults, which is exactly what a read-only grant means.
+ */
+export function mapShared(fd: number, offset: number, length: number, writable: boolean): Mapping {
+  if (offset % PAGE_SIZE !== 0 || length <= 0 || length % PAGE_SIZE !== 0) {
+    throw new RangeError(`mapShared: offset ${offset} and length ${length} must be positive page multiples`);
+  }
+  const prot = writable ? PROT_READ | PROT_WRITE : PROT_READ;
+  const ptr = c_mmap(null, length, prot, MAP_SHARED, fd, offset);
+  // MAP_FAILED is (void *)-1.
+  if (koffi.address(ptr) === 0xffffffffffffffffn) throw new NativeError('mmap', lastErrno());
+  return new Mapping(ptr, length, writable);
+}
+
+const MFD_CLOEXEC = 0x1;
+
+/** An anonymous memory file (distinct inode each call); close it with fs.closeSync. */
+export function memfdCreate(name: string): number {
+  const fd = c_memfd_create(name, MFD_CLOEXEC) as number;
+  if (fd < 0) throw new NativeError('memfd_create', lastErrno());
+  return fd;
+}
