@@ -8,9 +8,15 @@ const libc = koffi.load('libc.so.6');
 const PROT_READ = 0x1;
 const PROT_WRITE = 0x2;
 const MAP_SHARED = 0x01;
+const MAP_PRIVATE = 0x02;
+const MAP_FIXED = 0x10;
+const MAP_ANONYMOUS = 0x20;
+const MAP_NORESERVE = 0x4000;
 export const PAGE_SIZE = 4096;
 
 const c_mmap = libc.func('void *mmap(void *addr, size_t length, int prot, int flags, int fd, int64_t offset)');
+// The same call with the address as an integer, for MAP_FIXED placement inside a reserved range.
+const c_mmap_at = libc.func('void *mmap(uint64_t addr, size_t length, int prot, int flags, int fd, int64_t offset)');
 const c_munmap = libc.func('int munmap(void *addr, size_t length)');
 const c_memfd_create = libc.func('int memfd_create(const char *name, unsigned int flags)');
 const c_errno = libc.func('int *__errno_location(void)');
@@ -79,6 +85,42 @@ export function mapShared(fd: number, offset: number, length: number, writable: 
   // MAP_FAILED is (void *)-1.
   if (koffi.address(ptr) === 0xffffffffffffffffn) throw new NativeError('mmap', lastErrno());
   return new Mapping(ptr, length, writable);
+}
+
+export interface PageSource {
+  fd: number;
+  offset: number;
+  writable: boolean;
+}
+
+/**
+ * Map pages from (possibly different) files side by side into one contiguous virtual range, as Xen
+ * backends vmap the granted pages of a multi-page ring: reserve the range PROT_NONE, then MAP_FIXED
+ * each page into its slot. The result is one Mapping; unmap() releases the whole range.
+ */
+export function mapPagesContiguous(pages: readonly PageSource[]): Mapping {
+  if (pages.length === 0) throw new RangeError('mapPagesContiguous: no pages');
+  if (pages.length === 1) return mapShared(pages[0]!.fd, pages[0]!.offset, PAGE_SIZE, pages[0]!.writable);
+  const length = pages.length * PAGE_SIZE;
+  const base = c_mmap(null, length, 0, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+  if (koffi.address(base) === 0xffffffffffffffffn) throw new NativeError('mmap', lastErrno());
+  const baseAddr = koffi.address(base) as bigint;
+  for (let i = 0; i < pages.length; i++) {
+    const p = pages[i]!;
+    if (p.offset % PAGE_SIZE !== 0) {
+      c_munmap(base, length);
+      throw new RangeError(`mapPagesContiguous: offset ${p.offset} is not page aligned`);
+    }
+    const at = baseAddr + BigInt(i * PAGE_SIZE);
+    const prot = p.writable ? PROT_READ | PROT_WRITE : PROT_READ;
+    const got = c_mmap_at(at, PAGE_SIZE, prot, MAP_SHARED | MAP_FIXED, p.fd, p.offset);
+    if (koffi.address(got) === 0xffffffffffffffffn) {
+      const e = lastErrno();
+      c_munmap(base, length);
+      throw new NativeError('mmap', e);
+    }
+  }
+  return new Mapping(base, length, pages.every((p) => p.writable));
 }
 
 const MFD_CLOEXEC = 0x1;

@@ -1,0 +1,281 @@
+// Event channels (xen.md §3): alloc_unbound / bind_interdomain / send / close with Xen's semantics.
+// The port table lives in each domain's memory file (state, remote domain, remote port, pending bit);
+// a send sets the remote port's pending bit and, only on its 0→1 edge, wakes the remote process.
+//
+// Wake-up transport: one UNIX stream socket listener per domain, one connection per sending peer,
+// carrying the 4-byte number of the port that became pending. Node has no AF_UNIX datagrams; a stream
+// socket wakes the receiver's libuv loop through epoll with no polling, costs one write per edge (the
+// pending bit coalesces the rest), and unlike a FIFO tells the sender when the receiver died.
+import fs from 'node:fs';
+import net from 'node:net';
+import { EVTCHN_PORTS, evtchnSocketPath } from './layout.js';
+import { DomainError, type Domain, type PeerDomain } from './domain.js';
+
+export const ECS_closed = 0;
+export const ECS_unbound = 1;
+export const ECS_interdomain = 2;
+
+const F_STATE = 0;
+const F_REMOTE_DOM = 1;
+const F_REMOTE_PORT = 2;
+const F_PENDING = 3;
+
+export class EventChannelError extends Error {
+  constructor(
+    readonly code: 'EINVAL' | 'ESRCH' | 'ENOSPC',
+    message: string,
+  ) {
+    super(`${code}: ${message}`);
+    this.name = 'EventChannelError';
+  }
+}
+
+export interface PortStatus {
+  state: number;
+  remoteDom: number;
+  remotePort: number;
+  pending: boolean;
+}
+
+type Handler = (port: number) => void;
+
+export class EventChannels {
+  readonly #dom: Domain;
+  readonly #handlers = new Map<number, Handler>();
+  readonly #conns = new Map<number, net.Socket>();
+  readonly #accepted = new Set<net.Socket>();
+  #server: net.Server | null = null;
+  #dispatchQueued = false;
+
+  constructor(dom: Domain) {
+    this.#dom = dom;
+  }
+
+  get #table(): Int32Array {
+    return this.#dom.views.evtchn;
+  }
+
+  /** Start accepting wake-ups from peers. Called once by Domain.create. */
+  async listen(): Promise<void> {
+    const path = evtchnSocketPath(this.#dom.dir, this.#dom.domid);
+    fs.rmSync(path, { force: true });
+    const server = net.createServer((sock) => this.#accept(sock));
+    await new Promise<void>((resolve, reject) => {
+      server.once('error', reject);
+      server.listen(path, () => {
+        server.off('error', reject);
+        resolve();
+      });
+    });
+    // Peers and their sockets must not keep a process alive on their own.
+    server.unref();
+    this.#server = server;
+  }
+
+  #accept(sock: net.Socket): void {
+    this.#accepted.add(sock);
+    sock.unref();
+    let carry: Buffer | null = null;
+    sock.on('data', (chunk: Buffer) => {
+      let buf = carry ? Buffer.concat([carry, chunk]) : chunk;
+      let off = 0;
+      for (; off + 4 <= buf.length; off += 4) this.#deliver(buf.readUInt32LE(off));
+      carry = off < buf.length ? Buffer.from(buf.subarray(off)) : null;
+      buf = chunk;
+    });
+    sock.on('error', () => sock.destroy());
+    sock.on('close', () => this.#accepted.delete(sock));
+  }
+
+  /** Clear the pending bit and run the port's handler, if it has one (else the bit stays set). */
+  #deliver(port: number): void {
+    if (!Number.isInteger(port) || port <= 0 || port >= EVTCHN_PORTS) return;
+    const h = this.#handlers.get(port);
+    if (!h) return;
+    if (Atomics.exchange(this.#table, 4 * port + F_PENDING, 0) === 0) return;
+    h(port);
+  }
+
+  /** Deliver every pending port that has a handler, on a later turn of the loop. */
+  #scheduleDispatch(): void {
+    if (this.#dispatchQueued) return;
+    this.#dispatchQueued = true;
+    setImmediate(() => {
+      this.#dispatchQueued = false;
+      for (const port of [...this.#handlers.keys()]) this.#deliver(port);
+    });
+  }
+
+  /** The handler run (without data) whenever `port` becomes pending; replaces any earlier one. */
+  on(port: number, handler: Handler): void {
+    this.#checkPort(port);
+    this.#handlers.set(port, handler);
+    if (Atomics.load(this.#table, 4 * port + F_PENDING)) this.#scheduleDispatch();
+  }
+
+  off(port: number): void {
+    this.#handlers.delete(port);
+  }
+
+  /** EVTCHNOP_alloc_unbound: a fresh port that only `remoteDom` may bind to. */
+  allocUnbound(remoteDom: number): number {
+    const t = this.#table;
+    for (let port = 1; port < EVTCHN_PORTS; port++) {
+      if (Atomics.compareExchange(t, 4 * port + F_STATE, ECS_closed, -1) !== ECS_closed) continue;
+      Atomics.store(t, 4 * port + F_REMOTE_DOM, remoteDom);
+      Atomics.store(t, 4 * port + F_REMOTE_PORT, 0);
+      Atomics.store(t, 4 * port + F_PENDING, 0);
+      Atomics.store(t, 4 * port + F_STATE, ECS_unbound);
+      return port;
+    }
+    throw new EventChannelError('ENOSPC', `dom${this.#dom.domid}: no free event channel port`);
+  }
+
+  /**
+   * EVTCHNOP_bind_interdomain: connect a new local port to `remotePort` of `remoteDom`, which must be
+   * unbound and allocated for us. The new port starts pending, covering sends made before the bind.
+   */
+  bindInterdomain(remoteDom: number, remotePort: number): number {
+    let peer: PeerDomain;
+    try {
+      peer = this.#dom.peer(remoteDom, true);
+    } catch (err) {
+      if (err instanceof DomainError) throw new EventChannelError('ESRCH', `dom${remoteDom} does not exist`);
+      throw err;
+    }
+    if (!Number.isInteger(remotePort) || remotePort <= 0 || remotePort >= EVTCHN_PORTS) {
+      throw new EventChannelError('EINVAL', `dom${remoteDom} port ${remotePort} out of range`);
+    }
+    const rt = peer.views.evtchn;
+    if (
+      Atomics.load(rt, 4 * remotePort + F_STATE) !== ECS_unbound ||
+      Atomics.load(rt, 4 * remotePort + F_REMOTE_DOM) !== this.#dom.domid
+    ) {
+      throw new EventChannelError('EINVAL', `dom${remoteDom} port ${remotePort} is not unbound for dom${this.#dom.domid}`);
+    }
+    const local = this.allocUnbound(remoteDom);
+    const t = this.#table;
+    Atomics.store(t, 4 * local + F_REMOTE_PORT, remotePort);
+    Atomics.store(t, 4 * local + F_STATE, ECS_interdomain);
+    Atomics.store(rt, 4 * remotePort + F_REMOTE_PORT, local);
+    // The CAS makes two binders racing for one unbound port come out with exactly one winner.
+    if (Atomics.compareExchange(rt, 4 * remotePort + F_STATE, ECS_unbound, ECS_interdomain) !== ECS_unbound) {
+      this.#free(local);
+      throw new EventChannelError('EINVAL', `dom${remoteDom} port ${remotePort} was bound by someone else`);
+    }
+    Atomics.store(t, 4 * local + F_PENDING, 1);
+    this.#scheduleDispatch();
+    return local;
+  }
+
+  /** EVTCHNOP_send. On a port that is not (or no longer) connected the notification is dropped. */
+  send(port: number): void {
+    this.#checkPort(port);
+    const t = this.#table;
+    if (Atomics.load(t, 4 * port + F_STATE) !== ECS_interdomain) return;
+    const remoteDom = Atomics.load(t, 4 * port + F_REMOTE_DOM);
+    const remotePort = Atomics.load(t, 4 * port + F_REMOTE_PORT);
+    let peer: PeerDomain;
+    try {
+      peer = this.#dom.peer(remoteDom);
+    } catch {
+      return;
+    }
+    const rt = peer.views.evtchn;
+    // The remote end may have closed (back to unbound) or been reused: then the event goes nowhere.
+    if (
+      Atomics.load(rt, 4 * remotePort + F_STATE) !== ECS_interdomain ||
+      Atomics.load(rt, 4 * remotePort + F_REMOTE_PORT) !== port ||
+      Atomics.load(rt, 4 * remotePort + F_REMOTE_DOM) !== this.#dom.domid
+    ) {
+      return;
+    }
+    const wasPending = Atomics.exchange(rt, 4 * remotePort + F_PENDING, 1);
+    const fresh = !this.#conns.has(remoteDom);
+    // Only the 0→1 edge needs a wake-up; a new connection always sends one, because an earlier one
+    // may have died with its edge undelivered and the bit left set.
+    if (wasPending === 0 || fresh) this.#wake(remoteDom, remotePort);
+  }
+
+  #wake(remoteDom: number, remotePort: number): void {
+    let sock = this.#conns.get(remoteDom);
+    if (!sock) {
+      sock = net.createConnection(evtchnSocketPath(this.#dom.dir, remoteDom));
+      sock.unref();
+      const s = sock;
+      s.on('error', () => s.destroy());
+      s.on('close', () => {
+        if (this.#conns.get(remoteDom) === s) this.#conns.delete(remoteDom);
+      });
+      this.#conns.set(remoteDom, s);
+    }
+    const msg = Buffer.allocUnsafe(4);
+    msg.writeUInt32LE(remotePort, 0);
+    sock.write(msg);
+  }
+
+  /** EVTCHNOP_close: the local port is freed; an interdomain peer goes back to unbound. */
+  close(port: number): void {
+    this.#checkPort(port);
+    const t = this.#table;
+    const state = Atomics.load(t, 4 * port + F_STATE);
+    if (state === ECS_interdomain) {
+      const remoteDom = Atomics.load(t, 4 * port + F_REMOTE_DOM);
+      const remotePort = Atomics.load(t, 4 * port + F_REMOTE_PORT);
+      try {
+        const rt = this.#dom.peer(remoteDom).views.evtchn;
+        if (
+          Atomics.load(rt, 4 * remotePort + F_REMOTE_PORT) === port &&
+          Atomics.load(rt, 4 * remotePort + F_REMOTE_DOM) === this.#dom.domid
+        ) {
+          Atomics.compareExchange(rt, 4 * remotePort + F_STATE, ECS_interdomain, ECS_unbound);
+        }
+      } catch {
+        // The peer domain is gone: nothing to unbind there.
+      }
+    }
+    this.#handlers.delete(port);
+    this.#free(port);
+  }
+
+  #free(port: number): void {
+    const t = this.#table;
+    Atomics.store(t, 4 * port + F_PENDING, 0);
+    Atomics.store(t, 4 * port + F_REMOTE_PORT, 0);
+    Atomics.store(t, 4 * port + F_REMOTE_DOM, 0);
+    Atomics.store(t, 4 * port + F_STATE, ECS_closed);
+  }
+
+  /** EVTCHNOP_status for one of our ports. */
+  status(port: number): PortStatus {
+    this.#checkPort(port);
+    const t = this.#table;
+    return {
+      state: Math.max(0, Atomics.load(t, 4 * port + F_STATE)),
+      remoteDom: Atomics.load(t, 4 * port + F_REMOTE_DOM),
+      remotePort: Atomics.load(t, 4 * port + F_REMOTE_PORT),
+      pending: Atomics.load(t, 4 * port + F_PENDING) !== 0,
+    };
+  }
+
+  #checkPort(port: number): void {
+    if (!Number.isInteger(port) || port <= 0 || port >= EVTCHN_PORTS) {
+      throw new EventChannelError('EINVAL', `port ${port} out of range 1..${EVTCHN_PORTS - 1}`);
+    }
+  }
+
+  async shutdown(): Promise<void> {
+    this.#handlers.clear();
+    for (const s of this.#conns.values()) s.destroy();
+    this.#conns.clear();
+    for (const s of this.#accepted) s.destroy();
+    this.#accepted.clear();
+    const server = this.#server;
+    this.#server = null;
+    if (server) await new Promise<void>((resolve) => server.close(() => resolve()));
+  }
+
+  removeSocket(): void {
+    fs.rmSync(evtchnSocketPath(this.#dom.dir, this.#dom.domid), { force: true });
+  }
+}

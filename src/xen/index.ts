@@ -1,0 +1,16 @@
+// The emulated hypervisor's public surface.
+export { Domain, PeerDomain, DomainError, DOMID_SELF } from './domain.js';
+export {
+  GrantTable,
+  GrantMapper,
+  GrantMapping,
+  GrantError,
+  GNTST,
+  GTF_permit_access,
+  GTF_readonly,
+  GTF_reading,
+  GTF_writing,
+} from './grant-table.js';
+export { EventChannels, EventChannelError, ECS_closed, ECS_unbound, ECS_interdomain } from './event-channel.js';
+export { SharedRing, FrontRing, BackRing, RingError, ringSize, RING_HEADER_SIZE } from './ring.js';
+export { PAGE_SIZE, xenDir } from './layout.js';

@@ -1,0 +1,79 @@
+// Two (and three) real processes sharing a ring through the grant table and an event channel.
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { rmSync } from 'node:fs';
+import { Child, freshXenDir } from '../helpers/child.js';
+import { Domain, GNTST, GrantError } from '../../src/xen/index.js';
+
+const dir = freshXenDir();
+const env = { VTPM_XEN_DIR: dir };
+let back: Child;
+let front: Child;
+let offer: { frontDomid: number; refs: number[]; port: number };
+
+beforeAll(async () => {
+  back = new Child('scripts/ring-peer.js', ['back', '0'], env);
+  await back.next('ready');
+  front = new Child('scripts/ring-peer.js', ['front', '5', '0'], env);
+  offer = (await front.next('ready')).offer as typeof offer;
+  await back.request({ kind: 'offer', offer }, 'connected');
+});
+
+afterAll(async () => {
+  await Promise.all([front?.stop(), back?.stop()]);
+  rmSync(dir, { recursive: true, force: true });
+});
+
+describe('ring between two processes', () => {
+  it('exchanges 100 000 requests, every response matching its request', async () => {
+    const r = await front.request({ kind: 'run', count: 100_000, inflight: 32 }, 'ran');
+    expect(r).toMatchObject({ count: 100_000, bad: 0 });
+  });
+
+  it('exchanges requests one at a time (every one needs a notification each way)', async () => {
+    const r = await front.request({ kind: 'run', count: 2_000, inflight: 1 }, 'ran');
+    expect(r).toMatchObject({ count: 2_000, bad: 0 });
+  });
+
+  it('refuses to let the frontend revoke its ring grant while the backend has it mapped', async () => {
+    const r = await front.request({ kind: 'revoke' }, 'revoked');
+    expect(r.ok).toBe(false);
+  });
+
+  it('answers a map by the wrong domain with GNTST_general_error (-1)', async () => {
+    // Domain 9 is not the domain the ring was granted to.
+    const intruder = await Domain.create({ domid: 9, dir });
+    try {
+      expect(() => intruder.mapper.map(offer.frontDomid, offer.refs[0]!)).toThrow(GrantError);
+      try {
+        intruder.mapper.map(offer.frontDomid, offer.refs[0]!);
+      } catch (err) {
+        expect((err as GrantError).status).toBe(GNTST.general_error);
+      }
+    } finally {
+      await intruder.destroy();
+    }
+  });
+
+  it('rejects a frontend that writes garbage indices while another frontend keeps being served', async () => {
+    const good = new Child('scripts/ring-peer.js', ['front', '6', '0'], env);
+    try {
+      const goodOffer = (await good.next('ready')).offer as typeof offer;
+      await back.request({ kind: 'offer', offer: goodOffer }, 'connected');
+      const rejected = back.next('rejected');
+      await front.request({ kind: 'garbage-indices' }, 'garbage-sent');
+      const rej = await rejected;
+      expect(rej.frontDomid).toBe(5);
+      expect(String(rej.reason)).toMatch(/^dom5: bogus ring requests: req_prod \d+ is \d+ past rsp_prod_pvt/);
+      const r = await good.request({ kind: 'run', count: 5_000, inflight: 8 }, 'ran');
+      expect(r).toMatchObject({ count: 5_000, bad: 0 });
+    } finally {
+      await good.stop();
+    }
+  });
+
+  it('releases the grant once the backend unmaps, so the frontend can revoke it', async () => {
+    await back.request({ kind: 'disconnect', frontDomid: 5 }, 'disconnected');
+    const r = await front.request({ kind: 'revoke' }, 'revoked');
+    expect(r.ok).toBe(true);
+  });
+});
