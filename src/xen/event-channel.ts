@@ -39,6 +39,13 @@ export interface PortStatus {
 
 type Handler = (port: number) => void;
 
+/** The fd of a connected UNIX socket, or -1 (still connecting, or a handle without one). */
+function connectedFd(sock: net.Socket): number {
+  if (sock.connecting || sock.destroyed) return -1;
+  const handle = (sock as unknown as { _handle?: { fd?: number } })._handle;
+  return typeof handle?.fd === 'number' ? handle.fd : -1;
+}
+
 export class EventChannels {
   readonly #dom: Domain;
   readonly #handlers = new Map<number, Handler>();
@@ -211,6 +218,19 @@ export class EventChannels {
     }
     const msg = Buffer.allocUnsafe(4);
     msg.writeUInt32LE(remotePort, 0);
+    // Once connected, one write(2) straight to the socket: a 4-byte wake-up does not need the stream
+    // machinery's buffering and callbacks, and this is the hot path of every ring round trip.
+    const fd = connectedFd(sock);
+    if (fd >= 0 && sock.writableLength === 0) {
+      try {
+        if (fs.writeSync(fd, msg) === 4) return;
+      } catch (err) {
+        if ((err as NodeJS.ErrnoException).code !== 'EAGAIN') {
+          sock.destroy();
+          return;
+        }
+      }
+    }
     sock.write(msg);
   }
 

@@ -186,13 +186,7 @@ export class BackRing {
    */
   takeRequests(max = Infinity): Uint8Array[] {
     const s = this.sring;
-    const rp = s.reqProd;
-    if (this.requestProdOverflow(rp)) {
-      throw new RingError(
-        'EACCES',
-        `bogus ring requests: req_prod ${rp} is ${u32(rp - this.rspProdPvt)} past rsp_prod_pvt ${this.rspProdPvt} (ring size ${this.size})`,
-      );
-    }
+    const rp = this.#snapshotReqProd();
     const out: Uint8Array[] = [];
     let rc = this.reqCons;
     while (rc !== rp && out.length < max) {
@@ -203,6 +197,39 @@ export class BackRing {
     }
     this.reqCons = rc;
     return out;
+  }
+
+  /**
+   * takeRequests without allocating: copy up to scratch.length / slotBytes requests back to back into
+   * `scratch` and return how many. Same checks; for backends on a hot path.
+   */
+  takeRequestsInto(scratch: Uint8Array): number {
+    const s = this.sring;
+    const rp = this.#snapshotReqProd();
+    const max = Math.floor(scratch.length / s.slotBytes);
+    let n = 0;
+    let rc = this.reqCons;
+    while (rc !== rp && n < max) {
+      if (this.requestConsOverflow(rc)) break;
+      const off = s.slot(rc);
+      scratch.set(s.bytes.subarray(off, off + s.slotBytes), n * s.slotBytes);
+      n++;
+      rc = u32(rc + 1);
+    }
+    this.reqCons = rc;
+    return n;
+  }
+
+  /** Read req_prod once (the rmb point) and reject the ring if it claims more than it can hold. */
+  #snapshotReqProd(): number {
+    const rp = this.sring.reqProd;
+    if (this.requestProdOverflow(rp)) {
+      throw new RingError(
+        'EACCES',
+        `bogus ring requests: req_prod ${rp} is ${u32(rp - this.rspProdPvt)} past rsp_prod_pvt ${this.rspProdPvt} (ring size ${this.size})`,
+      );
+    }
+    return rp;
   }
 
   /** RING_GET_RESPONSE for the next response slot; fill it, then produceResponse(). */
