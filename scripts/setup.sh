@@ -27,13 +27,15 @@ if ((${#missing[@]})); then
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >&2
 fi
 
-# npm packages: reinstall when the lock file changed since the last install.
+# npm packages: reinstall when package.json or the lock file changed since the last install.
+# `npm install`, not `npm ci`: npm 11.19 writes lock files without the other platforms' optional
+# packages (rollup's) and then refuses them in `npm ci`; install honours the locked versions anyway.
 stamp=node_modules/.vtpm-split-lock
-want=$(sha256sum package-lock.json | cut -d' ' -f1)
-if [[ ! -d node_modules || ! -f $stamp || "$(cat "$stamp")" != "$want" ]]; then
-  echo "vtpm-split set-up: npm ci" >&2
-  npm ci --no-audit --no-fund --loglevel=error >&2
-  echo "$want" > "$stamp"
+lockhash() { cat package.json package-lock.json 2>/dev/null | sha256sum | cut -d' ' -f1; }
+if [[ ! -d node_modules || ! -f $stamp || "$(cat "$stamp")" != "$(lockhash)" ]]; then
+  echo "vtpm-split set-up: npm install" >&2
+  npm install --no-audit --no-fund --loglevel=error >&2
+  lockhash > "$stamp"
 fi
 
 # Build: tsc is incremental enough at this size; always run it so dist/ never lags the sources.
