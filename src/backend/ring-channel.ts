@@ -1,0 +1,223 @@
+// The backend role of our multi-request transport (src/xen/tpmif.ts `ring`): a ring.h ring of TPM
+// requests whose command and response bytes live in granted data pages. Requests run in order, one at
+// a time on the guest's vTPM; a queued request can be cancelled before it runs, a running one through
+// the TPM. A request that is merely wrong gets an EINVAL response; a ring that lies about its indices
+// cuts the frontend off.
+import { BackRing, GrantError, RingError, SharedRing, type Domain, type GrantMapping } from '../xen/index.js';
+import {
+  RING_MAX_SEGMENTS,
+  RING_OP_CANCEL,
+  RING_OP_COMMAND,
+  RING_SLOT,
+  RING_STATUS_CANCELED,
+  RING_STATUS_EINVAL,
+  RING_STATUS_EIO,
+  RING_STATUS_OK,
+  RSP_ID,
+  RSP_LENGTH,
+  RSP_STATUS,
+  decodeRingRequest,
+  type RingRequest,
+} from '../xen/tpmif.js';
+import { canceledResponse, failureResponse, responseCode } from '../tpm/error-response.js';
+import type { ChannelOptions } from './v2-channel.js';
+
+const PAGE = 4096;
+const MAX_LOCALITY = 4;
+/** Persistent data-page mappings kept per frontend (the frontend reuses its grants, like blkif's). */
+const MAX_CACHED_MAPPINGS = 256;
+
+interface Job {
+  req: RingRequest;
+  command: Uint8Array | null;
+  pages: Uint8Array[];
+}
+
+export class RingChannel {
+  readonly frontDomid: number;
+  readonly #dom: Domain;
+  readonly #ringMap: GrantMapping;
+  readonly #ring: BackRing;
+  readonly #port: number;
+  readonly #opts: ChannelOptions;
+  readonly #data = new Map<number, GrantMapping>();
+  readonly #queue: Job[] = [];
+  #running: Job | null = null;
+  #pump: Promise<void> | null = null;
+  #closed = false;
+  commands = 0;
+
+  constructor(dom: Domain, opts: ChannelOptions) {
+    if (opts.refs.length < 1 || opts.refs.length > 16) throw new Error(`ring takes 1..16 ring pages, got ${opts.refs.length}`);
+    this.#dom = dom;
+    this.#opts = opts;
+    this.frontDomid = opts.frontDomid;
+    this.#ringMap = dom.mapper.mapMany(opts.frontDomid, opts.refs);
+    this.#ring = new BackRing(new SharedRing(this.#ringMap.buffer, RING_SLOT));
+    try {
+      this.#port = dom.evtchn.bindInterdomain(opts.frontDomid, opts.port);
+    } catch (err) {
+      this.#ringMap.unmap();
+      throw err;
+    }
+    dom.evtchn.on(this.#port, () => this.#onEvent());
+  }
+
+  #onEvent(): void {
+    if (this.#closed) return;
+    try {
+      do {
+        for (const copy of this.#ring.takeRequests()) this.#accept(decodeRingRequest(copy));
+      } while (this.#ring.finalCheckForRequests());
+    } catch (err) {
+      if (err instanceof RingError) return this.#fatal(err.message);
+      throw err;
+    }
+    this.#kick();
+  }
+
+  /** Validate the private copy; queue it, answer it at once, or act on a cancel. */
+  #accept(req: RingRequest): void {
+    if (req.op === RING_OP_CANCEL) {
+      this.#cancel(req.cancelId);
+      this.#respond(req.id, RING_STATUS_OK, null, []);
+      return;
+    }
+    const bad = this.#validate(req);
+    if (bad) {
+      this.#opts.log?.(`dom${this.frontDomid}: request ${req.id}: ${bad}`);
+      this.#respond(req.id, RING_STATUS_EINVAL, null, []);
+      return;
+    }
+    let pages: Uint8Array[];
+    try {
+      pages = req.grefs.map((g) => this.#mapData(g));
+    } catch (err) {
+      if (!(err instanceof GrantError)) throw err;
+      this.#opts.log?.(`dom${this.frontDomid}: request ${req.id}: ${err.message}`);
+      this.#respond(req.id, RING_STATUS_EINVAL, null, []);
+      return;
+    }
+    this.#queue.push({ req, command: null, pages });
+  }
+
+  #validate(req: RingRequest): string | null {
+    if (req.op !== RING_OP_COMMAND) return `unknown op ${req.op}`;
+    if (req.locality > MAX_LOCALITY) return `locality ${req.locality} is not 0..4`;
+    if (req.nrSegments < 1 || req.nrSegments > RING_MAX_SEGMENTS) return `nr_segments ${req.nrSegments} is not 1..${RING_MAX_SEGMENTS}`;
+    if (req.length < 10 || req.length > req.nrSegments * PAGE) {
+      return `length ${req.length} does not fit 10..${req.nrSegments * PAGE} (${req.nrSegments} pages)`;
+    }
+    return null;
+  }
+
+  #mapData(gref: number): Uint8Array {
+    let m = this.#data.get(gref);
+    if (!m) {
+      if (this.#data.size >= MAX_CACHED_MAPPINGS) {
+        const [oldest, om] = this.#data.entries().next().value as [number, GrantMapping];
+        om.unmap();
+        this.#data.delete(oldest);
+      }
+      m = this.#dom.mapper.map(this.frontDomid, gref);
+      this.#data.set(gref, m);
+    }
+    return new Uint8Array(m.buffer);
+  }
+
+  #cancel(id: bigint): void {
+    const i = this.#queue.findIndex((j) => j.req.id === id);
+    if (i >= 0) {
+      const [job] = this.#queue.splice(i, 1);
+      const command = gather(job!.pages, job!.req.length);
+      this.#respond(id, RING_STATUS_CANCELED, canceledResponse(command), job!.pages);
+      return;
+    }
+    if (this.#running?.req.id === id) this.#opts.target.cancel();
+  }
+
+  #kick(): void {
+    if (this.#pump || this.#closed) return;
+    this.#pump = this.#drainQueue().finally(() => {
+      this.#pump = null;
+    });
+  }
+
+  async #drainQueue(): Promise<void> {
+    while (!this.#closed && this.#queue.length > 0) {
+      const job = this.#queue.shift()!;
+      this.#running = job;
+      // Copy the command out of guest memory once; the guest may rewrite its pages meanwhile.
+      const command = gather(job.pages, job.req.length);
+      let status = RING_STATUS_OK;
+      let response: Uint8Array;
+      try {
+        response = await this.#opts.target.execute(command, { locality: job.req.locality });
+        if (response.length === 10 && responseCode(response) === responseCode(canceledResponse(command))) {
+          status = RING_STATUS_CANCELED;
+        }
+      } catch (err) {
+        this.#opts.log?.(`dom${this.frontDomid}: vTPM failed: ${(err as Error).message}`);
+        response = failureResponse(command);
+        status = RING_STATUS_EIO;
+      }
+      this.#running = null;
+      this.commands++;
+      if (this.#closed) return;
+      if (response.length > job.pages.length * PAGE) {
+        this.#opts.log?.(`dom${this.frontDomid}: response of ${response.length} bytes exceeds the request's ${job.pages.length} pages`);
+        response = failureResponse(command);
+        status = RING_STATUS_EIO;
+      }
+      this.#respond(job.req.id, status, response, job.pages);
+    }
+  }
+
+  #respond(id: bigint, status: number, response: Uint8Array | null, pages: Uint8Array[]): void {
+    if (this.#closed) return;
+    if (response) scatter(pages, response);
+    const r = this.#ring;
+    const v = r.sring.view;
+    const off = r.nextResponseSlot();
+    v.setBigUint64(off + RSP_ID, id, true);
+    v.setUint32(off + RSP_STATUS, status, true);
+    v.setUint32(off + RSP_LENGTH, response?.length ?? 0, true);
+    r.produceResponse();
+    if (r.pushResponsesAndCheckNotify()) this.#dom.evtchn.send(this.#port);
+  }
+
+  #fatal(reason: string): void {
+    this.close();
+    this.#opts.onFatal(reason);
+  }
+
+  /** Resolves once every accepted request has been answered. */
+  async drain(): Promise<void> {
+    while (this.#pump) await this.#pump;
+  }
+
+  /** Requests accepted but not yet answered (queued or running). */
+  get outstanding(): number {
+    return this.#queue.length + (this.#running ? 1 : 0);
+  }
+
+  close(): void {
+    if (this.#closed) return;
+    this.#closed = true;
+    this.#queue.length = 0;
+    this.#dom.evtchn.close(this.#port);
+    for (const m of this.#data.values()) m.unmap();
+    this.#data.clear();
+    this.#ringMap.unmap();
+  }
+}
+
+function gather(pages: Uint8Array[], length: number): Uint8Array {
+  const out = new Uint8Array(length);
+  for (let i = 0, off = 0; off < length; i++, off += PAGE) out.set(pages[i]!.subarray(0, Math.min(PAGE, length - off)), off);
+  return out;
+}
+
+function scatter(pages: Uint8Array[], data: Uint8Array): void {
+  for (let i = 0, off = 0; off < data.length; i++, off += PAGE) pages[i]!.set(data.subarray(off, Math.min(off + PAGE, data.length)));
+}

@@ -1,0 +1,137 @@
+// The backend role of the tpmif v2 shared page (xen.md §6.1), as mini-os tpmback and the Xen 4.3+
+// vtpm stub domain play it against Linux xen-tpmfront: one command at a time; the frontend writes
+// SUBMIT or CANCEL, we write only IDLE or FINISH, always state last and then notify.
+import type { Domain, GrantMapping } from '../xen/index.js';
+import {
+  TPMIF_STATE_CANCEL,
+  TPMIF_STATE_FINISH,
+  TPMIF_STATE_IDLE,
+  TPMIF_STATE_SUBMIT,
+  V2_LENGTH,
+  V2_LOCALITY,
+  V2_NR_EXTRA,
+  V2_STATE,
+  v2DataOffset,
+} from '../xen/tpmif.js';
+import { failureResponse } from '../tpm/error-response.js';
+import type { VtpmTarget } from './target.js';
+
+const PAGE = 4096;
+const MAX_LOCALITY = 4;
+
+export interface ChannelOptions {
+  frontDomid: number;
+  /** ring-ref: the grant of the shared page. */
+  refs: number[];
+  /** event-channel: the frontend's unbound port. */
+  port: number;
+  target: VtpmTarget;
+  /** The frontend broke the protocol: the caller must cut it off (its device to Closing). */
+  onFatal: (reason: string) => void;
+  log?: (line: string) => void;
+}
+
+export class V2Channel {
+  readonly frontDomid: number;
+  readonly #dom: Domain;
+  readonly #map: GrantMapping;
+  readonly #page: Uint8Array;
+  readonly #dv: DataView;
+  readonly #port: number;
+  readonly #opts: ChannelOptions;
+  #busy: Promise<void> | null = null;
+  #closed = false;
+  commands = 0;
+
+  constructor(dom: Domain, opts: ChannelOptions) {
+    if (opts.refs.length !== 1) throw new Error(`v2 takes exactly one ring-ref, got ${opts.refs.length}`);
+    this.#dom = dom;
+    this.#opts = opts;
+    this.frontDomid = opts.frontDomid;
+    this.#map = dom.mapper.map(opts.frontDomid, opts.refs[0]!);
+    this.#page = new Uint8Array(this.#map.buffer);
+    this.#dv = new DataView(this.#map.buffer);
+    try {
+      this.#port = dom.evtchn.bindInterdomain(opts.frontDomid, opts.port);
+    } catch (err) {
+      this.#map.unmap();
+      throw err;
+    }
+    dom.evtchn.on(this.#port, () => this.#onEvent());
+  }
+
+  #state(): number {
+    return Atomics.load(this.#page, V2_STATE);
+  }
+
+  #setStateAndNotify(state: number): void {
+    // Everything else on the page is written before the state; the Atomics store orders it.
+    Atomics.store(this.#page, V2_STATE, state);
+    this.#dom.evtchn.send(this.#port);
+  }
+
+  #onEvent(): void {
+    if (this.#closed) return;
+    const state = this.#state();
+    if (state === TPMIF_STATE_CANCEL) {
+      // A running command completes (FINISH) or is cut short by the TPM; an idle device says IDLE.
+      if (this.#busy) this.#opts.target.cancel();
+      else this.#setStateAndNotify(TPMIF_STATE_IDLE);
+      return;
+    }
+    if (state !== TPMIF_STATE_SUBMIT || this.#busy) return;
+    // Private copy of everything before validating: the guest may change the page under us.
+    const length = this.#dv.getUint32(V2_LENGTH, true);
+    const nrExtra = this.#page[V2_NR_EXTRA]!;
+    const locality = this.#page[V2_LOCALITY]!;
+    const offset = v2DataOffset(nrExtra);
+    if (nrExtra !== 0) return this.#fatal(`v2 page names ${nrExtra} extra pages; only single-page devices exist`);
+    if (length > PAGE - offset) return this.#fatal(`v2 request length ${length} exceeds ${PAGE - offset} bytes`);
+    if (locality > MAX_LOCALITY) return this.#fatal(`v2 request locality ${locality} is not 0..4`);
+    const command = this.#page.slice(offset, offset + length);
+    this.#busy = this.#run(command, locality, offset);
+  }
+
+  async #run(command: Uint8Array, locality: number, offset: number): Promise<void> {
+    let response: Uint8Array;
+    try {
+      response = await this.#opts.target.execute(command, { locality });
+    } catch (err) {
+      this.#opts.log?.(`dom${this.frontDomid}: vTPM failed: ${(err as Error).message}`);
+      response = failureResponse(command);
+    }
+    this.commands++;
+    if (this.#closed) return;
+    if (response.length > PAGE - offset) {
+      this.#opts.log?.(`dom${this.frontDomid}: response of ${response.length} bytes does not fit the page`);
+      response = failureResponse(command);
+    }
+    this.#page.set(response, offset);
+    this.#dv.setUint32(V2_LENGTH, response.length, true);
+    this.#busy = null;
+    this.#setStateAndNotify(TPMIF_STATE_FINISH);
+    // A SUBMIT may have been missed while busy only if the frontend broke the one-at-a-time rule;
+    // re-check anyway so a coalesced notification is never lost.
+    if (this.#state() === TPMIF_STATE_SUBMIT) this.#onEvent();
+  }
+
+  #fatal(reason: string): void {
+    this.close();
+    this.#opts.onFatal(reason);
+  }
+
+  /** Resolves once no command is running (the response has been published). */
+  async drain(): Promise<void> {
+    while (this.#busy) await this.#busy;
+  }
+
+  /** Unbind and unmap; a running command's response is dropped (the device is going away). */
+  close(): void {
+    if (this.#closed) return;
+    this.#closed = true;
+    this.#dom.evtchn.close(this.#port);
+    this.#map.unmap();
+  }
+}
+
+export { TPMIF_STATE_IDLE, TPMIF_STATE_SUBMIT, TPMIF_STATE_FINISH, TPMIF_STATE_CANCEL };

@@ -1,0 +1,178 @@
+// The frontend role of the multi-request ring (src/xen/tpmif.ts): a ring page plus one set of data
+// pages per slot, all granted once at start (persistent grants, as blkif's feature-persistent) so a
+// command costs no grant operations. Up to ring-size commands are outstanding; each names its data
+// pages and gets its response back in them.
+import { FrontRing, SharedRing, type Domain } from '../xen/index.js';
+import {
+  REQ_GREFS,
+  REQ_ID,
+  REQ_LENGTH,
+  REQ_LOCALITY,
+  REQ_NR_SEGMENTS,
+  REQ_OP,
+  RING_MAX_SEGMENTS,
+  RING_OP_CANCEL,
+  RING_OP_COMMAND,
+  RING_SLOT,
+  RING_STATUS_EINVAL,
+  RSP_ID,
+  RSP_LENGTH,
+  RSP_STATUS,
+} from '../xen/tpmif.js';
+import { FrontendError, type TpmTransport, type TransmitOptions } from './transport.js';
+import { endAccessEventually } from './grants.js';
+
+const PAGE = 4096;
+
+export interface RingFrontOptions {
+  /** Data pages per request: the largest command and response is segments × 4096 bytes. */
+  segments?: number;
+  /** First request id (ids are never reused, so a resumed frontend continues from its last one). */
+  firstId?: bigint;
+}
+
+interface Pending {
+  buffer: number;
+  resolve: (r: Uint8Array) => void;
+  reject: (e: Error) => void;
+}
+
+export class RingFront implements TpmTransport {
+  readonly protocol = 'ring' as const;
+  readonly refs: readonly number[];
+  readonly port: number;
+  readonly segments: number;
+  readonly #dom: Domain;
+  readonly #ring: FrontRing;
+  readonly #ringGfn: number;
+  readonly #dataGfn: number;
+  readonly #dataRefs: number[];
+  readonly #free: number[] = [];
+  readonly #pending = new Map<bigint, Pending>();
+  readonly #waitingForSlot: Array<() => void> = [];
+  #nextId: bigint;
+  #closed = false;
+
+  constructor(dom: Domain, backDomid: number, opts: RingFrontOptions = {}) {
+    this.#dom = dom;
+    this.segments = opts.segments ?? 1;
+    if (this.segments < 1 || this.segments > RING_MAX_SEGMENTS) throw new RangeError(`segments must be 1..${RING_MAX_SEGMENTS}`);
+    this.#nextId = opts.firstId ?? 1n;
+    this.#ringGfn = dom.allocFrames(1);
+    const page = dom.frames(this.#ringGfn);
+    const sring = new SharedRing(page.buffer as ArrayBuffer, RING_SLOT, page.byteOffset, PAGE);
+    sring.init();
+    this.#ring = new FrontRing(sring);
+    // One buffer per slot. A cancel uses a slot but no buffer, so buffers never run out before slots.
+    const n = sring.size;
+    this.#dataGfn = dom.allocFrames(n * this.segments);
+    this.#dataRefs = [];
+    for (let i = 0; i < n * this.segments; i++) this.#dataRefs.push(dom.grants.grantAccess(backDomid, this.#dataGfn + i));
+    for (let b = 0; b < n; b++) this.#free.push(b);
+    this.refs = [dom.grants.grantAccess(backDomid, this.#ringGfn)];
+    this.port = dom.evtchn.allocUnbound(backDomid);
+    dom.evtchn.on(this.port, () => this.#onResponses());
+  }
+
+  /** The id the next command will carry. */
+  get nextId(): bigint {
+    return this.#nextId;
+  }
+
+  get outstanding(): number {
+    return this.#pending.size;
+  }
+
+  async transmit(command: Uint8Array, opts: TransmitOptions = {}): Promise<Uint8Array> {
+    if (this.#closed) throw new FrontendError('ENODEV', 'frontend closed');
+    const max = this.segments * PAGE;
+    if (command.length > max) throw new FrontendError('E2BIG', `command of ${command.length} bytes exceeds ${max}`);
+    while (this.#free.length === 0 || this.#ring.freeRequests() < 2) {
+      // Keep one slot spare for a cancel.
+      await new Promise<void>((r) => this.#waitingForSlot.push(r));
+      if (this.#closed) throw new FrontendError('ENODEV', 'frontend closed');
+    }
+    const buffer = this.#free.pop()!;
+    const data = this.#dom.frames(this.#dataGfn + buffer * this.segments, this.segments);
+    data.set(command);
+    const id = this.#nextId++;
+    const v = this.#ring.sring.view;
+    const off = this.#ring.nextRequestSlot();
+    v.setBigUint64(off + REQ_ID, id, true);
+    v.setUint8(off + REQ_OP, RING_OP_COMMAND);
+    v.setUint8(off + REQ_LOCALITY, opts.locality ?? 0);
+    v.setUint8(off + REQ_NR_SEGMENTS, this.segments);
+    v.setUint8(off + 11, 0);
+    v.setUint32(off + REQ_LENGTH, command.length, true);
+    for (let s = 0; s < RING_MAX_SEGMENTS; s++) {
+      v.setUint32(off + REQ_GREFS + 4 * s, s < this.segments ? this.#dataRefs[buffer * this.segments + s]! : 0, true);
+    }
+    this.#ring.produceRequest();
+    const p = new Promise<Uint8Array>((resolve, reject) => this.#pending.set(id, { buffer, resolve, reject }));
+    if (this.#ring.pushRequestsAndCheckNotify()) this.#dom.evtchn.send(this.port);
+    return p;
+  }
+
+  /** Cancel one outstanding command (or, with no id, every one). */
+  cancel(id?: bigint): void {
+    if (this.#closed) return;
+    const ids = id === undefined ? [...this.#pending.keys()] : [id];
+    for (const target of ids) {
+      if (!this.#pending.has(target) || this.#ring.full()) continue;
+      const v = this.#ring.sring.view;
+      const off = this.#ring.nextRequestSlot();
+      v.setBigUint64(off + REQ_ID, this.#nextId++, true);
+      v.setUint8(off + REQ_OP, RING_OP_CANCEL);
+      v.setUint8(off + REQ_LOCALITY, 0);
+      v.setUint8(off + REQ_NR_SEGMENTS, 0);
+      v.setUint32(off + REQ_LENGTH, 0, true);
+      v.setBigUint64(off + REQ_GREFS, target, true);
+      this.#ring.produceRequest();
+    }
+    if (this.#ring.pushRequestsAndCheckNotify()) this.#dom.evtchn.send(this.port);
+  }
+
+  #onResponses(): void {
+    const r = this.#ring;
+    const v = r.sring.view;
+    do {
+      const prod = r.sring.rspProd;
+      if (r.responseProdOverflow(prod)) {
+        // A backend claiming more responses than we asked for: stop trusting this ring.
+        this.#failAll(new FrontendError('EPROTO', `backend rsp_prod ${prod} overruns the ring`));
+        return;
+      }
+      while (r.rspCons !== prod) {
+        const off = r.responseSlot();
+        const id = v.getBigUint64(off + RSP_ID, true);
+        const status = v.getUint32(off + RSP_STATUS, true);
+        const length = v.getUint32(off + RSP_LENGTH, true);
+        r.consumeResponse();
+        const p = this.#pending.get(id);
+        if (!p) continue; // a cancel's own acknowledgement, or a response to nothing we sent
+        this.#pending.delete(id);
+        const data = this.#dom.frames(this.#dataGfn + p.buffer * this.segments, this.segments);
+        if (status === RING_STATUS_EINVAL) p.reject(new FrontendError('EINVAL', `backend refused request ${id}`));
+        else p.resolve(data.slice(0, Math.min(length, data.length)));
+        this.#free.push(p.buffer);
+      }
+    } while (r.finalCheckForResponses());
+    while (this.#waitingForSlot.length && this.#free.length && r.freeRequests() >= 2) this.#waitingForSlot.shift()!();
+  }
+
+  #failAll(err: Error): void {
+    for (const p of this.#pending.values()) p.reject(err);
+    this.#pending.clear();
+  }
+
+  async close(): Promise<void> {
+    if (this.#closed) return;
+    this.#closed = true;
+    this.#failAll(new FrontendError('ENODEV', 'frontend closed'));
+    for (const w of this.#waitingForSlot.splice(0)) w();
+    this.#dom.evtchn.close(this.port);
+    await endAccessEventually(this.#dom, [...this.refs, ...this.#dataRefs]);
+    this.#dom.freeFrames(this.#ringGfn);
+    this.#dom.freeFrames(this.#dataGfn, this.#dataRefs.length);
+  }
+}

@@ -1,0 +1,29 @@
+// What every guest-side transport offers the layers above (TpmFront, the TCTI bridge): send one TPM
+// command and get its response. Implementations: the tpmif v2 page (v2-front.ts) and the multi-request
+// ring (ring-front.ts).
+
+export interface TransmitOptions {
+  locality?: number;
+}
+
+export interface TpmTransport {
+  readonly protocol: 'v2' | 'ring';
+  /** What the frontend publishes in xenstore: ring-ref(s) and event-channel. */
+  readonly refs: readonly number[];
+  readonly port: number;
+  transmit(command: Uint8Array, opts?: TransmitOptions): Promise<Uint8Array>;
+  /** Cancel what is outstanding; each cancelled transmit still resolves (TPM_RC_CANCELED) or rejects. */
+  cancel(): void;
+  /** Release the page(s) and the event channel. */
+  close(): Promise<void>;
+}
+
+export class FrontendError extends Error {
+  constructor(
+    readonly code: 'ECANCELED' | 'EINVAL' | 'E2BIG' | 'ENODEV' | 'EPROTO',
+    message: string,
+  ) {
+    super(`${code}: ${message}`);
+    this.name = 'FrontendError';
+  }
+}

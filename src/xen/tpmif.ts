@@ -1,0 +1,92 @@
+// The two TPM transports between a guest and its backend, as shared-memory ABIs.
+//
+// `v2`: Xen's io/tpmif.h shared page, byte-compatible with Linux xen-tpmfront and mini-os:
+//   length u32 @0, state u8 @4, locality u8 @5, pad u8 @6, nr_extra_pages u8 @7,
+//   extra_pages u32[n] @8, data @8+4n (4088 bytes with n = 0). Frontend writes only SUBMIT/CANCEL,
+//   backend only IDLE/FINISH.
+//
+// `ring`: our multi-request transport, a ring.h ring (64-byte slots) of
+//   request  {id u64 @0, op u8 @8, locality u8 @9, nr_segments u8 @10, pad u8 @11, length u32 @12,
+//             gref u32[12] @16}
+//   response {id u64 @0, status u32 @8, length u32 @12}
+// The command is in the granted data pages named by the request; the backend writes the response into
+// the same pages, so a request grants room for its response (at least one page). Several requests may
+// be outstanding; they run in order. A cancel request (op 1) names the id to cancel as a u64 where
+// the grefs would be, and is itself answered with status OK.
+
+export const TPMIF_STATE_IDLE = 0;
+export const TPMIF_STATE_SUBMIT = 1;
+export const TPMIF_STATE_FINISH = 2;
+export const TPMIF_STATE_CANCEL = 3;
+
+export const V2_LENGTH = 0;
+export const V2_STATE = 4;
+export const V2_LOCALITY = 5;
+export const V2_NR_EXTRA = 7;
+export const V2_HEADER = 8;
+
+/** Offset of the command/response bytes: 8 + 4·nr_extra_pages (the real drivers, not the header's table). */
+export function v2DataOffset(nrExtraPages: number): number {
+  return V2_HEADER + 4 * nrExtraPages;
+}
+
+/** 4096 − 8: the largest command or response a one-page v2 device carries. */
+export const V2_MAX_DATA = 4096 - V2_HEADER;
+
+export const RING_SLOT = 64;
+export const RING_MAX_SEGMENTS = 12;
+
+export const RING_OP_COMMAND = 0;
+export const RING_OP_CANCEL = 1;
+
+export const RING_STATUS_OK = 0;
+/** The request itself was malformed (bad op, length, segments or grant); nothing ran. */
+export const RING_STATUS_EINVAL = 1;
+/** The vTPM failed (crashed, failure mode); the response carries a TPM failure code. */
+export const RING_STATUS_EIO = 2;
+/** Cancelled before or while running; the response carries TPM_RC_CANCELED / TPM_FAIL. */
+export const RING_STATUS_CANCELED = 3;
+
+export const REQ_ID = 0;
+export const REQ_OP = 8;
+export const REQ_LOCALITY = 9;
+export const REQ_NR_SEGMENTS = 10;
+export const REQ_LENGTH = 12;
+export const REQ_GREFS = 16;
+
+export const RSP_ID = 0;
+export const RSP_STATUS = 8;
+export const RSP_LENGTH = 12;
+
+/** The private copy of one ring request, decoded (validation is the backend's). */
+export interface RingRequest {
+  id: bigint;
+  op: number;
+  locality: number;
+  nrSegments: number;
+  length: number;
+  grefs: number[];
+  /** For a cancel: the id of the request to cancel (u64 at the grefs' place). */
+  cancelId: bigint;
+}
+
+export function decodeRingRequest(b: Uint8Array): RingRequest {
+  const dv = new DataView(b.buffer, b.byteOffset, b.byteLength);
+  const nrSegments = dv.getUint8(REQ_NR_SEGMENTS);
+  const grefs: number[] = [];
+  for (let i = 0; i < Math.min(nrSegments, RING_MAX_SEGMENTS); i++) grefs.push(dv.getUint32(REQ_GREFS + 4 * i, true));
+  return {
+    id: dv.getBigUint64(REQ_ID, true),
+    op: dv.getUint8(REQ_OP),
+    locality: dv.getUint8(REQ_LOCALITY),
+    nrSegments,
+    length: dv.getUint32(REQ_LENGTH, true),
+    grefs,
+    cancelId: dv.getBigUint64(REQ_GREFS, true),
+  };
+}
+
+/** Xenstore keys of the two protocols (frontend and backend directories). */
+export const XS_FEATURE_V2 = 'feature-protocol-v2';
+export const XS_FEATURE_RING = 'feature-multi-request-ring';
+export const XS_RING_PAGE_ORDER = 'ring-page-order';
