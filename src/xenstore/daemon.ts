@@ -295,6 +295,7 @@ export class XenstoreDaemon {
       case XsType.GET_DOMAIN_PATH:
         return { payload: encodeStrings(`/local/domain/${parseDomid(oneArg(m))}`) };
       case XsType.IS_DOMAIN_INTRODUCED: {
+        if (!c.privileged) throw new XsError('EACCES', 'IS_DOMAIN_INTRODUCED is for dom0');
         const domid = parseDomid(oneArg(m));
         return { payload: encodeStrings(domid === 0 || this.domains.has(domid) ? 'T' : 'F') };
       }
@@ -374,7 +375,7 @@ export class XenstoreDaemon {
       if (c.watches.size === 0) continue;
       const sent = new Set<string>();
       for (const ch of changes) {
-        if (!c.privileged && !this.store.canSee(c.domid, ch.perms)) continue;
+        if (!c.privileged && !this.store.canSee(c.domid, ch.perms) && !(ch.oldPerms && this.store.canSee(c.domid, ch.oldPerms))) continue;
         for (const w of c.watches.values()) {
           let epath: string | undefined;
           if (w.abs.startsWith('@')) continue;
@@ -454,6 +455,7 @@ export class XenstoreDaemon {
     const genBuf = encodeStrings(String(gen));
     const off = Number(args[1]);
     // offset is a byte offset into the NUL-separated child list; the reply ends with an empty string
+    // (an extra NUL, i.e. an empty name, marks the last part)
     if (off >= list.length) return Buffer.concat([genBuf, Buffer.from([0])]);
     const max = PAYLOAD_MAX - genBuf.length - 1;
     let end = off;
@@ -462,7 +464,9 @@ export class XenstoreDaemon {
       if (nul + 1 - off > max) break;
       end = nul + 1;
     }
-    return Buffer.concat([genBuf, list.subarray(off, end), Buffer.from([0])]);
+    if (end === off) throw new XsError('EINVAL', 'offset is not at a child name');
+    const last = end === list.length ? Buffer.from([0]) : Buffer.alloc(0);
+    return Buffer.concat([genBuf, list.subarray(off, end), last]);
   }
 }
 

@@ -47,6 +47,8 @@ export interface Change {
   readonly path: string;
   readonly removed: boolean;
   readonly perms: readonly Perm[];
+  /** Before a SET_PERMS: a domain that could read the node under either set is told. */
+  readonly oldPerms?: readonly Perm[];
 }
 
 type Op =
@@ -291,7 +293,7 @@ export class Store {
         t.count(node.perms[0]!.domid, -1);
         t.count(op.perms[0]!.domid, +1);
         t.put(path, { ...node, perms: op.perms, gen }, gen);
-        changes.push({ path, removed: false, perms: op.perms });
+        changes.push({ path, removed: false, perms: op.perms, oldPerms: node.perms });
         return;
       }
     }
