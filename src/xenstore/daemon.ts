@@ -93,15 +93,20 @@ class Connection implements Caller {
     return `/local/domain/${this.domid}`;
   }
 
+  /** Replies written but not yet taken by the kernel: the guest's outstanding requests. */
+  private unflushed = 0;
+
   private enqueue(m: XsMessage): void {
     this.queue.push(m);
-    // Outstanding-request quota: stop reading from a guest that pipelines more than it is answered.
-    if (!this.privileged && this.queue.length >= this.daemon.quotas.outstanding) this.socket.pause();
     this.drain();
   }
 
+  private get stalled(): boolean {
+    return !this.privileged && this.unflushed >= this.daemon.quotas.outstanding;
+  }
+
   private drain(): void {
-    while (!this.busy && !this.closed && this.queue.length) {
+    while (!this.busy && !this.closed && !this.stalled && this.queue.length) {
       const m = this.queue.shift()!;
       const r = this.daemon.handle(this, m);
       if (r) {
@@ -112,13 +117,29 @@ class Connection implements Caller {
         });
       }
     }
-    if (this.queue.length < this.daemon.quotas.outstanding && this.socket.isPaused() && !this.closed) this.socket.resume();
+    if (this.closed) return;
+    // Outstanding-request quota: a guest that does not read its replies stops being read, so neither
+    // its requests nor our replies pile up in memory.
+    if (this.queue.length >= this.daemon.quotas.outstanding || this.stalled) this.socket.pause();
+    else if (this.socket.isPaused()) this.socket.resume();
   }
 
+  /** Send a reply (counted against the outstanding quota until the kernel has it). */
+  reply(frame: Buffer): void {
+    if (this.privileged) return this.send(frame);
+    if (this.closed) return;
+    this.unflushed++;
+    this.socket.write(frame, () => {
+      this.unflushed--;
+      if (!this.closed) this.drain();
+    });
+  }
+
+  /** Send a frame nobody asked for (watch events); a reader too slow for them is disconnected. */
   send(frame: Buffer): void {
     if (this.closed) return;
     if (this.socket.writableLength > MAX_WRITE_BACKLOG) {
-      this.daemon.kill(this, `dom${this.domid} does not read its replies`);
+      this.daemon.kill(this, `dom${this.domid} does not read its watch events`);
       return;
     }
     this.socket.write(frame);
@@ -203,7 +224,7 @@ export class XenstoreDaemon {
 
   private reply(c: Connection, m: XsMessage, payload: Buffer, after?: () => void): void {
     if (payload.length > PAYLOAD_MAX) return this.replyError(c, m, new XsError('E2BIG'));
-    c.send(encodeMessage(m.type, m.reqId, m.txId, payload));
+    c.reply(encodeMessage(m.type, m.reqId, m.txId, payload));
     after?.();
   }
 
@@ -211,7 +232,7 @@ export class XenstoreDaemon {
     let code: XsErrno = 'EIO';
     if (err instanceof XsError) code = err.code;
     else this.log(`internal error on ${XsType[m.type] ?? m.type}: ${err instanceof Error ? err.stack : String(err)}`);
-    c.send(encodeMessage(XsType.ERROR, m.reqId, m.txId, encodeStrings(code)));
+    c.reply(encodeMessage(XsType.ERROR, m.reqId, m.txId, encodeStrings(code)));
   }
 
   private dispatch(
