@@ -521,6 +521,8 @@ function listen(server: net.Server, socketPath: string): Promise<void> {
     server.once('error', reject);
     server.listen(socketPath, () => {
       server.off('error', reject);
+      // whoever can connect *is* that domain (dom0 on the main socket): owner only, like xenstored's
+      fs.chmodSync(socketPath, 0o600);
       resolve();
     });
   });
