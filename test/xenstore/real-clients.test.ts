@@ -51,6 +51,14 @@ describe('Debian xenstore-utils against vtpm xenstored', () => {
     expect(full.out).toContain('/deb/a = "alpha"');
   });
 
+  it('xenstore-list pages a directory too long for one reply (libxenstore falls back to DIRECTORY_PART)', async () => {
+    const names = Array.from({ length: 300 }, (_, i) => `child-number-${String(i).padStart(4, '0')}`);
+    await c.transaction(async (tx) => {
+      for (const n of names) await c.write(`/deb-big/${n}`, '', tx);
+    });
+    expect((await tool('list', ['/deb-big'])).out).toBe(names.join('\n') + '\n');
+  });
+
   it('xenstore-exists reports presence through its exit code', async () => {
     expect((await tool('exists', ['/deb/a'])).code).toBe(0);
     expect((await tool('exists', ['/deb/zzz'])).code).not.toBe(0);
