@@ -1,11 +1,13 @@
 // Every subcommand of `vtpm`, one module each. Keep one line per module so parallel work merges.
 import type { Command } from 'commander';
 import { register as ringDemo } from './ring-demo.js';
+import { register as xenstored } from './xenstored.js';
 
 type Register = (program: Command) => void;
 
 const registrars: Register[] = [
   ringDemo,
+  xenstored,
 ];
 
 export function registerCommands(program: Command): void {

@@ -1,0 +1,26 @@
+// `vtpm xenstored --socket PATH --domain-socket-dir DIR`: the XenStore daemon in the foreground.
+// Point Debian's xenstore-* tools at it with XENSTORED_PATH=PATH; guests connect to DIR/dom<N>.sock
+// once dom0 has introduced them.
+import type { Command } from 'commander';
+import { XenstoreDaemon } from '../xenstore/daemon.js';
+import { onStop } from './lifecycle.js';
+
+export function register(program: Command): void {
+  program
+    .command('xenstored')
+    .description('run the XenStore daemon (xs_wire over UNIX sockets) in the foreground')
+    .requiredOption('--socket <path>', 'dom0 (privileged) socket; what XENSTORED_PATH points at')
+    .requiredOption('--domain-socket-dir <dir>', 'directory for the per-domain sockets dom<N>.sock')
+    .option('--verbose', 'log closed connections and protocol violations to stderr')
+    .action(async (opts: { socket: string; domainSocketDir: string; verbose?: boolean }) => {
+      const daemon = new XenstoreDaemon({
+        socket: opts.socket,
+        domainSocketDir: opts.domainSocketDir,
+        log: opts.verbose ? (l) => process.stderr.write(`xenstored: ${l}\n`) : undefined,
+      });
+      await daemon.start();
+      onStop(() => daemon.stop());
+      // tests and scripts wait for this line before connecting
+      process.stdout.write(`xenstored listening on ${opts.socket}\n`);
+    });
+}

@@ -1,0 +1,130 @@
+// The xenbus handshake between a frontend in a guest (dom5's socket) and a backend in dom0, through a
+// real xenstored: libxl's device directories, connect, close, resume, and failure paths.
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import type { XsClient } from '../../src/xenstore/client.js';
+import {
+  XenbusError,
+  XenbusState,
+  backendAwaitFrontend,
+  backendClose,
+  backendConnect,
+  backendPath,
+  frontendClose,
+  frontendConnect,
+  frontendPath,
+  frontendResume,
+  readState,
+  switchState,
+  vtpmDevice,
+  waitForState,
+  writeDeviceDirectories,
+  type FrontendInfo,
+} from '../../src/xenstore/xenbus.js';
+import { connectClient, errnoOf, startDaemon, type Daemon } from './helpers.js';
+
+let d: Daemon;
+let dom0: XsClient;
+let fe: XsClient;
+let other: XsClient;
+
+beforeAll(async () => {
+  d = await startDaemon();
+  dom0 = await connectClient(d.socket);
+  await dom0.introduce(5);
+  await dom0.introduce(6);
+  fe = await connectClient(d.domSocket(5));
+  other = await connectClient(d.domSocket(6));
+});
+afterAll(async () => {
+  for (const c of [fe, other, dom0]) await c?.close();
+  await d?.stop();
+});
+
+describe('xenbus', () => {
+  it('numbers states as enum xenbus_state and builds the device paths', () => {
+    expect([XenbusState.Unknown, XenbusState.InitWait, XenbusState.Connected, XenbusState.Closed, XenbusState.Reconfigured]).toEqual([0, 2, 4, 6, 8]);
+    expect(frontendPath(5, 0)).toBe('/local/domain/5/device/vtpm/0');
+    expect(backendPath(0, 5, 0)).toBe('/local/domain/0/backend/vtpm/5/0');
+  });
+
+  it('writes the device directories as libxl does, with its permissions', async () => {
+    const dev = await writeDeviceDirectories(dom0, { frontDomid: 5, backDomid: 0, devid: 0, uuid: '00000000-0000-4000-8000-000000000005' });
+    expect(await dom0.getPerms(dev.frontend)).toEqual([{ domid: 5, access: 'n' }, { domid: 0, access: 'r' }]);
+    expect(await dom0.getPerms(dev.backend)).toEqual([{ domid: 0, access: 'n' }, { domid: 5, access: 'r' }]);
+    expect(await dom0.getPerms(`${dev.backend}/state`)).toEqual([{ domid: 0, access: 'n' }, { domid: 5, access: 'r' }]);
+    const back = Object.fromEntries(await Promise.all((await dom0.directory(dev.backend)).map(async (k) => [k, await dom0.readString(`${dev.backend}/${k}`)])));
+    expect(back).toEqual({
+      frontend: '/local/domain/5/device/vtpm/0',
+      'frontend-id': '5',
+      online: '1',
+      state: '1',
+      handle: '0',
+      uuid: '00000000-0000-4000-8000-000000000005',
+      resume: 'False',
+    });
+    const front = Object.fromEntries(await Promise.all((await dom0.directory(dev.frontend)).map(async (k) => [k, await dom0.readString(`${dev.frontend}/${k}`)])));
+    expect(front).toEqual({ backend: '/local/domain/0/backend/vtpm/5/0', 'backend-id': '0', state: '1', handle: '0' });
+    expect(await dom0.readString('/libxl/5/device/vtpm/0/backend')).toBe(dev.backend);
+    // the guest reads the backend, writes its own directory, and another guest sees neither
+    expect(await fe.readString(`${dev.backend}/uuid`)).toBe('00000000-0000-4000-8000-000000000005');
+    expect(await errnoOf(fe.write(`${dev.backend}/state`, '4'))).toBe('EACCES');
+    await fe.write(`${dev.frontend}/scratch`, 'x');
+    await fe.rm(`${dev.frontend}/scratch`);
+    expect(await errnoOf(other.read(`${dev.frontend}/state`))).toBe('EACCES');
+    expect(await errnoOf(other.read(`${dev.backend}/state`))).toBe('EACCES');
+  });
+
+  it('connects, closes and reconnects after a resume with a new ring', async () => {
+    const dev = await writeDeviceDirectories(dom0, { frontDomid: 5, backDomid: 0, devid: 1 });
+    const attached: FrontendInfo[] = [];
+    let detached = 0;
+    const back = backendConnect(dom0, dev, async (info) => void attached.push(info), { timeoutMs: 10_000 });
+    await frontendConnect(fe, dev, { ringRef: 8, eventChannel: 3 }, { timeoutMs: 10_000 });
+    await back;
+    expect(attached).toEqual([{ ringRef: 8, eventChannel: 3, protocolV2: true, state: XenbusState.Initialised }]);
+    expect(await readState(dom0, dev.backend)).toBe(XenbusState.Connected);
+    expect(await readState(dom0, dev.frontend)).toBe(XenbusState.Connected);
+    expect(await dom0.readString(`${dev.backend}/ready`)).toBe('1');
+    expect(await dom0.readString(`${dev.backend}/feature-protocol-v2`)).toBe('1');
+
+    // close: frontend Closing → backend Closing → frontend Closed → backend back to InitWait
+    const backendSide = (async () => {
+      await waitForState(dom0, dev.frontend, (s) => s === XenbusState.Closing, { timeoutMs: 10_000 });
+      return backendClose(dom0, dev, async () => void detached++, { timeoutMs: 10_000 });
+    })();
+    await frontendClose(fe, dev, { timeoutMs: 10_000 });
+    expect(await backendSide).toBe(XenbusState.InitWait);
+    expect(detached).toBe(1);
+    expect(await readState(dom0, dev.frontend)).toBe(XenbusState.Closed);
+    expect(await dom0.exists(`${dev.backend}/ready`)).toBe(false);
+
+    // a resumed frontend publishes a brand-new ring and event channel
+    const back2 = backendAwaitFrontend(dom0, dev, { timeoutMs: 10_000 });
+    const front2 = frontendResume(fe, dev, { ringRef: 9, eventChannel: 4 }, { timeoutMs: 10_000 });
+    const info2 = await back2;
+    expect(info2).toMatchObject({ ringRef: 9, eventChannel: 4, protocolV2: true });
+    await switchState(dom0, dev.backend, XenbusState.Connected);
+    await front2;
+    expect(await readState(fe, dev.frontend)).toBe(XenbusState.Connected);
+  });
+
+  it('fails a frontend whose backend lacks feature-protocol-v2, writing the error node and Closing', async () => {
+    const dev = await writeDeviceDirectories(dom0, { frontDomid: 5, backDomid: 0, devid: 2 });
+    await switchState(dom0, dev.backend, XenbusState.Initialised);
+    const err = await frontendConnect(fe, dev, { ringRef: 1, eventChannel: 1 }, { timeoutMs: 10_000 }).catch((e: unknown) => e);
+    expect(err).toBeInstanceOf(XenbusError);
+    expect((err as XenbusError).code).toBe('XENBUS_PROTOCOL');
+    expect(await readState(dom0, dev.frontend)).toBe(XenbusState.Closing);
+    expect(await dom0.readString('/local/domain/5/error/device/vtpm/2/error')).toBe('22 vTPM protocol 2 required');
+  });
+
+  it('times out waiting for a state that never comes, and removes its watch', async () => {
+    const dev = vtpmDevice(5, 3);
+    const err = await waitForState(fe, dev.frontend, (s) => s === XenbusState.Connected, { timeoutMs: 200 }).catch((e: unknown) => e);
+    expect((err as XenbusError).code).toBe('XENBUS_TIMEOUT');
+    // the guest can still register its full watch quota, so nothing leaked
+    const ws = [];
+    for (let i = 0; i < 128; i++) ws.push(await fe.watch(`leak${i}`));
+    for (const w of ws) await w.close();
+  });
+});
