@@ -1,0 +1,199 @@
+// One vTPM device as the backend sees it: the xenbus state machine of its backend directory, driven by
+// the frontend's state (xen.md §5.3–5.5), the channel (v2 page or multi-request ring) while connected,
+// and the guest's vTPM instance behind it. Transitions run one at a time, in order.
+import type { Domain } from '../xen/index.js';
+import type { XsClient, XsWatch } from '../xenstore/client.js';
+import {
+  XenbusState,
+  backendAwaitFrontend,
+  backendConnected,
+  backendInitWait,
+  deviceFatal,
+  readState,
+  switchState,
+  watchState,
+  type VtpmDevice,
+} from '../xenstore/xenbus.js';
+import { XS_FEATURE_RING, XS_FEATURE_V2 } from '../xen/tpmif.js';
+import { V2Channel } from './v2-channel.js';
+import { RingChannel } from './ring-channel.js';
+import type { VtpmTarget } from './target.js';
+
+/** What a device needs from the backend process: the vTPM for a VM, opened at the manager. */
+export interface VtpmProvider {
+  /** Open (create or resume) the VM's vTPM; `resume` keeps its saved volatile state. */
+  open(vmUuid: string, version: '2.0' | '1.2', resume: boolean): Promise<VtpmTarget & { instance: number }>;
+  /** The device is gone: save what must survive and release the instance. */
+  release(instance: number): Promise<void>;
+}
+
+export interface DeviceOptions {
+  dom: Domain;
+  xs: XsClient;
+  dev: VtpmDevice;
+  vtpms: VtpmProvider;
+  log: (line: string) => void;
+  /** Called once the device is finished (frontend gone or toolstack removed it). */
+  onGone: () => void;
+}
+
+type Channel = V2Channel | RingChannel;
+
+export class BackendDevice {
+  readonly dev: VtpmDevice;
+  readonly #o: DeviceOptions;
+  #watch: XsWatch | null = null;
+  #ownWatch: XsWatch | null = null;
+  #channel: Channel | null = null;
+  #vtpm: (VtpmTarget & { instance: number }) | null = null;
+  #chain: Promise<void> = Promise.resolve();
+  #fatal = false;
+  #gone = false;
+
+  constructor(o: DeviceOptions) {
+    this.#o = o;
+    this.dev = o.dev;
+  }
+
+  get connected(): boolean {
+    return this.#channel !== null;
+  }
+
+  get instance(): number | undefined {
+    return this.#vtpm?.instance;
+  }
+
+  /** Advertise our features, go to InitWait and follow the frontend from there. */
+  async start(): Promise<void> {
+    await backendInitWait(this.#o.xs, this.dev, { [XS_FEATURE_V2]: '1', [XS_FEATURE_RING]: '1' });
+    this.#watch = await watchState(this.#o.xs, this.dev.frontend, (s) => this.#enqueue(() => this.#onFrontend(s)));
+    // The toolstack detaches a device by writing online=0 and state=Closing into our directory.
+    this.#ownWatch = await this.#o.xs.watch(`${this.dev.backend}/online`, () => this.#enqueue(() => this.#onOnline()));
+  }
+
+  #enqueue(step: () => Promise<void>): void {
+    this.#chain = this.#chain.then(step).catch((err: unknown) => {
+      this.#o.log(`${this.dev.backend}: ${err instanceof Error ? err.message : String(err)}`);
+    });
+  }
+
+  async #onFrontend(s: XenbusState): Promise<void> {
+    if (this.#gone) return;
+    const own = await readState(this.#o.xs, this.dev.backend);
+    switch (s) {
+      case XenbusState.Initialised:
+      case XenbusState.Connected:
+        if (!this.#channel && !this.#fatal && own === XenbusState.InitWait) await this.#attach();
+        break;
+      case XenbusState.Initialising:
+        // A frontend back at Initialising after being connected is resuming with a new ring.
+        if (this.#channel) {
+          await this.#detach();
+          await switchState(this.#o.xs, this.dev.backend, XenbusState.InitWait);
+        }
+        break;
+      case XenbusState.Closing:
+        if (own !== XenbusState.Closing && own !== XenbusState.Closed) {
+          await this.#channel?.drain();
+          await switchState(this.#o.xs, this.dev.backend, XenbusState.Closing);
+        }
+        break;
+      case XenbusState.Closed:
+        await this.#detach();
+        await this.#o.xs.rm(`${this.dev.backend}/ready`).catch(() => {});
+        this.#fatal = false;
+        if ((await this.#o.xs.tryRead(`${this.dev.backend}/online`)) === '0') await this.#finish(XenbusState.Closed);
+        else await switchState(this.#o.xs, this.dev.backend, XenbusState.InitWait);
+        break;
+      case XenbusState.Unknown:
+        // The frontend directory is gone: the domain was destroyed.
+        await this.#detach();
+        await this.#finish(XenbusState.Closed);
+        break;
+      default:
+        break;
+    }
+  }
+
+  async #onOnline(): Promise<void> {
+    if (this.#gone) return;
+    if ((await this.#o.xs.tryRead(`${this.dev.backend}/online`)) !== '0') return;
+    // Detach requested: finish what is in flight, then let the frontend close.
+    await this.#channel?.drain();
+    const fe = await readState(this.#o.xs, this.dev.frontend);
+    if (fe === XenbusState.Closed || fe === XenbusState.Unknown || !this.#channel) {
+      await this.#detach();
+      await this.#finish(XenbusState.Closed);
+    } else await switchState(this.#o.xs, this.dev.backend, XenbusState.Closing);
+  }
+
+  async #attach(): Promise<void> {
+    const xs = this.#o.xs;
+    const fe = await backendAwaitFrontend(xs, this.dev, { timeoutMs: 10_000 });
+    const wantsRing = (await xs.tryRead(`${this.dev.frontend}/${XS_FEATURE_RING}`)) === '1';
+    if (!wantsRing && !fe.protocolV2) return this.#fail(22, 'frontend did not publish feature-protocol-v2');
+    const vm = await xs.tryRead(`${this.dev.backend}/uuid`);
+    if (!vm) return this.#fail(22, 'backend directory has no uuid (the VM the vTPM belongs to)');
+    const version = (await xs.tryRead(`${this.dev.backend}/tpm-version`)) === '1.2' ? '1.2' : '2.0';
+    const resume = (await xs.tryRead(`${this.dev.backend}/resume`)) === 'True';
+    try {
+      this.#vtpm ??= await this.#o.vtpms.open(vm, version, resume);
+    } catch (err) {
+      return this.#fail(5, `cannot open the vTPM of VM ${vm}: ${(err as Error).message}`);
+    }
+    const opts = {
+      frontDomid: this.dev.frontDomid,
+      refs: [fe.ringRef],
+      port: fe.eventChannel,
+      target: this.#vtpm,
+      onFatal: (reason: string) => this.#enqueue(() => this.#fail(71, reason)),
+      log: this.#o.log,
+    };
+    try {
+      this.#channel = wantsRing ? new RingChannel(this.#o.dom, opts) : new V2Channel(this.#o.dom, opts);
+    } catch (err) {
+      return this.#fail(5, `cannot map ring-ref ${fe.ringRef} / bind event-channel ${fe.eventChannel}: ${(err as Error).message}`);
+    }
+    await backendConnected(xs, this.dev);
+    this.#o.log(`dom${this.dev.frontDomid}: connected (${wantsRing ? 'ring' : 'v2'}), vTPM instance ${this.#vtpm.instance} of VM ${vm}`);
+  }
+
+  /** Cut this frontend off: the reason in error/ and the log, our side to Closing. */
+  async #fail(errno: number, reason: string): Promise<void> {
+    this.#fatal = true;
+    this.#o.log(`dom${this.dev.frontDomid}: cut off: ${reason}`);
+    this.#channel?.close();
+    this.#channel = null;
+    await deviceFatal(this.#o.xs, this.dev.backend, errno, reason);
+  }
+
+  async #detach(): Promise<void> {
+    const ch = this.#channel;
+    if (!ch) return;
+    await ch.drain();
+    ch.close();
+    this.#channel = null;
+  }
+
+  async #finish(state: XenbusState): Promise<void> {
+    if (this.#gone) return;
+    this.#gone = true;
+    await this.#watch?.close().catch(() => {});
+    await this.#ownWatch?.close().catch(() => {});
+    if (this.#vtpm) await this.#o.vtpms.release(this.#vtpm.instance).catch((e: unknown) => this.#o.log(`release: ${(e as Error).message}`));
+    this.#vtpm = null;
+    await switchState(this.#o.xs, this.dev.backend, state).catch(() => {});
+    this.#o.onGone();
+  }
+
+  /** Backend shutdown: answer what is in flight, then release the channel and the vTPM. */
+  async stop(): Promise<void> {
+    this.#gone = true;
+    await this.#chain;
+    await this.#watch?.close().catch(() => {});
+    await this.#ownWatch?.close().catch(() => {});
+    await this.#detach();
+    if (this.#vtpm) await this.#o.vtpms.release(this.#vtpm.instance).catch(() => {});
+    this.#vtpm = null;
+  }
+}

@@ -1,0 +1,90 @@
+// tpmback: the backend process. Watches /local/domain/0/backend/vtpm for devices the toolstack writes,
+// runs one BackendDevice per device, and hands each guest's commands to its vTPM.
+import { Domain } from '../xen/index.js';
+import { connect, type XsClient, type XsWatch } from '../xenstore/client.js';
+import { vtpmDevice } from '../xenstore/xenbus.js';
+import { BackendDevice, type VtpmProvider } from './device.js';
+
+export const BACKEND_ROOT = '/local/domain/0/backend/vtpm';
+
+export interface BackendOptions {
+  xenDir: string;
+  xenstoredSocket: string;
+  vtpms: VtpmProvider;
+  log: (line: string) => void;
+}
+
+export class Backend {
+  readonly dom: Domain;
+  readonly xs: XsClient;
+  readonly #o: BackendOptions;
+  readonly #devices = new Map<string, BackendDevice>();
+  #watch: XsWatch | null = null;
+  #scanning: Promise<void> = Promise.resolve();
+
+  private constructor(dom: Domain, xs: XsClient, o: BackendOptions) {
+    this.dom = dom;
+    this.xs = xs;
+    this.#o = o;
+  }
+
+  static async start(o: BackendOptions): Promise<Backend> {
+    const dom = await Domain.create({ domid: 0, dir: o.xenDir });
+    const xs = await connect(o.xenstoredSocket);
+    const b = new Backend(dom, xs, o);
+    // The watch fires once at registration, which picks up devices written before we started.
+    b.#watch = await xs.watch(BACKEND_ROOT, () => {
+      b.#scanning = b.#scanning.then(() => b.#scan()).catch((err: unknown) => o.log(`scan: ${(err as Error).message}`));
+    });
+    return b;
+  }
+
+  get devices(): BackendDevice[] {
+    return [...this.#devices.values()];
+  }
+
+  async #scan(): Promise<void> {
+    let fronts: string[];
+    try {
+      fronts = await this.xs.directory(BACKEND_ROOT);
+    } catch {
+      return; // nothing there yet
+    }
+    for (const fe of fronts) {
+      if (!/^[0-9]+$/.test(fe)) continue;
+      let devids: string[];
+      try {
+        devids = await this.xs.directory(`${BACKEND_ROOT}/${fe}`);
+      } catch {
+        continue;
+      }
+      for (const id of devids) {
+        if (!/^[0-9]+$/.test(id)) continue;
+        const key = `${fe}/${id}`;
+        if (this.#devices.has(key)) continue;
+        // Only a device whose directory the toolstack finished (state written) is ours to drive.
+        if ((await this.xs.tryRead(`${BACKEND_ROOT}/${key}/state`)) === undefined) continue;
+        const dev = new BackendDevice({
+          dom: this.dom,
+          xs: this.xs,
+          dev: vtpmDevice(Number(fe), Number(id), 0),
+          vtpms: this.#o.vtpms,
+          log: this.#o.log,
+          onGone: () => {
+            this.#devices.delete(key);
+            this.#o.log(`dom${fe}: device ${id} removed`);
+          },
+        });
+        this.#devices.set(key, dev);
+        dev.start().catch((err: unknown) => this.#o.log(`dom${fe}: device ${id}: ${(err as Error).message}`));
+      }
+    }
+  }
+
+  async stop(): Promise<void> {
+    await this.#watch?.close().catch(() => {});
+    await Promise.all(this.devices.map((d) => d.stop().catch(() => {})));
+    await this.xs.close().catch(() => {});
+    await this.dom.destroy();
+  }
+}

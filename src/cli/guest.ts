@@ -1,0 +1,210 @@
+// `vtpm guest attach|detach|run`: the toolstack's side of a guest's vTPM (introduce the domain, write
+// the device directories as libxl does, start the guest, run the close sequence) and the guest process
+// itself (a frontend domain with its vTPM device, optionally exposed to tpm2-tools).
+import type { Command } from 'commander';
+import { spawn } from 'node:child_process';
+import fs from 'node:fs';
+import { join } from 'node:path';
+import { setTimeout as sleep } from 'node:timers/promises';
+import { Domain } from '../xen/index.js';
+import { connect } from '../xenstore/client.js';
+import {
+  XenbusState,
+  readState,
+  removeDeviceDirectories,
+  vtpmDevice,
+  waitForState,
+  writeDeviceDirectories,
+} from '../xenstore/xenbus.js';
+import { TpmFront, type Protocol } from '../frontend/tpmfront.js';
+import { RunDir, alive, type GuestInfo } from './rundir.js';
+import { MAIN_JS, stopProcess, tailFile } from './spawn.js';
+import { onStop } from './lifecycle.js';
+
+const UUID = /^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$/i;
+
+export interface AttachOptions {
+  run: string;
+  domid: number;
+  vm: string;
+  protocol?: Protocol;
+  tctiPort?: number;
+  version?: '2.0' | '1.2';
+  devid?: number;
+  timeoutMs?: number;
+}
+
+export async function guestAttach(o: AttachOptions): Promise<GuestInfo> {
+  if (!Number.isInteger(o.domid) || o.domid < 1 || o.domid > 0x7fef) throw new Error(`--domid must be 1..32751, not ${o.domid}`);
+  if (!UUID.test(o.vm)) throw new Error(`--vm must be a UUID, not ${o.vm}`);
+  const rd = new RunDir(o.run);
+  const h = rd.readHost();
+  const existing = rd.readGuest(o.domid);
+  if (existing && alive(existing.pid)) throw new Error(`dom${o.domid} is already attached (pid ${existing.pid})`);
+  const devid = o.devid ?? 0;
+  const protocol = o.protocol ?? 'v2';
+  const xs = await connect(h.xenstoredSocket);
+  try {
+    if (!(await xs.isDomainIntroduced(o.domid))) await xs.introduce(o.domid);
+    const dev = await writeDeviceDirectories(xs, {
+      frontDomid: o.domid,
+      backDomid: 0,
+      devid,
+      uuid: o.vm.toLowerCase(),
+      extra: { backend: { 'tpm-version': o.version ?? '2.0' } },
+    });
+    const log = rd.log(`guest-${o.domid}`);
+    fs.mkdirSync(rd.logDir, { recursive: true });
+    const fd = fs.openSync(log, 'a');
+    const args = [MAIN_JS, 'guest', 'run', '--run', rd.dir, '--domid', String(o.domid), '--protocol', protocol, '--devid', String(devid)];
+    if (o.tctiPort !== undefined) args.push('--tcti-port', String(o.tctiPort));
+    const child = spawn(process.execPath, args, { detached: true, stdio: ['ignore', fd, fd], env: { ...process.env, VTPM_XEN_DIR: h.xenDir } });
+    fs.closeSync(fd);
+    child.unref();
+    const pid = child.pid ?? -1;
+    const info: GuestInfo = { domid: o.domid, pid, vm: o.vm.toLowerCase(), protocol, devid, ...(o.tctiPort !== undefined ? { tctiPort: o.tctiPort } : {}) };
+    rd.writeGuest(info);
+    const exited = new Promise<never>((_, reject) =>
+      child.once('exit', (code, sig) => reject(new Error(`guest dom${o.domid} exited (${sig ?? code}) before connecting:\n${tailFile(log)}`))),
+    );
+    try {
+      await Promise.race([waitForState(xs, dev.frontend, (s) => s === XenbusState.Connected, { timeoutMs: o.timeoutMs ?? 30_000 }), exited]);
+      // The guest reports its TCTI bridge ready in its log; wait for that too so callers can use it.
+      if (o.tctiPort !== undefined) await waitForLine(log, new RegExp(`tcti bridge listening on 127\\.0\\.0\\.1:${o.tctiPort}`), pid);
+    } catch (err) {
+      await stopProcess(pid, 2000);
+      rd.removeGuest(o.domid);
+      await removeDeviceDirectories(xs, dev).catch(() => {});
+      throw err;
+    }
+    exited.catch(() => {});
+    return info;
+  } finally {
+    await xs.close();
+  }
+}
+
+async function waitForLine(file: string, re: RegExp, pid: number, timeoutMs = 15_000): Promise<void> {
+  const deadline = Date.now() + timeoutMs;
+  while (Date.now() < deadline) {
+    if (re.test(fs.readFileSync(file, 'utf8'))) return;
+    if (!alive(pid)) throw new Error(`guest exited:\n${tailFile(file)}`);
+    await sleep(20);
+  }
+  throw new Error(`guest did not report ${re}:\n${tailFile(file)}`);
+}
+
+export async function guestDetach(run: string, domid: number, timeoutMs = 15_000): Promise<void> {
+  const rd = new RunDir(run);
+  const h = rd.readHost();
+  const g = rd.readGuest(domid);
+  const dev = vtpmDevice(domid, g?.devid ?? 0, 0);
+  const xs = await connect(h.xenstoredSocket);
+  try {
+    // As libxl: online=0 and wait for the backend to reach Closed; the frontend closes in between.
+    if ((await readState(xs, dev.backend)) !== XenbusState.Unknown) {
+      await xs.write(`${dev.backend}/online`, '0');
+      await waitForState(xs, dev.backend, (s) => s === XenbusState.Closed || s === XenbusState.Unknown, { timeoutMs }).catch((err: unknown) => {
+        process.stderr.write(`vtpm guest detach: ${(err as Error).message}; removing the device anyway\n`);
+      });
+    }
+    await removeDeviceDirectories(xs, dev);
+    if (await xs.isDomainIntroduced(domid)) await xs.release(domid);
+  } finally {
+    await xs.close();
+  }
+  if (g) await stopProcess(g.pid, 10_000);
+  rd.removeGuest(domid);
+}
+
+/** The guest process: its domain, its vTPM device, and optionally the TCTI bridge for tpm2-tools. */
+export async function guestRun(o: { run: string; domid: number; protocol: Protocol; devid: number; tctiPort?: number }): Promise<void> {
+  const rd = new RunDir(o.run);
+  const h = rd.readHost();
+  const dom = await Domain.create({ domid: o.domid, dir: h.xenDir });
+  const xs = await connect(join(h.domainSocketDir, `dom${o.domid}.sock`));
+  let stopping = false;
+  const shutdown = async (): Promise<void> => {
+    if (stopping) return;
+    stopping = true;
+    await bridge?.stop().catch(() => {});
+    await front?.close().catch(() => {});
+    await xs.close().catch(() => {});
+    await dom.destroy().catch(() => {});
+  };
+  let bridge: { stop(): Promise<void> } | undefined;
+  let front: TpmFront | undefined;
+  onStop(shutdown);
+  front = await TpmFront.connect({
+    xs,
+    dom,
+    devid: o.devid,
+    protocol: o.protocol,
+    onClosed: (reason) => {
+      console.log(`dom${o.domid}: device closed: ${reason}`);
+      void shutdown().then(() => process.exit(0));
+    },
+  });
+  console.log(`dom${o.domid}: vTPM connected (${front.protocol}, ring-ref ${front.refs[0]}, event-channel ${front.port})`);
+  if (o.tctiPort !== undefined) bridge = await startTcti(front, o.tctiPort);
+  // Keep the process alive while the device is up (the event-channel sockets are unref'd).
+  setInterval(() => {}, 1 << 30);
+}
+
+/** Expose the device to tpm2-tools through the swtpm TCTI protocol. */
+async function startTcti(front: TpmFront, port: number): Promise<{ stop(): Promise<void> }> {
+  const { TctiBridge } = await import('../frontend/tcti-bridge.js');
+  const b = await TctiBridge.start({
+    host: '127.0.0.1',
+    port,
+    transmit: (cmd, opts) => front.transmit(cmd, opts),
+    cancel: () => front.cancel(),
+  });
+  console.log(`tcti bridge listening on 127.0.0.1:${port} (control ${port + 1})`);
+  return b;
+}
+
+const int = (v: string): number => {
+  const n = Number(v);
+  if (!Number.isInteger(n)) throw new Error(`not an integer: ${v}`);
+  return n;
+};
+
+export function register(program: Command): void {
+  const guest = program.command('guest').description('attach, detach and run guest domains with a vTPM');
+  guest
+    .command('attach')
+    .description('introduce the domain, write its vTPM device directories, start the guest; returns once Connected')
+    .requiredOption('--run <dir>', 'run directory of the host')
+    .requiredOption('--domid <n>', 'the guest domain id (1..32751)', int)
+    .requiredOption('--vm <uuid>', 'the VM the vTPM belongs to (the manager keys its vTPM by this)')
+    .option('--protocol <p>', 'v2 (tpmif v2 shared page) or ring (multi-request ring)', 'v2')
+    .option('--tcti-port <port>', 'serve tpm2-tools on 127.0.0.1:PORT (data) and PORT+1 (control)', int)
+    .option('--tpm-version <v>', 'TPM version of a new vTPM: 2.0 or 1.2', '2.0')
+    .action(async (o: { run: string; domid: number; vm: string; protocol: string; tctiPort?: number; tpmVersion: string }) => {
+      if (o.protocol !== 'v2' && o.protocol !== 'ring') throw new Error(`--protocol must be v2 or ring, not ${o.protocol}`);
+      if (o.tpmVersion !== '2.0' && o.tpmVersion !== '1.2') throw new Error(`--tpm-version must be 2.0 or 1.2`);
+      const g = await guestAttach({ run: o.run, domid: o.domid, vm: o.vm, protocol: o.protocol, tctiPort: o.tctiPort, version: o.tpmVersion });
+      console.log(`dom${g.domid} attached (pid ${g.pid}, ${g.protocol}${g.tctiPort !== undefined ? `, tpm2-tools: -T swtpm:host=127.0.0.1,port=${g.tctiPort}` : ''})`);
+    });
+  guest
+    .command('detach')
+    .description('run the close sequence, remove the device and stop the guest')
+    .requiredOption('--run <dir>', 'run directory of the host')
+    .requiredOption('--domid <n>', 'the guest domain id', int)
+    .action(async (o: { run: string; domid: number }) => {
+      await guestDetach(o.run, o.domid);
+      console.log(`dom${o.domid} detached`);
+    });
+  guest
+    .command('run', { hidden: true })
+    .description('the guest process itself (started by attach)')
+    .requiredOption('--run <dir>')
+    .requiredOption('--domid <n>', '', int)
+    .option('--protocol <p>', '', 'v2')
+    .option('--devid <n>', '', int, 0)
+    .option('--tcti-port <port>', '', int)
+    .action(async (o: { run: string; domid: number; protocol: Protocol; devid: number; tctiPort?: number }) => {
+      await guestRun(o);
+    });
+}

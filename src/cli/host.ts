@@ -1,0 +1,129 @@
+// `vtpm host up|down|status`: the dom0 side of a host: xenstored, the vTPM manager and the backend as
+// separate processes, described in RUN/host.json.
+import type { Command } from 'commander';
+import fs from 'node:fs';
+import { RunDir, alive, type HostInfo, type ProcessEntry } from './rundir.js';
+import { startDaemon, stopProcess, tailFile } from './spawn.js';
+
+export async function hostUp(runDir: string, stateDir: string, mode: 'single' | 'multi'): Promise<HostInfo> {
+  const rd = new RunDir(runDir);
+  fs.mkdirSync(rd.dir, { recursive: true });
+  try {
+    const old = rd.readHost();
+    if (old.processes.some((p) => alive(p.pid))) throw new Error(`a host is already up in ${rd.dir}; run \`vtpm host down --run ${rd.dir}\` first`);
+  } catch (err) {
+    if (!(err instanceof Error && err.message.startsWith('no host is up'))) throw err;
+  }
+  const h = rd.plan(stateDir, mode);
+  fs.mkdirSync(h.stateDir, { recursive: true });
+  fs.mkdirSync(h.domainSocketDir, { recursive: true });
+  fs.mkdirSync(h.managerRunDir, { recursive: true });
+  fs.rmSync(h.xenDir, { recursive: true, force: true });
+  fs.mkdirSync(h.xenDir, { recursive: true, mode: 0o700 });
+  const env = { VTPM_XEN_DIR: h.xenDir };
+  const started: ProcessEntry[] = [];
+  try {
+    const xs = await startDaemon(
+      ['xenstored', '--socket', h.xenstoredSocket, '--domain-socket-dir', h.domainSocketDir, '--verbose'],
+      rd.log('xenstored'),
+      /xenstored listening/,
+      env,
+    );
+    started.push({ role: 'xenstored', domid: 0, pid: xs.pid, socket: h.xenstoredSocket });
+    const mgr = await startDaemon(['manager', '--state', h.stateDir, '--run', h.managerRunDir], rd.log('manager'), /vtpm-manager: ready/, env);
+    started.push({ role: 'manager', domid: 0, pid: mgr.pid, run: h.managerRunDir });
+    h.processes = started;
+    // The backend reads host.json to find the others.
+    rd.writeHost(h);
+    const be = await startDaemon(['backend', '--run', rd.dir], rd.log('backend'), /vtpm-backend: ready/, env);
+    started.push({ role: 'backend', domid: 0, pid: be.pid, mode });
+    h.processes = started;
+    rd.writeHost(h);
+    return h;
+  } catch (err) {
+    for (const p of started.reverse()) await stopProcess(p.pid, 5000);
+    fs.rmSync(rd.hostJson, { force: true });
+    throw err;
+  }
+}
+
+export async function hostDown(runDir: string): Promise<void> {
+  const rd = new RunDir(runDir);
+  const h = rd.readHost();
+  // Guests first (they close their devices), then the backend (it answers in-flight commands and saves
+  // its vTPMs), then the manager, then xenstored.
+  for (const g of rd.guests()) {
+    await stopProcess(g.pid, 10_000);
+    rd.removeGuest(g.domid);
+  }
+  const order: ProcessEntry['role'][] = ['backend', 'manager', 'xenstored'];
+  for (const role of order) {
+    for (const p of h.processes.filter((q) => q.role === role)) {
+      const clean = await stopProcess(p.pid);
+      if (!clean) process.stderr.write(`vtpm host down: ${role} (pid ${p.pid}) did not stop in time and was killed\n`);
+    }
+  }
+  fs.rmSync(h.xenDir, { recursive: true, force: true });
+  fs.rmSync(rd.hostJson, { force: true });
+}
+
+export interface StatusEntry extends ProcessEntry {
+  alive: boolean;
+}
+
+export function hostStatus(runDir: string): { mode: string; processes: StatusEntry[] } {
+  const rd = new RunDir(runDir);
+  const h = rd.readHost();
+  const procs: StatusEntry[] = h.processes.map((p) => ({ ...p, alive: alive(p.pid) }));
+  for (const g of rd.guests()) procs.push({ role: 'guest', domid: g.domid, pid: g.pid, vm: g.vm, protocol: g.protocol, alive: alive(g.pid) });
+  try {
+    for (const f of fs.readdirSync(rd.vtpmDomainDir)) {
+      if (!f.endsWith('.json')) continue;
+      const d = JSON.parse(fs.readFileSync(`${rd.vtpmDomainDir}/${f}`, 'utf8')) as ProcessEntry;
+      procs.push({ ...d, role: 'vtpm-domain', alive: alive(d.pid) });
+    }
+  } catch {
+    // single-VM mode: no vTPM domains
+  }
+  return { mode: h.mode, processes: procs };
+}
+
+export function register(program: Command): void {
+  const host = program.command('host').description('start, stop and inspect the dom0 processes of a host');
+  host
+    .command('up')
+    .description('start xenstored, the manager and the backend as separate processes; returns when all are ready')
+    .requiredOption('--run <dir>', 'run directory (sockets, FIFOs, logs, host.json)')
+    .requiredOption('--state <dir>', 'state directory of the manager (sealed vTPM state, VM table, keys)')
+    .option('--mode <mode>', 'single (vTPMs in the backend) or multi (one vTPM-domain process each)', 'single')
+    .action(async (o: { run: string; state: string; mode: string }) => {
+      if (o.mode !== 'single' && o.mode !== 'multi') throw new Error(`--mode must be single or multi, not ${o.mode}`);
+      const h = await hostUp(o.run, o.state, o.mode);
+      for (const p of h.processes) console.log(`${p.role.padEnd(10)} dom${p.domid} pid ${p.pid}`);
+      console.log(`host up in ${h.runDir} (${h.mode}-VM mode)`);
+    });
+  host
+    .command('down')
+    .description('stop guests, backend, manager and xenstored cleanly (vTPM state saved)')
+    .requiredOption('--run <dir>', 'run directory of the host')
+    .action(async (o: { run: string }) => {
+      await hostDown(o.run);
+      console.log('host down');
+    });
+  host
+    .command('status')
+    .description('list every process of the host with its role, domid and pid')
+    .requiredOption('--run <dir>', 'run directory of the host')
+    .option('--json', 'print {"processes": [{"role", "domid", "pid", …}]}')
+    .action((o: { run: string; json?: boolean }) => {
+      const s = hostStatus(o.run);
+      if (o.json) {
+        console.log(JSON.stringify(s, null, 2));
+        return;
+      }
+      console.log(`mode: ${s.mode}`);
+      for (const p of s.processes) console.log(`${p.role.padEnd(12)} dom${String(p.domid).padEnd(4)} pid ${String(p.pid).padEnd(8)} ${p.alive ? 'running' : 'DEAD'}`);
+    });
+}
+
+export { tailFile };

@@ -1,0 +1,137 @@
+// A host's run directory: where `host up` puts sockets, FIFOs, logs and host.json, and where every
+// other command finds them. One place for the layout so the processes agree on it.
+import fs from 'node:fs';
+import { createHash } from 'node:crypto';
+import { join, resolve } from 'node:path';
+
+export interface ProcessEntry {
+  role: 'xenstored' | 'manager' | 'backend' | 'guest' | 'vtpm-domain';
+  domid: number;
+  pid: number;
+  [k: string]: unknown;
+}
+
+export interface HostInfo {
+  mode: 'single' | 'multi';
+  runDir: string;
+  stateDir: string;
+  xenDir: string;
+  xenstoredSocket: string;
+  domainSocketDir: string;
+  managerRunDir: string;
+  started: string;
+  processes: ProcessEntry[];
+}
+
+export interface GuestInfo {
+  domid: number;
+  pid: number;
+  vm: string;
+  protocol: 'v2' | 'ring';
+  tctiPort?: number;
+  devid: number;
+}
+
+export class RunDir {
+  readonly dir: string;
+
+  constructor(dir: string) {
+    this.dir = resolve(dir);
+  }
+
+  get hostJson(): string {
+    return join(this.dir, 'host.json');
+  }
+  get logDir(): string {
+    return join(this.dir, 'logs');
+  }
+  get guestDir(): string {
+    return join(this.dir, 'guests');
+  }
+  log(name: string): string {
+    return join(this.logDir, `${name}.log`);
+  }
+
+  /** The layout for a new host in this directory. */
+  plan(stateDir: string, mode: 'single' | 'multi'): HostInfo {
+    // Domain memory lives in /dev/shm (tmpfs) so mapping it never touches a disk; one directory per
+    // run dir, named from its path, so two hosts on one machine never share domids.
+    const tag = createHash('sha256').update(this.dir).digest('hex').slice(0, 12);
+    return {
+      mode,
+      runDir: this.dir,
+      stateDir: resolve(stateDir),
+      xenDir: `/dev/shm/vtpm-split-${tag}`,
+      xenstoredSocket: join(this.dir, 'xenstored.sock'),
+      domainSocketDir: join(this.dir, 'xs'),
+      managerRunDir: join(this.dir, 'manager'),
+      started: new Date().toISOString(),
+      processes: [],
+    };
+  }
+
+  readHost(): HostInfo {
+    let text: string;
+    try {
+      text = fs.readFileSync(this.hostJson, 'utf8');
+    } catch {
+      throw new Error(`no host is up in ${this.dir} (no host.json; run \`vtpm host up --run ${this.dir}\`)`);
+    }
+    return JSON.parse(text) as HostInfo;
+  }
+
+  writeHost(h: HostInfo): void {
+    const tmp = `${this.hostJson}.tmp`;
+    fs.writeFileSync(tmp, JSON.stringify(h, null, 2) + '\n');
+    fs.renameSync(tmp, this.hostJson);
+  }
+
+  guestFile(domid: number): string {
+    return join(this.guestDir, `dom${domid}.json`);
+  }
+
+  writeGuest(g: GuestInfo): void {
+    fs.mkdirSync(this.guestDir, { recursive: true });
+    fs.writeFileSync(this.guestFile(g.domid), JSON.stringify(g, null, 2) + '\n');
+  }
+
+  readGuest(domid: number): GuestInfo | null {
+    try {
+      return JSON.parse(fs.readFileSync(this.guestFile(domid), 'utf8')) as GuestInfo;
+    } catch {
+      return null;
+    }
+  }
+
+  removeGuest(domid: number): void {
+    fs.rmSync(this.guestFile(domid), { force: true });
+  }
+
+  guests(): GuestInfo[] {
+    let names: string[];
+    try {
+      names = fs.readdirSync(this.guestDir);
+    } catch {
+      return [];
+    }
+    return names
+      .filter((n) => /^dom\d+\.json$/.test(n))
+      .map((n) => this.readGuest(Number(n.slice(3, -5))))
+      .filter((g): g is GuestInfo => g !== null);
+  }
+
+  /** vTPM-domain processes register themselves here in multi-VM mode (one JSON file each). */
+  get vtpmDomainDir(): string {
+    return join(this.dir, 'vtpm-domains');
+  }
+}
+
+export function alive(pid: number): boolean {
+  if (!pid || pid < 0) return false;
+  try {
+    process.kill(pid, 0);
+    return true;
+  } catch (err) {
+    return (err as NodeJS.ErrnoException).code === 'EPERM';
+  }
+}

@@ -1,0 +1,126 @@
+// TpmFront: a guest's vTPM device. Builds the transport the backend and toolstack agreed on (the
+// tpmif v2 page, or the multi-request ring when both sides advertise it), publishes it through the
+// xenbus connect sequence, and offers transmit/cancel/close to applications and the TCTI bridge.
+import type { Domain } from '../xen/index.js';
+import type { XsClient } from '../xenstore/client.js';
+import {
+  XenbusState,
+  frontendClose,
+  frontendConnect,
+  readState,
+  vtpmDevice,
+  watchState,
+  type VtpmDevice,
+} from '../xenstore/xenbus.js';
+import type { XsWatch } from '../xenstore/client.js';
+import { XS_FEATURE_RING } from '../xen/tpmif.js';
+import { V2Front } from './v2-front.js';
+import { RingFront } from './ring-front.js';
+import { FrontendError, type TpmTransport, type TransmitOptions } from './transport.js';
+
+export type Protocol = 'v2' | 'ring';
+
+export interface TpmFrontOptions {
+  xs: XsClient;
+  dom: Domain;
+  devid?: number;
+  protocol?: Protocol;
+  /** Data pages per ring request (ring protocol only). */
+  segments?: number;
+  /** First ring request id (ring protocol only; a resumed guest continues its id sequence). */
+  firstId?: bigint;
+  timeoutMs?: number;
+  /** Called once when the backend goes away or closes the device under us. */
+  onClosed?: (reason: string) => void;
+}
+
+export class TpmFront {
+  readonly dev: VtpmDevice;
+  readonly protocol: Protocol;
+  readonly #xs: XsClient;
+  readonly #transport: TpmTransport;
+  #backendWatch: XsWatch | null = null;
+  #closed = false;
+
+  private constructor(xs: XsClient, dev: VtpmDevice, transport: TpmTransport) {
+    this.#xs = xs;
+    this.dev = dev;
+    this.#transport = transport;
+    this.protocol = transport.protocol;
+  }
+
+  /** Run the frontend side of the connect sequence; resolves once the device is Connected. */
+  static async connect(opts: TpmFrontOptions): Promise<TpmFront> {
+    const { xs, dom } = opts;
+    const devid = opts.devid ?? 0;
+    const home = `/local/domain/${dom.domid}/device/vtpm/${devid}`;
+    const backDomid = Number(await xs.readString(`${home}/backend-id`));
+    if (!Number.isInteger(backDomid)) throw new FrontendError('ENODEV', `${home}/backend-id is not a domid`);
+    const dev = vtpmDevice(dom.domid, devid, backDomid);
+    const backend = await xs.readString(`${home}/backend`);
+    if (backend !== dev.backend) throw new FrontendError('ENODEV', `${home}/backend is ${backend}, expected ${dev.backend}`);
+    const protocol = opts.protocol ?? 'v2';
+    const transport: TpmTransport =
+      protocol === 'ring'
+        ? new RingFront(dom, backDomid, { segments: opts.segments, firstId: opts.firstId })
+        : new V2Front(dom, backDomid);
+    try {
+      await frontendConnect(
+        xs,
+        dev,
+        {
+          ringRef: transport.refs[0]!,
+          eventChannel: transport.port,
+          extra: protocol === 'ring' ? { [XS_FEATURE_RING]: '1' } : {},
+        },
+        { timeoutMs: opts.timeoutMs, requireBackendFeature: protocol === 'ring' ? XS_FEATURE_RING : undefined },
+      );
+    } catch (err) {
+      await transport.close();
+      throw err;
+    }
+    const front = new TpmFront(xs, dev, transport);
+    front.#backendWatch = await watchState(xs, dev.backend, (s) => {
+      // The backend closing (or vanishing) ends the device from our side too, as xen-tpmfront does.
+      if (!front.#closed && (s === XenbusState.Closing || s === XenbusState.Closed || s === XenbusState.Unknown)) {
+        void front.close().then(() => opts.onClosed?.(`backend went to ${XenbusState[s]}`));
+      }
+    });
+    return front;
+  }
+
+  get refs(): readonly number[] {
+    return this.#transport.refs;
+  }
+
+  get port(): number {
+    return this.#transport.port;
+  }
+
+  transmit(command: Uint8Array, opts?: TransmitOptions): Promise<Uint8Array> {
+    return this.#transport.transmit(command, opts);
+  }
+
+  cancel(): void {
+    this.#transport.cancel();
+  }
+
+  /** The id the next ring request will carry (ring protocol), for resume. */
+  get nextId(): bigint | undefined {
+    return this.#transport instanceof RingFront ? this.#transport.nextId : undefined;
+  }
+
+  /** The close sequence: Closing, wait for the backend, Closed; then release the ring. */
+  async close(): Promise<void> {
+    if (this.#closed) return;
+    this.#closed = true;
+    await this.#backendWatch?.close().catch(() => {});
+    try {
+      const s = await readState(this.#xs, this.dev.frontend);
+      if (s !== XenbusState.Closed && s !== XenbusState.Unknown) await frontendClose(this.#xs, this.dev, { timeoutMs: 5000 });
+    } catch {
+      // xenstore gone (host down): nothing left to tell; still release our side.
+    }
+    await this.#transport.close();
+  }
+}
