@@ -4,7 +4,6 @@
 // answered in order, one connection at a time; a framing violation closes that connection alone.
 import net from 'node:net';
 import fs from 'node:fs';
-import path from 'node:path';
 import {
   ABS_PATH_MAX,
   PAYLOAD_MAX,
@@ -22,6 +21,7 @@ import {
   type XsMessage,
 } from './wire.js';
 import { DOMID_MAX, formatPerm, parsePerms } from './permissions.js';
+import { domainSocketPath } from './client.js';
 import { DEFAULT_QUOTAS, Store, type Caller, type Change, type Quotas, type Transaction } from './store.js';
 
 export interface DaemonOptions {
@@ -438,7 +438,7 @@ export class XenstoreDaemon {
     if (domid === 0) throw new XsError('EINVAL', 'dom0 is always there');
     if (!/^[0-9]{1,20}$/.test(args[1]!) || !/^[0-9]{1,10}$/.test(args[2]!)) throw new XsError('EINVAL', 'bad gfn or evtchn');
     if (this.domains.has(domid)) return OK; // re-introduction is harmless
-    const socketPath = path.join(this.opts.domainSocketDir, `dom${domid}.sock`);
+    const socketPath = domainSocketPath(this.opts.domainSocketDir, domid);
     const server = net.createServer((s) => this.accept(s, domid));
     const dom: Domain = { domid, socketPath, server, conns: new Set() };
     this.domains.set(domid, dom);
