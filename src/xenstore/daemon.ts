@@ -166,6 +166,8 @@ export class XenstoreDaemon {
   async start(): Promise<void> {
     fs.mkdirSync(this.opts.domainSocketDir, { recursive: true });
     await listen(this.main, this.opts.socket);
+    // an accept failure (EMFILE, …) must not take the daemon down
+    this.main.on('error', (err) => this.log(`dom0 socket: ${err.message}`));
   }
 
   /** Close every socket and connection; remove the socket files. */
@@ -444,6 +446,7 @@ export class XenstoreDaemon {
     this.domains.set(domid, dom);
     try {
       await listen(server, socketPath);
+      server.on('error', (err) => this.log(`dom${domid} socket: ${err.message}`));
     } catch (err) {
       this.domains.delete(domid);
       throw new XsError('EIO', `cannot listen on ${socketPath}: ${err instanceof Error ? err.message : String(err)}`);
@@ -521,8 +524,13 @@ function listen(server: net.Server, socketPath: string): Promise<void> {
     server.once('error', reject);
     server.listen(socketPath, () => {
       server.off('error', reject);
-      // whoever can connect *is* that domain (dom0 on the main socket): owner only, like xenstored's
-      fs.chmodSync(socketPath, 0o600);
+      try {
+        // whoever can connect *is* that domain (dom0 on the main socket): owner only, like xenstored's
+        fs.chmodSync(socketPath, 0o600);
+      } catch (err) {
+        server.close();
+        return reject(err instanceof Error ? err : new Error(String(err)));
+      }
       resolve();
     });
   });
