@@ -40,6 +40,9 @@ const RELEASE_WATCH = '@releaseDomain';
 
 /** A slow reader whose socket buffer grows past this is disconnected (bounds memory per connection). */
 const MAX_WRITE_BACKLOG = 1 << 20;
+/** dom0 is exempt from the outstanding-request quota, but a dom0 client that never reads still
+ * stops being read rather than growing our memory. */
+const DOM0_OUTSTANDING = 1024;
 
 interface Watch {
   /** The path as registered (relative paths produce relative event paths). */
@@ -102,7 +105,7 @@ class Connection implements Caller {
   }
 
   private get stalled(): boolean {
-    return !this.privileged && this.unflushed >= this.daemon.quotas.outstanding;
+    return this.unflushed >= (this.privileged ? DOM0_OUTSTANDING : this.daemon.quotas.outstanding);
   }
 
   private drain(): void {
@@ -120,13 +123,12 @@ class Connection implements Caller {
     if (this.closed) return;
     // Outstanding-request quota: a guest that does not read its replies stops being read, so neither
     // its requests nor our replies pile up in memory.
-    if (this.queue.length >= this.daemon.quotas.outstanding || this.stalled) this.socket.pause();
+    if (this.stalled || (!this.privileged && this.queue.length >= this.daemon.quotas.outstanding)) this.socket.pause();
     else if (this.socket.isPaused()) this.socket.resume();
   }
 
   /** Send a reply (counted against the outstanding quota until the kernel has it). */
   reply(frame: Buffer): void {
-    if (this.privileged) return this.send(frame);
     if (this.closed) return;
     this.unflushed++;
     this.socket.write(frame, () => {

@@ -112,6 +112,25 @@ describe('quotas', () => {
     raw.close();
   });
 
+  it('stalls (never drops) a dom0 client that stops reading, with a larger allowance', async () => {
+    await dom0.write('/dom0big', Buffer.alloc(2000, 0x43));
+    const raw = await RawConn.connect(d.socket);
+    raw.socket.pause();
+    const n = 3000;
+    const frames: Buffer[] = [];
+    for (let i = 0; i < n; i++) {
+      frames.push(encodeMessage(XsType.READ, 2 * i, 0, encodeStrings('/dom0big')));
+      frames.push(encodeMessage(XsType.WRITE, 2 * i + 1, 0, encodeWrite('/dom0count', String(i))));
+    }
+    raw.send(Buffer.concat(frames));
+    await new Promise((r) => setTimeout(r, 300));
+    expect(Number(await dom0.readString('/dom0count'))).toBeLessThan(n - 1);
+    raw.socket.resume();
+    const msgs = await raw.waitMessages(2 * n, 20_000);
+    expect(msgs.map((m) => m.reqId)).toEqual(Array.from({ length: 2 * n }, (_, i) => i));
+    raw.close();
+  });
+
   it('disconnects a guest that never reads its watch events, and only it', async () => {
     await dom0.introduce(19);
     const raw = await RawConn.connect(d.domSocket(19));
