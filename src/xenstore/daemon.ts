@@ -17,6 +17,7 @@ import {
   encodeWatchEvent,
   splitStrings,
   splitWrite,
+  typeName,
   type XsErrno,
   type XsMessage,
 } from './wire.js';
@@ -235,7 +236,7 @@ export class XenstoreDaemon {
   private replyError(c: Connection, m: XsMessage, err: unknown): void {
     let code: XsErrno = 'EIO';
     if (err instanceof XsError) code = err.code;
-    else this.log(`internal error on ${XsType[m.type] ?? m.type}: ${err instanceof Error ? err.stack : String(err)}`);
+    else this.log(`internal error on ${typeName(m.type)}: ${err instanceof Error ? err.stack : String(err)}`);
     c.reply(encodeMessage(XsType.ERROR, m.reqId, m.txId, encodeStrings(code)));
   }
 
