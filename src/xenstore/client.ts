@@ -331,6 +331,8 @@ export class XsClient {
         return result;
       } catch (err) {
         if (!(err instanceof XsError && err.code === 'EAGAIN') || attempt >= maxAttempts) throw err;
+        // under heavy contention a short random pause lets one of the contenders through
+        if (attempt >= 3) await new Promise((r) => setTimeout(r, Math.random() * Math.min(attempt, 20)));
       }
     }
   }
