@@ -1,5 +1,6 @@
 // Per-domain quotas with C xenstored's defaults (nodes 1000, watches 128, transactions 10, nodes per
-// transaction 1024, perms per node 5, path length 2048, node size 2048, outstanding requests 20).
+// transaction 1024, perms per node 5, path length 2048, node size 2048, memory 2.5 MiB, outstanding
+// requests 20).
 // dom0 is exempt. A guest that stops reading is stalled, and one flooded with events it never reads
 // is disconnected, without hurting anybody else.
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
@@ -42,6 +43,27 @@ describe('quotas', () => {
     await g.write('fits', Buffer.alloc(2040, 0x41));
     expect(await errnoOf(g.write('toobig', Buffer.alloc(2041, 0x41)))).toBe('ENOSPC');
     await dom0.write('/dom0-big', Buffer.alloc(4000, 0x41));
+    await g.close();
+  });
+
+  it('limits the bytes a guest owns (names, values, permissions) to 2.5 MiB (ENOSPC)', async () => {
+    const g = await guest(20);
+    const name = (i: number) => `n${String(i).padStart(4, '0')}-${'x'.repeat(1000)}`;
+    const value = Buffer.alloc(2000, 0x44);
+    // each node costs 1006 + 2000 + 8 bytes: the memory quota bites before the 1000-node quota
+    let written = 0;
+    for (;;) {
+      const r = await errnoOf(g.write(name(written), value));
+      if (r !== 'no error') {
+        expect(r).toBe('ENOSPC');
+        break;
+      }
+      written++;
+    }
+    // its home (name "20", one permission) costs 10 bytes
+    expect(written).toBe(Math.floor((2.5 * 1024 * 1024 - 10) / 3014));
+    await g.rm(name(0));
+    await g.write(name(0), value);
     await g.close();
   });
 
