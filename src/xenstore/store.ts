@@ -265,8 +265,8 @@ export class Store {
       case 'write':
       case 'mkdir': {
         if (node) {
-          if (op.kind === 'mkdir') return; // MKDIR of an existing node succeeds without change
           this.mustWrite(caller, node, path);
+          if (op.kind === 'mkdir') return; // MKDIR of an existing node succeeds without change
           this.checkNodeSize(caller, op.value, node.perms);
           const owner = node.perms[0]!.domid;
           this.checkMemory(t, caller, owner, op.value.length - node.value.length);
@@ -285,7 +285,8 @@ export class Store {
         if (!node) {
           const parent = t.get(parentOf(path));
           if (tx) this.touch(tx, parentOf(path), parent);
-          if (!parent) fail('ENOENT', `parent of ${path} does not exist`);
+          if (!parent) this.missing(t, caller, path);
+          if (!caller.privileged && !canRead(parent.perms, caller.domid)) fail('EACCES', `dom${caller.domid} may not read ${parentOf(path)}`);
           return; // removing a missing leaf of an existing parent is OK
         }
         this.mustWrite(caller, node, path);

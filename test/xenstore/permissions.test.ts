@@ -51,6 +51,8 @@ describe('domain identity and permissions', () => {
     expect(await errnoOf(g6.directory('/local/domain/5'))).toBe('EACCES');
     // a missing node under an unreadable parent does not reveal whether it exists
     expect(await errnoOf(g6.read('/local/domain/5/data/nope'))).toBe('EACCES');
+    expect(await errnoOf(g6.rm('/local/domain/5/data/nope'))).toBe('EACCES');
+    expect(await errnoOf(g6.mkdir('/local/domain/5/data'))).toBe('EACCES');
     expect(await g5.readString('/local/domain/5/data/x')).toBe('five');
   });
 
