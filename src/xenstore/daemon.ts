@@ -184,11 +184,6 @@ export class XenstoreDaemon {
     rmSocket(this.opts.socket);
   }
 
-  /** Domains introduced so far. */
-  introduced(): number[] {
-    return [...this.domains.keys()];
-  }
-
   private accept(socket: net.Socket, domid: number): void {
     const c = new Connection(this, socket, domid);
     this.conns.add(c);

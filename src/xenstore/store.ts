@@ -173,11 +173,6 @@ export class Store {
     this.main = new Tree(root, owned, bytes);
   }
 
-  /** Nodes currently owned by `domid` in the live tree. */
-  nodesOwned(domid: number): number {
-    return this.main.owned.get(domid) ?? 0;
-  }
-
   // ---- reads --------------------------------------------------------------------------------------
 
   read(caller: Caller, path: string, tx?: Transaction): Buffer {
@@ -365,11 +360,6 @@ export class Store {
     if ((t.bytes.get(owner) ?? 0) + delta > this.quotas.memory) {
       fail('ENOSPC', `dom${owner} memory quota ${this.quotas.memory} bytes`);
     }
-  }
-
-  /** Bytes currently charged to `domid` in the live tree. */
-  bytesOwned(domid: number): number {
-    return this.main.bytes.get(domid) ?? 0;
   }
 
   private touch(tx: Transaction, path: string, node: Node | undefined): void {
