@@ -87,7 +87,13 @@ export class XsWatch implements AsyncIterable<WatchEvent> {
   }
 }
 
+/** Where the daemon puts domain <domid>'s socket inside --domain-socket-dir (dom<N>.sock). */
+export function domainSocketPath(domainSocketDir: string, domid: number): string {
+  return `${domainSocketDir.replace(/\/+$/, '')}/dom${domid}.sock`;
+}
+
 export class XsClient {
+  private readonly closeHandlers: Array<(err: Error) => void> = [];
   private readonly pending = new Map<number, Pending>();
   private readonly watches = new Map<string, XsWatch>();
   private readonly receiver: XsReceiver;
@@ -119,6 +125,12 @@ export class XsClient {
         resolve(new XsClient(s));
       });
     });
+  }
+
+  /** Call `cb` once when the connection goes away (closed by us, by the daemon, or on RELEASE). */
+  onClose(cb: (err: Error) => void): void {
+    if (this.closedErr) queueMicrotask(() => cb(this.closedErr!));
+    else this.closeHandlers.push(cb);
   }
 
   /** Whether the connection is gone (every later request rejects). */
@@ -173,6 +185,7 @@ export class XsClient {
     this.pending.clear();
     for (const w of this.watches.values()) w.end();
     this.watches.clear();
+    for (const cb of this.closeHandlers.splice(0)) cb(err);
   }
 
   // ---- node operations ----------------------------------------------------------------------------
@@ -318,6 +331,8 @@ export class XsClient {
         return result;
       } catch (err) {
         if (!(err instanceof XsError && err.code === 'EAGAIN') || attempt >= maxAttempts) throw err;
+        // under heavy contention a short random pause lets one of the contenders through
+        if (attempt >= 3) await new Promise((r) => setTimeout(r, Math.random() * Math.min(attempt, 20)));
       }
     }
   }

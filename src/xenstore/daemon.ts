@@ -4,7 +4,6 @@
 // answered in order, one connection at a time; a framing violation closes that connection alone.
 import net from 'node:net';
 import fs from 'node:fs';
-import path from 'node:path';
 import {
   ABS_PATH_MAX,
   PAYLOAD_MAX,
@@ -18,10 +17,12 @@ import {
   encodeWatchEvent,
   splitStrings,
   splitWrite,
+  typeName,
   type XsErrno,
   type XsMessage,
 } from './wire.js';
 import { DOMID_MAX, formatPerm, parsePerms } from './permissions.js';
+import { domainSocketPath } from './client.js';
 import { DEFAULT_QUOTAS, Store, type Caller, type Change, type Quotas, type Transaction } from './store.js';
 
 export interface DaemonOptions {
@@ -40,6 +41,9 @@ const RELEASE_WATCH = '@releaseDomain';
 
 /** A slow reader whose socket buffer grows past this is disconnected (bounds memory per connection). */
 const MAX_WRITE_BACKLOG = 1 << 20;
+/** dom0 is exempt from the outstanding-request quota, but a dom0 client that never reads still
+ * stops being read rather than growing our memory. */
+const DOM0_OUTSTANDING = 1024;
 
 interface Watch {
   /** The path as registered (relative paths produce relative event paths). */
@@ -102,7 +106,7 @@ class Connection implements Caller {
   }
 
   private get stalled(): boolean {
-    return !this.privileged && this.unflushed >= this.daemon.quotas.outstanding;
+    return this.unflushed >= (this.privileged ? DOM0_OUTSTANDING : this.daemon.quotas.outstanding);
   }
 
   private drain(): void {
@@ -120,13 +124,12 @@ class Connection implements Caller {
     if (this.closed) return;
     // Outstanding-request quota: a guest that does not read its replies stops being read, so neither
     // its requests nor our replies pile up in memory.
-    if (this.queue.length >= this.daemon.quotas.outstanding || this.stalled) this.socket.pause();
+    if (this.stalled || (!this.privileged && this.queue.length >= this.daemon.quotas.outstanding)) this.socket.pause();
     else if (this.socket.isPaused()) this.socket.resume();
   }
 
   /** Send a reply (counted against the outstanding quota until the kernel has it). */
   reply(frame: Buffer): void {
-    if (this.privileged) return this.send(frame);
     if (this.closed) return;
     this.unflushed++;
     this.socket.write(frame, () => {
@@ -166,6 +169,8 @@ export class XenstoreDaemon {
   async start(): Promise<void> {
     fs.mkdirSync(this.opts.domainSocketDir, { recursive: true });
     await listen(this.main, this.opts.socket);
+    // an accept failure (EMFILE, …) must not take the daemon down
+    this.main.on('error', (err) => this.log(`dom0 socket: ${err.message}`));
   }
 
   /** Close every socket and connection; remove the socket files. */
@@ -177,11 +182,6 @@ export class XenstoreDaemon {
     for (const d of this.domains.values()) rmSocket(d.socketPath);
     this.domains.clear();
     rmSocket(this.opts.socket);
-  }
-
-  /** Domains introduced so far. */
-  introduced(): number[] {
-    return [...this.domains.keys()];
   }
 
   private accept(socket: net.Socket, domid: number): void {
@@ -231,7 +231,7 @@ export class XenstoreDaemon {
   private replyError(c: Connection, m: XsMessage, err: unknown): void {
     let code: XsErrno = 'EIO';
     if (err instanceof XsError) code = err.code;
-    else this.log(`internal error on ${XsType[m.type] ?? m.type}: ${err instanceof Error ? err.stack : String(err)}`);
+    else this.log(`internal error on ${typeName(m.type)}: ${err instanceof Error ? err.stack : String(err)}`);
     c.reply(encodeMessage(XsType.ERROR, m.reqId, m.txId, encodeStrings(code)));
   }
 
@@ -438,12 +438,13 @@ export class XenstoreDaemon {
     if (domid === 0) throw new XsError('EINVAL', 'dom0 is always there');
     if (!/^[0-9]{1,20}$/.test(args[1]!) || !/^[0-9]{1,10}$/.test(args[2]!)) throw new XsError('EINVAL', 'bad gfn or evtchn');
     if (this.domains.has(domid)) return OK; // re-introduction is harmless
-    const socketPath = path.join(this.opts.domainSocketDir, `dom${domid}.sock`);
+    const socketPath = domainSocketPath(this.opts.domainSocketDir, domid);
     const server = net.createServer((s) => this.accept(s, domid));
     const dom: Domain = { domid, socketPath, server, conns: new Set() };
     this.domains.set(domid, dom);
     try {
       await listen(server, socketPath);
+      server.on('error', (err) => this.log(`dom${domid} socket: ${err.message}`));
     } catch (err) {
       this.domains.delete(domid);
       throw new XsError('EIO', `cannot listen on ${socketPath}: ${err instanceof Error ? err.message : String(err)}`);
@@ -521,8 +522,13 @@ function listen(server: net.Server, socketPath: string): Promise<void> {
     server.once('error', reject);
     server.listen(socketPath, () => {
       server.off('error', reject);
-      // whoever can connect *is* that domain (dom0 on the main socket): owner only, like xenstored's
-      fs.chmodSync(socketPath, 0o600);
+      try {
+        // whoever can connect *is* that domain (dom0 on the main socket): owner only, like xenstored's
+        fs.chmodSync(socketPath, 0o600);
+      } catch (err) {
+        server.close();
+        return reject(err instanceof Error ? err : new Error(String(err)));
+      }
       resolve();
     });
   });

@@ -22,6 +22,8 @@ export interface Quotas {
   permsPerNode: number;
   pathLength: number;
   nodeSize: number;
+  /** Bytes of node names, values and permissions a domain owns (C xenstored's hard memory quota). */
+  memory: number;
 }
 
 export const DEFAULT_QUOTAS: Readonly<Quotas> = {
@@ -33,6 +35,7 @@ export const DEFAULT_QUOTAS: Readonly<Quotas> = {
   permsPerNode: 5,
   pathLength: 2048,
   nodeSize: 2048,
+  memory: 2.5 * 1024 * 1024,
 };
 
 interface Node {
@@ -84,15 +87,21 @@ function fail(code: XsErrno, why: string): never {
   throw new XsError(code, `${code}: ${why}`);
 }
 
-/** A root and its per-owner node counts; cloning is O(domains), so every operation works on a copy. */
+/** What a node costs its owner: its name, value and permission entries (8 bytes each, as in C). */
+function nodeBytes(path: string, value: Buffer, perms: readonly Perm[]): number {
+  return path.length - path.lastIndexOf('/') - 1 + value.length + 8 * perms.length;
+}
+
+/** A root and its per-owner usage; cloning is O(domains), so every operation works on a copy. */
 class Tree {
   constructor(
     public root: Node,
     readonly owned: Map<number, number>,
+    readonly bytes: Map<number, number>,
   ) {}
 
   clone(): Tree {
-    return new Tree(this.root, new Map(this.owned));
+    return new Tree(this.root, new Map(this.owned), new Map(this.bytes));
   }
 
   get(path: string): Node | undefined {
@@ -130,10 +139,14 @@ class Tree {
     return { value: at.value, perms: at.perms, children, gen: listChanged ? gen : at.gen };
   }
 
-  count(domid: number, delta: number): void {
-    const n = (this.owned.get(domid) ?? 0) + delta;
+  /** Charge (or with negative numbers, refund) `domid` for nodes and bytes. */
+  account(domid: number, nodes: number, bytes: number): void {
+    const n = (this.owned.get(domid) ?? 0) + nodes;
     if (n === 0) this.owned.delete(domid);
     else this.owned.set(domid, n);
+    const b = (this.bytes.get(domid) ?? 0) + bytes;
+    if (b === 0) this.bytes.delete(domid);
+    else this.bytes.set(domid, b);
   }
 }
 
@@ -156,12 +169,8 @@ export class Store {
     const leaf = (children: Map<string, Node>): Node => ({ value: EMPTY, perms, children, gen: 0 });
     const root = leaf(new Map([['local', leaf(new Map([['domain', leaf(new Map())]]))]]));
     const owned = new Map([[0, 3]]);
-    this.main = new Tree(root, owned);
-  }
-
-  /** Nodes currently owned by `domid` in the live tree. */
-  nodesOwned(domid: number): number {
-    return this.main.owned.get(domid) ?? 0;
+    const bytes = new Map([[0, nodeBytes('/local', EMPTY, perms) + nodeBytes('/local/domain', EMPTY, perms) + 8]]);
+    this.main = new Tree(root, owned, bytes);
   }
 
   // ---- reads --------------------------------------------------------------------------------------
@@ -251,9 +260,12 @@ export class Store {
       case 'write':
       case 'mkdir': {
         if (node) {
-          if (op.kind === 'mkdir') return; // MKDIR of an existing node succeeds without change
           this.mustWrite(caller, node, path);
+          if (op.kind === 'mkdir') return; // MKDIR of an existing node succeeds without change
           this.checkNodeSize(caller, op.value, node.perms);
+          const owner = node.perms[0]!.domid;
+          this.checkMemory(t, caller, owner, op.value.length - node.value.length);
+          t.account(owner, 0, op.value.length - node.value.length);
           t.put(path, { ...node, value: op.value, gen }, gen);
           changes.push({ path, removed: false, perms: node.perms });
           return;
@@ -268,7 +280,8 @@ export class Store {
         if (!node) {
           const parent = t.get(parentOf(path));
           if (tx) this.touch(tx, parentOf(path), parent);
-          if (!parent) fail('ENOENT', `parent of ${path} does not exist`);
+          if (!parent) this.missing(t, caller, path);
+          if (!caller.privileged && !canRead(parent.perms, caller.domid)) fail('EACCES', `dom${caller.domid} may not read ${parentOf(path)}`);
           return; // removing a missing leaf of an existing parent is OK
         }
         this.mustWrite(caller, node, path);
@@ -276,7 +289,7 @@ export class Store {
         if (tx) this.touch(tx, parent, t.get(parent));
         for (const [p, n] of walk(path, node)) {
           if (tx) this.touch(tx, p, n);
-          t.count(n.perms[0]!.domid, -1);
+          t.account(n.perms[0]!.domid, -1, -nodeBytes(p, n.value, n.perms));
         }
         t.put(path, undefined, gen);
         changes.push({ path, removed: true, perms: node.perms });
@@ -290,8 +303,10 @@ export class Store {
           if (op.perms.length > this.quotas.permsPerNode) fail('ENOSPC', `more than ${this.quotas.permsPerNode} permissions`);
           this.checkNodeSize(caller, node.value, op.perms);
         }
-        t.count(node.perms[0]!.domid, -1);
-        t.count(op.perms[0]!.domid, +1);
+        const after = nodeBytes(path, node.value, op.perms);
+        this.checkMemory(t, caller, op.perms[0]!.domid, op.perms[0]!.domid === node.perms[0]!.domid ? after - nodeBytes(path, node.value, node.perms) : after);
+        t.account(node.perms[0]!.domid, -1, -nodeBytes(path, node.value, node.perms));
+        t.account(op.perms[0]!.domid, +1, after);
         t.put(path, { ...node, perms: op.perms, gen }, gen);
         changes.push({ path, removed: false, perms: op.perms, oldPerms: node.perms });
         return;
@@ -321,8 +336,10 @@ export class Store {
       if (!caller.privileged && perms[0]!.domid !== caller.domid) perms = [{ domid: caller.domid, access: perms[0]!.access }, ...perms.slice(1)];
       const v = m === path ? value : EMPTY;
       this.checkNodeSize(caller, v, perms);
+      const cost = nodeBytes(m, v, perms);
+      this.checkMemory(t, caller, perms[0]!.domid, cost);
       t.put(m, { value: v, perms, children: new Map(), gen }, gen);
-      t.count(perms[0]!.domid, +1);
+      t.account(perms[0]!.domid, +1, cost);
     }
   }
 
@@ -334,6 +351,14 @@ export class Store {
     // C xenstored counts the value and the permission array (8 bytes an entry) against the node size.
     if (!caller.privileged && value.length + 8 * perms.length > this.quotas.nodeSize) {
       fail('ENOSPC', `node of ${value.length} bytes exceeds dom${caller.domid}'s node size quota ${this.quotas.nodeSize}`);
+    }
+  }
+
+  /** A guest may not grow a (non-dom0) owner past the memory quota. */
+  private checkMemory(t: Tree, caller: Caller, owner: number, delta: number): void {
+    if (caller.privileged || owner === 0 || delta <= 0) return;
+    if ((t.bytes.get(owner) ?? 0) + delta > this.quotas.memory) {
+      fail('ENOSPC', `dom${owner} memory quota ${this.quotas.memory} bytes`);
     }
   }
 

@@ -77,7 +77,7 @@ export class XsError extends Error {
   }
 }
 
-export type XsWireErrorCode = 'XS_PAYLOAD_TOO_LONG' | 'XS_TRUNCATED';
+export type XsWireErrorCode = 'XS_PAYLOAD_TOO_LONG';
 
 /** A framing violation: the connection cannot continue (the offender is named in the message). */
 export class XsWireError extends Error {

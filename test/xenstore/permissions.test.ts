@@ -4,6 +4,7 @@ import fs from 'node:fs';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { XsType, encodeMessage, encodeStrings } from '../../src/xenstore/wire.js';
 import type { XsClient } from '../../src/xenstore/client.js';
+import { domainSocketPath } from '../../src/xenstore/client.js';
 import { RawConn, connectClient, errnoOf, startDaemon, type Daemon } from './helpers.js';
 
 let d: Daemon;
@@ -26,7 +27,9 @@ afterAll(async () => {
 
 describe('domain identity and permissions', () => {
   it('INTRODUCE creates dom<N>.sock and the domain home owned by the domain', async () => {
+    expect(d.domSocket(5)).toBe(domainSocketPath(d.domDir, 5));
     expect(fs.statSync(d.domSocket(5)).isSocket()).toBe(true);
+    expect(fs.statSync(d.domSocket(5)).mode & 0o777).toBe(0o600);
     expect(await dom0.isDomainIntroduced(5)).toBe(true);
     expect(await dom0.getPerms('/local/domain/5')).toEqual([{ domid: 5, access: 'n' }]);
   });
@@ -48,6 +51,8 @@ describe('domain identity and permissions', () => {
     expect(await errnoOf(g6.directory('/local/domain/5'))).toBe('EACCES');
     // a missing node under an unreadable parent does not reveal whether it exists
     expect(await errnoOf(g6.read('/local/domain/5/data/nope'))).toBe('EACCES');
+    expect(await errnoOf(g6.rm('/local/domain/5/data/nope'))).toBe('EACCES');
+    expect(await errnoOf(g6.mkdir('/local/domain/5/data'))).toBe('EACCES');
     expect(await g5.readString('/local/domain/5/data/x')).toBe('five');
   });
 
@@ -113,8 +118,10 @@ describe('domain identity and permissions', () => {
     const g7 = await connectClient(d.domSocket(7));
     await g7.write('k', 'v');
     const raw7 = await RawConn.connect(d.domSocket(7));
+    const g7closed = new Promise<Error>((r) => g7.onClose(r));
     await dom0.release(7);
     await raw7.waitClosed();
+    expect((await g7closed).message).toMatch(/closed/);
     expect(fs.existsSync(d.domSocket(7))).toBe(false);
     expect(await errnoOf(g7.read('k'))).not.toBe('no error');
     // nodes the released domain owned went with it

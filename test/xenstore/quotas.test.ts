@@ -1,5 +1,6 @@
 // Per-domain quotas with C xenstored's defaults (nodes 1000, watches 128, transactions 10, nodes per
-// transaction 1024, perms per node 5, path length 2048, node size 2048, outstanding requests 20).
+// transaction 1024, perms per node 5, path length 2048, node size 2048, memory 2.5 MiB, outstanding
+// requests 20).
 // dom0 is exempt. A guest that stops reading is stalled, and one flooded with events it never reads
 // is disconnected, without hurting anybody else.
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
@@ -42,6 +43,27 @@ describe('quotas', () => {
     await g.write('fits', Buffer.alloc(2040, 0x41));
     expect(await errnoOf(g.write('toobig', Buffer.alloc(2041, 0x41)))).toBe('ENOSPC');
     await dom0.write('/dom0-big', Buffer.alloc(4000, 0x41));
+    await g.close();
+  });
+
+  it('limits the bytes a guest owns (names, values, permissions) to 2.5 MiB (ENOSPC)', async () => {
+    const g = await guest(20);
+    const name = (i: number) => `n${String(i).padStart(4, '0')}-${'x'.repeat(1000)}`;
+    const value = Buffer.alloc(2000, 0x44);
+    // each node costs 1006 + 2000 + 8 bytes: the memory quota bites before the 1000-node quota
+    let written = 0;
+    for (;;) {
+      const r = await errnoOf(g.write(name(written), value));
+      if (r !== 'no error') {
+        expect(r).toBe('ENOSPC');
+        break;
+      }
+      written++;
+    }
+    // its home (name "20", one permission) costs 10 bytes
+    expect(written).toBe(Math.floor((2.5 * 1024 * 1024 - 10) / 3014));
+    await g.rm(name(0));
+    await g.write(name(0), value);
     await g.close();
   });
 
@@ -109,6 +131,25 @@ describe('quotas', () => {
     const msgs = await raw.waitMessages(2 * n, 20_000);
     expect(msgs.map((m) => m.reqId)).toEqual(Array.from({ length: 2 * n }, (_, i) => i));
     expect(await dom0.readString('/local/domain/18/count')).toBe(String(n - 1));
+    raw.close();
+  });
+
+  it('stalls (never drops) a dom0 client that stops reading, with a larger allowance', async () => {
+    await dom0.write('/dom0big', Buffer.alloc(2000, 0x43));
+    const raw = await RawConn.connect(d.socket);
+    raw.socket.pause();
+    const n = 3000;
+    const frames: Buffer[] = [];
+    for (let i = 0; i < n; i++) {
+      frames.push(encodeMessage(XsType.READ, 2 * i, 0, encodeStrings('/dom0big')));
+      frames.push(encodeMessage(XsType.WRITE, 2 * i + 1, 0, encodeWrite('/dom0count', String(i))));
+    }
+    raw.send(Buffer.concat(frames));
+    await new Promise((r) => setTimeout(r, 300));
+    expect(Number(await dom0.readString('/dom0count'))).toBeLessThan(n - 1);
+    raw.socket.resume();
+    const msgs = await raw.waitMessages(2 * n, 20_000);
+    expect(msgs.map((m) => m.reqId)).toEqual(Array.from({ length: 2 * n }, (_, i) => i));
     raw.close();
   });
 

@@ -20,7 +20,13 @@ afterAll(async () => {
   await d?.stop();
 });
 
-const settle = (): Promise<void> => new Promise((r) => setTimeout(r, 60));
+/**
+ * Make sure every event already sent to `watcher` arrived: the daemon wrote them before the reply to
+ * the change that caused them, and it answers `watcher`'s own request after that, on the same stream.
+ */
+const settle = async (watcher: XsClient = w): Promise<void> => {
+  await watcher.getDomainPath(0);
+};
 
 describe('watches', () => {
   it('replies OK and then fires once with the watched path (bytes)', async () => {
@@ -94,7 +100,7 @@ describe('watches', () => {
     await c.write('/shared/secret', 'dom0 only');
     await c.write('/shared/open', 'for all');
     await c.setPerms('/shared/open', [{ domid: 0, access: 'r' }]);
-    await settle();
+    await settle(g);
     expect(rel).toEqual(['device', 'device/vtpm/0/state']);
     // the registration event and the perms change that made /shared/open readable
     expect(abs).toEqual(['/shared', '/shared/open']);
@@ -107,7 +113,7 @@ describe('watches', () => {
     await x.watch('/reset', (ev) => seen.push(ev.path));
     await x.resetWatches();
     await c.write('/reset/k', 'v');
-    await settle();
+    await settle(x);
     expect(seen).toEqual(['/reset']);
     await x.close();
   });
