@@ -166,7 +166,7 @@ export class TctiBridge extends EventEmitter<TctiBridgeEvents> {
         }
         if (f.kind === 'too-small') {
           this.#report(new DataError('CMD_TOO_SMALL', peer, `commandSize ${f.size} is below the 10-byte header`));
-          s.end(tpm2ErrorResponse(TPM_RC_COMMAND_SIZE));
+          closeAfterReplies(s, tpm2ErrorResponse(TPM_RC_COMMAND_SIZE));
           return;
         }
         busy = true;
@@ -239,9 +239,7 @@ export class TctiBridge extends EventEmitter<TctiBridgeEvents> {
         s.write(bytes);
         queueMicrotask(flow); // after the receiver has moved on to its next message
       },
-      () => {
-        if (!s.destroyed) s.end();
-      },
+      () => closeAfterReplies(s),
     );
     s.on('data', (chunk: Buffer) => {
       rx.push(new Uint8Array(chunk.buffer, chunk.byteOffset, chunk.length));
@@ -254,6 +252,20 @@ export class TctiBridge extends EventEmitter<TctiBridgeEvents> {
   #report(err: TctiClientError): void {
     this.emit('clientError', err);
   }
+}
+
+/** Time a peer gets to close after we finished our side, before the socket is destroyed. */
+const CLOSE_LINGER_MS = 1000;
+
+/** Ends our side once queued replies are out; a peer that keeps its side open is cut off later. */
+function closeAfterReplies(s: net.Socket, last?: Uint8Array): void {
+  if (s.destroyed) return;
+  s.pause(); // nothing more is read from this peer
+  if (last) s.end(last);
+  else s.end();
+  const t = setTimeout(() => s.destroy(), CLOSE_LINGER_MS);
+  t.unref();
+  s.once('close', () => clearTimeout(t));
 }
 
 function listenOn(srv: net.Server, host: string, port: number): Promise<number> {
