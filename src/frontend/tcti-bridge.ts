@@ -9,6 +9,7 @@ import { EventEmitter } from 'node:events';
 import net from 'node:net';
 import { ControlError, ControlReceiver, type ControlTarget } from './tcti-control.js';
 import {
+  checkMaxCommandSize,
   CommandReceiver,
   DataError,
   DEFAULT_MAX_COMMAND_SIZE,
@@ -69,7 +70,7 @@ export class TctiBridge extends EventEmitter<TctiBridgeEvents> {
     this.#opts = opts;
     this.host = opts.host ?? '127.0.0.1';
     this.maxCommandSize = opts.maxCommandSize ?? DEFAULT_MAX_COMMAND_SIZE;
-    new CommandReceiver(this.maxCommandSize); // validates the limit before anything listens
+    checkMaxCommandSize(this.maxCommandSize); // before anything listens
   }
 
   /** Listens on port (data) and port + 1 (control); resolves once both accept connections. */
@@ -113,7 +114,8 @@ export class TctiBridge extends EventEmitter<TctiBridgeEvents> {
       const dataPort = await listenOn(data, this.host, port);
       if (dataPort > 65534) {
         await closeServer(data);
-        continue;
+        if (attempt < 50) continue;
+        throw new Error('no free consecutive port pair for the TCTI bridge');
       }
       const ctrl = this.#server((s) => this.#serveControl(s));
       try {

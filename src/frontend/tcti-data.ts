@@ -38,6 +38,12 @@ export class DataError extends Error {
   }
 }
 
+export function checkMaxCommandSize(n: number): void {
+  if (!Number.isInteger(n) || n < TPM_HEADER_SIZE || n > 0xffffffff) {
+    throw new RangeError(`maxCommandSize must be an integer in ${TPM_HEADER_SIZE}..2^32-1, got ${n}`);
+  }
+}
+
 /** What the receiver found next in the byte stream. */
 export type DataFrame =
   | { kind: 'command'; bytes: Uint8Array }
@@ -63,9 +69,7 @@ export class CommandReceiver {
   #skip = 0;
 
   constructor(readonly maxCommandSize: number = DEFAULT_MAX_COMMAND_SIZE) {
-    if (!Number.isInteger(maxCommandSize) || maxCommandSize < TPM_HEADER_SIZE) {
-      throw new RangeError(`maxCommandSize must be an integer >= ${TPM_HEADER_SIZE}, got ${maxCommandSize}`);
-    }
+    checkMaxCommandSize(maxCommandSize);
   }
 
   /** Bytes held that belong to a command not yet complete (0 between commands). */
