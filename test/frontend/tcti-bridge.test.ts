@@ -296,6 +296,8 @@ describe('TCTI bridge with tpm2-tools and a real swtpm', () => {
   it('fuzz: random bytes on the data port never crash the bridge; a good client keeps working', async () => {
     const good = net.connect({ host: '127.0.0.1', port: bridge.port });
     await new Promise((r) => good.once('connect', r));
+    errors.length = 0;
+    const transmitted = seen.length;
     const tag = fc.constantFrom(0x8001, 0x8002, 0x00c1, 0x0000, 0xffff);
     const size = fc.oneof(fc.integer({ min: 0, max: 12 }), fc.integer({ min: 4090, max: 4100 }), fc.integer({ min: 0, max: 0xffffffff }));
     const framed = fc.tuple(tag, size, fc.uint8Array({ maxLength: 64 })).map(([t, s, body]) => {
@@ -323,6 +325,9 @@ describe('TCTI bridge with tpm2-tools and a real swtpm', () => {
       { numRuns: 150 },
     );
     expect(maxInFlight).toBe(1);
+    // The generator reached every path: rejections of each kind and commands sent to the TPM.
+    expect(new Set(errors.map((e) => e.code))).toEqual(new Set(['CMD_TOO_LARGE', 'CMD_TOO_SMALL', 'CMD_TRUNCATED']));
+    expect(seen.length).toBeGreaterThan(transmitted);
     const { reply } = await readReply(good, GET_RANDOM_8, { want: 20 });
     expect(reply.subarray(0, 12)).toEqual(hex('80 01 00 00 00 14 00 00 00 00 00 08'));
     expect((await tool('tpm2_getrandom', ['8', '--hex'], bridge.port, dir)).code).toBe(0);
