@@ -206,7 +206,7 @@ export class ControlReceiver {
     if (this.#state === CLOSED) return;
     this.write(reply);
     if (code === CMD.HASH_DATA || code === CMD.SET_STATEBLOB) {
-      // Their payload streams after the header; without them there is no way to find the next
+      // Their payload streams after the header; not implementing them, we cannot find the next
       // command in what follows, so the connection ends here.
       this.#fail('CTRL_STREAMED_UNSUPPORTED', `streamed control command 0x${hex(code)} is not offered`);
       return;
