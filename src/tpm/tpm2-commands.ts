@@ -81,8 +81,12 @@ export function parseGetRandom(resp: Uint8Array): Uint8Array {
   return resp.slice(12, 12 + size);
 }
 
-/** CreatePrimary of an RSA storage key (restricted decrypt, AES-128-CFB) under the owner hierarchy. */
-export function createPrimaryRsa(keyBits: number): Uint8Array {
+/**
+ * CreatePrimary of an RSA storage key (restricted decrypt, AES-128-CFB) under the owner hierarchy.
+ * `unique` goes into the template's unique field: a different value derives a different key (libtpms
+ * caches primary keys by template, so only a new template costs a real key generation).
+ */
+export function createPrimaryRsa(keyBits: number, unique: Uint8Array = new Uint8Array(0)): Uint8Array {
   const pub = new Marshal()
     .u16(TPM_ALG_RSA)
     .u16(TPM_ALG_SHA256)
@@ -95,7 +99,7 @@ export function createPrimaryRsa(keyBits: number): Uint8Array {
     .u16(TPM_ALG_NULL)
     .u16(keyBits)
     .u32(0)
-    .u16(0)
+    .tpm2b(unique)
     .toBytes();
   const m = new Marshal().u32(TPM_RH_OWNER);
   pwAuth(m);
