@@ -203,8 +203,8 @@ export class VtpmDomain extends EventEmitter {
     return new DataView(r.buffer, r.byteOffset, 4).getUint32(0);
   }
 
-  async powerOn(opts: { deleteVolatile?: boolean } = {}): Promise<void> {
-    await this.#request(DomainMsg.POWER_ON, Uint8Array.of(opts.deleteVolatile ? 1 : 0));
+  async powerOn(): Promise<void> {
+    await this.#request(DomainMsg.POWER_ON);
   }
 
   async powerOff(): Promise<void> {

@@ -12,7 +12,7 @@ export enum DomainMsg {
   EXECUTE = 0x01, // payload: locality u8, command bytes
   CANCEL = 0x02,
   HEALTH = 0x03, // reply: JSON DomainHealth
-  POWER_ON = 0x04, // payload: flags u8 (bit 0: delete volatile)
+  POWER_ON = 0x04,
   POWER_OFF = 0x05,
   RESET = 0x06,
   SAVE_VOLATILE = 0x07,

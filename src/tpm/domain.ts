@@ -96,7 +96,7 @@ export async function runDomain(opts: DomainOptions): Promise<number> {
         case DomainMsg.HEALTH:
           return new TextEncoder().encode(JSON.stringify(health()));
         case DomainMsg.POWER_ON:
-          await inst.powerOn({ deleteVolatile: ((f.payload[0] ?? 0) & 1) !== 0 });
+          await inst.powerOn();
           return new Uint8Array(0);
         case DomainMsg.POWER_OFF:
           await inst.powerOff();

@@ -9,7 +9,6 @@ export interface CreateOptions extends InstanceOptions {
   powerOn?: boolean;
   /** After power-on, also send TPM(2)_Startup of this type (default: none; the guest sends it). */
   startup?: 'clear' | 'state';
-  deleteVolatile?: boolean;
 }
 
 export class TpmHostError extends Error {
@@ -40,7 +39,7 @@ export class TpmHost {
     this.#instances.set(opts.instance, inst);
     try {
       if (opts.powerOn ?? true) {
-        await inst.powerOn({ deleteVolatile: opts.deleteVolatile ?? false });
+        await inst.powerOn();
         if (opts.startup) {
           const rc = await inst.startup(opts.startup);
           if (rc !== 0) throw new TpmHostError('STARTUP', `vTPM ${opts.instance}: Startup returned 0x${rc.toString(16)}`);

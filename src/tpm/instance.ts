@@ -238,14 +238,15 @@ export class TpmInstance extends EventEmitter {
 
   /**
    * Power on (swtpm CMD_INIT): load state from the store and run TPMLIB_MainInit. With no permanent
-   * state in the store this manufactures a new TPM and stores it. deleteVolatile drops the volatile
-   * state after it was loaded (PTM_INIT_FLAG_DELETE_VOLATILE), so a crash cannot resume it twice.
+   * state in the store this manufactures a new TPM and stores it. Volatile state (from saveVolatile or
+   * setStateBlob) resumes the TPM and is then deleted from the store, as `swtpm_ioctl -i` does: a later
+   * restart must not resume the same volatile state a second time.
    */
-  powerOn(opts: { deleteVolatile?: boolean } = {}): Promise<void> {
-    return this.#enqueue(() => this.#powerOn(opts));
+  powerOn(): Promise<void> {
+    return this.#enqueue(() => this.#powerOn());
   }
 
-  async #powerOn(opts: { deleteVolatile?: boolean }): Promise<void> {
+  async #powerOn(): Promise<void> {
     const lib = this.#requireLib();
     if (this.#status === 'running') return;
     if (this.#status === 'failed') {
@@ -261,7 +262,7 @@ export class TpmInstance extends EventEmitter {
       this.#fail({ instance: this.instance, reason: 'init', tpmResult: rc, message: msg });
       throw new TpmInstanceError('INIT', this.instance, msg, rc);
     }
-    if (opts.deleteVolatile) {
+    if (this.#nv.has('volatile')) {
       this.#nv.delete('volatile');
       this.#pending.set('volatile', null);
     }
@@ -286,7 +287,7 @@ export class TpmInstance extends EventEmitter {
   reset(): Promise<void> {
     return this.#enqueue(async () => {
       await this.#powerOff();
-      await this.#powerOn({});
+      await this.#powerOn();
     });
   }
 
@@ -307,7 +308,7 @@ export class TpmInstance extends EventEmitter {
       this.#status = 'off';
       this.#failure = null;
       this.#loadLibrary();
-      await this.#powerOn({});
+      await this.#powerOn();
     });
   }
 
