@@ -40,7 +40,9 @@ export class DomainError extends Error {
   }
 }
 
-const MAIN = join(dirname(fileURLToPath(import.meta.url)), 'domain-main.js');
+// The compiled entry point; when this module runs from source (tests), use the build in dist/.
+const here = dirname(fileURLToPath(import.meta.url));
+const MAIN = import.meta.url.endsWith('.ts') ? join(here, '../../dist/src/tpm/domain-main.js') : join(here, 'domain-main.js');
 
 interface Pending {
   resolve: (payload: Uint8Array) => void;
