@@ -41,12 +41,15 @@ export class SwtpmProcess {
     args.push('--ctrl', `type=unixio,path=${join(opts.dir, 'ctrl.sock')}`);
     const flags = opts.flags === undefined ? 'not-need-init,startup-clear' : opts.flags;
     if (flags) args.push('--flags', flags);
-    const child = spawn('swtpm', args, { stdio: ['ignore', 'ignore', 'inherit'] });
+    // swtpm logs every data-client disconnect on stderr; keep the last bytes for a failed start only.
+    const child = spawn('swtpm', args, { stdio: ['ignore', 'ignore', 'pipe'] });
+    let errTail = '';
+    child.stderr!.on('data', (c: Buffer) => (errTail = (errTail + c.toString()).slice(-2000)));
     const sw = new SwtpmProcess(opts.dir, child);
     let exited = false;
     void sw.#exit.then(() => (exited = true));
     while (!existsSync(sw.dataPath) || !existsSync(sw.ctrlPath)) {
-      if (exited) throw new Error(`swtpm exited during start (${args.join(' ')})`);
+      if (exited) throw new Error(`swtpm exited during start (${args.join(' ')}): ${errTail}`);
       await new Promise((r) => setTimeout(r, 1));
     }
     return sw;
@@ -58,8 +61,17 @@ export class SwtpmProcess {
     return stdout;
   }
 
+  /** Connect to the data socket; the file appears just before swtpm listens, so retry briefly. */
   async connect(): Promise<SwtpmConnection> {
-    return SwtpmConnection.open(this.dataPath);
+    for (let i = 0; ; i++) {
+      try {
+        return await SwtpmConnection.open(this.dataPath);
+      } catch (err) {
+        const code = (err as NodeJS.ErrnoException).code;
+        if (i >= 2000 || (code !== 'ECONNREFUSED' && code !== 'ENOENT')) throw err;
+        await new Promise((r) => setTimeout(r, 1));
+      }
+    }
   }
 
   async stop(): Promise<void> {
