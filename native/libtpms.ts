@@ -1,25 +1,19 @@
 // libtpms through koffi. libtpms keeps exactly one TPM in its globals, so every TPM we host gets its
-// own private copy of the shared object: the .so is copied to a fresh file (new inode), dlopen()ed
-// under a unique name (RTLD_LOCAL), and the file unlinked. glibc then maps a second, independent set of
-// globals; text pages are per copy too, which is the ~0.7 MB an instance costs.
+// own private copy of the library's data. Two ways to get one:
+//  - 'elf' (default): our loader (elf-loader.ts) maps the installed file's code and read-only data,
+//    shared by all copies, plus a private relocated data segment and .bss per copy;
+//  - 'copy': the .so copied to a fresh file (new inode), dlopen()ed under a unique name, file unlinked;
+//    glibc then maps an independent copy of everything, code included (~0.6 MiB more per copy).
 // Nothing outside native/ imports koffi: callers see numbers, Uint8Arrays and plain callbacks.
+import './koffi-config.js';
 import koffi from 'koffi';
-import { copyFileSync, mkdtempSync, rmSync } from 'node:fs';
+import { copyFileSync, mkdtempSync, realpathSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
+import { ElfImage } from './elf-loader.js';
 
 /** The Debian libtpms0 library; override with VTPM_LIBTPMS for another build. */
 export const LIBTPMS_PATH = process.env['VTPM_LIBTPMS'] ?? '/usr/lib/x86_64-linux-gnu/libtpms.so.0';
-
-// libtpms runs RSA key generation and the whole TPM 2 command dispatcher on whatever stack it is
-// given; koffi's async default (128 KiB) is too tight for that, so give async calls 1 MiB. Set once,
-// before the first async call; raising it later is harmless but this module is the one that needs it.
-{
-  const cfg = koffi.config() as Record<string, number>;
-  if ((cfg['async_stack_size'] ?? 0) < 1 << 20) {
-    koffi.config({ ...cfg, async_stack_size: 1 << 20, max_async_calls: 4096 });
-  }
-}
 
 export const TPM_SUCCESS = 0;
 /** libtpms' "no such state yet" answer from the loaddata callback (TPM_BASE + TPM_NON_FATAL). */
@@ -110,51 +104,87 @@ export class LibtpmsError extends Error {
 
 type Fn = ((...args: unknown[]) => unknown) & { async: (...args: unknown[]) => void };
 
+// The libtpms entry points: key -> [exported name, prototype with %s where the name goes].
+const SIGNATURES: Record<string, [string, string]> = {
+  ChooseTPMVersion: ['TPMLIB_ChooseTPMVersion', 'uint32_t %s(int ver)'],
+  RegisterCallbacks: ['TPMLIB_RegisterCallbacks', 'uint32_t %s(vtpm_libtpms_callbacks *cbs)'],
+  MainInit: ['TPMLIB_MainInit', 'uint32_t %s(void)'],
+  Terminate: ['TPMLIB_Terminate', 'void %s(void)'],
+  Process: [
+    'TPMLIB_Process',
+    'uint32_t %s(_Inout_ void **respbuffer, _Out_ uint32_t *resp_size, _Inout_ uint32_t *respbufsize, const uint8_t *command, uint32_t command_size)',
+  ],
+  CancelCommand: ['TPMLIB_CancelCommand', 'uint32_t %s(void)'],
+  GetState: ['TPMLIB_GetState', 'uint32_t %s(int st, _Out_ void **buffer, _Out_ uint32_t *buflen)'],
+  SetState: ['TPMLIB_SetState', 'uint32_t %s(int st, const uint8_t *buffer, uint32_t buflen)'],
+  VolatileAllStore: ['TPMLIB_VolatileAll_Store', 'uint32_t %s(_Out_ void **buffer, _Out_ uint32_t *buflen)'],
+  SetBufferSize: ['TPMLIB_SetBufferSize', 'uint32_t %s(uint32_t wanted, _Out_ uint32_t *min, _Out_ uint32_t *max)'],
+  GetInfo: ['TPMLIB_GetInfo', 'void *%s(int flags)'],
+  GetVersion: ['TPMLIB_GetVersion', 'uint32_t %s(void)'],
+  Free: ['TPM_Free', 'void %s(void *ptr)'],
+};
+
+// Function types for calling into ELF-loaded copies, declared once per process.
+let protos: Record<string, koffi.IKoffiCType> | null = null;
+function prototypes(): Record<string, koffi.IKoffiCType> {
+  protos ??= Object.fromEntries(
+    Object.entries(SIGNATURES).map(([key, [, sig]]) => [key, koffi.proto(sig.replace('%s', `vtpm_libtpms_${key}`))]),
+  );
+  return protos;
+}
+
+/** How private copies are made: 'elf' (shared code, default) or 'copy' (file copy + dlopen). */
+export type LibtpmsLoader = 'elf' | 'copy';
+export const DEFAULT_LOADER: LibtpmsLoader = process.env['VTPM_LIBTPMS_LOADER'] === 'copy' ? 'copy' : 'elf';
+
 /**
  * One private, independently-stateful copy of libtpms. Not thread-safe by itself: the owner issues
  * one call at a time (async calls included) and never calls again before the previous one returned.
  */
 export class Libtpms {
-  readonly #lib: ReturnType<typeof koffi.load>;
   readonly #fn: Record<string, Fn>;
+  readonly #release: () => void;
   #registered: koffi.IKoffiRegisteredCallback[] = [];
   // libtpms reallocs the response buffer to TPM_BUFFER_MAX and keeps using what we hand back.
   #respBuf: unknown = null;
   #respBufSize = 0;
   #unloaded = false;
 
-  /** Load a fresh private copy (distinct inode, unique dlopen name). */
+  /** A new private copy made the default way (see DEFAULT_LOADER). */
+  static load(loader: LibtpmsLoader = DEFAULT_LOADER, source = LIBTPMS_PATH): Libtpms {
+    return loader === 'elf' ? Libtpms.loadShared(source) : Libtpms.loadPrivateCopy(source);
+  }
+
+  /**
+   * Our own ELF loader maps the installed file's code and read-only data (page cache shared by every
+   * copy) and gives this copy its own relocated data and .bss: ~0.6 MiB less per copy than a file copy.
+   */
+  static loadShared(source = LIBTPMS_PATH): Libtpms {
+    const img = ElfImage.load(realpathSync(source));
+    const p = prototypes();
+    const fn: Record<string, Fn> = {};
+    for (const [key, [name]] of Object.entries(SIGNATURES)) fn[key] = koffi.decode(img.symbol(name), p[key]!) as Fn;
+    return new Libtpms(fn, () => img.unload());
+  }
+
+  /** Copy the .so to a fresh file (distinct inode, unique dlopen name) and dlopen it. */
   static loadPrivateCopy(source = LIBTPMS_PATH): Libtpms {
     const path = join(copyDir, `libtpms-${process.pid}-${++copySeq}.so`);
     copyFileSync(source, path);
     try {
-      return new Libtpms(path);
+      const lib = koffi.load(path);
+      const fn: Record<string, Fn> = {};
+      for (const [key, [name, sig]] of Object.entries(SIGNATURES)) fn[key] = lib.func(sig.replace('%s', name)) as Fn;
+      return new Libtpms(fn, () => lib.unload());
     } finally {
       // The mapping keeps the inode alive; the name is not needed after dlopen.
       rmSync(path, { force: true });
     }
   }
 
-  private constructor(path: string) {
-    this.#lib = koffi.load(path);
-    const f = (proto: string): Fn => this.#lib.func(proto) as Fn;
-    this.#fn = {
-      ChooseTPMVersion: f('uint32_t TPMLIB_ChooseTPMVersion(int ver)'),
-      RegisterCallbacks: f('uint32_t TPMLIB_RegisterCallbacks(vtpm_libtpms_callbacks *cbs)'),
-      MainInit: f('uint32_t TPMLIB_MainInit(void)'),
-      Terminate: f('void TPMLIB_Terminate(void)'),
-      Process: f(
-        'uint32_t TPMLIB_Process(_Inout_ void **respbuffer, _Out_ uint32_t *resp_size, _Inout_ uint32_t *respbufsize, const uint8_t *command, uint32_t command_size)',
-      ),
-      CancelCommand: f('uint32_t TPMLIB_CancelCommand(void)'),
-      GetState: f('uint32_t TPMLIB_GetState(int st, _Out_ void **buffer, _Out_ uint32_t *buflen)'),
-      SetState: f('uint32_t TPMLIB_SetState(int st, const uint8_t *buffer, uint32_t buflen)'),
-      VolatileAllStore: f('uint32_t TPMLIB_VolatileAll_Store(_Out_ void **buffer, _Out_ uint32_t *buflen)'),
-      SetBufferSize: f('uint32_t TPMLIB_SetBufferSize(uint32_t wanted, _Out_ uint32_t *min, _Out_ uint32_t *max)'),
-      GetInfo: f('void *TPMLIB_GetInfo(int flags)'),
-      GetVersion: f('uint32_t TPMLIB_GetVersion(void)'),
-      Free: f('void TPM_Free(void *ptr)'),
-    };
+  private constructor(fn: Record<string, Fn>, release: () => void) {
+    this.#fn = fn;
+    this.#release = release;
   }
 
   version(): number {
@@ -317,7 +347,7 @@ export class Libtpms {
     if (this.#respBuf) this.#fn['Free']!(this.#respBuf);
     this.#respBuf = null;
     this.#unregister();
-    this.#lib.unload();
+    this.#release();
   }
 }
 

@@ -144,7 +144,7 @@ export class TpmInstance extends EventEmitter {
   }
 
   #loadLibrary(): Libtpms {
-    const lib = Libtpms.loadPrivateCopy();
+    const lib = Libtpms.load();
     const rc = lib.chooseTPMVersion(this.version === '2.0' ? TpmVersionChoice.TPM2 : TpmVersionChoice.TPM12);
     if (rc !== TPM_SUCCESS) {
       lib.unload();
