@@ -266,7 +266,9 @@ export class TpmInstance extends EventEmitter {
       this.#nv.delete('volatile');
       this.#pending.set('volatile', null);
     }
-    await this.#flush();
+    // What power-on wrote (a manufactured TPM, the consumed volatile state) stays pending: no guest has
+    // seen anything of it yet, and the first response (or powerOff/destroy) makes it durable first.
+    // That keeps one fsync out of the time to a ready TPM without weakening the contract.
     this.#status = 'running';
   }
 
