@@ -10,6 +10,8 @@
 //     instance pinned to a worker waits behind that worker's key generation.
 // So the pool wins on latency, memory and isolation. libtpms' NV callbacks fire on the pool thread;
 // koffi relays them to the JS thread (the pool thread waits), where we only copy the bytes.
+// Under load the pool hop grows (40–200 µs measured with other work on the 2 vCPUs), which is why
+// `inline: 'fast'` may run a short allow-list of constant-time commands in line (fast-path.ts).
 //
 // Durability. Every NV write or delete libtpms makes during an operation is captured by the callbacks
 // and applied to the StateStore after libtpms returns; the response is released only once every store()
@@ -17,6 +19,7 @@
 // put in the failed state (isolated) and must be recreated from the store.
 import { EventEmitter } from 'node:events';
 import { Libtpms, LibtpmsStateType, TPM_SUCCESS, TpmVersionChoice } from '../../native/libtpms.js';
+import { isFastCommand } from './fast-path.js';
 import { Limiter } from './limiter.js';
 import { NVRAM_NAME, decodeStateBlob, encodeStateBlob, kindForNvramName } from './state-blob.js';
 import { STATE_KINDS, type StateKind, type StateStore } from './state-store.js';
@@ -40,6 +43,11 @@ export interface InstanceOptions {
   store: StateStore;
   /** libtpms' command/response buffer (clamped by libtpms to its range); default 4096 like QEMU's TIS. */
   bufferSize?: number;
+  /**
+   * 'never' (default): every command runs on the thread pool. 'fast': the constant-time commands of
+   * fast-path.ts (GetRandom ≤ 64 B, PCR_Extend, PCR_Read, GetCapability, ReadClock) run inline.
+   */
+  inline?: 'never' | 'fast';
 }
 
 export interface ExecuteOptions {
@@ -95,6 +103,7 @@ export class TpmInstance extends EventEmitter {
   readonly store: StateStore;
   readonly #limiter: Limiter;
   readonly #wantedBufferSize: number;
+  readonly #inlineFast: boolean;
   #lib: Libtpms | null = null;
   #status: InstanceStatus = 'off';
   #queue: Promise<unknown> = Promise.resolve();
@@ -116,6 +125,7 @@ export class TpmInstance extends EventEmitter {
     this.store = opts.store;
     this.#limiter = limiter;
     this.#wantedBufferSize = opts.bufferSize ?? 4096;
+    this.#inlineFast = opts.inline === 'fast';
   }
 
   /** A powered-off instance with its library copy loaded; call powerOn() (or use TpmHost.create). */
@@ -331,7 +341,10 @@ export class TpmInstance extends EventEmitter {
       if (this.#status !== 'running') return errorResponse(this.version, fatalErrorCode(this.version));
       if (cmd.length > this.#bufferSize) return errorResponse(this.version, sizeErrorCode(this.version));
       this.#locality = locality;
-      const { rc, response } = await this.#inLibrary(() => lib.processAsync(cmd));
+      const { rc, response } =
+        this.#inlineFast && isFastCommand(this.version, cmd)
+          ? lib.process(cmd)
+          : await this.#inLibrary(() => lib.processAsync(cmd));
       await this.#flush();
       if (rc !== TPM_SUCCESS || response.length === 0) {
         const msg = `TPMLIB_Process failed with 0x${rc.toString(16)}`;
