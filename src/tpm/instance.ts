@@ -115,6 +115,7 @@ export class TpmInstance extends EventEmitter {
   #bufferSize = 4096;
   #busy = false;
   #failure: FailureInfo | null = null;
+  #cancelTimer: NodeJS.Timeout | null = null;
 
   private constructor(opts: InstanceOptions, limiter: Limiter) {
     super();
@@ -208,6 +209,8 @@ export class TpmInstance extends EventEmitter {
         return await fn();
       } finally {
         this.#busy = false;
+        if (this.#cancelTimer) clearInterval(this.#cancelTimer);
+        this.#cancelTimer = null;
       }
     });
   }
@@ -369,7 +372,13 @@ export class TpmInstance extends EventEmitter {
    * RSA key generation then return TPM_RC_CANCELED. No effect when nothing runs.
    */
   cancel(): void {
-    if (this.#busy && this.#lib && this.#status === 'running') this.#lib.cancelCommand();
+    const lib = this.#lib;
+    if (!this.#busy || !lib || this.#status !== 'running' || this.#cancelTimer) return;
+    // libtpms clears its cancel flag when a command starts (TPM2_Process), so a cancel that lands
+    // between our hand-off and the pool thread starting would be lost. Like the TIS cancel bit, hold
+    // it: re-assert every few ms until the command returns.
+    lib.cancelCommand();
+    this.#cancelTimer = setInterval(() => lib.cancelCommand(), 2);
   }
 
   /** Send TPM(2)_Startup; resolves with the response code (0 = started, 0x100 = already started). */

@@ -47,24 +47,24 @@ describe('a long command on one instance', () => {
     const a = await host.create({ instance: 1, version: '2.0', store: t.store, startup: 'clear' });
     const b = await host.create({ instance: 2, version: '2.0', store: t.store, startup: 'clear' });
     let keygenDone = false;
-    const t0 = performance.now();
     const keygen = a.execute(tpm2.createPrimaryRsa(3072, randomBytes(16))).then((r) => {
       keygenDone = true;
       return r;
     });
     const latencies: number[] = [];
+    let duringKeygen = 0;
     while (!keygenDone || latencies.length < 3) {
       const s = performance.now();
       const r = await b.execute(tpm2.getRandom(16));
       latencies.push(performance.now() - s);
+      if (!keygenDone) duringKeygen++;
       expect(tpm2.parseGetRandom(r)).toHaveLength(16);
     }
-    const keygenMs = performance.now() - t0;
     const handle = tpm2.parseCreatePrimaryHandle(await keygen);
     expect(handle >>> 24).toBe(0x80); // a transient object
-    // Many GetRandoms completed while the key was being generated, none waited for it.
-    expect(latencies.length).toBeGreaterThan(10);
-    expect(Math.max(...latencies)).toBeLessThan(Math.min(200, keygenMs));
+    // GetRandoms kept completing while the key was being generated, none waited for it.
+    expect(duringKeygen).toBeGreaterThanOrEqual(3);
+    expect(Math.max(...latencies)).toBeLessThan(200);
   });
 
   it('cancel() stops a running key generation with TPM_RC_CANCELED', async () => {
