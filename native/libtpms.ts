@@ -89,8 +89,16 @@ const libc = koffi.load('libc.so.6');
 const c_malloc = libc.func('void *malloc(size_t size)');
 
 let copySeq = 0;
-const copyDir = mkdtempSync(join(tmpdir(), 'vtpm-libtpms-'));
-process.once('exit', () => rmSync(copyDir, { recursive: true, force: true }));
+let copyDirPath: string | null = null;
+/** Where file copies are made (copy loader only), created on first use and removed at exit. */
+function copyDir(): string {
+  if (!copyDirPath) {
+    const dir = mkdtempSync(join(tmpdir(), 'vtpm-libtpms-'));
+    process.once('exit', () => rmSync(dir, { recursive: true, force: true }));
+    copyDirPath = dir;
+  }
+  return copyDirPath;
+}
 
 export class LibtpmsError extends Error {
   constructor(
@@ -169,7 +177,7 @@ export class Libtpms {
 
   /** Copy the .so to a fresh file (distinct inode, unique dlopen name) and dlopen it. */
   static loadPrivateCopy(source = LIBTPMS_PATH): Libtpms {
-    const path = join(copyDir, `libtpms-${process.pid}-${++copySeq}.so`);
+    const path = join(copyDir(), `libtpms-${process.pid}-${++copySeq}.so`);
     copyFileSync(source, path);
     try {
       const lib = koffi.load(path);

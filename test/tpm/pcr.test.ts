@@ -62,6 +62,15 @@ describe('TPM 2.0 PCRs', () => {
     await expect(tpm.execute(tpm2.pcrExtendSha256(21, d), { locality: 5 })).rejects.toMatchObject({ code: 'LOCALITY' });
   });
 
+  it('Shutdown(STATE) then a power cycle and Startup(STATE) keep PCR 10 (PCRs 0-15 are saved; 16-23 are not)', async () => {
+    await tpm.execute(tpm2.pcrExtendSha256(10, unhex('33'.repeat(32))));
+    const before = hex(tpm2.parsePcrRead(await tpm.execute(tpm2.pcrReadSha256(10))));
+    expect(await tpm.shutdown('state')).toBe(0);
+    await tpm.reset();
+    expect(await tpm.startup('state')).toBe(0);
+    expect(hex(tpm2.parsePcrRead(await tpm.execute(tpm2.pcrReadSha256(10))))).toBe(before);
+  });
+
   it('PCR 0 after one known extend matches the model byte for byte', async () => {
     const d = unhex('00'.repeat(31) + '01');
     await tpm.execute(tpm2.pcrExtendSha256(0, d));
@@ -97,5 +106,14 @@ describe('TPM 1.2 basics', () => {
     expect(hex(last)).toBe(hex(model('sha1', digests)));
     // The first extend of all-0x01 into a zero PCR, as a fixed vector.
     expect(hex(model('sha1', [digests[0]!]))).toBe('c3ad7f64b8d976aaf2b3a9c98f7ee5631cde7125');
+  });
+
+  it('TPM_SaveState keeps PCRs across a power cycle resumed with TPM_Startup(ST_STATE)', async () => {
+    const before = hex(tpm12.parsePcrValue(await tpm.execute(tpm12.pcrRead(10))));
+    expect(await tpm.shutdown('state')).toBe(0); // TPM_SaveState
+    expect(hex((await tpm.getStateBlob('savestate'))!.subarray(0, 6))).toBe('0201000a0004');
+    await tpm.reset();
+    expect(await tpm.startup('state')).toBe(0);
+    expect(hex(tpm12.parsePcrValue(await tpm.execute(tpm12.pcrRead(10))))).toBe(before);
   });
 });
