@@ -16,10 +16,13 @@ export function register(program: Command): void {
       const args = parseDomainArgs([
         '--instance', o.instance, '--domid', o.domid, '--tpm-version', o.tpmVersion, '--state-dir', o.stateDir,
       ]);
-      // Closing stdin is the domain's own stop signal; a signal just closes it early.
-      onStop(() => {
+      const done = domainMain(args);
+      // Closing stdin is the domain's own stop signal; on SIGINT/SIGTERM close it and wait until the
+      // instance is powered off and its pending state is durable.
+      onStop(async () => {
         process.stdin.destroy();
+        await done;
       });
-      process.exitCode = await domainMain(args);
+      process.exitCode = await done;
     });
 }

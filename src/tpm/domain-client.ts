@@ -4,6 +4,7 @@ import { spawn, type ChildProcess } from 'node:child_process';
 import { EventEmitter } from 'node:events';
 import { dirname, join } from 'node:path';
 import { fileURLToPath } from 'node:url';
+import type { TpmEndpoint } from './endpoint.js';
 import type { FailureInfo, TpmVersion } from './instance.js';
 import { BLOB_TYPE } from './state-blob.js';
 import type { StateKind } from './state-store.js';
@@ -53,7 +54,7 @@ interface Pending {
  * Events: 'exit' (DomainExit) always; 'crash' (DomainExit) when the exit was not requested;
  * 'failure' (FailureInfo) when the TPM inside enters failure mode.
  */
-export class VtpmDomain extends EventEmitter {
+export class VtpmDomain extends EventEmitter implements TpmEndpoint {
   readonly instance: number;
   readonly domid: number;
   readonly #child: ChildProcess;

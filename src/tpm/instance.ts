@@ -19,6 +19,7 @@
 // put in the failed state (isolated) and must be recreated from the store.
 import { EventEmitter } from 'node:events';
 import { Libtpms, LibtpmsStateType, TPM_SUCCESS, TpmVersionChoice } from '../../native/libtpms.js';
+import type { TpmEndpoint } from './endpoint.js';
 import { isFastCommand } from './fast-path.js';
 import { Limiter } from './limiter.js';
 import { NVRAM_NAME, decodeStateBlob, encodeStateBlob, kindForNvramName } from './state-blob.js';
@@ -97,7 +98,7 @@ const STATE_TYPE: Record<StateKind, LibtpmsStateType> = {
  * Events: 'failure' (FailureInfo) when the instance enters the failed state.
  * Create instances with TpmHost.create() (or TpmInstance.create() with your own limiter).
  */
-export class TpmInstance extends EventEmitter {
+export class TpmInstance extends EventEmitter implements TpmEndpoint {
   readonly instance: number;
   readonly version: TpmVersion;
   readonly store: StateStore;

@@ -1,6 +1,7 @@
 // A vTPM domain: one instance alone in a child process (node dist/src/tpm/domain-main.js), started,
 // health-checked, driven and stopped by its parent; a kill -9 is seen as a crash at once.
 import { spawn } from 'node:child_process';
+import { readdirSync } from 'node:fs';
 import { dirname, join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { afterEach, describe, expect, it } from 'vitest';
@@ -96,5 +97,27 @@ describe('vTPM-domain process', () => {
     expect(JSON.parse(Buffer.from(frames[2]!.payload).toString())).toMatchObject({ code: 'FRAME_TOO_LARGE' });
     const code = await new Promise<number | null>((r) => child.once('exit', (c) => r(c)));
     expect(code).toBe(2);
+  });
+
+  it('`vtpm vtpm-domain` (the CLI) stops cleanly on SIGTERM with its state durable', async () => {
+    const t = tempDir('dom-cli');
+    dirs.push(t.cleanup);
+    const child = spawn(
+      process.execPath,
+      [join(root, 'dist/src/cli/main.js'), 'vtpm-domain', '--instance', '9', '--domid', '30', '--state-dir', t.dir],
+      { stdio: ['pipe', 'pipe', 'inherit'] },
+    );
+    const reader = new FrameReader();
+    const frames: Array<{ type: number; id: number; payload: Uint8Array }> = [];
+    child.stdout.on('data', (c: Buffer) => frames.push(...reader.push(new Uint8Array(c))));
+    while (frames.length < 1) await new Promise((r) => setTimeout(r, 5));
+    expect(frames[0]!.type).toBe(DomainMsg.READY);
+    child.stdin.write(encodeFrame(DomainMsg.STARTUP, 1, Uint8Array.of(0)));
+    while (frames.length < 2) await new Promise((r) => setTimeout(r, 5));
+    expect(hex(frames[1]!.payload)).toBe('00000000');
+    const exited = new Promise<[number | null, string | null]>((r) => child.once('exit', (c, s) => r([c, s])));
+    child.kill('SIGTERM');
+    expect(await exited).toEqual([0, null]);
+    expect(readdirSync(t.dir)).toContain('tpm-9.permanent');
   });
 });
