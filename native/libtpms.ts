@@ -7,7 +7,8 @@
 // Nothing outside native/ imports koffi: callers see numbers, Uint8Arrays and plain callbacks.
 import './koffi-config.js';
 import koffi from 'koffi';
-import { copyFileSync, mkdtempSync, realpathSync, rmSync } from 'node:fs';
+import { randomBytes } from 'node:crypto';
+import { copyFileSync, realpathSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { ElfImage } from './elf-loader.js';
@@ -89,16 +90,6 @@ const libc = koffi.load('libc.so.6');
 const c_malloc = libc.func('void *malloc(size_t size)');
 
 let copySeq = 0;
-let copyDirPath: string | null = null;
-/** Where file copies are made (copy loader only), created on first use and removed at exit. */
-function copyDir(): string {
-  if (!copyDirPath) {
-    const dir = mkdtempSync(join(tmpdir(), 'vtpm-libtpms-'));
-    process.once('exit', () => rmSync(dir, { recursive: true, force: true }));
-    copyDirPath = dir;
-  }
-  return copyDirPath;
-}
 
 export class LibtpmsError extends Error {
   constructor(
@@ -177,7 +168,9 @@ export class Libtpms {
 
   /** Copy the .so to a fresh file (distinct inode, unique dlopen name) and dlopen it. */
   static loadPrivateCopy(source = LIBTPMS_PATH): Libtpms {
-    const path = join(copyDir(), `libtpms-${process.pid}-${++copySeq}.so`);
+    // A unique name in the temp dir, unlinked right after dlopen: nothing is left behind, even on a crash
+    // between the two only this one file.
+    const path = join(tmpdir(), `vtpm-libtpms-${process.pid}-${++copySeq}-${randomBytes(4).toString('hex')}.so`);
     copyFileSync(source, path);
     try {
       const lib = koffi.load(path);
