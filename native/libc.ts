@@ -1,6 +1,7 @@
 // The libc calls the emulated hypervisor needs and Node does not offer: mmap/munmap of shared files
 // (so two processes see the same bytes), memfd_create, and typed views over the mapped memory.
 // Nothing outside native/ imports koffi; callers get ArrayBuffers and plain numbers.
+import './koffi-config.js';
 import koffi from 'koffi';
 
 const libc = koffi.load('libc.so.6');

@@ -5,6 +5,7 @@ import { register as demo } from './demo.js';
 import { register as guest } from './guest.js';
 import { register as host } from './host.js';
 import { register as ringDemo } from './ring-demo.js';
+import { register as vtpmDomain } from './vtpm-domain.js';
 import { register as xenstored } from './xenstored.js';
 
 type Register = (program: Command) => void;
@@ -15,6 +16,7 @@ const registrars: Register[] = [
   guest,
   host,
   ringDemo,
+  vtpmDomain,
   xenstored,
 ];
 

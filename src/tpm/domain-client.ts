@@ -1,0 +1,252 @@
+// The backend's handle on a vTPM-domain process: start it, talk to its one TPM, check its health, stop
+// it, and learn at once when it dies (exit or kill -9) — 'crash' for an exit nobody asked for.
+import { spawn, type ChildProcess } from 'node:child_process';
+import { EventEmitter } from 'node:events';
+import { dirname, join } from 'node:path';
+import { fileURLToPath } from 'node:url';
+import type { TpmEndpoint } from './endpoint.js';
+import type { FailureInfo, TpmVersion } from './instance.js';
+import { BLOB_TYPE } from './state-blob.js';
+import type { StateKind } from './state-store.js';
+import { engineEnv } from './threadpool.js';
+import { DomainMsg, FrameReader, decodeJson, encodeFrame, type DomainHealth, type Frame } from './domain-protocol.js';
+
+export interface DomainStartOptions {
+  instance: number;
+  domid: number;
+  version: TpmVersion;
+  stateDir: string;
+  /** How long to wait for READY (default 10 s). */
+  startTimeoutMs?: number;
+}
+
+export interface DomainExit {
+  code: number | null;
+  signal: NodeJS.Signals | null;
+  /** True when stop() asked for it. */
+  expected: boolean;
+}
+
+export type DomainErrorCode = 'START' | 'CRASHED' | 'TIMEOUT' | 'REMOTE' | 'STOPPED';
+
+export class DomainError extends Error {
+  constructor(
+    readonly code: DomainErrorCode,
+    message: string,
+    /** For REMOTE: the code the domain reported (e.g. a TpmInstanceError code). */
+    readonly remoteCode?: string,
+  ) {
+    super(message);
+    this.name = 'DomainError';
+  }
+}
+
+// The compiled entry point; when this module runs from source (tests), use the build in dist/.
+const here = dirname(fileURLToPath(import.meta.url));
+const MAIN = import.meta.url.endsWith('.ts') ? join(here, '../../dist/src/tpm/domain-main.js') : join(here, 'domain-main.js');
+
+interface Pending {
+  resolve: (payload: Uint8Array) => void;
+  reject: (err: Error) => void;
+}
+
+/**
+ * Events: 'exit' (DomainExit) always; 'crash' (DomainExit) when the exit was not requested;
+ * 'failure' (FailureInfo) when the TPM inside enters failure mode.
+ */
+export class VtpmDomain extends EventEmitter implements TpmEndpoint {
+  readonly instance: number;
+  readonly domid: number;
+  readonly #child: ChildProcess;
+  readonly #pending = new Map<number, Pending>();
+  #nextId = 1;
+  #stopping = false;
+  #exited: DomainExit | null = null;
+  readonly #exitPromise: Promise<DomainExit>;
+
+  private constructor(opts: DomainStartOptions, child: ChildProcess) {
+    super();
+    this.instance = opts.instance;
+    this.domid = opts.domid;
+    this.#child = child;
+    this.#exitPromise = new Promise((resolve) => {
+      child.once('exit', (code, signal) => {
+        const ex: DomainExit = { code, signal, expected: this.#stopping };
+        this.#exited = ex;
+        const err = new DomainError(
+          this.#stopping ? 'STOPPED' : 'CRASHED',
+          `vTPM domain ${this.domid} (pid ${child.pid}) exited (code ${code}, signal ${signal})`,
+        );
+        for (const p of this.#pending.values()) p.reject(err);
+        this.#pending.clear();
+        this.emit('exit', ex);
+        if (!ex.expected) this.emit('crash', ex);
+        resolve(ex);
+      });
+    });
+  }
+
+  get pid(): number {
+    return this.#child.pid ?? -1;
+  }
+
+  get alive(): boolean {
+    return this.#exited === null;
+  }
+
+  /** Spawn `node domain-main.js …` and wait for its READY. */
+  static async start(opts: DomainStartOptions): Promise<VtpmDomain> {
+    const child = spawn(
+      process.execPath,
+      [
+        MAIN,
+        '--instance',
+        String(opts.instance),
+        '--domid',
+        String(opts.domid),
+        '--tpm-version',
+        opts.version,
+        '--state-dir',
+        opts.stateDir,
+      ],
+      { stdio: ['pipe', 'pipe', 'inherit'], env: engineEnv() },
+    );
+    const dom = new VtpmDomain(opts, child);
+    const ready = new Promise<void>((resolve, reject) => {
+      const timer = setTimeout(() => {
+        reject(new DomainError('TIMEOUT', `vTPM domain ${opts.domid} not ready in time`));
+        child.kill('SIGKILL');
+      }, opts.startTimeoutMs ?? 10_000);
+      dom.once('_ready', () => {
+        clearTimeout(timer);
+        resolve();
+      });
+      dom.once('_startError', (msg: string) => {
+        clearTimeout(timer);
+        reject(new DomainError('START', msg));
+      });
+      dom.once('exit', (ex: DomainExit) => {
+        clearTimeout(timer);
+        reject(new DomainError('START', `vTPM domain ${opts.domid} exited during start (code ${ex.code}, signal ${ex.signal})`));
+      });
+    });
+    const reader = new FrameReader();
+    child.stdout!.on('data', (c: Buffer) => {
+      let frames: Frame[];
+      try {
+        frames = reader.push(new Uint8Array(c.buffer, c.byteOffset, c.byteLength));
+      } catch {
+        // The child broke the protocol: it cannot be trusted any more.
+        child.kill('SIGKILL');
+        return;
+      }
+      for (const f of frames) dom.#onFrame(f);
+    });
+    // Writes to a child that died fail with EPIPE; the exit event reports it.
+    child.stdin!.on('error', () => undefined);
+    await ready;
+    return dom;
+  }
+
+  #onFrame(f: Frame): void {
+    if (f.id === 0) {
+      if (f.type === DomainMsg.READY) this.emit('_ready');
+      else if (f.type === DomainMsg.FAILURE) this.emit('failure', decodeJson<FailureInfo>(f.payload));
+      else if (f.type === DomainMsg.ERROR) this.emit('_startError', decodeJson<{ message: string }>(f.payload).message);
+      return;
+    }
+    const p = this.#pending.get(f.id);
+    if (!p) return;
+    this.#pending.delete(f.id);
+    if (f.type === DomainMsg.OK) p.resolve(f.payload);
+    else {
+      const body = decodeJson<{ code: string; message: string }>(f.payload);
+      p.reject(new DomainError('REMOTE', body.message, body.code));
+    }
+  }
+
+  #request(type: DomainMsg, payload?: Uint8Array, timeoutMs?: number): Promise<Uint8Array> {
+    if (this.#exited) return Promise.reject(new DomainError('CRASHED', `vTPM domain ${this.domid} is not running`));
+    const id = this.#nextId++ >>> 0 || this.#nextId++;
+    return new Promise<Uint8Array>((resolve, reject) => {
+      let timer: NodeJS.Timeout | undefined;
+      const done = <T>(f: (x: T) => void) => (x: T) => {
+        if (timer) clearTimeout(timer);
+        f(x);
+      };
+      this.#pending.set(id, { resolve: done(resolve), reject: done(reject) });
+      if (timeoutMs !== undefined) {
+        timer = setTimeout(() => {
+          this.#pending.delete(id);
+          reject(new DomainError('TIMEOUT', `vTPM domain ${this.domid}: no answer in ${timeoutMs} ms`));
+        }, timeoutMs);
+      }
+      this.#child.stdin!.write(encodeFrame(type, id, payload));
+    });
+  }
+
+  async execute(command: Uint8Array, opts: { locality?: number } = {}): Promise<Uint8Array> {
+    const payload = new Uint8Array(1 + command.length);
+    payload[0] = opts.locality ?? 0;
+    payload.set(command, 1);
+    return this.#request(DomainMsg.EXECUTE, payload);
+  }
+
+  async cancel(): Promise<void> {
+    await this.#request(DomainMsg.CANCEL);
+  }
+
+  /** Resolves with the domain's health, or rejects with TIMEOUT if it does not answer in time. */
+  async health(timeoutMs = 2000): Promise<DomainHealth> {
+    return decodeJson<DomainHealth>(await this.#request(DomainMsg.HEALTH, undefined, timeoutMs));
+  }
+
+  async startup(type: 'clear' | 'state' = 'clear'): Promise<number> {
+    const r = await this.#request(DomainMsg.STARTUP, Uint8Array.of(type === 'state' ? 1 : 0));
+    return new DataView(r.buffer, r.byteOffset, 4).getUint32(0);
+  }
+
+  async powerOn(): Promise<void> {
+    await this.#request(DomainMsg.POWER_ON);
+  }
+
+  async powerOff(): Promise<void> {
+    await this.#request(DomainMsg.POWER_OFF);
+  }
+
+  async reset(): Promise<void> {
+    await this.#request(DomainMsg.RESET);
+  }
+
+  async saveVolatile(): Promise<void> {
+    await this.#request(DomainMsg.SAVE_VOLATILE);
+  }
+
+  async getStateBlob(kind: StateKind): Promise<Uint8Array | null> {
+    const r = await this.#request(DomainMsg.GET_BLOB, Uint8Array.of(BLOB_TYPE[kind]));
+    return r.length ? r : null;
+  }
+
+  async setStateBlob(kind: StateKind, blob: Uint8Array): Promise<void> {
+    const payload = new Uint8Array(1 + blob.length);
+    payload[0] = BLOB_TYPE[kind];
+    payload.set(blob, 1);
+    await this.#request(DomainMsg.SET_BLOB, payload);
+  }
+
+  /** Graceful stop: the domain powers its TPM off and exits; SIGKILL if it has not after timeoutMs. */
+  async stop(timeoutMs = 5000): Promise<DomainExit> {
+    if (this.#exited) return this.#exited;
+    this.#stopping = true;
+    const timer = setTimeout(() => this.#child.kill('SIGKILL'), timeoutMs);
+    this.#request(DomainMsg.STOP).catch(() => undefined);
+    const ex = await this.#exitPromise;
+    clearTimeout(timer);
+    return ex;
+  }
+
+  /** Resolves when the process has exited, however it ended. */
+  exited(): Promise<DomainExit> {
+    return this.#exitPromise;
+  }
+}

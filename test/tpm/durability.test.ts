@@ -1,0 +1,127 @@
+// The durability contract: a response is released only after every NV write it caused has been stored;
+// a failing store withholds the response and isolates the instance; instances start from the store.
+import { readdirSync } from 'node:fs';
+import { afterAll, describe, expect, it } from 'vitest';
+import { DirStateStore } from '../../src/tpm/dir-store.js';
+import { TpmHost } from '../../src/tpm/host.js';
+import type { FailureInfo } from '../../src/tpm/instance.js';
+import type { StateKind, StateStore } from '../../src/tpm/state-store.js';
+import * as tpm2 from '../../src/tpm/tpm2-commands.js';
+import { hex, tempStore, unhex } from './helpers.js';
+
+/** A real directory store whose store() waits until the test opens the gate (or fails it). */
+class GatedStore implements StateStore {
+  stores: Array<{ instance: number; kind: StateKind; length: number }> = [];
+  #gate: Promise<void> = Promise.resolve();
+  #open: () => void = () => undefined;
+  #fail: (e: Error) => void = () => undefined;
+
+  constructor(readonly inner: DirStateStore) {}
+
+  close(): void {
+    this.#gate = new Promise((resolve, reject) => {
+      this.#open = resolve;
+      this.#fail = reject;
+    });
+    this.#gate.catch(() => undefined);
+  }
+
+  open(): void {
+    this.#open();
+  }
+
+  fail(err: Error): void {
+    this.#fail(err);
+  }
+
+  load(instance: number, kind: StateKind): Promise<Uint8Array | null> {
+    return this.inner.load(instance, kind);
+  }
+
+  async store(instance: number, kind: StateKind, blob: Uint8Array): Promise<void> {
+    this.stores.push({ instance, kind, length: blob.length });
+    await this.#gate;
+    await this.inner.store(instance, kind, blob);
+  }
+
+  delete(instance: number, kind: StateKind): Promise<void> {
+    return this.inner.delete(instance, kind);
+  }
+}
+
+const NV_INDEX = 0x01500002;
+
+describe('durability', () => {
+  const t = tempStore('durable');
+  const host = new TpmHost();
+  afterAll(async () => {
+    await host.destroyAll();
+    t.cleanup();
+  });
+
+  it('a command that writes NV is answered only after store() resolved', async () => {
+    const gated = new GatedStore(t.store);
+    const tpm = await host.create({ instance: 1, version: '2.0', store: gated, startup: 'clear' });
+    gated.stores = [];
+    gated.close();
+    let answered = false;
+    const p = tpm.execute(tpm2.nvDefineSpace(NV_INDEX, 8)).then((r) => {
+      answered = true;
+      return r;
+    });
+    // libtpms has run the command and asked to store permall; the store has not acknowledged.
+    while (gated.stores.length === 0) await new Promise((r) => setTimeout(r, 5));
+    await new Promise((r) => setTimeout(r, 100));
+    expect(answered).toBe(false);
+    expect(gated.stores[0]).toMatchObject({ instance: 1, kind: 'permanent' });
+    gated.open();
+    expect(hex(await p)).toBe('80020000001300000000000000000000010000');
+    expect(answered).toBe(true);
+    // What was acknowledged is on disk: a new instance on the same directory sees the NV index.
+    await host.destroy(1);
+    const again = await host.create({ instance: 1, version: '2.0', store: t.store, startup: 'clear' });
+    tpm2.expectSuccess(await again.execute(tpm2.nvWrite(NV_INDEX, unhex('0102030405060708'))), 'NV_Write');
+    expect(hex(tpm2.parseNvRead(await again.execute(tpm2.nvRead(NV_INDEX, 8))))).toBe('0102030405060708');
+    await host.destroy(1);
+  });
+
+  it('a failed store() withholds the response and isolates the instance until recreate()', async () => {
+    const gated = new GatedStore(t.store);
+    const tpm = await host.create({ instance: 2, version: '2.0', store: gated, startup: 'clear' });
+    const failures: FailureInfo[] = [];
+    tpm.on('failure', (f: FailureInfo) => failures.push(f));
+    gated.stores = [];
+    gated.close();
+    const p = tpm.execute(tpm2.nvDefineSpace(NV_INDEX, 8));
+    while (gated.stores.length === 0) await new Promise((r) => setTimeout(r, 5));
+    gated.fail(new Error('disk full'));
+    await expect(p).rejects.toMatchObject({ code: 'STORE' });
+    expect(tpm.status).toBe('failed');
+    expect(failures).toEqual([expect.objectContaining({ instance: 2, reason: 'store' })]);
+    // Isolated: answered with TPM_RC_FAILURE without entering libtpms.
+    expect(hex(await tpm.execute(tpm2.getRandom(8)))).toBe('80010000000a00000101');
+    // Recreated from the last durable state, which does not have the index.
+    gated.close();
+    gated.open();
+    await tpm.recreate();
+    expect(tpm.status).toBe('running');
+    expect(await tpm.startup('clear')).toBe(0);
+    const r = await tpm.execute(tpm2.nvRead(NV_INDEX, 8));
+    expect(hex(r.subarray(6, 10))).toBe('0000028b'); // TPM_RC_HANDLE + TPM_RC_2: the index does not exist
+  });
+
+  it('saveVolatile() stores the volatile state; the next power-on resumes it once', async () => {
+    const tpm = await host.create({ instance: 3, version: '2.0', store: t.store, startup: 'clear' });
+    await tpm.execute(tpm2.pcrExtendSha256(16, unhex('77'.repeat(32))));
+    const pcr = hex(tpm2.parsePcrRead(await tpm.execute(tpm2.pcrReadSha256(16))));
+    await tpm.saveVolatile();
+    expect(readdirSync(t.dir)).toContain('tpm-3.volatile');
+    await tpm.powerOff();
+    await tpm.powerOn();
+    expect(hex(tpm2.parsePcrRead(await tpm.execute(tpm2.pcrReadSha256(16))))).toBe(pcr);
+    expect(readdirSync(t.dir)).not.toContain('tpm-3.volatile');
+    await tpm.reset();
+    expect(await tpm.startup('clear')).toBe(0);
+    expect(hex(tpm2.parsePcrRead(await tpm.execute(tpm2.pcrReadSha256(16))))).toBe('00'.repeat(32));
+  });
+});
