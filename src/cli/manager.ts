@@ -1,5 +1,10 @@
 // `vtpm manager --state DIR --run DIR [--seal-to-tpm TCTI]`: the vTPM manager daemon in the foreground.
 import type { Command } from 'commander';
+
+// A group commit fdatasyncs every blob of the batch in parallel on the libuv threadpool; with the
+// default 4 threads, 64 concurrent saves would queue 16 deep. Only effective before the pool's first
+// use, hence at module evaluation, which precedes any asynchronous fs call of the CLI.
+process.env.UV_THREADPOOL_SIZE ??= '64';
 import { ManagerDaemon } from '../manager/daemon.js';
 import { DEFAULT_SEAL_PCRS } from '../manager/seal.js';
 import { onStop } from './lifecycle.js';

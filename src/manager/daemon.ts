@@ -124,7 +124,8 @@ export class ManagerDaemon {
     await this.#consoleTail;
     await this.#store.flush();
     fs.rmSync(path.join(this.opts.runDir, PID_FILE), { force: true });
-    this.#log('stopped');
+    const st = this.#store.stats;
+    this.#log(`stopped (${st.saves} saves in ${st.commits} commits, ${st.coalesced} coalesced)`);
   }
 
   // ---- console ---------------------------------------------------------------------------

@@ -7,7 +7,8 @@
 // fdatasync, rename, directory fsync); superseded files are removed only after that. A crash at any
 // point leaves the metadata naming either the old or the new generation, and both files exist.
 // Group commit. Saves arriving while a commit runs queue up and go in the next one: their blob fsyncs
-// run in parallel, and they share the two directory fsyncs and the one metadata write.
+// run in parallel (with the metadata's), and they share the two directory fsyncs and the one metadata
+// write.
 import crypto from 'node:crypto';
 import fs from 'node:fs';
 import fsp from 'node:fs/promises';
@@ -30,10 +31,11 @@ export interface StoreOps {
   /** Creates what the backend needs and removes what a crash left half-written. */
   prepare(): Promise<void>;
   readMeta(): Promise<Buffer | null>;
-  /** Atomically replaces the metadata; durable when resolved. */
-  writeMeta(bytes: Uint8Array): Promise<void>;
-  /** Stores new blobs under names never used before; durable when resolved. */
-  writeBlobs(items: ReadonlyArray<{ name: string; data: Uint8Array }>): Promise<void>;
+  /**
+   * Stores new blobs under names never used before and then atomically replaces the metadata; both
+   * durable when resolved, and the metadata switch must not become durable before the blobs are.
+   */
+  commit(items: ReadonlyArray<{ name: string; data: Uint8Array }>, meta: Uint8Array): Promise<void>;
   readBlob(name: string): Promise<Buffer | null>;
   /** Best effort: a blob left behind is garbage the next prepare()/open removes. */
   removeBlobs(names: readonly string[]): Promise<void>;
@@ -41,6 +43,8 @@ export interface StoreOps {
 }
 
 const META = 'meta';
+/** How long a commit waits for stragglers when the previous one was shared (see #gather). */
+const GATHER_MS = 5;
 const BLOB_RE = /^i(\d+)\.(permanent|volatile|savestate)\.g(\d+)\.blob$/;
 
 async function fsyncDir(dir: string): Promise<void> {
@@ -78,22 +82,23 @@ export class DirOps implements StoreOps {
     return this.readBlob(META);
   }
 
-  async writeMeta(bytes: Uint8Array): Promise<void> {
-    const tmp = path.join(this.dir, `${META}.tmp`);
-    await writeDurable(tmp, bytes);
-    await fsp.rename(tmp, path.join(this.dir, META));
-    await fsyncDir(this.dir);
-  }
-
-  async writeBlobs(items: ReadonlyArray<{ name: string; data: Uint8Array }>): Promise<void> {
-    if (items.length === 0) return;
-    await Promise.all(
-      items.map(async ({ name, data }) => {
+  /**
+   * Blob temp files and the metadata temp file are written and fdatasync'd in parallel; the blobs are
+   * renamed into place and the directory fsync'd; only then is the metadata renamed over the old one
+   * and the directory fsync'd again. Two directory fsyncs, so the order holds on any file system.
+   */
+  async commit(items: ReadonlyArray<{ name: string; data: Uint8Array }>, meta: Uint8Array): Promise<void> {
+    const metaTmp = path.join(this.dir, `${META}.tmp`);
+    await Promise.all([
+      writeDurable(metaTmp, meta),
+      ...items.map(async ({ name, data }) => {
         const tmp = path.join(this.dir, `${name}.tmp`);
         await writeDurable(tmp, data);
         await fsp.rename(tmp, path.join(this.dir, name));
       }),
-    );
+    ]);
+    if (items.length > 0) await fsyncDir(this.dir);
+    await fsp.rename(metaTmp, path.join(this.dir, META));
     await fsyncDir(this.dir);
   }
 
@@ -182,6 +187,8 @@ export class GroupCommitStore {
   #queue: Op[] = [];
   #running: Promise<void> | null = null;
   #pending = new Map<string, number>();
+  #lastBatch = 0;
+  #gathered: (() => void) | null = null;
   readonly stats: StoreStats = { commits: 0, saves: 0, coalesced: 0 };
 
   private constructor(
@@ -263,8 +270,29 @@ export class GroupCommitStore {
           reject: (e) => (release(), reject(e)),
         },
       });
-      // setImmediate: everything that arrives in this turn of the loop joins the same commit.
-      if (!this.#running) this.#running = new Promise((r) => setImmediate(r)).then(() => this.#drain());
+      if (!this.#running) this.#running = this.#gather().then(() => this.#drain());
+      else this.#gathered?.();
+    });
+  }
+
+  /**
+   * When to start a commit after idling. Alone (the last batch had one save): at once, after this turn
+   * of the loop. Under concurrent load: once as many operations as last time are queued, or after at
+   * most GATHER_MS (PostgreSQL's commit_delay idea), because the clients just acknowledged are sending
+   * their next saves right now and would otherwise trickle into a string of small commits.
+   */
+  #gather(): Promise<void> {
+    if (this.#lastBatch <= 1) return new Promise((r) => setImmediate(r));
+    return new Promise((resolve) => {
+      const done = (): void => {
+        clearTimeout(timer);
+        this.#gathered = null;
+        resolve();
+      };
+      const timer = setTimeout(done, GATHER_MS);
+      this.#gathered = () => {
+        if (this.#queue.length >= this.#lastBatch) done();
+      };
     });
   }
 
@@ -273,6 +301,7 @@ export class GroupCommitStore {
       while (this.#queue.length > 0) {
         const batch = this.#queue;
         this.#queue = [];
+        this.#lastBatch = batch.length;
         await this.#commit(batch);
       }
     } finally {
@@ -301,8 +330,7 @@ export class GroupCommitStore {
     }
     const next: MetaRecord = { format: 1, seq: this.#meta.seq + 1, clock: this.#meta.clock, blobs, table: this.snapshotTable() };
     try {
-      await this.ops.writeBlobs([...writes.values()]);
-      await this.ops.writeMeta(encodeMeta(next, this.macKey));
+      await this.ops.commit([...writes.values()], encodeMeta(next, this.macKey));
     } catch (err) {
       const e = new StoreError('IO', `commit of ${batch.length} operations on ${this.ops.description} failed: ${(err as Error).message}`);
       for (const op of batch) op.done.reject(e);
