@@ -43,7 +43,10 @@ async function drive(loops: number, seconds: number, op: (loop: number) => Promi
 }
 
 async function startManager(stateDir: string, runDir: string): Promise<{ stop(): Promise<void> }> {
-  const p = spawn(process.execPath, [CLI, 'manager', '--state', stateDir, '--run', runDir], { stdio: ['ignore', 'ignore', 'pipe'] });
+  const p = spawn(process.execPath, [CLI, 'manager', '--state', stateDir, '--run', runDir], {
+    stdio: ['ignore', 'ignore', 'pipe'],
+    env: { ...process.env, UV_THREADPOOL_SIZE: '64' }, // as scripts/vtpm runs it
+  });
   await new Promise<void>((resolve, reject) => {
     let log = '';
     p.stderr.on('data', (d: Buffer) => {

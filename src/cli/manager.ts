@@ -1,10 +1,5 @@
 // `vtpm manager --state DIR --run DIR [--seal-to-tpm TCTI]`: the vTPM manager daemon in the foreground.
 import type { Command } from 'commander';
-
-// A group commit fdatasyncs every blob of the batch in parallel on the libuv threadpool; with the
-// default 4 threads, 64 concurrent saves would queue 16 deep. Only effective before the pool's first
-// use, hence at module evaluation, which precedes any asynchronous fs call of the CLI.
-process.env.UV_THREADPOOL_SIZE ??= '64';
 import { ManagerDaemon } from '../manager/daemon.js';
 import { DEFAULT_SEAL_PCRS } from '../manager/seal.js';
 import { onStop } from './lifecycle.js';
@@ -18,6 +13,8 @@ export function register(program: Command): void {
     .option('--seal-to-tpm <tcti>', 'seal the master key to PCRs of a host TPM (tpm2-tools TCTI, e.g. swtpm:host=127.0.0.1,port=2321)')
     .option('--seal-pcrs <sel>', 'PCR selection the master key is sealed to', DEFAULT_SEAL_PCRS)
     .action(async (o: { state: string; run: string; sealToTpm?: string; sealPcrs: string }) => {
+      if (!process.env.UV_THREADPOOL_SIZE)
+        process.stderr.write('vtpm-manager: UV_THREADPOOL_SIZE is unset: a group commit will run only 4 fdatasyncs at a time (scripts/vtpm sets 64)\n');
       const d = await ManagerDaemon.start({ stateDir: o.state, runDir: o.run, sealToTpm: o.sealToTpm, sealPcrs: o.sealPcrs });
       onStop(() => d.stop());
       process.stderr.write('vtpm-manager: ready\n');

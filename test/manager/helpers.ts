@@ -26,6 +26,7 @@ export interface RunningManager {
 export async function startManager(stateDir: string, runDir: string, extra: string[] = []): Promise<RunningManager> {
   const proc = spawn(process.execPath, [CLI, 'manager', '--state', stateDir, '--run', runDir, ...extra], {
     stdio: ['ignore', 'ignore', 'pipe'],
+    env: { ...process.env, UV_THREADPOOL_SIZE: '64' }, // what scripts/vtpm sets
   });
   const log: string[] = [];
   const waiters: Array<{ re: RegExp; resolve: (l: string) => void }> = [];

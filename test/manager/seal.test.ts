@@ -1,11 +1,12 @@
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { execFileSync, spawn, type ChildProcess } from 'node:child_process';
+import { execFileSync, spawn, spawnSync, type ChildProcess } from 'node:child_process';
 import crypto from 'node:crypto';
 import fs from 'node:fs';
 import net from 'node:net';
 import path from 'node:path';
 import { MASTER_KEY_FILE, SealError, Sealer, loadKeyFile, loadTpmSealedKey } from '../../src/manager/seal.js';
-import { tempDir } from './helpers.js';
+import { ManagerClient } from '../../src/manager/client.js';
+import { CLI, startManager, tempDir } from './helpers.js';
 
 const A = '11111111-1111-4111-8111-111111111111';
 const B = '22222222-2222-4222-8222-222222222222';
@@ -130,5 +131,30 @@ describe('master key sealed to PCRs of a host TPM (swtpm playing the host TPM)',
     expect(b.key.equals(a.key)).toBe(true);
     execFileSync('tpm2_pcrextend', [`7:sha256=${'00'.repeat(31)}01`], { env: { ...process.env, TPM2TOOLS_TCTI: tcti }, stdio: 'pipe' });
     expect(() => loadTpmSealedKey(d, opts)).toThrow(/tpm2_unseal failed.*policy check failed/);
+  });
+
+  it('vtpm manager --seal-to-tpm keeps no key file, resumes with the PCRs unchanged, refuses to start after', async () => {
+    const stateDir = tempDir('sealed-state');
+    const runDir = tempDir('sealed-run');
+    const uuid = '5ea1ed00-0000-4000-8000-000000000001';
+    let m = await startManager(stateDir, runDir, ['--seal-to-tpm', tcti, '--seal-pcrs', 'sha256:1,2']);
+    let c = await ManagerClient.connect(runDir);
+    const { instance } = await c.open({ vmUuid: uuid, version: '2.0' });
+    await c.store(instance, 'permanent', Buffer.from('sealed by the host TPM'));
+    c.disconnect();
+    expect(await m.stop()).toBe(0);
+    expect(fs.readdirSync(stateDir)).not.toContain(MASTER_KEY_FILE);
+
+    m = await startManager(stateDir, runDir, ['--seal-to-tpm', tcti]);
+    c = await ManagerClient.connect(runDir);
+    expect(await c.open({ vmUuid: uuid, version: '2.0' })).toEqual({ instance, created: false });
+    expect(Buffer.from((await c.load(instance, 'permanent'))!).toString()).toBe('sealed by the host TPM');
+    c.disconnect();
+    expect(await m.stop()).toBe(0);
+
+    execFileSync('tpm2_pcrextend', [`2:sha256=${'11'.repeat(32)}`], { env: { ...process.env, TPM2TOOLS_TCTI: tcti }, stdio: 'pipe' });
+    const r = spawnSync(process.execPath, [CLI, 'manager', '--state', stateDir, '--run', runDir, '--seal-to-tpm', tcti], { encoding: 'utf8', timeout: 60_000 });
+    expect(r.status).toBe(1);
+    expect(r.stderr).toMatch(/tpm2_unseal failed/);
   });
 });
