@@ -3,6 +3,7 @@
 // (responses come back in request order), and takes the console pair for the privileged OPEN / CLOSE /
 // DELETE. It implements StateStore, so a vTPM engine can use it directly as its store.
 import crypto from 'node:crypto';
+import fs from 'node:fs';
 import type net from 'node:net';
 import type { StateKind, StateStore } from '../tpm/state-store.js';
 import { connectPair, consoleRequest, withConsoleLock, type FrameReader } from './fifo.js';
@@ -43,6 +44,8 @@ export interface ConnectOptions {
   /** Restricts this client to one instance (a multi-VM vTPM domain); default: any (single-VM backend). */
   bind?: number;
   timeoutMs?: number;
+  /** Attach a new FIFO pair on the next request after the manager went away (default true). */
+  reconnect?: boolean;
 }
 
 export interface OpenOptions {
@@ -66,31 +69,62 @@ interface Pending {
 export class ManagerClient implements StateStore {
   #pending: Pending[] = [];
   #gone: Error | null = null;
+  #closedByUs = false;
+  #reader!: FrameReader;
+  #writer!: net.Socket;
+  #files: string[] = [];
+  #reconnecting: Promise<void> | null = null;
+  #generation = 0;
 
   private constructor(
     readonly runDir: string,
-    readonly name: string,
-    private readonly reader: FrameReader,
-    private readonly writer: net.Socket,
-  ) {
-    reader.on('frame', (f) => this.#onFrame(f));
-    reader.on('error', (e) => this.#fail(new ManagerError('PROTOCOL', `bad response from the manager: ${e.message}`)));
-    reader.on('end', () => this.#fail(new ManagerError('DISCONNECTED', 'the manager closed our response FIFO')));
-    writer.on('error', (e) => this.#fail(new ManagerError('DISCONNECTED', `request FIFO: ${e.message}`)));
-  }
+    private readonly opts: ConnectOptions,
+  ) {}
 
   static async connect(runDir: string, opts: ConnectOptions = {}): Promise<ManagerClient> {
-    const name = opts.name ?? `c${process.pid}-${crypto.randomBytes(4).toString('hex')}`;
-    const pair = await connectPair(runDir, { name, bind: opts.bind ?? ANY_INSTANCE, timeoutMs: opts.timeoutMs });
-    return new ManagerClient(runDir, name, pair.reader, pair.writer);
+    const c = new ManagerClient(runDir, opts);
+    await c.#attach();
+    return c;
   }
 
-  /** One request on our pair; resolves with the response frame whatever its status. */
-  request(instance: number, ordinal: number, params?: Uint8Array): Promise<Frame> {
-    if (this.#gone) return Promise.reject(this.#gone);
+  /** The name of the current FIFO pair (a new one after each reconnect). */
+  get name(): string {
+    return this.#name;
+  }
+  #name = '';
+
+  async #attach(): Promise<void> {
+    const base = this.opts.name ?? `c${process.pid}-${crypto.randomBytes(4).toString('hex')}`;
+    const name = this.#generation++ === 0 ? base : `${base}-r${this.#generation}`;
+    const pair = await connectPair(this.runDir, { name, bind: this.opts.bind ?? ANY_INSTANCE, timeoutMs: this.opts.timeoutMs });
+    const { reader, writer } = pair;
+    this.#name = name;
+    this.#reader = reader;
+    this.#writer = writer;
+    this.#files = pair.files;
+    this.#gone = null;
+    // Events of a previous pair arriving late must not tear down this one.
+    const current = (): boolean => this.#reader === reader;
+    reader.on('frame', (f) => current() && this.#onFrame(f));
+    reader.on('error', (e) => current() && this.#fail(new ManagerError('PROTOCOL', `bad response from the manager: ${e.message}`)));
+    reader.on('end', () => current() && this.#fail(new ManagerError('DISCONNECTED', 'the manager closed our response FIFO')));
+    writer.on('error', (e) => current() && this.#fail(new ManagerError('DISCONNECTED', `request FIFO: ${e.message}`)));
+  }
+
+  /**
+   * One request on our pair; resolves with the response frame whatever its status. Requests in flight
+   * when the manager goes away fail with DISCONNECTED (whether they took effect is unknown: a save can
+   * simply be repeated); the next request attaches a new pair, unless `reconnect: false`.
+   */
+  async request(instance: number, ordinal: number, params?: Uint8Array): Promise<Frame> {
+    if (this.#gone) {
+      if (this.#closedByUs || this.opts.reconnect === false) throw this.#gone;
+      this.#reconnecting ??= this.#attach().finally(() => (this.#reconnecting = null));
+      await this.#reconnecting;
+    }
     return new Promise((resolve, reject) => {
       this.#pending.push({ instance, ordinal, resolve, reject });
-      this.writer.write(encodeRequest(instance, ordinal, params));
+      this.#writer.write(encodeRequest(instance, ordinal, params));
     });
   }
 
@@ -105,8 +139,10 @@ export class ManagerClient implements StateStore {
     if (this.#gone) return;
     this.#gone = e;
     for (const p of this.#pending.splice(0)) p.reject(e);
-    this.reader.close();
-    this.writer.destroy();
+    this.#reader.close();
+    this.#writer.destroy();
+    // The manager removes them when it sees us go; if it died first, nobody else will.
+    for (const f of this.#files) fs.rmSync(f, { force: true });
   }
 
   async #call(instance: number, ordinal: number, params?: Uint8Array): Promise<Uint8Array> {
@@ -166,6 +202,7 @@ export class ManagerClient implements StateStore {
 
   /** Drops our FIFO pair; the manager removes its files when it sees the end of our requests. */
   disconnect(): void {
+    this.#closedByUs = true;
     this.#fail(new ManagerError('DISCONNECTED', 'client disconnected'));
   }
 }

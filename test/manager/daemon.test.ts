@@ -130,6 +130,22 @@ describe('vtpm manager: VM table and state through ManagerClient', () => {
     expect(await c.load(instance, 'permanent')).toBeNull();
   });
 
+  it('a client survives a manager restart: requests in flight fail, the next one reattaches', async () => {
+    const stateDir = tempDir('state');
+    const runDir = tempDir('run');
+    let m = await manager(stateDir, runDir);
+    const c = await client(m);
+    const { instance } = await c.open({ vmUuid: VM2, version: '1.2' });
+    await c.store(instance, 'permanent', Buffer.from('before'));
+    const firstPair = c.name;
+    await m.stop('SIGKILL');
+    await expect(c.load(instance, 'permanent')).rejects.toThrow();
+    m = await manager(stateDir, runDir);
+    expect(Buffer.from((await c.load(instance, 'permanent'))!).toString()).toBe('before');
+    expect(c.name).not.toBe(firstPair);
+    expect(fs.readdirSync(path.join(runDir, 'clients')).sort()).toEqual([`${c.name}.req.fifo`, `${c.name}.rsp.fifo`]);
+  });
+
   it('refuses to start a second manager on the same run directory', async () => {
     const m = await manager();
     const second = spawn(process.execPath, [path.join(DIST_MANAGER, '../cli/main.js'), 'manager', '--state', tempDir('state'), '--run', m.runDir], { stdio: ['ignore', 'ignore', 'pipe'] });
