@@ -1,4 +1,5 @@
 import { afterEach, describe, expect, it } from 'vitest';
+import fc from 'fast-check';
 import { spawn } from 'node:child_process';
 import crypto from 'node:crypto';
 import fs from 'node:fs';
@@ -272,5 +273,35 @@ describe('vtpm manager: bad input', () => {
     expect(Buffer.from((await c.load(b, 'permanent'))!).toString()).toBe('state of B');
     fs.writeFileSync(aFile, aNew);
     expect(Buffer.from((await c.load(a, 'permanent'))!).toString()).toBe('state of A, generation 2');
+  });
+});
+
+describe('vtpm manager: fuzzed requests against the running daemon', () => {
+  it('answers every well-framed request, whatever its ordinal, instance and parameters, and keeps serving', async () => {
+    const m = await manager();
+    const good = await client(m);
+    const { instance } = await good.open({ vmUuid: VM1, version: '2.0' });
+    const raw = await rawPair(m.runDir, 'fuzzer');
+    const ordinal = fc.oneof(fc.constantFrom(...Object.values(Ord)), fc.nat(), fc.integer({ min: 0x01000000, max: 0x01000010 }));
+    const inst = fc.oneof(fc.constant(instance), fc.nat(5), fc.nat());
+    await fc.assert(
+      fc.asyncProperty(ordinal, inst, fc.uint8Array({ maxLength: 64 }), async (ord, i, params) => {
+        raw.writer.write(encodeRequest(i, ord, params));
+        const r = await raw.next();
+        expect(r.instance).toBe(i >>> 0);
+        expect(r.code).toBeGreaterThanOrEqual(0);
+        expect(r.code).toBeLessThanOrEqual(5);
+      }),
+      { numRuns: 300 },
+    );
+    // Random bytes on the console: each read that fails to frame is answered, the manager lives on.
+    for (let k = 0; k < 20; k++) {
+      const junk = crypto.randomBytes(14 + (k % 20));
+      junk.writeUInt16BE(0xbad0 + k, 4);
+      expect((await rawConsole(m.runDir, junk)).readUInt32BE(10)).toBe(Status.INVALID_REQUEST);
+    }
+    await good.store(instance, 'permanent', Buffer.from('still here'));
+    expect(Buffer.from((await good.load(instance, 'permanent'))!).toString()).toBe('still here');
+    expect(m.proc.exitCode).toBeNull();
   });
 });
