@@ -270,19 +270,20 @@ export class GroupCommitStore {
           reject: (e) => (release(), reject(e)),
         },
       });
-      if (!this.#running) this.#running = this.#gather().then(() => this.#drain());
+      if (!this.#running) this.#running = this.#gather(this.#lastBatch).then(() => this.#drain());
       else this.#gathered?.();
     });
   }
 
   /**
-   * When to start a commit after idling. Alone (the last batch had one save): at once, after this turn
-   * of the loop. Under concurrent load: once as many operations as last time are queued, or after at
-   * most GATHER_MS (PostgreSQL's commit_delay idea), because the clients just acknowledged are sending
-   * their next saves right now and would otherwise trickle into a string of small commits.
+   * When to start the next commit. Operations are queued and a commit started at once if it could not
+   * take more (the clients that were in the last commit have all sent their next request, or only one
+   * client is active); otherwise it waits up to GATHER_MS for them (PostgreSQL's commit_delay idea),
+   * because the clients just acknowledged are sending their next saves right now and would otherwise
+   * split into cohorts that take turns, each paying the full fsync cost.
    */
-  #gather(): Promise<void> {
-    if (this.#lastBatch <= 1) return new Promise((r) => setImmediate(r));
+  #gather(target: number): Promise<void> {
+    if (this.#queue.length >= target || target <= 1) return new Promise((r) => setImmediate(r));
     return new Promise((resolve) => {
       const done = (): void => {
         clearTimeout(timer);
@@ -291,7 +292,7 @@ export class GroupCommitStore {
       };
       const timer = setTimeout(done, GATHER_MS);
       this.#gathered = () => {
-        if (this.#queue.length >= this.#lastBatch) done();
+        if (this.#queue.length >= target) done();
       };
     });
   }
@@ -303,6 +304,8 @@ export class GroupCommitStore {
         this.#queue = [];
         this.#lastBatch = batch.length;
         await this.#commit(batch);
+        // Those queued meanwhile, plus the ones just acknowledged, who are likely to be back at once.
+        if (this.#queue.length > 0) await this.#gather(this.#queue.length + batch.length);
       }
     } finally {
       this.#running = null;
