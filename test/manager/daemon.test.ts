@@ -77,6 +77,20 @@ describe('vtpm manager: console protocol (Xen 3.x hotplug bytes)', () => {
     await m.waitLog(/MIGRATE_IN on instance 0: .*not implemented.*VTPM_UNSUPPORTED/);
   });
 
+  it('serves a shell hotplug script that writes its request first and opens the reply FIFO after', async () => {
+    const m = await manager();
+    // Like Xen's vtpm-impl: printf the frame into from_console.fifo, then read the reply; the manager
+    // keeps to_console.fifo open itself, so the reply waits in the pipe for the script's read end.
+    const script = `printf '\\x00\\x00\\x00\\x00\\x01\\xc1\\x00\\x00\\x00\\x11\\x01\\x00\\x00\\x01\\x01\\x01\\x01\\x00\\x00\\x00\\x07' > from_console.fifo; sleep 0.2; head -c 19 to_console.fifo | od -An -tx1`;
+    const out = await new Promise<string>((resolve, reject) => {
+      const p = spawn('bash', ['-c', script], { cwd: m.runDir, stdio: ['ignore', 'pipe', 'inherit'] });
+      let o = '';
+      p.stdout.on('data', (d) => (o += d));
+      p.on('exit', (code) => (code === 0 ? resolve(o) : reject(new Error(`exit ${code}`))));
+    });
+    expect(out.replace(/\s+/g, '')).toBe('00000000 01c4 0000000f 00000000 00000007 01'.replace(/\s+/g, ''));
+  });
+
   it('answers garbage and wrong sizes on the console with VTPM_INVALID_REQUEST and keeps serving', async () => {
     const m = await manager();
     expect(await rawConsole(m.runDir, hex('00000000 beef 0000000a 01000001'))).toEqual(hex('00000000 01c4 0000000a 00000005'));
