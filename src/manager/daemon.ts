@@ -132,10 +132,12 @@ export class ManagerDaemon {
 
   #onConsole(f: Frame): void {
     // Privileged operations change the table: one at a time, answered in order.
-    this.#consoleTail = this.#consoleTail.then(async () => {
-      const reply = await this.#answer('console', f, () => this.#console(f));
-      this.#server.replyConsole(encodeResponse(f.instance, reply.status, reply.params));
-    });
+    this.#consoleTail = this.#consoleTail
+      .then(async () => {
+        const reply = await this.#answer('console', f, () => this.#console(f));
+        this.#server.replyConsole(encodeResponse(f.instance, reply.status, reply.params));
+      })
+      .catch((err: unknown) => this.#log(`console: reply lost: ${(err as Error).message}`));
   }
 
   #onConsoleError(e: WireError): void {
@@ -196,10 +198,12 @@ export class ManagerDaemon {
     let tail: Promise<void> = Promise.resolve();
     ch.on('frame', (f) => {
       const reply = this.#answer(ch.label, f, () => this.#client(ch, f));
-      tail = tail.then(async () => {
-        const r = await reply;
-        ch.send(encodeResponse(f.instance, r.status, r.params));
-      });
+      tail = tail
+        .then(async () => {
+          const r = await reply;
+          ch.send(encodeResponse(f.instance, r.status, r.params));
+        })
+        .catch((err: unknown) => this.#log(`${ch.label}: reply lost: ${(err as Error).message}`));
     });
     ch.on('error', (e) => {
       // One writer on this FIFO: after a framing error there is no telling where the next frame starts.
