@@ -121,7 +121,12 @@ export class FrameReader extends EventEmitter<{
     super();
     this.#decoder = new FrameDecoder(accept);
     socket.on('data', (chunk: Buffer) => this.#onData(chunk));
-    socket.on('end', () => this.emit('end'));
+    socket.on('end', () => {
+      // The writer left in the middle of a frame (its size promised more than it sent): say so.
+      if (!this.#decoder.idle && !this.#decoder.failed)
+        this.emit('error', new WireError('TRUNCATED', 'writer closed the FIFO in the middle of a frame'));
+      this.emit('end');
+    });
     socket.on('error', () => this.emit('end'));
   }
 

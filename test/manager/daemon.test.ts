@@ -243,6 +243,10 @@ describe('vtpm manager: bad input', () => {
     await m.waitLog(/client mallory \(pid \d+\): size 3 is smaller than the 10-byte header; answered VTPM_INVALID_REQUEST and dropped/);
     await saving;
     expect(Buffer.from((await good.load(instance, 'volatile'))!)).toEqual(Buffer.alloc(50_000, 19));
+    // A client that promises a 100-byte frame, sends 20 and leaves is named in the log.
+    const quitter = await rawPair(m.runDir, 'quitter');
+    quitter.writer.end(hex(`00000001 01c1 00000064 00000001 ${'00'.repeat(6)}`));
+    await m.waitLog(/client quitter \(pid \d+\): writer closed the FIFO in the middle of a frame/);
     // Garbage CONNECTs on the rendezvous do not stop others attaching.
     writeShared(path.join(m.runDir, 'rendezvous.fifo'), hex('deadbeef deadbeef deadbeef deadbeef'));
     await m.waitLog(/rendezvous: invalid tag 0xdead/);
