@@ -83,7 +83,8 @@ export class ManagerDaemon {
     const { stateDir, runDir } = this.opts;
     fs.mkdirSync(stateDir, { recursive: true, mode: 0o700 });
     fs.mkdirSync(runDir, { recursive: true, mode: 0o700 });
-    this.#claimPidFile();
+    this.#claimPidFile(runDir);
+    this.#claimPidFile(stateDir);
     const { key, created } = this.opts.sealToTpm
       ? loadTpmSealedKey(stateDir, { tcti: this.opts.sealToTpm, pcrs: this.opts.sealPcrs ?? DEFAULT_SEAL_PCRS })
       : loadKeyFile(stateDir);
@@ -100,8 +101,9 @@ export class ManagerDaemon {
     this.#log(`serving ${this.#table.size} vTPMs from ${stateDir} on ${runDir}`);
   }
 
-  #claimPidFile(): void {
-    const p = path.join(this.opts.runDir, PID_FILE);
+  /** One manager per run directory and per state directory: two would interleave commits. */
+  #claimPidFile(dir: string): void {
+    const p = path.join(dir, PID_FILE);
     try {
       const other = Number(fs.readFileSync(p, 'utf8'));
       if (Number.isInteger(other) && other > 0 && other !== process.pid) {
@@ -111,7 +113,7 @@ export class ManagerDaemon {
         } catch (err) {
           alive = (err as NodeJS.ErrnoException).code !== 'ESRCH';
         }
-        if (alive) throw new Error(`another manager (pid ${other}) serves ${this.opts.runDir}`);
+        if (alive) throw new Error(`another manager (pid ${other}) serves ${dir}`);
       }
     } catch (err) {
       if ((err as NodeJS.ErrnoException).code !== 'ENOENT') throw err;
@@ -124,6 +126,7 @@ export class ManagerDaemon {
     await this.#consoleTail;
     await this.#store.flush();
     fs.rmSync(path.join(this.opts.runDir, PID_FILE), { force: true });
+    fs.rmSync(path.join(this.opts.stateDir, PID_FILE), { force: true });
     const st = this.#store.stats;
     this.#log(`stopped (${st.saves} saves in ${st.commits} commits, ${st.coalesced} coalesced)`);
   }

@@ -161,7 +161,7 @@ describe('vtpm manager: VM table and state through ManagerClient', () => {
     expect(fs.readdirSync(path.join(runDir, 'clients')).sort()).toEqual([`${c.name}.req.fifo`, `${c.name}.rsp.fifo`]);
   });
 
-  it('refuses to start a second manager on the same run directory', async () => {
+  it('refuses to start a second manager on the same run or state directory', async () => {
     const m = await manager();
     const second = spawn(process.execPath, [path.join(DIST_MANAGER, '../cli/main.js'), 'manager', '--state', tempDir('state'), '--run', m.runDir], { stdio: ['ignore', 'ignore', 'pipe'] });
     let err = '';
@@ -169,6 +169,11 @@ describe('vtpm manager: VM table and state through ManagerClient', () => {
     const code = await new Promise((r) => second.on('exit', r));
     expect(code).toBe(1);
     expect(err).toMatch(new RegExp(`another manager \\(pid ${m.proc.pid}\\)`));
+    const third = spawn(process.execPath, [path.join(DIST_MANAGER, '../cli/main.js'), 'manager', '--state', m.stateDir, '--run', tempDir('run')], { stdio: ['ignore', 'ignore', 'pipe'] });
+    let err3 = '';
+    third.stderr.on('data', (d) => (err3 += d));
+    expect(await new Promise((r) => third.on('exit', r))).toBe(1);
+    expect(err3).toMatch(new RegExp(`another manager \\(pid ${m.proc.pid}\\) serves ${m.stateDir}`));
   });
 });
 
