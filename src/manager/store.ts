@@ -45,6 +45,8 @@ export interface StoreOps {
 const META = 'meta';
 /** How long a commit waits for stragglers when the previous one was shared (see #gather). */
 const GATHER_MS = 5;
+/** How far each start advances the generation clock (far more than one run reserves between commits). */
+export const CLOCK_JUMP = 2 ** 24;
 const BLOB_RE = /^i(\d+)\.(permanent|volatile|savestate)\.g(\d+)\.blob$/;
 
 async function fsyncDir(dir: string): Promise<void> {
@@ -213,6 +215,14 @@ export class GroupCommitStore {
       return blobName(Number(i), kind, g);
     }));
     await ops.removeBlobs((await ops.listBlobs()).filter((n) => !live.has(n)));
+    // The last run may have sealed blobs under generations above the clock it made durable (reserved
+    // after its last commit, written, never committed). Reusing those numbers would let a copy of such
+    // a blob pass for a later save, so every start moves the clock far past them, durably, first.
+    if (raw) {
+      meta.clock += CLOCK_JUMP;
+      meta.seq += 1;
+      await ops.commit([], encodeMeta(meta, macKey));
+    }
     return { store: new GroupCommitStore(ops, macKey, meta, snapshotTable), table: meta.table };
   }
 
