@@ -100,8 +100,11 @@ describe('vtpm manager: console protocol (Xen 3.x hotplug bytes)', () => {
     await m.waitLog(/OPEN takes 7 or 24 parameter bytes, got 2/);
     // CLOSE of an instance nobody opened.
     expect(await rawConsole(m.runDir, hex('00000000 01c1 0000000e 01000002 00000063'))).toEqual(hex('00000000 01c4 0000000a 00000005'));
+    // A console lock left by a console user that died is broken, not waited on forever.
+    fs.writeFileSync(path.join(m.runDir, 'console.lock'), '4194303');
     const c = await client(m);
     expect((await c.open({ vmUuid: VM1, version: '2.0' })).created).toBe(true);
+    expect(fs.existsSync(path.join(m.runDir, 'console.lock'))).toBe(false);
   });
 });
 
