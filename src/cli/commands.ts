@@ -4,6 +4,7 @@ import { register as backend } from './backend.js';
 import { register as demo } from './demo.js';
 import { register as guest } from './guest.js';
 import { register as host } from './host.js';
+import { register as manager } from './manager.js';
 import { register as ringDemo } from './ring-demo.js';
 import { register as vtpmDomain } from './vtpm-domain.js';
 import { register as xenstored } from './xenstored.js';
@@ -15,6 +16,7 @@ const registrars: Register[] = [
   demo,
   guest,
   host,
+  manager,
   ringDemo,
   vtpmDomain,
   xenstored,

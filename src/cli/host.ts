@@ -4,6 +4,7 @@ import type { Command } from 'commander';
 import fs from 'node:fs';
 import { RunDir, alive, type HostInfo, type ProcessEntry } from './rundir.js';
 import { startDaemon, stopProcess, tailFile } from './spawn.js';
+import { engineEnv } from '../tpm/threadpool.js';
 
 export async function hostUp(runDir: string, stateDir: string, mode: 'single' | 'multi'): Promise<HostInfo> {
   const rd = new RunDir(runDir);
@@ -30,12 +31,16 @@ export async function hostUp(runDir: string, stateDir: string, mode: 'single' | 
       env,
     );
     started.push({ role: 'xenstored', domid: 0, pid: xs.pid, socket: h.xenstoredSocket });
-    const mgr = await startDaemon(['manager', '--state', h.stateDir, '--run', h.managerRunDir], rd.log('manager'), /vtpm-manager: ready/, env);
+    // libuv reads its pool size at start: the manager fsyncs a whole group commit in parallel there.
+    const mgr = await startDaemon(['manager', '--state', h.stateDir, '--run', h.managerRunDir], rd.log('manager'), /vtpm-manager: ready/, {
+      ...env,
+      UV_THREADPOOL_SIZE: '64',
+    });
     started.push({ role: 'manager', domid: 0, pid: mgr.pid, run: h.managerRunDir });
     h.processes = started;
     // The backend reads host.json to find the others.
     rd.writeHost(h);
-    const be = await startDaemon(['backend', '--run', rd.dir], rd.log('backend'), /vtpm-backend: ready/, env);
+    const be = await startDaemon(['backend', '--run', rd.dir], rd.log('backend'), /vtpm-backend: ready/, engineEnv({ ...process.env, ...env }));
     started.push({ role: 'backend', domid: 0, pid: be.pid, mode });
     h.processes = started;
     rd.writeHost(h);

@@ -1,0 +1,22 @@
+// `vtpm manager --state DIR --run DIR [--seal-to-tpm TCTI]`: the vTPM manager daemon in the foreground.
+import type { Command } from 'commander';
+import { ManagerDaemon } from '../manager/daemon.js';
+import { DEFAULT_SEAL_PCRS } from '../manager/seal.js';
+import { onStop } from './lifecycle.js';
+
+export function register(program: Command): void {
+  program
+    .command('manager')
+    .description('run the vTPM manager: VM table, sealed crash-safe vTPM state, Xen 3.x FIFO protocol')
+    .requiredOption('--state <dir>', 'state directory (master key, VM table, sealed blobs)')
+    .requiredOption('--run <dir>', 'run directory (from_console.fifo, to_console.fifo, rendezvous.fifo, clients/)')
+    .option('--seal-to-tpm <tcti>', 'seal the master key to PCRs of a host TPM (tpm2-tools TCTI, e.g. swtpm:host=127.0.0.1,port=2321)')
+    .option('--seal-pcrs <sel>', 'PCR selection the master key is sealed to', DEFAULT_SEAL_PCRS)
+    .action(async (o: { state: string; run: string; sealToTpm?: string; sealPcrs: string }) => {
+      if (!process.env.UV_THREADPOOL_SIZE)
+        process.stderr.write('vtpm-manager: UV_THREADPOOL_SIZE is unset: a group commit will run only 4 fdatasyncs at a time (scripts/vtpm sets 64)\n');
+      const d = await ManagerDaemon.start({ stateDir: o.state, runDir: o.run, sealToTpm: o.sealToTpm, sealPcrs: o.sealPcrs });
+      onStop(() => d.stop());
+      process.stderr.write('vtpm-manager: ready\n');
+    });
+}

@@ -1,0 +1,212 @@
+// ManagerClient: what the backend (single-VM mode) or a vTPM-domain process (multi-VM mode) uses to
+// talk to the manager. It attaches its own FIFO pair through the rendezvous, pipelines requests on it
+// (responses come back in request order), and takes the console pair for the privileged OPEN / CLOSE /
+// DELETE. It implements StateStore, so a vTPM engine can use it directly as its store.
+import crypto from 'node:crypto';
+import fs from 'node:fs';
+import type net from 'node:net';
+import type { StateKind, StateStore } from '../tpm/state-store.js';
+import { connectPair, consoleRequest, withConsoleLock, type FrameReader } from './fifo.js';
+import {
+  ANY_INSTANCE,
+  KIND_CODES,
+  Ord,
+  STATUS_NAMES,
+  Startup,
+  Status,
+  decodeOpenResult,
+  encodeInstanceParam,
+  encodeOpen,
+  encodeRequest,
+  ordinalName,
+  type Frame,
+  type TpmVersion,
+} from './wire.js';
+
+export class ManagerError extends Error {
+  constructor(
+    readonly code: 'STATUS' | 'DISCONNECTED' | 'PROTOCOL',
+    message: string,
+    /** The VTPM_* status the manager answered (code STATUS). */
+    readonly status?: number,
+  ) {
+    super(message);
+    this.name = 'ManagerError';
+  }
+}
+
+const SAVE: Record<StateKind, number> = { permanent: Ord.SAVENVM, volatile: Ord.SAVE_VOLATILE, savestate: Ord.SAVE_SAVESTATE };
+const LOAD: Record<StateKind, number> = { permanent: Ord.LOADNVM, volatile: Ord.LOAD_VOLATILE, savestate: Ord.LOAD_SAVESTATE };
+
+export interface ConnectOptions {
+  /** Names the FIFO pair (clients/NAME.req.fifo …); default: pid and random bytes. */
+  name?: string;
+  /** Restricts this client to one instance (a multi-VM vTPM domain); default: any (single-VM backend). */
+  bind?: number;
+  timeoutMs?: number;
+  /** Attach a new FIFO pair on the next request after the manager went away (default true). */
+  reconnect?: boolean;
+}
+
+export interface OpenOptions {
+  vmUuid: string;
+  version: TpmVersion;
+  /** Ask for a specific instance number; default: the table's (known VM) or the next free one. */
+  instance?: number;
+  /** Xen's startup mode (1 clear, 2 save, 3 deactivated); recorded in the table. */
+  startup?: number;
+  /** Xen's VTPM_TYPE_PVM 1 / HVM 2. */
+  vmType?: number;
+}
+
+interface Pending {
+  instance: number;
+  ordinal: number;
+  resolve: (f: Frame) => void;
+  reject: (e: Error) => void;
+}
+
+export class ManagerClient implements StateStore {
+  #pending: Pending[] = [];
+  #gone: Error | null = null;
+  #closedByUs = false;
+  #reader!: FrameReader;
+  #writer!: net.Socket;
+  #files: string[] = [];
+  #reconnecting: Promise<void> | null = null;
+  #generation = 0;
+
+  private constructor(
+    readonly runDir: string,
+    private readonly opts: ConnectOptions,
+  ) {}
+
+  static async connect(runDir: string, opts: ConnectOptions = {}): Promise<ManagerClient> {
+    const c = new ManagerClient(runDir, opts);
+    await c.#attach();
+    return c;
+  }
+
+  /** The name of the current FIFO pair (a new one after each reconnect). */
+  get name(): string {
+    return this.#name;
+  }
+  #name = '';
+
+  async #attach(): Promise<void> {
+    const base = this.opts.name ?? `c${process.pid}-${crypto.randomBytes(4).toString('hex')}`;
+    const name = this.#generation++ === 0 ? base : `${base}-r${this.#generation}`;
+    const pair = await connectPair(this.runDir, { name, bind: this.opts.bind ?? ANY_INSTANCE, timeoutMs: this.opts.timeoutMs });
+    const { reader, writer } = pair;
+    this.#name = name;
+    this.#reader = reader;
+    this.#writer = writer;
+    this.#files = pair.files;
+    this.#gone = null;
+    // Events of a previous pair arriving late must not tear down this one.
+    const current = (): boolean => this.#reader === reader;
+    reader.on('frame', (f) => current() && this.#onFrame(f));
+    reader.on('error', (e) => current() && this.#fail(new ManagerError('PROTOCOL', `bad response from the manager: ${e.message}`)));
+    reader.on('end', () => current() && this.#fail(new ManagerError('DISCONNECTED', 'the manager closed our response FIFO')));
+    writer.on('error', (e) => current() && this.#fail(new ManagerError('DISCONNECTED', `request FIFO: ${e.message}`)));
+  }
+
+  /**
+   * One request on our pair; resolves with the response frame whatever its status. Requests in flight
+   * when the manager goes away fail with DISCONNECTED (whether they took effect is unknown: a save can
+   * simply be repeated); the next request attaches a new pair, unless `reconnect: false`.
+   */
+  async request(instance: number, ordinal: number, params?: Uint8Array): Promise<Frame> {
+    if (this.#gone) {
+      if (this.#closedByUs || this.opts.reconnect === false) throw this.#gone;
+      this.#reconnecting ??= this.#attach().finally(() => (this.#reconnecting = null));
+      await this.#reconnecting;
+    }
+    return new Promise((resolve, reject) => {
+      this.#pending.push({ instance, ordinal, resolve, reject });
+      this.#writer.write(encodeRequest(instance, ordinal, params));
+    });
+  }
+
+  #onFrame(f: Frame): void {
+    const p = this.#pending.shift();
+    if (!p) return this.#fail(new ManagerError('PROTOCOL', `unsolicited response (status ${f.code}) from the manager`));
+    if (f.instance !== p.instance) return this.#fail(new ManagerError('PROTOCOL', `response for instance ${f.instance} to a request for ${p.instance}`));
+    p.resolve(f);
+  }
+
+  #fail(e: Error): void {
+    if (this.#gone) return;
+    this.#gone = e;
+    for (const p of this.#pending.splice(0)) p.reject(e);
+    this.#reader.close();
+    this.#writer.destroy();
+    // The manager removes them when it sees us go; if it died first, nobody else will.
+    for (const f of this.#files) fs.rmSync(f, { force: true });
+  }
+
+  async #call(instance: number, ordinal: number, params?: Uint8Array): Promise<Uint8Array> {
+    const f = await this.request(instance, ordinal, params);
+    if (f.code !== Status.SUCCESS) throw statusError(ordinal, instance, f.code);
+    return f.params;
+  }
+
+  // ---- StateStore ------------------------------------------------------------------------
+
+  async load(instance: number, kind: StateKind): Promise<Uint8Array | null> {
+    const data = await this.#call(instance, LOAD[kind]);
+    return data.length === 0 ? null : data;
+  }
+
+  async store(instance: number, kind: StateKind, blob: Uint8Array): Promise<void> {
+    await this.#call(instance, SAVE[kind], blob);
+  }
+
+  /**
+   * With a kind: removes that blob (StateStore.delete). Without: DELETE on the console, which drops
+   * the VM's table entry and all its state.
+   */
+  async delete(instance: number, kind?: StateKind): Promise<void> {
+    if (kind === undefined) {
+      await this.#console(instance, Ord.DELETE, encodeInstanceParam(instance));
+      return;
+    }
+    await this.#call(instance, Ord.DELETE_STATE, Uint8Array.of(KIND_CODES[kind]));
+  }
+
+  // ---- console ---------------------------------------------------------------------------
+
+  /** OPEN: no table entry → a new vTPM (created = true); an entry → resume it. */
+  async open(o: OpenOptions): Promise<{ instance: number; created: boolean }> {
+    const params = encodeOpen({
+      migType: 0,
+      startup: o.startup ?? Startup.CLEAR,
+      vmType: o.vmType ?? 1,
+      instance: o.instance ?? 0,
+      vmUuid: o.vmUuid.toLowerCase(),
+      version: o.version,
+    });
+    return decodeOpenResult(await this.#console(0, Ord.OPEN, params));
+  }
+
+  /** CLOSE: the instance stays in the table (resumable); its state can no longer be saved. */
+  async close(instance: number): Promise<void> {
+    await this.#console(instance, Ord.CLOSE, encodeInstanceParam(instance));
+  }
+
+  async #console(instance: number, ordinal: number, params: Uint8Array): Promise<Uint8Array> {
+    const f = await withConsoleLock(this.runDir, () => consoleRequest(this.runDir, encodeRequest(0, ordinal, params)));
+    if (f.code !== Status.SUCCESS) throw statusError(ordinal, instance, f.code);
+    return f.params;
+  }
+
+  /** Drops our FIFO pair; the manager removes its files when it sees the end of our requests. */
+  disconnect(): void {
+    this.#closedByUs = true;
+    this.#fail(new ManagerError('DISCONNECTED', 'client disconnected'));
+  }
+}
+
+function statusError(ordinal: number, instance: number, status: number): ManagerError {
+  return new ManagerError('STATUS', `${ordinalName(ordinal)} on instance ${instance}: ${STATUS_NAMES[status] ?? `status ${status}`}`, status);
+}

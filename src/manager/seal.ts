@@ -1,0 +1,242 @@
+// Keys and blob protection. The master key never leaves the manager: it is kept in a 0600 file, or
+// sealed to PCRs of a host TPM through tpm2-tools. Each vTPM instance gets its own key derived from it
+// (HKDF-SHA256, bound to instance id and VM uuid); every blob is AES-256-GCM encrypted with an AAD
+// naming instance, VM uuid, blob kind and generation, so a blob cannot be decrypted as another
+// instance's, another kind, or an older generation (rollback), and any edited byte fails the tag.
+import crypto from 'node:crypto';
+import fs from 'node:fs';
+import os from 'node:os';
+import path from 'node:path';
+import { execFileSync } from 'node:child_process';
+import type { StateKind } from '../tpm/state-store.js';
+import { KIND_CODES, bytesToUuid, uuidToBytes } from './wire.js';
+
+export const KEY_BYTES = 32;
+const IV_BYTES = 12;
+const TAG_BYTES = 16;
+const MAGIC = Buffer.from('VTPMSEAL', 'ascii');
+const FORMAT = 1;
+/** magic 8 | format u8 | kind u8 | instance u32 | uuid 16 | generation u64 — also the AAD. */
+const HEADER_BYTES = 8 + 1 + 1 + 4 + 16 + 8;
+const HKDF_SALT = Buffer.from('vtpm-split manager v1', 'ascii');
+
+export const MASTER_KEY_FILE = 'master.key';
+export const SEALED_PUB = 'master.tpm.pub';
+export const SEALED_PRIV = 'master.tpm.priv';
+export const SEALED_INFO = 'master.tpm.json';
+
+export type SealErrorCode = 'TAMPERED' | 'WRONG_OWNER' | 'ROLLBACK' | 'BAD_FORMAT' | 'KEY_FILE' | 'TPM';
+
+export class SealError extends Error {
+  constructor(
+    readonly code: SealErrorCode,
+    message: string,
+  ) {
+    super(message);
+    this.name = 'SealError';
+  }
+}
+
+export interface BlobContext {
+  instance: number;
+  vmUuid: string;
+  kind: StateKind;
+  /** Monotonic per (instance, kind); the manager's metadata holds the one expected on load. */
+  generation: number;
+}
+
+function header(ctx: BlobContext): Buffer {
+  const h = Buffer.alloc(HEADER_BYTES);
+  MAGIC.copy(h, 0);
+  h.writeUInt8(FORMAT, 8);
+  h.writeUInt8(KIND_CODES[ctx.kind], 9);
+  h.writeUInt32BE(ctx.instance >>> 0, 10);
+  uuidToBytes(ctx.vmUuid).copy(h, 14);
+  h.writeBigUInt64BE(BigInt(ctx.generation), 30);
+  return h;
+}
+
+export class Sealer {
+  readonly #master: Buffer;
+  readonly #keys = new Map<string, Buffer>();
+
+  constructor(master: Uint8Array) {
+    if (master.length !== KEY_BYTES) throw new SealError('KEY_FILE', `master key must be ${KEY_BYTES} bytes, got ${master.length}`);
+    this.#master = Buffer.from(master);
+  }
+
+  /** HKDF-SHA256(master, info = "instance" | instance u32 | uuid): one key per vTPM. */
+  instanceKey(instance: number, vmUuid: string): Buffer {
+    const id = `${instance}/${vmUuid}`;
+    let k = this.#keys.get(id);
+    if (!k) {
+      const info = Buffer.alloc(8 + 4 + 16);
+      info.write('instance', 0, 'ascii');
+      info.writeUInt32BE(instance >>> 0, 8);
+      uuidToBytes(vmUuid).copy(info, 12);
+      k = Buffer.from(crypto.hkdfSync('sha256', this.#master, HKDF_SALT, info, KEY_BYTES));
+      this.#keys.set(id, k);
+    }
+    return k;
+  }
+
+  /** Key that authenticates the manager's own metadata (VM table and expected generations). */
+  metaKey(): Buffer {
+    return Buffer.from(crypto.hkdfSync('sha256', this.#master, HKDF_SALT, Buffer.from('metadata', 'ascii'), KEY_BYTES));
+  }
+
+  seal(ctx: BlobContext, data: Uint8Array): Buffer {
+    const h = header(ctx);
+    const iv = crypto.randomBytes(IV_BYTES);
+    const c = crypto.createCipheriv('aes-256-gcm', this.instanceKey(ctx.instance, ctx.vmUuid), iv);
+    c.setAAD(h);
+    const body = Buffer.concat([c.update(data), c.final()]);
+    return Buffer.concat([h, iv, c.getAuthTag(), body]);
+  }
+
+  /** Decrypts a blob that must belong to `expected`; the reason of a refusal names what did not match. */
+  open(expected: BlobContext, envelope: Uint8Array): Buffer {
+    const e = Buffer.from(envelope.buffer, envelope.byteOffset, envelope.length);
+    if (e.length < HEADER_BYTES + IV_BYTES + TAG_BYTES || !e.subarray(0, 8).equals(MAGIC) || e[8] !== FORMAT)
+      throw new SealError('BAD_FORMAT', `not a sealed vTPM blob (${e.length} bytes)`);
+    const instance = e.readUInt32BE(10);
+    const uuid = bytesToUuid(e.subarray(14, 30));
+    const kindCode = e[9]!;
+    const generation = Number(e.readBigUInt64BE(30));
+    if (instance !== expected.instance || uuid !== expected.vmUuid || kindCode !== KIND_CODES[expected.kind])
+      throw new SealError(
+        'WRONG_OWNER',
+        `blob belongs to instance ${instance} (vm ${uuid}, kind code ${kindCode}), not instance ${expected.instance} (vm ${expected.vmUuid}, ${expected.kind})`,
+      );
+    if (generation !== expected.generation)
+      throw new SealError('ROLLBACK', `blob generation ${generation} but the manager expects ${expected.generation}`);
+    // The AAD is rebuilt from what we expect, not taken from the file: an edited header fails the tag.
+    const d = crypto.createDecipheriv('aes-256-gcm', this.instanceKey(expected.instance, expected.vmUuid), e.subarray(HEADER_BYTES, HEADER_BYTES + IV_BYTES));
+    d.setAAD(header(expected));
+    d.setAuthTag(e.subarray(HEADER_BYTES + IV_BYTES, HEADER_BYTES + IV_BYTES + TAG_BYTES));
+    try {
+      return Buffer.concat([d.update(e.subarray(HEADER_BYTES + IV_BYTES + TAG_BYTES)), d.final()]);
+    } catch {
+      throw new SealError('TAMPERED', `authentication failed for instance ${expected.instance} ${expected.kind} generation ${expected.generation}`);
+    }
+  }
+}
+
+// ---- master key ------------------------------------------------------------------------------
+
+function fsyncDir(dir: string): void {
+  const fd = fs.openSync(dir, fs.constants.O_RDONLY | fs.constants.O_DIRECTORY);
+  try {
+    fs.fsyncSync(fd);
+  } finally {
+    fs.closeSync(fd);
+  }
+}
+
+/** Writes a new file durably (O_EXCL: a racing manager cannot overwrite a key already in use). */
+function createDurable(file: string, data: Uint8Array): void {
+  const fd = fs.openSync(file, fs.constants.O_WRONLY | fs.constants.O_CREAT | fs.constants.O_EXCL, 0o600);
+  try {
+    fs.writeSync(fd, data);
+    fs.fsyncSync(fd);
+  } finally {
+    fs.closeSync(fd);
+  }
+  fsyncDir(path.dirname(file));
+}
+
+/** The 0600 key file, created at first start. A file readable by others is refused, as ssh does. */
+export function loadKeyFile(stateDir: string): { key: Buffer; created: boolean } {
+  const file = path.join(stateDir, MASTER_KEY_FILE);
+  if (!fs.existsSync(file)) {
+    const key = crypto.randomBytes(KEY_BYTES);
+    createDurable(file, key);
+    return { key, created: true };
+  }
+  const st = fs.statSync(file);
+  if ((st.mode & 0o077) !== 0) throw new SealError('KEY_FILE', `${file} has mode ${(st.mode & 0o777).toString(8)}; it must be 0600`);
+  const key = fs.readFileSync(file);
+  if (key.length !== KEY_BYTES) throw new SealError('KEY_FILE', `${file} holds ${key.length} bytes, expected ${KEY_BYTES}`);
+  return { key, created: false };
+}
+
+export interface TpmSealOptions {
+  /** A tpm2-tools TCTI string, e.g. "swtpm:host=127.0.0.1,port=2321" or "device:/dev/tpmrm0". */
+  tcti: string;
+  /** PCR selection the key is sealed to, tpm2-tools syntax. */
+  pcrs: string;
+}
+
+export const DEFAULT_SEAL_PCRS = 'sha256:0,1,2,3,4,5,6,7';
+
+function tpm2(tool: string, args: string[], tcti: string, cwd: string, input?: Uint8Array): Buffer {
+  try {
+    const out = execFileSync(tool, args, {
+      cwd,
+      input,
+      env: { ...process.env, TPM2TOOLS_TCTI: tcti },
+      stdio: ['pipe', 'pipe', 'pipe'],
+      timeout: 60_000,
+    });
+    // Without a resource manager (a bare TPM, swtpm socket) every object a tool loads stays loaded
+    // after it exits, and the TPM holds only a few: flush transients after each step (the tools keep
+    // what later steps need in saved-context files).
+    if (tool !== 'tpm2_flushcontext') execFileSync('tpm2_flushcontext', ['-t'], { cwd, env: { ...process.env, TPM2TOOLS_TCTI: tcti }, stdio: 'pipe', timeout: 60_000 });
+    return out;
+  } catch (err) {
+    const e = err as { stderr?: Buffer; message: string };
+    const why = e.stderr?.toString().trim().split('\n').slice(-2).join(' / ') || e.message;
+    throw new SealError('TPM', `${tool} failed: ${why}`);
+  }
+}
+
+/** The storage primary under the owner hierarchy: same template, same seed, same key, every time. */
+function createPrimary(tcti: string, dir: string): void {
+  tpm2('tpm2_createprimary', ['-C', 'o', '-g', 'sha256', '-G', 'ecc', '-c', 'primary.ctx'], tcti, dir);
+}
+
+/**
+ * The master key sealed to PCRs of a host TPM. First start: a fresh random key becomes a sealed-data
+ * object under the owner storage primary whose policy is PolicyPCR over the current PCR values (no
+ * userWithAuth, so only that policy unseals it); later starts load and unseal it, which fails once
+ * those PCRs have changed.
+ */
+export function loadTpmSealedKey(stateDir: string, opts: TpmSealOptions): { key: Buffer; created: boolean } {
+  const pub = path.join(stateDir, SEALED_PUB);
+  const priv = path.join(stateDir, SEALED_PRIV);
+  const info = path.join(stateDir, SEALED_INFO);
+  const work = fs.mkdtempSync(path.join(os.tmpdir(), 'vtpm-seal-'));
+  const flush = (): void => void tpm2('tpm2_flushcontext', ['-t'], opts.tcti, work);
+  try {
+    flush();
+    createPrimary(opts.tcti, work);
+    if (!fs.existsSync(pub) || !fs.existsSync(priv)) {
+      const key = crypto.randomBytes(KEY_BYTES);
+      tpm2('tpm2_createpolicy', ['--policy-pcr', '-l', opts.pcrs, '-L', 'policy.dgst'], opts.tcti, work);
+      tpm2(
+        'tpm2_create',
+        ['-C', 'primary.ctx', '-g', 'sha256', '-L', 'policy.dgst', '-a', 'fixedtpm|fixedparent|noda', '-i', '-', '-u', 'seal.pub', '-r', 'seal.priv'],
+        opts.tcti,
+        work,
+        key,
+      );
+      createDurable(info, Buffer.from(JSON.stringify({ pcrs: opts.pcrs }) + '\n'));
+      createDurable(priv, fs.readFileSync(path.join(work, 'seal.priv')));
+      createDurable(pub, fs.readFileSync(path.join(work, 'seal.pub')));
+      return { key, created: true };
+    }
+    const pcrs = fs.existsSync(info) ? (JSON.parse(fs.readFileSync(info, 'utf8')) as { pcrs: string }).pcrs : opts.pcrs;
+    tpm2('tpm2_load', ['-C', 'primary.ctx', '-u', pub, '-r', priv, '-c', 'seal.ctx'], opts.tcti, work);
+    tpm2('tpm2_unseal', ['-c', 'seal.ctx', '-p', `pcr:${pcrs}`, '-o', 'key.bin'], opts.tcti, work);
+    const key = fs.readFileSync(path.join(work, 'key.bin'));
+    if (key.length !== KEY_BYTES) throw new SealError('TPM', `unsealed ${key.length} bytes, expected ${KEY_BYTES}`);
+    return { key, created: false };
+  } finally {
+    try {
+      flush();
+    } catch {
+      // the result (or the first error) matters more than a failed clean-up
+    }
+    fs.rmSync(work, { recursive: true, force: true });
+  }
+}

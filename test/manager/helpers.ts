@@ -1,0 +1,66 @@
+// Spawns the real manager (`node dist/src/cli/main.js manager`) and collects its log lines.
+import { spawn, type ChildProcess } from 'node:child_process';
+import fs from 'node:fs';
+import os from 'node:os';
+import path from 'node:path';
+import { fileURLToPath } from 'node:url';
+
+export const ROOT = path.join(path.dirname(fileURLToPath(import.meta.url)), '..', '..');
+export const CLI = path.join(ROOT, 'dist/src/cli/main.js');
+export const DIST_MANAGER = path.join(ROOT, 'dist/src/manager');
+
+export function tempDir(tag: string): string {
+  return fs.mkdtempSync(path.join(os.tmpdir(), `vtpm-${tag}-`));
+}
+
+export interface RunningManager {
+  proc: ChildProcess;
+  log: string[];
+  stateDir: string;
+  runDir: string;
+  /** Resolves with the first log line matching re (already seen lines count). */
+  waitLog(re: RegExp, timeoutMs?: number): Promise<string>;
+  stop(signal?: NodeJS.Signals): Promise<number | null>;
+}
+
+export async function startManager(stateDir: string, runDir: string, extra: string[] = []): Promise<RunningManager> {
+  const proc = spawn(process.execPath, [CLI, 'manager', '--state', stateDir, '--run', runDir, ...extra], {
+    stdio: ['ignore', 'ignore', 'pipe'],
+    env: { ...process.env, UV_THREADPOOL_SIZE: '64' }, // what scripts/vtpm sets
+  });
+  const log: string[] = [];
+  const waiters: Array<{ re: RegExp; resolve: (l: string) => void }> = [];
+  let buf = '';
+  proc.stderr!.on('data', (d: Buffer) => {
+    buf += d.toString();
+    let i;
+    while ((i = buf.indexOf('\n')) >= 0) {
+      const line = buf.slice(0, i);
+      buf = buf.slice(i + 1);
+      log.push(line);
+      for (const w of [...waiters]) if (w.re.test(line)) (waiters.splice(waiters.indexOf(w), 1), w.resolve(line));
+    }
+  });
+  const exited = new Promise<number | null>((r) => proc.on('exit', (code) => r(code)));
+  const m: RunningManager = {
+    proc,
+    log,
+    stateDir,
+    runDir,
+    waitLog(re, timeoutMs = 20_000) {
+      const seen = log.find((l) => re.test(l));
+      if (seen) return Promise.resolve(seen);
+      return new Promise((resolve, reject) => {
+        const t = setTimeout(() => reject(new Error(`no log line ${re} within ${timeoutMs} ms; log:\n${log.join('\n')}`)), timeoutMs);
+        waiters.push({ re, resolve: (l) => (clearTimeout(t), resolve(l)) });
+        void exited.then(() => reject(new Error(`manager exited before logging ${re}; log:\n${log.join('\n')}`)));
+      });
+    },
+    async stop(signal = 'SIGTERM') {
+      if (proc.exitCode === null && proc.signalCode === null) proc.kill(signal);
+      return exited;
+    },
+  };
+  await m.waitLog(/ready$/);
+  return m;
+}

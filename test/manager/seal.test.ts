@@ -1,0 +1,160 @@
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { execFileSync, spawn, spawnSync, type ChildProcess } from 'node:child_process';
+import crypto from 'node:crypto';
+import fs from 'node:fs';
+import net from 'node:net';
+import path from 'node:path';
+import { MASTER_KEY_FILE, SealError, Sealer, loadKeyFile, loadTpmSealedKey } from '../../src/manager/seal.js';
+import { ManagerClient } from '../../src/manager/client.js';
+import { CLI, startManager, tempDir } from './helpers.js';
+
+const A = '11111111-1111-4111-8111-111111111111';
+const B = '22222222-2222-4222-8222-222222222222';
+
+describe('blob sealing (AES-256-GCM, per-instance key, bound AAD)', () => {
+  const s = new Sealer(crypto.randomBytes(32));
+  const ctx = { instance: 3, vmUuid: A, kind: 'permanent' as const, generation: 17 };
+  const data = crypto.randomBytes(5000);
+  const sealed = s.seal(ctx, data);
+
+  const refusal = (fn: () => unknown): string => {
+    try {
+      fn();
+    } catch (e) {
+      expect(e).toBeInstanceOf(SealError);
+      return (e as SealError).code;
+    }
+    throw new Error('accepted');
+  };
+
+  it('opens what it sealed, and the ciphertext does not contain the plaintext', () => {
+    expect(s.open(ctx, sealed)).toEqual(data);
+    expect(sealed.includes(data.subarray(0, 32))).toBe(false);
+  });
+
+  it('refuses the blob for another instance, VM, or kind', () => {
+    expect(refusal(() => s.open({ ...ctx, instance: 4 }, sealed))).toBe('WRONG_OWNER');
+    expect(refusal(() => s.open({ ...ctx, vmUuid: B }, sealed))).toBe('WRONG_OWNER');
+    expect(refusal(() => s.open({ ...ctx, kind: 'volatile' }, sealed))).toBe('WRONG_OWNER');
+  });
+
+  it('refuses an older generation (rollback)', () => {
+    const older = s.seal({ ...ctx, generation: 16 }, data);
+    expect(refusal(() => s.open(ctx, older))).toBe('ROLLBACK');
+  });
+
+  it('refuses a header rewritten to claim another owner: the tag covers it', () => {
+    const other = s.seal({ ...ctx, instance: 9 }, data);
+    const forged = Buffer.from(other);
+    forged.writeUInt32BE(3, 10); // claim instance 3
+    expect(refusal(() => s.open(ctx, forged))).toBe('TAMPERED');
+  });
+
+  it('refuses any flipped byte', () => {
+    for (const at of [40, 60, sealed.length - 1]) {
+      const t = Buffer.from(sealed);
+      t[at]! ^= 0x01;
+      expect(refusal(() => s.open(ctx, t))).toBe('TAMPERED');
+    }
+    expect(refusal(() => s.open(ctx, sealed.subarray(0, 20)))).toBe('BAD_FORMAT');
+  });
+
+  it('derives different keys per instance and per VM', () => {
+    expect(s.instanceKey(1, A).equals(s.instanceKey(2, A))).toBe(false);
+    expect(s.instanceKey(1, A).equals(s.instanceKey(1, B))).toBe(false);
+  });
+});
+
+describe('master key file', () => {
+  it('is created 0600 at first start and read back after', () => {
+    const d = tempDir('key');
+    const a = loadKeyFile(d);
+    expect(a.created).toBe(true);
+    expect(fs.statSync(path.join(d, MASTER_KEY_FILE)).mode & 0o777).toBe(0o600);
+    const b = loadKeyFile(d);
+    expect(b.created).toBe(false);
+    expect(b.key.equals(a.key)).toBe(true);
+  });
+
+  it('is refused when others can read it', () => {
+    const d = tempDir('key');
+    loadKeyFile(d);
+    fs.chmodSync(path.join(d, MASTER_KEY_FILE), 0o644);
+    expect(() => loadKeyFile(d)).toThrow(/must be 0600/);
+  });
+});
+
+async function freePort(): Promise<number> {
+  return new Promise((resolve) => {
+    const s = net.createServer().listen(0, '127.0.0.1', () => {
+      const p = (s.address() as net.AddressInfo).port;
+      s.close(() => resolve(p));
+    });
+  });
+}
+
+describe('master key sealed to PCRs of a host TPM (swtpm playing the host TPM)', () => {
+  let swtpm: ChildProcess;
+  let tcti: string;
+
+  beforeAll(async () => {
+    const dir = tempDir('hosttpm');
+    let port = await freePort();
+    while (port > 65000) port = await freePort();
+    swtpm = spawn('swtpm', ['socket', '--tpm2', '--server', `type=tcp,port=${port},bindaddr=127.0.0.1`, '--ctrl', `type=tcp,port=${port + 1},bindaddr=127.0.0.1`, '--tpmstate', `dir=${dir}`, '--flags', 'not-need-init,startup-clear'], { stdio: 'ignore' });
+    // The libtss2-tcti-swtpm of Debian 12 (tpm2-tss 3.2) takes host/port only, not path=.
+    tcti = `swtpm:host=127.0.0.1,port=${port}`;
+    for (let i = 0; i < 100; i++) {
+      const ok = await new Promise<boolean>((r) => {
+        const c = net.connect(port, '127.0.0.1', () => (c.destroy(), r(true))).on('error', () => r(false));
+      });
+      if (ok) return;
+      await new Promise((r) => setTimeout(r, 50));
+    }
+    throw new Error('swtpm did not start');
+  });
+
+  afterAll(() => {
+    swtpm?.kill();
+  });
+
+  it('unseals the same key while the PCRs hold, and refuses once a PCR is extended', () => {
+    const d = tempDir('sealed');
+    const opts = { tcti, pcrs: 'sha256:0,7' };
+    const a = loadTpmSealedKey(d, opts);
+    expect(a.created).toBe(true);
+    expect(fs.existsSync(path.join(d, MASTER_KEY_FILE))).toBe(false);
+    const sealedPriv = fs.readFileSync(path.join(d, 'master.tpm.priv'));
+    expect(sealedPriv.includes(a.key)).toBe(false);
+    const b = loadTpmSealedKey(d, opts);
+    expect(b.created).toBe(false);
+    expect(b.key.equals(a.key)).toBe(true);
+    execFileSync('tpm2_pcrextend', [`7:sha256=${'00'.repeat(31)}01`], { env: { ...process.env, TPM2TOOLS_TCTI: tcti }, stdio: 'pipe' });
+    expect(() => loadTpmSealedKey(d, opts)).toThrow(/tpm2_unseal failed.*policy check failed/);
+  });
+
+  it('vtpm manager --seal-to-tpm keeps no key file, resumes with the PCRs unchanged, refuses to start after', async () => {
+    const stateDir = tempDir('sealed-state');
+    const runDir = tempDir('sealed-run');
+    const uuid = '5ea1ed00-0000-4000-8000-000000000001';
+    let m = await startManager(stateDir, runDir, ['--seal-to-tpm', tcti, '--seal-pcrs', 'sha256:1,2']);
+    let c = await ManagerClient.connect(runDir);
+    const { instance } = await c.open({ vmUuid: uuid, version: '2.0' });
+    await c.store(instance, 'permanent', Buffer.from('sealed by the host TPM'));
+    c.disconnect();
+    expect(await m.stop()).toBe(0);
+    expect(fs.readdirSync(stateDir)).not.toContain(MASTER_KEY_FILE);
+
+    m = await startManager(stateDir, runDir, ['--seal-to-tpm', tcti]);
+    c = await ManagerClient.connect(runDir);
+    expect(await c.open({ vmUuid: uuid, version: '2.0' })).toEqual({ instance, created: false });
+    expect(Buffer.from((await c.load(instance, 'permanent'))!).toString()).toBe('sealed by the host TPM');
+    c.disconnect();
+    expect(await m.stop()).toBe(0);
+
+    execFileSync('tpm2_pcrextend', [`2:sha256=${'11'.repeat(32)}`], { env: { ...process.env, TPM2TOOLS_TCTI: tcti }, stdio: 'pipe' });
+    const r = spawnSync(process.execPath, [CLI, 'manager', '--state', stateDir, '--run', runDir, '--seal-to-tpm', tcti], { encoding: 'utf8', timeout: 60_000 });
+    expect(r.status).toBe(1);
+    expect(r.stderr).toMatch(/tpm2_unseal failed/);
+  });
+});

@@ -1,0 +1,130 @@
+import { describe, expect, it } from 'vitest';
+import fc from 'fast-check';
+import {
+  FrameDecoder,
+  MAX_PARAMS,
+  Ord,
+  Status,
+  TAG_REQ,
+  TAG_RSP,
+  WireError,
+  decodeConnect,
+  decodeOpen,
+  encodeConnect,
+  encodeOpen,
+  encodeRequest,
+  encodeResponse,
+} from '../../src/manager/wire.js';
+
+const hex = (s: string): Buffer => Buffer.from(s.replace(/\s+/g, ''), 'hex');
+
+describe('Xen 3.x manager framing', () => {
+  it('encodes the OPEN a Xen hotplug script writes, byte for byte', () => {
+    // vtpm-impl: 00000000 01C1 00000011 01000001 01 01 <vmtype> <inst32>
+    const f = encodeRequest(0, Ord.OPEN, encodeOpen({ migType: 1, startup: 1, vmType: 1, instance: 5, vmUuid: null, version: null }));
+    expect(f).toEqual(hex('00000000 01c1 00000011 01000001 01 01 01 00000005'));
+  });
+
+  it('encodes CLOSE and a response with the status in place of the ordinal', () => {
+    expect(encodeRequest(0, Ord.CLOSE, hex('00000007'))).toEqual(hex('00000000 01c1 0000000e 01000002 00000007'));
+    expect(encodeResponse(7, Status.FORBIDDEN)).toEqual(hex('00000007 01c4 0000000a 00000003'));
+  });
+
+  it('appends uuid and TPM version to our OPEN and reads both forms back', () => {
+    const p = { migType: 0, startup: 2, vmType: 2, instance: 0, vmUuid: '0a1b2c3d-4e5f-4a6b-8c7d-8e9fa0b1c2d3', version: '2.0' as const };
+    const b = encodeOpen(p);
+    expect(b).toEqual(hex('00 02 02 00000000 0a1b2c3d4e5f4a6b8c7d8e9fa0b1c2d3 02'));
+    expect(decodeOpen(b)).toEqual(p);
+    expect(decodeOpen(hex('01 01 01 00000009'))).toEqual({ migType: 1, startup: 1, vmType: 1, instance: 9, vmUuid: null, version: null });
+    expect(() => decodeOpen(hex('01 01'))).toThrow(WireError);
+  });
+
+  it('decodes frames split at every byte and glued together', () => {
+    const a = encodeRequest(3, Ord.SAVENVM, hex('deadbeef'));
+    const b = encodeRequest(4, Ord.LOADNVM);
+    const d = new FrameDecoder([TAG_REQ]);
+    const out = [];
+    for (const byte of Buffer.concat([a, b])) out.push(...d.push(Uint8Array.of(byte)));
+    expect(out.map((f) => ({ ...f, params: Buffer.from(f.params).toString('hex') }))).toEqual([
+      { instance: 3, tag: TAG_REQ, code: Ord.SAVENVM, params: 'deadbeef' },
+      { instance: 4, tag: TAG_REQ, code: Ord.LOADNVM, params: '' },
+    ]);
+    expect(d.idle).toBe(true);
+  });
+
+  it('rejects a bad tag, a size below the header and an oversized frame before allocating', () => {
+    const bad = (bytes: Buffer, code: string): void => {
+      const d = new FrameDecoder([TAG_REQ]);
+      try {
+        d.push(bytes);
+        expect.unreachable();
+      } catch (e) {
+        expect(e).toBeInstanceOf(WireError);
+        expect((e as WireError).code).toBe(code);
+        expect((e as WireError).status).toBe(Status.INVALID_REQUEST);
+      }
+      expect(d.failed).toBe(true);
+    };
+    bad(hex('00000001 01c4 0000000a 00000001'), 'BAD_TAG');
+    bad(hex('00000001 01c1 00000009 00000001'), 'BAD_SIZE');
+    const huge = Buffer.alloc(14);
+    huge.writeUInt16BE(TAG_REQ, 4);
+    huge.writeUInt32BE(MAX_PARAMS + 11, 6);
+    bad(huge, 'TOO_LARGE');
+  });
+
+  it('CONNECT names only safe FIFO names', () => {
+    const b = encodeConnect({ bind: 0xffffffff, pid: 42, name: 'be-1' });
+    expect(b).toEqual(hex('ffffffff 0000002a 04 62652d31'));
+    expect(decodeConnect(b)).toEqual({ bind: 0xffffffff, pid: 42, name: 'be-1' });
+    expect(() => decodeConnect(Buffer.concat([hex('00000000 00000001 05'), Buffer.from('../..')]))).toThrow(WireError);
+  });
+});
+
+describe('frame decoder fuzzing', () => {
+  it('any bytes in any chunking: frames or one WireError, nothing else', () => {
+    fc.assert(
+      fc.property(fc.uint8Array({ maxLength: 300 }), fc.array(fc.nat(40), { maxLength: 20 }), (bytes, cuts) => {
+        const d = new FrameDecoder([TAG_REQ, TAG_RSP], 64);
+        let off = 0;
+        try {
+          for (const c of [...cuts, bytes.length]) {
+            d.push(bytes.subarray(off, off + c));
+            off += c;
+            if (off >= bytes.length) break;
+          }
+        } catch (e) {
+          expect(e).toBeInstanceOf(WireError);
+          expect(d.failed).toBe(true);
+        }
+      }),
+      { numRuns: 3000 },
+    );
+  });
+
+  it('round-trips any frame sequence under any chunking', () => {
+    const frame = fc.record({
+      instance: fc.nat(),
+      code: fc.nat(),
+      params: fc.uint8Array({ maxLength: 100 }),
+    });
+    fc.assert(
+      fc.property(fc.array(frame, { maxLength: 8 }), fc.array(fc.integer({ min: 1, max: 50 }), { minLength: 1, maxLength: 10 }), (frames, cuts) => {
+        const wire = Buffer.concat(frames.map((f) => encodeRequest(f.instance, f.code, f.params)));
+        const d = new FrameDecoder([TAG_REQ]);
+        const out = [];
+        let off = 0;
+        for (let i = 0; off < wire.length; i++) {
+          const n = cuts[i % cuts.length]!;
+          out.push(...d.push(wire.subarray(off, off + n)));
+          off += n;
+        }
+        expect(out.map((f) => ({ instance: f.instance, code: f.code, params: Buffer.from(f.params) }))).toEqual(
+          frames.map((f) => ({ instance: f.instance, code: f.code, params: Buffer.from(f.params) })),
+        );
+        expect(d.idle).toBe(true);
+      }),
+      { numRuns: 500 },
+    );
+  });
+});
