@@ -44,7 +44,16 @@ async function guestScenario(domid: number, port: number, tampered: boolean, wor
   const dir = join(work, `dom${domid}`);
   fs.mkdirSync(dir, { recursive: true });
   const f = (n: string): string => join(dir, n);
-  const tpm = (tool: string, ...args: string[]): Promise<{ stdout: string; stderr: string }> => run(`tpm2_${tool}`, args, { env });
+  // No resource manager sits between tpm2-tools and the vTPM (as with swtpm), so each step flushes
+  // the transient objects and sessions it leaves behind: a TPM holds only three.
+  const tpm = async (tool: string, ...args: string[]): Promise<{ stdout: string; stderr: string }> => {
+    const out = await run(`tpm2_${tool}`, args, { env });
+    if (tool !== 'flushcontext' && tool !== 'startup' && tool !== 'pcrextend' && tool !== 'pcrread') {
+      await run('tpm2_flushcontext', ['-t'], { env });
+      await run('tpm2_flushcontext', ['-s'], { env });
+    }
+    return out;
+  };
   await tpm('startup', '-c');
   // Measured boot: each stage is hashed and extended into PCR 8 before it runs.
   for (const s of STAGES) {
@@ -67,6 +76,8 @@ async function guestScenario(domid: number, port: number, tampered: boolean, wor
     unsealed = fs.readFileSync(f('unsealed.key')).equals(diskKey);
   } catch {
     unsealed = false; // PolicyPCR does not match: the TPM refuses
+    await run('tpm2_flushcontext', ['-t'], { env });
+    await run('tpm2_flushcontext', ['-s'], { env });
   }
   // Attestation: a restricted signing key quotes PCR 8 over a fresh nonce; verify with its public key.
   await tpm('createprimary', '-C', 'o', '-g', 'sha256', '-G', 'ecc256:ecdsa-sha256:null', '-a',
