@@ -57,10 +57,12 @@ export async function hostDown(runDir: string): Promise<void> {
   const h = rd.readHost();
   // Guests first (they close their devices), then the backend (it answers in-flight commands and saves
   // its vTPMs), then the manager, then xenstored.
-  for (const g of rd.guests()) {
-    await stopProcess(g.pid, 10_000);
-    rd.removeGuest(g.domid);
-  }
+  await Promise.all(
+    rd.guests().map(async (g) => {
+      await stopProcess(g.pid, 10_000);
+      rd.removeGuest(g.domid);
+    }),
+  );
   const order: ProcessEntry['role'][] = ['backend', 'manager', 'xenstored'];
   for (const role of order) {
     for (const p of h.processes.filter((q) => q.role === role)) {
