@@ -17,6 +17,7 @@ import {
   writeDeviceDirectories,
 } from '../xenstore/xenbus.js';
 import { TpmFront, type Protocol } from '../frontend/tpmfront.js';
+import { MISBEHAVIOURS, misbehave, type Misbehaviour } from '../frontend/hostile.js';
 import { RunDir, alive, type GuestInfo } from './rundir.js';
 import { MAIN_JS, stopProcess, tailFile } from './spawn.js';
 import { onStop } from './lifecycle.js';
@@ -32,6 +33,8 @@ export interface AttachOptions {
   version?: '2.0' | '1.2';
   devid?: number;
   timeoutMs?: number;
+  /** Fault injection: the guest commits this protocol violation once connected (see frontend/hostile.ts). */
+  misbehave?: Misbehaviour;
 }
 
 export async function guestAttach(o: AttachOptions): Promise<GuestInfo> {
@@ -58,6 +61,7 @@ export async function guestAttach(o: AttachOptions): Promise<GuestInfo> {
     const fd = fs.openSync(log, 'a');
     const args = [MAIN_JS, 'guest', 'run', '--run', rd.dir, '--domid', String(o.domid), '--protocol', protocol, '--devid', String(devid)];
     if (o.tctiPort !== undefined) args.push('--tcti-port', String(o.tctiPort));
+    if (o.misbehave) args.push('--misbehave', o.misbehave);
     const child = spawn(process.execPath, args, { detached: true, stdio: ['ignore', fd, fd], env: { ...process.env, VTPM_XEN_DIR: h.xenDir } });
     fs.closeSync(fd);
     child.unref();
@@ -101,6 +105,9 @@ export async function guestDetach(run: string, domid: number, timeoutMs = 15_000
   const dev = vtpmDevice(domid, g?.devid ?? 0, 0);
   const xs = await connect(h.xenstoredSocket);
   try {
+    // A guest whose process is gone is a dead domain: release it first, as the toolstack destroys a
+    // crashed domain, so its frontend directory vanishes and the backend closes without waiting for it.
+    if (g && !alive(g.pid) && (await xs.isDomainIntroduced(domid))) await xs.release(domid);
     // As libxl: online=0 and wait for the backend to reach Closed; the frontend closes in between.
     if ((await readState(xs, dev.backend)) !== XenbusState.Unknown) {
       await xs.write(`${dev.backend}/online`, '0');
@@ -118,7 +125,14 @@ export async function guestDetach(run: string, domid: number, timeoutMs = 15_000
 }
 
 /** The guest process: its domain, its vTPM device, and optionally the TCTI bridge for tpm2-tools. */
-export async function guestRun(o: { run: string; domid: number; protocol: Protocol; devid: number; tctiPort?: number }): Promise<void> {
+export async function guestRun(o: {
+  run: string;
+  domid: number;
+  protocol: Protocol;
+  devid: number;
+  tctiPort?: number;
+  misbehave?: Misbehaviour;
+}): Promise<void> {
   const rd = new RunDir(o.run);
   const h = rd.readHost();
   const dom = await Domain.create({ domid: o.domid, dir: h.xenDir });
@@ -147,6 +161,16 @@ export async function guestRun(o: { run: string; domid: number; protocol: Protoc
   });
   console.log(`dom${o.domid}: vTPM connected (${front.protocol}, ring-ref ${front.refs[0]}, event-channel ${front.port})`);
   if (o.tctiPort !== undefined) bridge = await startTcti(front, o.tctiPort);
+  if (o.misbehave) {
+    const what = o.misbehave;
+    // After attach has seen Connected, so the violation hits a live device.
+    setTimeout(() => {
+      void misbehave(front!, dom, what).then(
+        (line) => console.log(`dom${o.domid}: misbehaving (${what}): ${line}`),
+        (err: unknown) => console.log(`dom${o.domid}: misbehaving (${what}) ended: ${(err as Error).message}`),
+      );
+    }, 200);
+  }
   // Keep the process alive while the device is up (the event-channel sockets are unref'd).
   setInterval(() => {}, 1 << 30);
 }
@@ -181,10 +205,22 @@ export function register(program: Command): void {
     .option('--protocol <p>', 'v2 (tpmif v2 shared page) or ring (multi-request ring)', 'v2')
     .option('--tcti-port <port>', 'serve tpm2-tools on 127.0.0.1:PORT (data) and PORT+1 (control)', int)
     .option('--tpm-version <v>', 'TPM version of a new vTPM: 2.0 or 1.2', '2.0')
-    .action(async (o: { run: string; domid: number; vm: string; protocol: string; tctiPort?: number; tpmVersion: string }) => {
+    .option('--misbehave <how>', `fault injection once connected: ${MISBEHAVIOURS.join(', ')}`)
+    .action(async (o: { run: string; domid: number; vm: string; protocol: string; tctiPort?: number; tpmVersion: string; misbehave?: string }) => {
       if (o.protocol !== 'v2' && o.protocol !== 'ring') throw new Error(`--protocol must be v2 or ring, not ${o.protocol}`);
       if (o.tpmVersion !== '2.0' && o.tpmVersion !== '1.2') throw new Error(`--tpm-version must be 2.0 or 1.2`);
-      const g = await guestAttach({ run: o.run, domid: o.domid, vm: o.vm, protocol: o.protocol, tctiPort: o.tctiPort, version: o.tpmVersion });
+      if (o.misbehave !== undefined && !(MISBEHAVIOURS as readonly string[]).includes(o.misbehave)) {
+        throw new Error(`--misbehave must be one of ${MISBEHAVIOURS.join(', ')}, not ${o.misbehave}`);
+      }
+      const g = await guestAttach({
+        run: o.run,
+        domid: o.domid,
+        vm: o.vm,
+        protocol: o.protocol,
+        tctiPort: o.tctiPort,
+        version: o.tpmVersion,
+        misbehave: o.misbehave as Misbehaviour | undefined,
+      });
       console.log(`dom${g.domid} attached (pid ${g.pid}, ${g.protocol}${g.tctiPort !== undefined ? `, tpm2-tools: -T swtpm:host=127.0.0.1,port=${g.tctiPort}` : ''})`);
     });
   guest
@@ -204,7 +240,8 @@ export function register(program: Command): void {
     .option('--protocol <p>', '', 'v2')
     .option('--devid <n>', '', int, 0)
     .option('--tcti-port <port>', '', int)
-    .action(async (o: { run: string; domid: number; protocol: Protocol; devid: number; tctiPort?: number }) => {
+    .option('--misbehave <how>')
+    .action(async (o: { run: string; domid: number; protocol: Protocol; devid: number; tctiPort?: number; misbehave?: Misbehaviour }) => {
       await guestRun(o);
     });
 }

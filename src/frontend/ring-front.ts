@@ -74,6 +74,10 @@ export class RingFront implements TpmTransport {
     dom.evtchn.on(this.port, () => this.#onResponses());
   }
 
+  get sharedPage(): Uint8Array {
+    return this.#dom.frames(this.#ringGfn);
+  }
+
   /** The id the next command will carry. */
   get nextId(): bigint {
     return this.#nextId;

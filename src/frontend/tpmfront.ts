@@ -89,6 +89,11 @@ export class TpmFront {
     return front;
   }
 
+  /** The transport underneath (for protocol studies and fault injection, see hostile.ts). */
+  get transport(): TpmTransport {
+    return this.#transport;
+  }
+
   get refs(): readonly number[] {
     return this.#transport.refs;
   }

@@ -16,6 +16,8 @@ export interface TpmTransport {
   cancel(): void;
   /** Release the page(s) and the event channel. */
   close(): Promise<void>;
+  /** The shared page this transport publishes as ring-ref (for protocol studies and fault injection). */
+  readonly sharedPage: Uint8Array;
 }
 
 export class FrontendError extends Error {

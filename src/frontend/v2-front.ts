@@ -39,6 +39,10 @@ export class V2Front implements TpmTransport {
     dom.evtchn.on(this.port, () => this.#wake?.());
   }
 
+  get sharedPage(): Uint8Array {
+    return this.#page;
+  }
+
   #state(): number {
     return Atomics.load(this.#page, V2_STATE);
   }
