@@ -135,7 +135,7 @@ export async function run(ctx: BenchContext): Promise<Figure[]> {
 
     const tput = async (t: Transport, inflight: number): Promise<number> => {
       const xs: number[] = [];
-      for (let i = 0; i < 3; i++) xs.push(await pipelined(t, nTput / 3, inflight));
+      for (let i = 0; i < 3; i++) xs.push(await pipelined(t, Math.floor(nTput / 3), inflight));
       return median(xs);
     };
     await pipelined(ring, 20_000, 32);

@@ -24,7 +24,10 @@ export class InProcessVtpms implements VtpmProvider {
     if (!inst || inst.status === 'destroyed') {
       // A fresh attach boots the vTPM (the guest sends Startup); only a resume keeps volatile state.
       if (!resume && !created) await this.#mgr.delete(instance, 'volatile');
-      inst = await this.#host.create({ instance, version, store: this.#mgr });
+      // inline 'fast': GetRandom/PCR_Extend/PCR_Read and the like spend a few µs in libtpms, less than
+      // the thread-pool hand-off would cost, so they run on this thread; everything that can take long
+      // (key generation, asymmetric crypto) still goes to the pool and never stalls another guest.
+      inst = await this.#host.create({ instance, version, store: this.#mgr, inline: 'fast' });
       this.#log(`vTPM instance ${instance} (${version}) ${created ? 'created' : resume ? 'resumed' : 'loaded'} for VM ${vmUuid}`);
     }
     return this.#target(inst);

@@ -1,0 +1,170 @@
+// `npm run bench -- e2e [--mode single|multi] [--quick]`: the whole path a guest's command takes —
+// TpmFront → ring (grant-mapped page + event channel) → backend process → libtpms — against the same
+// client talking to swtpm over its UNIX socket, in the same run. Then aggregate PCR_Extend/s with 1,
+// 16 and 256 guests (one outstanding command each) against as many swtpm processes driven alike, and
+// memory per guest (the backend's PSS growth per guest vs a swtpm process's PSS).
+import fs from 'node:fs';
+import os from 'node:os';
+import { join } from 'node:path';
+import { randomBytes, randomUUID } from 'node:crypto';
+import { hostDown, hostUp } from '../../src/cli/host.js';
+import { RunDir } from '../../src/cli/rundir.js';
+import { Domain } from '../../src/xen/index.js';
+import { connect, type XsClient } from '../../src/xenstore/client.js';
+import { writeDeviceDirectories } from '../../src/xenstore/xenbus.js';
+import { TpmFront } from '../../src/frontend/tpmfront.js';
+import { Swtpm, type SwtpmClient } from '../swtpm-peer.js';
+import { smapsRollup } from './_engine-host.js';
+import { median, percentile, usSince, type BenchContext, type Figure } from './lib.js';
+
+const GET_RANDOM_8 = new Uint8Array([0x80, 0x01, 0, 0, 0, 0x0c, 0, 0, 0x01, 0x7b, 0, 8]);
+const STARTUP_CLEAR = new Uint8Array([0x80, 0x01, 0, 0, 0, 0x0c, 0, 0, 0x01, 0x44, 0, 0]);
+
+function pcrExtend(pcr: number, digest: Uint8Array): Uint8Array {
+  const b = Buffer.alloc(10 + 4 + 4 + 9 + 4 + 2 + 32);
+  b.writeUInt16BE(0x8002, 0);
+  b.writeUInt32BE(b.length, 2);
+  b.writeUInt32BE(0x182, 6);
+  b.writeUInt32BE(pcr, 10);
+  b.writeUInt32BE(9, 14);
+  b.writeUInt32BE(0x40000009, 18);
+  b.writeUInt32BE(1, 27);
+  b.writeUInt16BE(0x000b, 31);
+  Buffer.from(digest).copy(b, 33);
+  return new Uint8Array(b);
+}
+
+interface Client {
+  transmit(cmd: Uint8Array): Promise<Uint8Array>;
+}
+
+async function latencies(c: Client, cmd: () => Uint8Array, n: number): Promise<number[]> {
+  const out: number[] = [];
+  for (let i = 0; i < n; i++) {
+    const command = cmd();
+    const t0 = process.hrtime.bigint();
+    const r = await c.transmit(command);
+    out.push(usSince(t0));
+    if (r.length < 10 || r[6]! | r[7]! | r[8]! | r[9]!) throw new Error(`command failed: ${Buffer.from(r.subarray(0, 10)).toString('hex')}`);
+  }
+  return out;
+}
+
+/** Every client runs PCR_Extend back to back for `ms`; returns commands per second in all. */
+async function aggregate(clients: Client[], ms: number): Promise<number> {
+  const digest = randomBytes(32);
+  const until = Date.now() + ms;
+  let n = 0;
+  const t0 = process.hrtime.bigint();
+  await Promise.all(
+    clients.map(async (c, i) => {
+      const cmd = pcrExtend(16 + (i % 8), digest);
+      while (Date.now() < until) {
+        await c.transmit(cmd);
+        n++;
+      }
+    }),
+  );
+  return n / (usSince(t0) / 1e6);
+}
+
+interface Guest {
+  dom: Domain;
+  xs: XsClient;
+  front: TpmFront;
+}
+
+export async function run(ctx: BenchContext): Promise<Figure[]> {
+  const quick = ctx.args.includes('--quick');
+  const modeArg = ctx.args[ctx.args.indexOf('--mode') + 1];
+  const mode = ctx.args.includes('--mode') && modeArg === 'multi' ? 'multi' : 'single';
+  const counts = quick ? [1, 16, 64] : [1, 16, 256];
+  const maxN = counts[counts.length - 1]!;
+  const nRtt = quick ? 500 : 3000;
+  const tputMs = quick ? 1500 : 3000;
+  const work = fs.mkdtempSync(join(os.tmpdir(), 'vtpm-bench-e2e-'));
+  const runDir = join(work, 'run');
+  const guests: Guest[] = [];
+  const swtpms: Swtpm[] = [];
+  const swClients: SwtpmClient[] = [];
+  let xs0: XsClient | null = null;
+  try {
+    const h = await hostUp(runDir, join(work, 'state'), mode);
+    const backendPid = h.processes.find((p) => p.role === 'backend')!.pid;
+    ctx.log(`host up (${mode}-VM mode); backend pid ${backendPid}`);
+    xs0 = await connect(h.xenstoredSocket);
+    const base = smapsRollup(backendPid);
+
+    const addGuest = async (domid: number): Promise<void> => {
+      await xs0!.introduce(domid);
+      await writeDeviceDirectories(xs0!, { frontDomid: domid, backDomid: 0, devid: 0, uuid: randomUUID(), extra: { backend: { 'tpm-version': '2.0' } } });
+      const dom = await Domain.create({ domid, dir: h.xenDir, geometry: { nrPages: 40 } });
+      const xs = await connect(join(h.domainSocketDir, `dom${domid}.sock`));
+      const front = await TpmFront.connect({ xs, dom, protocol: 'ring', timeoutMs: 60_000 });
+      await front.transmit(STARTUP_CLEAR);
+      guests.push({ dom, xs, front });
+    };
+    const addSwtpm = async (): Promise<void> => {
+      const s = await Swtpm.start();
+      swtpms.push(s);
+      swClients.push(await s.connect());
+    };
+
+    // Round trips: one guest, one swtpm, same commands, alternating rounds.
+    await addGuest(1);
+    await addSwtpm();
+    const ours: Client = guests[0]!.front;
+    const peer: Client = swClients[0]!;
+    await latencies(ours, () => GET_RANDOM_8, 300);
+    await latencies(peer, () => GET_RANDOM_8, 300);
+    const rtt = { gr: [[], []] as number[][], ex: [[], []] as number[][] };
+    for (let round = 0; round < 4; round++) {
+      rtt.gr[0]!.push(...(await latencies(ours, () => GET_RANDOM_8, nRtt / 4)));
+      rtt.gr[1]!.push(...(await latencies(peer, () => GET_RANDOM_8, nRtt / 4)));
+      rtt.ex[0]!.push(...(await latencies(ours, () => pcrExtend(16, randomBytes(32)), nRtt / 4)));
+      rtt.ex[1]!.push(...(await latencies(peer, () => pcrExtend(16, randomBytes(32)), nRtt / 4)));
+    }
+    ctx.log(`GetRandom p50 ours ${median(rtt.gr[0]!).toFixed(1)} µs, swtpm ${median(rtt.gr[1]!).toFixed(1)} µs`);
+    ctx.log(`PCR_Extend p50 ours ${median(rtt.ex[0]!).toFixed(1)} µs, swtpm ${median(rtt.ex[1]!).toFixed(1)} µs`);
+
+    const figures: Figure[] = [
+      { id: 'getrandom_rtt_p50', unit: 'µs', ours: median(rtt.gr[0]!), peer: median(rtt.gr[1]!), note: 'swtpm UNIX socket' },
+      { id: 'getrandom_rtt_p99', unit: 'µs', ours: percentile(rtt.gr[0]!, 99), peer: percentile(rtt.gr[1]!, 99), note: 'swtpm UNIX socket' },
+      { id: 'extend_rtt_p50', unit: 'µs', ours: median(rtt.ex[0]!), peer: median(rtt.ex[1]!), note: 'swtpm UNIX socket' },
+      { id: 'extend_rtt_p99', unit: 'µs', ours: percentile(rtt.ex[0]!, 99), peer: percentile(rtt.ex[1]!, 99), note: 'swtpm UNIX socket' },
+    ];
+
+    for (const n of counts) {
+      const t0 = Date.now();
+      while (guests.length < n) await addGuest(guests.length + 1);
+      while (swtpms.length < n) await addSwtpm();
+      ctx.log(`${n} guests and ${n} swtpm processes ready (${((Date.now() - t0) / 1000).toFixed(1)} s)`);
+      const o = await aggregate(guests.slice(0, n).map((g) => g.front), tputMs);
+      const p = await aggregate(swClients.slice(0, n), tputMs);
+      ctx.log(`PCR_Extend/s with ${n}: ours ${o.toFixed(0)}, swtpm ${p.toFixed(0)}`);
+      figures.push({ id: `extend_per_s_${n}`, unit: 'cmd/s', ours: o, peer: p, note: `${n} swtpm processes` });
+    }
+
+    const after = smapsRollup(backendPid);
+    const swPss = swtpms.reduce((a, s) => a + smapsRollup(s.pid).pssKiB, 0);
+    figures.push({
+      id: `pss_per_guest_${maxN}`,
+      unit: 'MiB',
+      ours: (after.pssKiB - base.pssKiB) / 1024 / maxN,
+      peer: swPss / 1024 / maxN,
+      note: 'backend PSS growth per guest vs swtpm PSS',
+    });
+    return figures;
+  } finally {
+    for (const c of swClients) c.close();
+    await Promise.all(swtpms.map((s) => s.stop().catch(() => {})));
+    for (const g of guests) {
+      await g.front.close().catch(() => {});
+      await g.xs.close().catch(() => {});
+      await g.dom.destroy().catch(() => {});
+    }
+    await xs0?.close().catch(() => {});
+    if (fs.existsSync(new RunDir(runDir).hostJson)) await hostDown(runDir).catch(() => {});
+    fs.rmSync(work, { recursive: true, force: true });
+  }
+}
