@@ -77,7 +77,7 @@ describe('tpm2-tools through guest frontends', () => {
       expect(r.unsealed).toBe(`disk-key-dom${d}`);
       expect(r.done).toBe('1');
     });
-  });
+  }, 400_000);
 
   it('keeps NV indices and persistent keys across host down + host up', async () => {
     await vtpm('host', 'down', '--run', runDir);
@@ -90,9 +90,8 @@ describe('tpm2-tools through guest frontends', () => {
       expect(nv.stdout).toBe(`hello from dom${g.domid}`);
       const pub = await run('tpm2_readpublic', ['-c', '0x81000016'], { env });
       expect(pub.stdout).toMatch(/type:\s*\n?\s*value: ecc/);
-      // A different VM's vTPM is a different TPM: a fresh VM has neither.
     }
-  });
+  }, 300_000);
 
   it('gives a new VM a fresh vTPM without the other VMs\' NV indices', async () => {
     const port = await freePortPair();
