@@ -44,6 +44,8 @@ export interface DomainOptions {
   version: TpmVersion;
   store: StateStore;
   transport: DomainTransport;
+  /** Called with the instance once it runs, before READY (multi-VM mode attaches its ring here). */
+  onInstance?: (inst: TpmInstance) => Promise<void> | void;
 }
 
 const KIND_OF_TYPE: Record<number, StateKind> = Object.fromEntries(
@@ -63,6 +65,13 @@ export async function runDomain(opts: DomainOptions): Promise<number> {
     return 1;
   }
   inst.on('failure', (info) => tr.write(encodeJson(DomainMsg.FAILURE, 0, info)));
+  try {
+    await opts.onInstance?.(inst);
+  } catch (err) {
+    await host.destroyAll().catch(() => undefined);
+    tr.write(encodeJson(DomainMsg.ERROR, 0, errorBody(err)));
+    return 1;
+  }
 
   const health = (): DomainHealth => ({
     instance: opts.instance,
