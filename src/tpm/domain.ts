@@ -44,6 +44,8 @@ export interface DomainOptions {
   version: TpmVersion;
   store: StateStore;
   transport: DomainTransport;
+  /** InstanceOptions.inline; a domain hosting one TPM alone can run the fast commands inline. */
+  inline?: 'never' | 'fast';
   /** Called with the instance once it runs, before READY (multi-VM mode attaches its ring here). */
   onInstance?: (inst: TpmInstance) => Promise<void> | void;
 }
@@ -59,7 +61,7 @@ export async function runDomain(opts: DomainOptions): Promise<number> {
   const tr = opts.transport;
   let inst: TpmInstance;
   try {
-    inst = await host.create({ instance: opts.instance, version: opts.version, store: opts.store });
+    inst = await host.create({ instance: opts.instance, version: opts.version, store: opts.store, inline: opts.inline });
   } catch (err) {
     tr.write(encodeJson(DomainMsg.ERROR, 0, errorBody(err)));
     return 1;
