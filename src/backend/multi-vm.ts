@@ -211,9 +211,12 @@ export class MultiVmVtpms implements VtpmProvider {
 
   /** What the toolstack does for a destroyed domain: its mappings of our pages, its files, its domid. */
   async #destroyRemains(domid: number, front: RingFront): Promise<void> {
-    // Only once the process is gone: a live one may still be mapping.
-    this.#o.dom.grants.releasePinsOf(domid);
-    await front.close();
+    // Only once the process is gone: a live one may still be mapping. After dom0 itself was destroyed
+    // (backend shutdown) its tables are gone and only the files are left to clean.
+    if (!this.#o.dom.closed) {
+      this.#o.dom.grants.releasePinsOf(domid);
+      await front.close();
+    }
     fs.rmSync(memoryPath(this.#o.xenDir, domid), { force: true });
     fs.rmSync(evtchnSocketPath(this.#o.xenDir, domid), { force: true });
     fs.rmSync(join(this.#o.registerDir, `dom${domid}.json`), { force: true });
