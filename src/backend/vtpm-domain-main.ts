@@ -88,8 +88,12 @@ export async function ringDomainMain(a: RingDomainArgs): Promise<number> {
         refs: [a.ringRef],
         port: a.eventChannel,
         target: ringTarget(inst, a.domid),
-        // The backend is dom0: a ring it corrupts is a bug there, and nothing here can repair it.
-        onFatal: (reason) => log(`vtpm-domain ${a.domid}: ring from dom${a.frontDomid} broken: ${reason}`),
+        // A ring that lies about its indices cannot be trusted again: stop (state durable), so the
+        // backend sees the exit at once and starts a fresh domain on a fresh ring.
+        onFatal: (reason) => {
+          log(`vtpm-domain ${a.domid}: ring from dom${a.frontDomid} broken: ${reason}; stopping`);
+          process.stdin.destroy();
+        },
         log,
       });
       if (regFile) {
