@@ -66,6 +66,9 @@ export class Backend {
         if (this.#devices.has(key)) continue;
         // Only a device whose directory the toolstack finished (state written) is ours to drive.
         if ((await this.xs.tryRead(`${BACKEND_ROOT}/${key}/state`)) === undefined) continue;
+        // A device the toolstack is detaching (online=0) was finished already: picking it up again
+        // would re-announce InitWait and loop until its directory is gone.
+        if ((await this.xs.tryRead(`${BACKEND_ROOT}/${key}/online`)) === '0') continue;
         const dev = new BackendDevice({
           dom: this.dom,
           xs: this.xs,
