@@ -100,6 +100,9 @@ describe('tpm2-tools in multi-VM mode', () => {
     expect(after.map((p) => p.vm)).not.toContain(extra.vm);
     expect(alive(dom.pid)).toBe(false);
     expect(after).toHaveLength(N);
+    // The backend finished the device once (it used to pick a detaching device up again, in a loop).
+    const log = fs.readFileSync(join(runDir, 'logs/backend.log'), 'utf8').split('\n');
+    expect(log.filter((l) => l.includes('dom50: device 0 removed'))).toHaveLength(1);
 
     const pids = after.map((p) => p.pid);
     await restart('single');
