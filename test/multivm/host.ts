@@ -1,6 +1,7 @@
 // Shared bits of the multi-VM tests: the CLI, host status, and a persistent client of a guest's TCTI
 // data port (raw TPM commands, responses framed by their own header size) that times every command.
 import { execFile } from 'node:child_process';
+import fs from 'node:fs';
 import net from 'node:net';
 import { join } from 'node:path';
 import { promisify } from 'node:util';
@@ -79,3 +80,18 @@ export class DataClient {
 }
 
 export const rc = (rsp: Buffer): number => rsp.readUInt32BE(6);
+
+/** Print the tail of every log of the host in runDir (backend, manager, guests) to stderr. */
+export function dumpLogs(runDir: string, lines = 40): void {
+  const dir = join(runDir, 'logs');
+  let names: string[] = [];
+  try {
+    names = fs.readdirSync(dir);
+  } catch {
+    return;
+  }
+  for (const n of names) {
+    const text = fs.readFileSync(join(dir, n), 'utf8').split('\n').slice(-lines).join('\n');
+    process.stderr.write(`----- ${n} -----\n${text}\n`);
+  }
+}

@@ -2,7 +2,7 @@
 // answered TPM_RC_FAILURE (never a hang); the backend restarts the domain (new domid, new pid) from the
 // manager's durable state and the guest carries on with its NV index; the other guests, each with
 // several connections keeping commands queued, see no error and no command slower than STALL_BOUND_MS.
-import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { afterAll, beforeAll, beforeEach, describe, expect, it, onTestFailed } from 'vitest';
 import { randomUUID } from 'node:crypto';
 import fs from 'node:fs';
 import os from 'node:os';
@@ -10,7 +10,7 @@ import { join } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { freePortPair } from '../../src/cli/ports.js';
 import { getRandom, startupClear } from '../helpers/tpm2.js';
-import { DataClient, rc, run, status, tcti, vtpm } from './host.js';
+import { DataClient, dumpLogs, rc, run, status, tcti, vtpm } from './host.js';
 
 /** The stall bound we promise other guests while one vTPM domain dies and restarts. */
 const STALL_BOUND_MS = 2000;
@@ -30,6 +30,9 @@ beforeAll(async () => {
     guests.push(g);
   }
 });
+
+// A failure under load is only diagnosable from the host's logs, which afterAll deletes.
+beforeEach(() => onTestFailed(() => dumpLogs(runDir)));
 
 afterAll(async () => {
   await vtpm('host', 'down', '--run', runDir).catch(() => {});

@@ -2,7 +2,7 @@
 // transports running the full tpm2-tools script, each vTPM in its own vTPM-domain process listed by
 // `host status --json`; then the same vTPMs served by a single-mode host and back by a multi-mode one,
 // with the NV contents and persistent keys each wrote.
-import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { afterAll, beforeAll, beforeEach, describe, expect, it, onTestFailed } from 'vitest';
 import { createHash, randomUUID } from 'node:crypto';
 import fs from 'node:fs';
 import os from 'node:os';
@@ -10,7 +10,7 @@ import { join } from 'node:path';
 import { ROOT } from '../helpers/child.js';
 import { freePortPair } from '../../src/cli/ports.js';
 import { alive } from '../../src/cli/rundir.js';
-import { run, status, tcti, vtpm } from './host.js';
+import { dumpLogs, run, status, tcti, vtpm } from './host.js';
 
 const work = fs.mkdtempSync(join(os.tmpdir(), 'vtpm-multivm-e2e-'));
 const runDir = join(work, 'run');
@@ -22,6 +22,9 @@ const guests: Array<{ domid: number; vm: string; port: number; protocol: 'v2' | 
 beforeAll(async () => {
   await vtpm('host', 'up', '--run', runDir, '--state', stateDir, '--mode', 'multi');
 });
+
+// A failure under load is only diagnosable from the host's logs, which afterAll deletes.
+beforeEach(() => onTestFailed(() => dumpLogs(runDir)));
 
 afterAll(async () => {
   await vtpm('host', 'down', '--run', runDir).catch(() => {});
