@@ -14,6 +14,7 @@ import { MultiVmVtpms, MultiVmError, FIRST_VTPM_DOMID } from '../../src/backend/
 import { alive } from '../../src/cli/rundir.js';
 import { freshXenDir } from '../helpers/child.js';
 import { getRandom, startupClear } from '../helpers/tpm2.js';
+import * as tpm12 from '../../src/tpm/tpm12-commands.js';
 import { startManager, tempDir, type RunningManager } from '../manager/helpers.js';
 
 const rc = (r: Uint8Array): number => new DataView(r.buffer, r.byteOffset).getUint32(6);
@@ -132,5 +133,19 @@ describe('MultiVmVtpms', () => {
     await vtpms.release(a.instance);
     await vtpms.release(b.instance);
     expect(vtpms.domains()).toEqual([]);
+  });
+  it('serves a TPM 1.2 vTPM the same way, restarted and started after a kill', async () => {
+    const t = await vtpms.open(randomUUID(), '1.2', false);
+    expect(rc(await t.execute(tpm12.startup(), { locality: 0 }))).toBe(0);
+    const r = await t.execute(tpm12.getRandom(8), { locality: 0 });
+    expect(Buffer.from(r.subarray(0, 2)).toString('hex')).toBe('00c4'); // TPM_TAG_RSP_COMMAND
+    expect(rc(r)).toBe(0);
+    const d = vtpms.domains().find((x) => x.instance === t.instance)!;
+    process.kill(d.pid, 'SIGKILL');
+    while (vtpms.domains().some((x) => x.pid === d.pid)) await sleep(5);
+    expect(rc(await t.execute(tpm12.getRandom(8), { locality: 0 }))).toBe(0);
+    // TPM_Startup was sent for it: a second one is TPM_INVALID_POSTINIT (0x26).
+    expect(rc(await t.execute(tpm12.startup(), { locality: 0 }))).toBe(0x26);
+    await vtpms.release(t.instance);
   });
 });
