@@ -12,6 +12,8 @@ export interface BackendOptions {
   xenstoredSocket: string;
   vtpms: VtpmProvider;
   log: (line: string) => void;
+  /** dom0 created by the caller (multi-VM mode sizes it and shares it with its provider); default: created here. */
+  domain?: Domain;
 }
 
 export class Backend {
@@ -29,7 +31,7 @@ export class Backend {
   }
 
   static async start(o: BackendOptions): Promise<Backend> {
-    const dom = await Domain.create({ domid: 0, dir: o.xenDir });
+    const dom = o.domain ?? (await Domain.create({ domid: 0, dir: o.xenDir }));
     const xs = await connect(o.xenstoredSocket);
     const b = new Backend(dom, xs, o);
     // The watch fires once at registration, which picks up devices written before we started.
@@ -64,6 +66,9 @@ export class Backend {
         if (this.#devices.has(key)) continue;
         // Only a device whose directory the toolstack finished (state written) is ours to drive.
         if ((await this.xs.tryRead(`${BACKEND_ROOT}/${key}/state`)) === undefined) continue;
+        // A device the toolstack is detaching (online=0) was finished already: picking it up again
+        // would re-announce InitWait and loop until its directory is gone.
+        if ((await this.xs.tryRead(`${BACKEND_ROOT}/${key}/online`)) === '0') continue;
         const dev = new BackendDevice({
           dom: this.dom,
           xs: this.xs,

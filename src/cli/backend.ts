@@ -1,6 +1,8 @@
 // `vtpm backend --run DIR`: the backend process of a host (started by `vtpm host up`).
 import type { Command } from 'commander';
-import { RunDir } from './rundir.js';
+import fs from 'node:fs';
+import { RunDir, type HostInfo } from './rundir.js';
+import type { ManagerClient } from '../manager/client.js';
 import { onStop } from './lifecycle.js';
 
 export function register(program: Command): void {
@@ -18,18 +20,33 @@ export function register(program: Command): void {
       const { Backend } = await import('../backend/tpmback.js');
       const mgr = await ManagerClient.connect(h.managerRunDir, { name: 'backend' });
       const host = new TpmHost();
+      // --- multi-VM mode (issue 8): one vTPM-domain process per guest device, reached over a ring ---
+      const multi = h.mode === 'multi' ? await multiVm(h, mgr, new RunDir(o.run).vtpmDomainDir, log) : null;
       const backend = await Backend.start({
         xenDir: h.xenDir,
         xenstoredSocket: h.xenstoredSocket,
-        vtpms: new InProcessVtpms(host, mgr, log),
+        vtpms: multi?.vtpms ?? new InProcessVtpms(host, mgr, log),
         log,
+        ...(multi ? { domain: multi.dom } : {}),
       });
       onStop(async () => {
         await backend.stop();
+        await multi?.vtpms.stopAll();
         await host.destroyAll();
         mgr.disconnect();
         log('vtpm-backend: stopped');
       });
       log('vtpm-backend: ready');
     });
+}
+
+/** dom0 sized for one ring per vTPM domain (33 frames and grants each) and the multi-VM provider on it. */
+async function multiVm(h: HostInfo, mgr: ManagerClient, registerDir: string, log: (l: string) => void) {
+  const { Domain } = await import('../xen/index.js');
+  const { MultiVmVtpms } = await import('../backend/multi-vm.js');
+  fs.rmSync(registerDir, { recursive: true, force: true });
+  fs.mkdirSync(registerDir, { recursive: true });
+  const dom = await Domain.create({ domid: 0, dir: h.xenDir, geometry: { grantFrames: 16, nrPages: 8192 } });
+  const vtpms = new MultiVmVtpms({ dom, mgr, managerRunDir: h.managerRunDir, xenDir: h.xenDir, registerDir, log });
+  return { dom, vtpms };
 }

@@ -18,6 +18,8 @@ export interface DomainStartOptions {
   stateDir: string;
   /** How long to wait for READY (default 10 s). */
   startTimeoutMs?: number;
+  /** Another entry point speaking the same frames (multi-VM mode's ring-attached domain); default domain-main.js with the args above. */
+  entry?: { script: string; args: string[] };
 }
 
 export interface DomainExit {
@@ -96,21 +98,10 @@ export class VtpmDomain extends EventEmitter implements TpmEndpoint {
 
   /** Spawn `node domain-main.js …` and wait for its READY. */
   static async start(opts: DomainStartOptions): Promise<VtpmDomain> {
-    const child = spawn(
-      process.execPath,
-      [
-        MAIN,
-        '--instance',
-        String(opts.instance),
-        '--domid',
-        String(opts.domid),
-        '--tpm-version',
-        opts.version,
-        '--state-dir',
-        opts.stateDir,
-      ],
-      { stdio: ['pipe', 'pipe', 'inherit'], env: engineEnv() },
-    );
+    const argv = opts.entry
+      ? [opts.entry.script, ...opts.entry.args]
+      : [MAIN, '--instance', String(opts.instance), '--domid', String(opts.domid), '--tpm-version', opts.version, '--state-dir', opts.stateDir];
+    const child = spawn(process.execPath, argv, { stdio: ['pipe', 'pipe', 'inherit'], env: engineEnv() });
     const dom = new VtpmDomain(opts, child);
     const ready = new Promise<void>((resolve, reject) => {
       const timer = setTimeout(() => {

@@ -44,6 +44,10 @@ export interface DomainOptions {
   version: TpmVersion;
   store: StateStore;
   transport: DomainTransport;
+  /** InstanceOptions.inline; a domain hosting one TPM alone can run the fast commands inline. */
+  inline?: 'never' | 'fast';
+  /** Called with the instance once it runs, before READY (multi-VM mode attaches its ring here). */
+  onInstance?: (inst: TpmInstance) => Promise<void> | void;
 }
 
 const KIND_OF_TYPE: Record<number, StateKind> = Object.fromEntries(
@@ -57,12 +61,19 @@ export async function runDomain(opts: DomainOptions): Promise<number> {
   const tr = opts.transport;
   let inst: TpmInstance;
   try {
-    inst = await host.create({ instance: opts.instance, version: opts.version, store: opts.store });
+    inst = await host.create({ instance: opts.instance, version: opts.version, store: opts.store, inline: opts.inline });
   } catch (err) {
     tr.write(encodeJson(DomainMsg.ERROR, 0, errorBody(err)));
     return 1;
   }
   inst.on('failure', (info) => tr.write(encodeJson(DomainMsg.FAILURE, 0, info)));
+  try {
+    await opts.onInstance?.(inst);
+  } catch (err) {
+    await host.destroyAll().catch(() => undefined);
+    tr.write(encodeJson(DomainMsg.ERROR, 0, errorBody(err)));
+    return 1;
+  }
 
   const health = (): DomainHealth => ({
     instance: opts.instance,

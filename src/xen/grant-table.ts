@@ -82,6 +82,27 @@ export class GrantTable {
     }
   }
 
+  /**
+   * The grantee `domid` was destroyed (its process is dead): drop the pins it left on our grants, as Xen
+   * releases a dying domain's mappings (gnttab_release_mappings), so endAccess can revoke them again.
+   * Only for a domain whose process is known to be gone. Returns how many entries were released.
+   */
+  releasePinsOf(domid: number): number {
+    const v = this.#dom.views;
+    let n = 0;
+    for (let ref = GNTTAB_NR_RESERVED_ENTRIES; ref < v.nrGrantEntries; ref++) {
+      if (Atomics.load(v.active, 2 * ref + 1) !== domid + 1) continue;
+      Atomics.store(v.active, 2 * ref, 0);
+      Atomics.store(v.active, 2 * ref + 1, 0);
+      for (;;) {
+        const flags = Atomics.load(v.grant16, 4 * ref);
+        if (Atomics.compareExchange(v.grant16, 4 * ref, flags, flags & ~(GTF_reading | GTF_writing)) === flags) break;
+      }
+      n++;
+    }
+    return n;
+  }
+
   /** Flags of a ref as the granter sees them (for tests and diagnostics). */
   flags(ref: number): number {
     return Atomics.load(this.#dom.views.grant16, 4 * ref);

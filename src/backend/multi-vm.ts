@@ -1,0 +1,270 @@
+// Multi-VM mode (xen.md §6.3, VTPM_MULTI_VM): every guest's vTPM runs alone in a vTPM-domain process
+// with its own domid, and its own FIFO pair to the manager. The backend reaches each domain over a
+// shared-memory ring whose pages it grants to that domid: the backend is the ring's frontend
+// (RingFront), the domain its backend (RingChannel in vtpm-domain-main.ts). Lifecycle goes over the
+// domain's control frames (VtpmDomain).
+//
+// Isolation: a domain that dies (kill -9, a crash) fails only its own commands: the command in flight
+// gets a TPM failure response from the guest-facing channel, later ones wait for a new incarnation (a
+// new domid, as a restarted stub domain gets) powered on from the manager's last durable state and
+// started with TPM2_Startup(CLEAR), so the guest carries on with its NV and persistent objects; the
+// volatile state (PCRs, sessions, transient objects) is lost as in a TPM reset. The other guests'
+// domains are other processes and the backend only does bookkeeping on their behalf.
+import fs from 'node:fs';
+import { dirname, join } from 'node:path';
+import { fileURLToPath } from 'node:url';
+import type { Domain } from '../xen/index.js';
+import { evtchnSocketPath, memoryPath } from '../xen/layout.js';
+import { RingFront } from '../frontend/ring-front.js';
+import type { ManagerClient } from '../manager/client.js';
+import { VtpmDomain } from '../tpm/domain-client.js';
+import type { VtpmProvider } from './device.js';
+import type { VtpmTarget } from './target.js';
+
+const here = dirname(fileURLToPath(import.meta.url));
+/** The domain entry point; from source (tests) use the build in dist/. */
+export const VTPM_DOMAIN_MAIN = import.meta.url.endsWith('.ts')
+  ? join(here, '../../dist/src/backend/vtpm-domain-main.js')
+  : join(here, 'vtpm-domain-main.js');
+
+/** First domid handed to vTPM domains; guests use low domids. */
+export const FIRST_VTPM_DOMID = 0x7000;
+const LAST_DOMID = 0x7fef;
+
+export interface MultiVmOptions {
+  /** dom0: grants the rings' pages, so it needs frames and grant entries for every domain (33 each). */
+  dom: Domain;
+  /** The backend's own client: console OPEN / CLOSE and DELETE of volatile state. */
+  mgr: ManagerClient;
+  managerRunDir: string;
+  xenDir: string;
+  /** Where domains register themselves (RUN/vtpm-domains). */
+  registerDir: string;
+  log: (line: string) => void;
+  firstDomid?: number;
+  /** Restarts allowed within restartWindowMs before a vTPM is given up (default 5 in 60 s). */
+  maxRestarts?: number;
+  restartWindowMs?: number;
+  /** A command the domain does not answer in this time kills the domain (default 120 s; RSA key generation takes seconds). */
+  commandTimeoutMs?: number;
+}
+
+interface Incarnation {
+  domid: number;
+  domain: VtpmDomain;
+  front: RingFront;
+}
+
+interface Slot {
+  instance: number;
+  vm: string;
+  version: '2.0' | '1.2';
+  current: Incarnation | null;
+  /** The incarnation commands go to; a restart replaces it with the new one's start-up. */
+  ready: Promise<Incarnation>;
+  crashes: number[];
+  released: boolean;
+}
+
+export class MultiVmError extends Error {
+  constructor(
+    readonly code: 'GIVEN_UP' | 'RELEASED' | 'NO_DOMID',
+    message: string,
+  ) {
+    super(message);
+    this.name = 'MultiVmError';
+  }
+}
+
+export class MultiVmVtpms implements VtpmProvider {
+  readonly #o: MultiVmOptions;
+  readonly #slots = new Map<number, Slot>();
+  readonly #opening = new Map<number, Promise<Slot>>();
+  readonly #domids = new Set<number>();
+  #nextDomid: number;
+  /** Every crash seen (tests and status read it). */
+  restarts = 0;
+
+  constructor(o: MultiVmOptions) {
+    this.#o = o;
+    this.#nextDomid = o.firstDomid ?? FIRST_VTPM_DOMID;
+  }
+
+  /** The running domains: instance → {domid, pid}. */
+  domains(): Array<{ instance: number; vm: string; domid: number; pid: number }> {
+    return [...this.#slots.values()]
+      .filter((s) => s.current)
+      .map((s) => ({ instance: s.instance, vm: s.vm, domid: s.current!.domid, pid: s.current!.domain.pid }));
+  }
+
+  async open(vmUuid: string, version: '2.0' | '1.2', resume: boolean): Promise<VtpmTarget & { instance: number }> {
+    const { instance, created } = await this.#o.mgr.open({ vmUuid, version });
+    let slot = this.#slots.get(instance);
+    if (!slot) {
+      let p = this.#opening.get(instance);
+      if (!p) {
+        p = this.#openSlot(instance, vmUuid, version, resume, created).finally(() => this.#opening.delete(instance));
+        this.#opening.set(instance, p);
+      }
+      slot = await p;
+    }
+    return this.#target(slot);
+  }
+
+  async #openSlot(instance: number, vm: string, version: '2.0' | '1.2', resume: boolean, created: boolean): Promise<Slot> {
+    // A fresh attach boots the vTPM (the guest sends Startup); only a resume keeps volatile state.
+    if (!resume && !created) await this.#o.mgr.delete(instance, 'volatile');
+    const slot: Slot = { instance, vm, version, current: null, ready: Promise.reject(new Error('not started')), crashes: [], released: false };
+    slot.ready.catch(() => undefined);
+    slot.ready = this.#boot(slot, false);
+    const inc = await slot.ready;
+    this.#slots.set(instance, slot);
+    this.#o.log(`vTPM instance ${instance} (${version}) ${created ? 'created' : resume ? 'resumed' : 'loaded'} for VM ${vm} in vTPM domain ${inc.domid} (pid ${inc.domain.pid})`);
+    return slot;
+  }
+
+  #allocDomid(): number {
+    const first = this.#o.firstDomid ?? FIRST_VTPM_DOMID;
+    for (let i = 0; i <= LAST_DOMID - first; i++) {
+      const d = this.#nextDomid;
+      this.#nextDomid = d >= LAST_DOMID ? first : d + 1;
+      if (this.#domids.has(d) || fs.existsSync(memoryPath(this.#o.xenDir, d))) continue;
+      this.#domids.add(d);
+      return d;
+    }
+    throw new MultiVmError('NO_DOMID', `no free domid in ${first}..${LAST_DOMID}`);
+  }
+
+  /** Start one incarnation: grant its ring, spawn the domain on it, wait for READY (and Startup after a crash). */
+  async #boot(slot: Slot, afterCrash: boolean): Promise<Incarnation> {
+    const domid = this.#allocDomid();
+    let front: RingFront;
+    try {
+      front = new RingFront(this.#o.dom, domid, { segments: 1 });
+    } catch (err) {
+      this.#domids.delete(domid);
+      throw err;
+    }
+    let domain: VtpmDomain;
+    try {
+      domain = await VtpmDomain.start({
+        instance: slot.instance,
+        domid,
+        version: slot.version,
+        stateDir: '',
+        entry: {
+          script: VTPM_DOMAIN_MAIN,
+          args: [
+            '--instance', String(slot.instance),
+            '--domid', String(domid),
+            '--tpm-version', slot.version,
+            '--vm', slot.vm,
+            '--manager-run', this.#o.managerRunDir,
+            '--xen-dir', this.#o.xenDir,
+            '--front-domid', String(this.#o.dom.domid),
+            '--ring-ref', String(front.refs[0]),
+            '--event-channel', String(front.port),
+            '--register-dir', this.#o.registerDir,
+          ],
+        },
+      });
+    } catch (err) {
+      await this.#destroyRemains(domid, front);
+      throw err;
+    }
+    const inc: Incarnation = { domid, domain, front };
+    slot.current = inc;
+    domain.once('crash', (ex: { code: number | null; signal: string | null }) => this.#onCrash(slot, inc, ex));
+    if (afterCrash) {
+      // The crash cost the TPM its volatile state, as a reset does; start it so the guest carries on.
+      const rc = await domain.startup('clear');
+      if (rc !== 0 && rc !== 0x100) this.#o.log(`vTPM domain ${domid}: Startup(CLEAR) answered 0x${rc.toString(16)}`);
+    }
+    return inc;
+  }
+
+  #onCrash(slot: Slot, inc: Incarnation, ex: { code: number | null; signal: string | null }): void {
+    if (slot.current !== inc) return;
+    slot.current = null;
+    this.restarts++;
+    this.#o.log(`vTPM domain ${inc.domid} (instance ${slot.instance}, pid ${inc.domain.pid}) died (code ${ex.code}, signal ${ex.signal})`);
+    // Synchronously: commands arriving from now on wait for the next incarnation, and the one in flight
+    // fails at once (RingFront.close rejects it; the guest-facing channel answers a TPM failure).
+    const cleanup = this.#destroyRemains(inc.domid, inc.front);
+    const now = Date.now();
+    const window = this.#o.restartWindowMs ?? 60_000;
+    slot.crashes = slot.crashes.filter((t) => now - t < window);
+    slot.crashes.push(now);
+    if (slot.released) return;
+    if (slot.crashes.length > (this.#o.maxRestarts ?? 5)) {
+      slot.ready = Promise.reject(new MultiVmError('GIVEN_UP', `vTPM instance ${slot.instance} crashed ${slot.crashes.length} times in ${window} ms; not restarted`));
+      slot.ready.catch(() => undefined);
+      this.#o.log(`vTPM instance ${slot.instance}: given up after ${slot.crashes.length} crashes`);
+      return;
+    }
+    slot.ready = cleanup.then(() => this.#boot(slot, true));
+    slot.ready.then(
+      (n) => this.#o.log(`vTPM instance ${slot.instance} restarted from its durable state in vTPM domain ${n.domid} (pid ${n.domain.pid})`),
+      (err: unknown) => this.#o.log(`vTPM instance ${slot.instance}: restart failed: ${(err as Error).message}`),
+    );
+  }
+
+  /** What the toolstack does for a destroyed domain: its mappings of our pages, its files, its domid. */
+  async #destroyRemains(domid: number, front: RingFront): Promise<void> {
+    // Only once the process is gone: a live one may still be mapping. After dom0 itself was destroyed
+    // (backend shutdown) its tables are gone and only the files are left to clean.
+    if (!this.#o.dom.closed) {
+      this.#o.dom.grants.releasePinsOf(domid);
+      await front.close();
+    }
+    fs.rmSync(memoryPath(this.#o.xenDir, domid), { force: true });
+    fs.rmSync(evtchnSocketPath(this.#o.xenDir, domid), { force: true });
+    fs.rmSync(join(this.#o.registerDir, `dom${domid}.json`), { force: true });
+    this.#o.dom.dropPeer(domid);
+    this.#domids.delete(domid);
+  }
+
+  #target(slot: Slot): VtpmTarget & { instance: number } {
+    const timeoutMs = this.#o.commandTimeoutMs ?? 120_000;
+    return {
+      instance: slot.instance,
+      execute: async (command, opts) => {
+        if (slot.released) throw new MultiVmError('RELEASED', `vTPM instance ${slot.instance} was released`);
+        const inc = await slot.ready;
+        // A domain that stops answering is treated like one that died: killed, restarted; never a hang.
+        const timer = setTimeout(() => {
+          this.#o.log(`vTPM domain ${inc.domid}: no answer in ${timeoutMs} ms; killing it`);
+          process.kill(inc.domain.pid, 'SIGKILL');
+        }, timeoutMs);
+        try {
+          return await inc.front.transmit(command, { locality: opts.locality });
+        } finally {
+          clearTimeout(timer);
+        }
+      },
+      cancel: () => slot.current?.front.cancel(),
+    };
+  }
+
+  async release(instance: number): Promise<void> {
+    const slot = this.#slots.get(instance);
+    if (slot) {
+      this.#slots.delete(instance);
+      slot.released = true;
+      const inc = await slot.ready.catch(() => null);
+      if (inc && slot.current === inc) {
+        slot.current = null;
+        await inc.domain.saveVolatile().catch((e: unknown) => this.#o.log(`save volatile of ${instance}: ${(e as Error).message}`));
+        await inc.domain.stop();
+        await this.#destroyRemains(inc.domid, inc.front);
+        this.#o.log(`vTPM domain ${inc.domid} (instance ${instance}) stopped`);
+      }
+    }
+    await this.#o.mgr.close(instance).catch((e: unknown) => this.#o.log(`manager CLOSE ${instance}: ${(e as Error).message}`));
+  }
+
+  /** Backend shutdown: stop every domain still running (their state made durable first). */
+  async stopAll(): Promise<void> {
+    await Promise.all([...this.#slots.keys()].map((i) => this.release(i)));
+  }
+}
