@@ -13,6 +13,7 @@ import { EventEmitter } from 'node:events';
 
 const libc = koffi.load('libc.so.6');
 const c_malloc = libc.func('void *malloc(size_t size)');
+const c_free = libc.func('void free(void *ptr)');
 const c_recvmsg = libc.func('intptr_t recvmsg(int fd, void *msg, int flags)');
 const c_poll = libc.func('int poll(void *fds, uint64_t nfds, int timeout)');
 const c_pipe2 = libc.func('int pipe2(void *fds, int flags)');
@@ -58,6 +59,10 @@ class Scratch {
     const ab = koffi.view(this.ptr, size) as ArrayBuffer;
     this.view = new DataView(ab);
     this.bytes = new Uint8Array(ab);
+  }
+  /** For short-lived blocks; the views must not be used afterwards. */
+  free(): void {
+    c_free(this.ptr);
   }
 }
 
@@ -285,4 +290,55 @@ export class RightsReader {
     this.#wakeBuf.bytes[0] = 1;
     c_write(this.#wakeW, this.#wakeBuf.ptr, 1);
   }
+}
+
+// ---------------------------------------------------------------------------------------------------
+// The sending side, as QEMU does it (socketpair + sendmsg with SCM_RIGHTS): for clients and tests.
+
+const c_socketpair = libc.func('int socketpair(int domain, int type, int protocol, void *sv)');
+const c_sendmsg = libc.func('intptr_t sendmsg(int fd, void *msg, int flags)');
+const AF_UNIX = 1;
+const SOCK_STREAM = 1;
+const SOCK_CLOEXEC = 0x80000;
+const MSG_NOSIGNAL = 0x4000;
+
+/** socketpair(AF_UNIX, SOCK_STREAM): two connected descriptors (close them, or hand them to net.Socket). */
+export function socketPair(): [number, number] {
+  const s = new Scratch(8);
+  try {
+    if ((c_socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, s.ptr) as number) !== 0) throw new Error(`socketpair failed (errno ${errno()})`);
+    return [s.view.getInt32(0, true), s.view.getInt32(4, true)];
+  } finally {
+    s.free();
+  }
+}
+
+/** One sendmsg() of `data` (≤ RECV_CHUNK bytes) with `fds` attached; returns bytes sent. */
+export function sendWithFds(fd: number, data: Uint8Array, fds: readonly number[]): number {
+  if (data.length === 0 || data.length > RECV_CHUNK) throw new RangeError('sendWithFds: 1..4104 bytes');
+  if (fds.length > 8) throw new RangeError('sendWithFds: at most 8 fds');
+  const s = new Scratch(72 + CMSG_SPACE + RECV_CHUNK);
+  s.bytes.fill(0, 0, 72 + CMSG_SPACE);
+  const v = s.view;
+  const CTL = 72;
+  const DATA = CTL + CMSG_SPACE;
+  s.bytes.set(data, DATA);
+  v.setBigUint64(16, s.addr + 56n, true);
+  v.setBigUint64(24, 1n, true);
+  v.setBigUint64(56, s.addr + BigInt(DATA), true);
+  v.setBigUint64(64, BigInt(data.length), true);
+  if (fds.length > 0) {
+    const len = 16 + 4 * fds.length;
+    v.setBigUint64(32, s.addr + BigInt(CTL), true);
+    v.setBigUint64(40, BigInt((len + 7) & ~7), true);
+    v.setBigUint64(CTL, BigInt(len), true);
+    v.setInt32(CTL + 8, SOL_SOCKET, true);
+    v.setInt32(CTL + 12, SCM_RIGHTS, true);
+    fds.forEach((f, i) => v.setInt32(CTL + 16 + 4 * i, f, true));
+  }
+  const n = Number(c_sendmsg(fd, s.ptr, MSG_NOSIGNAL));
+  const e = errno();
+  s.free();
+  if (n < 0) throw new Error(`sendmsg failed (errno ${e})`);
+  return n;
 }
