@@ -226,3 +226,109 @@ export function guestReport(serial: string): { version: string; pcrs: string[]; 
     loops: [...serial.matchAll(/^E2E-LOOP (\d+) uptime=\S+ PCR16=([0-9A-F]+)/gm)].map((m) => ({ n: Number(m[1]), pcr16: m[2]! })),
   };
 }
+
+/** A raw control-channel client: write bytes (optionally with fds), read exact reply sizes. */
+export class CtrlClient {
+  readonly sock: net.Socket;
+  #buf = Buffer.alloc(0);
+  #waiters: Array<() => void> = [];
+  closed = false;
+
+  private constructor(sock: net.Socket) {
+    this.sock = sock;
+    sock.on('data', (d: Buffer) => {
+      this.#buf = Buffer.concat([this.#buf, d]);
+      for (const w of this.#waiters.splice(0)) w();
+    });
+    sock.on('close', () => {
+      this.closed = true;
+      for (const w of this.#waiters.splice(0)) w();
+    });
+    sock.on('error', () => {});
+  }
+
+  static connect(path: string): Promise<CtrlClient> {
+    return new Promise((resolve, reject) => {
+      const s = net.connect(path, () => resolve(new CtrlClient(s)));
+      s.once('error', reject);
+    });
+  }
+
+  get fd(): number {
+    return (this.sock as unknown as { _handle: { fd: number } })._handle.fd;
+  }
+
+  write(hex: string | Uint8Array): void {
+    this.sock.write(typeof hex === 'string' ? Buffer.from(hex.replace(/\s+/g, ''), 'hex') : hex);
+  }
+
+  /** Exactly n bytes, or what arrived before the timeout / close (then shorter). */
+  async read(n: number, timeoutMs = 5000): Promise<Buffer> {
+    const end = Date.now() + timeoutMs;
+    while (this.#buf.length < n && !this.closed && Date.now() < end) {
+      await new Promise<void>((r) => {
+        const t = setTimeout(r, Math.max(1, end - Date.now()));
+        this.#waiters.push(() => {
+          clearTimeout(t);
+          r();
+        });
+      });
+    }
+    const out = this.#buf.subarray(0, Math.min(n, this.#buf.length));
+    this.#buf = this.#buf.subarray(out.length);
+    return Buffer.from(out);
+  }
+
+  async cmd(hex: string, replyLen: number, timeoutMs?: number): Promise<string> {
+    this.write(hex);
+    return (await this.read(replyLen, timeoutMs)).toString('hex');
+  }
+
+  close(): void {
+    this.sock.destroy();
+  }
+}
+
+/** A TPM data channel the QEMU way: a socketpair whose other end went over SET_DATAFD. */
+export class DataClient {
+  readonly sock: net.Socket;
+  #buf = Buffer.alloc(0);
+  #wake: (() => void) | null = null;
+  constructor(fd: number) {
+    this.sock = new net.Socket({ fd, readable: true, writable: true });
+    this.sock.on('data', (d: Buffer) => {
+      this.#buf = Buffer.concat([this.#buf, d]);
+      this.#wake?.();
+    });
+    this.sock.on('error', () => {});
+  }
+  /** Send one command; read one response (by its header size). */
+  async transmit(hex: string, timeoutMs = 10_000): Promise<string> {
+    this.sock.write(Buffer.from(hex.replace(/\s+/g, ''), 'hex'));
+    const end = Date.now() + timeoutMs;
+    for (;;) {
+      if (this.#buf.length >= 10 && this.#buf.length >= this.#buf.readUInt32BE(2)) {
+        const n = this.#buf.readUInt32BE(2);
+        const r = this.#buf.subarray(0, n);
+        this.#buf = this.#buf.subarray(n);
+        return r.toString('hex');
+      }
+      if (Date.now() > end) throw new Error(`no response; have ${this.#buf.toString('hex')}`);
+      await new Promise<void>((r) => {
+        this.#wake = r;
+        setTimeout(r, 50);
+      });
+    }
+  }
+  close(): void {
+    this.sock.destroy();
+  }
+}
+
+export const TPM2 = {
+  startupClear: '8001 0000000c 00000144 0000',
+  // PCR_Read(sha256: PCR16)
+  pcrRead16: '8001 00000014 0000017e 00000001 000b 03 000001',
+  // PCR_Extend(PCR16, password session, sha256 = 32×0xAA)
+  extend16: `8002 00000041 00000182 00000010 00000009 40000009 0000 01 0000 00000001 000b ${'aa'.repeat(32)}`,
+};
