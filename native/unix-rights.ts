@@ -262,8 +262,19 @@ export class RightsReader {
 
   /** The process's reader thread (started on first use). */
   static shared(): RightsReader {
-    RightsReader.#shared ??= new RightsReader();
+    if (!RightsReader.#shared) {
+      const r = new RightsReader();
+      RightsReader.#shared = r;
+      // A thread blocked in poll() cannot be terminated, and Node joins workers at exit: wake it first.
+      process.once('exit', () => r.#shutdown());
+    }
     return RightsReader.#shared;
+  }
+
+  #shutdown(): void {
+    this.#port.postMessage({ op: 'exit' });
+    this.#wakeBuf.bytes[0] = 1;
+    c_write(this.#wakeW, this.#wakeBuf.ptr, 1);
   }
 
   /**
