@@ -246,8 +246,9 @@ export class QemuEndpoint {
     const type = p.readUInt32BE(4);
     const offset = p.readUInt32BE(8);
     const kind = KIND_OF_TYPE[type];
-    // Errors here keep the full 16-byte header, as swtpm's GET_STATEBLOB does.
-    if (!kind) return u32s(Res.FAIL, 0, 0, 0);
+    // Errors here keep the full 16-byte header, as swtpm's GET_STATEBLOB does; swtpm 0.7.1 answers an
+    // unknown type like a missing blob (TPM_RETRY), measured.
+    if (!kind) return u32s(Res.RETRY, 0, 0, 0);
     let blob: Uint8Array | null;
     try {
       blob = await this.#o.vtpm.getStateBlob(kind);
@@ -267,7 +268,8 @@ export class QemuEndpoint {
     if (running) return resultOnly(Res.BAD_ORDINAL);
     const kind = KIND_OF_TYPE[type];
     if (!kind) return resultOnly(Res.BAD_PARAMETER);
-    if (flags & STATE_FLAG_ENCRYPTED) return resultOnly(Res.KEYNOTFOUND);
+    // File-key encryption we cannot undo: swtpm 0.7.1 without --key answers TPM_FAIL (measured).
+    if (flags & STATE_FLAG_ENCRYPTED) return resultOnly(Res.FAIL);
     try {
       await this.#o.vtpm.setStateBlob(kind, blob);
       this.#o.log(`vTPM ${this.#o.vtpm.instance}: SET_STATEBLOB ${kind} (${blob.length} bytes)`);
@@ -275,9 +277,10 @@ export class QemuEndpoint {
     } catch (err) {
       this.#o.log(`vTPM ${this.#o.vtpm.instance}: SET_STATEBLOB ${kind}: ${(err as Error).message}`);
       if (err instanceof StateBlobError) {
-        if (err.code === 'ENCRYPTED') return resultOnly(Res.KEYNOTFOUND);
+        // A blob sealed with the state file key: TPM_FAIL; with a migration key: TPM_KEYNOTFOUND (swtpm 0.7.1).
+        if (err.code === 'ENCRYPTED') return resultOnly(blob.readUInt16BE(4) & 0x01 ? Res.FAIL : Res.KEYNOTFOUND);
         if (err.code === 'VERSION') return resultOnly(Res.BAD_VERSION);
-        if (err.code === 'SHORT' || err.code === 'TOTLEN' || err.code === 'HDRSIZE') return resultOnly(Res.BAD_DATASIZE);
+        if (err.code === 'HDRSIZE') return resultOnly(Res.BAD_DATASIZE);
         return resultOnly(Res.BAD_PARAMETER);
       }
       const rc = (err as { tpmResult?: number }).tpmResult;
