@@ -349,8 +349,9 @@ class CtrlConnection {
       this.#queue = this.#queue.then(async () => {
         if (ev.kind === 'error') {
           for (const fd of ev.fds) closeFd(fd);
-          this.#log(`control client: ${ev.err.message} -> 0x${ev.err.result.toString(16)}`);
-          this.#write(resultOnly(ev.err.result));
+          const res = ev.err.result;
+          this.#log(`control client: ${ev.err.message} -> ${res === null ? 'hang up' : `0x${res.toString(16)}`}`);
+          if (res !== null) this.#write(resultOnly(res));
           if (ev.err.fatal) this.close(true);
           return;
         }

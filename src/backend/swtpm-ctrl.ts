@@ -3,10 +3,11 @@
 //
 // Framing (swtpm ctrlchannel.c): a request is a 4-byte big-endian code followed by that command's
 // payload, with no length prefix; the server knows each size. swtpm is message based: one recvmsg()
-// starts a command and it reads on until the command's minimum size is there, for at most 500 ms, then
-// handles what it got (short → TPM_BAD_PARAMETER). Bytes that came along with a command beyond what it
-// uses belong to it (swtpm rejects them for payload-less commands and INIT). SET_STATEBLOB carries its
-// blob length in its header and is read to the end. The receiver mirrors that, as a state machine.
+// starts a command and it reads on until the command's minimum size is there, for at most 500 ms; a
+// message still short then makes swtpm 0.7.1 hang up without a reply (measured). Bytes that came along
+// with a command beyond what it uses belong to it (swtpm answers TPM_BAD_PARAMETER to extra bytes after
+// payload-less commands and INIT). SET_STATEBLOB carries its blob length in its header and is read to
+// the end. The receiver mirrors that, as a state machine.
 
 export const Cmd = {
   GET_CAPABILITY: 0x01,
@@ -117,11 +118,14 @@ const PAYLOAD: Record<number, { min: number; exact: boolean }> = {
 
 export type CtrlErrorCode = 'TRUNCATED' | 'EXTRA_BYTES' | 'BLOB_TOO_LARGE' | 'UNKNOWN_COMMAND';
 
-/** A control request the receiver refused; `result` is what swtpm answers, `fatal` closes the connection. */
+/**
+ * A control request the receiver refused: `result` is what swtpm answers (null: it answers nothing),
+ * `fatal` closes the connection afterwards.
+ */
 export class CtrlProtocolError extends Error {
   constructor(
     readonly code: CtrlErrorCode,
-    readonly result: number,
+    readonly result: number | null,
     readonly command: number,
     message: string,
     readonly fatal = false,
@@ -186,14 +190,15 @@ export class CtrlReceiver {
     return out;
   }
 
-  /** The deadline passed: what we have is the whole message. */
+  /** The deadline passed with a message still incomplete: swtpm 0.7.1 hangs up without a reply. */
   expire(): ReceiverEvent[] {
     if (this.#state === State.IDLE) return [];
     const cmd = this.#state === State.CODE ? 0 : this.#cmd;
-    const err = new CtrlProtocolError('TRUNCATED', Res.BAD_PARAMETER, cmd, this.#state === State.BLOB
-      ? `state blob: ${this.#blobGot} of ${this.#blob?.length ?? 0} bytes arrived in time`
-      : `only ${this.#buf.length} bytes arrived in time`);
-    return [this.#fail(err)];
+    const what =
+      this.#state === State.BLOB
+        ? `state blob: ${this.#blobGot} of ${this.#blob?.length ?? 0} bytes arrived in time`
+        : `only ${this.#buf.length} bytes arrived in time`;
+    return [this.#fail(new CtrlProtocolError('TRUNCATED', null, cmd, what, true))];
   }
 
   #fail(err: CtrlProtocolError): ReceiverEvent {

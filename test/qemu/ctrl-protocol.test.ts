@@ -178,10 +178,9 @@ describe('swtpm control protocol on our endpoint', () => {
     const second = await CtrlClient.connect(ctrl);
     expect(await second.cmd('00000001', 8)).toBe('0000000000007fef');
     expect(Date.now() - t0).toBeLessThan(2000);
-    // The first one gets swtpm's answer to a truncated message once the 500 ms deadline passes.
-    expect((await first.read(4)).toString('hex')).toBe('00000003');
-    expect(await first.cmd('00000001', 8)).toBe('0000000000007fef');
-    first.close();
+    // The first one is hung up on once the 500 ms deadline passes, as swtpm 0.7.1 does.
+    expect((await first.read(4)).length).toBe(0);
+    expect(first.closed).toBe(true);
     second.close();
   });
 });

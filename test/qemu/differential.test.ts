@@ -31,6 +31,15 @@ afterAll(async () => {
   fs.rmSync(work, { recursive: true, force: true });
 });
 
+/** swtpm exits on CMD_SHUTDOWN: a fresh one (same state dir) for the next test. */
+async function restartSwtpm(): Promise<void> {
+  swtpm.kill();
+  await sleep(200);
+  fs.rmSync(peer, { force: true });
+  swtpm = spawn('swtpm', ['socket', '--tpm2', '--tpmstate', `dir=${join(work, 'swtpm')}`, '--ctrl', `type=unixio,path=${peer}`], { stdio: 'ignore' });
+  for (let i = 0; i < 200 && !fs.existsSync(peer); i++) await sleep(25);
+}
+
 /** Send one message, collect everything that arrives until 150 ms of silence. */
 async function exchange(c: CtrlClient, hex: string): Promise<string> {
   c.write(hex);
@@ -74,6 +83,9 @@ const SEQUENCE: Array<[string, string]> = [
   ['SET_STATEBLOB blob says encrypted', `0000000d 00000000 00000001 ${blob('0201000a000500000010', '000000000000')}`],
   ['SET_STATEBLOB blob says migration-encrypted', `0000000d 00000000 00000001 ${blob('0201000a000600000010', '000000000000')}`],
   ['SET_STATEBLOB min_version 3', `0000000d 00000000 00000001 ${blob('0203000a000400000010', '000000000000')}`],
+  ['INIT with an extra byte', '00000002 00000000 00'],
+  ['STOP with an extra byte', '0000000e 00'],
+  ['SET_LOCALITY 1 byte', '00000005 00'],
   ['INIT', '00000002 00000000'],
   ['GET_TPMESTABLISHED', '00000004'],
   ['SET_LOCALITY 4', '00000005 04000000'],
@@ -107,12 +119,26 @@ describe('control replies are byte-identical to swtpm 0.7.1', () => {
     expect(diffs).toEqual([]);
   });
 
+  it('for messages still incomplete after 500 ms: no reply, connection closed', async () => {
+    await restartSwtpm();
+    for (const msg of ['00000002 0000', '0000000c 00000001', '0000', `0000000d 00000000 00000001 00000064 ${'00'.repeat(10)}`]) {
+      const got = await Promise.all(
+        [ours, peer].map(async (path) => {
+          const c = await CtrlClient.connect(path);
+          c.write(msg);
+          const r = await c.read(4, 2000);
+          await c.read(1, 200);
+          c.close();
+          return `${r.toString('hex')}/${c.closed ? 'closed' : 'open'}`;
+        }),
+      );
+      expect(got[0], msg).toBe(got[1]);
+      expect(got[0]).toBe('/closed');
+    }
+  });
+
   it('GET_STATEBLOB permanent: same 16-byte header shape and blob header', async () => {
-    swtpm.kill();
-    await sleep(200);
-    fs.rmSync(peer, { force: true });
-    swtpm = spawn('swtpm', ['socket', '--tpm2', '--tpmstate', `dir=${join(work, 'swtpm')}`, '--ctrl', `type=unixio,path=${peer}`], { stdio: 'ignore' });
-    for (let i = 0; i < 200 && !fs.existsSync(peer); i++) await sleep(25);
+    await restartSwtpm();
     const [a, b] = await Promise.all([CtrlClient.connect(ours), CtrlClient.connect(peer)]);
     for (const c of [a, b]) expect(await exchange(c, '00000002 00000000')).toBe('00000000');
     const [ra, rb] = await Promise.all([exchange(a, '0000000c 00000001 00000001 00000000'), exchange(b, '0000000c 00000001 00000001 00000000')]);
