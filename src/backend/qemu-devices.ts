@@ -29,20 +29,21 @@ interface Running {
 
 export class QemuDevices {
   readonly #xs: XsClient;
-  readonly #vtpms: QemuVtpmProvider;
+  readonly #vtpms: Partial<QemuVtpmProvider>;
   readonly #log: (l: string) => void;
   readonly #nodes = new Map<string, Running>();
   #watch: XsWatch | null = null;
   #chain: Promise<void> = Promise.resolve();
 
-  private constructor(xs: XsClient, vtpms: QemuVtpmProvider, log: (l: string) => void) {
+  private constructor(xs: XsClient, vtpms: Partial<QemuVtpmProvider>, log: (l: string) => void) {
     this.#xs = xs;
     this.#vtpms = vtpms;
     this.#log = log;
   }
 
-  static async start(xs: XsClient, vtpms: QemuVtpmProvider, log: (l: string) => void): Promise<QemuDevices> {
-    const d = new QemuDevices(xs, vtpms, log);
+  /** `vtpms` without openQemu (a provider that cannot hand out instances) refuses every node. */
+  static async start(xs: XsClient, vtpms: object, log: (l: string) => void): Promise<QemuDevices> {
+    const d = new QemuDevices(xs, vtpms as Partial<QemuVtpmProvider>, log);
     d.#watch = await xs.watch(QEMU_ROOT, () => {
       d.#chain = d.#chain.then(() => d.#scan()).catch((err: unknown) => log(`qemu scan: ${(err as Error).message}`));
     });
@@ -74,6 +75,7 @@ export class QemuDevices {
       const ctrl = await this.#xs.readString(`${node}/ctrl`);
       const version = ((await this.#xs.tryRead(`${node}/tpm-version`)) ?? '2.0') as '2.0' | '1.2';
       if (version !== '2.0' && version !== '1.2') throw new Error(`tpm-version ${String(version)} is neither 2.0 nor 1.2`);
+      if (!isQemuProvider(this.#vtpms)) throw new Error('this backend mode cannot serve QEMU endpoints');
       const vtpm = await this.#vtpms.openQemu(uuid, version);
       r.instance = vtpm.instance;
       r.ep = await QemuEndpoint.listen({ path: ctrl, vtpm, log: (l) => this.#log(`qemu ${id}: ${l}`) });
@@ -92,7 +94,7 @@ export class QemuDevices {
 
   async #teardown(r: Running): Promise<void> {
     await r.ep?.close().catch(() => {});
-    if (r.instance !== null) await this.#vtpms.release(r.instance).catch(() => {});
+    if (r.instance !== null) await this.#vtpms.release?.(r.instance).catch(() => {});
   }
 
   async #close(id: string, answer: boolean): Promise<void> {

@@ -4,7 +4,7 @@ import { Domain } from '../xen/index.js';
 import { connect, type XsClient, type XsWatch } from '../xenstore/client.js';
 import { vtpmDevice } from '../xenstore/xenbus.js';
 import { BackendDevice, type VtpmProvider } from './device.js';
-import { QemuDevices, isQemuProvider } from './qemu-devices.js';
+import { QemuDevices } from './qemu-devices.js';
 
 export const BACKEND_ROOT = '/local/domain/0/backend/vtpm';
 
@@ -39,7 +39,7 @@ export class Backend {
       b.#scanning = b.#scanning.then(() => b.#scan()).catch((err: unknown) => o.log(`scan: ${(err as Error).message}`));
     });
     // QEMU guests (`vtpm qemu attach`) get swtpm-compatible endpoints on the same vTPMs.
-    if (isQemuProvider(o.vtpms)) b.#qemu = await QemuDevices.start(xs, o.vtpms, o.log);
+    b.#qemu = await QemuDevices.start(xs, o.vtpms, o.log);
     return b;
   }
 
