@@ -25,8 +25,8 @@ export class TestHost {
     await vtpm('host', 'up', '--run', h.run, '--state', join(work, 'state'));
     return h;
   }
-  async attach(vm: string, ctrl: string): Promise<void> {
-    await vtpm('qemu', 'attach', '--run', this.run, '--vm', vm, '--ctrl', ctrl);
+  async attach(vm: string, ctrl: string, version: '2.0' | '1.2' = '2.0'): Promise<void> {
+    await vtpm('qemu', 'attach', '--run', this.run, '--vm', vm, '--ctrl', ctrl, '--tpm-version', version);
   }
   async detach(vm: string): Promise<void> {
     await vtpm('qemu', 'detach', '--run', this.run, '--vm', vm);
@@ -55,6 +55,10 @@ const INIT = `#!/bin/busybox sh
 mount -t proc proc /proc; mount -t sysfs sys /sys; mount -t devtmpfs dev /dev
 T=/sys/class/tpm/tpm0
 echo "E2E-VERSION $(cat $T/tpm_version_major)"
+if [ "$(cat $T/tpm_version_major)" = 1 ]; then
+  (cat $T/pcrs 2>/dev/null || cat $T/device/pcrs) | grep '^PCR-0[0-7]' | sed 's/^/E2E-PCR12 /'
+  while true; do sleep 1; done
+fi
 for i in 0 1 2 3 4 5 6 7; do echo "E2E-PCR $i $(cat $T/pcr-sha256/$i)"; done
 raw() { exec 3<>/dev/tpm0; printf "$1" >&3; dd bs=4096 count=1 <&3 2>/dev/null | hexdump -v -e '/1 "%02x"'; exec 3<&-; }
 echo "E2E-GETRANDOM $(raw '\\x80\\x01\\x00\\x00\\x00\\x0c\\x00\\x00\\x01\\x7b\\x00\\x10')"

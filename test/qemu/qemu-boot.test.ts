@@ -112,6 +112,21 @@ describe('QEMU -tpmdev emulator on our endpoint', () => {
     expect(swtpms.at(-1)!.log()).toMatch(/Ctrl Cmd: length \d+\n 00 00 00 0D/);
   });
 
+  it('TPM 1.2 (tpm-tis): QEMU detects a 1.2 TPM, the guest sees version 1 and SeaBIOS PCRs 0-7', async () => {
+    const vm = randomUUID();
+    const ctrl = join(work, 'tpm12.sock');
+    await host.attach(vm, ctrl, '1.2');
+    const q = startQemu({ name: 'tpm12', ctrl, device: 'tpm-tis' });
+    await q.waitSerial(/^E2E-PCR12 PCR-07:/m);
+    const serial = q.serialText();
+    expect(serial).toMatch(/E2E-VERSION 1\s/);
+    const pcrs = [...serial.matchAll(/^E2E-PCR12 PCR-0([0-7]): ((?:[0-9A-F]{2} ?){20})/gm)];
+    expect(pcrs.map((m) => m[1])).toEqual(['0', '1', '2', '3', '4', '5', '6', '7']);
+    for (const m of pcrs) expect(m[2]!.replace(/ /g, '')).not.toBe('0'.repeat(40));
+    await q.quit();
+    await host.detach(vm);
+  });
+
   it('swtpm 0.7.1 -> ours: a guest booted on swtpm is restored onto our endpoint with PCR16 intact', async () => {
     const dir = join(work, 'swtpm-src');
     const sw = new Swtpm(dir, join(work, 'swtpm-src.sock'));
