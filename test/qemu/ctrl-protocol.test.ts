@@ -42,6 +42,28 @@ afterAll(async () => {
   fs.rmSync(work, { recursive: true, force: true });
 });
 
+describe('vtpm qemu attach/detach', () => {
+  it('refuses a second endpoint for the same VM or the same socket, and detaching an unknown VM', async () => {
+    await expect(host.attach(vm, join(work, 'other.sock'))).rejects.toThrow(/already has a QEMU vTPM/);
+    await expect(host.attach(randomUUID(), ctrl)).rejects.toThrow(/already served/);
+    await expect(host.detach(randomUUID())).rejects.toThrow(/no QEMU vTPM/);
+    expect(fs.existsSync(join(work, 'other.sock'))).toBe(false);
+  });
+
+  it('detach closes the socket and re-attach serves the same VM again', async () => {
+    const vm2 = randomUUID();
+    const sock = join(work, 'again.sock');
+    await host.attach(vm2, sock);
+    await host.detach(vm2);
+    expect(fs.existsSync(sock)).toBe(false);
+    await host.attach(vm2, sock);
+    const c = await CtrlClient.connect(sock);
+    expect(await c.cmd('00000001', 8)).toBe('0000000000007fef');
+    c.close();
+    await host.detach(vm2);
+  });
+});
+
 describe('swtpm control protocol on our endpoint', () => {
   it('answers GET_CAPABILITY with 8 bytes carrying every bit QEMU 7.2 needs for TPM 2 and migration', async () => {
     const c = await CtrlClient.connect(ctrl);
