@@ -282,6 +282,8 @@ export class RightsReader {
    * The fd is dup'd: the caller keeps and eventually closes its own.
    */
   add(fd: number): RightsSocket {
+    // The poll set lives in a fixed block sized for MAX_SOCKETS (plus the wake pipe).
+    if (this.#socks.size >= MAX_SOCKETS) throw new Error(`more than ${MAX_SOCKETS} control connections`);
     const dupfd = c_dup(fd, F_DUPFD_CLOEXEC, 0) as number;
     if (dupfd < 0) throw new Error(`dup failed (errno ${errno()})`);
     const id = this.#nextId++;

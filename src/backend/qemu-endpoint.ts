@@ -108,7 +108,15 @@ export class QemuEndpoint {
       sock.destroy();
       return;
     }
-    const conn = new CtrlConnection(this, sock, RightsReader.shared().add(fd), this.#o.log);
+    let rs: RightsSocket;
+    try {
+      rs = RightsReader.shared().add(fd);
+    } catch (err) {
+      this.#o.log(`control connection refused: ${(err as Error).message}`);
+      sock.destroy();
+      return;
+    }
+    const conn = new CtrlConnection(this, sock, rs, this.#o.log);
     this.#conns.add(conn);
     conn.onClose = () => this.#conns.delete(conn);
   }
