@@ -10,7 +10,8 @@ import os from 'node:os';
 import { join } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { closeFd, sendWithFds, socketPair } from '../../native/unix-rights.js';
-import { CtrlClient, DataClient, TPM2, TestHost, exec } from './helpers.js';
+import { CtrlClient, DataClient, TPM2, TestHost, exec, vtpm } from './helpers.js';
+import { freePortPair } from '../../src/cli/ports.js';
 
 const work = fs.mkdtempSync(join(os.tmpdir(), 'vtpm-ctrl-'));
 const vm = randomUUID();
@@ -61,6 +62,40 @@ describe('vtpm qemu attach/detach', () => {
     expect(await c.cmd('00000001', 8)).toBe('0000000000007fef');
     c.close();
     await host.detach(vm2);
+  });
+});
+
+describe("the VM's vTPM is the same manager-backed instance a ring guest gets", () => {
+  it('an NV index written by tpm2-tools through a ring guest is read back by a QEMU-style client', async () => {
+    const vm3 = randomUUID();
+    const port = await freePortPair();
+    await vtpm('guest', 'attach', '--run', host.run, '--domid', '7', '--vm', vm3, '--protocol', 'ring', '--tcti-port', String(port));
+    const env = { ...process.env, TPM2TOOLS_TCTI: `swtpm:host=127.0.0.1,port=${port}` };
+    const nvIn = join(work, 'nv.in');
+    fs.writeFileSync(nvIn, 'from-a-ring-guest');
+    await exec('tpm2_startup', ['-c'], { env });
+    await exec('tpm2_nvdefine', ['-Q', '0x1500016', '-C', 'o', '-s', '32', '-a', 'ownerread|ownerwrite|authread|authwrite'], { env });
+    await exec('tpm2_nvwrite', ['-Q', '0x1500016', '-C', 'o', '-i', nvIn], { env });
+    await vtpm('guest', 'detach', '--run', host.run, '--domid', '7');
+    const sock = join(work, 'shared.sock');
+    await host.attach(vm3, sock);
+    const c3 = await CtrlClient.connect(sock);
+    const [mine, theirs] = socketPair();
+    sendWithFds(c3.fd, Buffer.from('00000010', 'hex'), [theirs]);
+    closeFd(theirs);
+    expect((await c3.read(4)).toString('hex')).toBe('00000000');
+    const d3 = new DataClient(mine);
+    expect(await c3.cmd('00000002 00000000', 4)).toBe('00000000');
+    expect(await d3.transmit(TPM2.startupClear)).toBe('80010000000a00000000');
+    // TPM2_NV_Read(auth owner, index 0x01500016, size 17, offset 0) with an empty password session.
+    const r = await d3.transmit('8002 00000023 0000014e 40000001 01500016 00000009 40000009 0000 01 0000 0011 0000');
+    // header, parameterSize, TPM2B_MAX_NV_BUFFER {0x0011, data}, password session response.
+    expect(r.slice(0, 32)).toBe('80020000002600000000' + '00000013' + '0011');
+    expect(Buffer.from(r.slice(32, 32 + 34), 'hex').toString()).toBe('from-a-ring-guest');
+    expect(r.slice(66)).toBe('0000010000');
+    d3.close();
+    c3.close();
+    await host.detach(vm3);
   });
 });
 
