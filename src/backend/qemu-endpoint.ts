@@ -74,10 +74,17 @@ export class QemuEndpoint {
 
   /** Listen on `path` (replacing a stale socket file); resolves once it accepts connections. */
   static async listen(o: QemuEndpointOptions): Promise<QemuEndpoint> {
+    let st: fs.Stats | undefined;
     try {
-      if (fs.statSync(o.path).isSocket()) fs.unlinkSync(o.path);
+      st = fs.statSync(o.path);
     } catch {
-      /* no stale socket */
+      /* nothing there */
+    }
+    if (st) {
+      // Replace only a dead socket: a live one belongs to someone (a swtpm, another host).
+      if (!st.isSocket()) throw new Error(`${o.path} exists and is not a socket`);
+      if (await answers(o.path)) throw new Error(`${o.path} is in use by a live listener`);
+      fs.unlinkSync(o.path);
     }
     // Paused on connect: libuv must never read a control socket (it would drop passed fds).
     const server = net.createServer({ pauseOnConnect: true });
@@ -316,6 +323,16 @@ export class QemuEndpoint {
       /* already gone */
     }
   }
+}
+
+function answers(path: string): Promise<boolean> {
+  return new Promise((resolve) => {
+    const s = net.connect(path, () => {
+      s.destroy();
+      resolve(true);
+    });
+    s.on('error', () => resolve(false));
+  });
 }
 
 /** One control client: recvmsg via the reader thread in, Node's socket out. */

@@ -44,11 +44,20 @@ afterAll(async () => {
 });
 
 describe('vtpm qemu attach/detach', () => {
-  it('refuses a second endpoint for the same VM or the same socket, and detaching an unknown VM', async () => {
+  it('refuses a second endpoint for the same VM or socket, a live or non-socket path, and detaching an unknown VM', async () => {
     await expect(host.attach(vm, join(work, 'other.sock'))).rejects.toThrow(/already has a QEMU vTPM/);
     await expect(host.attach(randomUUID(), ctrl)).rejects.toThrow(/already served/);
     await expect(host.detach(randomUUID())).rejects.toThrow(/no QEMU vTPM/);
     expect(fs.existsSync(join(work, 'other.sock'))).toBe(false);
+    // A socket someone else listens on is not taken over; a dead one is replaced.
+    const { createServer } = await import('node:net');
+    const busy = join(work, 'busy.sock');
+    const srv = createServer();
+    await new Promise<void>((r) => srv.listen(busy, r));
+    await expect(host.attach(randomUUID(), busy)).rejects.toThrow(/in use/);
+    await new Promise<void>((r) => srv.close(() => r()));
+    fs.writeFileSync(join(work, 'plain-file'), '');
+    await expect(host.attach(randomUUID(), join(work, 'plain-file'))).rejects.toThrow(/not a socket/);
   });
 
   it('detach closes the socket and re-attach serves the same VM again', async () => {
