@@ -87,6 +87,8 @@ export interface QemuOptions {
   ctrl: string;
   device: 'tpm-tis' | 'tpm-crb';
   incoming?: string;
+  /** Let a reset reboot the guest (no -no-reboot). */
+  reboot?: boolean;
 }
 
 export class Qemu {
@@ -100,7 +102,7 @@ export class Qemu {
     this.serial = join(o.dir, `serial-${o.name}.log`);
     this.monitor = join(o.dir, `mon-${o.name}.sock`);
     const args = [
-      '-machine', 'q35', '-accel', 'tcg', '-m', '256', '-smp', '1', '-nographic', '-no-reboot',
+      '-machine', 'q35', '-accel', 'tcg', '-m', '256', '-smp', '1', '-nographic', ...(o.reboot ? [] : ['-no-reboot']),
       '-kernel', KERNEL, '-initrd', o.initrd, '-append', 'console=ttyS0 panic=-1 quiet',
       '-chardev', `socket,id=chrtpm,path=${o.ctrl}`, '-tpmdev', 'emulator,id=tpm0,chardev=chrtpm',
       '-device', `${o.device},tpmdev=tpm0`,

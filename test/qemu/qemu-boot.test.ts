@@ -112,6 +112,27 @@ describe('QEMU -tpmdev emulator on our endpoint', () => {
     expect(swtpms.at(-1)!.log()).toMatch(/Ctrl Cmd: length \d+\n 00 00 00 0D/);
   });
 
+  it('system_reset: QEMU re-INITs the TPM, the guest boots again on reset PCRs (PCR16 holds one extend, not two)', async () => {
+    const vm = randomUUID();
+    const ctrl = join(work, 'reset.sock');
+    await host.attach(vm, ctrl);
+    const q = startQemu({ name: 'reset', ctrl, device: 'tpm-tis', reboot: true });
+    await bootAndCheck(q);
+    const firstBoot = guestReport(q.serialText());
+    await q.hmp('system_reset');
+    // The second boot prints its own report; wait for its second loop line.
+    await q.waitSerial(/E2E-VERSION[\s\S]*E2E-VERSION[\s\S]*E2E-LOOP 2 /);
+    const second = q.serialText().slice(q.serialText().lastIndexOf('E2E-VERSION'));
+    const r = guestReport('\n' + second);
+    expect(r.version).toBe('2');
+    expect(r.pcrs).toEqual(firstBoot.pcrs);
+    expect(r.extend).toBe(SUCCESS_EXTEND);
+    expect(r.loops[0]!.n).toBe(1);
+    expect(r.loops[0]!.pcr16).toBe(expectedPcr16());
+    await q.quit();
+    await host.detach(vm);
+  });
+
   it('TPM 1.2 (tpm-tis): QEMU detects a 1.2 TPM, the guest sees version 1 and SeaBIOS PCRs 0-7', async () => {
     const vm = randomUUID();
     const ctrl = join(work, 'tpm12.sock');
