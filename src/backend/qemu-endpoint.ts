@@ -398,7 +398,9 @@ class CtrlConnection {
     this.#closed = true;
     if (this.#timer) clearTimeout(this.#timer);
     this.#rs.close();
-    if (afterWrites) this.#sock.end();
+    // Nothing reads this socket through Node, so it would never see the peer's end: destroy it once
+    // the last reply is flushed.
+    if (afterWrites) this.#sock.end(() => this.#sock.destroy());
     else this.#sock.destroy();
     this.onClose();
   }

@@ -182,6 +182,37 @@ describe('bad input on a live endpoint', () => {
     c2.close();
   });
 
+  it('leaks no descriptors: hung-up, refused and normal connections and refused data fds are all closed', async () => {
+    const host_ = JSON.parse(fs.readFileSync(join(host.run, 'host.json'), 'utf8')) as { processes: Array<{ role: string; pid: number }> };
+    const pid = host_.processes.find((p) => p.role === 'backend')!.pid;
+    const fds = () => fs.readdirSync(`/proc/${pid}/fd`).length;
+    await alive();
+    await sleep(200);
+    const before = fds();
+    for (let i = 0; i < 10; i++) {
+      const a = await CtrlClient.connect(ctrl);
+      expect(await a.cmd('0000000d 00000000 00000001 ffffffff', 4)).toBe('00000009');
+      const b = await CtrlClient.connect(ctrl);
+      b.write('0000');
+      const c = await CtrlClient.connect(ctrl);
+      expect(await c.cmd('00000001', 8)).toBe('0000000000007fef');
+      // SET_DATAFD with two fds (refused: 0x03) and an fd riding on another command (closed).
+      const [m1, t1] = socketPair();
+      const [m2, t2] = socketPair();
+      sendWithFds(c.fd, Buffer.from('00000010', 'hex'), [t1, t2]);
+      expect((await c.read(4)).toString('hex')).toBe('00000003');
+      sendWithFds(c.fd, Buffer.from('00000001', 'hex'), [t1]);
+      expect((await c.read(8)).toString('hex')).toBe('0000000000007fef');
+      for (const fd of [m1, t1, m2, t2]) closeFd(fd);
+      a.close();
+      c.close();
+      await b.read(4, 1000);
+      b.close();
+    }
+    await sleep(300);
+    expect(fds()).toBeLessThanOrEqual(before);
+  });
+
   it('survives fuzzed control streams: answers start with a ptm_res code, the endpoint keeps serving', async () => {
     const known = fc.constantFrom(...Array.from({ length: 0x14 }, (_, i) => i), 0xffff, 0x80000001);
     const msg = fc.tuple(known, fc.uint8Array({ maxLength: 40 })).map(([code, tail]) => Buffer.concat([encodeRequest(code), tail]));
