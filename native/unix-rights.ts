@@ -21,7 +21,6 @@ const c_dup = libc.func('int fcntl(int fd, int cmd, int arg)');
 const c_close = libc.func('int close(int fd)');
 const c_read = libc.func('intptr_t read(int fd, void *buf, size_t n)');
 const c_write = libc.func('intptr_t write(int fd, void *buf, size_t n)');
-const c_shutdown = libc.func('int shutdown(int fd, int how)');
 const c_errno = libc.func('int *__errno_location(void)');
 
 const F_DUPFD_CLOEXEC = 1030;
@@ -35,7 +34,6 @@ const SCM_RIGHTS = 1;
 const POLLIN = 0x1;
 const EINTR = 4;
 const EAGAIN = 11;
-const SHUT_RDWR = 2;
 
 /** swtpm reads a control message into 4 + sizeof(ptm_hdata) bytes at once; so do we. */
 export const RECV_CHUNK = 4104;
@@ -124,10 +122,6 @@ export function closeFd(fd: number): void {
   c_close(fd);
 }
 
-/** shutdown(SHUT_RDWR): wakes anyone blocked on the socket and tells the peer we are gone. */
-export function shutdownFd(fd: number): void {
-  c_shutdown(fd, SHUT_RDWR);
-}
 
 // ---------------------------------------------------------------------------------------------------
 // Worker side.
