@@ -6,8 +6,10 @@ import type { TpmInstance } from '../tpm/instance.js';
 import type { ManagerClient } from '../manager/client.js';
 import type { VtpmProvider } from './device.js';
 import type { VtpmTarget } from './target.js';
+import type { QemuVtpm } from './qemu-endpoint.js';
+import type { QemuVtpmProvider } from './qemu-devices.js';
 
-export class InProcessVtpms implements VtpmProvider {
+export class InProcessVtpms implements VtpmProvider, QemuVtpmProvider {
   readonly #host: TpmHost;
   readonly #mgr: ManagerClient;
   readonly #log: (l: string) => void;
@@ -31,6 +33,18 @@ export class InProcessVtpms implements VtpmProvider {
       this.#log(`vTPM instance ${instance} (${version}) ${created ? 'created' : resume ? 'resumed' : 'loaded'} for VM ${vmUuid}`);
     }
     return this.#target(inst);
+  }
+
+  /** The VM's instance for a QEMU endpoint: powered off until QEMU's CMD_INIT, as swtpm starts. */
+  async openQemu(vmUuid: string, version: '2.0' | '1.2'): Promise<QemuVtpm> {
+    const { instance, created } = await this.#mgr.open({ vmUuid, version });
+    const existing = this.#host.get(instance);
+    if (existing && existing.status !== 'destroyed') throw new Error(`VM ${vmUuid}: vTPM ${instance} is already attached`);
+    // A QEMU cold boot starts the TPM afresh; an incoming migration brings its own volatile state.
+    if (!created) await this.#mgr.delete(instance, 'volatile');
+    const inst = await this.#host.create({ instance, version, store: this.#mgr, powerOn: false });
+    this.#log(`vTPM instance ${instance} (${version}) ${created ? 'created' : 'loaded'} for QEMU VM ${vmUuid}`);
+    return inst;
   }
 
   #target(inst: TpmInstance): VtpmTarget & { instance: number } {

@@ -4,6 +4,7 @@ import { Domain } from '../xen/index.js';
 import { connect, type XsClient, type XsWatch } from '../xenstore/client.js';
 import { vtpmDevice } from '../xenstore/xenbus.js';
 import { BackendDevice, type VtpmProvider } from './device.js';
+import { QemuDevices } from './qemu-devices.js';
 
 export const BACKEND_ROOT = '/local/domain/0/backend/vtpm';
 
@@ -22,6 +23,7 @@ export class Backend {
   readonly #o: BackendOptions;
   readonly #devices = new Map<string, BackendDevice>();
   #watch: XsWatch | null = null;
+  #qemu: QemuDevices | null = null;
   #scanning: Promise<void> = Promise.resolve();
 
   private constructor(dom: Domain, xs: XsClient, o: BackendOptions) {
@@ -38,6 +40,8 @@ export class Backend {
     b.#watch = await xs.watch(BACKEND_ROOT, () => {
       b.#scanning = b.#scanning.then(() => b.#scan()).catch((err: unknown) => o.log(`scan: ${(err as Error).message}`));
     });
+    // QEMU guests (`vtpm qemu attach`) get swtpm-compatible endpoints on the same vTPMs.
+    b.#qemu = await QemuDevices.start(xs, o.vtpms, o.log);
     return b;
   }
 
@@ -88,6 +92,7 @@ export class Backend {
 
   async stop(): Promise<void> {
     await this.#watch?.close().catch(() => {});
+    await this.#qemu?.stop().catch(() => {});
     await Promise.all(this.devices.map((d) => d.stop().catch(() => {})));
     await this.xs.close().catch(() => {});
     await this.dom.destroy();

@@ -465,6 +465,25 @@ export class TpmInstance extends EventEmitter implements TpmEndpoint {
     });
   }
 
+  /**
+   * TPMLIB_SetBufferSize (swtpm CMD_SET_BUFFERSIZE): 0 queries; another size is clamped by libtpms to
+   * [min, max] and may only change while the TPM is off. Commands above the size are refused.
+   */
+  setBufferSize(wanted: number): { size: number; min: number; max: number } {
+    const lib = this.#requireLib();
+    if (wanted !== 0 && this.#status === 'running') {
+      throw new TpmInstanceError('RUNNING', this.instance, 'the buffer size can only change while the TPM is off');
+    }
+    const r = lib.setBufferSize(wanted);
+    this.#bufferSize = r.size;
+    return r;
+  }
+
+  /** TPMLIB_GetInfo (swtpm CMD_GET_INFO): libtpms' JSON for the given flags. */
+  info(flags: number): string {
+    return this.#requireLib().getInfo(flags);
+  }
+
   /** The nvram name libtpms uses for a kind (permall, volatilestate, savestate). */
   static nvramName(kind: StateKind): string {
     return NVRAM_NAME[kind];

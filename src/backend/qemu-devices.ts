@@ -1,0 +1,115 @@
+// The backend's side of `vtpm qemu attach|detach`: the toolstack writes one node per QEMU vTPM under
+// /local/domain/0/backend/vtpm-qemu/<n> (uuid, ctrl, tpm-version, state=1); we open the VM's vTPM,
+// start its swtpm-compatible endpoint on `ctrl` and write state=4 once it listens (or `error` and
+// state=6). state=5 from the toolstack (or the node vanishing) closes the endpoint; we answer state=6.
+import type { XsClient, XsWatch } from '../xenstore/client.js';
+import { QemuEndpoint, type QemuVtpm } from './qemu-endpoint.js';
+
+export const QEMU_ROOT = '/local/domain/0/backend/vtpm-qemu';
+
+/** Node states, borrowed from xenbus: Initialising, Connected, Closing, Closed. */
+export const QemuNodeState = { INITIALISING: 1, CONNECTED: 4, CLOSING: 5, CLOSED: 6 } as const;
+
+/** What the backend's vTPM provider offers QEMU: the VM's instance itself (QEMU drives its power). */
+export interface QemuVtpmProvider {
+  /** Open the VM's vTPM at the manager, powered off, volatile state dropped (QEMU sends INIT). */
+  openQemu(vmUuid: string, version: '2.0' | '1.2'): Promise<QemuVtpm>;
+  release(instance: number): Promise<void>;
+}
+
+export function isQemuProvider(p: unknown): p is QemuVtpmProvider {
+  return typeof (p as Partial<QemuVtpmProvider>).openQemu === 'function';
+}
+
+interface Running {
+  ep: QemuEndpoint | null;
+  instance: number | null;
+  closing: boolean;
+}
+
+export class QemuDevices {
+  readonly #xs: XsClient;
+  readonly #vtpms: Partial<QemuVtpmProvider>;
+  readonly #log: (l: string) => void;
+  readonly #nodes = new Map<string, Running>();
+  #watch: XsWatch | null = null;
+  #chain: Promise<void> = Promise.resolve();
+
+  private constructor(xs: XsClient, vtpms: Partial<QemuVtpmProvider>, log: (l: string) => void) {
+    this.#xs = xs;
+    this.#vtpms = vtpms;
+    this.#log = log;
+  }
+
+  /** `vtpms` without openQemu (a provider that cannot hand out instances) refuses every node. */
+  static async start(xs: XsClient, vtpms: object, log: (l: string) => void): Promise<QemuDevices> {
+    const d = new QemuDevices(xs, vtpms as Partial<QemuVtpmProvider>, log);
+    d.#watch = await xs.watch(QEMU_ROOT, () => {
+      d.#chain = d.#chain.then(() => d.#scan()).catch((err: unknown) => log(`qemu scan: ${(err as Error).message}`));
+    });
+    return d;
+  }
+
+  async #scan(): Promise<void> {
+    let ids: string[] = [];
+    try {
+      ids = (await this.#xs.directory(QEMU_ROOT)).filter((n) => /^[0-9]+$/.test(n));
+    } catch {
+      /* root not there yet */
+    }
+    for (const id of ids) {
+      const state = Number(await this.#xs.tryRead(`${QEMU_ROOT}/${id}/state`));
+      const have = this.#nodes.get(id);
+      if (!have && state === QemuNodeState.INITIALISING) await this.#open(id);
+      else if (have && !have.closing && state === QemuNodeState.CLOSING) await this.#close(id, true);
+    }
+    for (const id of [...this.#nodes.keys()]) if (!ids.includes(id)) await this.#close(id, false);
+  }
+
+  async #open(id: string): Promise<void> {
+    const node = `${QEMU_ROOT}/${id}`;
+    const r: Running = { ep: null, instance: null, closing: false };
+    this.#nodes.set(id, r);
+    try {
+      const uuid = await this.#xs.readString(`${node}/uuid`);
+      const ctrl = await this.#xs.readString(`${node}/ctrl`);
+      const version = ((await this.#xs.tryRead(`${node}/tpm-version`)) ?? '2.0') as '2.0' | '1.2';
+      if (version !== '2.0' && version !== '1.2') throw new Error(`tpm-version ${String(version)} is neither 2.0 nor 1.2`);
+      if (!isQemuProvider(this.#vtpms)) throw new Error('this backend mode cannot serve QEMU endpoints');
+      const vtpm = await this.#vtpms.openQemu(uuid, version);
+      r.instance = vtpm.instance;
+      r.ep = await QemuEndpoint.listen({ path: ctrl, vtpm, log: (l) => this.#log(`qemu ${id}: ${l}`) });
+      await this.#xs.write(`${node}/instance`, String(vtpm.instance));
+      await this.#xs.write(`${node}/state`, String(QemuNodeState.CONNECTED));
+      this.#log(`qemu ${id}: VM ${uuid} vTPM ${vtpm.instance} (${version}) listening on ${ctrl}`);
+    } catch (err) {
+      const msg = (err as Error).message;
+      this.#log(`qemu ${id}: attach failed: ${msg}`);
+      await this.#teardown(r);
+      this.#nodes.delete(id);
+      await this.#xs.write(`${node}/error`, msg).catch(() => {});
+      await this.#xs.write(`${node}/state`, String(QemuNodeState.CLOSED)).catch(() => {});
+    }
+  }
+
+  async #teardown(r: Running): Promise<void> {
+    await r.ep?.close().catch(() => {});
+    if (r.instance !== null) await this.#vtpms.release?.(r.instance).catch(() => {});
+  }
+
+  async #close(id: string, answer: boolean): Promise<void> {
+    const r = this.#nodes.get(id);
+    if (!r) return;
+    r.closing = true;
+    await this.#teardown(r);
+    this.#nodes.delete(id);
+    this.#log(`qemu ${id}: detached`);
+    if (answer) await this.#xs.write(`${QEMU_ROOT}/${id}/state`, String(QemuNodeState.CLOSED)).catch(() => {});
+  }
+
+  async stop(): Promise<void> {
+    await this.#watch?.close().catch(() => {});
+    await this.#chain;
+    for (const id of [...this.#nodes.keys()]) await this.#close(id, false);
+  }
+}

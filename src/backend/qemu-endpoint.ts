@@ -1,0 +1,479 @@
+// The swtpm-compatible endpoint of one VM's vTPM for QEMU's `-tpmdev emulator`: a UNIX control socket
+// speaking swtpm's control protocol (swtpm-ctrl.ts) and the TPM data channel QEMU passes in with
+// CMD_SET_DATAFD. The vTPM behind it is the VM's manager-backed instance, as for a ring guest.
+//
+// Like swtpm started for QEMU (`swtpm socket --ctrl type=unixio,...` without --flags not-need-init),
+// the TPM is off until CMD_INIT; data commands before that get the TPM's fatal error, which is how
+// QEMU's version probe recognises a TPM 2. Unlike swtpm, several control clients are served at once
+// (swtpm #415: a second one must not hang the first); their commands run one at a time.
+import net from 'node:net';
+import fs from 'node:fs';
+import { RightsReader, closeFd, type Received, type RightsSocket } from '../../native/unix-rights.js';
+import {
+  CTRL_DEADLINE_MS,
+  Cmd,
+  CtrlReceiver,
+  GETINFO_SIZE,
+  INIT_FLAG_DELETE_VOLATILE,
+  OUR_CAPS,
+  Res,
+  STATE_FLAG_ENCRYPTED,
+  resultOnly,
+  u32s,
+  type CtrlRequest,
+  type ReceiverEvent,
+} from './swtpm-ctrl.js';
+import { errorResponse, TPM_BAD_PARAM_SIZE, TPM_RC_COMMAND_SIZE } from '../tpm/error-response.js';
+import { StateBlobError } from '../tpm/state-blob.js';
+import type { StateKind } from '../tpm/state-store.js';
+
+/** What the endpoint drives: a TpmInstance satisfies it. */
+export interface QemuVtpm {
+  readonly instance: number;
+  readonly version: '2.0' | '1.2';
+  readonly status: string;
+  readonly bufferSize: number;
+  execute(command: Uint8Array, opts: { locality: number }): Promise<Uint8Array>;
+  cancel(): void;
+  powerOn(): Promise<void>;
+  powerOff(): Promise<void>;
+  recreate(): Promise<void>;
+  saveVolatile(): Promise<void>;
+  getStateBlob(kind: StateKind): Promise<Uint8Array | null>;
+  setStateBlob(kind: StateKind, blob: Uint8Array): Promise<void>;
+  setBufferSize(wanted: number): { size: number; min: number; max: number };
+  info(flags: number): string;
+}
+
+export interface QemuEndpointOptions {
+  path: string;
+  vtpm: QemuVtpm;
+  log: (line: string) => void;
+  /** Called after CMD_SHUTDOWN was answered (swtpm exits there; we power off and keep listening). */
+  onShutdown?: () => void;
+}
+
+const KIND_OF_TYPE: Record<number, StateKind> = { 1: 'permanent', 2: 'volatile', 3: 'savestate' };
+
+export class QemuEndpoint {
+  readonly path: string;
+  readonly #o: QemuEndpointOptions;
+  readonly #server: net.Server;
+  readonly #conns = new Set<CtrlConnection>();
+  #data: DataChannel | null = null;
+  #locality = 0;
+  /** Control commands of every client run one at a time against the vTPM. */
+  #chain: Promise<void> = Promise.resolve();
+  #closed = false;
+
+  private constructor(o: QemuEndpointOptions, server: net.Server) {
+    this.#o = o;
+    this.path = o.path;
+    this.#server = server;
+  }
+
+  /** Listen on `path` (replacing a stale socket file); resolves once it accepts connections. */
+  static async listen(o: QemuEndpointOptions): Promise<QemuEndpoint> {
+    let st: fs.Stats | undefined;
+    try {
+      st = fs.statSync(o.path);
+    } catch {
+      /* nothing there */
+    }
+    if (st) {
+      // Replace only a dead socket: a live one belongs to someone (a swtpm, another host).
+      if (!st.isSocket()) throw new Error(`${o.path} exists and is not a socket`);
+      if (await answers(o.path)) throw new Error(`${o.path} is in use by a live listener`);
+      fs.unlinkSync(o.path);
+    }
+    // Paused on connect: libuv must never read a control socket (it would drop passed fds).
+    const server = net.createServer({ pauseOnConnect: true });
+    const ep = new QemuEndpoint(o, server);
+    server.on('connection', (s) => ep.#accept(s));
+    await new Promise<void>((resolve, reject) => {
+      server.once('error', reject);
+      server.listen(o.path, () => {
+        server.off('error', reject);
+        resolve();
+      });
+    });
+    fs.chmodSync(o.path, 0o600);
+    return ep;
+  }
+
+  get vtpm(): QemuVtpm {
+    return this.#o.vtpm;
+  }
+
+  get hasDataChannel(): boolean {
+    return this.#data !== null;
+  }
+
+  #accept(sock: net.Socket): void {
+    const fd = (sock as unknown as { _handle?: { fd?: number } })._handle?.fd;
+    if (this.#closed || fd === undefined || fd < 0) {
+      sock.destroy();
+      return;
+    }
+    let rs: RightsSocket;
+    try {
+      rs = RightsReader.shared().add(fd);
+    } catch (err) {
+      this.#o.log(`control connection refused: ${(err as Error).message}`);
+      sock.destroy();
+      return;
+    }
+    const conn = new CtrlConnection(this, sock, rs, this.#o.log);
+    this.#conns.add(conn);
+    conn.onClose = () => this.#conns.delete(conn);
+  }
+
+  /** Queue one request's handling behind every other client's. */
+  run(req: CtrlRequest): Promise<Buffer> {
+    const p = this.#chain.then(() => this.#handle(req));
+    this.#chain = p.then(
+      () => undefined,
+      () => undefined,
+    );
+    return p;
+  }
+
+  async #handle(req: CtrlRequest): Promise<Buffer> {
+    const v = this.#o.vtpm;
+    const running = v.status === 'running';
+    // Only SET_DATAFD takes descriptors; any others are closed right away.
+    const fds = req.fds;
+    if (req.cmd !== Cmd.SET_DATAFD) for (const fd of fds.splice(0)) closeFd(fd);
+    const p = req.payload;
+    switch (req.cmd) {
+      case Cmd.GET_CAPABILITY:
+        // swtpm 0.7.1 writes a BE u64 (QEMU 7.2 reads one): the same 8 bytes as {result 0, caps}.
+        return u32s(Res.SUCCESS, OUR_CAPS);
+      case Cmd.INIT: {
+        const flags = p.readUInt32BE(0);
+        try {
+          if (v.status === 'failed') await v.recreate();
+          else {
+            if (running) await v.powerOff();
+            await v.powerOn();
+          }
+          this.#o.log(`vTPM ${v.instance}: CMD_INIT flags 0x${flags.toString(16)}${flags & INIT_FLAG_DELETE_VOLATILE ? ' (delete volatile)' : ''}`);
+          return resultOnly(Res.SUCCESS);
+        } catch (err) {
+          this.#o.log(`vTPM ${v.instance}: CMD_INIT failed: ${(err as Error).message}`);
+          return resultOnly(Res.FAIL);
+        }
+      }
+      case Cmd.SHUTDOWN:
+      case Cmd.STOP:
+        await v.powerOff().catch((err: unknown) => this.#o.log(`vTPM ${v.instance}: power off: ${(err as Error).message}`));
+        if (req.cmd === Cmd.SHUTDOWN) {
+          // swtpm's process ends here, taking the data channel with it; ours stays for the next QEMU.
+          this.#data?.close();
+          this.#data = null;
+          setImmediate(() => this.#o.onShutdown?.());
+        }
+        return resultOnly(Res.SUCCESS);
+      case Cmd.SET_LOCALITY: {
+        const loc = p[0]!;
+        if (loc > 4) return resultOnly(Res.BAD_LOCALITY);
+        this.#locality = loc; // kept across INIT, as swtpm does
+        return resultOnly(Res.SUCCESS);
+      }
+      case Cmd.GET_CONFIG:
+        return u32s(Res.SUCCESS, 0); // no file key, no migration key: blobs travel unencrypted
+      case Cmd.SET_DATAFD:
+        return this.#setDataFd(fds);
+      case Cmd.SET_BUFFERSIZE: {
+        const wanted = p.readUInt32BE(0);
+        if (wanted !== 0 && running) return resultOnly(Res.BAD_ORDINAL);
+        const r = v.setBufferSize(wanted);
+        return u32s(Res.SUCCESS, r.size, r.min, r.max);
+      }
+      case Cmd.GET_INFO:
+        return this.#getInfo(p);
+      case Cmd.SET_STATEBLOB:
+        return this.#setStateBlob(p, req.blob!, running);
+      default:
+        break;
+    }
+    // Everything below needs a running TPM.
+    if (!running) return resultOnly(Res.BAD_ORDINAL);
+    switch (req.cmd) {
+      case Cmd.GET_TPMESTABLISHED:
+        // The flag is set only by an H-CRTM hash sequence at locality 4, which we do not offer.
+        return Buffer.concat([u32s(Res.SUCCESS), Buffer.from([0, 0, 0, 0])]);
+      case Cmd.RESET_TPMESTABLISHED:
+        return resultOnly(p[0]! > 4 ? Res.BAD_LOCALITY : Res.SUCCESS);
+      case Cmd.CANCEL_TPM_CMD:
+        v.cancel();
+        return resultOnly(Res.SUCCESS);
+      case Cmd.STORE_VOLATILE:
+        try {
+          await v.saveVolatile();
+          return resultOnly(Res.SUCCESS);
+        } catch {
+          return resultOnly(Res.FAIL);
+        }
+      case Cmd.GET_STATEBLOB:
+        return this.#getStateBlob(p);
+      default:
+        return resultOnly(Res.BAD_ORDINAL);
+    }
+  }
+
+  #setDataFd(fds: number[]): Buffer {
+    if (fds.length !== 1) {
+      for (const fd of fds) closeFd(fd);
+      return resultOnly(Res.BAD_PARAMETER);
+    }
+    if (this.#data) {
+      closeFd(fds[0]!);
+      return resultOnly(Res.IOERROR);
+    }
+    let ch: DataChannel;
+    try {
+      ch = new DataChannel(fds[0]!, this, this.#o.log);
+    } catch (err) {
+      closeFd(fds[0]!);
+      this.#o.log(`SET_DATAFD: ${(err as Error).message}`);
+      return resultOnly(Res.BAD_PARAMETER);
+    }
+    this.#data = ch;
+    ch.onClose = () => {
+      if (this.#data === ch) this.#data = null; // swtpm forgets the fd on POLLHUP
+    };
+    return resultOnly(Res.SUCCESS);
+  }
+
+  #getInfo(p: Buffer): Buffer {
+    const flags = Number(p.readBigUInt64BE(0) & 0xffffffffn);
+    const offset = p.readUInt32BE(8);
+    const json = Buffer.from(this.#o.vtpm.info(flags), 'utf8');
+    if (offset >= json.length) return resultOnly(Res.BAD_PARAMETER);
+    // swtpm sends the NUL-terminated string, up to PTM_GETINFO_SIZE bytes per request.
+    const total = json.length + 1;
+    const chunk = Buffer.concat([json, Buffer.from([0])]).subarray(offset, offset + GETINFO_SIZE);
+    return Buffer.concat([u32s(Res.SUCCESS, total, chunk.length), chunk]);
+  }
+
+  async #getStateBlob(p: Buffer): Promise<Buffer> {
+    const type = p.readUInt32BE(4);
+    const offset = p.readUInt32BE(8);
+    const kind = KIND_OF_TYPE[type];
+    // Errors here keep the full 16-byte header, as swtpm's GET_STATEBLOB does; swtpm 0.7.1 answers an
+    // unknown type like a missing blob (TPM_RETRY), measured.
+    if (!kind) return u32s(Res.RETRY, 0, 0, 0);
+    let blob: Uint8Array | null;
+    try {
+      blob = await this.#o.vtpm.getStateBlob(kind);
+    } catch (err) {
+      this.#o.log(`vTPM ${this.#o.vtpm.instance}: GET_STATEBLOB ${kind}: ${(err as Error).message}`);
+      return u32s(Res.FAIL, 0, 0, 0);
+    }
+    if (!blob) return u32s(Res.RETRY, 0, 0, 0);
+    // Sockets get the whole rest of the blob at once (totlength = length); QEMU insists on that.
+    const rest = blob.subarray(Math.min(offset, blob.length));
+    return Buffer.concat([u32s(Res.SUCCESS, 0, rest.length, rest.length), rest]);
+  }
+
+  async #setStateBlob(p: Buffer, blob: Buffer, running: boolean): Promise<Buffer> {
+    const flags = p.readUInt32BE(0);
+    const type = p.readUInt32BE(4);
+    if (running) return resultOnly(Res.BAD_ORDINAL);
+    const kind = KIND_OF_TYPE[type];
+    if (!kind) return resultOnly(Res.BAD_PARAMETER);
+    // File-key encryption we cannot undo: swtpm 0.7.1 without --key answers TPM_FAIL (measured).
+    if (flags & STATE_FLAG_ENCRYPTED) return resultOnly(Res.FAIL);
+    try {
+      await this.#o.vtpm.setStateBlob(kind, blob);
+      this.#o.log(`vTPM ${this.#o.vtpm.instance}: SET_STATEBLOB ${kind} (${blob.length} bytes)`);
+      return resultOnly(Res.SUCCESS);
+    } catch (err) {
+      this.#o.log(`vTPM ${this.#o.vtpm.instance}: SET_STATEBLOB ${kind}: ${(err as Error).message}`);
+      if (err instanceof StateBlobError) {
+        // A blob sealed with the state file key: TPM_FAIL; with a migration key: TPM_KEYNOTFOUND (swtpm 0.7.1).
+        if (err.code === 'ENCRYPTED') return resultOnly(blob.readUInt16BE(4) & 0x01 ? Res.FAIL : Res.KEYNOTFOUND);
+        if (err.code === 'VERSION') return resultOnly(Res.BAD_VERSION);
+        if (err.code === 'HDRSIZE') return resultOnly(Res.BAD_DATASIZE);
+        return resultOnly(Res.BAD_PARAMETER);
+      }
+      const rc = (err as { tpmResult?: number }).tpmResult;
+      return resultOnly(typeof rc === 'number' && rc !== 0 ? rc : Res.FAIL);
+    }
+  }
+
+  /** Run one data-channel command at the locality the control channel set. */
+  execute(command: Uint8Array): Promise<Uint8Array> {
+    return this.#o.vtpm.execute(command, { locality: this.#locality });
+  }
+
+  /** Stop listening and drop every connection; the vTPM itself is the caller's to release. */
+  async close(): Promise<void> {
+    if (this.#closed) return;
+    this.#closed = true;
+    for (const c of this.#conns) c.close();
+    this.#data?.close();
+    this.#data = null;
+    await new Promise<void>((resolve) => this.#server.close(() => resolve()));
+    await this.#chain;
+    try {
+      fs.unlinkSync(this.path);
+    } catch {
+      /* already gone */
+    }
+  }
+}
+
+function answers(path: string): Promise<boolean> {
+  return new Promise((resolve) => {
+    const s = net.connect(path, () => {
+      s.destroy();
+      resolve(true);
+    });
+    s.on('error', () => resolve(false));
+  });
+}
+
+/** One control client: recvmsg via the reader thread in, Node's socket out. */
+class CtrlConnection {
+  onClose: () => void = () => {};
+  readonly #ep: QemuEndpoint;
+  readonly #sock: net.Socket;
+  readonly #rs: RightsSocket;
+  readonly #rx = new CtrlReceiver();
+  readonly #log: (l: string) => void;
+  #timer: NodeJS.Timeout | null = null;
+  #queue: Promise<void> = Promise.resolve();
+  #closed = false;
+
+  constructor(ep: QemuEndpoint, sock: net.Socket, rs: RightsSocket, log: (l: string) => void) {
+    this.#ep = ep;
+    this.#sock = sock;
+    this.#rs = rs;
+    this.#log = log;
+    sock.on('error', () => this.close());
+    rs.on('data', (r: Received) => this.#onData(r));
+    rs.on('end', () => this.close());
+  }
+
+  #onData(r: Received): void {
+    if (this.#closed) {
+      for (const fd of r.fds) closeFd(fd);
+      return;
+    }
+    this.#dispatch(this.#rx.push(r.data, r.fds));
+    if (this.#timer) clearTimeout(this.#timer);
+    this.#timer = null;
+    if (this.#rx.pending) this.#timer = setTimeout(() => this.#dispatch(this.#rx.expire()), CTRL_DEADLINE_MS);
+  }
+
+  #dispatch(events: ReceiverEvent[]): void {
+    for (const ev of events) {
+      // Replies go out in request order even when a later request is quick.
+      this.#queue = this.#queue.then(async () => {
+        if (ev.kind === 'error') {
+          for (const fd of ev.fds) closeFd(fd);
+          const res = ev.err.result;
+          this.#log(`control client: ${ev.err.message} -> ${res === null ? 'hang up' : `0x${res.toString(16)}`}`);
+          if (res !== null) this.#write(resultOnly(res));
+          if (ev.err.fatal) this.close(true);
+          return;
+        }
+        const res = await this.#ep.run(ev.req).catch((err: unknown) => {
+          this.#log(`control command 0x${ev.req.cmd.toString(16)}: ${(err as Error).message}`);
+          return resultOnly(Res.FAIL);
+        });
+        this.#write(res);
+      });
+    }
+  }
+
+  #write(b: Buffer): void {
+    if (!this.#closed && !this.#sock.destroyed) this.#sock.write(b);
+  }
+
+  close(afterWrites = false): void {
+    if (this.#closed) return;
+    this.#closed = true;
+    if (this.#timer) clearTimeout(this.#timer);
+    this.#rs.close();
+    // Nothing reads this socket through Node, so it would never see the peer's end: destroy it once
+    // the last reply is flushed.
+    if (afterWrites) this.#sock.end(() => this.#sock.destroy());
+    else this.#sock.destroy();
+    this.onClose();
+  }
+}
+
+/** The TPM data channel over the fd QEMU passed: raw commands in, raw responses out, one at a time. */
+class DataChannel {
+  onClose: () => void = () => {};
+  readonly #sock: net.Socket;
+  readonly #ep: QemuEndpoint;
+  readonly #log: (l: string) => void;
+  #buf: Buffer = Buffer.alloc(0);
+  #discard = 0;
+  #busy = false;
+  #closed = false;
+
+  constructor(fd: number, ep: QemuEndpoint, log: (l: string) => void) {
+    this.#sock = new net.Socket({ fd, readable: true, writable: true });
+    this.#ep = ep;
+    this.#log = log;
+    this.#sock.on('data', (d: Buffer) => this.#onData(d));
+    this.#sock.on('error', () => this.close());
+    this.#sock.on('close', () => this.close());
+  }
+
+  #onData(d: Buffer): void {
+    if (this.#discard > 0) {
+      const n = Math.min(this.#discard, d.length);
+      this.#discard -= n;
+      d = d.subarray(n);
+    }
+    this.#buf = this.#buf.length ? Buffer.concat([this.#buf, d]) : d;
+    void this.#pump();
+  }
+
+  async #pump(): Promise<void> {
+    if (this.#busy) return;
+    this.#busy = true;
+    try {
+      while (!this.#closed && this.#buf.length >= 10) {
+        const size = this.#buf.readUInt32BE(2);
+        const tag = this.#buf.readUInt16BE(0);
+        const fam = tag === 0x8001 || tag === 0x8002 ? '2.0' : '1.2';
+        const limit = this.#ep.vtpm.bufferSize;
+        if (size < 10 || size > limit) {
+          // Refused without buffering it: the TPM's own size error, then skip the declared body.
+          this.#log(`data channel: command of ${size} bytes refused (buffer ${limit})`);
+          const rc = fam === '2.0' ? TPM_RC_COMMAND_SIZE : TPM_BAD_PARAM_SIZE;
+          const skip = size < 10 ? this.#buf.length : size;
+          const n = Math.min(skip, this.#buf.length);
+          this.#buf = this.#buf.subarray(n);
+          this.#discard = skip - n;
+          this.#sock.write(errorResponse(fam, rc, tag));
+          continue;
+        }
+        if (this.#buf.length < size) break;
+        const cmd = this.#buf.subarray(0, size);
+        this.#buf = this.#buf.subarray(size);
+        const rsp = await this.#ep.execute(cmd);
+        if (!this.#closed) this.#sock.write(rsp);
+      }
+    } catch (err) {
+      this.#log(`data channel: ${(err as Error).message}`);
+      this.close();
+    } finally {
+      this.#busy = false;
+    }
+  }
+
+  close(): void {
+    if (this.#closed) return;
+    this.#closed = true;
+    this.#sock.destroy();
+    this.onClose();
+  }
+}

@@ -1,0 +1,295 @@
+// swtpm's control channel ("ioctl" protocol over a UNIX socket, as QEMU's -tpmdev emulator and
+// swtpm_ioctl speak it): command codes, capability bits, result codes, and the request receiver.
+//
+// Framing (swtpm ctrlchannel.c): a request is a 4-byte big-endian code followed by that command's
+// payload, with no length prefix; the server knows each size. swtpm is message based: one recvmsg()
+// starts a command and it reads on until the command's minimum size is there, for at most 500 ms; a
+// message still short then makes swtpm 0.7.1 hang up without a reply (measured). Bytes that came along
+// with a command beyond what it uses belong to it (swtpm answers TPM_BAD_PARAMETER to extra bytes after
+// payload-less commands and INIT). SET_STATEBLOB carries its blob length in its header and is read to
+// the end. The receiver mirrors that, as a state machine.
+
+export const Cmd = {
+  GET_CAPABILITY: 0x01,
+  INIT: 0x02,
+  SHUTDOWN: 0x03,
+  GET_TPMESTABLISHED: 0x04,
+  SET_LOCALITY: 0x05,
+  HASH_START: 0x06,
+  HASH_DATA: 0x07,
+  HASH_END: 0x08,
+  CANCEL_TPM_CMD: 0x09,
+  STORE_VOLATILE: 0x0a,
+  RESET_TPMESTABLISHED: 0x0b,
+  GET_STATEBLOB: 0x0c,
+  SET_STATEBLOB: 0x0d,
+  STOP: 0x0e,
+  GET_CONFIG: 0x0f,
+  SET_DATAFD: 0x10,
+  SET_BUFFERSIZE: 0x11,
+  GET_INFO: 0x12,
+  LOCK_STORAGE: 0x13,
+} as const;
+
+/** PTM_CAP_* bits of CMD_GET_CAPABILITY. */
+export const Cap = {
+  INIT: 0x1,
+  SHUTDOWN: 0x2,
+  GET_TPMESTABLISHED: 0x4,
+  SET_LOCALITY: 0x8,
+  HASHING: 0x10,
+  CANCEL_TPM_CMD: 0x20,
+  STORE_VOLATILE: 0x40,
+  RESET_TPMESTABLISHED: 0x80,
+  GET_STATEBLOB: 0x100,
+  SET_STATEBLOB: 0x200,
+  STOP: 0x400,
+  GET_CONFIG: 0x800,
+  SET_DATAFD: 0x1000,
+  SET_BUFFERSIZE: 0x2000,
+  GET_INFO: 0x4000,
+  SEND_COMMAND_HEADER: 0x8000,
+  LOCK_STORAGE: 0x10000,
+} as const;
+
+/** What we implement: everything QEMU 7.2 needs (0x348F + 0x0700 for migration) and swtpm_ioctl uses. */
+export const OUR_CAPS =
+  Cap.INIT |
+  Cap.SHUTDOWN |
+  Cap.GET_TPMESTABLISHED |
+  Cap.SET_LOCALITY |
+  Cap.CANCEL_TPM_CMD |
+  Cap.STORE_VOLATILE |
+  Cap.RESET_TPMESTABLISHED |
+  Cap.GET_STATEBLOB |
+  Cap.SET_STATEBLOB |
+  Cap.STOP |
+  Cap.GET_CONFIG |
+  Cap.SET_DATAFD |
+  Cap.SET_BUFFERSIZE |
+  Cap.GET_INFO;
+
+/** ptm_res values (libtpms' TPM 1.2 result codes, used for TPM 2 too). */
+export const Res = {
+  SUCCESS: 0x00,
+  BAD_PARAMETER: 0x03,
+  FAIL: 0x09,
+  BAD_ORDINAL: 0x0a,
+  KEYNOTFOUND: 0x0d,
+  SIZE: 0x17,
+  IOERROR: 0x1f,
+  BAD_DATASIZE: 0x2b,
+  BAD_VERSION: 0x2e,
+  BAD_LOCALITY: 0x3d,
+  RETRY: 0x800,
+} as const;
+
+export const INIT_FLAG_DELETE_VOLATILE = 0x1;
+export const STATE_FLAG_DECRYPTED = 0x1;
+export const STATE_FLAG_ENCRYPTED = 0x2;
+export const BLOB_TYPE_PERMANENT = 1;
+export const BLOB_TYPE_VOLATILE = 2;
+export const BLOB_TYPE_SAVESTATE = 3;
+/** PTM_GETINFO_SIZE: the most GET_INFO returns per request. */
+export const GETINFO_SIZE = 3072;
+/** swtpm's deadline for the rest of a started control message. */
+export const CTRL_DEADLINE_MS = 500;
+/** Largest state blob we accept (swtpm HEAD's limit; libtpms 0.9 blobs are ~10 KiB). Checked before allocating. */
+export const MAX_STATE_BLOB = 512 * 1024;
+
+/** Payload bytes each command needs after its code; `exact` ones refuse extra bytes (swtpm does). */
+const PAYLOAD: Record<number, { min: number; exact: boolean }> = {
+  [Cmd.GET_CAPABILITY]: { min: 0, exact: true },
+  [Cmd.INIT]: { min: 4, exact: true },
+  [Cmd.SHUTDOWN]: { min: 0, exact: true },
+  [Cmd.GET_TPMESTABLISHED]: { min: 0, exact: true },
+  [Cmd.SET_LOCALITY]: { min: 1, exact: false },
+  [Cmd.CANCEL_TPM_CMD]: { min: 0, exact: true },
+  [Cmd.STORE_VOLATILE]: { min: 0, exact: true },
+  [Cmd.RESET_TPMESTABLISHED]: { min: 1, exact: false },
+  [Cmd.GET_STATEBLOB]: { min: 12, exact: false },
+  [Cmd.SET_STATEBLOB]: { min: 12, exact: false },
+  [Cmd.STOP]: { min: 0, exact: true },
+  [Cmd.GET_CONFIG]: { min: 0, exact: true },
+  [Cmd.SET_DATAFD]: { min: 0, exact: true },
+  [Cmd.SET_BUFFERSIZE]: { min: 4, exact: false },
+  [Cmd.GET_INFO]: { min: 16, exact: false },
+};
+
+export type CtrlErrorCode = 'TRUNCATED' | 'EXTRA_BYTES' | 'BLOB_TOO_LARGE' | 'UNKNOWN_COMMAND';
+
+/**
+ * A control request the receiver refused: `result` is what swtpm answers (null: it answers nothing),
+ * `fatal` closes the connection afterwards.
+ */
+export class CtrlProtocolError extends Error {
+  constructor(
+    readonly code: CtrlErrorCode,
+    readonly result: number | null,
+    readonly command: number,
+    message: string,
+    readonly fatal = false,
+  ) {
+    super(`control command 0x${command.toString(16)}: ${message}`);
+    this.name = 'CtrlProtocolError';
+  }
+}
+
+export interface CtrlRequest {
+  cmd: number;
+  /** The payload after the code (for SET_STATEBLOB: the 12-byte header; the blob is in `blob`). */
+  payload: Buffer;
+  blob?: Buffer;
+  /** Descriptors that arrived with this request (SCM_RIGHTS); the handler owns them. */
+  fds: number[];
+}
+
+export type ReceiverEvent = { kind: 'request'; req: CtrlRequest } | { kind: 'error'; err: CtrlProtocolError; fds: number[] };
+
+const enum State {
+  IDLE,
+  CODE,
+  PAYLOAD,
+  BLOB,
+}
+
+/**
+ * Turns received chunks (with their fds) into requests. Call push() per recvmsg result and expire()
+ * when the deadline (armed while `pending` is true) passes.
+ */
+export class CtrlReceiver {
+  #state = State.IDLE;
+  #buf: Buffer = Buffer.alloc(0);
+  #cmd = 0;
+  #fds: number[] = [];
+  #blob: Buffer | null = null;
+  #blobGot = 0;
+  #header: Buffer | null = null;
+
+  /** A command is started but not complete (the caller runs the 500 ms deadline). */
+  get pending(): boolean {
+    return this.#state !== State.IDLE;
+  }
+
+  push(chunk: Uint8Array, fds: number[] = []): ReceiverEvent[] {
+    const out: ReceiverEvent[] = [];
+    let data = Buffer.from(chunk.buffer, chunk.byteOffset, chunk.byteLength);
+    this.#fds.push(...fds);
+    if (this.#state === State.BLOB) {
+      data = this.#takeBlob(data, out);
+      // Bytes after a complete blob start a new message.
+      if (data.length === 0) return out;
+    }
+    if (this.#state === State.IDLE) {
+      this.#state = State.CODE;
+      this.#buf = data;
+    } else {
+      this.#buf = Buffer.concat([this.#buf, data]);
+    }
+    this.#advance(out);
+    return out;
+  }
+
+  /** The deadline passed with a message still incomplete: swtpm 0.7.1 hangs up without a reply. */
+  expire(): ReceiverEvent[] {
+    if (this.#state === State.IDLE) return [];
+    const cmd = this.#state === State.CODE ? 0 : this.#cmd;
+    const what =
+      this.#state === State.BLOB
+        ? `state blob: ${this.#blobGot} of ${this.#blob?.length ?? 0} bytes arrived in time`
+        : `only ${this.#buf.length} bytes arrived in time`;
+    return [this.#fail(new CtrlProtocolError('TRUNCATED', null, cmd, what, true))];
+  }
+
+  #fail(err: CtrlProtocolError): ReceiverEvent {
+    const fds = this.#fds;
+    this.#reset();
+    return { kind: 'error', err, fds };
+  }
+
+  #reset(): void {
+    this.#state = State.IDLE;
+    this.#buf = Buffer.alloc(0);
+    this.#fds = [];
+    this.#blob = null;
+    this.#header = null;
+    this.#blobGot = 0;
+  }
+
+  #advance(out: ReceiverEvent[]): void {
+    if (this.#state === State.CODE) {
+      if (this.#buf.length < 4) return;
+      this.#cmd = this.#buf.readUInt32BE(0);
+      this.#buf = this.#buf.subarray(4);
+      this.#state = State.PAYLOAD;
+    }
+    if (this.#state !== State.PAYLOAD) return;
+    const spec = PAYLOAD[this.#cmd];
+    if (!spec) {
+      // Unknown commands: swtpm answers TPM_BAD_ORDINAL and drops the rest of the message.
+      out.push(this.#fail(new CtrlProtocolError('UNKNOWN_COMMAND', Res.BAD_ORDINAL, this.#cmd, 'unknown command')));
+      return;
+    }
+    if (this.#buf.length < spec.min) return;
+    if (this.#cmd === Cmd.SET_STATEBLOB) {
+      const length = this.#buf.readUInt32BE(8);
+      if (length > MAX_STATE_BLOB) {
+        // The stream cannot be resynchronised past a blob we refuse to read: answer and hang up.
+        out.push(this.#fail(new CtrlProtocolError('BLOB_TOO_LARGE', Res.FAIL, this.#cmd, `state blob of ${length} bytes exceeds ${MAX_STATE_BLOB}`, true)));
+        return;
+      }
+      this.#header = Buffer.from(this.#buf.subarray(0, 12));
+      const rest = this.#buf.subarray(12);
+      this.#blob = Buffer.alloc(length);
+      this.#blobGot = 0;
+      this.#state = State.BLOB;
+      this.#buf = Buffer.alloc(0);
+      this.#takeBlob(rest, out); // bytes beyond the blob in the first message are dropped, as swtpm does
+      return;
+    }
+    if (spec.exact && this.#buf.length > spec.min) {
+      out.push(this.#fail(new CtrlProtocolError('EXTRA_BYTES', Res.BAD_PARAMETER, this.#cmd, `${this.#buf.length - spec.min} unexpected bytes after the command`)));
+      return;
+    }
+    const req: CtrlRequest = { cmd: this.#cmd, payload: Buffer.from(this.#buf), fds: this.#fds };
+    this.#fds = [];
+    this.#reset();
+    out.push({ kind: 'request', req });
+  }
+
+  /** Copy blob bytes; returns what is left of `data` after the blob completed. */
+  #takeBlob(data: Buffer, out: ReceiverEvent[]): Buffer {
+    const blob = this.#blob!;
+    const n = Math.min(blob.length - this.#blobGot, data.length);
+    data.copy(blob, this.#blobGot, 0, n);
+    this.#blobGot += n;
+    if (this.#blobGot < blob.length) return Buffer.alloc(0);
+    const req: CtrlRequest = { cmd: Cmd.SET_STATEBLOB, payload: this.#header!, blob, fds: this.#fds };
+    this.#fds = [];
+    this.#reset();
+    out.push({ kind: 'request', req });
+    return data.subarray(n);
+  }
+}
+
+/** A 4-byte response carrying only the result (every error, and most successes). */
+export function resultOnly(res: number): Buffer {
+  const b = Buffer.alloc(4);
+  b.writeUInt32BE(res >>> 0, 0);
+  return b;
+}
+
+/** Big-endian u32 fields, the shape of every fixed control response. */
+export function u32s(...values: number[]): Buffer {
+  const b = Buffer.alloc(4 * values.length);
+  values.forEach((v, i) => b.writeUInt32BE(v >>> 0, 4 * i));
+  return b;
+}
+
+/** A request as a client sends it: code + payload (for tests and our own client). */
+export function encodeRequest(cmd: number, payload: Uint8Array = new Uint8Array(0)): Buffer {
+  const b = Buffer.alloc(4 + payload.length);
+  b.writeUInt32BE(cmd, 0);
+  b.set(payload, 4);
+  return b;
+}
