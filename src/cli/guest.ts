@@ -20,6 +20,7 @@ import { TpmFront, type Protocol } from '../frontend/tpmfront.js';
 import { RunDir, alive, type GuestInfo } from './rundir.js';
 import { MAIN_JS, stopProcess, tailFile } from './spawn.js';
 import { onStop } from './lifecycle.js';
+import { registerSuspend, runSession } from './suspend.js';
 
 const UUID = /^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$/i;
 
@@ -32,6 +33,8 @@ export interface AttachOptions {
   version?: '2.0' | '1.2';
   devid?: number;
   timeoutMs?: number;
+  /** A vtpm stress workload file the guest runs (ring protocol). */
+  workload?: string;
 }
 
 export async function guestAttach(o: AttachOptions): Promise<GuestInfo> {
@@ -58,11 +61,20 @@ export async function guestAttach(o: AttachOptions): Promise<GuestInfo> {
     const fd = fs.openSync(log, 'a');
     const args = [MAIN_JS, 'guest', 'run', '--run', rd.dir, '--domid', String(o.domid), '--protocol', protocol, '--devid', String(devid)];
     if (o.tctiPort !== undefined) args.push('--tcti-port', String(o.tctiPort));
+    if (o.workload !== undefined) args.push('--workload', o.workload);
     const child = spawn(process.execPath, args, { detached: true, stdio: ['ignore', fd, fd], env: { ...process.env, VTPM_XEN_DIR: h.xenDir } });
     fs.closeSync(fd);
     child.unref();
     const pid = child.pid ?? -1;
-    const info: GuestInfo = { domid: o.domid, pid, vm: o.vm.toLowerCase(), protocol, devid, ...(o.tctiPort !== undefined ? { tctiPort: o.tctiPort } : {}) };
+    const info: GuestInfo = {
+      domid: o.domid,
+      pid,
+      vm: o.vm.toLowerCase(),
+      protocol,
+      devid,
+      ...(o.tctiPort !== undefined ? { tctiPort: o.tctiPort } : {}),
+      ...(o.workload !== undefined ? { workload: o.workload } : {}),
+    };
     rd.writeGuest(info);
     const exited = new Promise<never>((_, reject) =>
       child.once('exit', (code, sig) => reject(new Error(`guest dom${o.domid} exited (${sig ?? code}) before connecting:\n${tailFile(log)}`))),
@@ -118,11 +130,21 @@ export async function guestDetach(run: string, domid: number, timeoutMs = 15_000
 }
 
 /** The guest process: its domain, its vTPM device, and optionally the TCTI bridge for tpm2-tools. */
-export async function guestRun(o: { run: string; domid: number; protocol: Protocol; devid: number; tctiPort?: number }): Promise<void> {
+export async function guestRun(o: {
+  run: string;
+  domid: number;
+  protocol: Protocol;
+  devid: number;
+  tctiPort?: number;
+  resume?: boolean;
+  workload?: string;
+}): Promise<void> {
   const rd = new RunDir(o.run);
   const h = rd.readHost();
   const dom = await Domain.create({ domid: o.domid, dir: h.xenDir });
   const xs = await connect(join(h.domainSocketDir, `dom${o.domid}.sock`));
+  // The ring protocol runs through a GuestSession: request ids, suspend/resume, backend restarts.
+  if (o.protocol === 'ring') return runSession(rd, dom, xs, o);
   let stopping = false;
   const shutdown = async (): Promise<void> => {
     if (stopping) return;
@@ -152,7 +174,7 @@ export async function guestRun(o: { run: string; domid: number; protocol: Protoc
 }
 
 /** Expose the device to tpm2-tools through the swtpm TCTI protocol. */
-async function startTcti(front: TpmFront, port: number): Promise<{ stop(): Promise<void> }> {
+export async function startTcti(front: Pick<TpmFront, 'transmit' | 'cancel'>, port: number): Promise<{ stop(): Promise<void> }> {
   const { TctiBridge } = await import('../frontend/tcti-bridge.js');
   const b = await TctiBridge.start({
     host: '127.0.0.1',
@@ -204,7 +226,10 @@ export function register(program: Command): void {
     .option('--protocol <p>', '', 'v2')
     .option('--devid <n>', '', int, 0)
     .option('--tcti-port <port>', '', int)
-    .action(async (o: { run: string; domid: number; protocol: Protocol; devid: number; tctiPort?: number }) => {
+    .option('--resume', 'continue a suspended guest (new ring, same request ids)')
+    .option('--workload <file>', 'run a vtpm stress workload')
+    .action(async (o: { run: string; domid: number; protocol: Protocol; devid: number; tctiPort?: number; resume?: boolean; workload?: string }) => {
       await guestRun(o);
     });
+  registerSuspend(guest);
 }
