@@ -77,6 +77,8 @@ export class TpmFront {
       // A backend still serving our old ring drops it and goes to InitWait; a dead one stays Connected
       // until its successor takes the device over (and goes to InitWait itself).
       await waitForState(xs, dev.backend, (s) => s === XenbusState.InitWait, { timeoutMs: opts.timeoutMs ?? 60_000 });
+      // A restarted backend is a new domain behind the same domid: stop using the dead one's memory.
+      dom.dropPeer(backDomid);
     }
     const transport: TpmTransport =
       protocol === 'ring'
