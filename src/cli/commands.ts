@@ -6,6 +6,7 @@ import { register as guest } from './guest.js';
 import { register as host } from './host.js';
 import { register as manager } from './manager.js';
 import { register as ringDemo } from './ring-demo.js';
+import { register as stress } from './stress.js';
 import { register as vtpmDomain } from './vtpm-domain.js';
 import { register as xenstored } from './xenstored.js';
 
@@ -18,6 +19,7 @@ const registrars: Register[] = [
   host,
   manager,
   ringDemo,
+  stress,
   vtpmDomain,
   xenstored,
 ];
