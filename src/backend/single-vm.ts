@@ -12,6 +12,20 @@ import { setTimeout as sleep } from 'node:timers/promises';
 /** How long a command waits for an unreachable manager (killed and being restarted) before failing. */
 const STORE_RETRY_MS = 60_000;
 
+async function whileManagerDown<T>(op: () => Promise<T>, log: (l: string) => void): Promise<T> {
+  const deadline = Date.now() + STORE_RETRY_MS;
+  for (let attempt = 0; ; attempt++) {
+    try {
+      return await op();
+    } catch (err) {
+      const m = (err as Error).message;
+      if (Date.now() > deadline || !/ENXIO|ENOENT|EPIPE|DISCONNECTED|no manager|closed our/.test(m)) throw err;
+      if (attempt === 0) log(`manager unreachable (${m}); retrying`);
+      await sleep(Math.min(200, 10 * 2 ** Math.min(attempt, 5)));
+    }
+  }
+}
+
 export class InProcessVtpms implements VtpmProvider {
   readonly #host: TpmHost;
   readonly #mgr: ManagerClient;
@@ -25,14 +39,15 @@ export class InProcessVtpms implements VtpmProvider {
   }
 
   async open(vmUuid: string, version: '2.0' | '1.2', resume: boolean): Promise<VtpmTarget & { instance: number }> {
-    const { instance, created } = await this.#mgr.open({ vmUuid, version });
+    // A manager being restarted (killed, crashed) is unreachable for a moment: wait for it.
+    const { instance, created } = await whileManagerDown(() => this.#mgr.open({ vmUuid, version }), this.#log);
     let inst = this.#host.get(instance);
     if (!inst || inst.status === 'destroyed') {
       // A fresh attach boots the vTPM (the guest sends Startup); only a resume keeps volatile state.
-      if (!resume && !created) await this.#mgr.delete(instance, 'volatile');
+      if (!resume && !created) await whileManagerDown(() => this.#mgr.delete(instance, 'volatile'), this.#log);
       const journal = new JournalStore(this.#mgr, instance);
       this.#journals.set(instance, journal);
-      inst = await this.#host.create({ instance, version, store: journal });
+      inst = await whileManagerDown(() => this.#host.create({ instance, version, store: journal }), this.#log);
       this.#log(`vTPM instance ${instance} (${version}) ${created ? 'created' : resume ? 'resumed' : 'loaded'} for VM ${vmUuid}`);
     }
     return this.#target(inst);

@@ -183,7 +183,8 @@ export async function stress(o: StressOptions): Promise<StressReport> {
       // Guests whose workload is not done are the ones worth hitting.
       const live = domids.filter((d) => !fs.existsSync(journalPath(spec, d)) || !fs.readFileSync(journalPath(spec, d), 'utf8').includes('"t":"done"'));
       if (acked >= nextKill && live.length) {
-        nextKill += o.killEvery;
+        // Counted from now: one fault per interval even when answers arrived faster than we looked.
+        nextKill = acked + o.killEvery;
         const r = rand();
         const at = Date.now() - t0;
         const k0 = performance.now();
@@ -204,7 +205,7 @@ export async function stress(o: StressOptions): Promise<StressReport> {
         continue;
       }
       if (acked >= nextSuspend && live.length) {
-        nextSuspend += o.suspendEvery;
+        nextSuspend = acked + o.suspendEvery;
         const d = live[Math.floor(rand() * live.length)]!;
         const at = Date.now() - t0;
         const s = await guestSuspend(run, d);
@@ -214,6 +215,10 @@ export async function stress(o: StressOptions): Promise<StressReport> {
       }
       await sleep(25);
     }
+  } catch (err) {
+    bar?.stop();
+    if (own) await hostDown(run).catch(() => {});
+    throw err;
   } finally {
     bar?.stop();
   }

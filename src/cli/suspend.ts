@@ -77,6 +77,8 @@ export async function guestResume(o: ResumeOptions): Promise<{ pid: number; ms: 
   try {
     // As libxl on restore: the backend keeps the vTPM's saved volatile state (resume = True).
     await xs.write(`${dev.backend}/resume`, 'True');
+    // Not resumed until the new process says so (a killed guest's file still says suspended: false).
+    rd.writeGuest({ ...g, suspended: true });
     const log = rd.log(`guest-${o.domid}`);
     const fd = fs.openSync(log, 'a');
     const args = [MAIN_JS, 'guest', 'run', '--run', rd.dir, '--domid', String(o.domid), '--protocol', g.protocol, '--devid', String(g.devid), '--resume'];
@@ -86,8 +88,6 @@ export async function guestResume(o: ResumeOptions): Promise<{ pid: number; ms: 
     fs.closeSync(fd);
     child.unref();
     const pid = child.pid ?? -1;
-    // Not resumed until the new process says so (a killed guest's file still says suspended: false).
-    rd.writeGuest({ ...g, pid, suspended: true });
     const exited = new Promise<never>((_, reject) =>
       child.once('exit', (code, sig) => reject(new Error(`guest dom${o.domid} exited (${sig ?? code}) before resuming:\n${tailFile(log)}`))),
     );
@@ -96,7 +96,9 @@ export async function guestResume(o: ResumeOptions): Promise<{ pid: number; ms: 
     await Promise.race([
       (async () => {
         const deadline = Date.now() + (o.timeoutMs ?? 60_000);
-        while (rd.readGuest(o.domid)?.suspended !== false) {
+        for (;;) {
+          const now = rd.readGuest(o.domid);
+          if (now?.pid === pid && now.suspended === false) break;
           if (Date.now() > deadline) throw new Error(`dom${o.domid} did not resume within ${o.timeoutMs ?? 60_000} ms:\n${tailFile(log)}`);
           await sleep(2);
         }

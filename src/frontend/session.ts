@@ -70,19 +70,24 @@ export class GuestSession {
   }
 
   async #connect(reconnect: boolean): Promise<TpmFront> {
-    const f = await TpmFront.connect({
+    // The backend may be replaced while we are still connecting (the reset then fires inside
+    // connect()): remember it and reconnect once this front is ours.
+    let f: TpmFront | undefined;
+    let resetEarly = false;
+    f = await TpmFront.connect({
       xs: this.#o.xs,
       dom: this.#o.dom,
       devid: this.#o.devid,
       protocol: 'ring',
       firstId: this.#nextId,
       reconnect,
-      onBackendReset: () => this.#reset(f),
+      onBackendReset: () => (f ? this.#reset(f) : (resetEarly = true)),
       onClosed: (reason) => {
         if (!this.#suspending && !this.#closed) this.#o.onClosed?.(reason);
       },
     });
     this.#current = f;
+    if (resetEarly) queueMicrotask(() => this.#reset(f!));
     return f;
   }
 
