@@ -39,6 +39,15 @@ export interface DeviceOptions {
 
 type Channel = V2Channel | RingChannel;
 
+/**
+ * How long a suspending guest's in-flight command may still run before it is cancelled through libtpms
+ * (Xen's tpmback used 30 s); VTPM_SUSPEND_BOUND_MS lowers it (tests).
+ */
+export function suspendBoundMs(): number {
+  const v = Number(process.env.VTPM_SUSPEND_BOUND_MS);
+  return Number.isFinite(v) && v > 0 ? v : 30_000;
+}
+
 export class BackendDevice {
   readonly dev: VtpmDevice;
   readonly #o: DeviceOptions;
@@ -49,6 +58,10 @@ export class BackendDevice {
   #chain: Promise<void> = Promise.resolve();
   #fatal = false;
   #gone = false;
+  /** ring-ref/event-channel a frontend published for a backend that died: dead, wait for new ones. */
+  #stale: string | null = null;
+  /** This backend took over a device a previous backend process had connected: keep volatile state. */
+  #recovered = false;
 
   constructor(o: DeviceOptions) {
     this.#o = o;
@@ -65,6 +78,14 @@ export class BackendDevice {
 
   /** Advertise our features, go to InitWait and follow the frontend from there. */
   async start(): Promise<void> {
+    // A device already Connected belongs to a backend process that died (killed, crashed). Its event
+    // channel died with it, so the frontend must reconnect with a new ring (it does so when it sees us
+    // go back to InitWait); until then what it published is stale.
+    if ((await readState(this.#o.xs, this.dev.frontend)) === XenbusState.Connected) {
+      this.#stale = await this.#published();
+      this.#recovered = true;
+      this.#o.log(`dom${this.dev.frontDomid}: recovering a connected device; waiting for the frontend to reconnect`);
+    }
     await backendInitWait(this.#o.xs, this.dev, { [XS_FEATURE_V2]: '1', [XS_FEATURE_RING]: '1' });
     this.#watch = await watchState(this.#o.xs, this.dev.frontend, (s) => this.#enqueue(() => this.#onFrontend(s)));
     // The toolstack detaches a device by writing online=0 and state=Closing into our directory.
@@ -83,6 +104,8 @@ export class BackendDevice {
     switch (s) {
       case XenbusState.Initialised:
       case XenbusState.Connected:
+        if (this.#stale !== null && (await this.#published()) === this.#stale) break;
+        this.#stale = null;
         if (!this.#channel && !this.#fatal && own === XenbusState.InitWait) await this.#attach();
         break;
       case XenbusState.Initialising:
@@ -94,12 +117,21 @@ export class BackendDevice {
         break;
       case XenbusState.Closing:
         if (own !== XenbusState.Closing && own !== XenbusState.Closed) {
-          await this.#channel?.drain();
+          // Suspend (or close): answer what is in flight before acknowledging, then save the vTPM's
+          // volatile state, so a resumed guest finds both the answer and the state.
+          await this.#quiesce();
           await switchState(this.#o.xs, this.dev.backend, XenbusState.Closing);
         }
         break;
       case XenbusState.Closed:
         await this.#detach();
+        if (this.#vtpm && (await this.#o.xs.tryRead(`/local/domain/${this.dev.frontDomid}/control/shutdown`)) === 'suspend') {
+          // The guest is suspending: its vTPM goes back to the manager; resume re-opens it from there.
+          const inst = this.#vtpm.instance;
+          this.#vtpm = null;
+          await this.#o.vtpms.release(inst);
+          this.#o.log(`dom${this.dev.frontDomid}: suspended, vTPM instance ${inst} saved`);
+        }
         await this.#o.xs.rm(`${this.dev.backend}/ready`).catch(() => {});
         this.#fatal = false;
         if ((await this.#o.xs.tryRead(`${this.dev.backend}/online`)) === '0') await this.#finish(XenbusState.Closed);
@@ -113,6 +145,30 @@ export class BackendDevice {
       default:
         break;
     }
+  }
+
+  async #published(): Promise<string> {
+    const [r, e] = await Promise.all([
+      this.#o.xs.tryRead(`${this.dev.frontend}/ring-ref`),
+      this.#o.xs.tryRead(`${this.dev.frontend}/event-channel`),
+    ]);
+    return `${r ?? ''}/${e ?? ''}`;
+  }
+
+  /** Answer every accepted request, cancelling through libtpms what outlives the bound; then checkpoint. */
+  async #quiesce(): Promise<void> {
+    const ch = this.#channel;
+    if (!ch) return;
+    let timer: NodeJS.Timeout | undefined;
+    const bound = suspendBoundMs();
+    const overdue = new Promise<'overdue'>((r) => (timer = setTimeout(() => r('overdue'), bound)));
+    if ((await Promise.race([ch.drain().then(() => 'done' as const), overdue])) === 'overdue') {
+      this.#o.log(`dom${this.dev.frontDomid}: command still running after ${bound} ms at suspend; cancelling it`);
+      this.#vtpm?.cancel();
+      await ch.drain();
+    }
+    clearTimeout(timer);
+    await this.#vtpm?.checkpoint?.().catch((e: unknown) => this.#o.log(`dom${this.dev.frontDomid}: checkpoint: ${(e as Error).message}`));
   }
 
   async #onOnline(): Promise<void> {
@@ -135,7 +191,7 @@ export class BackendDevice {
     const vm = await xs.tryRead(`${this.dev.backend}/uuid`);
     if (!vm) return this.#fail(22, 'backend directory has no uuid (the VM the vTPM belongs to)');
     const version = (await xs.tryRead(`${this.dev.backend}/tpm-version`)) === '1.2' ? '1.2' : '2.0';
-    const resume = (await xs.tryRead(`${this.dev.backend}/resume`)) === 'True';
+    const resume = this.#recovered || (await xs.tryRead(`${this.dev.backend}/resume`)) === 'True';
     try {
       this.#vtpm ??= await this.#o.vtpms.open(vm, version, resume);
     } catch (err) {

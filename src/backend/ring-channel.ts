@@ -46,6 +46,8 @@ export class RingChannel {
   #pump: Promise<void> | null = null;
   #closed = false;
   commands = 0;
+  /** Requests answered from the exactly-once table instead of running. */
+  replayed = 0;
 
   constructor(dom: Domain, opts: ChannelOptions) {
     if (opts.refs.length < 1 || opts.refs.length > 16) throw new Error(`ring takes 1..16 ring pages, got ${opts.refs.length}`);
@@ -96,6 +98,14 @@ export class RingChannel {
       if (!(err instanceof GrantError)) throw err;
       this.#opts.log?.(`dom${this.frontDomid}: request ${req.id}: ${err.message}`);
       this.#respond(req.id, RING_STATUS_EINVAL, null, []);
+      return;
+    }
+    // Exactly-once: a request resubmitted after resume (or a backend restart) whose id already
+    // completed gets its stored answer; nothing runs a second time.
+    const done = this.#opts.target.completed?.(req.id);
+    if (done) {
+      this.replayed++;
+      this.#respond(req.id, done.status, done.response, pages);
       return;
     }
     this.#queue.push({ req, command: null, pages });
@@ -151,11 +161,14 @@ export class RingChannel {
       const command = gather(job.pages, job.req.length);
       let status = RING_STATUS_OK;
       let response: Uint8Array;
+      const statusOf = (r: Uint8Array): number =>
+        r.length === 10 && responseCode(r) === responseCode(canceledResponse(command)) ? RING_STATUS_CANCELED : RING_STATUS_OK;
       try {
-        response = await this.#opts.target.execute(command, { locality: job.req.locality });
-        if (response.length === 10 && responseCode(response) === responseCode(canceledResponse(command))) {
-          status = RING_STATUS_CANCELED;
-        }
+        const t = this.#opts.target;
+        response = t.executeOnce
+          ? await t.executeOnce(job.req.id, command, { locality: job.req.locality }, statusOf)
+          : await t.execute(command, { locality: job.req.locality });
+        status = statusOf(response);
       } catch (err) {
         this.#opts.log?.(`dom${this.frontDomid}: vTPM failed: ${(err as Error).message}`);
         response = failureResponse(command);

@@ -7,6 +7,7 @@ import { register as host } from './host.js';
 import { register as manager } from './manager.js';
 import { register as qemu } from './qemu.js';
 import { register as ringDemo } from './ring-demo.js';
+import { register as stress } from './stress.js';
 import { register as vtpmDomain } from './vtpm-domain.js';
 import { register as xenstored } from './xenstored.js';
 
@@ -20,6 +21,7 @@ const registrars: Register[] = [
   manager,
   qemu,
   ringDemo,
+  stress,
   vtpmDomain,
   xenstored,
 ];

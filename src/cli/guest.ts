@@ -21,6 +21,7 @@ import { MISBEHAVIOURS, misbehave, type Misbehaviour } from '../frontend/hostile
 import { RunDir, alive, type GuestInfo } from './rundir.js';
 import { MAIN_JS, stopProcess, tailFile } from './spawn.js';
 import { onStop } from './lifecycle.js';
+import { registerSuspend, runSession } from './suspend.js';
 
 const UUID = /^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$/i;
 
@@ -35,6 +36,8 @@ export interface AttachOptions {
   timeoutMs?: number;
   /** Fault injection: the guest commits this protocol violation once connected (see frontend/hostile.ts). */
   misbehave?: Misbehaviour;
+  /** A vtpm stress workload file the guest runs (ring protocol). */
+  workload?: string;
 }
 
 export async function guestAttach(o: AttachOptions): Promise<GuestInfo> {
@@ -62,11 +65,20 @@ export async function guestAttach(o: AttachOptions): Promise<GuestInfo> {
     const args = [MAIN_JS, 'guest', 'run', '--run', rd.dir, '--domid', String(o.domid), '--protocol', protocol, '--devid', String(devid)];
     if (o.tctiPort !== undefined) args.push('--tcti-port', String(o.tctiPort));
     if (o.misbehave) args.push('--misbehave', o.misbehave);
+    if (o.workload !== undefined) args.push('--workload', o.workload);
     const child = spawn(process.execPath, args, { detached: true, stdio: ['ignore', fd, fd], env: { ...process.env, VTPM_XEN_DIR: h.xenDir } });
     fs.closeSync(fd);
     child.unref();
     const pid = child.pid ?? -1;
-    const info: GuestInfo = { domid: o.domid, pid, vm: o.vm.toLowerCase(), protocol, devid, ...(o.tctiPort !== undefined ? { tctiPort: o.tctiPort } : {}) };
+    const info: GuestInfo = {
+      domid: o.domid,
+      pid,
+      vm: o.vm.toLowerCase(),
+      protocol,
+      devid,
+      ...(o.tctiPort !== undefined ? { tctiPort: o.tctiPort } : {}),
+      ...(o.workload !== undefined ? { workload: o.workload } : {}),
+    };
     rd.writeGuest(info);
     const exited = new Promise<never>((_, reject) =>
       child.once('exit', (code, sig) => reject(new Error(`guest dom${o.domid} exited (${sig ?? code}) before connecting:\n${tailFile(log)}`))),
@@ -132,11 +144,16 @@ export async function guestRun(o: {
   devid: number;
   tctiPort?: number;
   misbehave?: Misbehaviour;
+  resume?: boolean;
+  workload?: string;
 }): Promise<void> {
   const rd = new RunDir(o.run);
   const h = rd.readHost();
   const dom = await Domain.create({ domid: o.domid, dir: h.xenDir });
   const xs = await connect(join(h.domainSocketDir, `dom${o.domid}.sock`));
+  // The ring protocol runs through a GuestSession: request ids, suspend/resume, backend restarts.
+  // A misbehaving guest drives its transport directly: it has no use for sessions.
+  if (o.protocol === 'ring' && !o.misbehave) return runSession(rd, dom, xs, o);
   let stopping = false;
   const shutdown = async (): Promise<void> => {
     if (stopping) return;
@@ -176,7 +193,7 @@ export async function guestRun(o: {
 }
 
 /** Expose the device to tpm2-tools through the swtpm TCTI protocol. */
-async function startTcti(front: TpmFront, port: number): Promise<{ stop(): Promise<void> }> {
+export async function startTcti(front: Pick<TpmFront, 'transmit' | 'cancel'>, port: number): Promise<{ stop(): Promise<void> }> {
   const { TctiBridge } = await import('../frontend/tcti-bridge.js');
   const b = await TctiBridge.start({
     host: '127.0.0.1',
@@ -241,7 +258,21 @@ export function register(program: Command): void {
     .option('--devid <n>', '', int, 0)
     .option('--tcti-port <port>', '', int)
     .option('--misbehave <how>')
-    .action(async (o: { run: string; domid: number; protocol: Protocol; devid: number; tctiPort?: number; misbehave?: Misbehaviour }) => {
-      await guestRun(o);
-    });
+    .option('--resume', 'continue a suspended guest (new ring, same request ids)')
+    .option('--workload <file>', 'run a vtpm stress workload')
+    .action(
+      async (o: {
+        run: string;
+        domid: number;
+        protocol: Protocol;
+        devid: number;
+        tctiPort?: number;
+        misbehave?: Misbehaviour;
+        resume?: boolean;
+        workload?: string;
+      }) => {
+        await guestRun(o);
+      },
+    );
+  registerSuspend(guest);
 }

@@ -30,6 +30,14 @@ export interface GuestInfo {
   protocol: 'v2' | 'ring';
   tctiPort?: number;
   devid: number;
+  /** Suspend/resume (issue 7): set by a suspended guest for its resume. */
+  suspended?: boolean;
+  /** The next ring request id (decimal u64): ids are never reused across suspend. */
+  nextId?: string;
+  /** Ring requests sent and not answered when the guest suspended: {id, command hex, locality}. */
+  inflight?: { id: string; command: string; locality: number }[];
+  /** A stress workload this guest runs (vtpm stress), kept so resume continues it. */
+  workload?: string;
 }
 
 export class RunDir {
@@ -92,7 +100,10 @@ export class RunDir {
 
   writeGuest(g: GuestInfo): void {
     fs.mkdirSync(this.guestDir, { recursive: true });
-    fs.writeFileSync(this.guestFile(g.domid), JSON.stringify(g, null, 2) + '\n');
+    // Write-then-rename: a guest killed while saving its resume state leaves the old file whole.
+    const tmp = `${this.guestFile(g.domid)}.${process.pid}.tmp`;
+    fs.writeFileSync(tmp, JSON.stringify(g, null, 2) + '\n');
+    fs.renameSync(tmp, this.guestFile(g.domid));
   }
 
   readGuest(domid: number): GuestInfo | null {

@@ -99,7 +99,10 @@ export class RingFront implements TpmTransport {
     const buffer = this.#free.pop()!;
     const data = this.#dom.frames(this.#dataGfn + buffer * this.segments, this.segments);
     data.set(command);
-    const id = this.#nextId++;
+    // A resubmission after resume carries the id it had before, so the backend can answer it from
+    // its exactly-once table; fresh ids continue above every id used.
+    const id = opts.id ?? this.#nextId;
+    if (id >= this.#nextId) this.#nextId = id + 1n;
     const v = this.#ring.sring.view;
     const off = this.#ring.nextRequestSlot();
     v.setBigUint64(off + REQ_ID, id, true);
@@ -171,6 +174,9 @@ export class RingFront implements TpmTransport {
 
   async close(): Promise<void> {
     if (this.#closed) return;
+    // Responses the backend published before it closed (it answers in-flight requests, then switches
+    // state) are already in the ring even if their event has not arrived yet: take them first.
+    this.#onResponses();
     this.#closed = true;
     this.#failAll(new FrontendError('ENODEV', 'frontend closed'));
     for (const w of this.#waitingForSlot.splice(0)) w();

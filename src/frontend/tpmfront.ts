@@ -8,7 +8,9 @@ import {
   frontendClose,
   frontendConnect,
   readState,
+  switchState,
   vtpmDevice,
+  waitForState,
   watchState,
   type VtpmDevice,
 } from '../xenstore/xenbus.js';
@@ -29,9 +31,16 @@ export interface TpmFrontOptions {
   segments?: number;
   /** First ring request id (ring protocol only; a resumed guest continues its id sequence). */
   firstId?: bigint;
+  /** A new ring for a device this domain had connected before (resume, backend restart). */
+  reconnect?: boolean;
   timeoutMs?: number;
   /** Called once when the backend goes away or closes the device under us. */
   onClosed?: (reason: string) => void;
+  /**
+   * Called when the backend falls back to InitWait while we are connected: a restarted backend took
+   * the device over and our ring and event channel are dead. Without it the device just closes.
+   */
+  onBackendReset?: () => void;
 }
 
 export class TpmFront {
@@ -41,6 +50,7 @@ export class TpmFront {
   readonly #transport: TpmTransport;
   #backendWatch: XsWatch | null = null;
   #closed = false;
+  #closing: Promise<void> | null = null;
 
   private constructor(xs: XsClient, dev: VtpmDevice, transport: TpmTransport) {
     this.#xs = xs;
@@ -60,6 +70,16 @@ export class TpmFront {
     const backend = await xs.readString(`${home}/backend`);
     if (backend !== dev.backend) throw new FrontendError('ENODEV', `${home}/backend is ${backend}, expected ${dev.backend}`);
     const protocol = opts.protocol ?? 'v2';
+    // Reconnecting after suspend or a backend restart: back to Initialising first, as Linux's
+    // xenbus_dev_resume does, so the backend drops the old ring before it reads the new one.
+    if (opts.reconnect) {
+      await switchState(xs, dev.frontend, XenbusState.Initialising);
+      // A backend still serving our old ring drops it and goes to InitWait; a dead one stays Connected
+      // until its successor takes the device over (and goes to InitWait itself).
+      await waitForState(xs, dev.backend, (s) => s === XenbusState.InitWait, { timeoutMs: opts.timeoutMs ?? 60_000 });
+      // A restarted backend is a new domain behind the same domid: stop using the dead one's memory.
+      dom.dropPeer(backDomid);
+    }
     const transport: TpmTransport =
       protocol === 'ring'
         ? new RingFront(dom, backDomid, { segments: opts.segments, firstId: opts.firstId })
@@ -82,6 +102,14 @@ export class TpmFront {
     const front = new TpmFront(xs, dev, transport);
     front.#backendWatch = await watchState(xs, dev.backend, (s) => {
       // The backend closing (or vanishing) ends the device from our side too, as xen-tpmfront does.
+      if (!front.#closed && s === XenbusState.InitWait && opts.onBackendReset) {
+        front.#closed = true;
+        void front.#backendWatch?.close().catch(() => {});
+        // The dead backend never unmaps our pages; release our side without waiting on it.
+        front.#closing = front.#transport.close();
+        opts.onBackendReset();
+        return;
+      }
       if (!front.#closed && (s === XenbusState.Closing || s === XenbusState.Closed || s === XenbusState.Unknown)) {
         void front.close().then(() => opts.onClosed?.(`backend went to ${XenbusState[s]}`));
       }
@@ -116,8 +144,13 @@ export class TpmFront {
   }
 
   /** The close sequence: Closing, wait for the backend, Closed; then release the ring. */
-  async close(): Promise<void> {
-    if (this.#closed) return;
+  close(): Promise<void> {
+    // Every caller (the backend-state watch, a suspend) waits for the same close sequence to finish.
+    this.#closing ??= this.#close();
+    return this.#closing;
+  }
+
+  async #close(): Promise<void> {
     this.#closed = true;
     await this.#backendWatch?.close().catch(() => {});
     try {

@@ -4,6 +4,8 @@
 
 export interface TransmitOptions {
   locality?: number;
+  /** Ring protocol: the request id to use (a resubmission after resume); default the next fresh id. */
+  id?: bigint;
 }
 
 export interface TpmTransport {

@@ -1,0 +1,218 @@
+// `npm run bench -- suspend [--cycles N]`
+// One guest's suspend + resume cycle under load, against swtpm's save/restore cycle, same run:
+//  - ours: a real host (xenstored, manager, backend processes); this process is the guest domain with a
+//    GuestSession on the ring protocol and a GetRandom loop running. A cycle = control/shutdown =
+//    "suspend" → the session closes (backend answers in-flight, checkpoints, saves volatile state and
+//    releases the vTPM to the manager) → backend resume = True → a new session builds a new ring,
+//    grants and event channel and is Connected (the backend re-opened the vTPM from the manager).
+//  - peer: `swtpm socket` with a GetRandom loop on its data socket; a cycle = GET_STATEBLOB(permanent,
+//    volatile) + CMD_STOP + SET_STATEBLOB(permanent, volatile) + CMD_INIT over its control socket
+//    (QEMU's order around a migration: swtpm refuses GET_STATEBLOB once stopped, 0x0A), spoken
+//    directly (no swtpm_ioctl spawns).
+import { execFile } from 'node:child_process';
+import fs from 'node:fs';
+import os from 'node:os';
+import { connect as netConnect, type Socket } from 'node:net';
+import { join } from 'node:path';
+import { promisify } from 'node:util';
+import { percentile, type BenchContext, type Figure } from './lib.js';
+import { SwtpmProcess } from './_swtpm.js';
+import { RunDir } from '../../src/cli/rundir.js';
+import { Domain } from '../../src/xen/index.js';
+import { connect } from '../../src/xenstore/client.js';
+import { writeDeviceDirectories } from '../../src/xenstore/xenbus.js';
+import { GuestSession } from '../../src/frontend/session.js';
+import * as tpm2 from '../../src/tpm/tpm2-commands.js';
+
+const run = promisify(execFile);
+
+function arg(ctx: BenchContext, name: string, def: string): string {
+  const i = ctx.args.indexOf(`--${name}`);
+  return i >= 0 && ctx.args[i + 1] ? ctx.args[i + 1]! : def;
+}
+
+/** A client of swtpm's control socket: one request, one response, in order. */
+class Ctrl {
+  readonly #s: Socket;
+  #buf = Buffer.alloc(0);
+  #want: { size: (b: Buffer) => number | null; resolve: (b: Buffer) => void } | null = null;
+
+  private constructor(s: Socket) {
+    this.#s = s;
+    s.on('data', (c: Buffer) => {
+      this.#buf = Buffer.concat([this.#buf, c]);
+      this.#check();
+    });
+  }
+
+  static open(path: string): Promise<Ctrl> {
+    return new Promise((resolve, reject) => {
+      const s = netConnect(path, () => resolve(new Ctrl(s)));
+      s.once('error', reject);
+    });
+  }
+
+  #check(): void {
+    if (!this.#want) return;
+    const n = this.#want.size(this.#buf);
+    if (n === null || this.#buf.length < n) return;
+    const out = this.#buf.subarray(0, n);
+    this.#buf = this.#buf.subarray(n);
+    const w = this.#want;
+    this.#want = null;
+    w.resolve(Buffer.from(out));
+  }
+
+  #call(req: Buffer, size: (b: Buffer) => number | null): Promise<Buffer> {
+    return new Promise((resolve) => {
+      this.#want = { size, resolve };
+      this.#s.write(req);
+      this.#check();
+    });
+  }
+
+  async simple(code: number, payload = Buffer.alloc(0)): Promise<number> {
+    const head = Buffer.alloc(4);
+    head.writeUInt32BE(code);
+    return (await this.#call(Buffer.concat([head, payload]), () => 4)).readUInt32BE(0);
+  }
+
+  async getBlob(type: number): Promise<Buffer> {
+    const req = Buffer.alloc(16);
+    req.writeUInt32BE(0x0c, 0);
+    req.writeUInt32BE(0, 4);
+    req.writeUInt32BE(type, 8);
+    req.writeUInt32BE(0, 12);
+    const r = await this.#call(req, (b) => (b.length < 16 ? null : 16 + b.readUInt32BE(12)));
+    const rc = r.readUInt32BE(0);
+    if (rc !== 0) throw new Error(`GET_STATEBLOB(${type}) answered 0x${rc.toString(16)}`);
+    return r.subarray(16);
+  }
+
+  async setBlob(type: number, blob: Buffer): Promise<void> {
+    const req = Buffer.alloc(16);
+    req.writeUInt32BE(0x0d, 0);
+    req.writeUInt32BE(0, 4);
+    req.writeUInt32BE(type, 8);
+    req.writeUInt32BE(blob.length, 12);
+    const r = await this.#call(Buffer.concat([req, blob]), () => 4);
+    if (r.readUInt32BE(0) !== 0) throw new Error(`SET_STATEBLOB(${type}) answered 0x${r.readUInt32BE(0).toString(16)}`);
+  }
+
+  close(): void {
+    this.#s.destroy();
+  }
+}
+
+export async function run_(ctx: BenchContext): Promise<Figure[]> {
+  const cycles = Number(arg(ctx, 'cycles', '40'));
+  const base = fs.mkdtempSync(join(os.tmpdir(), 'vtpm-bench-suspend-'));
+  const cli = join(import.meta.dirname, '..', '..', 'src', 'cli', 'main.js');
+  const env = { ...process.env, VTPM_NO_SETUP: '1' };
+  const runDir = join(base, 'run');
+  await run(process.execPath, [cli, 'host', 'up', '--run', runDir, '--state', join(base, 'state')], { env });
+  const ours: number[] = [];
+  const peer: number[] = [];
+  let loadOurs = 0;
+  let loadPeer = 0;
+  try {
+    // ---- ours -------------------------------------------------------------------------------
+    const h = new RunDir(runDir).readHost();
+    const dom0 = await connect(h.xenstoredSocket);
+    const domid = 7;
+    await dom0.introduce(domid);
+    await writeDeviceDirectories(dom0, { frontDomid: domid, backDomid: 0, devid: 0, uuid: '00000000-0000-4000-8000-00000000be7c' });
+    const dom = await Domain.create({ domid, dir: h.xenDir });
+    const xs = await connect(join(h.domainSocketDir, `dom${domid}.sock`));
+    ctx.log("host up; connecting the guest");
+    let s = await GuestSession.open({ xs, dom });
+    await s.submit(tpm2.startup());
+    let stop = false;
+    const load = (async () => {
+      while (!stop) {
+        try {
+          await s.submit(tpm2.getRandom(16));
+          loadOurs++;
+        } catch {
+          await new Promise((r) => setTimeout(r, 0));
+        }
+      }
+    })();
+    for (let i = 0; i < cycles + 3; i++) {
+      await new Promise((r) => setTimeout(r, 20)); // let the load run between cycles
+      const t0 = performance.now();
+      await dom0.write(`/local/domain/${domid}/control/shutdown`, 'suspend');
+      const left = await s.suspend();
+      await dom0.write(`/local/domain/0/backend/vtpm/${domid}/0/resume`, 'True');
+      await dom0.write(`/local/domain/${domid}/control/shutdown`, '');
+      s = await GuestSession.open({ xs, dom, firstId: s.nextId, reconnect: true });
+      for (const r of left) void s.resubmit(r);
+      const ms = performance.now() - t0;
+      if (i >= 3) ours.push(ms); // first cycles warm caches
+    }
+    stop = true;
+    await load;
+    await s.close();
+    await xs.close();
+    await dom.destroy();
+    await dom0.close();
+
+    ctx.log(`ours done: p50 ${percentile(ours, 50).toFixed(2)} ms`);
+    // ---- peer: swtpm --------------------------------------------------------------------------
+    const dir = join(base, 'swtpm');
+    fs.mkdirSync(dir);
+    const sw = await SwtpmProcess.start({ dir });
+    let data = await sw.connect();
+    await data.transact(tpm2.getRandom(8));
+    const ctrl = await Ctrl.open(sw.ctrlPath);
+    let stopPeer = false;
+    let paused: Promise<void> | null = null;
+    const loadP = (async () => {
+      while (!stopPeer) {
+        if (paused) await paused;
+        // swtpm may drop the data connection across CMD_INIT: reconnect when an answer does not come.
+        const ok = await Promise.race([data.transact(tpm2.getRandom(16)).then(() => true), new Promise<false>((r) => setTimeout(() => r(false), 500))]);
+        if (ok) loadPeer++;
+        else data = await sw.connect();
+      }
+    })();
+    for (let i = 0; i < cycles + 3; i++) {
+      await new Promise((r) => setTimeout(r, 20));
+      // swtpm serves one channel at a time per main loop turn; stop the data load at a command
+      // boundary as QEMU does (the VM is paused before its TPM state is taken).
+      let release!: () => void;
+      paused = new Promise((r) => (release = r));
+      await new Promise((r) => setTimeout(r, 0));
+      const t0 = performance.now();
+      // GET_STATEBLOB needs a running TPM (0x0A after STOP), so QEMU's order: take the blobs, stop,
+      // install them, init.
+      const perm = await ctrl.getBlob(1);
+      const vol = await ctrl.getBlob(2);
+      let rc = await ctrl.simple(0x0e);
+      if (rc !== 0) throw new Error(`CMD_STOP answered 0x${rc.toString(16)}`);
+      await ctrl.setBlob(1, perm);
+      await ctrl.setBlob(2, vol);
+      rc = await ctrl.simple(0x02, Buffer.alloc(4));
+      if (rc !== 0) throw new Error(`CMD_INIT answered 0x${rc.toString(16)}`);
+      const ms = performance.now() - t0;
+      paused = null;
+      release();
+      if (i >= 3) peer.push(ms);
+    }
+    stopPeer = true;
+    await loadP;
+    ctrl.close();
+    await sw.stop();
+  } finally {
+    await run(process.execPath, [cli, 'host', 'down', '--run', runDir], { env }).catch(() => {});
+    fs.rmSync(base, { recursive: true, force: true });
+  }
+  ctx.log(`ours: ${ours.length} cycles, ${loadOurs} GetRandom answered meanwhile; swtpm: ${peer.length} cycles, ${loadPeer} GetRandom`);
+  const note = `${cycles} cycles under a GetRandom loop; swtpm 0.7.1 GET×2+STOP+SET×2+INIT on its ctrl socket`;
+  return [
+    { id: 'cycle_p50', unit: 'ms', ours: percentile(ours, 50), peer: percentile(peer, 50), note },
+    { id: 'cycle_p99', unit: 'ms', ours: percentile(ours, 99), peer: percentile(peer, 99), note },
+  ];
+}
+
+export { run_ as run };

@@ -1,0 +1,180 @@
+// GuestSession: a guest's vTPM across suspend/resume and backend restarts (ring protocol). Every
+// command gets a u64 id once; until its response arrives it stays in flight and is resubmitted with
+// the same id on each new ring, and the backend answers a resubmitted id that already ran from its
+// exactly-once table. So a caller's command runs once, and a caller counts it done only when it holds
+// the response.
+import type { Domain } from '../xen/index.js';
+import type { XsClient } from '../xenstore/client.js';
+import { XenbusState, switchState, waitForState } from '../xenstore/xenbus.js';
+import { TpmFront } from './tpmfront.js';
+import { FrontendError } from './transport.js';
+
+export interface InFlight {
+  id: bigint;
+  command: Uint8Array;
+  locality: number;
+}
+
+export interface SessionOptions {
+  xs: XsClient;
+  dom: Domain;
+  devid?: number;
+  /** Continue an id sequence (resume): the first fresh id. */
+  firstId?: bigint;
+  /** This domain had the device connected before (resume): build a new ring from Initialising. */
+  reconnect?: boolean;
+  log?: (line: string) => void;
+  /** The device closed for good (backend closing it without a suspend of ours). */
+  onClosed?: (reason: string) => void;
+}
+
+interface Entry extends InFlight {
+  resolve: (r: Uint8Array) => void;
+  reject: (e: Error) => void;
+}
+
+export class GuestSession {
+  readonly #o: SessionOptions;
+  readonly #inflight = new Map<bigint, Entry>();
+  #front: Promise<TpmFront>;
+  #current: TpmFront | null = null;
+  #nextId: bigint;
+  #suspending = false;
+  #closed = false;
+  /** Times the frontend built a new ring because its backend was replaced. */
+  reconnects = 0;
+
+  private constructor(o: SessionOptions) {
+    this.#o = o;
+    this.#nextId = o.firstId ?? 1n;
+    this.#front = this.#connect(o.reconnect ?? false);
+  }
+
+  static async open(o: SessionOptions): Promise<GuestSession> {
+    const s = new GuestSession(o);
+    await s.#front;
+    return s;
+  }
+
+  get nextId(): bigint {
+    return this.#nextId;
+  }
+
+  get front(): TpmFront | null {
+    return this.#current;
+  }
+
+  /** Commands sent and not yet answered, oldest first (what a suspended guest must resubmit). */
+  inflight(): InFlight[] {
+    return [...this.#inflight.values()].map(({ id, command, locality }) => ({ id, command, locality }));
+  }
+
+  async #connect(reconnect: boolean): Promise<TpmFront> {
+    // The backend may be replaced while we are still connecting (the reset then fires inside
+    // connect()): remember it and reconnect once this front is ours.
+    let f: TpmFront | undefined;
+    let resetEarly = false;
+    f = await TpmFront.connect({
+      xs: this.#o.xs,
+      dom: this.#o.dom,
+      devid: this.#o.devid,
+      protocol: 'ring',
+      firstId: this.#nextId,
+      reconnect,
+      onBackendReset: () => (f ? this.#reset(f) : (resetEarly = true)),
+      onClosed: (reason) => {
+        if (!this.#suspending && !this.#closed) this.#o.onClosed?.(reason);
+      },
+    });
+    this.#current = f;
+    if (resetEarly) queueMicrotask(() => this.#reset(f!));
+    return f;
+  }
+
+  #reset(old: TpmFront): void {
+    if (this.#current !== old || this.#suspending || this.#closed) return;
+    this.#current = null;
+    this.reconnects++;
+    this.#o.log?.(`dom${this.#o.dom.domid}: backend replaced; reconnecting with a new ring, ${this.#inflight.size} request(s) to resubmit`);
+    this.#front = this.#connect(true);
+    this.#front.catch((e: unknown) => this.#o.log?.(`reconnect failed: ${(e as Error).message}`));
+  }
+
+  /** Send one command (a fresh id); resolves with its response, however many rings it takes. */
+  submit(command: Uint8Array, opts: { locality?: number } = {}): Promise<Uint8Array> {
+    if (this.#suspending || this.#closed) return Promise.reject(new FrontendError('ENODEV', 'device suspended'));
+    return this.resubmit({ id: this.#nextId++, command, locality: opts.locality ?? 0 });
+  }
+
+  /** Send a command under an id it had before (one left in flight by a suspended or killed guest). */
+  resubmit(r: InFlight): Promise<Uint8Array> {
+    if (r.id >= this.#nextId) this.#nextId = r.id + 1n;
+    return new Promise<Uint8Array>((resolve, reject) => {
+      this.#inflight.set(r.id, { ...r, resolve, reject });
+      void this.#send(r.id);
+    });
+  }
+
+  async #send(id: bigint): Promise<void> {
+    for (;;) {
+      const e = this.#inflight.get(id);
+      if (!e) return;
+      let f: TpmFront;
+      try {
+        f = await this.#front;
+      } catch (err) {
+        this.#inflight.delete(id);
+        e.reject(err as Error);
+        return;
+      }
+      try {
+        const rsp = await f.transmit(e.command, { id, locality: e.locality });
+        this.#inflight.delete(id);
+        e.resolve(rsp);
+        return;
+      } catch (err) {
+        // The ring went away under the request: it stays in flight (a suspend persists it, a backend
+        // reset resubmits it on the next ring). Anything else is this request's own failure.
+        const gone = err instanceof FrontendError && err.code === 'ENODEV';
+        if (gone && this.#suspending) return;
+        if (gone && !this.#closed && this.#current !== f) continue;
+        this.#inflight.delete(id);
+        e.reject(err as Error);
+        return;
+      }
+    }
+  }
+
+  /**
+   * Suspend: no new commands; tell the backend we are closing (it answers what it accepted, cancelling
+   * through libtpms past its bound, and saves the vTPM), take those answers, then finish the close.
+   * Returns what is still unanswered (only possible if the backend died meanwhile).
+   */
+  async suspend(opts: { timeoutMs?: number } = {}): Promise<InFlight[]> {
+    this.#suspending = true;
+    const f = await this.#front;
+    await switchState(this.#o.xs, f.dev.frontend, XenbusState.Closing);
+    // Like the 3.x tpmfront, wait for the backend's answer rather than Linux's 5 s close timeout: the
+    // backend bounds the in-flight command itself (cancel after its bound).
+    await waitForState(
+      this.#o.xs,
+      f.dev.backend,
+      (s) => s === XenbusState.Closing || s === XenbusState.Closed || s === XenbusState.InitWait || s === XenbusState.Unknown,
+      { timeoutMs: opts.timeoutMs ?? 120_000 },
+    ).catch(() => {});
+    await f.close();
+    // Responses taken from the ring at close settle their callers on the next turns of the loop.
+    await new Promise((r) => setImmediate(r));
+    await new Promise((r) => setImmediate(r));
+    this.#closed = true;
+    return this.inflight();
+  }
+
+  async close(): Promise<void> {
+    this.#closed = true;
+    const f = this.#current;
+    for (const e of this.#inflight.values()) e.reject(new FrontendError('ENODEV', 'session closed'));
+    this.#inflight.clear();
+    await f?.close();
+  }
+}

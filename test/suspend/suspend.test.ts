@@ -1,0 +1,154 @@
+// Suspend/resume against a real host (xenstored, manager, backend as processes, libtpms vTPMs): this
+// test process is the guest domain, so it can lose a response on purpose and resubmit its id.
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { execFile } from 'node:child_process';
+import { createHash, randomBytes } from 'node:crypto';
+import { join } from 'node:path';
+import { promisify } from 'node:util';
+import { dist, tmpDir } from '../helpers/child.js';
+
+const run = promisify(execFile);
+const cli = dist('src/cli/main.js');
+const env = { ...process.env, VTPM_NO_SETUP: '1', VTPM_SUSPEND_BOUND_MS: '150' };
+const vtpm = (...args: string[]) => run(process.execPath, [cli, ...args], { env });
+
+type XsClient = import('../../src/xenstore/client.js').XsClient;
+type GuestSession = import('../../src/frontend/session.js').GuestSession;
+type Domain = import('../../src/xen/index.js').Domain;
+
+const { Domain: DomainCls } = (await import(dist('src/xen/index.js'))) as typeof import('../../src/xen/index.js');
+const { connect } = (await import(dist('src/xenstore/client.js'))) as typeof import('../../src/xenstore/client.js');
+const xenbus = (await import(dist('src/xenstore/xenbus.js'))) as typeof import('../../src/xenstore/xenbus.js');
+const { GuestSession: Session } = (await import(dist('src/frontend/session.js'))) as typeof import('../../src/frontend/session.js');
+const tpm2 = (await import(dist('src/tpm/tpm2-commands.js'))) as typeof import('../../src/tpm/tpm2-commands.js');
+const wire = (await import(dist('src/tpm/wire.js'))) as typeof import('../../src/tpm/wire.js');
+const { RunDir } = (await import(dist('src/cli/rundir.js'))) as typeof import('../../src/cli/rundir.js');
+const { restartDaemon } = (await import(dist('src/cli/restart.js'))) as typeof import('../../src/cli/restart.js');
+
+const runDir = join(tmpDir('vtpm-suspend-'), 'run');
+const stateDir = join(tmpDir('vtpm-suspend-state-'), 'state');
+let dom0: XsClient;
+
+beforeAll(async () => {
+  await vtpm('host', 'up', '--run', runDir, '--state', stateDir);
+  dom0 = await connect(new RunDir(runDir).readHost().xenstoredSocket);
+});
+
+afterAll(async () => {
+  await dom0?.close().catch(() => {});
+  await vtpm('host', 'down', '--run', runDir).catch(() => {});
+});
+
+/** A guest domain in this process with its vTPM device written as the toolstack does. */
+async function guest(domid: number): Promise<{ dom: Domain; xs: XsClient }> {
+  const h = new RunDir(runDir).readHost();
+  await dom0.introduce(domid);
+  await xenbus.writeDeviceDirectories(dom0, { frontDomid: domid, backDomid: 0, devid: 0, uuid: `00000000-0000-4000-8000-${String(domid).padStart(12, '0')}` });
+  const dom = await DomainCls.create({ domid, dir: h.xenDir });
+  const xs = await connect(join(h.domainSocketDir, `dom${domid}.sock`));
+  return { dom, xs };
+}
+
+/** Suspend as xl does: control/shutdown = suspend, the guest closes its device; then resume=True. */
+async function suspendResume(domid: number, s: GuestSession, g: { dom: Domain; xs: XsClient }): Promise<GuestSession> {
+  const key = `/local/domain/${domid}/control/shutdown`;
+  await dom0.write(key, 'suspend');
+  const left = await s.suspend();
+  expect(left).toEqual([]);
+  await dom0.write(`/local/domain/0/backend/vtpm/${domid}/0/resume`, 'True');
+  await dom0.write(key, '');
+  return Session.open({ xs: g.xs, dom: g.dom, firstId: s.nextId, reconnect: true });
+}
+
+const sha = (...b: Uint8Array[]): Buffer => createHash('sha256').update(Buffer.concat(b)).digest();
+const extend = (model: Buffer, d: Uint8Array): Buffer => sha(model, d);
+const ok = (r: Uint8Array, what: string): Uint8Array => {
+  expect(wire.responseCode(r), what).toBe(0);
+  return r;
+};
+
+function startHmacSession(): Uint8Array {
+  // TPM2_StartAuthSession: tpmKey NULL, bind NULL, nonceCaller 16 bytes, no salt, HMAC, no symmetric, SHA-256.
+  const m = new wire.Marshal().u32(0x40000007).u32(0x40000007).tpm2b(randomBytes(16)).u16(0).u8(0x00).u16(0x0010).u16(0x000b);
+  return wire.command(wire.TPM2_ST_NO_SESSIONS, 0x176, m);
+}
+const handlesFrom = (first: number): Uint8Array => tpm2.getHandles(first, 16);
+
+describe('suspend/resume through xenstore', () => {
+  it('a PCR_Extend issued right before suspend and resubmitted after resume extends exactly once', async () => {
+    const g = await guest(21);
+    let s = await Session.open({ xs: g.xs, dom: g.dom });
+    ok(await s.submit(tpm2.startup()), 'Startup');
+    const a = randomBytes(32);
+    const b = randomBytes(32);
+    const c = randomBytes(32);
+    ok(await s.submit(tpm2.pcrExtendSha256(16, a)), 'extend A');
+    // B goes out and the suspend starts at once: the backend answers B before acknowledging.
+    const idB = s.nextId;
+    const pendingB = s.submit(tpm2.pcrExtendSha256(16, b));
+    s = await suspendResume(21, s, g);
+    const first = await pendingB;
+    ok(first, 'extend B');
+    // The guest lost that answer (say) and resubmits B under its id on the new ring: same answer, no run.
+    const again = await s.resubmit({ id: idB, command: tpm2.pcrExtendSha256(16, b), locality: 0 });
+    expect(Buffer.from(again).toString('hex')).toBe(Buffer.from(first).toString('hex'));
+    // A request that had not started before the suspend runs once.
+    ok(await s.submit(tpm2.pcrExtendSha256(16, c)), 'extend C');
+    const model = extend(extend(extend(Buffer.alloc(32), a), b), c);
+    expect(Buffer.from(tpm2.parsePcrRead(await s.submit(tpm2.pcrReadSha256(16)))).toString('hex')).toBe(model.toString('hex'));
+    await s.close();
+  });
+
+  it('a loaded object and an HMAC session survive suspend/resume', async () => {
+    const g = await guest(22);
+    let s = await Session.open({ xs: g.xs, dom: g.dom });
+    ok(await s.submit(tpm2.startup()), 'Startup');
+    const key = tpm2.parseCreatePrimaryHandle(ok(await s.submit(tpm2.createPrimaryRsa(2048)), 'CreatePrimary'));
+    const sess = new DataView(ok(await s.submit(startHmacSession()), 'StartAuthSession').buffer).getUint32(10);
+    expect(sess >>> 24).toBe(0x02);
+    s = await suspendResume(22, s, g);
+    // TPM2_ReadPublic of the key handle: the object is still loaded.
+    ok(await s.submit(wire.command(wire.TPM2_ST_NO_SESSIONS, 0x173, new wire.Marshal().u32(key))), 'ReadPublic after resume');
+    expect(tpm2.parseHandles(await s.submit(handlesFrom(0x80000000)))).toContain(key);
+    expect(tpm2.parseHandles(await s.submit(handlesFrom(0x02000000)))).toContain(sess);
+    await s.close();
+  });
+
+  it('a command still running at the bound is cancelled through libtpms and answered TPM_RC_CANCELED', async () => {
+    const g = await guest(23);
+    let s = await Session.open({ xs: g.xs, dom: g.dom });
+    ok(await s.submit(tpm2.startup()), 'Startup');
+    // An RSA-3072 key generation takes seconds; the backend's bound here is 150 ms.
+    const id = s.nextId;
+    const long = s.submit(tpm2.createPrimaryRsa(3072, randomBytes(32)));
+    await new Promise((r) => setTimeout(r, 20));
+    const t0 = Date.now();
+    s = await suspendResume(23, s, g);
+    const rsp = await long;
+    expect(wire.responseCode(rsp).toString(16)).toBe(wire.TPM_RC_CANCELED.toString(16));
+    expect(Date.now() - t0).toBeLessThan(20_000);
+    // Its id is answered from the table after resume: CANCELED again, no key generation.
+    expect(wire.responseCode(await s.resubmit({ id, command: tpm2.createPrimaryRsa(3072), locality: 0 }))).toBe(wire.TPM_RC_CANCELED);
+    ok(await s.submit(tpm2.getRandom(8)), 'GetRandom after resume');
+    await s.close();
+  });
+
+  it('a backend killed with -9 mid-stream is restarted; in-flight extends run exactly once', async () => {
+    const g = await guest(24);
+    const s = await Session.open({ xs: g.xs, dom: g.dom });
+    ok(await s.submit(tpm2.startup()), 'Startup');
+    let model = Buffer.alloc(32);
+    const digests = Array.from({ length: 40 }, () => randomBytes(32));
+    const pending = digests.map((d) => s.submit(tpm2.pcrExtendSha256(16, d)));
+    for (const d of digests) model = extend(model, d);
+    const rd = new RunDir(runDir);
+    const be = rd.readHost().processes.find((p) => p.role === 'backend')!;
+    await new Promise((r) => setTimeout(r, 15));
+    process.kill(be.pid, 'SIGKILL');
+    await restartDaemon(runDir, 'backend');
+    for (const p of pending) ok(await p, 'extend across the backend restart');
+    expect(s.reconnects).toBeGreaterThanOrEqual(1);
+    expect(Buffer.from(tpm2.parsePcrRead(await s.submit(tpm2.pcrReadSha256(16)))).toString('hex')).toBe(model.toString('hex'));
+    await s.close();
+  });
+});
