@@ -78,8 +78,9 @@ export class JournalStore implements StateStore {
 
   async delete(instance: number, kind: StateKind): Promise<void> {
     // libtpms consumes volatile state at power-on and the engine then deletes it; with a checkpoint
-    // after every command, the last checkpoint is exactly what a restart must resume, so keep it.
-    if (kind === 'volatile') return;
+    // after every command (ring requests recorded here), the last checkpoint is exactly what a restart
+    // must resume, so keep it. Without (v2 devices), a stale volatile blob must not outlive its use.
+    if (kind === 'volatile' && this.#high > 0n) return;
     await this.#inner.delete(instance, kind);
   }
 
@@ -116,9 +117,9 @@ export class JournalStore implements StateStore {
       if (length > MAX_RESPONSE || off + 16 + length > b.length) {
         throw new JournalError(this.#instance, `entry ${i} (id ${id}) claims ${length} response bytes, ${b.length - off - 16} left`);
       }
-      this.record(id, { status, response: Uint8Array.prototype.slice.call(b, off + 16, off + 16 + length) });
+      this.record(id, { status, response: new Uint8Array(b.subarray(off + 16, off + 16 + length)) });
       off += 16 + length;
     }
-    return Uint8Array.prototype.slice.call(b, off);
+    return new Uint8Array(b.subarray(off));
   }
 }

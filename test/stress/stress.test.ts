@@ -1,5 +1,6 @@
 // The CI run of `vtpm stress`: 8 guests × 2000 commands, a suspend/resume every 50 answered commands
-// and a -9 kill (guest process, backend or manager) every 1000; about 2 minutes on 2 cores. The harness's own
+// and a -9 kill (guest process, backend or manager) every 1000: 87 s on the idle 2-core machine, 188 s
+// while other work shared it (hence the generous timeouts; the test asserts no timings). The harness's own
 // checks (one answer per command, PCR == SHA-256 model of the acknowledged extends, NV == last
 // acknowledged write) must find nothing, and its JSON and HTML reports must say so.
 import { afterAll, describe, expect, it } from 'vitest';
@@ -20,7 +21,7 @@ describe('vtpm stress (CI size)', () => {
     const html = join(out, 'stress.html');
     const r = await run(
       process.execPath,
-      [dist('src/cli/main.js'), 'stress', '--guests', '8', '--commands', '2000', '--suspend-every', '50', '--kill-every', '1000', '--seed', '7', '--json', json, '--html', html, '--timeout', '260000'],
+      [dist('src/cli/main.js'), 'stress', '--guests', '8', '--commands', '2000', '--suspend-every', '50', '--kill-every', '1000', '--seed', '7', '--json', json, '--html', html, '--timeout', '400000'],
       { env: { ...process.env, VTPM_NO_SETUP: '1', UV_THREADPOOL_SIZE: '64' }, maxBuffer: 1 << 24 },
     ).catch((e: { stdout?: string; stderr?: string; message: string }) => {
       throw new Error(`stress failed: ${e.message}\n${e.stdout ?? ''}\n${e.stderr ?? ''}`);
@@ -41,5 +42,5 @@ describe('vtpm stress (CI size)', () => {
     const page = fs.readFileSync(html, 'utf8');
     expect(page).toContain('<svg');
     expect(page).not.toMatch(/<script|https?:\/\/(?!www\.w3\.org)/);
-  }, 290_000);
+  }, 420_000);
 });

@@ -9,7 +9,7 @@ import { dist, tmpDir } from '../helpers/child.js';
 
 const run = promisify(execFile);
 const cli = dist('src/cli/main.js');
-const env = { ...process.env, VTPM_NO_SETUP: '1', VTPM_SUSPEND_BOUND_MS: '150' };
+const env = { ...process.env, VTPM_NO_SETUP: '1', VTPM_SUSPEND_BOUND_MS: '10' };
 const vtpm = (...args: string[]) => run(process.execPath, [cli, ...args], { env });
 
 type XsClient = import('../../src/xenstore/client.js').XsClient;
@@ -118,17 +118,23 @@ describe('suspend/resume through xenstore', () => {
     const g = await guest(23);
     let s = await Session.open({ xs: g.xs, dom: g.dom });
     ok(await s.submit(tpm2.startup()), 'Startup');
-    // An RSA-3072 key generation takes seconds; the backend's bound here is 150 ms.
-    const id = s.nextId;
-    const long = s.submit(tpm2.createPrimaryRsa(3072, randomBytes(32)));
-    await new Promise((r) => setTimeout(r, 20));
-    const t0 = Date.now();
-    s = await suspendResume(23, s, g);
-    const rsp = await long;
-    expect(wire.responseCode(rsp).toString(16)).toBe(wire.TPM_RC_CANCELED.toString(16));
-    expect(Date.now() - t0).toBeLessThan(20_000);
+    // An RSA-3072 key generation takes from tens of ms to seconds; the backend's bound here is 10 ms.
+    // A generation that happens to finish inside the bound is answered normally: try again (at most 4).
+    let canceled: { id: bigint; ms: number } | null = null;
+    for (let attempt = 0; attempt < 4 && !canceled; attempt++) {
+      const id = s.nextId;
+      const long = s.submit(tpm2.createPrimaryRsa(3072, randomBytes(32)));
+      const t0 = Date.now();
+      s = await suspendResume(23, s, g);
+      const rsp = await long;
+      const rc = wire.responseCode(rsp);
+      expect([0, wire.TPM_RC_CANCELED]).toContain(rc);
+      if (rc === wire.TPM_RC_CANCELED) canceled = { id, ms: Date.now() - t0 };
+    }
+    expect(canceled).not.toBeNull();
+    expect(canceled!.ms).toBeLessThan(20_000);
     // Its id is answered from the table after resume: CANCELED again, no key generation.
-    expect(wire.responseCode(await s.resubmit({ id, command: tpm2.createPrimaryRsa(3072), locality: 0 }))).toBe(wire.TPM_RC_CANCELED);
+    expect(wire.responseCode(await s.resubmit({ id: canceled!.id, command: tpm2.createPrimaryRsa(3072), locality: 0 }))).toBe(wire.TPM_RC_CANCELED);
     ok(await s.submit(tpm2.getRandom(8)), 'GetRandom after resume');
     await s.close();
   });
