@@ -110,8 +110,16 @@ export class Swtpm {
     throw new Error(`swtpm did not start: ${stderr}`);
   }
 
-  connect(): Promise<SwtpmClient> {
-    return SwtpmClient.connect(this.dataPath);
+  /** Connect to the data socket; swtpm binds it a moment before it listens, so retry briefly. */
+  async connect(): Promise<SwtpmClient> {
+    for (let i = 0; ; i++) {
+      try {
+        return await SwtpmClient.connect(this.dataPath);
+      } catch (err) {
+        if (i >= 200 || (err as NodeJS.ErrnoException).code !== 'ECONNREFUSED') throw err;
+        await sleep(10);
+      }
+    }
   }
 
   async stop(): Promise<void> {

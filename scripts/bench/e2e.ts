@@ -1,4 +1,4 @@
-// `npm run bench -- e2e [--mode single|multi] [--quick]`: the whole path a guest's command takes —
+// `npm run bench -- e2e [--mode single|multi] [--protocol v2|ring] [--quick]`: the whole path a guest's command takes —
 // TpmFront → ring (grant-mapped page + event channel) → backend process → libtpms — against the same
 // client talking to swtpm over its UNIX socket, in the same run. Then aggregate PCR_Extend/s with 1,
 // 16 and 256 guests (one outstanding command each) against as many swtpm processes driven alike, and
@@ -78,6 +78,10 @@ export async function run(ctx: BenchContext): Promise<Figure[]> {
   const quick = ctx.args.includes('--quick');
   const modeArg = ctx.args[ctx.args.indexOf('--mode') + 1];
   const mode = ctx.args.includes('--mode') && modeArg === 'multi' ? 'multi' : 'single';
+  // v2 (the tpmif page, one command at a time) or ring (multi-request, exactly-once: every command
+  // checkpoints the vTPM's volatile state and its answer at the manager before it is published).
+  const protocol = ctx.args.includes('--protocol') && ctx.args[ctx.args.indexOf('--protocol') + 1] === 'ring' ? 'ring' : 'v2';
+  const sfx = protocol === 'ring' ? '_ring' : '';
   const counts = quick ? [1, 16, 64] : [1, 16, 256];
   const maxN = counts[counts.length - 1]!;
   const nRtt = quick ? 500 : 3000;
@@ -91,7 +95,7 @@ export async function run(ctx: BenchContext): Promise<Figure[]> {
   try {
     const h = await hostUp(runDir, join(work, 'state'), mode);
     const backendPid = h.processes.find((p) => p.role === 'backend')!.pid;
-    ctx.log(`host up (${mode}-VM mode); backend pid ${backendPid}`);
+    ctx.log(`host up (${mode}-VM mode, ${protocol} transport); backend pid ${backendPid}`);
     xs0 = await connect(h.xenstoredSocket);
     const base = smapsRollup(backendPid);
 
@@ -100,7 +104,7 @@ export async function run(ctx: BenchContext): Promise<Figure[]> {
       await writeDeviceDirectories(xs0!, { frontDomid: domid, backDomid: 0, devid: 0, uuid: randomUUID(), extra: { backend: { 'tpm-version': '2.0' } } });
       const dom = await Domain.create({ domid, dir: h.xenDir, geometry: { nrPages: 40 } });
       const xs = await connect(join(h.domainSocketDir, `dom${domid}.sock`));
-      const front = await TpmFront.connect({ xs, dom, protocol: 'ring', timeoutMs: 60_000 });
+      const front = await TpmFront.connect({ xs, dom, protocol, timeoutMs: 60_000 });
       await front.transmit(STARTUP_CLEAR);
       guests.push({ dom, xs, front });
     };
@@ -128,10 +132,10 @@ export async function run(ctx: BenchContext): Promise<Figure[]> {
     ctx.log(`PCR_Extend p50 ours ${median(rtt.ex[0]!).toFixed(1)} µs, swtpm ${median(rtt.ex[1]!).toFixed(1)} µs`);
 
     const figures: Figure[] = [
-      { id: 'getrandom_rtt_p50', unit: 'µs', ours: median(rtt.gr[0]!), peer: median(rtt.gr[1]!), note: 'swtpm UNIX socket' },
-      { id: 'getrandom_rtt_p99', unit: 'µs', ours: percentile(rtt.gr[0]!, 99), peer: percentile(rtt.gr[1]!, 99), note: 'swtpm UNIX socket' },
-      { id: 'extend_rtt_p50', unit: 'µs', ours: median(rtt.ex[0]!), peer: median(rtt.ex[1]!), note: 'swtpm UNIX socket' },
-      { id: 'extend_rtt_p99', unit: 'µs', ours: percentile(rtt.ex[0]!, 99), peer: percentile(rtt.ex[1]!, 99), note: 'swtpm UNIX socket' },
+      { id: `getrandom_rtt_p50${sfx}`, unit: 'µs', ours: median(rtt.gr[0]!), peer: median(rtt.gr[1]!), note: 'swtpm UNIX socket' },
+      { id: `getrandom_rtt_p99${sfx}`, unit: 'µs', ours: percentile(rtt.gr[0]!, 99), peer: percentile(rtt.gr[1]!, 99), note: 'swtpm UNIX socket' },
+      { id: `extend_rtt_p50${sfx}`, unit: 'µs', ours: median(rtt.ex[0]!), peer: median(rtt.ex[1]!), note: 'swtpm UNIX socket' },
+      { id: `extend_rtt_p99${sfx}`, unit: 'µs', ours: percentile(rtt.ex[0]!, 99), peer: percentile(rtt.ex[1]!, 99), note: 'swtpm UNIX socket' },
     ];
 
     for (const n of counts) {
@@ -142,13 +146,13 @@ export async function run(ctx: BenchContext): Promise<Figure[]> {
       const o = await aggregate(guests.slice(0, n).map((g) => g.front), tputMs);
       const p = await aggregate(swClients.slice(0, n), tputMs);
       ctx.log(`PCR_Extend/s with ${n}: ours ${o.toFixed(0)}, swtpm ${p.toFixed(0)}`);
-      figures.push({ id: `extend_per_s_${n}`, unit: 'cmd/s', ours: o, peer: p, note: `${n} swtpm processes` });
+      figures.push({ id: `extend_per_s_${n}${sfx}`, unit: 'cmd/s', ours: o, peer: p, note: `${n} swtpm processes` });
     }
 
     const after = smapsRollup(backendPid);
     const swPss = swtpms.reduce((a, s) => a + smapsRollup(s.pid).pssKiB, 0);
     figures.push({
-      id: `pss_per_guest_${maxN}`,
+      id: `pss_per_guest_${maxN}${sfx}`,
       unit: 'MiB',
       ours: (after.pssKiB - base.pssKiB) / 1024 / maxN,
       peer: swPss / 1024 / maxN,
