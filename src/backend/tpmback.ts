@@ -33,7 +33,8 @@ export class Backend {
   }
 
   static async start(o: BackendOptions): Promise<Backend> {
-    const dom = o.domain ?? (await Domain.create({ domid: 0, dir: o.xenDir }));
+    // One event-channel port per guest device: dom0 takes Xen's full 2-level range (4095 ports).
+    const dom = o.domain ?? (await Domain.create({ domid: 0, dir: o.xenDir, geometry: { evtchnPages: 16 } }));
     const xs = await connect(o.xenstoredSocket);
     const b = new Backend(dom, xs, o);
     // The watch fires once at registration, which picks up devices written before we started.

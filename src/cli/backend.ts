@@ -46,7 +46,7 @@ async function multiVm(h: HostInfo, mgr: ManagerClient, registerDir: string, log
   const { MultiVmVtpms } = await import('../backend/multi-vm.js');
   fs.rmSync(registerDir, { recursive: true, force: true });
   fs.mkdirSync(registerDir, { recursive: true });
-  const dom = await Domain.create({ domid: 0, dir: h.xenDir, geometry: { grantFrames: 16, nrPages: 8192 } });
+  const dom = await Domain.create({ domid: 0, dir: h.xenDir, geometry: { grantFrames: 16, nrPages: 8192, evtchnPages: 16 } });
   const vtpms = new MultiVmVtpms({ dom, mgr, managerRunDir: h.managerRunDir, xenDir: h.xenDir, registerDir, log });
   return { dom, vtpms };
 }

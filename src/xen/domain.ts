@@ -15,7 +15,8 @@ import {
   HDR_PID,
   HDR_VERSION,
   LAYOUT_VERSION,
-  EVTCHN_PORTS,
+  EVTCHN_PORTS_PER_PAGE,
+  MAX_EVTCHN_PAGES,
   PAGE_SIZE,
   activeTableOffset,
   controlSize,
@@ -57,6 +58,8 @@ export class ControlViews {
   /** Event channel ports: state, remote_dom, remote_port, pending at 4p .. 4p+3. */
   readonly evtchn: Int32Array;
   readonly nrGrantEntries: number;
+  /** Ports 1 .. nrPorts-1 exist (port 0 is never used, as in Xen). */
+  readonly nrPorts: number;
 
   constructor(buf: ArrayBuffer, g: DomainGeometry) {
     const grantBytes = g.grantFrames * PAGE_SIZE;
@@ -64,8 +67,9 @@ export class ControlViews {
     this.grant16 = new Uint16Array(buf, grantTableOffset(g), grantBytes / 2);
     this.grant32 = new Int32Array(buf, grantTableOffset(g), grantBytes / 4);
     this.active = new Int32Array(buf, activeTableOffset(g), grantBytes / 4);
-    this.evtchn = new Int32Array(buf, evtchnOffset(g), PAGE_SIZE / 4);
+    this.evtchn = new Int32Array(buf, evtchnOffset(g), (g.evtchnPages * PAGE_SIZE) / 4);
     this.nrGrantEntries = grantBytes / 8;
+    this.nrPorts = g.evtchnPages * EVTCHN_PORTS_PER_PAGE;
   }
 }
 
@@ -115,7 +119,14 @@ export class Domain {
       throw new DomainError('EINVAL', `domid ${domid} out of range 0..${MAX_DOMID}`);
     }
     const g: DomainGeometry = { ...DEFAULT_GEOMETRY, ...opts.geometry };
-    if (g.grantFrames < 1 || g.grantFrames > MAX_GRANT_FRAMES || g.nrPages < 1 || g.nrPages > MAX_PAGES) {
+    if (
+      g.grantFrames < 1 ||
+      g.grantFrames > MAX_GRANT_FRAMES ||
+      g.nrPages < 1 ||
+      g.nrPages > MAX_PAGES ||
+      g.evtchnPages < 1 ||
+      g.evtchnPages > MAX_EVTCHN_PAGES
+    ) {
       throw new DomainError('EINVAL', `bad geometry ${JSON.stringify(g)}`);
     }
     const dir = xenDir(opts.dir);
@@ -136,7 +147,7 @@ export class Domain {
     header[HDR_DOMID] = domid;
     header[HDR_NR_PAGES] = g.nrPages;
     header[HDR_GRANT_FRAMES] = g.grantFrames;
-    header[HDR_EVTCHN_PORTS] = EVTCHN_PORTS;
+    header[HDR_EVTCHN_PORTS] = g.evtchnPages * EVTCHN_PORTS_PER_PAGE;
     header[HDR_PID] = process.pid;
     // Magic last: a peer that sees it sees a complete header.
     Atomics.store(header, HDR_MAGIC, DOMAIN_MAGIC);
@@ -281,9 +292,11 @@ export class PeerDomain {
       const st = fs.fstatSync(fd);
       const hdr = Buffer.alloc(32);
       if (fs.readSync(fd, hdr, 0, 32, 0) !== 32) throw new DomainError('ESRCH', `domain ${domid}: truncated header`);
+      const ports = hdr.readUInt32LE(HDR_EVTCHN_PORTS * 4);
       const g: DomainGeometry = {
         nrPages: hdr.readUInt32LE(HDR_NR_PAGES * 4),
         grantFrames: hdr.readUInt32LE(HDR_GRANT_FRAMES * 4),
+        evtchnPages: Math.floor(ports / EVTCHN_PORTS_PER_PAGE),
       };
       // The file belongs to that domain, so validate everything before trusting sizes from it.
       if (
@@ -294,6 +307,9 @@ export class PeerDomain {
         g.grantFrames > MAX_GRANT_FRAMES ||
         g.nrPages < 1 ||
         g.nrPages > MAX_PAGES ||
+        ports % EVTCHN_PORTS_PER_PAGE !== 0 ||
+        g.evtchnPages < 1 ||
+        g.evtchnPages > MAX_EVTCHN_PAGES ||
         st.size < fileSize(g)
       ) {
         throw new DomainError('ESRCH', `domain ${domid}: memory file is not a valid domain`);

@@ -8,7 +8,7 @@
 // pending bit coalesces the rest), and unlike a FIFO tells the sender when the receiver died.
 import fs from 'node:fs';
 import net from 'node:net';
-import { EVTCHN_PORTS, evtchnSocketPath } from './layout.js';
+import { evtchnSocketPath } from './layout.js';
 import { DomainError, type Domain, type PeerDomain } from './domain.js';
 
 export const ECS_closed = 0;
@@ -96,7 +96,7 @@ export class EventChannels {
 
   /** Clear the pending bit and run the port's handler, if it has one (else the bit stays set). */
   #deliver(port: number): void {
-    if (!Number.isInteger(port) || port <= 0 || port >= EVTCHN_PORTS) return;
+    if (!Number.isInteger(port) || port <= 0 || port >= this.#dom.views.nrPorts) return;
     const h = this.#handlers.get(port);
     if (!h) return;
     if (Atomics.exchange(this.#table, 4 * port + F_PENDING, 0) === 0) return;
@@ -127,7 +127,7 @@ export class EventChannels {
   /** EVTCHNOP_alloc_unbound: a fresh port that only `remoteDom` may bind to. */
   allocUnbound(remoteDom: number): number {
     const t = this.#table;
-    for (let port = 1; port < EVTCHN_PORTS; port++) {
+    for (let port = 1, n = this.#dom.views.nrPorts; port < n; port++) {
       if (Atomics.compareExchange(t, 4 * port + F_STATE, ECS_closed, -1) !== ECS_closed) continue;
       Atomics.store(t, 4 * port + F_REMOTE_DOM, remoteDom);
       Atomics.store(t, 4 * port + F_REMOTE_PORT, 0);
@@ -150,7 +150,7 @@ export class EventChannels {
       if (err instanceof DomainError) throw new EventChannelError('ESRCH', `dom${remoteDom} does not exist`);
       throw err;
     }
-    if (!Number.isInteger(remotePort) || remotePort <= 0 || remotePort >= EVTCHN_PORTS) {
+    if (!Number.isInteger(remotePort) || remotePort <= 0 || remotePort >= peer.views.nrPorts) {
       throw new EventChannelError('EINVAL', `dom${remoteDom} port ${remotePort} out of range`);
     }
     const rt = peer.views.evtchn;
@@ -279,8 +279,9 @@ export class EventChannels {
   }
 
   #checkPort(port: number): void {
-    if (!Number.isInteger(port) || port <= 0 || port >= EVTCHN_PORTS) {
-      throw new EventChannelError('EINVAL', `port ${port} out of range 1..${EVTCHN_PORTS - 1}`);
+    const n = this.#dom.views.nrPorts;
+    if (!Number.isInteger(port) || port <= 0 || port >= n) {
+      throw new EventChannelError('EINVAL', `port ${port} out of range 1..${n - 1}`);
     }
   }
 

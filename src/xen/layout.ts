@@ -5,8 +5,8 @@
 //   page 0                      header (magic, domid, sizes, owner pid)
 //   pages 1 .. G                grant table frames, grant_entry_v1 (flags u16, domid u16, frame u32)
 //   pages G+1 .. 2G             active grant entries (the hypervisor's pin counts, 8 bytes each)
-//   page 2G+1                   event channel table (16 bytes a port)
-//   pages 2G+2 ..               guest frames, gfn 0 .. nr_pages-1
+//   pages 2G+1 .. 2G+E          event channel table (16 bytes a port, 256 ports a page)
+//   pages 2G+E+1 ..             guest frames, gfn 0 .. nr_pages-1
 import { join } from 'node:path';
 import { PAGE_SIZE } from '../../native/libc.js';
 
@@ -30,14 +30,18 @@ export const GRANT_ENTRIES_PER_FRAME = PAGE_SIZE / GRANT_ENTRY_SIZE; // 512, as 
 export const GNTTAB_NR_RESERVED_ENTRIES = 8;
 
 export const EVTCHN_ENTRY_SIZE = 16;
-export const EVTCHN_PORTS = PAGE_SIZE / EVTCHN_ENTRY_SIZE; // 256 ports per domain
+export const EVTCHN_PORTS_PER_PAGE = PAGE_SIZE / EVTCHN_ENTRY_SIZE; // 256
+/** Xen's 2-level ABI on 64-bit guests: 64 × 64 pending bits, 4096 ports, 16 pages of ours. */
+export const MAX_EVTCHN_PAGES = 16;
 
 export interface DomainGeometry {
   nrPages: number;
   grantFrames: number;
+  /** Event-channel table pages, 256 ports each (a backend serving many guests needs more). */
+  evtchnPages: number;
 }
 
-export const DEFAULT_GEOMETRY: DomainGeometry = { nrPages: 256, grantFrames: 1 };
+export const DEFAULT_GEOMETRY: DomainGeometry = { nrPages: 256, grantFrames: 1, evtchnPages: 1 };
 
 export function grantTableOffset(_g: DomainGeometry): number {
   return PAGE_SIZE;
@@ -49,7 +53,7 @@ export function evtchnOffset(g: DomainGeometry): number {
   return PAGE_SIZE * (1 + 2 * g.grantFrames);
 }
 export function framesOffset(g: DomainGeometry): number {
-  return PAGE_SIZE * (2 + 2 * g.grantFrames);
+  return PAGE_SIZE * (1 + 2 * g.grantFrames + g.evtchnPages);
 }
 export function fileSize(g: DomainGeometry): number {
   return framesOffset(g) + g.nrPages * PAGE_SIZE;

@@ -116,4 +116,31 @@ describe('event channels', () => {
     be.evtchn.close(local);
     fe.evtchn.close(p);
   });
+
+  it('gives a domain with more event-channel pages more ports (a backend with hundreds of guests)', async () => {
+    const big = await Domain.create({ domid: 6, dir, geometry: { evtchnPages: 2 } });
+    const small = await Domain.create({ domid: 7, dir });
+    try {
+      // One page: ports 1..255, then ENOSPC.
+      const few: number[] = [];
+      for (let i = 0; i < 255; i++) few.push(small.evtchn.allocUnbound(6));
+      expect(code(() => small.evtchn.allocUnbound(6))).toBe('ENOSPC');
+      for (const p of few) small.evtchn.close(p);
+      // Two pages: port 300 exists, binds and delivers.
+      const local: number[] = [];
+      for (let i = 0; i < 300; i++) local.push(big.evtchn.allocUnbound(4));
+      expect(local[299]).toBe(300);
+      const remote = fe.evtchn.bindInterdomain(6, 300);
+      const c = counter(big, 300);
+      await sleep(20);
+      c.n = 0;
+      fe.evtchn.send(remote);
+      await sleep(50);
+      expect(c.n).toBe(1);
+      fe.evtchn.close(remote);
+    } finally {
+      await big.destroy();
+      await small.destroy();
+    }
+  });
 });
