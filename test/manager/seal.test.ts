@@ -3,6 +3,7 @@ import { execFileSync, spawn, spawnSync, type ChildProcess } from 'node:child_pr
 import crypto from 'node:crypto';
 import fs from 'node:fs';
 import net from 'node:net';
+import { freePortPair } from '../../src/cli/ports.js';
 import path from 'node:path';
 import { MASTER_KEY_FILE, SealError, Sealer, loadKeyFile, loadTpmSealedKey } from '../../src/manager/seal.js';
 import { ManagerClient } from '../../src/manager/client.js';
@@ -84,32 +85,28 @@ describe('master key file', () => {
   });
 });
 
-async function freePort(): Promise<number> {
-  return new Promise((resolve) => {
-    const s = net.createServer().listen(0, '127.0.0.1', () => {
-      const p = (s.address() as net.AddressInfo).port;
-      s.close(() => resolve(p));
-    });
-  });
-}
-
 describe('master key sealed to PCRs of a host TPM (swtpm playing the host TPM)', () => {
   let swtpm: ChildProcess;
   let tcti: string;
 
   beforeAll(async () => {
     const dir = tempDir('hosttpm');
-    let port = await freePort();
-    while (port > 65000) port = await freePort();
-    swtpm = spawn('swtpm', ['socket', '--tpm2', '--server', `type=tcp,port=${port},bindaddr=127.0.0.1`, '--ctrl', `type=tcp,port=${port + 1},bindaddr=127.0.0.1`, '--tpmstate', `dir=${dir}`, '--flags', 'not-need-init,startup-clear'], { stdio: 'ignore' });
-    // The libtss2-tcti-swtpm of Debian 12 (tpm2-tss 3.2) takes host/port only, not path=.
-    tcti = `swtpm:host=127.0.0.1,port=${port}`;
-    for (let i = 0; i < 100; i++) {
-      const ok = await new Promise<boolean>((r) => {
-        const c = net.connect(port, '127.0.0.1', () => (c.destroy(), r(true))).on('error', () => r(false));
-      });
-      if (ok) return;
-      await new Promise((r) => setTimeout(r, 50));
+    // A free pair (data P, control P+1); another test may take either before swtpm binds it, so a
+    // swtpm that exits at start is retried on a new pair.
+    for (let attempt = 0; attempt < 5; attempt++) {
+      const port = await freePortPair();
+      const child = spawn('swtpm', ['socket', '--tpm2', '--server', `type=tcp,port=${port},bindaddr=127.0.0.1`, '--ctrl', `type=tcp,port=${port + 1},bindaddr=127.0.0.1`, '--tpmstate', `dir=${dir}`, '--flags', 'not-need-init,startup-clear'], { stdio: 'ignore' });
+      swtpm = child;
+      // The libtss2-tcti-swtpm of Debian 12 (tpm2-tss 3.2) takes host/port only, not path=.
+      tcti = `swtpm:host=127.0.0.1,port=${port}`;
+      for (let i = 0; i < 100 && child.exitCode === null; i++) {
+        const ok = await new Promise<boolean>((r) => {
+          const c = net.connect(port, '127.0.0.1', () => (c.destroy(), r(true))).on('error', () => r(false));
+        });
+        if (ok) return;
+        await new Promise((r) => setTimeout(r, 50));
+      }
+      child.kill();
     }
     throw new Error('swtpm did not start');
   });
