@@ -136,8 +136,7 @@ export async function guestDetach(run: string, domid: number, timeoutMs = 15_000
   rd.removeGuest(domid);
 }
 
-/** The guest process: its domain, its vTPM device, and optionally the TCTI bridge for tpm2-tools. */
-export async function guestRun(o: {
+export interface GuestRunOptions {
   run: string;
   domid: number;
   protocol: Protocol;
@@ -146,7 +145,10 @@ export async function guestRun(o: {
   misbehave?: Misbehaviour;
   resume?: boolean;
   workload?: string;
-}): Promise<void> {
+}
+
+/** The guest process: its domain, its vTPM device, and optionally the TCTI bridge for tpm2-tools. */
+export async function guestRun(o: GuestRunOptions): Promise<void> {
   const rd = new RunDir(o.run);
   const h = rd.readHost();
   const dom = await Domain.create({ domid: o.domid, dir: h.xenDir });
@@ -260,19 +262,8 @@ export function register(program: Command): void {
     .option('--misbehave <how>')
     .option('--resume', 'continue a suspended guest (new ring, same request ids)')
     .option('--workload <file>', 'run a vtpm stress workload')
-    .action(
-      async (o: {
-        run: string;
-        domid: number;
-        protocol: Protocol;
-        devid: number;
-        tctiPort?: number;
-        misbehave?: Misbehaviour;
-        resume?: boolean;
-        workload?: string;
-      }) => {
-        await guestRun(o);
-      },
-    );
+    .action(async (o: GuestRunOptions) => {
+      await guestRun(o);
+    });
   registerSuspend(guest);
 }

@@ -3,13 +3,14 @@
 // then `host down` + `host up` and the NV indices and persistent keys are still there.
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { execFile } from 'node:child_process';
-import { createHash, randomUUID } from 'node:crypto';
+import { randomUUID } from 'node:crypto';
 import fs from 'node:fs';
 import os from 'node:os';
 import { join } from 'node:path';
 import { promisify } from 'node:util';
 import { ROOT } from '../helpers/child.js';
 import { freePortPair } from '../../src/cli/ports.js';
+import { parseScriptOutput, scriptPcrModel } from './guest-script.js';
 
 const run = promisify(execFile);
 const cli = join(ROOT, 'dist/src/cli/main.js');
@@ -29,16 +30,6 @@ afterAll(async () => {
   await vtpm('host', 'down', '--run', runDir).catch(() => {});
   fs.rmSync(work, { recursive: true, force: true });
 });
-
-function parse(out: string): Record<string, string> {
-  return Object.fromEntries(out.split('\n').filter((l) => /^[a-z0-9]+=/.test(l)).map((l) => [l.slice(0, l.indexOf('=')), l.slice(l.indexOf('=') + 1)]));
-}
-
-function pcrModel(): string {
-  let pcr = Buffer.alloc(32);
-  for (const s of ['stage-one', 'stage-two']) pcr = createHash('sha256').update(pcr).update(createHash('sha256').update(s).digest()).digest();
-  return '0x' + pcr.toString('hex').toUpperCase();
-}
 
 describe('tpm2-tools through guest frontends', () => {
   it('lists xenstored, manager and backend in host status --json', async () => {
@@ -63,10 +54,10 @@ describe('tpm2-tools through guest frontends', () => {
         const { stdout } = await run('bash', [join(ROOT, 'test/e2e/guest-script.sh'), w, `dom${g.domid}`], {
           env: { ...process.env, TPM2TOOLS_TCTI: `swtpm:host=127.0.0.1,port=${g.port}` },
         });
-        return parse(stdout);
+        return parseScriptOutput(stdout);
       }),
     );
-    const model = pcrModel();
+    const model = scriptPcrModel();
     results.forEach((r, i) => {
       const d = guests[i]!.domid;
       expect(r.random).toMatch(/^[0-9a-f]{32}$/);

@@ -3,25 +3,9 @@
 import { spawn, type ChildProcess } from 'node:child_process';
 import net from 'node:net';
 
-/** A data port P with P+1 also free (both probed by binding them). */
-export async function freePortPair(): Promise<number> {
-  for (let i = 0; i < 50; i++) {
-    const a = net.createServer();
-    const p = await new Promise<number>((resolve, reject) => {
-      a.once('error', reject);
-      a.listen({ host: '127.0.0.1', port: 0 }, () => resolve((a.address() as net.AddressInfo).port));
-    });
-    const b = net.createServer();
-    const ok = await new Promise<boolean>((resolve) => {
-      b.once('error', () => resolve(false));
-      b.listen({ host: '127.0.0.1', port: p + 1 }, () => resolve(true));
-    });
-    await new Promise<void>((r) => a.close(() => r()));
-    if (ok) await new Promise<void>((r) => b.close(() => r()));
-    if (ok && p < 65534) return p;
-  }
-  throw new Error('no free consecutive port pair');
-}
+import { freePortPair } from '../../src/cli/ports.js';
+
+export { freePortPair };
 
 function tryConnect(port: number): Promise<boolean> {
   return new Promise((resolve) => {

@@ -3,7 +3,7 @@
 // `host status --json`; then the same vTPMs served by a single-mode host and back by a multi-mode one,
 // with the NV contents and persistent keys each wrote.
 import { afterAll, beforeAll, beforeEach, describe, expect, it, onTestFailed } from 'vitest';
-import { createHash, randomUUID } from 'node:crypto';
+import { randomUUID } from 'node:crypto';
 import fs from 'node:fs';
 import os from 'node:os';
 import { join } from 'node:path';
@@ -11,6 +11,7 @@ import { ROOT } from '../helpers/child.js';
 import { freePortPair } from '../../src/cli/ports.js';
 import { alive } from '../../src/cli/rundir.js';
 import { dumpLogs, run, status, tcti, vtpm } from './host.js';
+import { parseScriptOutput, scriptPcrModel } from '../e2e/guest-script.js';
 
 const work = fs.mkdtempSync(join(os.tmpdir(), 'vtpm-multivm-e2e-'));
 const runDir = join(work, 'run');
@@ -30,16 +31,6 @@ afterAll(async () => {
   await vtpm('host', 'down', '--run', runDir).catch(() => {});
   fs.rmSync(work, { recursive: true, force: true });
 });
-
-function parse(out: string): Record<string, string> {
-  return Object.fromEntries(out.split('\n').filter((l) => /^[a-z0-9]+=/.test(l)).map((l) => [l.slice(0, l.indexOf('=')), l.slice(l.indexOf('=') + 1)]));
-}
-
-function pcrModel(): string {
-  let pcr = Buffer.alloc(32);
-  for (const s of ['stage-one', 'stage-two']) pcr = createHash('sha256').update(pcr).update(createHash('sha256').update(s).digest()).digest();
-  return '0x' + pcr.toString('hex').toUpperCase();
-}
 
 async function attach(g: (typeof guests)[number]): Promise<void> {
   await vtpm('guest', 'attach', '--run', runDir, '--domid', String(g.domid), '--vm', g.vm, '--protocol', g.protocol, '--tcti-port', String(g.port));
@@ -77,10 +68,10 @@ describe('tpm2-tools in multi-VM mode', () => {
         const w = join(work, `dom${g.domid}`);
         fs.mkdirSync(w);
         const { stdout } = await run('bash', [join(ROOT, 'test/e2e/guest-script.sh'), w, `dom${g.domid}`], { env: tcti(g.port) });
-        return parse(stdout);
+        return parseScriptOutput(stdout);
       }),
     );
-    const model = pcrModel();
+    const model = scriptPcrModel();
     results.forEach((r, i) => {
       const d = guests[i]!.domid;
       expect(r.random).toMatch(/^[0-9a-f]{32}$/);
