@@ -1,5 +1,6 @@
 // Shared pieces of every benchmark: figures, percentiles, machine facts and the report format
 // `{"bench", "date", "machine", "figures": [{id, unit, ours, peer, ratio}]}` of the bench harness.
+import fs from 'node:fs';
 import os from 'node:os';
 
 export interface Figure {
@@ -79,4 +80,14 @@ function fmt(x: number): string {
   if (Math.abs(x) >= 1000) return x.toFixed(0);
   if (Math.abs(x) >= 10) return x.toFixed(1);
   return x.toFixed(3);
+}
+
+/**
+ * CPU time a process has used so far, in µs, from /proc/<pid>/schedstat (nanoseconds on the CPU; finer
+ * than utime/stime's 10 ms ticks). Benches that poll shared memory report it so the CPU a poll burns is
+ * in the table next to the latency it buys.
+ */
+export function cpuUs(pid: number | 'self'): number {
+  const text = fs.readFileSync(`/proc/${pid}/schedstat`, 'utf8');
+  return Number(text.split(' ')[0]) / 1000;
 }

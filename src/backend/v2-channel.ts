@@ -1,7 +1,12 @@
 // The backend role of the tpmif v2 shared page (xen.md §6.1), as mini-os tpmback and the Xen 4.3+
 // vtpm stub domain play it against Linux xen-tpmfront: one command at a time; the frontend writes
 // SUBMIT or CANCEL, we write only IDLE or FINISH, always state last and then notify.
-import type { Domain, GrantMapping } from '../xen/index.js';
+//
+// After publishing an answer the channel may poll the page for the guest's next SUBMIT for a short,
+// adaptive window (src/xen/poll.ts), its port masked so the guest's notification costs no wake-up. The
+// poll gives way as soon as another guest's port is pending, and a SUBMIT it finds is run on a later
+// turn of the loop, so one busy guest cannot keep the backend from its other work.
+import { PollWindow, spinUntil, type Domain, type GrantMapping } from '../xen/index.js';
 import {
   TPMIF_STATE_CANCEL,
   TPMIF_STATE_FINISH,
@@ -29,6 +34,8 @@ export interface ChannelOptions {
   /** The frontend broke the protocol: the caller must cut it off (its device to Closing). */
   onFatal: (reason: string) => void;
   log?: (line: string) => void;
+  /** Poll window after each answer in µs (default VTPM_POLL_US or 50; 0 = never poll). */
+  pollUs?: number;
 }
 
 export class V2Channel {
@@ -41,6 +48,9 @@ export class V2Channel {
   readonly #opts: ChannelOptions;
   #busy: Promise<void> | null = null;
   #closed = false;
+  readonly #poll: PollWindow;
+  /** When the last answer was published (ms, performance.now), to learn the guest's pace. */
+  #answeredAt = -1;
   commands = 0;
 
   constructor(dom: Domain, opts: ChannelOptions) {
@@ -48,6 +58,7 @@ export class V2Channel {
     this.#dom = dom;
     this.#opts = opts;
     this.frontDomid = opts.frontDomid;
+    this.#poll = new PollWindow(opts.pollUs);
     this.#map = dom.mapper.map(opts.frontDomid, opts.refs[0]!);
     this.#page = new Uint8Array(this.#map.buffer);
     this.#dv = new DataView(this.#map.buffer);
@@ -58,6 +69,11 @@ export class V2Channel {
       throw err;
     }
     dom.evtchn.on(this.#port, () => this.#onEvent());
+  }
+
+  /** Our local event-channel port bound to the frontend's. */
+  get port(): number {
+    return this.#port;
   }
 
   #state(): number {
@@ -72,6 +88,8 @@ export class V2Channel {
 
   #onEvent(): void {
     if (this.#closed) return;
+    // Whatever we handle now, the next notification (a CANCEL while the command runs) must wake us.
+    this.#dom.evtchn.unmask(this.#port);
     const state = this.#state();
     if (state === TPMIF_STATE_CANCEL) {
       // A running command completes (FINISH) or is cut short by the TPM; an idle device says IDLE.
@@ -80,6 +98,12 @@ export class V2Channel {
       return;
     }
     if (state !== TPMIF_STATE_SUBMIT || this.#busy) return;
+    if (this.#answeredAt >= 0) {
+      // How long the guest took to send its next command decides whether polling for it pays.
+      this.#poll.record((performance.now() - this.#answeredAt) * 1000);
+      this.#answeredAt = -1;
+    }
+
     // Private copy of everything before validating: the guest may change the page under us.
     const length = this.#dv.getUint32(V2_LENGTH, true);
     const nrExtra = this.#page[V2_NR_EXTRA]!;
@@ -109,10 +133,31 @@ export class V2Channel {
     this.#page.set(response, offset);
     this.#dv.setUint32(V2_LENGTH, response.length, true);
     this.#busy = null;
+    const budget = this.#poll.budgetUs;
+    // Masked before FINISH is visible, so the guest's next SUBMIT cannot cost it a wake-up mid-poll.
+    if (budget > 0) this.#dom.evtchn.mask(this.#port);
     this.#setStateAndNotify(TPMIF_STATE_FINISH);
+    this.#answeredAt = performance.now();
+    if (budget > 0 && this.#pollNext(budget)) return;
     // A SUBMIT may have been missed while busy only if the frontend broke the one-at-a-time rule;
     // re-check anyway so a coalesced notification is never lost.
     if (this.#state() === TPMIF_STATE_SUBMIT) this.#onEvent();
+  }
+
+  /** Watch the page for the guest's next command; true if one came (it runs on a later turn). */
+  #pollNext(budget: number): boolean {
+    const next = (): boolean => {
+      const s = this.#state();
+      return s === TPMIF_STATE_SUBMIT || s === TPMIF_STATE_CANCEL;
+    };
+    if (spinUntil(next, budget, () => this.#dom.evtchn.otherPending(this.#port))) {
+      this.#dom.evtchn.consume(this.#port);
+      setImmediate(() => this.#onEvent());
+      return true;
+    }
+    // Nothing yet: sleep on the event channel again. unmask() delivers a SUBMIT that raced this.
+    this.#dom.evtchn.unmask(this.#port);
+    return false;
   }
 
   #fatal(reason: string): void {

@@ -34,6 +34,8 @@ export interface TpmFrontOptions {
   /** A new ring for a device this domain had connected before (resume, backend restart). */
   reconnect?: boolean;
   timeoutMs?: number;
+  /** Busy-poll window for answers in µs (v2 protocol; default VTPM_POLL_US or 50; 0 = always sleep). */
+  pollUs?: number;
   /** Called once when the backend goes away or closes the device under us. */
   onClosed?: (reason: string) => void;
   /**
@@ -83,7 +85,7 @@ export class TpmFront {
     const transport: TpmTransport =
       protocol === 'ring'
         ? new RingFront(dom, backDomid, { segments: opts.segments, firstId: opts.firstId })
-        : new V2Front(dom, backDomid);
+        : new V2Front(dom, backDomid, { pollUs: opts.pollUs });
     try {
       await frontendConnect(
         xs,

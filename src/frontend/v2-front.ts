@@ -2,7 +2,12 @@
 // granted read-write to the backend, an unbound event channel; a command is written at 8 + 4n, then
 // `length`, then state SUBMIT last; the response is ready when the backend writes FINISH (IDLE means
 // the command was cancelled).
-import type { Domain } from '../xen/index.js';
+//
+// Waiting for the answer: with a poll window (src/xen/poll.ts) the frontend keeps its port masked and
+// watches the state byte for up to the window before it sleeps on the event channel, so a backend that
+// answers within microseconds costs neither side a wake-up. Linux's TPM core polls the chip's status
+// the same way; here the window adapts and closes for commands that run long.
+import { PollWindow, spinUntil, type Domain } from '../xen/index.js';
 import {
   TPMIF_STATE_CANCEL,
   TPMIF_STATE_FINISH,
@@ -28,8 +33,10 @@ export class V2Front implements TpmTransport {
   #chain: Promise<unknown> = Promise.resolve();
   #wake: (() => void) | null = null;
   #closed = false;
+  readonly #poll: PollWindow;
 
-  constructor(dom: Domain, backDomid: number) {
+  constructor(dom: Domain, backDomid: number, opts: { pollUs?: number } = {}) {
+    this.#poll = new PollWindow(opts.pollUs);
     this.#dom = dom;
     this.#gfn = dom.allocFrames(1);
     this.#page = dom.frames(this.#gfn);
@@ -61,6 +68,15 @@ export class V2Front implements TpmTransport {
     });
   }
 
+  /** Sleep on the event channel until `done()`: unmasked first, so a notification can wake us. */
+  async #wait(done: () => boolean): Promise<void> {
+    if (done()) return;
+    // unmask() delivers a notification that arrived while masked (on a later turn, after #until has
+    // installed its waker), so nothing between the last look and the sleep is lost.
+    this.#dom.evtchn.unmask(this.port);
+    await this.#until(done);
+  }
+
   transmit(command: Uint8Array, opts: TransmitOptions = {}): Promise<Uint8Array> {
     const run = this.#chain.then(() => this.#transmitOne(command, opts.locality ?? 0));
     this.#chain = run.catch(() => undefined);
@@ -71,7 +87,7 @@ export class V2Front implements TpmTransport {
     if (this.#closed) throw new FrontendError('ENODEV', 'frontend closed');
     if (command.length > V2_MAX_DATA) throw new FrontendError('E2BIG', `command of ${command.length} bytes exceeds ${V2_MAX_DATA}`);
     // As vtpm_send: the device must be idle (IDLE or FINISH) before a new command goes in.
-    await this.#until(() => {
+    await this.#wait(() => {
       const s = this.#state();
       return s === TPMIF_STATE_IDLE || s === TPMIF_STATE_FINISH;
     });
@@ -79,12 +95,24 @@ export class V2Front implements TpmTransport {
     this.#page.set(command, off);
     this.#dv.setUint32(V2_LENGTH, command.length, true);
     this.#page[V2_LOCALITY] = locality;
-    Atomics.store(this.#page, V2_STATE, TPMIF_STATE_SUBMIT);
-    this.#dom.evtchn.send(this.port);
-    await this.#until(() => {
+    const answered = (): boolean => {
       const s = this.#state();
       return s === TPMIF_STATE_FINISH || s === TPMIF_STATE_IDLE;
-    });
+    };
+    const budget = this.#poll.budgetUs;
+    const t0 = performance.now();
+    // Masked before SUBMIT is visible, so the backend's FINISH notification cannot wake us mid-poll.
+    if (budget > 0) this.#dom.evtchn.mask(this.port);
+    Atomics.store(this.#page, V2_STATE, TPMIF_STATE_SUBMIT);
+    this.#dom.evtchn.send(this.port);
+    if (budget > 0 && spinUntil(answered, budget)) {
+      // The port stays masked while we are this busy: the FINISH notification, if the backend's send
+      // lands after our look, then wakes nobody. #wait() unmasks before anything sleeps.
+      this.#dom.evtchn.consume(this.port);
+    } else {
+      await this.#wait(answered);
+    }
+    this.#poll.record((performance.now() - t0) * 1000);
     if (this.#state() === TPMIF_STATE_IDLE) throw new FrontendError('ECANCELED', 'command cancelled by the backend');
     // Never trust the backend's length beyond the page.
     const len = Math.min(this.#dv.getUint32(V2_LENGTH, true), V2_MAX_DATA);

@@ -74,6 +74,21 @@ describe('tpmif v2 shared page', () => {
     await g.destroy();
   });
 
+  it('works the same with busy-polling off at both ends (VTPM_POLL_US=0) and with long windows', async () => {
+    for (const pollUs of [0, 2000]) {
+      const g = await guest();
+      const front = new V2Front(g, 0, { pollUs });
+      const ch = new V2Channel(dom0, { frontDomid: g.domid, refs: [...front.refs], port: front.port, target: target(), onFatal: () => {}, pollUs });
+      for (let i = 0; i < 50; i++) expect(rc(await front.transmit(getRandom(8)))).toBe(0);
+      // Both ends leave the port unmasked whenever they sleep: a notification still wakes them.
+      await sleep(5);
+      expect(dom0.evtchn.status(ch.port).masked).toBe(false);
+      ch.close();
+      await front.close();
+      await g.destroy();
+    }
+  });
+
   it('answers CANCEL on an idle device with IDLE', async () => {
     const g = await guest();
     const front = new V2Front(g, 0);

@@ -1,5 +1,6 @@
 // Event channels: Xen's alloc_unbound / bind_interdomain / send / close semantics between domains.
-import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { afterAll, beforeAll, describe, expect, it, vi } from 'vitest';
+import fs from 'node:fs';
 import { rmSync } from 'node:fs';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { freshXenDir } from '../helpers/child.js';
@@ -142,5 +143,80 @@ describe('event channels', () => {
       await big.destroy();
       await small.destroy();
     }
+  });
+});
+
+describe('event-channel masks (busy-polling ends)', () => {
+  it('collects sends to a masked port without a wake-up write; unmask delivers them once', async () => {
+    const p = fe.evtchn.allocUnbound(0);
+    const local = be.evtchn.bindInterdomain(4, p);
+    const c = counter(be, local);
+    await sleep(20); // the bind's own pending event
+    expect(c.n).toBe(1);
+    fe.evtchn.send(p); // opens the wake-up connection
+    await sleep(20);
+    expect(c.n).toBe(2);
+    be.evtchn.mask(local);
+    const writes = vi.spyOn(fs, 'writeSync');
+    try {
+      fe.evtchn.send(p);
+      fe.evtchn.send(p);
+      fe.evtchn.send(p);
+      expect(writes).not.toHaveBeenCalled();
+    } finally {
+      writes.mockRestore();
+    }
+    await sleep(20);
+    expect(c.n).toBe(2);
+    expect(be.evtchn.status(local)).toMatchObject({ pending: true, masked: true });
+    be.evtchn.unmask(local);
+    await sleep(20);
+    expect(c.n).toBe(3);
+    expect(be.evtchn.status(local)).toMatchObject({ pending: false, masked: false });
+    // Unmasked again: the next send is a 0→1 edge and wakes the process as before.
+    fe.evtchn.send(p);
+    await sleep(20);
+    expect(c.n).toBe(4);
+    be.evtchn.close(local);
+    fe.evtchn.close(p);
+  });
+
+  it('consume() takes the pending bit a poller saw, so unmask delivers nothing', async () => {
+    const p = fe.evtchn.allocUnbound(0);
+    const local = be.evtchn.bindInterdomain(4, p);
+    const c = counter(be, local);
+    await sleep(20);
+    be.evtchn.mask(local);
+    fe.evtchn.send(p);
+    expect(be.evtchn.consume(local)).toBe(true);
+    expect(be.evtchn.consume(local)).toBe(false);
+    be.evtchn.unmask(local);
+    await sleep(20);
+    expect(c.n).toBe(1); // only the bind's event
+    be.evtchn.close(local);
+    fe.evtchn.close(p);
+  });
+
+  it('tells a poller when another bound port is pending', async () => {
+    const p1 = fe.evtchn.allocUnbound(0);
+    const p2 = fe.evtchn.allocUnbound(0);
+    const l1 = be.evtchn.bindInterdomain(4, p1);
+    const l2 = be.evtchn.bindInterdomain(4, p2);
+    counter(be, l1);
+    counter(be, l2);
+    await sleep(20);
+    be.evtchn.mask(l1);
+    be.evtchn.mask(l2);
+    expect(be.evtchn.otherPending(l1)).toBe(false);
+    fe.evtchn.send(p1);
+    expect(be.evtchn.otherPending(l1)).toBe(false); // its own port does not count
+    fe.evtchn.send(p2);
+    expect(be.evtchn.otherPending(l1)).toBe(true);
+    for (const l of [l1, l2]) {
+      be.evtchn.unmask(l);
+      be.evtchn.close(l);
+    }
+    fe.evtchn.close(p1);
+    fe.evtchn.close(p2);
   });
 });

@@ -1,0 +1,64 @@
+// The adaptive poll window (halt-polling for rings) and the bounded spin.
+import { describe, expect, it } from 'vitest';
+import { PollWindow, spinUntil } from '../../src/xen/index.js';
+
+describe('PollWindow', () => {
+  it('starts open, stays open after short waits, shuts after a long one and probes every 16th wait', () => {
+    const w = new PollWindow(50);
+    expect(w.budgetUs).toBe(50);
+    w.record(12);
+    expect(w.budgetUs).toBe(50);
+    w.record(150); // a wait that slept costs its two wake-ups: still counts as short (≤ 4 windows)
+    expect(w.budgetUs).toBe(50);
+    w.record(5000); // a key generation: polling would have burnt CPU for nothing
+    const budgets = Array.from({ length: 32 }, () => w.budgetUs);
+    expect(budgets.filter((b) => b === 50)).toHaveLength(2);
+    expect(budgets[15]).toBe(50);
+    expect(budgets[31]).toBe(50);
+    w.record(20); // the probe found the peer fast again
+    expect(w.budgetUs).toBe(50);
+  });
+
+  it('never polls with a window of 0', () => {
+    const w = new PollWindow(0);
+    w.record(1);
+    expect(Array.from({ length: 40 }, () => w.budgetUs).every((b) => b === 0)).toBe(true);
+  });
+
+  it('rejects a nonsense VTPM_POLL_US', () => {
+    const old = process.env.VTPM_POLL_US;
+    process.env.VTPM_POLL_US = 'fast';
+    try {
+      expect(() => new PollWindow()).toThrow(/VTPM_POLL_US=fast/);
+    } finally {
+      if (old === undefined) delete process.env.VTPM_POLL_US;
+      else process.env.VTPM_POLL_US = old;
+    }
+  });
+});
+
+describe('spinUntil', () => {
+  it('returns as soon as the condition holds', () => {
+    let n = 0;
+    expect(spinUntil(() => ++n >= 100, 1_000_000)).toBe(true);
+    expect(n).toBe(100);
+  });
+
+  it('gives up when the budget is spent', () => {
+    let n = 0;
+    expect(spinUntil(() => (n++, false), 200)).toBe(false);
+    expect(n).toBeGreaterThan(1);
+  });
+
+  it('gives up at once when other work waits', () => {
+    let n = 0;
+    expect(spinUntil(() => (n++, false), 10_000_000, () => true)).toBe(false);
+    expect(n).toBeLessThan(100);
+  });
+
+  it('does not spin at all with no budget', () => {
+    let n = 0;
+    expect(spinUntil(() => (n++, false), 0)).toBe(false);
+    expect(n).toBe(1);
+  });
+});
