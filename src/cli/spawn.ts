@@ -19,7 +19,10 @@ export async function startDaemon(args: string[], log: string, ready: RegExp, en
   fs.mkdirSync(dirname(log), { recursive: true });
   const start = fs.existsSync(log) ? fs.statSync(log).size : 0;
   const fd = fs.openSync(log, 'a');
-  const child = spawn(process.execPath, [MAIN_JS, ...args], {
+  // VTPM_CPU_PROF_DIR: every daemon writes a V8 CPU profile there when it exits (node --cpu-prof is not
+  // allowed in NODE_OPTIONS, so it has to go on the command line).
+  const prof = process.env.VTPM_CPU_PROF_DIR ? ['--cpu-prof', `--cpu-prof-dir=${process.env.VTPM_CPU_PROF_DIR}`] : [];
+  const child = spawn(process.execPath, [...prof, MAIN_JS, ...args], {
     detached: true,
     stdio: ['ignore', fd, fd],
     env: { ...process.env, ...env, VTPM_NO_SETUP: '1' },

@@ -8,8 +8,33 @@
 // wait of up to SLEEP_SLACK windows still counts as short and reopens it; after longer waits it stays
 // shut, and every PROBE_EVERY-th wait polls anyway, in case the peer got fast again. A process whose
 // peer is slow or busy (keygen, many guests) thus wastes at most one window per PROBE_EVERY waits.
+import fs from 'node:fs';
+import os from 'node:os';
+
 const SLEEP_SLACK = 4;
 const PROBE_EVERY = 16;
+
+// A poll only pays while the peer has a CPU to answer on. When runnable tasks already wait for CPUs, a
+// spinner takes the CPU the peer needs (measured with the machine loaded to ~4× its cores: polled round
+// trips took 1.5× as long as slept ones), so polling stands down while Linux's CPU pressure (PSI, some avg10) is above
+// this share, as the kernel's own spin loops stop at need_resched(). Without PSI: the load average.
+const PRESSURE_LIMIT = 10;
+const PRESSURE_EVERY_MS = 250;
+let pressureCheckedAt = -Infinity;
+let contended = false;
+
+/** Whether the CPUs are contended right now (re-read at most every 250 ms). */
+export function cpuContended(now: number = performance.now()): boolean {
+  if (now - pressureCheckedAt < PRESSURE_EVERY_MS) return contended;
+  pressureCheckedAt = now;
+  try {
+    const m = /some avg10=([\d.]+)/.exec(fs.readFileSync('/proc/pressure/cpu', 'latin1'));
+    contended = m ? Number(m[1]) > PRESSURE_LIMIT : false;
+  } catch {
+    contended = os.loadavg()[0]! > os.availableParallelism();
+  }
+  return contended;
+}
 
 /** The default window in µs: `VTPM_POLL_US` (0 turns polling off everywhere). */
 export function defaultPollUs(): number {
@@ -24,19 +49,23 @@ export class PollWindow {
   readonly maxUs: number;
   #open: boolean;
   #sinceProbe = 0;
+  readonly #contended: () => boolean;
 
-  constructor(maxUs: number = defaultPollUs()) {
+  /** `contended` says when to stand down (default: CPU pressure, cpuContended()). */
+  constructor(maxUs: number = defaultPollUs(), contended: () => boolean = () => cpuContended()) {
     this.maxUs = maxUs;
+    this.#contended = contended;
     this.#open = maxUs > 0;
   }
 
   /** How long to poll now, in µs (0: go to sleep at once). */
   get budgetUs(): number {
     if (this.maxUs <= 0) return 0;
-    if (this.#open) return this.maxUs;
-    if (++this.#sinceProbe < PROBE_EVERY) return 0;
-    this.#sinceProbe = 0;
-    return this.maxUs;
+    if (!this.#open) {
+      if (++this.#sinceProbe < PROBE_EVERY) return 0;
+      this.#sinceProbe = 0;
+    }
+    return this.#contended() ? 0 : this.maxUs;
   }
 
   /** Report how long the last wait lasted in all (polled or slept), in µs. */

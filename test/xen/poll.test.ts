@@ -1,10 +1,10 @@
 // The adaptive poll window (halt-polling for rings) and the bounded spin.
 import { describe, expect, it } from 'vitest';
-import { PollWindow, spinUntil } from '../../src/xen/index.js';
+import { PollWindow, spinUntil, cpuContended } from '../../src/xen/index.js';
 
 describe('PollWindow', () => {
   it('starts open, stays open after short waits, shuts after a long one and probes every 16th wait', () => {
-    const w = new PollWindow(50);
+    const w = new PollWindow(50, () => false);
     expect(w.budgetUs).toBe(50);
     w.record(12);
     expect(w.budgetUs).toBe(50);
@@ -19,8 +19,20 @@ describe('PollWindow', () => {
     expect(w.budgetUs).toBe(50);
   });
 
+  it('stands down while the CPUs are contended and polls again when they are not', () => {
+    let busy = true;
+    const w = new PollWindow(50, () => busy);
+    expect(w.budgetUs).toBe(0);
+    busy = false;
+    expect(w.budgetUs).toBe(50);
+  });
+
+  it('reads CPU pressure without failing on this machine', () => {
+    expect(typeof cpuContended()).toBe('boolean');
+  });
+
   it('never polls with a window of 0', () => {
-    const w = new PollWindow(0);
+    const w = new PollWindow(0, () => false);
     w.record(1);
     expect(Array.from({ length: 40 }, () => w.budgetUs).every((b) => b === 0)).toBe(true);
   });
