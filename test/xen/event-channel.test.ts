@@ -181,6 +181,31 @@ describe('event-channel masks (busy-polling ends)', () => {
     fe.evtchn.close(p);
   });
 
+  it('coalesces the wake-ups of one turn into one write per peer when asked to', async () => {
+    const ports = [fe.evtchn.allocUnbound(0), fe.evtchn.allocUnbound(0), fe.evtchn.allocUnbound(0)];
+    const locals = ports.map((p) => be.evtchn.bindInterdomain(4, p));
+    const counts = ports.map((p) => counter(fe, p));
+    await sleep(20);
+    be.evtchn.send(locals[0]!); // opens the wake-up connection to dom4
+    await sleep(20);
+    expect(counts.map((c) => c.n)).toEqual([1, 0, 0]);
+    be.evtchn.coalesceWakes = true;
+    const writes = vi.spyOn(fs, 'writeSync');
+    try {
+      for (const l of locals) be.evtchn.send(l);
+      expect(writes).not.toHaveBeenCalled(); // deferred to the end of this turn
+      await sleep(20);
+      expect(writes).toHaveBeenCalledTimes(1);
+      expect((writes.mock.calls[0]![1] as Buffer).length).toBe(12); // three port numbers, one write
+    } finally {
+      writes.mockRestore();
+      be.evtchn.coalesceWakes = false;
+    }
+    expect(counts.map((c) => c.n)).toEqual([2, 1, 1]);
+    for (const l of locals) be.evtchn.close(l);
+    for (const p of ports) fe.evtchn.close(p);
+  });
+
   it('consume() takes the pending bit a poller saw, so unmask delivers nothing', async () => {
     const p = fe.evtchn.allocUnbound(0);
     const local = be.evtchn.bindInterdomain(4, p);
