@@ -18,7 +18,7 @@ import {
 } from '../xenstore/xenbus.js';
 import { TpmFront, type Protocol } from '../frontend/tpmfront.js';
 import { MISBEHAVIOURS, misbehave, type Misbehaviour } from '../frontend/hostile.js';
-import { RunDir, alive, type GuestInfo } from './rundir.js';
+import { RunDir, alive, procStat, type GuestInfo } from './rundir.js';
 import { MAIN_JS, stopProcess, tailFile } from './spawn.js';
 import { onStop } from './lifecycle.js';
 import { registerSuspend, runSession } from './suspend.js';
@@ -46,7 +46,7 @@ export async function guestAttach(o: AttachOptions): Promise<GuestInfo> {
   const rd = new RunDir(o.run);
   const h = rd.readHost();
   const existing = rd.readGuest(o.domid);
-  if (existing && alive(existing.pid)) throw new Error(`dom${o.domid} is already attached (pid ${existing.pid})`);
+  if (existing && alive(existing.pid, existing.start)) throw new Error(`dom${o.domid} is already attached (pid ${existing.pid})`);
   const devid = o.devid ?? 0;
   const protocol = o.protocol ?? 'v2';
   const xs = await connect(h.xenstoredSocket);
@@ -70,9 +70,11 @@ export async function guestAttach(o: AttachOptions): Promise<GuestInfo> {
     fs.closeSync(fd);
     child.unref();
     const pid = child.pid ?? -1;
+    const start = procStat(pid)?.start;
     const info: GuestInfo = {
       domid: o.domid,
       pid,
+      ...(start !== undefined ? { start } : {}),
       vm: o.vm.toLowerCase(),
       protocol,
       devid,
@@ -119,7 +121,7 @@ export async function guestDetach(run: string, domid: number, timeoutMs = 15_000
   try {
     // A guest whose process is gone is a dead domain: release it first, as the toolstack destroys a
     // crashed domain, so its frontend directory vanishes and the backend closes without waiting for it.
-    if (g && !alive(g.pid) && (await xs.isDomainIntroduced(domid))) await xs.release(domid);
+    if (g && !alive(g.pid, g.start) && (await xs.isDomainIntroduced(domid))) await xs.release(domid);
     // As libxl: online=0 and wait for the backend to reach Closed; the frontend closes in between.
     if ((await readState(xs, dev.backend)) !== XenbusState.Unknown) {
       await xs.write(`${dev.backend}/online`, '0');

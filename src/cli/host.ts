@@ -82,7 +82,7 @@ export function hostStatus(runDir: string): { mode: string; processes: StatusEnt
   const rd = new RunDir(runDir);
   const h = rd.readHost();
   const procs: StatusEntry[] = h.processes.map((p) => ({ ...p, alive: alive(p.pid) }));
-  for (const g of rd.guests()) procs.push({ role: 'guest', domid: g.domid, pid: g.pid, vm: g.vm, protocol: g.protocol, alive: alive(g.pid) });
+  for (const g of rd.guests()) procs.push({ role: 'guest', domid: g.domid, pid: g.pid, vm: g.vm, protocol: g.protocol, alive: alive(g.pid, g.start) });
   try {
     for (const f of fs.readdirSync(rd.vtpmDomainDir)) {
       if (!f.endsWith('.json')) continue;

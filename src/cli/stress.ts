@@ -213,7 +213,7 @@ export async function stress(o: StressOptions): Promise<StressReport> {
           const d = live[Math.floor(rand() * live.length)]!;
           const g = rd.readGuest(d)!;
           process.kill(g.pid, 'SIGKILL');
-          for (let i = 0; i < 500 && alive(g.pid); i++) await sleep(5);
+          for (let i = 0; i < 500 && alive(g.pid, g.start); i++) await sleep(5);
           await guestResume({ run, domid: d });
           faults.push({ kind: 'kill-guest', target: `dom${d}`, at, ms: performance.now() - k0 });
         } else {

@@ -12,7 +12,7 @@ import type { Domain } from '../xen/index.js';
 import { connect, type XsClient } from '../xenstore/client.js';
 import { vtpmDevice } from '../xenstore/xenbus.js';
 import { GuestSession } from '../frontend/session.js';
-import { RunDir, alive, type GuestInfo } from './rundir.js';
+import { RunDir, alive, procStat, type GuestInfo } from './rundir.js';
 import { MAIN_JS, tailFile } from './spawn.js';
 import { onStop } from './lifecycle.js';
 
@@ -32,13 +32,13 @@ export async function guestSuspend(run: string, domid: number, timeoutMs = 120_0
   const g = rd.readGuest(domid);
   if (!g) throw new Error(`dom${domid} is not attached`);
   if (g.suspended) throw new Error(`dom${domid} is already suspended`);
-  if (!alive(g.pid)) throw new Error(`dom${domid}'s guest process (pid ${g.pid}) is not running`);
+  if (!alive(g.pid, g.start)) throw new Error(`dom${domid}'s guest process (pid ${g.pid}) is not running`);
   const xs = await connect(h.xenstoredSocket);
   const t0 = performance.now();
   try {
     await writeControl(xs, domid, 'suspend');
     const deadline = Date.now() + timeoutMs;
-    while (alive(g.pid)) {
+    while (alive(g.pid, g.start)) {
       if (Date.now() > deadline) throw new Error(`dom${domid} did not suspend within ${timeoutMs} ms:\n${tailFile(rd.log(`guest-${domid}`))}`);
       await sleep(2);
     }
@@ -70,7 +70,7 @@ export async function guestResume(o: ResumeOptions): Promise<{ pid: number; ms: 
   const h = rd.readHost();
   const g = rd.readGuest(o.domid);
   if (!g) throw new Error(`dom${o.domid} is not attached`);
-  if (alive(g.pid)) throw new Error(`dom${o.domid} is running (pid ${g.pid}); suspend it first`);
+  if (alive(g.pid, g.start)) throw new Error(`dom${o.domid} is running (pid ${g.pid}); suspend it first`);
   const t0 = performance.now();
   const dev = vtpmDevice(o.domid, g.devid, 0);
   const xs = await connect(h.xenstoredSocket);
@@ -170,7 +170,7 @@ export async function runSession(
   });
   const s = session;
   console.log(`dom${o.domid}: vTPM connected (ring, ring-ref ${s.front?.refs[0]}, event-channel ${s.front?.port}, next id ${s.nextId})`);
-  if (g) rd.writeGuest({ ...g, pid: process.pid, suspended: false, nextId: String(s.nextId), inflight: [] });
+  if (g) rd.writeGuest({ ...g, pid: process.pid, start: procStat(process.pid)?.start, suspended: false, nextId: String(s.nextId), inflight: [] });
   // What the previous instance left unanswered runs now (or is answered from the backend's table).
   for (const r of saved.inflight) void s.resubmit(r).catch(() => {});
   if (o.tctiPort !== undefined) {
