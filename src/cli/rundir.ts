@@ -139,35 +139,5 @@ export class RunDir {
   }
 }
 
-/**
- * The process's start time in clock ticks since boot (/proc/<pid>/stat field 22) and its state letter,
- * or null when there is no such process. Together with the pid this names one process for good: pids
- * are reused, start times of a reused pid differ.
- */
-export function procStat(pid: number): { state: string; start: number } | null {
-  try {
-    const text = fs.readFileSync(`/proc/${pid}/stat`, 'latin1');
-    // The command name (field 2) is in parentheses and may itself contain spaces or parentheses.
-    const rest = text.slice(text.lastIndexOf(')') + 2).split(' ');
-    return { state: rest[0]!, start: Number(rest[19]) };
-  } catch {
-    return null;
-  }
-}
-
-/**
- * Whether `pid` is a live process (and, given `start`, still the one that started then). A zombie is
- * dead: a guest killed with -9 stays a zombie until its parent reaps it, and must not count as attached.
- */
-export function alive(pid: number, start?: number): boolean {
-  if (!pid || pid < 0) return false;
-  try {
-    process.kill(pid, 0);
-  } catch (err) {
-    if ((err as NodeJS.ErrnoException).code !== 'EPERM') return false;
-  }
-  const st = procStat(pid);
-  if (!st) return false;
-  if (st.state === 'Z' || st.state === 'X') return false;
-  return start === undefined || st.start === start;
-}
+// Process liveness lives with the domains (src/xen/proc.ts), which need it to reclaim stale domids.
+export { procStat, processAlive as alive } from '../xen/proc.js';

@@ -30,6 +30,7 @@ import {
 } from './layout.js';
 import { GrantTable, GrantMapper } from './grant-table.js';
 import { EventChannels } from './event-channel.js';
+import { processAlive } from './proc.js';
 
 export const DOMID_SELF = 0x7ff0;
 const MAX_DOMID = 0x7fef;
@@ -251,14 +252,6 @@ function claimStale(path: string, domid: number): void {
   fs.rmSync(path, { force: true });
 }
 
-function processAlive(pid: number): boolean {
-  try {
-    process.kill(pid, 0);
-    return true;
-  } catch (err) {
-    return (err as NodeJS.ErrnoException).code === 'EPERM';
-  }
-}
 
 /** Another domain's memory file, with its control area mapped and its frames mappable page by page. */
 export class PeerDomain {
