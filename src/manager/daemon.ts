@@ -6,6 +6,7 @@
 // line; nobody else notices.
 import fs from 'node:fs';
 import path from 'node:path';
+import { processAlive } from '../xen/proc.js';
 import { STATE_KINDS, type StateKind } from '../tpm/state-store.js';
 import { ClientChannel, FifoServer } from './fifo.js';
 import { DEFAULT_SEAL_PCRS, SealError, Sealer, loadKeyFile, loadTpmSealedKey } from './seal.js';
@@ -107,13 +108,8 @@ export class ManagerDaemon {
     try {
       const other = Number(fs.readFileSync(p, 'utf8'));
       if (Number.isInteger(other) && other > 0 && other !== process.pid) {
-        let alive = true;
-        try {
-          process.kill(other, 0);
-        } catch (err) {
-          alive = (err as NodeJS.ErrnoException).code !== 'ESRCH';
-        }
-        if (alive) throw new Error(`another manager (pid ${other}) serves ${dir}`);
+        // A manager killed with -9 may still be a zombie for a moment: that one is dead.
+        if (processAlive(other)) throw new Error(`another manager (pid ${other}) serves ${dir}`);
       }
     } catch (err) {
       if ((err as NodeJS.ErrnoException).code !== 'ENOENT') throw err;

@@ -16,6 +16,7 @@ import net from 'node:net';
 import path from 'node:path';
 import { EventEmitter } from 'node:events';
 import { mkfifo } from '../../native/fifo.js';
+import { processAlive } from '../xen/proc.js';
 import {
   ANY_INSTANCE,
   decodeConnect,
@@ -408,11 +409,7 @@ function breakStaleLock(lock: string): void {
     return;
   }
   if (!Number.isInteger(pid) || pid <= 0) return;
-  try {
-    process.kill(pid, 0);
-  } catch (err) {
-    if ((err as NodeJS.ErrnoException).code === 'ESRCH') fs.rmSync(lock, { force: true });
-  }
+  if (!processAlive(pid)) fs.rmSync(lock, { force: true });
 }
 
 /** One privileged request on the console pair (caller holds the console lock). */
