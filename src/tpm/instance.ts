@@ -88,6 +88,23 @@ export interface FailureInfo {
   message: string;
 }
 
+const DEFAULT_BUFFER_SIZE = 4096;
+
+function checkInstanceNumber(n: number): void {
+  if (!Number.isInteger(n) || n < 0) throw new RangeError(`bad instance ${n}`);
+}
+
+/** A spare's store until it is bound: it has no state, and must never be written to. */
+const SPARE_STORE: StateStore = {
+  load: async () => null,
+  store: async () => {
+    throw new Error('a spare TPM has no store');
+  },
+  delete: async () => {
+    throw new Error('a spare TPM has no store');
+  },
+};
+
 const STATE_TYPE: Record<StateKind, LibtpmsStateType> = {
   permanent: LibtpmsStateType.PERMANENT,
   volatile: LibtpmsStateType.VOLATILE,
@@ -99,12 +116,15 @@ const STATE_TYPE: Record<StateKind, LibtpmsStateType> = {
  * Create instances with TpmHost.create() (or TpmInstance.create() with your own limiter).
  */
 export class TpmInstance extends EventEmitter implements TpmEndpoint {
-  readonly instance: number;
   readonly version: TpmVersion;
-  readonly store: StateStore;
   readonly #limiter: Limiter;
   readonly #wantedBufferSize: number;
-  readonly #inlineFast: boolean;
+  // Set at construction, or when a spare is bound (bindSpare); never changed after.
+  #instance: number;
+  #store: StateStore;
+  #inlineFast: boolean;
+  /** A spare from manufacture(), not bound to an instance number yet. */
+  #spare = false;
   #lib: Libtpms | null = null;
   #status: InstanceStatus = 'off';
   #queue: Promise<unknown> = Promise.resolve();
@@ -115,19 +135,30 @@ export class TpmInstance extends EventEmitter implements TpmEndpoint {
   #locality = 0;
   #bufferSize = 4096;
   #busy = false;
+  #queued = 0;
   #failure: FailureInfo | null = null;
   #cancelTimer: NodeJS.Timeout | null = null;
 
-  private constructor(opts: InstanceOptions, limiter: Limiter) {
+  private constructor(opts: InstanceOptions, limiter: Limiter, spare = false) {
     super();
-    if (!Number.isInteger(opts.instance) || opts.instance < 0) throw new RangeError(`bad instance ${opts.instance}`);
+    if (!spare) checkInstanceNumber(opts.instance);
     if (opts.version !== '2.0' && opts.version !== '1.2') throw new RangeError(`bad TPM version ${String(opts.version)}`);
-    this.instance = opts.instance;
+    this.#instance = opts.instance;
     this.version = opts.version;
-    this.store = opts.store;
+    this.#store = opts.store;
     this.#limiter = limiter;
-    this.#wantedBufferSize = opts.bufferSize ?? 4096;
+    this.#wantedBufferSize = opts.bufferSize ?? DEFAULT_BUFFER_SIZE;
     this.#inlineFast = opts.inline === 'fast';
+    this.#spare = spare;
+  }
+
+  /** The instance number: the key of its state in the store (-1 for a spare not yet bound). */
+  get instance(): number {
+    return this.#instance;
+  }
+
+  get store(): StateStore {
+    return this.#store;
   }
 
   /** A powered-off instance with its library copy loaded; call powerOn() (or use TpmHost.create). */
@@ -135,6 +166,52 @@ export class TpmInstance extends EventEmitter implements TpmEndpoint {
     const inst = new TpmInstance(opts, limiter);
     inst.#loadLibrary();
     return inst;
+  }
+
+  // ---- Spares (TpmHost option `spares`) ----------------------------------------------------------
+  // Manufacturing a TPM (TPMLIB_MainInit on empty NV: fresh seeds, default permanent state) is most of
+  // the time to a new TPM (~2 ms for 2.0; for 1.2, which makes its EK and SRK then, 100–400 ms). A
+  // spare is that work done ahead of time: a private library copy, powered on with no state at all.
+  // What manufacture wrote exists only in this object (#nv, #pending): it was never stored or shown to
+  // anyone. bindSpare() gives it an instance number and store; the pending permanent state is then
+  // written under that number before the first response is released, exactly as for a TPM
+  // manufactured on demand, so the durability contract does not change.
+
+  /** A freshly manufactured, powered-on TPM bound to nothing; only TpmHost hands these out. */
+  static async manufacture(version: TpmVersion, limiter: Limiter): Promise<TpmInstance> {
+    const inst = new TpmInstance({ instance: -1, version, store: SPARE_STORE }, limiter, true);
+    try {
+      inst.#loadLibrary();
+      await inst.#enqueue(() => inst.#powerOn());
+    } catch (err) {
+      await inst.destroy().catch(() => undefined);
+      throw err;
+    }
+    return inst;
+  }
+
+  /** True for a spare from manufacture() that has not been bound yet. */
+  get isSpare(): boolean {
+    return this.#spare;
+  }
+
+  /**
+   * Make this spare the TPM of `opts.instance`, whose store must hold no state (the caller checked).
+   * Works once: a bound TPM is no spare any more, so it can never be handed out a second time.
+   */
+  bindSpare(opts: InstanceOptions): void {
+    if (!this.#spare || this.#status !== 'running') {
+      throw new TpmInstanceError('RUNNING', this.#instance, 'not an unbound, running spare');
+    }
+    if (opts.version !== this.version) throw new RangeError(`spare is TPM ${this.version}, not ${opts.version}`);
+    if ((opts.bufferSize ?? DEFAULT_BUFFER_SIZE) !== this.#wantedBufferSize) {
+      throw new RangeError('a spare has the default buffer size only');
+    }
+    checkInstanceNumber(opts.instance);
+    this.#spare = false;
+    this.#instance = opts.instance;
+    this.#store = opts.store;
+    this.#inlineFast = opts.inline === 'fast';
   }
 
   get status(): InstanceStatus {
@@ -191,9 +268,15 @@ export class TpmInstance extends EventEmitter implements TpmEndpoint {
 
   /** Run `op` after every earlier operation on this instance, one at a time. */
   #enqueue<T>(op: () => Promise<T>): Promise<T> {
+    this.#queued++;
     const run = this.#queue.then(op, op);
-    this.#queue = run.catch(() => undefined);
+    this.#queue = run.catch(() => undefined).finally(() => this.#queued--);
     return run;
+  }
+
+  /** Operations (commands, power changes, blob transfers) queued or running, flushes included. */
+  get queued(): number {
+    return this.#queued;
   }
 
   #requireLib(): Libtpms {
@@ -244,10 +327,12 @@ export class TpmInstance extends EventEmitter implements TpmEndpoint {
   async #reloadFromStore(): Promise<void> {
     this.#nv.clear();
     this.#pending.clear();
-    for (const kind of STATE_KINDS) {
-      const blob = await this.store.load(this.instance, kind);
+    // The three reads in parallel: one pool round trip instead of three in a row.
+    const blobs = await Promise.all(STATE_KINDS.map((kind) => this.store.load(this.instance, kind)));
+    STATE_KINDS.forEach((kind, i) => {
+      const blob = blobs[i];
       if (blob) this.#nv.set(kind, blob);
-    }
+    });
   }
 
   /**
@@ -497,6 +582,8 @@ export class TpmInstance extends EventEmitter implements TpmEndpoint {
     return this.#enqueue(async () => {
       if (this.#status === 'destroyed') return;
       const lib = this.#lib;
+      // An unbound spare's state belongs to no instance: it is dropped, never stored.
+      if (this.#spare) this.#pending.clear();
       if (lib && this.#status === 'running') {
         await this.#inLibrary(() => lib.terminateAsync());
         await this.#flush().catch(() => undefined);
@@ -504,7 +591,7 @@ export class TpmInstance extends EventEmitter implements TpmEndpoint {
       lib?.unload();
       this.#lib = null;
       this.#status = 'destroyed';
-      if (opts.deleteState) for (const kind of STATE_KINDS) await this.store.delete(this.instance, kind);
+      if (opts.deleteState && !this.#spare) for (const kind of STATE_KINDS) await this.store.delete(this.instance, kind);
     });
   }
 }
