@@ -81,7 +81,9 @@ export class TpmHost {
       }
       this.#instances.set(opts.instance, inst);
       if (opts.startup) {
-        const rc = await inst.startup(opts.startup);
+        // Nobody sees this response but us, so its state write need not finish before create()
+        // resolves, only before the instance's first released response (startupUnreleased).
+        const rc = await inst.startupUnreleased(opts.startup);
         if (rc !== 0) throw new TpmHostError('STARTUP', `vTPM ${opts.instance}: Startup returned 0x${rc.toString(16)}`);
       }
     } catch (err) {

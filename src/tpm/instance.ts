@@ -136,6 +136,8 @@ export class TpmInstance extends EventEmitter implements TpmEndpoint {
   #bufferSize = 4096;
   #busy = false;
   #queued = 0;
+  /** The newest flush (see #flush). */
+  #flushing: Promise<void> = Promise.resolve();
   #failure: FailureInfo | null = null;
   #cancelTimer: NodeJS.Timeout | null = null;
 
@@ -299,8 +301,18 @@ export class TpmInstance extends EventEmitter implements TpmEndpoint {
     });
   }
 
-  /** Make every captured NV change durable, in order. */
-  async #flush(): Promise<void> {
+  /**
+   * Make every captured NV change durable, in order. Flushes form a chain: each starts after the one
+   * before it, so waiting for the newest waits for all (a failed one fails every later one, until
+   * recreate()). Only create()'s own Startup (startupUnreleased) leaves its flush running unawaited.
+   */
+  #flush(): Promise<void> {
+    const p = this.#flushing.then(() => this.#flushPending());
+    this.#flushing = p;
+    return p;
+  }
+
+  async #flushPending(): Promise<void> {
     while (this.#pending.size > 0) {
       const ops = [...this.#pending];
       this.#pending.clear();
@@ -399,6 +411,9 @@ export class TpmInstance extends EventEmitter implements TpmEndpoint {
   recreate(): Promise<void> {
     return this.#enqueue(async () => {
       if (this.#status === 'destroyed') throw new TpmInstanceError('DESTROYED', this.instance, 'instance destroyed');
+      // Whatever was still being written settles first: the reload below must see it.
+      await this.#flushing.catch(() => undefined);
+      this.#flushing = Promise.resolve();
       const old = this.#lib;
       this.#lib = null;
       if (old) {
@@ -424,7 +439,10 @@ export class TpmInstance extends EventEmitter implements TpmEndpoint {
       return Promise.reject(new TpmInstanceError('LOCALITY', this.instance, `locality ${locality} not in 0..4`));
     }
     // Our own copy: the caller may reuse its buffer while the command waits in the queue.
-    const cmd = command.slice();
+    return this.#execute(command.slice(), locality, true);
+  }
+
+  #execute(cmd: Uint8Array, locality: number, released: boolean): Promise<Uint8Array> {
     return this.#enqueue(async () => {
       const lib = this.#requireLib();
       if (this.#status !== 'running') return errorResponse(this.version, fatalErrorCode(this.version));
@@ -434,7 +452,10 @@ export class TpmInstance extends EventEmitter implements TpmEndpoint {
         this.#inlineFast && isFastCommand(this.version, cmd)
           ? lib.process(cmd)
           : await this.#inLibrary(() => lib.processAsync(cmd));
-      await this.#flush();
+      const flushed = this.#flush();
+      // A response nobody else will see need not wait; the next one released waits for this flush.
+      if (released) await flushed;
+      else flushed.catch(() => undefined); // a failure fails the instance and every later flush
       if (rc !== TPM_SUCCESS || response.length === 0) {
         const msg = `TPMLIB_Process failed with 0x${rc.toString(16)}`;
         this.#fail({ instance: this.instance, reason: 'failure-mode', tpmResult: rc, message: msg });
@@ -469,11 +490,23 @@ export class TpmInstance extends EventEmitter implements TpmEndpoint {
 
   /** Send TPM(2)_Startup; resolves with the response code (0 = started, 0x100 = already started). */
   async startup(type: 'clear' | 'state' = 'clear'): Promise<number> {
-    const cmd =
-      this.version === '2.0'
-        ? tpm2.startup(type === 'clear' ? tpm2.TPM_SU_CLEAR : tpm2.TPM_SU_STATE)
-        : tpm12.startup(type === 'clear' ? tpm12.TPM_ST_CLEAR : tpm12.TPM_ST_STATE);
-    return responseCode(await this.execute(cmd));
+    return responseCode(await this.execute(this.#startupCommand(type)));
+  }
+
+  /**
+   * Startup for a caller that keeps the response code to itself and releases nothing that depends on
+   * it (TpmHost.create's `startup` option). Resolves as soon as libtpms answered; the NV writes of
+   * Startup are made durable meanwhile, and the next response this instance releases waits for them.
+   * On a new TPM that overlaps the first store (~1 ms on ext4) with the caller's first command.
+   */
+  async startupUnreleased(type: 'clear' | 'state' = 'clear'): Promise<number> {
+    return responseCode(await this.#execute(this.#startupCommand(type), 0, false));
+  }
+
+  #startupCommand(type: 'clear' | 'state'): Uint8Array {
+    return this.version === '2.0'
+      ? tpm2.startup(type === 'clear' ? tpm2.TPM_SU_CLEAR : tpm2.TPM_SU_STATE)
+      : tpm12.startup(type === 'clear' ? tpm12.TPM_ST_CLEAR : tpm12.TPM_ST_STATE);
   }
 
   /**

@@ -35,12 +35,20 @@ class LoggingStore implements StateStore {
   log: string[] = [];
   #gate: Promise<void> = Promise.resolve();
   #open: () => void = () => undefined;
+  #fail: (e: Error) => void = () => undefined;
   constructor(readonly inner: StateStore) {}
   hold(): void {
-    this.#gate = new Promise((r) => (this.#open = r));
+    this.#gate = new Promise((resolve, reject) => {
+      this.#open = resolve;
+      this.#fail = reject;
+    });
+    this.#gate.catch(() => undefined);
   }
   release(): void {
     this.#open();
+  }
+  fail(err: Error): void {
+    this.#fail(err);
   }
   load(instance: number, kind: StateKind): Promise<Uint8Array | null> {
     return this.inner.load(instance, kind);
@@ -148,6 +156,41 @@ describe('spare TPMs', () => {
     logged.release();
     expect(hex(await p)).toBe('80010000000a00000000');
     expect(logged.log).toEqual(['store 3 permanent', 'stored 3 permanent', 'answered']);
+  });
+
+  it("create({ startup }) does not wait for its Startup's state write; the first released response does", async () => {
+    const t = store('spare-startup');
+    const logged = new LoggingStore(t.store);
+    const host = newHost({ spares: 1 });
+    await host.sparesReady();
+    logged.hold();
+    const tpm = await host.create({ instance: 4, version: '2.0', store: logged, startup: 'clear' });
+    expect(host.spareCount()).toBe(0);
+    while (logged.log.length === 0) await new Promise((r) => setTimeout(r, 5));
+    expect(logged.log).toEqual(['store 4 permanent']); // held: create() resolved all the same
+    const p = tpm.execute(tpm2.getRandom(8)).then((r) => {
+      logged.log.push('answered');
+      return r;
+    });
+    await new Promise((r) => setTimeout(r, 50));
+    expect(logged.log).toEqual(['store 4 permanent']);
+    logged.release();
+    tpm2.parseGetRandom(await p);
+    expect(logged.log).toEqual(['store 4 permanent', 'stored 4 permanent', 'answered']);
+  });
+
+  it("a failed write of create()'s Startup withholds the first response and fails the instance", async () => {
+    const t = store('spare-startup-fail');
+    const logged = new LoggingStore(t.store);
+    const host = newHost({});
+    logged.hold();
+    const tpm = await host.create({ instance: 5, version: '2.0', store: logged, startup: 'clear' });
+    const p = tpm.execute(tpm2.getRandom(8));
+    await new Promise((r) => setTimeout(r, 20));
+    logged.fail(new Error('disk full'));
+    await expect(p).rejects.toMatchObject({ code: 'STORE' });
+    expect(tpm.status).toBe('failed');
+    expect(readdirSync(t.dir)).toEqual([]);
   });
 
   it('killed right after its first response, a spare-made TPM comes back with the same keys', async () => {
