@@ -125,6 +125,7 @@ export class TpmInstance extends EventEmitter implements TpmEndpoint {
   #inlineFast: boolean;
   /** A spare from manufacture(), not bound to an instance number yet. */
   #spare = false;
+  #fromSpare = false;
   #lib: Libtpms | null = null;
   #status: InstanceStatus = 'off';
   #queue: Promise<unknown> = Promise.resolve();
@@ -197,6 +198,11 @@ export class TpmInstance extends EventEmitter implements TpmEndpoint {
     return this.#spare;
   }
 
+  /** True when this instance began as a spare (was manufactured before it was asked for). */
+  get fromSpare(): boolean {
+    return this.#fromSpare;
+  }
+
   /**
    * Make this spare the TPM of `opts.instance`, whose store must hold no state (the caller checked).
    * Works once: a bound TPM is no spare any more, so it can never be handed out a second time.
@@ -211,6 +217,7 @@ export class TpmInstance extends EventEmitter implements TpmEndpoint {
     }
     checkInstanceNumber(opts.instance);
     this.#spare = false;
+    this.#fromSpare = true;
     this.#instance = opts.instance;
     this.#store = opts.store;
     this.#inlineFast = opts.inline === 'fast';
@@ -544,6 +551,8 @@ export class TpmInstance extends EventEmitter implements TpmEndpoint {
   getStateBlob(kind: StateKind): Promise<Uint8Array | null> {
     return this.#enqueue(async () => {
       const lib = this.#requireLib();
+      // State leaves the instance only once durable, like a response (create's Startup may still write).
+      await this.#flush();
       if (kind === 'volatile' && this.#status === 'running') {
         const { rc, blob } = await this.#inLibrary(async () => lib.volatileAllStore());
         if (rc !== TPM_SUCCESS || !blob) {

@@ -12,7 +12,6 @@ const host = new TpmHost({ spares: 1 });
 await host.sparesReady();
 const store = await DirStateStore.open(dir);
 const tpm = await host.create({ instance: Number(n), version: '2.0', store, startup: 'clear' });
-const sparesLeft = host.spareCount('2.0');
 const rsp = await tpm.execute(tpm2.createPrimaryRsa(2048));
-writeSync(1, JSON.stringify({ sparesLeft, rsp: Buffer.from(rsp).toString('hex') }) + '\n');
+writeSync(1, JSON.stringify({ fromSpare: tpm.fromSpare, rsp: Buffer.from(rsp).toString('hex') }) + '\n');
 process.kill(process.pid, 'SIGKILL');
