@@ -2,7 +2,7 @@
 // concurrently running libtpms calls, and keeps track of them by instance number. It may also keep
 // spare TPMs, manufactured ahead of time, so that a new instance is ready sooner (see HostOptions).
 import { Limiter } from './limiter.js';
-import { TpmInstance, type InstanceOptions, type TpmVersion } from './instance.js';
+import { DEFAULT_BUFFER_SIZE, TpmInstance, type InstanceOptions, type TpmVersion } from './instance.js';
 import { STATE_KINDS } from './state-store.js';
 import { tpmConcurrency } from './threadpool.js';
 
@@ -105,7 +105,8 @@ export class TpmHost {
    * existing TPM is never replaced by a new one).
    */
   async #takeSpare(opts: CreateOptions): Promise<TpmInstance | null> {
-    if (this.#closed || !(opts.powerOn ?? true) || (opts.bufferSize !== undefined && opts.bufferSize !== 4096)) return null;
+    if (this.#closed || !(opts.powerOn ?? true)) return null;
+    if ((opts.bufferSize ?? DEFAULT_BUFFER_SIZE) !== DEFAULT_BUFFER_SIZE) return null;
     const pool = this.#spares[opts.version] as TpmInstance[] | undefined; // undefined: a bad version, refused later
     if (!pool || pool.length === 0) return null;
     const held = await Promise.all(STATE_KINDS.map((kind) => opts.store.load(opts.instance, kind)));

@@ -88,7 +88,8 @@ export interface FailureInfo {
   message: string;
 }
 
-const DEFAULT_BUFFER_SIZE = 4096;
+/** libtpms buffer size when none is asked for (QEMU TIS uses 4096); spares are made with it. */
+export const DEFAULT_BUFFER_SIZE = 4096;
 
 function checkInstanceNumber(n: number): void {
   if (!Number.isInteger(n) || n < 0) throw new RangeError(`bad instance ${n}`);
