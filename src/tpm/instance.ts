@@ -16,7 +16,9 @@
 // Durability. Every NV write or delete libtpms makes during an operation is captured by the callbacks
 // and applied to the StateStore after libtpms returns; the response is released only once every store()
 // has resolved. A failed store() leaves the TPM's memory ahead of its durable state, so the instance is
-// put in the failed state (isolated) and must be recreated from the store.
+// put in the failed state (isolated) and must be recreated from the store. Writes go out in one chain
+// per instance, so a response waits for every earlier write too; that lets TpmHost.create's own Startup
+// (a response nobody else sees) return before its write is done, overlapping it with the first command.
 import { EventEmitter } from 'node:events';
 import { Libtpms, LibtpmsStateType, TPM_SUCCESS, TpmVersionChoice } from '../../native/libtpms.js';
 import type { TpmEndpoint } from './endpoint.js';
