@@ -16,7 +16,9 @@
 // Durability. Every NV write or delete libtpms makes during an operation is captured by the callbacks
 // and applied to the StateStore after libtpms returns; the response is released only once every store()
 // has resolved. A failed store() leaves the TPM's memory ahead of its durable state, so the instance is
-// put in the failed state (isolated) and must be recreated from the store.
+// put in the failed state (isolated) and must be recreated from the store. Writes go out in one chain
+// per instance, so a response waits for every earlier write too; that lets TpmHost.create's own Startup
+// (a response nobody else sees) return before its write is done, overlapping it with the first command.
 import { EventEmitter } from 'node:events';
 import { Libtpms, LibtpmsStateType, TPM_SUCCESS, TpmVersionChoice } from '../../native/libtpms.js';
 import type { TpmEndpoint } from './endpoint.js';
@@ -88,6 +90,24 @@ export interface FailureInfo {
   message: string;
 }
 
+/** libtpms buffer size when none is asked for (QEMU TIS uses 4096); spares are made with it. */
+export const DEFAULT_BUFFER_SIZE = 4096;
+
+function checkInstanceNumber(n: number): void {
+  if (!Number.isInteger(n) || n < 0) throw new RangeError(`bad instance ${n}`);
+}
+
+/** A spare's store until it is bound: it has no state, and must never be written to. */
+const SPARE_STORE: StateStore = {
+  load: async () => null,
+  store: async () => {
+    throw new Error('a spare TPM has no store');
+  },
+  delete: async () => {
+    throw new Error('a spare TPM has no store');
+  },
+};
+
 const STATE_TYPE: Record<StateKind, LibtpmsStateType> = {
   permanent: LibtpmsStateType.PERMANENT,
   volatile: LibtpmsStateType.VOLATILE,
@@ -99,12 +119,16 @@ const STATE_TYPE: Record<StateKind, LibtpmsStateType> = {
  * Create instances with TpmHost.create() (or TpmInstance.create() with your own limiter).
  */
 export class TpmInstance extends EventEmitter implements TpmEndpoint {
-  readonly instance: number;
   readonly version: TpmVersion;
-  readonly store: StateStore;
   readonly #limiter: Limiter;
   readonly #wantedBufferSize: number;
-  readonly #inlineFast: boolean;
+  // Set at construction, or when a spare is bound (bindSpare); never changed after.
+  #instance: number;
+  #store: StateStore;
+  #inlineFast: boolean;
+  /** A spare from manufacture(), not bound to an instance number yet. */
+  #spare = false;
+  #fromSpare = false;
   #lib: Libtpms | null = null;
   #status: InstanceStatus = 'off';
   #queue: Promise<unknown> = Promise.resolve();
@@ -115,19 +139,32 @@ export class TpmInstance extends EventEmitter implements TpmEndpoint {
   #locality = 0;
   #bufferSize = 4096;
   #busy = false;
+  #queued = 0;
+  /** The newest flush (see #flush). */
+  #flushing: Promise<void> = Promise.resolve();
   #failure: FailureInfo | null = null;
   #cancelTimer: NodeJS.Timeout | null = null;
 
-  private constructor(opts: InstanceOptions, limiter: Limiter) {
+  private constructor(opts: InstanceOptions, limiter: Limiter, spare = false) {
     super();
-    if (!Number.isInteger(opts.instance) || opts.instance < 0) throw new RangeError(`bad instance ${opts.instance}`);
+    if (!spare) checkInstanceNumber(opts.instance);
     if (opts.version !== '2.0' && opts.version !== '1.2') throw new RangeError(`bad TPM version ${String(opts.version)}`);
-    this.instance = opts.instance;
+    this.#instance = opts.instance;
     this.version = opts.version;
-    this.store = opts.store;
+    this.#store = opts.store;
     this.#limiter = limiter;
-    this.#wantedBufferSize = opts.bufferSize ?? 4096;
+    this.#wantedBufferSize = opts.bufferSize ?? DEFAULT_BUFFER_SIZE;
     this.#inlineFast = opts.inline === 'fast';
+    this.#spare = spare;
+  }
+
+  /** The instance number: the key of its state in the store (-1 for a spare not yet bound). */
+  get instance(): number {
+    return this.#instance;
+  }
+
+  get store(): StateStore {
+    return this.#store;
   }
 
   /** A powered-off instance with its library copy loaded; call powerOn() (or use TpmHost.create). */
@@ -135,6 +172,58 @@ export class TpmInstance extends EventEmitter implements TpmEndpoint {
     const inst = new TpmInstance(opts, limiter);
     inst.#loadLibrary();
     return inst;
+  }
+
+  // ---- Spares (TpmHost option `spares`) ----------------------------------------------------------
+  // Manufacturing a TPM (TPMLIB_MainInit on empty NV: fresh seeds, default permanent state) is most of
+  // the time to a new TPM (~2 ms for 2.0; for 1.2, which makes its EK and SRK then, 100–400 ms). A
+  // spare is that work done ahead of time: a private library copy, powered on with no state at all.
+  // What manufacture wrote exists only in this object (#nv, #pending): it was never stored or shown to
+  // anyone. bindSpare() gives it an instance number and store; the pending permanent state is then
+  // written under that number before the first response is released, exactly as for a TPM
+  // manufactured on demand, so the durability contract does not change.
+
+  /** A freshly manufactured, powered-on TPM bound to nothing; only TpmHost hands these out. */
+  static async manufacture(version: TpmVersion, limiter: Limiter): Promise<TpmInstance> {
+    const inst = new TpmInstance({ instance: -1, version, store: SPARE_STORE }, limiter, true);
+    try {
+      inst.#loadLibrary();
+      await inst.#enqueue(() => inst.#powerOn());
+    } catch (err) {
+      await inst.destroy().catch(() => undefined);
+      throw err;
+    }
+    return inst;
+  }
+
+  /** True for a spare from manufacture() that has not been bound yet. */
+  get isSpare(): boolean {
+    return this.#spare;
+  }
+
+  /** True when this instance began as a spare (was manufactured before it was asked for). */
+  get fromSpare(): boolean {
+    return this.#fromSpare;
+  }
+
+  /**
+   * Make this spare the TPM of `opts.instance`, whose store must hold no state (the caller checked).
+   * Works once: a bound TPM is no spare any more, so it can never be handed out a second time.
+   */
+  bindSpare(opts: InstanceOptions): void {
+    if (!this.#spare || this.#status !== 'running') {
+      throw new TpmInstanceError('RUNNING', this.#instance, 'not an unbound, running spare');
+    }
+    if (opts.version !== this.version) throw new RangeError(`spare is TPM ${this.version}, not ${opts.version}`);
+    if ((opts.bufferSize ?? DEFAULT_BUFFER_SIZE) !== this.#wantedBufferSize) {
+      throw new RangeError('a spare has the default buffer size only');
+    }
+    checkInstanceNumber(opts.instance);
+    this.#spare = false;
+    this.#fromSpare = true;
+    this.#instance = opts.instance;
+    this.#store = opts.store;
+    this.#inlineFast = opts.inline === 'fast';
   }
 
   get status(): InstanceStatus {
@@ -191,9 +280,15 @@ export class TpmInstance extends EventEmitter implements TpmEndpoint {
 
   /** Run `op` after every earlier operation on this instance, one at a time. */
   #enqueue<T>(op: () => Promise<T>): Promise<T> {
+    this.#queued++;
     const run = this.#queue.then(op, op);
-    this.#queue = run.catch(() => undefined);
+    this.#queue = run.catch(() => undefined).finally(() => this.#queued--);
     return run;
+  }
+
+  /** Operations (commands, power changes, blob transfers) queued or running, flushes included. */
+  get queued(): number {
+    return this.#queued;
   }
 
   #requireLib(): Libtpms {
@@ -216,8 +311,18 @@ export class TpmInstance extends EventEmitter implements TpmEndpoint {
     });
   }
 
-  /** Make every captured NV change durable, in order. */
-  async #flush(): Promise<void> {
+  /**
+   * Make every captured NV change durable, in order. Flushes form a chain: each starts after the one
+   * before it, so waiting for the newest waits for all (a failed one fails every later one, until
+   * recreate()). Only create()'s own Startup (startupUnreleased) leaves its flush running unawaited.
+   */
+  #flush(): Promise<void> {
+    const p = this.#flushing.then(() => this.#flushPending());
+    this.#flushing = p;
+    return p;
+  }
+
+  async #flushPending(): Promise<void> {
     while (this.#pending.size > 0) {
       const ops = [...this.#pending];
       this.#pending.clear();
@@ -244,10 +349,12 @@ export class TpmInstance extends EventEmitter implements TpmEndpoint {
   async #reloadFromStore(): Promise<void> {
     this.#nv.clear();
     this.#pending.clear();
-    for (const kind of STATE_KINDS) {
-      const blob = await this.store.load(this.instance, kind);
+    // The three reads in parallel: one pool round trip instead of three in a row.
+    const blobs = await Promise.all(STATE_KINDS.map((kind) => this.store.load(this.instance, kind)));
+    STATE_KINDS.forEach((kind, i) => {
+      const blob = blobs[i];
       if (blob) this.#nv.set(kind, blob);
-    }
+    });
   }
 
   /**
@@ -314,6 +421,9 @@ export class TpmInstance extends EventEmitter implements TpmEndpoint {
   recreate(): Promise<void> {
     return this.#enqueue(async () => {
       if (this.#status === 'destroyed') throw new TpmInstanceError('DESTROYED', this.instance, 'instance destroyed');
+      // Whatever was still being written settles first: the reload below must see it.
+      await this.#flushing.catch(() => undefined);
+      this.#flushing = Promise.resolve();
       const old = this.#lib;
       this.#lib = null;
       if (old) {
@@ -339,7 +449,10 @@ export class TpmInstance extends EventEmitter implements TpmEndpoint {
       return Promise.reject(new TpmInstanceError('LOCALITY', this.instance, `locality ${locality} not in 0..4`));
     }
     // Our own copy: the caller may reuse its buffer while the command waits in the queue.
-    const cmd = command.slice();
+    return this.#execute(command.slice(), locality, true);
+  }
+
+  #execute(cmd: Uint8Array, locality: number, released: boolean): Promise<Uint8Array> {
     return this.#enqueue(async () => {
       const lib = this.#requireLib();
       if (this.#status !== 'running') return errorResponse(this.version, fatalErrorCode(this.version));
@@ -349,7 +462,10 @@ export class TpmInstance extends EventEmitter implements TpmEndpoint {
         this.#inlineFast && isFastCommand(this.version, cmd)
           ? lib.process(cmd)
           : await this.#inLibrary(() => lib.processAsync(cmd));
-      await this.#flush();
+      const flushed = this.#flush();
+      // A response nobody else will see need not wait; the next one released waits for this flush.
+      if (released) await flushed;
+      else flushed.catch(() => undefined); // a failure fails the instance and every later flush
       if (rc !== TPM_SUCCESS || response.length === 0) {
         const msg = `TPMLIB_Process failed with 0x${rc.toString(16)}`;
         this.#fail({ instance: this.instance, reason: 'failure-mode', tpmResult: rc, message: msg });
@@ -384,11 +500,23 @@ export class TpmInstance extends EventEmitter implements TpmEndpoint {
 
   /** Send TPM(2)_Startup; resolves with the response code (0 = started, 0x100 = already started). */
   async startup(type: 'clear' | 'state' = 'clear'): Promise<number> {
-    const cmd =
-      this.version === '2.0'
-        ? tpm2.startup(type === 'clear' ? tpm2.TPM_SU_CLEAR : tpm2.TPM_SU_STATE)
-        : tpm12.startup(type === 'clear' ? tpm12.TPM_ST_CLEAR : tpm12.TPM_ST_STATE);
-    return responseCode(await this.execute(cmd));
+    return responseCode(await this.execute(this.#startupCommand(type)));
+  }
+
+  /**
+   * Startup for a caller that keeps the response code to itself and releases nothing that depends on
+   * it (TpmHost.create's `startup` option). Resolves as soon as libtpms answered; the NV writes of
+   * Startup are made durable meanwhile, and the next response this instance releases waits for them.
+   * On a new TPM that overlaps the first store (~1 ms on ext4) with the caller's first command.
+   */
+  async startupUnreleased(type: 'clear' | 'state' = 'clear'): Promise<number> {
+    return responseCode(await this.#execute(this.#startupCommand(type), 0, false));
+  }
+
+  #startupCommand(type: 'clear' | 'state'): Uint8Array {
+    return this.version === '2.0'
+      ? tpm2.startup(type === 'clear' ? tpm2.TPM_SU_CLEAR : tpm2.TPM_SU_STATE)
+      : tpm12.startup(type === 'clear' ? tpm12.TPM_ST_CLEAR : tpm12.TPM_ST_STATE);
   }
 
   /**
@@ -426,6 +554,8 @@ export class TpmInstance extends EventEmitter implements TpmEndpoint {
   getStateBlob(kind: StateKind): Promise<Uint8Array | null> {
     return this.#enqueue(async () => {
       const lib = this.#requireLib();
+      // State leaves the instance only once durable, like a response (create's Startup may still write).
+      await this.#flush();
       if (kind === 'volatile' && this.#status === 'running') {
         const { rc, blob } = await this.#inLibrary(async () => lib.volatileAllStore());
         if (rc !== TPM_SUCCESS || !blob) {
@@ -497,6 +627,8 @@ export class TpmInstance extends EventEmitter implements TpmEndpoint {
     return this.#enqueue(async () => {
       if (this.#status === 'destroyed') return;
       const lib = this.#lib;
+      // An unbound spare's state belongs to no instance: it is dropped, never stored.
+      if (this.#spare) this.#pending.clear();
       if (lib && this.#status === 'running') {
         await this.#inLibrary(() => lib.terminateAsync());
         await this.#flush().catch(() => undefined);
@@ -504,7 +636,7 @@ export class TpmInstance extends EventEmitter implements TpmEndpoint {
       lib?.unload();
       this.#lib = null;
       this.#status = 'destroyed';
-      if (opts.deleteState) for (const kind of STATE_KINDS) await this.store.delete(this.instance, kind);
+      if (opts.deleteState && !this.#spare) for (const kind of STATE_KINDS) await this.store.delete(this.instance, kind);
     });
   }
 }
