@@ -305,6 +305,17 @@ interface Dirty {
   data: Uint8Array;
 }
 
+/** How many distinct savers a batch and the queue behind it represent (other operations count once each). */
+function expected(batch: readonly Op[], queue: readonly Op[]): number {
+  const keys = new Set<string>();
+  let other = 0;
+  for (const op of [...batch, ...queue]) {
+    if (op.type === 'save') keys.add(key(op.instance, op.kind));
+    else other++;
+  }
+  return keys.size + other;
+}
+
 export class GroupCommitStore {
   /** The last durable checkpoint: its blobs are the files on disk. */
   #ck: MetaRecord;
@@ -494,8 +505,10 @@ export class GroupCommitStore {
         this.#queue = [];
         this.#lastBatch = batch.length;
         await this.#commit(batch);
-        // Those queued meanwhile, plus the ones just acknowledged, who are likely to be back at once.
-        if (this.#queue.length > 0) await this.#gather(this.#queue.length + batch.length);
+        // Those queued meanwhile, plus the ones just acknowledged, who are likely to be back at once:
+        // counted by blob, since a save queued meanwhile may be an acknowledged client already back
+        // (counting it twice made a lone fast client wait out GATHER_MS on every save).
+        if (this.#queue.length > 0) await this.#gather(expected(batch, this.#queue));
       }
     } finally {
       this.#running = null;
