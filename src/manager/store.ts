@@ -9,12 +9,16 @@
 // removals, the table if it changed — with one pwrite + one fdatasync, and is acknowledged then. The
 // log file is written full of zeros when created, so an append overwrites allocated blocks and the
 // fdatasync has no file-system metadata to commit (size and block map never change).
-// Checkpoint: when a record would not fit in the log, at every start and at clean shutdown, the
-// current state goes out as files (that batch pays the slow path) and the metadata names the next log
-// generation; records of earlier generations left in the file are then ignored by replay.
-// Start: load the checkpoint, replay the log records of the generation it names, in order, up to the
-// first torn/invalid/out-of-sequence one, then checkpoint (the replayed state becomes files, the log
-// generation moves on) and remove every blob file the new metadata does not name.
+// Checkpoint: the current state goes out as files and the metadata names the next log generation;
+// records of earlier generations left in the file are then ignored by replay. Generation g is appended
+// to half g % 2 of the log file, so when a half fills, appends move on to the other half at once and
+// the generation just closed is checkpointed in the background (off the commit path); only if that
+// half fills too before the checkpoint is durable does a commit wait for it. At every start, at clean
+// shutdown and after a failed append the checkpoint is taken in line instead.
+// Start: load the checkpoint, replay the log records of the generation it names and of the one after,
+// in order, up to the first torn/invalid/out-of-sequence one, then checkpoint (the replayed state
+// becomes files, the log generation moves on past both) and remove every blob file the new metadata
+// does not name.
 // Loads come from memory for blobs saved since the last checkpoint (the log keeps that view current),
 // else from the blob files.
 // Group commit. Saves arriving while a commit runs queue up and go in the next one.
@@ -215,8 +219,13 @@ interface MetaRecord {
   /** "instance.kind" → generation of the live blob. */
   blobs: Record<string, number>;
   table: unknown;
-  /** The log generation whose records, numbered from 1 at offset 0, continue this checkpoint. */
+  /**
+   * The log generation whose records continue this checkpoint, then the one after it: generation g is
+   * appended to half g % 2 of the log file, numbered from 1 at the start of that half.
+   */
   walGen: number;
+  /** Bytes per log half (so a log file cut short is still read at the right offsets). */
+  walHalf: number;
 }
 
 const META_MAGIC = Buffer.from('VTPMMETA', 'ascii');
@@ -237,12 +246,12 @@ function decodeMeta(b: Buffer, macKey: Buffer): MetaRecord {
   const mac = crypto.createHmac('sha256', macKey).update(body).digest();
   if (!crypto.timingSafeEqual(mac, b.subarray(12 + len)))
     throw new StoreError('META_TAMPERED', 'metadata MAC does not verify (tampered, or a different master key)');
-  const m = JSON.parse(body.subarray(12).toString('utf8')) as Omit<MetaRecord, 'format' | 'walGen'> & { format: number; walGen?: number };
+  const m = JSON.parse(body.subarray(12).toString('utf8')) as Omit<MetaRecord, 'format' | 'walGen' | 'walHalf'> & { format: number; walGen?: number; walHalf?: number };
   if ((m.format !== 1 && m.format !== 2) || typeof m.seq !== 'number' || typeof m.clock !== 'number' || typeof m.blobs !== 'object')
     throw new StoreError('META_FORMAT', 'metadata record is malformed');
   // Format 1 (before the log) has no log generation: nothing to replay.
-  if (m.format === 2 && typeof m.walGen !== 'number') throw new StoreError('META_FORMAT', 'metadata record has no log generation');
-  return { ...m, format: 2, walGen: m.walGen ?? 0 };
+  if (m.format === 2 && (typeof m.walGen !== 'number' || typeof m.walHalf !== 'number')) throw new StoreError('META_FORMAT', 'metadata record has no log generation');
+  return { ...m, format: 2, walGen: m.walGen ?? 0, walHalf: m.walHalf ?? 0 };
 }
 
 type Op =
@@ -327,8 +336,13 @@ export class GroupCommitStore {
   #clock: number;
   #log: AppendLog;
   #walKey: Buffer;
+  /** The generation being appended to (the checkpoint's, or the one after while it is checkpointed). */
+  #gen: number;
+  #half: number;
   #walSeq = 1;
   #walOff = 0;
+  /** The checkpoint of the previous generation, written while appends go on in the other half. */
+  #background: Promise<void> | null = null;
   /** After a failed append the tail of the log is uncertain: the next batch checkpoints instead. */
   #mustCheckpoint = false;
   #append: 'sync' | 'async';
@@ -352,6 +366,8 @@ export class GroupCommitStore {
     this.#dirty = new Map();
     this.#clock = init.ck.clock;
     this.#log = init.log;
+    this.#gen = init.ck.walGen;
+    this.#half = init.ck.walHalf;
     this.#walKey = walKey(macKey);
     this.#append = init.append;
     this.stats.replayed = init.replayed;
@@ -375,29 +391,40 @@ export class GroupCommitStore {
     // lost) can then never pass for ours.
     const ck: MetaRecord = raw
       ? decodeMeta(raw, macKey)
-      : { format: 2, seq: 0, clock: 0, blobs: {}, table: null, walGen: crypto.randomInt(1, 2 ** 40) };
+      : { format: 2, seq: 0, clock: 0, blobs: {}, table: null, walGen: crypto.randomInt(1, 2 ** 40), walHalf: 0 };
     const view = { blobs: { ...ck.blobs }, dirty: new Map<string, Dirty>(), table: ck.table, clock: ck.clock };
     let replayed = 0;
     let replayStop = 'no log';
     if (raw && ck.walGen > 0) {
       const log = await ops.readLog();
       if (log) {
-        const r = replay(log, walKey(macKey), ck.walGen);
-        for (const rec of r.records) applyRecord(rec, view);
-        replayed = r.records.length;
-        replayStop = r.stop;
+        // The checkpoint's generation, then the next one, written while that checkpoint was under way
+        // (a generation after that needs this checkpoint durable first, so the metadata would name it).
+        const key = walKey(macKey);
+        const stops: string[] = [];
+        for (const gen of [ck.walGen, ck.walGen + 1]) {
+          const base = (gen % 2) * ck.walHalf;
+          const r = replay(log.subarray(Math.min(base, log.length), Math.min(base + ck.walHalf, log.length)), key, gen);
+          for (const rec of r.records) applyRecord(rec, view);
+          replayed += r.records.length;
+          stops.push(`generation ${gen}: ${r.stop}`);
+        }
+        replayStop = stops.join('; ');
       }
     }
+    const logBytes = opts.logBytes ?? DEFAULT_WAL_BYTES;
     // The last run may have sealed blobs under generations above the clock it made durable (reserved
     // after its last commit, written, never committed). Reusing those numbers would let a copy of such
     // a blob pass for a later save, so every start moves the clock far past them, durably, first.
+    // The log moves two generations on: both that replay read may hold records.
     const next: MetaRecord = {
       format: 2,
       seq: ck.seq + 1,
       clock: raw ? view.clock + CLOCK_JUMP : view.clock,
       blobs: view.blobs,
       table: view.table,
-      walGen: ck.walGen + 1,
+      walGen: ck.walGen + 2,
+      walHalf: Math.floor(logBytes / 2),
     };
     // The replayed blobs become files and the log generation moves on before anything new is logged,
     // so this start's records can never be mistaken for the last run's.
@@ -407,7 +434,7 @@ export class GroupCommitStore {
     );
     const live = new Set(Object.entries(next.blobs).map(([k, g]) => nameOf(k, g)));
     await ops.removeBlobs((await ops.listBlobs()).filter((n) => !live.has(n)));
-    const log = await ops.openLog(opts.logBytes ?? DEFAULT_WAL_BYTES);
+    const log = await ops.openLog(logBytes);
     const store = new GroupCommitStore(ops, macKey, snapshotTable, { ck: next, log, replayed, replayStop, append: opts.append ?? 'sync' });
     return { store, table: next.table };
   }
@@ -545,7 +572,7 @@ export class GroupCommitStore {
       else checkpoint = true;
     }
     const rec: WalRecord = {
-      gen: this.#ck.walGen,
+      gen: this.#gen,
       seq: this.#walSeq,
       clock: this.#clock,
       saves: [...writes.values()],
@@ -556,61 +583,109 @@ export class GroupCommitStore {
       const e = new StoreError('IO', `${how} of ${batch.length} operations on ${this.ops.description} failed: ${(err as Error).message}`);
       for (const op of batch) op.done.reject(e);
     };
-    if (!checkpoint) {
-      const bytes = encodeRecord(rec, this.#walKey);
-      if (this.#walOff + bytes.length <= this.#log.size) {
-        try {
-          if (this.#append === 'sync') this.#log.writeSync(bytes, this.#walOff);
-          else await this.#log.write(bytes, this.#walOff);
-        } catch (err) {
-          this.#mustCheckpoint = true;
-          return fail(err, 'log append');
-        }
-        this.#walOff += bytes.length;
-        this.#walSeq++;
-        this.#blobs = blobs;
-        applyRecord(rec, { blobs, dirty: this.#dirty, table: null, clock: 0 });
-        this.stats.commits++;
-        this.stats.saves += saves;
-        for (const op of batch) op.done.resolve();
-        return;
+    let bytes = checkpoint ? null : encodeRecord(rec, this.#walKey);
+    if (bytes && bytes.length <= this.#half && this.#walOff + bytes.length > this.#half) {
+      // This half is full: the next generation goes to the other half, free once the checkpoint of
+      // the generation before is durable; this one is checkpointed meanwhile.
+      if (this.#background) await this.#background;
+      if (this.#mustCheckpoint) bytes = null;
+      else {
+        this.#startBackground();
+        bytes = encodeRecord({ ...rec, gen: this.#gen, seq: this.#walSeq }, this.#walKey);
       }
     }
-    // Checkpoint: every blob only the log holds, plus this batch's, as files; the metadata names them
-    // and the next log generation, whose first record will overwrite the start of the file.
+    if (bytes && this.#walOff + bytes.length <= this.#half) {
+      const at = (this.#gen % 2) * this.#half + this.#walOff;
+      try {
+        if (this.#append === 'sync') this.#log.writeSync(bytes, at);
+        else await this.#log.write(bytes, at);
+      } catch (err) {
+        this.#mustCheckpoint = true;
+        return fail(err, 'log append');
+      }
+      this.#walOff += bytes.length;
+      this.#walSeq++;
+      this.#blobs = blobs;
+      applyRecord(rec, { blobs, dirty: this.#dirty, table: null, clock: 0 });
+      this.stats.commits++;
+      this.stats.saves += saves;
+      for (const op of batch) op.done.resolve();
+      return;
+    }
+    // A checkpoint with this batch in it (asked for, a record larger than half the log, or after a
+    // failure): every blob only the log holds, plus this batch's, as files; the metadata names them and
+    // the next log generation. Not concurrently with a background one (both would write the metadata).
+    if (this.#background) await this.#background;
     const dirty = new Map(this.#dirty);
     applyRecord(rec, { blobs: { ...this.#blobs }, dirty, table: null, clock: 0 });
-    const next: MetaRecord = { format: 2, seq: this.#ck.seq + 1, clock: this.#clock, blobs, table: this.snapshotTable(), walGen: this.#ck.walGen + 1 };
+    const snap = { blobs, dirty, table: this.snapshotTable(), clock: this.#clock };
     try {
-      await this.ops.commit(
-        [...dirty].map(([k, d]) => ({ name: nameOf(k, d.generation), data: d.data })),
-        encodeMeta(next, this.macKey),
-      );
+      await this.#writeCheckpoint(snap, this.#gen + 1);
     } catch (err) {
       return fail(err, 'checkpoint');
     }
-    const old = this.#ck.blobs;
-    this.#ck = next;
-    this.#blobs = blobs;
-    this.#dirty.clear();
+    this.#gen++;
     this.#walSeq = 1;
     this.#walOff = 0;
+    this.#blobs = blobs;
+    this.#dirty.clear();
     this.#mustCheckpoint = false;
     this.stats.commits++;
-    this.stats.checkpoints++;
     this.stats.saves += saves;
     for (const op of batch) op.done.resolve();
-    // Files of the previous checkpoint that this one no longer names (only now: a crash before the
-    // new metadata was durable needed them).
-    const stale = Object.entries(old)
-      .filter(([k, g]) => blobs[k] !== g)
-      .map(([k, g]) => nameOf(k, g));
+    await this.#removeStale();
+  }
+
+  /** Moves appends to the next generation and checkpoints the state as of now in the background. */
+  #startBackground(): void {
+    const snap = { blobs: { ...this.#blobs }, dirty: new Map(this.#dirty), table: this.snapshotTable(), clock: this.#clock };
+    this.#gen++;
+    this.#walSeq = 1;
+    this.#walOff = 0;
+    this.#background = (async () => {
+      try {
+        await this.#writeCheckpoint(snap, this.#gen);
+        // In files now, unless saved again since (then the newer copy is in this generation's records).
+        for (const [k, d] of snap.dirty) if (this.#dirty.get(k) === d) this.#dirty.delete(k);
+        await this.#removeStale();
+      } catch {
+        // The previous generation's records are still needed: the next batch checkpoints in line
+        // (and reports a failure to its callers) before that half is reused.
+        this.#mustCheckpoint = true;
+      } finally {
+        this.#background = null;
+      }
+    })();
+  }
+
+  #stale: string[] = [];
+
+  /** Writes a checkpoint: `snap.dirty` as files, then the metadata naming `snap.blobs` and log generation `walGen`. */
+  async #writeCheckpoint(snap: { blobs: Record<string, number>; dirty: Map<string, Dirty>; table: unknown; clock: number }, walGen: number): Promise<void> {
+    const next: MetaRecord = { format: 2, seq: this.#ck.seq + 1, clock: snap.clock, blobs: snap.blobs, table: snap.table, walGen, walHalf: this.#half };
+    await this.ops.commit(
+      [...snap.dirty].map(([k, d]) => ({ name: nameOf(k, d.generation), data: d.data })),
+      encodeMeta(next, this.macKey),
+    );
+    // Files of the previous checkpoint that this one no longer names: removed only now (a crash
+    // before the new metadata was durable needed them).
+    const old = this.#ck.blobs;
+    this.#stale.push(...Object.entries(old).filter(([k, g]) => snap.blobs[k] !== g).map(([k, g]) => nameOf(k, g)));
+    this.#ck = next;
+    this.stats.checkpoints++;
+  }
+
+  async #removeStale(): Promise<void> {
+    const stale = this.#stale.splice(0);
     if (stale.length) await this.ops.removeBlobs(stale).catch(() => undefined);
   }
 
   /** Waits for every queued operation to be committed. */
   async flush(): Promise<void> {
-    while (this.#running) await this.#running.catch(() => undefined);
+    while (this.#running || this.#background) {
+      await this.#running?.catch(() => undefined);
+      await this.#background;
+    }
   }
 
   /** Clean shutdown: commits what is queued, checkpoints (the next start replays nothing), closes the log. */

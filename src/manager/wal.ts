@@ -6,7 +6,8 @@
 //             | saves:   instance u32 | kind u8 | generation u64 | length u32 | sealed blob
 //             | removes: instance u32 | kind u8
 //             | table JSON (table length bytes; 0xFFFFFFFF = the table did not change)
-//   all big-endian. Records follow each other from offset 0; a generation's records are numbered 1, 2, …
+//   all big-endian. Generation g's records follow each other from the start of half g % 2 of the file,
+//   numbered 1, 2, …
 //
 // Replay takes records of exactly the generation the checkpoint metadata names, numbered from 1 with
 // no gap, and stops at the first that is not: zeros (the end), a torn record (length past the file,
@@ -18,8 +19,8 @@ import { STATE_KINDS, type StateKind } from '../tpm/state-store.js';
 import { KIND_CODES } from './wire.js';
 
 export const WAL_FILE = 'wal';
-/** Default log size: ~900 saves of a 9 KiB volatile blob between checkpoints. */
-export const DEFAULT_WAL_BYTES = 8 * 1024 * 1024;
+/** Default log size: two halves of 8 MiB, ~900 saves of a 9 KiB volatile blob each. */
+export const DEFAULT_WAL_BYTES = 16 * 1024 * 1024;
 const MAGIC = 0x5657414c; // "VWAL"
 const HEAD = 8;
 const MAC = 32;
