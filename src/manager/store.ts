@@ -515,10 +515,13 @@ export class GroupCommitStore {
   #gather(target: number): Promise<void> {
     if (this.#queue.length >= target || target <= 1) return new Promise((r) => setImmediate(r));
     return new Promise((resolve) => {
+      // Through setImmediate: the requests the other FIFOs already hold are read in this same poll
+      // phase and join the batch (resolving at once committed the first `target` and left the rest of
+      // the cohort for the next commit; with sync appends batches stayed at that size).
       const done = (): void => {
         clearTimeout(timer);
         this.#gathered = null;
-        resolve();
+        setImmediate(resolve);
       };
       const timer = setTimeout(done, GATHER_MS);
       this.#gathered = () => {
