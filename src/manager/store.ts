@@ -693,9 +693,12 @@ export class GroupCommitStore {
 
   /** Clean shutdown: commits what is queued, checkpoints (the next start replays nothing), closes the log. */
   async close(): Promise<void> {
-    await this.flush();
-    await this.checkpoint();
-    await this.flush(); // the superseded files' removal follows the acknowledgement
-    this.#log.close();
+    try {
+      await this.flush();
+      await this.checkpoint();
+      await this.flush(); // the superseded files' removal follows the acknowledgement
+    } finally {
+      this.#log.close();
+    }
   }
 }
