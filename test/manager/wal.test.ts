@@ -243,6 +243,18 @@ describe('write-ahead log: replay in the store', () => {
     for (const [inst, v] of last) expect(await text(r, inst), `instance ${inst}`).toBe(v);
   });
 
+  it('appends on the threadpool (append: async) write the same records: replayed after a crash', async () => {
+    const d = tempDir('wal');
+    const s = (await GroupCommitStore.open(new DirOps(d), macKey, () => [], { append: 'async', logBytes: 64 * 1024 })).store;
+    const val = (i: number, n: number): Buffer => Buffer.alloc(3000, i * 16 + n);
+    for (let n = 0; n < 4; n++) await Promise.all(Array.from({ length: 8 }, (_, i) => s.save(i + 1, 'volatile', s.reserve(), val(i + 1, n))));
+    await s.flush();
+    expect(s.stats.checkpoints).toBeGreaterThan(0);
+    const r = await open(d, 64 * 1024);
+    expect(r.stats.replayed).toBeGreaterThan(0);
+    for (let i = 1; i <= 8; i++) expect((await r.load(i, 'volatile'))!.data.equals(val(i, 3)), `blob ${i}`).toBe(true);
+  });
+
   it('reopening twice in a row is idempotent', async () => {
     const { d } = await threeRecords();
     const a = await open(d);
