@@ -9,8 +9,8 @@
 //   all big-endian. Generation g's records follow each other from the start of half g % 2 of the file,
 //   numbered 1, 2, …
 //
-// Replay takes records of exactly the generation the checkpoint metadata names, numbered from 1 with
-// no gap, and stops at the first that is not: zeros (the end), a torn record (length past the file,
+// Replay (store.ts: the generation the checkpoint metadata names, then the next) takes records of
+// exactly the generation asked for, numbered from 1 with no gap, and stops at the first that is not: zeros (the end), a torn record (length past the file,
 // MAC fails), garbage, a record of an earlier generation left behind (the file is reused, never
 // truncated) or one out of sequence. The MAC key is derived from the metadata key, so a forged record
 // stops replay too. Blobs in the log are the sealed envelopes (seal.ts), never plaintext state.
