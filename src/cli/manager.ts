@@ -12,10 +12,14 @@ export function register(program: Command): void {
     .requiredOption('--run <dir>', 'run directory (from_console.fifo, to_console.fifo, rendezvous.fifo, clients/)')
     .option('--seal-to-tpm <tcti>', 'seal the master key to PCRs of a host TPM (tpm2-tools TCTI, e.g. swtpm:host=127.0.0.1,port=2321)')
     .option('--seal-pcrs <sel>', 'PCR selection the master key is sealed to', DEFAULT_SEAL_PCRS)
-    .action(async (o: { state: string; run: string; sealToTpm?: string; sealPcrs: string }) => {
+    .option('--log-bytes <n>', 'size of the write-ahead log; a full log makes the next commit a checkpoint', (v) => Number(v))
+    .option('--append <mode>', 'log appends on the event loop (sync) or the threadpool (async)', 'sync')
+    .action(async (o: { state: string; run: string; sealToTpm?: string; sealPcrs: string; logBytes?: number; append: string }) => {
+      if (o.append !== 'sync' && o.append !== 'async') throw new Error(`--append takes sync or async, not ${o.append}`);
+      if (o.logBytes !== undefined && !(Number.isInteger(o.logBytes) && o.logBytes >= 4096)) throw new Error('--log-bytes takes an integer of at least 4096');
       if (!process.env.UV_THREADPOOL_SIZE)
         process.stderr.write('vtpm-manager: UV_THREADPOOL_SIZE is unset: a group commit will run only 4 fdatasyncs at a time (scripts/vtpm sets 64)\n');
-      const d = await ManagerDaemon.start({ stateDir: o.state, runDir: o.run, sealToTpm: o.sealToTpm, sealPcrs: o.sealPcrs });
+      const d = await ManagerDaemon.start({ stateDir: o.state, runDir: o.run, sealToTpm: o.sealToTpm, sealPcrs: o.sealPcrs, logBytes: o.logBytes, append: o.append });
       onStop(() => d.stop());
       process.stderr.write('vtpm-manager: ready\n');
     });

@@ -121,15 +121,17 @@ describe('vtpm manager: VM table and state through ManagerClient', () => {
     for (const [k, v] of Object.entries(blobs)) await c.store(instance, k as keyof typeof blobs, v);
     await c.delete(instance, 'savestate');
     expect(await c.load(instance, 'savestate')).toBeNull();
-    // No key or plaintext in the state directory's blob files.
-    // (Superseded files are removed just after the acknowledgement, so give that a moment.)
-    const blobFiles = (): string[] => fs.readdirSync(stateDir).filter((f) => f.endsWith('.blob'));
-    for (let i = 0; i < 100 && blobFiles().length !== 2; i++) await new Promise((r) => setTimeout(r, 20));
-    const files = blobFiles();
-    expect(files).toHaveLength(2);
-    for (const f of files) expect(fs.readFileSync(path.join(stateDir, f)).includes(blobs.permanent.subarray(0, 64))).toBe(false);
+    // No key or plaintext in the log, which holds every save since the start.
+    const plain = [blobs.permanent, blobs.volatile, blobs.savestate].map((b) => b.subarray(0, 64));
+    const wal = fs.readFileSync(path.join(stateDir, 'wal'));
+    for (const p of plain) expect(wal.includes(p)).toBe(false);
+    expect(wal.includes(fs.readFileSync(path.join(stateDir, 'master.key')))).toBe(false);
 
+    // A clean stop checkpoints: the blobs become files (sealed too), the deleted one is gone.
     expect(await m.stop('SIGTERM')).toBe(0);
+    const files = fs.readdirSync(stateDir).filter((f) => f.endsWith('.blob'));
+    expect(files.map((f) => f.split('.')[1]).sort()).toEqual(['permanent', 'volatile']);
+    for (const f of files) for (const p of plain) expect(fs.readFileSync(path.join(stateDir, f)).includes(p)).toBe(false);
     expect(fs.existsSync(path.join(runDir, 'manager.pid'))).toBe(false);
     c.disconnect();
     m = await manager(stateDir, runDir);
@@ -264,11 +266,18 @@ describe('vtpm manager: bad input', () => {
   });
 
   it('refuses tampered, swapped and rolled-back state files with VTPM_RESTORE_CONTEXT_FAILED', async () => {
-    const m = await manager();
-    const c = await client(m);
+    let m = await manager();
+    let c = await client(m);
     const a = (await c.open({ vmUuid: VM1, version: '2.0' })).instance;
     const b = (await c.open({ vmUuid: VM2, version: '2.0' })).instance;
+    // Blobs become files at a checkpoint (a clean stop); between checkpoints they are in the log.
+    const checkpoint = async (): Promise<ManagerClient> => {
+      await m.stop('SIGTERM');
+      m = await manager(m.stateDir, m.runDir);
+      return client(m);
+    };
     await c.store(a, 'permanent', Buffer.from('state of A, generation 1'));
+    c = await checkpoint();
     const blobOf = (inst: number): string => {
       const f = fs.readdirSync(m.stateDir).find((n) => n.startsWith(`i${inst}.permanent.`))!;
       return path.join(m.stateDir, f);
@@ -276,6 +285,7 @@ describe('vtpm manager: bad input', () => {
     const aOld = fs.readFileSync(blobOf(a));
     await c.store(a, 'permanent', Buffer.from('state of A, generation 2'));
     await c.store(b, 'permanent', Buffer.from('state of B'));
+    c = await checkpoint();
     const aFile = blobOf(a);
     const aNew = fs.readFileSync(aFile);
 

@@ -7,8 +7,9 @@ import { CLI, tempDir } from './helpers.js';
 
 // The crash test kills the manager process, which leaves the page cache intact, so it cannot tell a
 // save made durable from one merely written. This test watches the system calls instead (strace) and
-// checks that the acknowledgement of a SAVENVM leaves only after the blob and the metadata naming it
-// went through fdatasync → rename → directory fsync, in that order.
+// checks that the acknowledgement of a SAVENVM leaves only after the log record holding the blob was
+// written and fdatasync'd, and that the checkpoint at the clean stop makes the blob a file through
+// fdatasync → rename → directory fsync → metadata rename → directory fsync, in that order.
 
 interface Call {
   tid: number;
@@ -53,14 +54,14 @@ afterEach(() => {
 });
 
 describe('durability order of a SAVENVM (strace of the real manager)', () => {
-  it('acknowledges only after blob fdatasync, rename, dir fsync, metadata rename, dir fsync', async () => {
+  it('acknowledges only after the log record is written and fdatasync\'d; checkpoints at stop in fdatasync, rename, dir fsync order', async () => {
     const stateDir = tempDir('dur-state');
     const runDir = tempDir('dur-run');
     const log = path.join(tempDir('dur-log'), 'strace.log');
     managerPidFile = path.join(runDir, 'manager.pid');
     proc = spawn(
       'strace',
-      ['-f', '-o', log, '-e', 'trace=openat,fdatasync,fsync,rename,renameat,renameat2,write', process.execPath, CLI, 'manager', '--state', stateDir, '--run', runDir],
+      ['-f', '-o', log, '-e', 'trace=openat,fdatasync,fsync,rename,renameat,renameat2,write,pwrite64', process.execPath, CLI, 'manager', '--state', stateDir, '--run', runDir],
       { stdio: ['ignore', 'ignore', 'pipe'], env: { ...process.env, UV_THREADPOOL_SIZE: '64' } },
     );
     const exited = new Promise((r) => proc!.on('exit', r));
@@ -89,25 +90,36 @@ describe('durability order of a SAVENVM (strace of the real manager)', () => {
       if (call.name === 'openat' && /^\d+$/.test(call.result)) fdPath.set(call.result, /"([^"]+)"/.exec(call.args)![1]!);
       return { i, ...call, where };
     });
-    const blob = fs.readdirSync(stateDir).find((f) => f.startsWith(`i${instance}.permanent.`))!;
     const at = (pred: (e: (typeof events)[number]) => boolean, after: number, what: string): number => {
       const e = events.find((x) => x.i > after && pred(x));
       expect(e, `${what} after call #${after}`).toBeDefined();
       return e!.i;
     };
-    const blobSync = at((e) => e.name === 'fdatasync' && e.where === path.join(stateDir, `${blob}.tmp`), -1, 'fdatasync of the blob temp file');
-    const blobRename = at((e) => /^rename/.test(e.name) && e.args.includes(`${blob}.tmp"`) && e.result === '0', blobSync, 'rename of the blob');
-    const dirSync1 = at((e) => e.name === 'fsync' && e.where === stateDir, blobRename, 'fsync of the state directory');
-    const metaRename = at((e) => /^rename/.test(e.name) && e.args.includes('meta.tmp"'), dirSync1, 'rename of the metadata');
-    const dirSync2 = at((e) => e.name === 'fsync' && e.where === stateDir, metaRename, 'second directory fsync');
+    const wal = path.join(stateDir, 'wal');
     const ack = at(
       (e) => e.name === 'write' && e.where === path.join(runDir, 'clients', 'probe.rsp.fifo') && e.args.includes(`, "\\0\\0\\0\\${instance}\\1\\304\\0\\0\\0\\n\\0\\0\\0\\0"`),
       -1,
       'the SAVENVM acknowledgement',
     );
+    // The last log write before the acknowledgement carries the record with the sealed 3000-byte blob
+    // ("VWAL" magic at its start) and is followed by an fdatasync of the log before the acknowledgement.
+    const appends = events.filter((e) => e.name === 'pwrite64' && e.where === wal && e.i < ack);
+    expect(appends.length).toBeGreaterThan(0);
+    const append = appends[appends.length - 1]!;
+    expect(append.args).toMatch(/^\d+, "VWAL/);
+    expect(Number(/, (\d+), \d+$/.exec(append.args)![1])).toBeGreaterThan(3000);
+    const walSync = at((e) => e.name === 'fdatasync' && e.where === wal, append.i, 'fdatasync of the log');
+    expect(walSync).toBeLessThan(ack);
+    // The clean stop checkpoints: blob file, then the metadata naming it, each made durable in order.
+    const blob = fs.readdirSync(stateDir).find((f) => f.startsWith(`i${instance}.permanent.`))!;
+    expect(blob).toBeDefined();
+    const blobSync = at((e) => e.name === 'fdatasync' && e.where === path.join(stateDir, `${blob}.tmp`), ack, 'fdatasync of the blob temp file');
+    const blobRename = at((e) => /^rename/.test(e.name) && e.args.includes(`${blob}.tmp"`) && e.result === '0', blobSync, 'rename of the blob');
+    const dirSync1 = at((e) => e.name === 'fsync' && e.where === stateDir, blobRename, 'fsync of the state directory');
+    const metaRename = at((e) => /^rename/.test(e.name) && e.args.includes('meta.tmp"'), dirSync1, 'rename of the metadata');
+    at((e) => e.name === 'fsync' && e.where === stateDir, metaRename, 'second directory fsync');
     // The metadata temp file was made durable before it was renamed into place.
-    const metaTmpSyncs = events.filter((e) => e.name === 'fdatasync' && e.where === path.join(stateDir, 'meta.tmp') && e.i < metaRename);
+    const metaTmpSyncs = events.filter((e) => e.name === 'fdatasync' && e.where === path.join(stateDir, 'meta.tmp') && e.i < metaRename && e.i > ack);
     expect(metaTmpSyncs.length).toBeGreaterThan(0);
-    expect(ack).toBeGreaterThan(dirSync2);
   });
 });
