@@ -48,6 +48,17 @@ export function suspendBoundMs(): number {
   return Number.isFinite(v) && v > 0 ? v : 30_000;
 }
 
+/**
+ * How long a suspended guest's vTPM stays loaded in the backend waiting for its resume (its state is
+ * durable at the manager all along); after that it is released and a resume reloads it from the
+ * manager. VTPM_PARK_MS changes it (0: release at suspend).
+ */
+export function parkMs(): number {
+  const raw = process.env.VTPM_PARK_MS;
+  const v = Number(raw);
+  return raw !== undefined && raw !== '' && Number.isFinite(v) && v >= 0 ? v : 60_000;
+}
+
 export class BackendDevice {
   readonly dev: VtpmDevice;
   readonly #o: DeviceOptions;
@@ -62,6 +73,8 @@ export class BackendDevice {
   #stale: string | null = null;
   /** This backend took over a device a previous backend process had connected: keep volatile state. */
   #recovered = false;
+  /** The guest suspended and its vTPM, checkpointed at the manager, stays loaded for the resume. */
+  #parked: NodeJS.Timeout | null = null;
 
   constructor(o: DeviceOptions) {
     this.#o = o;
@@ -100,42 +113,31 @@ export class BackendDevice {
 
   async #onFrontend(s: XenbusState): Promise<void> {
     if (this.#gone) return;
-    const own = await readState(this.#o.xs, this.dev.backend);
+    // Our own state is read only where it decides something, and together with the other work there:
+    // every round trip to xenstored here is on the suspend/resume path.
+    const own = (): Promise<XenbusState> => readState(this.#o.xs, this.dev.backend);
     switch (s) {
       case XenbusState.Initialised:
       case XenbusState.Connected:
         if (this.#stale !== null && (await this.#published()) === this.#stale) break;
         this.#stale = null;
-        if (!this.#channel && !this.#fatal && own === XenbusState.InitWait) await this.#attach();
+        if (!this.#channel && !this.#fatal) await this.#attach(own());
         break;
       case XenbusState.Initialising:
-        // A frontend back at Initialising after being connected is resuming with a new ring.
-        if (this.#channel) {
-          await this.#detach();
-          await switchState(this.#o.xs, this.dev.backend, XenbusState.InitWait);
-        }
+        // A frontend back at Initialising while we still serve its ring is resuming with a new one. It
+        // may have passed through Closed too quickly for us to read it (a suspend): close the old
+        // connection exactly as for Closed.
+        if (this.#channel) await this.#closed();
         break;
-      case XenbusState.Closing:
-        if (own !== XenbusState.Closing && own !== XenbusState.Closed) {
-          // Suspend (or close): answer what is in flight before acknowledging, then save the vTPM's
-          // volatile state, so a resumed guest finds both the answer and the state.
-          await this.#quiesce();
-          await switchState(this.#o.xs, this.dev.backend, XenbusState.Closing);
-        }
+      case XenbusState.Closing: {
+        // Suspend (or close): answer what is in flight before acknowledging, then make the vTPM's
+        // volatile state durable, so a resumed guest finds both the answer and the state.
+        const [state] = await Promise.all([own(), this.#quiesce()]);
+        if (state !== XenbusState.Closing && state !== XenbusState.Closed) await switchState(this.#o.xs, this.dev.backend, XenbusState.Closing);
         break;
+      }
       case XenbusState.Closed:
-        await this.#detach();
-        if (this.#vtpm && (await this.#o.xs.tryRead(`/local/domain/${this.dev.frontDomid}/control/shutdown`)) === 'suspend') {
-          // The guest is suspending: its vTPM goes back to the manager; resume re-opens it from there.
-          const inst = this.#vtpm.instance;
-          this.#vtpm = null;
-          await this.#o.vtpms.release(inst);
-          this.#o.log(`dom${this.dev.frontDomid}: suspended, vTPM instance ${inst} saved`);
-        }
-        await this.#o.xs.rm(`${this.dev.backend}/ready`).catch(() => {});
-        this.#fatal = false;
-        if ((await this.#o.xs.tryRead(`${this.dev.backend}/online`)) === '0') await this.#finish(XenbusState.Closed);
-        else await switchState(this.#o.xs, this.dev.backend, XenbusState.InitWait);
+        await this.#closed();
         break;
       case XenbusState.Unknown:
         // The frontend directory is gone: the domain was destroyed.
@@ -145,6 +147,63 @@ export class BackendDevice {
       default:
         break;
     }
+  }
+
+  /** The frontend closed its end: drop the ring; keep or release the vTPM; wait for a new connection. */
+  async #closed(): Promise<void> {
+    await this.#detach();
+    const [shutdown, online] = await Promise.all([
+      this.#o.xs.tryRead(`/local/domain/${this.dev.frontDomid}/control/shutdown`),
+      this.#o.xs.tryRead(`${this.dev.backend}/online`),
+      this.#o.xs.rm(`${this.dev.backend}/ready`).catch(() => {}),
+    ]);
+    if (this.#vtpm && shutdown === 'suspend') await this.#suspended(this.#vtpm);
+    this.#fatal = false;
+    if (online === '0') await this.#finish(XenbusState.Closed);
+    else await switchState(this.#o.xs, this.dev.backend, XenbusState.InitWait);
+  }
+
+  /**
+   * The guest suspended. Its vTPM's volatile state (with the exactly-once table) must be durable at the
+   * manager before we acknowledge: a backend that dies while the guest is suspended resumes it from
+   * there. A vTPM that can checkpoint stays loaded, matching that checkpoint, so a resume on this
+   * backend skips the reload (library, TPMLIB_MainInit, manager OPEN); the others go back to the
+   * manager at once.
+   */
+  async #suspended(vtpm: VtpmTarget & { instance: number }): Promise<void> {
+    const park = parkMs();
+    if (vtpm.checkpoint && park > 0) {
+      // Nothing to store when quiesce's checkpoint covers everything that ran. One that fails (the
+      // manager gone for longer than the retry) leaves the vTPM loaded: memory is then the only copy.
+      await vtpm.checkpoint().catch((e: unknown) => this.#o.log(`dom${this.dev.frontDomid}: checkpoint at suspend: ${(e as Error).message}`));
+      this.#park(park);
+      this.#o.log(`dom${this.dev.frontDomid}: suspended, vTPM instance ${vtpm.instance} saved (kept loaded for the resume)`);
+      return;
+    }
+    this.#vtpm = null;
+    await this.#o.vtpms.release(vtpm.instance);
+    this.#o.log(`dom${this.dev.frontDomid}: suspended, vTPM instance ${vtpm.instance} saved`);
+  }
+
+  #park(ms: number): void {
+    this.#unpark();
+    this.#parked = setTimeout(() => this.#enqueue(() => this.#releaseParked()), ms);
+    this.#parked.unref();
+  }
+
+  #unpark(): void {
+    if (this.#parked) clearTimeout(this.#parked);
+    this.#parked = null;
+  }
+
+  /** No resume came in time: give the parked vTPM back to the manager. */
+  async #releaseParked(): Promise<void> {
+    if (!this.#parked || this.#channel || !this.#vtpm) return;
+    this.#parked = null;
+    const inst = this.#vtpm.instance;
+    this.#vtpm = null;
+    await this.#o.vtpms.release(inst);
+    this.#o.log(`dom${this.dev.frontDomid}: no resume within ${parkMs()} ms; vTPM instance ${inst} released`);
   }
 
   async #published(): Promise<string> {
@@ -183,15 +242,34 @@ export class BackendDevice {
     } else await switchState(this.#o.xs, this.dev.backend, XenbusState.Closing);
   }
 
-  async #attach(): Promise<void> {
+  /** Connect to the ring the frontend published, if we are waiting for one (`own` is InitWait). */
+  async #attach(own: Promise<XenbusState>): Promise<void> {
     const xs = this.#o.xs;
-    const fe = await backendAwaitFrontend(xs, this.dev, { timeoutMs: 10_000 });
-    const wantsRing = (await xs.tryRead(`${this.dev.frontend}/${XS_FEATURE_RING}`)) === '1';
+    // Everything the attach reads goes out at once (replies come back in order).
+    const [state, fe, ringKey, vm, versionKey, resumeKey] = await Promise.all([
+      own,
+      backendAwaitFrontend(xs, this.dev, { timeoutMs: 10_000 }),
+      xs.tryRead(`${this.dev.frontend}/${XS_FEATURE_RING}`),
+      xs.tryRead(`${this.dev.backend}/uuid`),
+      xs.tryRead(`${this.dev.backend}/tpm-version`),
+      xs.tryRead(`${this.dev.backend}/resume`),
+    ]);
+    if (state !== XenbusState.InitWait) return;
+    const wantsRing = ringKey === '1';
     if (!wantsRing && !fe.protocolV2) return this.#fail(22, 'frontend did not publish feature-protocol-v2');
-    const vm = await xs.tryRead(`${this.dev.backend}/uuid`);
     if (!vm) return this.#fail(22, 'backend directory has no uuid (the VM the vTPM belongs to)');
-    const version = (await xs.tryRead(`${this.dev.backend}/tpm-version`)) === '1.2' ? '1.2' : '2.0';
-    const resume = this.#recovered || (await xs.tryRead(`${this.dev.backend}/resume`)) === 'True';
+    const version = versionKey === '1.2' ? '1.2' : '2.0';
+    const resume = this.#recovered || resumeKey === 'True';
+    if (this.#parked) {
+      this.#unpark();
+      // A parked vTPM is the suspended guest's, checkpointed: a resume carries on with it as it is. A
+      // frontend connecting without resume boots the vTPM afresh, which only the manager path does.
+      if (!resume && this.#vtpm) {
+        const inst = this.#vtpm.instance;
+        this.#vtpm = null;
+        await this.#o.vtpms.release(inst);
+      }
+    }
     try {
       this.#vtpm ??= await this.#o.vtpms.open(vm, version, resume);
     } catch (err) {
@@ -234,6 +312,7 @@ export class BackendDevice {
   async #finish(state: XenbusState): Promise<void> {
     if (this.#gone) return;
     this.#gone = true;
+    this.#unpark();
     await this.#watch?.close().catch(() => {});
     await this.#ownWatch?.close().catch(() => {});
     if (this.#vtpm) await this.#o.vtpms.release(this.#vtpm.instance).catch((e: unknown) => this.#o.log(`release: ${(e as Error).message}`));
@@ -245,6 +324,7 @@ export class BackendDevice {
   /** Backend shutdown: answer what is in flight, then release the channel and the vTPM. */
   async stop(): Promise<void> {
     this.#gone = true;
+    this.#unpark();
     await this.#chain;
     await this.#watch?.close().catch(() => {});
     await this.#ownWatch?.close().catch(() => {});

@@ -105,7 +105,11 @@ export interface WaitOptions {
   timeoutMs?: number;
 }
 
-/** Resolve with `<dir>/state` once `predicate` holds (checked now and on every change, via a watch). */
+/**
+ * Resolve with `<dir>/state` once `predicate` holds (checked now and on every change, via a watch).
+ * The first read goes out together with the WATCH, so a state that already holds costs one round trip;
+ * the UNWATCH is sent without waiting for its reply (requests on one connection stay ordered).
+ */
 export async function waitForState(
   client: XsClient,
   dir: string,
@@ -122,6 +126,9 @@ export async function waitForState(
           opts.timeoutMs,
         );
       }
+      readState(client, dir).then((s) => {
+        if (predicate(s)) resolve(s);
+      }, () => {});
       registering = watchState(client, dir, (s) => {
         if (predicate(s)) resolve(s);
       });
@@ -129,7 +136,7 @@ export async function waitForState(
     });
   } finally {
     if (timer) clearTimeout(timer);
-    await registering?.then((w) => w.close()).catch(() => {});
+    registering?.then((w) => w.close()).catch(() => {});
   }
 }
 
@@ -222,26 +229,36 @@ export interface ConnectOptions extends WaitOptions {
 
 /**
  * Frontend connect (xen.md §5.3 steps 3, 4, 7): publish ring-ref, event-channel and
- * feature-protocol-v2 and switch to Initialised in one transaction; wait for the backend to be
- * Initialised or Connected; require its protocol feature (else fatal → Closing); switch to Connected.
+ * feature-protocol-v2, then switch to Initialised; wait for the backend to be Initialised or
+ * Connected; require its protocol feature (else fatal → Closing); switch to Connected.
+ *
+ * The keys and the state go out pipelined, the state last, instead of in a transaction (Linux's
+ * tpmfront uses one for the keys, then writes the state): xenstored applies one connection's requests
+ * in order, so a backend that sees Initialised finds every key, and this costs one round trip
+ * instead of four on the resume path.
  */
 export async function frontendConnect(client: XsClient, dev: VtpmDevice, ring: FrontendRing, opts: ConnectOptions = {}): Promise<void> {
-  await client.transaction(async (tx) => {
-    await client.write(`${dev.frontend}/ring-ref`, String(ring.ringRef), tx);
-    await client.write(`${dev.frontend}/event-channel`, String(ring.eventChannel), tx);
-    await client.write(`${dev.frontend}/feature-protocol-v2`, '1', tx);
-    for (const [k, v] of Object.entries(ring.extra ?? {})) await client.write(`${dev.frontend}/${k}`, v, tx);
-    await switchState(client, dev.frontend, XenbusState.Initialised, tx);
-  });
-  const s = await waitForState(
-    client,
-    dev.backend,
-    (st) => st === XenbusState.Initialised || st === XenbusState.Connected || st === XenbusState.Closing || st === XenbusState.Closed,
-    opts,
-  );
-  if (s === XenbusState.Closing || s === XenbusState.Closed) throw new XenbusError('XENBUS_CLOSED', `backend ${dev.backend} went to state ${XenbusState[s]}`);
+  await Promise.all([
+    client.write(`${dev.frontend}/ring-ref`, String(ring.ringRef)),
+    client.write(`${dev.frontend}/event-channel`, String(ring.eventChannel)),
+    client.write(`${dev.frontend}/feature-protocol-v2`, '1'),
+    ...Object.entries(ring.extra ?? {}).map(([k, v]) => client.write(`${dev.frontend}/${k}`, v)),
+    switchState(client, dev.frontend, XenbusState.Initialised),
+  ]);
   const feature = opts.requireBackendFeature ?? 'feature-protocol-v2';
-  const v = await client.tryRead(`${dev.backend}/${feature}`);
+  // The backend published its features before InitWait: read them while waiting for its state.
+  const [s, early] = await Promise.all([
+    waitForState(
+      client,
+      dev.backend,
+      (st) => st === XenbusState.Initialised || st === XenbusState.Connected || st === XenbusState.Closing || st === XenbusState.Closed,
+      opts,
+    ),
+    client.tryRead(`${dev.backend}/${feature}`),
+  ]);
+  if (s === XenbusState.Closing || s === XenbusState.Closed) throw new XenbusError('XENBUS_CLOSED', `backend ${dev.backend} went to state ${XenbusState[s]}`);
+  // Read before a backend that was not up yet had published it: read it again now.
+  const v = early === '1' ? early : await client.tryRead(`${dev.backend}/${feature}`);
   if (!v || !/^[0-9]+$/.test(v) || Number(v) === 0) {
     await deviceFatal(client, dev.frontend, 22, 'vTPM protocol 2 required');
     throw new XenbusError('XENBUS_PROTOCOL', `backend ${dev.backend} lacks ${feature}`);
@@ -253,8 +270,9 @@ export async function frontendConnect(client: XsClient, dev: VtpmDevice, ring: F
  * Frontend close (xen.md §5.4): Closing, wait (up to timeoutMs, default 5 s as Linux) for the backend
  * to leave Connected for Closing/Closed/InitWait, then Closed. Resolves even if the backend is silent.
  */
-export async function frontendClose(client: XsClient, dev: VtpmDevice, opts: WaitOptions = {}): Promise<void> {
-  await switchState(client, dev.frontend, XenbusState.Closing);
+export async function frontendClose(client: XsClient, dev: VtpmDevice, opts: WaitOptions & { closing?: boolean } = {}): Promise<void> {
+  // `closing`: our state is Closing already (a suspend announced it).
+  if (!opts.closing) await switchState(client, dev.frontend, XenbusState.Closing);
   try {
     await waitForState(
       client,
@@ -289,16 +307,16 @@ export interface FrontendInfo {
   state: XenbusState;
 }
 
-/** Backend step 2: publish features (default feature-protocol-v2 = "1") and switch to InitWait. */
+/** Backend step 2: publish features (default feature-protocol-v2 = "1"), then switch to InitWait (pipelined, state last). */
 export async function backendInitWait(
   client: XsClient,
   dev: VtpmDevice,
   features: Record<string, string> = { 'feature-protocol-v2': '1' },
 ): Promise<void> {
-  await client.transaction(async (tx) => {
-    for (const [k, v] of Object.entries(features)) await client.write(`${dev.backend}/${k}`, v, tx);
-    await switchState(client, dev.backend, XenbusState.InitWait, tx);
-  });
+  await Promise.all([
+    ...Object.entries(features).map(([k, v]) => client.write(`${dev.backend}/${k}`, v)),
+    switchState(client, dev.backend, XenbusState.InitWait),
+  ]);
 }
 
 /**
@@ -322,12 +340,9 @@ export async function backendAwaitFrontend(client: XsClient, dev: VtpmDevice, op
   return { ringRef, eventChannel, protocolV2: v2 === '1', state };
 }
 
-/** Backend step 5 (second half) and 6: write ready = "1" and switch to Connected, in one transaction. */
+/** Backend step 5 (second half) and 6: write ready = "1", then switch to Connected (pipelined, state last). */
 export async function backendConnected(client: XsClient, dev: VtpmDevice): Promise<void> {
-  await client.transaction(async (tx) => {
-    await client.write(`${dev.backend}/ready`, '1', tx);
-    await switchState(client, dev.backend, XenbusState.Connected, tx);
-  });
+  await Promise.all([client.write(`${dev.backend}/ready`, '1'), switchState(client, dev.backend, XenbusState.Connected)]);
 }
 
 /**
