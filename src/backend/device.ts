@@ -5,10 +5,10 @@ import type { Domain } from '../xen/index.js';
 import type { XsClient, XsWatch } from '../xenstore/client.js';
 import {
   XenbusState,
-  backendAwaitFrontend,
   backendConnected,
   backendInitWait,
   deviceFatal,
+  readFrontendRing,
   readState,
   switchState,
   watchState,
@@ -121,7 +121,7 @@ export class BackendDevice {
       case XenbusState.Connected:
         if (this.#stale !== null && (await this.#published()) === this.#stale) break;
         this.#stale = null;
-        if (!this.#channel && !this.#fatal) await this.#attach(own());
+        if (!this.#channel && !this.#fatal) await this.#attach(s, own());
         break;
       case XenbusState.Initialising:
         // A frontend back at Initialising while we still serve its ring is resuming with a new one. It
@@ -242,13 +242,13 @@ export class BackendDevice {
     } else await switchState(this.#o.xs, this.dev.backend, XenbusState.Closing);
   }
 
-  /** Connect to the ring the frontend published, if we are waiting for one (`own` is InitWait). */
-  async #attach(own: Promise<XenbusState>): Promise<void> {
+  /** Connect to the ring the frontend (seen in `feState`) published, if we are waiting for one (`own` is InitWait). */
+  async #attach(feState: XenbusState, own: Promise<XenbusState>): Promise<void> {
     const xs = this.#o.xs;
     // Everything the attach reads goes out at once (replies come back in order).
     const [state, fe, ringKey, vm, versionKey, resumeKey] = await Promise.all([
       own,
-      backendAwaitFrontend(xs, this.dev, { timeoutMs: 10_000 }),
+      readFrontendRing(xs, this.dev, feState),
       xs.tryRead(`${this.dev.frontend}/${XS_FEATURE_RING}`),
       xs.tryRead(`${this.dev.backend}/uuid`),
       xs.tryRead(`${this.dev.backend}/tpm-version`),

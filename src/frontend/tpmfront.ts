@@ -51,6 +51,8 @@ export class TpmFront {
   #backendWatch: Promise<XsWatch> | null = null;
   #closed = false;
   #closing: Promise<void> | null = null;
+  /** We wrote Connected and nothing since. */
+  #connected = true;
 
   private constructor(xs: XsClient, dev: VtpmDevice, transport: TpmTransport) {
     this.#xs = xs;
@@ -115,6 +117,8 @@ export class TpmFront {
         return;
       }
       if (!front.#closed && (s === XenbusState.Closing || s === XenbusState.Closed || s === XenbusState.Unknown)) {
+        // A backend that went away may have taken the directories with it: look before writing.
+        front.#connected = false;
         void front.close().then(() => opts.onClosed?.(`backend went to ${XenbusState[s]}`));
       }
     });
@@ -163,7 +167,10 @@ export class TpmFront {
     // No need to wait for the UNWATCH's reply: requests on the connection stay in order.
     void this.#backendWatch?.then((w) => w.close()).catch(() => {});
     try {
-      const s = await readState(this.#xs, this.dev.frontend);
+      // Only this object writes our state node once connected, so when we start the close (suspend)
+      // it is still Connected; when the backend started it, read it first.
+      const s = this.#connected ? XenbusState.Connected : await readState(this.#xs, this.dev.frontend);
+      this.#connected = false;
       if (s !== XenbusState.Closed && s !== XenbusState.Unknown) {
         await frontendClose(this.#xs, this.dev, { timeoutMs, closing: s === XenbusState.Closing });
       }

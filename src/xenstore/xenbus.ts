@@ -325,6 +325,11 @@ export async function backendInitWait(
  */
 export async function backendAwaitFrontend(client: XsClient, dev: VtpmDevice, opts: WaitOptions = {}): Promise<FrontendInfo> {
   const state = await waitForState(client, dev.frontend, (s) => s === XenbusState.Initialised || s === XenbusState.Connected, opts);
+  return readFrontendRing(client, dev, state);
+}
+
+/** Read what a frontend seen Initialised or Connected (`state`) published (XENBUS_PROTOCOL if missing or malformed). */
+export async function readFrontendRing(client: XsClient, dev: VtpmDevice, state: XenbusState): Promise<FrontendInfo> {
   const [ring, port, v2] = await Promise.all([
     client.tryRead(`${dev.frontend}/ring-ref`),
     client.tryRead(`${dev.frontend}/event-channel`),
