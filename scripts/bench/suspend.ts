@@ -133,6 +133,9 @@ export async function run_(ctx: BenchContext): Promise<Figure[]> {
     await s.submit(tpm2.startup());
     let stop = false;
     let answeredAt = 0;
+    // While suspended the load waits for the resumed session instead of spinning on refusals.
+    let resumed: Promise<void> = Promise.resolve();
+    let markResumed = (): void => {};
     const load = (async () => {
       while (!stop) {
         try {
@@ -140,12 +143,13 @@ export async function run_(ctx: BenchContext): Promise<Figure[]> {
           answeredAt = performance.now();
           loadOurs++;
         } catch {
-          await new Promise((r) => setTimeout(r, 0));
+          await resumed;
         }
       }
     })();
     /** One cycle: as `xl save` (control/shutdown = suspend, the guest closes), then as a restore. */
     const cycle = async (): Promise<{ ms: number; t0: number }> => {
+      resumed = new Promise((r) => (markResumed = r));
       const t0 = performance.now();
       await dom0.write(`/local/domain/${domid}/control/shutdown`, 'suspend');
       const left = await s.suspend();
@@ -153,7 +157,9 @@ export async function run_(ctx: BenchContext): Promise<Figure[]> {
       await Promise.all([dom0.write(`/local/domain/0/backend/vtpm/${domid}/0/resume`, 'True'), dom0.write(`/local/domain/${domid}/control/shutdown`, '')]);
       s = await GuestSession.open({ xs, dom, firstId: s.nextId, reconnect: true });
       for (const r of left) void s.resubmit(r);
-      return { ms: performance.now() - t0, t0 };
+      const ms = performance.now() - t0;
+      markResumed();
+      return { ms, t0 };
     };
     for (let i = 0; i < cycles + 3; i++) {
       await new Promise((r) => setTimeout(r, 20)); // let the load run between cycles
