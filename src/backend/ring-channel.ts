@@ -213,25 +213,27 @@ export class RingChannel {
     }
     this.#running = [];
     this.commands += group.length;
+    // All answers go on the ring before one push (and at most one event).
     for (let i = 0; i < group.length; i++) {
       const { job, command } = group[i]!;
       const response = responses?.[i];
-      if (response) this.#finish(job, command, statusOf(command, response), response);
-      else this.#finish(job, command, RING_STATUS_EIO, failureResponse(command));
+      const last = i === group.length - 1;
+      if (response) this.#finish(job, command, statusOf(command, response), response, last);
+      else this.#finish(job, command, RING_STATUS_EIO, failureResponse(command), last);
     }
   }
 
-  #finish(job: Job, command: Uint8Array, status: number, response: Uint8Array): void {
+  #finish(job: Job, command: Uint8Array, status: number, response: Uint8Array, push = true): void {
     if (this.#closed) return;
     if (response.length > job.pages.length * PAGE) {
       this.#opts.log?.(`dom${this.frontDomid}: response of ${response.length} bytes exceeds the request's ${job.pages.length} pages`);
       response = failureResponse(command);
       status = RING_STATUS_EIO;
     }
-    this.#respond(job.req.id, status, response, job.pages);
+    this.#respond(job.req.id, status, response, job.pages, push);
   }
 
-  #respond(id: bigint, status: number, response: Uint8Array | null, pages: Uint8Array[]): void {
+  #respond(id: bigint, status: number, response: Uint8Array | null, pages: Uint8Array[], push = true): void {
     if (this.#closed) return;
     if (response) scatter(pages, response);
     const r = this.#ring;
@@ -241,7 +243,7 @@ export class RingChannel {
     v.setUint32(off + RSP_STATUS, status, true);
     v.setUint32(off + RSP_LENGTH, response?.length ?? 0, true);
     r.produceResponse();
-    if (r.pushResponsesAndCheckNotify()) this.#dom.evtchn.send(this.#port);
+    if (push && r.pushResponsesAndCheckNotify()) this.#dom.evtchn.send(this.#port);
   }
 
   #fatal(reason: string): void {

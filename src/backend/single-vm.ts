@@ -179,7 +179,7 @@ export class InProcessVtpms implements VtpmProvider, QemuVtpmProvider {
       },
       checkpoint: async () => {
         if (loaded && loaded.saved === loaded.runs) return;
-        if (inst.status === 'running') await whileManagerDown(save, log);
+        if (inst.status === 'running') await save();
       },
     };
   }
