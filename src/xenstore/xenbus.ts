@@ -263,7 +263,9 @@ export async function frontendConnect(client: XsClient, dev: VtpmDevice, ring: F
     await deviceFatal(client, dev.frontend, 22, 'vTPM protocol 2 required');
     throw new XenbusError('XENBUS_PROTOCOL', `backend ${dev.backend} lacks ${feature}`);
   }
-  await switchState(client, dev.frontend, XenbusState.Connected);
+  // The ring is live once the backend is Connected: ours is news for the backend, not a step it waits
+  // for, so the caller need not wait for the reply (requests later on this connection follow it).
+  void switchState(client, dev.frontend, XenbusState.Connected).catch(() => {});
 }
 
 /**
@@ -271,15 +273,18 @@ export async function frontendConnect(client: XsClient, dev: VtpmDevice, ring: F
  * to leave Connected for Closing/Closed/InitWait, then Closed. Resolves even if the backend is silent.
  */
 export async function frontendClose(client: XsClient, dev: VtpmDevice, opts: WaitOptions & { closing?: boolean } = {}): Promise<void> {
-  // `closing`: our state is Closing already (a suspend announced it).
-  if (!opts.closing) await switchState(client, dev.frontend, XenbusState.Closing);
+  // `closing`: our state is Closing already. The wait's first read goes out right behind the write.
+  const announced = opts.closing ? Promise.resolve() : switchState(client, dev.frontend, XenbusState.Closing);
   try {
-    await waitForState(
-      client,
-      dev.backend,
-      (s) => s === XenbusState.Closing || s === XenbusState.Closed || s === XenbusState.InitWait || s === XenbusState.Unknown,
-      { timeoutMs: opts.timeoutMs ?? 5000 },
-    );
+    await Promise.all([
+      announced,
+      waitForState(
+        client,
+        dev.backend,
+        (s) => s === XenbusState.Closing || s === XenbusState.Closed || s === XenbusState.InitWait || s === XenbusState.Unknown,
+        { timeoutMs: opts.timeoutMs ?? 5000 },
+      ),
+    ]);
   } catch (err) {
     if (!(err instanceof XenbusError && err.code === 'XENBUS_TIMEOUT')) throw err;
   }
