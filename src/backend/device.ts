@@ -73,6 +73,8 @@ export class BackendDevice {
   #stale: string | null = null;
   /** This backend took over a device a previous backend process had connected: keep volatile state. */
   #recovered = false;
+  /** The toolstack set online = 0 (detach): a frontend that closes finishes the device. */
+  #offline = false;
   /** The guest suspended and its vTPM, checkpointed at the manager, stays loaded for the resume. */
   #parked: NodeJS.Timeout | null = null;
 
@@ -152,15 +154,18 @@ export class BackendDevice {
   /** The frontend closed its end: drop the ring; keep or release the vTPM; wait for a new connection. */
   async #closed(): Promise<void> {
     await this.#detach();
-    const [shutdown, online] = await Promise.all([
+    // One batch: a resuming frontend waits for our InitWait, and what control/shutdown says decides
+    // only what becomes of the vTPM (its state is durable already: every answered request was
+    // checkpointed), which this device's queue settles before it looks at the frontend again.
+    const offline = this.#offline;
+    const [shutdown] = await Promise.all([
       this.#o.xs.tryRead(`/local/domain/${this.dev.frontDomid}/control/shutdown`),
-      this.#o.xs.tryRead(`${this.dev.backend}/online`),
       this.#o.xs.rm(`${this.dev.backend}/ready`).catch(() => {}),
+      offline ? undefined : switchState(this.#o.xs, this.dev.backend, XenbusState.InitWait),
     ]);
-    if (this.#vtpm && shutdown === 'suspend') await this.#suspended(this.#vtpm);
     this.#fatal = false;
-    if (online === '0') await this.#finish(XenbusState.Closed);
-    else await switchState(this.#o.xs, this.dev.backend, XenbusState.InitWait);
+    if (this.#vtpm && shutdown === 'suspend') await this.#suspended(this.#vtpm);
+    if (offline) await this.#finish(XenbusState.Closed);
   }
 
   /**
@@ -232,7 +237,8 @@ export class BackendDevice {
 
   async #onOnline(): Promise<void> {
     if (this.#gone) return;
-    if ((await this.#o.xs.tryRead(`${this.dev.backend}/online`)) !== '0') return;
+    this.#offline = (await this.#o.xs.tryRead(`${this.dev.backend}/online`)) === '0';
+    if (!this.#offline) return;
     // Detach requested: finish what is in flight, then let the frontend close.
     await this.#channel?.drain();
     const fe = await readState(this.#o.xs, this.dev.frontend);
