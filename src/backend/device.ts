@@ -11,7 +11,6 @@ import {
   readFrontendRing,
   readState,
   switchState,
-  watchState,
   type VtpmDevice,
 } from '../xenstore/xenbus.js';
 import { XS_FEATURE_RING, XS_FEATURE_V2 } from '../xen/tpmif.js';
@@ -73,6 +72,8 @@ export class BackendDevice {
   #stale: string | null = null;
   /** This backend took over a device a previous backend process had connected: keep volatile state. */
   #recovered = false;
+  /** The frontend state the last step acted on (steps act on changes only). */
+  #lastFrontend: XenbusState | undefined;
   /** The toolstack set online = 0 (detach): a frontend that closes finishes the device. */
   #offline = false;
   /** The guest suspended and its vTPM, checkpointed at the manager, stays loaded for the resume. */
@@ -102,7 +103,11 @@ export class BackendDevice {
       this.#o.log(`dom${this.dev.frontDomid}: recovering a connected device; waiting for the frontend to reconnect`);
     }
     await backendInitWait(this.#o.xs, this.dev, { [XS_FEATURE_V2]: '1', [XS_FEATURE_RING]: '1' });
-    this.#watch = await watchState(this.#o.xs, this.dev.frontend, (s) => this.#enqueue(() => this.#onFrontend(s)));
+    // The frontend's state is read when its step's turn comes, not when the event arrives (as Linux's
+    // otherend_changed reads it): a step must never act on a state older than what an earlier step
+    // already saw. A reconnecting frontend's Initialising read early but handled after we attached to
+    // the ring it published next would tear that ring down again.
+    this.#watch = await this.#o.xs.watch(`${this.dev.frontend}/state`, () => this.#enqueue(() => this.#frontendChanged()));
     // The toolstack detaches a device by writing online=0 and state=Closing into our directory.
     this.#ownWatch = await this.#o.xs.watch(`${this.dev.backend}/online`, () => this.#enqueue(() => this.#onOnline()));
   }
@@ -111,6 +116,19 @@ export class BackendDevice {
     this.#chain = this.#chain.then(step).catch((err: unknown) => {
       this.#o.log(`${this.dev.backend}: ${err instanceof Error ? err.message : String(err)}`);
     });
+  }
+
+  async #frontendChanged(): Promise<void> {
+    if (this.#gone) return;
+    let s: XenbusState;
+    try {
+      s = await readState(this.#o.xs, this.dev.frontend);
+    } catch {
+      return; // connection gone: the watch ends by itself
+    }
+    if (s === this.#lastFrontend) return;
+    this.#lastFrontend = s;
+    await this.#onFrontend(s);
   }
 
   async #onFrontend(s: XenbusState): Promise<void> {

@@ -229,22 +229,23 @@ export interface ConnectOptions extends WaitOptions {
 
 /**
  * Frontend connect (xen.md §5.3 steps 3, 4, 7): publish ring-ref, event-channel and
- * feature-protocol-v2, then switch to Initialised; wait for the backend to be Initialised or
- * Connected; require its protocol feature (else fatal → Closing); switch to Connected.
+ * feature-protocol-v2 and switch to Initialised in one transaction; wait for the backend to be
+ * Initialised or Connected; require its protocol feature (else fatal → Closing); switch to Connected.
  *
- * The keys and the state go out pipelined, the state last, instead of in a transaction (Linux's
- * tpmfront uses one for the keys, then writes the state): xenstored applies one connection's requests
- * in order, so a backend that sees Initialised finds every key, and this costs one round trip
- * instead of four on the resume path.
+ * The transaction matters: a backend that took the device over from a dead one still sees our old
+ * Connected and old ring until we publish a new one, and must never see the new keys with the old
+ * state (it would map a ring we are still setting up). Inside it the writes are pipelined.
  */
 export async function frontendConnect(client: XsClient, dev: VtpmDevice, ring: FrontendRing, opts: ConnectOptions = {}): Promise<void> {
-  await Promise.all([
-    client.write(`${dev.frontend}/ring-ref`, String(ring.ringRef)),
-    client.write(`${dev.frontend}/event-channel`, String(ring.eventChannel)),
-    client.write(`${dev.frontend}/feature-protocol-v2`, '1'),
-    ...Object.entries(ring.extra ?? {}).map(([k, v]) => client.write(`${dev.frontend}/${k}`, v)),
-    switchState(client, dev.frontend, XenbusState.Initialised),
-  ]);
+  await client.transaction((tx) =>
+    Promise.all([
+      client.write(`${dev.frontend}/ring-ref`, String(ring.ringRef), tx),
+      client.write(`${dev.frontend}/event-channel`, String(ring.eventChannel), tx),
+      client.write(`${dev.frontend}/feature-protocol-v2`, '1', tx),
+      ...Object.entries(ring.extra ?? {}).map(([k, v]) => client.write(`${dev.frontend}/${k}`, v, tx)),
+      switchState(client, dev.frontend, XenbusState.Initialised, tx),
+    ]),
+  );
   const feature = opts.requireBackendFeature ?? 'feature-protocol-v2';
   // The backend published its features before InitWait: read them while waiting for its state.
   const [s, early] = await Promise.all([
