@@ -8,7 +8,7 @@ import {
   backendConnected,
   backendInitWait,
   deviceFatal,
-  readFrontendRing,
+  parseFrontendRing,
   readState,
   switchState,
   type VtpmDevice,
@@ -37,6 +37,18 @@ export interface DeviceOptions {
 }
 
 type Channel = V2Channel | RingChannel;
+
+/** Everything an attach reads from xenstore, read in one batch. */
+interface AttachKeys {
+  own: XenbusState;
+  ringRef: string | undefined;
+  eventChannel: string | undefined;
+  protocolV2: string | undefined;
+  ring: string | undefined;
+  uuid: string | undefined;
+  version: string | undefined;
+  resume: string | undefined;
+}
 
 /**
  * How long a suspending guest's in-flight command may still run before it is cancelled through libtpms
@@ -120,42 +132,64 @@ export class BackendDevice {
 
   async #frontendChanged(): Promise<void> {
     if (this.#gone) return;
+    // While we wait for a ring, what an attach needs is read in the same batch as the state (one
+    // round trip less on the resume path; the keys read right after a state that says Initialised
+    // are that state's, as the frontend changes them together in a transaction).
+    const statePromise = readState(this.#o.xs, this.dev.frontend);
+    const keys = !this.#channel && !this.#fatal ? this.#attachKeys() : null;
+    keys?.catch(() => {});
     let s: XenbusState;
     try {
-      s = await readState(this.#o.xs, this.dev.frontend);
+      s = await statePromise;
     } catch {
       return; // connection gone: the watch ends by itself
     }
     if (s === this.#lastFrontend) return;
     this.#lastFrontend = s;
-    await this.#onFrontend(s);
+    await this.#onFrontend(s, keys);
   }
 
-  async #onFrontend(s: XenbusState): Promise<void> {
+  #attachKeys(): Promise<AttachKeys> {
+    const xs = this.#o.xs;
+    const { frontend, backend } = this.dev;
+    return Promise.all([
+      readState(xs, backend),
+      xs.tryRead(`${frontend}/ring-ref`),
+      xs.tryRead(`${frontend}/event-channel`),
+      xs.tryRead(`${frontend}/feature-protocol-v2`),
+      xs.tryRead(`${frontend}/${XS_FEATURE_RING}`),
+      xs.tryRead(`${backend}/uuid`),
+      xs.tryRead(`${backend}/tpm-version`),
+      xs.tryRead(`${backend}/resume`),
+    ]).then(([own, ringRef, eventChannel, protocolV2, ring, uuid, version, resume]) => ({ own, ringRef, eventChannel, protocolV2, ring, uuid, version, resume }));
+  }
+
+  async #onFrontend(s: XenbusState, pre: Promise<AttachKeys> | null = null): Promise<void> {
     if (this.#gone) return;
-    // Our own state is read only where it decides something, and together with the other work there:
-    // every round trip to xenstored here is on the suspend/resume path.
-    const own = (): Promise<XenbusState> => readState(this.#o.xs, this.dev.backend);
     switch (s) {
       case XenbusState.Initialised:
-      case XenbusState.Connected:
-        if (this.#stale !== null && (await this.#published()) === this.#stale) break;
+      case XenbusState.Connected: {
+        if (this.#channel || this.#fatal) break;
+        const keys = await (pre ?? this.#attachKeys());
+        // A ring published for a backend that died is not ours to map: wait for a new one.
+        if (this.#stale !== null && `${keys.ringRef ?? ''}/${keys.eventChannel ?? ''}` === this.#stale) break;
         this.#stale = null;
-        if (!this.#channel && !this.#fatal) await this.#attach(s, own());
+        await this.#attach(s, keys);
         break;
+      }
       case XenbusState.Initialising:
         // A frontend back at Initialising while we still serve its ring is resuming with a new one. It
         // may have passed through Closed too quickly for us to read it (a suspend): close the old
         // connection exactly as for Closed.
         if (this.#channel) await this.#closed();
         break;
-      case XenbusState.Closing: {
+      case XenbusState.Closing:
         // Suspend (or close): answer what is in flight before acknowledging, then make the vTPM's
-        // volatile state durable, so a resumed guest finds both the answer and the state.
-        const [state] = await Promise.all([own(), this.#quiesce()]);
-        if (state !== XenbusState.Closing && state !== XenbusState.Closed) await switchState(this.#o.xs, this.dev.backend, XenbusState.Closing);
+        // volatile state durable, so a resumed guest finds both the answer and the state. (Closing
+        // again when the toolstack already wrote it is harmless; Closed only follows a finish.)
+        await this.#quiesce();
+        await switchState(this.#o.xs, this.dev.backend, XenbusState.Closing);
         break;
-      }
       case XenbusState.Closed:
         await this.#closed();
         break;
@@ -266,24 +300,17 @@ export class BackendDevice {
     } else await switchState(this.#o.xs, this.dev.backend, XenbusState.Closing);
   }
 
-  /** Connect to the ring the frontend (seen in `feState`) published, if we are waiting for one (`own` is InitWait). */
-  async #attach(feState: XenbusState, own: Promise<XenbusState>): Promise<void> {
+  /** Connect to the ring the frontend (seen in `feState`) published, if we are waiting for one (InitWait). */
+  async #attach(feState: XenbusState, keys: AttachKeys): Promise<void> {
     const xs = this.#o.xs;
-    // Everything the attach reads goes out at once (replies come back in order).
-    const [state, fe, ringKey, vm, versionKey, resumeKey] = await Promise.all([
-      own,
-      readFrontendRing(xs, this.dev, feState),
-      xs.tryRead(`${this.dev.frontend}/${XS_FEATURE_RING}`),
-      xs.tryRead(`${this.dev.backend}/uuid`),
-      xs.tryRead(`${this.dev.backend}/tpm-version`),
-      xs.tryRead(`${this.dev.backend}/resume`),
-    ]);
-    if (state !== XenbusState.InitWait) return;
-    const wantsRing = ringKey === '1';
+    if (keys.own !== XenbusState.InitWait) return;
+    const fe = parseFrontendRing(this.dev, feState, keys.ringRef, keys.eventChannel, keys.protocolV2);
+    const vm = keys.uuid;
+    const wantsRing = keys.ring === '1';
     if (!wantsRing && !fe.protocolV2) return this.#fail(22, 'frontend did not publish feature-protocol-v2');
     if (!vm) return this.#fail(22, 'backend directory has no uuid (the VM the vTPM belongs to)');
-    const version = versionKey === '1.2' ? '1.2' : '2.0';
-    const resume = this.#recovered || resumeKey === 'True';
+    const version = keys.version === '1.2' ? '1.2' : '2.0';
+    const resume = this.#recovered || keys.resume === 'True';
     if (this.#parked) {
       this.#unpark();
       // A parked vTPM is the suspended guest's, checkpointed: a resume carries on with it as it is. A

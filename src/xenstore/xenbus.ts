@@ -341,6 +341,17 @@ export async function readFrontendRing(client: XsClient, dev: VtpmDevice, state:
     client.tryRead(`${dev.frontend}/event-channel`),
     client.tryRead(`${dev.frontend}/feature-protocol-v2`),
   ]);
+  return parseFrontendRing(dev, state, ring, port, v2);
+}
+
+/** Check the ring-ref, event-channel and feature-protocol-v2 values a frontend published (XENBUS_PROTOCOL if bad). */
+export function parseFrontendRing(
+  dev: VtpmDevice,
+  state: XenbusState,
+  ring: string | undefined,
+  port: string | undefined,
+  v2: string | undefined,
+): FrontendInfo {
   const u32 = (s: string | undefined): number | undefined =>
     s !== undefined && /^[0-9]{1,10}$/.test(s) && Number(s) <= 0xffffffff ? Number(s) : undefined;
   const ringRef = u32(ring);
