@@ -230,11 +230,15 @@ export class BackendDevice {
   async #suspended(vtpm: VtpmTarget & { instance: number }): Promise<void> {
     const park = parkMs();
     if (vtpm.checkpoint && park > 0) {
-      // Nothing to store when quiesce's checkpoint covers everything that ran. One that fails (the
-      // manager gone for longer than the retry) leaves the vTPM loaded: memory is then the only copy.
-      await vtpm.checkpoint().catch((e: unknown) => this.#o.log(`dom${this.dev.frontDomid}: checkpoint at suspend: ${(e as Error).message}`));
+      // Nothing to store when quiesce's checkpoint covers everything that ran (always, on the ring).
+      // One that fails (the manager down) leaves the vTPM loaded with what it had: still parked, and
+      // the next checkpoint, or the release, stores it.
+      const saved = await vtpm.checkpoint().then(
+        () => true,
+        (e: unknown) => (this.#o.log(`dom${this.dev.frontDomid}: checkpoint at suspend: ${(e as Error).message}`), false),
+      );
       this.#park(park);
-      this.#o.log(`dom${this.dev.frontDomid}: suspended, vTPM instance ${vtpm.instance} saved (kept loaded for the resume)`);
+      this.#o.log(`dom${this.dev.frontDomid}: suspended, vTPM instance ${vtpm.instance} ${saved ? 'saved' : 'NOT saved'} (kept loaded for the resume)`);
       return;
     }
     this.#vtpm = null;

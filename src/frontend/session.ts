@@ -154,7 +154,7 @@ export class GuestSession {
     const f = await this.#front;
     // Like the 3.x tpmfront, wait for the backend's answer rather than Linux's 5 s close timeout: the
     // backend bounds the in-flight command itself (cancel after its bound).
-    await f.close({ timeoutMs: opts.timeoutMs ?? 120_000 });
+    await f.close({ timeoutMs: opts.timeoutMs ?? 120_000, suspend: true });
     // Responses taken from the ring at close settle their callers on the next turns of the loop.
     await new Promise((r) => setImmediate(r));
     await new Promise((r) => setImmediate(r));

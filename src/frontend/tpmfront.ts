@@ -154,22 +154,23 @@ export class TpmFront {
 
   /**
    * The close sequence: Closing, wait for the backend (up to timeoutMs, default 5 s as Linux; a suspend
-   * waits for the backend to answer what is in flight), Closed; then release the ring.
+   * waits for the backend to answer what is in flight), Closed; then release the ring. `suspend`: the
+   * guest closes a device it is using (not one the toolstack may be removing), so our state node is
+   * still the Connected we wrote unless the backend said otherwise meanwhile: no need to read it.
    */
-  close(opts: { timeoutMs?: number } = {}): Promise<void> {
+  close(opts: { timeoutMs?: number; suspend?: boolean } = {}): Promise<void> {
     // Every caller (the backend-state watch, a suspend) waits for the same close sequence to finish.
-    this.#closing ??= this.#close(opts.timeoutMs ?? 5000);
+    this.#closing ??= this.#close(opts.timeoutMs ?? 5000, opts.suspend ?? false);
     return this.#closing;
   }
 
-  async #close(timeoutMs: number): Promise<void> {
+  async #close(timeoutMs: number, suspend: boolean): Promise<void> {
     this.#closed = true;
     // No need to wait for the UNWATCH's reply: requests on the connection stay in order.
     void this.#backendWatch?.then((w) => w.close()).catch(() => {});
     try {
-      // Only this object writes our state node once connected, so when we start the close (suspend)
-      // it is still Connected; when the backend started it, read it first.
-      const s = this.#connected ? XenbusState.Connected : await readState(this.#xs, this.dev.frontend);
+      // Only this object writes our state node once connected.
+      const s = suspend && this.#connected ? XenbusState.Connected : await readState(this.#xs, this.dev.frontend);
       this.#connected = false;
       if (s !== XenbusState.Closed && s !== XenbusState.Unknown) {
         await frontendClose(this.#xs, this.dev, { timeoutMs, closing: s === XenbusState.Closing });
