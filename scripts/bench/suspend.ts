@@ -113,7 +113,14 @@ export async function run_(ctx: BenchContext): Promise<Figure[]> {
   await run(process.execPath, [cli, 'host', 'up', '--run', runDir, '--state', join(base, 'state')], { env });
   const ours: number[] = [];
   const peer: number[] = [];
+  /** Per loaded cycle: how long it waited for the GetRandom in flight at its start (its checkpoint at the manager). */
+  const saveWait: number[] = [];
+  const oursIdle: number[] = [];
+  const peerIdle: number[] = [];
   let loadOurs = 0;
+  let onceRate1 = 0;
+  let onceRate16 = 0;
+  let peerRate = 0;
   let loadPeer = 0;
   try {
     // ---- ours -------------------------------------------------------------------------------
@@ -127,31 +134,73 @@ export async function run_(ctx: BenchContext): Promise<Figure[]> {
     ctx.log("host up; connecting the guest");
     let s = await GuestSession.open({ xs, dom });
     await s.submit(tpm2.startup());
+    // The ring's per-command cost with exactly-once: each answer waits for a checkpoint at the manager;
+    // requests outstanding together share one (group commit).
+    const digest = new Uint8Array(32).fill(7);
+    const extendRate = async (depth: number): Promise<number> => {
+      let n = 0;
+      const t0 = performance.now();
+      const until = t0 + 1500;
+      await Promise.all(
+        Array.from({ length: depth }, async () => {
+          while (performance.now() < until) {
+            await s.submit(tpm2.pcrExtendSha256(16, digest));
+            n++;
+          }
+        }),
+      );
+      return n / ((performance.now() - t0) / 1000);
+    };
+    onceRate1 = await extendRate(1);
+    onceRate16 = await extendRate(16);
+    ctx.log(`exactly-once PCR_Extend/s: ${onceRate1.toFixed(0)} one at a time, ${onceRate16.toFixed(0)} with 16 outstanding`);
     let stop = false;
+    let answeredAt = 0;
+    // While suspended the load waits for the resumed session instead of spinning on refusals.
+    let resumed: Promise<void> = Promise.resolve();
+    let markResumed = (): void => {};
     const load = (async () => {
       while (!stop) {
         try {
           await s.submit(tpm2.getRandom(16));
+          answeredAt = performance.now();
           loadOurs++;
         } catch {
-          await new Promise((r) => setTimeout(r, 0));
+          await resumed;
         }
       }
     })();
-    for (let i = 0; i < cycles + 3; i++) {
-      await new Promise((r) => setTimeout(r, 20)); // let the load run between cycles
+    /** One cycle: as `xl save` (control/shutdown = suspend, the guest closes), then as a restore. */
+    const cycle = async (): Promise<{ ms: number; t0: number }> => {
+      resumed = new Promise((r) => (markResumed = r));
       const t0 = performance.now();
       await dom0.write(`/local/domain/${domid}/control/shutdown`, 'suspend');
       const left = await s.suspend();
-      await dom0.write(`/local/domain/0/backend/vtpm/${domid}/0/resume`, 'True');
-      await dom0.write(`/local/domain/${domid}/control/shutdown`, '');
+      // The toolstack's two writes for the restore go out together.
+      await Promise.all([dom0.write(`/local/domain/0/backend/vtpm/${domid}/0/resume`, 'True'), dom0.write(`/local/domain/${domid}/control/shutdown`, '')]);
       s = await GuestSession.open({ xs, dom, firstId: s.nextId, reconnect: true });
       for (const r of left) void s.resubmit(r);
       const ms = performance.now() - t0;
-      if (i >= 3) ours.push(ms); // first cycles warm caches
+      markResumed();
+      return { ms, t0 };
+    };
+    for (let i = 0; i < cycles + 3; i++) {
+      await new Promise((r) => setTimeout(r, 20)); // let the load run between cycles
+      const { ms, t0 } = await cycle();
+      if (i < 3) continue; // first cycles warm caches
+      ours.push(ms);
+      // The load always has one GetRandom in flight: the backend answers it (after its checkpoint is
+      // durable at the manager) before it acknowledges the suspend.
+      saveWait.push(answeredAt > t0 && answeredAt < t0 + ms ? answeredAt - t0 : 0);
     }
     stop = true;
     await load;
+    // Idle: nothing in flight, so no manager save on the path at all.
+    for (let i = 0; i < cycles + 3; i++) {
+      await new Promise((r) => setTimeout(r, 5));
+      const { ms } = await cycle();
+      if (i >= 3) oursIdle.push(ms);
+    }
     await s.close();
     await xs.close();
     await dom.destroy();
@@ -164,6 +213,16 @@ export async function run_(ctx: BenchContext): Promise<Figure[]> {
     const sw = await SwtpmProcess.start({ dir });
     let data = await sw.connect();
     await data.transact(tpm2.getRandom(8));
+    {
+      const digest = new Uint8Array(32).fill(7);
+      let n = 0;
+      const t0 = performance.now();
+      while (performance.now() < t0 + 1500) {
+        await data.transact(tpm2.pcrExtendSha256(16, digest));
+        n++;
+      }
+      peerRate = n / ((performance.now() - t0) / 1000);
+    }
     const ctrl = await Ctrl.open(sw.ctrlPath);
     let stopPeer = false;
     let paused: Promise<void> | null = null;
@@ -201,6 +260,17 @@ export async function run_(ctx: BenchContext): Promise<Figure[]> {
     }
     stopPeer = true;
     await loadP;
+    for (let i = 0; i < cycles + 3; i++) {
+      await new Promise((r) => setTimeout(r, 5));
+      const t0 = performance.now();
+      const perm = await ctrl.getBlob(1);
+      const vol = await ctrl.getBlob(2);
+      if ((await ctrl.simple(0x0e)) !== 0) throw new Error('CMD_STOP failed');
+      await ctrl.setBlob(1, perm);
+      await ctrl.setBlob(2, vol);
+      if ((await ctrl.simple(0x02, Buffer.alloc(4))) !== 0) throw new Error('CMD_INIT failed');
+      if (i >= 3) peerIdle.push(performance.now() - t0);
+    }
     ctrl.close();
     await sw.stop();
   } finally {
@@ -209,9 +279,22 @@ export async function run_(ctx: BenchContext): Promise<Figure[]> {
   }
   ctx.log(`ours: ${ours.length} cycles, ${loadOurs} GetRandom answered meanwhile; swtpm: ${peer.length} cycles, ${loadPeer} GetRandom`);
   const note = `${cycles} cycles under a GetRandom loop; swtpm 0.7.1 GET×2+STOP+SET×2+INIT on its ctrl socket`;
+  const minusSave = ours.map((ms, i) => ms - saveWait[i]!);
+  ctx.log(`ours under load: save wait p50 ${percentile(saveWait, 50).toFixed(2)} ms, the rest p50 ${percentile(minusSave, 50).toFixed(2)} ms`);
   return [
     { id: 'cycle_p50', unit: 'ms', ours: percentile(ours, 50), peer: percentile(peer, 50), note },
     { id: 'cycle_p99', unit: 'ms', ours: percentile(ours, 99), peer: percentile(peer, 99), note },
+    {
+      id: 'cycle_save_wait_p50',
+      unit: 'ms',
+      ours: percentile(saveWait, 50),
+      peer: percentile(peer, 50),
+      note: 'part of each loaded cycle spent waiting for the in-flight command, i.e. its checkpoint at the manager; peer: swtpm cycle',
+    },
+    { id: 'cycle_minus_save_p50', unit: 'ms', ours: percentile(minusSave, 50), peer: percentile(peer, 50), note: 'loaded cycle minus that wait; peer: swtpm cycle' },
+    { id: 'once_extend_per_s_1', unit: 'cmd/s', ours: onceRate1, peer: peerRate, note: 'one guest, ring, one PCR_Extend at a time (a checkpoint each); swtpm socket back to back' },
+    { id: 'once_extend_per_s_16', unit: 'cmd/s', ours: onceRate16, peer: peerRate, note: 'one guest, ring, 16 outstanding (group commit); swtpm socket back to back' },
+    { id: 'cycle_idle_p50', unit: 'ms', ours: percentile(oursIdle, 50), peer: percentile(peerIdle, 50), note: `${cycles} cycles, nothing in flight (no manager save on the path); swtpm idle too` },
   ];
 }
 

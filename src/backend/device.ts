@@ -5,13 +5,12 @@ import type { Domain } from '../xen/index.js';
 import type { XsClient, XsWatch } from '../xenstore/client.js';
 import {
   XenbusState,
-  backendAwaitFrontend,
   backendConnected,
   backendInitWait,
   deviceFatal,
+  parseFrontendRing,
   readState,
   switchState,
-  watchState,
   type VtpmDevice,
 } from '../xenstore/xenbus.js';
 import { XS_FEATURE_RING, XS_FEATURE_V2 } from '../xen/tpmif.js';
@@ -39,6 +38,18 @@ export interface DeviceOptions {
 
 type Channel = V2Channel | RingChannel;
 
+/** Everything an attach reads from xenstore, read in one batch. */
+interface AttachKeys {
+  own: XenbusState;
+  ringRef: string | undefined;
+  eventChannel: string | undefined;
+  protocolV2: string | undefined;
+  ring: string | undefined;
+  uuid: string | undefined;
+  version: string | undefined;
+  resume: string | undefined;
+}
+
 /**
  * How long a suspending guest's in-flight command may still run before it is cancelled through libtpms
  * (Xen's tpmback used 30 s); VTPM_SUSPEND_BOUND_MS lowers it (tests).
@@ -46,6 +57,17 @@ type Channel = V2Channel | RingChannel;
 export function suspendBoundMs(): number {
   const v = Number(process.env.VTPM_SUSPEND_BOUND_MS);
   return Number.isFinite(v) && v > 0 ? v : 30_000;
+}
+
+/**
+ * How long a suspended guest's vTPM stays loaded in the backend waiting for its resume (its state is
+ * durable at the manager all along); after that it is released and a resume reloads it from the
+ * manager. VTPM_PARK_MS changes it (0: release at suspend).
+ */
+export function parkMs(): number {
+  const raw = process.env.VTPM_PARK_MS;
+  const v = Number(raw);
+  return raw !== undefined && raw !== '' && Number.isFinite(v) && v >= 0 ? v : 60_000;
 }
 
 export class BackendDevice {
@@ -62,6 +84,12 @@ export class BackendDevice {
   #stale: string | null = null;
   /** This backend took over a device a previous backend process had connected: keep volatile state. */
   #recovered = false;
+  /** The frontend state the last step acted on (steps act on changes only). */
+  #lastFrontend: XenbusState | undefined;
+  /** The toolstack set online = 0 (detach): a frontend that closes finishes the device. */
+  #offline = false;
+  /** The guest suspended and its vTPM, checkpointed at the manager, stays loaded for the resume. */
+  #parked: NodeJS.Timeout | null = null;
 
   constructor(o: DeviceOptions) {
     this.#o = o;
@@ -87,7 +115,11 @@ export class BackendDevice {
       this.#o.log(`dom${this.dev.frontDomid}: recovering a connected device; waiting for the frontend to reconnect`);
     }
     await backendInitWait(this.#o.xs, this.dev, { [XS_FEATURE_V2]: '1', [XS_FEATURE_RING]: '1' });
-    this.#watch = await watchState(this.#o.xs, this.dev.frontend, (s) => this.#enqueue(() => this.#onFrontend(s)));
+    // The frontend's state is read when its step's turn comes, not when the event arrives (as Linux's
+    // otherend_changed reads it): a step must never act on a state older than what an earlier step
+    // already saw. A reconnecting frontend's Initialising read early but handled after we attached to
+    // the ring it published next would tear that ring down again.
+    this.#watch = await this.#o.xs.watch(`${this.dev.frontend}/state`, () => this.#enqueue(() => this.#frontendChanged()));
     // The toolstack detaches a device by writing online=0 and state=Closing into our directory.
     this.#ownWatch = await this.#o.xs.watch(`${this.dev.backend}/online`, () => this.#enqueue(() => this.#onOnline()));
   }
@@ -98,44 +130,68 @@ export class BackendDevice {
     });
   }
 
-  async #onFrontend(s: XenbusState): Promise<void> {
+  async #frontendChanged(): Promise<void> {
     if (this.#gone) return;
-    const own = await readState(this.#o.xs, this.dev.backend);
+    // While we wait for a ring, what an attach needs is read in the same batch as the state (one
+    // round trip less on the resume path; the keys read right after a state that says Initialised
+    // are that state's, as the frontend changes them together in a transaction).
+    const statePromise = readState(this.#o.xs, this.dev.frontend);
+    const keys = !this.#channel && !this.#fatal ? this.#attachKeys() : null;
+    keys?.catch(() => {});
+    let s: XenbusState;
+    try {
+      s = await statePromise;
+    } catch {
+      return; // connection gone: the watch ends by itself
+    }
+    if (s === this.#lastFrontend) return;
+    this.#lastFrontend = s;
+    await this.#onFrontend(s, keys);
+  }
+
+  #attachKeys(): Promise<AttachKeys> {
+    const xs = this.#o.xs;
+    const { frontend, backend } = this.dev;
+    return Promise.all([
+      readState(xs, backend),
+      xs.tryRead(`${frontend}/ring-ref`),
+      xs.tryRead(`${frontend}/event-channel`),
+      xs.tryRead(`${frontend}/feature-protocol-v2`),
+      xs.tryRead(`${frontend}/${XS_FEATURE_RING}`),
+      xs.tryRead(`${backend}/uuid`),
+      xs.tryRead(`${backend}/tpm-version`),
+      xs.tryRead(`${backend}/resume`),
+    ]).then(([own, ringRef, eventChannel, protocolV2, ring, uuid, version, resume]) => ({ own, ringRef, eventChannel, protocolV2, ring, uuid, version, resume }));
+  }
+
+  async #onFrontend(s: XenbusState, pre: Promise<AttachKeys> | null = null): Promise<void> {
+    if (this.#gone) return;
     switch (s) {
       case XenbusState.Initialised:
-      case XenbusState.Connected:
-        if (this.#stale !== null && (await this.#published()) === this.#stale) break;
+      case XenbusState.Connected: {
+        if (this.#channel || this.#fatal) break;
+        const keys = await (pre ?? this.#attachKeys());
+        // A ring published for a backend that died is not ours to map: wait for a new one.
+        if (this.#stale !== null && `${keys.ringRef ?? ''}/${keys.eventChannel ?? ''}` === this.#stale) break;
         this.#stale = null;
-        if (!this.#channel && !this.#fatal && own === XenbusState.InitWait) await this.#attach();
+        await this.#attach(s, keys);
         break;
+      }
       case XenbusState.Initialising:
-        // A frontend back at Initialising after being connected is resuming with a new ring.
-        if (this.#channel) {
-          await this.#detach();
-          await switchState(this.#o.xs, this.dev.backend, XenbusState.InitWait);
-        }
+        // A frontend back at Initialising while we still serve its ring is resuming with a new one. It
+        // may have passed through Closed too quickly for us to read it (a suspend): close the old
+        // connection exactly as for Closed.
+        if (this.#channel) await this.#closed();
         break;
       case XenbusState.Closing:
-        if (own !== XenbusState.Closing && own !== XenbusState.Closed) {
-          // Suspend (or close): answer what is in flight before acknowledging, then save the vTPM's
-          // volatile state, so a resumed guest finds both the answer and the state.
-          await this.#quiesce();
-          await switchState(this.#o.xs, this.dev.backend, XenbusState.Closing);
-        }
+        // Suspend (or close): answer what is in flight before acknowledging, then make the vTPM's
+        // volatile state durable, so a resumed guest finds both the answer and the state. (Closing
+        // again when the toolstack already wrote it is harmless; Closed only follows a finish.)
+        await this.#quiesce();
+        await switchState(this.#o.xs, this.dev.backend, XenbusState.Closing);
         break;
       case XenbusState.Closed:
-        await this.#detach();
-        if (this.#vtpm && (await this.#o.xs.tryRead(`/local/domain/${this.dev.frontDomid}/control/shutdown`)) === 'suspend') {
-          // The guest is suspending: its vTPM goes back to the manager; resume re-opens it from there.
-          const inst = this.#vtpm.instance;
-          this.#vtpm = null;
-          await this.#o.vtpms.release(inst);
-          this.#o.log(`dom${this.dev.frontDomid}: suspended, vTPM instance ${inst} saved`);
-        }
-        await this.#o.xs.rm(`${this.dev.backend}/ready`).catch(() => {});
-        this.#fatal = false;
-        if ((await this.#o.xs.tryRead(`${this.dev.backend}/online`)) === '0') await this.#finish(XenbusState.Closed);
-        else await switchState(this.#o.xs, this.dev.backend, XenbusState.InitWait);
+        await this.#closed();
         break;
       case XenbusState.Unknown:
         // The frontend directory is gone: the domain was destroyed.
@@ -145,6 +201,70 @@ export class BackendDevice {
       default:
         break;
     }
+  }
+
+  /** The frontend closed its end: drop the ring; keep or release the vTPM; wait for a new connection. */
+  async #closed(): Promise<void> {
+    await this.#detach();
+    // One batch: a resuming frontend waits for our InitWait, and what control/shutdown says decides
+    // only what becomes of the vTPM (its state is durable already: every answered request was
+    // checkpointed), which this device's queue settles before it looks at the frontend again.
+    const offline = this.#offline;
+    const [shutdown] = await Promise.all([
+      this.#o.xs.tryRead(`/local/domain/${this.dev.frontDomid}/control/shutdown`),
+      this.#o.xs.rm(`${this.dev.backend}/ready`).catch(() => {}),
+      offline ? undefined : switchState(this.#o.xs, this.dev.backend, XenbusState.InitWait),
+    ]);
+    this.#fatal = false;
+    if (this.#vtpm && shutdown === 'suspend') await this.#suspended(this.#vtpm);
+    if (offline) await this.#finish(XenbusState.Closed);
+  }
+
+  /**
+   * The guest suspended. Its vTPM's volatile state (with the exactly-once table) must be durable at the
+   * manager before we acknowledge: a backend that dies while the guest is suspended resumes it from
+   * there. A vTPM that can checkpoint stays loaded, matching that checkpoint, so a resume on this
+   * backend skips the reload (library, TPMLIB_MainInit, manager OPEN); the others go back to the
+   * manager at once.
+   */
+  async #suspended(vtpm: VtpmTarget & { instance: number }): Promise<void> {
+    const park = parkMs();
+    if (vtpm.checkpoint && park > 0) {
+      // Nothing to store when quiesce's checkpoint covers everything that ran (always, on the ring).
+      // One that fails (the manager down) leaves the vTPM loaded with what it had: still parked, and
+      // the next checkpoint, or the release, stores it.
+      const saved = await vtpm.checkpoint().then(
+        () => true,
+        (e: unknown) => (this.#o.log(`dom${this.dev.frontDomid}: checkpoint at suspend: ${(e as Error).message}`), false),
+      );
+      this.#park(park);
+      this.#o.log(`dom${this.dev.frontDomid}: suspended, vTPM instance ${vtpm.instance} ${saved ? 'saved' : 'NOT saved'} (kept loaded for the resume)`);
+      return;
+    }
+    this.#vtpm = null;
+    await this.#o.vtpms.release(vtpm.instance);
+    this.#o.log(`dom${this.dev.frontDomid}: suspended, vTPM instance ${vtpm.instance} saved`);
+  }
+
+  #park(ms: number): void {
+    this.#unpark();
+    this.#parked = setTimeout(() => this.#enqueue(() => this.#releaseParked()), ms);
+    this.#parked.unref();
+  }
+
+  #unpark(): void {
+    if (this.#parked) clearTimeout(this.#parked);
+    this.#parked = null;
+  }
+
+  /** No resume came in time: give the parked vTPM back to the manager. */
+  async #releaseParked(): Promise<void> {
+    if (!this.#parked || this.#channel || !this.#vtpm) return;
+    this.#parked = null;
+    const inst = this.#vtpm.instance;
+    this.#vtpm = null;
+    await this.#o.vtpms.release(inst);
+    this.#o.log(`dom${this.dev.frontDomid}: no resume within ${parkMs()} ms; vTPM instance ${inst} released`);
   }
 
   async #published(): Promise<string> {
@@ -173,7 +293,8 @@ export class BackendDevice {
 
   async #onOnline(): Promise<void> {
     if (this.#gone) return;
-    if ((await this.#o.xs.tryRead(`${this.dev.backend}/online`)) !== '0') return;
+    this.#offline = (await this.#o.xs.tryRead(`${this.dev.backend}/online`)) === '0';
+    if (!this.#offline) return;
     // Detach requested: finish what is in flight, then let the frontend close.
     await this.#channel?.drain();
     const fe = await readState(this.#o.xs, this.dev.frontend);
@@ -183,15 +304,27 @@ export class BackendDevice {
     } else await switchState(this.#o.xs, this.dev.backend, XenbusState.Closing);
   }
 
-  async #attach(): Promise<void> {
+  /** Connect to the ring the frontend (seen in `feState`) published, if we are waiting for one (InitWait). */
+  async #attach(feState: XenbusState, keys: AttachKeys): Promise<void> {
     const xs = this.#o.xs;
-    const fe = await backendAwaitFrontend(xs, this.dev, { timeoutMs: 10_000 });
-    const wantsRing = (await xs.tryRead(`${this.dev.frontend}/${XS_FEATURE_RING}`)) === '1';
+    if (keys.own !== XenbusState.InitWait) return;
+    const fe = parseFrontendRing(this.dev, feState, keys.ringRef, keys.eventChannel, keys.protocolV2);
+    const vm = keys.uuid;
+    const wantsRing = keys.ring === '1';
     if (!wantsRing && !fe.protocolV2) return this.#fail(22, 'frontend did not publish feature-protocol-v2');
-    const vm = await xs.tryRead(`${this.dev.backend}/uuid`);
     if (!vm) return this.#fail(22, 'backend directory has no uuid (the VM the vTPM belongs to)');
-    const version = (await xs.tryRead(`${this.dev.backend}/tpm-version`)) === '1.2' ? '1.2' : '2.0';
-    const resume = this.#recovered || (await xs.tryRead(`${this.dev.backend}/resume`)) === 'True';
+    const version = keys.version === '1.2' ? '1.2' : '2.0';
+    const resume = this.#recovered || keys.resume === 'True';
+    if (this.#parked) {
+      this.#unpark();
+      // A parked vTPM is the suspended guest's, checkpointed: a resume carries on with it as it is. A
+      // frontend connecting without resume boots the vTPM afresh, which only the manager path does.
+      if (!resume && this.#vtpm) {
+        const inst = this.#vtpm.instance;
+        this.#vtpm = null;
+        await this.#o.vtpms.release(inst);
+      }
+    }
     try {
       this.#vtpm ??= await this.#o.vtpms.open(vm, version, resume);
     } catch (err) {
@@ -234,6 +367,7 @@ export class BackendDevice {
   async #finish(state: XenbusState): Promise<void> {
     if (this.#gone) return;
     this.#gone = true;
+    this.#unpark();
     await this.#watch?.close().catch(() => {});
     await this.#ownWatch?.close().catch(() => {});
     if (this.#vtpm) await this.#o.vtpms.release(this.#vtpm.instance).catch((e: unknown) => this.#o.log(`release: ${(e as Error).message}`));
@@ -245,6 +379,7 @@ export class BackendDevice {
   /** Backend shutdown: answer what is in flight, then release the channel and the vTPM. */
   async stop(): Promise<void> {
     this.#gone = true;
+    this.#unpark();
     await this.#chain;
     await this.#watch?.close().catch(() => {});
     await this.#ownWatch?.close().catch(() => {});

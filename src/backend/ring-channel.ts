@@ -2,7 +2,8 @@
 // requests whose command and response bytes live in granted data pages. Requests run in order, one at
 // a time on the guest's vTPM; a queued request can be cancelled before it runs, a running one through
 // the TPM. A request that is merely wrong gets an EINVAL response; a ring that lies about its indices
-// cuts the frontend off.
+// cuts the frontend off. With an exactly-once target, the requests outstanding together run as one
+// group under a single checkpoint (group commit), and none of their answers is published before it.
 import { BackRing, GrantError, RingError, SharedRing, type Domain, type GrantMapping } from '../xen/index.js';
 import {
   RING_MAX_SEGMENTS,
@@ -21,6 +22,7 @@ import {
 } from '../xen/tpmif.js';
 import { canceledResponse, failureResponse, responseCode } from '../tpm/error-response.js';
 import type { ChannelOptions } from './v2-channel.js';
+import type { OnceRequest } from './target.js';
 
 const PAGE = 4096;
 const MAX_LOCALITY = 4;
@@ -42,7 +44,8 @@ export class RingChannel {
   readonly #opts: ChannelOptions;
   readonly #data = new Map<number, GrantMapping>();
   readonly #queue: Job[] = [];
-  #running: Job | null = null;
+  /** The requests taken off the queue and not answered yet (one, or a group under one checkpoint). */
+  #running: Job[] = [];
   #pump: Promise<void> | null = null;
   #closed = false;
   commands = 0;
@@ -143,7 +146,7 @@ export class RingChannel {
       this.#respond(id, RING_STATUS_CANCELED, canceledResponse(command), job!.pages);
       return;
     }
-    if (this.#running?.req.id === id) this.#opts.target.cancel();
+    if (this.#running.some((j) => j.req.id === id)) this.#opts.target.cancel();
   }
 
   #kick(): void {
@@ -156,37 +159,81 @@ export class RingChannel {
   async #drainQueue(): Promise<void> {
     while (!this.#closed && this.#queue.length > 0) {
       const job = this.#queue.shift()!;
-      this.#running = job;
-      // Copy the command out of guest memory once; the guest may rewrite its pages meanwhile.
-      const command = gather(job.pages, job.req.length);
-      let status = RING_STATUS_OK;
-      let response: Uint8Array;
-      const statusOf = (r: Uint8Array): number =>
-        r.length === 10 && responseCode(r) === responseCode(canceledResponse(command)) ? RING_STATUS_CANCELED : RING_STATUS_OK;
-      try {
-        const t = this.#opts.target;
-        response = t.executeOnce
-          ? await t.executeOnce(job.req.id, command, { locality: job.req.locality }, statusOf)
-          : await t.execute(command, { locality: job.req.locality });
-        status = statusOf(response);
-      } catch (err) {
-        this.#opts.log?.(`dom${this.frontDomid}: vTPM failed: ${(err as Error).message}`);
-        response = failureResponse(command);
-        status = RING_STATUS_EIO;
-      }
-      this.#running = null;
-      this.commands++;
-      if (this.#closed) return;
-      if (response.length > job.pages.length * PAGE) {
-        this.#opts.log?.(`dom${this.frontDomid}: response of ${response.length} bytes exceeds the request's ${job.pages.length} pages`);
-        response = failureResponse(command);
-        status = RING_STATUS_EIO;
-      }
-      this.#respond(job.req.id, status, response, job.pages);
+      if (this.#opts.target.executeGroup) await this.#runGroup(job);
+      else await this.#runOne(job);
     }
   }
 
-  #respond(id: bigint, status: number, response: Uint8Array | null, pages: Uint8Array[]): void {
+  /** A target without exactly-once (multi-VM domains): one request, one execution. */
+  async #runOne(job: Job): Promise<void> {
+    this.#running = [job];
+    // Copy the command out of guest memory once; the guest may rewrite its pages meanwhile.
+    const command = gather(job.pages, job.req.length);
+    let response: Uint8Array;
+    let status: number;
+    try {
+      response = await this.#opts.target.execute(command, { locality: job.req.locality });
+      status = statusOf(command, response);
+    } catch (err) {
+      this.#opts.log?.(`dom${this.frontDomid}: vTPM failed: ${(err as Error).message}`);
+      response = failureResponse(command);
+      status = RING_STATUS_EIO;
+    }
+    this.#running = [];
+    this.commands++;
+    this.#finish(job, command, status, response);
+  }
+
+  /**
+   * Group commit: the head request and the queued ones the target lets join run in order, then one
+   * checkpoint covers them all; only then are their answers published, in order.
+   */
+  async #runGroup(head: Job): Promise<void> {
+    const group: Array<{ job: Job; command: Uint8Array }> = [{ job: head, command: gather(head.pages, head.req.length) }];
+    this.#running = [head];
+    const asRequest = (g: { job: Job; command: Uint8Array }): OnceRequest => ({ id: g.job.req.id, command: g.command, locality: g.job.req.locality });
+    let responses: Uint8Array[] | null = null;
+    try {
+      responses = await this.#opts.target.executeGroup!(
+        asRequest(group[0]!),
+        (joins) => {
+          const next = this.#queue[0];
+          if (this.#closed || !next) return undefined;
+          const command = gather(next.pages, next.req.length);
+          if (!joins(command)) return undefined;
+          this.#queue.shift();
+          this.#running.push(next);
+          group.push({ job: next, command });
+          return asRequest(group[group.length - 1]!);
+        },
+        (r, response) => statusOf(r.command, response),
+      );
+    } catch (err) {
+      this.#opts.log?.(`dom${this.frontDomid}: vTPM failed: ${(err as Error).message}`);
+    }
+    this.#running = [];
+    this.commands += group.length;
+    // All answers go on the ring before one push (and at most one event).
+    for (let i = 0; i < group.length; i++) {
+      const { job, command } = group[i]!;
+      const response = responses?.[i];
+      const last = i === group.length - 1;
+      if (response) this.#finish(job, command, statusOf(command, response), response, last);
+      else this.#finish(job, command, RING_STATUS_EIO, failureResponse(command), last);
+    }
+  }
+
+  #finish(job: Job, command: Uint8Array, status: number, response: Uint8Array, push = true): void {
+    if (this.#closed) return;
+    if (response.length > job.pages.length * PAGE) {
+      this.#opts.log?.(`dom${this.frontDomid}: response of ${response.length} bytes exceeds the request's ${job.pages.length} pages`);
+      response = failureResponse(command);
+      status = RING_STATUS_EIO;
+    }
+    this.#respond(job.req.id, status, response, job.pages, push);
+  }
+
+  #respond(id: bigint, status: number, response: Uint8Array | null, pages: Uint8Array[], push = true): void {
     if (this.#closed) return;
     if (response) scatter(pages, response);
     const r = this.#ring;
@@ -196,7 +243,7 @@ export class RingChannel {
     v.setUint32(off + RSP_STATUS, status, true);
     v.setUint32(off + RSP_LENGTH, response?.length ?? 0, true);
     r.produceResponse();
-    if (r.pushResponsesAndCheckNotify()) this.#dom.evtchn.send(this.#port);
+    if (push && r.pushResponsesAndCheckNotify()) this.#dom.evtchn.send(this.#port);
   }
 
   #fatal(reason: string): void {
@@ -211,7 +258,7 @@ export class RingChannel {
 
   /** Requests accepted but not yet answered (queued or running). */
   get outstanding(): number {
-    return this.#queue.length + (this.#running ? 1 : 0);
+    return this.#queue.length + this.#running.length;
   }
 
   close(): void {
@@ -223,6 +270,11 @@ export class RingChannel {
     this.#data.clear();
     this.#ringMap.unmap();
   }
+}
+
+/** Ring status of a response: a TPM_RC_CANCELED (or 1.2's) answer is reported as canceled. */
+function statusOf(command: Uint8Array, response: Uint8Array): number {
+  return response.length === 10 && responseCode(response) === responseCode(canceledResponse(command)) ? RING_STATUS_CANCELED : RING_STATUS_OK;
 }
 
 function gather(pages: Uint8Array[], length: number): Uint8Array {

@@ -11,10 +11,24 @@ export interface VtpmTarget {
    */
   completed?(id: bigint): { status: number; response: Uint8Array } | undefined;
   /**
-   * Run request `id` once: resolves only after the response, its status and the vTPM's volatile state
-   * are durable together, so a later resubmission of `id` gets this answer instead of a second run.
+   * Run ring requests once each, several under one checkpoint (group commit): `first`, then whatever
+   * `more` still hands over (it is asked with a predicate saying which commands may join: ones that
+   * cannot hold the earlier answers back). Each is recorded in the exactly-once table; resolves with
+   * their responses, in order, only once their answers, ids and the vTPM's volatile state are durable
+   * together, so a later resubmission of any of these ids gets its answer instead of a second run.
    */
-  executeOnce?(id: bigint, command: Uint8Array, opts: { locality: number }, status: (response: Uint8Array) => number): Promise<Uint8Array>;
-  /** Save the vTPM's volatile state at the manager (suspend). */
+  executeGroup?(
+    first: OnceRequest,
+    more: (joins: (command: Uint8Array) => boolean) => OnceRequest | undefined,
+    status: (request: OnceRequest, response: Uint8Array) => number,
+  ): Promise<Uint8Array[]>;
+  /** Make the vTPM's volatile state durable at the manager (suspend); nothing to do if it already is. */
   checkpoint?(): Promise<void>;
+}
+
+/** A ring request as executeGroup takes it. */
+export interface OnceRequest {
+  id: bigint;
+  command: Uint8Array;
+  locality: number;
 }

@@ -41,7 +41,11 @@ export class Backend {
     const xs = await connect(o.xenstoredSocket);
     const b = new Backend(dom, xs, o);
     // The watch fires once at registration, which picks up devices written before we started.
-    b.#watch = await xs.watch(BACKEND_ROOT, () => {
+    b.#watch = await xs.watch(BACKEND_ROOT, (ev) => {
+      // A key inside a device we drive already (its state, ready, ...) changes nothing here; skipping
+      // those keeps the scan's round trips from queueing ahead of the device's own on this connection.
+      const m = /^\/local\/domain\/0\/backend\/vtpm\/([0-9]+\/[0-9]+)\/./.exec(ev.path);
+      if (m && b.#devices.has(m[1]!)) return;
       b.#scanning = b.#scanning.then(() => b.#scan()).catch((err: unknown) => o.log(`scan: ${(err as Error).message}`));
     });
     // QEMU guests (`vtpm qemu attach`) get swtpm-compatible endpoints on the same vTPMs.

@@ -5,7 +5,6 @@
 // the response.
 import type { Domain } from '../xen/index.js';
 import type { XsClient } from '../xenstore/client.js';
-import { XenbusState, switchState, waitForState } from '../xenstore/xenbus.js';
 import { TpmFront } from './tpmfront.js';
 import { FrontendError } from './transport.js';
 
@@ -153,16 +152,9 @@ export class GuestSession {
   async suspend(opts: { timeoutMs?: number } = {}): Promise<InFlight[]> {
     this.#suspending = true;
     const f = await this.#front;
-    await switchState(this.#o.xs, f.dev.frontend, XenbusState.Closing);
     // Like the 3.x tpmfront, wait for the backend's answer rather than Linux's 5 s close timeout: the
     // backend bounds the in-flight command itself (cancel after its bound).
-    await waitForState(
-      this.#o.xs,
-      f.dev.backend,
-      (s) => s === XenbusState.Closing || s === XenbusState.Closed || s === XenbusState.InitWait || s === XenbusState.Unknown,
-      { timeoutMs: opts.timeoutMs ?? 120_000 },
-    ).catch(() => {});
-    await f.close();
+    await f.close({ timeoutMs: opts.timeoutMs ?? 120_000, suspend: true });
     // Responses taken from the ring at close settle their callers on the next turns of the loop.
     await new Promise((r) => setImmediate(r));
     await new Promise((r) => setImmediate(r));

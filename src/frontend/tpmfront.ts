@@ -50,9 +50,11 @@ export class TpmFront {
   readonly protocol: Protocol;
   readonly #xs: XsClient;
   readonly #transport: TpmTransport;
-  #backendWatch: XsWatch | null = null;
+  #backendWatch: Promise<XsWatch> | null = null;
   #closed = false;
   #closing: Promise<void> | null = null;
+  /** We wrote Connected and nothing since. */
+  #connected = true;
 
   private constructor(xs: XsClient, dev: VtpmDevice, transport: TpmTransport) {
     this.#xs = xs;
@@ -66,19 +68,22 @@ export class TpmFront {
     const { xs, dom } = opts;
     const devid = opts.devid ?? 0;
     const home = `/local/domain/${dom.domid}/device/vtpm/${devid}`;
-    const backDomid = Number(await xs.readString(`${home}/backend-id`));
+    const [backendId, backend] = await Promise.all([xs.readString(`${home}/backend-id`), xs.readString(`${home}/backend`)]);
+    const backDomid = Number(backendId);
     if (!Number.isInteger(backDomid)) throw new FrontendError('ENODEV', `${home}/backend-id is not a domid`);
     const dev = vtpmDevice(dom.domid, devid, backDomid);
-    const backend = await xs.readString(`${home}/backend`);
     if (backend !== dev.backend) throw new FrontendError('ENODEV', `${home}/backend is ${backend}, expected ${dev.backend}`);
     const protocol = opts.protocol ?? 'v2';
     // Reconnecting after suspend or a backend restart: back to Initialising first, as Linux's
     // xenbus_dev_resume does, so the backend drops the old ring before it reads the new one.
     if (opts.reconnect) {
-      await switchState(xs, dev.frontend, XenbusState.Initialising);
       // A backend still serving our old ring drops it and goes to InitWait; a dead one stays Connected
-      // until its successor takes the device over (and goes to InitWait itself).
-      await waitForState(xs, dev.backend, (s) => s === XenbusState.InitWait, { timeoutMs: opts.timeoutMs ?? 60_000 });
+      // until its successor takes the device over (and goes to InitWait itself). The wait's first
+      // read goes out right behind the write: after a suspend the backend is at InitWait already.
+      await Promise.all([
+        switchState(xs, dev.frontend, XenbusState.Initialising),
+        waitForState(xs, dev.backend, (s) => s === XenbusState.InitWait, { timeoutMs: opts.timeoutMs ?? 60_000 }),
+      ]);
       // A restarted backend is a new domain behind the same domid: stop using the dead one's memory.
       dom.dropPeer(backDomid);
     }
@@ -102,20 +107,24 @@ export class TpmFront {
       throw err;
     }
     const front = new TpmFront(xs, dev, transport);
-    front.#backendWatch = await watchState(xs, dev.backend, (s) => {
+    // Not waited for: the WATCH goes out before anything we send later, and fires once registered.
+    front.#backendWatch = watchState(xs, dev.backend, (s) => {
       // The backend closing (or vanishing) ends the device from our side too, as xen-tpmfront does.
       if (!front.#closed && s === XenbusState.InitWait && opts.onBackendReset) {
         front.#closed = true;
-        void front.#backendWatch?.close().catch(() => {});
+        void front.#backendWatch?.then((w) => w.close()).catch(() => {});
         // The dead backend never unmaps our pages; release our side without waiting on it.
         front.#closing = front.#transport.close();
         opts.onBackendReset();
         return;
       }
       if (!front.#closed && (s === XenbusState.Closing || s === XenbusState.Closed || s === XenbusState.Unknown)) {
+        // A backend that went away may have taken the directories with it: look before writing.
+        front.#connected = false;
         void front.close().then(() => opts.onClosed?.(`backend went to ${XenbusState[s]}`));
       }
     });
+    front.#backendWatch.catch(() => {});
     return front;
   }
 
@@ -145,19 +154,29 @@ export class TpmFront {
     return this.#transport instanceof RingFront ? this.#transport.nextId : undefined;
   }
 
-  /** The close sequence: Closing, wait for the backend, Closed; then release the ring. */
-  close(): Promise<void> {
+  /**
+   * The close sequence: Closing, wait for the backend (up to timeoutMs, default 5 s as Linux; a suspend
+   * waits for the backend to answer what is in flight), Closed; then release the ring. `suspend`: the
+   * guest closes a device it is using (not one the toolstack may be removing), so our state node is
+   * still the Connected we wrote unless the backend said otherwise meanwhile: no need to read it.
+   */
+  close(opts: { timeoutMs?: number; suspend?: boolean } = {}): Promise<void> {
     // Every caller (the backend-state watch, a suspend) waits for the same close sequence to finish.
-    this.#closing ??= this.#close();
+    this.#closing ??= this.#close(opts.timeoutMs ?? 5000, opts.suspend ?? false);
     return this.#closing;
   }
 
-  async #close(): Promise<void> {
+  async #close(timeoutMs: number, suspend: boolean): Promise<void> {
     this.#closed = true;
-    await this.#backendWatch?.close().catch(() => {});
+    // No need to wait for the UNWATCH's reply: requests on the connection stay in order.
+    void this.#backendWatch?.then((w) => w.close()).catch(() => {});
     try {
-      const s = await readState(this.#xs, this.dev.frontend);
-      if (s !== XenbusState.Closed && s !== XenbusState.Unknown) await frontendClose(this.#xs, this.dev, { timeoutMs: 5000 });
+      // Only this object writes our state node once connected.
+      const s = suspend && this.#connected ? XenbusState.Connected : await readState(this.#xs, this.dev.frontend);
+      this.#connected = false;
+      if (s !== XenbusState.Closed && s !== XenbusState.Unknown) {
+        await frontendClose(this.#xs, this.dev, { timeoutMs, closing: s === XenbusState.Closing });
+      }
     } catch {
       // xenstore gone (host down): nothing left to tell; still release our side.
     }

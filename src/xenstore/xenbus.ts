@@ -105,7 +105,11 @@ export interface WaitOptions {
   timeoutMs?: number;
 }
 
-/** Resolve with `<dir>/state` once `predicate` holds (checked now and on every change, via a watch). */
+/**
+ * Resolve with `<dir>/state` once `predicate` holds (checked now and on every change, via a watch).
+ * The first read goes out together with the WATCH, so a state that already holds costs one round trip;
+ * the UNWATCH is sent without waiting for its reply (requests on one connection stay ordered).
+ */
 export async function waitForState(
   client: XsClient,
   dir: string,
@@ -122,6 +126,9 @@ export async function waitForState(
           opts.timeoutMs,
         );
       }
+      readState(client, dir).then((s) => {
+        if (predicate(s)) resolve(s);
+      }, () => {});
       registering = watchState(client, dir, (s) => {
         if (predicate(s)) resolve(s);
       });
@@ -129,7 +136,7 @@ export async function waitForState(
     });
   } finally {
     if (timer) clearTimeout(timer);
-    await registering?.then((w) => w.close()).catch(() => {});
+    registering?.then((w) => w.close()).catch(() => {});
   }
 }
 
@@ -224,44 +231,61 @@ export interface ConnectOptions extends WaitOptions {
  * Frontend connect (xen.md §5.3 steps 3, 4, 7): publish ring-ref, event-channel and
  * feature-protocol-v2 and switch to Initialised in one transaction; wait for the backend to be
  * Initialised or Connected; require its protocol feature (else fatal → Closing); switch to Connected.
+ *
+ * The transaction matters: a backend that took the device over from a dead one still sees our old
+ * Connected and old ring until we publish a new one, and must never see the new keys with the old
+ * state (it would map a ring we are still setting up). Inside it the writes are pipelined.
  */
 export async function frontendConnect(client: XsClient, dev: VtpmDevice, ring: FrontendRing, opts: ConnectOptions = {}): Promise<void> {
-  await client.transaction(async (tx) => {
-    await client.write(`${dev.frontend}/ring-ref`, String(ring.ringRef), tx);
-    await client.write(`${dev.frontend}/event-channel`, String(ring.eventChannel), tx);
-    await client.write(`${dev.frontend}/feature-protocol-v2`, '1', tx);
-    for (const [k, v] of Object.entries(ring.extra ?? {})) await client.write(`${dev.frontend}/${k}`, v, tx);
-    await switchState(client, dev.frontend, XenbusState.Initialised, tx);
-  });
-  const s = await waitForState(
-    client,
-    dev.backend,
-    (st) => st === XenbusState.Initialised || st === XenbusState.Connected || st === XenbusState.Closing || st === XenbusState.Closed,
-    opts,
+  await client.transaction((tx) =>
+    Promise.all([
+      client.write(`${dev.frontend}/ring-ref`, String(ring.ringRef), tx),
+      client.write(`${dev.frontend}/event-channel`, String(ring.eventChannel), tx),
+      client.write(`${dev.frontend}/feature-protocol-v2`, '1', tx),
+      ...Object.entries(ring.extra ?? {}).map(([k, v]) => client.write(`${dev.frontend}/${k}`, v, tx)),
+      switchState(client, dev.frontend, XenbusState.Initialised, tx),
+    ]),
   );
-  if (s === XenbusState.Closing || s === XenbusState.Closed) throw new XenbusError('XENBUS_CLOSED', `backend ${dev.backend} went to state ${XenbusState[s]}`);
   const feature = opts.requireBackendFeature ?? 'feature-protocol-v2';
-  const v = await client.tryRead(`${dev.backend}/${feature}`);
+  // The backend published its features before InitWait: read them while waiting for its state.
+  const [s, early] = await Promise.all([
+    waitForState(
+      client,
+      dev.backend,
+      (st) => st === XenbusState.Initialised || st === XenbusState.Connected || st === XenbusState.Closing || st === XenbusState.Closed,
+      opts,
+    ),
+    client.tryRead(`${dev.backend}/${feature}`),
+  ]);
+  if (s === XenbusState.Closing || s === XenbusState.Closed) throw new XenbusError('XENBUS_CLOSED', `backend ${dev.backend} went to state ${XenbusState[s]}`);
+  // Read before a backend that was not up yet had published it: read it again now.
+  const v = early === '1' ? early : await client.tryRead(`${dev.backend}/${feature}`);
   if (!v || !/^[0-9]+$/.test(v) || Number(v) === 0) {
     await deviceFatal(client, dev.frontend, 22, 'vTPM protocol 2 required');
     throw new XenbusError('XENBUS_PROTOCOL', `backend ${dev.backend} lacks ${feature}`);
   }
-  await switchState(client, dev.frontend, XenbusState.Connected);
+  // The ring is live once the backend is Connected: ours is news for the backend, not a step it waits
+  // for, so the caller need not wait for the reply (requests later on this connection follow it).
+  void switchState(client, dev.frontend, XenbusState.Connected).catch(() => {});
 }
 
 /**
  * Frontend close (xen.md §5.4): Closing, wait (up to timeoutMs, default 5 s as Linux) for the backend
  * to leave Connected for Closing/Closed/InitWait, then Closed. Resolves even if the backend is silent.
  */
-export async function frontendClose(client: XsClient, dev: VtpmDevice, opts: WaitOptions = {}): Promise<void> {
-  await switchState(client, dev.frontend, XenbusState.Closing);
+export async function frontendClose(client: XsClient, dev: VtpmDevice, opts: WaitOptions & { closing?: boolean } = {}): Promise<void> {
+  // `closing`: our state is Closing already. The wait's first read goes out right behind the write.
+  const announced = opts.closing ? Promise.resolve() : switchState(client, dev.frontend, XenbusState.Closing);
   try {
-    await waitForState(
-      client,
-      dev.backend,
-      (s) => s === XenbusState.Closing || s === XenbusState.Closed || s === XenbusState.InitWait || s === XenbusState.Unknown,
-      { timeoutMs: opts.timeoutMs ?? 5000 },
-    );
+    await Promise.all([
+      announced,
+      waitForState(
+        client,
+        dev.backend,
+        (s) => s === XenbusState.Closing || s === XenbusState.Closed || s === XenbusState.InitWait || s === XenbusState.Unknown,
+        { timeoutMs: opts.timeoutMs ?? 5000 },
+      ),
+    ]);
   } catch (err) {
     if (!(err instanceof XenbusError && err.code === 'XENBUS_TIMEOUT')) throw err;
   }
@@ -289,16 +313,16 @@ export interface FrontendInfo {
   state: XenbusState;
 }
 
-/** Backend step 2: publish features (default feature-protocol-v2 = "1") and switch to InitWait. */
+/** Backend step 2: publish features (default feature-protocol-v2 = "1"), then switch to InitWait (pipelined, state last). */
 export async function backendInitWait(
   client: XsClient,
   dev: VtpmDevice,
   features: Record<string, string> = { 'feature-protocol-v2': '1' },
 ): Promise<void> {
-  await client.transaction(async (tx) => {
-    for (const [k, v] of Object.entries(features)) await client.write(`${dev.backend}/${k}`, v, tx);
-    await switchState(client, dev.backend, XenbusState.InitWait, tx);
-  });
+  await Promise.all([
+    ...Object.entries(features).map(([k, v]) => client.write(`${dev.backend}/${k}`, v)),
+    switchState(client, dev.backend, XenbusState.InitWait),
+  ]);
 }
 
 /**
@@ -307,11 +331,27 @@ export async function backendInitWait(
  */
 export async function backendAwaitFrontend(client: XsClient, dev: VtpmDevice, opts: WaitOptions = {}): Promise<FrontendInfo> {
   const state = await waitForState(client, dev.frontend, (s) => s === XenbusState.Initialised || s === XenbusState.Connected, opts);
+  return readFrontendRing(client, dev, state);
+}
+
+/** Read what a frontend seen Initialised or Connected (`state`) published (XENBUS_PROTOCOL if missing or malformed). */
+export async function readFrontendRing(client: XsClient, dev: VtpmDevice, state: XenbusState): Promise<FrontendInfo> {
   const [ring, port, v2] = await Promise.all([
     client.tryRead(`${dev.frontend}/ring-ref`),
     client.tryRead(`${dev.frontend}/event-channel`),
     client.tryRead(`${dev.frontend}/feature-protocol-v2`),
   ]);
+  return parseFrontendRing(dev, state, ring, port, v2);
+}
+
+/** Check the ring-ref, event-channel and feature-protocol-v2 values a frontend published (XENBUS_PROTOCOL if bad). */
+export function parseFrontendRing(
+  dev: VtpmDevice,
+  state: XenbusState,
+  ring: string | undefined,
+  port: string | undefined,
+  v2: string | undefined,
+): FrontendInfo {
   const u32 = (s: string | undefined): number | undefined =>
     s !== undefined && /^[0-9]{1,10}$/.test(s) && Number(s) <= 0xffffffff ? Number(s) : undefined;
   const ringRef = u32(ring);
@@ -322,12 +362,9 @@ export async function backendAwaitFrontend(client: XsClient, dev: VtpmDevice, op
   return { ringRef, eventChannel, protocolV2: v2 === '1', state };
 }
 
-/** Backend step 5 (second half) and 6: write ready = "1" and switch to Connected, in one transaction. */
+/** Backend step 5 (second half) and 6: write ready = "1", then switch to Connected (pipelined, state last). */
 export async function backendConnected(client: XsClient, dev: VtpmDevice): Promise<void> {
-  await client.transaction(async (tx) => {
-    await client.write(`${dev.backend}/ready`, '1', tx);
-    await switchState(client, dev.backend, XenbusState.Connected, tx);
-  });
+  await Promise.all([client.write(`${dev.backend}/ready`, '1'), switchState(client, dev.backend, XenbusState.Connected)]);
 }
 
 /**

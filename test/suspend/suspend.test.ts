@@ -3,12 +3,16 @@
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { execFile } from 'node:child_process';
 import { createHash, randomBytes } from 'node:crypto';
+import { readFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { promisify } from 'node:util';
 import { dist, tmpDir } from '../helpers/child.js';
 
 const run = promisify(execFile);
 const cli = dist('src/cli/main.js');
+// A suspended guest's vTPM stays loaded in the backend for 1.5 s here (60 s by default). In process.env
+// too: restartDaemon starts a backend with this process's environment.
+process.env.VTPM_PARK_MS = '1500';
 const env = { ...process.env, VTPM_NO_SETUP: '1', VTPM_SUSPEND_BOUND_MS: '10' };
 const vtpm = (...args: string[]) => run(process.execPath, [cli, ...args], { env });
 
@@ -136,6 +140,86 @@ describe('suspend/resume through xenstore', () => {
     // Its id is answered from the table after resume: CANCELED again, no key generation.
     expect(wire.responseCode(await s.resubmit({ id: canceled!.id, command: tpm2.createPrimaryRsa(3072), locality: 0 }))).toBe(wire.TPM_RC_CANCELED);
     ok(await s.submit(tpm2.getRandom(8)), 'GetRandom after resume');
+    await s.close();
+  });
+
+  it('a backend killed after running requests but before their checkpoint is durable re-runs them exactly once', async () => {
+    const g = await guest(25);
+    const s = await Session.open({ xs: g.xs, dom: g.dom });
+    ok(await s.submit(tpm2.startup()), 'Startup');
+    const a = randomBytes(32);
+    ok(await s.submit(tpm2.pcrExtendSha256(16, a)), 'extend A');
+    const rd = new RunDir(runDir);
+    const procs = rd.readHost().processes;
+    const mgr = procs.find((p) => p.role === 'manager')!;
+    const be = procs.find((p) => p.role === 'backend')!;
+    const digests = Array.from({ length: 8 }, () => randomBytes(32));
+    let answered = 0;
+    // A stopped manager holds the checkpoint: the backend runs the extends in libtpms and waits.
+    process.kill(mgr.pid, 'SIGSTOP');
+    let pending: Promise<Uint8Array>[] = [];
+    try {
+      pending = digests.map((d) => s.submit(tpm2.pcrExtendSha256(16, d)).then((r) => (answered++, r)));
+      await new Promise((r) => setTimeout(r, 300));
+      expect(answered, 'answers released before their checkpoint').toBe(0);
+      process.kill(be.pid, 'SIGKILL');
+    } finally {
+      process.kill(mgr.pid, 'SIGCONT');
+    }
+    await restartDaemon(runDir, 'backend');
+    for (const p of pending) ok(await p, 'extend across the backend restart');
+    // Whether the dead backend's checkpoint reached the manager (answers from the table) or not
+    // (re-run from the one before), each digest is in the PCR once.
+    const model = [a, ...digests].reduce(extend, Buffer.alloc(32));
+    expect(Buffer.from(tpm2.parsePcrRead(await s.submit(tpm2.pcrReadSha256(16)))).toString('hex')).toBe(model.toString('hex'));
+    await s.close();
+  });
+
+  it('a guest suspended while its backend dies resumes from the checkpoint taken at suspend', async () => {
+    const g = await guest(26);
+    let s = await Session.open({ xs: g.xs, dom: g.dom });
+    ok(await s.submit(tpm2.startup()), 'Startup');
+    const a = randomBytes(32);
+    ok(await s.submit(tpm2.pcrExtendSha256(16, a)), 'extend A');
+    const key = tpm2.parseCreatePrimaryHandle(ok(await s.submit(tpm2.createPrimaryRsa(2048)), 'CreatePrimary'));
+    const shutdownKey = '/local/domain/26/control/shutdown';
+    await dom0.write(shutdownKey, 'suspend');
+    expect(await s.suspend()).toEqual([]);
+    // The backend kept the vTPM loaded for the resume; it dies with it. Its successor must find the
+    // suspended state at the manager.
+    const rd = new RunDir(runDir);
+    const be = rd.readHost().processes.find((p) => p.role === 'backend')!;
+    process.kill(be.pid, 'SIGKILL');
+    await restartDaemon(runDir, 'backend');
+    await dom0.write('/local/domain/0/backend/vtpm/26/0/resume', 'True');
+    await dom0.write(shutdownKey, '');
+    s = await Session.open({ xs: g.xs, dom: g.dom, firstId: s.nextId, reconnect: true });
+    expect(Buffer.from(tpm2.parsePcrRead(await s.submit(tpm2.pcrReadSha256(16)))).toString('hex')).toBe(extend(Buffer.alloc(32), a).toString('hex'));
+    ok(await s.submit(wire.command(wire.TPM2_ST_NO_SESSIONS, 0x173, new wire.Marshal().u32(key))), 'ReadPublic of the key loaded before suspend');
+    await s.close();
+  });
+
+  it('a suspended guest whose resume does not come in time has its vTPM released to the manager, and resumes from there', async () => {
+    const g = await guest(27);
+    let s = await Session.open({ xs: g.xs, dom: g.dom });
+    ok(await s.submit(tpm2.startup()), 'Startup');
+    const a = randomBytes(32);
+    ok(await s.submit(tpm2.pcrExtendSha256(16, a)), 'extend A');
+    const sess = new DataView(ok(await s.submit(startHmacSession()), 'StartAuthSession').buffer).getUint32(10);
+    const shutdownKey = '/local/domain/27/control/shutdown';
+    await dom0.write(shutdownKey, 'suspend');
+    expect(await s.suspend()).toEqual([]);
+    const log = new RunDir(runDir).log('backend');
+    const deadline = Date.now() + 20_000;
+    while (!/dom27: no resume within 1500 ms; vTPM instance [0-9]+ released/.test(readFileSync(log, 'utf8'))) {
+      expect(Date.now(), 'parked vTPM released').toBeLessThan(deadline);
+      await new Promise((r) => setTimeout(r, 100));
+    }
+    await dom0.write('/local/domain/0/backend/vtpm/27/0/resume', 'True');
+    await dom0.write(shutdownKey, '');
+    s = await Session.open({ xs: g.xs, dom: g.dom, firstId: s.nextId, reconnect: true });
+    expect(Buffer.from(tpm2.parsePcrRead(await s.submit(tpm2.pcrReadSha256(16)))).toString('hex')).toBe(extend(Buffer.alloc(32), a).toString('hex'));
+    expect(tpm2.parseHandles(await s.submit(handlesFrom(0x02000000)))).toContain(sess);
     await s.close();
   });
 
