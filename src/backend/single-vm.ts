@@ -78,7 +78,8 @@ export class InProcessVtpms implements VtpmProvider, QemuVtpmProvider {
     if (existing && existing.status !== 'destroyed') throw new Error(`VM ${vmUuid}: vTPM ${instance} is already attached`);
     // A QEMU cold boot starts the TPM afresh; an incoming migration brings its own volatile state.
     if (!created) await this.#mgr.delete(instance, 'volatile');
-    const inst = await this.#host.create({ instance, version, store: this.#mgr, powerOn: false });
+    // inline 'fast' as for ring guests: QEMU's GetRandom/PCR_Extend cost less in libtpms than a pool hop.
+    const inst = await this.#host.create({ instance, version, store: this.#mgr, powerOn: false, inline: 'fast' });
     this.#log(`vTPM instance ${instance} (${version}) ${created ? 'created' : 'loaded'} for QEMU VM ${vmUuid}`);
     return inst;
   }
