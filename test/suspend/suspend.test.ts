@@ -228,13 +228,18 @@ describe('suspend/resume through xenstore', () => {
     const s = await Session.open({ xs: g.xs, dom: g.dom });
     ok(await s.submit(tpm2.startup()), 'Startup');
     let model = Buffer.alloc(32);
-    const digests = Array.from({ length: 40 }, () => randomBytes(32));
-    const pending = digests.map((d) => s.submit(tpm2.pcrExtendSha256(16, d)));
+    // Enough extends that many are still queued or in a group checkpoint when the backend dies, which
+    // happens once the first few are answered (group commit with the manager's log answers 40 within
+    // a few ms, so a fixed delay would not catch any in flight).
+    const digests = Array.from({ length: 400 }, () => randomBytes(32));
+    let answered = 0;
+    const pending = digests.map((d) => s.submit(tpm2.pcrExtendSha256(16, d)).finally(() => answered++));
     for (const d of digests) model = extend(model, d);
     const rd = new RunDir(runDir);
     const be = rd.readHost().processes.find((p) => p.role === 'backend')!;
-    await new Promise((r) => setTimeout(r, 15));
+    while (answered < 5) await new Promise((r) => setImmediate(r));
     process.kill(be.pid, 'SIGKILL');
+    expect(answered).toBeLessThan(digests.length);
     await restartDaemon(runDir, 'backend');
     for (const p of pending) ok(await p, 'extend across the backend restart');
     expect(s.reconnects).toBeGreaterThanOrEqual(1);
