@@ -2,52 +2,10 @@
 // a failing store withholds the response and isolates the instance; instances start from the store.
 import { readdirSync } from 'node:fs';
 import { afterAll, describe, expect, it } from 'vitest';
-import { DirStateStore } from '../../src/tpm/dir-store.js';
 import { TpmHost } from '../../src/tpm/host.js';
 import type { FailureInfo } from '../../src/tpm/instance.js';
-import type { StateKind, StateStore } from '../../src/tpm/state-store.js';
 import * as tpm2 from '../../src/tpm/tpm2-commands.js';
-import { hex, tempStore, unhex } from './helpers.js';
-
-/** A real directory store whose store() waits until the test opens the gate (or fails it). */
-class GatedStore implements StateStore {
-  stores: Array<{ instance: number; kind: StateKind; length: number }> = [];
-  #gate: Promise<void> = Promise.resolve();
-  #open: () => void = () => undefined;
-  #fail: (e: Error) => void = () => undefined;
-
-  constructor(readonly inner: DirStateStore) {}
-
-  close(): void {
-    this.#gate = new Promise((resolve, reject) => {
-      this.#open = resolve;
-      this.#fail = reject;
-    });
-    this.#gate.catch(() => undefined);
-  }
-
-  open(): void {
-    this.#open();
-  }
-
-  fail(err: Error): void {
-    this.#fail(err);
-  }
-
-  load(instance: number, kind: StateKind): Promise<Uint8Array | null> {
-    return this.inner.load(instance, kind);
-  }
-
-  async store(instance: number, kind: StateKind, blob: Uint8Array): Promise<void> {
-    this.stores.push({ instance, kind, length: blob.length });
-    await this.#gate;
-    await this.inner.store(instance, kind, blob);
-  }
-
-  delete(instance: number, kind: StateKind): Promise<void> {
-    return this.inner.delete(instance, kind);
-  }
-}
+import { GatedStore, hex, tempStore, unhex } from './helpers.js';
 
 const NV_INDEX = 0x01500002;
 
@@ -63,7 +21,7 @@ describe('durability', () => {
     const gated = new GatedStore(t.store);
     const tpm = await host.create({ instance: 1, version: '2.0', store: gated, startup: 'clear' });
     gated.stores = [];
-    gated.close();
+    gated.hold();
     let answered = false;
     const p = tpm.execute(tpm2.nvDefineSpace(NV_INDEX, 8)).then((r) => {
       answered = true;
@@ -74,7 +32,7 @@ describe('durability', () => {
     await new Promise((r) => setTimeout(r, 100));
     expect(answered).toBe(false);
     expect(gated.stores[0]).toMatchObject({ instance: 1, kind: 'permanent' });
-    gated.open();
+    gated.release();
     expect(hex(await p)).toBe('80020000001300000000000000000000010000');
     expect(answered).toBe(true);
     // What was acknowledged is on disk: a new instance on the same directory sees the NV index.
@@ -91,7 +49,7 @@ describe('durability', () => {
     const failures: FailureInfo[] = [];
     tpm.on('failure', (f: FailureInfo) => failures.push(f));
     gated.stores = [];
-    gated.close();
+    gated.hold();
     const p = tpm.execute(tpm2.nvDefineSpace(NV_INDEX, 8));
     while (gated.stores.length === 0) await new Promise((r) => setTimeout(r, 5));
     gated.fail(new Error('disk full'));
@@ -101,8 +59,8 @@ describe('durability', () => {
     // Isolated: answered with TPM_RC_FAILURE without entering libtpms.
     expect(hex(await tpm.execute(tpm2.getRandom(8)))).toBe('80010000000a00000101');
     // Recreated from the last durable state, which does not have the index.
-    gated.close();
-    gated.open();
+    gated.hold();
+    gated.release();
     await tpm.recreate();
     expect(tpm.status).toBe('running');
     expect(await tpm.startup('clear')).toBe(0);

@@ -9,10 +9,9 @@ import { afterAll, afterEach, describe, expect, it } from 'vitest';
 import { Limiter } from '../../src/tpm/limiter.js';
 import { TpmHost } from '../../src/tpm/host.js';
 import { TpmInstance } from '../../src/tpm/instance.js';
-import type { StateKind, StateStore } from '../../src/tpm/state-store.js';
 import * as tpm2 from '../../src/tpm/tpm2-commands.js';
 import * as tpm12 from '../../src/tpm/tpm12-commands.js';
-import { hex, tempStore } from './helpers.js';
+import { GatedStore, hex, tempStore } from './helpers.js';
 
 const here = dirname(fileURLToPath(import.meta.url));
 
@@ -28,40 +27,6 @@ function libtpmsMappings(): number {
   return readFileSync('/proc/self/maps', 'utf8')
     .split('\n')
     .filter((l) => /libtpms\.so/.test(l)).length;
-}
-
-/** A directory store that records the order of loads, stores and of the answers the test saw. */
-class LoggingStore implements StateStore {
-  log: string[] = [];
-  #gate: Promise<void> = Promise.resolve();
-  #open: () => void = () => undefined;
-  #fail: (e: Error) => void = () => undefined;
-  constructor(readonly inner: StateStore) {}
-  hold(): void {
-    this.#gate = new Promise((resolve, reject) => {
-      this.#open = resolve;
-      this.#fail = reject;
-    });
-    this.#gate.catch(() => undefined);
-  }
-  release(): void {
-    this.#open();
-  }
-  fail(err: Error): void {
-    this.#fail(err);
-  }
-  load(instance: number, kind: StateKind): Promise<Uint8Array | null> {
-    return this.inner.load(instance, kind);
-  }
-  async store(instance: number, kind: StateKind, blob: Uint8Array): Promise<void> {
-    this.log.push(`store ${instance} ${kind}`);
-    await this.#gate;
-    await this.inner.store(instance, kind, blob);
-    this.log.push(`stored ${instance} ${kind}`);
-  }
-  delete(instance: number, kind: StateKind): Promise<void> {
-    return this.inner.delete(instance, kind);
-  }
 }
 
 describe('spare TPMs', () => {
@@ -137,7 +102,7 @@ describe('spare TPMs', () => {
 
   it("a spare-made TPM's state is durable before its first response is released", async () => {
     const t = store('spare-gate');
-    const logged = new LoggingStore(t.store);
+    const logged = new GatedStore(t.store);
     const host = newHost({ spares: 1 });
     await host.sparesReady();
     const tpm = await host.create({ instance: 3, version: '2.0', store: logged });
@@ -160,7 +125,7 @@ describe('spare TPMs', () => {
 
   it("create({ startup }) does not wait for its Startup's state write; the first released response does", async () => {
     const t = store('spare-startup');
-    const logged = new LoggingStore(t.store);
+    const logged = new GatedStore(t.store);
     const host = newHost({ spares: 1 });
     await host.sparesReady();
     logged.hold();
@@ -181,7 +146,7 @@ describe('spare TPMs', () => {
 
   it("a failed write of create()'s Startup withholds the first response and fails the instance", async () => {
     const t = store('spare-startup-fail');
-    const logged = new LoggingStore(t.store);
+    const logged = new GatedStore(t.store);
     const host = newHost({});
     logged.hold();
     const tpm = await host.create({ instance: 5, version: '2.0', store: logged, startup: 'clear' });
