@@ -35,9 +35,6 @@ export class Backend {
   static async start(o: BackendOptions): Promise<Backend> {
     // One event-channel port per guest device: dom0 takes Xen's full 2-level range (4095 ports).
     const dom = o.domain ?? (await Domain.create({ domid: 0, dir: o.xenDir, geometry: { evtchnPages: 16 } }));
-    // VTPM_EVTCHN_COALESCE=1: the wake-ups of guests answered in one turn of the loop go out together
-    // at its end (EventChannels.coalesceWakes). Off by default: see the README's e2e notes.
-    dom.evtchn.coalesceWakes = process.env.VTPM_EVTCHN_COALESCE === '1';
     const xs = await connect(o.xenstoredSocket);
     const b = new Backend(dom, xs, o);
     // The watch fires once at registration, which picks up devices written before we started.

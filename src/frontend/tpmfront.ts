@@ -34,7 +34,10 @@ export interface TpmFrontOptions {
   /** A new ring for a device this domain had connected before (resume, backend restart). */
   reconnect?: boolean;
   timeoutMs?: number;
-  /** Busy-poll window for answers in µs (v2 protocol; default VTPM_POLL_US or 50; 0 = always sleep). */
+  /**
+   * Busy-poll window for answers in µs (default VTPM_POLL_US or 50; 0 = always sleep): the v2
+   * channel's spin and the guest domain's busy mode (EventChannels.busyPollUs) alike.
+   */
   pollUs?: number;
   /** Called once when the backend goes away or closes the device under us. */
   onClosed?: (reason: string) => void;
@@ -87,6 +90,7 @@ export class TpmFront {
       // A restarted backend is a new domain behind the same domid: stop using the dead one's memory.
       dom.dropPeer(backDomid);
     }
+    if (opts.pollUs !== undefined) dom.evtchn.busyPollUs = opts.pollUs;
     const transport: TpmTransport =
       protocol === 'ring'
         ? new RingFront(dom, backDomid, { segments: opts.segments, firstId: opts.firstId })

@@ -181,29 +181,129 @@ describe('event-channel masks (busy-polling ends)', () => {
     fe.evtchn.close(p);
   });
 
-  it('coalesces the wake-ups of one turn into one write per peer when asked to', async () => {
-    const ports = [fe.evtchn.allocUnbound(0), fe.evtchn.allocUnbound(0), fe.evtchn.allocUnbound(0)];
-    const locals = ports.map((p) => be.evtchn.bindInterdomain(4, p));
-    const counts = ports.map((p) => counter(fe, p));
+  it('busy mode: a woken domain keeps its ports masked for its quiet window and finds sends itself, with no wake-up write', async () => {
+    const p = fe.evtchn.allocUnbound(0);
+    const local = be.evtchn.bindInterdomain(4, p);
+    const c = counter(be, local);
     await sleep(20);
-    be.evtchn.send(locals[0]!); // opens the wake-up connection to dom4
-    await sleep(20);
-    expect(counts.map((c) => c.n)).toEqual([1, 0, 0]);
-    be.evtchn.coalesceWakes = true;
+    expect(c.n).toBe(1);
+    be.evtchn.busyPollUs = 300_000; // a window long enough to look at from a test
+    be.evtchn.busyContended = () => false;
     const writes = vi.spyOn(fs, 'writeSync');
     try {
-      for (const l of locals) be.evtchn.send(l);
-      expect(writes).not.toHaveBeenCalled(); // deferred to the end of this turn
+      // The delivery above (busy mode was off then) left the port unmasked: this send wakes dom0.
+      fe.evtchn.send(p);
       await sleep(20);
-      expect(writes).toHaveBeenCalledTimes(1);
-      expect((writes.mock.calls[0]![1] as Buffer).length).toBe(12); // three port numbers, one write
+      expect(c.n).toBe(2);
+      const woke = writes.mock.calls.length;
+      expect(woke).toBeGreaterThan(0);
+      // Woken: busy now, its port masked in the shared table, so the next sends write nothing...
+      expect(be.evtchn.status(local)).toMatchObject({ masked: true, pending: false });
+      fe.evtchn.send(p);
+      expect(writes.mock.calls.length).toBe(woke);
+      await sleep(20);
+      // ...and its own poller delivers them.
+      expect(c.n).toBe(3);
+      fe.evtchn.send(p);
+      await sleep(20);
+      expect(c.n).toBe(4);
+      expect(writes.mock.calls.length).toBe(woke);
+      // After a quiet window it unmasks and sleeps: sends wake it with a write again.
+      await sleep(400);
+      expect(be.evtchn.status(local)).toMatchObject({ masked: false, pending: false });
+      fe.evtchn.send(p);
+      expect(writes.mock.calls.length).toBe(woke + 1);
+      await sleep(20);
+      expect(c.n).toBe(5);
     } finally {
       writes.mockRestore();
-      be.evtchn.coalesceWakes = false;
+      be.evtchn.busyPollUs = 0;
     }
-    expect(counts.map((c) => c.n)).toEqual([2, 1, 1]);
-    for (const l of locals) be.evtchn.close(l);
-    for (const p of ports) fe.evtchn.close(p);
+    be.evtchn.close(local);
+    fe.evtchn.close(p);
+  });
+
+  it('busy mode never delivers a port its channel masked; unmask in busy mode hands it to the poller', async () => {
+    const p = fe.evtchn.allocUnbound(0);
+    const local = be.evtchn.bindInterdomain(4, p);
+    const c = counter(be, local);
+    await sleep(20);
+    be.evtchn.busyPollUs = 300_000;
+    be.evtchn.busyContended = () => false;
+    try {
+      fe.evtchn.send(p);
+      await sleep(20);
+      expect(c.n).toBe(2); // woken, busy
+      be.evtchn.mask(local); // the channel polls its ring itself now
+      fe.evtchn.send(p);
+      await sleep(20);
+      expect(c.n).toBe(2);
+      expect(be.evtchn.status(local)).toMatchObject({ masked: true, pending: true });
+      be.evtchn.unmask(local);
+      // Still busy: the table keeps the mask (no wake-ups needed), the poller delivers the pending send.
+      expect(be.evtchn.status(local).masked).toBe(true);
+      await sleep(20);
+      expect(c.n).toBe(3);
+    } finally {
+      be.evtchn.busyPollUs = 0;
+    }
+    await sleep(350);
+    expect(be.evtchn.status(local)).toMatchObject({ masked: false, pending: false });
+    be.evtchn.close(local);
+    fe.evtchn.close(p);
+  });
+
+  it('busy mode with the CPUs contended: leaves at the first turn that finds nothing', async () => {
+    const p = fe.evtchn.allocUnbound(0);
+    const local = be.evtchn.bindInterdomain(4, p);
+    const c = counter(be, local);
+    await sleep(20);
+    be.evtchn.busyPollUs = 300_000;
+    be.evtchn.busyContended = () => true;
+    try {
+      fe.evtchn.send(p);
+      await sleep(20);
+      expect(c.n).toBe(2);
+      // Long before the 300 ms window: unmasked already, so the next send is a wake-up again.
+      expect(be.evtchn.status(local).masked).toBe(false);
+      const writes = vi.spyOn(fs, 'writeSync');
+      try {
+        fe.evtchn.send(p);
+        expect(writes).toHaveBeenCalledTimes(1);
+      } finally {
+        writes.mockRestore();
+      }
+      await sleep(20);
+      expect(c.n).toBe(3);
+    } finally {
+      be.evtchn.busyPollUs = 0;
+    }
+    be.evtchn.close(local);
+    fe.evtchn.close(p);
+  });
+
+  it('busyPollUs 0: never busy, every 0→1 edge is one wake-up write', async () => {
+    const p = fe.evtchn.allocUnbound(0);
+    const local = be.evtchn.bindInterdomain(4, p);
+    const c = counter(be, local);
+    await sleep(20);
+    be.evtchn.busyPollUs = 0;
+    fe.evtchn.send(p);
+    await sleep(20);
+    const writes = vi.spyOn(fs, 'writeSync');
+    try {
+      for (let i = 0; i < 3; i++) {
+        fe.evtchn.send(p);
+        await sleep(20);
+        expect(be.evtchn.status(local).masked).toBe(false);
+      }
+      expect(writes).toHaveBeenCalledTimes(3);
+    } finally {
+      writes.mockRestore();
+    }
+    expect(c.n).toBe(5);
+    be.evtchn.close(local);
+    fe.evtchn.close(p);
   });
 
   it('consume() takes the pending bit a poller saw, so unmask delivers nothing', async () => {
