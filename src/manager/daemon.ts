@@ -27,6 +27,7 @@ import {
   openIdentity,
   openMigration,
   publicKeyFrom,
+  readBlobHeader,
   rsaPublicOf,
   sealForMigration,
   type Identity,
@@ -475,8 +476,18 @@ export class ManagerDaemon {
   async #migrateIn(f: Frame): Promise<Reply> {
     const { instance: want, blob } = decodeMigrateIn(f.params);
     const me = await this.#identity();
-    const { header: h, states } = openMigration(me, blob);
-    const what = `blob ${h.id.toString('hex').slice(0, 8)} for vm ${h.vmUuid} (counter ${h.counter}, from key ${short(h.source)})`;
+    const describe = (h: { id: Buffer; vmUuid: string; counter: number; source: Buffer }): string =>
+      `blob ${h.id.toString('hex').slice(0, 8)} for vm ${h.vmUuid} (counter ${h.counter}, from key ${short(h.source)})`;
+    let opened: ReturnType<typeof openMigration>;
+    try {
+      opened = openMigration(me, blob);
+    } catch (err) {
+      // The header was readable (only BAD_FORMAT means it was not): name the blob in the refusal.
+      if (err instanceof MigrationError && err.code !== 'BAD_FORMAT') throw new MigrationError(err.code, `${describe(readBlobHeader(blob))}: ${err.message}`);
+      throw err;
+    }
+    const { header: h, states } = opened;
+    const what = describe(h);
     const seen = this.#migration.counters[h.vmUuid];
     if (seen !== undefined && h.counter <= seen)
       throw new Refusal(Status.FORBIDDEN, `${what}: this manager already took in or sent out counter ${seen} of that vm (a replayed or stale blob)`);

@@ -7,6 +7,9 @@ import crypto from 'node:crypto';
 import fs from 'node:fs';
 import path from 'node:path';
 import { promisify } from 'node:util';
+// First: the engine configures koffi, which must happen before any library (fifo.ts' libc) is loaded.
+import { TpmHost } from '../../src/tpm/host.js';
+import * as tpm2 from '../../src/tpm/tpm2-commands.js';
 import { ManagerClient } from '../../src/manager/client.js';
 import { CONSOLE_IN, CONSOLE_OUT, openReader, writeShared } from '../../src/manager/fifo.js';
 import { encodeMigrateIn, readBlobHeader, type RsaPublic } from '../../src/manager/migration.js';
@@ -227,6 +230,41 @@ describe('vtpm manager: migration between two manager processes', () => {
     const weak: RsaPublic = { exponent: Buffer.from(small.e!, 'base64url'), modulus: Buffer.from(small.n!, 'base64url') };
     await expect(ca.loadMigrationKey('weak', weak)).rejects.toMatchObject({ status: Status.INVALID_REQUEST });
     await a.waitLog(/RSA modulus of 1024 bits; at least 2048 required/);
+  });
+});
+
+describe('vtpm manager: migration of a real libtpms vTPM', () => {
+  const host = new TpmHost();
+  afterEach(() => host.destroyAll());
+
+  it('its NV index, persistent key and PCR 16 (volatile state) come back from the destination manager', async () => {
+    const a = await manager();
+    const b = await manager();
+    const ca = await admin(a);
+    const cb = await admin(b);
+    const { instance } = await ca.open({ vmUuid: VM1, version: '2.0' });
+    // The engine stores through the manager client (it is the StateStore), as the backend does.
+    const src = await host.create({ instance, version: '2.0', store: ca, startup: 'clear' });
+    const nv = crypto.randomBytes(32);
+    tpm2.expectSuccess(await src.execute(tpm2.nvDefineSpace(0x01500044, 32)), 'NV_DefineSpace');
+    tpm2.expectSuccess(await src.execute(tpm2.nvWrite(0x01500044, nv)), 'NV_Write');
+    const primary = tpm2.parseCreatePrimaryHandle(await src.execute(tpm2.createPrimaryRsa(2048)));
+    tpm2.expectSuccess(await src.execute(tpm2.evictControl(primary, 0x81000044)), 'EvictControl');
+    tpm2.expectSuccess(await src.execute(tpm2.pcrExtendSha256(16, crypto.randomBytes(32))), 'PCR_Extend');
+    const pcr = tpm2.parsePcrRead(await src.execute(tpm2.pcrReadSha256(16)));
+    await src.saveVolatile(); // what the backend does at suspend
+    await host.destroy(instance);
+
+    await ca.loadMigrationKey('b', await cb.migrationKey());
+    const blob = await ca.migrateOut(VM1, 'b');
+    const instB = await cb.migrateIn(blob, 9);
+    expect(instB).toBe(9);
+    await cb.open({ vmUuid: VM1, version: '2.0' });
+    // Power-on at the destination resumes the volatile state: no Startup, PCR 16 as it was.
+    const dst = await host.create({ instance: instB, version: '2.0', store: cb });
+    expect(tpm2.parsePcrRead(await dst.execute(tpm2.pcrReadSha256(16)))).toEqual(pcr);
+    expect(Buffer.from(tpm2.parseNvRead(await dst.execute(tpm2.nvRead(0x01500044, 32))))).toEqual(nv);
+    expect(tpm2.parseHandles(await dst.execute(tpm2.getHandles()))).toContain(0x81000044);
   });
 });
 
