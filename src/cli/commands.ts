@@ -5,6 +5,7 @@ import { register as demo } from './demo.js';
 import { register as guest } from './guest.js';
 import { register as host } from './host.js';
 import { register as manager } from './manager.js';
+import { register as migrate } from './migrate.js';
 import { register as qemu } from './qemu.js';
 import { register as ringDemo } from './ring-demo.js';
 import { register as stress } from './stress.js';
@@ -19,6 +20,7 @@ const registrars: Register[] = [
   guest,
   host,
   manager,
+  migrate,
   qemu,
   ringDemo,
   stress,

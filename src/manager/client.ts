@@ -7,8 +7,13 @@ import fs from 'node:fs';
 import type net from 'node:net';
 import type { StateKind, StateStore } from '../tpm/state-store.js';
 import { connectPair, consoleRequest, withConsoleLock, type FrameReader } from './fifo.js';
+import { decodeMigKey, encodeLoadMigKey, encodeMigrateIn, encodeMigrateOut, type RsaPublic } from './migration.js';
+import { MigType } from './vm-table.js';
 import {
   ANY_INSTANCE,
+  PIPE_BUF,
+  SRV_HEADER_SIZE,
+  decodeInstanceParam,
   KIND_CODES,
   Ord,
   STATUS_NAMES,
@@ -46,6 +51,11 @@ export interface ConnectOptions {
   timeoutMs?: number;
   /** Attach a new FIFO pair on the next request after the manager went away (default true). */
   reconnect?: boolean;
+  /**
+   * Attach through the console FIFO: the pair then carries privileged ordinals too (OPEN … MIGRATE_IN),
+   * of any size, which the shared console FIFO cannot (PIPE_BUF). Needs write access to the console.
+   */
+  privileged?: boolean;
 }
 
 export interface OpenOptions {
@@ -57,6 +67,8 @@ export interface OpenOptions {
   startup?: number;
   /** Xen's VTPM_TYPE_PVM 1 / HVM 2. */
   vmType?: number;
+  /** Xen's mig_type: false opens it NON_MIGRATABLE (MIGRATE_OUT refused); default migratable, as Xen's hotplug scripts open. */
+  migratable?: boolean;
 }
 
 interface Pending {
@@ -96,7 +108,12 @@ export class ManagerClient implements StateStore {
   async #attach(): Promise<void> {
     const base = this.opts.name ?? `c${process.pid}-${crypto.randomBytes(4).toString('hex')}`;
     const name = this.#generation++ === 0 ? base : `${base}-r${this.#generation}`;
-    const pair = await connectPair(this.runDir, { name, bind: this.opts.bind ?? ANY_INSTANCE, timeoutMs: this.opts.timeoutMs });
+    const pair = await connectPair(this.runDir, {
+      name,
+      bind: this.opts.bind ?? ANY_INSTANCE,
+      timeoutMs: this.opts.timeoutMs,
+      via: this.opts.privileged ? 'console' : 'rendezvous',
+    });
     const { reader, writer } = pair;
     this.#name = name;
     this.#reader = reader;
@@ -179,7 +196,7 @@ export class ManagerClient implements StateStore {
   /** OPEN: no table entry → a new vTPM (created = true); an entry → resume it. */
   async open(o: OpenOptions): Promise<{ instance: number; created: boolean }> {
     const params = encodeOpen({
-      migType: 0,
+      migType: o.migratable === false ? MigType.NON_MIGRATABLE : MigType.MIGRATABLE,
       startup: o.startup ?? Startup.CLEAR,
       vmType: o.vmType ?? 1,
       instance: o.instance ?? 0,
@@ -192,6 +209,40 @@ export class ManagerClient implements StateStore {
   /** CLOSE: the instance stays in the table (resumable); its state can no longer be saved. */
   async close(instance: number): Promise<void> {
     await this.#console(instance, Ord.CLOSE, encodeInstanceParam(instance));
+  }
+
+  // ---- migration -------------------------------------------------------------------------
+
+  /** GET_MIG_KEY: the manager's public migration key (made at its first use). */
+  async migrationKey(): Promise<RsaPublic> {
+    return decodeMigKey(await this.#call(0, Ord.GET_MIG_KEY));
+  }
+
+  /** LOAD_MIG_KEY: remember `key` as destination `name` (privileged). */
+  async loadMigrationKey(name: string, key: RsaPublic): Promise<void> {
+    await this.#privileged(0, Ord.LOAD_MIG_KEY, encodeLoadMigKey(name, key));
+  }
+
+  /**
+   * MIGRATE_OUT: the vTPM's state sealed to destination `name`; the vTPM is then frozen here. `vm` is
+   * an instance number or a VM uuid.
+   */
+  async migrateOut(vm: number | string, name: string): Promise<Buffer> {
+    const params = typeof vm === 'number' ? encodeMigrateOut(vm, name) : encodeMigrateOut(0, name, vm.toLowerCase());
+    return Buffer.from(await this.#privileged(typeof vm === 'number' ? vm : 0, Ord.MIGRATE_OUT, params));
+  }
+
+  /** MIGRATE_IN: registers the blob's VM here (instance 0: any free one); returns its instance. */
+  async migrateIn(blob: Uint8Array, instance = 0): Promise<number> {
+    const params = encodeMigrateIn(instance, blob);
+    if (!this.opts.privileged && SRV_HEADER_SIZE + params.length > PIPE_BUF)
+      throw new ManagerError('PROTOCOL', `a ${blob.length}-byte MIGRATE_IN does not fit the shared console FIFO (PIPE_BUF): connect with privileged: true`);
+    return decodeInstanceParam(await this.#privileged(instance, Ord.MIGRATE_IN, params), 'MIGRATE_IN response');
+  }
+
+  /** On our own pair when it was attached through the console, else one exchange on the console. */
+  #privileged(instance: number, ordinal: number, params: Uint8Array): Promise<Uint8Array> {
+    return this.opts.privileged ? this.#call(instance, ordinal, params) : this.#console(instance, ordinal, params);
   }
 
   async #console(instance: number, ordinal: number, params: Uint8Array): Promise<Uint8Array> {

@@ -1,9 +1,11 @@
-// The vTPM manager daemon: answers the console (privileged: OPEN, CLOSE, DELETE, MIGRATE_*) and every
-// attached client (SAVENVM, LOADNVM and the other blob ordinals) on the FIFOs of fifo.ts, keeping the
-// VM table and sealed state in the group-commit store. Each client's responses go out in the order
+// The vTPM manager daemon: answers the console (privileged: OPEN, CLOSE, DELETE, MIGRATE_*, plus the
+// migration-key ordinals) and every attached client (SAVENVM, LOADNVM and the other blob ordinals) on
+// the FIFOs of fifo.ts, keeping the VM table, the migration keys and sealed state in the group-commit
+// store. Pairs attached through the console FIFO are the console's: privileged ordinals are taken there. Each client's responses go out in the order
 // of its requests (the Xen framing has no request id), while its requests run concurrently so that
 // saves of many instances share commits. A bad frame costs its sender an error response and a log
 // line; nobody else notices.
+import crypto from 'node:crypto';
 import fs from 'node:fs';
 import path from 'node:path';
 import { processAlive } from '../xen/proc.js';
@@ -11,16 +13,38 @@ import { STATE_KINDS, type StateKind } from '../tpm/state-store.js';
 import { ClientChannel, FifoServer } from './fifo.js';
 import { DEFAULT_SEAL_PCRS, SealError, Sealer, loadKeyFile, loadTpmSealedKey } from './seal.js';
 import { DirOps, GroupCommitStore, StoreError } from './store.js';
-import { VmTable, VmTableError, legacyUuid, type VmRecord } from './vm-table.js';
+import { MigType, VmTable, VmTableError, legacyUuid, type VmRecord } from './vm-table.js';
+import {
+  MigrationError,
+  createIdentity,
+  decodeLoadMigKey,
+  decodeMigrateIn,
+  decodeMigrateOut,
+  emptyMigrationRecord,
+  encodeMigKey,
+  fingerprint,
+  migrationRecordFrom,
+  openIdentity,
+  openMigration,
+  publicKeyFrom,
+  readBlobHeader,
+  rsaPublicOf,
+  sealForMigration,
+  type Identity,
+  type MigrationRecord,
+  type StateBlobs,
+} from './migration.js';
 import {
   ANY_INSTANCE,
   Ord,
   STATUS_NAMES,
+  Startup,
   Status,
   TAG_REQ,
   WireError,
   decodeInstanceParam,
   decodeOpen,
+  encodeInstanceParam,
   encodeOpenResult,
   encodeResponse,
   isPrivileged,
@@ -61,11 +85,33 @@ interface Reply {
   params?: Uint8Array;
 }
 
+/** What the store's table record holds: the VM table and the migration record (a bare list before migration existed). */
+function splitTable(x: unknown): { vms: unknown; migration: MigrationRecord } {
+  if (x && typeof x === 'object' && !Array.isArray(x) && 'vms' in x) {
+    const t = x as { vms: unknown; migration?: unknown };
+    return { vms: t.vms, migration: migrationRecordFrom(t.migration) };
+  }
+  return { vms: x, migration: emptyMigrationRecord() };
+}
+
+const MIGRATION_STATUS: Record<MigrationError['code'], StatusCode> = {
+  BAD_FORMAT: Status.INVALID_REQUEST,
+  BAD_KEY: Status.INVALID_REQUEST,
+  WRONG_KEY: Status.FORBIDDEN,
+  TAMPERED: Status.RESTORE_CONTEXT_FAILED,
+  KEY_STORE: Status.FAIL,
+};
+
+/** Ordinals a console (or a console-attached pair) may send although Xen numbers them unprivileged. */
+const CONSOLE_UNPRIVILEGED: readonly number[] = [Ord.GET_MIG_KEY, Ord.LOAD_MIG_KEY];
+
 export class ManagerDaemon {
   #server!: FifoServer;
   #table!: VmTable;
   #store!: GroupCommitStore;
   #sealer!: Sealer;
+  #migration: MigrationRecord = emptyMigrationRecord();
+  #identityP: Promise<Identity> | null = null;
   #consoleTail: Promise<void> = Promise.resolve();
   #log: (line: string) => void;
 
@@ -94,12 +140,15 @@ export class ManagerDaemon {
       : loadKeyFile(stateDir);
     this.#log(`${created ? 'created' : 'loaded'} master key (${this.opts.sealToTpm ? `sealed to ${this.opts.sealToTpm}` : 'key file'})`);
     this.#sealer = new Sealer(key);
-    const { store, table } = await GroupCommitStore.open(new DirOps(stateDir), this.#sealer.metaKey(), () => this.#table.toJSON(), {
+    const snapshot = (): unknown => ({ vms: this.#table.toJSON(), migration: this.#migration });
+    const { store, table } = await GroupCommitStore.open(new DirOps(stateDir), this.#sealer.metaKey(), snapshot, {
       logBytes: this.opts.logBytes,
       append: this.opts.append,
     });
     this.#store = store;
-    this.#table = VmTable.fromJSON(table);
+    const { vms, migration } = splitTable(table);
+    this.#table = VmTable.fromJSON(vms);
+    this.#migration = migration;
     if (store.stats.replayed > 0) this.#log(`replayed ${store.stats.replayed} log records (then: ${store.replayStop})`);
     this.#server = FifoServer.listen(runDir);
     this.#server.on('console', (f) => this.#onConsole(f));
@@ -137,14 +186,21 @@ export class ManagerDaemon {
 
   // ---- console ---------------------------------------------------------------------------
 
+  /** Privileged operations change the table: one at a time, whichever console pair they came on. */
+  #serialized<T>(fn: () => Promise<T>): Promise<T> {
+    const p = this.#consoleTail.then(fn);
+    this.#consoleTail = p.then(
+      () => undefined,
+      () => undefined,
+    );
+    return p;
+  }
+
   #onConsole(f: Frame): void {
-    // Privileged operations change the table: one at a time, answered in order.
-    this.#consoleTail = this.#consoleTail
-      .then(async () => {
-        const reply = await this.#answer('console', f, () => this.#console(f));
-        this.#server.replyConsole(encodeResponse(f.instance, reply.status, reply.params));
-      })
-      .catch((err: unknown) => this.#log(`console: reply lost: ${(err as Error).message}`));
+    void this.#serialized(async () => {
+      const reply = await this.#answer('console', f, () => this.#console(f));
+      this.#server.replyConsole(encodeResponse(f.instance, reply.status, reply.params));
+    }).catch((err: unknown) => this.#log(`console: reply lost: ${(err as Error).message}`));
   }
 
   #onConsoleError(e: WireError): void {
@@ -154,7 +210,12 @@ export class ManagerDaemon {
 
   async #console(f: Frame): Promise<Reply> {
     if (f.tag !== TAG_REQ) throw new Refusal(Status.UNSUPPORTED, `TPM command (tag 0x${f.tag.toString(16)}): this manager forwards no TPM commands`);
-    if (!isPrivileged(f.code)) throw new Refusal(Status.INVALID_REQUEST, `${ordinalName(f.code)} belongs on a client FIFO, not the console`);
+    if (!isPrivileged(f.code) && !CONSOLE_UNPRIVILEGED.includes(f.code))
+      throw new Refusal(Status.INVALID_REQUEST, `${ordinalName(f.code)} belongs on a client FIFO, not the console`);
+    return this.#privileged(f);
+  }
+
+  async #privileged(f: Frame): Promise<Reply> {
     switch (f.code) {
       case Ord.OPEN:
         return this.#open(f);
@@ -173,8 +234,13 @@ export class ManagerDaemon {
         return { status: Status.SUCCESS };
       }
       case Ord.MIGRATE_IN:
+        return this.#migrateIn(f);
       case Ord.MIGRATE_OUT:
-        throw new Refusal(Status.UNSUPPORTED, `${ordinalName(f.code)}: migration is not implemented yet`);
+        return this.#migrateOut(f);
+      case Ord.GET_MIG_KEY:
+        return this.#getMigKey(f);
+      case Ord.LOAD_MIG_KEY:
+        return this.#loadMigKey(f);
       default:
         throw new Refusal(Status.UNSUPPORTED, `unknown privileged ordinal ${ordinalName(f.code)}`);
     }
@@ -191,7 +257,7 @@ export class ManagerDaemon {
       vmUuid = known?.vmUuid ?? legacyUuid(p.instance);
       version = known?.version ?? '1.2';
     }
-    const { record, created } = this.#table.open({ vmUuid, version: version!, instance: p.instance, vmType: p.vmType, startup: p.startup });
+    const { record, created } = this.#table.open({ vmUuid, version: version!, instance: p.instance, vmType: p.vmType, startup: p.startup, migType: p.migType });
     await this.#store.commitTable();
     this.#log(`${created ? 'created' : 'resumed'} instance ${record.instance} for vm ${record.vmUuid} (TPM ${record.version})`);
     return { status: Status.SUCCESS, params: encodeOpenResult(record.instance, created) };
@@ -201,7 +267,7 @@ export class ManagerDaemon {
 
   #onClient(ch: ClientChannel): void {
     const bound = ch.info.bind === ANY_INSTANCE ? 'any instance' : `instance ${ch.info.bind}`;
-    this.#log(`${ch.label} attached (${bound})`);
+    this.#log(`${ch.label} attached (${bound}${ch.info.privileged ? ', privileged: through the console' : ''})`);
     let tail: Promise<void> = Promise.resolve();
     ch.on('frame', (f) => {
       const reply = this.#answer(ch.label, f, () => this.#client(ch, f));
@@ -225,14 +291,23 @@ export class ManagerDaemon {
 
   async #client(ch: ClientChannel, f: Frame): Promise<Reply> {
     if (f.tag !== TAG_REQ) throw new Refusal(Status.UNSUPPORTED, `TPM command (tag 0x${f.tag.toString(16)}): this manager forwards no TPM commands`);
+    if (ch.info.privileged && (isPrivileged(f.code) || CONSOLE_UNPRIVILEGED.includes(f.code))) return this.#serialized(() => this.#privileged(f));
     if (isPrivileged(f.code)) throw new Refusal(Status.FORBIDDEN, `privileged ordinal ${ordinalName(f.code)} on a client FIFO`);
     if (ch.info.bind !== ANY_INSTANCE && f.instance !== ch.info.bind)
       throw new Refusal(Status.FORBIDDEN, `instance ${f.instance} addressed by a client bound to instance ${ch.info.bind}`);
     switch (f.code) {
       case Ord.TPMCOMMAND:
+        // Xen's manager passed a DMI's TPM command through to the host's hardware TPM (tpmpassthrough.c,
+        // minus owner/maintenance ordinals). There is no hardware TPM behind this manager to pass it to.
+        throw new Refusal(
+          Status.UNSUPPORTED,
+          'TPMCOMMAND passes a vTPM\'s command through to the host\'s hardware TPM (Xen 3.x tpmpassthrough); this manager has no hardware TPM to pass it to, and guest commands never reach the TPM its master key may be sealed to',
+        );
       case Ord.GET_MIG_KEY:
+        return this.#getMigKey(f);
       case Ord.LOAD_MIG_KEY:
-        throw new Refusal(Status.UNSUPPORTED, `${ordinalName(f.code)} is not implemented`);
+        // Xen took it from any DMI: a vTPM could then re-point a destination name at its own key.
+        throw new Refusal(Status.FORBIDDEN, 'LOAD_MIG_KEY decides where MIGRATE_OUT may send a vTPM: console or console-attached pairs only');
     }
     const saveKind = SAVE_ORDS[f.code];
     const loadKind = LOAD_ORDS[f.code];
@@ -250,6 +325,11 @@ export class ManagerDaemon {
   #openVm(instance: number): VmRecord {
     const vm = this.#table.byInstance(instance);
     if (!vm) throw new Refusal(Status.INVALID_REQUEST, `unknown instance ${instance}`);
+    if (vm.status === 'migrated')
+      throw new Refusal(
+        Status.FORBIDDEN,
+        `instance ${instance} (vm ${vm.vmUuid}) was migrated out to "${vm.migratedTo?.name}" (counter ${vm.migratedTo?.counter}); its state stays frozen here until DELETE`,
+      );
     if (vm.status !== 'open') throw new Refusal(Status.FORBIDDEN, `instance ${instance} is closed (OPEN it on the console first)`);
     return vm;
   }
@@ -265,16 +345,194 @@ export class ManagerDaemon {
   }
 
   async #load(vm: VmRecord, kind: StateKind): Promise<Reply> {
+    return { status: Status.SUCCESS, params: (await this.#loadPlain(vm, kind)) ?? new Uint8Array(0) };
+  }
+
+  async #loadPlain(vm: VmRecord, kind: StateKind): Promise<Buffer | null> {
     const got = await this.#store.load(vm.instance, kind);
-    if (!got) return { status: Status.SUCCESS, params: new Uint8Array(0) };
+    if (!got) return null;
     try {
-      const data = this.#sealer.open({ instance: vm.instance, vmUuid: vm.vmUuid, kind, generation: got.generation }, got.data);
-      return { status: Status.SUCCESS, params: data };
+      return this.#sealer.open({ instance: vm.instance, vmUuid: vm.vmUuid, kind, generation: got.generation }, got.data);
     } catch (err) {
       if (err instanceof SealError)
         throw new Refusal(Status.RESTORE_CONTEXT_FAILED, `state file ${this.#store.ops.description}/i${vm.instance}.${kind}.g${got.generation}.blob refused: ${err.message}`);
       throw err;
     }
+  }
+
+  // ---- migration ---------------------------------------------------------------------------
+
+  /** This manager's migration key pair: made at first use, kept (private half encrypted) in the store. */
+  #identity(): Promise<Identity> {
+    if (!this.#identityP) {
+      const p = (async () => {
+        const wrap = this.#sealer.migrationKeyWrap();
+        if (this.#migration.identity) return openIdentity(wrap, this.#migration.identity);
+        const { identity, stored } = await createIdentity(wrap);
+        this.#migration.identity = stored;
+        try {
+          await this.#store.commitTable();
+        } catch (err) {
+          this.#migration.identity = null;
+          throw err;
+        }
+        this.#log(`created migration key ${short(identity.fingerprint)} (RSA-3072)`);
+        return identity;
+      })();
+      this.#identityP = p;
+      p.catch(() => {
+        if (this.#identityP === p) this.#identityP = null;
+      });
+    }
+    return this.#identityP;
+  }
+
+  /** GET_MIG_KEY: this manager's public migration key, in Xen's exponent/modulus layout. */
+  async #getMigKey(f: Frame): Promise<Reply> {
+    if (f.params.length !== 0) throw new Refusal(Status.INVALID_REQUEST, `GET_MIG_KEY takes no parameters, got ${f.params.length} bytes`);
+    const me = await this.#identity();
+    return { status: Status.SUCCESS, params: encodeMigKey(rsaPublicOf(me.publicKey)) };
+  }
+
+  /** LOAD_MIG_KEY: remembers a destination's public key under its name, durably. */
+  async #loadMigKey(f: Frame): Promise<Reply> {
+    const { name, key } = decodeLoadMigKey(f.params);
+    const pub = publicKeyFrom(key);
+    const fp = fingerprint(pub).toString('hex');
+    const before = this.#migration.destinations[name];
+    this.#migration.destinations[name] = { spki: pub.export({ format: 'der', type: 'spki' }).toString('base64'), fingerprint: fp, loaded: new Date().toISOString() };
+    try {
+      await this.#store.commitTable();
+    } catch (err) {
+      if (before) this.#migration.destinations[name] = before;
+      else delete this.#migration.destinations[name];
+      throw err;
+    }
+    const was = before && before.fingerprint !== fp ? ` (replacing ${before.fingerprint.slice(0, 16)}…)` : '';
+    this.#log(`loaded migration key "${name}" ${fp.slice(0, 16)}…${was}`);
+    return { status: Status.SUCCESS };
+  }
+
+  /**
+   * MIGRATE_OUT (source): the VM's stored state sealed to the named destination; the VM is marked
+   * migrated first, so no save can slip in after the state was read, and stays so until DELETE. Asked
+   * again for the same destination it re-issues the blob under the same counter (the reply was lost);
+   * the destination takes at most one of them.
+   */
+  async #migrateOut(f: Frame): Promise<Reply> {
+    const req = decodeMigrateOut(f.params);
+    const vm = req.vmUuid === null ? this.#table.byInstance(req.instance) : this.#table.byUuid(req.vmUuid);
+    if (!vm) throw new Refusal(Status.INVALID_REQUEST, `MIGRATE_OUT of unknown ${req.vmUuid === null ? `instance ${req.instance}` : `vm ${req.vmUuid}`}`);
+    const { instance } = vm;
+    const { name } = req;
+    if ((vm.migType ?? MigType.MIGRATABLE) === MigType.NON_MIGRATABLE)
+      throw new Refusal(Status.FORBIDDEN, `instance ${instance} (vm ${vm.vmUuid}) was opened NON_MIGRATABLE (mig_type 0)`);
+    const dest = this.#migration.destinations[name];
+    if (!dest) throw new Refusal(Status.INVALID_REQUEST, `no migration key loaded under the name "${name}" (LOAD_MIG_KEY first)`);
+    const me = await this.#identity();
+    if (dest.fingerprint === me.fingerprint.toString('hex')) throw new Refusal(Status.INVALID_REQUEST, `"${name}" is this manager's own migration key`);
+    let counter: number;
+    if (vm.status === 'migrated') {
+      const to = vm.migratedTo!;
+      if (to.keyFingerprint !== dest.fingerprint)
+        throw new Refusal(
+          Status.FORBIDDEN,
+          `instance ${instance} (vm ${vm.vmUuid}) already went to "${to.name}" (key ${to.keyFingerprint.slice(0, 16)}…, counter ${to.counter}); only that destination can be sent it again`,
+        );
+      counter = to.counter;
+    } else counter = (vm.migCounter ?? 0) + 1;
+    const prev = { status: vm.status, migratedTo: vm.migratedTo, counter: this.#migration.counters[vm.vmUuid] };
+    const at = new Date().toISOString();
+    vm.status = 'migrated';
+    vm.migratedTo = { name, keyFingerprint: dest.fingerprint, counter, at };
+    this.#migration.counters[vm.vmUuid] = Math.max(prev.counter ?? 0, counter);
+    let blob: Buffer;
+    const states: StateBlobs = {};
+    try {
+      for (const kind of STATE_KINDS) {
+        const data = await this.#loadPlain(vm, kind);
+        if (data) states[kind] = data;
+      }
+      const destKey = cryptoPublic(dest.spki);
+      blob = sealForMigration({ version: vm.version, vmType: vm.vmType, vmUuid: vm.vmUuid, instance, counter, source: me.fingerprint }, destKey, states);
+      await this.#store.commitTable();
+    } catch (err) {
+      vm.status = prev.status;
+      vm.migratedTo = prev.migratedTo;
+      if (prev.counter === undefined) delete this.#migration.counters[vm.vmUuid];
+      else this.#migration.counters[vm.vmUuid] = prev.counter;
+      throw err;
+    }
+    const kinds = Object.keys(states).join('+') || 'no state';
+    this.#log(`migrated out instance ${instance} (vm ${vm.vmUuid}, ${kinds}) to "${name}" ${dest.fingerprint.slice(0, 16)}…, counter ${counter}, ${blob.length}-byte blob`);
+    return { status: Status.SUCCESS, params: blob };
+  }
+
+  /**
+   * MIGRATE_IN (destination): opens a blob made for this manager's key, refuses one it has already taken
+   * (or sent: counters only grow per VM) and a VM it already has, then registers the VM (closed, to be
+   * OPENed as a resume) and seals its state here, all in one commit.
+   */
+  async #migrateIn(f: Frame): Promise<Reply> {
+    const { instance: want, blob } = decodeMigrateIn(f.params);
+    const me = await this.#identity();
+    const describe = (h: { id: Buffer; vmUuid: string; counter: number; source: Buffer }): string =>
+      `blob ${h.id.toString('hex').slice(0, 8)} for vm ${h.vmUuid} (counter ${h.counter}, from key ${short(h.source)})`;
+    let opened: ReturnType<typeof openMigration>;
+    try {
+      opened = openMigration(me, blob);
+    } catch (err) {
+      // The header was readable (only BAD_FORMAT means it was not): name the blob in the refusal.
+      if (err instanceof MigrationError && err.code !== 'BAD_FORMAT') throw new MigrationError(err.code, `${describe(readBlobHeader(blob))}: ${err.message}`);
+      throw err;
+    }
+    const { header: h, states } = opened;
+    const what = describe(h);
+    const seen = this.#migration.counters[h.vmUuid];
+    if (seen !== undefined && h.counter <= seen)
+      throw new Refusal(Status.FORBIDDEN, `${what}: this manager already took in or sent out counter ${seen} of that vm (a replayed or stale blob)`);
+    const present = this.#table.byUuid(h.vmUuid);
+    if (present) throw new Refusal(Status.INVALID_REQUEST, `${what}: vm is already here as instance ${present.instance} (${present.status}); DELETE it first`);
+    let instance: number;
+    try {
+      instance = this.#table.freeInstance(want);
+    } catch (err) {
+      throw new Refusal(Status.INVALID_REQUEST, `${what}: ${(err as Error).message}`);
+    }
+    const t = new Date().toISOString();
+    const record: VmRecord = {
+      vmUuid: h.vmUuid,
+      instance,
+      version: h.version,
+      created: t,
+      lastSeen: t,
+      status: 'closed',
+      vmType: h.vmType,
+      startup: Startup.SAVE,
+      migType: MigType.MIGRATABLE,
+      migCounter: h.counter,
+    };
+    this.#table.insert(record);
+    this.#migration.counters[h.vmUuid] = h.counter;
+    // Enqueued together: the blobs and the table entry naming them land in one commit, or none does.
+    const ops: Promise<void>[] = [];
+    for (const kind of STATE_KINDS) {
+      const data = states[kind];
+      if (!data) continue;
+      const generation = this.#store.reserve();
+      ops.push(this.#store.save(instance, kind, generation, this.#sealer.seal({ instance, vmUuid: h.vmUuid, kind, generation }, data)));
+    }
+    ops.push(this.#store.commitTable());
+    const settled = await Promise.allSettled(ops);
+    const failed = settled.find((r): r is PromiseRejectedResult => r.status === 'rejected');
+    if (failed) {
+      this.#table.delete(instance);
+      if (seen === undefined) delete this.#migration.counters[h.vmUuid];
+      else this.#migration.counters[h.vmUuid] = seen;
+      throw failed.reason;
+    }
+    this.#log(`migrated in ${what} as instance ${instance} (${Object.keys(states).join('+') || 'no state'})`);
+    return { status: Status.SUCCESS, params: encodeInstanceParam(instance) };
   }
 
   /** Runs a handler; any refusal or failure becomes a VTPM_* status and one log line. */
@@ -284,10 +542,19 @@ export class ManagerDaemon {
     } catch (err) {
       let status: StatusCode = Status.FAIL;
       if (err instanceof Refusal || err instanceof WireError) status = err.status;
-      else if (err instanceof VmTableError) status = err.code === 'FULL' ? Status.FAIL : Status.INVALID_REQUEST;
+      else if (err instanceof VmTableError) status = err.code === 'FULL' ? Status.FAIL : err.code === 'MIGRATED' ? Status.FORBIDDEN : Status.INVALID_REQUEST;
+      else if (err instanceof MigrationError) status = MIGRATION_STATUS[err.code];
       else if (err instanceof StoreError) status = err.code === 'IO' ? Status.FAIL : Status.RESTORE_CONTEXT_FAILED;
       this.#log(`${who}: ${ordinalName(f.code)} on instance ${f.instance}: ${(err as Error).message}; answered ${STATUS_NAMES[status]}`);
       return { status };
     }
   }
+}
+
+function short(fp: Uint8Array): string {
+  return `${Buffer.from(fp).toString('hex').slice(0, 16)}…`;
+}
+
+function cryptoPublic(spkiB64: string): crypto.KeyObject {
+  return crypto.createPublicKey({ key: Buffer.from(spkiB64, 'base64'), format: 'der', type: 'spki' });
 }

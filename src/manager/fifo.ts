@@ -7,6 +7,10 @@
 //   run dir/clients/NAME.req.fifo  client → manager, one writer: frames of any size (256 KiB blobs)
 //   run dir/clients/NAME.rsp.fifo  manager → client, one writer
 //
+// A CONNECT written to from_console.fifo instead of the rendezvous attaches a *privileged* pair: whoever
+// may write the console may send privileged ordinals on it too, with frames of any size (a MIGRATE_IN
+// blob is far larger than PIPE_BUF, which the shared console FIFO cannot carry).
+//
 // A FIFO write is atomic only up to PIPE_BUF, so a FIFO shared by several writers only ever carries
 // frames that fit; big blobs travel on a FIFO with exactly one writer, where interleaving cannot happen.
 // Every FIFO is opened O_NONBLOCK and wrapped in a libuv pipe handle (net.Socket({fd})), so reads and
@@ -158,6 +162,8 @@ export interface ClientInfo {
   pid: number;
   /** The only instance this client may address, or ANY_INSTANCE (the single-VM backend). */
   bind: number;
+  /** Attached through the console FIFO: privileged ordinals are accepted on this pair. */
+  privileged: boolean;
 }
 
 export class ClientChannel extends EventEmitter<{ frame: [Frame]; error: [WireError]; gone: [string] }> {
@@ -222,14 +228,14 @@ export class FifoServer extends EventEmitter<FifoServerEvents> {
     fs.mkdirSync(path.join(runDir, CLIENTS_DIR), { recursive: true, mode: 0o700 });
     for (const f of [CONSOLE_IN, CONSOLE_OUT, RENDEZVOUS]) ensureFifo(path.join(runDir, f));
     s.#console = s.#sharedReader(CONSOLE_IN, [TAG_REQ, ...TPM_TAGS]);
-    s.#console.on('frame', (f) => s.emit('console', f));
+    s.#console.on('frame', (f) => (f.tag === TAG_REQ && f.code === Ord.CONNECT ? s.#onConnect(f, true) : s.emit('console', f)));
     s.#console.on('error', (e) => s.emit('consoleError', e));
     // O_RDWR: never ENXIO, and a reply waits in the pipe until the hotplug script opens its read end.
     const outFd = fs.openSync(path.join(runDir, CONSOLE_OUT), O_RDWR | O_NONBLOCK);
     s.#consoleOut = new net.Socket({ fd: outFd, readable: false, writable: true });
     s.#consoleOut.on('error', () => {});
     s.#rendezvous = s.#sharedReader(RENDEZVOUS, [TAG_REQ]);
-    s.#rendezvous.on('frame', (f) => s.#onConnect(f));
+    s.#rendezvous.on('frame', (f) => s.#onConnect(f, false));
     s.#rendezvous.on('error', (e) => s.emit('rendezvousError', e.message));
     return s;
   }
@@ -250,14 +256,14 @@ export class FifoServer extends EventEmitter<FifoServerEvents> {
     return this.#clients;
   }
 
-  #onConnect(f: Frame): void {
+  #onConnect(f: Frame, privileged: boolean): void {
     if (f.code !== Ord.CONNECT) {
       this.emit('rendezvousError', `ordinal 0x${f.code.toString(16)} on ${RENDEZVOUS} (only CONNECT is valid there)`);
       return;
     }
     let info: ClientInfo;
     try {
-      info = decodeConnect(f.params);
+      info = { ...decodeConnect(f.params), privileged };
     } catch (err) {
       this.emit('rendezvousError', (err as Error).message);
       return;
@@ -316,7 +322,7 @@ export interface ClientPair {
  */
 export async function connectPair(
   runDir: string,
-  opts: { name: string; bind?: number; timeoutMs?: number },
+  opts: { name: string; bind?: number; timeoutMs?: number; via?: 'rendezvous' | 'console' },
 ): Promise<ClientPair> {
   const dir = path.join(runDir, CLIENTS_DIR);
   const req = path.join(dir, `${opts.name}.req.fifo`);
@@ -349,7 +355,7 @@ export async function connectPair(
       const send = (): void => {
         if (Date.now() > deadline) return finish(new TransportError('TIMEOUT', `no CONNECT ack from the manager in ${runDir}`));
         try {
-          writeShared(path.join(runDir, RENDEZVOUS), hello);
+          writeShared(path.join(runDir, opts.via === 'console' ? CONSOLE_IN : RENDEZVOUS), hello);
         } catch (err) {
           if (!(err instanceof TransportError && err.code === 'PIPE_FULL')) return finish(err as Error);
         }

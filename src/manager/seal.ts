@@ -85,6 +85,11 @@ export class Sealer {
     return Buffer.from(crypto.hkdfSync('sha256', this.#master, HKDF_SALT, Buffer.from('metadata', 'ascii'), KEY_BYTES));
   }
 
+  /** Key that encrypts the manager's private migration key where it is stored (migration.ts). */
+  migrationKeyWrap(): Buffer {
+    return Buffer.from(crypto.hkdfSync('sha256', this.#master, HKDF_SALT, Buffer.from('migration-key', 'ascii'), KEY_BYTES));
+  }
+
   seal(ctx: BlobContext, data: Uint8Array): Buffer {
     const h = header(ctx);
     const iv = crypto.randomBytes(IV_BYTES);

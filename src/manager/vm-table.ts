@@ -3,7 +3,11 @@
 // control domain, as in Xen. The table is persisted inside the store's authenticated metadata.
 import { isUuid, type TpmVersion } from './wire.js';
 
-export type VmStatus = 'open' | 'closed';
+/** 'migrated': MIGRATE_OUT handed this vTPM to another manager (Xen's VTPM_TYPE_MIGRATED); only DELETE is left. */
+export type VmStatus = 'open' | 'closed' | 'migrated';
+
+/** Xen's OPEN mig_type byte: VTPM_TYPE_NON_MIGRATABLE 0, MIGRATABLE 1 (MIGRATED 0xFF is our status 'migrated'). */
+export const MigType = { NON_MIGRATABLE: 0, MIGRATABLE: 1, MIGRATED: 0xff } as const;
 
 export interface VmRecord {
   vmUuid: string;
@@ -16,11 +20,20 @@ export interface VmRecord {
   /** Xen's OPEN fields, kept for `vtpm manager` users who inspect the table. */
   vmType: number;
   startup: number;
+  /** OPEN's mig_type; absent in tables written before migration existed (then: migratable). */
+  migType?: number;
+  /**
+   * How many times this vTPM has moved between managers: 0 when created here, the blob's counter when
+   * it came in by MIGRATE_IN. A MIGRATE_OUT blob carries this + 1.
+   */
+  migCounter?: number;
+  /** Set by MIGRATE_OUT: where it went (destination key fingerprint, hex) and under which counter. */
+  migratedTo?: { name: string; keyFingerprint: string; counter: number; at: string };
 }
 
 export class VmTableError extends Error {
   constructor(
-    readonly code: 'UNKNOWN_INSTANCE' | 'UNKNOWN_VM' | 'INSTANCE_TAKEN' | 'VERSION_MISMATCH' | 'INSTANCE_MISMATCH' | 'FULL' | 'FORMAT',
+    readonly code: 'UNKNOWN_INSTANCE' | 'UNKNOWN_VM' | 'INSTANCE_TAKEN' | 'VM_PRESENT' | 'VERSION_MISMATCH' | 'INSTANCE_MISMATCH' | 'MIGRATED' | 'FULL' | 'FORMAT',
     message: string,
   ) {
     super(message);
@@ -42,6 +55,8 @@ export interface OpenRequest {
   instance: number;
   vmType: number;
   startup: number;
+  /** Xen's mig_type byte (default MIGRATABLE, what Xen's hotplug scripts send). */
+  migType?: number;
 }
 
 export class VmTable {
@@ -98,6 +113,11 @@ export class VmTable {
     const t = now.toISOString();
     const known = this.#byUuid.get(req.vmUuid);
     if (known) {
+      if (known.status === 'migrated')
+        throw new VmTableError(
+          'MIGRATED',
+          `vm ${req.vmUuid} (instance ${known.instance}) was migrated out to ${known.migratedTo?.name ?? '?'} (counter ${known.migratedTo?.counter ?? '?'}); DELETE it before using this uuid here again`,
+        );
       if (req.instance !== 0 && req.instance !== known.instance)
         throw new VmTableError('INSTANCE_MISMATCH', `vm ${req.vmUuid} is instance ${known.instance}, not ${req.instance}`);
       if (known.version !== req.version)
@@ -112,14 +132,43 @@ export class VmTable {
     else if (this.#byInstance.has(instance))
       throw new VmTableError('INSTANCE_TAKEN', `instance ${instance} already serves vm ${this.#byInstance.get(instance)!.vmUuid}`);
     if (instance > MAX_INSTANCE) throw new VmTableError('FULL', `instance ${instance} is out of range`);
-    const record: VmRecord = { vmUuid: req.vmUuid, instance, version: req.version, created: t, lastSeen: t, status: 'open', vmType: req.vmType, startup: req.startup };
+    const record: VmRecord = {
+      vmUuid: req.vmUuid,
+      instance,
+      version: req.version,
+      created: t,
+      lastSeen: t,
+      status: 'open',
+      vmType: req.vmType,
+      startup: req.startup,
+      migType: req.migType ?? MigType.MIGRATABLE,
+      migCounter: 0,
+    };
     this.#add(record);
     return { record, created: true };
   }
 
+  /** A free instance number: `want` if free (0: the lowest free one). */
+  freeInstance(want: number): number {
+    if (want === 0) return this.#allocate();
+    if (want > MAX_INSTANCE) throw new VmTableError('FULL', `instance ${want} is out of range`);
+    const r = this.#byInstance.get(want);
+    if (r) throw new VmTableError('INSTANCE_TAKEN', `instance ${want} already serves vm ${r.vmUuid}`);
+    return want;
+  }
+
+  /** Adds a record made elsewhere (MIGRATE_IN); the uuid and instance must both be free. */
+  insert(record: VmRecord): void {
+    const byUuid = this.#byUuid.get(record.vmUuid);
+    if (byUuid) throw new VmTableError('VM_PRESENT', `vm ${record.vmUuid} is already here as instance ${byUuid.instance} (${byUuid.status})`);
+    this.freeInstance(record.instance);
+    this.#add(record);
+  }
+
   close(instance: number, now = new Date()): VmRecord {
     const r = this.#need(instance);
-    r.status = 'closed';
+    // A migrated vTPM stays migrated: a backend's CLOSE after the move must not make it resumable.
+    if (r.status !== 'migrated') r.status = 'closed';
     r.lastSeen = now.toISOString();
     return r;
   }

@@ -72,9 +72,9 @@ describe('vtpm manager: console protocol (Xen 3.x hotplug bytes)', () => {
     expect(await rawConsole(m.runDir, hex('00000000 01c1 00000011 01000001 01 02 01 00000005'))).toEqual(
       hex('00000000 01c4 0000000f 00000000 00000005 00'),
     );
-    // Migration is not there yet: VTPM_UNSUPPORTED (2).
-    expect(await rawConsole(m.runDir, hex('00000000 01c1 0000000e 01000004 00000005'))).toEqual(hex('00000000 01c4 0000000a 00000002'));
-    await m.waitLog(/MIGRATE_IN on instance 0: .*not implemented.*VTPM_UNSUPPORTED/);
+    // A MIGRATE_IN with an instance and no blob: VTPM_INVALID_REQUEST (5), the missing field named.
+    expect(await rawConsole(m.runDir, hex('00000000 01c1 0000000e 01000004 00000005'))).toEqual(hex('00000000 01c4 0000000a 00000005'));
+    await m.waitLog(/MIGRATE_IN on instance 0: MIGRATE_IN: blob size needs 4 bytes at offset 4, only 0 left; answered VTPM_INVALID_REQUEST/);
   });
 
   it('serves a shell hotplug script that writes its request first and opens the reply FIFO after', async () => {
@@ -239,7 +239,12 @@ describe('vtpm manager: bad input', () => {
     expect((await ask(encodeRequest(instance, Ord.SAVENVM))).code).toBe(Status.INVALID_REQUEST);
     expect((await ask(encodeRequest(instance, Ord.DELETE_STATE, hex('0102')))).code).toBe(Status.INVALID_REQUEST);
     expect((await ask(hex(`${instance.toString(16).padStart(8, '0')} 00c1 0000000a 00000065`))).code).toBe(Status.UNSUPPORTED);
-    expect((await ask(encodeRequest(instance, Ord.GET_MIG_KEY))).code).toBe(Status.UNSUPPORTED);
+    // TPMCOMMAND needs the hardware TPM Xen passed it to: refused, saying so.
+    expect((await ask(encodeRequest(instance, Ord.TPMCOMMAND, hex('00c1 0000000a 00000065')))).code).toBe(Status.UNSUPPORTED);
+    await m.waitLog(/client mallory .*TPMCOMMAND passes a vTPM's command through to the host's hardware TPM .*no hardware TPM/);
+    // LOAD_MIG_KEY decides where vTPMs may go: not from a client pair.
+    expect((await ask(encodeRequest(instance, Ord.LOAD_MIG_KEY, hex('00000002 6100 00000001 03 00000001 01')))).code).toBe(Status.FORBIDDEN);
+    await m.waitLog(/client mallory .*LOAD_MIG_KEY decides where MIGRATE_OUT may send a vTPM/);
 
     // A client bound to one instance may not touch another.
     const bound = await client(m, instance + 1);
