@@ -227,14 +227,15 @@ describe('DirStateStore', () => {
       const closed = new Promise((r) => lines.once('close', r));
       const ready = new Promise<void>((resolve, reject) => {
         lines.on('line', (l) => {
-          if (l === 'ready') return resolve();
+          if (l === 'ready') return;
           const [n, i] = l.split(' ').map(Number) as [number, number];
           acked.set(n, i);
+          resolve(); // from the first acknowledged write on
         });
         child.once('exit', (c) => reject(new Error(`writer exited with ${c}`)));
       });
       await ready;
-      // Let it write for a while (a different moment each round), then kill it mid-stream.
+      // Let it go on writing for a while (a different moment each round), then kill it mid-stream.
       await new Promise((r) => setTimeout(r, 5 + round * 9));
       const exited = new Promise((r) => child.once('exit', r));
       child.kill('SIGKILL');
