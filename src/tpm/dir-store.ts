@@ -74,6 +74,7 @@ interface Spare {
 export const SPARE_DIR = '.spare';
 /** A refill starts this long after the claim that asked for it, off the claiming write's path. */
 const REFILL_DELAY_MS = 3;
+const REFILL_MAX_DEFER_MS = 50;
 const DEFAULT_SPARES = 2;
 
 /** One fs callback call as a promise (cheaper than fs/promises, which wraps every fd in a FileHandle). */
@@ -387,10 +388,15 @@ export class DirStateStore implements StateStore {
     this.#scheduleRefill(); // spares to make; the refill also makes names linked above durable
   }
 
-  #scheduleRefill(): void {
+  /**
+   * A refill waits while this store has operations under way (its fsyncs need journal commits, which
+   * would queue in front of their fdatasyncs on the same device), for at most REFILL_MAX_DEFER_MS.
+   */
+  #scheduleRefill(since = performance.now()): void {
     if (this.#refillTimer || this.#refilling || (this.#spares.length >= this.#spareTarget && !this.#dirDirty)) return;
     this.#refillTimer = setTimeout(() => {
       this.#refillTimer = null;
+      if (this.#chains.size > 0 && performance.now() - since < REFILL_MAX_DEFER_MS) return this.#scheduleRefill(since);
       this.#refill().catch(() => undefined); // the next claim falls back to the slow path, and retries
     }, REFILL_DELAY_MS);
     this.#refillTimer.unref();
