@@ -69,6 +69,8 @@ interface Spare {
   path: string;
   cap: number;
   seq: bigint;
+  /** Kept open from its making to its claim (one open less on the claim's path); null after close(). */
+  fd: number | null;
 }
 
 export const SPARE_DIR = '.spare';
@@ -132,8 +134,13 @@ export class DirStateStore implements StateStore {
   #refillTimer: NodeJS.Timeout | null = null;
   /** Names linked into the directory since its last fsync (claims, recovery). */
   #dirDirty = false;
-  /** Slot files this store has read or written, by path; absent: read it before the first write. */
-  readonly #slots = new Map<string, SlotState | 'legacy'>();
+  /**
+   * What this store knows of each file it touched: where the newest slot is, that it is of the first
+   * format, or that load() just found none ('absent': a first write then claims a spare without
+   * another stat; link() refuses a name that exists, so a stale 'absent' clobbers nothing). Not in the
+   * map: look at the file before the first write.
+   */
+  readonly #slots = new Map<string, SlotState | 'legacy' | 'absent'>();
   /** Per path, the last operation: operations on one file run one after another. */
   readonly #chains = new Map<string, Promise<unknown>>();
 
@@ -181,7 +188,7 @@ export class DirStateStore implements StateStore {
     this.#init();
     return this.#serial(file, async () => {
       if (!fs.statSync(file, { throwIfNoEntry: false })) {
-        this.#slots.delete(file);
+        this.#slots.set(file, 'absent');
         return null;
       }
       return this.#read(file, instance, kind);
@@ -219,6 +226,10 @@ export class DirStateStore implements StateStore {
 
   /** Closes the directory fd kept for fsyncs and stops refills; call when no operation is under way. */
   close(): void {
+    for (const sp of this.#spares) {
+      if (sp.fd !== null) fs.closeSync(sp.fd);
+      sp.fd = null;
+    }
     if (this.#refillTimer) clearTimeout(this.#refillTimer);
     this.#refillTimer = null;
     if (this.#dirFd !== null) fs.closeSync(this.#dirFd);
@@ -260,8 +271,8 @@ export class DirStateStore implements StateStore {
     if (!this.#slots.has(file) && fs.statSync(file, { throwIfNoEntry: false })) await this.#read(file, instance, kind);
     const known = this.#slots.get(file);
     const need = SLOT_HEADER_SIZE + blob.length;
-    if (known && known !== 'legacy' && need <= known.cap) return this.#overwrite(file, known, instance, kind, blob);
-    if (!known) {
+    if (typeof known === 'object' && need <= known.cap) return this.#overwrite(file, known, instance, kind, blob);
+    if (known === undefined || known === 'absent') {
       const i = this.#spares.findIndex((s) => need <= s.cap);
       if (i >= 0) return this.#claim(file, this.#spares.splice(i, 1)[0]!, instance, kind, blob);
     }
@@ -285,23 +296,28 @@ export class DirStateStore implements StateStore {
 
   /** A first write: a spare file takes the state into slot 1 and its name, one fdatasync. */
   async #claim(file: string, spare: Spare, instance: number, kind: StateKind, blob: Uint8Array): Promise<void> {
-    this.#scheduleRefill();
     const seq = spare.seq + 1n;
     const rec = encodeRecord(spare.cap, { type: RecordType.BLOB, kind, instance, seq, payload: blob });
-    const fd = fs.openSync(spare.path, O_WRONLY);
+    const fd = spare.fd ?? fs.openSync(spare.path, O_WRONLY);
+    let synced: Promise<void>;
     try {
       writeAll(fd, rec, spare.cap);
-      try {
-        fs.linkSync(spare.path, file);
-      } catch (err) {
-        // EEXIST: the name appeared since we looked (another writer). This spare now names an
-        // instance, so it cannot go back to the pool.
-        removeQuietly(spare.path);
-        throw err;
-      }
+      fs.linkSync(spare.path, file);
+      synced = call<void>(fs.fdatasync, fd);
+    } catch (err) {
+      // EEXIST from link: the name appeared since we looked (another writer). Either way this spare
+      // may now name an instance, so it cannot go back to the pool.
+      fs.closeSync(fd);
       removeQuietly(spare.path);
-      this.#dirDirty = true;
-      await call<void>(fs.fdatasync, fd);
+      throw err;
+    }
+    // While the pool syncs: drop the spare name (two names for one file are harmless, recovery
+    // removes the spare one) and arrange the refill.
+    removeQuietly(spare.path);
+    this.#dirDirty = true;
+    this.#scheduleRefill();
+    try {
+      await synced;
     } finally {
       fs.closeSync(fd);
     }
@@ -312,8 +328,8 @@ export class DirStateStore implements StateStore {
    * A whole new file by temp + rename + directory fsync: a first write with no spare left, a blob that
    * outgrew its slots, or a file of the first format (converted by this write).
    */
-  async #replace(file: string, known: SlotState | 'legacy' | undefined, instance: number, kind: StateKind, blob: Uint8Array): Promise<void> {
-    const seq = known && known !== 'legacy' ? known.seq + 1n : 1n;
+  async #replace(file: string, known: SlotState | 'legacy' | 'absent' | undefined, instance: number, kind: StateKind, blob: Uint8Array): Promise<void> {
+    const seq = typeof known === 'object' ? known.seq + 1n : 1n;
     const cap = capFor(blob.length);
     const image = encodeFile(cap, { type: RecordType.BLOB, kind, instance, seq, payload: blob });
     const tmp = `${file}.tmp-${process.pid}-${++this.#seq}`;
@@ -433,14 +449,18 @@ export class DirStateStore implements StateStore {
           await writeAllAsync(fd, image);
           await call<void>(fs.fsync, fd);
         } catch (err) {
+          await call<void>(fs.close, fd);
           removeQuietly(path);
           throw err;
-        } finally {
-          await call<void>(fs.close, fd);
         }
-        made.push({ path, cap: DEFAULT_SLOT_CAP, seq: 1n });
+        made.push({ path, cap: DEFAULT_SLOT_CAP, seq: 1n, fd });
       }
-      await this.#fsyncDir(sdir);
+      try {
+        await this.#fsyncDir(sdir);
+      } catch (err) {
+        for (const m of made) await call<void>(fs.close, m.fd!);
+        throw err;
+      }
       this.#spares.push(...made);
     }
     if (this.#dirDirty) {

@@ -80,6 +80,20 @@ describe('DirStateStore', () => {
     store.close();
   });
 
+  it('a first write never clobbers a file another writer made since load() found none (link, EEXIST)', async () => {
+    const d = dir();
+    const a = await DirStateStore.open(d, { spares: 1 });
+    expect(await a.load(4, 'permanent')).toBeNull();
+    await new DirStateStore(d, { spares: 0 }).store(4, 'permanent', Uint8Array.of(0xb));
+    await expect(a.store(4, 'permanent', Uint8Array.of(0xa))).rejects.toMatchObject({ code: 'EEXIST' });
+    expect(hex((await new DirStateStore(d, { spares: 0 }).load(4, 'permanent'))!)).toBe('0b');
+    // The spare it had written into is gone from the pool and from .spare/ (it named instance 4).
+    expect(a.spareCount).toBe(0);
+    await a.sparesReady();
+    expect(readdirSync(join(d, SPARE_DIR))).toHaveLength(1);
+    a.close();
+  });
+
   it('a blob that outgrows its slots moves to a bigger file; spares: 0 still writes new kinds', async () => {
     const store = new DirStateStore(dir(), { spares: 0 });
     await store.store(1, 'volatile', new Uint8Array(100).fill(1));
