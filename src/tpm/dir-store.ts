@@ -381,8 +381,9 @@ export class DirStateStore implements StateStore {
       try {
         parsed = parseSlotFile(fs.readFileSync(path), path);
       } catch (err) {
-        if (!(err instanceof SlotFileError)) throw err;
-        removeQuietly(path); // made but never completed: nothing was ever acknowledged from it
+        // Made but never completed: nothing was ever acknowledged from it. Anything else we cannot
+        // read (not ours) stays where it is.
+        if (err instanceof SlotFileError) removeQuietly(path);
         continue;
       }
       const r = parsed.format === 'slots' ? parsed.content.record : null;
