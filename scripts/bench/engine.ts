@@ -112,7 +112,7 @@ export async function run(ctx: BenchContext): Promise<Figure[]> {
   //  - ready_ms: a host with `spares: 1`, its spare made before the sample starts (warm: the host
   //    refills when idle, and a backend creates TPMs far apart compared with the ~3 ms a refill takes);
   //  - ready_ms_cold: a host without spares: load a library copy and manufacture on demand;
-  //  - ready_ms_tmpfs_store: as ready_ms with the directory store on /dev/shm (fsync costs nothing there).
+  //  - ready_ms_tmpfs_store: as ready_ms with the directory store on /dev/shm (fdatasync costs nothing there).
   const dir = mkdtempSync(join(tmpdir(), 'vtpm-bench-lat-'));
   const shmDir = mkdtempSync('/dev/shm/vtpm-bench-');
   const host = new TpmHost({ spares: 1 });
@@ -155,7 +155,7 @@ export async function run(ctx: BenchContext): Promise<Figure[]> {
       unit: 'ms',
       ours: median(oursReady),
       peer: median(swReady),
-      note: `${n}; host spares: 1 (warm); ours fsyncs state (dir store, same disk), swtpm 0.7.1 does not`,
+      note: `${n}; host spares: 1 (warm); ours syncs state before answering (dir store, one fdatasync, same disk), swtpm 0.7.1 does not`,
     });
     figures.push({ id: 'ready_ms_cold', unit: 'ms', ours: median(coldReady), peer: median(swReady), note: `${n}; no spares: manufacture on demand; swtpm as above` });
     figures.push({ id: 'ready_ms_tmpfs_store', unit: 'ms', ours: median(shmReady), peer: median(swReady), note: `${n}; spares: 1, store on /dev/shm; swtpm as above` });

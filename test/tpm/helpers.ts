@@ -8,7 +8,8 @@ import type { StateKind, StateStore } from '../../src/tpm/state-store.js';
 
 export function tempDir(prefix: string): { dir: string; cleanup: () => void } {
   const dir = mkdtempSync(join(tmpdir(), `vtpm-${prefix}-`));
-  return { dir, cleanup: () => rmSync(dir, { recursive: true, force: true }) };
+  // Retries: a store's spare refill may still be adding a file when the test removes the directory.
+  return { dir, cleanup: () => rmSync(dir, { recursive: true, force: true, maxRetries: 5 }) };
 }
 
 export function tempStore(prefix: string): { store: DirStateStore; dir: string; cleanup: () => void } {
