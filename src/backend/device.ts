@@ -17,6 +17,7 @@ import { XS_FEATURE_RING, XS_FEATURE_V2 } from '../xen/tpmif.js';
 import { V2Channel } from './v2-channel.js';
 import { RingChannel } from './ring-channel.js';
 import type { VtpmTarget } from './target.js';
+import { trace } from '../xen/trace.js';
 
 /** What a device needs from the backend process: the vTPM for a VM, opened at the manager. */
 export interface VtpmProvider {
@@ -146,6 +147,7 @@ export class BackendDevice {
     }
     if (s === this.#lastFrontend) return;
     this.#lastFrontend = s;
+    trace(`dev fe=${XenbusState[s]}`);
     await this.#onFrontend(s, keys);
   }
 
@@ -188,6 +190,7 @@ export class BackendDevice {
         // volatile state durable, so a resumed guest finds both the answer and the state. (Closing
         // again when the toolstack already wrote it is harmless; Closed only follows a finish.)
         await this.#quiesce();
+        trace('dev quiesced');
         await switchState(this.#o.xs, this.dev.backend, XenbusState.Closing);
         break;
       case XenbusState.Closed:
