@@ -45,6 +45,9 @@ export interface TpmFrontOptions {
   onBackendReset?: () => void;
 }
 
+/** The device directories each xenstore connection saw last, per frontend home (a resume's first guess). */
+const lastBackend = new WeakMap<XsClient, Map<string, VtpmDevice>>();
+
 export class TpmFront {
   readonly dev: VtpmDevice;
   readonly protocol: Protocol;
@@ -68,29 +71,61 @@ export class TpmFront {
     const { xs, dom } = opts;
     const devid = opts.devid ?? 0;
     const home = `/local/domain/${dom.domid}/device/vtpm/${devid}`;
-    const [backendId, backend] = await Promise.all([xs.readString(`${home}/backend-id`), xs.readString(`${home}/backend`)]);
-    const backDomid = Number(backendId);
-    if (!Number.isInteger(backDomid)) throw new FrontendError('ENODEV', `${home}/backend-id is not a domid`);
-    const dev = vtpmDevice(dom.domid, devid, backDomid);
-    if (backend !== dev.backend) throw new FrontendError('ENODEV', `${home}/backend is ${backend}, expected ${dev.backend}`);
     const protocol = opts.protocol ?? 'v2';
+    // Everything up to the publish leaves in one batch: the other end's details (re-read on every
+    // connect, as Linux's xenbus_dev_resume does), on a reconnect our Initialising and the wait for
+    // the backend's InitWait (at the backend this client saw last time), and the publish's transaction.
+    const details = Promise.all([xs.readString(`${home}/backend-id`), xs.readString(`${home}/backend`)]);
+    const known = opts.reconnect ? lastBackend.get(xs)?.get(home) : undefined;
     // Reconnecting after suspend or a backend restart: back to Initialising first, as Linux's
-    // xenbus_dev_resume does, so the backend drops the old ring before it reads the new one.
-    if (opts.reconnect) {
-      // A backend still serving our old ring drops it and goes to InitWait; a dead one stays Connected
-      // until its successor takes the device over (and goes to InitWait itself). The wait's first
-      // read goes out right behind the write: after a suspend the backend is at InitWait already.
-      await Promise.all([
-        switchState(xs, dev.frontend, XenbusState.Initialising),
-        waitForState(xs, dev.backend, (s) => s === XenbusState.InitWait, { timeoutMs: opts.timeoutMs ?? 60_000 }),
-      ]);
-      // A restarted backend is a new domain behind the same domid: stop using the dead one's memory.
-      dom.dropPeer(backDomid);
-    }
-    const transport: TpmTransport =
+    // xenbus_dev_resume does, so the backend drops the old ring before it reads the new one. A backend
+    // still serving our old ring drops it and goes to InitWait; a dead one stays Connected until its
+    // successor takes the device over (and goes to InitWait itself). After a suspend the backend is
+    // at InitWait already, so the wait's first read answers it.
+    const timeoutMs = opts.timeoutMs ?? 60_000;
+    const initialising = opts.reconnect ? switchState(xs, home, XenbusState.Initialising) : undefined;
+    const stop = new AbortController();
+    let initWait = known ? waitForState(xs, known.backend, (s) => s === XenbusState.InitWait, { timeoutMs, signal: stop.signal }) : undefined;
+    initWait?.catch(() => {});
+    const tx = xs.transactionStart();
+    tx.catch(() => {});
+    const build = (backDomid: number): TpmTransport =>
       protocol === 'ring'
         ? new RingFront(dom, backDomid, { segments: opts.segments, firstId: opts.firstId })
         : new V2Front(dom, backDomid, { pollUs: opts.pollUs });
+    // The new ring is built while that batch is under way (it needs only the backend's domid).
+    let transport: TpmTransport | undefined = known ? build(known.backDomid) : undefined;
+    let dev: VtpmDevice;
+    let backDomid: number;
+    try {
+      const [backendId, backend] = await details;
+      backDomid = Number(backendId);
+      if (!Number.isInteger(backDomid)) throw new FrontendError('ENODEV', `${home}/backend-id is not a domid`);
+      dev = vtpmDevice(dom.domid, devid, backDomid);
+      if (backend !== dev.backend) throw new FrontendError('ENODEV', `${home}/backend is ${backend}, expected ${dev.backend}`);
+      if (opts.reconnect) {
+        if (!known || known.backend !== dev.backend) {
+          stop.abort();
+          initWait = waitForState(xs, dev.backend, (s) => s === XenbusState.InitWait, { timeoutMs });
+        }
+        await Promise.all([initialising, initWait]);
+        // A restarted backend is a new domain behind the same domid: stop using the dead one's memory.
+        dom.dropPeer(backDomid);
+      }
+      if (transport && known!.backDomid !== backDomid) {
+        await transport.close();
+        transport = undefined;
+      }
+      transport ??= build(backDomid);
+    } catch (err) {
+      stop.abort();
+      void tx.then((id) => xs.transactionEnd(id, false)).catch(() => {});
+      await transport?.close();
+      throw err;
+    }
+    let map = lastBackend.get(xs);
+    if (!map) lastBackend.set(xs, (map = new Map()));
+    map.set(home, dev);
     try {
       await frontendConnect(
         xs,
@@ -100,7 +135,7 @@ export class TpmFront {
           eventChannel: transport.port,
           extra: protocol === 'ring' ? { [XS_FEATURE_RING]: '1' } : {},
         },
-        { timeoutMs: opts.timeoutMs, requireBackendFeature: protocol === 'ring' ? XS_FEATURE_RING : undefined },
+        { timeoutMs: opts.timeoutMs, requireBackendFeature: protocol === 'ring' ? XS_FEATURE_RING : undefined, tx },
       );
     } catch (err) {
       await transport.close();

@@ -103,6 +103,8 @@ export async function watchState(client: XsClient, dir: string, onState: (s: Xen
 export interface WaitOptions {
   /** Give up after this long (XenbusError XENBUS_TIMEOUT); default: wait forever. */
   timeoutMs?: number;
+  /** Stop waiting (the promise rejects with the signal's reason) and drop the watch. */
+  signal?: AbortSignal;
 }
 
 /**
@@ -125,6 +127,10 @@ export async function waitForState(
           () => reject(new XenbusError('XENBUS_TIMEOUT', `${dir}/state did not reach the awaited state in ${opts.timeoutMs} ms`)),
           opts.timeoutMs,
         );
+      }
+      if (opts.signal) {
+        if (opts.signal.aborted) return reject(opts.signal.reason);
+        opts.signal.addEventListener('abort', () => reject(opts.signal!.reason), { once: true });
       }
       readState(client, dir).then((s) => {
         if (predicate(s)) resolve(s);
@@ -225,6 +231,11 @@ export interface FrontendRing {
 export interface ConnectOptions extends WaitOptions {
   /** Backend key that must be non-zero before the frontend connects (default feature-protocol-v2). */
   requireBackendFeature?: string;
+  /**
+   * A transaction the caller started already (sent along with its earlier requests), used for the
+   * first attempt: the publish then costs one round trip instead of three.
+   */
+  tx?: Promise<TxId>;
 }
 
 /**
@@ -234,29 +245,46 @@ export interface ConnectOptions extends WaitOptions {
  *
  * The transaction matters: a backend that took the device over from a dead one still sees our old
  * Connected and old ring until we publish a new one, and must never see the new keys with the old
- * state (it would map a ring we are still setting up). Inside it the writes are pipelined.
+ * state (it would map a ring we are still setting up). Its writes, its commit and the first read of
+ * the backend's state leave together: xenstored handles a connection's requests in order, so the read
+ * sees the committed transaction. A commit that conflicts (EAGAIN) is redone in a new transaction.
  */
 export async function frontendConnect(client: XsClient, dev: VtpmDevice, ring: FrontendRing, opts: ConnectOptions = {}): Promise<void> {
-  await client.transaction((tx) =>
-    Promise.all([
+  const feature = opts.requireBackendFeature ?? 'feature-protocol-v2';
+  let started: Promise<TxId> | undefined = opts.tx;
+  let waiting: Promise<[XenbusState, string | undefined]> | undefined;
+  for (let attempt = 1; ; attempt++) {
+    const tx = await (started ?? client.transactionStart());
+    started = undefined;
+    const writes = Promise.all([
       client.write(`${dev.frontend}/ring-ref`, String(ring.ringRef), tx),
       client.write(`${dev.frontend}/event-channel`, String(ring.eventChannel), tx),
       client.write(`${dev.frontend}/feature-protocol-v2`, '1', tx),
       ...Object.entries(ring.extra ?? {}).map(([k, v]) => client.write(`${dev.frontend}/${k}`, v, tx)),
       switchState(client, dev.frontend, XenbusState.Initialised, tx),
-    ]),
-  );
-  const feature = opts.requireBackendFeature ?? 'feature-protocol-v2';
-  // The backend published its features before InitWait: read them while waiting for its state.
-  const [s, early] = await Promise.all([
-    waitForState(
-      client,
-      dev.backend,
-      (st) => st === XenbusState.Initialised || st === XenbusState.Connected || st === XenbusState.Closing || st === XenbusState.Closed,
-      opts,
-    ),
-    client.tryRead(`${dev.backend}/${feature}`),
-  ]);
+    ]);
+    const commit = client.transactionEnd(tx, true);
+    // The backend published its features before InitWait: read them while waiting for its state.
+    waiting ??= Promise.all([
+      waitForState(
+        client,
+        dev.backend,
+        (st) => st === XenbusState.Initialised || st === XenbusState.Connected || st === XenbusState.Closing || st === XenbusState.Closed,
+        opts,
+      ),
+      client.tryRead(`${dev.backend}/${feature}`),
+    ]);
+    waiting.catch(() => {});
+    const [w, c] = await Promise.allSettled([writes, commit]);
+    if (c.status === 'fulfilled') {
+      // A write refused inside a committed transaction leaves the device half published: fatal.
+      if (w.status === 'rejected') throw w.reason;
+      break;
+    }
+    if (!(c.reason instanceof XsError && c.reason.code === 'EAGAIN') || attempt >= 100) throw c.reason;
+    if (attempt >= 3) await new Promise((r) => setTimeout(r, Math.random() * Math.min(attempt, 20)));
+  }
+  const [s, early] = await waiting;
   if (s === XenbusState.Closing || s === XenbusState.Closed) throw new XenbusError('XENBUS_CLOSED', `backend ${dev.backend} went to state ${XenbusState[s]}`);
   // Read before a backend that was not up yet had published it: read it again now.
   const v = early === '1' ? early : await client.tryRead(`${dev.backend}/${feature}`);
