@@ -208,16 +208,21 @@ export class BackendDevice {
 
   /** The frontend closed its end: drop the ring; keep or release the vTPM; wait for a new connection. */
   async #closed(): Promise<void> {
-    await this.#detach();
-    // One batch: a resuming frontend waits for our InitWait, and what control/shutdown says decides
-    // only what becomes of the vTPM (its state is durable already: every answered request was
-    // checkpointed), which this device's queue settles before it looks at the frontend again.
+    // One batch, sent before the ring is taken down: a resuming frontend waits for our InitWait, and
+    // whatever it publishes next is handled by a later step of this queue, after the detach below.
+    // What control/shutdown says decides only what becomes of the vTPM (its state is durable already:
+    // every answered request was checkpointed), which this device's queue settles before it looks at
+    // the frontend again.
     const offline = this.#offline;
-    const [shutdown] = await Promise.all([
+    const batch = Promise.all([
       this.#o.xs.tryRead(`/local/domain/${this.dev.frontDomid}/control/shutdown`),
       this.#o.xs.rm(`${this.dev.backend}/ready`).catch(() => {}),
       offline ? undefined : switchState(this.#o.xs, this.dev.backend, XenbusState.InitWait),
     ]);
+    batch.catch(() => {});
+    await this.#detach();
+    trace('dev detached');
+    const [shutdown] = await batch;
     this.#fatal = false;
     if (this.#vtpm && shutdown === 'suspend') await this.#suspended(this.#vtpm);
     if (offline) await this.#finish(XenbusState.Closed);
@@ -341,8 +346,10 @@ export class BackendDevice {
       onFatal: (reason: string) => this.#enqueue(() => this.#fail(71, reason)),
       log: this.#o.log,
     };
+    trace('dev vtpm ready');
     try {
       this.#channel = wantsRing ? new RingChannel(this.#o.dom, opts) : new V2Channel(this.#o.dom, opts);
+      trace('dev channel ready');
     } catch (err) {
       return this.#fail(5, `cannot map ring-ref ${fe.ringRef} / bind event-channel ${fe.eventChannel}: ${(err as Error).message}`);
     }

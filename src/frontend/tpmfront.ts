@@ -19,6 +19,7 @@ import { XS_FEATURE_RING } from '../xen/tpmif.js';
 import { V2Front } from './v2-front.js';
 import { RingFront } from './ring-front.js';
 import { FrontendError, type TpmTransport, type TransmitOptions } from './transport.js';
+import { trace } from '../xen/trace.js';
 
 export type Protocol = 'v2' | 'ring';
 
@@ -109,6 +110,7 @@ export class TpmFront {
           initWait = waitForState(xs, dev.backend, (s) => s === XenbusState.InitWait, { timeoutMs });
         }
         await Promise.all([initialising, initWait]);
+        trace('front initwait');
         // A restarted backend is a new domain behind the same domid: stop using the dead one's memory.
         dom.dropPeer(backDomid);
       }
@@ -123,6 +125,7 @@ export class TpmFront {
       await transport?.close();
       throw err;
     }
+    trace('front ring built');
     let map = lastBackend.get(xs);
     if (!map) lastBackend.set(xs, (map = new Map()));
     map.set(home, dev);
@@ -211,6 +214,7 @@ export class TpmFront {
       this.#connected = false;
       if (s !== XenbusState.Closed && s !== XenbusState.Unknown) {
         await frontendClose(this.#xs, this.dev, { timeoutMs, closing: s === XenbusState.Closing });
+        trace('front closed');
       }
     } catch {
       // xenstore gone (host down): nothing left to tell; still release our side.
