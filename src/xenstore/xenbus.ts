@@ -109,8 +109,10 @@ export interface WaitOptions {
 
 /**
  * Resolve with `<dir>/state` once `predicate` holds (checked now and on every change, via a watch).
- * The first read goes out together with the WATCH, so a state that already holds costs one round trip;
- * the UNWATCH is sent without waiting for its reply (requests on one connection stay ordered).
+ * The WATCH and the first read leave together, in that order, so a state that already holds costs one
+ * round trip; the watch's registration event is then no news (the read behind it answers for it) and
+ * is not followed by a read of its own. The UNWATCH is sent without waiting for its reply (requests on
+ * one connection stay ordered).
  */
 export async function waitForState(
   client: XsClient,
@@ -132,13 +134,20 @@ export async function waitForState(
         if (opts.signal.aborted) return reject(opts.signal.reason);
         opts.signal.addEventListener('abort', () => reject(opts.signal!.reason), { once: true });
       }
-      readState(client, dir).then((s) => {
-        if (predicate(s)) resolve(s);
-      }, () => {});
-      registering = watchState(client, dir, (s) => {
-        if (predicate(s)) resolve(s);
+      const check = (): void => {
+        readState(client, dir).then((s) => {
+          if (predicate(s)) resolve(s);
+        }, () => {});
+      };
+      // xenstored sends the registration event right after the WATCH's reply, before it handles the
+      // READ behind it: the first event is always that one. Every later event is a change.
+      let registered = false;
+      registering = client.watch(`${dir}/state`, () => {
+        if (!registered) registered = true;
+        else check();
       });
       registering.catch(reject);
+      check();
     });
   } finally {
     if (timer) clearTimeout(timer);

@@ -124,6 +124,18 @@ describe('xenbus', () => {
     expect(await waitForState(dom0, dev.frontend, (s) => s === XenbusState.Connected, { timeoutMs: 10_000 })).toBe(XenbusState.Connected);
   });
 
+  it('waits through the registration event for a change made right after it, or much later', async () => {
+    const dev = await writeDeviceDirectories(dom0, { frontDomid: 5, backDomid: 0, devid: 6 });
+    const soon = waitForState(fe, dev.backend, (s) => s === XenbusState.InitWait, { timeoutMs: 10_000 });
+    await switchState(dom0, dev.backend, XenbusState.InitWait);
+    expect(await soon).toBe(XenbusState.InitWait);
+    const later = waitForState(fe, dev.backend, (s) => s === XenbusState.Connected, { timeoutMs: 10_000 });
+    await new Promise((r) => setTimeout(r, 50));
+    await switchState(dom0, dev.backend, XenbusState.Initialised);
+    await switchState(dom0, dev.backend, XenbusState.Connected);
+    expect(await later).toBe(XenbusState.Connected);
+  });
+
   it('stops waiting for a state when its signal aborts', async () => {
     const dev = vtpmDevice(5, 5);
     const stop = new AbortController();
