@@ -111,8 +111,9 @@ export class TpmFront {
         }
         await Promise.all([initialising, initWait]);
         trace('front initwait');
-        // A restarted backend is a new domain behind the same domid: stop using the dead one's memory.
-        dom.dropPeer(backDomid);
+        // A restarted backend is a new domain behind the same domid: stop using the dead one's memory
+        // (after a plain suspend it is the same live one, whose mapping stays).
+        dom.revalidatePeer(backDomid);
       }
       if (transport && known!.backDomid !== backDomid) {
         await transport.close();
