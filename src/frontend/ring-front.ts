@@ -180,7 +180,8 @@ export class RingFront implements TpmTransport {
     // state) are already in the ring even if their event has not arrived yet: take them first.
     this.#onResponses();
     this.#closed = true;
-    this.#failAll(new FrontendError('ENODEV', 'frontend closed'));
+    // An error (and its stack) only when someone is left to receive it.
+    if (this.#pending.size) this.#failAll(new FrontendError('ENODEV', 'frontend closed'));
     for (const w of this.#waitingForSlot.splice(0)) w();
     this.#dom.evtchn.close(this.port);
     // The backend unmaps our pages only once it sees us Closed, a moment after this. Like Linux's
