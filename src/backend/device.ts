@@ -87,6 +87,8 @@ export class BackendDevice {
   #recovered = false;
   /** The frontend state the last step acted on (steps act on changes only). */
   #lastFrontend: XenbusState | undefined;
+  /** ring-ref/event-channel of the ring the channel serves. */
+  #serving = '';
   /** The toolstack set online = 0 (detach): a frontend that closes finishes the device. */
   #offline = false;
   /** The guest suspended and its vTPM, checkpointed at the manager, stays loaded for the resume. */
@@ -171,7 +173,21 @@ export class BackendDevice {
     switch (s) {
       case XenbusState.Initialised:
       case XenbusState.Connected: {
-        if (this.#channel || this.#fatal) break;
+        if (this.#fatal) break;
+        if (this.#channel) {
+          // A resuming frontend may pass Closed and Initialising faster than our steps read its state
+          // (Linux's tpmfront publishes its new ring without waiting for our InitWait): a ring other
+          // than the one we serve is a new connection. End the old one exactly as for Closed first.
+          const [ringRef, eventChannel] = await Promise.all([
+            this.#o.xs.tryRead(`${this.dev.frontend}/ring-ref`),
+            this.#o.xs.tryRead(`${this.dev.frontend}/event-channel`),
+          ]);
+          if (`${ringRef ?? ''}/${eventChannel ?? ''}` === this.#serving) break;
+          await this.#closed();
+          if (this.#gone || this.#offline) break;
+          await this.#attach(s, await this.#attachKeys());
+          break;
+        }
         const keys = await (pre ?? this.#attachKeys());
         // A ring published for a backend that died is not ours to map: wait for a new one.
         if (this.#stale !== null && `${keys.ringRef ?? ''}/${keys.eventChannel ?? ''}` === this.#stale) break;
@@ -353,6 +369,7 @@ export class BackendDevice {
     } catch (err) {
       return this.#fail(5, `cannot map ring-ref ${fe.ringRef} / bind event-channel ${fe.eventChannel}: ${(err as Error).message}`);
     }
+    this.#serving = `${keys.ringRef ?? ''}/${keys.eventChannel ?? ''}`;
     await backendConnected(xs, this.dev);
     this.#o.log(`dom${this.dev.frontDomid}: connected (${wantsRing ? 'ring' : 'v2'}), vTPM instance ${this.#vtpm.instance} of VM ${vm}`);
   }

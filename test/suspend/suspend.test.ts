@@ -28,6 +28,8 @@ const tpm2 = (await import(dist('src/tpm/tpm2-commands.js'))) as typeof import('
 const wire = (await import(dist('src/tpm/wire.js'))) as typeof import('../../src/tpm/wire.js');
 const { RunDir } = (await import(dist('src/cli/rundir.js'))) as typeof import('../../src/cli/rundir.js');
 const { restartDaemon } = (await import(dist('src/cli/restart.js'))) as typeof import('../../src/cli/restart.js');
+const { RingFront } = (await import(dist('src/frontend/ring-front.js'))) as typeof import('../../src/frontend/ring-front.js');
+const { XS_FEATURE_RING } = (await import(dist('src/xen/tpmif.js'))) as typeof import('../../src/xen/tpmif.js');
 
 const runDir = join(tmpDir('vtpm-suspend-'), 'run');
 const stateDir = join(tmpDir('vtpm-suspend-state-'), 'state');
@@ -173,6 +175,36 @@ describe('suspend/resume through xenstore', () => {
     const model = [a, ...digests].reduce(extend, Buffer.alloc(32));
     expect(Buffer.from(tpm2.parsePcrRead(await s.submit(tpm2.pcrReadSha256(16)))).toString('hex')).toBe(model.toString('hex'));
     await s.close();
+  });
+
+  it('a guest whose new ring is published in the same batch as its Closed (no wait for InitWait, as Linux tpmfront) is served on it, vTPM kept', async () => {
+    const g = await guest(28);
+    const dev = xenbus.vtpmDevice(28, 0, 0);
+    const ringOpts = { timeoutMs: 10_000, requireBackendFeature: XS_FEATURE_RING };
+    const f1 = new RingFront(g.dom, 0);
+    await xenbus.frontendConnect(g.xs, dev, { ringRef: f1.refs[0]!, eventChannel: f1.port, extra: { [XS_FEATURE_RING]: '1' } }, ringOpts);
+    ok(await f1.transmit(tpm2.startup()), 'Startup');
+    const a = randomBytes(32);
+    ok(await f1.transmit(tpm2.pcrExtendSha256(16, a)), 'extend A');
+    // Suspend: Closing, the backend's answer, then the ring goes.
+    await dom0.write('/local/domain/28/control/shutdown', 'suspend');
+    await xenbus.switchState(g.xs, dev.frontend, xenbus.XenbusState.Closing);
+    await xenbus.waitForState(g.xs, dev.backend, (st) => st === xenbus.XenbusState.Closing, { timeoutMs: 10_000 });
+    await f1.close();
+    await dom0.write('/local/domain/0/backend/vtpm/28/0/resume', 'True');
+    await dom0.write('/local/domain/28/control/shutdown', '');
+    // Closed, Initialising, the new ring and Initialised leave in one write: when the backend next reads
+    // our state it is Initialised, with the old ring still attached on its side.
+    const f2 = new RingFront(g.dom, 0, { firstId: f1.nextId });
+    await Promise.all([
+      xenbus.switchState(g.xs, dev.frontend, xenbus.XenbusState.Closed),
+      xenbus.frontendReconnect(g.xs, dev, { ringRef: f2.refs[0]!, eventChannel: f2.port, extra: { [XS_FEATURE_RING]: '1' } }, ringOpts),
+    ]);
+    expect(await xenbus.readState(dom0, dev.backend)).toBe(xenbus.XenbusState.Connected);
+    // Served on the new ring, by the same vTPM: A is still in PCR 16.
+    const pcr = tpm2.parsePcrRead(await f2.transmit(tpm2.pcrReadSha256(16)));
+    expect(Buffer.from(pcr).toString('hex')).toBe(extend(Buffer.alloc(32), a).toString('hex'));
+    await f2.close();
   });
 
   it('a guest suspended while its backend dies resumes from the checkpoint taken at suspend', async () => {
