@@ -7,11 +7,13 @@ import {
   XenbusState,
   frontendClose,
   frontendConnect,
+  frontendReconnect,
   readState,
   switchState,
   vtpmDevice,
   waitForState,
   watchState,
+  type FrontendRing,
   type VtpmDevice,
 } from '../xenstore/xenbus.js';
 import type { XsWatch } from '../xenstore/client.js';
@@ -46,8 +48,17 @@ export interface TpmFrontOptions {
   onBackendReset?: () => void;
 }
 
-/** The device directories each xenstore connection saw last, per frontend home (a resume's first guess). */
-const lastBackend = new WeakMap<XsClient, Map<string, VtpmDevice>>();
+/**
+ * Per xenstore connection and frontend home: the device as last connected, and whether its last close
+ * was answered by the backend (then a resume need not wait for the backend's InitWait).
+ */
+const lastBackend = new WeakMap<XsClient, Map<string, { dev: VtpmDevice; answeredClose: boolean }>>();
+
+function remember(xs: XsClient, home: string, dev: VtpmDevice): void {
+  let map = lastBackend.get(xs);
+  if (!map) lastBackend.set(xs, (map = new Map()));
+  map.set(home, { dev, answeredClose: false });
+}
 
 export class TpmFront {
   readonly dev: VtpmDevice;
@@ -77,7 +88,9 @@ export class TpmFront {
     // connect, as Linux's xenbus_dev_resume does), on a reconnect our Initialising and the wait for
     // the backend's InitWait (at the backend this client saw last time), and the publish's transaction.
     const details = Promise.all([xs.readString(`${home}/backend-id`), xs.readString(`${home}/backend`)]);
-    const known = opts.reconnect ? lastBackend.get(xs)?.get(home) : undefined;
+    const last = opts.reconnect ? lastBackend.get(xs)?.get(home) : undefined;
+    const known = last?.dev;
+    if (last?.answeredClose) return TpmFront.#resume(opts, home, last.dev, details);
     // Reconnecting after suspend or a backend restart: back to Initialising first, as Linux's
     // xenbus_dev_resume does, so the backend drops the old ring before it reads the new one. A backend
     // still serving our old ring drops it and goes to InitWait; a dead one stays Connected until its
@@ -90,10 +103,7 @@ export class TpmFront {
     initWait?.catch(() => {});
     const tx = xs.transactionStart();
     tx.catch(() => {});
-    const build = (backDomid: number): TpmTransport =>
-      protocol === 'ring'
-        ? new RingFront(dom, backDomid, { segments: opts.segments, firstId: opts.firstId })
-        : new V2Front(dom, backDomid, { pollUs: opts.pollUs });
+    const build = (backDomid: number): TpmTransport => TpmFront.#build(opts, backDomid);
     // The new ring is built while that batch is under way (it needs only the backend's domid).
     let transport: TpmTransport | undefined = known ? build(known.backDomid) : undefined;
     let dev: VtpmDevice;
@@ -127,9 +137,7 @@ export class TpmFront {
       throw err;
     }
     trace('front ring built');
-    let map = lastBackend.get(xs);
-    if (!map) lastBackend.set(xs, (map = new Map()));
-    map.set(home, dev);
+    remember(xs, home, dev);
     try {
       await frontendConnect(
         xs,
@@ -145,6 +153,56 @@ export class TpmFront {
       await transport.close();
       throw err;
     }
+    return TpmFront.#following(opts, dev, transport);
+  }
+
+  /**
+   * Resume after a close the backend answered: the other end's details, Initialising, the new ring
+   * (built for the backend seen last time) and Initialised go in one batch (frontendReconnect). Should
+   * the details name another backend, that ring is taken back and the device published again for it.
+   */
+  static async #resume(opts: TpmFrontOptions, home: string, dev: VtpmDevice, details: Promise<[string, string]>): Promise<TpmFront> {
+    const { xs, dom } = opts;
+    const protocol = opts.protocol ?? 'v2';
+    let transport = TpmFront.#build(opts, dev.backDomid);
+    const connectOpts = { timeoutMs: opts.timeoutMs, requireBackendFeature: protocol === 'ring' ? XS_FEATURE_RING : undefined };
+    const ring = (t: TpmTransport): FrontendRing => ({ ringRef: t.refs[0]!, eventChannel: t.port, extra: protocol === 'ring' ? { [XS_FEATURE_RING]: '1' } : {} });
+    remember(xs, home, dev);
+    const published = frontendReconnect(xs, dev, ring(transport), connectOpts);
+    published.catch(() => {});
+    try {
+      const [backendId, backend] = await details;
+      const backDomid = Number(backendId);
+      if (!Number.isInteger(backDomid)) throw new FrontendError('ENODEV', `${home}/backend-id is not a domid`);
+      const actual = vtpmDevice(dom.domid, opts.devid ?? 0, backDomid);
+      if (backend !== actual.backend) throw new FrontendError('ENODEV', `${home}/backend is ${backend}, expected ${actual.backend}`);
+      // A restarted backend is a new domain behind the same domid: stop using the dead one's memory
+      // (after a plain suspend it is the same live one, whose mapping stays).
+      dom.revalidatePeer(backDomid);
+      if (actual.backend !== dev.backend) {
+        await published.catch(() => {});
+        await transport.close();
+        transport = TpmFront.#build(opts, backDomid);
+        dev = actual;
+        remember(xs, home, dev);
+        await frontendReconnect(xs, dev, ring(transport), connectOpts);
+      } else await published;
+    } catch (err) {
+      await transport.close();
+      throw err;
+    }
+    return TpmFront.#following(opts, dev, transport);
+  }
+
+  static #build(opts: TpmFrontOptions, backDomid: number): TpmTransport {
+    return (opts.protocol ?? 'v2') === 'ring'
+      ? new RingFront(opts.dom, backDomid, { segments: opts.segments, firstId: opts.firstId })
+      : new V2Front(opts.dom, backDomid, { pollUs: opts.pollUs });
+  }
+
+  /** The device is Connected: follow the backend's state from now on. */
+  static #following(opts: TpmFrontOptions, dev: VtpmDevice, transport: TpmTransport): TpmFront {
+    const xs = opts.xs;
     const front = new TpmFront(xs, dev, transport);
     // Not waited for: the WATCH goes out before anything we send later, and fires once registered.
     front.#backendWatch = watchState(xs, dev.backend, (s) => {
@@ -214,7 +272,9 @@ export class TpmFront {
       const s = suspend && this.#connected ? XenbusState.Connected : await readState(this.#xs, this.dev.frontend);
       this.#connected = false;
       if (s !== XenbusState.Closed && s !== XenbusState.Unknown) {
-        await frontendClose(this.#xs, this.dev, { timeoutMs, closing: s === XenbusState.Closing });
+        const answered = await frontendClose(this.#xs, this.dev, { timeoutMs, closing: s === XenbusState.Closing });
+        const last = lastBackend.get(this.#xs)?.get(this.dev.frontend);
+        if (last && last.dev.backend === this.dev.backend) last.answeredClose = answered;
         trace('front closed');
       }
     } catch {

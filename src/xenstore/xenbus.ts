@@ -293,6 +293,16 @@ export async function frontendConnect(client: XsClient, dev: VtpmDevice, ring: F
     if (!(c.reason instanceof XsError && c.reason.code === 'EAGAIN') || attempt >= 100) throw c.reason;
     if (attempt >= 3) await new Promise((r) => setTimeout(r, Math.random() * Math.min(attempt, 20)));
   }
+  await finishConnect(client, dev, feature, waiting);
+}
+
+/** Steps 7 of a connect once the backend answered the published ring: check its feature, go Connected. */
+async function finishConnect(
+  client: XsClient,
+  dev: VtpmDevice,
+  feature: string,
+  waiting: Promise<[XenbusState, string | undefined]>,
+): Promise<void> {
   const [s, early] = await waiting;
   if (s === XenbusState.Closing || s === XenbusState.Closed) throw new XenbusError('XENBUS_CLOSED', `backend ${dev.backend} went to state ${XenbusState[s]}`);
   // Read before a backend that was not up yet had published it: read it again now.
@@ -307,12 +317,53 @@ export async function frontendConnect(client: XsClient, dev: VtpmDevice, ring: F
 }
 
 /**
- * Frontend close (xen.md §5.4): Closing, wait (up to timeoutMs, default 5 s as Linux) for the backend
- * to leave Connected for Closing/Closed/InitWait, then Closed. Resolves even if the backend is silent.
+ * Frontend resume after a close the backend acknowledged (xen.md §5.5), in one batch: Initialising,
+ * the new ring's keys, Initialised, and behind them the wait for the backend. As Linux's
+ * tpmfront_resume, it does not wait for the backend's InitWait first: a backend still tearing the old
+ * ring down sees the new one after it (its steps run in order), and one that reads Initialised with a
+ * ring other than the one it serves closes that one first. No transaction is needed: our state says
+ * Initialising while the keys change, and xenstored applies one connection's requests in order, so
+ * whoever reads Initialised reads the new keys. The backend is Closing (its acknowledgement of our
+ * close) or InitWait when this starts, so a Closing seen before anything else is that old answer.
  */
-export async function frontendClose(client: XsClient, dev: VtpmDevice, opts: WaitOptions & { closing?: boolean } = {}): Promise<void> {
+export async function frontendReconnect(client: XsClient, dev: VtpmDevice, ring: FrontendRing, opts: ConnectOptions = {}): Promise<void> {
+  const feature = opts.requireBackendFeature ?? 'feature-protocol-v2';
+  const writes = Promise.all([
+    switchState(client, dev.frontend, XenbusState.Initialising),
+    client.write(`${dev.frontend}/ring-ref`, String(ring.ringRef)),
+    client.write(`${dev.frontend}/event-channel`, String(ring.eventChannel)),
+    client.write(`${dev.frontend}/feature-protocol-v2`, '1'),
+    ...Object.entries(ring.extra ?? {}).map(([k, v]) => client.write(`${dev.frontend}/${k}`, v)),
+    switchState(client, dev.frontend, XenbusState.Initialised),
+  ]);
+  let fresh = false;
+  const waiting = Promise.all([
+    waitForState(
+      client,
+      dev.backend,
+      (st) => {
+        if (st === XenbusState.Closing && !fresh) return false;
+        fresh = true;
+        return st === XenbusState.Initialised || st === XenbusState.Connected || st === XenbusState.Closing || st === XenbusState.Closed;
+      },
+      opts,
+    ),
+    client.tryRead(`${dev.backend}/${feature}`),
+  ]);
+  waiting.catch(() => {});
+  await writes;
+  await finishConnect(client, dev, feature, waiting);
+}
+
+/**
+ * Frontend close (xen.md §5.4): Closing, wait (up to timeoutMs, default 5 s as Linux) for the backend
+ * to leave Connected for Closing/Closed/InitWait, then Closed. Resolves even if the backend is silent:
+ * with whether it answered.
+ */
+export async function frontendClose(client: XsClient, dev: VtpmDevice, opts: WaitOptions & { closing?: boolean } = {}): Promise<boolean> {
   // `closing`: our state is Closing already. The wait's first read goes out right behind the write.
   const announced = opts.closing ? Promise.resolve() : switchState(client, dev.frontend, XenbusState.Closing);
+  let answered = false;
   try {
     await Promise.all([
       announced,
@@ -323,10 +374,12 @@ export async function frontendClose(client: XsClient, dev: VtpmDevice, opts: Wai
         { timeoutMs: opts.timeoutMs ?? 5000 },
       ),
     ]);
+    answered = true;
   } catch (err) {
     if (!(err instanceof XenbusError && err.code === 'XENBUS_TIMEOUT')) throw err;
   }
   await switchState(client, dev.frontend, XenbusState.Closed);
+  return answered;
 }
 
 /**
