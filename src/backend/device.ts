@@ -89,6 +89,8 @@ export class BackendDevice {
   #lastFrontend: XenbusState | undefined;
   /** ring-ref/event-channel of the ring the channel serves. */
   #serving = '';
+  /** We switched to Closing for this connection already (the frontend's suspend notice on the ring). */
+  #closingSent = false;
   /** The toolstack set online = 0 (detach): a frontend that closes finishes the device. */
   #offline = false;
   /** The guest suspended and its vTPM, checkpointed at the manager, stays loaded for the resume. */
@@ -207,7 +209,8 @@ export class BackendDevice {
         // again when the toolstack already wrote it is harmless; Closed only follows a finish.)
         await this.#quiesce();
         trace('dev quiesced');
-        await switchState(this.#o.xs, this.dev.backend, XenbusState.Closing);
+        if (!this.#closingSent) await switchState(this.#o.xs, this.dev.backend, XenbusState.Closing);
+        this.#closingSent = true;
         break;
       case XenbusState.Closed:
         await this.#closed();
@@ -220,6 +223,29 @@ export class BackendDevice {
       default:
         break;
     }
+  }
+
+  /**
+   * The frontend announced its suspend on the ring (op 2): do what its Closing will ask for now, rather
+   * than after its Closing reached us through xenstore and we read it back (a wake-up and a round trip
+   * of each process less): answer what it sent, make the state durable, go Closing. The Closing step
+   * then finds this done.
+   */
+  #suspendNotice(): Promise<void> {
+    return new Promise((resolve, reject) => {
+      this.#enqueue(async () => {
+        try {
+          if (!this.#channel || this.#gone || this.#closingSent) return resolve();
+          await this.#quiesce();
+          trace('dev quiesced (notice)');
+          await switchState(this.#o.xs, this.dev.backend, XenbusState.Closing);
+          this.#closingSent = true;
+          resolve();
+        } catch (err) {
+          reject(err as Error);
+        }
+      });
+    });
   }
 
   /** The frontend closed its end: drop the ring; keep or release the vTPM; wait for a new connection. */
@@ -237,6 +263,7 @@ export class BackendDevice {
     ]);
     batch.catch(() => {});
     await this.#detach();
+    this.#closingSent = false;
     trace('dev detached');
     const [shutdown] = await batch;
     this.#fatal = false;
@@ -360,6 +387,7 @@ export class BackendDevice {
       port: fe.eventChannel,
       target: this.#vtpm,
       onFatal: (reason: string) => this.#enqueue(() => this.#fail(71, reason)),
+      onSuspend: () => this.#suspendNotice(),
       log: this.#o.log,
     };
     trace('dev vtpm ready');
@@ -370,6 +398,7 @@ export class BackendDevice {
       return this.#fail(5, `cannot map ring-ref ${fe.ringRef} / bind event-channel ${fe.eventChannel}: ${(err as Error).message}`);
     }
     this.#serving = `${keys.ringRef ?? ''}/${keys.eventChannel ?? ''}`;
+    this.#closingSent = false;
     await backendConnected(xs, this.dev);
     this.#o.log(`dom${this.dev.frontDomid}: connected (${wantsRing ? 'ring' : 'v2'}), vTPM instance ${this.#vtpm.instance} of VM ${vm}`);
   }

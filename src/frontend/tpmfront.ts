@@ -270,6 +270,9 @@ export class TpmFront {
     try {
       // Only this object writes our state node once connected.
       const s = suspend && this.#connected ? XenbusState.Connected : await readState(this.#xs, this.dev.frontend);
+      // The ring carries the suspend to the backend one hop sooner than xenstore can (it goes Closing
+      // on it); the Closing below keeps the xenbus walk as Linux's.
+      if (suspend && s === XenbusState.Connected && this.#transport instanceof RingFront) this.#transport.announceSuspend();
       this.#connected = false;
       if (s !== XenbusState.Closed && s !== XenbusState.Unknown) {
         const answered = await frontendClose(this.#xs, this.dev, { timeoutMs, closing: s === XenbusState.Closing });

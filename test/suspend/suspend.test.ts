@@ -207,6 +207,33 @@ describe('suspend/resume through xenstore', () => {
     await f2.close();
   });
 
+  it('a suspend notice on the ring (op 2) makes the backend answer what came before it and go Closing before the frontend writes Closing', async () => {
+    const g = await guest(29);
+    const dev = xenbus.vtpmDevice(29, 0, 0);
+    const ringOpts = { timeoutMs: 10_000, requireBackendFeature: XS_FEATURE_RING };
+    const f = new RingFront(g.dom, 0);
+    await xenbus.frontendConnect(g.xs, dev, { ringRef: f.refs[0]!, eventChannel: f.port, extra: { [XS_FEATURE_RING]: '1' } }, ringOpts);
+    ok(await f.transmit(tpm2.startup()), 'Startup');
+    await dom0.write('/local/domain/29/control/shutdown', 'suspend');
+    const a = randomBytes(32);
+    const extended = f.transmit(tpm2.pcrExtendSha256(16, a));
+    f.announceSuspend();
+    // Our state is still Connected: the backend acts on the notice alone.
+    expect(await xenbus.waitForState(dom0, dev.backend, (st) => st === xenbus.XenbusState.Closing, { timeoutMs: 10_000 })).toBe(xenbus.XenbusState.Closing);
+    expect(await xenbus.readState(dom0, dev.frontend)).toBe(xenbus.XenbusState.Connected);
+    ok(await extended, 'extend sent before the notice');
+    // The rest of the walk as usual: Closing (the backend does not write Closing twice), Closed, InitWait.
+    await xenbus.frontendClose(g.xs, dev, { timeoutMs: 10_000 });
+    await f.close();
+    expect(await xenbus.waitForState(dom0, dev.backend, (st) => st === xenbus.XenbusState.InitWait, { timeoutMs: 10_000 })).toBe(xenbus.XenbusState.InitWait);
+    // Resumed, the vTPM has A in PCR 16: the extend's state was made durable with the notice.
+    await dom0.write('/local/domain/0/backend/vtpm/29/0/resume', 'True');
+    await dom0.write('/local/domain/29/control/shutdown', '');
+    const s = await Session.open({ xs: g.xs, dom: g.dom, firstId: f.nextId, reconnect: true });
+    expect(Buffer.from(tpm2.parsePcrRead(await s.submit(tpm2.pcrReadSha256(16)))).toString('hex')).toBe(extend(Buffer.alloc(32), a).toString('hex'));
+    await s.close();
+  });
+
   it('a guest suspended while its backend dies resumes from the checkpoint taken at suspend', async () => {
     const g = await guest(26);
     let s = await Session.open({ xs: g.xs, dom: g.dom });
