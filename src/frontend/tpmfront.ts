@@ -272,10 +272,15 @@ export class TpmFront {
       const s = suspend && this.#connected ? XenbusState.Connected : await readState(this.#xs, this.dev.frontend);
       // The ring carries the suspend to the backend one hop sooner than xenstore can (it goes Closing
       // on it); the Closing below keeps the xenbus walk as Linux's.
-      if (suspend && s === XenbusState.Connected && this.#transport instanceof RingFront) this.#transport.announceSuspend();
+      const ring = suspend && s === XenbusState.Connected && this.#transport instanceof RingFront ? this.#transport : undefined;
       this.#connected = false;
       if (s !== XenbusState.Closed && s !== XenbusState.Unknown) {
-        const answered = await frontendClose(this.#xs, this.dev, { timeoutMs, closing: s === XenbusState.Closing });
+        const closing = frontendClose(this.#xs, this.dev, { timeoutMs, closing: s === XenbusState.Closing });
+        // The notice goes out right after the Closing batch has left (that write is queued for this
+        // tick's end): its event-channel write wakes the backend, which on a busy machine may take our
+        // CPU before we would have sent the Closing.
+        if (ring) process.nextTick(() => ring.announceSuspend());
+        const answered = await closing;
         const last = lastBackend.get(this.#xs)?.get(this.dev.frontend);
         if (last && last.dev.backend === this.dev.backend) last.answeredClose = answered;
         trace('front closed');
