@@ -23,6 +23,7 @@ import { connect } from '../../src/xenstore/client.js';
 import { writeDeviceDirectories } from '../../src/xenstore/xenbus.js';
 import { GuestSession } from '../../src/frontend/session.js';
 import * as tpm2 from '../../src/tpm/tpm2-commands.js';
+import { trace } from '../../src/xen/trace.js';
 
 const run = promisify(execFile);
 
@@ -164,6 +165,7 @@ export async function run_(ctx: BenchContext): Promise<Figure[]> {
         try {
           await s.submit(tpm2.getRandom(16));
           answeredAt = performance.now();
+          trace('bench answered');
           loadOurs++;
         } catch {
           await resumed;
@@ -174,13 +176,16 @@ export async function run_(ctx: BenchContext): Promise<Figure[]> {
     const cycle = async (): Promise<{ ms: number; t0: number }> => {
       resumed = new Promise((r) => (markResumed = r));
       const t0 = performance.now();
+      trace('bench cycle');
       await dom0.write(`/local/domain/${domid}/control/shutdown`, 'suspend');
       const left = await s.suspend();
+      trace('bench suspended');
       // The toolstack's two writes for the restore go out together.
       await Promise.all([dom0.write(`/local/domain/0/backend/vtpm/${domid}/0/resume`, 'True'), dom0.write(`/local/domain/${domid}/control/shutdown`, '')]);
       s = await GuestSession.open({ xs, dom, firstId: s.nextId, reconnect: true });
       for (const r of left) void s.resubmit(r);
       const ms = performance.now() - t0;
+      trace('bench resumed');
       markResumed();
       return { ms, t0 };
     };

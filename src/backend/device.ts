@@ -17,6 +17,7 @@ import { XS_FEATURE_RING, XS_FEATURE_V2 } from '../xen/tpmif.js';
 import { V2Channel } from './v2-channel.js';
 import { RingChannel } from './ring-channel.js';
 import type { VtpmTarget } from './target.js';
+import { trace } from '../xen/trace.js';
 
 /** What a device needs from the backend process: the vTPM for a VM, opened at the manager. */
 export interface VtpmProvider {
@@ -86,6 +87,10 @@ export class BackendDevice {
   #recovered = false;
   /** The frontend state the last step acted on (steps act on changes only). */
   #lastFrontend: XenbusState | undefined;
+  /** ring-ref/event-channel of the ring the channel serves. */
+  #serving = '';
+  /** We switched to Closing for this connection already (the frontend's suspend notice on the ring). */
+  #closingSent = false;
   /** The toolstack set online = 0 (detach): a frontend that closes finishes the device. */
   #offline = false;
   /** The guest suspended and its vTPM, checkpointed at the manager, stays loaded for the resume. */
@@ -146,6 +151,7 @@ export class BackendDevice {
     }
     if (s === this.#lastFrontend) return;
     this.#lastFrontend = s;
+    trace(`dev fe=${XenbusState[s]}`);
     await this.#onFrontend(s, keys);
   }
 
@@ -169,7 +175,21 @@ export class BackendDevice {
     switch (s) {
       case XenbusState.Initialised:
       case XenbusState.Connected: {
-        if (this.#channel || this.#fatal) break;
+        if (this.#fatal) break;
+        if (this.#channel) {
+          // A resuming frontend may pass Closed and Initialising faster than our steps read its state
+          // (Linux's tpmfront publishes its new ring without waiting for our InitWait): a ring other
+          // than the one we serve is a new connection. End the old one exactly as for Closed first.
+          const [ringRef, eventChannel] = await Promise.all([
+            this.#o.xs.tryRead(`${this.dev.frontend}/ring-ref`),
+            this.#o.xs.tryRead(`${this.dev.frontend}/event-channel`),
+          ]);
+          if (`${ringRef ?? ''}/${eventChannel ?? ''}` === this.#serving) break;
+          await this.#closed();
+          if (this.#gone || this.#offline) break;
+          await this.#attach(s, await this.#attachKeys());
+          break;
+        }
         const keys = await (pre ?? this.#attachKeys());
         // A ring published for a backend that died is not ours to map: wait for a new one.
         if (this.#stale !== null && `${keys.ringRef ?? ''}/${keys.eventChannel ?? ''}` === this.#stale) break;
@@ -188,7 +208,9 @@ export class BackendDevice {
         // volatile state durable, so a resumed guest finds both the answer and the state. (Closing
         // again when the toolstack already wrote it is harmless; Closed only follows a finish.)
         await this.#quiesce();
-        await switchState(this.#o.xs, this.dev.backend, XenbusState.Closing);
+        trace('dev quiesced');
+        if (!this.#closingSent) await switchState(this.#o.xs, this.dev.backend, XenbusState.Closing);
+        this.#closingSent = true;
         break;
       case XenbusState.Closed:
         await this.#closed();
@@ -203,18 +225,47 @@ export class BackendDevice {
     }
   }
 
+  /**
+   * The frontend announced its suspend on the ring (op 2): do what its Closing will ask for now, rather
+   * than after its Closing reached us through xenstore and we read it back (a wake-up and a round trip
+   * of each process less): answer what it sent, make the state durable, go Closing. The Closing step
+   * then finds this done.
+   */
+  #suspendNotice(): Promise<void> {
+    return new Promise((resolve, reject) => {
+      this.#enqueue(async () => {
+        try {
+          if (!this.#channel || this.#gone || this.#closingSent) return resolve();
+          await this.#quiesce();
+          trace('dev quiesced (notice)');
+          await switchState(this.#o.xs, this.dev.backend, XenbusState.Closing);
+          this.#closingSent = true;
+          resolve();
+        } catch (err) {
+          reject(err as Error);
+        }
+      });
+    });
+  }
+
   /** The frontend closed its end: drop the ring; keep or release the vTPM; wait for a new connection. */
   async #closed(): Promise<void> {
-    await this.#detach();
-    // One batch: a resuming frontend waits for our InitWait, and what control/shutdown says decides
-    // only what becomes of the vTPM (its state is durable already: every answered request was
-    // checkpointed), which this device's queue settles before it looks at the frontend again.
+    // One batch, sent before the ring is taken down: a resuming frontend waits for our InitWait, and
+    // whatever it publishes next is handled by a later step of this queue, after the detach below.
+    // What control/shutdown says decides only what becomes of the vTPM (its state is durable already:
+    // every answered request was checkpointed), which this device's queue settles before it looks at
+    // the frontend again.
     const offline = this.#offline;
-    const [shutdown] = await Promise.all([
+    const batch = Promise.all([
       this.#o.xs.tryRead(`/local/domain/${this.dev.frontDomid}/control/shutdown`),
       this.#o.xs.rm(`${this.dev.backend}/ready`).catch(() => {}),
       offline ? undefined : switchState(this.#o.xs, this.dev.backend, XenbusState.InitWait),
     ]);
+    batch.catch(() => {});
+    await this.#detach();
+    this.#closingSent = false;
+    trace('dev detached');
+    const [shutdown] = await batch;
     this.#fatal = false;
     if (this.#vtpm && shutdown === 'suspend') await this.#suspended(this.#vtpm);
     if (offline) await this.#finish(XenbusState.Closed);
@@ -336,13 +387,18 @@ export class BackendDevice {
       port: fe.eventChannel,
       target: this.#vtpm,
       onFatal: (reason: string) => this.#enqueue(() => this.#fail(71, reason)),
+      onSuspend: () => this.#suspendNotice(),
       log: this.#o.log,
     };
+    trace('dev vtpm ready');
     try {
       this.#channel = wantsRing ? new RingChannel(this.#o.dom, opts) : new V2Channel(this.#o.dom, opts);
+      trace('dev channel ready');
     } catch (err) {
       return this.#fail(5, `cannot map ring-ref ${fe.ringRef} / bind event-channel ${fe.eventChannel}: ${(err as Error).message}`);
     }
+    this.#serving = `${keys.ringRef ?? ''}/${keys.eventChannel ?? ''}`;
+    this.#closingSent = false;
     await backendConnected(xs, this.dev);
     this.#o.log(`dom${this.dev.frontDomid}: connected (${wantsRing ? 'ring' : 'v2'}), vTPM instance ${this.#vtpm.instance} of VM ${vm}`);
   }

@@ -9,6 +9,7 @@ import {
   RING_MAX_SEGMENTS,
   RING_OP_CANCEL,
   RING_OP_COMMAND,
+  RING_OP_SUSPEND,
   RING_SLOT,
   RING_STATUS_CANCELED,
   RING_STATUS_EINVAL,
@@ -86,6 +87,19 @@ export class RingChannel {
     if (req.op === RING_OP_CANCEL) {
       this.#cancel(req.cancelId);
       this.#respond(req.id, RING_STATUS_OK, null, []);
+      return;
+    }
+    if (req.op === RING_OP_SUSPEND) {
+      const onSuspend = this.#opts.onSuspend;
+      if (!onSuspend) return this.#respond(req.id, RING_STATUS_EINVAL, null, []);
+      // Everything accepted before the notice is answered first (the hook's quiesce drains it).
+      onSuspend().then(
+        () => this.#respond(req.id, RING_STATUS_OK, null, []),
+        (err: unknown) => {
+          this.#opts.log?.(`dom${this.frontDomid}: suspend notice: ${(err as Error).message}`);
+          this.#respond(req.id, RING_STATUS_EIO, null, []);
+        },
+      );
       return;
     }
     const bad = this.#validate(req);

@@ -7,6 +7,7 @@ import type { Domain } from '../xen/index.js';
 import type { XsClient } from '../xenstore/client.js';
 import { TpmFront } from './tpmfront.js';
 import { FrontendError } from './transport.js';
+import { trace } from '../xen/trace.js';
 
 export interface InFlight {
   id: bigint;
@@ -155,6 +156,7 @@ export class GuestSession {
     // Like the 3.x tpmfront, wait for the backend's answer rather than Linux's 5 s close timeout: the
     // backend bounds the in-flight command itself (cancel after its bound).
     await f.close({ timeoutMs: opts.timeoutMs ?? 120_000, suspend: true });
+    trace('guest closed');
     // Responses taken from the ring at close settle their callers on the next turns of the loop.
     await new Promise((r) => setImmediate(r));
     await new Promise((r) => setImmediate(r));

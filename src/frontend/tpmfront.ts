@@ -7,11 +7,13 @@ import {
   XenbusState,
   frontendClose,
   frontendConnect,
+  frontendReconnect,
   readState,
   switchState,
   vtpmDevice,
   waitForState,
   watchState,
+  type FrontendRing,
   type VtpmDevice,
 } from '../xenstore/xenbus.js';
 import type { XsWatch } from '../xenstore/client.js';
@@ -19,6 +21,7 @@ import { XS_FEATURE_RING } from '../xen/tpmif.js';
 import { V2Front } from './v2-front.js';
 import { RingFront } from './ring-front.js';
 import { FrontendError, type TpmTransport, type TransmitOptions } from './transport.js';
+import { trace } from '../xen/trace.js';
 
 export type Protocol = 'v2' | 'ring';
 
@@ -48,6 +51,18 @@ export interface TpmFrontOptions {
   onBackendReset?: () => void;
 }
 
+/**
+ * Per xenstore connection and frontend home: the device as last connected, and whether its last close
+ * was answered by the backend (then a resume need not wait for the backend's InitWait).
+ */
+const lastBackend = new WeakMap<XsClient, Map<string, { dev: VtpmDevice; answeredClose: boolean }>>();
+
+function remember(xs: XsClient, home: string, dev: VtpmDevice): void {
+  let map = lastBackend.get(xs);
+  if (!map) lastBackend.set(xs, (map = new Map()));
+  map.set(home, { dev, answeredClose: false });
+}
+
 export class TpmFront {
   readonly dev: VtpmDevice;
   readonly protocol: Protocol;
@@ -71,30 +86,61 @@ export class TpmFront {
     const { xs, dom } = opts;
     const devid = opts.devid ?? 0;
     const home = `/local/domain/${dom.domid}/device/vtpm/${devid}`;
-    const [backendId, backend] = await Promise.all([xs.readString(`${home}/backend-id`), xs.readString(`${home}/backend`)]);
-    const backDomid = Number(backendId);
-    if (!Number.isInteger(backDomid)) throw new FrontendError('ENODEV', `${home}/backend-id is not a domid`);
-    const dev = vtpmDevice(dom.domid, devid, backDomid);
-    if (backend !== dev.backend) throw new FrontendError('ENODEV', `${home}/backend is ${backend}, expected ${dev.backend}`);
     const protocol = opts.protocol ?? 'v2';
+    // Everything up to the publish leaves in one batch: the other end's details (re-read on every
+    // connect, as Linux's xenbus_dev_resume does), on a reconnect our Initialising and the wait for
+    // the backend's InitWait (at the backend this client saw last time), and the publish's transaction.
+    const details = Promise.all([xs.readString(`${home}/backend-id`), xs.readString(`${home}/backend`)]);
+    const last = opts.reconnect ? lastBackend.get(xs)?.get(home) : undefined;
+    const known = last?.dev;
+    if (last?.answeredClose) return TpmFront.#resume(opts, home, last.dev, details);
     // Reconnecting after suspend or a backend restart: back to Initialising first, as Linux's
-    // xenbus_dev_resume does, so the backend drops the old ring before it reads the new one.
-    if (opts.reconnect) {
-      // A backend still serving our old ring drops it and goes to InitWait; a dead one stays Connected
-      // until its successor takes the device over (and goes to InitWait itself). The wait's first
-      // read goes out right behind the write: after a suspend the backend is at InitWait already.
-      await Promise.all([
-        switchState(xs, dev.frontend, XenbusState.Initialising),
-        waitForState(xs, dev.backend, (s) => s === XenbusState.InitWait, { timeoutMs: opts.timeoutMs ?? 60_000 }),
-      ]);
-      // A restarted backend is a new domain behind the same domid: stop using the dead one's memory.
-      dom.dropPeer(backDomid);
+    // xenbus_dev_resume does, so the backend drops the old ring before it reads the new one. A backend
+    // still serving our old ring drops it and goes to InitWait; a dead one stays Connected until its
+    // successor takes the device over (and goes to InitWait itself). After a suspend the backend is
+    // at InitWait already, so the wait's first read answers it.
+    const timeoutMs = opts.timeoutMs ?? 60_000;
+    const initialising = opts.reconnect ? switchState(xs, home, XenbusState.Initialising) : undefined;
+    const stop = new AbortController();
+    let initWait = known ? waitForState(xs, known.backend, (s) => s === XenbusState.InitWait, { timeoutMs, signal: stop.signal }) : undefined;
+    initWait?.catch(() => {});
+    const tx = xs.transactionStart();
+    tx.catch(() => {});
+    const build = (backDomid: number): TpmTransport => TpmFront.#build(opts, backDomid);
+    // The new ring is built while that batch is under way (it needs only the backend's domid).
+    let transport: TpmTransport | undefined = known ? build(known.backDomid) : undefined;
+    let dev: VtpmDevice;
+    let backDomid: number;
+    try {
+      const [backendId, backend] = await details;
+      backDomid = Number(backendId);
+      if (!Number.isInteger(backDomid)) throw new FrontendError('ENODEV', `${home}/backend-id is not a domid`);
+      dev = vtpmDevice(dom.domid, devid, backDomid);
+      if (backend !== dev.backend) throw new FrontendError('ENODEV', `${home}/backend is ${backend}, expected ${dev.backend}`);
+      if (opts.reconnect) {
+        if (!known || known.backend !== dev.backend) {
+          stop.abort();
+          initWait = waitForState(xs, dev.backend, (s) => s === XenbusState.InitWait, { timeoutMs });
+        }
+        await Promise.all([initialising, initWait]);
+        trace('front initwait');
+        // A restarted backend is a new domain behind the same domid: stop using the dead one's memory
+        // (after a plain suspend it is the same live one, whose mapping stays).
+        dom.revalidatePeer(backDomid);
+      }
+      if (transport && known!.backDomid !== backDomid) {
+        await transport.close();
+        transport = undefined;
+      }
+      transport ??= build(backDomid);
+    } catch (err) {
+      stop.abort();
+      void tx.then((id) => xs.transactionEnd(id, false)).catch(() => {});
+      await transport?.close();
+      throw err;
     }
-    if (opts.pollUs !== undefined) dom.evtchn.busyPollUs = opts.pollUs;
-    const transport: TpmTransport =
-      protocol === 'ring'
-        ? new RingFront(dom, backDomid, { segments: opts.segments, firstId: opts.firstId })
-        : new V2Front(dom, backDomid, { pollUs: opts.pollUs });
+    trace('front ring built');
+    remember(xs, home, dev);
     try {
       await frontendConnect(
         xs,
@@ -104,12 +150,63 @@ export class TpmFront {
           eventChannel: transport.port,
           extra: protocol === 'ring' ? { [XS_FEATURE_RING]: '1' } : {},
         },
-        { timeoutMs: opts.timeoutMs, requireBackendFeature: protocol === 'ring' ? XS_FEATURE_RING : undefined },
+        { timeoutMs: opts.timeoutMs, requireBackendFeature: protocol === 'ring' ? XS_FEATURE_RING : undefined, tx },
       );
     } catch (err) {
       await transport.close();
       throw err;
     }
+    return TpmFront.#following(opts, dev, transport);
+  }
+
+  /**
+   * Resume after a close the backend answered: the other end's details, Initialising, the new ring
+   * (built for the backend seen last time) and Initialised go in one batch (frontendReconnect). Should
+   * the details name another backend, that ring is taken back and the device published again for it.
+   */
+  static async #resume(opts: TpmFrontOptions, home: string, dev: VtpmDevice, details: Promise<[string, string]>): Promise<TpmFront> {
+    const { xs, dom } = opts;
+    const protocol = opts.protocol ?? 'v2';
+    let transport = TpmFront.#build(opts, dev.backDomid);
+    const connectOpts = { timeoutMs: opts.timeoutMs, requireBackendFeature: protocol === 'ring' ? XS_FEATURE_RING : undefined };
+    const ring = (t: TpmTransport): FrontendRing => ({ ringRef: t.refs[0]!, eventChannel: t.port, extra: protocol === 'ring' ? { [XS_FEATURE_RING]: '1' } : {} });
+    remember(xs, home, dev);
+    const published = frontendReconnect(xs, dev, ring(transport), connectOpts);
+    published.catch(() => {});
+    try {
+      const [backendId, backend] = await details;
+      const backDomid = Number(backendId);
+      if (!Number.isInteger(backDomid)) throw new FrontendError('ENODEV', `${home}/backend-id is not a domid`);
+      const actual = vtpmDevice(dom.domid, opts.devid ?? 0, backDomid);
+      if (backend !== actual.backend) throw new FrontendError('ENODEV', `${home}/backend is ${backend}, expected ${actual.backend}`);
+      // A restarted backend is a new domain behind the same domid: stop using the dead one's memory
+      // (after a plain suspend it is the same live one, whose mapping stays).
+      dom.revalidatePeer(backDomid);
+      if (actual.backend !== dev.backend) {
+        // The wrong backend never answers that publish: its wait ends with its timeout, unobserved.
+        await transport.close();
+        transport = TpmFront.#build(opts, backDomid);
+        dev = actual;
+        remember(xs, home, dev);
+        await frontendReconnect(xs, dev, ring(transport), connectOpts);
+      } else await published;
+    } catch (err) {
+      await transport.close();
+      throw err;
+    }
+    return TpmFront.#following(opts, dev, transport);
+  }
+
+  static #build(opts: TpmFrontOptions, backDomid: number): TpmTransport {
+    if (opts.pollUs !== undefined) opts.dom.evtchn.busyPollUs = opts.pollUs;
+    return (opts.protocol ?? 'v2') === 'ring'
+      ? new RingFront(opts.dom, backDomid, { segments: opts.segments, firstId: opts.firstId })
+      : new V2Front(opts.dom, backDomid, { pollUs: opts.pollUs });
+  }
+
+  /** The device is Connected: follow the backend's state from now on. */
+  static #following(opts: TpmFrontOptions, dev: VtpmDevice, transport: TpmTransport): TpmFront {
+    const xs = opts.xs;
     const front = new TpmFront(xs, dev, transport);
     // Not waited for: the WATCH goes out before anything we send later, and fires once registered.
     front.#backendWatch = watchState(xs, dev.backend, (s) => {
@@ -177,9 +274,20 @@ export class TpmFront {
     try {
       // Only this object writes our state node once connected.
       const s = suspend && this.#connected ? XenbusState.Connected : await readState(this.#xs, this.dev.frontend);
+      // The ring carries the suspend to the backend one hop sooner than xenstore can (it goes Closing
+      // on it); the Closing below keeps the xenbus walk as Linux's.
+      const ring = suspend && s === XenbusState.Connected && this.#transport instanceof RingFront ? this.#transport : undefined;
       this.#connected = false;
       if (s !== XenbusState.Closed && s !== XenbusState.Unknown) {
-        await frontendClose(this.#xs, this.dev, { timeoutMs, closing: s === XenbusState.Closing });
+        const closing = frontendClose(this.#xs, this.dev, { timeoutMs, closing: s === XenbusState.Closing });
+        // The notice goes out right after the Closing batch has left (that write is queued for this
+        // tick's end): its event-channel write wakes the backend, which on a busy machine may take our
+        // CPU before we would have sent the Closing.
+        if (ring) process.nextTick(() => ring.announceSuspend());
+        const answered = await closing;
+        const last = lastBackend.get(this.#xs)?.get(this.dev.frontend);
+        if (last && last.dev.backend === this.dev.backend) last.answeredClose = answered;
+        trace('front closed');
       }
     } catch {
       // xenstore gone (host down): nothing left to tell; still release our side.

@@ -201,6 +201,16 @@ export class Domain {
     return p;
   }
 
+  /**
+   * Forget a cached peer unless it is still the live domain it was: the same file at its path, and the
+   * process that created it (its header's pid) alive. A restarted domain is a new process with a new
+   * file, so this costs a stat and a /proc read where dropping would cost a re-open and map later.
+   */
+  revalidatePeer(domid: number): void {
+    const p = this.#peers.get(domid);
+    if (p && !(p.valid() && processAlive(p.views.header[HDR_PID]!))) this.dropPeer(domid);
+  }
+
   /** Forget a peer (its domain was destroyed); the next peer() call re-opens it. */
   dropPeer(domid: number): void {
     this.#peers.get(domid)?.close();

@@ -12,7 +12,10 @@
 // The command is in the granted data pages named by the request; the backend writes the response into
 // the same pages, so a request grants room for its response (at least one page). Several requests may
 // be outstanding; they run in order. A cancel request (op 1) names the id to cancel as a u64 where
-// the grefs would be, and is itself answered with status OK.
+// the grefs would be, and is itself answered with status OK. A suspend notice (op 2, no segments)
+// says the frontend is about to write Closing to suspend: the backend answers everything accepted
+// before it, makes the vTPM's state durable, switches its own state to Closing and then answers the
+// notice (status OK), without first waiting to read the frontend's Closing from xenstore.
 
 export const TPMIF_STATE_IDLE = 0;
 export const TPMIF_STATE_SUBMIT = 1;
@@ -38,6 +41,7 @@ export const RING_MAX_SEGMENTS = 12;
 
 export const RING_OP_COMMAND = 0;
 export const RING_OP_CANCEL = 1;
+export const RING_OP_SUSPEND = 2;
 
 export const RING_STATUS_OK = 0;
 /** The request itself was malformed (bad op, length, segments or grant); nothing ran. */

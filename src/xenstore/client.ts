@@ -14,6 +14,7 @@ import {
   type XsMessage,
 } from './wire.js';
 import { formatPerm, parsePerm, type Perm } from './permissions.js';
+import { trace, tracing } from '../xen/trace.js';
 
 export type { Perm } from './permissions.js';
 export { XsError } from './wire.js';
@@ -168,11 +169,13 @@ export class XsClient {
           this.socket.uncork();
         });
       }
+      if (tracing) trace(`xc > ${XsType[type]} ${reqId} ${payload.toString('latin1').replace(/\0/g, '|')}`);
       this.socket.write(encodeMessage(type, reqId, tx, payload));
     });
   }
 
   private onMessage(m: XsMessage): void {
+    if (tracing) trace(`xc < ${XsType[m.type]} ${m.reqId} ${m.type === XsType.WATCH_EVENT || m.type === XsType.READ ? m.payload.toString('latin1').replace(/\0/g, '|') : ''}`);
     if (m.type === XsType.WATCH_EVENT) {
       const s = splitStrings(m.payload);
       if (!s || s.length < 2) return;

@@ -28,6 +28,8 @@ const tpm2 = (await import(dist('src/tpm/tpm2-commands.js'))) as typeof import('
 const wire = (await import(dist('src/tpm/wire.js'))) as typeof import('../../src/tpm/wire.js');
 const { RunDir } = (await import(dist('src/cli/rundir.js'))) as typeof import('../../src/cli/rundir.js');
 const { restartDaemon } = (await import(dist('src/cli/restart.js'))) as typeof import('../../src/cli/restart.js');
+const { RingFront } = (await import(dist('src/frontend/ring-front.js'))) as typeof import('../../src/frontend/ring-front.js');
+const { XS_FEATURE_RING } = (await import(dist('src/xen/tpmif.js'))) as typeof import('../../src/xen/tpmif.js');
 
 const runDir = join(tmpDir('vtpm-suspend-'), 'run');
 const stateDir = join(tmpDir('vtpm-suspend-state-'), 'state');
@@ -172,6 +174,63 @@ describe('suspend/resume through xenstore', () => {
     // (re-run from the one before), each digest is in the PCR once.
     const model = [a, ...digests].reduce(extend, Buffer.alloc(32));
     expect(Buffer.from(tpm2.parsePcrRead(await s.submit(tpm2.pcrReadSha256(16)))).toString('hex')).toBe(model.toString('hex'));
+    await s.close();
+  });
+
+  it('a guest whose new ring is published in the same batch as its Closed (no wait for InitWait, as Linux tpmfront) is served on it, vTPM kept', async () => {
+    const g = await guest(28);
+    const dev = xenbus.vtpmDevice(28, 0, 0);
+    const ringOpts = { timeoutMs: 10_000, requireBackendFeature: XS_FEATURE_RING };
+    const f1 = new RingFront(g.dom, 0);
+    await xenbus.frontendConnect(g.xs, dev, { ringRef: f1.refs[0]!, eventChannel: f1.port, extra: { [XS_FEATURE_RING]: '1' } }, ringOpts);
+    ok(await f1.transmit(tpm2.startup()), 'Startup');
+    const a = randomBytes(32);
+    ok(await f1.transmit(tpm2.pcrExtendSha256(16, a)), 'extend A');
+    // Suspend: Closing, the backend's answer, then the ring goes.
+    await dom0.write('/local/domain/28/control/shutdown', 'suspend');
+    await xenbus.switchState(g.xs, dev.frontend, xenbus.XenbusState.Closing);
+    await xenbus.waitForState(g.xs, dev.backend, (st) => st === xenbus.XenbusState.Closing, { timeoutMs: 10_000 });
+    await f1.close();
+    await dom0.write('/local/domain/0/backend/vtpm/28/0/resume', 'True');
+    await dom0.write('/local/domain/28/control/shutdown', '');
+    // Closed, Initialising, the new ring and Initialised leave in one write: when the backend next reads
+    // our state it is Initialised, with the old ring still attached on its side.
+    const f2 = new RingFront(g.dom, 0, { firstId: f1.nextId });
+    await Promise.all([
+      xenbus.switchState(g.xs, dev.frontend, xenbus.XenbusState.Closed),
+      xenbus.frontendReconnect(g.xs, dev, { ringRef: f2.refs[0]!, eventChannel: f2.port, extra: { [XS_FEATURE_RING]: '1' } }, ringOpts),
+    ]);
+    expect(await xenbus.readState(dom0, dev.backend)).toBe(xenbus.XenbusState.Connected);
+    // Served on the new ring, by the same vTPM: A is still in PCR 16.
+    const pcr = tpm2.parsePcrRead(await f2.transmit(tpm2.pcrReadSha256(16)));
+    expect(Buffer.from(pcr).toString('hex')).toBe(extend(Buffer.alloc(32), a).toString('hex'));
+    await f2.close();
+  });
+
+  it('a suspend notice on the ring (op 2) makes the backend answer what came before it and go Closing before the frontend writes Closing', async () => {
+    const g = await guest(29);
+    const dev = xenbus.vtpmDevice(29, 0, 0);
+    const ringOpts = { timeoutMs: 10_000, requireBackendFeature: XS_FEATURE_RING };
+    const f = new RingFront(g.dom, 0);
+    await xenbus.frontendConnect(g.xs, dev, { ringRef: f.refs[0]!, eventChannel: f.port, extra: { [XS_FEATURE_RING]: '1' } }, ringOpts);
+    ok(await f.transmit(tpm2.startup()), 'Startup');
+    await dom0.write('/local/domain/29/control/shutdown', 'suspend');
+    const a = randomBytes(32);
+    const extended = f.transmit(tpm2.pcrExtendSha256(16, a));
+    f.announceSuspend();
+    // Our state is still Connected: the backend acts on the notice alone.
+    expect(await xenbus.waitForState(dom0, dev.backend, (st) => st === xenbus.XenbusState.Closing, { timeoutMs: 10_000 })).toBe(xenbus.XenbusState.Closing);
+    expect(await xenbus.readState(dom0, dev.frontend)).toBe(xenbus.XenbusState.Connected);
+    ok(await extended, 'extend sent before the notice');
+    // The rest of the walk as usual: Closing (the backend does not write Closing twice), Closed, InitWait.
+    await xenbus.frontendClose(g.xs, dev, { timeoutMs: 10_000 });
+    await f.close();
+    expect(await xenbus.waitForState(dom0, dev.backend, (st) => st === xenbus.XenbusState.InitWait, { timeoutMs: 10_000 })).toBe(xenbus.XenbusState.InitWait);
+    // Resumed, the vTPM has A in PCR 16: the extend's state was made durable with the notice.
+    await dom0.write('/local/domain/0/backend/vtpm/29/0/resume', 'True');
+    await dom0.write('/local/domain/29/control/shutdown', '');
+    const s = await Session.open({ xs: g.xs, dom: g.dom, firstId: f.nextId, reconnect: true });
+    expect(Buffer.from(tpm2.parsePcrRead(await s.submit(tpm2.pcrReadSha256(16)))).toString('hex')).toBe(extend(Buffer.alloc(32), a).toString('hex'));
     await s.close();
   });
 

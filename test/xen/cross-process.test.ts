@@ -24,6 +24,25 @@ afterAll(async () => {
 });
 
 describe('ring between two processes', () => {
+  it('keeps a cached peer while its process lives, and drops it once that process died', async () => {
+    const peerProc = new Child('scripts/ring-peer.js', ['back', '4'], env);
+    const me = await Domain.create({ domid: 8, dir });
+    try {
+      await peerProc.next('ready');
+      const first = me.peer(4);
+      me.revalidatePeer(4);
+      expect(me.peer(4)).toBe(first);
+      peerProc.proc.kill('SIGKILL');
+      await peerProc.exited;
+      me.revalidatePeer(4);
+      // Its memory file is still there (a dead domain's), so this is a fresh open of it.
+      expect(me.peer(4)).not.toBe(first);
+    } finally {
+      await peerProc.stop();
+      await me.destroy();
+    }
+  });
+
   it('exchanges 100 000 requests, every response matching its request', async () => {
     const r = await front.request({ kind: 'run', count: 100_000, inflight: 32 }, 'ran');
     expect(r).toMatchObject({ count: 100_000, bad: 0 });

@@ -137,6 +137,45 @@ describe('xenstored node operations', () => {
     expect((await c.read(path)).length).toBe(value.length);
   });
 
+  it('answers a pipelined batch in order, in one write, its watch events in place and once per change', async () => {
+    const raw = await RawConn.connect(d.socket);
+    const other = await RawConn.connect(d.socket);
+    raw.send(encodeMessage(XsType.WATCH, 1, 0, encodeStrings('/batch/k', 'T')));
+    other.send(encodeMessage(XsType.WATCH, 1, 0, encodeStrings('/batch/k', 'U')));
+    await raw.waitMessages(2);
+    await other.waitMessages(2);
+    const chunksBefore = raw.bytes.length;
+    raw.send(
+      Buffer.concat([
+        encodeMessage(XsType.WRITE, 2, 0, Buffer.from('/batch/k\x001')),
+        encodeMessage(XsType.READ, 3, 0, encodeStrings('/batch/k')),
+        encodeMessage(XsType.READ, 4, 0, encodeStrings('/batch/missing')),
+        encodeMessage(XsType.WRITE, 5, 0, Buffer.from('/batch/k\x002')),
+      ]),
+    );
+    const got = (await raw.waitMessages(8)).slice(2);
+    // Each WRITE's event is sent while the WRITE is handled, so it precedes that WRITE's OK.
+    expect(got.map((m) => [XsType[m.type], m.reqId])).toEqual([
+      ['WATCH_EVENT', 0],
+      ['WRITE', 2],
+      ['READ', 3],
+      ['ERROR', 4],
+      ['WATCH_EVENT', 0],
+      ['WRITE', 5],
+    ]);
+    // All of them left in one write: the first chunk after the batch holds the six frames (the READ
+    // answer is the 16-byte header 02000000 03000000 00000000 01000000 and "1").
+    const chunk = Buffer.concat(raw.bytes.slice(chunksBefore));
+    expect(raw.bytes.length - chunksBefore).toBe(1);
+    expect(chunk.includes(Buffer.from('02000000' + '03000000' + '00000000' + '01000000' + '31', 'hex'))).toBe(true);
+    // The other watcher hears each of the two changes once, nothing more.
+    await other.waitMessages(4);
+    await new Promise((r) => setTimeout(r, 50));
+    expect(other.messages.slice(2).map((m) => m.payload.toString('latin1'))).toEqual(['/batch/k\0U\0', '/batch/k\0U\0']);
+    raw.close();
+    other.close();
+  });
+
   it('stops cleanly on SIGTERM and removes its socket', async () => {
     const d2 = await startDaemon();
     const exited = new Promise<number | null>((r) => d2.proc.once('exit', (code) => r(code)));

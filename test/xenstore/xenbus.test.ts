@@ -108,6 +108,42 @@ describe('xenbus', () => {
     expect(await readState(fe, dev.frontend)).toBe(XenbusState.Connected);
   });
 
+  it('publishes in a transaction started beforehand, and redoes it in a new one when its commit conflicts', async () => {
+    const dev = await writeDeviceDirectories(dom0, { frontDomid: 5, backDomid: 0, devid: 4 });
+    await dom0.write(`${dev.backend}/feature-protocol-v2`, '1');
+    const tx = fe.transactionStart();
+    await tx;
+    // Someone changes a key the transaction is about to write, after it started: its commit is EAGAIN.
+    await dom0.write(`${dev.frontend}/ring-ref`, '77');
+    const back = backendAwaitFrontend(dom0, dev, { timeoutMs: 10_000 });
+    const front = frontendConnect(fe, dev, { ringRef: 21, eventChannel: 6 }, { timeoutMs: 10_000, tx });
+    expect(await back).toEqual({ ringRef: 21, eventChannel: 6, protocolV2: true, state: XenbusState.Initialised });
+    await switchState(dom0, dev.backend, XenbusState.Connected);
+    await front;
+    expect(await dom0.readString(`${dev.frontend}/ring-ref`)).toBe('21');
+    expect(await waitForState(dom0, dev.frontend, (s) => s === XenbusState.Connected, { timeoutMs: 10_000 })).toBe(XenbusState.Connected);
+  });
+
+  it('waits through the registration event for a change made right after it, or much later', async () => {
+    const dev = await writeDeviceDirectories(dom0, { frontDomid: 5, backDomid: 0, devid: 6 });
+    const soon = waitForState(fe, dev.backend, (s) => s === XenbusState.InitWait, { timeoutMs: 10_000 });
+    await switchState(dom0, dev.backend, XenbusState.InitWait);
+    expect(await soon).toBe(XenbusState.InitWait);
+    const later = waitForState(fe, dev.backend, (s) => s === XenbusState.Connected, { timeoutMs: 10_000 });
+    await new Promise((r) => setTimeout(r, 50));
+    await switchState(dom0, dev.backend, XenbusState.Initialised);
+    await switchState(dom0, dev.backend, XenbusState.Connected);
+    expect(await later).toBe(XenbusState.Connected);
+  });
+
+  it('stops waiting for a state when its signal aborts', async () => {
+    const dev = vtpmDevice(5, 5);
+    const stop = new AbortController();
+    const waiting = waitForState(fe, dev.frontend, (s) => s === XenbusState.Connected, { timeoutMs: 10_000, signal: stop.signal }).catch((e: unknown) => e);
+    stop.abort(new Error('not needed'));
+    expect(((await waiting) as Error).message).toBe('not needed');
+  });
+
   it('fails a frontend whose backend lacks feature-protocol-v2, writing the error node and Closing', async () => {
     const dev = await writeDeviceDirectories(dom0, { frontDomid: 5, backDomid: 0, devid: 2 });
     await switchState(dom0, dev.backend, XenbusState.Initialised);
