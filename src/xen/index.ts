@@ -14,4 +14,4 @@ export {
 export { EventChannels, EventChannelError, ECS_closed, ECS_unbound, ECS_interdomain } from './event-channel.js';
 export { SharedRing, FrontRing, BackRing, RingError, ringSize, RING_HEADER_SIZE } from './ring.js';
 export { PAGE_SIZE, xenDir } from './layout.js';
-export { PollWindow, spinUntil, defaultPollUs, cpuContended, pressureShare } from './poll.js';
+export { PollWindow, spinUntil, defaultPollUs, cpuContended } from './poll.js';

@@ -16,36 +16,20 @@ const PROBE_EVERY = 16;
 
 // A poll only pays while the peer has a CPU to answer on. When runnable tasks already wait for CPUs, a
 // spinner takes the CPU the peer needs (measured with the machine loaded to ~4× its cores: polled round
-// trips took 1.5× as long as slept ones), so polling stands down while Linux's CPU pressure (PSI "some":
-// the share of time some task waited for a CPU) is above this share, as the kernel's own spin loops stop
-// at need_resched(). The share is taken over the last interval between two reads of the cumulative
-// stall counter (`total=`, µs), not from avg10: that 10-second average kept polling off for ~20 s after
-// a burst of load had ended. Without PSI: the load average.
+// trips took 1.5× as long as slept ones), so polling stands down while Linux's CPU pressure (PSI, some avg10) is above
+// this share, as the kernel's own spin loops stop at need_resched(). Without PSI: the load average.
 const PRESSURE_LIMIT = 10;
 const PRESSURE_EVERY_MS = 250;
 let pressureCheckedAt = -Infinity;
 let contended = false;
-let lastStallUs = -1;
-
-/** The share (%) of the time since the previous sample that some task waited for a CPU, from PSI text. */
-export function pressureShare(text: string, prevStallUs: number, elapsedMs: number): { share: number; stallUs: number } | null {
-  const m = /some avg10=([\d.]+)[^\n]*total=(\d+)/.exec(text);
-  if (!m) return null;
-  const stallUs = Number(m[2]);
-  // No earlier sample (or one too old to say anything about now): the kernel's own 10 s average.
-  if (prevStallUs < 0 || !(elapsedMs > 0) || elapsedMs > 10 * PRESSURE_EVERY_MS) return { share: Number(m[1]), stallUs };
-  return { share: (100 * (stallUs - prevStallUs)) / (elapsedMs * 1000), stallUs };
-}
 
 /** Whether the CPUs are contended right now (re-read at most every 250 ms). */
 export function cpuContended(now: number = performance.now()): boolean {
   if (now - pressureCheckedAt < PRESSURE_EVERY_MS) return contended;
-  const elapsed = now - pressureCheckedAt;
   pressureCheckedAt = now;
   try {
-    const p = pressureShare(fs.readFileSync('/proc/pressure/cpu', 'latin1'), lastStallUs, elapsed);
-    contended = p ? p.share > PRESSURE_LIMIT : false;
-    lastStallUs = p ? p.stallUs : -1;
+    const m = /some avg10=([\d.]+)/.exec(fs.readFileSync('/proc/pressure/cpu', 'latin1'));
+    contended = m ? Number(m[1]) > PRESSURE_LIMIT : false;
   } catch {
     contended = os.loadavg()[0]! > os.availableParallelism();
   }

@@ -1,6 +1,6 @@
 // The adaptive poll window (halt-polling for rings) and the bounded spin.
 import { describe, expect, it } from 'vitest';
-import { PollWindow, spinUntil, cpuContended, pressureShare } from '../../src/xen/index.js';
+import { PollWindow, spinUntil, cpuContended } from '../../src/xen/index.js';
 
 describe('PollWindow', () => {
   it('starts open, stays open after short waits, shuts after a long one and probes every 16th wait', () => {
@@ -29,19 +29,6 @@ describe('PollWindow', () => {
 
   it('reads CPU pressure without failing on this machine', () => {
     expect(typeof cpuContended()).toBe('boolean');
-  });
-
-  it('takes CPU pressure over the last interval from the stall counter, not the lagging 10 s average', () => {
-    const psi = (avg10: number, total: number): string =>
-      `some avg10=${avg10.toFixed(2)} avg60=30.00 avg300=20.00 total=${total}\nfull avg10=0.00 avg60=0.00 avg300=0.00 total=0\n`;
-    // A burst just ended: avg10 still says 40 %, but only 5 ms of stall in the last 250 ms (2 %).
-    expect(pressureShare(psi(40, 1_005_000), 1_000_000, 250)).toEqual({ share: 2, stallUs: 1_005_000 });
-    // Contended now: 100 ms of stall in 250 ms.
-    expect(pressureShare(psi(1, 1_100_000), 1_000_000, 250)!.share).toBe(40);
-    // First sample, or one from long ago: the kernel's average is all there is.
-    expect(pressureShare(psi(12.5, 7), -1, 250)).toEqual({ share: 12.5, stallUs: 7 });
-    expect(pressureShare(psi(12.5, 7), 3, 60_000)).toEqual({ share: 12.5, stallUs: 7 });
-    expect(pressureShare('garbage', 0, 250)).toBeNull();
   });
 
   it('never polls with a window of 0', () => {
