@@ -15,7 +15,7 @@ import { writeDeviceDirectories } from '../../src/xenstore/xenbus.js';
 import { TpmFront } from '../../src/frontend/tpmfront.js';
 import { Swtpm, type SwtpmClient } from '../swtpm-peer.js';
 import { smapsRollup } from './_engine-host.js';
-import { cpuUs, median, percentile, usSince, type BenchContext, type Figure } from './lib.js';
+import { cpuUs, median, percentile, settle, usSince, type BenchContext, type Figure } from './lib.js';
 
 const GET_RANDOM_8 = new Uint8Array([0x80, 0x01, 0, 0, 0, 0x0c, 0, 0, 0x01, 0x7b, 0, 8]);
 const STARTUP_CLEAR = new Uint8Array([0x80, 0x01, 0, 0, 0, 0x0c, 0, 0, 0x01, 0x44, 0, 0]);
@@ -134,6 +134,7 @@ export async function run(ctx: BenchContext): Promise<Figure[]> {
     const sleeper: Client = guests[1]!.front;
     const peer: Client = swClients[0]!;
     const swPid = swtpms[0]!.pid;
+    await settle(ctx);
     await latencies(ours, () => GET_RANDOM_8, 300);
     await latencies(sleeper, () => GET_RANDOM_8, 300);
     await latencies(peer, () => GET_RANDOM_8, 300);

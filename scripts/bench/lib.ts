@@ -91,3 +91,18 @@ export function cpuUs(pid: number | 'self'): number {
   const text = fs.readFileSync(`/proc/${pid}/schedstat`, 'utf8');
   return Number(text.split(' ')[0]) / 1000;
 }
+
+/**
+ * Wait (up to `maxMs`) until the CPUs are no longer contended as our pollers see it (poll.ts: PSI
+ * avg10). Starting a host is a burst of process start-ups whose CPU pressure lingers in the kernel's
+ * 10-second average; latency measured inside it would be of a machine where polling stands down.
+ * Both sides of a comparison are measured after the wait. Returns the ms waited.
+ */
+export async function settle(ctx: BenchContext, maxMs = 60_000): Promise<number> {
+  const { cpuContended } = await import('../../src/xen/poll.js');
+  const t0 = performance.now();
+  while (cpuContended() && performance.now() - t0 < maxMs) await new Promise((r) => setTimeout(r, 250));
+  const waited = performance.now() - t0;
+  if (waited > 1) ctx.log(`waited ${(waited / 1000).toFixed(1)} s for CPU pressure to settle${cpuContended() ? ' (still contended)' : ''}`);
+  return waited;
+}
