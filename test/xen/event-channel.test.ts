@@ -36,6 +36,29 @@ function counter(dom: Domain, port: number): { n: number } {
   return c;
 }
 
+/**
+ * A fresh fe → be channel whose bind event has been delivered, with be's busy mode set to `windowUs`
+ * (and the CPUs reported contended or not). `end()` closes it and turns be's busy mode off again.
+ */
+async function busyChannel(windowUs: number, contended = false): Promise<{ p: number; local: number; c: { n: number }; end: () => void }> {
+  const p = fe.evtchn.allocUnbound(0);
+  const local = be.evtchn.bindInterdomain(4, p);
+  const c = counter(be, local);
+  await sleep(20);
+  be.evtchn.busyPollUs = windowUs;
+  be.evtchn.busyContended = () => contended;
+  return {
+    p,
+    local,
+    c,
+    end: () => {
+      be.evtchn.busyPollUs = 0;
+      be.evtchn.close(local);
+      fe.evtchn.close(p);
+    },
+  };
+}
+
 describe('event channels', () => {
   it('binds only to an unbound port allocated for the binder: EINVAL otherwise, ESRCH for no domain', () => {
     const forOther = fe.evtchn.allocUnbound(7);
@@ -182,13 +205,8 @@ describe('event-channel masks (busy-polling ends)', () => {
   });
 
   it('busy mode: a woken domain keeps its ports masked for its quiet window and finds sends itself, with no wake-up write', async () => {
-    const p = fe.evtchn.allocUnbound(0);
-    const local = be.evtchn.bindInterdomain(4, p);
-    const c = counter(be, local);
-    await sleep(20);
+    const { p, local, c, end } = await busyChannel(300_000); // a window long enough to look at from a test
     expect(c.n).toBe(1);
-    be.evtchn.busyPollUs = 300_000; // a window long enough to look at from a test
-    be.evtchn.busyContended = () => false;
     const writes = vi.spyOn(fs, 'writeSync');
     try {
       // The delivery above (busy mode was off then) left the port unmasked: this send wakes dom0.
@@ -217,19 +235,12 @@ describe('event-channel masks (busy-polling ends)', () => {
       expect(c.n).toBe(5);
     } finally {
       writes.mockRestore();
-      be.evtchn.busyPollUs = 0;
+      end();
     }
-    be.evtchn.close(local);
-    fe.evtchn.close(p);
   });
 
   it('busy mode never delivers a port its channel masked; unmask in busy mode hands it to the poller', async () => {
-    const p = fe.evtchn.allocUnbound(0);
-    const local = be.evtchn.bindInterdomain(4, p);
-    const c = counter(be, local);
-    await sleep(20);
-    be.evtchn.busyPollUs = 300_000;
-    be.evtchn.busyContended = () => false;
+    const { p, local, c, end } = await busyChannel(300_000);
     try {
       fe.evtchn.send(p);
       await sleep(20);
@@ -244,22 +255,15 @@ describe('event-channel masks (busy-polling ends)', () => {
       expect(be.evtchn.status(local).masked).toBe(true);
       await sleep(20);
       expect(c.n).toBe(3);
+      await sleep(350);
+      expect(be.evtchn.status(local)).toMatchObject({ masked: false, pending: false });
     } finally {
-      be.evtchn.busyPollUs = 0;
+      end();
     }
-    await sleep(350);
-    expect(be.evtchn.status(local)).toMatchObject({ masked: false, pending: false });
-    be.evtchn.close(local);
-    fe.evtchn.close(p);
   });
 
   it('busy mode with the CPUs contended: leaves at the first turn that finds nothing', async () => {
-    const p = fe.evtchn.allocUnbound(0);
-    const local = be.evtchn.bindInterdomain(4, p);
-    const c = counter(be, local);
-    await sleep(20);
-    be.evtchn.busyPollUs = 300_000;
-    be.evtchn.busyContended = () => true;
+    const { p, local, c, end } = await busyChannel(300_000, true);
     try {
       fe.evtchn.send(p);
       await sleep(20);
@@ -276,18 +280,12 @@ describe('event-channel masks (busy-polling ends)', () => {
       await sleep(20);
       expect(c.n).toBe(3);
     } finally {
-      be.evtchn.busyPollUs = 0;
+      end();
     }
-    be.evtchn.close(local);
-    fe.evtchn.close(p);
   });
 
   it('busyPollUs 0: never busy, every 0→1 edge is one wake-up write', async () => {
-    const p = fe.evtchn.allocUnbound(0);
-    const local = be.evtchn.bindInterdomain(4, p);
-    const c = counter(be, local);
-    await sleep(20);
-    be.evtchn.busyPollUs = 0;
+    const { p, local, c, end } = await busyChannel(0);
     fe.evtchn.send(p);
     await sleep(20);
     const writes = vi.spyOn(fs, 'writeSync');
@@ -302,8 +300,7 @@ describe('event-channel masks (busy-polling ends)', () => {
       writes.mockRestore();
     }
     expect(c.n).toBe(5);
-    be.evtchn.close(local);
-    fe.evtchn.close(p);
+    end();
   });
 
   it('consume() takes the pending bit a poller saw, so unmask delivers nothing', async () => {
