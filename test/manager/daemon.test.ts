@@ -1,4 +1,4 @@
-import { afterEach, describe, expect, it } from 'vitest';
+import { describe, expect, it } from 'vitest';
 import fc from 'fast-check';
 import { spawn } from 'node:child_process';
 import crypto from 'node:crypto';
@@ -7,24 +7,13 @@ import path from 'node:path';
 import { ManagerClient, ManagerError } from '../../src/manager/client.js';
 import { CONSOLE_IN, CONSOLE_OUT, connectPair, openReader, writeShared, type ClientPair } from '../../src/manager/fifo.js';
 import { Ord, Status, encodeRequest, type Frame } from '../../src/manager/wire.js';
-import { DIST_MANAGER, startManager, tempDir, type RunningManager } from './helpers.js';
+import { DIST_MANAGER, perTest, tempDir, type RunningManager } from './helpers.js';
 
 const hex = (s: string): Buffer => Buffer.from(s.replace(/\s+/g, ''), 'hex');
 const VM1 = '6f1b0d52-6c1e-4b8e-9a57-3f0c2f7d9a01';
 const VM2 = '6f1b0d52-6c1e-4b8e-9a57-3f0c2f7d9a02';
 
-const managers: RunningManager[] = [];
-const clients: ManagerClient[] = [];
-afterEach(async () => {
-  for (const c of clients.splice(0)) c.disconnect();
-  for (const m of managers.splice(0)) await m.stop('SIGKILL');
-});
-
-async function manager(stateDir = tempDir('state'), runDir = tempDir('run')): Promise<RunningManager> {
-  const m = await startManager(stateDir, runDir);
-  managers.push(m);
-  return m;
-}
+const { clients, manager } = perTest();
 
 async function client(m: RunningManager, bind?: number): Promise<ManagerClient> {
   const c = await ManagerClient.connect(m.runDir, { bind });

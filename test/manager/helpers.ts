@@ -4,6 +4,8 @@ import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
+import { afterEach } from 'vitest';
+import type { ManagerClient } from '../../src/manager/client.js';
 
 export const ROOT = path.join(path.dirname(fileURLToPath(import.meta.url)), '..', '..');
 export const CLI = path.join(ROOT, 'dist/src/cli/main.js');
@@ -63,4 +65,27 @@ export async function startManager(stateDir: string, runDir: string, extra: stri
   };
   await m.waitLog(/ready$/);
   return m;
+}
+
+/**
+ * The managers and clients one test file starts: every client disconnected and every manager killed
+ * after each test. `manager()` starts one and tracks it; push clients onto `clients`.
+ */
+export function perTest(): {
+  managers: RunningManager[];
+  clients: ManagerClient[];
+  manager: (stateDir?: string, runDir?: string) => Promise<RunningManager>;
+} {
+  const managers: RunningManager[] = [];
+  const clients: ManagerClient[] = [];
+  afterEach(async () => {
+    for (const c of clients.splice(0)) c.disconnect();
+    for (const m of managers.splice(0)) await m.stop('SIGKILL');
+  });
+  const manager = async (stateDir = tempDir('state'), runDir = tempDir('run')): Promise<RunningManager> => {
+    const m = await startManager(stateDir, runDir);
+    managers.push(m);
+    return m;
+  };
+  return { managers, clients, manager };
 }

@@ -14,7 +14,7 @@ import { ManagerClient } from '../../src/manager/client.js';
 import { CONSOLE_IN, CONSOLE_OUT, openReader, writeShared } from '../../src/manager/fifo.js';
 import { encodeMigrateIn, readBlobHeader, type RsaPublic } from '../../src/manager/migration.js';
 import { Ord, Status, encodeRequest } from '../../src/manager/wire.js';
-import { CLI, startManager, tempDir, type RunningManager } from './helpers.js';
+import { CLI, perTest, tempDir, type RunningManager } from './helpers.js';
 
 const run = promisify(execFile);
 const hex = (s: string): Buffer => Buffer.from(s.replace(/\s+/g, ''), 'hex');
@@ -22,18 +22,7 @@ const VM1 = '3a6f0c1e-8d2b-4c57-9e10-5b7a2d4c6e01';
 const VM2 = '3a6f0c1e-8d2b-4c57-9e10-5b7a2d4c6e02';
 const VM3 = '3a6f0c1e-8d2b-4c57-9e10-5b7a2d4c6e03';
 
-const managers: RunningManager[] = [];
-const clients: ManagerClient[] = [];
-afterEach(async () => {
-  for (const c of clients.splice(0)) c.disconnect();
-  for (const m of managers.splice(0)) await m.stop('SIGKILL');
-});
-
-async function manager(stateDir = tempDir('mstate'), runDir = tempDir('mrun')): Promise<RunningManager> {
-  const m = await startManager(stateDir, runDir);
-  managers.push(m);
-  return m;
-}
+const { managers, clients, manager } = perTest();
 
 /** A console-attached (privileged) pair: what `vtpm migrate` uses. */
 async function admin(m: RunningManager): Promise<ManagerClient> {
