@@ -55,21 +55,21 @@ function connectedFd(sock: net.Socket): number {
 }
 
 // Busy mode, the idea of Linux NAPI: a process that was just woken usually has more work coming (a
-// backend serving many guests, a frontend whose next answer follows). Only a delivery starts it: a
-// send as well measured worse (a suspend cycle, where every process spins after each of its few sends
-// while xenstored waits for a CPU: idle cycle 4.3 vs 5.2 ms; and more CPU per round trip for the same
-// latency). While busy, every handled port of the
-// domain stays masked, so peers' sends cost them one atomic OR instead of a wake-up write (12–20 µs
+// backend serving many guests, a guest whose next answer follows). While busy, every handled port of
+// the domain stays masked, so peers' sends cost them one atomic OR instead of a wake-up write (12–20 µs
 // here, see above), and the process looks for pending ports itself once per turn of its event loop.
-// It leaves busy mode, unmasking its ports, after a quiet window with nothing found (VTPM_POLL_US,
-// default 50 µs), which adapts as the channels' spins do (poll.ts): it shuts while work comes in long
-// gaps (a guest waiting on a chain of processes would only take the CPU the chain needs: multi-VM
-// round trips measured 1.4× slower with a fixed window) and is zero while the CPUs are contended, when
-// it leaves after the first turn that finds nothing. A process that keeps its ports masked gets no wake-ups, and a wake-up is what
-// lets the scheduler run a task that was waiting ahead of a spinner; a preempted busy process would
-// otherwise wait out a time slice with work pending. Saturated, every turn finds work, so busy mode
-// holds either way (256 guests on a loaded machine: the backend's CPU per PCR_Extend 47 → 37 µs).
-// One poller per process serves every busy domain in it: one setImmediate per turn, not one per domain.
+// With 256 guests the backend had spent 45 % of its time in those writes: 16–21k PCR_Extend/s before,
+// 30–33k/s with busy mode (quiet machine, e2e bench).
+//  - Only a delivery starts it. Starting on a send too measured worse: in a suspend cycle every process
+//    spun after each of its few sends while xenstored waited for a CPU (idle cycle 5.2 vs 4.3 ms).
+//  - It leaves, unmasking its ports, after a quiet window with nothing found (VTPM_POLL_US, default
+//    50 µs) that adapts as the channels' spins do (poll.ts): it shuts while work comes in long gaps (a
+//    multi-VM guest waiting on a chain of processes would take the CPU the chain needs: 1.4× slower
+//    round trips with a fixed window), and is zero while the CPUs are contended, when it leaves at the
+//    first turn that finds nothing. A process with its ports masked gets no wake-ups, and a wake-up is
+//    what lets the scheduler run a task ahead of a spinner: a preempted busy process would otherwise
+//    wait out a time slice with work pending. Saturated, every turn finds work, so it holds either way.
+//  - One poller per process serves every busy domain in it: one setImmediate per turn, not one each.
 const busyDomains = new Set<EventChannels>();
 let pollQueued = false;
 
@@ -95,7 +95,6 @@ export class EventChannels {
   #dispatchQueued = false;
   /** Ports masked by their channel (polling its ring itself): neither wake-ups nor busy mode deliver them. */
   readonly #channelMasked = new Set<number>();
-  /** Quiet window of busy mode in µs (0: never busy; every notification is a wake-up write). */
   /** Whether to cut the quiet window to nothing now (default: CPU pressure, poll.ts). */
   busyContended: (now: number) => boolean = cpuContended;
   #busyWindow = new PollWindow(defaultPollUs(), () => this.busyContended(performance.now()));
