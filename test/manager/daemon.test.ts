@@ -5,9 +5,9 @@ import crypto from 'node:crypto';
 import fs from 'node:fs';
 import path from 'node:path';
 import { ManagerClient, ManagerError } from '../../src/manager/client.js';
-import { CONSOLE_IN, CONSOLE_OUT, connectPair, openReader, writeShared, type ClientPair } from '../../src/manager/fifo.js';
+import { connectPair, writeShared, type ClientPair } from '../../src/manager/fifo.js';
 import { Ord, Status, encodeRequest, type Frame } from '../../src/manager/wire.js';
-import { DIST_MANAGER, perTest, tempDir, type RunningManager } from './helpers.js';
+import { DIST_MANAGER, perTest, rawConsole, tempDir, type RunningManager } from './helpers.js';
 
 const hex = (s: string): Buffer => Buffer.from(s.replace(/\s+/g, ''), 'hex');
 const VM1 = '6f1b0d52-6c1e-4b8e-9a57-3f0c2f7d9a01';
@@ -19,24 +19,6 @@ async function client(m: RunningManager, bind?: number): Promise<ManagerClient> 
   const c = await ManagerClient.connect(m.runDir, { bind });
   clients.push(c);
   return c;
-}
-
-/** Raw console exchange, as a Xen hotplug script does it: write one frame, read the reply bytes. */
-async function rawConsole(runDir: string, frame: Buffer): Promise<Buffer> {
-  const r = openReader(path.join(runDir, CONSOLE_OUT));
-  try {
-    const got = new Promise<Buffer>((resolve) => {
-      let acc = Buffer.alloc(0);
-      r.on('data', (c: Buffer) => {
-        acc = Buffer.concat([acc, c]);
-        if (acc.length >= 14 && acc.length >= 4 + acc.readUInt32BE(6)) resolve(acc);
-      });
-    });
-    writeShared(path.join(runDir, CONSOLE_IN), frame);
-    return await got;
-  } finally {
-    r.destroy();
-  }
 }
 
 /** A raw client pair, to send frames ManagerClient never would. */

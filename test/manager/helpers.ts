@@ -6,6 +6,7 @@ import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { afterEach } from 'vitest';
 import type { ManagerClient } from '../../src/manager/client.js';
+import { CONSOLE_IN, CONSOLE_OUT, openReader, writeShared } from '../../src/manager/fifo.js';
 
 export const ROOT = path.join(path.dirname(fileURLToPath(import.meta.url)), '..', '..');
 export const CLI = path.join(ROOT, 'dist/src/cli/main.js');
@@ -88,4 +89,22 @@ export function perTest(): {
     return m;
   };
   return { managers, clients, manager };
+}
+
+/** One raw exchange on the console FIFOs, as a Xen hotplug script or vtpm_migrator does it: write one frame, read the reply bytes. */
+export async function rawConsole(runDir: string, frame: Buffer): Promise<Buffer> {
+  const r = openReader(path.join(runDir, CONSOLE_OUT));
+  try {
+    const got = new Promise<Buffer>((resolve) => {
+      let acc = Buffer.alloc(0);
+      r.on('data', (c: Buffer) => {
+        acc = Buffer.concat([acc, c]);
+        if (acc.length >= 14 && acc.length >= 4 + acc.readUInt32BE(6)) resolve(acc);
+      });
+    });
+    writeShared(path.join(runDir, CONSOLE_IN), frame);
+    return await got;
+  } finally {
+    r.destroy();
+  }
 }

@@ -11,10 +11,9 @@ import { promisify } from 'node:util';
 import { TpmHost } from '../../src/tpm/host.js';
 import * as tpm2 from '../../src/tpm/tpm2-commands.js';
 import { ManagerClient } from '../../src/manager/client.js';
-import { CONSOLE_IN, CONSOLE_OUT, openReader, writeShared } from '../../src/manager/fifo.js';
 import { encodeMigrateIn, readBlobHeader, type RsaPublic } from '../../src/manager/migration.js';
 import { Ord, Status, encodeRequest } from '../../src/manager/wire.js';
-import { CLI, perTest, tempDir, type RunningManager } from './helpers.js';
+import { CLI, perTest, rawConsole, tempDir, type RunningManager } from './helpers.js';
 
 const run = promisify(execFile);
 const hex = (s: string): Buffer => Buffer.from(s.replace(/\s+/g, ''), 'hex');
@@ -35,24 +34,6 @@ async function restart(m: RunningManager): Promise<RunningManager> {
   await m.stop('SIGKILL');
   managers.splice(managers.indexOf(m), 1);
   return manager(m.stateDir, m.runDir);
-}
-
-/** One raw exchange on the console FIFOs, as a Xen hotplug script or vtpm_migrator does it. */
-async function rawConsole(runDir: string, frame: Buffer): Promise<Buffer> {
-  const r = openReader(path.join(runDir, CONSOLE_OUT));
-  try {
-    const got = new Promise<Buffer>((resolve) => {
-      let acc = Buffer.alloc(0);
-      r.on('data', (c: Buffer) => {
-        acc = Buffer.concat([acc, c]);
-        if (acc.length >= 14 && acc.length >= 4 + acc.readUInt32BE(6)) resolve(acc);
-      });
-    });
-    writeShared(path.join(runDir, CONSOLE_IN), frame);
-    return await got;
-  } finally {
-    r.destroy();
-  }
 }
 
 const states = () => ({ permanent: crypto.randomBytes(70_000), volatile: crypto.randomBytes(9_000), savestate: crypto.randomBytes(3_000) });
