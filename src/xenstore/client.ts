@@ -188,7 +188,13 @@ export class XsClient {
     this.pending.delete(m.reqId);
     if (m.type === XsType.ERROR) {
       const name = m.payload.toString('latin1').replace(/\0+$/, '');
-      p.reject(new XsError(isXsErrno(name) ? name : 'EIO', `${XsType[p.type]}: ${name}`));
+      // Without a stack: it would only show this socket's data handler, never the caller, and
+      // refusals such as ENOENT (tryRead) are routine on the handshake's path.
+      const limit = Error.stackTraceLimit;
+      Error.stackTraceLimit = 0;
+      const err = new XsError(isXsErrno(name) ? name : 'EIO', `${XsType[p.type]}: ${name}`);
+      Error.stackTraceLimit = limit;
+      p.reject(err);
     } else p.resolve(m.payload);
   }
 
