@@ -129,15 +129,7 @@ export class RingFront implements TpmTransport {
     const ids = id === undefined ? [...this.#pending.keys()] : [id];
     for (const target of ids) {
       if (!this.#pending.has(target) || this.#ring.full()) continue;
-      const v = this.#ring.sring.view;
-      const off = this.#ring.nextRequestSlot();
-      v.setBigUint64(off + REQ_ID, this.#nextId++, true);
-      v.setUint8(off + REQ_OP, RING_OP_CANCEL);
-      v.setUint8(off + REQ_LOCALITY, 0);
-      v.setUint8(off + REQ_NR_SEGMENTS, 0);
-      v.setUint32(off + REQ_LENGTH, 0, true);
-      v.setBigUint64(off + REQ_GREFS, target, true);
-      this.#ring.produceRequest();
+      this.#controlRequest(RING_OP_CANCEL, target);
     }
     if (this.#ring.pushRequestsAndCheckNotify()) this.#dom.evtchn.send(this.port);
   }
@@ -149,16 +141,21 @@ export class RingFront implements TpmTransport {
    */
   announceSuspend(): void {
     if (this.#closed || this.#ring.full()) return;
+    this.#controlRequest(RING_OP_SUSPEND, 0n);
+    if (this.#ring.pushRequestsAndCheckNotify()) this.#dom.evtchn.send(this.port);
+  }
+
+  /** Queue a request without segments (cancel, suspend notice); `arg` goes where the grefs would be. */
+  #controlRequest(op: number, arg: bigint): void {
     const v = this.#ring.sring.view;
     const off = this.#ring.nextRequestSlot();
     v.setBigUint64(off + REQ_ID, this.#nextId++, true);
-    v.setUint8(off + REQ_OP, RING_OP_SUSPEND);
+    v.setUint8(off + REQ_OP, op);
     v.setUint8(off + REQ_LOCALITY, 0);
     v.setUint8(off + REQ_NR_SEGMENTS, 0);
     v.setUint32(off + REQ_LENGTH, 0, true);
-    v.setBigUint64(off + REQ_GREFS, 0n, true);
+    v.setBigUint64(off + REQ_GREFS, arg, true);
     this.#ring.produceRequest();
-    if (this.#ring.pushRequestsAndCheckNotify()) this.#dom.evtchn.send(this.port);
   }
 
   #onResponses(): void {
