@@ -359,7 +359,13 @@ export class BackendDevice {
   async #attach(feState: XenbusState, keys: AttachKeys): Promise<void> {
     const xs = this.#o.xs;
     if (keys.own !== XenbusState.InitWait) return;
-    const fe = parseFrontendRing(this.dev, feState, keys.ringRef, keys.eventChannel, keys.protocolV2);
+    let fe: ReturnType<typeof parseFrontendRing>;
+    try {
+      fe = parseFrontendRing(this.dev, feState, keys.ringRef, keys.eventChannel, keys.protocolV2);
+    } catch (err) {
+      // as a Linux backend's xenbus_dev_fatal when the ring-ref it reads is no number: cut off
+      return this.#fail(22, (err as Error).message);
+    }
     const vm = keys.uuid;
     const wantsRing = keys.ring === '1';
     if (!wantsRing && !fe.protocolV2) return this.#fail(22, 'frontend did not publish feature-protocol-v2');
