@@ -15,6 +15,7 @@ import {
   CtrlReceiver,
   GETINFO_SIZE,
   INIT_FLAG_DELETE_VOLATILE,
+  MAX_STATE_BLOB,
   OUR_CAPS,
   Res,
   STATE_FLAG_ENCRYPTED,
@@ -54,6 +55,15 @@ export interface QemuEndpointOptions {
 }
 
 const KIND_OF_TYPE: Record<number, StateKind> = { 1: 'permanent', 2: 'volatile', 3: 'savestate' };
+
+/**
+ * A control client may have this many requests unanswered, or this many reply bytes unread, before it
+ * is cut off: QEMU sends one command and waits for its answer, and the reader thread cannot be paused.
+ */
+export const CTRL_MAX_UNANSWERED = 64;
+export const CTRL_MAX_BACKLOG = MAX_STATE_BLOB + 64 * 1024;
+/** Answered (non-fatal) protocol errors logged per control client. */
+const CTRL_ERRORS_LOGGED = 3;
 
 export class QemuEndpoint {
   readonly path: string;
@@ -345,6 +355,10 @@ class CtrlConnection {
   readonly #log: (l: string) => void;
   #timer: NodeJS.Timeout | null = null;
   #queue: Promise<void> = Promise.resolve();
+  /** Requests received and not yet answered. */
+  #unanswered = 0;
+  /** Answered protocol errors logged so far: a client cannot flood the log with them. */
+  #errorsLogged = 0;
   #closed = false;
 
   constructor(ep: QemuEndpoint, sock: net.Socket, rs: RightsSocket, log: (l: string) => void) {
@@ -370,12 +384,29 @@ class CtrlConnection {
 
   #dispatch(events: ReceiverEvent[]): void {
     for (const ev of events) {
+      if (this.#closed) {
+        for (const fd of ev.kind === 'error' ? ev.fds : ev.req.fds) closeFd(fd);
+        continue;
+      }
+      if (++this.#unanswered > CTRL_MAX_UNANSWERED) {
+        for (const fd of ev.kind === 'error' ? ev.fds : ev.req.fds) closeFd(fd);
+        this.#cutOff(`${CTRL_MAX_UNANSWERED} requests unanswered and more arriving`);
+        return;
+      }
       // Replies go out in request order even when a later request is quick.
       this.#queue = this.#queue.then(async () => {
+        this.#unanswered--;
+        if (this.#closed) {
+          for (const fd of ev.kind === 'error' ? ev.fds : ev.req.fds) closeFd(fd);
+          return;
+        }
         if (ev.kind === 'error') {
           for (const fd of ev.fds) closeFd(fd);
           const res = ev.err.result;
-          this.#log(`control client: ${ev.err.message} -> ${res === null ? 'hang up' : `0x${res.toString(16)}`}`);
+          if (ev.err.fatal || this.#errorsLogged < CTRL_ERRORS_LOGGED) {
+            const more = !ev.err.fatal && ++this.#errorsLogged === CTRL_ERRORS_LOGGED ? ' (its further errors are not logged)' : '';
+            this.#log(`control client: ${ev.err.message} -> ${res === null ? 'hang up' : `0x${res.toString(16)}`}${more}`);
+          }
           if (res !== null) this.#write(resultOnly(res));
           if (ev.err.fatal) this.close(true);
           return;
@@ -390,7 +421,18 @@ class CtrlConnection {
   }
 
   #write(b: Buffer): void {
-    if (!this.#closed && !this.#sock.destroyed) this.#sock.write(b);
+    if (this.#closed || this.#sock.destroyed) return;
+    if (this.#sock.writableLength + b.length > CTRL_MAX_BACKLOG) {
+      this.#cutOff(`${this.#sock.writableLength} reply bytes unread`);
+      return;
+    }
+    this.#sock.write(b);
+  }
+
+  /** A client that does not read its replies: one log line, then it alone is hung up on. */
+  #cutOff(what: string): void {
+    this.#log(`control client cut off: ${what}`);
+    this.close();
   }
 
   close(afterWrites = false): void {
@@ -406,7 +448,12 @@ class CtrlConnection {
   }
 }
 
-/** The TPM data channel over the fd QEMU passed: raw commands in, raw responses out, one at a time. */
+/**
+ * The TPM data channel over the fd QEMU passed: raw commands in, raw responses out, one at a time.
+ * It holds at most one command's worth of input (reading pauses beyond that, so a peer pipelining
+ * commands keeps them in its own socket buffer, as with swtpm's blocking read) and waits for a
+ * response to be taken before it reads on, so a peer that stops reading stalls only itself.
+ */
 class DataChannel {
   onClose: () => void = () => {};
   readonly #sock: net.Socket;
@@ -433,7 +480,23 @@ class DataChannel {
       d = d.subarray(n);
     }
     this.#buf = this.#buf.length ? Buffer.concat([this.#buf, d]) : d;
+    if (this.#buf.length >= this.#ep.vtpm.bufferSize) this.#sock.pause();
     void this.#pump();
+  }
+
+  /** Write a response; if the peer's socket is full, read nothing more until it has taken it. */
+  async #send(rsp: Uint8Array): Promise<void> {
+    if (this.#closed || this.#sock.write(rsp)) return;
+    this.#sock.pause();
+    await new Promise<void>((resolve) => {
+      const done = (): void => {
+        this.#sock.off('drain', done);
+        this.#sock.off('close', done);
+        resolve();
+      };
+      this.#sock.on('drain', done);
+      this.#sock.on('close', done);
+    });
   }
 
   async #pump(): Promise<void> {
@@ -453,15 +516,16 @@ class DataChannel {
           const n = Math.min(skip, this.#buf.length);
           this.#buf = this.#buf.subarray(n);
           this.#discard = skip - n;
-          this.#sock.write(errorResponse(fam, rc, tag));
+          await this.#send(errorResponse(fam, rc, tag));
           continue;
         }
         if (this.#buf.length < size) break;
         const cmd = this.#buf.subarray(0, size);
         this.#buf = this.#buf.subarray(size);
         const rsp = await this.#ep.execute(cmd);
-        if (!this.#closed) this.#sock.write(rsp);
+        await this.#send(rsp);
       }
+      if (!this.#closed && this.#buf.length < this.#ep.vtpm.bufferSize) this.#sock.resume();
     } catch (err) {
       this.#log(`data channel: ${(err as Error).message}`);
       this.close();
