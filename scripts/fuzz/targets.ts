@@ -239,8 +239,10 @@ const RING_DATA_PAGES = 4;
 export class GuestTarget implements Target {
   readonly name: string;
   readonly stats = newStats();
-  readonly #pageGfn: number;
-  readonly #pageRef: number;
+  #pageGfn = -1;
+  #pageRef = -1;
+  /** Pages of earlier connections, freed once the backend has let go of them. */
+  readonly #retired: Array<{ gfn: number; ref: number }> = [];
   readonly #dataRefs: number[] = [];
   readonly #dataGfn: number;
   #port = -1;
@@ -261,8 +263,6 @@ export class GuestTarget implements Target {
   ) {
     this.name = protocol === 'v2' ? 'v2 page' : 'ring slots';
     this.#dev = vtpmDevice(dom.domid, 0, 0);
-    this.#pageGfn = dom.allocFrames(1);
-    this.#pageRef = dom.grants.grantAccess(0, this.#pageGfn);
     this.#dataGfn = dom.allocFrames(RING_DATA_PAGES);
     for (let i = 0; i < RING_DATA_PAGES; i++) this.#dataRefs.push(dom.grants.grantAccess(0, this.#dataGfn + i));
   }
@@ -278,12 +278,35 @@ export class GuestTarget implements Target {
     return this.dom.frames(this.#pageGfn);
   }
 
-  /** The toolstack's device add, then our side of the handshake, to Connected. */
+  /** The toolstack's device add, then our side of the handshake, to Connected (a refusal counts as a cut-off). */
   async #connect(): Promise<void> {
-    await this.#watch?.close().catch(() => {});
+    for (let attempt = 1; ; attempt++) {
+      try {
+        return await this.#connectOnce();
+      } catch (err) {
+        if (attempt >= 3) throw err;
+        this.stats.cutOffs++;
+      }
+    }
+  }
+
+  async #connectOnce(): Promise<void> {
+    const watch = this.#watch;
+    this.#watch = null;
+    await watch?.close().catch(() => {});
     await removeDeviceDirectories(this.dom0, this.#dev).catch(() => {});
+    // A fresh ring page for each device: the backend of the last one may still be letting go of its.
+    if (this.#pageGfn >= 0) this.#retired.push({ gfn: this.#pageGfn, ref: this.#pageRef });
+    for (let i = this.#retired.length - 1; i >= 0; i--) {
+      const p = this.#retired[i]!;
+      if (this.dom.grants.endAccess(p.ref)) {
+        this.dom.freeFrames(p.gfn);
+        this.#retired.splice(i, 1);
+      }
+    }
+    this.#pageGfn = this.dom.allocFrames(1);
+    this.#pageRef = this.dom.grants.grantAccess(0, this.#pageGfn);
     this.#dev = await writeDeviceDirectories(this.dom0, { frontDomid: this.dom.domid, backDomid: 0, devid: this.#devid++, uuid: this.vm });
-    this.#page.fill(0);
     if (this.protocol === 'ring') new SharedRing(this.#page.buffer as ArrayBuffer, RING_SLOT, this.#page.byteOffset, PAGE).init();
     if (this.#port >= 0) {
       this.dom.evtchn.off(this.#port);
@@ -292,8 +315,9 @@ export class GuestTarget implements Target {
     this.#port = this.dom.evtchn.allocUnbound(0);
     this.dom.evtchn.on(this.#port, () => this.#wake++);
     this.#closed = false;
-    this.#watch = await watchState(this.xs, this.#dev.backend, (s) => {
-      if (s === XenbusState.Closing || s === XenbusState.Closed) this.#closed = true;
+    const dev = this.#dev;
+    this.#watch = await watchState(this.xs, dev.backend, (s) => {
+      if (dev === this.#dev && (s === XenbusState.Closing || s === XenbusState.Closed)) this.#closed = true;
     });
     await frontendConnect(
       this.xs,
