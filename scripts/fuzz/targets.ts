@@ -11,7 +11,7 @@ import { XsClient, type XsWatch } from '../../src/xenstore/client.js';
 import { XsReceiver, XsType } from '../../src/xenstore/wire.js';
 import { XenbusState, frontendConnect, removeDeviceDirectories, vtpmDevice, watchState, writeDeviceDirectories, type VtpmDevice } from '../../src/xenstore/xenbus.js';
 import { ManagerClient } from '../../src/manager/client.js';
-import { connectPair, type ClientPair } from '../../src/manager/fifo.js';
+import { RENDEZVOUS, TransportError, connectPair, writeShared, type ClientPair } from '../../src/manager/fifo.js';
 import { Rng, ctrlMessage, managerFrame, tpmCommand, xsFrame } from './gen.js';
 
 export interface TargetStats {
@@ -170,10 +170,16 @@ export class CtrlTarget implements Target {
 
 // ---- manager client FIFOs -----------------------------------------------------------------------
 
-/** Raw frames on a private client FIFO pair bound to the fuzzer's own vTPM instance. */
+/**
+ * Raw frames on a private client FIFO pair bound to the fuzzer's own vTPM instance, and one input in
+ * ten a frame on the shared rendezvous FIFO (whole frames; with `halfFrames`, now and then only a
+ * frame's first bytes, as a writer that dies mid-frame leaves them).
+ */
 export class ManagerTarget implements Target {
   readonly name = 'manager frames';
   readonly stats = newStats();
+  /** Frames written to the rendezvous FIFO (counted in `stats.inputs` too). */
+  rendezvousFrames = 0;
   #pair: ClientPair | null = null;
   #answers = 0;
   #closed = true;
@@ -184,6 +190,7 @@ export class ManagerTarget implements Target {
     private readonly runDir: string,
     private readonly vm: string,
     private readonly r: Rng,
+    private readonly halfFrames = false,
   ) {}
 
   async #open(): Promise<void> {
@@ -207,6 +214,20 @@ export class ManagerTarget implements Target {
   async batch(n: number): Promise<void> {
     for (let i = 0; i < n; i++) {
       if (this.#closed) await this.#open();
+      if (this.r.chance(0.1)) {
+        // Nobody answers on the rendezvous but the client a CONNECT names: nothing to wait for.
+        const f = managerFrame(this.r, this.#instance);
+        if (this.r.chance(0.8)) f.writeUInt32BE(0x100, 10); // CONNECT with hostile parameters
+        const half = this.halfFrames && this.r.chance(0.05);
+        try {
+          writeShared(path.join(this.runDir, RENDEZVOUS), half ? f.subarray(0, 1 + this.r.int(f.length - 1)) : f);
+        } catch (err) {
+          if (!(err instanceof TransportError)) throw err;
+        }
+        this.stats.inputs++;
+        this.rendezvousFrames++;
+        continue;
+      }
       const before = this.#answers;
       this.#pair!.writer.write(managerFrame(this.r, this.#instance));
       this.stats.inputs++;
