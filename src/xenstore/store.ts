@@ -274,7 +274,7 @@ export class Store {
           if (op.kind === 'mkdir') return; // MKDIR of an existing node succeeds without change
           this.checkNodeSize(caller, op.value, node.perms);
           const owner = node.perms[0]!.domid;
-          this.checkMemory(t, caller, owner, op.value.length - node.value.length);
+          this.checkMemory(t, caller, owner, op.value.length - node.value.length, tx);
           t.account(owner, 0, op.value.length - node.value.length);
           t.put(path, { ...node, value: op.value, gen }, gen);
           changes.push({ path, removed: false, perms: node.perms });
@@ -314,7 +314,7 @@ export class Store {
           this.checkNodeSize(caller, node.value, op.perms);
         }
         const after = nodeBytes(path, node.value, op.perms);
-        this.checkMemory(t, caller, op.perms[0]!.domid, op.perms[0]!.domid === node.perms[0]!.domid ? after - nodeBytes(path, node.value, node.perms) : after);
+        this.checkMemory(t, caller, op.perms[0]!.domid, op.perms[0]!.domid === node.perms[0]!.domid ? after - nodeBytes(path, node.value, node.perms) : after, tx);
         t.account(node.perms[0]!.domid, -1, -nodeBytes(path, node.value, node.perms));
         t.account(op.perms[0]!.domid, +1, after);
         t.put(path, { ...node, perms: op.perms, gen }, gen);
@@ -347,7 +347,7 @@ export class Store {
       const v = m === path ? value : EMPTY;
       this.checkNodeSize(caller, v, perms);
       const cost = nodeBytes(m, v, perms);
-      this.checkMemory(t, caller, perms[0]!.domid, cost);
+      this.checkMemory(t, caller, perms[0]!.domid, cost, tx);
       t.put(m, { value: v, perms, children: new Map(), gen }, gen);
       t.account(perms[0]!.domid, +1, cost);
     }
@@ -364,10 +364,13 @@ export class Store {
     }
   }
 
-  /** A guest may not grow a (non-dom0) owner past the memory quota (its open transactions included). */
-  private checkMemory(t: Tree, caller: Caller, owner: number, delta: number): void {
+  /**
+   * A guest may not grow a (non-dom0) owner past the memory quota. On the live tree the owner's open
+   * transactions count too; inside a transaction they were charged by chargeTransaction already.
+   */
+  private checkMemory(t: Tree, caller: Caller, owner: number, delta: number, tx: Transaction | undefined): void {
     if (caller.privileged || owner === 0 || delta <= 0) return;
-    if ((t.bytes.get(owner) ?? 0) + (this.txBytes.get(owner) ?? 0) + delta > this.quotas.memory) {
+    if ((t.bytes.get(owner) ?? 0) + (tx ? 0 : (this.txBytes.get(owner) ?? 0)) + delta > this.quotas.memory) {
       fail('ENOSPC', `dom${owner} memory quota ${this.quotas.memory} bytes`);
     }
   }
