@@ -22,6 +22,8 @@ export class DataChannel {
   readonly #log: (l: string) => void;
   #buf: Buffer = Buffer.alloc(0);
   #discard = 0;
+  /** Refused commands logged so far: three per channel, so a peer cannot flood the log. */
+  #refusalsLogged = 0;
   #busy = false;
   #closed = false;
 
@@ -71,7 +73,10 @@ export class DataChannel {
         const limit = this.#ep.vtpm.bufferSize;
         if (size < 10 || size > limit) {
           // Refused without buffering it: the TPM's own size error, then skip the declared body.
-          this.#log(`data channel: command of ${size} bytes refused (buffer ${limit})`);
+          if (this.#refusalsLogged < 3) {
+            const more = ++this.#refusalsLogged === 3 ? ' (further refusals on this channel are not logged)' : '';
+            this.#log(`data channel: command of ${size} bytes refused (buffer ${limit})${more}`);
+          }
           const rc = fam === '2.0' ? TPM_RC_COMMAND_SIZE : TPM_BAD_PARAM_SIZE;
           const skip = size < 10 ? this.#buf.length : size;
           const n = Math.min(skip, this.#buf.length);
