@@ -434,7 +434,13 @@ export class BackendDevice {
     await this.#ownWatch?.close().catch(() => {});
     if (this.#vtpm) await this.#o.vtpms.release(this.#vtpm.instance).catch((e: unknown) => this.#o.log(`release: ${(e as Error).message}`));
     this.#vtpm = null;
-    await switchState(this.#o.xs, this.dev.backend, state).catch(() => {});
+    // Only into a directory that is still there: a write would re-create one the toolstack removed.
+    const xs = this.#o.xs;
+    await xs
+      .transaction(async (tx) => {
+        if (await xs.exists(`${this.dev.backend}/frontend`, tx)) await switchState(xs, this.dev.backend, state, tx);
+      })
+      .catch(() => {});
     this.#o.onGone();
   }
 
