@@ -34,7 +34,7 @@ function newStats(): TargetStats {
   return { inputs: 0, cutOffs: 0, unanswered: 0 };
 }
 
-/** Wait until `done()` or `ms` passed; `wake` is called by whoever may have changed it. */
+/** Poll until `done()` or `ms` passed; whether it became true. */
 async function until(done: () => boolean, ms: number): Promise<boolean> {
   const end = Date.now() + ms;
   while (!done()) {
@@ -270,7 +270,6 @@ export class GuestTarget implements Target {
   #dev: VtpmDevice;
   #watch: XsWatch | null = null;
   #closed = true;
-  #wake = 0;
   /** A new device id for each connection: the old device's teardown never races the new one's setup. */
   #devid = 0;
 
@@ -334,7 +333,7 @@ export class GuestTarget implements Target {
       this.dom.evtchn.close(this.#port);
     }
     this.#port = this.dom.evtchn.allocUnbound(0);
-    this.dom.evtchn.on(this.#port, () => this.#wake++);
+    this.dom.evtchn.on(this.#port, () => {}); // answers are polled from the page
     this.#closed = false;
     const dev = this.#dev;
     this.#watch = await watchState(this.xs, dev.backend, (s) => {
