@@ -223,9 +223,10 @@ function ctrlGetCapability(p: string): Promise<void> {
 }
 
 export function formatSummary(s: FuzzSummary): string {
-  const lines = [`fuzz: seed ${s.seed}, ${s.totalInputs} inputs in ${s.seconds} s`, 'target           inputs  cut off  unanswered'];
+  const lines = [`fuzz: seed ${s.seed}, ${s.totalInputs} inputs in ${s.seconds} s`, 'target           inputs  cut off  unanswered  own ring overwritten'];
   for (const [name, t] of Object.entries(s.targets)) {
-    lines.push(`${name.padEnd(15)} ${String(t.inputs).padStart(7)} ${String(t.cutOffs).padStart(8)} ${String(t.unanswered).padStart(11)}`);
+    const own = name === 'ring slots' ? String(t.ownRingOverwritten).padStart(21) : '';
+    lines.push(`${name.padEnd(15)} ${String(t.inputs).padStart(7)} ${String(t.cutOffs).padStart(8)} ${String(t.unanswered).padStart(11)} ${own}`.trimEnd());
   }
   lines.push(`daemon restarts: ${s.restarts}`);
   for (const [role, r] of Object.entries(s.rssMiB)) lines.push(`${role.padEnd(10)} RSS ${r.start} -> ${r.end} MiB (max ${r.max}, growth ${round1(r.max - r.start)})`);

@@ -9,7 +9,17 @@ import { Domain, SharedRing } from '../../src/xen/index.js';
 import { RING_SLOT, TPMIF_STATE_SUBMIT, V2_LENGTH, V2_LOCALITY, V2_NR_EXTRA, V2_STATE, XS_FEATURE_RING } from '../../src/xen/tpmif.js';
 import { XsClient, type XsWatch } from '../../src/xenstore/client.js';
 import { XsReceiver, XsType } from '../../src/xenstore/wire.js';
-import { XenbusState, frontendConnect, removeDeviceDirectories, vtpmDevice, watchState, writeDeviceDirectories, type VtpmDevice } from '../../src/xenstore/xenbus.js';
+import {
+  XenbusState,
+  frontendConnect,
+  removeDeviceDirectories,
+  switchState,
+  vtpmDevice,
+  waitForState,
+  watchState,
+  writeDeviceDirectories,
+  type VtpmDevice,
+} from '../../src/xenstore/xenbus.js';
 import { ManagerClient } from '../../src/manager/client.js';
 import { RENDEZVOUS, TransportError, connectPair, writeShared, type ClientPair } from '../../src/manager/fifo.js';
 import { Rng, ctrlMessage, managerFrame, tpmCommand, xsFrame } from './gen.js';
@@ -20,6 +30,8 @@ export interface TargetStats {
   cutOffs: number;
   /** Inputs that got no answer and no cut-off in time (the peer gave up and started over). */
   unanswered: number;
+  /** Ring batches that named the ring page itself as a data page: the answer overwrote the indices. */
+  ownRingOverwritten: number;
 }
 
 export interface Target {
@@ -31,7 +43,7 @@ export interface Target {
 }
 
 function newStats(): TargetStats {
-  return { inputs: 0, cutOffs: 0, unanswered: 0 };
+  return { inputs: 0, cutOffs: 0, unanswered: 0, ownRingOverwritten: 0 };
 }
 
 /** Poll until `done()` or `ms` passed; whether it became true. */
@@ -314,6 +326,14 @@ export class GuestTarget implements Target {
     const watch = this.#watch;
     this.#watch = null;
     await watch?.close().catch(() => {});
+    if (this.#pageGfn >= 0) {
+      // The old device goes as libxl removes one: the frontend closes, online=0, the backend reaches
+      // Closed, then the directories go. (The new device serves the same VM's vTPM: it must not
+      // start while the old one still holds it.)
+      await switchState(this.xs, this.#dev.frontend, XenbusState.Closed).catch(() => {});
+      await this.dom0.write(`${this.#dev.backend}/online`, '0').catch(() => {});
+      await waitForState(this.dom0, this.#dev.backend, (st) => st === XenbusState.Closed || st === XenbusState.Unknown, { timeoutMs: 5000 }).catch(() => {});
+    }
     await removeDeviceDirectories(this.dom0, this.#dev).catch(() => {});
     // A fresh ring page for each device: the backend of the last one may still be letting go of its.
     if (this.#pageGfn >= 0) this.#retired.push({ gfn: this.#pageGfn, ref: this.#pageRef });
@@ -386,6 +406,7 @@ export class GuestTarget implements Target {
     const dv = new DataView(page.buffer, page.byteOffset, PAGE);
     const size = 32;
     const reqProd = dv.getUint32(0, true);
+    let namedRing = false;
     for (let i = 0; i < k; i++) {
       const off = 64 + ((reqProd + i) % size) * RING_SLOT;
       const seg = r.int(RING_DATA_PAGES);
@@ -400,7 +421,9 @@ export class GuestTarget implements Target {
       dv.setUint32(off + 12, r.chance(0.9) ? cmd.length : r.chance(0.5) ? r.int(PAGE * 13) : r.u32(), true);
       for (let g = 0; g < 12; g++) {
         const ours = g === 0 ? this.#dataRefs[seg]! : this.#dataRefs[r.int(RING_DATA_PAGES)]!;
-        dv.setUint32(off + 16 + 4 * g, r.chance(0.92) ? ours : r.pick([this.#pageRef, r.int(64), r.u32()]), true);
+        const ref = r.chance(0.92) ? ours : r.pick([this.#pageRef, r.int(64), r.u32()]);
+        dv.setUint32(off + 16 + 4 * g, ref, true);
+        if (ref === this.#pageRef && g < nr) namedRing = true;
       }
     }
     // An index attack now and then: claim far more requests than the ring holds (must cut us off).
@@ -410,10 +433,13 @@ export class GuestTarget implements Target {
     this.dom.evtchn.send(this.#port);
     this.stats.inputs += k;
     const want = (reqProd + k) >>> 0;
-    const done = await until(() => this.#closed || dv.getUint32(8, true) === want, 10_000);
+    const done = await until(() => this.#closed || dv.getUint32(8, true) === want, namedRing ? 1000 : 10_000);
     if (this.#closed) this.stats.cutOffs++;
     else if (!done) {
-      this.stats.unanswered += k;
+      // A request that named our ring page as its data page had its answer written over the indices:
+      // our own doing, not a hang (the backend answered into the page it was given).
+      if (namedRing) this.stats.ownRingOverwritten++;
+      else this.stats.unanswered += k;
       this.#closed = true;
     }
     return k;
