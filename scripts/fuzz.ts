@@ -177,6 +177,9 @@ export async function fuzz(o: FuzzOptions): Promise<FuzzSummary> {
       o.log(`round ${round + 1}/${o.rounds}: ${targets.map((t) => `${t.name} ${t.stats.inputs}`).join(', ')}`);
     }
     const restarts = daemons.filter((d) => !alive(d.pid)).length;
+    for (const t of targets) {
+      if (t.stats.attachFailures) liveness.failures.push(`${t.name}: could not attach again ${t.stats.attachFailures} times${t instanceof ManagerTarget && t.lastError ? ` (${t.lastError})` : ''}`);
+    }
     const stats = Object.fromEntries(targets.map((t) => [t.name, { ...t.stats }]));
     return {
       seed: o.seed,

@@ -32,6 +32,8 @@ export interface TargetStats {
   unanswered: number;
   /** Ring batches that named the ring page itself as a data page: the answer overwrote the indices. */
   ownRingOverwritten: number;
+  /** Times the peer could not attach again after a cut-off (the rest of that batch is skipped). */
+  attachFailures: number;
 }
 
 export interface Target {
@@ -43,7 +45,7 @@ export interface Target {
 }
 
 function newStats(): TargetStats {
-  return { inputs: 0, cutOffs: 0, unanswered: 0, ownRingOverwritten: 0 };
+  return { inputs: 0, cutOffs: 0, unanswered: 0, ownRingOverwritten: 0, attachFailures: 0 };
 }
 
 /** Poll until `done()` or `ms` passed; whether it became true. */
@@ -192,6 +194,7 @@ export class ManagerTarget implements Target {
   readonly stats = newStats();
   /** Frames written to the rendezvous FIFO (counted in `stats.inputs` too). */
   rendezvousFrames = 0;
+  lastError = '';
   #pair: ClientPair | null = null;
   #answers = 0;
   #closed = true;
@@ -225,7 +228,16 @@ export class ManagerTarget implements Target {
 
   async batch(n: number): Promise<void> {
     for (let i = 0; i < n; i++) {
-      if (this.#closed) await this.#open();
+      if (this.#closed) {
+        try {
+          await this.#open();
+        } catch (err) {
+          // A manager that no longer attaches clients (the liveness check reports it too).
+          this.stats.attachFailures++;
+          this.lastError = (err as Error).message;
+          return;
+        }
+      }
       if (this.r.chance(0.1)) {
         // Nobody answers on the rendezvous but the client a CONNECT names: nothing to wait for.
         const f = managerFrame(this.r, this.#instance);
