@@ -29,12 +29,15 @@ import {
   encodeResponse,
   FrameDecoder,
   Ord,
+  MAX_PARAMS,
   PIPE_BUF,
+  REPLY_TAGS,
+  SRV_HEADER_SIZE,
   Status,
   TAG_REQ,
-  TAG_RSP,
   TPM_TAGS,
   WireError,
+  splitSharedRead,
   type Frame,
 } from './wire.js';
 
@@ -43,6 +46,8 @@ export const CONSOLE_OUT = 'to_console.fifo';
 export const RENDEZVOUS = 'rendezvous.fifo';
 export const CLIENTS_DIR = 'clients';
 export const CONSOLE_LOCK = 'console.lock';
+/** Console replies queued beyond what to_console.fifo's pipe holds, before further ones are dropped. */
+export const CONSOLE_QUEUE_BYTES = 1024 * 1024;
 
 const { O_RDONLY, O_WRONLY, O_RDWR, O_NONBLOCK } = fs.constants;
 
@@ -110,8 +115,15 @@ export function writeShared(p: string, frame: Uint8Array): void {
   }
 }
 
-/** Frames from one read end. `resync`: the FIFO has many writers whose frames are whole writes, so after
- *  garbage the decoder may start again at the next read; on a one-writer FIFO a framing error is final. */
+/** Largest parameter block on a FIFO with several writers: the whole frame must fit one atomic write. */
+export const SHARED_MAX_PARAMS = PIPE_BUF - SRV_HEADER_SIZE;
+
+/**
+ * Frames from one read end. `shared`: the FIFO has several writers, each of whose frames is one write of
+ * at most PIPE_BUF bytes; every read is split on its own (wire.ts splitSharedRead), so a half frame or
+ * garbage costs one error for its own bytes and never swallows a later writer's frame. On a one-writer
+ * FIFO frames may span reads (any size) and a framing error is final.
+ */
 export class FrameReader extends EventEmitter<{
   frame: [Frame];
   error: [WireError];
@@ -121,18 +133,24 @@ export class FrameReader extends EventEmitter<{
   constructor(
     readonly socket: net.Socket,
     private readonly accept: readonly number[],
-    private readonly resync: boolean,
+    private readonly shared: boolean,
   ) {
     super();
     this.#decoder = new FrameDecoder(accept);
-    socket.on('data', (chunk: Buffer) => this.#onData(chunk));
+    socket.on('data', (chunk: Buffer) => (shared ? this.#onSharedData(chunk) : this.#onData(chunk)));
     socket.on('end', () => {
       // The writer left in the middle of a frame (its size promised more than it sent): say so.
       if (!this.#decoder.idle && !this.#decoder.failed)
-        this.emit('error', new WireError('TRUNCATED', 'writer closed the FIFO in the middle of a frame'));
+        this.emit('error', new WireError('TRUNCATED', `writer closed the FIFO in the middle of a frame (${this.#decoder.describePartial()})`));
       this.emit('end');
     });
     socket.on('error', () => this.emit('end'));
+  }
+
+  #onSharedData(chunk: Buffer): void {
+    const { frames, error } = splitSharedRead(chunk, this.accept, SHARED_MAX_PARAMS);
+    if (error) this.emit('error', error);
+    for (const f of frames) this.emit('frame', f);
   }
 
   #onData(chunk: Buffer): void {
@@ -143,7 +161,6 @@ export class FrameReader extends EventEmitter<{
     } catch (err) {
       if (!(err instanceof WireError)) throw err;
       this.emit('error', err);
-      if (this.resync) this.#decoder = new FrameDecoder(this.accept);
       return;
     }
     for (const f of frames) this.emit('frame', f);
@@ -166,19 +183,32 @@ export interface ClientInfo {
   privileged: boolean;
 }
 
+/** How much a client may leave unread before it is cut off (see ClientChannel.send). */
+export interface QueueLimits {
+  /** Reply bytes queued in the manager beyond what the pipe holds; default two of the largest replies. */
+  bytes: number;
+  /** How long queued replies may sit without the client reading any; default 30 s. */
+  stallMs: number;
+}
+
+export const DEFAULT_QUEUE_LIMITS: QueueLimits = { bytes: 2 * MAX_PARAMS + 2 * SRV_HEADER_SIZE, stallMs: 30_000 };
+
 export class ClientChannel extends EventEmitter<{ frame: [Frame]; error: [WireError]; gone: [string] }> {
   #closed = false;
+  #stall: NodeJS.Timeout | undefined;
   constructor(
     readonly info: ClientInfo,
     private readonly reader: FrameReader,
     private readonly writer: net.Socket,
     private readonly files: string[],
+    private readonly limits: QueueLimits = DEFAULT_QUEUE_LIMITS,
   ) {
     super();
     reader.on('frame', (f) => this.emit('frame', f));
     reader.on('error', (e) => this.emit('error', e));
     reader.on('end', () => this.close('client closed its request FIFO'));
     writer.on('error', (e) => this.close(`response FIFO: ${e.message}`));
+    writer.on('drain', () => this.#disarm());
   }
 
   get label(): string {
@@ -189,14 +219,39 @@ export class ClientChannel extends EventEmitter<{ frame: [Frame]; error: [WireEr
     return this.#closed;
   }
 
+  /**
+   * Queues a reply. A client that stops reading would make the manager hold its replies without end:
+   * past `limits.bytes` queued, or `limits.stallMs` without the pipe draining, it is cut off (its pair
+   * dropped, unsent replies discarded); no other client shares this queue.
+   */
   send(frame: Uint8Array): void {
-    if (!this.#closed) this.writer.write(frame);
+    if (this.#closed) return;
+    if (this.writer.write(frame)) return;
+    const queued = this.writer.writableLength;
+    if (queued > this.limits.bytes) {
+      this.cutOff(`stopped reading its replies: ${queued} bytes queued (limit ${this.limits.bytes})`);
+      return;
+    }
+    this.#stall ??= setTimeout(() => this.cutOff(`stopped reading its replies: ${this.writer.writableLength} bytes unread for ${this.limits.stallMs} ms`), this.limits.stallMs);
+  }
+
+  #disarm(): void {
+    clearTimeout(this.#stall);
+    this.#stall = undefined;
+  }
+
+  /** Drops the pair at once, discarding replies it has not read. */
+  cutOff(reason: string): void {
+    if (this.#closed) return;
+    this.writer.destroy();
+    this.close(reason);
   }
 
   /** Flushes what was sent, then drops the pair (used after a fatal framing error). */
   close(reason: string): void {
     if (this.#closed) return;
     this.#closed = true;
+    this.#disarm();
     this.reader.close();
     this.writer.end();
     for (const f of this.files) fs.rmSync(f, { force: true });
@@ -219,12 +274,15 @@ export class FifoServer extends EventEmitter<FifoServerEvents> {
   #keepalive: number[] = [];
   #clients = new Set<ClientChannel>();
 
-  private constructor(readonly runDir: string) {
+  private constructor(
+    readonly runDir: string,
+    private readonly limits: QueueLimits,
+  ) {
     super();
   }
 
-  static listen(runDir: string): FifoServer {
-    const s = new FifoServer(runDir);
+  static listen(runDir: string, limits: Partial<QueueLimits> = {}): FifoServer {
+    const s = new FifoServer(runDir, { ...DEFAULT_QUEUE_LIMITS, ...limits });
     fs.mkdirSync(path.join(runDir, CLIENTS_DIR), { recursive: true, mode: 0o700 });
     for (const f of [CONSOLE_IN, CONSOLE_OUT, RENDEZVOUS]) ensureFifo(path.join(runDir, f));
     s.#console = s.#sharedReader(CONSOLE_IN, [TAG_REQ, ...TPM_TAGS]);
@@ -248,8 +306,15 @@ export class FifoServer extends EventEmitter<FifoServerEvents> {
     return r;
   }
 
-  replyConsole(frame: Uint8Array): void {
+  /**
+   * Puts a reply into to_console.fifo, which the manager holds open itself. Unread replies pile up there
+   * when console writers do not read them; past CONSOLE_QUEUE_BYTES beyond the pipe the reply is dropped
+   * (false) rather than held without bound.
+   */
+  replyConsole(frame: Uint8Array): boolean {
+    if (this.#consoleOut.writableLength > CONSOLE_QUEUE_BYTES) return false;
     this.#consoleOut.write(frame);
+    return true;
   }
 
   get clients(): ReadonlySet<ClientChannel> {
@@ -289,7 +354,7 @@ export class FifoServer extends EventEmitter<FifoServerEvents> {
       this.emit('rendezvousError', `CONNECT from ${info.name} (pid ${info.pid}): ${(err as Error).message}`);
       return;
     }
-    const ch = new ClientChannel(info, reader, writer, [reqPath, rspPath]);
+    const ch = new ClientChannel(info, reader, writer, [reqPath, rspPath], this.limits);
     this.#clients.add(ch);
     ch.on('gone', () => this.#clients.delete(ch));
     ch.send(encodeResponse(info.bind, Status.SUCCESS));
@@ -330,7 +395,7 @@ export async function connectPair(
   const files = [req, rsp];
   mkfifo(req, 0o600);
   mkfifo(rsp, 0o600);
-  const reader = new FrameReader(openReader(rsp), [TAG_RSP], false);
+  const reader = new FrameReader(openReader(rsp), REPLY_TAGS, false);
   const hello = encodeRequest(0, Ord.CONNECT, encodeConnect({ bind: opts.bind ?? ANY_INSTANCE, pid: process.pid, name: opts.name }));
   const cleanup = (): void => {
     reader.close();
@@ -433,7 +498,7 @@ export async function consoleRequest(runDir: string, frame: Uint8Array, timeoutM
       throw err;
     }
   }
-  const reader = new FrameReader(new net.Socket({ fd, readable: true, writable: false }), [TAG_RSP], false);
+  const reader = new FrameReader(new net.Socket({ fd, readable: true, writable: false }), REPLY_TAGS, false);
   try {
     return await new Promise<Frame>((resolve, reject) => {
       const timer = setTimeout(() => reject(new TransportError('TIMEOUT', `no reply on ${outPath}`)), timeoutMs);

@@ -25,9 +25,15 @@ describe('Xen 3.x manager framing', () => {
     expect(f).toEqual(hex('00000000 01c1 00000011 01000001 01 01 01 00000005'));
   });
 
-  it('encodes CLOSE and a response with the status in place of the ordinal', () => {
+  it('encodes CLOSE and a response with the status in place of the ordinal and the request tag echoed, as Xen', () => {
     expect(encodeRequest(0, Ord.CLOSE, hex('00000007'))).toEqual(hex('00000000 01c1 0000000e 01000002 00000007'));
-    expect(encodeResponse(7, Status.FORBIDDEN)).toEqual(hex('00000007 01c4 0000000a 00000003'));
+    // TPM_BAD_PARAMETER (3) under tag 0x01C1: what Xen's manager answered a CLOSE of an instance not open.
+    expect(encodeResponse(7, Status.BAD_PARAMETER)).toEqual(hex('00000007 01c1 0000000a 00000003'));
+    expect(encodeResponse(7, Status.SUCCESS, undefined, TAG_RSP)).toEqual(hex('00000007 01c4 0000000a 00000000'));
+  });
+
+  it('numbers its statuses as Xen\'s tcg.h does', () => {
+    expect(Status).toEqual({ SUCCESS: 0, AUTHFAIL: 1, BAD_PARAMETER: 3, FAIL: 9, BAD_ORDINAL: 10, RESOURCES: 21, IOERROR: 31, DECRYPT_ERROR: 33 });
   });
 
   it('appends uuid and TPM version to our OPEN and reads both forms back', () => {
@@ -61,11 +67,11 @@ describe('Xen 3.x manager framing', () => {
       } catch (e) {
         expect(e).toBeInstanceOf(WireError);
         expect((e as WireError).code).toBe(code);
-        expect((e as WireError).status).toBe(Status.INVALID_REQUEST);
+        expect((e as WireError).status).toBe(Status.BAD_PARAMETER);
       }
       expect(d.failed).toBe(true);
     };
-    bad(hex('00000001 01c4 0000000a 00000001'), 'BAD_TAG');
+    bad(hex('00000001 beef 0000000a 00000001'), 'BAD_TAG');
     bad(hex('00000001 01c1 00000009 00000001'), 'BAD_SIZE');
     const huge = Buffer.alloc(14);
     huge.writeUInt16BE(TAG_REQ, 4);
