@@ -12,7 +12,7 @@ import { CLI, startManager, tempDir } from './helpers.js';
 const A = '11111111-1111-4111-8111-111111111111';
 const B = '22222222-2222-4222-8222-222222222222';
 
-describe('blob sealing (AES-256-GCM, per-instance key, bound AAD)', () => {
+describe('blob sealing (AES-256-GCM, per-blob key from the instance key, bound AAD)', () => {
   const s = new Sealer(crypto.randomBytes(32));
   const ctx = { instance: 3, vmUuid: A, kind: 'permanent' as const, generation: 17 };
   const data = crypto.randomBytes(5000);
@@ -63,6 +63,39 @@ describe('blob sealing (AES-256-GCM, per-instance key, bound AAD)', () => {
   it('derives different keys per instance and per VM', () => {
     expect(s.instanceKey(1, A).equals(s.instanceKey(2, A))).toBe(false);
     expect(s.instanceKey(1, A).equals(s.instanceKey(1, B))).toBe(false);
+  });
+
+  // Issue #15 item 8: one instance key with random 96-bit IVs reaches the 2^32-message bound of AES-GCM.
+  it('seals each blob under its own key (format 2): HKDF(instance key, 16-byte salt, "blob" | header), IV = generation', () => {
+    const header = sealed.subarray(0, 38);
+    expect(header).toEqual(
+      Buffer.concat([Buffer.from('VTPMSEAL'), Buffer.from([2, 0]), Buffer.from('00000003', 'hex'), Buffer.from(A.replace(/-/g, ''), 'hex'), Buffer.from('0000000000000011', 'hex')]),
+    );
+    const salt = sealed.subarray(38, 54);
+    const key = Buffer.from(crypto.hkdfSync('sha256', s.instanceKey(3, A), salt, Buffer.concat([Buffer.from('blob'), header]), 32));
+    const d = crypto.createDecipheriv('aes-256-gcm', key, Buffer.from('000000000000000000000011', 'hex'));
+    d.setAAD(header);
+    d.setAuthTag(sealed.subarray(54, 70));
+    expect(Buffer.concat([d.update(sealed.subarray(70)), d.final()])).toEqual(data);
+    // The same context sealed again (a generation reused after a crash lost its commit): another key.
+    const again = s.seal(ctx, data);
+    expect(again.subarray(38, 54).equals(salt)).toBe(false);
+    expect(s.open(ctx, again)).toEqual(data);
+  });
+
+  it('still opens format-1 blobs (one instance key, random IV) sealed before format 2', () => {
+    const header = Buffer.from(sealed.subarray(0, 38));
+    header[8] = 1;
+    const iv = crypto.randomBytes(12);
+    const c = crypto.createCipheriv('aes-256-gcm', s.instanceKey(3, A), iv);
+    c.setAAD(header);
+    const body = Buffer.concat([c.update(data), c.final()]);
+    const v1 = Buffer.concat([header, iv, c.getAuthTag(), body]);
+    expect(s.open(ctx, v1)).toEqual(data);
+    const t = Buffer.from(v1);
+    t[t.length - 1]! ^= 1;
+    expect(refusal(() => s.open(ctx, t))).toBe('TAMPERED');
+    expect(refusal(() => s.open({ ...ctx, generation: 18 }, v1))).toBe('ROLLBACK');
   });
 });
 
