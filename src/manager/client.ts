@@ -6,7 +6,8 @@ import crypto from 'node:crypto';
 import fs from 'node:fs';
 import type net from 'node:net';
 import type { StateKind, StateStore } from '../tpm/state-store.js';
-import { connectPair, consoleRequest, withConsoleLock, type FrameReader } from './fifo.js';
+import type { FrameReader } from './fifo.js';
+import { connectPair, consoleRequest, withConsoleLock } from './fifo-client.js';
 import { decodeMigKey, encodeLoadMigKey, encodeMigrateIn, encodeMigrateOut, type RsaPublic } from './migration.js';
 import { MigType } from './vm-table.js';
 import {

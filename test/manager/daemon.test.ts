@@ -5,7 +5,8 @@ import crypto from 'node:crypto';
 import fs from 'node:fs';
 import path from 'node:path';
 import { ManagerClient, ManagerError } from '../../src/manager/client.js';
-import { connectPair, writeShared, type ClientPair } from '../../src/manager/fifo.js';
+import { writeShared } from '../../src/manager/fifo.js';
+import { connectPair, type ClientPair } from '../../src/manager/fifo-client.js';
 import { Ord, Status, encodeRequest, type Frame } from '../../src/manager/wire.js';
 import { DIST_MANAGER, perTest, rawConsole, tempDir, type RunningManager } from './helpers.js';
 
