@@ -99,6 +99,40 @@ describe('blob sealing (AES-256-GCM, per-blob key from the instance key, bound A
   });
 });
 
+describe('a state directory written before format 2 (fixtures/state-format1, made by the manager at 1acef50)', () => {
+  it('loads its format-1 blobs in the real manager; the next save seals format 2 and both load after a restart', async () => {
+    const stateDir = tempDir('state-f1');
+    const runDir = tempDir('run-f1');
+    const fixture = path.join(path.dirname(new URL(import.meta.url).pathname), 'fixtures', 'state-format1');
+    for (const f of fs.readdirSync(fixture)) {
+      fs.copyFileSync(path.join(fixture, f), path.join(stateDir, f));
+      fs.chmodSync(path.join(stateDir, f), 0o600);
+    }
+    let m = await startManager(stateDir, runDir, ['--log-bytes', '4096']);
+    let c: ManagerClient | null = null;
+    try {
+      c = await ManagerClient.connect(runDir);
+      expect(fs.readFileSync(path.join(stateDir, 'i1.permanent.g1.blob'))[8]).toBe(1);
+      expect(await c.open({ vmUuid: '0f0e0d0c-0b0a-4908-8706-050403020100', version: '2.0' })).toEqual({ instance: 1, created: false });
+      expect(Buffer.from((await c.load(1, 'permanent'))!).toString()).toBe('permanent state sealed by format 1 (random IV under the instance key)');
+      expect(Buffer.from((await c.load(1, 'volatile'))!).toString()).toBe('volatile state sealed by format 1');
+      await c.store(1, 'volatile', Buffer.from('volatile state sealed by format 2'));
+      c.disconnect();
+      expect(await m.stop('SIGTERM')).toBe(0);
+      const v = fs.readdirSync(stateDir).find((f) => f.startsWith('i1.volatile.'))!;
+      expect(fs.readFileSync(path.join(stateDir, v))[8]).toBe(2);
+      m = await startManager(stateDir, runDir, ['--log-bytes', '4096']);
+      c = await ManagerClient.connect(runDir);
+      expect(Buffer.from((await c.load(1, 'permanent'))!).toString()).toBe('permanent state sealed by format 1 (random IV under the instance key)');
+      expect(Buffer.from((await c.load(1, 'volatile'))!).toString()).toBe('volatile state sealed by format 2');
+    } finally {
+      c?.disconnect();
+      await m.stop('SIGKILL');
+      for (const d of [stateDir, runDir]) fs.rmSync(d, { recursive: true, force: true });
+    }
+  });
+});
+
 describe('master key file', () => {
   it('is created 0600 at first start and read back after', () => {
     const d = tempDir('key');
