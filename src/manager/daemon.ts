@@ -115,6 +115,7 @@ export class ManagerDaemon {
   #migration: MigrationRecord = emptyMigrationRecord();
   #identityP: Promise<Identity> | null = null;
   #consoleTail: Promise<void> = Promise.resolve();
+  #consoleDrops = 0;
   #log: (line: string) => void;
 
   private constructor(readonly opts: ManagerOptions) {
@@ -201,8 +202,13 @@ export class ManagerDaemon {
   #onConsole(f: Frame): void {
     void this.#serialized(async () => {
       const reply = await this.#answer('console', f, () => this.#console(f));
-      if (!this.#server.replyConsole(encodeResponse(f.instance, reply.status, reply.params, f.tag)))
-        this.#log(`console: ${ordinalName(f.code)} reply dropped: to_console.fifo is full of replies nobody read`);
+      // One log line per episode of unread replies, not one per dropped reply.
+      if (!this.#server.replyConsole(encodeResponse(f.instance, reply.status, reply.params, f.tag))) {
+        if (this.#consoleDrops++ === 0) this.#log(`console: ${ordinalName(f.code)} reply dropped: to_console.fifo is full of replies nobody read`);
+      } else if (this.#consoleDrops > 0) {
+        this.#log(`console: replies flow again after ${this.#consoleDrops} were dropped`);
+        this.#consoleDrops = 0;
+      }
     }).catch((err: unknown) => this.#log(`console: reply lost: ${(err as Error).message}`));
   }
 

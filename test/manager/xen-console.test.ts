@@ -218,4 +218,26 @@ describe('a client that stops reading its replies (issue #15 item 7)', () => {
     stalled.reader.close();
     stalled.writer.destroy();
   });
+
+  it('console replies nobody reads pile up only to a bound: later ones are dropped with a log line', async () => {
+    const m = await manager();
+    // GET_MIG_KEY answers 409 bytes; 3000 of them unread are far past the pipe (64 KiB) and the 1 MiB bound.
+    const ask = hex('00000000 01c1 0000000a 00000004');
+    for (let i = 0; i < 3000; i++) {
+      for (;;) {
+        try {
+          writeShared(path.join(m.runDir, 'from_console.fifo'), ask);
+          break;
+        } catch (e) {
+          if ((e as { code?: string }).code !== 'PIPE_FULL') throw e;
+          await new Promise((r) => setTimeout(r, 5));
+        }
+      }
+    }
+    await m.waitLog(/console: GET_MIG_KEY reply dropped: to_console\.fifo is full of replies nobody read/, 60_000);
+    // One log line for the whole episode, not one per dropped reply.
+    await new Promise((r) => setTimeout(r, 500));
+    expect(m.log.filter((l) => /reply dropped/.test(l))).toHaveLength(1);
+    expect(m.proc.exitCode).toBeNull();
+  });
 });
