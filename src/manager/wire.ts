@@ -240,15 +240,16 @@ export function splitSharedRead(chunk: Uint8Array, accept: readonly number[], ma
   let skipped = 0;
   let off = 0;
   while (off < b.length) {
-    const why = sharedFrameAt(b, off, accept, maxParams);
-    if (typeof why === 'number') {
-      frames.push({ instance: b.readUInt32BE(off), tag: b.readUInt16BE(off + 4), code: b.readUInt32BE(off + 10), params: Buffer.from(b.subarray(off + SRV_HEADER_SIZE, why)) });
-      off = why;
+    const end = sharedFrameEnd(b, off, accept, maxParams);
+    if (end > 0) {
+      frames.push({ instance: b.readUInt32BE(off), tag: b.readUInt16BE(off + 4), code: b.readUInt32BE(off + 10), params: Buffer.from(b.subarray(off + SRV_HEADER_SIZE, end)) });
+      off = end;
       continue;
     }
+    // Only the first problem is described: a read full of garbage must not cost an Error per byte.
     if (skipFrom < 0) {
       skipFrom = off;
-      first = why;
+      first = notAFrame(b, off, accept, maxParams);
     }
     skipped++;
     off++;
@@ -258,8 +259,16 @@ export function splitSharedRead(chunk: Uint8Array, accept: readonly number[], ma
   return { frames, error: new WireError(first.code, `${first.message}; ${skipped} bytes skipped (${shown}${skipped > 16 ? '…' : ''})`, first.status, first.instance) };
 }
 
-/** The end offset of a whole frame starting at `off`, or why there is none. */
-function sharedFrameAt(b: Buffer, off: number, accept: readonly number[], maxParams: number): number | WireError {
+/** The end offset of a whole frame starting at `off`, or -1. */
+function sharedFrameEnd(b: Buffer, off: number, accept: readonly number[], maxParams: number): number {
+  if (b.length - off < SRV_HEADER_SIZE || !accept.includes(b.readUInt16BE(off + 4))) return -1;
+  const size = b.readUInt32BE(off + 6);
+  if (size < CLT_HEADER_SIZE || size - CLT_HEADER_SIZE > maxParams || PREFIX_SIZE + size > b.length - off) return -1;
+  return off + PREFIX_SIZE + size;
+}
+
+/** Why no frame starts at `off` (sharedFrameEnd said -1). */
+function notAFrame(b: Buffer, off: number, accept: readonly number[], maxParams: number): WireError {
   const left = b.length - off;
   if (left < SRV_HEADER_SIZE) return new WireError('TRUNCATED', `half frame: ${left} bytes, less than a ${SRV_HEADER_SIZE}-byte header`);
   const instance = b.readUInt32BE(off);
@@ -269,8 +278,7 @@ function sharedFrameAt(b: Buffer, off: number, accept: readonly number[], maxPar
   if (size < CLT_HEADER_SIZE) return new WireError('BAD_SIZE', `size ${size} is smaller than the ${CLT_HEADER_SIZE}-byte header`, Status.BAD_PARAMETER, instance);
   if (size - CLT_HEADER_SIZE > maxParams)
     return new WireError('TOO_LARGE', `size ${size} exceeds the limit of ${maxParams + CLT_HEADER_SIZE} for a FIFO with several writers`, Status.BAD_PARAMETER, instance);
-  if (PREFIX_SIZE + size > left) return new WireError('TRUNCATED', `half frame: its header promises ${PREFIX_SIZE + size} bytes, the write held ${left}`, Status.BAD_PARAMETER, instance);
-  return off + PREFIX_SIZE + size;
+  return new WireError('TRUNCATED', `half frame: its header promises ${PREFIX_SIZE + size} bytes, the write held ${left}`, Status.BAD_PARAMETER, instance);
 }
 
 // ---- parameter blocks -------------------------------------------------------------------------
