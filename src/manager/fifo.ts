@@ -1,4 +1,4 @@
-// The manager's FIFO transport, as in Xen 3.x's vtpm_managerd (protocols/xen.md §6.3), plus a
+// The manager's FIFO transport, as in Xen 3.x's vtpm_managerd (docs/protocols/manager-fifo.md), plus a
 // rendezvous so that any number of clients get their own pair:
 //
 //   run dir/from_console.fifo   console → manager  (privileged ordinals; many writers, frames ≤ PIPE_BUF)

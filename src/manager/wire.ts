@@ -1,4 +1,4 @@
-// The Xen 3.x vTPM manager framing (protocols/xen.md §6.3), shared by every FIFO of the manager:
+// The Xen 3.x vTPM manager framing (docs/protocols/manager-fifo.md), shared by every FIFO of the manager:
 //   instance u32 | tag u16 | size u32 | ordinal-or-status u32 | params
 // all big-endian; `size` counts tag..params (10 + params) but not the 4-byte instance prefix.
 // The decoder is an explicit state machine fed arbitrary chunks; limits are checked before allocating.
