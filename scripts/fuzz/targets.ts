@@ -21,7 +21,8 @@ import {
   type VtpmDevice,
 } from '../../src/xenstore/xenbus.js';
 import { ManagerClient } from '../../src/manager/client.js';
-import { RENDEZVOUS, TransportError, connectPair, writeShared, type ClientPair } from '../../src/manager/fifo.js';
+import { RENDEZVOUS, TransportError, writeShared } from '../../src/manager/fifo.js';
+import { connectPair, type ClientPair } from '../../src/manager/fifo-client.js';
 import { Rng, ctrlMessage, managerFrame, tpmCommand, xsFrame } from './gen.js';
 
 export interface TargetStats {
