@@ -29,8 +29,6 @@ export interface FuzzOptions {
   inputs: number;
   seed: number;
   rounds: number;
-  /** Also write partial frames on the manager's rendezvous FIFO. */
-  halfFrames?: boolean;
   log: (line: string) => void;
 }
 
@@ -128,7 +126,7 @@ export async function fuzz(o: FuzzOptions): Promise<FuzzSummary> {
     const rng = (name: string) => new Rng(targetSeed(o.seed, name));
     targets.push(new XsTarget(path.join(host.domainSocketDir, `dom${xsDomid}.sock`), xsDomid, rng('xs_wire')));
     targets.push(new CtrlTarget(ctrl, rng('swtpm ctrl')));
-    targets.push(new ManagerTarget(host.managerRunDir, randomUUID(), rng('manager frames'), o.halfFrames));
+    targets.push(new ManagerTarget(host.managerRunDir, randomUUID(), rng('manager frames')));
     const g = { xenDir: host.xenDir, domainSocketDir: host.domainSocketDir, dom0 };
     targets.push(await GuestTarget.create({ ...g, domid: 301, protocol: 'v2', vm: randomUUID(), r: rng('v2 page') }));
     targets.push(await GuestTarget.create({ ...g, domid: 302, protocol: 'ring', vm: randomUUID(), r: rng('ring slots') }));
@@ -252,8 +250,7 @@ async function main(argv: string[]): Promise<number> {
     else if (a === '--seed') o.seed = num() >>> 0;
     else if (a === '--rounds') o.rounds = Math.max(1, num());
     else if (a === '--json') json = true;
-    else if (a === '--half-frames') o.halfFrames = true;
-    else throw new Error(`unknown option ${a} (--inputs N, --seed S, --rounds R, --half-frames, --json)`);
+    else throw new Error(`unknown option ${a} (--inputs N, --seed S, --rounds R, --json)`);
   }
   o.log(`seed ${o.seed}, ${o.inputs} inputs in ${o.rounds} rounds`);
   const s = await fuzz(o);

@@ -187,8 +187,8 @@ export class CtrlTarget implements Target {
 
 /**
  * Raw frames on a private client FIFO pair bound to the fuzzer's own vTPM instance, and one input in
- * ten a frame on the shared rendezvous FIFO (whole frames; with `halfFrames`, now and then only a
- * frame's first bytes, as a writer that dies mid-frame leaves them).
+ * ten a frame on the shared rendezvous FIFO (now and then only a frame's first bytes, as a writer that
+ * dies mid-frame leaves them).
  */
 export class ManagerTarget implements Target {
   readonly name = 'manager frames';
@@ -206,7 +206,6 @@ export class ManagerTarget implements Target {
     private readonly runDir: string,
     private readonly vm: string,
     private readonly r: Rng,
-    private readonly halfFrames = false,
   ) {}
 
   async #open(): Promise<void> {
@@ -243,7 +242,7 @@ export class ManagerTarget implements Target {
         // Nobody answers on the rendezvous but the client a CONNECT names: nothing to wait for.
         const f = managerFrame(this.r, this.#instance);
         if (this.r.chance(0.8)) f.writeUInt32BE(0x100, 10); // CONNECT with hostile parameters
-        const half = this.halfFrames && this.r.chance(0.05);
+        const half = this.r.chance(0.05);
         try {
           writeShared(path.join(this.runDir, RENDEZVOUS), half ? f.subarray(0, 1 + this.r.int(f.length - 1)) : f);
         } catch (err) {
