@@ -3,6 +3,7 @@
 // on the program here, so adding one is a one-line change to this list.
 import { Command } from 'commander';
 import { registerCommands } from './commands.js';
+import { CliError, EXIT_CODES } from './errors.js';
 
 const program = new Command();
 program
@@ -16,5 +17,5 @@ registerCommands(program);
 program.parseAsync(process.argv).catch((err: unknown) => {
   const msg = err instanceof Error ? err.message : String(err);
   process.stderr.write(`vtpm: ${msg}\n`);
-  process.exit(1);
+  process.exit(err instanceof CliError ? EXIT_CODES[err.code] : 1);
 });

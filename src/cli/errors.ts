@@ -1,0 +1,68 @@
+// What the CLI says when something fails: one error class with a code (the exit status follows from
+// it, see docs/cli.md), and the manager's VTPM_* statuses turned into what was wrong and what to do,
+// by meaning, in this one place.
+import type { ManagerError } from '../manager/client.js';
+import { Ord, Status } from '../manager/wire.js';
+
+export type CliErrorCode = 'USAGE' | 'NOT_FOUND' | 'CONFLICT' | 'REFUSED' | 'HOST_DOWN' | 'FAILED';
+
+/** Exit status of `vtpm` for each code: 2 for a command line that cannot work, 1 for the rest. */
+export const EXIT_CODES: Record<CliErrorCode, number> = { USAGE: 2, NOT_FOUND: 1, CONFLICT: 1, REFUSED: 1, HOST_DOWN: 1, FAILED: 1 };
+
+export class CliError extends Error {
+  constructor(
+    readonly code: CliErrorCode,
+    message: string,
+  ) {
+    super(message);
+    this.name = 'CliError';
+  }
+}
+
+/** What the manager's refusal of `ordinal` means for the user, and what to do about it. */
+function meaning(ordinal: number, status: number, what: string): string {
+  const forbidden = status === Status.FORBIDDEN;
+  const invalid = status === Status.INVALID_REQUEST;
+  const restore = status === Status.RESTORE_CONTEXT_FAILED;
+  switch (ordinal) {
+    case Ord.MIGRATE_OUT:
+      if (forbidden) return `${what} cannot be sent: it was already migrated out to another destination, or it was opened non-migratable`;
+      if (invalid) return `${what} is unknown to this manager, or no such migration key is loaded (check --vm/--instance and --to-key)`;
+      break;
+    case Ord.MIGRATE_IN:
+      if (forbidden) return `the blob was refused: it is a replayed or stale blob (this manager already took in or sent out that VM at this counter or later), or it was sealed to another manager's key`;
+      if (invalid) return `the blob was refused: not a migration blob for this manager, or its VM is already here (delete that vTPM first) or --instance is taken`;
+      if (restore) return 'the blob was refused: it was tampered with or is damaged (authentication failed)';
+      break;
+    case Ord.LOAD_MIG_KEY:
+      if (invalid) return 'the destination key was refused: not an RSA public key of the size the manager accepts';
+      break;
+    case Ord.OPEN:
+      if (forbidden) return `${what} was migrated out of this manager: its state stays frozen here until deleted`;
+      break;
+  }
+  if (status === Status.FAIL) return `the manager failed to carry out the request (a storage error?)`;
+  if (status === Status.UNSUPPORTED) return `this manager does not support the request`;
+  if (forbidden) return `the manager refused the request for ${what}`;
+  if (invalid) return `the manager found the request for ${what} invalid`;
+  if (restore) return `the manager could not restore the stored state of ${what}`;
+  return `the manager answered status ${status}`;
+}
+
+// By shape, not instanceof: loading the manager client here would load native code before the
+// commands that need it set koffi up (native/koffi-config.ts).
+function isManagerError(err: unknown): err is ManagerError {
+  return err instanceof Error && err.name === 'ManagerError' && 'code' in err;
+}
+
+/**
+ * A manager error as a CLI error: the meaning, then the manager's own reason when its log is at hand
+ * (`reason`: the log line the manager wrote for this refusal).
+ */
+export function explainManagerError(err: unknown, ordinal: number, what: string, reason?: string): Error {
+  if (!isManagerError(err)) return err instanceof Error ? err : new Error(String(err));
+  if (err.code === 'DISCONNECTED') return new CliError('HOST_DOWN', `the manager went away (${err.message}); is it running? see \`vtpm host status\``);
+  if (err.code !== 'STATUS' || err.status === undefined) return new CliError('FAILED', err.message);
+  const text = meaning(ordinal, err.status, what);
+  return new CliError('REFUSED', reason ? `${text}\n  manager: ${reason}` : text);
+}
