@@ -1,6 +1,7 @@
 // What the CLI says when something fails: one error class with a code (the exit status follows from
 // it, see docs/cli.md), and the manager's VTPM_* statuses turned into what was wrong and what to do,
 // by meaning, in this one place.
+import fs from 'node:fs';
 import type { ManagerError } from '../manager/client.js';
 import { Ord, Status } from '../manager/wire.js';
 
@@ -65,4 +66,33 @@ export function explainManagerError(err: unknown, ordinal: number, what: string,
   if (err.code !== 'STATUS' || err.status === undefined) return new CliError('FAILED', err.message);
   const text = meaning(ordinal, err.status, what);
   return new CliError('REFUSED', reason ? `${text}\n  manager: ${reason}` : text);
+}
+
+/**
+ * The manager's own reason for refusing `ordinal`: the line it logged for it after `offset` in its log
+ * ("<who>: <ORDINAL> on instance N: <reason>; answered <status>"), if that log is at hand.
+ */
+export function managerReason(logFile: string | undefined, offset: number, ordinal: string): string | undefined {
+  if (!logFile) return undefined;
+  let text: string;
+  try {
+    text = fs.readFileSync(logFile).subarray(offset).toString();
+  } catch {
+    return undefined;
+  }
+  const re = new RegExp(`: ${ordinal} on instance \\d+: (.*); answered \\S+$`);
+  let reason: string | undefined;
+  for (const line of text.split('\n')) {
+    const m = re.exec(line);
+    if (m) reason = m[1];
+  }
+  return reason;
+}
+
+export function fileSize(file: string | undefined): number {
+  try {
+    return file ? fs.statSync(file).size : 0;
+  } catch {
+    return 0;
+  }
 }

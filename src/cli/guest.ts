@@ -19,7 +19,7 @@ import {
   writeDeviceDirectories,
   type VtpmDevice,
 } from '../xenstore/xenbus.js';
-import { CliError } from './errors.js';
+import { CliError, fileSize, managerReason } from './errors.js';
 import { readHostAlive } from './host-check.js';
 import { TpmFront, type Protocol } from '../frontend/tpmfront.js';
 import { MISBEHAVIOURS, misbehave, type Misbehaviour } from '../frontend/hostile.js';
@@ -64,6 +64,8 @@ export async function guestAttach(o: AttachOptions): Promise<GuestInfo> {
   if (o.tctiPort !== undefined) await checkPortPair(o.tctiPort);
   const xs = await connect(h.xenstoredSocket);
   const dev = vtpmDevice(o.domid, devid, 0);
+  const mgrLog = rd.log('manager');
+  const mgrLogFrom = fileSize(mgrLog);
   let introduced = false;
   let wrote = false;
   let pid = -1;
@@ -112,7 +114,13 @@ export async function guestAttach(o: AttachOptions): Promise<GuestInfo> {
       child.once('exit', (code, sig) => reject(new CliError('FAILED', `guest dom${o.domid} exited (${sig ?? code}) before connecting:\n${tailFile(guestLog)}`))),
     );
     exited.catch(() => {});
-    await Promise.race([waitConnected(xs, dev, o.timeoutMs ?? 30_000), exited]);
+    await Promise.race([waitConnected(xs, dev, o.timeoutMs ?? 30_000), exited]).catch((err: unknown) => {
+      // The manager's reason for refusing the vTPM (migrated out, …) says more than its status.
+      const why = managerReason(mgrLog, mgrLogFrom, 'OPEN');
+      if (!(err instanceof CliError) || err.code !== 'REFUSED' || why === undefined) throw err;
+      const what = /migrated out/.test(why) ? `VM ${vm} was migrated out of this host's manager: its vTPM stays frozen here; attach the VM on the destination host\n  ` : '';
+      throw new CliError('REFUSED', `${what}${err.message}\n  manager: ${why}`);
+    });
     // The guest reports its TCTI bridge ready in its log; wait for that too so callers can use it.
     if (o.tctiPort !== undefined) await waitForLine(log, new RegExp(`tcti bridge listening on 127\\.0\\.0\\.1:${o.tctiPort}`), pid);
     return info;
