@@ -24,8 +24,10 @@ function clearRemains(h: HostInfo, role: DaemonRole): void {
     fs.rmSync(h.domainSocketDir, { recursive: true, force: true });
     fs.mkdirSync(h.domainSocketDir, { recursive: true });
   } else if (role === 'backend') {
-    // The backend's FIFO pair at the manager: its successor creates the same names.
-    for (const f of ['backend.req.fifo', 'backend.rsp.fifo']) fs.rmSync(join(h.managerRunDir, 'clients', f), { force: true });
+    // The backend's FIFO pair at the manager: its successor creates the same names. A live manager
+    // removes a dead client's pair itself (and would remove the successor's by name if we raced it).
+    const mgr = h.processes.find((p) => p.role === 'manager');
+    if (!mgr || !alive(mgr.pid)) for (const f of ['backend.req.fifo', 'backend.rsp.fifo']) fs.rmSync(join(h.managerRunDir, 'clients', f), { force: true });
   }
   // The manager removes a dead predecessor's pid file and reuses its FIFOs itself.
 }
