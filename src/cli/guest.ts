@@ -127,10 +127,15 @@ export async function guestAttach(o: AttachOptions): Promise<GuestInfo> {
   } catch (err) {
     // Undo all of it: the guest, its device (the close sequence releases the vTPM at the manager), the
     // domain, its memory, its record.
-    if (wrote) await closeDevice(xs, dev, 10_000).catch(() => {});
     if (pid > 0) await stopProcess(pid, 2000);
-    await removeDeviceDirectories(xs, dev).catch(() => {});
+    // The guest is gone: as for a destroyed domain, its frontend directory goes first so the backend
+    // closes without waiting for a frontend that will never answer, then releases the vTPM.
     if (introduced) await xs.release(o.domid).catch(() => {});
+    if (wrote) {
+      await xs.rm(dev.frontend).catch(() => {});
+      if (!(await closeDevice(xs, dev, 10_000).catch(() => false))) process.stderr.write(`vtpm guest attach: the backend did not close ${dev.backend}; removing it anyway\n`);
+    }
+    await removeDeviceDirectories(xs, dev).catch(() => {});
     await removeDomainNodes(xs, o.domid).catch(() => {});
     removeDomainMemory(h.xenDir, o.domid);
     if (pid > 0) rd.removeGuest(o.domid);

@@ -114,6 +114,39 @@ describe('a failed attach leaves nothing behind', () => {
   });
 });
 
+describe('a failure after the device connected', () => {
+  it('is undone whole: the vTPM is closed at the manager, the device, domain and memory removed, the VM free again', async () => {
+    const port = await freePortPair();
+    const vm = randomUUID();
+    const rd = new RunDir(runDir);
+    const mgrLog = rd.log('manager');
+    const from = fs.statSync(mgrLog).size;
+    // P+1 taken after attach's own check (its guest record appears right after the check, before the
+    // guest even has a domain): the guest's bridge fails to listen only once its device is Connected.
+    const attach = vtpm('guest', 'attach', '--run', runDir, '--domid', '10', '--vm', vm, '--tcti-port', String(port));
+    while (!fs.existsSync(rd.guestFile(10))) await new Promise((r) => setTimeout(r, 1));
+    const squatter = net.createServer();
+    await new Promise<void>((res) => squatter.listen(port + 1, '127.0.0.1', res));
+    let r;
+    try {
+      r = await attach;
+    } finally {
+      await new Promise((res) => squatter.close(res));
+    }
+    expect(r.code).toBe(1);
+    expect(r.stderr).toMatch(/^vtpm: attach of dom10 failed: guest exited:[^]*EADDRINUSE/);
+    const backend = fs.readFileSync(rd.log('backend'), 'utf8');
+    expect(backend).toMatch(new RegExp(`dom10: connected \\(v2\\), vTPM instance (\\d+) of VM ${vm}`));
+    const inst = new RegExp(`dom10: connected \\(v2\\), vTPM instance (\\d+)`).exec(backend)![1];
+    expect(fs.readFileSync(mgrLog).subarray(from).toString()).toMatch(new RegExp(`closed instance ${inst}\\b`));
+    expect(await remains(10)).toEqual([]);
+    // Nothing holds the VM: it attaches again, to another domain.
+    await ok('guest', 'attach', '--run', runDir, '--domid', '11', '--vm', vm, '--tcti-port', String(port));
+    expect(await getRandom(port)).toMatch(/^[0-9a-f]{16}$/);
+    await ok('guest', 'detach', '--run', runDir, '--domid', '11');
+  });
+});
+
 describe('guest detach', () => {
   it('of a guest that does not exist fails with exit 1 and says so', async () => {
     const r = await vtpm('guest', 'detach', '--run', runDir, '--domid', '99');
