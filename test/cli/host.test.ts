@@ -55,6 +55,10 @@ describe('host up after a crash', () => {
     expect(dead.code).toBe(3);
     expect(dead.stdout).toMatch(/^backend +dom0 +pid \d+ +dead/m);
     expect(dead.stdout).toMatch(/backend is dead: .*host restart backend/);
+    // Commands that need the backend say so instead of waiting for it.
+    const attach = await vtpm('guest', 'attach', '--run', runDir, '--domid', '4', '--vm', randomUUID());
+    expect(attach.code).toBe(1);
+    expect(attach.stderr).toMatch(/^vtpm: the host's backend \(pid \d+\) is dead; `vtpm host up --run .* --state .*` restarts it/);
 
     expect(await ok('host', 'restart', 'backend', '--run', runDir)).toMatch(/backend restarted \(pid \d+\)/);
     const s1 = await status(runDir);
