@@ -73,9 +73,9 @@ describe('npm packages as locked', () => {
   it('leave a fresh clone of the committed tree clean (the lock file is the one npm wants)', async () => {
     const clone = join(work, 'clone');
     await run('git', ['clone', '-q', ROOT, clone]);
-    // What set-up's install resolves, without touching the network: npm rewrites the lock if it
+    // What set-up's install resolves (from npm's cache when it can): npm rewrites the lock if it
     // differs from what it would write.
-    await run('npm', ['install', '--package-lock-only', '--offline', '--no-audit', '--no-fund', '--loglevel=error'], { cwd: clone });
+    await run('npm', ['install', '--package-lock-only', '--prefer-offline', '--no-audit', '--no-fund', '--loglevel=error'], { cwd: clone });
     const { stdout } = await run('git', ['status', '--porcelain'], { cwd: clone });
     expect(stdout).toBe('');
     // And set-up installs with `npm ci`, which refuses to rewrite it.
