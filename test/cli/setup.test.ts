@@ -66,7 +66,7 @@ describe('scripts/vtpm start-up', () => {
     await vtpm();
     expect(mtime(stamp)).toBeGreaterThan(built);
     expect(spy.calls()).toBe('');
-  }, 120_000);
+  }, 300_000);
 });
 
 describe('npm packages as locked', () => {
