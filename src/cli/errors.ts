@@ -96,3 +96,10 @@ export function fileSize(file: string | undefined): number {
     return 0;
   }
 }
+
+/** A vTPM the backend could not open for `vm`: what the manager's reason means, the backend's words, the reason. */
+export function openRefusal(vm: string, backendText: string, managerText: string | undefined): CliError {
+  if (managerText === undefined) return new CliError('REFUSED', backendText);
+  const what = /migrated out/.test(managerText) ? `VM ${vm} was migrated out of this host's manager: its vTPM stays frozen here; attach the VM on the destination host\n  ` : '';
+  return new CliError('REFUSED', `${what}${backendText}\n  manager: ${managerText}`);
+}

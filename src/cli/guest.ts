@@ -19,7 +19,7 @@ import {
   writeDeviceDirectories,
   type VtpmDevice,
 } from '../xenstore/xenbus.js';
-import { CliError, fileSize, managerReason } from './errors.js';
+import { CliError, fileSize, managerReason, openRefusal } from './errors.js';
 import { readHostAlive } from './host-check.js';
 import { TpmFront, type Protocol } from '../frontend/tpmfront.js';
 import { MISBEHAVIOURS, misbehave, type Misbehaviour } from '../frontend/hostile.js';
@@ -118,8 +118,7 @@ export async function guestAttach(o: AttachOptions): Promise<GuestInfo> {
       // The manager's reason for refusing the vTPM (migrated out, …) says more than its status.
       const why = managerReason(mgrLog, mgrLogFrom, 'OPEN');
       if (!(err instanceof CliError) || err.code !== 'REFUSED' || why === undefined) throw err;
-      const what = /migrated out/.test(why) ? `VM ${vm} was migrated out of this host's manager: its vTPM stays frozen here; attach the VM on the destination host\n  ` : '';
-      throw new CliError('REFUSED', `${what}${err.message}\n  manager: ${why}`);
+      throw openRefusal(vm, err.message, why);
     });
     // The guest reports its TCTI bridge ready in its log; wait for that too so callers can use it.
     if (o.tctiPort !== undefined) await waitForLine(log, new RegExp(`tcti bridge listening on 127\\.0\\.0\\.1:${o.tctiPort}`), pid);

@@ -78,6 +78,9 @@ describe('migrate', () => {
     const back = await vtpm('guest', 'attach', '--run', src, '--domid', '1', '--vm', vm);
     expect(back.code).toBe(1);
     expect(back.stderr).toMatch(new RegExp(`^vtpm: VM ${vm} was migrated out of this host's manager[^]*attach the VM on the destination host[^]*manager: .*migrated out`));
+    const qemu = await vtpm('qemu', 'attach', '--run', src, '--vm', vm, '--ctrl', join(work, 'q.sock'));
+    expect(qemu.code).toBe(1);
+    expect(qemu.stderr).toMatch(new RegExp(`^vtpm: VM ${vm} was migrated out of this host's manager[^]*manager: .*migrated out`));
     // The destination has it.
     await ok('guest', 'attach', '--run', dst, '--domid', '1', '--vm', vm);
   });
