@@ -53,7 +53,7 @@ export async function guestAttach(o: AttachOptions): Promise<GuestInfo> {
   const vm = o.vm.toLowerCase();
   const devid = o.devid ?? 0;
   const protocol = o.protocol ?? 'v2';
-  // Everything that can be checked before anything starts (issue 24 item 4): nothing to undo then.
+  // Everything that can be checked before anything starts: nothing to undo then.
   const existing = rd.readGuest(o.domid);
   if (existing?.suspended) throw new CliError('CONFLICT', `dom${o.domid} is suspended (VM ${existing.vm}): resume it with \`vtpm guest resume\` or detach it first`);
   if (existing && alive(existing.pid, existing.start)) throw new CliError('CONFLICT', `dom${o.domid} is already attached (pid ${existing.pid}, VM ${existing.vm})`);
