@@ -20,34 +20,45 @@ export class CliError extends Error {
   }
 }
 
-/** What the manager's refusal of `ordinal` means for the user, and what to do about it. */
+/** What the manager's refusal of `ordinal` means for the user, and what to do (statuses: docs/manager.md). */
 function meaning(ordinal: number, status: number, what: string): string {
-  const forbidden = status === Status.FORBIDDEN;
-  const invalid = status === Status.INVALID_REQUEST;
-  const restore = status === Status.RESTORE_CONTEXT_FAILED;
+  const policy = status === Status.AUTHFAIL;
+  const param = status === Status.BAD_PARAMETER;
+  const crypto = status === Status.DECRYPT_ERROR;
   switch (ordinal) {
     case Ord.MIGRATE_OUT:
-      if (forbidden) return `${what} cannot be sent: it was already migrated out to another destination, or it was opened non-migratable`;
-      if (invalid) return `${what} is unknown to this manager, or no such migration key is loaded (check --vm/--instance and --to-key)`;
+      if (policy) return `${what} cannot be sent there: it was already migrated out to another destination`;
+      if (param) return `${what} cannot be sent: it is unknown to this manager, was opened non-migratable, or no such migration key is loaded (check --vm/--instance and --to-key)`;
       break;
     case Ord.MIGRATE_IN:
-      if (forbidden) return `the blob was refused: it is a replayed or stale blob (this manager already took in or sent out that VM at this counter or later), or it was sealed to another manager's key`;
-      if (invalid) return `the blob was refused: not a migration blob for this manager, or its VM is already here (delete that vTPM first) or --instance is taken`;
-      if (restore) return 'the blob was refused: it was tampered with or is damaged (authentication failed)';
+      if (policy) return 'the blob was refused: it is a replayed or stale blob (this manager already took in or sent out that VM at this counter or later)';
+      if (param) return 'the blob was refused: not a migration blob, or its VM is already here (delete that vTPM first), or --instance is taken';
+      if (crypto) return 'the blob was refused: it was sealed to another manager\'s key, or it was tampered with or damaged (authentication failed)';
       break;
     case Ord.LOAD_MIG_KEY:
-      if (invalid) return 'the destination key was refused: not an RSA public key of the size the manager accepts';
+      if (param) return 'the destination key was refused: not an RSA public key of the size the manager accepts';
       break;
     case Ord.OPEN:
-      if (forbidden) return `${what} was migrated out of this manager: its state stays frozen here until deleted`;
+      if (param) return `${what} cannot be opened: it was migrated out of this manager (its state stays frozen here until deleted) or is already open`;
       break;
   }
-  if (status === Status.FAIL) return `the manager failed to carry out the request (a storage error?)`;
-  if (status === Status.UNSUPPORTED) return `this manager does not support the request`;
-  if (forbidden) return `the manager refused the request for ${what}`;
-  if (invalid) return `the manager found the request for ${what} invalid`;
-  if (restore) return `the manager could not restore the stored state of ${what}`;
+  if (status === Status.FAIL || status === Status.IOERROR) return 'the manager failed to carry out the request (a storage error?)';
+  if (status === Status.RESOURCES) return 'the manager is out of room (VM table full?)';
+  if (status === Status.BAD_ORDINAL) return 'this manager does not take that request here';
+  if (policy) return `the manager does not allow the request for ${what}`;
+  if (param) return `the manager found the request for ${what} invalid`;
+  if (crypto) return `the manager could not authenticate the stored or sent state of ${what}`;
   return `the manager answered status ${status}`;
+}
+
+/** One status covers several causes: the manager's reason, when at hand, tells which one it was. */
+function specific(reason: string | undefined, what: string): string | undefined {
+  if (reason === undefined) return undefined;
+  if (/ of unknown (vm|instance)\b|unknown instance/.test(reason)) return `${what} is unknown to this manager (check --vm/--instance)`;
+  if (/NON_MIGRATABLE/.test(reason)) return `${what} was opened non-migratable: it cannot be migrated`;
+  if (/a replayed or stale blob/.test(reason)) return 'the blob was refused: it is a replayed or stale blob (this manager already took in or sent out that VM at this counter or later)';
+  if (/already went to/.test(reason)) return `${what} was already migrated out to another destination; only that one can be sent it again`;
+  return undefined;
 }
 
 // By shape, not instanceof: loading the manager client here would load native code before the
@@ -64,7 +75,7 @@ export function explainManagerError(err: unknown, ordinal: number, what: string,
   if (!isManagerError(err)) return err instanceof Error ? err : new Error(String(err));
   if (err.code === 'DISCONNECTED') return new CliError('HOST_DOWN', `the manager went away (${err.message}); is it running? see \`vtpm host status\``);
   if (err.code !== 'STATUS' || err.status === undefined) return new CliError('FAILED', err.message);
-  const text = meaning(ordinal, err.status, what);
+  const text = specific(reason, what) ?? meaning(ordinal, err.status, what);
   return new CliError('REFUSED', reason ? `${text}\n  manager: ${reason}` : text);
 }
 
