@@ -1,10 +1,22 @@
 #!/usr/bin/env bash
-# One set-up for every entry point (npm start/test/bench, scripts/vtpm): install the Debian packages
-# the real peers come from, install npm packages when node_modules is missing or stale, then build.
-# Idempotent and quiet when nothing is missing, so it can run before every command.
+# One set-up for npm start/test/bench/setup: install the Debian packages the real peers come from,
+# install npm packages when node_modules is missing or stale, then build. Idempotent and quiet when
+# nothing is missing. `--build-only` (scripts/vtpm, when a source is newer than the build) only builds.
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
+
+build() {
+  # The stamp takes the time the build started: a source edited during the build is seen as stale.
+  mkdir -p dist
+  touch dist/.vtpm-build.new
+  node node_modules/typescript/bin/tsc -p tsconfig.json >&2
+  mv dist/.vtpm-build.new dist/.vtpm-build
+}
+if [[ "${1:-}" == --build-only ]]; then
+  build
+  exit 0
+fi
 
 # Debian packages: libtpms is the TPM we run; the rest are the real clients and peers the tests and
 # benchmarks talk to (tpm2-tools, swtpm, xenstore-utils, QEMU with a kernel and busybox to boot);
@@ -29,15 +41,14 @@ if ((${#missing[@]})); then
 fi
 
 # npm packages: reinstall when package.json or the lock file changed since the last install.
-# `npm install`, not `npm ci`: npm 11.19 writes lock files without the other platforms' optional
-# packages (rollup's) and then refuses them in `npm ci`; install honours the locked versions anyway.
+# `npm ci` installs the lock file as committed and never rewrites it (set-up must not change tracked
+# files); the committed lock lists every platform's optional packages (rollup's), as npm writes it.
 stamp=node_modules/.vtpm-split-lock
 lockhash() { cat package.json package-lock.json 2>/dev/null | sha256sum | cut -d' ' -f1; }
 if [[ ! -d node_modules || ! -f $stamp || "$(cat "$stamp")" != "$(lockhash)" ]]; then
-  echo "vtpm-split set-up: npm install" >&2
-  npm install --no-audit --no-fund --loglevel=error >&2
+  echo "vtpm-split set-up: npm ci" >&2
+  npm ci --no-audit --no-fund --loglevel=error >&2
   lockhash > "$stamp"
 fi
 
-# Build: tsc is incremental enough at this size; always run it so dist/ never lags the sources.
-node node_modules/typescript/bin/tsc -p tsconfig.json >&2
+build

@@ -39,6 +39,19 @@ export interface DeviceOptions {
 
 type Channel = V2Channel | RingChannel;
 
+/**
+ * Which device holds each VM's vTPM, per provider (one per backend process). A VM's vTPM serves one
+ * guest: a second device naming the same uuid (any toolstack may write one) would share its instance,
+ * its completed-request table and its cancels, and detaching either would destroy it under the other.
+ */
+const claims = new WeakMap<VtpmProvider, Map<string, string>>();
+
+function claimsOf(p: VtpmProvider): Map<string, string> {
+  let m = claims.get(p);
+  if (!m) claims.set(p, (m = new Map()));
+  return m;
+}
+
 /** Everything an attach reads from xenstore, read in one batch. */
 interface AttachKeys {
   own: XenbusState;
@@ -95,6 +108,8 @@ export class BackendDevice {
   #offline = false;
   /** The guest suspended and its vTPM, checkpointed at the manager, stays loaded for the resume. */
   #parked: NodeJS.Timeout | null = null;
+  /** The VM this device holds (see `claims`), from its first attach until the device is gone. */
+  #claimed: string | null = null;
 
   constructor(o: DeviceOptions) {
     this.#o = o;
@@ -372,6 +387,12 @@ export class BackendDevice {
     if (!vm) return this.#fail(22, 'backend directory has no uuid (the VM the vTPM belongs to)');
     const version = keys.version === '1.2' ? '1.2' : '2.0';
     const resume = this.#recovered || keys.resume === 'True';
+    const held = claimsOf(this.#o.vtpms);
+    const holder = held.get(vm);
+    if (holder !== undefined && holder !== this.dev.backend) return this.#fail(16, `VM ${vm} already has a vTPM device (${holder}); one VM's vTPM serves one guest`);
+    if (this.#claimed !== null && this.#claimed !== vm) return this.#fail(22, `uuid changed from VM ${this.#claimed} to ${vm} on a live device`);
+    held.set(vm, this.dev.backend);
+    this.#claimed = vm;
     if (this.#parked) {
       this.#unpark();
       // A parked vTPM is the suspended guest's, checkpointed: a resume carries on with it as it is. A
@@ -434,6 +455,7 @@ export class BackendDevice {
     await this.#ownWatch?.close().catch(() => {});
     if (this.#vtpm) await this.#o.vtpms.release(this.#vtpm.instance).catch((e: unknown) => this.#o.log(`release: ${(e as Error).message}`));
     this.#vtpm = null;
+    this.#unclaim();
     // Only into a directory that is still there: a write would re-create one the toolstack removed.
     const xs = this.#o.xs;
     await xs
@@ -454,5 +476,13 @@ export class BackendDevice {
     await this.#detach();
     if (this.#vtpm) await this.#o.vtpms.release(this.#vtpm.instance).catch(() => {});
     this.#vtpm = null;
+    this.#unclaim();
+  }
+
+  #unclaim(): void {
+    if (this.#claimed === null) return;
+    const held = claimsOf(this.#o.vtpms);
+    if (held.get(this.#claimed) === this.dev.backend) held.delete(this.#claimed);
+    this.#claimed = null;
   }
 }

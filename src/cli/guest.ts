@@ -6,8 +6,10 @@ import { spawn } from 'node:child_process';
 import fs from 'node:fs';
 import { join } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
+import net from 'node:net';
 import { Domain } from '../xen/index.js';
-import { connect } from '../xenstore/client.js';
+import { HDR_PID, evtchnSocketPath, memoryPath } from '../xen/layout.js';
+import { connect, type XsClient } from '../xenstore/client.js';
 import {
   XenbusState,
   readState,
@@ -15,7 +17,10 @@ import {
   vtpmDevice,
   waitForState,
   writeDeviceDirectories,
+  type VtpmDevice,
 } from '../xenstore/xenbus.js';
+import { CliError, fileSize, managerReason, openRefusal } from './errors.js';
+import { readHostAlive } from './host-check.js';
 import { TpmFront, type Protocol } from '../frontend/tpmfront.js';
 import { MISBEHAVIOURS, misbehave, type Misbehaviour } from '../frontend/hostile.js';
 import { RunDir, alive, procStat, type GuestInfo } from './rundir.js';
@@ -41,25 +46,47 @@ export interface AttachOptions {
 }
 
 export async function guestAttach(o: AttachOptions): Promise<GuestInfo> {
-  if (!Number.isInteger(o.domid) || o.domid < 1 || o.domid > 0x7fef) throw new Error(`--domid must be 1..32751, not ${o.domid}`);
-  if (!UUID.test(o.vm)) throw new Error(`--vm must be a UUID, not ${o.vm}`);
+  if (!Number.isInteger(o.domid) || o.domid < 1 || o.domid > 0x7fef) throw new CliError('USAGE', `--domid must be 1..32751, not ${o.domid}`);
+  if (!UUID.test(o.vm)) throw new CliError('USAGE', `--vm must be a UUID (xxxxxxxx-xxxx-xxxx-xxxx-xxxxxxxxxxxx), not ${o.vm}`);
   const rd = new RunDir(o.run);
-  const h = rd.readHost();
-  const existing = rd.readGuest(o.domid);
-  if (existing && alive(existing.pid, existing.start)) throw new Error(`dom${o.domid} is already attached (pid ${existing.pid})`);
+  const h = readHostAlive(rd, ['xenstored', 'manager', 'backend']);
+  const vm = o.vm.toLowerCase();
   const devid = o.devid ?? 0;
   const protocol = o.protocol ?? 'v2';
+  // Everything that can be checked before anything starts: nothing to undo then.
+  const existing = rd.readGuest(o.domid);
+  if (existing?.suspended) throw new CliError('CONFLICT', `dom${o.domid} is suspended (VM ${existing.vm}): resume it with \`vtpm guest resume\` or detach it first`);
+  if (existing && alive(existing.pid, existing.start)) throw new CliError('CONFLICT', `dom${o.domid} is already attached (pid ${existing.pid}, VM ${existing.vm})`);
+  const other = rd.guests().find((g) => g.vm === vm && g.domid !== o.domid && (g.suspended || alive(g.pid, g.start)));
+  if (other) {
+    throw new CliError('CONFLICT', `VM ${vm} is already attached to dom${other.domid}${other.suspended ? ' (suspended)' : ''}: one VM's vTPM serves one guest; detach dom${other.domid} first`);
+  }
+  if (o.tctiPort !== undefined) await checkPortPair(o.tctiPort);
   const xs = await connect(h.xenstoredSocket);
+  const dev = vtpmDevice(o.domid, devid, 0);
+  const mgrLog = rd.log('manager');
+  const mgrLogFrom = fileSize(mgrLog);
+  let introduced = false;
+  let wrote = false;
+  let pid = -1;
+  let log = '';
   try {
-    if (!(await xs.isDomainIntroduced(o.domid))) await xs.introduce(o.domid);
-    const dev = await writeDeviceDirectories(xs, {
+    if ((await readState(xs, dev.backend)) !== XenbusState.Unknown || (await xs.tryRead(`${dev.frontend}/state`)) !== undefined) {
+      throw new CliError('CONFLICT', `dom${o.domid} already has vTPM device ${devid} in xenstore (${dev.backend}); \`vtpm guest detach --domid ${o.domid}\` removes it`);
+    }
+    if (!(await xs.isDomainIntroduced(o.domid))) {
+      await xs.introduce(o.domid);
+      introduced = true;
+    }
+    wrote = true;
+    await writeDeviceDirectories(xs, {
       frontDomid: o.domid,
       backDomid: 0,
       devid,
-      uuid: o.vm.toLowerCase(),
+      uuid: vm,
       extra: { backend: { 'tpm-version': o.version ?? '2.0' } },
     });
-    const log = rd.log(`guest-${o.domid}`);
+    log = rd.log(`guest-${o.domid}`);
     fs.mkdirSync(rd.logDir, { recursive: true });
     const fd = fs.openSync(log, 'a');
     const args = [MAIN_JS, 'guest', 'run', '--run', rd.dir, '--domid', String(o.domid), '--protocol', protocol, '--devid', String(devid)];
@@ -69,36 +96,120 @@ export async function guestAttach(o: AttachOptions): Promise<GuestInfo> {
     const child = spawn(process.execPath, args, { detached: true, stdio: ['ignore', fd, fd], env: { ...process.env, VTPM_XEN_DIR: h.xenDir } });
     fs.closeSync(fd);
     child.unref();
-    const pid = child.pid ?? -1;
+    pid = child.pid ?? -1;
     const start = procStat(pid)?.start;
     const info: GuestInfo = {
       domid: o.domid,
       pid,
       ...(start !== undefined ? { start } : {}),
-      vm: o.vm.toLowerCase(),
+      vm,
       protocol,
       devid,
       ...(o.tctiPort !== undefined ? { tctiPort: o.tctiPort } : {}),
       ...(o.workload !== undefined ? { workload: o.workload } : {}),
     };
     rd.writeGuest(info);
+    const guestLog = log;
     const exited = new Promise<never>((_, reject) =>
-      child.once('exit', (code, sig) => reject(new Error(`guest dom${o.domid} exited (${sig ?? code}) before connecting:\n${tailFile(log)}`))),
+      child.once('exit', (code, sig) => reject(new CliError('FAILED', `guest dom${o.domid} exited (${sig ?? code}) before connecting:\n${tailFile(guestLog)}`))),
     );
-    try {
-      await Promise.race([waitForState(xs, dev.frontend, (s) => s === XenbusState.Connected, { timeoutMs: o.timeoutMs ?? 30_000 }), exited]);
-      // The guest reports its TCTI bridge ready in its log; wait for that too so callers can use it.
-      if (o.tctiPort !== undefined) await waitForLine(log, new RegExp(`tcti bridge listening on 127\\.0\\.0\\.1:${o.tctiPort}`), pid);
-    } catch (err) {
-      await stopProcess(pid, 2000);
-      rd.removeGuest(o.domid);
-      await removeDeviceDirectories(xs, dev).catch(() => {});
-      throw err;
-    }
     exited.catch(() => {});
+    await Promise.race([waitConnected(xs, dev, o.timeoutMs ?? 30_000), exited]).catch((err: unknown) => {
+      // The manager's reason for refusing the vTPM (migrated out, …) says more than its status.
+      const why = managerReason(mgrLog, mgrLogFrom, 'OPEN');
+      if (!(err instanceof CliError) || err.code !== 'REFUSED' || why === undefined) throw err;
+      throw openRefusal(vm, err.message, why);
+    });
+    // The guest reports its TCTI bridge ready in its log; wait for that too so callers can use it.
+    if (o.tctiPort !== undefined) await waitForLine(log, new RegExp(`tcti bridge listening on 127\\.0\\.0\\.1:${o.tctiPort}`), pid);
     return info;
+  } catch (err) {
+    // Undo all of it: the guest, its device (the close sequence releases the vTPM at the manager), the
+    // domain, its memory, its record.
+    if (pid > 0) await stopProcess(pid, 2000);
+    // The guest is gone: as for a destroyed domain, its frontend directory goes first so the backend
+    // closes without waiting for a frontend that will never answer, then releases the vTPM.
+    if (introduced) await xs.release(o.domid).catch(() => {});
+    if (wrote) {
+      await xs.rm(dev.frontend).catch(() => {});
+      if (!(await closeDevice(xs, dev, 10_000).catch(() => false))) process.stderr.write(`vtpm guest attach: the backend did not close ${dev.backend}; removing it anyway\n`);
+    }
+    await removeDeviceDirectories(xs, dev).catch(() => {});
+    await removeDomainNodes(xs, o.domid).catch(() => {});
+    removeDomainMemory(h.xenDir, o.domid);
+    if (pid > 0) rd.removeGuest(o.domid);
+    throw err instanceof CliError ? err : new CliError('FAILED', `attach of dom${o.domid} failed: ${(err as Error).message}`);
   } finally {
     await xs.close();
+  }
+}
+
+/** Connected, or the backend's refusal (its error node, Linux's xenbus_dev_fatal) as the error. */
+async function waitConnected(xs: XsClient, dev: VtpmDevice, timeoutMs: number): Promise<void> {
+  const failed = (s: XenbusState): boolean => s === XenbusState.Closing || s === XenbusState.Closed;
+  const be = await waitForState(xs, dev.backend, (s) => s === XenbusState.Connected || failed(s), { timeoutMs }).catch(async (err: unknown) => {
+    throw new CliError('FAILED', `the backend did not connect the device in ${timeoutMs} ms (${(err as Error).message}); is it running? see \`vtpm host status\``);
+  });
+  if (failed(be)) throw new CliError('REFUSED', `the backend refused the device: ${await backendError(xs, dev)}`);
+  const fe = await waitForState(xs, dev.frontend, (s) => s === XenbusState.Connected || failed(s), { timeoutMs });
+  if (failed(fe)) throw new CliError('FAILED', `the guest's frontend closed the device: ${await backendError(xs, dev)}`);
+}
+
+async function backendError(xs: XsClient, dev: VtpmDevice): Promise<string> {
+  const e = await xs.tryRead(`/local/domain/0/error/backend/vtpm/${dev.frontDomid}/${dev.devid}/error`);
+  // "<errno> <message>" as xenbus_dev_fatal writes it.
+  return e ? e.replace(/^\d+ /, '') : 'no reason given (see the backend log)';
+}
+
+/** What libxl removes when it destroys a domain: its home, its backends' directories, its libxl node, the backends' error nodes. */
+async function removeDomainNodes(xs: XsClient, domid: number): Promise<void> {
+  await xs.transaction(async (tx) => {
+    for (const p of [`/local/domain/${domid}`, `/local/domain/0/backend/vtpm/${domid}`, `/local/domain/0/error/backend/vtpm/${domid}`, `/libxl/${domid}`]) {
+      await xs.rm(p, tx).catch((err: unknown) => {
+        if ((err as { code?: string }).code !== 'ENOENT') throw err;
+      });
+    }
+  });
+}
+
+/** As libxl detaches: online=0, then wait (bounded) for the backend to reach Closed. */
+async function closeDevice(xs: XsClient, dev: VtpmDevice, timeoutMs: number): Promise<boolean> {
+  if ((await readState(xs, dev.backend)) === XenbusState.Unknown) return true;
+  await xs.write(`${dev.backend}/online`, '0');
+  const s = await waitForState(xs, dev.backend, (st) => st === XenbusState.Closed || st === XenbusState.Unknown, { timeoutMs }).catch(() => null);
+  return s !== null;
+}
+
+/** The memory a guest process that was killed could not remove (a live owner keeps its own). */
+function removeDomainMemory(xenDir: string, domid: number): void {
+  const mem = memoryPath(xenDir, domid);
+  try {
+    const hdr = Buffer.alloc(32);
+    const fd = fs.openSync(mem, 'r');
+    try {
+      fs.readSync(fd, hdr, 0, 32, 0);
+    } finally {
+      fs.closeSync(fd);
+    }
+    if (alive(hdr.readUInt32LE(HDR_PID * 4))) return;
+  } catch {
+    return;
+  }
+  fs.rmSync(mem, { force: true });
+  fs.rmSync(evtchnSocketPath(xenDir, domid), { force: true });
+}
+
+/** P (data) and P+1 (control) must both be free before the guest starts. */
+async function checkPortPair(port: number): Promise<void> {
+  if (!Number.isInteger(port) || port < 1 || port > 65534) throw new CliError('USAGE', `--tcti-port must be 1..65534 (it uses PORT and PORT+1), not ${port}`);
+  for (const p of [port, port + 1]) {
+    const s = net.createServer();
+    const err = await new Promise<Error | null>((resolve) => {
+      s.once('error', resolve);
+      s.listen(p, '127.0.0.1', () => resolve(null));
+    });
+    if (err) throw new CliError('CONFLICT', `--tcti-port ${port}: 127.0.0.1:${p} is taken (${(err as NodeJS.ErrnoException).code ?? err.message}); the bridge needs PORT and PORT+1 free`);
+    await new Promise((r) => s.close(r));
   }
 }
 
@@ -116,25 +227,27 @@ export async function guestDetach(run: string, domid: number, timeoutMs = 15_000
   const rd = new RunDir(run);
   const h = rd.readHost();
   const g = rd.readGuest(domid);
-  const dev = vtpmDevice(domid, g?.devid ?? 0, 0);
   const xs = await connect(h.xenstoredSocket);
   try {
+    const dev = vtpmDevice(domid, g?.devid ?? 0, 0);
+    const introduced = await xs.isDomainIntroduced(domid);
+    if (!g && !introduced && (await readState(xs, dev.backend)) === XenbusState.Unknown) {
+      throw new CliError('NOT_FOUND', `no guest dom${domid} on this host (\`vtpm host status --run ${rd.dir}\` lists the guests)`);
+    }
     // A guest whose process is gone is a dead domain: release it first, as the toolstack destroys a
     // crashed domain, so its frontend directory vanishes and the backend closes without waiting for it.
-    if (g && !alive(g.pid, g.start) && (await xs.isDomainIntroduced(domid))) await xs.release(domid);
-    // As libxl: online=0 and wait for the backend to reach Closed; the frontend closes in between.
-    if ((await readState(xs, dev.backend)) !== XenbusState.Unknown) {
-      await xs.write(`${dev.backend}/online`, '0');
-      await waitForState(xs, dev.backend, (s) => s === XenbusState.Closed || s === XenbusState.Unknown, { timeoutMs }).catch((err: unknown) => {
-        process.stderr.write(`vtpm guest detach: ${(err as Error).message}; removing the device anyway\n`);
-      });
+    if (g && !alive(g.pid, g.start) && introduced) await xs.release(domid);
+    if (!(await closeDevice(xs, dev, timeoutMs))) {
+      process.stderr.write(`vtpm guest detach: the backend did not close ${dev.backend} in ${timeoutMs} ms; removing the device anyway\n`);
     }
     await removeDeviceDirectories(xs, dev);
     if (await xs.isDomainIntroduced(domid)) await xs.release(domid);
+    await removeDomainNodes(xs, domid);
   } finally {
     await xs.close();
   }
   if (g) await stopProcess(g.pid, 10_000);
+  removeDomainMemory(h.xenDir, domid);
   rd.removeGuest(domid);
 }
 

@@ -7,6 +7,7 @@ import { setTimeout as sleep } from 'node:timers/promises';
 import { connect, type XsClient } from '../xenstore/client.js';
 import { QEMU_ROOT, QemuNodeState } from '../backend/qemu-devices.js';
 import { RunDir } from './rundir.js';
+import { fileSize, managerReason, openRefusal } from './errors.js';
 
 const UUID = /^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$/i;
 
@@ -42,7 +43,9 @@ export async function qemuAttach(o: QemuAttachOptions): Promise<number> {
   const version = o.version ?? '2.0';
   if (version !== '2.0' && version !== '1.2') throw new Error('--tpm-version must be 2.0 or 1.2');
   const ctrl = resolve(o.ctrl);
-  const h = new RunDir(o.run).readHost();
+  const rd = new RunDir(o.run);
+  const h = rd.readHost();
+  const mgrLogFrom = fileSize(rd.log('manager'));
   const xs = await connect(h.xenstoredSocket);
   try {
     const uuid = o.vm.toLowerCase();
@@ -72,7 +75,9 @@ export async function qemuAttach(o: QemuAttachOptions): Promise<number> {
     if (s !== QemuNodeState.CONNECTED) {
       const err = (await xs.tryRead(`${node}/error`)) ?? 'backend refused the device';
       await xs.rm(node).catch(() => {});
-      throw new Error(err);
+      // The manager's own reason for refusing the vTPM (migrated out, …) when it refused it.
+      const why = managerReason(rd.log('manager'), mgrLogFrom, 'OPEN');
+      throw openRefusal(uuid, err, why);
     }
     return n;
   } finally {

@@ -42,6 +42,11 @@ export interface GuestInfo {
   workload?: string;
 }
 
+/** No host.json in the run directory. */
+export class NoHostError extends Error {
+  readonly code = 'NO_HOST';
+}
+
 export class RunDir {
   readonly dir: string;
 
@@ -85,7 +90,8 @@ export class RunDir {
     try {
       text = fs.readFileSync(this.hostJson, 'utf8');
     } catch {
-      throw new Error(`no host is up in ${this.dir} (no host.json; run \`vtpm host up --run ${this.dir}\`)`);
+      const what = fs.existsSync(this.dir) ? `no host.json in ${this.dir}` : `${this.dir} does not exist`;
+      throw new NoHostError(`no host is up in ${this.dir} (${what}; start one with \`vtpm host up --run ${this.dir} --state DIR\`)`);
     }
     return JSON.parse(text) as HostInfo;
   }
