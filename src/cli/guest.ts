@@ -38,6 +38,8 @@ export interface AttachOptions {
   misbehave?: Misbehaviour;
   /** A vtpm stress workload file the guest runs (ring protocol). */
   workload?: string;
+  /** false: the guest does not start a TPM that was never started (`--no-startup`). */
+  startup?: boolean;
 }
 
 export async function guestAttach(o: AttachOptions): Promise<GuestInfo> {
@@ -66,6 +68,7 @@ export async function guestAttach(o: AttachOptions): Promise<GuestInfo> {
     if (o.tctiPort !== undefined) args.push('--tcti-port', String(o.tctiPort));
     if (o.misbehave) args.push('--misbehave', o.misbehave);
     if (o.workload !== undefined) args.push('--workload', o.workload);
+    if (o.startup === false) args.push('--no-startup');
     const child = spawn(process.execPath, args, { detached: true, stdio: ['ignore', fd, fd], env: { ...process.env, VTPM_XEN_DIR: h.xenDir } });
     fs.closeSync(fd);
     child.unref();
@@ -147,6 +150,8 @@ export interface GuestRunOptions {
   misbehave?: Misbehaviour;
   resume?: boolean;
   workload?: string;
+  /** false: do not send Startup(CLEAR) to a TPM that was never started (`--no-startup`). */
+  startup?: boolean;
 }
 
 /** The guest process: its domain, its vTPM device, and optionally the TCTI bridge for tpm2-tools. */
@@ -155,9 +160,9 @@ export async function guestRun(o: GuestRunOptions): Promise<void> {
   const h = rd.readHost();
   const dom = await Domain.create({ domid: o.domid, dir: h.xenDir });
   const xs = await connect(join(h.domainSocketDir, `dom${o.domid}.sock`));
-  // The ring protocol runs through a GuestSession: request ids, suspend/resume, backend restarts.
+  // Both transports run through a session: suspend/resume, backend restarts (request ids on the ring).
   // A misbehaving guest drives its transport directly: it has no use for sessions.
-  if (o.protocol === 'ring' && !o.misbehave) return runSession(rd, dom, xs, o);
+  if (!o.misbehave) return runSession(rd, dom, xs, o);
   let stopping = false;
   const shutdown = async (): Promise<void> => {
     if (stopping) return;
@@ -227,7 +232,8 @@ export function register(program: Command): void {
     .option('--tcti-port <port>', 'serve tpm2-tools on 127.0.0.1:PORT (data) and PORT+1 (control)', int)
     .option('--tpm-version <v>', 'TPM version of a new vTPM: 2.0 or 1.2', '2.0')
     .option('--misbehave <how>', `fault injection once connected: ${MISBEHAVIOURS.join(', ')}`)
-    .action(async (o: { run: string; domid: number; vm: string; protocol: string; tctiPort?: number; tpmVersion: string; misbehave?: string }) => {
+    .option('--no-startup', 'do not send Startup(CLEAR) to a TPM that was never started (the guest does, as Linux, by default)')
+    .action(async (o: { run: string; domid: number; vm: string; protocol: string; tctiPort?: number; tpmVersion: string; misbehave?: string; startup: boolean }) => {
       if (o.protocol !== 'v2' && o.protocol !== 'ring') throw new Error(`--protocol must be v2 or ring, not ${o.protocol}`);
       if (o.tpmVersion !== '2.0' && o.tpmVersion !== '1.2') throw new Error(`--tpm-version must be 2.0 or 1.2`);
       if (o.misbehave !== undefined && !(MISBEHAVIOURS as readonly string[]).includes(o.misbehave)) {
@@ -241,6 +247,7 @@ export function register(program: Command): void {
         tctiPort: o.tctiPort,
         version: o.tpmVersion,
         misbehave: o.misbehave as Misbehaviour | undefined,
+        startup: o.startup,
       });
       console.log(`dom${g.domid} attached (pid ${g.pid}, ${g.protocol}${g.tctiPort !== undefined ? `, tpm2-tools: -T swtpm:host=127.0.0.1,port=${g.tctiPort}` : ''})`);
     });
@@ -264,6 +271,7 @@ export function register(program: Command): void {
     .option('--misbehave <how>')
     .option('--resume', 'continue a suspended guest (new ring, same request ids)')
     .option('--workload <file>', 'run a vtpm stress workload')
+    .option('--no-startup', 'no Startup(CLEAR) at boot')
     .action(async (o: GuestRunOptions) => {
       await guestRun(o);
     });

@@ -12,6 +12,9 @@ import type { Domain } from '../xen/index.js';
 import { connect, type XsClient } from '../xenstore/client.js';
 import { vtpmDevice } from '../xenstore/xenbus.js';
 import { GuestSession } from '../frontend/session.js';
+import { V2Session } from '../frontend/v2-session.js';
+import { autoStartup } from '../frontend/startup.js';
+import type { Protocol } from '../frontend/tpmfront.js';
 import { RunDir, alive, procStat, type GuestInfo } from './rundir.js';
 import { MAIN_JS, tailFile } from './spawn.js';
 import { onStop } from './lifecycle.js';
@@ -21,7 +24,8 @@ export const controlShutdown = (domid: number): string => `/local/domain/${domid
 export interface SuspendResult {
   /** From writing control/shutdown to the guest process having exited with its state saved. */
   ms: number;
-  nextId: string;
+  /** Ring protocol only: the id the resumed guest continues with (v2 requests carry no ids). */
+  nextId?: string;
   inflight: number;
 }
 
@@ -47,7 +51,7 @@ export async function guestSuspend(run: string, domid: number, timeoutMs = 120_0
   }
   const after = rd.readGuest(domid);
   if (!after?.suspended) throw new Error(`dom${domid} exited without saving its suspend state:\n${tailFile(rd.log(`guest-${domid}`))}`);
-  return { ms: performance.now() - t0, nextId: after.nextId ?? '1', inflight: after.inflight?.length ?? 0 };
+  return { ms: performance.now() - t0, ...(after.nextId !== undefined ? { nextId: after.nextId } : {}), inflight: after.inflight?.length ?? 0 };
 }
 
 /** The toolstack's write of control/shutdown, readable and writable by the guest (as libxl sets it). */
@@ -124,17 +128,18 @@ function resumeState(g: GuestInfo | null): { firstId: bigint; inflight: { id: bi
   };
 }
 
-/** The ring-protocol guest process: session, suspend watch, optional TCTI bridge or stress workload. */
+/** The guest process (either transport): device session, suspend watch, optional TCTI bridge or stress workload. */
 export async function runSession(
   rd: RunDir,
   dom: Domain,
   xs: XsClient,
-  o: { domid: number; devid: number; tctiPort?: number; resume?: boolean; workload?: string },
+  o: { domid: number; devid: number; protocol: Protocol; tctiPort?: number; resume?: boolean; workload?: string; startup?: boolean },
 ): Promise<void> {
+  if (o.workload !== undefined && o.protocol !== 'ring') throw new Error('a stress workload needs --protocol ring (its journal resubmits by request id)');
   const g = rd.readGuest(o.domid);
-  const saved = o.resume ? resumeState(g) : { firstId: 1n, inflight: [] };
+  const saved = o.resume && o.protocol === 'ring' ? resumeState(g) : { firstId: 1n, inflight: [] };
   let exiting = false;
-  let session: GuestSession | undefined;
+  let session: GuestSession | V2Session | undefined;
   let bridge: { stop(): Promise<void> } | undefined;
   let workload: { stop(): Promise<void> } | undefined;
   const exit = async (code: number): Promise<never> => {
@@ -156,30 +161,45 @@ export async function runSession(
     // A new kernel instance: the suspend request it resumed from is done.
     await xs.write(controlShutdown(o.domid), '').catch(() => {});
   }
-  session = await GuestSession.open({
+  const common = {
     xs,
     dom,
     devid: o.devid,
-    firstId: saved.firstId,
     reconnect: o.resume ?? false,
-    log: (l) => console.log(l),
-    onClosed: (reason) => {
+    log: (l: string) => console.log(l),
+    onClosed: (reason: string) => {
       console.log(`dom${o.domid}: device closed: ${reason}`);
       void exit(0);
     },
-  });
+  };
+  session = o.protocol === 'ring' ? await GuestSession.open({ ...common, firstId: saved.firstId }) : await V2Session.open(common);
   const s = session;
-  console.log(`dom${o.domid}: vTPM connected (ring, ring-ref ${s.front?.refs[0]}, event-channel ${s.front?.port}, next id ${s.nextId})`);
-  if (g) rd.writeGuest({ ...g, pid: process.pid, start: procStat(process.pid)?.start, suspended: false, nextId: String(s.nextId), inflight: [] });
+  const ids = s instanceof GuestSession ? `, next id ${s.nextId}` : '';
+  console.log(`dom${o.domid}: vTPM connected (${o.protocol}, ring-ref ${s.front?.refs[0]}, event-channel ${s.front?.port}${ids})`);
+  // At boot (never on resume) the guest's TPM driver starts a TPM that was never started, as Linux's does.
+  if (!o.resume && o.startup !== false) {
+    const r = await autoStartup((cmd) => s.submit(cmd));
+    console.log(`dom${o.domid}: TPM ${r.version} ${r.outcome === 'started' ? 'started (Startup CLEAR)' : r.outcome === 'running' ? 'already started' : `Startup failed (0x${r.rc.toString(16)})`}`);
+  }
   // What the previous instance left unanswered runs now (or is answered from the backend's table).
-  for (const r of saved.inflight) void s.resubmit(r).catch(() => {});
+  if (s instanceof GuestSession) for (const r of saved.inflight) void s.resubmit(r).catch(() => {});
   if (o.tctiPort !== undefined) {
     const { startTcti } = await import('./guest.js');
     bridge = await startTcti({ transmit: (cmd, opts) => s.submit(cmd, opts), cancel: () => s.front?.cancel() }, o.tctiPort);
   }
-  if (o.workload !== undefined) {
+  if (o.workload !== undefined && s instanceof GuestSession) {
     const { startWorkload } = await import('./stress-workload.js');
     workload = startWorkload(s, o.workload, o.domid, (l) => console.log(l));
+  }
+  // Resumed once the bridge serves (`guest resume` returns on this, and tpm2-tools may follow at once).
+  if (g) {
+    rd.writeGuest({
+      ...g,
+      pid: process.pid,
+      start: procStat(process.pid)?.start,
+      suspended: false,
+      ...(s instanceof GuestSession ? { nextId: String(s.nextId), inflight: [] } : {}),
+    });
   }
   let suspending = false;
   await xs.watch(controlShutdown(o.domid), () => {
@@ -200,11 +220,11 @@ export async function runSession(
         rd.writeGuest({
           ...cur,
           suspended: true,
-          nextId: String(s.nextId),
+          ...(s instanceof GuestSession ? { nextId: String(s.nextId) } : {}),
           inflight: left.map((r) => ({ id: String(r.id), command: Buffer.from(r.command).toString('hex'), locality: r.locality })),
         });
       }
-      console.log(`dom${o.domid}: suspended in ${(performance.now() - t0).toFixed(2)} ms (next id ${s.nextId}, ${left.length} unanswered)`);
+      console.log(`dom${o.domid}: suspended in ${(performance.now() - t0).toFixed(2)} ms (${s instanceof GuestSession ? `next id ${s.nextId}, ` : ''}${left.length} unanswered)`);
       await exit(0);
     })().catch((e: unknown) => {
       console.log(`dom${o.domid}: suspend failed: ${(e as Error).message}`);
@@ -228,7 +248,8 @@ export function registerSuspend(guest: Command): void {
     .requiredOption('--domid <n>', 'the guest domain id', int)
     .action(async (o: { run: string; domid: number }) => {
       const r = await guestSuspend(o.run, o.domid);
-      console.log(`dom${o.domid} suspended in ${r.ms.toFixed(1)} ms (next request id ${r.nextId}, ${r.inflight} unanswered)`);
+      const ids = r.nextId !== undefined ? `next request id ${r.nextId}, ` : '';
+      console.log(`dom${o.domid} suspended in ${r.ms.toFixed(1)} ms (${ids}${r.inflight} unanswered)`);
     });
   guest
     .command('resume')
