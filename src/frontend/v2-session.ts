@@ -11,6 +11,7 @@ import { failureResponse } from '../tpm/error-response.js';
 import { TpmFront } from './tpmfront.js';
 import type { InFlight } from './session.js';
 import type { TransmitOptions } from './transport.js';
+import { autoStartup } from './startup.js';
 
 export interface V2SessionOptions {
   xs: XsClient;
@@ -74,7 +75,13 @@ export class V2Session {
     this.#current = null;
     this.reconnects++;
     this.#o.log?.(`dom${this.#o.dom.domid}: backend replaced; reconnecting with a new page (a command in flight got a TPM failure answer)`);
-    this.#front = this.#connect(true);
+    // A new page is Linux's remove + probe, and its probe starts a TPM that says it was never started:
+    // the v2 page has no per-command checkpoint, so a vTPM whose backend died lost its volatile state.
+    this.#front = this.#connect(true).then(async (f) => {
+      const r = await autoStartup((cmd) => f.transmit(cmd)).catch((e: unknown) => (this.#o.log?.(`startup probe: ${(e as Error).message}`), null));
+      if (r?.outcome === 'started') this.#o.log?.(`dom${this.#o.dom.domid}: TPM ${r.version} had lost its volatile state with the backend; started again (Startup CLEAR)`);
+      return f;
+    });
     this.#front.catch((e: unknown) => this.#o.log?.(`reconnect failed: ${(e as Error).message}`));
   }
 
