@@ -167,6 +167,28 @@ describe('a guest starts its TPM at boot, as Linux does', () => {
   }, 60_000);
 });
 
+describe("a new VM's vTPM looks just manufactured", () => {
+  it('after the spare waited 12 s: tpm2_readclock shows time and clock near 0, and PolicyCounterTimer --ult 10000 (and 60000) holds', async () => {
+    // The backend keeps one spare TPM, made again right after the last attach took one: let it age.
+    await new Promise((r) => setTimeout(r, 12_000));
+    const port = await attach(52, randomUUID());
+    const { stdout } = await tpm2(port, 'tpm2_readclock');
+    const time = Number(/time: ([0-9]+)/.exec(stdout)![1]);
+    const clock = Number(/clock: ([0-9]+)/.exec(stdout)![1]);
+    expect(time).toBeLessThan(10_000);
+    expect(clock).toBeLessThan(10_000);
+    expect(stdout).toMatch(/restart_count: 0/);
+    // tpm2-tools' own abrmd_policycountertimer idea: a policy session on "time < bound" succeeds.
+    for (const bound of ['10000', '60000']) {
+      const ctx = join(work, `pct-${bound}.ctx`);
+      await tpm2(port, 'tpm2_startauthsession', '--policy-session', '-S', ctx);
+      await tpm2(port, 'tpm2_policycountertimer', '-S', ctx, '--ult', bound);
+      await tpm2(port, 'tpm2_flushcontext', ctx);
+    }
+    await vtpm('guest', 'detach', '--run', runDir, '--domid', '52');
+  }, 60_000);
+});
+
 describe('the v2 page carries 4088 bytes', () => {
   /** A TPM2_GetRandom header claiming `size` bytes, padded to that size (what tpm2_send sends as is). */
   function bigCommand(size: number): Buffer {
