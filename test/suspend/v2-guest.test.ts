@@ -48,6 +48,13 @@ async function attach(domid: number, vm: string, ...extra: string[]): Promise<nu
   return port;
 }
 
+/** Attached, and started by tpm2_startup too (a no-op when the guest started it at boot): for tests of other things. */
+async function attachStarted(domid: number, vm: string, ...extra: string[]): Promise<number> {
+  const port = await attach(domid, vm, ...extra);
+  await tpm2(port, 'tpm2_startup', '-c');
+  return port;
+}
+
 async function waitFor(what: string, ok: () => boolean, ms = 20_000): Promise<void> {
   const deadline = Date.now() + ms;
   while (!ok()) {
@@ -58,7 +65,7 @@ async function waitFor(what: string, ok: () => boolean, ms = 20_000): Promise<vo
 
 describe('v2 guest: suspend and resume', () => {
   it('guest suspend and guest resume return promptly and PCR 16 survives (tpm2-tools)', async () => {
-    const port = await attach(41, randomUUID());
+    const port = await attachStarted(41, randomUUID());
     await tpm2(port, 'tpm2_pcrextend', `16:sha256=${DIGEST}`);
     const before = await pcr16(port);
     expect(before).not.toBe('0'.repeat(64));
@@ -74,7 +81,7 @@ describe('v2 guest: suspend and resume', () => {
   }, 90_000);
 
   it('a command in flight when the suspend starts is answered before the guest suspends', async () => {
-    const port = await attach(42, randomUUID());
+    const port = await attachStarted(42, randomUUID());
     // An RSA key generation is still running when control/shutdown says suspend.
     const created = tpm2(port, 'tpm2_createprimary', '-C', 'o', '-G', 'rsa2048', '-c', join(work, 'p42.ctx'));
     await new Promise((r) => setTimeout(r, 30));
@@ -90,7 +97,7 @@ describe('v2 guest: suspend and resume', () => {
   }, 90_000);
 
   it('a guest suspends itself by writing its own control/shutdown (xenstore-write on its own connection)', async () => {
-    const port = await attach(43, randomUUID());
+    const port = await attachStarted(43, randomUUID());
     await tpm2(port, 'tpm2_pcrextend', `16:sha256=${DIGEST}`);
     const before = await pcr16(port);
     const rd = new RunDir(runDir);
@@ -105,7 +112,7 @@ describe('v2 guest: suspend and resume', () => {
 
 describe('v2 guest: faults recover or refuse, never hang', () => {
   it('a v2 guest killed with -9 is resumed by guest resume, its vTPM state kept', async () => {
-    const port = await attach(44, randomUUID());
+    const port = await attachStarted(44, randomUUID());
     await tpm2(port, 'tpm2_pcrextend', `16:sha256=${DIGEST}`);
     const before = await pcr16(port);
     const g = new RunDir(runDir).readGuest(44)!;
@@ -124,7 +131,7 @@ describe('v2 guest: faults recover or refuse, never hang', () => {
   }, 90_000);
 
   it('after the backend is killed and restarted, tpm2-tools through a v2 guest work again (new page, TPM started again)', async () => {
-    const port = await attach(45, randomUUID());
+    const port = await attachStarted(45, randomUUID());
     await tpm2(port, 'tpm2_pcrextend', `16:sha256=${DIGEST}`);
     await tpm2(port, 'tpm2_nvdefine', '0x1500045', '-C', 'o', '-s', '8', '-a', 'ownerread|ownerwrite');
     const be = new RunDir(runDir).readHost().processes.find((p) => p.role === 'backend')!;
@@ -171,7 +178,7 @@ describe("a new VM's vTPM looks just manufactured", () => {
   it('after the spare waited 12 s: tpm2_readclock shows time and clock near 0, and PolicyCounterTimer --ult 10000 (and 60000) holds', async () => {
     // The backend keeps one spare TPM, made again right after the last attach took one: let it age.
     await new Promise((r) => setTimeout(r, 12_000));
-    const port = await attach(52, randomUUID());
+    const port = await attachStarted(52, randomUUID());
     const { stdout } = await tpm2(port, 'tpm2_readclock');
     const time = Number(/time: ([0-9]+)/.exec(stdout)![1]);
     const clock = Number(/clock: ([0-9]+)/.exec(stdout)![1]);
@@ -208,7 +215,7 @@ describe('the v2 page carries 4088 bytes', () => {
   };
 
   it('commands of 4089..4096 bytes get TPM_RC_COMMAND_SIZE (0x142), not TPM_RC_FAILURE; 4088 reaches the TPM', async () => {
-    const port = await attach(49, randomUUID());
+    const port = await attachStarted(49, randomUUID());
     for (const size of [4089, 4090, 4096]) {
       const rsp = await send(port, bigCommand(size));
       // Bytes: tag 8001, size 0000000a, rc 00000142.
@@ -226,9 +233,9 @@ describe('the v2 page carries 4088 bytes', () => {
       const get = (name: string): number => Number(new RegExp(`${name}:\\s*\\n?\\s*raw: (0x[0-9A-F]+)`, 'i').exec(stdout)![1]);
       return { cmd: get('TPM2_PT_MAX_COMMAND_SIZE'), rsp: get('TPM2_PT_MAX_RESPONSE_SIZE') };
     };
-    const v2 = await attach(50, randomUUID());
+    const v2 = await attachStarted(50, randomUUID());
     expect(await props(v2)).toEqual({ cmd: 4088, rsp: 4088 });
-    const ring = await attach(51, randomUUID(), '--protocol', 'ring');
+    const ring = await attachStarted(51, randomUUID(), '--protocol', 'ring');
     expect(await props(ring)).toEqual({ cmd: 4096, rsp: 4096 });
     await vtpm('guest', 'detach', '--run', runDir, '--domid', '50');
     await vtpm('guest', 'detach', '--run', runDir, '--domid', '51');
