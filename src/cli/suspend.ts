@@ -141,7 +141,7 @@ export async function runSession(
   let exiting = false;
   let session: GuestSession | V2Session | undefined;
   let bridge: { stop(): Promise<void> } | undefined;
-  let workload: { stop(): Promise<void> } | undefined;
+  let workload: { stop(opts?: { suspended?: boolean }): Promise<void> } | undefined;
   const exit = async (code: number): Promise<never> => {
     exiting = true;
     await xs.close().catch(() => {});
@@ -213,7 +213,7 @@ export async function runSession(
       await bridge?.stop().catch(() => {});
       // The workload stops issuing; its command in flight is answered during the close (or resubmitted
       // by the next instance from its journal), so nothing waits for the workload itself.
-      void workload?.stop();
+      void workload?.stop({ suspended: true });
       const left = await s.suspend();
       const cur = rd.readGuest(o.domid) ?? g;
       if (cur) {
