@@ -165,6 +165,16 @@ describe('a guest starts its TPM at boot, as Linux does', () => {
     }, 120_000);
   }
 
+  it('a TPM 1.2 guest is started with TPM_Startup(ST_CLEAR) after TPM_INVALID_POSTINIT; resume does not start it again', async () => {
+    await attach(53, randomUUID(), '--tpm-version', '1.2');
+    const log = () => fs.readFileSync(new RunDir(runDir).log('guest-53'), 'utf8');
+    expect(log()).toMatch(/TPM 1\.2 started \(Startup CLEAR\)/);
+    await vtpm('guest', 'suspend', '--run', runDir, '--domid', '53');
+    await vtpm('guest', 'resume', '--run', runDir, '--domid', '53');
+    expect(log().match(/TPM 1\.2 started/g)?.length).toBe(1);
+    await vtpm('guest', 'detach', '--run', runDir, '--domid', '53');
+  }, 60_000);
+
   it('guest attach --no-startup leaves the TPM unstarted (TPM_RC_INITIALIZE)', async () => {
     const port = await attach(48, randomUUID(), '--no-startup');
     await expect(tpm2(port, 'tpm2_getrandom', '8', '--hex')).rejects.toThrow(/not initialized|0x100/i);
