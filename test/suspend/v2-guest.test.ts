@@ -43,9 +43,18 @@ async function pcr16(port: number): Promise<string> {
 }
 
 async function attach(domid: number, vm: string, ...extra: string[]): Promise<number> {
-  const port = await freePortPair();
-  await vtpm('guest', 'attach', '--run', runDir, '--domid', String(domid), '--vm', vm, '--tcti-port', String(port), ...extra);
-  return port;
+  // A free pair can be taken between the check and the guest's listen (tpm2-tools' client sockets of
+  // other test files use ephemeral ports too): then attach fails cleanly, and we try another pair.
+  for (let attempt = 0; ; attempt++) {
+    const port = await freePortPair();
+    try {
+      await vtpm('guest', 'attach', '--run', runDir, '--domid', String(domid), '--vm', vm, '--tcti-port', String(port), ...extra);
+      return port;
+    } catch (e) {
+      if (attempt >= 3 || !/EADDRINUSE/.test(String((e as Error).message))) throw e;
+      await new Promise((r) => setTimeout(r, 500));
+    }
+  }
 }
 
 /** Attached, and started by tpm2_startup too (a no-op when the guest started it at boot): for tests of other things. */
