@@ -1,9 +1,10 @@
-// `vtpm guest suspend|resume` and the ring-protocol guest process behind them. Suspend goes through
+// `vtpm guest suspend|resume` and the guest process behind them (both transports). Suspend goes through
 // xenstore as xl does: the toolstack (or the guest itself) writes "suspend" to
 // /local/domain/N/control/shutdown; the guest process stops issuing commands, closes its device (the
-// backend answers what it accepted, bounded, and saves the vTPM at the manager), saves its next request
-// id and anything unanswered in RUN/guests/domN.json, and exits. Resume starts a new guest process that
-// builds a new ring, grants and event channel and continues the id sequence (xen.md §5.5, §7).
+// backend answers what it accepted, bounded, and saves the vTPM at the manager), saves its state in
+// RUN/guests/domN.json (ring: its next request id and anything unanswered), and exits. Resume starts a
+// new guest process that builds a new page or ring, grants and event channel (ring: continuing the
+// id sequence). See docs/suspend-and-stress.md.
 import type { Command } from 'commander';
 import { spawn } from 'node:child_process';
 import fs from 'node:fs';

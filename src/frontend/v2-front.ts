@@ -1,7 +1,9 @@
 // The frontend role of the tpmif v2 shared page, as Linux xen-tpmfront plays it: one zeroed page
 // granted read-write to the backend, an unbound event channel; a command is written at 8 + 4n, then
 // `length`, then state SUBMIT last; the response is ready when the backend writes FINISH (IDLE means
-// the command was cancelled).
+// the command was cancelled). Every wait is bounded as in Linux's TPM core: past its duration a command
+// is cancelled and fails ETIME. A command longer than the page's 4088 bytes never reaches it: it gets
+// the size error a TPM gives (docs/suspend-and-stress.md).
 //
 // Waiting for the answer: with a poll window (src/xen/poll.ts) the frontend keeps its port masked and
 // watches the state byte for up to the window before it sleeps on the event channel, so a backend that
