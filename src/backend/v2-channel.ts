@@ -44,7 +44,7 @@ export function clampCapability(command: Uint8Array, response: Uint8Array, max: 
   for (let i = 0, off = 19; i < count && off + 8 <= response.length; i++, off += 8) {
     const property = r.getUint32(off);
     if ((property === TPM_PT_MAX_COMMAND_SIZE || property === TPM_PT_MAX_RESPONSE_SIZE) && r.getUint32(off + 4) > max) {
-      out ??= response.slice();
+      out ??= new Uint8Array(response); // a copy (a Buffer's slice() would be a view)
       new DataView(out.buffer, out.byteOffset, out.byteLength).setUint32(off + 4, max);
     }
   }
