@@ -157,6 +157,29 @@ describe('v2 guest: faults recover or refuse, never hang', () => {
   }, 90_000);
 });
 
+describe('v2 guest: a command caught by a backend death', () => {
+  it('is answered TPM_RC_FAILURE as soon as the restarted backend takes the device over, and the next command works', async () => {
+    const port = await attachStarted(54, randomUUID());
+    const be = new RunDir(runDir).readHost().processes.find((p) => p.role === 'backend')!;
+    // A stopped backend never answers: the command sits on the page (SUBMIT) when the backend dies.
+    process.kill(be.pid, 'SIGSTOP');
+    const caught = tpm2(port, 'tpm2_getrandom', '8', '--hex').then(
+      () => 'answered',
+      (e: { stderr?: string }) => e.stderr ?? '',
+    );
+    await new Promise((r) => setTimeout(r, 500));
+    process.kill(be.pid, 'SIGKILL');
+    process.kill(be.pid, 'SIGCONT');
+    const t0 = Date.now();
+    await restartDaemon(runDir, 'backend');
+    // Not resent (it may have run): a TPM failure answer, long before the 120 s command bound.
+    expect(await caught).toMatch(/0x101|TPM_RC_FAILURE|failure/i);
+    expect(Date.now() - t0).toBeLessThan(20_000);
+    expect((await tpm2(port, 'tpm2_getrandom', '8', '--hex')).stdout).toMatch(/^[0-9a-f]{16}$/);
+    await vtpm('guest', 'detach', '--run', runDir, '--domid', '54');
+  }, 90_000);
+});
+
 describe('a guest starts its TPM at boot, as Linux does', () => {
   for (const protocol of ['v2', 'ring'] as const) {
     it(`${protocol}: tpm2_getrandom works on a freshly attached guest without tpm2_startup, and after a host restart`, async () => {
