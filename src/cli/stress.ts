@@ -62,7 +62,7 @@ export interface StressReport {
   latency: { p50: number; p99: number; max: number };
   suspendMs: { p50: number; p99: number };
   resumeMs: { p50: number; p99: number };
-  perGuest: { domid: number; answered: number; extends: number; nvWrites: number; pcrOk: boolean; nvOk: boolean }[];
+  perGuest: { domid: number; answered: number; extends: number; nvWrites: number; pcrOk: boolean; nvOk: boolean; suspendsAsked: number; suspends: number }[];
   samples: { at: number; ms: number; domid: number }[];
 }
 
@@ -279,7 +279,16 @@ export async function stress(o: StressOptions): Promise<StressReport> {
     const c = checkGuest(spec, d, lines);
     details.push(...c.violations);
     answered += c.answered;
-    perGuest.push({ domid: d, answered: c.answered, extends: c.extends, nvWrites: c.nvWrites, pcrOk: c.pcrOk, nvOk: c.nvOk });
+    perGuest.push({
+      domid: d,
+      answered: c.answered,
+      extends: c.extends,
+      nvWrites: c.nvWrites,
+      pcrOk: c.pcrOk,
+      nvOk: c.nvOk,
+      suspendsAsked: suspendPoints(spec, d).length,
+      suspends: faults.filter((f) => f.kind === 'suspend' && f.target === `dom${d}`).length,
+    });
     for (const l of lines) {
       if (l.t !== 'ack' || l.ms === undefined || l.at === undefined) continue;
       lat.push(l.ms);
@@ -375,8 +384,8 @@ export function htmlReport(r: StressReport): string {
 <p>Vertical lines: <span style="color:${colour.suspend}">suspend/resume</span>, <span style="color:${colour['kill-guest']}">guest killed</span>, <span style="color:${colour['kill-backend']}">backend killed</span>, <span style="color:${colour['kill-manager']}">manager killed</span>.</p>
 <h2>Suspend and resume timings</h2>
 <svg xmlns="http://www.w3.org/2000/svg" width="${W}" height="${H}">${axis(`${susp.length} cycles`, `suspend (blue) + resume (green), 0–${maxS.toFixed(0)} ms`)}${bars}</svg>
-<h2>Per guest</h2><table><tr><td>domid</td><td>answered</td><td>extends</td><td>NV writes</td><td>PCR</td><td>NV</td></tr>
-${r.perGuest.map((g) => `<tr><td>${g.domid}</td><td>${g.answered}</td><td>${g.extends}</td><td>${g.nvWrites}</td><td>${g.pcrOk ? 'ok' : '<b class="bad">MISMATCH</b>'}</td><td>${g.nvOk ? 'ok' : '<b class="bad">MISMATCH</b>'}</td></tr>`).join('\n')}</table>
+<h2>Per guest</h2><table><tr><td>domid</td><td>answered</td><td>extends</td><td>NV writes</td><td>suspends (delivered/asked)</td><td>PCR</td><td>NV</td></tr>
+${r.perGuest.map((g) => `<tr><td>${g.domid}</td><td>${g.answered}</td><td>${g.extends}</td><td>${g.nvWrites}</td><td>${g.suspends}/${g.suspendsAsked}</td><td>${g.pcrOk ? 'ok' : '<b class="bad">MISMATCH</b>'}</td><td>${g.nvOk ? 'ok' : '<b class="bad">MISMATCH</b>'}</td></tr>`).join('\n')}</table>
 ${r.violationDetails.length ? `<h2>Violations</h2><pre>${esc(r.violationDetails.join('\n'))}</pre>` : ''}
 </body></html>
 `;
