@@ -4,7 +4,7 @@
 // backend answers what it accepted, bounded, and saves the vTPM at the manager), saves its state in
 // RUN/guests/domN.json (ring: its next request id and anything unanswered), and exits. Resume starts a
 // new guest process that builds a new page or ring, grants and event channel (ring: continuing the
-// id sequence). See docs/suspend-and-stress.md.
+// id sequence). See docs/suspend-and-stress.md and docs/protocols/xenbus.md.
 import type { Command } from 'commander';
 import { spawn } from 'node:child_process';
 import fs from 'node:fs';

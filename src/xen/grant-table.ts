@@ -1,4 +1,4 @@
-// Grant tables v1 (xen.md §2): the granter's side (grant access to a frame, end access) and the
+// Grant tables v1 (docs/protocols/grant-table.md): the granter's side (grant access to a frame, end access) and the
 // mapper's side, which does the checks Xen's map_grant_ref does and answers with the same GNTST
 // statuses. While a grant is mapped its GTF_reading/GTF_writing bits are set, so the granter cannot
 // end access, exactly as with Xen.
@@ -14,7 +14,7 @@ export const GTF_readonly = 1 << 2;
 export const GTF_reading = 1 << 3;
 export const GTF_writing = 1 << 4;
 
-/** Per-operation statuses of GNTTABOP_map_grant_ref (xen.md §2.5). */
+/** Per-operation statuses of GNTTABOP_map_grant_ref (docs/protocols/grant-table.md, Mapping). */
 export const GNTST = {
   okay: 0,
   general_error: -1,
