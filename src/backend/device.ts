@@ -359,7 +359,13 @@ export class BackendDevice {
   async #attach(feState: XenbusState, keys: AttachKeys): Promise<void> {
     const xs = this.#o.xs;
     if (keys.own !== XenbusState.InitWait) return;
-    const fe = parseFrontendRing(this.dev, feState, keys.ringRef, keys.eventChannel, keys.protocolV2);
+    let fe: ReturnType<typeof parseFrontendRing>;
+    try {
+      fe = parseFrontendRing(this.dev, feState, keys.ringRef, keys.eventChannel, keys.protocolV2);
+    } catch (err) {
+      // as a Linux backend's xenbus_dev_fatal when the ring-ref it reads is no number: cut off
+      return this.#fail(22, (err as Error).message);
+    }
     const vm = keys.uuid;
     const wantsRing = keys.ring === '1';
     if (!wantsRing && !fe.protocolV2) return this.#fail(22, 'frontend did not publish feature-protocol-v2');
@@ -428,7 +434,13 @@ export class BackendDevice {
     await this.#ownWatch?.close().catch(() => {});
     if (this.#vtpm) await this.#o.vtpms.release(this.#vtpm.instance).catch((e: unknown) => this.#o.log(`release: ${(e as Error).message}`));
     this.#vtpm = null;
-    await switchState(this.#o.xs, this.dev.backend, state).catch(() => {});
+    // Only into a directory that is still there: a write would re-create one the toolstack removed.
+    const xs = this.#o.xs;
+    await xs
+      .transaction(async (tx) => {
+        if (await xs.exists(`${this.dev.backend}/frontend`, tx)) await switchState(xs, this.dev.backend, state, tx);
+      })
+      .catch(() => {});
     this.#o.onGone();
   }
 

@@ -15,6 +15,7 @@ import {
   CtrlReceiver,
   GETINFO_SIZE,
   INIT_FLAG_DELETE_VOLATILE,
+  MAX_STATE_BLOB,
   OUR_CAPS,
   Res,
   STATE_FLAG_ENCRYPTED,
@@ -23,7 +24,7 @@ import {
   type CtrlRequest,
   type ReceiverEvent,
 } from './swtpm-ctrl.js';
-import { errorResponse, TPM_BAD_PARAM_SIZE, TPM_RC_COMMAND_SIZE } from '../tpm/error-response.js';
+import { DataChannel } from './qemu-data.js';
 import { StateBlobError } from '../tpm/state-blob.js';
 import type { StateKind } from '../tpm/state-store.js';
 
@@ -54,6 +55,15 @@ export interface QemuEndpointOptions {
 }
 
 const KIND_OF_TYPE: Record<number, StateKind> = { 1: 'permanent', 2: 'volatile', 3: 'savestate' };
+
+/**
+ * A control client may have this many requests unanswered, or this many reply bytes unread, before it
+ * is cut off: QEMU sends one command and waits for its answer, and the reader thread cannot be paused.
+ */
+export const CTRL_MAX_UNANSWERED = 64;
+export const CTRL_MAX_BACKLOG = MAX_STATE_BLOB + 64 * 1024;
+/** Answered (non-fatal) protocol errors logged per control client. */
+const CTRL_ERRORS_LOGGED = 3;
 
 export class QemuEndpoint {
   readonly path: string;
@@ -345,6 +355,10 @@ class CtrlConnection {
   readonly #log: (l: string) => void;
   #timer: NodeJS.Timeout | null = null;
   #queue: Promise<void> = Promise.resolve();
+  /** Requests received and not yet answered. */
+  #unanswered = 0;
+  /** Answered protocol errors logged so far: a client cannot flood the log with them. */
+  #errorsLogged = 0;
   #closed = false;
 
   constructor(ep: QemuEndpoint, sock: net.Socket, rs: RightsSocket, log: (l: string) => void) {
@@ -370,12 +384,29 @@ class CtrlConnection {
 
   #dispatch(events: ReceiverEvent[]): void {
     for (const ev of events) {
+      if (this.#closed) {
+        for (const fd of ev.kind === 'error' ? ev.fds : ev.req.fds) closeFd(fd);
+        continue;
+      }
+      if (++this.#unanswered > CTRL_MAX_UNANSWERED) {
+        for (const fd of ev.kind === 'error' ? ev.fds : ev.req.fds) closeFd(fd);
+        this.#cutOff(`${CTRL_MAX_UNANSWERED} requests unanswered and more arriving`);
+        return;
+      }
       // Replies go out in request order even when a later request is quick.
       this.#queue = this.#queue.then(async () => {
+        this.#unanswered--;
+        if (this.#closed) {
+          for (const fd of ev.kind === 'error' ? ev.fds : ev.req.fds) closeFd(fd);
+          return;
+        }
         if (ev.kind === 'error') {
           for (const fd of ev.fds) closeFd(fd);
           const res = ev.err.result;
-          this.#log(`control client: ${ev.err.message} -> ${res === null ? 'hang up' : `0x${res.toString(16)}`}`);
+          if (ev.err.fatal || this.#errorsLogged < CTRL_ERRORS_LOGGED) {
+            const more = !ev.err.fatal && ++this.#errorsLogged === CTRL_ERRORS_LOGGED ? ' (its further errors are not logged)' : '';
+            this.#log(`control client: ${ev.err.message} -> ${res === null ? 'hang up' : `0x${res.toString(16)}`}${more}`);
+          }
           if (res !== null) this.#write(resultOnly(res));
           if (ev.err.fatal) this.close(true);
           return;
@@ -390,7 +421,18 @@ class CtrlConnection {
   }
 
   #write(b: Buffer): void {
-    if (!this.#closed && !this.#sock.destroyed) this.#sock.write(b);
+    if (this.#closed || this.#sock.destroyed) return;
+    if (this.#sock.writableLength + b.length > CTRL_MAX_BACKLOG) {
+      this.#cutOff(`${this.#sock.writableLength} reply bytes unread`);
+      return;
+    }
+    this.#sock.write(b);
+  }
+
+  /** A client that does not read its replies: one log line, then it alone is hung up on. */
+  #cutOff(what: string): void {
+    this.#log(`control client cut off: ${what}`);
+    this.close();
   }
 
   close(afterWrites = false): void {
@@ -402,78 +444,6 @@ class CtrlConnection {
     // the last reply is flushed.
     if (afterWrites) this.#sock.end(() => this.#sock.destroy());
     else this.#sock.destroy();
-    this.onClose();
-  }
-}
-
-/** The TPM data channel over the fd QEMU passed: raw commands in, raw responses out, one at a time. */
-class DataChannel {
-  onClose: () => void = () => {};
-  readonly #sock: net.Socket;
-  readonly #ep: QemuEndpoint;
-  readonly #log: (l: string) => void;
-  #buf: Buffer = Buffer.alloc(0);
-  #discard = 0;
-  #busy = false;
-  #closed = false;
-
-  constructor(fd: number, ep: QemuEndpoint, log: (l: string) => void) {
-    this.#sock = new net.Socket({ fd, readable: true, writable: true });
-    this.#ep = ep;
-    this.#log = log;
-    this.#sock.on('data', (d: Buffer) => this.#onData(d));
-    this.#sock.on('error', () => this.close());
-    this.#sock.on('close', () => this.close());
-  }
-
-  #onData(d: Buffer): void {
-    if (this.#discard > 0) {
-      const n = Math.min(this.#discard, d.length);
-      this.#discard -= n;
-      d = d.subarray(n);
-    }
-    this.#buf = this.#buf.length ? Buffer.concat([this.#buf, d]) : d;
-    void this.#pump();
-  }
-
-  async #pump(): Promise<void> {
-    if (this.#busy) return;
-    this.#busy = true;
-    try {
-      while (!this.#closed && this.#buf.length >= 10) {
-        const size = this.#buf.readUInt32BE(2);
-        const tag = this.#buf.readUInt16BE(0);
-        const fam = tag === 0x8001 || tag === 0x8002 ? '2.0' : '1.2';
-        const limit = this.#ep.vtpm.bufferSize;
-        if (size < 10 || size > limit) {
-          // Refused without buffering it: the TPM's own size error, then skip the declared body.
-          this.#log(`data channel: command of ${size} bytes refused (buffer ${limit})`);
-          const rc = fam === '2.0' ? TPM_RC_COMMAND_SIZE : TPM_BAD_PARAM_SIZE;
-          const skip = size < 10 ? this.#buf.length : size;
-          const n = Math.min(skip, this.#buf.length);
-          this.#buf = this.#buf.subarray(n);
-          this.#discard = skip - n;
-          this.#sock.write(errorResponse(fam, rc, tag));
-          continue;
-        }
-        if (this.#buf.length < size) break;
-        const cmd = this.#buf.subarray(0, size);
-        this.#buf = this.#buf.subarray(size);
-        const rsp = await this.#ep.execute(cmd);
-        if (!this.#closed) this.#sock.write(rsp);
-      }
-    } catch (err) {
-      this.#log(`data channel: ${(err as Error).message}`);
-      this.close();
-    } finally {
-      this.#busy = false;
-    }
-  }
-
-  close(): void {
-    if (this.#closed) return;
-    this.#closed = true;
-    this.#sock.destroy();
     this.onClose();
   }
 }

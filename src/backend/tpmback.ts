@@ -73,8 +73,10 @@ export class Backend {
         if (!/^[0-9]+$/.test(id)) continue;
         const key = `${fe}/${id}`;
         if (this.#devices.has(key)) continue;
-        // Only a device whose directory the toolstack finished (state written) is ours to drive.
+        // Only a device whose directory the toolstack finished (state and frontend written in one
+        // transaction) is ours to drive.
         if ((await this.xs.tryRead(`${BACKEND_ROOT}/${key}/state`)) === undefined) continue;
+        if ((await this.xs.tryRead(`${BACKEND_ROOT}/${key}/frontend`)) === undefined) continue;
         // A device the toolstack is detaching (online=0) was finished already: picking it up again
         // would re-announce InitWait and loop until its directory is gone.
         if ((await this.xs.tryRead(`${BACKEND_ROOT}/${key}/online`)) === '0') continue;

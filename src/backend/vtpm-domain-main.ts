@@ -18,6 +18,7 @@ import { runDomain, stdioTransport } from '../tpm/domain.js';
 import type { TpmInstance } from '../tpm/instance.js';
 import { RingChannel } from './ring-channel.js';
 import type { VtpmTarget } from './target.js';
+import { escapeLogLine } from '../util/log-escape.js';
 
 export interface RingDomainArgs {
   instance: number;
@@ -72,7 +73,7 @@ export function parseRingDomainArgs(argv: string[]): RingDomainArgs {
   };
 }
 
-const log = (l: string): void => void process.stderr.write(`${new Date().toISOString()} ${l}\n`);
+const log = (l: string): void => void process.stderr.write(`${new Date().toISOString()} ${escapeLogLine(l)}\n`);
 
 /** Run the domain until STOP or until stdin closes; resolves with the exit code. */
 export async function ringDomainMain(a: RingDomainArgs): Promise<number> {

@@ -4,6 +4,7 @@ import fs from 'node:fs';
 import { RunDir, type HostInfo } from './rundir.js';
 import type { ManagerClient } from '../manager/client.js';
 import { onStop } from './lifecycle.js';
+import { escapeLogLine } from '../util/log-escape.js';
 
 export function register(program: Command): void {
   program
@@ -12,7 +13,7 @@ export function register(program: Command): void {
     .requiredOption('--run <dir>', 'run directory of the host')
     .action(async (o: { run: string }) => {
       const h = new RunDir(o.run).readHost();
-      const log = (l: string): void => void process.stdout.write(`${new Date().toISOString()} ${l}\n`);
+      const log = (l: string): void => void process.stdout.write(`${new Date().toISOString()} ${escapeLogLine(l)}\n`);
       // Import after reading the mode: the engine sizes the libuv pool when it loads.
       const { TpmHost } = await import('../tpm/host.js');
       const { ManagerClient } = await import('../manager/client.js');

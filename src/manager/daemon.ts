@@ -52,6 +52,7 @@ import {
   type Frame,
   type StatusCode,
 } from './wire.js';
+import { escapeLogLine } from '../util/log-escape.js';
 
 export interface ManagerOptions {
   stateDir: string;
@@ -119,7 +120,7 @@ export class ManagerDaemon {
   #log: (line: string) => void;
 
   private constructor(readonly opts: ManagerOptions) {
-    this.#log = opts.log ?? ((l) => process.stderr.write(`vtpm-manager: ${l}\n`));
+    this.#log = opts.log ?? ((l) => process.stderr.write(`vtpm-manager: ${escapeLogLine(l)}\n`));
   }
 
   static async start(opts: ManagerOptions): Promise<ManagerDaemon> {

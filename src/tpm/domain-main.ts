@@ -6,6 +6,7 @@ import { fileURLToPath } from 'node:url';
 import { DirStateStore } from './dir-store.js';
 import { runDomain, stdioTransport } from './domain.js';
 import type { TpmVersion } from './wire.js';
+import { escapeLogLine } from '../util/log-escape.js';
 
 export interface DomainArgs {
   instance: number;
@@ -45,7 +46,7 @@ if (process.argv[1] && fileURLToPath(import.meta.url) === process.argv[1]) {
   domainMain(parseDomainArgs(process.argv.slice(2))).then(
     (code) => process.exit(code),
     (err: unknown) => {
-      process.stderr.write(`vtpm-domain: ${err instanceof Error ? err.message : String(err)}\n`);
+      process.stderr.write(`vtpm-domain: ${escapeLogLine(err instanceof Error ? err.message : String(err))}\n`);
       process.exit(1);
     },
   );

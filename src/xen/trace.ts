@@ -4,6 +4,7 @@
 // and every 200 ms, so tracing itself costs no syscall on the measured path.
 import fs from 'node:fs';
 import { join } from 'node:path';
+import { escapeLogLine } from '../util/log-escape.js';
 
 const dir = process.env.VTPM_TRACE_DIR;
 /** Whether VTPM_TRACE_DIR is set (callers skip building trace text otherwise). */
@@ -29,5 +30,6 @@ if (tracing) {
 
 /** Record one event (a no-op unless tracing). */
 export function trace(what: string): void {
-  if (tracing) lines.push(`${process.hrtime.bigint()} ${what}`);
+  // events quote guest bytes (xs_wire payloads): one line each, escaped like every log line
+  if (tracing) lines.push(`${process.hrtime.bigint()} ${escapeLogLine(what)}`);
 }

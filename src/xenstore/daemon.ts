@@ -25,6 +25,7 @@ import { DOMID_MAX, formatPerm, parsePerms } from './permissions.js';
 import { domainSocketPath } from './client.js';
 import { trace, tracing } from '../xen/trace.js';
 import { DEFAULT_QUOTAS, Store, type Caller, type Change, type Quotas, type Transaction } from './store.js';
+import { escapeLogLine } from '../util/log-escape.js';
 
 export interface DaemonOptions {
   /** The dom0 socket (what XENSTORED_PATH points at). */
@@ -177,7 +178,8 @@ export class XenstoreDaemon {
     this.quotas = { ...DEFAULT_QUOTAS, ...opts.quotas };
     this.store = new Store(this.quotas);
     this.store.onChange = (changes) => this.fireWatches(changes);
-    this.log = opts.log ?? (() => {});
+    const sink = opts.log;
+    this.log = sink ? (l) => sink(escapeLogLine(l)) : () => {};
     this.main = net.createServer((s) => this.accept(s, 0));
   }
 

@@ -19,6 +19,8 @@ export interface Quotas {
   transactions: number;
   outstanding: number;
   nodesPerTransaction: number;
+  /** Modifying requests one transaction may hold (oxenstored's quota-maxrequests). */
+  requestsPerTransaction: number;
   permsPerNode: number;
   pathLength: number;
   nodeSize: number;
@@ -32,6 +34,7 @@ export const DEFAULT_QUOTAS: Readonly<Quotas> = {
   transactions: 10,
   outstanding: 20,
   nodesPerTransaction: 1024,
+  requestsPerTransaction: 1024,
   permsPerNode: 5,
   pathLength: 2048,
   nodeSize: 2048,
@@ -65,6 +68,8 @@ export class Transaction {
   /** Generation of every node the transaction touched, as first seen (-1: absent). */
   readonly accessed = new Map<string, number>();
   readonly ops: Array<{ caller: Caller; op: Op }> = [];
+  /** Bytes its pending operations hold, charged to the caller's memory quota until it ends. */
+  bytes = 0;
   constructor(
     readonly id: number,
     readonly caller: Caller,
@@ -161,6 +166,8 @@ export class Store {
   private gen = 1;
   private nextTxId = 1;
   private readonly txs = new Map<number, Transaction>();
+  /** Per domain: bytes held by its open transactions' pending operations. */
+  private readonly txBytes = new Map<number, number>();
   /** Called with the changes of every successful modification of the live tree. */
   onChange: (changes: Change[]) => void = () => {};
 
@@ -239,12 +246,15 @@ export class Store {
 
   /** Run one operation on a copy of the (live or transaction) tree and keep the copy only on success. */
   private modify(caller: Caller, op: Op, tx?: Transaction): void {
+    const cost = tx && !caller.privileged ? this.chargeTransaction(tx, caller, op) : 0;
     const work = (tx ? tx.tree : this.main).clone();
     const changes: Change[] = [];
     this.apply(work, caller, op, changes, tx);
     if (tx) {
       tx.tree = work;
       tx.ops.push({ caller, op });
+      tx.bytes += cost;
+      if (cost) this.txBytes.set(caller.domid, (this.txBytes.get(caller.domid) ?? 0) + cost);
     } else {
       this.main = work;
       if (changes.length) this.onChange(changes);
@@ -264,7 +274,7 @@ export class Store {
           if (op.kind === 'mkdir') return; // MKDIR of an existing node succeeds without change
           this.checkNodeSize(caller, op.value, node.perms);
           const owner = node.perms[0]!.domid;
-          this.checkMemory(t, caller, owner, op.value.length - node.value.length);
+          this.checkMemory(t, caller, owner, op.value.length - node.value.length, tx);
           t.account(owner, 0, op.value.length - node.value.length);
           t.put(path, { ...node, value: op.value, gen }, gen);
           changes.push({ path, removed: false, perms: node.perms });
@@ -304,7 +314,7 @@ export class Store {
           this.checkNodeSize(caller, node.value, op.perms);
         }
         const after = nodeBytes(path, node.value, op.perms);
-        this.checkMemory(t, caller, op.perms[0]!.domid, op.perms[0]!.domid === node.perms[0]!.domid ? after - nodeBytes(path, node.value, node.perms) : after);
+        this.checkMemory(t, caller, op.perms[0]!.domid, op.perms[0]!.domid === node.perms[0]!.domid ? after - nodeBytes(path, node.value, node.perms) : after, tx);
         t.account(node.perms[0]!.domid, -1, -nodeBytes(path, node.value, node.perms));
         t.account(op.perms[0]!.domid, +1, after);
         t.put(path, { ...node, perms: op.perms, gen }, gen);
@@ -337,7 +347,7 @@ export class Store {
       const v = m === path ? value : EMPTY;
       this.checkNodeSize(caller, v, perms);
       const cost = nodeBytes(m, v, perms);
-      this.checkMemory(t, caller, perms[0]!.domid, cost);
+      this.checkMemory(t, caller, perms[0]!.domid, cost, tx);
       t.put(m, { value: v, perms, children: new Map(), gen }, gen);
       t.account(perms[0]!.domid, +1, cost);
     }
@@ -354,12 +364,39 @@ export class Store {
     }
   }
 
-  /** A guest may not grow a (non-dom0) owner past the memory quota. */
-  private checkMemory(t: Tree, caller: Caller, owner: number, delta: number): void {
+  /**
+   * A guest may not grow a (non-dom0) owner past the memory quota. On the live tree the owner's open
+   * transactions count too; inside a transaction they were charged by chargeTransaction already.
+   */
+  private checkMemory(t: Tree, caller: Caller, owner: number, delta: number, tx: Transaction | undefined): void {
     if (caller.privileged || owner === 0 || delta <= 0) return;
-    if ((t.bytes.get(owner) ?? 0) + delta > this.quotas.memory) {
+    if ((t.bytes.get(owner) ?? 0) + (tx ? 0 : (this.txBytes.get(owner) ?? 0)) + delta > this.quotas.memory) {
       fail('ENOSPC', `dom${owner} memory quota ${this.quotas.memory} bytes`);
     }
+  }
+
+  /**
+   * A transaction keeps its operations until commit replays them, so a guest's transactions are
+   * bounded like oxenstored's (requests per transaction) and C xenstored's (their bytes count against
+   * the domain's memory quota). Returns the bytes the operation will hold; throws before it is applied.
+   */
+  private chargeTransaction(tx: Transaction, caller: Caller, op: Op): number {
+    if (tx.ops.length >= this.quotas.requestsPerTransaction) {
+      fail('ENOSPC', `transaction ${tx.id} holds ${this.quotas.requestsPerTransaction} requests (dom${caller.domid} quota)`);
+    }
+    const cost = op.path.length + (op.kind === 'write' ? op.value.length : 0) + (op.kind === 'setperms' ? 8 * op.perms.length : 0);
+    const held = (this.main.bytes.get(caller.domid) ?? 0) + (this.txBytes.get(caller.domid) ?? 0);
+    if (held + cost > this.quotas.memory) fail('ENOSPC', `dom${caller.domid} memory quota ${this.quotas.memory} bytes (transactions included)`);
+    return cost;
+  }
+
+  private release(tx: Transaction): void {
+    this.txs.delete(tx.id);
+    if (tx.bytes === 0) return;
+    const left = (this.txBytes.get(tx.caller.domid) ?? 0) - tx.bytes;
+    if (left <= 0) this.txBytes.delete(tx.caller.domid);
+    else this.txBytes.set(tx.caller.domid, left);
+    tx.bytes = 0;
   }
 
   private touch(tx: Transaction, path: string, node: Node | undefined): void {
@@ -388,7 +425,7 @@ export class Store {
 
   /** End a transaction: commit (EAGAIN if anything it touched changed meanwhile) or discard. */
   endTransaction(tx: Transaction, commit: boolean): void {
-    this.txs.delete(tx.id);
+    this.release(tx);
     if (!commit || tx.ops.length === 0) {
       // a read-only transaction still has to have seen a consistent snapshot to succeed
       if (commit && !this.unchanged(tx)) fail('EAGAIN', `transaction ${tx.id} conflicts`);
@@ -428,6 +465,6 @@ export class Store {
 
   /** Drop a transaction without committing (its connection went away). */
   dropTransaction(tx: Transaction): void {
-    this.txs.delete(tx.id);
+    this.release(tx);
   }
 }

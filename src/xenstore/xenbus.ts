@@ -4,6 +4,7 @@
 // writeDeviceDirectories.
 import { randomUUID } from 'node:crypto';
 import { XsError, type TxId, type XsClient, type XsWatch } from './client.js';
+import { quoteGuest } from '../util/log-escape.js';
 
 /** enum xenbus_state, written to `state` as a decimal string. */
 export enum XenbusState {
@@ -447,7 +448,8 @@ export function parseFrontendRing(
   const ringRef = u32(ring);
   const eventChannel = u32(port);
   if (ringRef === undefined || eventChannel === undefined) {
-    throw new XenbusError('XENBUS_PROTOCOL', `frontend ${dev.frontend} published ring-ref "${ring}" event-channel "${port}"`);
+    const shown = (v: string | undefined): string => (v === undefined ? 'none' : quoteGuest(v));
+    throw new XenbusError('XENBUS_PROTOCOL', `frontend ${dev.frontend} published ring-ref ${shown(ring)} event-channel ${shown(port)}`);
   }
   return { ringRef, eventChannel, protocolV2: v2 === '1', state };
 }
