@@ -23,6 +23,33 @@ import type { VtpmTarget } from './target.js';
 
 const PAGE = 4096;
 const MAX_LOCALITY = 4;
+const TPM2_CC_GetCapability = 0x17a;
+const TPM_CAP_TPM_PROPERTIES = 6;
+const TPM_PT_MAX_COMMAND_SIZE = 0x11e;
+const TPM_PT_MAX_RESPONSE_SIZE = 0x11f;
+
+/**
+ * A TPM 2.0 GetCapability(TPM_PROPERTIES) answer seen through the page must not promise more than the
+ * page carries: MAX_COMMAND_SIZE and MAX_RESPONSE_SIZE are lowered to `max` in a copy (libtpms says
+ * 4096, its buffer). Anything else, or a response too short to hold what it claims, passes unchanged.
+ */
+export function clampCapability(command: Uint8Array, response: Uint8Array, max: number): Uint8Array {
+  if (command.length < 10 || response.length < 19) return response;
+  const c = new DataView(command.buffer, command.byteOffset, command.byteLength);
+  const r = new DataView(response.buffer, response.byteOffset, response.byteLength);
+  if (c.getUint16(0) !== 0x8001 || c.getUint32(6) !== TPM2_CC_GetCapability) return response;
+  if (r.getUint16(0) !== 0x8001 || r.getUint32(6) !== 0 || r.getUint32(11) !== TPM_CAP_TPM_PROPERTIES) return response;
+  const count = r.getUint32(15);
+  let out: Uint8Array | null = null;
+  for (let i = 0, off = 19; i < count && off + 8 <= response.length; i++, off += 8) {
+    const property = r.getUint32(off);
+    if ((property === TPM_PT_MAX_COMMAND_SIZE || property === TPM_PT_MAX_RESPONSE_SIZE) && r.getUint32(off + 4) > max) {
+      out ??= new Uint8Array(response); // a copy (a Buffer's slice() would be a view)
+      new DataView(out.buffer, out.byteOffset, out.byteLength).setUint32(off + 4, max);
+    }
+  }
+  return out ?? response;
+}
 
 export interface ChannelOptions {
   frontDomid: number;
@@ -135,6 +162,7 @@ export class V2Channel {
       this.#opts.log?.(`dom${this.frontDomid}: response of ${response.length} bytes does not fit the page`);
       response = failureResponse(command);
     }
+    response = clampCapability(command, response, PAGE - offset);
     this.#page.set(response, offset);
     this.#dv.setUint32(V2_LENGTH, response.length, true);
     this.#busy = null;

@@ -43,6 +43,8 @@ export interface AttachOptions {
   misbehave?: Misbehaviour;
   /** A vtpm stress workload file the guest runs (ring protocol). */
   workload?: string;
+  /** false: the guest does not start a TPM that was never started (`--no-startup`). */
+  startup?: boolean;
 }
 
 export async function guestAttach(o: AttachOptions): Promise<GuestInfo> {
@@ -89,10 +91,13 @@ export async function guestAttach(o: AttachOptions): Promise<GuestInfo> {
     log = rd.log(`guest-${o.domid}`);
     fs.mkdirSync(rd.logDir, { recursive: true });
     const fd = fs.openSync(log, 'a');
+    // The log is appended to by every incarnation of this domid: look only at what this one writes.
+    const logStart = fs.fstatSync(fd).size;
     const args = [MAIN_JS, 'guest', 'run', '--run', rd.dir, '--domid', String(o.domid), '--protocol', protocol, '--devid', String(devid)];
     if (o.tctiPort !== undefined) args.push('--tcti-port', String(o.tctiPort));
     if (o.misbehave) args.push('--misbehave', o.misbehave);
     if (o.workload !== undefined) args.push('--workload', o.workload);
+    if (o.startup === false) args.push('--no-startup');
     const child = spawn(process.execPath, args, { detached: true, stdio: ['ignore', fd, fd], env: { ...process.env, VTPM_XEN_DIR: h.xenDir } });
     fs.closeSync(fd);
     child.unref();
@@ -121,7 +126,7 @@ export async function guestAttach(o: AttachOptions): Promise<GuestInfo> {
       throw openRefusal(vm, err.message, why);
     });
     // The guest reports its TCTI bridge ready in its log; wait for that too so callers can use it.
-    if (o.tctiPort !== undefined) await waitForLine(log, new RegExp(`tcti bridge listening on 127\\.0\\.0\\.1:${o.tctiPort}`), pid);
+    if (o.tctiPort !== undefined) await waitForLine(log, new RegExp(`tcti bridge listening on 127\\.0\\.0\\.1:${o.tctiPort}`), pid, logStart);
     return info;
   } catch (err) {
     // Undo all of it: the guest, its device (the close sequence releases the vTPM at the manager), the
@@ -213,10 +218,10 @@ async function checkPortPair(port: number): Promise<void> {
   }
 }
 
-async function waitForLine(file: string, re: RegExp, pid: number, timeoutMs = 15_000): Promise<void> {
+async function waitForLine(file: string, re: RegExp, pid: number, from: number, timeoutMs = 15_000): Promise<void> {
   const deadline = Date.now() + timeoutMs;
   while (Date.now() < deadline) {
-    if (re.test(fs.readFileSync(file, 'utf8'))) return;
+    if (re.test(fs.readFileSync(file).subarray(from).toString('utf8'))) return;
     if (!alive(pid)) throw new Error(`guest exited:\n${tailFile(file)}`);
     await sleep(20);
   }
@@ -260,6 +265,8 @@ export interface GuestRunOptions {
   misbehave?: Misbehaviour;
   resume?: boolean;
   workload?: string;
+  /** false: do not send Startup(CLEAR) to a TPM that was never started (`--no-startup`). */
+  startup?: boolean;
 }
 
 /** The guest process: its domain, its vTPM device, and optionally the TCTI bridge for tpm2-tools. */
@@ -268,9 +275,9 @@ export async function guestRun(o: GuestRunOptions): Promise<void> {
   const h = rd.readHost();
   const dom = await Domain.create({ domid: o.domid, dir: h.xenDir });
   const xs = await connect(join(h.domainSocketDir, `dom${o.domid}.sock`));
-  // The ring protocol runs through a GuestSession: request ids, suspend/resume, backend restarts.
+  // Both transports run through a session: suspend/resume, backend restarts (request ids on the ring).
   // A misbehaving guest drives its transport directly: it has no use for sessions.
-  if (o.protocol === 'ring' && !o.misbehave) return runSession(rd, dom, xs, o);
+  if (!o.misbehave) return runSession(rd, dom, xs, o);
   let stopping = false;
   const shutdown = async (): Promise<void> => {
     if (stopping) return;
@@ -340,7 +347,8 @@ export function register(program: Command): void {
     .option('--tcti-port <port>', 'serve tpm2-tools on 127.0.0.1:PORT (data) and PORT+1 (control)', int)
     .option('--tpm-version <v>', 'TPM version of a new vTPM: 2.0 or 1.2', '2.0')
     .option('--misbehave <how>', `fault injection once connected: ${MISBEHAVIOURS.join(', ')}`)
-    .action(async (o: { run: string; domid: number; vm: string; protocol: string; tctiPort?: number; tpmVersion: string; misbehave?: string }) => {
+    .option('--no-startup', 'do not send Startup(CLEAR) to a TPM that was never started (the guest does, as Linux, by default)')
+    .action(async (o: { run: string; domid: number; vm: string; protocol: string; tctiPort?: number; tpmVersion: string; misbehave?: string; startup: boolean }) => {
       if (o.protocol !== 'v2' && o.protocol !== 'ring') throw new Error(`--protocol must be v2 or ring, not ${o.protocol}`);
       if (o.tpmVersion !== '2.0' && o.tpmVersion !== '1.2') throw new Error(`--tpm-version must be 2.0 or 1.2`);
       if (o.misbehave !== undefined && !(MISBEHAVIOURS as readonly string[]).includes(o.misbehave)) {
@@ -354,6 +362,7 @@ export function register(program: Command): void {
         tctiPort: o.tctiPort,
         version: o.tpmVersion,
         misbehave: o.misbehave as Misbehaviour | undefined,
+        startup: o.startup,
       });
       console.log(`dom${g.domid} attached (pid ${g.pid}, ${g.protocol}${g.tctiPort !== undefined ? `, tpm2-tools: -T swtpm:host=127.0.0.1,port=${g.tctiPort}` : ''})`);
     });
@@ -377,6 +386,7 @@ export function register(program: Command): void {
     .option('--misbehave <how>')
     .option('--resume', 'continue a suspended guest (new ring, same request ids)')
     .option('--workload <file>', 'run a vtpm stress workload')
+    .option('--no-startup', 'no Startup(CLEAR) at boot')
     .action(async (o: GuestRunOptions) => {
       await guestRun(o);
     });

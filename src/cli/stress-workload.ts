@@ -21,12 +21,18 @@ export interface WorkloadSpec {
   commands: number;
   /** Where dom<N>.jsonl journals go. */
   journalDir: string;
+  /** A suspend/resume about every K commands of each guest (0 or absent: none); see suspendPoints. */
+  suspendEvery?: number;
 }
 
 export type Op = 'startup' | 'define' | 'extend' | 'random' | 'nvwrite' | 'create' | 'flush' | 'pcrread' | 'nvread';
 
 export interface JournalLine {
-  t: 'sent' | 'ack' | 'done';
+  /**
+   * suspend: the guest reached suspend point `s` and asks the toolstack (the harness) for a suspend;
+   * suspended: that suspend came (written as the guest suspends).
+   */
+  t: 'sent' | 'ack' | 'done' | 'suspend' | 'suspended';
   s: number;
   id?: string;
   op?: Op;
@@ -52,6 +58,25 @@ function h(seed: number, domid: number, seq: number, what: string): Buffer {
 export function streamLength(spec: WorkloadSpec): number {
   return spec.commands + 4;
 }
+
+/**
+ * Where a guest asks to be suspended: point j lies in (jK - K/2, jK], drawn from (seed, domid, j), so
+ * consecutive points are K/2..3K/2 commands apart; only among the stream's random commands (not the
+ * setup or the final reads). The harness's "asked" count is the number of these points.
+ */
+export function suspendPoints(spec: WorkloadSpec, domid: number): number[] {
+  const k = spec.suspendEvery ?? 0;
+  if (k <= 0) return [];
+  const out: number[] = [];
+  for (let j = 1; ; j++) {
+    const p = j * k - Math.floor((h(spec.seed, domid, j, 'suspend')[0]! / 256) * Math.floor(k / 2));
+    if (p >= streamLength(spec) - 2) return out;
+    if (p >= 2) out.push(p);
+  }
+}
+
+/** Commands a guest may still send after asking for a suspend before it holds still for it. */
+export const suspendSlack = (spec: WorkloadSpec): number => Math.max(1, Math.floor((spec.suspendEvery ?? 0) / 4));
 
 /** Command `seq` of the stream; `prev` is the answer to seq-1 (a flush needs the handle it created). */
 export function commandAt(spec: WorkloadSpec, domid: number, seq: number, prevOp: Op | undefined, prevRsp: Uint8Array | undefined): { op: Op; cmd: Uint8Array; d?: Buffer } {
@@ -99,17 +124,30 @@ export function readJournal(file: string): JournalLine[] {
 }
 
 /** Run (or continue) this guest's stream on the session; stop() pauses it for a suspend. */
-export function startWorkload(session: GuestSession, specFile: string, domid: number, log: (l: string) => void): { stop(): Promise<void> } {
+export function startWorkload(session: GuestSession, specFile: string, domid: number, log: (l: string) => void): { stop(opts?: { suspended?: boolean }): Promise<void> } {
   const spec = JSON.parse(fs.readFileSync(specFile, 'utf8')) as WorkloadSpec;
   const file = journalPath(spec, domid);
   fs.mkdirSync(spec.journalDir, { recursive: true });
   const lines = readJournal(file);
   const acked = new Map<number, JournalLine>();
   const sent = new Map<number, JournalLine>();
+  const asked = new Set<number>();
+  const served = new Set<number>();
   for (const l of lines) {
     if (l.t === 'ack') acked.set(l.s, l);
     if (l.t === 'sent') sent.set(l.s, l);
+    if (l.t === 'suspend') asked.add(l.s);
+    if (l.t === 'suspended') served.add(l.s);
   }
+  const points = new Set(suspendPoints(spec, domid));
+  /** After asking for a suspend the guest sends a few more commands (so some are in flight when it comes), then holds. */
+  let holdAt: number | null = null;
+  /** The suspend point asked for last and not served yet. */
+  let asking: number | null = null;
+  // Killed while waiting for a suspend it had asked for: it still waits for it.
+  for (const p of asked) if (!served.has(p)) asking = p;
+  let released: () => void = () => {};
+  const stopped = new Promise<void>((r) => (released = r));
   const fd = fs.openSync(file, 'a');
   // Make sure the next line starts on its own (the previous process may have died mid-line).
   if (lines.length && !fs.readFileSync(file, 'utf8').endsWith('\n')) fs.writeSync(fd, '\n');
@@ -119,7 +157,20 @@ export function startWorkload(session: GuestSession, specFile: string, domid: nu
   const run = (async () => {
     let seq = 0;
     while (acked.has(seq)) seq++;
+    if (asking !== null) holdAt = seq;
     for (; seq < total && !stopping; seq++) {
+      if (holdAt !== null && seq >= holdAt) {
+        // The toolstack has not suspended us yet: issue nothing more until it does (stop() ends this).
+        await stopped;
+        break;
+      }
+      if (points.has(seq) && !asked.has(seq)) {
+        append({ t: 'suspend', s: seq, at: Date.now() });
+        asked.add(seq);
+        asking = seq;
+        // At the latest before the final reads, so the stream cannot end with the suspend still owed.
+        holdAt = Math.min(seq + suspendSlack(spec), total - 2);
+      }
       const prev = acked.get(seq - 1);
       const { op, cmd, d } = commandAt(spec, domid, seq, prev?.op, prev?.r ? Buffer.from(prev.r, 'hex') : undefined);
       const earlier = sent.get(seq);
@@ -152,8 +203,12 @@ export function startWorkload(session: GuestSession, specFile: string, domid: nu
     if (!stopping) log(`dom${domid}: workload failed: ${(e as Error).message}`);
   });
   return {
-    async stop() {
+    async stop(opts: { suspended?: boolean } = {}) {
       stopping = true;
+      // The suspend this guest asked for has come (the journal says so before the guest is gone).
+      if (opts.suspended && asking !== null) append({ t: 'suspended', s: asking, at: Date.now() });
+      asking = null;
+      released();
       await run.catch(() => {});
     },
   };

@@ -17,7 +17,7 @@ import { hostDown, hostUp } from './host.js';
 import { guestAttach } from './guest.js';
 import { guestResume, guestSuspend } from './suspend.js';
 import { restartDaemon } from './restart.js';
-import { readJournal, journalPath, streamLength, type JournalLine, type WorkloadSpec } from './stress-workload.js';
+import { readJournal, journalPath, streamLength, suspendPoints, type JournalLine, type WorkloadSpec } from './stress-workload.js';
 import * as tpm2 from '../tpm/tpm2-commands.js';
 
 export interface StressOptions {
@@ -56,10 +56,13 @@ export interface StressReport {
   violations: number;
   violationDetails: string[];
   faults: FaultEvent[];
+  /** What the options asked for and what the run delivered (suspend/resume cycles; kills of any kind). */
+  asked: { suspends: number; kills: number };
+  delivered: { suspends: number; kills: number };
   latency: { p50: number; p99: number; max: number };
   suspendMs: { p50: number; p99: number };
   resumeMs: { p50: number; p99: number };
-  perGuest: { domid: number; answered: number; extends: number; nvWrites: number; pcrOk: boolean; nvOk: boolean }[];
+  perGuest: { domid: number; answered: number; extends: number; nvWrites: number; pcrOk: boolean; nvOk: boolean; suspendsAsked: number; suspends: number }[];
   samples: { at: number; ms: number; domid: number }[];
 }
 
@@ -132,6 +135,9 @@ export function checkGuest(spec: WorkloadSpec, domid: number, lines: JournalLine
   return { violations: v, answered: [...acks.values()].filter((a) => a.length >= 1).length, extends: extendsN, nvWrites, pcrOk, nvOk };
 }
 
+/** Suspend/resume cycles of different guests that run at once. */
+const MAX_CYCLES = 2;
+
 /** Wait (up to 30 s) until every guest's device is Connected on both sides again. */
 async function settle(run: string, domids: number[]): Promise<void> {
   const { connect } = await import('../xenstore/client.js');
@@ -160,7 +166,7 @@ export async function stress(o: StressOptions): Promise<StressReport> {
   const run = own ? join(base, 'run') : resolve(o.run!);
   if (own) await hostUp(run, join(base, 'state'), 'single');
   const rd = new RunDir(run);
-  const spec: WorkloadSpec = { seed: o.seed, commands: o.commands, journalDir: join(run, 'stress') };
+  const spec: WorkloadSpec = { seed: o.seed, commands: o.commands, journalDir: join(run, 'stress'), suspendEvery: o.suspendEvery };
   fs.rmSync(spec.journalDir, { recursive: true, force: true });
   fs.mkdirSync(spec.journalDir, { recursive: true });
   const specFile = join(spec.journalDir, 'workload.json');
@@ -178,34 +184,51 @@ export async function stress(o: StressOptions): Promise<StressReport> {
       b.start(total, 0, { faults: 0 });
       bar = b;
     }
-    const count = (): { acked: number; done: number } => {
-      let acked = 0;
-      let done = 0;
+    // Per guest: answers, whether its stream is done, and how many suspends it has asked for (each guest
+    // asks at its own suspend points, every ~K of its commands, and holds still until it gets them).
+    const journals = (): Map<number, { acked: number; done: boolean; asks: number }> => {
+      const m = new Map<number, { acked: number; done: boolean; asks: number }>();
       for (const d of domids) {
         let text = '';
         try {
           text = fs.readFileSync(journalPath(spec, d), 'utf8');
         } catch {
-          continue;
+          // not started yet
         }
-        acked += text.split('"t":"ack"').length - 1;
-        if (text.includes('"t":"done"')) done++;
+        m.set(d, { acked: text.split('"t":"ack"').length - 1, done: text.includes('"t":"done"'), asks: text.split('"t":"suspend"').length - 1 });
       }
-      return { acked, done };
+      return m;
     };
-    let nextSuspend = o.suspendEvery > 0 ? o.suspendEvery : Infinity;
+    const delivered = new Map<number, number>();
+    const cycling = new Map<number, Promise<void>>();
+    let cycleError: Error | null = null;
+    const cycle = (d: number): void => {
+      const p = (async () => {
+        const at = Date.now() - t0;
+        const s = await guestSuspend(run, d);
+        const r = await guestResume({ run, domid: d });
+        faults.push({ kind: 'suspend', target: `dom${d}`, at, ms: s.ms, resumeMs: r.ms });
+        delivered.set(d, (delivered.get(d) ?? 0) + 1);
+      })()
+        .catch((e: unknown) => void (cycleError ??= e as Error))
+        .finally(() => cycling.delete(d));
+      cycling.set(d, p);
+    };
     let nextKill = o.killEvery > 0 ? o.killEvery : Infinity;
     const deadline = t0 + (o.timeoutMs ?? 600_000);
     for (;;) {
-      const { acked, done } = count();
+      if (cycleError) throw cycleError;
+      const j = journals();
+      const acked = [...j.values()].reduce((n, g) => n + g.acked, 0);
+      const live = domids.filter((d) => !j.get(d)!.done);
       bar?.update(Math.min(acked, total), { faults: faults.length });
-      if (done === domids.length) break;
+      if (live.length === 0 && cycling.size === 0) break;
       if (Date.now() > deadline) throw new Error(`stress: not finished after ${o.timeoutMs ?? 600_000} ms (${acked}/${total} answered)`);
-      // Guests whose workload is not done are the ones worth hitting.
-      const live = domids.filter((d) => !fs.existsSync(journalPath(spec, d)) || !fs.readFileSync(journalPath(spec, d), 'utf8').includes('"t":"done"'));
       if (acked >= nextKill && live.length) {
-        // Counted from now: one fault per interval even when answers arrived faster than we looked.
-        nextKill = acked + o.killEvery;
+        // One fault kind at a time: the suspend cycles under way finish before anything is killed.
+        await Promise.all(cycling.values());
+        // Counted from the last mark: a run whose answers outpace the harness still gets its kills.
+        nextKill += o.killEvery;
         const r = rand();
         const at = Date.now() - t0;
         const k0 = performance.now();
@@ -223,24 +246,19 @@ export async function stress(o: StressOptions): Promise<StressReport> {
           await restartDaemon(run, role);
           faults.push({ kind: role === 'backend' ? 'kill-backend' : 'kill-manager', target: role, at, ms: performance.now() - k0 });
         }
-        // One fault at a time: let every guest reconnect before the next one (overlapping a suspend
-        // with a backend's recovery is not exercised; see docs/suspend-and-stress.md).
-        // (A restarted backend rewrites each device's state within a few ms of being ready; before
-        // that the dead one's Connected is still there.)
+        // Let every guest reconnect before the next fault (overlapping a suspend with a backend's
+        // recovery is not exercised; see docs/suspend-and-stress.md). A restarted backend rewrites each
+        // device's state within a few ms of being ready; before that the dead one's Connected is there.
         await sleep(300);
         await settle(run, domids);
         continue;
       }
-      if (acked >= nextSuspend && live.length) {
-        nextSuspend = acked + o.suspendEvery;
-        const d = live[Math.floor(rand() * live.length)]!;
-        const at = Date.now() - t0;
-        const s = await guestSuspend(run, d);
-        const r = await guestResume({ run, domid: d });
-        faults.push({ kind: 'suspend', target: `dom${d}`, at, ms: s.ms, resumeMs: r.ms });
-        continue;
+      // Every guest waiting for a suspend it asked for gets one; a few cycles run at once (2 cores).
+      for (const d of live) {
+        if (cycling.size >= MAX_CYCLES) break;
+        if (!cycling.has(d) && j.get(d)!.asks > (delivered.get(d) ?? 0)) cycle(d);
       }
-      await sleep(25);
+      await sleep(10);
     }
   } catch (err) {
     bar?.stop();
@@ -261,7 +279,16 @@ export async function stress(o: StressOptions): Promise<StressReport> {
     const c = checkGuest(spec, d, lines);
     details.push(...c.violations);
     answered += c.answered;
-    perGuest.push({ domid: d, answered: c.answered, extends: c.extends, nvWrites: c.nvWrites, pcrOk: c.pcrOk, nvOk: c.nvOk });
+    perGuest.push({
+      domid: d,
+      answered: c.answered,
+      extends: c.extends,
+      nvWrites: c.nvWrites,
+      pcrOk: c.pcrOk,
+      nvOk: c.nvOk,
+      suspendsAsked: suspendPoints(spec, d).length,
+      suspends: faults.filter((f) => f.kind === 'suspend' && f.target === `dom${d}`).length,
+    });
     for (const l of lines) {
       if (l.t !== 'ack' || l.ms === undefined || l.at === undefined) continue;
       lat.push(l.ms);
@@ -270,6 +297,7 @@ export async function stress(o: StressOptions): Promise<StressReport> {
   }
   if (own) await hostDown(run).catch(() => {});
   const susp = faults.filter((f) => f.kind === 'suspend');
+  const kills = faults.filter((f) => f.kind !== 'suspend').length;
   const report: StressReport = {
     guests: o.guests,
     commands: o.commands,
@@ -281,6 +309,8 @@ export async function stress(o: StressOptions): Promise<StressReport> {
     violations: details.length,
     violationDetails: details,
     faults,
+    asked: { suspends: domids.reduce((n, d) => n + suspendPoints(spec, d).length, 0), kills: o.killEvery > 0 ? Math.floor((total - 1) / o.killEvery) : 0 },
+    delivered: { suspends: susp.length, kills },
     latency: { p50: pct(lat, 50), p99: pct(lat, 99), max: Math.max(0, ...lat) },
     suspendMs: { p50: pct(susp.map((f) => f.ms), 50), p99: pct(susp.map((f) => f.ms), 99) },
     resumeMs: { p50: pct(susp.map((f) => f.resumeMs ?? 0), 50), p99: pct(susp.map((f) => f.resumeMs ?? 0), 99) },
@@ -298,7 +328,8 @@ export function table(r: StressReport): string {
     ['guests × commands', `${r.guests} × ${r.commands} (+4 setup/check each)`],
     ['answered', String(r.answered)],
     ['duration', `${(r.durationMs / 1000).toFixed(1)} s`],
-    ['suspend/resume cycles', String(r.faults.filter((f) => f.kind === 'suspend').length)],
+    ['suspend/resume cycles', `${r.delivered.suspends} delivered of ${r.asked.suspends} asked (~every ${r.suspendEvery} commands per guest)`],
+    ['kills (any kind)', `${r.delivered.kills} delivered of ${r.asked.kills} asked (every ${r.killEvery} answered in all)`],
     ['guest kills', String(r.faults.filter((f) => f.kind === 'kill-guest').length)],
     ['backend kills', String(r.faults.filter((f) => f.kind === 'kill-backend').length)],
     ['manager kills', String(r.faults.filter((f) => f.kind === 'kill-manager').length)],
@@ -353,8 +384,8 @@ export function htmlReport(r: StressReport): string {
 <p>Vertical lines: <span style="color:${colour.suspend}">suspend/resume</span>, <span style="color:${colour['kill-guest']}">guest killed</span>, <span style="color:${colour['kill-backend']}">backend killed</span>, <span style="color:${colour['kill-manager']}">manager killed</span>.</p>
 <h2>Suspend and resume timings</h2>
 <svg xmlns="http://www.w3.org/2000/svg" width="${W}" height="${H}">${axis(`${susp.length} cycles`, `suspend (blue) + resume (green), 0–${maxS.toFixed(0)} ms`)}${bars}</svg>
-<h2>Per guest</h2><table><tr><td>domid</td><td>answered</td><td>extends</td><td>NV writes</td><td>PCR</td><td>NV</td></tr>
-${r.perGuest.map((g) => `<tr><td>${g.domid}</td><td>${g.answered}</td><td>${g.extends}</td><td>${g.nvWrites}</td><td>${g.pcrOk ? 'ok' : '<b class="bad">MISMATCH</b>'}</td><td>${g.nvOk ? 'ok' : '<b class="bad">MISMATCH</b>'}</td></tr>`).join('\n')}</table>
+<h2>Per guest</h2><table><tr><td>domid</td><td>answered</td><td>extends</td><td>NV writes</td><td>suspends (delivered/asked)</td><td>PCR</td><td>NV</td></tr>
+${r.perGuest.map((g) => `<tr><td>${g.domid}</td><td>${g.answered}</td><td>${g.extends}</td><td>${g.nvWrites}</td><td>${g.suspends}/${g.suspendsAsked}</td><td>${g.pcrOk ? 'ok' : '<b class="bad">MISMATCH</b>'}</td><td>${g.nvOk ? 'ok' : '<b class="bad">MISMATCH</b>'}</td></tr>`).join('\n')}</table>
 ${r.violationDetails.length ? `<h2>Violations</h2><pre>${esc(r.violationDetails.join('\n'))}</pre>` : ''}
 </body></html>
 `;
@@ -372,8 +403,8 @@ export function register(program: Command): void {
     .description('guests issue commands while guests are suspended/resumed and processes are killed; checks exactly-once')
     .option('--guests <n>', 'guest domains', int, 8)
     .option('--commands <m>', 'commands per guest', int, 250)
-    .option('--suspend-every <k>', 'suspend+resume a random guest every K answered commands (0: never)', int, 50)
-    .option('--kill-every <k>', 'kill -9 a guest, the backend or the manager every K answered commands (0: never)', int, 0)
+    .option('--suspend-every <k>', 'suspend+resume each guest about every K of its commands (0: never)', int, 50)
+    .option('--kill-every <k>', 'kill -9 a guest, the backend or the manager every K answered commands of all guests (0: never)', int, 0)
     .option('--seed <s>', 'seed of the command streams and fault choices', int, 1)
     .option('--json <file>', 'write the report as JSON (with a violations count)')
     .option('--html <file>', 'write an offline HTML report (inline SVG)')

@@ -1,9 +1,10 @@
-// `vtpm guest suspend|resume` and the ring-protocol guest process behind them. Suspend goes through
+// `vtpm guest suspend|resume` and the guest process behind them (both transports). Suspend goes through
 // xenstore as xl does: the toolstack (or the guest itself) writes "suspend" to
 // /local/domain/N/control/shutdown; the guest process stops issuing commands, closes its device (the
-// backend answers what it accepted, bounded, and saves the vTPM at the manager), saves its next request
-// id and anything unanswered in RUN/guests/domN.json, and exits. Resume starts a new guest process that
-// builds a new ring, grants and event channel and continues the id sequence (docs/protocols/xenbus.md).
+// backend answers what it accepted, bounded, and saves the vTPM at the manager), saves its state in
+// RUN/guests/domN.json (ring: its next request id and anything unanswered), and exits. Resume starts a
+// new guest process that builds a new page or ring, grants and event channel (ring: continuing the
+// id sequence). See docs/suspend-and-stress.md and docs/protocols/xenbus.md.
 import type { Command } from 'commander';
 import { spawn } from 'node:child_process';
 import fs from 'node:fs';
@@ -12,6 +13,9 @@ import type { Domain } from '../xen/index.js';
 import { connect, type XsClient } from '../xenstore/client.js';
 import { vtpmDevice } from '../xenstore/xenbus.js';
 import { GuestSession } from '../frontend/session.js';
+import { V2Session } from '../frontend/v2-session.js';
+import { autoStartup } from '../frontend/startup.js';
+import type { Protocol } from '../frontend/tpmfront.js';
 import { RunDir, alive, procStat, type GuestInfo } from './rundir.js';
 import { MAIN_JS, tailFile } from './spawn.js';
 import { onStop } from './lifecycle.js';
@@ -21,7 +25,8 @@ export const controlShutdown = (domid: number): string => `/local/domain/${domid
 export interface SuspendResult {
   /** From writing control/shutdown to the guest process having exited with its state saved. */
   ms: number;
-  nextId: string;
+  /** Ring protocol only: the id the resumed guest continues with (v2 requests carry no ids). */
+  nextId?: string;
   inflight: number;
 }
 
@@ -47,7 +52,7 @@ export async function guestSuspend(run: string, domid: number, timeoutMs = 120_0
   }
   const after = rd.readGuest(domid);
   if (!after?.suspended) throw new Error(`dom${domid} exited without saving its suspend state:\n${tailFile(rd.log(`guest-${domid}`))}`);
-  return { ms: performance.now() - t0, nextId: after.nextId ?? '1', inflight: after.inflight?.length ?? 0 };
+  return { ms: performance.now() - t0, ...(after.nextId !== undefined ? { nextId: after.nextId } : {}), inflight: after.inflight?.length ?? 0 };
 }
 
 /** The toolstack's write of control/shutdown, readable and writable by the guest (as libxl sets it). */
@@ -124,19 +129,20 @@ function resumeState(g: GuestInfo | null): { firstId: bigint; inflight: { id: bi
   };
 }
 
-/** The ring-protocol guest process: session, suspend watch, optional TCTI bridge or stress workload. */
+/** The guest process (either transport): device session, suspend watch, optional TCTI bridge or stress workload. */
 export async function runSession(
   rd: RunDir,
   dom: Domain,
   xs: XsClient,
-  o: { domid: number; devid: number; tctiPort?: number; resume?: boolean; workload?: string },
+  o: { domid: number; devid: number; protocol: Protocol; tctiPort?: number; resume?: boolean; workload?: string; startup?: boolean },
 ): Promise<void> {
+  if (o.workload !== undefined && o.protocol !== 'ring') throw new Error('a stress workload needs --protocol ring (its journal resubmits by request id)');
   const g = rd.readGuest(o.domid);
-  const saved = o.resume ? resumeState(g) : { firstId: 1n, inflight: [] };
+  const saved = o.resume && o.protocol === 'ring' ? resumeState(g) : { firstId: 1n, inflight: [] };
   let exiting = false;
-  let session: GuestSession | undefined;
+  let session: GuestSession | V2Session | undefined;
   let bridge: { stop(): Promise<void> } | undefined;
-  let workload: { stop(): Promise<void> } | undefined;
+  let workload: { stop(opts?: { suspended?: boolean }): Promise<void> } | undefined;
   const exit = async (code: number): Promise<never> => {
     exiting = true;
     await xs.close().catch(() => {});
@@ -156,30 +162,45 @@ export async function runSession(
     // A new kernel instance: the suspend request it resumed from is done.
     await xs.write(controlShutdown(o.domid), '').catch(() => {});
   }
-  session = await GuestSession.open({
+  const common = {
     xs,
     dom,
     devid: o.devid,
-    firstId: saved.firstId,
     reconnect: o.resume ?? false,
-    log: (l) => console.log(l),
-    onClosed: (reason) => {
+    log: (l: string) => console.log(l),
+    onClosed: (reason: string) => {
       console.log(`dom${o.domid}: device closed: ${reason}`);
       void exit(0);
     },
-  });
+  };
+  session = o.protocol === 'ring' ? await GuestSession.open({ ...common, firstId: saved.firstId }) : await V2Session.open(common);
   const s = session;
-  console.log(`dom${o.domid}: vTPM connected (ring, ring-ref ${s.front?.refs[0]}, event-channel ${s.front?.port}, next id ${s.nextId})`);
-  if (g) rd.writeGuest({ ...g, pid: process.pid, start: procStat(process.pid)?.start, suspended: false, nextId: String(s.nextId), inflight: [] });
+  const ids = s instanceof GuestSession ? `, next id ${s.nextId}` : '';
+  console.log(`dom${o.domid}: vTPM connected (${o.protocol}, ring-ref ${s.front?.refs[0]}, event-channel ${s.front?.port}${ids})`);
+  // At boot (never on resume) the guest's TPM driver starts a TPM that was never started, as Linux's does.
+  if (!o.resume && o.startup !== false) {
+    const r = await autoStartup((cmd) => s.submit(cmd));
+    console.log(`dom${o.domid}: TPM ${r.version} ${r.outcome === 'started' ? 'started (Startup CLEAR)' : r.outcome === 'running' ? 'already started' : `Startup failed (0x${r.rc.toString(16)})`}`);
+  }
   // What the previous instance left unanswered runs now (or is answered from the backend's table).
-  for (const r of saved.inflight) void s.resubmit(r).catch(() => {});
+  if (s instanceof GuestSession) for (const r of saved.inflight) void s.resubmit(r).catch(() => {});
   if (o.tctiPort !== undefined) {
     const { startTcti } = await import('./guest.js');
     bridge = await startTcti({ transmit: (cmd, opts) => s.submit(cmd, opts), cancel: () => s.front?.cancel() }, o.tctiPort);
   }
-  if (o.workload !== undefined) {
+  if (o.workload !== undefined && s instanceof GuestSession) {
     const { startWorkload } = await import('./stress-workload.js');
     workload = startWorkload(s, o.workload, o.domid, (l) => console.log(l));
+  }
+  // Resumed once the bridge serves (`guest resume` returns on this, and tpm2-tools may follow at once).
+  if (g) {
+    rd.writeGuest({
+      ...g,
+      pid: process.pid,
+      start: procStat(process.pid)?.start,
+      suspended: false,
+      ...(s instanceof GuestSession ? { nextId: String(s.nextId), inflight: [] } : {}),
+    });
   }
   let suspending = false;
   await xs.watch(controlShutdown(o.domid), () => {
@@ -193,18 +214,18 @@ export async function runSession(
       await bridge?.stop().catch(() => {});
       // The workload stops issuing; its command in flight is answered during the close (or resubmitted
       // by the next instance from its journal), so nothing waits for the workload itself.
-      void workload?.stop();
+      void workload?.stop({ suspended: true });
       const left = await s.suspend();
       const cur = rd.readGuest(o.domid) ?? g;
       if (cur) {
         rd.writeGuest({
           ...cur,
           suspended: true,
-          nextId: String(s.nextId),
+          ...(s instanceof GuestSession ? { nextId: String(s.nextId) } : {}),
           inflight: left.map((r) => ({ id: String(r.id), command: Buffer.from(r.command).toString('hex'), locality: r.locality })),
         });
       }
-      console.log(`dom${o.domid}: suspended in ${(performance.now() - t0).toFixed(2)} ms (next id ${s.nextId}, ${left.length} unanswered)`);
+      console.log(`dom${o.domid}: suspended in ${(performance.now() - t0).toFixed(2)} ms (${s instanceof GuestSession ? `next id ${s.nextId}, ` : ''}${left.length} unanswered)`);
       await exit(0);
     })().catch((e: unknown) => {
       console.log(`dom${o.domid}: suspend failed: ${(e as Error).message}`);
@@ -228,7 +249,8 @@ export function registerSuspend(guest: Command): void {
     .requiredOption('--domid <n>', 'the guest domain id', int)
     .action(async (o: { run: string; domid: number }) => {
       const r = await guestSuspend(o.run, o.domid);
-      console.log(`dom${o.domid} suspended in ${r.ms.toFixed(1)} ms (next request id ${r.nextId}, ${r.inflight} unanswered)`);
+      const ids = r.nextId !== undefined ? `next request id ${r.nextId}, ` : '';
+      console.log(`dom${o.domid} suspended in ${r.ms.toFixed(1)} ms (${ids}${r.inflight} unanswered)`);
     });
   guest
     .command('resume')

@@ -42,6 +42,8 @@ export interface TpmFrontOptions {
    * channel's spin and the guest domain's busy mode (EventChannels.busyPollUs) alike.
    */
   pollUs?: number;
+  /** v2 only: bound on one command before it is cancelled (V2Front's default otherwise). */
+  commandTimeoutMs?: number;
   /** Called once when the backend goes away or closes the device under us. */
   onClosed?: (reason: string) => void;
   /**
@@ -201,7 +203,7 @@ export class TpmFront {
     if (opts.pollUs !== undefined) opts.dom.evtchn.busyPollUs = opts.pollUs;
     return (opts.protocol ?? 'v2') === 'ring'
       ? new RingFront(opts.dom, backDomid, { segments: opts.segments, firstId: opts.firstId })
-      : new V2Front(opts.dom, backDomid, { pollUs: opts.pollUs });
+      : new V2Front(opts.dom, backDomid, { pollUs: opts.pollUs, commandTimeoutMs: opts.commandTimeoutMs });
   }
 
   /** The device is Connected: follow the backend's state from now on. */

@@ -24,7 +24,7 @@ export interface TpmTransport {
 
 export class FrontendError extends Error {
   constructor(
-    readonly code: 'ECANCELED' | 'EINVAL' | 'E2BIG' | 'ENODEV' | 'EPROTO',
+    readonly code: 'ECANCELED' | 'EINVAL' | 'E2BIG' | 'ENODEV' | 'EPROTO' | 'ETIME',
     message: string,
   ) {
     super(`${code}: ${message}`);

@@ -1,7 +1,9 @@
 // The frontend role of the tpmif v2 shared page, as Linux xen-tpmfront plays it: one zeroed page
 // granted read-write to the backend, an unbound event channel; a command is written at 8 + 4n, then
 // `length`, then state SUBMIT last; the response is ready when the backend writes FINISH (IDLE means
-// the command was cancelled).
+// the command was cancelled). Every wait is bounded as in Linux's TPM core: past its duration a command
+// is cancelled and fails ETIME. A command longer than the page's 4088 bytes never reaches it: it gets
+// the size error a TPM gives (docs/suspend-and-stress.md).
 //
 // Waiting for the answer: with a poll window (src/xen/poll.ts) the frontend keeps its port masked and
 // watches the state byte for up to the window before it sleeps on the event channel, so a backend that
@@ -21,6 +23,18 @@ import {
 } from '../xen/tpmif.js';
 import { FrontendError, type TpmTransport, type TransmitOptions } from './transport.js';
 import { endAccessEventually } from './grants.js';
+import { errorResponse, familyOf, TPM_BAD_PARAM_SIZE, TPM_RC_COMMAND_SIZE } from '../tpm/error-response.js';
+
+/** How long a command may run before it is cancelled (Linux's TPM 2.0 default duration, 120 s). */
+export const V2_COMMAND_TIMEOUT_MS = 120_000;
+/** How long the device may take to become idle, or to honour a cancel (Linux's timeout_c is 200 ms). */
+export const V2_IDLE_TIMEOUT_MS = 750;
+
+export interface V2FrontOptions {
+  pollUs?: number;
+  /** Bound on one command (default V2_COMMAND_TIMEOUT_MS); past it the command is cancelled, ETIME. */
+  commandTimeoutMs?: number;
+}
 
 export class V2Front implements TpmTransport {
   readonly protocol = 'v2' as const;
@@ -35,8 +49,11 @@ export class V2Front implements TpmTransport {
   #closed = false;
   readonly #poll: PollWindow;
 
-  constructor(dom: Domain, backDomid: number, opts: { pollUs?: number } = {}) {
+  readonly #commandTimeoutMs: number;
+
+  constructor(dom: Domain, backDomid: number, opts: V2FrontOptions = {}) {
     this.#poll = new PollWindow(opts.pollUs);
+    this.#commandTimeoutMs = opts.commandTimeoutMs ?? V2_COMMAND_TIMEOUT_MS;
     this.#dom = dom;
     this.#gfn = dom.allocFrames(1);
     this.#page = dom.frames(this.#gfn);
@@ -54,27 +71,38 @@ export class V2Front implements TpmTransport {
     return Atomics.load(this.#page, V2_STATE);
   }
 
-  /** Wait for a notification after which `done()` holds; notifications carry no data, so re-check. */
-  #until(done: () => boolean): Promise<void> {
-    if (done()) return Promise.resolve();
+  /**
+   * Wait for a notification after which `done()` holds (notifications carry no data, so re-check), for
+   * at most `ms`: false when the time ran out. A backend that died never notifies again.
+   */
+  #until(done: () => boolean, ms: number): Promise<boolean> {
+    if (done()) return Promise.resolve(true);
     return new Promise((resolve, reject) => {
+      const timer = setTimeout(() => {
+        this.#wake = null;
+        resolve(done());
+      }, ms);
       this.#wake = () => {
-        if (this.#closed) reject(new FrontendError('ENODEV', 'frontend closed'));
-        else if (done()) {
+        if (this.#closed) {
+          clearTimeout(timer);
           this.#wake = null;
-          resolve();
+          reject(new FrontendError('ENODEV', 'frontend closed'));
+        } else if (done()) {
+          clearTimeout(timer);
+          this.#wake = null;
+          resolve(true);
         }
       };
     });
   }
 
-  /** Sleep on the event channel until `done()`: unmasked first, so a notification can wake us. */
-  async #wait(done: () => boolean): Promise<void> {
-    if (done()) return;
+  /** Sleep on the event channel until `done()` or `ms` passed: unmasked first, so a notification can wake us. */
+  async #wait(done: () => boolean, ms: number): Promise<boolean> {
+    if (done()) return true;
     // unmask() delivers a notification that arrived while masked (on a later turn, after #until has
     // installed its waker), so nothing between the last look and the sleep is lost.
     this.#dom.evtchn.unmask(this.port);
-    await this.#until(done);
+    return this.#until(done, ms);
   }
 
   transmit(command: Uint8Array, opts: TransmitOptions = {}): Promise<Uint8Array> {
@@ -85,12 +113,21 @@ export class V2Front implements TpmTransport {
 
   async #transmitOne(command: Uint8Array, locality: number): Promise<Uint8Array> {
     if (this.#closed) throw new FrontendError('ENODEV', 'frontend closed');
-    if (command.length > V2_MAX_DATA) throw new FrontendError('E2BIG', `command of ${command.length} bytes exceeds ${V2_MAX_DATA}`);
-    // As vtpm_send: the device must be idle (IDLE or FINISH) before a new command goes in.
-    await this.#wait(() => {
+    // The page carries 4088 bytes: a longer command gets the answer a TPM gives one beyond its buffer.
+    if (command.length > V2_MAX_DATA) {
+      const fam = familyOf(command);
+      return errorResponse(fam, fam === '2.0' ? TPM_RC_COMMAND_SIZE : TPM_BAD_PARAM_SIZE, (command[0]! << 8) | command[1]!);
+    }
+    // As vtpm_send: the device must be idle (IDLE or FINISH) before a new command goes in; one that
+    // stays busy (a cancel the backend never honoured, a dead backend) is cancelled, ETIME.
+    const idle = (): boolean => {
       const s = this.#state();
       return s === TPMIF_STATE_IDLE || s === TPMIF_STATE_FINISH;
-    });
+    };
+    if (!(await this.#wait(idle, V2_IDLE_TIMEOUT_MS))) {
+      this.cancel();
+      throw new FrontendError('ETIME', `device not idle after ${V2_IDLE_TIMEOUT_MS} ms (backend gone?)`);
+    }
     const off = v2DataOffset(0);
     this.#page.set(command, off);
     this.#dv.setUint32(V2_LENGTH, command.length, true);
@@ -109,8 +146,11 @@ export class V2Front implements TpmTransport {
       // The port stays masked while we are this busy: the FINISH notification, if the backend's send
       // lands after our look, then wakes nobody. #wait() unmasks before anything sleeps.
       this.#dom.evtchn.consume(this.port);
-    } else {
-      await this.#wait(answered);
+    } else if (!(await this.#wait(answered, this.#commandTimeoutMs))) {
+      // As Linux's tpm_try_transmit: past the command's duration, cancel and give up on it.
+      this.cancel();
+      this.#poll.record((performance.now() - t0) * 1000);
+      throw new FrontendError('ETIME', `no answer within ${this.#commandTimeoutMs} ms; cancelled`);
     }
     this.#poll.record((performance.now() - t0) * 1000);
     if (this.#state() === TPMIF_STATE_IDLE) throw new FrontendError('ECANCELED', 'command cancelled by the backend');

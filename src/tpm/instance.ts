@@ -223,6 +223,26 @@ export class TpmInstance extends EventEmitter implements TpmEndpoint {
     this.#instance = opts.instance;
     this.#store = opts.store;
     this.#inlineFast = opts.inline === 'fast';
+    // Its clock has run since manufacture; a TPM must look just manufactured and powered on to its
+    // first user (2.0 time and clock, 1.2 ticks). Power-cycle it before anything else runs on it.
+    this.#enqueue(() => this.#powerCycleSpare()).catch(() => undefined);
+  }
+
+  /**
+   * TPMLIB_Terminate and TPMLIB_MainInit on the state manufacture left in memory (#nv): the platform
+   * timer starts again at 0, and nothing but the seeds and defaults of manufacture carries over. No
+   * store is read or written here; what MainInit writes stays pending like manufacture's writes.
+   */
+  async #powerCycleSpare(): Promise<void> {
+    const lib = this.#requireLib();
+    if (this.#status !== 'running') return;
+    await this.#inLibrary(() => lib.terminateAsync());
+    const rc = await this.#inLibrary(() => lib.mainInitAsync());
+    if (rc !== TPM_SUCCESS) {
+      const msg = `TPMLIB_MainInit of a bound spare failed with 0x${rc.toString(16)}`;
+      this.#fail({ instance: this.instance, reason: 'init', tpmResult: rc, message: msg });
+      throw new TpmInstanceError('INIT', this.instance, msg, rc);
+    }
   }
 
   get status(): InstanceStatus {

@@ -100,6 +100,36 @@ describe('spare TPMs', () => {
     expect(outPublic(await a.execute(tpm2.createPrimaryRsa(2048)))).toBe(pa);
   });
 
+  it('a spare that waited looks just powered on: TPM 2.0 time and clock, TPM 1.2 ticks start near 0', async () => {
+    const t = store('spare-clock');
+    const host = newHost({ spares: { '2.0': 1, '1.2': 1 } });
+    await host.sparesReady();
+    const waited = 1500;
+    await new Promise((r) => setTimeout(r, waited));
+    const a = await host.create({ instance: 7, version: '2.0', store: t.store });
+    expect(a.fromSpare).toBe(true);
+    tpm2.expectSuccess(await a.execute(tpm2.startup()), 'Startup');
+    // TPM2_ReadClock: header 10, then TPMS_TIME_INFO: time u64, clock u64, resetCount u32, restartCount u32, safe u8.
+    const rc = Buffer.from(await a.execute(Buffer.from('80010000000a00000181', 'hex')));
+    tpm2.expectSuccess(rc, 'ReadClock');
+    const time = Number(rc.readBigUInt64BE(10));
+    const clock = Number(rc.readBigUInt64BE(18));
+    expect(time, 'time (ms since power-on)').toBeLessThan(waited / 2);
+    expect(clock, 'clock').toBeLessThan(waited / 2);
+    // The counters of a TPM manufactured on demand after its first Startup (as swtpm shows).
+    const fresh = await host.create({ instance: 8, version: '2.0', store: t.store });
+    tpm2.expectSuccess(await fresh.execute(tpm2.startup()), 'Startup');
+    const rf = Buffer.from(await fresh.execute(Buffer.from('80010000000a00000181', 'hex')));
+    expect([rc.readUInt32BE(26), rc.readUInt32BE(30)]).toEqual([rf.readUInt32BE(26), rf.readUInt32BE(30)]);
+    const b = await host.create({ instance: 9, version: '1.2', store: t.store });
+    expect(b.fromSpare).toBe(true);
+    expect(hex(await b.execute(tpm12.startup())).slice(12)).toBe('00000000');
+    // TPM_GetTicks: header 10, TPM_CURRENT_TICKS: tag u16, currentTicks u64 (µs since TPM_Init), ...
+    const ticks = Buffer.from(await b.execute(Buffer.from('00c10000000a000000f1', 'hex')));
+    expect(ticks.readUInt32BE(6)).toBe(0);
+    expect(Number(ticks.readBigUInt64BE(12)) / 1000, 'ticks (ms)').toBeLessThan(waited / 2);
+  });
+
   it("a spare-made TPM's state is durable before its first response is released", async () => {
     const t = store('spare-gate');
     const logged = new GatedStore(t.store);
