@@ -2,7 +2,6 @@
 // the device directories as libxl does, start the guest, run the close sequence) and the guest process
 // itself (a frontend domain with its vTPM device, optionally exposed to tpm2-tools).
 import type { Command } from 'commander';
-import { spawn } from 'node:child_process';
 import fs from 'node:fs';
 import { join } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
@@ -19,7 +18,9 @@ import {
 import { TpmFront, type Protocol } from '../frontend/tpmfront.js';
 import { MISBEHAVIOURS, misbehave, type Misbehaviour } from '../frontend/hostile.js';
 import { RunDir, alive, procStat, type GuestInfo } from './rundir.js';
-import { MAIN_JS, stopProcess, tailFile } from './spawn.js';
+import { guestOwner, guestSocket, spawnGuestProcess, stopProcess, tailFile } from './spawn.js';
+import { ownsPid } from './isolation.js';
+import { journalPath, type WorkloadSpec } from './stress-workload.js';
 import { onStop } from './lifecycle.js';
 import { registerSuspend, runSession } from './suspend.js';
 
@@ -60,15 +61,15 @@ export async function guestAttach(o: AttachOptions): Promise<GuestInfo> {
       extra: { backend: { 'tpm-version': o.version ?? '2.0' } },
     });
     const log = rd.log(`guest-${o.domid}`);
-    fs.mkdirSync(rd.logDir, { recursive: true });
-    const fd = fs.openSync(log, 'a');
-    const args = [MAIN_JS, 'guest', 'run', '--run', rd.dir, '--domid', String(o.domid), '--protocol', protocol, '--devid', String(devid)];
+    const owner = guestOwner(h, o.domid);
+    const args = ['guest', 'run', '--run', rd.dir, '--domid', String(o.domid), '--protocol', protocol, '--devid', String(devid), '--xs-socket', guestSocket(h, o.domid)];
     if (o.tctiPort !== undefined) args.push('--tcti-port', String(o.tctiPort));
     if (o.misbehave) args.push('--misbehave', o.misbehave);
-    if (o.workload !== undefined) args.push('--workload', o.workload);
-    const child = spawn(process.execPath, args, { detached: true, stdio: ['ignore', fd, fd], env: { ...process.env, VTPM_XEN_DIR: h.xenDir } });
-    fs.closeSync(fd);
-    child.unref();
+    if (o.workload !== undefined) {
+      args.push('--workload', o.workload);
+      if (owner !== undefined) giveJournal(o.workload, o.domid, owner);
+    }
+    const child = spawnGuestProcess(h, o.domid, args, log);
     const pid = child.pid ?? -1;
     const start = procStat(pid)?.start;
     const info: GuestInfo = {
@@ -81,7 +82,7 @@ export async function guestAttach(o: AttachOptions): Promise<GuestInfo> {
       ...(o.tctiPort !== undefined ? { tctiPort: o.tctiPort } : {}),
       ...(o.workload !== undefined ? { workload: o.workload } : {}),
     };
-    rd.writeGuest(info);
+    rd.writeGuest(info, owner);
     const exited = new Promise<never>((_, reject) =>
       child.once('exit', (code, sig) => reject(new Error(`guest dom${o.domid} exited (${sig ?? code}) before connecting:\n${tailFile(log)}`))),
     );
@@ -100,6 +101,14 @@ export async function guestAttach(o: AttachOptions): Promise<GuestInfo> {
   } finally {
     await xs.close();
   }
+}
+
+/** The stress journal is the guest's to append to; the journal dir stays root's. */
+function giveJournal(specFile: string, domid: number, owner: number): void {
+  const spec = JSON.parse(fs.readFileSync(specFile, 'utf8')) as WorkloadSpec;
+  const file = journalPath(spec, domid);
+  fs.closeSync(fs.openSync(file, 'a', 0o600));
+  fs.chownSync(file, owner, owner);
 }
 
 async function waitForLine(file: string, re: RegExp, pid: number, timeoutMs = 15_000): Promise<void> {
@@ -134,7 +143,7 @@ export async function guestDetach(run: string, domid: number, timeoutMs = 15_000
   } finally {
     await xs.close();
   }
-  if (g) await stopProcess(g.pid, 10_000);
+  if (g && ownsPid(h.isolation, domid, g.pid)) await stopProcess(g.pid, 10_000);
   rd.removeGuest(domid);
 }
 
@@ -147,14 +156,17 @@ export interface GuestRunOptions {
   misbehave?: Misbehaviour;
   resume?: boolean;
   workload?: string;
+  /** Its own xenstore socket (attach passes it; without it the guest looks it up in host.json). */
+  xsSocket?: string;
 }
 
 /** The guest process: its domain, its vTPM device, and optionally the TCTI bridge for tpm2-tools. */
 export async function guestRun(o: GuestRunOptions): Promise<void> {
   const rd = new RunDir(o.run);
-  const h = rd.readHost();
-  const dom = await Domain.create({ domid: o.domid, dir: h.xenDir });
-  const xs = await connect(join(h.domainSocketDir, `dom${o.domid}.sock`));
+  // Under isolation host.json is root's: the hypervisor dir comes in VTPM_XEN_DIR, the socket as an option.
+  const h = o.xsSocket === undefined ? rd.readHost() : null;
+  const dom = await Domain.create({ domid: o.domid, ...(h ? { dir: h.xenDir } : {}) });
+  const xs = await connect(o.xsSocket ?? guestSocket(h!, o.domid));
   // The ring protocol runs through a GuestSession: request ids, suspend/resume, backend restarts.
   // A misbehaving guest drives its transport directly: it has no use for sessions.
   if (o.protocol === 'ring' && !o.misbehave) return runSession(rd, dom, xs, o);
@@ -264,6 +276,7 @@ export function register(program: Command): void {
     .option('--misbehave <how>')
     .option('--resume', 'continue a suspended guest (new ring, same request ids)')
     .option('--workload <file>', 'run a vtpm stress workload')
+    .option('--xs-socket <path>', 'this domain\'s xenstore socket')
     .action(async (o: GuestRunOptions) => {
       await guestRun(o);
     });

@@ -4,11 +4,19 @@ import type { Command } from 'commander';
 import fs from 'node:fs';
 import { RunDir, alive, type HostInfo, type ProcessEntry } from './rundir.js';
 import { startDaemon, stopProcess, tailFile } from './spawn.js';
+import { decideIsolation, describe, ownsPid, parseUidBase, processUid, secureHost, type Isolation, type IsolationMode } from './isolation.js';
 import { engineEnv } from '../tpm/threadpool.js';
 
-export async function hostUp(runDir: string, stateDir: string, mode: 'single' | 'multi'): Promise<HostInfo> {
+export interface HostUpOptions {
+  /** auto (default): per-domain uids when root can have them, none otherwise (docs/isolation.md). */
+  isolation?: 'auto' | IsolationMode;
+  /** dom<N> runs as uid uidBase + N; default VTPM_UID_BASE or 0x40000000. */
+  uidBase?: number;
+}
+
+export async function hostUp(runDir: string, stateDir: string, mode: 'single' | 'multi', opts: HostUpOptions = {}): Promise<HostInfo> {
   const rd = new RunDir(runDir);
-  fs.mkdirSync(rd.dir, { recursive: true });
+  fs.mkdirSync(rd.dir, { recursive: true, mode: 0o700 });
   try {
     const old = rd.readHost();
     if (old.processes.some((p) => alive(p.pid))) throw new Error(`a host is already up in ${rd.dir}; run \`vtpm host down --run ${rd.dir}\` first`);
@@ -16,16 +24,17 @@ export async function hostUp(runDir: string, stateDir: string, mode: 'single' | 
     if (!(err instanceof Error && err.message.startsWith('no host is up'))) throw err;
   }
   const h = rd.plan(stateDir, mode);
-  fs.mkdirSync(h.stateDir, { recursive: true });
-  fs.mkdirSync(h.domainSocketDir, { recursive: true });
-  fs.mkdirSync(h.managerRunDir, { recursive: true });
+  const iso = decideIsolation(opts.isolation ?? 'auto', rd.dir, opts.uidBase ?? parseUidBase(process.env.VTPM_UID_BASE));
+  h.isolation = iso;
+  for (const d of [h.stateDir, h.domainSocketDir, h.managerRunDir, rd.logDir, rd.guestDir]) fs.mkdirSync(d, { recursive: true, mode: 0o700 });
   fs.rmSync(h.xenDir, { recursive: true, force: true });
   fs.mkdirSync(h.xenDir, { recursive: true, mode: 0o700 });
+  secureHost(h, 'dirs');
   const env = { VTPM_XEN_DIR: h.xenDir };
   const started: ProcessEntry[] = [];
   try {
     const xs = await startDaemon(
-      ['xenstored', '--socket', h.xenstoredSocket, '--domain-socket-dir', h.domainSocketDir, '--verbose'],
+      ['xenstored', '--socket', h.xenstoredSocket, '--domain-socket-dir', h.domainSocketDir, '--verbose', ...uidBaseArg(iso)],
       rd.log('xenstored'),
       /xenstored listening/,
       env,
@@ -37,11 +46,13 @@ export async function hostUp(runDir: string, stateDir: string, mode: 'single' | 
       UV_THREADPOOL_SIZE: '64',
     });
     started.push({ role: 'manager', domid: 0, pid: mgr.pid, run: h.managerRunDir });
+    secureHost(h, 'manager');
     h.processes = started;
     // The backend reads host.json to find the others.
     rd.writeHost(h);
     const be = await startDaemon(['backend', '--run', rd.dir], rd.log('backend'), /vtpm-backend: ready/, engineEnv({ ...process.env, ...env }));
     started.push({ role: 'backend', domid: 0, pid: be.pid, mode });
+    secureHost(h, 'backend');
     h.processes = started;
     rd.writeHost(h);
     return h;
@@ -52,6 +63,10 @@ export async function hostUp(runDir: string, stateDir: string, mode: 'single' | 
   }
 }
 
+function uidBaseArg(iso: Isolation): string[] {
+  return iso.mode === 'uid' ? ['--domain-uid-base', String(iso.uidBase)] : [];
+}
+
 export async function hostDown(runDir: string): Promise<void> {
   const rd = new RunDir(runDir);
   const h = rd.readHost();
@@ -59,7 +74,8 @@ export async function hostDown(runDir: string): Promise<void> {
   // its vTPMs), then the manager, then xenstored.
   await Promise.all(
     rd.guests().map(async (g) => {
-      await stopProcess(g.pid, 10_000);
+      // A guest rewrites its own record: signal its pid only if that process is the guest's.
+      if (ownsPid(h.isolation, g.domid, g.pid)) await stopProcess(g.pid, 10_000);
       rd.removeGuest(g.domid);
     }),
   );
@@ -76,23 +92,36 @@ export async function hostDown(runDir: string): Promise<void> {
 
 export interface StatusEntry extends ProcessEntry {
   alive: boolean;
+  /** The uid the process runs under (null when it is gone). */
+  uid: number | null;
 }
 
-export function hostStatus(runDir: string): { mode: string; processes: StatusEntry[] } {
+export interface HostStatus {
+  mode: string;
+  isolation: Isolation;
+  processes: StatusEntry[];
+}
+
+export function hostStatus(runDir: string): HostStatus {
   const rd = new RunDir(runDir);
   const h = rd.readHost();
-  const procs: StatusEntry[] = h.processes.map((p) => ({ ...p, alive: alive(p.pid) }));
-  for (const g of rd.guests()) procs.push({ role: 'guest', domid: g.domid, pid: g.pid, vm: g.vm, protocol: g.protocol, alive: alive(g.pid, g.start) });
+  const live = (pid: number, start?: number): { alive: boolean; uid: number | null } => {
+    const a = alive(pid, start);
+    return { alive: a, uid: a ? processUid(pid) : null };
+  };
+  const procs: StatusEntry[] = h.processes.map((p) => ({ ...p, ...live(p.pid) }));
+  for (const g of rd.guests()) procs.push({ role: 'guest', domid: g.domid, pid: g.pid, vm: g.vm, protocol: g.protocol, ...live(g.pid, g.start) });
   try {
     for (const f of fs.readdirSync(rd.vtpmDomainDir)) {
       if (!f.endsWith('.json')) continue;
       const d = JSON.parse(fs.readFileSync(`${rd.vtpmDomainDir}/${f}`, 'utf8')) as ProcessEntry;
-      procs.push({ ...d, role: 'vtpm-domain', alive: alive(d.pid) });
+      procs.push({ ...d, role: 'vtpm-domain', ...live(d.pid) });
     }
   } catch {
     // single-VM mode: no vTPM domains
   }
-  return { mode: h.mode, processes: procs };
+  const isolation = h.isolation ?? { mode: 'none', uidBase: 0, reason: 'host.json predates isolation' };
+  return { mode: h.mode, isolation, processes: procs };
 }
 
 export function register(program: Command): void {
@@ -103,10 +132,14 @@ export function register(program: Command): void {
     .requiredOption('--run <dir>', 'run directory (sockets, FIFOs, logs, host.json)')
     .requiredOption('--state <dir>', 'state directory of the manager (sealed vTPM state, VM table, keys)')
     .option('--mode <mode>', 'single (vTPMs in the backend) or multi (one vTPM-domain process each)', 'single')
-    .action(async (o: { run: string; state: string; mode: string }) => {
+    .option('--isolation <how>', 'uid (each guest and vTPM domain under its own uid; root only), none, or auto: uid when possible', 'auto')
+    .option('--uid-base <n>', 'dom<N> runs as uid/gid BASE+N (default VTPM_UID_BASE or 1073741824)')
+    .action(async (o: { run: string; state: string; mode: string; isolation: string; uidBase?: string }) => {
       if (o.mode !== 'single' && o.mode !== 'multi') throw new Error(`--mode must be single or multi, not ${o.mode}`);
-      const h = await hostUp(o.run, o.state, o.mode);
+      if (o.isolation !== 'auto' && o.isolation !== 'uid' && o.isolation !== 'none') throw new Error(`--isolation must be auto, uid or none, not ${o.isolation}`);
+      const h = await hostUp(o.run, o.state, o.mode, { isolation: o.isolation, uidBase: parseUidBase(o.uidBase ?? process.env.VTPM_UID_BASE) });
       for (const p of h.processes) console.log(`${p.role.padEnd(10)} dom${p.domid} pid ${p.pid}`);
+      console.log(`isolation: ${describe(h.isolation)}`);
       console.log(`host up in ${h.runDir} (${h.mode}-VM mode)`);
     });
   host
@@ -121,7 +154,7 @@ export function register(program: Command): void {
     .command('status')
     .description('list every process of the host with its role, domid and pid')
     .requiredOption('--run <dir>', 'run directory of the host')
-    .option('--json', 'print {"processes": [{"role", "domid", "pid", …}]}')
+    .option('--json', 'print {"mode", "isolation": {"mode", "uidBase", "reason"}, "processes": [{"role", "domid", "pid", "uid", …}]}')
     .action((o: { run: string; json?: boolean }) => {
       const s = hostStatus(o.run);
       if (o.json) {
@@ -129,7 +162,11 @@ export function register(program: Command): void {
         return;
       }
       console.log(`mode: ${s.mode}`);
-      for (const p of s.processes) console.log(`${p.role.padEnd(12)} dom${String(p.domid).padEnd(4)} pid ${String(p.pid).padEnd(8)} ${p.alive ? 'running' : 'DEAD'}`);
+      console.log(`isolation: ${describe(s.isolation)}`);
+      for (const p of s.processes) {
+        const uid = p.uid === null ? '' : `uid ${p.uid}`;
+        console.log(`${p.role.padEnd(12)} dom${String(p.domid).padEnd(4)} pid ${String(p.pid).padEnd(8)} ${(p.alive ? 'running' : 'DEAD').padEnd(8)} ${uid}`.trimEnd());
+      }
     });
 }
 

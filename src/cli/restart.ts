@@ -3,6 +3,7 @@
 import { setTimeout as sleep } from 'node:timers/promises';
 import { RunDir, alive } from './rundir.js';
 import { startDaemon } from './spawn.js';
+import { secureHost } from './isolation.js';
 import { engineEnv } from '../tpm/threadpool.js';
 
 export async function restartDaemon(run: string, role: 'backend' | 'manager'): Promise<number> {
@@ -17,6 +18,8 @@ export async function restartDaemon(run: string, role: 'backend' | 'manager'): P
     role === 'manager'
       ? await startDaemon(['manager', '--state', h.stateDir, '--run', h.managerRunDir], rd.log('manager'), /vtpm-manager: ready/, { ...env, UV_THREADPOOL_SIZE: '64' })
       : await startDaemon(['backend', '--run', rd.dir], rd.log('backend'), /vtpm-backend: ready/, engineEnv({ ...process.env, ...env }));
+  // The new daemon re-created its FIFOs or dom0's memory: give them the modes `host up` gave.
+  secureHost(h, role);
   const cur = rd.readHost();
   cur.processes = cur.processes.map((p) => (p.role === role ? { ...p, pid: started.pid } : p));
   rd.writeHost(cur);

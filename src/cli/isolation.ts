@@ -1,0 +1,204 @@
+// The process boundary of a host (docs/isolation.md): every guest and every vTPM domain runs under its
+// own uid and gid (base + domid), with no_new_privs, no capabilities and no supplementary groups but the
+// ones named here; the state dir, the run dir's records, the dom0 xenstore socket and the manager's
+// console FIFOs stay root-only. Only root can hand out uids, so a host started by anyone else runs with
+// `isolation: none` and says so. The uid switch happens in util-linux setpriv before exec, so a domain
+// process never runs a line of its own code with dom0's identity.
+import fs from 'node:fs';
+import { dirname, join } from 'node:path';
+import type { HostInfo } from './rundir.js';
+
+export type IsolationMode = 'uid' | 'none';
+
+export interface Isolation {
+  mode: IsolationMode;
+  /** dom<N> runs as uid/gid uidBase + N (N >= 1); uidBase itself and two ids above the domids are groups. */
+  uidBase: number;
+  /** Why the mode is `none` (empty under `uid`). */
+  reason: string;
+}
+
+/** Above the usual /etc/subuid ranges (100000 + 65536·k for the first users) and below 2^31. */
+export const DEFAULT_UID_BASE = 0x40000000;
+const MAX_DOMID = 0x7fef;
+/** Group of every domain that still opens dom0's objects under the hypervisor dir (memory, evtchn socket). */
+const XEN_GROUP = 0;
+/** Group of vTPM domains: the manager's rendezvous FIFO and client dir, the vTPM-domain register dir. */
+const VTPM_DOMAIN_GROUP = 0x7ff0;
+/** Group of guests: the directory of guest records they rewrite when they suspend. */
+const GUEST_GROUP = 0x7ff1;
+
+export class IsolationError extends Error {
+  constructor(
+    readonly code: 'NOT_ROOT' | 'NO_SETPRIV' | 'UNREACHABLE' | 'BAD_BASE' | 'BAD_DOMID',
+    message: string,
+  ) {
+    super(message);
+    this.name = 'IsolationError';
+  }
+}
+
+export function parseUidBase(v: string | undefined): number {
+  if (v === undefined || v === '') return DEFAULT_UID_BASE;
+  const n = Number(v);
+  if (!Number.isInteger(n) || n < 1000 || n + 0x7fff > 0x7fffffff) throw new IsolationError('BAD_BASE', `uid base ${v}: want an integer in 1000..${0x7fffffff - 0x7fff}`);
+  return n;
+}
+
+export function domainUid(iso: Isolation, domid: number): number {
+  if (!Number.isInteger(domid) || domid < 1 || domid > MAX_DOMID) throw new IsolationError('BAD_DOMID', `no per-domain uid for domid ${domid}`);
+  return iso.uidBase + domid;
+}
+export const xenGid = (iso: Isolation): number => iso.uidBase + XEN_GROUP;
+export const vtpmDomainGid = (iso: Isolation): number => iso.uidBase + VTPM_DOMAIN_GROUP;
+export const guestGid = (iso: Isolation): number => iso.uidBase + GUEST_GROUP;
+
+let setprivPath: string | null | undefined;
+function findSetpriv(): string | null {
+  if (setprivPath !== undefined) return setprivPath;
+  setprivPath = null;
+  for (const p of ['/usr/bin/setpriv', '/bin/setpriv', '/usr/sbin/setpriv']) {
+    try {
+      fs.accessSync(p, fs.constants.X_OK);
+      setprivPath = p;
+      break;
+    } catch {
+      // try the next
+    }
+  }
+  return setprivPath;
+}
+
+/** The first directory on the way to `dir` that other uids cannot traverse, or null. */
+function blockedAncestor(dir: string): string | null {
+  for (let d = dirname(dir); ; d = dirname(d)) {
+    const st = fs.statSync(d);
+    if ((st.mode & 0o001) === 0) return d;
+    if (d === dirname(d)) return null;
+  }
+}
+
+/**
+ * The isolation a new host gets. `auto` is `uid` when it can be had (root, setpriv, a run dir other
+ * uids can reach) and `none` with the reason otherwise; `uid` insists and fails with the reason.
+ */
+export function decideIsolation(want: 'auto' | IsolationMode, runDir: string, uidBase = DEFAULT_UID_BASE): Isolation {
+  const none = (reason: string): Isolation => ({ mode: 'none', uidBase, reason });
+  if (want === 'none') return none('--isolation none');
+  let problem: { code: IsolationError['code']; text: string } | null = null;
+  const euid = process.geteuid?.() ?? -1;
+  if (euid !== 0) problem = { code: 'NOT_ROOT', text: `host up ran as uid ${euid}, and only root can start domains under their own uids` };
+  else if (!findSetpriv()) problem = { code: 'NO_SETPRIV', text: 'setpriv (util-linux) is not installed' };
+  else {
+    const blocked = blockedAncestor(runDir);
+    if (blocked) problem = { code: 'UNREACHABLE', text: `${blocked} (on the way to the run dir) is not searchable by other uids, so guests could not reach their xenstore sockets` };
+  }
+  if (!problem) return { mode: 'uid', uidBase, reason: '' };
+  if (want === 'uid') throw new IsolationError(problem.code, `--isolation uid: ${problem.text}`);
+  return none(problem.text);
+}
+
+export interface Launch {
+  file: string;
+  args: string[];
+}
+
+/**
+ * How to exec `file args` as domain `domid`: under `uid`, setpriv switches uid, gid and groups, sets
+ * no_new_privs and empties every capability set (bounding set included) before the exec.
+ */
+export function domainLaunch(iso: Isolation | undefined, domid: number, role: 'guest' | 'vtpm-domain', file: string, args: string[]): Launch {
+  if (!iso || iso.mode === 'none') return { file, args };
+  const setpriv = findSetpriv();
+  if (!setpriv) throw new IsolationError('NO_SETPRIV', 'setpriv (util-linux) is not installed');
+  const uid = domainUid(iso, domid);
+  const groups = [xenGid(iso), role === 'guest' ? guestGid(iso) : vtpmDomainGid(iso)];
+  return {
+    file: setpriv,
+    args: [
+      `--reuid=${uid}`,
+      `--regid=${uid}`,
+      `--groups=${groups.join(',')}`,
+      '--no-new-privs',
+      '--inh-caps=-all',
+      '--ambient-caps=-all',
+      '--bounding-set=-all',
+      '--',
+      file,
+      ...args,
+    ],
+  };
+}
+
+/** The uid a process runs under (real uid from /proc/<pid>/status), or null when it is gone. */
+export function processUid(pid: number): number | null {
+  try {
+    const m = /^Uid:\s+(\d+)/m.exec(fs.readFileSync(`/proc/${pid}/status`, 'latin1'));
+    return m ? Number(m[1]) : null;
+  } catch {
+    return null;
+  }
+}
+
+/**
+ * Whether `pid` may be signalled as domain `domid`'s process. Guest records are written by the guests
+ * themselves, so under `uid` a pid in one is trusted only if that process runs as the domain's uid.
+ */
+export function ownsPid(iso: Isolation | undefined, domid: number, pid: number): boolean {
+  if (!iso || iso.mode === 'none') return true;
+  return processUid(pid) === domainUid(iso, domid);
+}
+
+/** Describe the isolation for `host status`. */
+export function describe(iso: Isolation | undefined): string {
+  if (!iso || iso.mode === 'none') return `none${iso?.reason ? ` (${iso.reason})` : ''}`;
+  return `uid (dom<N> runs as uid ${iso.uidBase}+N, no_new_privs, no capabilities)`;
+}
+
+/** What `host up` secures, and when: each daemon creates its own objects, which are fixed after it is ready. */
+export type HostPhase = 'dirs' | 'manager' | 'backend';
+
+/**
+ * Modes of the host's files (docs/isolation.md). Always: state dir, logs and the manager's dir 0700,
+ * host.json 0600. Under `uid`, the run dir and the xenstore socket dir become 0711 (a domain reaches its
+ * own socket by name, lists nothing) and the few shared objects are opened to exactly one group each.
+ */
+export function secureHost(h: HostInfo, phase: HostPhase): void {
+  const iso = h.isolation;
+  const uidMode = iso?.mode === 'uid';
+  const setMode = (p: string, mode: number, gid = 0): void => {
+    if (uidMode) fs.chownSync(p, 0, gid);
+    fs.chmodSync(p, mode);
+  };
+  const optional = (p: string, f: () => void): void => {
+    if (fs.existsSync(p)) f();
+  };
+  if (phase === 'dirs') {
+    setMode(h.runDir, uidMode ? 0o711 : 0o700);
+    setMode(h.stateDir, 0o700);
+    setMode(join(h.runDir, 'logs'), 0o700);
+    setMode(h.domainSocketDir, uidMode ? 0o711 : 0o700);
+    setMode(h.managerRunDir, 0o700);
+    setMode(h.xenDir, 0o700);
+    if (!uidMode) return;
+    // Sticky and unlistable: a domain creates its own files (memory, event socket, guest record) and
+    // can neither list nor remove anyone else's.
+    setMode(h.xenDir, 0o1730, xenGid(iso));
+    setMode(join(h.runDir, 'guests'), 0o1730, guestGid(iso));
+    if (h.mode === 'multi') setMode(h.managerRunDir, 0o710, vtpmDomainGid(iso));
+    return;
+  }
+  if (!uidMode) return;
+  if (phase === 'manager' && h.mode === 'multi') {
+    // vTPM domains attach their own FIFO pairs through the rendezvous; guests cannot reach it at all.
+    setMode(join(h.managerRunDir, 'rendezvous.fifo'), 0o620, vtpmDomainGid(iso));
+    setMode(join(h.managerRunDir, 'clients'), 0o1730, vtpmDomainGid(iso));
+  }
+  if (phase === 'backend') {
+    // Until domain memory is handed out by a hypervisor process, a domain binds and notifies dom0's
+    // event channels through dom0's memory file and event socket: those two are the xen group's.
+    optional(join(h.xenDir, 'dom0.mem'), () => setMode(join(h.xenDir, 'dom0.mem'), 0o660, xenGid(iso)));
+    optional(join(h.xenDir, 'dom0.evt'), () => setMode(join(h.xenDir, 'dom0.evt'), 0o660, xenGid(iso)));
+    if (h.mode === 'multi') optional(join(h.runDir, 'vtpm-domains'), () => setMode(join(h.runDir, 'vtpm-domains'), 0o1730, vtpmDomainGid(iso)));
+  }
+}
