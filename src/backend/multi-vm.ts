@@ -17,7 +17,7 @@ import type { Domain } from '../xen/index.js';
 import { evtchnSocketPath, memoryPath } from '../xen/layout.js';
 import { RingFront } from '../frontend/ring-front.js';
 import type { ManagerClient } from '../manager/client.js';
-import { VtpmDomain, type DomainLaunch } from '../tpm/domain-client.js';
+import { VtpmDomain } from '../tpm/domain-client.js';
 import type { VtpmProvider } from './device.js';
 import type { VtpmTarget } from './target.js';
 
@@ -47,8 +47,6 @@ export interface MultiVmOptions {
   restartWindowMs?: number;
   /** A command the domain does not answer in this time kills the domain (default 120 s; RSA key generation takes seconds). */
   commandTimeoutMs?: number;
-  /** How vTPM-domain processes are exec'd (under their own uids when the host isolates domains). */
-  launch?: DomainLaunch;
 }
 
 interface Incarnation {
@@ -154,7 +152,6 @@ export class MultiVmVtpms implements VtpmProvider {
         domid,
         version: slot.version,
         stateDir: '',
-        ...(this.#o.launch ? { launch: this.#o.launch } : {}),
         entry: {
           script: VTPM_DOMAIN_MAIN,
           args: [

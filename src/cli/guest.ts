@@ -19,7 +19,7 @@ import { TpmFront, type Protocol } from '../frontend/tpmfront.js';
 import { MISBEHAVIOURS, misbehave, type Misbehaviour } from '../frontend/hostile.js';
 import { RunDir, alive, procStat, type GuestInfo } from './rundir.js';
 import { guestOwner, guestSocket, spawnGuestProcess, stopProcess, tailFile } from './spawn.js';
-import { ownsPid } from './isolation.js';
+import { ownUidOrRoot, ownsPid } from './isolation.js';
 import { journalPath, type WorkloadSpec } from './stress-workload.js';
 import { onStop } from './lifecycle.js';
 import { registerSuspend, runSession } from './suspend.js';
@@ -216,6 +216,7 @@ export async function startTcti(front: Pick<TpmFront, 'transmit' | 'cancel'>, po
     port,
     transmit: (cmd, opts) => front.transmit(cmd, opts),
     cancel: () => front.cancel(),
+    allowPeer: ownUidOrRoot,
   });
   console.log(`tcti bridge listening on 127.0.0.1:${port} (control ${port + 1})`);
   return b;

@@ -185,15 +185,9 @@ export function secureHost(h: HostInfo, phase: HostPhase): void {
     // can neither list nor remove anyone else's.
     setMode(h.xenDir, 0o1730, xenGid(iso));
     setMode(join(h.runDir, 'guests'), 0o1730, guestGid(iso));
-    if (h.mode === 'multi') setMode(h.managerRunDir, 0o710, vtpmDomainGid(iso));
     return;
   }
   if (!uidMode) return;
-  if (phase === 'manager' && h.mode === 'multi') {
-    // vTPM domains attach their own FIFO pairs through the rendezvous; guests cannot reach it at all.
-    setMode(join(h.managerRunDir, 'rendezvous.fifo'), 0o620, vtpmDomainGid(iso));
-    setMode(join(h.managerRunDir, 'clients'), 0o1730, vtpmDomainGid(iso));
-  }
   if (phase === 'backend') {
     // Until domain memory is handed out by a hypervisor process, a domain binds and notifies dom0's
     // event channels through dom0's memory file and event socket: those two are the xen group's.
@@ -201,4 +195,44 @@ export function secureHost(h: HostInfo, phase: HostPhase): void {
     optional(join(h.xenDir, 'dom0.evt'), () => setMode(join(h.xenDir, 'dom0.evt'), 0o660, xenGid(iso)));
     if (h.mode === 'multi') optional(join(h.runDir, 'vtpm-domains'), () => setMode(join(h.runDir, 'vtpm-domains'), 0o1730, vtpmDomainGid(iso)));
   }
+}
+
+/** "127.0.0.1", 4321 as /proc/net/tcp writes it: "0100007F:10E1" (address bytes as a host-order word). */
+function procNetAddress(ip: string, port: number): string {
+  const b = ip.split('.').map(Number);
+  const word = ((b[3]! << 24) | (b[2]! << 16) | (b[1]! << 8) | b[0]!) >>> 0;
+  return `${word.toString(16).toUpperCase().padStart(8, '0')}:${port.toString(16).toUpperCase().padStart(4, '0')}`;
+}
+
+/**
+ * The uid owning the other end of a loopback IPv4 TCP connection (from /proc/net/tcp: the socket whose
+ * local address is our peer's and whose remote address is ours), or null when it cannot be told.
+ */
+export function tcpPeerUid(local: { address?: string; port?: number }, remote: { address?: string; port?: number }): number | null {
+  const strip = (a: string | undefined): string => (a ?? '').replace(/^::ffff:/, '');
+  const la = strip(local.address);
+  const ra = strip(remote.address);
+  if (!/^\d+\.\d+\.\d+\.\d+$/.test(la) || !/^\d+\.\d+\.\d+\.\d+$/.test(ra) || !local.port || !remote.port) return null;
+  const want = `${procNetAddress(ra, remote.port)} ${procNetAddress(la, local.port)}`;
+  let text: string;
+  try {
+    text = fs.readFileSync('/proc/net/tcp', 'latin1');
+  } catch {
+    return null;
+  }
+  for (const line of text.split('\n')) {
+    const f = line.trim().split(/\s+/);
+    if (f.length > 7 && `${f[1]} ${f[2]}` === want) return Number(f[7]);
+  }
+  return null;
+}
+
+/**
+ * A guest's TCTI ports are its own TPM: under per-domain uids only the guest's uid and root (the host's
+ * tools) may use them, as only the guest itself reaches its TPM under Xen. Same-uid hosts pass everyone.
+ */
+export function ownUidOrRoot(s: { localAddress?: string; localPort?: number; remoteAddress?: string; remotePort?: number }): boolean {
+  const me = process.getuid?.() ?? 0;
+  const peer = tcpPeerUid({ address: s.localAddress, port: s.localPort }, { address: s.remoteAddress, port: s.remotePort });
+  return peer === 0 || peer === me;
 }

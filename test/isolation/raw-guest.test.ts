@@ -1,0 +1,73 @@
+// The raw hostile guest (raw-guest.mjs) as a real guest under its own uid, next to two well-behaved
+// guests running TPM commands: every path and descriptor of dom0 and of the other domains is refused,
+// the others' commands keep completing (none slower than 2 s), no daemon dies or grows past 64 MiB.
+import { afterAll, beforeAll, beforeEach, describe, expect, it } from 'vitest';
+import { alive } from '../../src/cli/rundir.js';
+import { daemons, rss, runRawGuest, startHost, stopHost, type IsolatedHost, type Outcome } from './harness.js';
+
+let host: IsolatedHost;
+let rssBefore = new Map<number, number>();
+let nextDomid = 20;
+
+beforeAll(async () => {
+  host = await startHost();
+});
+
+afterAll(async () => {
+  await stopHost(host);
+});
+
+beforeEach(() => {
+  for (const l of host.loads) l.reset();
+  rssBefore = new Map(daemons(host).map((d) => [d.pid, rss(d.pid)]));
+});
+
+/** What every case must leave behind: the good guests served throughout, every daemon alive and lean. */
+async function othersUnharmed(): Promise<void> {
+  // Give the loads a moment after the attack so a stall would show.
+  await new Promise((r) => setTimeout(r, 500));
+  for (const l of host.loads) {
+    expect(l.failures, `dom${l.domid}'s commands`).toEqual([]);
+    expect(l.done, `dom${l.domid} completed commands`).toBeGreaterThan(0);
+    expect(l.slowestMs, `dom${l.domid}'s slowest command (ms)`).toBeLessThan(2000);
+  }
+  for (const d of daemons(host)) {
+    expect(alive(d.pid), `${d.role} (pid ${d.pid}) alive`).toBe(true);
+    expect(rss(d.pid) - (rssBefore.get(d.pid) ?? 0), `${d.role} RSS growth`).toBeLessThan(64 << 20);
+  }
+}
+
+const show = (o: Outcome): string => `${o.case} ${o.target}: ${o.outcome}${o.code ? ` (${o.code})` : ''}${o.detail !== undefined ? ` ${JSON.stringify(o.detail)}` : ''}`;
+
+describe('a raw guest under its own uid', () => {
+  let probe: Outcome[];
+
+  beforeAll(async () => {
+    probe = await runRawGuest(host, nextDomid++, 'probe');
+  });
+
+  it('reaches its own xenstore socket (the launch works at all)', () => {
+    expect(probe.find((o) => o.case === 'own-xenstore')?.outcome).toBe('reached');
+  });
+
+  it('cannot read, list, connect to, write or signal anything of dom0 or of the other guests', async () => {
+    // dom0's memory and event socket under the hypervisor dir are the next case; TCTI ports the one after.
+    const cases = probe.filter((o) => !['own-xenstore', 'done', 'tpm-command'].includes(o.case) && !/\/dom0\.(mem|evt)$/.test(o.target ?? ''));
+    expect(cases.length).toBeGreaterThan(40);
+    const through = cases.filter((o) => o.outcome !== 'refused');
+    expect(through.map(show)).toEqual([]);
+    await othersUnharmed();
+  });
+
+  it("cannot open dom0's memory nor its event-channel socket", () => {
+    const dom0 = probe.filter((o) => /\/dom0\.(mem|evt)$/.test(o.target ?? ''));
+    expect(dom0).toHaveLength(2);
+    expect(dom0.filter((o) => o.outcome !== 'refused').map(show)).toEqual([]);
+  });
+
+  it("cannot run TPM commands on another guest's TCTI port", () => {
+    const tcti = probe.filter((o) => o.case === 'tpm-command');
+    expect(tcti).toHaveLength(2);
+    expect(tcti.filter((o) => o.outcome !== 'refused').map(show)).toEqual([]);
+  });
+});
