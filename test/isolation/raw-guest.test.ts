@@ -3,6 +3,7 @@
 // the others' commands keep completing (none slower than 2 s), no daemon dies or grows past 64 MiB.
 import { afterAll, beforeAll, beforeEach, describe, expect, it } from 'vitest';
 import { alive } from '../../src/cli/rundir.js';
+import { connect } from '../../src/xenstore/client.js';
 import { daemons, rss, runRawGuest, startHost, stopHost, type IsolatedHost, type Outcome } from './harness.js';
 
 let host: IsolatedHost;
@@ -69,5 +70,42 @@ describe('a raw guest under its own uid', () => {
     const tcti = probe.filter((o) => o.case === 'tpm-command');
     expect(tcti).toHaveLength(2);
     expect(tcti.filter((o) => o.outcome !== 'refused').map(show)).toEqual([]);
+  });
+});
+
+describe('a raw guest writing half frames to every socket it can reach', () => {
+  it('stalls only its own connections: dom0 still talks to xenstored and the other guests are served', async () => {
+    const raw = runRawGuest(host, nextDomid++, 'half-frames');
+    await new Promise((r) => setTimeout(r, 1500));
+    const xs = await connect(host.h.xenstoredSocket);
+    try {
+      const t0 = performance.now();
+      expect(await xs.readString('/local/domain/1/device/vtpm/0/state')).toBe('4');
+      expect(performance.now() - t0).toBeLessThan(2000);
+    } finally {
+      await xs.close();
+    }
+    const lines = await raw;
+    const own = lines.filter((o) => o.case === 'half-frame' && o.target?.endsWith(`.sock`));
+    expect(own.map((o) => o.outcome)).toEqual(['reached', 'reached']);
+    // Other guests' event sockets and TCTI ports never even took the bytes.
+    const others = lines.filter((o) => o.case === 'half-frame' && /dom[12]\.evt$|^127\.0\.0\.1:/.test(o.target ?? ''));
+    expect(others).toHaveLength(4);
+    expect(others.filter((o) => o.outcome !== 'refused').map(show)).toEqual([]);
+    await othersUnharmed();
+  });
+});
+
+describe('a raw guest flooding xenstore', () => {
+  it('is refused (node quota, transaction quota) while xenstored stays within 64 MiB', async () => {
+    const lines = await runRawGuest(host, nextDomid++, 'flood', 180_000);
+    const nodes = lines.find((o) => o.case === 'flood-nodes')!;
+    const tx = lines.find((o) => o.case === 'flood-transaction')!;
+    // Refused by a quota, after the guest got its share (not on the first write for some other reason).
+    expect(show(nodes)).toMatch(/: refused .*"refusal":"E(QUOTA|NOSPC|2BIG)/);
+    expect((nodes.detail as { ok: number }).ok).toBeGreaterThan(100);
+    expect(show(tx)).toMatch(/: refused .*"refusal":"E(QUOTA|NOSPC|2BIG)/);
+    expect((tx.detail as { ok: number }).ok).toBeGreaterThan(0);
+    await othersUnharmed();
   });
 });
