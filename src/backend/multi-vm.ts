@@ -17,7 +17,8 @@ import type { Domain } from '../xen/index.js';
 import { evtchnSocketPath, memoryPath } from '../xen/layout.js';
 import { RingFront } from '../frontend/ring-front.js';
 import type { ManagerClient } from '../manager/client.js';
-import { VtpmDomain } from '../tpm/domain-client.js';
+import { connectPair, pairDescriptors, type ClientPair } from '../manager/fifo.js';
+import { VtpmDomain, type DomainLaunch } from '../tpm/domain-client.js';
 import type { VtpmProvider } from './device.js';
 import type { VtpmTarget } from './target.js';
 
@@ -47,6 +48,12 @@ export interface MultiVmOptions {
   restartWindowMs?: number;
   /** A command the domain does not answer in this time kills the domain (default 120 s; RSA key generation takes seconds). */
   commandTimeoutMs?: number;
+  /**
+   * How vTPM-domain processes are exec'd (under their own uids when the host isolates domains). Such a
+   * domain cannot reach the manager's FIFOs: the backend attaches its pair, bound to its instance, and
+   * hands the two ends over as descriptors (a manager restart then ends the domain, restarted as a crash).
+   */
+  launch?: DomainLaunch;
 }
 
 interface Incarnation {
@@ -146,12 +153,25 @@ export class MultiVmVtpms implements VtpmProvider {
       throw err;
     }
     let domain: VtpmDomain;
+    let pair: ClientPair | null = null;
+    let fds: number[] = [];
+    const release = (): void => {
+      for (const fd of fds) fs.closeSync(fd);
+      fds = [];
+      pair?.reader.close();
+      pair?.writer.destroy();
+    };
     try {
+      if (this.#o.launch) {
+        pair = await connectPair(this.#o.managerRunDir, { name: `vtpm-domain-${domid}`, bind: slot.instance });
+        fds = pairDescriptors(pair);
+      }
       domain = await VtpmDomain.start({
         instance: slot.instance,
         domid,
         version: slot.version,
         stateDir: '',
+        ...(this.#o.launch ? { launch: this.#o.launch, inheritFds: fds, onSpawned: release } : {}),
         entry: {
           script: VTPM_DOMAIN_MAIN,
           args: [
@@ -165,10 +185,13 @@ export class MultiVmVtpms implements VtpmProvider {
             '--ring-ref', String(front.refs[0]),
             '--event-channel', String(front.port),
             '--register-dir', this.#o.registerDir,
+            ...(pair ? ['--manager-fds', '3,4'] : []),
           ],
         },
       });
     } catch (err) {
+      release();
+      if (pair) for (const f of pair.files) fs.rmSync(f, { force: true });
       await this.#destroyRemains(domid, front);
       throw err;
     }

@@ -20,7 +20,15 @@ export interface DomainStartOptions {
   startTimeoutMs?: number;
   /** Another entry point speaking the same frames (multi-VM mode's ring-attached domain); default domain-main.js with the args above. */
   entry?: { script: string; args: string[] };
+  /** How to exec the domain (e.g. under its own uid, src/cli/isolation.ts); default node directly. */
+  launch?: DomainLaunch;
+  /** Descriptors the domain inherits as fds 3, 4, …; `onSpawned` runs once it has them (close yours there). */
+  inheritFds?: number[];
+  onSpawned?: () => void;
 }
+
+/** Turns `node argv…` into the command that runs it as the domain (a privilege-dropping wrapper). */
+export type DomainLaunch = (domid: number, file: string, args: string[]) => { file: string; args: string[] };
 
 export interface DomainExit {
   code: number | null;
@@ -101,7 +109,10 @@ export class VtpmDomain extends EventEmitter implements TpmEndpoint {
     const argv = opts.entry
       ? [opts.entry.script, ...opts.entry.args]
       : [MAIN, '--instance', String(opts.instance), '--domid', String(opts.domid), '--tpm-version', opts.version, '--state-dir', opts.stateDir];
-    const child = spawn(process.execPath, argv, { stdio: ['pipe', 'pipe', 'inherit'], env: engineEnv() });
+    const l = opts.launch ? opts.launch(opts.domid, process.execPath, argv) : { file: process.execPath, args: argv };
+    // cwd /: a domain under its own uid may not be allowed into the backend's working directory.
+    const child = spawn(l.file, l.args, { stdio: ['pipe', 'pipe', 'inherit', ...(opts.inheritFds ?? [])], env: engineEnv(), cwd: '/' });
+    opts.onSpawned?.();
     const dom = new VtpmDomain(opts, child);
     const ready = new Promise<void>((resolve, reject) => {
       const timer = setTimeout(() => {
