@@ -16,7 +16,8 @@ export interface HostUpOptions {
 
 export async function hostUp(runDir: string, stateDir: string, mode: 'single' | 'multi', opts: HostUpOptions = {}): Promise<HostInfo> {
   const rd = new RunDir(runDir);
-  fs.mkdirSync(rd.dir, { recursive: true, mode: 0o700 });
+  // Parents as the umask makes them; the run dir's own mode is set below once the isolation is known.
+  fs.mkdirSync(rd.dir, { recursive: true });
   try {
     const old = rd.readHost();
     if (old.processes.some((p) => alive(p.pid))) throw new Error(`a host is already up in ${rd.dir}; run \`vtpm host down --run ${rd.dir}\` first`);

@@ -72,8 +72,9 @@ function findSetpriv(): string | null {
 /** The first directory on the way to `dir` that other uids cannot traverse, or null. */
 function blockedAncestor(dir: string): string | null {
   for (let d = dirname(dir); ; d = dirname(d)) {
-    const st = fs.statSync(d);
-    if ((st.mode & 0o001) === 0) return d;
+    // A directory still to be made is made searchable (host up creates the run dir's parents 0755).
+    const st = fs.statSync(d, { throwIfNoEntry: false });
+    if (st && (st.mode & 0o001) === 0) return d;
     if (d === dirname(d)) return null;
   }
 }
