@@ -6,6 +6,7 @@
 // process never runs a line of its own code with dom0's identity.
 import fs from 'node:fs';
 import { dirname, join } from 'node:path';
+import { fileURLToPath, pathToFileURL } from 'node:url';
 import type { HostInfo } from './rundir.js';
 
 export type IsolationMode = 'uid' | 'none';
@@ -99,6 +100,10 @@ export function decideIsolation(want: 'auto' | IsolationMode, runDir: string, ui
   return none(problem.text);
 }
 
+/** The seccomp preload (native/seccomp-preload.ts); from source (tests) the build in dist/. */
+const here = dirname(fileURLToPath(import.meta.url));
+const SECCOMP_PRELOAD = import.meta.url.endsWith('.ts') ? join(here, '../../dist/native/seccomp-preload.js') : join(here, '../../native/seccomp-preload.js');
+
 export interface Launch {
   file: string;
   args: string[];
@@ -106,7 +111,8 @@ export interface Launch {
 
 /**
  * How to exec `file args` as domain `domid`: under `uid`, setpriv switches uid, gid and groups, sets
- * no_new_privs and empties every capability set (bounding set included) before the exec.
+ * no_new_privs and empties every capability set (bounding set included) before the exec; node itself
+ * then loads the seccomp filter (native/seccomp.ts) before the domain's own code.
  */
 export function domainLaunch(iso: Isolation | undefined, domid: number, role: 'guest' | 'vtpm-domain', file: string, args: string[]): Launch {
   if (!iso || iso.mode === 'none') return { file, args };
@@ -126,6 +132,7 @@ export function domainLaunch(iso: Isolation | undefined, domid: number, role: 'g
       '--bounding-set=-all',
       '--',
       file,
+      ...(file === process.execPath ? [`--import=${pathToFileURL(SECCOMP_PRELOAD).href}`] : []),
       ...args,
     ],
   };
@@ -153,7 +160,7 @@ export function ownsPid(iso: Isolation | undefined, domid: number, pid: number):
 /** Describe the isolation for `host status`. */
 export function describe(iso: Isolation | undefined): string {
   if (!iso || iso.mode === 'none') return `none${iso?.reason ? ` (${iso.reason})` : ''}`;
-  return `uid (dom<N> runs as uid ${iso.uidBase}+N, no_new_privs, no capabilities)`;
+  return `uid (dom<N> runs as uid ${iso.uidBase}+N, no_new_privs, no capabilities, seccomp)`;
 }
 
 /** What `host up` secures, and when: each daemon creates its own objects, which are fixed after it is ready. */

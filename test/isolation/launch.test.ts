@@ -64,6 +64,7 @@ describe('a host started by root, single-VM', () => {
     expect(field(g.pid, 'Groups').split(' ').sort()).toEqual(['300000', String(300000 + 0x7ff1)].sort());
     expect(field(g.pid, 'NoNewPrivs')).toBe('1');
     for (const c of ['CapInh', 'CapPrm', 'CapEff', 'CapBnd', 'CapAmb']) expect(field(g.pid, c)).toBe('0000000000000000');
+    expect(field(g.pid, 'Seccomp')).toBe('2'); // filter mode
     // …and the guest still works: its TPM answers through its TCTI port.
     await run('tpm2_startup', ['-c'], { env: tcti(port) });
     const { stdout } = await run('tpm2_getrandom', ['8', '--hex'], { env: tcti(port) });
@@ -72,7 +73,7 @@ describe('a host started by root, single-VM', () => {
 
   it('shows the isolation in host status, in text and JSON, with each process uid', async () => {
     const text = (await vtpm('host', 'status', '--run', runDir)).stdout;
-    expect(text).toMatch(/^isolation: uid \(dom<N> runs as uid 300000\+N, no_new_privs, no capabilities\)$/m);
+    expect(text).toMatch(/^isolation: uid \(dom<N> runs as uid 300000\+N, no_new_privs, no capabilities, seccomp\)$/m);
     expect(text).toMatch(/^guest +dom7 +pid \d+ +running +uid 300007$/m);
     expect(text).toMatch(/^backend +dom0 +pid \d+ +running +uid 0$/m);
     const json = JSON.parse((await vtpm('host', 'status', '--run', runDir, '--json')).stdout) as {
@@ -136,6 +137,7 @@ describe('a host started by root, multi-VM', () => {
     const before = (await status(runDir)).processes.find((p) => p.role === 'vtpm-domain')!;
     expect(field(before.pid, 'Uid').split('\t')[0]).toBe(String(400000 + before.domid));
     expect(field(before.pid, 'NoNewPrivs')).toBe('1');
+    expect(field(before.pid, 'Seccomp')).toBe('2');
     const h = new RunDir(runDir).readHost();
     for (const p of [h.managerRunDir, join(h.managerRunDir, 'clients')]) expect(mode(p)).toBe(0o700);
     // The pair is open in the domain as descriptors 3 and 4 on the manager's client FIFOs.

@@ -105,6 +105,13 @@ async function probe() {
     });
     if (o.tctiPort) await attempt('tpm-command', `127.0.0.1:${o.tctiPort}`, () => tctiCommand(o.tctiPort));
   }
+  // A user namespace would hand it every capability inside, and the kernel surface that comes with them.
+  await attempt('new-user-namespace', 'unshare -U', async () => {
+    const { spawnSync } = await import('node:child_process');
+    const r = spawnSync('unshare', ['-U', 'true'], { encoding: 'utf8' });
+    if (r.status !== 0) throw Object.assign(new Error(r.stderr.trim()), { code: /not permitted/i.test(r.stderr) ? 'EPERM' : 'EUNKNOWN' });
+    return 'created';
+  });
   // dom0's own objects under the hypervisor dir: its memory and its event-channel socket.
   await attempt('open-rw', join(cfg.xenDir, 'dom0.mem'), () => fs.closeSync(fs.openSync(join(cfg.xenDir, 'dom0.mem'), 'r+')));
   await attempt('connect', join(cfg.xenDir, 'dom0.evt'), () => connectUnix(join(cfg.xenDir, 'dom0.evt'), Buffer.from([1, 0])));
