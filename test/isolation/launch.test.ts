@@ -100,6 +100,25 @@ describe('a host started by root, single-VM', () => {
     expect({ uid: rec.uid, mode: rec.mode & 0o777 }).toEqual({ uid: 300007, mode: 0o600 });
   });
 
+  it('suspends and resumes a ring guest under its uid: it rewrites its own record, its PCR survives', async () => {
+    const ringPort = await freePortPair();
+    await vtpm('guest', 'attach', '--run', runDir, '--domid', '8', '--vm', randomUUID(), '--protocol', 'ring', '--tcti-port', String(ringPort));
+    await run('tpm2_startup', ['-c'], { env: tcti(ringPort) });
+    await run('tpm2_pcrextend', [`16:sha256=${'00'.repeat(31)}01`], { env: tcti(ringPort) });
+    const pcr = async (): Promise<string> => (await run('tpm2_pcrread', ['sha256:16'], { env: tcti(ringPort) })).stdout;
+    const before = await pcr();
+    await vtpm('guest', 'suspend', '--run', runDir, '--domid', '8');
+    const rd = new RunDir(runDir);
+    expect(rd.readGuest(8)?.suspended).toBe(true);
+    await vtpm('guest', 'resume', '--run', runDir, '--domid', '8');
+    const g = rd.readGuest(8)!;
+    expect(g.suspended).toBe(false);
+    expect(field(g.pid, 'Uid').split('\t')[0]).toBe('300008');
+    expect(fs.statSync(rd.guestFile(8)).uid).toBe(300008);
+    expect(await pcr()).toBe(before);
+    await vtpm('guest', 'detach', '--run', runDir, '--domid', '8');
+  });
+
   it('never signals a pid a guest wrote into its own record unless that process is the guest', async () => {
     const rd = new RunDir(runDir);
     const bystander = spawn('sleep', ['60'], { stdio: 'ignore' });
