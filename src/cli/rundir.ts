@@ -5,7 +5,7 @@ import { createHash } from 'node:crypto';
 import { join, resolve } from 'node:path';
 
 export interface ProcessEntry {
-  role: 'xenstored' | 'manager' | 'backend' | 'guest' | 'vtpm-domain';
+  role: 'hypervisor' | 'xenstored' | 'manager' | 'backend' | 'guest' | 'vtpm-domain';
   domid: number;
   pid: number;
   [k: string]: unknown;

@@ -4,33 +4,9 @@
 import fs from 'node:fs';
 import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
-import { Hypervisor } from './hypervisor.js';
-import { processAlive } from './proc.js';
+import { Hypervisor, claimPidFile } from './hypervisor.js';
 
 const IDLE_EXIT_MS = 3000;
-
-/** Claim DIR/hypervisor.pid; false when a live hypervisor already holds it. */
-export function claimPidFile(dir: string): boolean {
-  const path = join(dir, 'hypervisor.pid');
-  for (let attempt = 0; attempt < 3; attempt++) {
-    try {
-      const fd = fs.openSync(path, fs.constants.O_WRONLY | fs.constants.O_CREAT | fs.constants.O_EXCL, 0o600);
-      fs.writeSync(fd, String(process.pid));
-      fs.closeSync(fd);
-      return true;
-    } catch {
-      let pid = 0;
-      try {
-        pid = Number(fs.readFileSync(path, 'latin1'));
-      } catch {
-        continue;
-      }
-      if (pid && processAlive(pid)) return false;
-      fs.rmSync(path, { force: true });
-    }
-  }
-  return false;
-}
 
 export async function main(dir: string): Promise<void> {
   fs.mkdirSync(dir, { recursive: true, mode: 0o700 });

@@ -13,6 +13,8 @@ import { EEXIST, EINVAL, ENOSPC, EPERM, ESRCH, HC, HC_MSG, POPULATE_MAX, encodeR
 export { hypervisorSocket };
 import { EVTCHN_PORTS_PER_PAGE, MAX_EVTCHN_PAGES, type DomainGeometry } from './layout.js';
 import { GNTST } from './grant-table.js';
+import { processAlive } from './proc.js';
+import { join } from 'node:path';
 
 const MAX_DOMID = 0x7fef;
 const MAX_GRANT_FRAMES = 16;
@@ -285,3 +287,27 @@ export class Hypervisor {
     fs.rmSync(hypervisorSocket(this.dir), { force: true });
   }
 }
+
+/** Claim DIR/hypervisor.pid; false when a live hypervisor already holds it. */
+export function claimPidFile(dir: string): boolean {
+  const path = join(dir, 'hypervisor.pid');
+  for (let attempt = 0; attempt < 3; attempt++) {
+    try {
+      const fd = fs.openSync(path, fs.constants.O_WRONLY | fs.constants.O_CREAT | fs.constants.O_EXCL, 0o600);
+      fs.writeSync(fd, String(process.pid));
+      fs.closeSync(fd);
+      return true;
+    } catch {
+      let pid = 0;
+      try {
+        pid = Number(fs.readFileSync(path, 'latin1'));
+      } catch {
+        continue;
+      }
+      if (pid && processAlive(pid)) return false;
+      fs.rmSync(path, { force: true });
+    }
+  }
+  return false;
+}
+
