@@ -13,7 +13,7 @@
 import fs from 'node:fs';
 import { dirname, join } from 'node:path';
 import { fileURLToPath } from 'node:url';
-import { domainExists, type Domain } from '../xen/index.js';
+import { createDomainConnection, domainExists, type Domain } from '../xen/index.js';
 import { RingFront } from '../frontend/ring-front.js';
 import type { ManagerClient } from '../manager/client.js';
 import { VtpmDomain } from '../tpm/domain-client.js';
@@ -146,7 +146,10 @@ export class MultiVmVtpms implements VtpmProvider {
     }
     let domain: VtpmDomain;
     try {
+      // dom0 creates the domain and hands its process the connection: it opens nothing of ours.
+      const hvFd = await createDomainConnection({ domid, dir: this.#o.xenDir });
       domain = await VtpmDomain.start({
+        hvFd,
         instance: slot.instance,
         domid,
         version: slot.version,

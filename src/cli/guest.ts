@@ -6,7 +6,7 @@ import { spawn } from 'node:child_process';
 import fs from 'node:fs';
 import { join } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
-import { Domain } from '../xen/index.js';
+import { Domain, createDomainConnection } from '../xen/index.js';
 import { connect } from '../xenstore/client.js';
 import {
   XenbusState,
@@ -66,8 +66,20 @@ export async function guestAttach(o: AttachOptions): Promise<GuestInfo> {
     if (o.tctiPort !== undefined) args.push('--tcti-port', String(o.tctiPort));
     if (o.misbehave) args.push('--misbehave', o.misbehave);
     if (o.workload !== undefined) args.push('--workload', o.workload);
-    const child = spawn(process.execPath, args, { detached: true, stdio: ['ignore', fd, fd], env: { ...process.env, VTPM_XEN_DIR: h.xenDir } });
-    fs.closeSync(fd);
+    // The toolstack creates the domain; the guest gets its hypercall connection as fd 3 and needs no
+    // path under the hypervisor directory.
+    const hvFd = await createDomainConnection({ domid: o.domid, dir: h.xenDir });
+    let child: ReturnType<typeof spawn>;
+    try {
+      child = spawn(process.execPath, args, {
+        detached: true,
+        stdio: ['ignore', fd, fd, hvFd],
+        env: { ...process.env, VTPM_XEN_DIR: h.xenDir, VTPM_HV_FD: '3' },
+      });
+    } finally {
+      fs.closeSync(fd);
+      fs.closeSync(hvFd);
+    }
     child.unref();
     const pid = child.pid ?? -1;
     const start = procStat(pid)?.start;

@@ -1,6 +1,7 @@
 // The backend's handle on a vTPM-domain process: start it, talk to its one TPM, check its health, stop
 // it, and learn at once when it dies (exit or kill -9) — 'crash' for an exit nobody asked for.
 import { spawn, type ChildProcess } from 'node:child_process';
+import fs from 'node:fs';
 import { EventEmitter } from 'node:events';
 import { dirname, join } from 'node:path';
 import { fileURLToPath } from 'node:url';
@@ -20,6 +21,8 @@ export interface DomainStartOptions {
   startTimeoutMs?: number;
   /** Another entry point speaking the same frames (multi-VM mode's ring-attached domain); default domain-main.js with the args above. */
   entry?: { script: string; args: string[] };
+  /** The domain's hypercall connection, handed to the process as fd 3 (VTPM_HV_FD) and closed here. */
+  hvFd?: number;
 }
 
 export interface DomainExit {
@@ -101,7 +104,14 @@ export class VtpmDomain extends EventEmitter implements TpmEndpoint {
     const argv = opts.entry
       ? [opts.entry.script, ...opts.entry.args]
       : [MAIN, '--instance', String(opts.instance), '--domid', String(opts.domid), '--tpm-version', opts.version, '--state-dir', opts.stateDir];
-    const child = spawn(process.execPath, argv, { stdio: ['pipe', 'pipe', 'inherit'], env: engineEnv() });
+    let child: ChildProcess;
+    try {
+      child = opts.hvFd === undefined
+        ? spawn(process.execPath, argv, { stdio: ['pipe', 'pipe', 'inherit'], env: engineEnv() })
+        : spawn(process.execPath, argv, { stdio: ['pipe', 'pipe', 'inherit', opts.hvFd], env: { ...engineEnv(), VTPM_HV_FD: '3' } });
+    } finally {
+      if (opts.hvFd !== undefined) fs.closeSync(opts.hvFd);
+    }
     const dom = new VtpmDomain(opts, child);
     const ready = new Promise<void>((resolve, reject) => {
       const timer = setTimeout(() => {
