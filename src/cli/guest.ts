@@ -69,7 +69,7 @@ export async function guestAttach(o: AttachOptions): Promise<GuestInfo> {
       args.push('--workload', o.workload);
       if (owner !== undefined) giveJournal(o.workload, o.domid, owner);
     }
-    const child = spawnGuestProcess(h, o.domid, args, log);
+    const child = await spawnGuestProcess(h, o.domid, args, log);
     const pid = child.pid ?? -1;
     const start = procStat(pid)?.start;
     const info: GuestInfo = {

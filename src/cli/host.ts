@@ -6,6 +6,7 @@ import { RunDir, alive, type HostInfo, type ProcessEntry } from './rundir.js';
 import { startDaemon, stopProcess, tailFile } from './spawn.js';
 import { decideIsolation, describe, ownsPid, parseUidBase, processUid, secureHost, type Isolation, type IsolationMode } from './isolation.js';
 import { engineEnv } from '../tpm/threadpool.js';
+import { hypervisorSocket } from '../xen/hypercall.js';
 
 export interface HostUpOptions {
   /** auto (default): per-domain uids when root can have them, none otherwise (docs/isolation.md). */
@@ -34,6 +35,9 @@ export async function hostUp(runDir: string, stateDir: string, mode: 'single' | 
   const env = { VTPM_XEN_DIR: h.xenDir };
   const started: ProcessEntry[] = [];
   try {
+    // First: every other process's domain is created by, and lives in, the hypervisor.
+    const hv = await startDaemon(['hypervisor', '--dir', h.xenDir, '--verbose'], rd.log('hypervisor'), /vtpm-hypervisor: ready/, env);
+    started.push({ role: 'hypervisor', domid: 0, pid: hv.pid, socket: hypervisorSocket(h.xenDir) });
     const xs = await startDaemon(
       ['xenstored', '--socket', h.xenstoredSocket, '--domain-socket-dir', h.domainSocketDir, '--verbose', ...uidBaseArg(iso)],
       rd.log('xenstored'),
@@ -47,7 +51,6 @@ export async function hostUp(runDir: string, stateDir: string, mode: 'single' | 
       UV_THREADPOOL_SIZE: '64',
     });
     started.push({ role: 'manager', domid: 0, pid: mgr.pid, run: h.managerRunDir });
-    secureHost(h, 'manager');
     h.processes = started;
     // The backend reads host.json to find the others.
     rd.writeHost(h);
@@ -80,7 +83,7 @@ export async function hostDown(runDir: string): Promise<void> {
       rd.removeGuest(g.domid);
     }),
   );
-  const order: ProcessEntry['role'][] = ['backend', 'manager', 'xenstored'];
+  const order: ProcessEntry['role'][] = ['backend', 'manager', 'xenstored', 'hypervisor'];
   for (const role of order) {
     for (const p of h.processes.filter((q) => q.role === role)) {
       const clean = await stopProcess(p.pid);
@@ -129,7 +132,7 @@ export function register(program: Command): void {
   const host = program.command('host').description('start, stop and inspect the dom0 processes of a host');
   host
     .command('up')
-    .description('start xenstored, the manager and the backend as separate processes; returns when all are ready')
+    .description('start the hypervisor, xenstored, the manager and the backend as separate processes; returns when all are ready')
     .requiredOption('--run <dir>', 'run directory (sockets, FIFOs, logs, host.json)')
     .requiredOption('--state <dir>', 'state directory of the manager (sealed vTPM state, VM table, keys)')
     .option('--mode <mode>', 'single (vTPMs in the backend) or multi (one vTPM-domain process each)', 'single')
@@ -145,7 +148,7 @@ export function register(program: Command): void {
     });
   host
     .command('down')
-    .description('stop guests, backend, manager and xenstored cleanly (vTPM state saved)')
+    .description('stop guests, backend, manager, xenstored and the hypervisor cleanly (vTPM state saved)')
     .requiredOption('--run <dir>', 'run directory of the host')
     .action(async (o: { run: string }) => {
       await hostDown(o.run);

@@ -13,7 +13,7 @@ export type IsolationMode = 'uid' | 'none';
 
 export interface Isolation {
   mode: IsolationMode;
-  /** dom<N> runs as uid/gid uidBase + N (N >= 1); uidBase itself and two ids above the domids are groups. */
+  /** dom<N> runs as uid/gid uidBase + N (N >= 1); two ids above the domids are groups. */
   uidBase: number;
   /** Why the mode is `none` (empty under `uid`). */
   reason: string;
@@ -22,9 +22,7 @@ export interface Isolation {
 /** Above the usual /etc/subuid ranges (100000 + 65536·k for the first users) and below 2^31. */
 export const DEFAULT_UID_BASE = 0x40000000;
 const MAX_DOMID = 0x7fef;
-/** Group of every domain that still opens dom0's objects under the hypervisor dir (memory, evtchn socket). */
-const XEN_GROUP = 0;
-/** Group of vTPM domains: the manager's rendezvous FIFO and client dir, the vTPM-domain register dir. */
+/** Group of vTPM domains: the vTPM-domain register dir. */
 const VTPM_DOMAIN_GROUP = 0x7ff0;
 /** Group of guests: the directory of guest records they rewrite when they suspend. */
 const GUEST_GROUP = 0x7ff1;
@@ -50,7 +48,6 @@ export function domainUid(iso: Isolation, domid: number): number {
   if (!Number.isInteger(domid) || domid < 1 || domid > MAX_DOMID) throw new IsolationError('BAD_DOMID', `no per-domain uid for domid ${domid}`);
   return iso.uidBase + domid;
 }
-export const xenGid = (iso: Isolation): number => iso.uidBase + XEN_GROUP;
 export const vtpmDomainGid = (iso: Isolation): number => iso.uidBase + VTPM_DOMAIN_GROUP;
 export const guestGid = (iso: Isolation): number => iso.uidBase + GUEST_GROUP;
 
@@ -119,7 +116,7 @@ export function domainLaunch(iso: Isolation | undefined, domid: number, role: 'g
   const setpriv = findSetpriv();
   if (!setpriv) throw new IsolationError('NO_SETPRIV', 'setpriv (util-linux) is not installed');
   const uid = domainUid(iso, domid);
-  const groups = [xenGid(iso), role === 'guest' ? guestGid(iso) : vtpmDomainGid(iso)];
+  const groups = [role === 'guest' ? guestGid(iso) : vtpmDomainGid(iso)];
   return {
     file: setpriv,
     args: [
@@ -163,13 +160,14 @@ export function describe(iso: Isolation | undefined): string {
   return `uid (dom<N> runs as uid ${iso.uidBase}+N, no_new_privs, no capabilities, seccomp)`;
 }
 
-/** What `host up` secures, and when: each daemon creates its own objects, which are fixed after it is ready. */
-export type HostPhase = 'dirs' | 'manager' | 'backend';
+/** What `host up` secures, and when: a daemon that creates objects domains use has them fixed once it is ready. */
+export type HostPhase = 'dirs' | 'backend';
 
 /**
- * Modes of the host's files (docs/isolation.md). Always: state dir, logs and the manager's dir 0700,
- * host.json 0600. Under `uid`, the run dir and the xenstore socket dir become 0711 (a domain reaches its
- * own socket by name, lists nothing) and the few shared objects are opened to exactly one group each.
+ * Modes of the host's files (docs/isolation.md). Always: state dir, logs, the manager's dir and the
+ * hypervisor dir 0700, host.json 0600. Under `uid`, the run dir and the xenstore socket dir become 0711
+ * (a domain reaches its own socket by name, lists nothing) and the two shared directories are opened to
+ * exactly one group each. Domains get their memory and event channels as descriptors, never by path.
  */
 export function secureHost(h: HostInfo, phase: HostPhase): void {
   const iso = h.isolation;
@@ -189,20 +187,13 @@ export function secureHost(h: HostInfo, phase: HostPhase): void {
     setMode(h.managerRunDir, 0o700);
     setMode(h.xenDir, 0o700);
     if (!uidMode) return;
-    // Sticky and unlistable: a domain creates its own files (memory, event socket, guest record) and
-    // can neither list nor remove anyone else's.
-    setMode(h.xenDir, 0o1730, xenGid(iso));
+    // Sticky and unlistable: a suspending guest replaces its own record and can neither list nor
+    // replace anyone else's.
     setMode(join(h.runDir, 'guests'), 0o1730, guestGid(iso));
     return;
   }
-  if (!uidMode) return;
-  if (phase === 'backend') {
-    // Until domain memory is handed out by a hypervisor process, a domain binds and notifies dom0's
-    // event channels through dom0's memory file and event socket: those two are the xen group's.
-    optional(join(h.xenDir, 'dom0.mem'), () => setMode(join(h.xenDir, 'dom0.mem'), 0o660, xenGid(iso)));
-    optional(join(h.xenDir, 'dom0.evt'), () => setMode(join(h.xenDir, 'dom0.evt'), 0o660, xenGid(iso)));
-    if (h.mode === 'multi') optional(join(h.runDir, 'vtpm-domains'), () => setMode(join(h.runDir, 'vtpm-domains'), 0o1730, vtpmDomainGid(iso)));
-  }
+  // The backend (re)creates the register dir where each vTPM domain writes its own dom<N>.json.
+  if (uidMode && h.mode === 'multi') optional(join(h.runDir, 'vtpm-domains'), () => setMode(join(h.runDir, 'vtpm-domains'), 0o1730, vtpmDomainGid(iso)));
 }
 
 /** "127.0.0.1", 4321 as /proc/net/tcp writes it: "0100007F:10E1" (address bytes as a host-order word). */

@@ -18,8 +18,8 @@ export async function restartDaemon(run: string, role: 'backend' | 'manager'): P
     role === 'manager'
       ? await startDaemon(['manager', '--state', h.stateDir, '--run', h.managerRunDir], rd.log('manager'), /vtpm-manager: ready/, { ...env, UV_THREADPOOL_SIZE: '64' })
       : await startDaemon(['backend', '--run', rd.dir], rd.log('backend'), /vtpm-backend: ready/, engineEnv({ ...process.env, ...env }));
-  // The new daemon re-created its FIFOs or dom0's memory: give them the modes `host up` gave.
-  secureHost(h, role);
+  // A new backend re-created the vTPM-domain register dir: give it the mode `host up` gave.
+  if (role === 'backend') secureHost(h, 'backend');
   const cur = rd.readHost();
   cur.processes = cur.processes.map((p) => (p.role === role ? { ...p, pid: started.pid } : p));
   rd.writeHost(cur);

@@ -6,7 +6,7 @@ import { join, resolve } from 'node:path';
 import type { Isolation } from './isolation.js';
 
 export interface ProcessEntry {
-  role: 'xenstored' | 'manager' | 'backend' | 'guest' | 'vtpm-domain';
+  role: 'hypervisor' | 'xenstored' | 'manager' | 'backend' | 'guest' | 'vtpm-domain';
   domid: number;
   pid: number;
   [k: string]: unknown;

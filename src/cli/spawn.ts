@@ -7,6 +7,7 @@ import { fileURLToPath } from 'node:url';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { alive, type HostInfo } from './rundir.js';
 import { domainLaunch, domainUid } from './isolation.js';
+import { createDomainConnection } from '../xen/index.js';
 
 export const MAIN_JS = join(dirname(fileURLToPath(import.meta.url)), 'main.js');
 
@@ -45,21 +46,30 @@ export async function startDaemon(args: string[], log: string, ready: RegExp, en
 }
 
 /**
- * Start `vtpm <args>` as domain `domid` (a guest process), detached, output appended to `log` through an
- * inherited descriptor: under `isolation: uid` it runs as the domain's uid and opens nothing of dom0's
- * by path but its own xenstore socket and the hypervisor dir (docs/isolation.md).
+ * Start `vtpm <args>` as guest domain `domid`, detached. The toolstack's part: create the domain at the
+ * hypervisor and hand the guest its hypercall connection as fd 3 (VTPM_HV_FD), its log as stdout and
+ * stderr. Under `isolation: uid` it runs as the domain's uid and opens no path of dom0's but its own
+ * xenstore socket (docs/isolation.md).
  */
-export function spawnGuestProcess(h: HostInfo, domid: number, args: string[], log: string): ChildProcess {
+export async function spawnGuestProcess(h: HostInfo, domid: number, args: string[], log: string): Promise<ChildProcess> {
   fs.mkdirSync(dirname(log), { recursive: true, mode: 0o700 });
   const fd = fs.openSync(log, 'a', 0o600);
+  let hvFd = -1;
   try {
+    hvFd = await createDomainConnection({ domid, dir: h.xenDir });
     const l = domainLaunch(h.isolation, domid, 'guest', process.execPath, [MAIN_JS, ...args]);
     // cwd /: the caller's working directory may be one the domain's uid cannot enter.
-    const child = spawn(l.file, l.args, { detached: true, cwd: '/', stdio: ['ignore', fd, fd], env: { ...process.env, VTPM_XEN_DIR: h.xenDir, VTPM_NO_SETUP: '1' } });
+    const child = spawn(l.file, l.args, {
+      detached: true,
+      cwd: '/',
+      stdio: ['ignore', fd, fd, hvFd],
+      env: { ...process.env, VTPM_XEN_DIR: h.xenDir, VTPM_HV_FD: '3', VTPM_NO_SETUP: '1' },
+    });
     child.unref();
     return child;
   } finally {
     fs.closeSync(fd);
+    if (hvFd >= 0) fs.closeSync(hvFd);
   }
 }
 

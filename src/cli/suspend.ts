@@ -82,7 +82,7 @@ export async function guestResume(o: ResumeOptions): Promise<{ pid: number; ms: 
     const args = ['guest', 'run', '--run', rd.dir, '--domid', String(o.domid), '--protocol', g.protocol, '--devid', String(g.devid), '--resume', '--xs-socket', guestSocket(h, o.domid)];
     if (g.tctiPort !== undefined) args.push('--tcti-port', String(g.tctiPort));
     if (g.workload !== undefined) args.push('--workload', g.workload);
-    const child = spawnGuestProcess(h, o.domid, args, log);
+    const child = await spawnGuestProcess(h, o.domid, args, log);
     const pid = child.pid ?? -1;
     const exited = new Promise<never>((_, reject) =>
       child.once('exit', (code, sig) => reject(new Error(`guest dom${o.domid} exited (${sig ?? code}) before resuming:\n${tailFile(log)}`))),

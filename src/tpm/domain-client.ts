@@ -1,6 +1,7 @@
 // The backend's handle on a vTPM-domain process: start it, talk to its one TPM, check its health, stop
 // it, and learn at once when it dies (exit or kill -9) — 'crash' for an exit nobody asked for.
 import { spawn, type ChildProcess } from 'node:child_process';
+import fs from 'node:fs';
 import { EventEmitter } from 'node:events';
 import { dirname, join } from 'node:path';
 import { fileURLToPath } from 'node:url';
@@ -20,9 +21,11 @@ export interface DomainStartOptions {
   startTimeoutMs?: number;
   /** Another entry point speaking the same frames (multi-VM mode's ring-attached domain); default domain-main.js with the args above. */
   entry?: { script: string; args: string[] };
+  /** The domain's hypercall connection, handed to the process as fd 3 (VTPM_HV_FD) and closed here. */
+  hvFd?: number;
   /** How to exec the domain (e.g. under its own uid, src/cli/isolation.ts); default node directly. */
   launch?: DomainLaunch;
-  /** Descriptors the domain inherits as fds 3, 4, …; `onSpawned` runs once it has them (close yours there). */
+  /** More descriptors the domain inherits, after the hypercall connection (fds 4, 5, …); close yours in `onSpawned`. */
   inheritFds?: number[];
   onSpawned?: () => void;
 }
@@ -110,9 +113,18 @@ export class VtpmDomain extends EventEmitter implements TpmEndpoint {
       ? [opts.entry.script, ...opts.entry.args]
       : [MAIN, '--instance', String(opts.instance), '--domid', String(opts.domid), '--tpm-version', opts.version, '--state-dir', opts.stateDir];
     const l = opts.launch ? opts.launch(opts.domid, process.execPath, argv) : { file: process.execPath, args: argv };
-    // cwd /: a domain under its own uid may not be allowed into the backend's working directory.
-    const child = spawn(l.file, l.args, { stdio: ['pipe', 'pipe', 'inherit', ...(opts.inheritFds ?? [])], env: engineEnv(), cwd: '/' });
-    opts.onSpawned?.();
+    let child: ChildProcess;
+    try {
+      // cwd /: a domain under its own uid may not be allowed into the backend's working directory.
+      child = spawn(l.file, l.args, {
+        stdio: ['pipe', 'pipe', 'inherit', ...(opts.hvFd === undefined ? [] : [opts.hvFd]), ...(opts.inheritFds ?? [])],
+        env: opts.hvFd === undefined ? engineEnv() : { ...engineEnv(), VTPM_HV_FD: '3' },
+        cwd: '/',
+      });
+    } finally {
+      if (opts.hvFd !== undefined) fs.closeSync(opts.hvFd);
+      opts.onSpawned?.();
+    }
     const dom = new VtpmDomain(opts, child);
     const ready = new Promise<void>((resolve, reject) => {
       const timer = setTimeout(() => {

@@ -12,6 +12,8 @@ import { RunDir, type HostInfo } from '../../src/cli/rundir.js';
 import { domainLaunch } from '../../src/cli/isolation.js';
 import { guestDetach } from '../../src/cli/guest.js';
 import { connect } from '../../src/xenstore/client.js';
+import { createDomainConnection } from '../../src/xen/index.js';
+import { hypervisorSocket } from '../../src/xen/hypercall.js';
 import { writeDeviceDirectories } from '../../src/xenstore/xenbus.js';
 
 export const RAW_GUEST = join(ROOT, 'test/isolation/raw-guest.mjs');
@@ -144,12 +146,22 @@ export async function runRawGuest(host: IsolatedHost, domid: number, mode: strin
     logDir: rd.logDir,
     guestDir: rd.guestDir,
     xenDir: h.xenDir,
+    // What is in the hypervisor dir, as root sees it (the guest cannot list it).
+    xenFiles: fs.readdirSync(h.xenDir),
+    hypervisorSocket: hypervisorSocket(h.xenDir),
     domainSocketDir: h.domainSocketDir,
     others: host.good.map((g) => ({ domid: g.domid, xsSocket: join(h.domainSocketDir, `dom${g.domid}.sock`), tctiPort: g.port })),
     pids: [...daemons(host), ...host.good.map((g) => ({ role: `guest dom${g.domid}`, pid: g.pid }))],
   };
+  // As the toolstack does: the domain is created at the hypervisor, its connection is the guest's fd 3.
+  const hvFd = await createDomainConnection({ domid, dir: h.xenDir });
   const l = domainLaunch(h.isolation, domid, 'guest', process.execPath, [RAW_GUEST, JSON.stringify(cfg)]);
-  const child = spawn(l.file, l.args, { cwd: '/', stdio: ['ignore', 'pipe', 'pipe'], env: { ...process.env, VTPM_XEN_DIR: h.xenDir } });
+  let child;
+  try {
+    child = spawn(l.file, l.args, { cwd: '/', stdio: ['ignore', 'pipe', 'pipe', hvFd], env: { ...process.env, VTPM_XEN_DIR: h.xenDir, VTPM_HV_FD: '3' } });
+  } finally {
+    fs.closeSync(hvFd);
+  }
   const lines: Outcome[] = [];
   let stderr = '';
   child.stderr.on('data', (d: Buffer) => (stderr += d.toString()));

@@ -88,9 +88,6 @@ async function probe() {
   }
   for (const o of cfg.others) {
     await attempt('connect', o.xsSocket, () => connectUnix(o.xsSocket, Buffer.from('01000000', 'hex')));
-    await attempt('open-rw', join(cfg.xenDir, `dom${o.domid}.mem`), () => fs.closeSync(fs.openSync(join(cfg.xenDir, `dom${o.domid}.mem`), 'r+')));
-    await attempt('open-ro', join(cfg.xenDir, `dom${o.domid}.mem`), () => fs.closeSync(fs.openSync(join(cfg.xenDir, `dom${o.domid}.mem`), 'r')));
-    await attempt('connect', join(cfg.xenDir, `dom${o.domid}.evt`), () => connectUnix(join(cfg.xenDir, `dom${o.domid}.evt`), Buffer.from([1, 0])));
     await attempt('read', join(cfg.guestDir, `dom${o.domid}.json`), () => fs.readFileSync(join(cfg.guestDir, `dom${o.domid}.json`), 'utf8').length);
     // Replace another guest's record (its pid is what `host down` signals).
     await attempt('replace', join(cfg.guestDir, `dom${o.domid}.json`), () => {
@@ -112,9 +109,13 @@ async function probe() {
     if (r.status !== 0) throw Object.assign(new Error(r.stderr.trim()), { code: /not permitted/i.test(r.stderr) ? 'EPERM' : 'EUNKNOWN' });
     return 'created';
   });
-  // dom0's own objects under the hypervisor dir: its memory and its event-channel socket.
-  await attempt('open-rw', join(cfg.xenDir, 'dom0.mem'), () => fs.closeSync(fs.openSync(join(cfg.xenDir, 'dom0.mem'), 'r+')));
-  await attempt('connect', join(cfg.xenDir, 'dom0.evt'), () => connectUnix(join(cfg.xenDir, 'dom0.evt'), Buffer.from([1, 0])));
+  // Whatever the hypervisor dir holds (domains' memory and sockets, the hypervisor's own socket).
+  for (const f of cfg.xenFiles) {
+    const p = join(cfg.xenDir, f);
+    await attempt('open-rw', p, () => fs.closeSync(fs.openSync(p, 'r+')));
+    await attempt('connect', p, () => connectUnix(p, Buffer.alloc(32)));
+  }
+  await attempt('connect', cfg.hypervisorSocket, () => connectUnix(cfg.hypervisorSocket, Buffer.alloc(16)));
   for (const p of cfg.pids) {
     await attempt('list', `/proc/${p.pid}/fd (${p.role})`, () => fs.readdirSync(`/proc/${p.pid}/fd`).length);
     await attempt('open-rw', `/proc/${p.pid}/mem (${p.role})`, () => fs.closeSync(fs.openSync(`/proc/${p.pid}/mem`, 'r+')));
@@ -244,10 +245,10 @@ async function halfFrames() {
       });
     });
   // Its own xenstore socket: 10 bytes of a header; then a header promising 4096 bytes and 100 of them.
-  out(await hold(cfg.xsSocket, Buffer.from('0b0000000100000000', 'hex').subarray(0, 10)));
+  out(await hold(cfg.xsSocket, Buffer.from('0b000000010000000000', 'hex')));
   out(await hold(cfg.xsSocket, Buffer.concat([xsFrame(XS_WRITE, 2, 0, Buffer.alloc(0)).subarray(0, 12), Buffer.from([0, 16, 0, 0]), Buffer.alloc(100, 0x61)])));
-  // Event-channel sockets: half of a 4-byte port number.
-  for (const d of [0, ...cfg.others.map((o) => o.domid)]) out(await hold(join(cfg.xenDir, `dom${d}.evt`), Buffer.from([1, 0])));
+  // The hypervisor's socket and everything else in its dir: half of a 32-byte hypercall.
+  for (const p of [cfg.hypervisorSocket, ...cfg.xenFiles.map((f) => join(cfg.xenDir, f))]) out(await hold(p, Buffer.alloc(13, 1)));
   // Others' TCTI ports: half a TPM command header.
   for (const o of cfg.others) {
     if (!o.tctiPort) continue;
@@ -309,6 +310,7 @@ async function scribble() {
   const g = dom.views.grant32;
   for (let i = 0; i < g.length; i++) g[i] = rnd(2 ** 32) | 0;
   for (let gfn = 0; gfn < dom.geometry.nrPages; gfn++) {
+    if (typeof dom.populated === 'function' && !dom.populated(gfn)) continue;
     const f = dom.frames(gfn);
     for (let k = 0; k < 64; k++) f[rnd(f.length)] = rnd(256);
     new DataView(f.buffer, f.byteOffset, 16).setUint32(0, rnd(2 ** 32), true);
