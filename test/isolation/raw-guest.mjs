@@ -64,6 +64,30 @@ function tctiCommand(port) {
   });
 }
 
+function tctiControl(port) {
+  return new Promise((resolve, reject) => {
+    const s = net.createConnection({ host: '127.0.0.1', port });
+    const timer = setTimeout(() => {
+      s.destroy();
+      reject(Object.assign(new Error('no answer'), { code: 'ECONNRESET' }));
+    }, 3000);
+    s.once('error', (e) => {
+      clearTimeout(timer);
+      reject(e);
+    });
+    s.on('data', (d) => {
+      clearTimeout(timer);
+      s.destroy();
+      resolve(`answer ${d.toString('hex')}`);
+    });
+    s.on('close', () => {
+      clearTimeout(timer);
+      reject(Object.assign(new Error('closed without an answer'), { code: 'ECONNRESET' }));
+    });
+    s.on('connect', () => s.write(Buffer.from('00000001', 'hex')));
+  });
+}
+
 async function probe() {
   // A positive control: the guest does reach its own xenstore socket.
   await attempt('own-xenstore', cfg.xsSocket, () => connectUnix(cfg.xsSocket));
@@ -100,7 +124,11 @@ async function probe() {
         throw err;
       }
     });
-    if (o.tctiPort) await attempt('tpm-command', `127.0.0.1:${o.tctiPort}`, () => tctiCommand(o.tctiPort));
+    if (o.tctiPort) {
+      await attempt('tpm-command', `127.0.0.1:${o.tctiPort}`, () => tctiCommand(o.tctiPort));
+      // The control port: CMD_GET_CAPABILITY (swtpm control protocol, u32 BE 1) answers 8 bytes.
+      await attempt('tpm-command', `127.0.0.1:${o.tctiPort + 1}`, () => tctiControl(o.tctiPort + 1));
+    }
   }
   // A user namespace would hand it every capability inside, and the kernel surface that comes with them.
   await attempt('new-user-namespace', 'unshare -U', async () => {
