@@ -61,6 +61,8 @@ export async function guestAttach(o: AttachOptions): Promise<GuestInfo> {
       extra: { backend: { 'tpm-version': o.version ?? '2.0' } },
     });
     const log = rd.log(`guest-${o.domid}`);
+    // The log is appended to by every incarnation of this domid: look only at what this one writes.
+    const logStart = fileSize(log);
     const owner = guestOwner(h, o.domid);
     const args = ['guest', 'run', '--run', rd.dir, '--domid', String(o.domid), '--protocol', protocol, '--devid', String(devid), '--xs-socket', guestSocket(h, o.domid)];
     if (o.tctiPort !== undefined) args.push('--tcti-port', String(o.tctiPort));
@@ -89,7 +91,7 @@ export async function guestAttach(o: AttachOptions): Promise<GuestInfo> {
     try {
       await Promise.race([waitForState(xs, dev.frontend, (s) => s === XenbusState.Connected, { timeoutMs: o.timeoutMs ?? 30_000 }), exited]);
       // The guest reports its TCTI bridge ready in its log; wait for that too so callers can use it.
-      if (o.tctiPort !== undefined) await waitForLine(log, new RegExp(`tcti bridge listening on 127\\.0\\.0\\.1:${o.tctiPort}`), pid);
+      if (o.tctiPort !== undefined) await waitForLine(log, new RegExp(`tcti bridge listening on 127\\.0\\.0\\.1:${o.tctiPort}`), pid, logStart);
     } catch (err) {
       await stopProcess(pid, 2000);
       rd.removeGuest(o.domid);
@@ -111,10 +113,18 @@ function giveJournal(specFile: string, domid: number, owner: number): void {
   fs.chownSync(file, owner, owner);
 }
 
-async function waitForLine(file: string, re: RegExp, pid: number, timeoutMs = 15_000): Promise<void> {
+function fileSize(file: string): number {
+  try {
+    return fs.statSync(file).size;
+  } catch {
+    return 0;
+  }
+}
+
+async function waitForLine(file: string, re: RegExp, pid: number, from: number, timeoutMs = 15_000): Promise<void> {
   const deadline = Date.now() + timeoutMs;
   while (Date.now() < deadline) {
-    if (re.test(fs.readFileSync(file, 'utf8'))) return;
+    if (re.test(fs.readFileSync(file).subarray(from).toString('utf8'))) return;
     if (!alive(pid)) throw new Error(`guest exited:\n${tailFile(file)}`);
     await sleep(20);
   }
