@@ -11,6 +11,7 @@ import { freePortPair } from '../../src/cli/ports.js';
 import { RunDir, type HostInfo } from '../../src/cli/rundir.js';
 import { domainLaunch } from '../../src/cli/isolation.js';
 import { guestDetach } from '../../src/cli/guest.js';
+import { hostStatus } from '../../src/cli/host.js';
 import { connect } from '../../src/xenstore/client.js';
 import { createDomainConnection } from '../../src/xen/index.js';
 import { hypervisorSocket } from '../../src/xen/hypercall.js';
@@ -120,6 +121,13 @@ export function daemons(host: IsolatedHost): { role: string; pid: number }[] {
   return new RunDir(host.runDir).readHost().processes.map((p) => ({ role: p.role, pid: p.pid }));
 }
 
+/** vTPM-domain processes (multi-VM mode): other domains, each under its own uid. */
+export function vtpmDomains(host: IsolatedHost): { role: string; pid: number }[] {
+  return hostStatus(host.runDir)
+    .processes.filter((p) => p.role === 'vtpm-domain' && p.alive)
+    .map((p) => ({ role: `vtpm-domain dom${p.domid}`, pid: p.pid }));
+}
+
 /**
  * Introduce dom<domid> and write its vTPM device directories as `guest attach` does, then run the raw
  * guest as that domain (its own uid) until it exits; resolves with every line it printed.
@@ -151,7 +159,7 @@ export async function runRawGuest(host: IsolatedHost, domid: number, mode: strin
     hypervisorSocket: hypervisorSocket(h.xenDir),
     domainSocketDir: h.domainSocketDir,
     others: host.good.map((g) => ({ domid: g.domid, xsSocket: join(h.domainSocketDir, `dom${g.domid}.sock`), tctiPort: g.port })),
-    pids: [...daemons(host), ...host.good.map((g) => ({ role: `guest dom${g.domid}`, pid: g.pid }))],
+    pids: [...daemons(host), ...host.good.map((g) => ({ role: `guest dom${g.domid}`, pid: g.pid })), ...vtpmDomains(host)],
   };
   // As the toolstack does: the domain is created at the hypervisor, its connection is the guest's fd 3.
   const hvFd = await createDomainConnection({ domid, dir: h.xenDir });

@@ -1,17 +1,18 @@
 // The raw hostile guest (raw-guest.mjs) as a real guest under its own uid, next to two well-behaved
-// guests running TPM commands: every path and descriptor of dom0 and of the other domains is refused,
-// the others' commands keep completing (none slower than 2 s), no daemon dies or grows past 64 MiB.
+// guests running TPM commands, on a multi-VM host (each vTPM in its own vTPM-domain process, another
+// uid again): every path and descriptor of dom0 and of the other domains is refused, the others'
+// commands keep completing (none slower than 2 s), no daemon dies or grows past 64 MiB.
 import { afterAll, beforeAll, beforeEach, describe, expect, it } from 'vitest';
 import { alive } from '../../src/cli/rundir.js';
 import { connect } from '../../src/xenstore/client.js';
-import { daemons, rss, runRawGuest, startHost, stopHost, type IsolatedHost, type Outcome } from './harness.js';
+import { daemons, rss, runRawGuest, startHost, stopHost, vtpmDomains, type IsolatedHost, type Outcome } from './harness.js';
 
 let host: IsolatedHost;
 let rssBefore = new Map<number, number>();
 let nextDomid = 20;
 
 beforeAll(async () => {
-  host = await startHost();
+  host = await startHost('multi');
 });
 
 afterAll(async () => {
@@ -56,6 +57,9 @@ describe('a raw guest under its own uid', () => {
     // The hypervisor dir is the next case; TCTI ports the one after.
     const cases = probe.filter((o) => !['own-xenstore', 'done', 'tpm-command'].includes(o.case) && !inXenDir(o));
     expect(cases.length).toBeGreaterThan(40);
+    // The good guests' vTPM domains were among the targets.
+    expect(vtpmDomains(host).length).toBeGreaterThanOrEqual(2);
+    expect(cases.filter((o) => /\(vtpm-domain dom\d+\)$/.test(o.target ?? '')).length).toBeGreaterThanOrEqual(8);
     const through = cases.filter((o) => o.outcome !== 'refused');
     expect(through.map(show)).toEqual([]);
     await othersUnharmed();
