@@ -84,23 +84,28 @@ export async function startHost(mode: 'single' | 'multi' = 'single'): Promise<Is
   const work = fs.mkdtempSync('/var/tmp/vtpm-iso-');
   fs.chmodSync(work, 0o711);
   const runDir = join(work, 'run');
-  await vtpm('host', 'up', '--run', runDir, '--state', join(work, 'state'), '--mode', mode, '--isolation', 'uid');
   const good: IsolatedHost['good'] = [];
   const loads: Load[] = [];
-  for (const [domid, protocol] of [
-    [1, 'v2'],
-    [2, 'ring'],
-  ] as const) {
-    const port = await freePortPair();
-    await vtpm('guest', 'attach', '--run', runDir, '--domid', String(domid), '--vm', randomUUID(), '--protocol', protocol, '--tcti-port', String(port));
-    await run('tpm2_startup', ['-c'], { env: { ...process.env, TPM2TOOLS_TCTI: `swtpm:host=127.0.0.1,port=${port}` } });
-    good.push({ domid, port, pid: new RunDir(runDir).readGuest(domid)!.pid });
-    loads.push(new Load(domid, await DataClient.connect(port)));
+  try {
+    await vtpm('host', 'up', '--run', runDir, '--state', join(work, 'state'), '--mode', mode, '--isolation', 'uid');
+    for (const [domid, protocol] of [
+      [1, 'v2'],
+      [2, 'ring'],
+    ] as const) {
+      const port = await freePortPair();
+      await vtpm('guest', 'attach', '--run', runDir, '--domid', String(domid), '--vm', randomUUID(), '--protocol', protocol, '--tcti-port', String(port));
+      await run('tpm2_startup', ['-c'], { env: { ...process.env, TPM2TOOLS_TCTI: `swtpm:host=127.0.0.1,port=${port}` } });
+      good.push({ domid, port, pid: new RunDir(runDir).readGuest(domid)!.pid });
+      loads.push(new Load(domid, await DataClient.connect(port)));
+    }
+  } catch (err) {
+    await stopHost({ work, runDir, loads });
+    throw err;
   }
   return { work, runDir, h: new RunDir(runDir).readHost(), loads, good };
 }
 
-export async function stopHost(host: IsolatedHost | undefined): Promise<void> {
+export async function stopHost(host: Pick<IsolatedHost, 'work' | 'runDir' | 'loads'> | undefined): Promise<void> {
   if (!host) return;
   await Promise.all(host.loads.map((l) => l.stop()));
   await vtpm('host', 'down', '--run', host.runDir).catch(() => {});

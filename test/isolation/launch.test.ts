@@ -41,17 +41,20 @@ describe('decideIsolation', () => {
 });
 
 describe('a host started by root, single-VM', () => {
-  const work = reachableWork();
-  const runDir = join(work, 'run');
+  let work = '';
+  let runDir = '';
   let port = 0;
 
   beforeAll(async () => {
+    work = reachableWork();
+    runDir = join(work, 'run');
     await vtpm('host', 'up', '--run', runDir, '--state', join(work, 'state'), '--uid-base', '300000');
     port = await freePortPair();
     await vtpm('guest', 'attach', '--run', runDir, '--domid', '7', '--vm', randomUUID(), '--tcti-port', String(port));
   });
 
   afterAll(async () => {
+    if (!work) return;
     await vtpm('host', 'down', '--run', runDir).catch(() => {});
     fs.rmSync(work, { recursive: true, force: true });
   });
@@ -137,11 +140,13 @@ describe('a host started by root, single-VM', () => {
 });
 
 describe('a host started by root, multi-VM', () => {
-  const work = reachableWork();
-  const runDir = join(work, 'run');
+  let work = '';
+  let runDir = '';
   let port = 0;
 
   beforeAll(async () => {
+    work = reachableWork();
+    runDir = join(work, 'run');
     await vtpm('host', 'up', '--run', runDir, '--state', join(work, 'state'), '--mode', 'multi', '--uid-base', '400000');
     port = await freePortPair();
     await vtpm('guest', 'attach', '--run', runDir, '--domid', '3', '--vm', randomUUID(), '--tcti-port', String(port));
@@ -149,6 +154,7 @@ describe('a host started by root, multi-VM', () => {
   });
 
   afterAll(async () => {
+    if (!work) return;
     await vtpm('host', 'down', '--run', runDir).catch(() => {});
     fs.rmSync(work, { recursive: true, force: true });
   });
@@ -179,12 +185,14 @@ describe('a host started by root, multi-VM', () => {
 });
 
 describe('a host started by a user other than root', () => {
-  const work = reachableWork();
-  const runDir = join(work, 'run');
+  let work = '';
+  let runDir = '';
   // nobody: owns the run and state dirs it is given, and nothing else.
   const nobody = 65534;
 
   beforeAll(() => {
+    work = reachableWork();
+    runDir = join(work, 'run');
     fs.mkdirSync(runDir);
     fs.mkdirSync(join(work, 'state'));
     fs.chownSync(runDir, nobody, nobody);
@@ -192,6 +200,7 @@ describe('a host started by a user other than root', () => {
   });
 
   afterAll(async () => {
+    if (!work) return;
     await asNobody('host', 'down', '--run', runDir).catch(() => {});
     fs.rmSync(work, { recursive: true, force: true });
   });
