@@ -19,7 +19,7 @@ import { TpmFront, type Protocol } from '../frontend/tpmfront.js';
 import { MISBEHAVIOURS, misbehave, type Misbehaviour } from '../frontend/hostile.js';
 import { RunDir, alive, procStat, type GuestInfo } from './rundir.js';
 import { guestOwner, guestSocket, spawnGuestProcess, stopProcess, tailFile } from './spawn.js';
-import { ownUidOrRoot, ownsPid } from './isolation.js';
+import { domainProcesses, ownUidOrRoot } from './isolation.js';
 import { journalPath, type WorkloadSpec } from './stress-workload.js';
 import { onStop } from './lifecycle.js';
 import { registerSuspend, runSession } from './suspend.js';
@@ -153,7 +153,7 @@ export async function guestDetach(run: string, domid: number, timeoutMs = 15_000
   } finally {
     await xs.close();
   }
-  if (g && ownsPid(h.isolation, domid, g.pid)) await stopProcess(g.pid, 10_000);
+  await Promise.all(domainProcesses(h.isolation, domid, g?.pid).map((pid) => stopProcess(pid, 10_000)));
   rd.removeGuest(domid);
 }
 

@@ -4,7 +4,7 @@ import type { Command } from 'commander';
 import fs from 'node:fs';
 import { RunDir, alive, type HostInfo, type ProcessEntry } from './rundir.js';
 import { startDaemon, stopProcess, tailFile } from './spawn.js';
-import { decideIsolation, describe, ownsPid, parseUidBase, processUid, secureHost, type Isolation, type IsolationMode } from './isolation.js';
+import { decideIsolation, describe, domainProcesses, parseUidBase, processUid, secureHost, type Isolation, type IsolationMode } from './isolation.js';
 import { engineEnv } from '../tpm/threadpool.js';
 import { hypervisorSocket } from '../xen/hypercall.js';
 
@@ -78,8 +78,8 @@ export async function hostDown(runDir: string): Promise<void> {
   // its vTPMs), then the manager, then xenstored.
   await Promise.all(
     rd.guests().map(async (g) => {
-      // A guest rewrites its own record: signal its pid only if that process is the guest's.
-      if (ownsPid(h.isolation, g.domid, g.pid)) await stopProcess(g.pid, 10_000);
+      // A guest rewrites its own record: its pid there is not what identifies its processes.
+      await Promise.all(domainProcesses(h.isolation, g.domid, g.pid).map((pid) => stopProcess(pid, 10_000)));
       rd.removeGuest(g.domid);
     }),
   );

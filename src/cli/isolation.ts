@@ -146,12 +146,18 @@ export function processUid(pid: number): number | null {
 }
 
 /**
- * Whether `pid` may be signalled as domain `domid`'s process. Guest records are written by the guests
- * themselves, so under `uid` a pid in one is trusted only if that process runs as the domain's uid.
+ * The processes of domain `domid`, as destroying the domain must stop them: under `uid`, every process
+ * running as the domain's uid (a pid in a guest-written record proves nothing); otherwise the recorded
+ * pid, the only handle there is.
  */
-export function ownsPid(iso: Isolation | undefined, domid: number, pid: number): boolean {
-  if (!iso || iso.mode === 'none') return true;
-  return processUid(pid) === domainUid(iso, domid);
+export function domainProcesses(iso: Isolation | undefined, domid: number, recorded: number | undefined): number[] {
+  if (!iso || iso.mode === 'none') return recorded !== undefined && recorded > 0 ? [recorded] : [];
+  const uid = domainUid(iso, domid);
+  const pids: number[] = [];
+  for (const name of fs.readdirSync('/proc')) {
+    if (/^\d+$/.test(name) && processUid(Number(name)) === uid) pids.push(Number(name));
+  }
+  return pids;
 }
 
 /** Describe the isolation for `host status`. */

@@ -9,7 +9,7 @@ import fs from 'node:fs';
 import os from 'node:os';
 import { join } from 'node:path';
 import { freePortPair } from '../../src/cli/ports.js';
-import { RunDir } from '../../src/cli/rundir.js';
+import { RunDir, alive } from '../../src/cli/rundir.js';
 import { DEFAULT_UID_BASE, IsolationError, decideIsolation } from '../../src/cli/isolation.js';
 import { ROOT } from '../helpers/child.js';
 import { run, status, tcti, vtpm } from '../multivm/host.js';
@@ -123,18 +123,20 @@ describe('a host started by root, single-VM', () => {
     await vtpm('guest', 'detach', '--run', runDir, '--domid', '8');
   });
 
-  it('never signals a pid a guest wrote into its own record unless that process is the guest', async () => {
+  it('stops the processes of the guest on detach, not the pid the guest wrote into its own record', async () => {
     const rd = new RunDir(runDir);
     const bystander = spawn('sleep', ['60'], { stdio: 'ignore' });
+    const g = rd.readGuest(7)!;
     try {
-      const g = rd.readGuest(7)!;
       // What a hostile guest can do: rewrite its own record (it owns the file) to name another process.
       rd.writeGuest({ ...g, pid: bystander.pid! }, 300007);
       await vtpm('guest', 'detach', '--run', runDir, '--domid', '7');
       expect(bystander.exitCode).toBeNull();
       expect(bystander.signalCode).toBeNull();
+      expect(alive(g.pid, g.start)).toBe(false);
     } finally {
       bystander.kill('SIGKILL');
+      if (alive(g.pid, g.start)) process.kill(g.pid, 'SIGKILL');
     }
   });
 });
