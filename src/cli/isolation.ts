@@ -1,9 +1,9 @@
 // The process boundary of a host (docs/isolation.md): every guest and every vTPM domain runs under its
-// own uid and gid (base + domid), with no_new_privs, no capabilities and no supplementary groups but the
-// ones named here; the state dir, the run dir's records, the dom0 xenstore socket and the manager's
-// console FIFOs stay root-only. Only root can hand out uids, so a host started by anyone else runs with
-// `isolation: none` and says so. The uid switch happens in util-linux setpriv before exec, so a domain
-// process never runs a line of its own code with dom0's identity.
+// own uid and gid (base + domid), with no_new_privs, no capabilities, one supplementary group named here
+// and a seccomp filter; the state dir, host.json, the logs, the dom0 xenstore socket, the hypervisor dir
+// and the manager's FIFOs stay root-only. Only root can hand out uids, so a host started by anyone else
+// runs with `isolation: none` and says so. The uid switch happens in util-linux setpriv before exec, so a
+// domain process never runs a line of its own code with dom0's identity.
 import fs from 'node:fs';
 import { dirname, join } from 'node:path';
 import { fileURLToPath, pathToFileURL } from 'node:url';
