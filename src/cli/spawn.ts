@@ -46,24 +46,24 @@ export async function startDaemon(args: string[], log: string, ready: RegExp, en
 }
 
 /**
- * Start `vtpm <args>` as guest domain `domid`, detached, its log as stdout and stderr. Under `isolation:
- * uid` it runs as the domain's uid and cannot reach the hypervisor's socket: the toolstack creates the
- * domain and hands the guest its hypercall connection as fd 3 (VTPM_HV_FD). Without isolation the guest
- * creates its domain itself when it starts, so the domain exists only while its process does.
+ * Start `vtpm <args>` as guest domain `domid`, detached. The toolstack's part: create the domain at the
+ * hypervisor and hand the guest its hypercall connection as fd 3 (VTPM_HV_FD), its log as stdout and
+ * stderr. Under `isolation: uid` it runs as the domain's uid and opens no path of dom0's but its own
+ * xenstore socket (docs/isolation.md).
  */
 export async function spawnGuestProcess(h: HostInfo, domid: number, args: string[], log: string): Promise<ChildProcess> {
   fs.mkdirSync(dirname(log), { recursive: true, mode: 0o700 });
   const fd = fs.openSync(log, 'a', 0o600);
   let hvFd = -1;
   try {
-    if (h.isolation?.mode === 'uid') hvFd = await createDomainConnection({ domid, dir: h.xenDir });
+    hvFd = await createDomainConnection({ domid, dir: h.xenDir });
     const l = domainLaunch(h.isolation, domid, 'guest', process.execPath, [MAIN_JS, ...args]);
     // cwd /: the caller's working directory may be one the domain's uid cannot enter.
     const child = spawn(l.file, l.args, {
       detached: true,
       cwd: '/',
-      stdio: ['ignore', fd, fd, ...(hvFd >= 0 ? [hvFd] : [])],
-      env: { ...process.env, VTPM_XEN_DIR: h.xenDir, VTPM_NO_SETUP: '1', ...(hvFd >= 0 ? { VTPM_HV_FD: '3' } : {}) },
+      stdio: ['ignore', fd, fd, hvFd],
+      env: { ...process.env, VTPM_XEN_DIR: h.xenDir, VTPM_HV_FD: '3', VTPM_NO_SETUP: '1' },
     });
     child.unref();
     return child;

@@ -262,6 +262,11 @@ export class Hypervisor {
       for (let i = 0; i < n; i++) g?.unpin(ref, ro === 1);
     }
     d.mapped.clear();
+    // Others' mappings of this domain's grants end with it: an unmap arriving later must not unpin an
+    // entry of a new domain given the same domid (it would wrap its pin count and refuse every map).
+    for (const o of this.#domains.values()) {
+      for (const key of [...o.mapped.keys()]) if (key.startsWith(`${d.domid}:`)) o.mapped.delete(key);
+    }
     for (const p of [...d.ports.values()]) this.#closePort(d, p);
     d.destroy();
     this.#o.log?.(`dom${d.domid} destroyed`);
