@@ -28,6 +28,11 @@ export const ECS_interdomain = 2;
 export const CHANNEL_WORD_STRIDE = 64;
 
 const MAX_PIN = 0xffff;
+/**
+ * Descriptors the hypervisor keeps for one domain (frames, and three per channel it allocated): a domain
+ * past it gets ENOMEM, so no guest can exhaust the hypervisor's descriptors for the others.
+ */
+export const MAX_OBJECTS_PER_DOMAIN = 1024;
 
 /** One event channel: a page holding both ends' pending/mask words and a socketpair for wake-ups. */
 export class Channel {
@@ -36,7 +41,11 @@ export class Channel {
   /** The port holding each end, 0 while that end is free. */
   readonly holder: [Port | null, Port | null] = [null, null];
 
-  constructor() {
+  /** The domain that allocated it, which its descriptors are counted against. */
+  readonly owner: HvDomain;
+
+  constructor(owner: HvDomain) {
+    this.owner = owner;
     this.page = memfdSealed('evtchn', PAGE_SIZE);
     try {
       this.socks = socketPair();
@@ -44,6 +53,7 @@ export class Channel {
       closeFd(this.page);
       throw err;
     }
+    owner.objects += 3;
   }
 
   /** Set end `end`'s word to pending and unmasked (a port that starts bound starts pending). */
@@ -54,6 +64,7 @@ export class Channel {
   }
 
   destroy(): void {
+    this.owner.objects -= 3;
     closeFd(this.page);
     closeFd(this.socks[0]);
     closeFd(this.socks[1]);
@@ -84,6 +95,8 @@ export class HvDomain {
   readonly ports = new Map<number, Port>();
   /** Grants this domain has mapped: "granter:ref:ro" -> how many times. */
   readonly mapped = new Map<string, number>();
+  /** Descriptors held on this domain's behalf (its frames, the channels it allocated). */
+  objects = 0;
 
   constructor(domid: number, g: DomainGeometry, maxPorts: number) {
     this.domid = domid;
@@ -110,9 +123,10 @@ export class HvDomain {
     if (!Number.isInteger(gfn) || gfn < 0 || gfn >= this.geometry.nrPages) return null;
     let fd = this.frames.get(gfn);
     if (fd === undefined) {
-      if (!populate) return null;
+      if (!populate || this.objects + 1 > MAX_OBJECTS_PER_DOMAIN) return null;
       fd = memfdSealed(`dom${this.domid}-gfn${gfn}`, PAGE_SIZE);
       this.frames.set(gfn, fd);
+      this.objects++;
     }
     return fd;
   }

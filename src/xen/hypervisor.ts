@@ -7,8 +7,9 @@
 import fs from 'node:fs';
 import net from 'node:net';
 import { sendWithFds, closeFd, socketPair } from '../../native/unix-rights.js';
-import { Channel, ECS_interdomain, ECS_unbound, HvDomain, type Port } from './hv-domain.js';
-import { EEXIST, EINVAL, ENOSPC, EPERM, ESRCH, HC, HC_MSG, POPULATE_MAX, encodeReply, hypervisorSocket } from './hypercall.js';
+import { raiseFdLimit } from '../../native/libc.js';
+import { Channel, ECS_interdomain, ECS_unbound, HvDomain, MAX_OBJECTS_PER_DOMAIN, type Port } from './hv-domain.js';
+import { EEXIST, EINVAL, ENOMEM, ENOSPC, EPERM, ESRCH, HC, HC_MSG, POPULATE_MAX, encodeReply, hypervisorSocket } from './hypercall.js';
 
 export { hypervisorSocket };
 import { EVTCHN_PORTS_PER_PAGE, MAX_EVTCHN_PAGES, type DomainGeometry } from './layout.js';
@@ -55,6 +56,8 @@ export class Hypervisor {
   }
 
   async listen(): Promise<void> {
+    // One descriptor per populated frame and three per channel: bounded per domain, not per host.
+    raiseFdLimit(1 << 20);
     fs.mkdirSync(this.dir, { recursive: true, mode: 0o700 });
     const path = hypervisorSocket(this.dir);
     fs.rmSync(path, { force: true });
@@ -157,7 +160,11 @@ export class Hypervisor {
         const [gfn, count] = a as [number, number];
         if (count < 1 || count > POPULATE_MAX || gfn + count > d.geometry.nrPages) return { status: -EINVAL };
         const fds: number[] = [];
-        for (let i = 0; i < count; i++) fds.push(d.frame(gfn + i, true)!);
+        for (let i = 0; i < count; i++) {
+          const fd = d.frame(gfn + i, true);
+          if (fd === null) return { status: -ENOMEM };
+          fds.push(fd);
+        }
         return { status: 0, fds };
       }
       case HC.map_grant:
@@ -175,7 +182,8 @@ export class Hypervisor {
       case HC.evtchn_alloc_unbound: {
         const port = d.freePort();
         if (!port) return { status: -ENOSPC };
-        const chan = new Channel();
+        if (d.objects + 3 > MAX_OBJECTS_PER_DOMAIN) return { status: -ENOMEM };
+        const chan = new Channel(d);
         const p: Port = { port, state: ECS_unbound, remoteDom: a[0]!, remotePort: 0, chan, end: 0 };
         chan.holder[0] = p;
         d.ports.set(port, p);
