@@ -80,6 +80,8 @@ export interface Port {
   end: 0 | 1;
 }
 
+let serials = 0;
+
 export class HvDomain {
   readonly domid: number;
   readonly geometry: DomainGeometry;
@@ -93,12 +95,20 @@ export class HvDomain {
   readonly active: Int32Array;
   readonly frames = new Map<number, number>();
   readonly ports = new Map<number, Port>();
-  /** Grants this domain has mapped: "granter:ref:ro" -> how many times. */
-  readonly mapped = new Map<string, number>();
+  /**
+   * Grants this domain has mapped, by the handle map_grant returned (Xen's grant_handle_t): an unmap
+   * names the mapping, so one of a granter since destroyed and re-created under its domid cannot touch
+   * the new one's entries.
+   */
+  readonly handles = new Map<number, { g: HvDomain; ref: number; ro: boolean }>();
+  #nextHandle = 1;
+  /** Distinguishes incarnations of one domid. */
+  readonly serial: number;
   /** Descriptors held on this domain's behalf (its frames, the channels it allocated). */
   objects = 0;
 
   constructor(domid: number, g: DomainGeometry, maxPorts: number) {
+    this.serial = ++serials;
     this.domid = domid;
     this.geometry = g;
     this.maxPorts = maxPorts;
@@ -174,6 +184,15 @@ export class HvDomain {
       const flags = Atomics.load(this.grant16, 4 * ref);
       if (Atomics.compareExchange(this.grant16, 4 * ref, flags, flags & ~clear) === flags) return;
     }
+  }
+
+  /** Record a mapping; returns its handle. */
+  addHandle(g: HvDomain, ref: number, ro: boolean): number {
+    while (this.handles.has(this.#nextHandle) || this.#nextHandle === 0) this.#nextHandle = (this.#nextHandle + 1) >>> 0;
+    const h = this.#nextHandle;
+    this.#nextHandle = (h + 1) >>> 0;
+    this.handles.set(h, { g, ref, ro });
+    return h;
   }
 
   /** The lowest free port, or 0 when all are in use. */

@@ -27,9 +27,9 @@ export const HC = {
   domain_info: 2,
   /** XENMEM_populate_physmap: frames a0 .. a0+a1-1 (a1 ≤ 8); fds: one memfd per frame. */
   populate: 3,
-  /** GNTTABOP_map_grant_ref: granter a0, ref a1, readonly a2; fds: the frame (read-only fd if a2). */
+  /** GNTTABOP_map_grant_ref: granter a0, ref a1, readonly a2: r0 handle; fds: the frame (read-only fd if a2). */
   map_grant: 4,
-  /** GNTTABOP_unmap_grant_ref: granter a0, ref a1, readonly a2. */
+  /** GNTTABOP_unmap_grant_ref: the handle a0 map_grant returned. */
   unmap_grant: 5,
   /** EVTCHNOP_alloc_unbound for remote a0: r0 port, r1 word; fds: channel page, wake-up socket. */
   evtchn_alloc_unbound: 6,

@@ -170,13 +170,11 @@ export class Hypervisor {
       case HC.map_grant:
         return this.#map(d, a[0]!, a[1]!, a[2] !== 0);
       case HC.unmap_grant: {
-        const [granter, ref, ro] = [a[0]!, a[1]!, a[2] !== 0];
-        const key = `${granter}:${ref}:${ro ? 1 : 0}`;
-        const n = d.mapped.get(key);
-        if (!n) return { status: GNTST.bad_handle };
-        if (n === 1) d.mapped.delete(key);
-        else d.mapped.set(key, n - 1);
-        this.#domains.get(granter)?.unpin(ref, ro);
+        const m = d.handles.get(a[0]!);
+        if (!m) return { status: GNTST.bad_handle };
+        d.handles.delete(a[0]!);
+        // A granter since destroyed took its entries with it.
+        if (this.#domains.get(m.g.domid) === m.g) m.g.unpin(m.ref, m.ro);
         return { status: 0 };
       }
       case HC.evtchn_alloc_unbound: {
@@ -212,21 +210,19 @@ export class Hypervisor {
     if (!g) return { status: GNTST.bad_domain };
     const fd = g.pin(ref, d.domid, ro);
     if (fd < 0) return { status: fd };
-    const key = `${granter}:${ref}:${ro ? 1 : 0}`;
-    d.mapped.set(key, (d.mapped.get(key) ?? 0) + 1);
-    if (!ro) return { status: 0, fds: [fd] };
+    const handle = d.addHandle(g, ref, ro);
+    if (!ro) return { status: 0, r: [handle], fds: [fd] };
     // A descriptor opened read-only: a PROT_WRITE shared mapping of it fails with EACCES whatever the
     // mapper does with it.
     let rofd: number;
     try {
       rofd = fs.openSync(`/proc/self/fd/${fd}`, fs.constants.O_RDONLY | 0x80000);
     } catch {
-      d.mapped.set(key, d.mapped.get(key)! - 1);
-      if (d.mapped.get(key) === 0) d.mapped.delete(key);
+      d.handles.delete(handle);
       g.unpin(ref, ro);
       return { status: GNTST.general_error };
     }
-    return { status: 0, fds: [rofd], own: [rofd] };
+    return { status: 0, r: [handle], fds: [rofd], own: [rofd] };
   }
 
   #bind(d: HvDomain, remoteDom: number, remotePort: number): Answer {
@@ -264,12 +260,8 @@ export class Hypervisor {
     this.#domains.delete(d.domid);
     this.#conns.delete(d.domid);
     // Xen's gnttab_release_mappings: the pins a dead mapper held are dropped.
-    for (const [key, n] of d.mapped) {
-      const [granter, ref, ro] = key.split(':').map(Number) as [number, number, number];
-      const g = this.#domains.get(granter);
-      for (let i = 0; i < n; i++) g?.unpin(ref, ro === 1);
-    }
-    d.mapped.clear();
+    for (const m of d.handles.values()) if (this.#domains.get(m.g.domid) === m.g) m.g.unpin(m.ref, m.ro);
+    d.handles.clear();
     for (const p of [...d.ports.values()]) this.#closePort(d, p);
     d.destroy();
     this.#o.log?.(`dom${d.domid} destroyed`);

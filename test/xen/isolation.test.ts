@@ -7,7 +7,7 @@ import fs from 'node:fs';
 import { spawnSync } from 'node:child_process';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { freshXenDir } from '../helpers/child.js';
-import { Domain, GNTST, HC } from '../../src/xen/index.js';
+import { Domain, GNTST, GTF_reading, GTF_writing, HC } from '../../src/xen/index.js';
 import { F_SEAL_GROW, F_SEAL_SEAL, F_SEAL_SHRINK, getSeals, mapShared, tryMapPage, tryTruncate } from '../../native/libc.js';
 import { closeFd } from '../../native/unix-rights.js';
 import { V2Channel } from '../../src/backend/v2-channel.js';
@@ -101,7 +101,8 @@ describe('grant mapping', () => {
       const rep = mapper.hc.tryCall(HC.map_grant, [23, ro, 0]);
       expect(rep.status).toBe(GNTST.general_error);
       expect(rep.fds).toEqual([]);
-      const fd = mapper.hc.call(HC.map_grant, [23, ro, 1]).fds[0]!;
+      const got = mapper.hc.call(HC.map_grant, [23, ro, 1]);
+      const fd = got.fds[0]!;
       try {
         expect(tryMapPage(fd, 0, true)).toBe(EACCES);
         expect(tryMapPage(fd, 0, false)).toBe(0);
@@ -122,7 +123,8 @@ describe('grant mapping', () => {
       } finally {
         closeFd(fd);
       }
-      expect(mapper.hc.call(HC.unmap_grant, [23, ro, 1]).status).toBe(0);
+      expect(mapper.hc.tryCall(HC.unmap_grant, [got.r[0]! + 1]).status).toBe(GNTST.bad_handle);
+      expect(mapper.hc.call(HC.unmap_grant, [got.r[0]!]).status).toBe(0);
       expect(g.grants.endAccess(ro)).toBe(true);
       // A ref never granted, and a frame never granted to this mapper, hand out nothing.
       const ungranted = mapper.hc.tryCall(HC.map_grant, [23, 400, 1]);
@@ -133,6 +135,31 @@ describe('grant mapping', () => {
     } finally {
       await mapper.destroy();
       await g.destroy();
+    }
+  });
+});
+
+describe('grant mapping across incarnations', () => {
+  it("unmapping a dead granter's grant leaves the grants of a new domain with its domid alone", async () => {
+    const mapper = await Domain.create({ domid: 42, dir });
+    try {
+      const g1 = await Domain.create({ domid: 41, dir });
+      const ref1 = g1.grants.grantAccess(42, g1.allocFrames(1));
+      const old = mapper.mapper.map(41, ref1);
+      await g1.destroy();
+      const g2 = await Domain.create({ domid: 41, dir });
+      const ref2 = g2.grants.grantAccess(42, g2.allocFrames(1));
+      expect(ref2).toBe(ref1);
+      const cur = mapper.mapper.map(41, ref2);
+      old.unmap();
+      // g2's grant is still mapped: its in-use bits stay and it cannot be revoked yet.
+      expect(g2.grants.flags(ref2) & (GTF_reading | GTF_writing)).toBe(GTF_reading | GTF_writing);
+      expect(g2.grants.endAccess(ref2)).toBe(false);
+      cur.unmap();
+      expect(g2.grants.endAccess(ref2)).toBe(true);
+      await g2.destroy();
+    } finally {
+      await mapper.destroy();
     }
   });
 });
