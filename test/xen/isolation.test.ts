@@ -4,10 +4,11 @@
 // anyone else's event channels.
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import fs from 'node:fs';
-import { spawnSync } from 'node:child_process';
+import { fork, spawnSync } from 'node:child_process';
+import { join } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
-import { freshXenDir } from '../helpers/child.js';
-import { Domain, GNTST, GTF_reading, GTF_writing, HC } from '../../src/xen/index.js';
+import { ROOT, freshXenDir } from '../helpers/child.js';
+import { Domain, GNTST, GTF_reading, GTF_writing, HC, createDomainConnection, domainExists } from '../../src/xen/index.js';
 import { F_SEAL_GROW, F_SEAL_SEAL, F_SEAL_SHRINK, getSeals, mapShared, tryMapPage, tryTruncate } from '../../native/libc.js';
 import { closeFd } from '../../native/unix-rights.js';
 import { V2Channel } from '../../src/backend/v2-channel.js';
@@ -136,6 +137,39 @@ describe('grant mapping', () => {
       await mapper.destroy();
       await g.destroy();
     }
+  });
+});
+
+describe('a guest under its own uid', () => {
+  it("works with only the connection the toolstack handed it, and reaches nothing of dom0's", async () => {
+    const fd = await createDomainConnection({ domid: 51, dir });
+    const child = fork(join(ROOT, 'test/helpers/guest-own-uid.mjs'), [dir, '51'], {
+      uid: 65534,
+      gid: 65534,
+      stdio: ['ignore', 'inherit', 'inherit', 'ipc', fd],
+      env: { ...process.env, VTPM_HV_FD: '4' },
+    });
+    closeFd(fd);
+    const msgs: Array<Record<string, unknown>> = [];
+    child.on('message', (m: Record<string, unknown>) => msgs.push(m));
+    try {
+      await until(() => msgs.some((m) => m.kind === 'ready'), 10_000);
+      const ready = msgs.find((m) => m.kind === 'ready') as { ref: number; port: number; tried: Record<string, string> };
+      // The toolstack socket and the hypervisor directory are dom0's.
+      expect(ready.tried).toEqual({ connectToolstack: 'errno 13', listDir: 'EACCES' });
+      const m = dom0.mapper.map(51, ready.ref, { readonly: true });
+      expect(Buffer.from(new Uint8Array(m.buffer).subarray(0, 16)).toString()).toBe('hello from dom51');
+      const local = dom0.evtchn.bindInterdomain(51, ready.port);
+      dom0.evtchn.send(local);
+      await until(() => msgs.some((x) => x.kind === 'event'));
+      m.unmap();
+      dom0.evtchn.close(local);
+    } finally {
+      child.send({ kind: 'exit' });
+      await new Promise((r) => child.once('exit', r));
+    }
+    for (let i = 0; i < 100 && (await domainExists(dir, 51)); i++) await sleep(10);
+    expect(await domainExists(dir, 51)).toBe(false);
   });
 });
 
