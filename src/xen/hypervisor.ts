@@ -6,16 +6,16 @@
 // closes (its process died or closed it): its pins on others' grants are released, its ports closed.
 import fs from 'node:fs';
 import net from 'node:net';
+import { join } from 'node:path';
 import { sendWithFds, closeFd, socketPair } from '../../native/unix-rights.js';
 import { raiseFdLimit } from '../../native/libc.js';
 import { Channel, ECS_interdomain, ECS_unbound, HvDomain, MAX_OBJECTS_PER_DOMAIN, type Port } from './hv-domain.js';
 import { EEXIST, EINVAL, ENOMEM, ENOSPC, EPERM, ESRCH, HC, HC_MSG, POPULATE_MAX, encodeReply, hypervisorSocket } from './hypercall.js';
-
-export { hypervisorSocket };
 import { EVTCHN_PORTS_PER_PAGE, MAX_EVTCHN_PAGES, type DomainGeometry } from './layout.js';
 import { GNTST } from './grant-table.js';
 import { processAlive } from './proc.js';
-import { join } from 'node:path';
+
+export { hypervisorSocket };
 
 const MAX_DOMID = 0x7fef;
 const MAX_GRANT_FRAMES = 16;
