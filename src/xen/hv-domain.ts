@@ -142,6 +142,18 @@ export class HvDomain {
   }
 
   /**
+   * Give frame `gfn` back: its memfd is closed here, so a mapper that kept a mapping of it past its
+   * grant holds a page nobody uses any more, and the next populate of `gfn` is a fresh page.
+   */
+  release(gfn: number): void {
+    const fd = this.frames.get(gfn);
+    if (fd === undefined) return;
+    this.frames.delete(gfn);
+    this.objects--;
+    closeFd(fd);
+  }
+
+  /**
    * Xen's map_grant_ref checks on our entry `ref` for mapper `me`, then the pin. Returns the frame's
    * memfd or a negative GNTST status.
    */

@@ -167,6 +167,12 @@ export class Hypervisor {
         }
         return { status: 0, fds };
       }
+      case HC.decrease_reservation: {
+        const [gfn, count] = a as [number, number];
+        if (count < 1 || gfn + count > d.geometry.nrPages) return { status: -EINVAL };
+        for (let i = gfn; i < gfn + count; i++) d.release(i);
+        return { status: 0 };
+      }
       case HC.map_grant:
         return this.#map(d, a[0]!, a[1]!, a[2] !== 0);
       case HC.unmap_grant: {

@@ -173,6 +173,35 @@ describe('a guest under its own uid', () => {
   });
 });
 
+describe('a mapping kept past its grant', () => {
+  it("holds the old page: the granter's next use of the frame is out of its reach", async () => {
+    const g = await Domain.create({ domid: 43, dir });
+    const mapper = await Domain.create({ domid: 44, dir });
+    try {
+      const gfn = g.allocFrames(1);
+      const ref = g.grants.grantAccess(44, gfn);
+      const got = mapper.hc.call(HC.map_grant, [43, ref, 0]);
+      // A mapper that does not cooperate: maps the descriptor itself and keeps the mapping after unmap.
+      const kept = mapShared(got.fds[0]!, 0, 4096, true);
+      closeFd(got.fds[0]!);
+      mapper.hc.call(HC.unmap_grant, [got.r[0]!]);
+      expect(g.grants.endAccess(ref)).toBe(true);
+      g.freeFrames(gfn);
+      const again = g.allocFrames(1);
+      expect(again).toBe(gfn);
+      g.frames(again).set(Buffer.from('secret of dom43'));
+      const view = new Uint8Array(kept.buffer);
+      expect(view.subarray(0, 15).every((b) => b === 0)).toBe(true);
+      view.set(Buffer.from('scribble'));
+      expect(Buffer.from(g.frames(again).subarray(0, 15)).toString()).toBe('secret of dom43');
+      kept.unmap();
+    } finally {
+      await mapper.destroy();
+      await g.destroy();
+    }
+  });
+});
+
 describe('grant mapping across incarnations', () => {
   it("unmapping a dead granter's grant leaves the grants of a new domain with its domid alone", async () => {
     const mapper = await Domain.create({ domid: 42, dir });
