@@ -1,5 +1,5 @@
-// Grant tables v1 (docs/hypervisor.md): the granter's side (grant access to a frame, end access) in the
-// granter's own grant table, and the mapper's side, which asks the hypervisor process: it does the checks
+// Grant tables v1 (docs/hypervisor.md, docs/protocols/grant-table.md): the granter's side (grant access
+// to a frame, end access) in the granter's own grant table, and the mapper's side, which asks the hypervisor process: it does the checks
 // Xen's map_grant_ref does, answers with the same GNTST statuses and hands over the granted frame alone.
 // While a grant is mapped its GTF_reading/GTF_writing bits are set, so the granter cannot end access.
 import { mapPagesContiguous, mapShared, PAGE_SIZE, type Mapping } from '../../native/libc.js';
@@ -16,7 +16,7 @@ export const GTF_readonly = 1 << 2;
 export const GTF_reading = 1 << 3;
 export const GTF_writing = 1 << 4;
 
-/** Per-operation statuses of GNTTABOP_map_grant_ref (xen.md §2.5). */
+/** Per-operation statuses of GNTTABOP_map_grant_ref (docs/protocols/grant-table.md, Mapping). */
 export const GNTST = {
   okay: 0,
   general_error: -1,
