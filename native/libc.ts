@@ -226,3 +226,27 @@ export class Region {
     if ((c_munmap(this.#base, this.length) as number) !== 0) throw new NativeError('munmap', lastErrno());
   }
 }
+
+const c_getrlimit = libc.func('int getrlimit(int resource, void *rlim)');
+const c_setrlimit = libc.func('int setrlimit(int resource, void *rlim)');
+const RLIMIT_NOFILE = 7;
+
+/**
+ * Raise this process's descriptor limit as far as it may go (soft to hard; a privileged process also
+ * lifts the hard limit to `ceiling`). Returns the soft limit now in force.
+ */
+export function raiseFdLimit(ceiling: number): number {
+  const buf = Buffer.alloc(16);
+  if ((c_getrlimit(RLIMIT_NOFILE, buf) as number) !== 0) throw new NativeError('getrlimit', lastErrno());
+  const hard = buf.readBigUInt64LE(8);
+  const want = BigInt(ceiling) > hard ? BigInt(ceiling) : hard;
+  buf.writeBigUInt64LE(want, 0);
+  buf.writeBigUInt64LE(want, 8);
+  if ((c_setrlimit(RLIMIT_NOFILE, buf) as number) !== 0) {
+    buf.writeBigUInt64LE(hard, 0);
+    buf.writeBigUInt64LE(hard, 8);
+    if ((c_setrlimit(RLIMIT_NOFILE, buf) as number) !== 0) throw new NativeError('setrlimit', lastErrno());
+  }
+  if ((c_getrlimit(RLIMIT_NOFILE, buf) as number) !== 0) throw new NativeError('getrlimit', lastErrno());
+  return Number(buf.readBigUInt64LE(0));
+}

@@ -37,8 +37,10 @@ const EAGAIN = 11;
 
 /** swtpm reads a control message into 4 + sizeof(ptm_hdata) bytes at once; so do we. */
 export const RECV_CHUNK = 4104;
-const CMSG_SPACE = 64; // room for a few fds; more than one fd is a protocol error reported upward
+// Room for MAX_FDS descriptors (a cmsghdr of 16 bytes, then 4 each): the hypervisor hands a domain its
+// frames in batches; on a swtpm control channel more than one fd is a protocol error reported upward.
 const MAX_FDS = 64;
+const CMSG_SPACE = 16 + 4 * MAX_FDS;
 
 function errno(): number {
   return koffi.decode(c_errno(), 'int') as number;
@@ -323,7 +325,7 @@ export function socketPair(): [number, number] {
 /** One sendmsg() of `data` (≤ RECV_CHUNK bytes) with `fds` attached; returns bytes sent. */
 export function sendWithFds(fd: number, data: Uint8Array, fds: readonly number[]): number {
   if (data.length === 0 || data.length > RECV_CHUNK) throw new RangeError('sendWithFds: 1..4104 bytes');
-  if (fds.length > 8) throw new RangeError('sendWithFds: at most 8 fds');
+  if (fds.length > MAX_FDS) throw new RangeError(`sendWithFds: at most ${MAX_FDS} fds`);
   const s = new Scratch(72 + CMSG_SPACE + RECV_CHUNK);
   s.bytes.fill(0, 0, 72 + CMSG_SPACE);
   const v = s.view;

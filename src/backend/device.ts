@@ -1,5 +1,5 @@
 // One vTPM device as the backend sees it: the xenbus state machine of its backend directory, driven by
-// the frontend's state (xen.md §5.3–5.5), the channel (v2 page or multi-request ring) while connected,
+// the frontend's state (docs/protocols/xenbus.md), the channel (v2 page or multi-request ring) while connected,
 // and the guest's vTPM instance behind it. Transitions run one at a time, in order.
 import type { Domain } from '../xen/index.js';
 import type { XsClient, XsWatch } from '../xenstore/client.js';

@@ -1,4 +1,4 @@
-// Multi-VM mode (xen.md §6.3, VTPM_MULTI_VM): every guest's vTPM runs alone in a vTPM-domain process
+// Multi-VM mode (docs/multi-vm.md): every guest's vTPM runs alone in a vTPM-domain process
 // with its own domid, and its own FIFO pair to the manager. The backend reaches each domain over a
 // shared-memory ring whose pages it grants to that domid: the backend is the ring's frontend
 // (RingFront), the domain its backend (RingChannel in vtpm-domain-main.ts). Lifecycle goes over the
@@ -16,7 +16,7 @@ import { fileURLToPath } from 'node:url';
 import { createDomainConnection, domainExists, type Domain } from '../xen/index.js';
 import { RingFront } from '../frontend/ring-front.js';
 import type { ManagerClient } from '../manager/client.js';
-import { connectPair, pairDescriptors, type ClientPair } from '../manager/fifo.js';
+import { connectPair, pairDescriptors, type ClientPair } from '../manager/fifo-client.js';
 import { VtpmDomain, type DomainLaunch } from '../tpm/domain-client.js';
 import type { VtpmProvider } from './device.js';
 import type { VtpmTarget } from './target.js';

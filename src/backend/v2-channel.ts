@@ -1,4 +1,4 @@
-// The backend role of the tpmif v2 shared page (xen.md §6.1), as mini-os tpmback and the Xen 4.3+
+// The backend role of the tpmif v2 shared page (docs/protocols/tpmif.md), as mini-os tpmback and the Xen 4.3+
 // vtpm stub domain play it against Linux xen-tpmfront: one command at a time; the frontend writes
 // SUBMIT or CANCEL, we write only IDLE or FINISH, always state last and then notify.
 //

@@ -1,4 +1,4 @@
-// A multi-VM vTPM domain (xen.md §6.3, VTPM_MULTI_VM): one guest's TPM alone in a process with its own
+// A multi-VM vTPM domain (docs/multi-vm.md): one guest's TPM alone in a process with its own
 // domid and its own FIFO pair to the manager (bound to its instance, so it can only SAVENVM/LOADNVM its
 // own state). TPM commands arrive over a shared-memory ring whose pages the backend (dom0, the ring's
 // frontend) granted to this domid: this process is that ring's backend (RingChannel), exactly as the
@@ -14,7 +14,7 @@ import { parseArgs } from 'node:util';
 import { fileURLToPath } from 'node:url';
 import { Domain } from '../xen/index.js';
 import { ManagerClient } from '../manager/client.js';
-import { inheritedPair } from '../manager/fifo.js';
+import { inheritedPair } from '../manager/fifo-client.js';
 import { runDomain, stdioTransport } from '../tpm/domain.js';
 import type { TpmInstance } from '../tpm/instance.js';
 import { RingChannel } from './ring-channel.js';

@@ -224,7 +224,7 @@ export async function stress(o: StressOptions): Promise<StressReport> {
           faults.push({ kind: role === 'backend' ? 'kill-backend' : 'kill-manager', target: role, at, ms: performance.now() - k0 });
         }
         // One fault at a time: let every guest reconnect before the next one (overlapping a suspend
-        // with a backend's recovery is not exercised; see README).
+        // with a backend's recovery is not exercised; see docs/suspend-and-stress.md).
         // (A restarted backend rewrites each device's state within a few ms of being ready; before
         // that the dead one's Connected is still there.)
         await sleep(300);

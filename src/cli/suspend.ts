@@ -3,7 +3,7 @@
 // /local/domain/N/control/shutdown; the guest process stops issuing commands, closes its device (the
 // backend answers what it accepted, bounded, and saves the vTPM at the manager), saves its next request
 // id and anything unanswered in RUN/guests/domN.json, and exits. Resume starts a new guest process that
-// builds a new ring, grants and event channel and continues the id sequence (xen.md §5.5, §7).
+// builds a new ring, grants and event channel and continues the id sequence (docs/protocols/xenbus.md).
 import type { Command } from 'commander';
 import fs from 'node:fs';
 import { setTimeout as sleep } from 'node:timers/promises';

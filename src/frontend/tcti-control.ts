@@ -1,4 +1,4 @@
-// The control port of the TCTI bridge: the subset of swtpm's control channel (swtpm-ctrl.md §1)
+// The control port of the TCTI bridge: the subset of swtpm's control channel (docs/protocols/swtpm-ctrl.md)
 // that the tpm2-tss `swtpm` TCTI uses (§3.1), with swtpm's framing, result codes and quirks.
 //
 // Framing as swtpm's ctrlchannel_recv_cmd: a 4-byte big-endian command code, then the command's

@@ -1,5 +1,5 @@
 // The data port of the TCTI bridge: raw TPM commands in, raw responses out, no extra framing
-// (swtpm-ctrl.md §1.7, §3.1). The tpm2-tss swtpm TCTI opens one connection per command, writes the
+// (docs/protocols/swtpm-ctrl.md). The tpm2-tss swtpm TCTI opens one connection per command, writes the
 // whole command and reads a 10-byte header then size-10 bytes; persistent clients may send several
 // commands on one connection. Unlike swtpm, which takes one read() as one command, this receiver
 // reassembles each command from its header's size, so a command may arrive in pieces.
@@ -8,7 +8,7 @@
 export const TPM_HEADER_SIZE = 10;
 /** Bytes needed to learn a command's size: tag + commandSize. */
 const SIZE_PREFIX = 6;
-/** The tpmif v2 shared page carries at most 4096 bytes (8 + 4088 with the header, xen.md). */
+/** The tpmif v2 shared page carries at most 4096 bytes (8 + 4088 with the header, docs/protocols/tpmif.md). */
 export const DEFAULT_MAX_COMMAND_SIZE = 4096;
 
 export const TPM_ST_NO_SESSIONS = 0x8001;

@@ -6,7 +6,8 @@ import crypto from 'node:crypto';
 import fs from 'node:fs';
 import type net from 'node:net';
 import type { StateKind, StateStore } from '../tpm/state-store.js';
-import { connectPair, consoleRequest, withConsoleLock, type ClientPair, type FrameReader } from './fifo.js';
+import type { FrameReader } from './fifo.js';
+import { connectPair, consoleRequest, withConsoleLock, type ClientPair } from './fifo-client.js';
 import { decodeMigKey, encodeLoadMigKey, encodeMigrateIn, encodeMigrateOut, type RsaPublic } from './migration.js';
 import { MigType } from './vm-table.js';
 import {
@@ -32,7 +33,7 @@ export class ManagerError extends Error {
   constructor(
     readonly code: 'STATUS' | 'DISCONNECTED' | 'PROTOCOL',
     message: string,
-    /** The VTPM_* status the manager answered (code STATUS). */
+    /** The tcg.h status the manager answered (code STATUS). */
     readonly status?: number,
   ) {
     super(message);
@@ -182,8 +183,11 @@ export class ManagerClient implements StateStore {
   // ---- StateStore ------------------------------------------------------------------------
 
   async load(instance: number, kind: StateKind): Promise<Uint8Array | null> {
-    const data = await this.#call(instance, LOAD[kind]);
-    return data.length === 0 ? null : data;
+    const f = await this.request(instance, LOAD[kind]);
+    // TPM_IOERROR is how Xen's manager said "nothing stored"; an empty success is how older managers of ours said it.
+    if (f.code === Status.IOERROR) return null;
+    if (f.code !== Status.SUCCESS) throw statusError(LOAD[kind], instance, f.code);
+    return f.params.length === 0 ? null : f.params;
   }
 
   async store(instance: number, kind: StateKind, blob: Uint8Array): Promise<void> {

@@ -10,7 +10,7 @@ import fs from 'node:fs';
 import path from 'node:path';
 import { processAlive } from '../xen/proc.js';
 import { STATE_KINDS, type StateKind } from '../tpm/state-store.js';
-import { ClientChannel, FifoServer } from './fifo.js';
+import { ClientChannel, FifoServer, type QueueLimits } from './fifo.js';
 import { DEFAULT_SEAL_PCRS, SealError, Sealer, loadKeyFile, loadTpmSealedKey } from './seal.js';
 import { DirOps, GroupCommitStore, StoreError } from './store.js';
 import { MigType, VmTable, VmTableError, legacyUuid, type VmRecord } from './vm-table.js';
@@ -62,6 +62,8 @@ export interface ManagerOptions {
   /** Write-ahead log size and append mode (store.ts StoreOptions). */
   logBytes?: number;
   append?: 'sync' | 'async';
+  /** Bounds on replies a client leaves unread before it is cut off (fifo.ts QueueLimits). */
+  clientQueue?: Partial<QueueLimits>;
   log?: (line: string) => void;
 }
 
@@ -95,10 +97,10 @@ function splitTable(x: unknown): { vms: unknown; migration: MigrationRecord } {
 }
 
 const MIGRATION_STATUS: Record<MigrationError['code'], StatusCode> = {
-  BAD_FORMAT: Status.INVALID_REQUEST,
-  BAD_KEY: Status.INVALID_REQUEST,
-  WRONG_KEY: Status.FORBIDDEN,
-  TAMPERED: Status.RESTORE_CONTEXT_FAILED,
+  BAD_FORMAT: Status.BAD_PARAMETER,
+  BAD_KEY: Status.BAD_PARAMETER,
+  WRONG_KEY: Status.DECRYPT_ERROR,
+  TAMPERED: Status.DECRYPT_ERROR,
   KEY_STORE: Status.FAIL,
 };
 
@@ -113,6 +115,7 @@ export class ManagerDaemon {
   #migration: MigrationRecord = emptyMigrationRecord();
   #identityP: Promise<Identity> | null = null;
   #consoleTail: Promise<void> = Promise.resolve();
+  #consoleDrops = 0;
   #log: (line: string) => void;
 
   private constructor(readonly opts: ManagerOptions) {
@@ -150,7 +153,7 @@ export class ManagerDaemon {
     this.#table = VmTable.fromJSON(vms);
     this.#migration = migration;
     if (store.stats.replayed > 0) this.#log(`replayed ${store.stats.replayed} log records (then: ${store.replayStop})`);
-    this.#server = FifoServer.listen(runDir);
+    this.#server = FifoServer.listen(runDir, this.opts.clientQueue);
     this.#server.on('console', (f) => this.#onConsole(f));
     this.#server.on('consoleError', (e) => this.#onConsoleError(e));
     this.#server.on('rendezvousError', (msg) => this.#log(`rendezvous: ${msg}`));
@@ -199,19 +202,29 @@ export class ManagerDaemon {
   #onConsole(f: Frame): void {
     void this.#serialized(async () => {
       const reply = await this.#answer('console', f, () => this.#console(f));
-      this.#server.replyConsole(encodeResponse(f.instance, reply.status, reply.params));
+      // One log line per episode of unread replies, not one per dropped reply.
+      if (!this.#server.replyConsole(encodeResponse(f.instance, reply.status, reply.params, f.tag))) {
+        if (this.#consoleDrops++ === 0) this.#log(`console: ${ordinalName(f.code)} reply dropped: to_console.fifo is full of replies nobody read`);
+      } else if (this.#consoleDrops > 0) {
+        this.#log(`console: replies flow again after ${this.#consoleDrops} were dropped`);
+        this.#consoleDrops = 0;
+      }
     }).catch((err: unknown) => this.#log(`console: reply lost: ${(err as Error).message}`));
   }
 
+  /**
+   * No reply to a frame that could not be read: the console FIFO has many writers and every reader takes
+   * the next reply, so a reply to garbage would be read by the next script as its own (Xen's manager
+   * also dropped a short frame without a reply).
+   */
   #onConsoleError(e: WireError): void {
-    this.#log(`console: ${e.message}; answered ${STATUS_NAMES[e.status]}`);
-    this.#server.replyConsole(encodeResponse(e.instance ?? 0, e.status));
+    this.#log(`console: ${e.message}; frame dropped, no reply`);
   }
 
   async #console(f: Frame): Promise<Reply> {
-    if (f.tag !== TAG_REQ) throw new Refusal(Status.UNSUPPORTED, `TPM command (tag 0x${f.tag.toString(16)}): this manager forwards no TPM commands`);
+    if (f.tag !== TAG_REQ) throw new Refusal(Status.FAIL, `TPM command (tag 0x${f.tag.toString(16)}): this manager forwards no TPM commands`);
     if (!isPrivileged(f.code) && !CONSOLE_UNPRIVILEGED.includes(f.code))
-      throw new Refusal(Status.INVALID_REQUEST, `${ordinalName(f.code)} belongs on a client FIFO, not the console`);
+      throw new Refusal(Status.BAD_ORDINAL, `${ordinalName(f.code)} belongs on a client FIFO, not the console`);
     return this.#privileged(f);
   }
 
@@ -221,6 +234,7 @@ export class ManagerDaemon {
         return this.#open(f);
       case Ord.CLOSE: {
         const inst = decodeInstanceParam(f.params, 'CLOSE');
+        if (this.#table.byInstance(inst)?.status === 'closed') throw new Refusal(Status.BAD_PARAMETER, `CLOSE of instance ${inst}, which is not open`);
         this.#table.close(inst);
         await this.#store.commitTable();
         this.#log(`closed instance ${inst}`);
@@ -242,7 +256,7 @@ export class ManagerDaemon {
       case Ord.LOAD_MIG_KEY:
         return this.#loadMigKey(f);
       default:
-        throw new Refusal(Status.UNSUPPORTED, `unknown privileged ordinal ${ordinalName(f.code)}`);
+        throw new Refusal(Status.BAD_ORDINAL, `unknown privileged ordinal ${ordinalName(f.code)}`);
     }
   }
 
@@ -250,17 +264,23 @@ export class ManagerDaemon {
     const p = decodeOpen(f.params);
     let vmUuid = p.vmUuid;
     let version = p.version;
+    if (p.migType !== MigType.NON_MIGRATABLE && p.migType !== MigType.MIGRATABLE)
+      throw new Refusal(Status.BAD_PARAMETER, `OPEN with mig type ${p.migType} (0 non-migratable or 1 migratable)`);
+    const xenForm = vmUuid === null;
     if (vmUuid === null) {
-      // A Xen 3.x hotplug OPEN: no uuid, the instance number is the identity.
-      if (p.instance === 0) throw new Refusal(Status.INVALID_REQUEST, 'a 7-byte (Xen) OPEN must name an instance');
+      // A Xen 3.x hotplug OPEN: no uuid, the instance number is the identity; instance 0 is Xen's dom0 DMI.
+      if (p.instance === 0) throw new Refusal(Status.BAD_PARAMETER, 'a 7-byte (Xen) OPEN must name an instance');
       const known = this.#table.byInstance(p.instance);
+      // Xen refused to re-attach a connected DMI; our 24-byte OPEN resumes it (a restarted backend re-opens).
+      if (known?.status === 'open') throw new Refusal(Status.BAD_PARAMETER, `instance ${p.instance} is already open (CLOSE it first)`);
       vmUuid = known?.vmUuid ?? legacyUuid(p.instance);
       version = known?.version ?? '1.2';
     }
     const { record, created } = this.#table.open({ vmUuid, version: version!, instance: p.instance, vmType: p.vmType, startup: p.startup, migType: p.migType });
     await this.#store.commitTable();
     this.#log(`${created ? 'created' : 'resumed'} instance ${record.instance} for vm ${record.vmUuid} (TPM ${record.version})`);
-    return { status: Status.SUCCESS, params: encodeOpenResult(record.instance, created) };
+    // A Xen-form request gets Xen's reply: the status alone (a hotplug script reads exactly 14 bytes).
+    return xenForm ? { status: Status.SUCCESS } : { status: Status.SUCCESS, params: encodeOpenResult(record.instance, created) };
   }
 
   // ---- clients ---------------------------------------------------------------------------
@@ -274,7 +294,7 @@ export class ManagerDaemon {
       tail = tail
         .then(async () => {
           const r = await reply;
-          ch.send(encodeResponse(f.instance, r.status, r.params));
+          ch.send(encodeResponse(f.instance, r.status, r.params, f.tag));
         })
         .catch((err: unknown) => this.#log(`${ch.label}: reply lost: ${(err as Error).message}`));
     });
@@ -290,53 +310,54 @@ export class ManagerDaemon {
   }
 
   async #client(ch: ClientChannel, f: Frame): Promise<Reply> {
-    if (f.tag !== TAG_REQ) throw new Refusal(Status.UNSUPPORTED, `TPM command (tag 0x${f.tag.toString(16)}): this manager forwards no TPM commands`);
+    if (f.tag !== TAG_REQ) throw new Refusal(Status.FAIL, `TPM command (tag 0x${f.tag.toString(16)}): this manager forwards no TPM commands`);
     if (ch.info.privileged && (isPrivileged(f.code) || CONSOLE_UNPRIVILEGED.includes(f.code))) return this.#serialized(() => this.#privileged(f));
-    if (isPrivileged(f.code)) throw new Refusal(Status.FORBIDDEN, `privileged ordinal ${ordinalName(f.code)} on a client FIFO`);
+    if (isPrivileged(f.code)) throw new Refusal(Status.BAD_ORDINAL, `privileged ordinal ${ordinalName(f.code)} on a client FIFO`);
     if (ch.info.bind !== ANY_INSTANCE && f.instance !== ch.info.bind)
-      throw new Refusal(Status.FORBIDDEN, `instance ${f.instance} addressed by a client bound to instance ${ch.info.bind}`);
+      throw new Refusal(Status.AUTHFAIL, `instance ${f.instance} addressed by a client bound to instance ${ch.info.bind}`);
     switch (f.code) {
       case Ord.TPMCOMMAND:
         // Xen's manager passed a DMI's TPM command through to the host's hardware TPM (tpmpassthrough.c,
         // minus owner/maintenance ordinals). There is no hardware TPM behind this manager to pass it to.
         throw new Refusal(
-          Status.UNSUPPORTED,
+          Status.FAIL,
           'TPMCOMMAND passes a vTPM\'s command through to the host\'s hardware TPM (Xen 3.x tpmpassthrough); this manager has no hardware TPM to pass it to, and guest commands never reach the TPM its master key may be sealed to',
         );
       case Ord.GET_MIG_KEY:
         return this.#getMigKey(f);
       case Ord.LOAD_MIG_KEY:
         // Xen took it from any DMI: a vTPM could then re-point a destination name at its own key.
-        throw new Refusal(Status.FORBIDDEN, 'LOAD_MIG_KEY decides where MIGRATE_OUT may send a vTPM: console or console-attached pairs only');
+        throw new Refusal(Status.BAD_ORDINAL, 'LOAD_MIG_KEY decides where MIGRATE_OUT may send a vTPM: console or console-attached pairs only');
     }
     const saveKind = SAVE_ORDS[f.code];
     const loadKind = LOAD_ORDS[f.code];
     if (saveKind === undefined && loadKind === undefined && f.code !== Ord.DELETE_STATE)
-      throw new Refusal(Status.UNSUPPORTED, `unknown ordinal ${ordinalName(f.code)}`);
+      throw new Refusal(Status.BAD_ORDINAL, `unknown ordinal ${ordinalName(f.code)}`);
     const vm = this.#openVm(f.instance);
     if (saveKind) return this.#save(vm, saveKind, f.params);
     if (loadKind) return this.#load(vm, loadKind);
     if (f.params.length !== 1 || f.params[0]! >= STATE_KINDS.length)
-      throw new Refusal(Status.INVALID_REQUEST, `DELETE_STATE takes one kind byte (0..2), got ${f.params.length} bytes`);
+      throw new Refusal(Status.BAD_PARAMETER, `DELETE_STATE takes one kind byte (0..2), got ${f.params.length} bytes`);
     await this.#store.remove(vm.instance, [STATE_KINDS[f.params[0]!]!]);
     return { status: Status.SUCCESS };
   }
 
   #openVm(instance: number): VmRecord {
     const vm = this.#table.byInstance(instance);
-    if (!vm) throw new Refusal(Status.INVALID_REQUEST, `unknown instance ${instance}`);
+    // Xen answered a non-existent or disconnected DMI (and a migrated one) with TPM_BAD_PARAMETER.
+    if (!vm) throw new Refusal(Status.BAD_PARAMETER, `unknown instance ${instance}`);
     if (vm.status === 'migrated')
       throw new Refusal(
-        Status.FORBIDDEN,
+        Status.BAD_PARAMETER,
         `instance ${instance} (vm ${vm.vmUuid}) was migrated out to "${vm.migratedTo?.name}" (counter ${vm.migratedTo?.counter}); its state stays frozen here until DELETE`,
       );
-    if (vm.status !== 'open') throw new Refusal(Status.FORBIDDEN, `instance ${instance} is closed (OPEN it on the console first)`);
+    if (vm.status !== 'open') throw new Refusal(Status.BAD_PARAMETER, `instance ${instance} is closed (OPEN it on the console first)`);
     return vm;
   }
 
   async #save(vm: VmRecord, kind: StateKind, data: Uint8Array): Promise<Reply> {
     // An empty LOAD reply means "never stored", so an empty blob cannot be stored.
-    if (data.length === 0) throw new Refusal(Status.INVALID_REQUEST, `empty ${kind} blob for instance ${vm.instance}`);
+    if (data.length === 0) throw new Refusal(Status.BAD_PARAMETER, `empty ${kind} blob for instance ${vm.instance}`);
     const generation = this.#store.reserve();
     const sealed = this.#sealer.seal({ instance: vm.instance, vmUuid: vm.vmUuid, kind, generation }, data);
     this.#table.touch(vm.instance);
@@ -345,7 +366,10 @@ export class ManagerDaemon {
   }
 
   async #load(vm: VmRecord, kind: StateKind): Promise<Reply> {
-    return { status: Status.SUCCESS, params: (await this.#loadPlain(vm, kind)) ?? new Uint8Array(0) };
+    const data = await this.#loadPlain(vm, kind);
+    // Xen's LOADNVM of a DMI that never saved failed to open its file: TPM_IOERROR. Our clients read it as "never stored".
+    if (data === null) return { status: Status.IOERROR };
+    return { status: Status.SUCCESS, params: data };
   }
 
   async #loadPlain(vm: VmRecord, kind: StateKind): Promise<Buffer | null> {
@@ -355,7 +379,7 @@ export class ManagerDaemon {
       return this.#sealer.open({ instance: vm.instance, vmUuid: vm.vmUuid, kind, generation: got.generation }, got.data);
     } catch (err) {
       if (err instanceof SealError)
-        throw new Refusal(Status.RESTORE_CONTEXT_FAILED, `state file ${this.#store.ops.description}/i${vm.instance}.${kind}.g${got.generation}.blob refused: ${err.message}`);
+        throw new Refusal(Status.DECRYPT_ERROR, `state file ${this.#store.ops.description}/i${vm.instance}.${kind}.g${got.generation}.blob refused: ${err.message}`);
       throw err;
     }
   }
@@ -389,7 +413,7 @@ export class ManagerDaemon {
 
   /** GET_MIG_KEY: this manager's public migration key, in Xen's exponent/modulus layout. */
   async #getMigKey(f: Frame): Promise<Reply> {
-    if (f.params.length !== 0) throw new Refusal(Status.INVALID_REQUEST, `GET_MIG_KEY takes no parameters, got ${f.params.length} bytes`);
+    if (f.params.length !== 0) throw new Refusal(Status.BAD_PARAMETER, `GET_MIG_KEY takes no parameters, got ${f.params.length} bytes`);
     const me = await this.#identity();
     return { status: Status.SUCCESS, params: encodeMigKey(rsaPublicOf(me.publicKey)) };
   }
@@ -422,21 +446,21 @@ export class ManagerDaemon {
   async #migrateOut(f: Frame): Promise<Reply> {
     const req = decodeMigrateOut(f.params);
     const vm = req.vmUuid === null ? this.#table.byInstance(req.instance) : this.#table.byUuid(req.vmUuid);
-    if (!vm) throw new Refusal(Status.INVALID_REQUEST, `MIGRATE_OUT of unknown ${req.vmUuid === null ? `instance ${req.instance}` : `vm ${req.vmUuid}`}`);
+    if (!vm) throw new Refusal(Status.BAD_PARAMETER, `MIGRATE_OUT of unknown ${req.vmUuid === null ? `instance ${req.instance}` : `vm ${req.vmUuid}`}`);
     const { instance } = vm;
     const { name } = req;
     if ((vm.migType ?? MigType.MIGRATABLE) === MigType.NON_MIGRATABLE)
-      throw new Refusal(Status.FORBIDDEN, `instance ${instance} (vm ${vm.vmUuid}) was opened NON_MIGRATABLE (mig_type 0)`);
+      throw new Refusal(Status.BAD_PARAMETER, `instance ${instance} (vm ${vm.vmUuid}) was opened NON_MIGRATABLE (mig_type 0)`);
     const dest = this.#migration.destinations[name];
-    if (!dest) throw new Refusal(Status.INVALID_REQUEST, `no migration key loaded under the name "${name}" (LOAD_MIG_KEY first)`);
+    if (!dest) throw new Refusal(Status.BAD_PARAMETER, `no migration key loaded under the name "${name}" (LOAD_MIG_KEY first)`);
     const me = await this.#identity();
-    if (dest.fingerprint === me.fingerprint.toString('hex')) throw new Refusal(Status.INVALID_REQUEST, `"${name}" is this manager's own migration key`);
+    if (dest.fingerprint === me.fingerprint.toString('hex')) throw new Refusal(Status.BAD_PARAMETER, `"${name}" is this manager's own migration key`);
     let counter: number;
     if (vm.status === 'migrated') {
       const to = vm.migratedTo!;
       if (to.keyFingerprint !== dest.fingerprint)
         throw new Refusal(
-          Status.FORBIDDEN,
+          Status.AUTHFAIL,
           `instance ${instance} (vm ${vm.vmUuid}) already went to "${to.name}" (key ${to.keyFingerprint.slice(0, 16)}…, counter ${to.counter}); only that destination can be sent it again`,
         );
       counter = to.counter;
@@ -490,14 +514,14 @@ export class ManagerDaemon {
     const what = describe(h);
     const seen = this.#migration.counters[h.vmUuid];
     if (seen !== undefined && h.counter <= seen)
-      throw new Refusal(Status.FORBIDDEN, `${what}: this manager already took in or sent out counter ${seen} of that vm (a replayed or stale blob)`);
+      throw new Refusal(Status.AUTHFAIL, `${what}: this manager already took in or sent out counter ${seen} of that vm (a replayed or stale blob)`);
     const present = this.#table.byUuid(h.vmUuid);
-    if (present) throw new Refusal(Status.INVALID_REQUEST, `${what}: vm is already here as instance ${present.instance} (${present.status}); DELETE it first`);
+    if (present) throw new Refusal(Status.BAD_PARAMETER, `${what}: vm is already here as instance ${present.instance} (${present.status}); DELETE it first`);
     let instance: number;
     try {
       instance = this.#table.freeInstance(want);
     } catch (err) {
-      throw new Refusal(Status.INVALID_REQUEST, `${what}: ${(err as Error).message}`);
+      throw new Refusal(Status.BAD_PARAMETER, `${what}: ${(err as Error).message}`);
     }
     const t = new Date().toISOString();
     const record: VmRecord = {
@@ -535,16 +559,17 @@ export class ManagerDaemon {
     return { status: Status.SUCCESS, params: encodeInstanceParam(instance) };
   }
 
-  /** Runs a handler; any refusal or failure becomes a VTPM_* status and one log line. */
+  /** Runs a handler; any refusal or failure becomes a tcg.h status and one log line. */
   async #answer(who: string, f: Frame, fn: () => Promise<Reply>): Promise<Reply> {
     try {
       return await fn();
     } catch (err) {
       let status: StatusCode = Status.FAIL;
       if (err instanceof Refusal || err instanceof WireError) status = err.status;
-      else if (err instanceof VmTableError) status = err.code === 'FULL' ? Status.FAIL : err.code === 'MIGRATED' ? Status.FORBIDDEN : Status.INVALID_REQUEST;
+      else if (err instanceof VmTableError) status = err.code === 'FULL' ? Status.RESOURCES : Status.BAD_PARAMETER;
       else if (err instanceof MigrationError) status = MIGRATION_STATUS[err.code];
-      else if (err instanceof StoreError) status = err.code === 'IO' ? Status.FAIL : Status.RESTORE_CONTEXT_FAILED;
+      // A missing blob file must not read as "never stored" (IOERROR): a fresh TPM would replace the lost one.
+      else if (err instanceof StoreError) status = err.code === 'IO' || err.code === 'MISSING_BLOB' ? Status.FAIL : Status.DECRYPT_ERROR;
       this.#log(`${who}: ${ordinalName(f.code)} on instance ${f.instance}: ${(err as Error).message}; answered ${STATUS_NAMES[status]}`);
       return { status };
     }

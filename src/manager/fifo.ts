@@ -1,4 +1,4 @@
-// The manager's FIFO transport, as in Xen 3.x's vtpm_managerd (protocols/xen.md §6.3), plus a
+// The manager's FIFO transport, as in Xen 3.x's vtpm_managerd (docs/manager.md), plus a
 // rendezvous so that any number of clients get their own pair:
 //
 //   run dir/from_console.fifo   console → manager  (privileged ordinals; many writers, frames ≤ PIPE_BUF)
@@ -20,21 +20,19 @@ import net from 'node:net';
 import path from 'node:path';
 import { EventEmitter } from 'node:events';
 import { mkfifo } from '../../native/fifo.js';
-import { processAlive } from '../xen/proc.js';
 import {
-  ANY_INSTANCE,
   decodeConnect,
-  encodeConnect,
-  encodeRequest,
   encodeResponse,
   FrameDecoder,
   Ord,
+  MAX_PARAMS,
   PIPE_BUF,
+  SRV_HEADER_SIZE,
   Status,
   TAG_REQ,
-  TAG_RSP,
   TPM_TAGS,
   WireError,
+  splitSharedRead,
   type Frame,
 } from './wire.js';
 
@@ -43,6 +41,8 @@ export const CONSOLE_OUT = 'to_console.fifo';
 export const RENDEZVOUS = 'rendezvous.fifo';
 export const CLIENTS_DIR = 'clients';
 export const CONSOLE_LOCK = 'console.lock';
+/** Console replies queued beyond what to_console.fifo's pipe holds, before further ones are dropped. */
+export const CONSOLE_QUEUE_BYTES = 1024 * 1024;
 
 const { O_RDONLY, O_WRONLY, O_RDWR, O_NONBLOCK } = fs.constants;
 
@@ -110,8 +110,15 @@ export function writeShared(p: string, frame: Uint8Array): void {
   }
 }
 
-/** Frames from one read end. `resync`: the FIFO has many writers whose frames are whole writes, so after
- *  garbage the decoder may start again at the next read; on a one-writer FIFO a framing error is final. */
+/** Largest parameter block on a FIFO with several writers: the whole frame must fit one atomic write. */
+export const SHARED_MAX_PARAMS = PIPE_BUF - SRV_HEADER_SIZE;
+
+/**
+ * Frames from one read end. `shared`: the FIFO has several writers, each of whose frames is one write of
+ * at most PIPE_BUF bytes; every read is split on its own (wire.ts splitSharedRead), so a half frame or
+ * garbage costs one error for its own bytes and never swallows a later writer's frame. On a one-writer
+ * FIFO frames may span reads (any size) and a framing error is final.
+ */
 export class FrameReader extends EventEmitter<{
   frame: [Frame];
   error: [WireError];
@@ -121,18 +128,24 @@ export class FrameReader extends EventEmitter<{
   constructor(
     readonly socket: net.Socket,
     private readonly accept: readonly number[],
-    private readonly resync: boolean,
+    private readonly shared: boolean,
   ) {
     super();
     this.#decoder = new FrameDecoder(accept);
-    socket.on('data', (chunk: Buffer) => this.#onData(chunk));
+    socket.on('data', (chunk: Buffer) => (shared ? this.#onSharedData(chunk) : this.#onData(chunk)));
     socket.on('end', () => {
       // The writer left in the middle of a frame (its size promised more than it sent): say so.
       if (!this.#decoder.idle && !this.#decoder.failed)
-        this.emit('error', new WireError('TRUNCATED', 'writer closed the FIFO in the middle of a frame'));
+        this.emit('error', new WireError('TRUNCATED', `writer closed the FIFO in the middle of a frame (${this.#decoder.describePartial()})`));
       this.emit('end');
     });
     socket.on('error', () => this.emit('end'));
+  }
+
+  #onSharedData(chunk: Buffer): void {
+    const { frames, error } = splitSharedRead(chunk, this.accept, SHARED_MAX_PARAMS);
+    if (error) this.emit('error', error);
+    for (const f of frames) this.emit('frame', f);
   }
 
   #onData(chunk: Buffer): void {
@@ -143,7 +156,6 @@ export class FrameReader extends EventEmitter<{
     } catch (err) {
       if (!(err instanceof WireError)) throw err;
       this.emit('error', err);
-      if (this.resync) this.#decoder = new FrameDecoder(this.accept);
       return;
     }
     for (const f of frames) this.emit('frame', f);
@@ -166,19 +178,32 @@ export interface ClientInfo {
   privileged: boolean;
 }
 
+/** How much a client may leave unread before it is cut off (see ClientChannel.send). */
+export interface QueueLimits {
+  /** Reply bytes queued in the manager beyond what the pipe holds; default two of the largest replies. */
+  bytes: number;
+  /** How long queued replies may sit without the client reading any; default 30 s. */
+  stallMs: number;
+}
+
+export const DEFAULT_QUEUE_LIMITS: QueueLimits = { bytes: 2 * MAX_PARAMS + 2 * SRV_HEADER_SIZE, stallMs: 30_000 };
+
 export class ClientChannel extends EventEmitter<{ frame: [Frame]; error: [WireError]; gone: [string] }> {
   #closed = false;
+  #stall: NodeJS.Timeout | undefined;
   constructor(
     readonly info: ClientInfo,
     private readonly reader: FrameReader,
     private readonly writer: net.Socket,
     private readonly files: string[],
+    private readonly limits: QueueLimits = DEFAULT_QUEUE_LIMITS,
   ) {
     super();
     reader.on('frame', (f) => this.emit('frame', f));
     reader.on('error', (e) => this.emit('error', e));
     reader.on('end', () => this.close('client closed its request FIFO'));
     writer.on('error', (e) => this.close(`response FIFO: ${e.message}`));
+    writer.on('drain', () => this.#disarm());
   }
 
   get label(): string {
@@ -189,14 +214,39 @@ export class ClientChannel extends EventEmitter<{ frame: [Frame]; error: [WireEr
     return this.#closed;
   }
 
+  /**
+   * Queues a reply. A client that stops reading would make the manager hold its replies without end:
+   * past `limits.bytes` queued, or `limits.stallMs` without the pipe draining, it is cut off (its pair
+   * dropped, unsent replies discarded); no other client shares this queue.
+   */
   send(frame: Uint8Array): void {
-    if (!this.#closed) this.writer.write(frame);
+    if (this.#closed) return;
+    if (this.writer.write(frame)) return;
+    const queued = this.writer.writableLength;
+    if (queued > this.limits.bytes) {
+      this.cutOff(`stopped reading its replies: ${queued} bytes queued (limit ${this.limits.bytes})`);
+      return;
+    }
+    this.#stall ??= setTimeout(() => this.cutOff(`stopped reading its replies: ${this.writer.writableLength} bytes unread for ${this.limits.stallMs} ms`), this.limits.stallMs);
+  }
+
+  #disarm(): void {
+    clearTimeout(this.#stall);
+    this.#stall = undefined;
+  }
+
+  /** Drops the pair at once, discarding replies it has not read. */
+  cutOff(reason: string): void {
+    if (this.#closed) return;
+    this.writer.destroy();
+    this.close(reason);
   }
 
   /** Flushes what was sent, then drops the pair (used after a fatal framing error). */
   close(reason: string): void {
     if (this.#closed) return;
     this.#closed = true;
+    this.#disarm();
     this.reader.close();
     this.writer.end();
     for (const f of this.files) fs.rmSync(f, { force: true });
@@ -219,12 +269,15 @@ export class FifoServer extends EventEmitter<FifoServerEvents> {
   #keepalive: number[] = [];
   #clients = new Set<ClientChannel>();
 
-  private constructor(readonly runDir: string) {
+  private constructor(
+    readonly runDir: string,
+    private readonly limits: QueueLimits,
+  ) {
     super();
   }
 
-  static listen(runDir: string): FifoServer {
-    const s = new FifoServer(runDir);
+  static listen(runDir: string, limits: Partial<QueueLimits> = {}): FifoServer {
+    const s = new FifoServer(runDir, { ...DEFAULT_QUEUE_LIMITS, ...limits });
     fs.mkdirSync(path.join(runDir, CLIENTS_DIR), { recursive: true, mode: 0o700 });
     for (const f of [CONSOLE_IN, CONSOLE_OUT, RENDEZVOUS]) ensureFifo(path.join(runDir, f));
     s.#console = s.#sharedReader(CONSOLE_IN, [TAG_REQ, ...TPM_TAGS]);
@@ -248,8 +301,15 @@ export class FifoServer extends EventEmitter<FifoServerEvents> {
     return r;
   }
 
-  replyConsole(frame: Uint8Array): void {
+  /**
+   * Puts a reply into to_console.fifo, which the manager holds open itself. Unread replies pile up there
+   * when console writers do not read them; past CONSOLE_QUEUE_BYTES beyond the pipe the reply is dropped
+   * (false) rather than held without bound.
+   */
+  replyConsole(frame: Uint8Array): boolean {
+    if (this.#consoleOut.writableLength > CONSOLE_QUEUE_BYTES) return false;
     this.#consoleOut.write(frame);
+    return true;
   }
 
   get clients(): ReadonlySet<ClientChannel> {
@@ -289,7 +349,7 @@ export class FifoServer extends EventEmitter<FifoServerEvents> {
       this.emit('rendezvousError', `CONNECT from ${info.name} (pid ${info.pid}): ${(err as Error).message}`);
       return;
     }
-    const ch = new ClientChannel(info, reader, writer, [reqPath, rspPath]);
+    const ch = new ClientChannel(info, reader, writer, [reqPath, rspPath], this.limits);
     this.#clients.add(ch);
     ch.on('gone', () => this.#clients.delete(ch));
     ch.send(encodeResponse(info.bind, Status.SUCCESS));
@@ -303,175 +363,5 @@ export class FifoServer extends EventEmitter<FifoServerEvents> {
     this.#consoleOut.destroy();
     for (const fd of this.#keepalive) fs.closeSync(fd);
     this.#keepalive = [];
-  }
-}
-
-// ---- client side -----------------------------------------------------------------------------
-
-export interface ClientPair {
-  name: string;
-  reader: FrameReader;
-  writer: net.Socket;
-  files: string[];
-}
-
-/**
- * Attaches a private FIFO pair: make both FIFOs, open our read end of the response FIFO, send
- * CONNECT on the rendezvous (re-sent each second: a CONNECT lost to a garbage writer must not hang
- * us), wait for the manager's ack on the response FIFO, then open our write end of the request FIFO.
- */
-export async function connectPair(
-  runDir: string,
-  opts: { name: string; bind?: number; timeoutMs?: number; via?: 'rendezvous' | 'console' },
-): Promise<ClientPair> {
-  const dir = path.join(runDir, CLIENTS_DIR);
-  const req = path.join(dir, `${opts.name}.req.fifo`);
-  const rsp = path.join(dir, `${opts.name}.rsp.fifo`);
-  const files = [req, rsp];
-  mkfifo(req, 0o600);
-  mkfifo(rsp, 0o600);
-  const reader = new FrameReader(openReader(rsp), [TAG_RSP], false);
-  const hello = encodeRequest(0, Ord.CONNECT, encodeConnect({ bind: opts.bind ?? ANY_INSTANCE, pid: process.pid, name: opts.name }));
-  const cleanup = (): void => {
-    reader.close();
-    for (const f of files) fs.rmSync(f, { force: true });
-  };
-  try {
-    await new Promise<void>((resolve, reject) => {
-      const deadline = Date.now() + (opts.timeoutMs ?? 10_000);
-      let timer: NodeJS.Timeout | undefined;
-      const finish = (err?: Error): void => {
-        clearTimeout(timer);
-        reader.off('frame', onFrame);
-        reader.off('end', onEnd);
-        if (err) reject(err);
-        else resolve();
-      };
-      const onFrame = (f: Frame): void => {
-        if (f.code === Status.SUCCESS) finish();
-        else finish(new TransportError('CLOSED', `manager refused CONNECT with status ${f.code}`));
-      };
-      const onEnd = (): void => finish(new TransportError('CLOSED', 'manager closed the response FIFO'));
-      const send = (): void => {
-        if (Date.now() > deadline) return finish(new TransportError('TIMEOUT', `no CONNECT ack from the manager in ${runDir}`));
-        try {
-          writeShared(path.join(runDir, opts.via === 'console' ? CONSOLE_IN : RENDEZVOUS), hello);
-        } catch (err) {
-          if (!(err instanceof TransportError && err.code === 'PIPE_FULL')) return finish(err as Error);
-        }
-        timer = setTimeout(send, 1000);
-      };
-      reader.on('frame', onFrame);
-      reader.on('end', onEnd);
-      send();
-    });
-    const writer = openWriter(req);
-    return { name: opts.name, reader, writer, files };
-  } catch (err) {
-    cleanup();
-    throw err;
-  }
-}
-
-/**
- * Fresh descriptors for an attached pair's request write end and response read end, for a child that
- * cannot open the FIFOs itself (a vTPM domain under its own uid); close yours once the child has them.
- */
-export function pairDescriptors(pair: ClientPair): [req: number, rsp: number] {
-  const [req, rsp] = pair.files as [string, string];
-  return [fs.openSync(req, O_WRONLY | O_NONBLOCK), fs.openSync(rsp, O_RDONLY | O_NONBLOCK)];
-}
-
-/** The pair whose ends this process inherited as descriptors (see pairDescriptors). */
-export function inheritedPair(name: string, reqFd: number, rspFd: number): ClientPair {
-  return {
-    name,
-    reader: new FrameReader(new net.Socket({ fd: rspFd, readable: true, writable: false }), [TAG_RSP], false),
-    writer: new net.Socket({ fd: reqFd, readable: false, writable: true }),
-    files: [],
-  };
-}
-
-/**
- * The console pair answers whoever reads first, so console users take turns: an exclusive lock file
- * holding the owner's pid (a dead owner's lock is broken), plus an in-process queue.
- */
-let consoleQueue: Promise<unknown> = Promise.resolve();
-
-export function withConsoleLock<T>(runDir: string, fn: () => Promise<T>): Promise<T> {
-  const run = async (): Promise<T> => {
-    const lock = path.join(runDir, CONSOLE_LOCK);
-    const deadline = Date.now() + 30_000;
-    for (;;) {
-      try {
-        const fd = fs.openSync(lock, fs.constants.O_CREAT | fs.constants.O_EXCL | O_WRONLY, 0o600);
-        fs.writeSync(fd, String(process.pid));
-        fs.closeSync(fd);
-        break;
-      } catch (err) {
-        if ((err as NodeJS.ErrnoException).code !== 'EEXIST') throw err;
-        breakStaleLock(lock);
-        if (Date.now() > deadline) throw new TransportError('TIMEOUT', `console lock ${lock} held too long`);
-        await new Promise((r) => setTimeout(r, 5));
-      }
-    }
-    try {
-      return await fn();
-    } finally {
-      fs.rmSync(lock, { force: true });
-    }
-  };
-  const p = consoleQueue.then(run, run);
-  consoleQueue = p.catch(() => undefined);
-  return p;
-}
-
-function breakStaleLock(lock: string): void {
-  let pid: number;
-  try {
-    pid = Number(fs.readFileSync(lock, 'utf8'));
-  } catch {
-    return;
-  }
-  if (!Number.isInteger(pid) || pid <= 0) return;
-  if (!processAlive(pid)) fs.rmSync(lock, { force: true });
-}
-
-/** One privileged request on the console pair (caller holds the console lock). */
-export async function consoleRequest(runDir: string, frame: Uint8Array, timeoutMs = 10_000): Promise<Frame> {
-  const outPath = path.join(runDir, CONSOLE_OUT);
-  const fd = fs.openSync(outPath, O_RDONLY | O_NONBLOCK);
-  // Drop replies nobody collected (a console user that died before reading), so ours is the next one.
-  const scratch = Buffer.allocUnsafe(65536);
-  for (;;) {
-    try {
-      if (fs.readSync(fd, scratch) <= 0) break;
-    } catch (err) {
-      if ((err as NodeJS.ErrnoException).code === 'EAGAIN') break;
-      fs.closeSync(fd);
-      throw err;
-    }
-  }
-  const reader = new FrameReader(new net.Socket({ fd, readable: true, writable: false }), [TAG_RSP], false);
-  try {
-    return await new Promise<Frame>((resolve, reject) => {
-      const timer = setTimeout(() => reject(new TransportError('TIMEOUT', `no reply on ${outPath}`)), timeoutMs);
-      reader.once('frame', (f) => {
-        clearTimeout(timer);
-        resolve(f);
-      });
-      reader.once('error', (e) => {
-        clearTimeout(timer);
-        reject(e);
-      });
-      try {
-        writeShared(path.join(runDir, CONSOLE_IN), frame);
-      } catch (err) {
-        clearTimeout(timer);
-        reject(err);
-      }
-    });
-  } finally {
-    reader.close();
   }
 }

@@ -1,5 +1,5 @@
 // The manager's migration role (Xen 3.x vtpm_manager: GET_MIG_KEY, LOAD_MIG_KEY, MIGRATE_OUT,
-// MIGRATE_IN; protocols/xen.md §6.3). Parameter layouts are Xen's; what Xen delegated to the hardware
+// MIGRATE_IN; docs/migration.md). Parameter layouts are Xen's; what Xen delegated to the hardware
 // TPM is ours:
 //   - Xen's migration key was the manager's TPM storage key (an RSA key wrapped under the SRK) and the
 //     state was envelope-encrypted to it (RSAES-OAEP-SHA1 bind of an AES-128-CBC key, zero IV, no MAC).

@@ -3,6 +3,9 @@
 // (HKDF-SHA256, bound to instance id and VM uuid); every blob is AES-256-GCM encrypted with an AAD
 // naming instance, VM uuid, blob kind and generation, so a blob cannot be decrypted as another
 // instance's, another kind, or an older generation (rollback), and any edited byte fails the tag.
+// Format 2 encrypts each blob under its own key, derived from the instance key and a random 128-bit
+// salt, so no (key, nonce) pair is used twice however many blobs an instance seals and whether or not a
+// generation is ever reused (docs/manager.md, "Sealing"); format 1 (one key, random 96-bit IVs) still opens.
 import crypto from 'node:crypto';
 import fs from 'node:fs';
 import os from 'node:os';
@@ -15,7 +18,10 @@ export const KEY_BYTES = 32;
 const IV_BYTES = 12;
 const TAG_BYTES = 16;
 const MAGIC = Buffer.from('VTPMSEAL', 'ascii');
-const FORMAT = 1;
+/** 1: instance key, random IV. 2: per-blob key from a random salt, IV from the generation. */
+const FORMAT_RANDOM_IV = 1;
+const FORMAT_BLOB_KEY = 2;
+const SALT_BYTES = 16;
 /** magic 8 | format u8 | kind u8 | instance u32 | uuid 16 | generation u64 — also the AAD. */
 const HEADER_BYTES = 8 + 1 + 1 + 4 + 16 + 8;
 const HKDF_SALT = Buffer.from('vtpm-split manager v1', 'ascii');
@@ -45,10 +51,10 @@ export interface BlobContext {
   generation: number;
 }
 
-function header(ctx: BlobContext): Buffer {
+function header(ctx: BlobContext, format: number): Buffer {
   const h = Buffer.alloc(HEADER_BYTES);
   MAGIC.copy(h, 0);
-  h.writeUInt8(FORMAT, 8);
+  h.writeUInt8(format, 8);
   h.writeUInt8(KIND_CODES[ctx.kind], 9);
   h.writeUInt32BE(ctx.instance >>> 0, 10);
   uuidToBytes(ctx.vmUuid).copy(h, 14);
@@ -90,19 +96,28 @@ export class Sealer {
     return Buffer.from(crypto.hkdfSync('sha256', this.#master, HKDF_SALT, Buffer.from('migration-key', 'ascii'), KEY_BYTES));
   }
 
+  /** Format 2: header | salt 16 | tag 16 | ciphertext. */
   seal(ctx: BlobContext, data: Uint8Array): Buffer {
-    const h = header(ctx);
-    const iv = crypto.randomBytes(IV_BYTES);
-    const c = crypto.createCipheriv('aes-256-gcm', this.instanceKey(ctx.instance, ctx.vmUuid), iv);
+    const h = header(ctx, FORMAT_BLOB_KEY);
+    const salt = crypto.randomBytes(SALT_BYTES);
+    const c = crypto.createCipheriv('aes-256-gcm', this.blobKey(ctx, h, salt), generationIv(ctx.generation));
     c.setAAD(h);
     const body = Buffer.concat([c.update(data), c.final()]);
-    return Buffer.concat([h, iv, c.getAuthTag(), body]);
+    return Buffer.concat([h, salt, c.getAuthTag(), body]);
+  }
+
+  /** HKDF-SHA256(instance key, salt, "blob" | header): the key of one blob. */
+  blobKey(ctx: BlobContext, h: Buffer, salt: Uint8Array): Buffer {
+    const info = Buffer.concat([Buffer.from('blob', 'ascii'), h]);
+    return Buffer.from(crypto.hkdfSync('sha256', this.instanceKey(ctx.instance, ctx.vmUuid), salt, info, KEY_BYTES));
   }
 
   /** Decrypts a blob that must belong to `expected`; the reason of a refusal names what did not match. */
   open(expected: BlobContext, envelope: Uint8Array): Buffer {
     const e = Buffer.from(envelope.buffer, envelope.byteOffset, envelope.length);
-    if (e.length < HEADER_BYTES + IV_BYTES + TAG_BYTES || !e.subarray(0, 8).equals(MAGIC) || e[8] !== FORMAT)
+    const format = e[8];
+    const nonceBytes = format === FORMAT_BLOB_KEY ? SALT_BYTES : IV_BYTES;
+    if (e.length < HEADER_BYTES + nonceBytes + TAG_BYTES || !e.subarray(0, 8).equals(MAGIC) || (format !== FORMAT_RANDOM_IV && format !== FORMAT_BLOB_KEY))
       throw new SealError('BAD_FORMAT', `not a sealed vTPM blob (${e.length} bytes)`);
     const instance = e.readUInt32BE(10);
     const uuid = bytesToUuid(e.subarray(14, 30));
@@ -116,15 +131,27 @@ export class Sealer {
     if (generation !== expected.generation)
       throw new SealError('ROLLBACK', `blob generation ${generation} but the manager expects ${expected.generation}`);
     // The AAD is rebuilt from what we expect, not taken from the file: an edited header fails the tag.
-    const d = crypto.createDecipheriv('aes-256-gcm', this.instanceKey(expected.instance, expected.vmUuid), e.subarray(HEADER_BYTES, HEADER_BYTES + IV_BYTES));
-    d.setAAD(header(expected));
-    d.setAuthTag(e.subarray(HEADER_BYTES + IV_BYTES, HEADER_BYTES + IV_BYTES + TAG_BYTES));
+    const h = header(expected, format);
+    const nonce = e.subarray(HEADER_BYTES, HEADER_BYTES + nonceBytes);
+    const d =
+      format === FORMAT_BLOB_KEY
+        ? crypto.createDecipheriv('aes-256-gcm', this.blobKey(expected, h, nonce), generationIv(expected.generation))
+        : crypto.createDecipheriv('aes-256-gcm', this.instanceKey(expected.instance, expected.vmUuid), nonce);
+    d.setAAD(h);
+    d.setAuthTag(e.subarray(HEADER_BYTES + nonceBytes, HEADER_BYTES + nonceBytes + TAG_BYTES));
     try {
-      return Buffer.concat([d.update(e.subarray(HEADER_BYTES + IV_BYTES + TAG_BYTES)), d.final()]);
+      return Buffer.concat([d.update(e.subarray(HEADER_BYTES + nonceBytes + TAG_BYTES)), d.final()]);
     } catch {
       throw new SealError('TAMPERED', `authentication failed for instance ${expected.instance} ${expected.kind} generation ${expected.generation}`);
     }
   }
+}
+
+/** The IV of a format-2 blob: its generation, zero-padded (the key is the blob's own, so any fixed IV would do). */
+function generationIv(generation: number): Buffer {
+  const iv = Buffer.alloc(IV_BYTES);
+  iv.writeBigUInt64BE(BigInt(generation), IV_BYTES - 8);
+  return iv;
 }
 
 // ---- master key ------------------------------------------------------------------------------

@@ -286,10 +286,8 @@ export interface StoreOptions {
    * How a record is appended. 'sync' (default): pwrite + fdatasync on the manager's thread. It blocks
    * the event loop for the ~0.2–0.6 ms of the fdatasync, while requests queue in the FIFOs and form the
    * next group; 'async' runs both on the libuv threadpool (two thread hand-offs and wake-ups per commit,
-   * the loop free to read and seal meanwhile). Measured with two managers side by side in interleaved
-   * slices (busy 2-core machine): one client, 9 KiB, p50 0.58 / 1.13 / 1.18 ms sync against 0.74 / 1.18 /
-   * 1.54 ms async; 8 clients 2501 against 2187 saves/s; 64 clients 16 KiB a draw (2582 vs 2962, then
-   * 2118 vs 2053 saves/s). So sync: the hand-offs cost more than the loop gains while it waits.
+   * the loop free to read and seal meanwhile). Sync is the default: the hand-offs cost more than the
+   * loop gains while it waits (docs/benchmarks.md, manager).
    */
   append?: 'sync' | 'async';
 }

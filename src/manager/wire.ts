@@ -1,4 +1,4 @@
-// The Xen 3.x vTPM manager framing (protocols/xen.md §6.3), shared by every FIFO of the manager:
+// The Xen 3.x vTPM manager framing (docs/manager.md), shared by every FIFO of the manager:
 //   instance u32 | tag u16 | size u32 | ordinal-or-status u32 | params
 // all big-endian; `size` counts tag..params (10 + params) but not the 4-byte instance prefix.
 // The decoder is an explicit state machine fed arbitrary chunks; limits are checked before allocating.
@@ -14,9 +14,12 @@ export const PIPE_BUF = 4096;
 export const MAX_PARAMS = 8 * 1024 * 1024;
 
 export const TAG_REQ = 0x01c1;
+/** Xen's VTPM_TAG_RSP: its manager never sent it on a FIFO (replies echo the request's tag, 0x01C1); accepted from older peers. */
 export const TAG_RSP = 0x01c4;
-/** TPM 1.2 command tags: Xen forwarded these to the DMI; we recognise them only to answer UNSUPPORTED. */
+/** TPM 1.2 command tags: Xen forwarded these to the DMI; we recognise them only to answer TPM_FAIL. */
 export const TPM_TAGS: readonly number[] = [0x00c1, 0x00c2, 0x00c3, 0x8001, 0x8002];
+/** Tags a reply may carry: the request's, echoed as Xen's manager did; TAG_RSP from older managers of ours. */
+export const REPLY_TAGS: readonly number[] = [TAG_REQ, TAG_RSP, ...TPM_TAGS];
 
 export const PRIV_MASK = 0x01000000;
 
@@ -42,18 +45,28 @@ export const Ord = {
   CONNECT: 0x00000100,
 } as const;
 
+/**
+ * Reply statuses: TPM 1.2 result codes (Xen's tcg.h), which is what Xen's manager handlers returned;
+ * Xen's VTPM_* codes in vtpm_manager.h were never put on the wire. docs/manager.md has the table of
+ * which situation answers which code, Xen's and ours.
+ */
 export const Status = {
   SUCCESS: 0,
-  FAIL: 1,
-  UNSUPPORTED: 2,
-  FORBIDDEN: 3,
-  RESTORE_CONTEXT_FAILED: 4,
-  INVALID_REQUEST: 5,
+  /** Ours: a well-formed request this caller or this VM may not make (policy), e.g. another instance than its bound one. */
+  AUTHFAIL: 1,
+  BAD_PARAMETER: 3,
+  FAIL: 9,
+  BAD_ORDINAL: 10,
+  RESOURCES: 0x15,
+  /** Xen: LOADNVM with nothing stored. Ours the same for every LOAD ordinal ("never stored"); store I/O failures answer FAIL. */
+  IOERROR: 0x1f,
+  /** Ours: sealed state or a migration blob failed authentication or was made for another key. */
+  DECRYPT_ERROR: 0x21,
 } as const;
 export type StatusCode = (typeof Status)[keyof typeof Status];
 
 export const STATUS_NAMES: Record<number, string> = Object.fromEntries(
-  Object.entries(Status).map(([k, v]) => [v, `VTPM_${k}`]),
+  Object.entries(Status).map(([k, v]) => [v, `TPM_${k}`]),
 );
 
 const ORD_NAMES: Record<number, string> = Object.fromEntries(Object.entries(Ord).map(([k, v]) => [v, k]));
@@ -70,7 +83,7 @@ export class WireError extends Error {
   constructor(
     readonly code: 'BAD_TAG' | 'BAD_SIZE' | 'TOO_LARGE' | 'BAD_PARAMS' | 'TRUNCATED',
     message: string,
-    readonly status: StatusCode = Status.INVALID_REQUEST,
+    readonly status: StatusCode = Status.BAD_PARAMETER,
     /** The instance prefix of the offending frame, when it was read. */
     readonly instance?: number,
   ) {
@@ -102,8 +115,9 @@ export function encodeRequest(instance: number, ordinal: number, params?: Uint8A
   return encodeFrame(instance, TAG_REQ, ordinal, params);
 }
 
-export function encodeResponse(instance: number, status: number, params?: Uint8Array): Buffer {
-  return encodeFrame(instance, TAG_RSP, status, params);
+/** A reply carries the request's tag, as Xen's manager packed it (vtpm_manager_handler.c). */
+export function encodeResponse(instance: number, status: number, params?: Uint8Array, tag: number = TAG_REQ): Buffer {
+  return encodeFrame(instance, tag, status, params);
 }
 
 const GET_HEADER = 0;
@@ -136,6 +150,15 @@ export class FrameDecoder {
     return this.#state === GET_HEADER && this.#have === 0;
   }
 
+  /** The partial frame buffered now, for a log line: its header bytes in hex and how much of it came. */
+  describePartial(): string {
+    if (this.#state === GET_PARAMS) {
+      const want = this.#params!.length;
+      return `${this.#header.toString('hex')} with ${this.#have} of ${want} parameter bytes`;
+    }
+    return `${this.#header.subarray(0, this.#have).toString('hex')}, ${this.#have} of ${SRV_HEADER_SIZE} header bytes`;
+  }
+
   /** Feeds bytes; returns the frames they complete. Throws WireError on the first violation. */
   push(chunk: Uint8Array): Frame[] {
     if (this.#state === FAILED) throw new WireError('BAD_SIZE', 'decoder already failed');
@@ -161,16 +184,16 @@ export class FrameDecoder {
     const code = h.readUInt32BE(10);
     if (!this.accept.includes(tag)) {
       this.#state = FAILED;
-      throw new WireError('BAD_TAG', `invalid tag 0x${tag.toString(16).padStart(4, '0')}`, Status.INVALID_REQUEST, instance);
+      throw new WireError('BAD_TAG', `invalid tag 0x${tag.toString(16).padStart(4, '0')}`, Status.BAD_PARAMETER, instance);
     }
     if (size < CLT_HEADER_SIZE) {
       this.#state = FAILED;
-      throw new WireError('BAD_SIZE', `size ${size} is smaller than the ${CLT_HEADER_SIZE}-byte header`, Status.INVALID_REQUEST, instance);
+      throw new WireError('BAD_SIZE', `size ${size} is smaller than the ${CLT_HEADER_SIZE}-byte header`, Status.BAD_PARAMETER, instance);
     }
     const plen = size - CLT_HEADER_SIZE;
     if (plen > this.maxParams) {
       this.#state = FAILED;
-      throw new WireError('TOO_LARGE', `size ${size} exceeds the limit of ${this.maxParams + CLT_HEADER_SIZE}`, Status.INVALID_REQUEST, instance);
+      throw new WireError('TOO_LARGE', `size ${size} exceeds the limit of ${this.maxParams + CLT_HEADER_SIZE}`, Status.BAD_PARAMETER, instance);
     }
     this.#have = 0;
     this.#frame = { instance, tag, code, params: new Uint8Array(0) };
@@ -199,6 +222,63 @@ export class FrameDecoder {
     }
     return off;
   }
+}
+
+/**
+ * Frames out of one read of a FIFO with several writers. Each legitimate writer puts a whole frame of at
+ * most PIPE_BUF bytes into one write, which the kernel keeps whole and unmixed, and one read returns
+ * whole writes; so here a frame must lie entirely inside the read. Bytes that do not start such a frame
+ * (garbage, a half frame, a header promising more than the read holds) are skipped one at a time until
+ * a frame starts again: a garbage writer costs only its own bytes, never the frames after it. Returns the
+ * frames and, when anything was skipped, one error naming the first problem and the skipped bytes.
+ */
+export function splitSharedRead(chunk: Uint8Array, accept: readonly number[], maxParams: number): { frames: Frame[]; error: WireError | null } {
+  const b = Buffer.from(chunk.buffer, chunk.byteOffset, chunk.length);
+  const frames: Frame[] = [];
+  let first: WireError | null = null;
+  let skipFrom = -1;
+  let skipped = 0;
+  let off = 0;
+  while (off < b.length) {
+    const end = sharedFrameEnd(b, off, accept, maxParams);
+    if (end > 0) {
+      frames.push({ instance: b.readUInt32BE(off), tag: b.readUInt16BE(off + 4), code: b.readUInt32BE(off + 10), params: Buffer.from(b.subarray(off + SRV_HEADER_SIZE, end)) });
+      off = end;
+      continue;
+    }
+    // Only the first problem is described: a read full of garbage must not cost an Error per byte.
+    if (skipFrom < 0) {
+      skipFrom = off;
+      first = notAFrame(b, off, accept, maxParams);
+    }
+    skipped++;
+    off++;
+  }
+  if (!first) return { frames, error: null };
+  const shown = b.subarray(skipFrom, skipFrom + Math.min(skipped, 16)).toString('hex');
+  return { frames, error: new WireError(first.code, `${first.message}; ${skipped} bytes skipped (${shown}${skipped > 16 ? '…' : ''})`, first.status, first.instance) };
+}
+
+/** The end offset of a whole frame starting at `off`, or -1. */
+function sharedFrameEnd(b: Buffer, off: number, accept: readonly number[], maxParams: number): number {
+  if (b.length - off < SRV_HEADER_SIZE || !accept.includes(b.readUInt16BE(off + 4))) return -1;
+  const size = b.readUInt32BE(off + 6);
+  if (size < CLT_HEADER_SIZE || size - CLT_HEADER_SIZE > maxParams || PREFIX_SIZE + size > b.length - off) return -1;
+  return off + PREFIX_SIZE + size;
+}
+
+/** Why no frame starts at `off` (sharedFrameEnd said -1). */
+function notAFrame(b: Buffer, off: number, accept: readonly number[], maxParams: number): WireError {
+  const left = b.length - off;
+  if (left < SRV_HEADER_SIZE) return new WireError('TRUNCATED', `half frame: ${left} bytes, less than a ${SRV_HEADER_SIZE}-byte header`);
+  const instance = b.readUInt32BE(off);
+  const tag = b.readUInt16BE(off + 4);
+  const size = b.readUInt32BE(off + 6);
+  if (!accept.includes(tag)) return new WireError('BAD_TAG', `invalid tag 0x${tag.toString(16).padStart(4, '0')}`, Status.BAD_PARAMETER, instance);
+  if (size < CLT_HEADER_SIZE) return new WireError('BAD_SIZE', `size ${size} is smaller than the ${CLT_HEADER_SIZE}-byte header`, Status.BAD_PARAMETER, instance);
+  if (size - CLT_HEADER_SIZE > maxParams)
+    return new WireError('TOO_LARGE', `size ${size} exceeds the limit of ${maxParams + CLT_HEADER_SIZE} for a FIFO with several writers`, Status.BAD_PARAMETER, instance);
+  return new WireError('TRUNCATED', `half frame: its header promises ${PREFIX_SIZE + size} bytes, the write held ${left}`, Status.BAD_PARAMETER, instance);
 }
 
 // ---- parameter blocks -------------------------------------------------------------------------
@@ -254,7 +334,7 @@ export function decodeOpen(params: Uint8Array): OpenParams {
   return { ...base, vmUuid: bytesToUuid(b.subarray(7, 23)), version };
 }
 
-/** OPEN's response parameters (ours; Xen hotplug scripts read only the status): instance u32, created u8. */
+/** Our 24-byte OPEN's response parameters: instance u32, created u8. A 7-byte (Xen) OPEN gets none, as from Xen. */
 export function encodeOpenResult(instance: number, created: boolean): Buffer {
   const b = Buffer.alloc(5);
   b.writeUInt32BE(instance >>> 0, 0);

@@ -2,12 +2,11 @@
 // a vTPM-domain process with --state-dir uses this one for its single instance). One file per
 // (instance, kind), <dir>/tpm-<instance>.<kind>, in the two-slot format of slot-file.ts.
 //
-// Why two slots. The old way, write a temp file, fdatasync, rename it over the old one, fsync the
-// directory, costs two journal commits: ~1.5–2.8 ms on the path to a new TPM's first response (ext4
-// on virtio here), most of the time to a ready TPM. Overwriting the older of two preallocated slots in
-// a file whose blocks were written once and whose size never changes needs one fdatasync and no
-// metadata at all (ext4 commits no journal for it; the mtime change is not "data"): ~0.4 ms measured,
-// against ~0.9 ms for temp+rename+dir fsync in the same minute. The checksum in each slot lets load()
+// Why two slots. Writing a temp file, fdatasync, renaming it over the old one and fsyncing the
+// directory costs two journal commits, most of the time to a ready TPM. Overwriting the older of two
+// preallocated slots in a file whose blocks were written once and whose size never changes needs one
+// fdatasync and no metadata at all (ext4 commits no journal for it; the mtime change is not "data"):
+// about half the time (docs/benchmarks.md, engine). The checksum in each slot lets load()
 // reject a torn write and fall back to the other slot, which holds the last acknowledged state.
 //
 // Why spare files. A new (instance, kind) needs a new file, and a new name is only durable after a

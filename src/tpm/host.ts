@@ -135,8 +135,8 @@ export class TpmHost {
   /**
    * Refills run off the critical path: queued with setImmediate (so a create() that just resolved lets
    * its caller send the first command first), then deferred while any create() is under way or any
-   * instance has work queued (measured: a refill running alongside the first Startup made it 0.3–1.4 ms
-   * slower: Libtpms.load() holds the JS thread ~0.6 ms and MainInit takes a core for ~2 ms), for at
+   * instance has work queued (a refill beside the first Startup slows it: Libtpms.load() holds the JS
+   * thread ~0.6 ms and MainInit takes a core for ~2 ms), for at
    * most REFILL_MAX_DEFER_MS so a busy host still gets its spares.
    */
   #scheduleRefill(): void {

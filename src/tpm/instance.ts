@@ -1,14 +1,13 @@
 // One vTPM: a private copy of libtpms, its durable state behind a StateStore, and a queue that lets
 // exactly one operation (command, power change, blob transfer) touch the copy at a time.
 //
-// Where commands run. They run as koffi async calls on the libuv thread pool, not on worker threads.
-// Measured here (2 vCPU, Node 20, libtpms 0.9.2), TPM2_GetRandom(8) round trip:
-//   in-line on the JS thread ~11 µs (but blocks the event loop: an RSA-3072 CreatePrimary blocks it for
+// Where commands run. They run as koffi async calls on the libuv thread pool, not on worker threads:
+//   in line on the JS thread is fastest but blocks the event loop (an RSA-3072 CreatePrimary for
 //     hundreds of ms);
-//   koffi .async() on the libuv pool ~107 µs, no extra memory, any instance on any free thread;
-//   a worker_thread per group of instances with postMessage ~115–130 µs, +~15 MB per worker, and an
+//   koffi .async() on the libuv pool costs one hop, no extra memory, any instance on any free thread;
+//   a worker_thread per group of instances is a little slower, costs ~15 MB per worker, and an
 //     instance pinned to a worker waits behind that worker's key generation.
-// So the pool wins on latency, memory and isolation. libtpms' NV callbacks fire on the pool thread;
+// So the pool wins on latency, memory and isolation (figures: docs/benchmarks.md, engine). libtpms' NV callbacks fire on the pool thread;
 // koffi relays them to the JS thread (the pool thread waits), where we only copy the bytes.
 // Under load the pool hop grows (40–200 µs measured with other work on the 2 vCPUs), which is why
 // `inline: 'fast'` may run a short allow-list of constant-time commands in line (fast-path.ts).
@@ -510,9 +509,9 @@ export class TpmInstance extends EventEmitter implements TpmEndpoint {
    * On a new TPM that overlaps the first store (~0.4 ms on ext4) with the caller's first command.
    *
    * A TPM 2.0 Startup runs in line on the JS thread: it does no key generation, only resets PCRs and
-   * session state and writes NV once (~0.1 ms measured), and in line its NV write reaches us without
-   * koffi relaying a callback from a pool thread. That saved ~0.1–0.2 ms of a ~1 ms time to a ready TPM
-   * (two pool hand-offs under load). A TPM 1.2 Startup stays on the pool.
+   * session state and writes NV once (~0.1 ms), and in line its NV write reaches us without koffi
+   * relaying a callback from a pool thread: two pool hand-offs fewer on the path to a ready TPM.
+   * A TPM 1.2 Startup stays on the pool.
    */
   async startupUnreleased(type: 'clear' | 'state' = 'clear'): Promise<number> {
     return responseCode(await this.#execute(this.#startupCommand(type), 0, false, this.version === '2.0'));

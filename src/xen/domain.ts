@@ -240,8 +240,15 @@ export class Domain {
     }
   }
 
+  /**
+   * Free frames and give them back to the hypervisor (XENMEM_decrease_reservation): a backend that kept
+   * a mapping of one past its grant never sees what this domain puts there next.
+   */
   freeFrames(gfn: number, count = 1): void {
     this.#used.fill(0, gfn, gfn + count);
+    if (this.#closed || this.hc.closed) return;
+    this.hc.call(HC.decrease_reservation, [gfn, count]);
+    this.#populated.fill(0, gfn, gfn + count);
   }
 
   /** A view of guest frames gfn .. gfn+count-1 (this domain's own memory). */

@@ -1,5 +1,5 @@
-// Event channels (docs/hypervisor.md): alloc_unbound / bind_interdomain / send / close with Xen's
-// semantics. Routing (which port is bound to which) lives in the hypervisor process; each channel it
+// Event channels (docs/hypervisor.md, docs/protocols/event-channels.md): alloc_unbound /
+// bind_interdomain / send / close with Xen's semantics. Routing (which port is bound to which) lives in the hypervisor process; each channel it
 // hands out is a page holding the two ends' words (pending bit, mask bit) and a socketpair for wake-ups,
 // so a domain only ever touches channels it is an end of. A send sets the remote end's pending bit and,
 // only on its 0→1 edge and only when that end is not masked, writes one byte to the channel's socket.
@@ -57,14 +57,13 @@ type Handler = (port: number) => void;
 // backend serving many guests, a guest whose next answer follows). While busy, every handled port of
 // the domain stays masked, so peers' sends cost them one atomic OR instead of a wake-up write (12–20 µs
 // here, see above), and the process looks for pending ports itself once per turn of its event loop.
-// With 256 guests the backend had spent 45 % of its time in those writes: 16–21k PCR_Extend/s before,
-// 30–33k/s with busy mode (quiet machine, e2e bench).
-//  - Only a delivery starts it. Starting on a send too measured worse: in a suspend cycle every process
-//    spun after each of its few sends while xenstored waited for a CPU (idle cycle 5.2 vs 4.3 ms).
+// A backend answering 256 guests otherwise spends almost half its time in those writes.
+//  - Only a delivery starts it, not a send: a process that spins after each of its few sends (a suspend
+//    cycle) takes the CPU xenstored needs. Figures: docs/benchmarks.md.
 //  - It leaves, unmasking its ports, after a quiet window with nothing found (VTPM_POLL_US, default
 //    50 µs) that adapts as the channels' spins do (poll.ts): it shuts while work comes in long gaps (a
-//    multi-VM guest waiting on a chain of processes would take the CPU the chain needs: 1.4× slower
-//    round trips with a fixed window), and is zero while the CPUs are contended, when it leaves at the
+//    multi-VM guest waiting on a chain of processes would take the CPU the chain needs), and is
+//    zero while the CPUs are contended, when it leaves at the
 //    first turn that finds nothing. A process with its ports masked gets no wake-ups, and a wake-up is
 //    what lets the scheduler run a task ahead of a spinner: a preempted busy process would otherwise
 //    wait out a time slice with work pending. Saturated, every turn finds work, so it holds either way.

@@ -1,5 +1,5 @@
-// Grant tables v1 (docs/hypervisor.md): the granter's side (grant access to a frame, end access) in the
-// granter's own grant table, and the mapper's side, which asks the hypervisor process: it does the checks
+// Grant tables v1 (docs/hypervisor.md, docs/protocols/grant-table.md): the granter's side (grant access
+// to a frame, end access) in the granter's own grant table, and the mapper's side, which asks the hypervisor process: it does the checks
 // Xen's map_grant_ref does, answers with the same GNTST statuses and hands over the granted frame alone.
 // While a grant is mapped its GTF_reading/GTF_writing bits are set, so the granter cannot end access.
 import { mapPagesContiguous, mapShared, PAGE_SIZE, type Mapping } from '../../native/libc.js';
@@ -16,7 +16,7 @@ export const GTF_readonly = 1 << 2;
 export const GTF_reading = 1 << 3;
 export const GTF_writing = 1 << 4;
 
-/** Per-operation statuses of GNTTABOP_map_grant_ref (xen.md §2.5). */
+/** Per-operation statuses of GNTTABOP_map_grant_ref (docs/protocols/grant-table.md, Mapping). */
 export const GNTST = {
   okay: 0,
   general_error: -1,
@@ -102,7 +102,11 @@ export class GrantMapping {
   #mapping: Mapping | null;
   readonly #mapper: GrantMapper;
 
-  constructor(mapper: GrantMapper, granter: number, refs: number[], readonly: boolean, mapping: Mapping) {
+  /** The hypervisor's handles of the refs' mappings, for unmap. */
+  readonly handles: readonly number[];
+
+  constructor(mapper: GrantMapper, granter: number, refs: number[], readonly: boolean, mapping: Mapping, handles: number[]) {
+    this.handles = handles;
     this.#mapper = mapper;
     this.granter = granter;
     this.refs = refs;
@@ -148,7 +152,7 @@ export class GrantMapper {
    */
   mapMany(granter: number, refs: readonly number[], opts: MapOptions = {}): GrantMapping {
     const ro = opts.readonly ?? false;
-    const pinned: number[] = [];
+    const handles: number[] = [];
     const fds: number[] = [];
     try {
       for (const ref of refs) {
@@ -158,16 +162,16 @@ export class GrantMapper {
           for (const fd of rep.fds) closeFd(fd);
           throw new GrantError(rep.status, `dom${granter} ref ${ref} for dom${this.#dom.domid}${ro ? ' (read-only)' : ''}`);
         }
-        pinned.push(ref);
+        handles.push(rep.r[0]!);
         fds.push(rep.fds[0]!);
       }
       const mapping =
         fds.length === 1 ? mapShared(fds[0]!, 0, PAGE_SIZE, !ro) : mapPagesContiguous(fds.map((fd) => ({ fd, offset: 0, writable: !ro })));
-      const gm = new GrantMapping(this, granter, [...refs], ro, mapping);
+      const gm = new GrantMapping(this, granter, [...refs], ro, mapping, handles);
       this.#live.add(gm);
       return gm;
     } catch (err) {
-      for (const ref of pinned) this.#unpin(granter, ref, ro);
+      for (const h of handles) this.#unmap(h);
       throw err;
     } finally {
       for (const fd of fds) closeFd(fd);
@@ -177,17 +181,17 @@ export class GrantMapper {
   /** Called by GrantMapping.unmap: the hypervisor drops the pins, clearing the in-use bits with the last. */
   release(gm: GrantMapping): void {
     if (!this.#live.delete(gm)) return;
-    for (const ref of gm.refs) this.#unpin(gm.granter, ref, gm.readonly);
+    for (const h of gm.handles) this.#unmap(h);
   }
 
   unmapAll(): void {
     for (const gm of [...this.#live]) gm.unmap();
   }
 
-  #unpin(granter: number, ref: number, ro: boolean): void {
+  #unmap(handle: number): void {
     if (this.#dom.hc.closed) return;
     try {
-      this.#dom.hc.tryCall(HC.unmap_grant, [granter, ref, ro ? 1 : 0]);
+      this.#dom.hc.tryCall(HC.unmap_grant, [handle]);
     } catch {
       // The hypervisor is gone, and every pin with it.
     }

@@ -28,6 +28,11 @@ export const ECS_interdomain = 2;
 export const CHANNEL_WORD_STRIDE = 64;
 
 const MAX_PIN = 0xffff;
+/**
+ * Descriptors the hypervisor keeps for one domain (frames, and three per channel it allocated): a domain
+ * past it gets ENOMEM, so no guest can exhaust the hypervisor's descriptors for the others.
+ */
+export const MAX_OBJECTS_PER_DOMAIN = 1024;
 
 /** One event channel: a page holding both ends' pending/mask words and a socketpair for wake-ups. */
 export class Channel {
@@ -36,7 +41,11 @@ export class Channel {
   /** The port holding each end, 0 while that end is free. */
   readonly holder: [Port | null, Port | null] = [null, null];
 
-  constructor() {
+  /** The domain that allocated it, which its descriptors are counted against. */
+  readonly owner: HvDomain;
+
+  constructor(owner: HvDomain) {
+    this.owner = owner;
     this.page = memfdSealed('evtchn', PAGE_SIZE);
     try {
       this.socks = socketPair();
@@ -44,6 +53,7 @@ export class Channel {
       closeFd(this.page);
       throw err;
     }
+    owner.objects += 3;
   }
 
   /** Set end `end`'s word to pending and unmasked (a port that starts bound starts pending). */
@@ -54,6 +64,7 @@ export class Channel {
   }
 
   destroy(): void {
+    this.owner.objects -= 3;
     closeFd(this.page);
     closeFd(this.socks[0]);
     closeFd(this.socks[1]);
@@ -69,6 +80,8 @@ export interface Port {
   end: 0 | 1;
 }
 
+let serials = 0;
+
 export class HvDomain {
   readonly domid: number;
   readonly geometry: DomainGeometry;
@@ -82,10 +95,20 @@ export class HvDomain {
   readonly active: Int32Array;
   readonly frames = new Map<number, number>();
   readonly ports = new Map<number, Port>();
-  /** Grants this domain has mapped: "granter:ref:ro" -> how many times. */
-  readonly mapped = new Map<string, number>();
+  /**
+   * Grants this domain has mapped, by the handle map_grant returned (Xen's grant_handle_t): an unmap
+   * names the mapping, so one of a granter since destroyed and re-created under its domid cannot touch
+   * the new one's entries.
+   */
+  readonly handles = new Map<number, { g: HvDomain; ref: number; ro: boolean }>();
+  #nextHandle = 1;
+  /** Distinguishes incarnations of one domid. */
+  readonly serial: number;
+  /** Descriptors held on this domain's behalf (its frames, the channels it allocated). */
+  objects = 0;
 
   constructor(domid: number, g: DomainGeometry, maxPorts: number) {
+    this.serial = ++serials;
     this.domid = domid;
     this.geometry = g;
     this.maxPorts = maxPorts;
@@ -110,11 +133,24 @@ export class HvDomain {
     if (!Number.isInteger(gfn) || gfn < 0 || gfn >= this.geometry.nrPages) return null;
     let fd = this.frames.get(gfn);
     if (fd === undefined) {
-      if (!populate) return null;
+      if (!populate || this.objects + 1 > MAX_OBJECTS_PER_DOMAIN) return null;
       fd = memfdSealed(`dom${this.domid}-gfn${gfn}`, PAGE_SIZE);
       this.frames.set(gfn, fd);
+      this.objects++;
     }
     return fd;
+  }
+
+  /**
+   * Give frame `gfn` back: its memfd is closed here, so a mapper that kept a mapping of it past its
+   * grant holds a page nobody uses any more, and the next populate of `gfn` is a fresh page.
+   */
+  release(gfn: number): void {
+    const fd = this.frames.get(gfn);
+    if (fd === undefined) return;
+    this.frames.delete(gfn);
+    this.objects--;
+    closeFd(fd);
   }
 
   /**
@@ -160,6 +196,15 @@ export class HvDomain {
       const flags = Atomics.load(this.grant16, 4 * ref);
       if (Atomics.compareExchange(this.grant16, 4 * ref, flags, flags & ~clear) === flags) return;
     }
+  }
+
+  /** Record a mapping; returns its handle. */
+  addHandle(g: HvDomain, ref: number, ro: boolean): number {
+    while (this.handles.has(this.#nextHandle) || this.#nextHandle === 0) this.#nextHandle = (this.#nextHandle + 1) >>> 0;
+    const h = this.#nextHandle;
+    this.#nextHandle = (h + 1) >>> 0;
+    this.handles.set(h, { g, ref, ro });
+    return h;
   }
 
   /** The lowest free port, or 0 when all are in use. */

@@ -12,8 +12,8 @@ import { closeFd, connectUnix, recvBlocking, sendWithFds } from '../../native/un
 
 export const HC_MSG = 32;
 
-/** Frames handed over in one populate reply (the receiver's control buffer holds 12 descriptors). */
-export const POPULATE_MAX = 8;
+/** Frames handed over in one populate reply (native/unix-rights.ts takes 64 descriptors a message). */
+export const POPULATE_MAX = 64;
 
 /** dom0's toolstack socket in the hypervisor directory (mode 0600). */
 export function hypervisorSocket(dir: string): string {
@@ -25,11 +25,11 @@ export const HC = {
   domctl_create: 1,
   /** The caller's own memory: r0 domid, r1 nr_pages, r2 grant_frames, r3 max_ports; fds: control memfd. */
   domain_info: 2,
-  /** XENMEM_populate_physmap: frames a0 .. a0+a1-1 (a1 ≤ 8); fds: one memfd per frame. */
+  /** XENMEM_populate_physmap: frames a0 .. a0+a1-1 (a1 ≤ 64); fds: one memfd per frame. */
   populate: 3,
-  /** GNTTABOP_map_grant_ref: granter a0, ref a1, readonly a2; fds: the frame (read-only fd if a2). */
+  /** GNTTABOP_map_grant_ref: granter a0, ref a1, readonly a2: r0 handle; fds: the frame (read-only fd if a2). */
   map_grant: 4,
-  /** GNTTABOP_unmap_grant_ref: granter a0, ref a1, readonly a2. */
+  /** GNTTABOP_unmap_grant_ref: the handle a0 map_grant returned. */
   unmap_grant: 5,
   /** EVTCHNOP_alloc_unbound for remote a0: r0 port, r1 word; fds: channel page, wake-up socket. */
   evtchn_alloc_unbound: 6,
@@ -41,6 +41,8 @@ export const HC = {
   evtchn_status: 9,
   /** dom0 control: whether domain a0 exists (status 0) or not (-ESRCH). */
   domctl_getinfo: 10,
+  /** XENMEM_decrease_reservation: give frames a0 .. a0+a1-1 back; the next populate gets fresh ones. */
+  decrease_reservation: 11,
 } as const;
 
 export const HC_NAMES = new Map<number, string>(Object.entries(HC).map(([k, v]) => [v, k]));

@@ -6,15 +6,16 @@
 // closes (its process died or closed it): its pins on others' grants are released, its ports closed.
 import fs from 'node:fs';
 import net from 'node:net';
+import { join } from 'node:path';
 import { sendWithFds, closeFd, socketPair } from '../../native/unix-rights.js';
-import { Channel, ECS_interdomain, ECS_unbound, HvDomain, type Port } from './hv-domain.js';
-import { EEXIST, EINVAL, ENOSPC, EPERM, ESRCH, HC, HC_MSG, POPULATE_MAX, encodeReply, hypervisorSocket } from './hypercall.js';
-
-export { hypervisorSocket };
+import { raiseFdLimit } from '../../native/libc.js';
+import { Channel, ECS_interdomain, ECS_unbound, HvDomain, MAX_OBJECTS_PER_DOMAIN, type Port } from './hv-domain.js';
+import { EEXIST, EINVAL, ENOMEM, ENOSPC, EPERM, ESRCH, HC, HC_MSG, POPULATE_MAX, encodeReply, hypervisorSocket } from './hypercall.js';
 import { EVTCHN_PORTS_PER_PAGE, MAX_EVTCHN_PAGES, type DomainGeometry } from './layout.js';
 import { GNTST } from './grant-table.js';
 import { processAlive } from './proc.js';
-import { join } from 'node:path';
+
+export { hypervisorSocket };
 
 const MAX_DOMID = 0x7fef;
 const MAX_GRANT_FRAMES = 16;
@@ -55,6 +56,8 @@ export class Hypervisor {
   }
 
   async listen(): Promise<void> {
+    // One descriptor per populated frame and three per channel: bounded per domain, not per host.
+    raiseFdLimit(1 << 20);
     fs.mkdirSync(this.dir, { recursive: true, mode: 0o700 });
     const path = hypervisorSocket(this.dir);
     fs.rmSync(path, { force: true });
@@ -157,25 +160,34 @@ export class Hypervisor {
         const [gfn, count] = a as [number, number];
         if (count < 1 || count > POPULATE_MAX || gfn + count > d.geometry.nrPages) return { status: -EINVAL };
         const fds: number[] = [];
-        for (let i = 0; i < count; i++) fds.push(d.frame(gfn + i, true)!);
+        for (let i = 0; i < count; i++) {
+          const fd = d.frame(gfn + i, true);
+          if (fd === null) return { status: -ENOMEM };
+          fds.push(fd);
+        }
         return { status: 0, fds };
+      }
+      case HC.decrease_reservation: {
+        const [gfn, count] = a as [number, number];
+        if (count < 1 || gfn + count > d.geometry.nrPages) return { status: -EINVAL };
+        for (let i = gfn; i < gfn + count; i++) d.release(i);
+        return { status: 0 };
       }
       case HC.map_grant:
         return this.#map(d, a[0]!, a[1]!, a[2] !== 0);
       case HC.unmap_grant: {
-        const [granter, ref, ro] = [a[0]!, a[1]!, a[2] !== 0];
-        const key = `${granter}:${ref}:${ro ? 1 : 0}`;
-        const n = d.mapped.get(key);
-        if (!n) return { status: GNTST.bad_handle };
-        if (n === 1) d.mapped.delete(key);
-        else d.mapped.set(key, n - 1);
-        this.#domains.get(granter)?.unpin(ref, ro);
+        const m = d.handles.get(a[0]!);
+        if (!m) return { status: GNTST.bad_handle };
+        d.handles.delete(a[0]!);
+        // A granter since destroyed took its entries with it.
+        if (this.#domains.get(m.g.domid) === m.g) m.g.unpin(m.ref, m.ro);
         return { status: 0 };
       }
       case HC.evtchn_alloc_unbound: {
         const port = d.freePort();
         if (!port) return { status: -ENOSPC };
-        const chan = new Channel();
+        if (d.objects + 3 > MAX_OBJECTS_PER_DOMAIN) return { status: -ENOMEM };
+        const chan = new Channel(d);
         const p: Port = { port, state: ECS_unbound, remoteDom: a[0]!, remotePort: 0, chan, end: 0 };
         chan.holder[0] = p;
         d.ports.set(port, p);
@@ -204,21 +216,19 @@ export class Hypervisor {
     if (!g) return { status: GNTST.bad_domain };
     const fd = g.pin(ref, d.domid, ro);
     if (fd < 0) return { status: fd };
-    const key = `${granter}:${ref}:${ro ? 1 : 0}`;
-    d.mapped.set(key, (d.mapped.get(key) ?? 0) + 1);
-    if (!ro) return { status: 0, fds: [fd] };
+    const handle = d.addHandle(g, ref, ro);
+    if (!ro) return { status: 0, r: [handle], fds: [fd] };
     // A descriptor opened read-only: a PROT_WRITE shared mapping of it fails with EACCES whatever the
     // mapper does with it.
     let rofd: number;
     try {
       rofd = fs.openSync(`/proc/self/fd/${fd}`, fs.constants.O_RDONLY | 0x80000);
     } catch {
-      d.mapped.set(key, d.mapped.get(key)! - 1);
-      if (d.mapped.get(key) === 0) d.mapped.delete(key);
+      d.handles.delete(handle);
       g.unpin(ref, ro);
       return { status: GNTST.general_error };
     }
-    return { status: 0, fds: [rofd], own: [rofd] };
+    return { status: 0, r: [handle], fds: [rofd], own: [rofd] };
   }
 
   #bind(d: HvDomain, remoteDom: number, remotePort: number): Answer {
@@ -256,17 +266,8 @@ export class Hypervisor {
     this.#domains.delete(d.domid);
     this.#conns.delete(d.domid);
     // Xen's gnttab_release_mappings: the pins a dead mapper held are dropped.
-    for (const [key, n] of d.mapped) {
-      const [granter, ref, ro] = key.split(':').map(Number) as [number, number, number];
-      const g = this.#domains.get(granter);
-      for (let i = 0; i < n; i++) g?.unpin(ref, ro === 1);
-    }
-    d.mapped.clear();
-    // Others' mappings of this domain's grants end with it: an unmap arriving later must not unpin an
-    // entry of a new domain given the same domid (it would wrap its pin count and refuse every map).
-    for (const o of this.#domains.values()) {
-      for (const key of [...o.mapped.keys()]) if (key.startsWith(`${d.domid}:`)) o.mapped.delete(key);
-    }
+    for (const m of d.handles.values()) if (this.#domains.get(m.g.domid) === m.g) m.g.unpin(m.ref, m.ro);
+    d.handles.clear();
     for (const p of [...d.ports.values()]) this.#closePort(d, p);
     d.destroy();
     this.#o.log?.(`dom${d.domid} destroyed`);

@@ -1,4 +1,4 @@
-// Xen's generic shared ring (io/ring.h, xen.md §1), kept close to the macros so anyone who knows Xen
+// Xen's generic shared ring (io/ring.h; docs/protocols/ring.md), kept close to the macros so anyone who knows Xen
 // can read it: a 64-byte header (req_prod, req_event, rsp_prod, rsp_event) then power-of-two slots,
 // free-running u32 indices, notify only when the peer's event index lies in (old, new], and a final
 // check before idling. Indices go through Atomics, which are sequentially consistent and so give the

@@ -2,7 +2,7 @@
 // transaction's snapshot is just the root it started from. Every node carries the generation at which
 // it (its value, perms or child list) last changed; a transaction remembers the generation of every
 // node it touched, and commits only if all of them are unchanged in the live tree (else EAGAIN), by
-// replaying its operations onto the live tree. Quotas (xen.md §4.4) apply to unprivileged callers.
+// replaying its operations onto the live tree. Quotas (docs/protocols/xs-wire.md) apply to unprivileged callers.
 import { XsError, type XsErrno } from './wire.js';
 import { canRead, canWrite, type Perm } from './permissions.js';
 

@@ -1,4 +1,4 @@
-// Xenbus: the device handshake over XenStore (xen.md §5). Device directories, the `state` key
+// Xenbus: the device handshake over XenStore (docs/protocols/xenbus.md). Device directories, the `state` key
 // (enum xenbus_state), waiting on the peer's state through a watch, and the vTPM connect, close and
 // resume sequences as reusable steps for both ends. The toolstack part (libxl's device add) is
 // writeDeviceDirectories.
@@ -166,7 +166,7 @@ export interface DeviceDirectoryOptions {
 }
 
 /**
- * What libxl does to add a vTPM (xen.md §5.2), in one transaction: the backend directory
+ * What libxl does to add a vTPM (docs/protocols/xenbus.md, Directories), in one transaction: the backend directory
  * [n<be>, r<fe>] with frontend, frontend-id, online=1, state=1, handle, uuid, resume=False; the
  * frontend directory [n<fe>, r<be>] with backend, backend-id, state=1, handle; and libxl's own copy
  * under /libxl/<fe>/device/vtpm/<devid>. Old contents of those directories are removed first.
@@ -248,7 +248,7 @@ export interface ConnectOptions extends WaitOptions {
 }
 
 /**
- * Frontend connect (xen.md §5.3 steps 3, 4, 7): publish ring-ref, event-channel and
+ * Frontend connect (docs/protocols/xenbus.md, Connect steps 3 and 5): publish ring-ref, event-channel and
  * feature-protocol-v2 and switch to Initialised in one transaction; wait for the backend to be
  * Initialised or Connected; require its protocol feature (else fatal → Closing); switch to Connected.
  *
@@ -317,7 +317,7 @@ async function finishConnect(
 }
 
 /**
- * Frontend resume after a close the backend acknowledged (xen.md §5.5), in one batch: Initialising,
+ * Frontend resume after a close the backend acknowledged (docs/protocols/xenbus.md, resume), in one batch: Initialising,
  * the new ring's keys, Initialised, and behind them the wait for the backend. As Linux's
  * tpmfront_resume, it does not wait for the backend's InitWait first: a backend still tearing the old
  * ring down sees the new one after it (its steps run in order), and one that reads Initialised with a
@@ -356,7 +356,7 @@ export async function frontendReconnect(client: XsClient, dev: VtpmDevice, ring:
 }
 
 /**
- * Frontend close (xen.md §5.4): Closing, wait (up to timeoutMs, default 5 s as Linux) for the backend
+ * Frontend close (docs/protocols/xenbus.md, Close): Closing, wait (up to timeoutMs, default 5 s as Linux) for the backend
  * to leave Connected for Closing/Closed/InitWait, then Closed. Resolves even if the backend is silent:
  * with whether it answered.
  */
@@ -383,7 +383,7 @@ export async function frontendClose(client: XsClient, dev: VtpmDevice, opts: Wai
 }
 
 /**
- * Frontend resume (xen.md §5.5): grant refs and ports of the old ring are dead, so go back to
+ * Frontend resume (docs/protocols/xenbus.md, resume): grant refs and ports of the old ring are dead, so go back to
  * Initialising and redo the whole connect with the new ring and event channel.
  */
 export async function frontendResume(client: XsClient, dev: VtpmDevice, ring: FrontendRing, opts: ConnectOptions = {}): Promise<void> {
@@ -484,7 +484,7 @@ export async function backendConnect(
 }
 
 /**
- * Backend close (xen.md §5.4, mini-os): on frontend Closing, go Closing; once the frontend is Closed
+ * Backend close (docs/protocols/xenbus.md; mini-os): on frontend Closing, go Closing; once the frontend is Closed
  * (or gone), `detach` (unmap, unbind), clear `ready`, and return to InitWait for a new connection —
  * or to Closed when the frontend directory disappeared. Returns the backend's final state.
  */

@@ -5,7 +5,8 @@ import crypto from 'node:crypto';
 import fs from 'node:fs';
 import path from 'node:path';
 import { ManagerClient, ManagerError } from '../../src/manager/client.js';
-import { connectPair, writeShared, type ClientPair } from '../../src/manager/fifo.js';
+import { writeShared } from '../../src/manager/fifo.js';
+import { connectPair, type ClientPair } from '../../src/manager/fifo-client.js';
 import { Ord, Status, encodeRequest, type Frame } from '../../src/manager/wire.js';
 import { DIST_MANAGER, perTest, rawConsole, tempDir, type RunningManager } from './helpers.js';
 
@@ -32,45 +33,51 @@ async function rawPair(runDir: string, name: string): Promise<ClientPair & { nex
 }
 
 describe('vtpm manager: console protocol (Xen 3.x hotplug bytes)', () => {
-  it('answers a Xen 7-byte OPEN, CLOSE and a second OPEN with the exact reply bytes', async () => {
+  it('answers a Xen 7-byte OPEN, CLOSE and a second OPEN with exactly the 14 bytes Xen\'s manager sent', async () => {
     const m = await manager();
-    // OPEN instance 5, startup clear, PVM — what vtpm-impl writes.
-    expect(await rawConsole(m.runDir, hex('00000000 01c1 00000011 01000001 01 01 01 00000005'))).toEqual(
-      hex('00000000 01c4 0000000f 00000000 00000005 01'), // status 0, our params: instance 5, created
+    // OPEN instance 5, startup clear, PVM (what vtpm-impl writes): the status alone, request tag echoed.
+    expect(await rawConsole(m.runDir, hex('00000000 01c1 00000011 01000001 01 01 01 00000005'))).toEqual(hex('00000000 01c1 0000000a 00000000'));
+    // Xen refused to re-attach a connected instance: TPM_BAD_PARAMETER (3).
+    expect(await rawConsole(m.runDir, hex('00000000 01c1 00000011 01000001 01 01 01 00000005'))).toEqual(hex('00000000 01c1 0000000a 00000003'));
+    expect(await rawConsole(m.runDir, hex('00000000 01c1 0000000e 01000002 00000005'))).toEqual(hex('00000000 01c1 0000000a 00000000'));
+    // Resume (startup save).
+    expect(await rawConsole(m.runDir, hex('00000000 01c1 00000011 01000001 01 02 01 00000005'))).toEqual(hex('00000000 01c1 0000000a 00000000'));
+    // A MIGRATE_IN with an instance and no blob: TPM_BAD_PARAMETER, the missing field named.
+    expect(await rawConsole(m.runDir, hex('00000000 01c1 0000000e 01000004 00000005'))).toEqual(hex('00000000 01c1 0000000a 00000003'));
+    await m.waitLog(/MIGRATE_IN on instance 0: MIGRATE_IN: blob size needs 4 bytes at offset 4, only 0 left; answered TPM_BAD_PARAMETER/);
+    // Our 24-byte OPEN keeps its extended reply: instance u32, created u8.
+    expect(await rawConsole(m.runDir, hex(`00000000 01c1 00000022 01000001 01 01 01 00000000 ${VM1.replace(/-/g, '')} 02`))).toEqual(
+      hex('00000000 01c1 0000000f 00000000 00000001 01'),
     );
-    expect(await rawConsole(m.runDir, hex('00000000 01c1 0000000e 01000002 00000005'))).toEqual(hex('00000000 01c4 0000000a 00000000'));
-    // Resume (startup save): the entry exists, created = 0.
-    expect(await rawConsole(m.runDir, hex('00000000 01c1 00000011 01000001 01 02 01 00000005'))).toEqual(
-      hex('00000000 01c4 0000000f 00000000 00000005 00'),
-    );
-    // A MIGRATE_IN with an instance and no blob: VTPM_INVALID_REQUEST (5), the missing field named.
-    expect(await rawConsole(m.runDir, hex('00000000 01c1 0000000e 01000004 00000005'))).toEqual(hex('00000000 01c4 0000000a 00000005'));
-    await m.waitLog(/MIGRATE_IN on instance 0: MIGRATE_IN: blob size needs 4 bytes at offset 4, only 0 left; answered VTPM_INVALID_REQUEST/);
   });
 
   it('serves a shell hotplug script that writes its request first and opens the reply FIFO after', async () => {
     const m = await manager();
     // Like Xen's vtpm-impl: printf the frame into from_console.fifo, then read the reply; the manager
     // keeps to_console.fifo open itself, so the reply waits in the pipe for the script's read end.
-    const script = `printf '\\x00\\x00\\x00\\x00\\x01\\xc1\\x00\\x00\\x00\\x11\\x01\\x00\\x00\\x01\\x01\\x01\\x01\\x00\\x00\\x00\\x07' > from_console.fifo; sleep 0.2; head -c 19 to_console.fifo | od -An -tx1`;
+    const script = `printf '\\x00\\x00\\x00\\x00\\x01\\xc1\\x00\\x00\\x00\\x11\\x01\\x00\\x00\\x01\\x01\\x01\\x01\\x00\\x00\\x00\\x07' > from_console.fifo; sleep 0.2; head -c 14 to_console.fifo | od -An -tx1`;
     const out = await new Promise<string>((resolve, reject) => {
       const p = spawn('bash', ['-c', script], { cwd: m.runDir, stdio: ['ignore', 'pipe', 'inherit'] });
       let o = '';
       p.stdout.on('data', (d) => (o += d));
       p.on('exit', (code) => (code === 0 ? resolve(o) : reject(new Error(`exit ${code}`))));
     });
-    expect(out.replace(/\s+/g, '')).toBe('00000000 01c4 0000000f 00000000 00000007 01'.replace(/\s+/g, ''));
+    expect(out.replace(/\s+/g, '')).toBe('00000000 01c1 0000000a 00000000'.replace(/\s+/g, ''));
   });
 
-  it('answers garbage and wrong sizes on the console with VTPM_INVALID_REQUEST and keeps serving', async () => {
+  it('drops garbage on the console without a reply (the next reader would take it), answers bad requests with tcg.h codes', async () => {
     const m = await manager();
-    expect(await rawConsole(m.runDir, hex('00000000 beef 0000000a 01000001'))).toEqual(hex('00000000 01c4 0000000a 00000005'));
-    await m.waitLog(/console: invalid tag 0xbeef/);
-    // OPEN with 2 parameter bytes.
-    expect(await rawConsole(m.runDir, hex('00000000 01c1 0000000c 01000001 0101'))).toEqual(hex('00000000 01c4 0000000a 00000005'));
+    // Garbage: one log line, no reply; the next exchange gets its own reply, not a stray one.
+    writeShared(path.join(m.runDir, 'from_console.fifo'), hex('00000000 beef 0000000a 01000001'));
+    await m.waitLog(/console: invalid tag 0xbeef; 14 bytes skipped \(00000000beef0000000a01000001\); frame dropped, no reply/);
+    // OPEN with 2 parameter bytes: Xen's "New DMI command wrong length", TPM_BAD_PARAMETER.
+    expect(await rawConsole(m.runDir, hex('00000000 01c1 0000000c 01000001 0101'))).toEqual(hex('00000000 01c1 0000000a 00000003'));
     await m.waitLog(/OPEN takes 7 or 24 parameter bytes, got 2/);
     // CLOSE of an instance nobody opened.
-    expect(await rawConsole(m.runDir, hex('00000000 01c1 0000000e 01000002 00000063'))).toEqual(hex('00000000 01c4 0000000a 00000005'));
+    expect(await rawConsole(m.runDir, hex('00000000 01c1 0000000e 01000002 00000063'))).toEqual(hex('00000000 01c1 0000000a 00000003'));
+    // SAVENVM on the console: not a console ordinal, TPM_BAD_ORDINAL (10); a TPM command: TPM_FAIL (9), its tag echoed.
+    expect(await rawConsole(m.runDir, hex('00000000 01c1 0000000a 00000001'))).toEqual(hex('00000000 01c1 0000000a 0000000a'));
+    expect(await rawConsole(m.runDir, hex('00000000 00c1 0000000a 00000065'))).toEqual(hex('00000000 00c1 0000000a 00000009'));
     // A console lock left by a console user that died is broken, not waited on forever.
     fs.writeFileSync(path.join(m.runDir, 'console.lock'), '4194303');
     const c = await client(m);
@@ -111,10 +118,10 @@ describe('vtpm manager: VM table and state through ManagerClient', () => {
     expect(Buffer.from((await c.load(instance, 'permanent'))!)).toEqual(blobs.permanent);
     expect(Buffer.from((await c.load(instance, 'volatile'))!)).toEqual(blobs.volatile);
     // The table binds a VM to its TPM version.
-    await expect(c.open({ vmUuid: VM1, version: '1.2' })).rejects.toMatchObject({ status: Status.INVALID_REQUEST });
+    await expect(c.open({ vmUuid: VM1, version: '1.2' })).rejects.toMatchObject({ status: Status.BAD_PARAMETER });
 
     await c.close(instance);
-    await expect(c.store(instance, 'permanent', Buffer.from('late'))).rejects.toMatchObject({ status: Status.FORBIDDEN });
+    await expect(c.store(instance, 'permanent', Buffer.from('late'))).rejects.toMatchObject({ status: Status.BAD_PARAMETER });
     await m.waitLog(new RegExp(`SAVENVM on instance ${instance}: instance ${instance} is closed`));
     await c.delete(instance);
     expect(await c.open({ vmUuid: VM1, version: '2.0' })).toEqual({ instance, created: true });
@@ -192,7 +199,7 @@ describe('vtpm manager: 16 client processes saving 256 KiB blobs at once', () =>
 });
 
 describe('vtpm manager: bad input', () => {
-  it('answers each bad request with a VTPM_* status and a log line, other clients unaffected', async () => {
+  it('answers each bad request with a tcg.h status and a log line, other clients unaffected', async () => {
     const m = await manager();
     const good = await client(m);
     const { instance } = await good.open({ vmUuid: VM1, version: '2.0' });
@@ -201,32 +208,32 @@ describe('vtpm manager: bad input', () => {
       raw.writer.write(frame);
       return raw.next();
     };
-    expect((await ask(encodeRequest(instance, 0x77))).code).toBe(Status.UNSUPPORTED);
+    expect((await ask(encodeRequest(instance, 0x77))).code).toBe(Status.BAD_ORDINAL);
     await m.waitLog(/client mallory \(pid \d+\): 0x00000077 on instance \d+: unknown ordinal/);
-    expect((await ask(encodeRequest(999, Ord.LOADNVM))).code).toBe(Status.INVALID_REQUEST);
+    expect((await ask(encodeRequest(999, Ord.LOADNVM))).code).toBe(Status.BAD_PARAMETER);
     await m.waitLog(/client mallory .*unknown instance 999/);
-    expect((await ask(encodeRequest(0, Ord.DELETE, hex('00000001')))).code).toBe(Status.FORBIDDEN);
+    expect((await ask(encodeRequest(0, Ord.DELETE, hex('00000001')))).code).toBe(Status.BAD_ORDINAL);
     await m.waitLog(/client mallory .*privileged ordinal DELETE on a client FIFO/);
-    expect((await ask(encodeRequest(instance, Ord.SAVENVM))).code).toBe(Status.INVALID_REQUEST);
-    expect((await ask(encodeRequest(instance, Ord.DELETE_STATE, hex('0102')))).code).toBe(Status.INVALID_REQUEST);
-    expect((await ask(hex(`${instance.toString(16).padStart(8, '0')} 00c1 0000000a 00000065`))).code).toBe(Status.UNSUPPORTED);
+    expect((await ask(encodeRequest(instance, Ord.SAVENVM))).code).toBe(Status.BAD_PARAMETER);
+    expect((await ask(encodeRequest(instance, Ord.DELETE_STATE, hex('0102')))).code).toBe(Status.BAD_PARAMETER);
+    expect((await ask(hex(`${instance.toString(16).padStart(8, '0')} 00c1 0000000a 00000065`))).code).toBe(Status.FAIL);
     // TPMCOMMAND needs the hardware TPM Xen passed it to: refused, saying so.
-    expect((await ask(encodeRequest(instance, Ord.TPMCOMMAND, hex('00c1 0000000a 00000065')))).code).toBe(Status.UNSUPPORTED);
+    expect((await ask(encodeRequest(instance, Ord.TPMCOMMAND, hex('00c1 0000000a 00000065')))).code).toBe(Status.FAIL);
     await m.waitLog(/client mallory .*TPMCOMMAND passes a vTPM's command through to the host's hardware TPM .*no hardware TPM/);
     // LOAD_MIG_KEY decides where vTPMs may go: not from a client pair.
-    expect((await ask(encodeRequest(instance, Ord.LOAD_MIG_KEY, hex('00000002 6100 00000001 03 00000001 01')))).code).toBe(Status.FORBIDDEN);
+    expect((await ask(encodeRequest(instance, Ord.LOAD_MIG_KEY, hex('00000002 6100 00000001 03 00000001 01')))).code).toBe(Status.BAD_ORDINAL);
     await m.waitLog(/client mallory .*LOAD_MIG_KEY decides where MIGRATE_OUT may send a vTPM/);
 
     // A client bound to one instance may not touch another.
     const bound = await client(m, instance + 1);
-    await expect(bound.load(instance, 'permanent')).rejects.toMatchObject({ status: Status.FORBIDDEN });
+    await expect(bound.load(instance, 'permanent')).rejects.toMatchObject({ status: Status.AUTHFAIL });
 
     // While mallory's pair is about to be dropped, the good client keeps saving.
     const saving = Promise.all(Array.from({ length: 20 }, (_, i) => good.store(instance, 'volatile', Buffer.alloc(50_000, i))));
     // A header whose size is below the header size: framing is lost, so the pair is answered and dropped.
-    expect((await ask(hex('00000001 01c1 00000003 00000001'))).code).toBe(Status.INVALID_REQUEST);
+    expect((await ask(hex('00000001 01c1 00000003 00000001'))).code).toBe(Status.BAD_PARAMETER);
     await raw.ended;
-    await m.waitLog(/client mallory \(pid \d+\): size 3 is smaller than the 10-byte header; answered VTPM_INVALID_REQUEST and dropped/);
+    await m.waitLog(/client mallory \(pid \d+\): size 3 is smaller than the 10-byte header; answered TPM_BAD_PARAMETER and dropped/);
     await saving;
     expect(Buffer.from((await good.load(instance, 'volatile'))!)).toEqual(Buffer.alloc(50_000, 19));
     // A client that promises a 100-byte frame, sends 20 and leaves is named in the log.
@@ -241,7 +248,7 @@ describe('vtpm manager: bad input', () => {
     expect(m.proc.exitCode).toBeNull();
   });
 
-  it('refuses tampered, swapped and rolled-back state files with VTPM_RESTORE_CONTEXT_FAILED', async () => {
+  it('refuses tampered, swapped and rolled-back state files with TPM_DECRYPT_ERROR', async () => {
     let m = await manager();
     let c = await client(m);
     const a = (await c.open({ vmUuid: VM1, version: '2.0' })).instance;
@@ -267,11 +274,11 @@ describe('vtpm manager: bad input', () => {
 
     // Rollback: the older sealed blob put back under the current name.
     fs.writeFileSync(aFile, aOld);
-    await expect(c.load(a, 'permanent')).rejects.toMatchObject({ status: Status.RESTORE_CONTEXT_FAILED });
+    await expect(c.load(a, 'permanent')).rejects.toMatchObject({ status: Status.DECRYPT_ERROR });
     await m.waitLog(/refused: blob generation \d+ but the manager expects \d+/);
     // Swap: B's blob under A's name.
     fs.copyFileSync(blobOf(b), aFile);
-    await expect(c.load(a, 'permanent')).rejects.toMatchObject({ status: Status.RESTORE_CONTEXT_FAILED });
+    await expect(c.load(a, 'permanent')).rejects.toMatchObject({ status: Status.DECRYPT_ERROR });
     await m.waitLog(new RegExp(`blob belongs to instance ${b} .* not instance ${a}`));
     // Tamper: one flipped bit in the ciphertext.
     const t = Buffer.from(aNew);
@@ -279,7 +286,7 @@ describe('vtpm manager: bad input', () => {
     fs.writeFileSync(aFile, t);
     const err = await c.load(a, 'permanent').catch((e: unknown) => e);
     expect(err).toBeInstanceOf(ManagerError);
-    expect((err as ManagerError).status).toBe(Status.RESTORE_CONTEXT_FAILED);
+    expect((err as ManagerError).status).toBe(Status.DECRYPT_ERROR);
     await m.waitLog(/authentication failed for instance/);
     // B is untouched and A recovers with the genuine file.
     expect(Buffer.from((await c.load(b, 'permanent'))!).toString()).toBe('state of B');
@@ -301,17 +308,19 @@ describe('vtpm manager: fuzzed requests against the running daemon', () => {
         raw.writer.write(encodeRequest(i, ord, params));
         const r = await raw.next();
         expect(r.instance).toBe(i >>> 0);
-        expect(r.code).toBeGreaterThanOrEqual(0);
-        expect(r.code).toBeLessThanOrEqual(5);
+        expect(Object.values(Status)).toContain(r.code);
       }),
       { numRuns: 300 },
     );
-    // Random bytes on the console: each read that fails to frame is answered, the manager lives on.
+    // Random bytes on the console: each write that fails to frame is logged and dropped, the manager lives on
+    // and the next console exchange gets its own reply.
     for (let k = 0; k < 20; k++) {
       const junk = crypto.randomBytes(14 + (k % 20));
       junk.writeUInt16BE(0xbad0 + k, 4);
-      expect((await rawConsole(m.runDir, junk)).readUInt32BE(10)).toBe(Status.INVALID_REQUEST);
+      writeShared(path.join(m.runDir, 'from_console.fifo'), junk);
+      await m.waitLog(new RegExp(`console: invalid tag 0x${(0xbad0 + k).toString(16)}`));
     }
+    expect(await rawConsole(m.runDir, hex('00000000 01c1 0000000e 01000002 00000063'))).toEqual(hex('00000000 01c1 0000000a 00000003'));
     await good.store(instance, 'permanent', Buffer.from('still here'));
     expect(Buffer.from((await good.load(instance, 'permanent'))!).toString()).toBe('still here');
     expect(m.proc.exitCode).toBeNull();

@@ -97,7 +97,7 @@ describe('durability order of a SAVENVM (strace of the real manager)', () => {
     };
     const wal = path.join(stateDir, 'wal');
     const ack = at(
-      (e) => e.name === 'write' && e.where === path.join(runDir, 'clients', 'probe.rsp.fifo') && e.args.includes(`, "\\0\\0\\0\\${instance}\\1\\304\\0\\0\\0\\n\\0\\0\\0\\0"`),
+      (e) => e.name === 'write' && e.where === path.join(runDir, 'clients', 'probe.rsp.fifo') && e.args.includes(`, "\\0\\0\\0\\${instance}\\1\\301\\0\\0\\0\\n\\0\\0\\0\\0"`),
       -1,
       'the SAVENVM acknowledgement',
     );

@@ -79,12 +79,20 @@ export function perTest(): {
 } {
   const managers: RunningManager[] = [];
   const clients: ManagerClient[] = [];
+  const dirs = new Set<string>();
   afterEach(async () => {
     for (const c of clients.splice(0)) c.disconnect();
     for (const m of managers.splice(0)) await m.stop('SIGKILL');
+    for (const d of dirs) fs.rmSync(d, { recursive: true, force: true });
+    dirs.clear();
   });
-  const manager = async (stateDir = tempDir('state'), runDir = tempDir('run')): Promise<RunningManager> => {
-    const m = await startManager(stateDir, runDir);
+  const manager = async (stateDir?: string, runDir?: string): Promise<RunningManager> => {
+    const tmp = (tag: string): string => {
+      const d = tempDir(tag);
+      dirs.add(d);
+      return d;
+    };
+    const m = await startManager(stateDir ?? tmp('state'), runDir ?? tmp('run'));
     managers.push(m);
     return m;
   };

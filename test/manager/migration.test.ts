@@ -67,14 +67,14 @@ describe('vtpm manager: migration between two manager processes', () => {
     expect(blob.includes(blobs.permanent.subarray(0, 32))).toBe(false);
 
     // Source: the VM is frozen (Xen's VTPM_TYPE_MIGRATED) for OPEN, LOADNVM and SAVENVM.
-    await expect(ca.load(instA, 'permanent')).rejects.toMatchObject({ status: Status.FORBIDDEN });
+    await expect(ca.load(instA, 'permanent')).rejects.toMatchObject({ status: Status.BAD_PARAMETER });
     await a.waitLog(new RegExp(`LOADNVM on instance ${instA}: instance ${instA} \\(vm ${VM1}\\) was migrated out to "hostB" \\(counter 1\\)`));
-    await expect(ca.store(instA, 'permanent', Buffer.from('late'))).rejects.toMatchObject({ status: Status.FORBIDDEN });
-    await expect(ca.open({ vmUuid: VM1, version: '2.0' })).rejects.toMatchObject({ status: Status.FORBIDDEN });
+    await expect(ca.store(instA, 'permanent', Buffer.from('late'))).rejects.toMatchObject({ status: Status.BAD_PARAMETER });
+    await expect(ca.open({ vmUuid: VM1, version: '2.0' })).rejects.toMatchObject({ status: Status.BAD_PARAMETER });
     await a.waitLog(new RegExp(`OPEN on instance 0: vm ${VM1} \\(instance ${instA}\\) was migrated out to hostB`));
     // A backend's CLOSE after the move does not make it resumable.
     await ca.close(instA);
-    await expect(ca.open({ vmUuid: VM1, version: '2.0' })).rejects.toMatchObject({ status: Status.FORBIDDEN });
+    await expect(ca.open({ vmUuid: VM1, version: '2.0' })).rejects.toMatchObject({ status: Status.BAD_PARAMETER });
 
     // Destination: registered (closed), resumed by OPEN, every blob byte for byte.
     const instB = await cb.migrateIn(blob);
@@ -84,7 +84,7 @@ describe('vtpm manager: migration between two manager processes', () => {
     for (const [k, v] of Object.entries(blobs)) expect(Buffer.from((await cb.load(instB, k as keyof typeof blobs))!)).toEqual(v);
 
     // The same blob again: refused as a replay.
-    await expect(cb.migrateIn(blob)).rejects.toMatchObject({ status: Status.FORBIDDEN });
+    await expect(cb.migrateIn(blob)).rejects.toMatchObject({ status: Status.AUTHFAIL });
     await b.waitLog(new RegExp(`MIGRATE_IN on instance 0: blob [0-9a-f]{8} for vm ${VM1} .*already took in or sent out counter 1 .*replayed`));
 
     // Both managers killed with -9 and restarted: everything above held (it was in the store, not in memory).
@@ -94,17 +94,17 @@ describe('vtpm manager: migration between two manager processes', () => {
     b = await restart(b);
     ca = await admin(a);
     cb = await admin(b);
-    await expect(ca.load(instA, 'permanent')).rejects.toMatchObject({ status: Status.FORBIDDEN });
-    await expect(ca.open({ vmUuid: VM1, version: '2.0' })).rejects.toMatchObject({ status: Status.FORBIDDEN });
+    await expect(ca.load(instA, 'permanent')).rejects.toMatchObject({ status: Status.BAD_PARAMETER });
+    await expect(ca.open({ vmUuid: VM1, version: '2.0' })).rejects.toMatchObject({ status: Status.BAD_PARAMETER });
     expect(Buffer.from((await cb.load(instB, 'permanent'))!)).toEqual(blobs.permanent);
     await cb.delete(instB); // even with the VM gone at B, the old blob stays refused there
-    await expect(cb.migrateIn(blob)).rejects.toMatchObject({ status: Status.FORBIDDEN });
+    await expect(cb.migrateIn(blob)).rejects.toMatchObject({ status: Status.AUTHFAIL });
     expect(await cb.migrationKey()).toEqual(keyB); // the key pair survived too
     // A lost reply is recovered by asking again for the same destination: same counter, so B takes one at most.
     const again = await ca.migrateOut(instA, 'hostB');
     expect(readBlobHeader(again)).toMatchObject({ vmUuid: VM1, counter: 1 });
     expect(again.equals(blob)).toBe(false);
-    await expect(cb.migrateIn(again)).rejects.toMatchObject({ status: Status.FORBIDDEN });
+    await expect(cb.migrateIn(again)).rejects.toMatchObject({ status: Status.AUTHFAIL });
   });
 
   it('goes back and forth: each move carries a higher counter; DELETE frees the uuid at the source', async () => {
@@ -124,7 +124,7 @@ describe('vtpm manager: migration between two manager processes', () => {
     const back = await cb.migrateOut(instB, 'a');
     expect(readBlobHeader(back).counter).toBe(2);
     // A still holds its frozen record: the VM is "already present" until A deletes it.
-    await expect(ca.migrateIn(back)).rejects.toMatchObject({ status: Status.INVALID_REQUEST });
+    await expect(ca.migrateIn(back)).rejects.toMatchObject({ status: Status.BAD_PARAMETER });
     await a.waitLog(new RegExp(`vm is already here as instance ${inst} \\(migrated\\); DELETE it first`));
     await ca.delete(inst);
     const inst2 = await ca.migrateIn(back, 7);
@@ -150,18 +150,18 @@ describe('vtpm manager: migration between two manager processes', () => {
     // Any edited byte: in the body (the GCM tag fails), in the header (it is the AAD), truncation.
     const body = Buffer.from(blob);
     body[body.length - 100]! ^= 0x01;
-    await expect(cb.migrateIn(body)).rejects.toMatchObject({ status: Status.RESTORE_CONTEXT_FAILED });
-    await b.waitLog(new RegExp(`authentication of the migration blob for vm ${VM1} \\(counter 1\\) failed: edited or truncated; answered VTPM_RESTORE_CONTEXT_FAILED`));
+    await expect(cb.migrateIn(body)).rejects.toMatchObject({ status: Status.DECRYPT_ERROR });
+    await b.waitLog(new RegExp(`authentication of the migration blob for vm ${VM1} \\(counter 1\\) failed: edited or truncated; answered TPM_DECRYPT_ERROR`));
     const counter = Buffer.from(blob);
     counter[39] = 5; // counter 1 → 5: would dodge the replay check if the header were not authenticated
-    await expect(cb.migrateIn(counter)).rejects.toMatchObject({ status: Status.RESTORE_CONTEXT_FAILED });
-    await expect(cb.migrateIn(blob.subarray(0, blob.length - 1))).rejects.toMatchObject({ status: Status.RESTORE_CONTEXT_FAILED });
-    await expect(cb.migrateIn(Buffer.from('not a blob at all'))).rejects.toMatchObject({ status: Status.INVALID_REQUEST });
-    await b.waitLog(/not a vTPM migration blob \(17 bytes, no VTPMMIGR header\); answered VTPM_INVALID_REQUEST/);
+    await expect(cb.migrateIn(counter)).rejects.toMatchObject({ status: Status.DECRYPT_ERROR });
+    await expect(cb.migrateIn(blob.subarray(0, blob.length - 1))).rejects.toMatchObject({ status: Status.DECRYPT_ERROR });
+    await expect(cb.migrateIn(Buffer.from('not a blob at all'))).rejects.toMatchObject({ status: Status.BAD_PARAMETER });
+    await b.waitLog(/not a vTPM migration blob \(17 bytes, no VTPMMIGR header\); answered TPM_BAD_PARAMETER/);
 
     // Made for B, offered to C: C's key fingerprint is not the one inside.
-    await expect(cc.migrateIn(blob)).rejects.toMatchObject({ status: Status.FORBIDDEN });
-    await c.waitLog(/blob was made for migration key [0-9a-f]{16}…, this manager's key is [0-9a-f]{16}…; answered VTPM_FORBIDDEN/);
+    await expect(cc.migrateIn(blob)).rejects.toMatchObject({ status: Status.DECRYPT_ERROR });
+    await c.waitLog(/blob was made for migration key [0-9a-f]{16}…, this manager's key is [0-9a-f]{16}…; answered TPM_DECRYPT_ERROR/);
     // The fingerprint rewritten to C's: the wrapped key still opens only with B's private key.
     const fpC = readBlobHeader(await (async () => {
       await createVm(ca, VM3);
@@ -169,7 +169,7 @@ describe('vtpm manager: migration between two manager processes', () => {
     })()).destination;
     const forged = Buffer.from(blob);
     fpC.copy(forged, 56);
-    await expect(cc.migrateIn(forged)).rejects.toMatchObject({ status: Status.FORBIDDEN });
+    await expect(cc.migrateIn(forged)).rejects.toMatchObject({ status: Status.DECRYPT_ERROR });
     await c.waitLog(/the wrapped state key does not decrypt with this manager's migration key/);
 
     // Nothing refused above changed B: the genuine blob still goes in, once.
@@ -178,27 +178,27 @@ describe('vtpm manager: migration between two manager processes', () => {
     // A VM already present at the destination.
     await createVm(cc, VM2);
     const vm2 = await ca.migrateOut(VM2, 'c');
-    await expect(cc.migrateIn(vm2)).rejects.toMatchObject({ status: Status.INVALID_REQUEST });
+    await expect(cc.migrateIn(vm2)).rejects.toMatchObject({ status: Status.BAD_PARAMETER });
     await c.waitLog(new RegExp(`for vm ${VM2} .*vm is already here as instance 1 \\(open\\); DELETE it first`));
     // An instance number already taken, asked for explicitly (Xen's "claims unavailable id").
     await cc.delete(1);
     await createVm(cc, VM1);
-    await expect(cc.migrateIn(vm2, 1)).rejects.toMatchObject({ status: Status.INVALID_REQUEST });
+    await expect(cc.migrateIn(vm2, 1)).rejects.toMatchObject({ status: Status.BAD_PARAMETER });
     await c.waitLog(/instance 1 already serves vm/);
 
     // Once migrated to B, A will not send VM1 to C as well (two live copies).
-    await expect(ca.migrateOut(VM1, 'c')).rejects.toMatchObject({ status: Status.FORBIDDEN });
+    await expect(ca.migrateOut(VM1, 'c')).rejects.toMatchObject({ status: Status.AUTHFAIL });
     await a.waitLog(/already went to "b" .*only that destination can be sent it again/);
     // Unknown destination name, a non-migratable vTPM, a key too small to trust.
     const { instance: fixed } = await ca.open({ vmUuid: crypto.randomUUID(), version: '1.2', migratable: false });
-    await expect(ca.migrateOut(fixed, 'nowhere')).rejects.toMatchObject({ status: Status.FORBIDDEN });
+    await expect(ca.migrateOut(fixed, 'nowhere')).rejects.toMatchObject({ status: Status.BAD_PARAMETER });
     await a.waitLog(/was opened NON_MIGRATABLE \(mig_type 0\)/);
     const { instance: other } = await ca.open({ vmUuid: crypto.randomUUID(), version: '2.0' });
-    await expect(ca.migrateOut(other, 'nowhere')).rejects.toMatchObject({ status: Status.INVALID_REQUEST });
+    await expect(ca.migrateOut(other, 'nowhere')).rejects.toMatchObject({ status: Status.BAD_PARAMETER });
     await a.waitLog(/no migration key loaded under the name "nowhere"/);
     const small = crypto.generateKeyPairSync('rsa', { modulusLength: 1024 }).publicKey.export({ format: 'jwk' });
     const weak: RsaPublic = { exponent: Buffer.from(small.e!, 'base64url'), modulus: Buffer.from(small.n!, 'base64url') };
-    await expect(ca.loadMigrationKey('weak', weak)).rejects.toMatchObject({ status: Status.INVALID_REQUEST });
+    await expect(ca.loadMigrationKey('weak', weak)).rejects.toMatchObject({ status: Status.BAD_PARAMETER });
     await a.waitLog(/RSA modulus of 1024 bits; at least 2048 required/);
   });
 });
@@ -249,18 +249,18 @@ describe('vtpm manager: migration wire bytes', () => {
 
     // GET_MIG_KEY (4), no parameters → u32 exponent size ‖ exponent ‖ u32 modulus size ‖ modulus.
     const keyRsp = await rawConsole(b.runDir, hex('00000000 01c1 0000000a 00000004'));
-    expect(keyRsp.subarray(0, 25)).toEqual(hex('00000000 01c4 00000195 00000000  00000003 010001  00000180'));
+    expect(keyRsp.subarray(0, 25)).toEqual(hex('00000000 01c1 00000195 00000000  00000003 010001  00000180'));
     expect(keyRsp.length).toBe(4 + 0x195);
     const modulus = keyRsp.subarray(25);
     expect(modulus[0]! & 0x80).toBe(0x80); // a full 3072-bit modulus
     // LOAD_MIG_KEY (5): u32 name size ‖ "hostB\0" ‖ the key as GET_MIG_KEY gave it → status only.
     const load = Buffer.concat([hex('00000006'), Buffer.from('hostB\0'), keyRsp.subarray(14)]);
     expect(await rawConsole(a.runDir, Buffer.concat([hex(`00000000 01c1 ${(10 + load.length).toString(16).padStart(8, '0')} 00000005`), load]))).toEqual(
-      hex('00000000 01c4 0000000a 00000000'),
+      hex('00000000 01c1 0000000a 00000000'),
     );
     // MIGRATE_OUT (0x01000005): instance 1 ‖ u32 6 ‖ "hostB\0" → the blob.
     const out = await rawConsole(a.runDir, hex('00000000 01c1 00000018 01000005 00000001 00000006 686f73744200'));
-    expect(out.subarray(0, 14)).toEqual(Buffer.concat([hex('00000000 01c4'), u32(out.length - 4), hex('00000000')]));
+    expect(out.subarray(0, 14)).toEqual(Buffer.concat([hex('00000000 01c1'), u32(out.length - 4), hex('00000000')]));
     const blob = out.subarray(14);
     // Blob header: "VTPMMIGR", format 1, TPM 2.0 (2), vm type PVM (1), reserved, uuid, source instance 1, counter 1.
     expect(blob.subarray(0, 40)).toEqual(hex(`5654504d4d494752 01 02 01 00 ${VM1.replace(/-/g, '')} 00000001 0000000000000001`));
@@ -269,17 +269,17 @@ describe('vtpm manager: migration wire bytes', () => {
     const params = encodeMigrateIn(0, blob);
     expect(params.subarray(0, 8)).toEqual(Buffer.concat([hex('00000000'), u32(blob.length)]));
     expect(await rawConsole(b.runDir, Buffer.concat([hex('00000000 01c1'), u32(10 + params.length), hex('01000004'), params]))).toEqual(
-      hex('00000000 01c4 0000000e 00000000 00000001'),
+      hex('00000000 01c1 0000000e 00000000 00000001'),
     );
-    // A non-privileged pair may read the key but not load one; TPMCOMMAND is refused with UNSUPPORTED (2).
+    // A non-privileged pair may read the key but not load one (TPM_BAD_ORDINAL, 10); TPMCOMMAND is refused with TPM_FAIL (9).
     const plain = await ManagerClient.connect(b.runDir);
     clients.push(plain);
     expect((await plain.request(0, Ord.GET_MIG_KEY)).params).toEqual(keyRsp.subarray(14));
-    expect((await plain.request(1, Ord.LOAD_MIG_KEY, load)).code).toBe(Status.FORBIDDEN);
-    expect((await plain.request(1, Ord.MIGRATE_IN, params)).code).toBe(Status.FORBIDDEN);
+    expect((await plain.request(1, Ord.LOAD_MIG_KEY, load)).code).toBe(Status.BAD_ORDINAL);
+    expect((await plain.request(1, Ord.MIGRATE_IN, params)).code).toBe(Status.BAD_ORDINAL);
     const tpm = await plain.request(1, Ord.TPMCOMMAND, hex('8001 0000000c 0000017b 0008'));
     expect(encodeRequest(1, Ord.TPMCOMMAND, hex('8001 0000000c 0000017b 0008'))).toEqual(hex('00000001 01c1 00000016 00000003 8001 0000000c 0000017b 0008'));
-    expect(tpm).toMatchObject({ instance: 1, code: Status.UNSUPPORTED });
+    expect(tpm).toMatchObject({ instance: 1, code: Status.FAIL });
     await b.waitLog(/TPMCOMMAND passes a vTPM's command through to the host's hardware TPM/);
     // The migrated state arrived.
     await (await admin(b)).open({ vmUuid: VM1, version: '2.0' });
@@ -350,7 +350,7 @@ describe('vtpm migrate (CLI)', () => {
     const shown = JSON.parse((await vtpm('show', '--blob', blobFile)).stdout) as { vmUuid: string; counter: number; destinationKey: string };
     expect(shown).toMatchObject({ vmUuid: VM1, counter: 1, destinationKey: fp.trim() });
     expect((await vtpm('in', '--run', b.runDir, '--blob', blobFile)).stdout).toBe(`vm ${VM1}: instance 1\n`);
-    await expect(vtpm('in', '--run', b.runDir, '--blob', blobFile)).rejects.toMatchObject({ code: 1, stderr: expect.stringMatching(/MIGRATE_IN on instance 0: VTPM_FORBIDDEN/) });
+    await expect(vtpm('in', '--run', b.runDir, '--blob', blobFile)).rejects.toMatchObject({ code: 1, stderr: expect.stringMatching(/MIGRATE_IN on instance 0: TPM_AUTHFAIL/) });
     const cb = await admin(b);
     await cb.open({ vmUuid: VM1, version: '2.0' });
     expect(Buffer.from((await cb.load(1, 'savestate'))!)).toEqual(blobs.savestate);

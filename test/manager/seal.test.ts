@@ -12,7 +12,7 @@ import { CLI, startManager, tempDir } from './helpers.js';
 const A = '11111111-1111-4111-8111-111111111111';
 const B = '22222222-2222-4222-8222-222222222222';
 
-describe('blob sealing (AES-256-GCM, per-instance key, bound AAD)', () => {
+describe('blob sealing (AES-256-GCM, per-blob key from the instance key, bound AAD)', () => {
   const s = new Sealer(crypto.randomBytes(32));
   const ctx = { instance: 3, vmUuid: A, kind: 'permanent' as const, generation: 17 };
   const data = crypto.randomBytes(5000);
@@ -63,6 +63,73 @@ describe('blob sealing (AES-256-GCM, per-instance key, bound AAD)', () => {
   it('derives different keys per instance and per VM', () => {
     expect(s.instanceKey(1, A).equals(s.instanceKey(2, A))).toBe(false);
     expect(s.instanceKey(1, A).equals(s.instanceKey(1, B))).toBe(false);
+  });
+
+  // Issue #15 item 8: one instance key with random 96-bit IVs reaches the 2^32-message bound of AES-GCM.
+  it('seals each blob under its own key (format 2): HKDF(instance key, 16-byte salt, "blob" | header), IV = generation', () => {
+    const header = sealed.subarray(0, 38);
+    expect(header).toEqual(
+      Buffer.concat([Buffer.from('VTPMSEAL'), Buffer.from([2, 0]), Buffer.from('00000003', 'hex'), Buffer.from(A.replace(/-/g, ''), 'hex'), Buffer.from('0000000000000011', 'hex')]),
+    );
+    const salt = sealed.subarray(38, 54);
+    const key = Buffer.from(crypto.hkdfSync('sha256', s.instanceKey(3, A), salt, Buffer.concat([Buffer.from('blob'), header]), 32));
+    const d = crypto.createDecipheriv('aes-256-gcm', key, Buffer.from('000000000000000000000011', 'hex'));
+    d.setAAD(header);
+    d.setAuthTag(sealed.subarray(54, 70));
+    expect(Buffer.concat([d.update(sealed.subarray(70)), d.final()])).toEqual(data);
+    // The same context sealed again (a generation reused after a crash lost its commit): another key.
+    const again = s.seal(ctx, data);
+    expect(again.subarray(38, 54).equals(salt)).toBe(false);
+    expect(s.open(ctx, again)).toEqual(data);
+  });
+
+  it('still opens format-1 blobs (one instance key, random IV) sealed before format 2', () => {
+    const header = Buffer.from(sealed.subarray(0, 38));
+    header[8] = 1;
+    const iv = crypto.randomBytes(12);
+    const c = crypto.createCipheriv('aes-256-gcm', s.instanceKey(3, A), iv);
+    c.setAAD(header);
+    const body = Buffer.concat([c.update(data), c.final()]);
+    const v1 = Buffer.concat([header, iv, c.getAuthTag(), body]);
+    expect(s.open(ctx, v1)).toEqual(data);
+    const t = Buffer.from(v1);
+    t[t.length - 1]! ^= 1;
+    expect(refusal(() => s.open(ctx, t))).toBe('TAMPERED');
+    expect(refusal(() => s.open({ ...ctx, generation: 18 }, v1))).toBe('ROLLBACK');
+  });
+});
+
+describe('a state directory written before format 2 (fixtures/state-format1, made by the manager at 1acef50)', () => {
+  it('loads its format-1 blobs in the real manager; the next save seals format 2 and both load after a restart', async () => {
+    const stateDir = tempDir('state-f1');
+    const runDir = tempDir('run-f1');
+    const fixture = path.join(path.dirname(new URL(import.meta.url).pathname), 'fixtures', 'state-format1');
+    for (const f of fs.readdirSync(fixture)) {
+      fs.copyFileSync(path.join(fixture, f), path.join(stateDir, f));
+      fs.chmodSync(path.join(stateDir, f), 0o600);
+    }
+    let m = await startManager(stateDir, runDir, ['--log-bytes', '4096']);
+    let c: ManagerClient | null = null;
+    try {
+      c = await ManagerClient.connect(runDir);
+      expect(fs.readFileSync(path.join(stateDir, 'i1.permanent.g1.blob'))[8]).toBe(1);
+      expect(await c.open({ vmUuid: '0f0e0d0c-0b0a-4908-8706-050403020100', version: '2.0' })).toEqual({ instance: 1, created: false });
+      expect(Buffer.from((await c.load(1, 'permanent'))!).toString()).toBe('permanent state sealed by format 1 (random IV under the instance key)');
+      expect(Buffer.from((await c.load(1, 'volatile'))!).toString()).toBe('volatile state sealed by format 1');
+      await c.store(1, 'volatile', Buffer.from('volatile state sealed by format 2'));
+      c.disconnect();
+      expect(await m.stop('SIGTERM')).toBe(0);
+      const v = fs.readdirSync(stateDir).find((f) => f.startsWith('i1.volatile.'))!;
+      expect(fs.readFileSync(path.join(stateDir, v))[8]).toBe(2);
+      m = await startManager(stateDir, runDir, ['--log-bytes', '4096']);
+      c = await ManagerClient.connect(runDir);
+      expect(Buffer.from((await c.load(1, 'permanent'))!).toString()).toBe('permanent state sealed by format 1 (random IV under the instance key)');
+      expect(Buffer.from((await c.load(1, 'volatile'))!).toString()).toBe('volatile state sealed by format 2');
+    } finally {
+      c?.disconnect();
+      await m.stop('SIGKILL');
+      for (const d of [stateDir, runDir]) fs.rmSync(d, { recursive: true, force: true });
+    }
   });
 });
 

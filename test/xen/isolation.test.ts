@@ -4,10 +4,11 @@
 // anyone else's event channels.
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import fs from 'node:fs';
-import { spawnSync } from 'node:child_process';
+import { fork, spawnSync } from 'node:child_process';
+import { join } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
-import { freshXenDir } from '../helpers/child.js';
-import { Domain, GNTST, HC } from '../../src/xen/index.js';
+import { ROOT, freshXenDir } from '../helpers/child.js';
+import { Domain, GNTST, GTF_reading, GTF_writing, HC, createDomainConnection, domainExists } from '../../src/xen/index.js';
 import { F_SEAL_GROW, F_SEAL_SEAL, F_SEAL_SHRINK, getSeals, mapShared, tryMapPage, tryTruncate } from '../../native/libc.js';
 import { closeFd } from '../../native/unix-rights.js';
 import { V2Channel } from '../../src/backend/v2-channel.js';
@@ -101,7 +102,8 @@ describe('grant mapping', () => {
       const rep = mapper.hc.tryCall(HC.map_grant, [23, ro, 0]);
       expect(rep.status).toBe(GNTST.general_error);
       expect(rep.fds).toEqual([]);
-      const fd = mapper.hc.call(HC.map_grant, [23, ro, 1]).fds[0]!;
+      const got = mapper.hc.call(HC.map_grant, [23, ro, 1]);
+      const fd = got.fds[0]!;
       try {
         expect(tryMapPage(fd, 0, true)).toBe(EACCES);
         expect(tryMapPage(fd, 0, false)).toBe(0);
@@ -122,7 +124,8 @@ describe('grant mapping', () => {
       } finally {
         closeFd(fd);
       }
-      expect(mapper.hc.call(HC.unmap_grant, [23, ro, 1]).status).toBe(0);
+      expect(mapper.hc.tryCall(HC.unmap_grant, [got.r[0]! + 1]).status).toBe(GNTST.bad_handle);
+      expect(mapper.hc.call(HC.unmap_grant, [got.r[0]!]).status).toBe(0);
       expect(g.grants.endAccess(ro)).toBe(true);
       // A ref never granted, and a frame never granted to this mapper, hand out nothing.
       const ungranted = mapper.hc.tryCall(HC.map_grant, [23, 400, 1]);
@@ -133,6 +136,93 @@ describe('grant mapping', () => {
     } finally {
       await mapper.destroy();
       await g.destroy();
+    }
+  });
+});
+
+describe('a guest under its own uid', () => {
+  it("works with only the connection the toolstack handed it, and reaches nothing of dom0's", async () => {
+    const fd = await createDomainConnection({ domid: 51, dir });
+    const child = fork(join(ROOT, 'test/helpers/guest-own-uid.mjs'), [dir, '51'], {
+      uid: 65534,
+      gid: 65534,
+      stdio: ['ignore', 'inherit', 'inherit', 'ipc', fd],
+      env: { ...process.env, VTPM_HV_FD: '4' },
+    });
+    closeFd(fd);
+    const msgs: Array<Record<string, unknown>> = [];
+    child.on('message', (m: Record<string, unknown>) => msgs.push(m));
+    try {
+      await until(() => msgs.some((m) => m.kind === 'ready'), 10_000);
+      const ready = msgs.find((m) => m.kind === 'ready') as { ref: number; port: number; tried: Record<string, string> };
+      // The toolstack socket and the hypervisor directory are dom0's.
+      expect(ready.tried).toEqual({ connectToolstack: 'errno 13', listDir: 'EACCES' });
+      const m = dom0.mapper.map(51, ready.ref, { readonly: true });
+      expect(Buffer.from(new Uint8Array(m.buffer).subarray(0, 16)).toString()).toBe('hello from dom51');
+      const local = dom0.evtchn.bindInterdomain(51, ready.port);
+      dom0.evtchn.send(local);
+      await until(() => msgs.some((x) => x.kind === 'event'));
+      m.unmap();
+      dom0.evtchn.close(local);
+    } finally {
+      child.send({ kind: 'exit' });
+      await new Promise((r) => child.once('exit', r));
+    }
+    for (let i = 0; i < 100 && (await domainExists(dir, 51)); i++) await sleep(10);
+    expect(await domainExists(dir, 51)).toBe(false);
+  });
+});
+
+describe('a mapping kept past its grant', () => {
+  it("holds the old page: the granter's next use of the frame is out of its reach", async () => {
+    const g = await Domain.create({ domid: 43, dir });
+    const mapper = await Domain.create({ domid: 44, dir });
+    try {
+      const gfn = g.allocFrames(1);
+      const ref = g.grants.grantAccess(44, gfn);
+      const got = mapper.hc.call(HC.map_grant, [43, ref, 0]);
+      // A mapper that does not cooperate: maps the descriptor itself and keeps the mapping after unmap.
+      const kept = mapShared(got.fds[0]!, 0, 4096, true);
+      closeFd(got.fds[0]!);
+      mapper.hc.call(HC.unmap_grant, [got.r[0]!]);
+      expect(g.grants.endAccess(ref)).toBe(true);
+      g.freeFrames(gfn);
+      const again = g.allocFrames(1);
+      expect(again).toBe(gfn);
+      g.frames(again).set(Buffer.from('secret of dom43'));
+      const view = new Uint8Array(kept.buffer);
+      expect(view.subarray(0, 15).every((b) => b === 0)).toBe(true);
+      view.set(Buffer.from('scribble'));
+      expect(Buffer.from(g.frames(again).subarray(0, 15)).toString()).toBe('secret of dom43');
+      kept.unmap();
+    } finally {
+      await mapper.destroy();
+      await g.destroy();
+    }
+  });
+});
+
+describe('grant mapping across incarnations', () => {
+  it("unmapping a dead granter's grant leaves the grants of a new domain with its domid alone", async () => {
+    const mapper = await Domain.create({ domid: 42, dir });
+    try {
+      const g1 = await Domain.create({ domid: 41, dir });
+      const ref1 = g1.grants.grantAccess(42, g1.allocFrames(1));
+      const old = mapper.mapper.map(41, ref1);
+      await g1.destroy();
+      const g2 = await Domain.create({ domid: 41, dir });
+      const ref2 = g2.grants.grantAccess(42, g2.allocFrames(1));
+      expect(ref2).toBe(ref1);
+      const cur = mapper.mapper.map(41, ref2);
+      old.unmap();
+      // g2's grant is still mapped: its in-use bits stay and it cannot be revoked yet.
+      expect(g2.grants.flags(ref2) & (GTF_reading | GTF_writing)).toBe(GTF_reading | GTF_writing);
+      expect(g2.grants.endAccess(ref2)).toBe(false);
+      cur.unmap();
+      expect(g2.grants.endAccess(ref2)).toBe(true);
+      await g2.destroy();
+    } finally {
+      await mapper.destroy();
     }
   });
 });
