@@ -21,6 +21,8 @@ export const MIG_KEY_BITS = 3072;
 const MIN_MODULUS_BITS = 2048;
 const MAX_MODULUS_BYTES = 2048; // 16384 bits
 const MAX_EXPONENT_BYTES = 8;
+/** 65537, what an exponent of size 0 stands for (TPM 1.2 TPM_RSA_KEY_PARMS). */
+const DEFAULT_EXPONENT = Buffer.from([0x01, 0x00, 0x01]);
 const MAX_NAME = 255;
 const AES_KEY_BYTES = 32;
 const IV_BYTES = 12;
@@ -87,7 +89,7 @@ function sized(data: Uint8Array): Buffer {
   return Buffer.concat([n, data]);
 }
 
-/** An RSA public key as Xen sent it: exponent and modulus, big-endian, no leading zeros required. */
+/** An RSA public key as Xen sent it: exponent and modulus, big-endian, no leading zeros required; an empty exponent is 65537. */
 export interface RsaPublic {
   exponent: Buffer;
   modulus: Buffer;
@@ -186,11 +188,15 @@ const b64u = (b: Uint8Array): string => Buffer.from(b).toString('base64url');
 
 /** A KeyObject from Xen's (exponent, modulus), refusing keys too small or malformed to encrypt to. */
 export function publicKeyFrom(k: RsaPublic): crypto.KeyObject {
-  const mod = k.modulus.subarray(k.modulus.findIndex((x) => x !== 0));
+  const first = k.modulus.findIndex((x) => x !== 0);
+  const mod = first < 0 ? Buffer.alloc(0) : k.modulus.subarray(first);
   const bits = mod.length === 0 ? 0 : (mod.length - 1) * 8 + (32 - Math.clz32(mod[0]!));
   if (bits < MIN_MODULUS_BITS) throw new MigrationError('BAD_KEY', `RSA modulus of ${bits} bits; at least ${MIN_MODULUS_BITS} required`);
   if ((mod[mod.length - 1]! & 1) === 0) throw new MigrationError('BAD_KEY', 'RSA modulus is even');
-  const exp = k.exponent.subarray(Math.max(0, k.exponent.findIndex((x) => x !== 0)));
+  // Xen's key was a TPM key: TPM_RSA_KEY_PARMS with exponentSize 0 means the default exponent 2^16+1.
+  const given = k.exponent.length === 0 ? DEFAULT_EXPONENT : k.exponent;
+  const lead = given.findIndex((x) => x !== 0);
+  const exp = lead < 0 ? Buffer.alloc(0) : given.subarray(lead);
   if (exp.length === 0 || (exp[exp.length - 1]! & 1) === 0 || (exp.length === 1 && exp[0]! < 3))
     throw new MigrationError('BAD_KEY', `RSA exponent 0x${exp.toString('hex') || '0'} is not an odd number ≥ 3`);
   try {

@@ -1,4 +1,4 @@
-// XenStore node permissions (docs/misc/xenstore.txt): a list of `<letter><domid>` entries, letter
+// XenStore node permissions (docs/protocols/xs-wire.md): a list of `<letter><domid>` entries, letter
 // n (none), r (read), w (write), b (both). The first entry names the owner, who always has full
 // access, and its letter is what every domain not listed gets. dom0 is privileged and bypasses them.
 
