@@ -9,6 +9,7 @@ import { join } from 'node:path';
 import { freePortPair } from '../../src/cli/ports.js';
 import { RunDir } from '../../src/cli/rundir.js';
 import { connect } from '../../src/xenstore/client.js';
+import { createDomainConnection } from '../../src/xen/index.js';
 import { getRandom, ok, vtpm, workDir } from './cli.js';
 
 const work = workDir('vtpm-cli-attach-');
@@ -96,19 +97,16 @@ describe('a failed attach leaves nothing behind', () => {
     expect(await remains(8)).toEqual([]);
   });
 
-  it('a guest that dies before connecting: the attach says why, its device and domain are removed', async () => {
-    // dom9's memory held by a live process (this one): the guest cannot create its domain and exits.
+  it('a guest whose domain cannot be created: the attach says why, its device and domain are removed', async () => {
+    // dom9 held at the hypervisor by a live process (this one): the toolstack cannot create it.
     const h = new RunDir(runDir).readHost();
-    const mem = join(h.xenDir, 'dom9.mem');
-    const hdr = Buffer.alloc(32);
-    hdr.writeUInt32LE(process.pid, 24);
-    fs.writeFileSync(mem, hdr);
+    const held = await createDomainConnection({ domid: 9, dir: h.xenDir });
     try {
       const r = await vtpm('guest', 'attach', '--run', runDir, '--domid', '9', '--vm', randomUUID());
       expect(r.code).toBe(1);
-      expect(r.stderr).toMatch(/^vtpm: guest dom9 exited \(1\) before connecting:[^]*domain 9 is owned by live process/);
+      expect(r.stderr).toMatch(/^vtpm: attach of dom9 failed: domain 9 already exists/);
     } finally {
-      fs.rmSync(mem, { force: true });
+      fs.closeSync(held);
     }
     expect(await remains(9)).toEqual([]);
   });

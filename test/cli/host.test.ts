@@ -32,8 +32,8 @@ describe('host up after a crash', () => {
 
     const crashed = await status(runDir);
     expect(crashed.code).toBe(3);
-    expect(crashed.json.processes.map((p) => p.state)).toEqual(['dead', 'dead', 'dead', 'dead']);
-    expect(crashed.json.dead).toEqual(['xenstored', 'manager', 'backend']);
+    expect(crashed.json.processes.map((p) => p.state)).toEqual(['dead', 'dead', 'dead', 'dead', 'dead']);
+    expect(crashed.json.dead).toEqual(['hypervisor', 'xenstored', 'manager', 'backend']);
 
     const up = await vtpm('host', 'up', '--run', runDir, '--state', stateDir);
     expect(up.stderr).toBe('');
@@ -41,7 +41,7 @@ describe('host up after a crash', () => {
     expect(up.stdout).toMatch(/removed .*manager \(left by the dead host\)/);
     const after = await status(runDir);
     expect(after.code).toBe(0);
-    expect(after.json.processes.map((p) => `${p.role} ${p.state}`)).toEqual(['xenstored running', 'manager running', 'backend running']);
+    expect(after.json.processes.map((p) => `${p.role} ${p.state}`)).toEqual(['hypervisor running', 'xenstored running', 'manager running', 'backend running']);
     // The crashed guest's domain is gone with its host: the same domid and VM attach again.
     await ok('guest', 'attach', '--run', runDir, '--domid', '1', '--vm', vm, '--tcti-port', String(port));
     expect(await getRandom(port)).toMatch(/^[0-9a-f]{16}$/);
@@ -69,7 +69,7 @@ describe('host up after a crash', () => {
     const live = await vtpm('host', 'restart', 'backend', '--run', runDir);
     expect(live.code).toBe(1);
     expect(live.stderr).toMatch(/backend \(pid \d+\) is running/);
-    expect((await vtpm('host', 'restart', 'bogus', '--run', runDir)).stderr).toMatch(/ROLE must be one of xenstored, manager, backend, not bogus/);
+    expect((await vtpm('host', 'restart', 'bogus', '--run', runDir)).stderr).toMatch(/ROLE must be one of hypervisor, xenstored, manager, backend, not bogus/);
 
     process.kill(pidOf(s1.json, 'manager'), 'SIGKILL');
     await gone(pidOf(s1.json, 'manager'));
@@ -118,7 +118,7 @@ describe('host status', () => {
     const vm = randomUUID();
     await ok('guest', 'attach', '--run', multi, '--domid', '5', '--vm', vm, '--protocol', 'ring');
     const text = await ok('host', 'status', '--run', multi);
-    expect(text).toMatch(new RegExp(`^vtpm-domain +dom\\d+ +pid \\d+ +running +vTPM \\d+  VM ${vm}  serves dom5$`, 'm'));
+    expect(text).toMatch(new RegExp(`^vtpm-domain +dom\\d+ +pid \\d+ +running +vTPM \\d+  VM ${vm}  serves dom5(  uid \\d+)?$`, 'm'));
     const d = (await status(multi)).json.processes.find((p) => p.role === 'vtpm-domain')!;
     expect([d.vm, d.serves]).toEqual([vm, 5]);
     await ok('host', 'down', '--run', multi);

@@ -39,7 +39,7 @@ describe('vtpm-split as a library', () => {
     const { stdout } = await exec(process.execPath, [join(work, 'example.mjs')], { cwd: work, env: { ...process.env, VTPM_NO_SETUP: '1' } });
     const lines = stdout.trim().split('\n');
     expect(lines[0]).toMatch(/^engine: rc 0x0, random [0-9a-f]{16}$/);
-    expect(lines.slice(1)).toEqual(['xenstored dom0 running', 'manager dom0 running', 'backend dom0 running', 'guest dom1 running']);
+    expect(lines.slice(1)).toEqual(['hypervisor dom0 running', 'xenstored dom0 running', 'manager dom0 running', 'backend dom0 running', 'guest dom1 running']);
   });
 
   it('names its entry point in package.json (main, types, exports)', () => {
