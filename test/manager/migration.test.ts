@@ -350,7 +350,7 @@ describe('vtpm migrate (CLI)', () => {
     const shown = JSON.parse((await vtpm('show', '--blob', blobFile)).stdout) as { vmUuid: string; counter: number; destinationKey: string };
     expect(shown).toMatchObject({ vmUuid: VM1, counter: 1, destinationKey: fp.trim() });
     expect((await vtpm('in', '--run', b.runDir, '--blob', blobFile)).stdout).toBe(`vm ${VM1}: instance 1\n`);
-    await expect(vtpm('in', '--run', b.runDir, '--blob', blobFile)).rejects.toMatchObject({ code: 1, stderr: expect.stringMatching(/refused: it is a replayed or stale blob/) });
+    await expect(vtpm('in', '--run', b.runDir, '--blob', blobFile)).rejects.toMatchObject({ code: 1, stderr: expect.stringMatching(/the blob was refused: it is a replayed or stale blob/) });
     const cb = await admin(b);
     await cb.open({ vmUuid: VM1, version: '2.0' });
     expect(Buffer.from((await cb.load(1, 'savestate'))!)).toEqual(blobs.savestate);
