@@ -188,7 +188,8 @@ export function formatStatus(s: HostStatus): string[] {
       if (p.vm) what.push(`VM ${p.vm}`);
       what.push(p.serves !== undefined ? `serves dom${p.serves}` : 'serves no attached guest');
     }
-    if (p.uid !== null) what.push(`uid ${p.uid}`);
+    // Under isolation each domain's uid is the point; without it every process has the same one.
+    if (p.uid !== null && s.isolation.mode === 'uid') what.push(`uid ${p.uid}`);
     lines.push(`${p.role.padEnd(12)} dom${String(p.domid).padEnd(6)} pid ${String(p.pid).padEnd(8)} ${p.state.padEnd(10)}${what.join('  ')}`.trimEnd());
   }
   for (const r of s.dead) lines.push(`${r} is dead: \`vtpm host up --run ${s.runDir} --state DIR\` restarts it (or \`vtpm host restart ${r}\`)`);

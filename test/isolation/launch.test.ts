@@ -77,7 +77,7 @@ describe('a host started by root, single-VM', () => {
   it('shows the isolation in host status, in text and JSON, with each process uid', async () => {
     const text = (await vtpm('host', 'status', '--run', runDir)).stdout;
     expect(text).toMatch(/^isolation: uid \(dom<N> runs as uid 300000\+N, no_new_privs, no capabilities, seccomp\)$/m);
-    expect(text).toMatch(/^guest +dom7 +pid \d+ +running +.*uid 300007$/m);
+    expect(text).toMatch(/^guest +dom7 +pid \d+ +running +.*\buid 300007$/m);
     expect(text).toMatch(/^backend +dom0 +pid \d+ +running +uid 0$/m);
     const json = JSON.parse((await vtpm('host', 'status', '--run', runDir, '--json')).stdout) as {
       isolation: { mode: string; uidBase: number };
