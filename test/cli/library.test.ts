@@ -5,6 +5,7 @@ import { afterAll, describe, expect, it } from 'vitest';
 import fs from 'node:fs';
 import { join } from 'node:path';
 import { ROOT } from '../helpers/child.js';
+import { DAEMON_ROLES } from '../../src/cli/restart.js';
 import { exec, workDir } from './cli.js';
 
 const work = workDir('vtpm-cli-lib-');
@@ -39,7 +40,7 @@ describe('vtpm-split as a library', () => {
     const { stdout } = await exec(process.execPath, [join(work, 'example.mjs')], { cwd: work, env: { ...process.env, VTPM_NO_SETUP: '1' } });
     const lines = stdout.trim().split('\n');
     expect(lines[0]).toMatch(/^engine: rc 0x0, random [0-9a-f]{16}$/);
-    expect(lines.slice(1)).toEqual(['hypervisor dom0 running', 'xenstored dom0 running', 'manager dom0 running', 'backend dom0 running', 'guest dom1 running']);
+    expect(lines.slice(1)).toEqual([...DAEMON_ROLES.map((r) => `${r} dom0 running`), 'guest dom1 running']);
   });
 
   it('names its entry point in package.json (main, types, exports)', () => {
