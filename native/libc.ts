@@ -125,10 +125,128 @@ export function mapPagesContiguous(pages: readonly PageSource[]): Mapping {
 }
 
 const MFD_CLOEXEC = 0x1;
+const MFD_ALLOW_SEALING = 0x2;
+const F_ADD_SEALS = 1033;
+const F_GET_SEALS = 1034;
+export const F_SEAL_SEAL = 0x1;
+export const F_SEAL_SHRINK = 0x2;
+export const F_SEAL_GROW = 0x4;
+const c_fcntl = libc.func('int fcntl(int fd, int cmd, int arg)');
+const c_ftruncate = libc.func('int ftruncate(int fd, int64_t length)');
+const c_fchmod = libc.func('int fchmod(int fd, uint32_t mode)');
 
 /** An anonymous memory file (distinct inode each call); close it with fs.closeSync. */
 export function memfdCreate(name: string): number {
   const fd = c_memfd_create(name, MFD_CLOEXEC) as number;
   if (fd < 0) throw new NativeError('memfd_create', lastErrno());
   return fd;
+}
+
+/**
+ * Memory no holder can resize: a memfd of `length` bytes sealed against shrink, grow and further
+ * seal changes, so a mapping of it can never fault with SIGBUS. Mode 0600: a holder of a read-only
+ * descriptor that is not its owner cannot reopen it writable through /proc/self/fd.
+ */
+export function memfdSealed(name: string, length: number): number {
+  const fd = c_memfd_create(name, MFD_CLOEXEC | MFD_ALLOW_SEALING) as number;
+  if (fd < 0) throw new NativeError('memfd_create', lastErrno());
+  try {
+    if ((c_ftruncate(fd, length) as number) !== 0) throw new NativeError('ftruncate', lastErrno());
+    if ((c_fchmod(fd, 0o600) as number) !== 0) throw new NativeError('fchmod', lastErrno());
+    if ((c_fcntl(fd, F_ADD_SEALS, F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_SEAL) as number) !== 0) {
+      throw new NativeError('fcntl(F_ADD_SEALS)', lastErrno());
+    }
+  } catch (err) {
+    c_close(fd);
+    throw err;
+  }
+  return fd;
+}
+
+/** The seals of a memfd (F_SEAL_* bits). */
+export function getSeals(fd: number): number {
+  const r = c_fcntl(fd, F_GET_SEALS, 0) as number;
+  if (r < 0) throw new NativeError('fcntl(F_GET_SEALS)', lastErrno());
+  return r;
+}
+
+/** ftruncate(2), reporting errno instead of throwing Node's error (for tests of sealed memory). */
+export function tryTruncate(fd: number, length: number): number {
+  return (c_ftruncate(fd, length) as number) === 0 ? 0 : lastErrno();
+}
+
+/** mmap(2) of one page shared, reporting errno instead of throwing (0 on success, the page unmapped again). */
+export function tryMapPage(fd: number, offset: number, writable: boolean): number {
+  const ptr = c_mmap(null, PAGE_SIZE, writable ? PROT_READ | PROT_WRITE : PROT_READ, MAP_SHARED, fd, offset);
+  if (koffi.address(ptr) === 0xffffffffffffffffn) return lastErrno();
+  c_munmap(ptr, PAGE_SIZE);
+  return 0;
+}
+
+const c_close = libc.func('int close(int fd)');
+
+/**
+ * A reserved range of address space (PROT_NONE) into which whole pages of memory files are placed one
+ * by one with MAP_FIXED: a domain's guest frames, each its own memfd, seen side by side.
+ */
+export class Region {
+  readonly #base: unknown;
+  readonly #addr: bigint;
+  readonly length: number;
+  #buffer: ArrayBuffer | null;
+
+  constructor(length: number) {
+    if (length <= 0 || length % PAGE_SIZE !== 0) throw new RangeError(`Region: length ${length} is not a positive page multiple`);
+    const base = c_mmap(null, length, 0, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+    if (koffi.address(base) === 0xffffffffffffffffn) throw new NativeError('mmap', lastErrno());
+    this.#base = base;
+    this.#addr = koffi.address(base) as bigint;
+    this.length = length;
+    this.#buffer = koffi.view(base, length) as ArrayBuffer;
+  }
+
+  /** The whole range; touching a page nothing was placed at faults. */
+  get buffer(): ArrayBuffer {
+    if (!this.#buffer) throw new Error('region used after unmap');
+    return this.#buffer;
+  }
+
+  /** Place page `offset` .. +PAGE_SIZE of `fd` (from its start) at byte `at` of the range. */
+  place(at: number, fd: number, writable: boolean): void {
+    if (!this.#buffer) throw new Error('region used after unmap');
+    if (at % PAGE_SIZE !== 0 || at < 0 || at + PAGE_SIZE > this.length) throw new RangeError(`Region.place: offset ${at} out of range`);
+    const prot = writable ? PROT_READ | PROT_WRITE : PROT_READ;
+    const got = c_mmap_at(this.#addr + BigInt(at), PAGE_SIZE, prot, MAP_SHARED | MAP_FIXED, fd, 0);
+    if (koffi.address(got) === 0xffffffffffffffffn) throw new NativeError('mmap', lastErrno());
+  }
+
+  unmap(): void {
+    if (!this.#buffer) return;
+    this.#buffer = null;
+    if ((c_munmap(this.#base, this.length) as number) !== 0) throw new NativeError('munmap', lastErrno());
+  }
+}
+
+const c_getrlimit = libc.func('int getrlimit(int resource, void *rlim)');
+const c_setrlimit = libc.func('int setrlimit(int resource, void *rlim)');
+const RLIMIT_NOFILE = 7;
+
+/**
+ * Raise this process's descriptor limit as far as it may go (soft to hard; a privileged process also
+ * lifts the hard limit to `ceiling`). Returns the soft limit now in force.
+ */
+export function raiseFdLimit(ceiling: number): number {
+  const buf = Buffer.alloc(16);
+  if ((c_getrlimit(RLIMIT_NOFILE, buf) as number) !== 0) throw new NativeError('getrlimit', lastErrno());
+  const hard = buf.readBigUInt64LE(8);
+  const want = BigInt(ceiling) > hard ? BigInt(ceiling) : hard;
+  buf.writeBigUInt64LE(want, 0);
+  buf.writeBigUInt64LE(want, 8);
+  if ((c_setrlimit(RLIMIT_NOFILE, buf) as number) !== 0) {
+    buf.writeBigUInt64LE(hard, 0);
+    buf.writeBigUInt64LE(hard, 8);
+    if ((c_setrlimit(RLIMIT_NOFILE, buf) as number) !== 0) throw new NativeError('setrlimit', lastErrno());
+  }
+  if ((c_getrlimit(RLIMIT_NOFILE, buf) as number) !== 0) throw new NativeError('getrlimit', lastErrno());
+  return Number(buf.readBigUInt64LE(0));
 }

@@ -37,8 +37,10 @@ const EAGAIN = 11;
 
 /** swtpm reads a control message into 4 + sizeof(ptm_hdata) bytes at once; so do we. */
 export const RECV_CHUNK = 4104;
-const CMSG_SPACE = 64; // room for a few fds; more than one fd is a protocol error reported upward
+// Room for MAX_FDS descriptors (a cmsghdr of 16 bytes, then 4 each): the hypervisor hands a domain its
+// frames in batches; on a swtpm control channel more than one fd is a protocol error reported upward.
 const MAX_FDS = 64;
+const CMSG_SPACE = 16 + 4 * MAX_FDS;
 
 function errno(): number {
   return koffi.decode(c_errno(), 'int') as number;
@@ -77,7 +79,7 @@ export interface Received {
  * One recvmsg() without blocking. Returns null when nothing is ready (EAGAIN), an empty `data` at
  * end of stream; throws on other errors.
  */
-function recvOnce(fd: number, s: Scratch): Received | null {
+function recvOnce(fd: number, s: Scratch, block = false): Received | null {
   // Layout: [0,56) msghdr, [56,72) iovec, [72,72+CMSG_SPACE) control, then the data buffer.
   const MSG = 0;
   const IOV = 56;
@@ -93,7 +95,7 @@ function recvOnce(fd: number, s: Scratch): Received | null {
   v.setBigUint64(IOV + 8, BigInt(RECV_CHUNK), true);
   let n: number;
   for (;;) {
-    n = Number(c_recvmsg(fd, s.ptr, MSG_DONTWAIT | MSG_CMSG_CLOEXEC));
+    n = Number(c_recvmsg(fd, s.ptr, (block ? 0 : MSG_DONTWAIT) | MSG_CMSG_CLOEXEC));
     if (n >= 0) break;
     const e = errno();
     if (e === EINTR) continue;
@@ -323,7 +325,7 @@ export function socketPair(): [number, number] {
 /** One sendmsg() of `data` (≤ RECV_CHUNK bytes) with `fds` attached; returns bytes sent. */
 export function sendWithFds(fd: number, data: Uint8Array, fds: readonly number[]): number {
   if (data.length === 0 || data.length > RECV_CHUNK) throw new RangeError('sendWithFds: 1..4104 bytes');
-  if (fds.length > 8) throw new RangeError('sendWithFds: at most 8 fds');
+  if (fds.length > MAX_FDS) throw new RangeError(`sendWithFds: at most ${MAX_FDS} fds`);
   const s = new Scratch(72 + CMSG_SPACE + RECV_CHUNK);
   s.bytes.fill(0, 0, 72 + CMSG_SPACE);
   const v = s.view;
@@ -348,4 +350,40 @@ export function sendWithFds(fd: number, data: Uint8Array, fds: readonly number[]
   s.free();
   if (n < 0) throw new Error(`sendmsg failed (errno ${e})`);
   return n;
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Synchronous request/response over a blocking socket (a domain's hypercall connection).
+
+let syncScratch: Scratch | null = null;
+
+/** One blocking recvmsg() on a blocking socket: bytes (empty at end of stream) and the fds with them. */
+export function recvBlocking(fd: number): Received {
+  syncScratch ??= new Scratch(CTL_TOTAL);
+  return recvOnce(fd, syncScratch, true)!;
+}
+
+const c_socket = libc.func('int socket(int domain, int type, int protocol)');
+const c_connect = libc.func('int connect(int fd, void *addr, uint32_t len)');
+
+/** A blocking connection to the UNIX stream socket at `path` (CLOEXEC); throws with errno on failure. */
+export function connectUnix(path: string): number {
+  const name = Buffer.from(path);
+  if (name.length > 107) throw new RangeError(`socket path too long: ${path}`);
+  const fd = c_socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0) as number;
+  if (fd < 0) throw new Error(`socket failed (errno ${errno()})`);
+  const addr = new Scratch(110);
+  try {
+    addr.bytes.fill(0);
+    addr.view.setUint16(0, AF_UNIX, true);
+    addr.bytes.set(name, 2);
+    if ((c_connect(fd, addr.ptr, 2 + name.length + 1) as number) !== 0) {
+      const e = errno();
+      c_close(fd);
+      throw Object.assign(new Error(`connect ${path} failed (errno ${e})`), { errno: e });
+    }
+    return fd;
+  } finally {
+    addr.free();
+  }
 }

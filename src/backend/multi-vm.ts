@@ -13,11 +13,11 @@
 import fs from 'node:fs';
 import { dirname, join } from 'node:path';
 import { fileURLToPath } from 'node:url';
-import type { Domain } from '../xen/index.js';
-import { evtchnSocketPath, memoryPath } from '../xen/layout.js';
+import { createDomainConnection, domainExists, type Domain } from '../xen/index.js';
 import { RingFront } from '../frontend/ring-front.js';
 import type { ManagerClient } from '../manager/client.js';
-import { VtpmDomain } from '../tpm/domain-client.js';
+import { connectPair, pairDescriptors, type ClientPair } from '../manager/fifo-client.js';
+import { VtpmDomain, type DomainLaunch } from '../tpm/domain-client.js';
 import type { VtpmProvider } from './device.js';
 import type { VtpmTarget } from './target.js';
 
@@ -47,6 +47,12 @@ export interface MultiVmOptions {
   restartWindowMs?: number;
   /** A command the domain does not answer in this time kills the domain (default 120 s; RSA key generation takes seconds). */
   commandTimeoutMs?: number;
+  /**
+   * How vTPM-domain processes are exec'd (under their own uids when the host isolates domains). Such a
+   * domain cannot reach the manager's FIFOs: the backend attaches its pair, bound to its instance, and
+   * hands the two ends over as descriptors (a manager restart then ends the domain, restarted as a crash).
+   */
+  launch?: DomainLaunch;
 }
 
 interface Incarnation {
@@ -123,12 +129,12 @@ export class MultiVmVtpms implements VtpmProvider {
     return slot;
   }
 
-  #allocDomid(): number {
+  async #allocDomid(): Promise<number> {
     const first = this.#o.firstDomid ?? FIRST_VTPM_DOMID;
     for (let i = 0; i <= LAST_DOMID - first; i++) {
       const d = this.#nextDomid;
       this.#nextDomid = d >= LAST_DOMID ? first : d + 1;
-      if (this.#domids.has(d) || fs.existsSync(memoryPath(this.#o.xenDir, d))) continue;
+      if (this.#domids.has(d) || (await domainExists(this.#o.xenDir, d))) continue;
       this.#domids.add(d);
       return d;
     }
@@ -137,7 +143,7 @@ export class MultiVmVtpms implements VtpmProvider {
 
   /** Start one incarnation: grant its ring, spawn the domain on it, wait for READY (and Startup after a crash). */
   async #boot(slot: Slot, afterCrash: boolean): Promise<Incarnation> {
-    const domid = this.#allocDomid();
+    const domid = await this.#allocDomid();
     let front: RingFront;
     try {
       front = new RingFront(this.#o.dom, domid, { segments: 1 });
@@ -146,12 +152,28 @@ export class MultiVmVtpms implements VtpmProvider {
       throw err;
     }
     let domain: VtpmDomain;
+    let pair: ClientPair | null = null;
+    let fds: number[] = [];
+    const release = (): void => {
+      for (const fd of fds) fs.closeSync(fd);
+      fds = [];
+      pair?.reader.close();
+      pair?.writer.destroy();
+    };
     try {
+      if (this.#o.launch) {
+        pair = await connectPair(this.#o.managerRunDir, { name: `vtpm-domain-${domid}`, bind: slot.instance });
+        fds = pairDescriptors(pair);
+      }
+      // dom0 creates the domain and hands its process the connection: it opens nothing of ours.
+      const hvFd = await createDomainConnection({ domid, dir: this.#o.xenDir });
       domain = await VtpmDomain.start({
+        hvFd,
         instance: slot.instance,
         domid,
         version: slot.version,
         stateDir: '',
+        ...(this.#o.launch ? { launch: this.#o.launch, inheritFds: fds, onSpawned: release } : {}),
         entry: {
           script: VTPM_DOMAIN_MAIN,
           args: [
@@ -165,10 +187,14 @@ export class MultiVmVtpms implements VtpmProvider {
             '--ring-ref', String(front.refs[0]),
             '--event-channel', String(front.port),
             '--register-dir', this.#o.registerDir,
+            // After the hypercall connection (fd 3): the manager pair's request and response ends.
+            ...(pair ? ['--manager-fds', '4,5'] : []),
           ],
         },
       });
     } catch (err) {
+      release();
+      if (pair) for (const f of pair.files) fs.rmSync(f, { force: true });
       await this.#destroyRemains(domid, front);
       throw err;
     }
@@ -211,16 +237,10 @@ export class MultiVmVtpms implements VtpmProvider {
 
   /** What the toolstack does for a destroyed domain: its mappings of our pages, its files, its domid. */
   async #destroyRemains(domid: number, front: RingFront): Promise<void> {
-    // Only once the process is gone: a live one may still be mapping. After dom0 itself was destroyed
-    // (backend shutdown) its tables are gone and only the files are left to clean.
-    if (!this.#o.dom.closed) {
-      this.#o.dom.grants.releasePinsOf(domid);
-      await front.close();
-    }
-    fs.rmSync(memoryPath(this.#o.xenDir, domid), { force: true });
-    fs.rmSync(evtchnSocketPath(this.#o.xenDir, domid), { force: true });
+    // Only once the process is gone: the hypervisor released its pins on our pages when its connection
+    // closed, so our grants can be ended. After dom0 itself was closed (backend shutdown) nothing is left.
+    if (!this.#o.dom.closed) await front.close();
     fs.rmSync(join(this.#o.registerDir, `dom${domid}.json`), { force: true });
-    this.#o.dom.dropPeer(domid);
     this.#domids.delete(domid);
   }
 

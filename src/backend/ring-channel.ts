@@ -2,7 +2,9 @@
 // requests whose command and response bytes live in granted data pages. Requests run in order, one at
 // a time on the guest's vTPM; a queued request can be cancelled before it runs, a running one through
 // the TPM. A request that is merely wrong gets an EINVAL response; a ring that lies about its indices
-// cuts the frontend off. With an exactly-once target, the requests outstanding together run as one
+// cuts the frontend off, and so does one that keeps more data pages mapped at once than MAX_MAPPED_PAGES.
+// A data-page mapping is pinned while any queued or running request holds a view of it; only unpinned
+// ones are evicted from the cache. With an exactly-once target, the requests outstanding together run as one
 // group under a single checkpoint (group commit), and none of their answers is published before it.
 import { BackRing, GrantError, RingError, SharedRing, type Domain, type GrantMapping } from '../xen/index.js';
 import {
@@ -27,13 +29,34 @@ import type { OnceRequest } from './target.js';
 
 const PAGE = 4096;
 const MAX_LOCALITY = 4;
-/** Persistent data-page mappings kept per frontend (the frontend reuses its grants, like blkif's). */
+/** Unpinned data-page mappings kept per frontend (the frontend reuses its grants, like blkif's). */
 const MAX_CACHED_MAPPINGS = 256;
+/**
+ * Data pages one frontend may have mapped at once, pinned or cached (4 MiB). A one-page ring holds 32
+ * requests of at most 12 pages, 384 pins; a frontend that needs more is cut off, never evicted under.
+ */
+export const MAX_MAPPED_PAGES = 1024;
 
 interface Job {
   req: RingRequest;
   command: Uint8Array | null;
   pages: Uint8Array[];
+  /** The grefs whose cached mappings this job pins (one pin per segment) until it is answered. */
+  pinned: number[];
+}
+
+interface DataMapping {
+  map: GrantMapping;
+  /** Queued or running jobs' segments viewing this page: never unmapped while above zero. */
+  pins: number;
+}
+
+export class MappingLimitError extends Error {
+  readonly code = 'EMAPLIMIT';
+  constructor(message: string) {
+    super(message);
+    this.name = 'MappingLimitError';
+  }
 }
 
 export class RingChannel {
@@ -43,7 +66,8 @@ export class RingChannel {
   readonly #ring: BackRing;
   readonly #port: number;
   readonly #opts: ChannelOptions;
-  readonly #data = new Map<number, GrantMapping>();
+  /** gref -> mapping, least recently used first (a use moves it to the end). */
+  readonly #data = new Map<number, DataMapping>();
   readonly #queue: Job[] = [];
   /** The requests taken off the queue and not answered yet (one, or a group under one checkpoint). */
   #running: Job[] = [];
@@ -73,7 +97,10 @@ export class RingChannel {
     if (this.#closed) return;
     try {
       do {
-        for (const copy of this.#ring.takeRequests()) this.#accept(decodeRingRequest(copy));
+        for (const copy of this.#ring.takeRequests()) {
+          this.#accept(decodeRingRequest(copy));
+          if (this.#closed) return;
+        }
       } while (this.#ring.finalCheckForRequests());
     } catch (err) {
       if (err instanceof RingError) return this.#fatal(err.message);
@@ -108,10 +135,16 @@ export class RingChannel {
       this.#respond(req.id, RING_STATUS_EINVAL, null, []);
       return;
     }
-    let pages: Uint8Array[];
+    const pages: Uint8Array[] = [];
+    const pinned: number[] = [];
     try {
-      pages = req.grefs.map((g) => this.#mapData(g));
+      for (const g of req.grefs) {
+        pages.push(this.#pinData(g));
+        pinned.push(g);
+      }
     } catch (err) {
+      this.#unpinData(pinned);
+      if (err instanceof MappingLimitError) return this.#fatal(err.message);
       if (!(err instanceof GrantError)) throw err;
       this.#opts.log?.(`dom${this.frontDomid}: request ${req.id}: ${err.message}`);
       this.#respond(req.id, RING_STATUS_EINVAL, null, []);
@@ -123,9 +156,10 @@ export class RingChannel {
     if (done) {
       this.replayed++;
       this.#respond(req.id, done.status, done.response, pages);
+      this.#unpinData(pinned);
       return;
     }
-    this.#queue.push({ req, command: null, pages });
+    this.#queue.push({ req, command: null, pages, pinned });
   }
 
   #validate(req: RingRequest): string | null {
@@ -138,18 +172,41 @@ export class RingChannel {
     return null;
   }
 
-  #mapData(gref: number): Uint8Array {
-    let m = this.#data.get(gref);
-    if (!m) {
-      if (this.#data.size >= MAX_CACHED_MAPPINGS) {
-        const [oldest, om] = this.#data.entries().next().value as [number, GrantMapping];
-        om.unmap();
-        this.#data.delete(oldest);
+  /** A view of data page `gref`, mapped (or taken from the cache) and pinned for one job segment. */
+  #pinData(gref: number): Uint8Array {
+    let d = this.#data.get(gref);
+    if (d) {
+      this.#data.delete(gref);
+    } else {
+      this.#evictUnpinned(MAX_CACHED_MAPPINGS - 1);
+      if (this.#data.size >= MAX_MAPPED_PAGES) {
+        throw new MappingLimitError(`keeps more than ${MAX_MAPPED_PAGES} data pages mapped at once (ref ${gref} refused)`);
       }
-      m = this.#dom.mapper.map(this.frontDomid, gref);
-      this.#data.set(gref, m);
+      d = { map: this.#dom.mapper.map(this.frontDomid, gref), pins: 0 };
     }
-    return new Uint8Array(m.buffer);
+    this.#data.set(gref, d);
+    d.pins++;
+    return new Uint8Array(d.map.buffer);
+  }
+
+  #unpinData(grefs: readonly number[]): void {
+    for (const g of grefs) {
+      const d = this.#data.get(g);
+      if (d && d.pins > 0) d.pins--;
+    }
+  }
+
+  /** Unmap least recently used unpinned mappings until at most `keep` unpinned ones remain. */
+  #evictUnpinned(keep: number): void {
+    let unpinned = 0;
+    for (const d of this.#data.values()) if (d.pins === 0) unpinned++;
+    for (const [g, d] of this.#data) {
+      if (unpinned <= keep) return;
+      if (d.pins > 0) continue;
+      d.map.unmap();
+      this.#data.delete(g);
+      unpinned--;
+    }
   }
 
   #cancel(id: bigint): void {
@@ -158,6 +215,7 @@ export class RingChannel {
       const [job] = this.#queue.splice(i, 1);
       const command = gather(job!.pages, job!.req.length);
       this.#respond(id, RING_STATUS_CANCELED, canceledResponse(command), job!.pages);
+      this.#unpinData(job!.pinned);
       return;
     }
     if (this.#running.some((j) => j.req.id === id)) this.#opts.target.cancel();
@@ -245,6 +303,7 @@ export class RingChannel {
       status = RING_STATUS_EIO;
     }
     this.#respond(job.req.id, status, response, job.pages, push);
+    this.#unpinData(job.pinned);
   }
 
   #respond(id: bigint, status: number, response: Uint8Array | null, pages: Uint8Array[], push = true): void {
@@ -261,6 +320,7 @@ export class RingChannel {
   }
 
   #fatal(reason: string): void {
+    if (this.#closed) return;
     this.close();
     this.#opts.onFatal(reason);
   }
@@ -268,6 +328,11 @@ export class RingChannel {
   /** Resolves once every accepted request has been answered. */
   async drain(): Promise<void> {
     while (this.#pump) await this.#pump;
+  }
+
+  /** Data pages mapped now (pinned by requests or cached). */
+  get mappedPages(): number {
+    return this.#data.size;
   }
 
   /** Requests accepted but not yet answered (queued or running). */
@@ -280,7 +345,8 @@ export class RingChannel {
     this.#closed = true;
     this.#queue.length = 0;
     this.#dom.evtchn.close(this.#port);
-    for (const m of this.#data.values()) m.unmap();
+    // Jobs still running hold views, but #closed keeps them from ever writing through them again.
+    for (const d of this.#data.values()) d.map.unmap();
     this.#data.clear();
     this.#ringMap.unmap();
   }

@@ -14,6 +14,7 @@ import { parseArgs } from 'node:util';
 import { fileURLToPath } from 'node:url';
 import { Domain } from '../xen/index.js';
 import { ManagerClient } from '../manager/client.js';
+import { inheritedPair } from '../manager/fifo-client.js';
 import { runDomain, stdioTransport } from '../tpm/domain.js';
 import type { TpmInstance } from '../tpm/instance.js';
 import { RingChannel } from './ring-channel.js';
@@ -31,6 +32,8 @@ export interface RingDomainArgs {
   ringRef: number;
   eventChannel: number;
   registerDir?: string;
+  /** Request write end and response read end of a manager pair the backend attached (under isolation). */
+  managerFds?: [number, number];
 }
 
 export function parseRingDomainArgs(argv: string[]): RingDomainArgs {
@@ -47,6 +50,7 @@ export function parseRingDomainArgs(argv: string[]): RingDomainArgs {
       'ring-ref': { type: 'string' },
       'event-channel': { type: 'string' },
       'register-dir': { type: 'string' },
+      'manager-fds': { type: 'string' },
     },
     strict: true,
   });
@@ -59,6 +63,8 @@ export function parseRingDomainArgs(argv: string[]): RingDomainArgs {
   if (version !== '2.0' && version !== '1.2') throw new Error('--tpm-version must be 2.0 or 1.2');
   if (!v['manager-run']) throw new Error('--manager-run is required');
   if (!v['xen-dir']) throw new Error('--xen-dir is required');
+  const fds = v['manager-fds']?.split(',').map(Number);
+  if (fds && !(fds.length === 2 && fds.every((n) => Number.isInteger(n) && n >= 3))) throw new Error('--manager-fds takes REQ,RSP descriptor numbers (3 or more)');
   return {
     instance: int('instance', v.instance, 0, 0xffffffff),
     domid: int('domid', v.domid, 1, 0x7fef),
@@ -70,6 +76,7 @@ export function parseRingDomainArgs(argv: string[]): RingDomainArgs {
     ringRef: int('ring-ref', v['ring-ref'], 0, 0xffffffff),
     eventChannel: int('event-channel', v['event-channel'], 1, 255),
     registerDir: v['register-dir'],
+    ...(fds ? { managerFds: [fds[0]!, fds[1]!] as [number, number] } : {}),
   };
 }
 
@@ -82,7 +89,10 @@ export async function ringDomainMain(a: RingDomainArgs): Promise<number> {
   let channel: RingChannel | null = null;
   let mgr: ManagerClient | null = null;
   try {
-    mgr = await ManagerClient.connect(a.managerRunDir, { bind: a.instance, name: `vtpm-domain-${a.domid}` });
+    const name = `vtpm-domain-${a.domid}`;
+    mgr = a.managerFds
+      ? ManagerClient.adopt(inheritedPair(name, a.managerFds[0], a.managerFds[1]))
+      : await ManagerClient.connect(a.managerRunDir, { bind: a.instance, name });
     const attach = (inst: TpmInstance): void => {
       channel = new RingChannel(dom, {
         frontDomid: a.frontDomid,

@@ -53,6 +53,16 @@ async function multiVm(h: HostInfo, mgr: ManagerClient, registerDir: string, log
   fs.rmSync(registerDir, { recursive: true, force: true });
   fs.mkdirSync(registerDir, { recursive: true });
   const dom = await Domain.create({ domid: 0, dir: h.xenDir, geometry: { grantFrames: 16, nrPages: 8192, evtchnPages: 16 } });
-  const vtpms = new MultiVmVtpms({ dom, mgr, managerRunDir: h.managerRunDir, xenDir: h.xenDir, registerDir, log });
+  const { domainLaunch } = await import('./isolation.js');
+  const iso = h.isolation;
+  const vtpms = new MultiVmVtpms({
+    dom,
+    mgr,
+    managerRunDir: h.managerRunDir,
+    xenDir: h.xenDir,
+    registerDir,
+    log,
+    launch: (domid, file, args) => domainLaunch(iso, domid, 'vtpm-domain', file, args),
+  });
   return { dom, vtpms };
 }

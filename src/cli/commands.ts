@@ -4,6 +4,7 @@ import { register as backend } from './backend.js';
 import { register as demo } from './demo.js';
 import { register as guest } from './guest.js';
 import { register as host } from './host.js';
+import { register as hypervisor } from './hypervisor.js';
 import { register as manager } from './manager.js';
 import { register as migrate } from './migrate.js';
 import { register as qemu } from './qemu.js';
@@ -19,6 +20,7 @@ const registrars: Register[] = [
   demo,
   guest,
   host,
+  hypervisor,
   manager,
   migrate,
   qemu,

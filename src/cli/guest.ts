@@ -2,13 +2,11 @@
 // the device directories as libxl does, start the guest, run the close sequence) and the guest process
 // itself (a frontend domain with its vTPM device, optionally exposed to tpm2-tools).
 import type { Command } from 'commander';
-import { spawn } from 'node:child_process';
 import fs from 'node:fs';
 import { join } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
 import net from 'node:net';
 import { Domain } from '../xen/index.js';
-import { HDR_PID, evtchnSocketPath, memoryPath } from '../xen/layout.js';
 import { connect, type XsClient } from '../xenstore/client.js';
 import {
   XenbusState,
@@ -24,7 +22,9 @@ import { readHostAlive } from './host-check.js';
 import { TpmFront, type Protocol } from '../frontend/tpmfront.js';
 import { MISBEHAVIOURS, misbehave, type Misbehaviour } from '../frontend/hostile.js';
 import { RunDir, alive, procStat, type GuestInfo } from './rundir.js';
-import { MAIN_JS, stopProcess, tailFile } from './spawn.js';
+import { guestOwner, guestSocket, spawnGuestProcess, stopProcess, tailFile } from './spawn.js';
+import { domainProcesses, ownUidOrRoot } from './isolation.js';
+import { journalPath, type WorkloadSpec } from './stress-workload.js';
 import { onStop } from './lifecycle.js';
 import { registerSuspend, runSession } from './suspend.js';
 
@@ -89,18 +89,18 @@ export async function guestAttach(o: AttachOptions): Promise<GuestInfo> {
       extra: { backend: { 'tpm-version': o.version ?? '2.0' } },
     });
     log = rd.log(`guest-${o.domid}`);
-    fs.mkdirSync(rd.logDir, { recursive: true });
-    const fd = fs.openSync(log, 'a');
     // The log is appended to by every incarnation of this domid: look only at what this one writes.
-    const logStart = fs.fstatSync(fd).size;
-    const args = [MAIN_JS, 'guest', 'run', '--run', rd.dir, '--domid', String(o.domid), '--protocol', protocol, '--devid', String(devid)];
+    const logStart = fileSize(log);
+    const owner = guestOwner(h, o.domid);
+    const args = ['guest', 'run', '--run', rd.dir, '--domid', String(o.domid), '--protocol', protocol, '--devid', String(devid), '--xs-socket', guestSocket(h, o.domid)];
     if (o.tctiPort !== undefined) args.push('--tcti-port', String(o.tctiPort));
     if (o.misbehave) args.push('--misbehave', o.misbehave);
-    if (o.workload !== undefined) args.push('--workload', o.workload);
+    if (o.workload !== undefined) {
+      args.push('--workload', o.workload);
+      if (owner !== undefined) giveJournal(o.workload, o.domid, owner);
+    }
     if (o.startup === false) args.push('--no-startup');
-    const child = spawn(process.execPath, args, { detached: true, stdio: ['ignore', fd, fd], env: { ...process.env, VTPM_XEN_DIR: h.xenDir } });
-    fs.closeSync(fd);
-    child.unref();
+    const child = await spawnGuestProcess(h, o.domid, args, log);
     pid = child.pid ?? -1;
     const start = procStat(pid)?.start;
     const info: GuestInfo = {
@@ -113,7 +113,7 @@ export async function guestAttach(o: AttachOptions): Promise<GuestInfo> {
       ...(o.tctiPort !== undefined ? { tctiPort: o.tctiPort } : {}),
       ...(o.workload !== undefined ? { workload: o.workload } : {}),
     };
-    rd.writeGuest(info);
+    rd.writeGuest(info, owner);
     const guestLog = log;
     const exited = new Promise<never>((_, reject) =>
       child.once('exit', (code, sig) => reject(new CliError('FAILED', `guest dom${o.domid} exited (${sig ?? code}) before connecting:\n${tailFile(guestLog)}`))),
@@ -141,12 +141,19 @@ export async function guestAttach(o: AttachOptions): Promise<GuestInfo> {
     }
     await removeDeviceDirectories(xs, dev).catch(() => {});
     await removeDomainNodes(xs, o.domid).catch(() => {});
-    removeDomainMemory(h.xenDir, o.domid);
     if (pid > 0) rd.removeGuest(o.domid);
     throw err instanceof CliError ? err : new CliError('FAILED', `attach of dom${o.domid} failed: ${(err as Error).message}`);
   } finally {
     await xs.close();
   }
+}
+
+/** The stress journal is the guest's to append to; the journal dir stays root's. */
+function giveJournal(specFile: string, domid: number, owner: number): void {
+  const spec = JSON.parse(fs.readFileSync(specFile, 'utf8')) as WorkloadSpec;
+  const file = journalPath(spec, domid);
+  fs.closeSync(fs.openSync(file, 'a', 0o600));
+  fs.chownSync(file, owner, owner);
 }
 
 /** Connected, or the backend's refusal (its error node, Linux's xenbus_dev_fatal) as the error. */
@@ -183,25 +190,6 @@ async function closeDevice(xs: XsClient, dev: VtpmDevice, timeoutMs: number): Pr
   await xs.write(`${dev.backend}/online`, '0');
   const s = await waitForState(xs, dev.backend, (st) => st === XenbusState.Closed || st === XenbusState.Unknown, { timeoutMs }).catch(() => null);
   return s !== null;
-}
-
-/** The memory a guest process that was killed could not remove (a live owner keeps its own). */
-function removeDomainMemory(xenDir: string, domid: number): void {
-  const mem = memoryPath(xenDir, domid);
-  try {
-    const hdr = Buffer.alloc(32);
-    const fd = fs.openSync(mem, 'r');
-    try {
-      fs.readSync(fd, hdr, 0, 32, 0);
-    } finally {
-      fs.closeSync(fd);
-    }
-    if (alive(hdr.readUInt32LE(HDR_PID * 4))) return;
-  } catch {
-    return;
-  }
-  fs.rmSync(mem, { force: true });
-  fs.rmSync(evtchnSocketPath(xenDir, domid), { force: true });
 }
 
 /** P (data) and P+1 (control) must both be free before the guest starts. */
@@ -251,8 +239,7 @@ export async function guestDetach(run: string, domid: number, timeoutMs = 15_000
   } finally {
     await xs.close();
   }
-  if (g) await stopProcess(g.pid, 10_000);
-  removeDomainMemory(h.xenDir, domid);
+  await Promise.all(domainProcesses(h.isolation, domid, g?.pid).map((pid) => stopProcess(pid, 10_000)));
   rd.removeGuest(domid);
 }
 
@@ -267,14 +254,17 @@ export interface GuestRunOptions {
   workload?: string;
   /** false: do not send Startup(CLEAR) to a TPM that was never started (`--no-startup`). */
   startup?: boolean;
+  /** Its own xenstore socket (attach passes it; without it the guest looks it up in host.json). */
+  xsSocket?: string;
 }
 
 /** The guest process: its domain, its vTPM device, and optionally the TCTI bridge for tpm2-tools. */
 export async function guestRun(o: GuestRunOptions): Promise<void> {
   const rd = new RunDir(o.run);
-  const h = rd.readHost();
-  const dom = await Domain.create({ domid: o.domid, dir: h.xenDir });
-  const xs = await connect(join(h.domainSocketDir, `dom${o.domid}.sock`));
+  // Under isolation host.json is root's: the hypervisor dir comes in VTPM_XEN_DIR, the socket as an option.
+  const h = o.xsSocket === undefined ? rd.readHost() : null;
+  const dom = await Domain.create({ domid: o.domid, ...(h ? { dir: h.xenDir } : {}) });
+  const xs = await connect(o.xsSocket ?? guestSocket(h!, o.domid));
   // Both transports run through a session: suspend/resume, backend restarts (request ids on the ring).
   // A misbehaving guest drives its transport directly: it has no use for sessions.
   if (!o.misbehave) return runSession(rd, dom, xs, o);
@@ -324,6 +314,7 @@ export async function startTcti(front: Pick<TpmFront, 'transmit' | 'cancel'>, po
     port,
     transmit: (cmd, opts) => front.transmit(cmd, opts),
     cancel: () => front.cancel(),
+    allowPeer: ownUidOrRoot,
   });
   console.log(`tcti bridge listening on 127.0.0.1:${port} (control ${port + 1})`);
   return b;
@@ -387,6 +378,7 @@ export function register(program: Command): void {
     .option('--resume', 'continue a suspended guest (new ring, same request ids)')
     .option('--workload <file>', 'run a vtpm stress workload')
     .option('--no-startup', 'no Startup(CLEAR) at boot')
+    .option('--xs-socket <path>', 'this domain\'s xenstore socket')
     .action(async (o: GuestRunOptions) => {
       await guestRun(o);
     });

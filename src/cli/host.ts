@@ -1,5 +1,5 @@
-// `vtpm host up|down|status|restart`: the dom0 side of a host: xenstored, the vTPM manager and the
-// backend as separate processes, described in RUN/host.json. `host up` also recovers a run directory a
+// `vtpm host up|down|status|restart`: the dom0 side of a host: the hypervisor, xenstored, the vTPM
+// manager and the backend as separate processes, described in RUN/host.json. `host up` also recovers a run directory a
 // crash left behind, and restarts the daemons of a host that died one by one.
 import type { Command } from 'commander';
 import fs from 'node:fs';
@@ -8,6 +8,16 @@ import { NoHostError, RunDir, alive, type HostInfo, type ProcessEntry } from './
 import { stopProcess, tailFile } from './spawn.js';
 import { DAEMON_ROLES, isDaemonRole, restartDaemon, startRole, type DaemonRole } from './restart.js';
 import { CliError } from './errors.js';
+import { decideIsolation, describe, domainProcesses, parseUidBase, processUid, secureHost, type Isolation, type IsolationMode } from './isolation.js';
+
+export interface HostUpOptions {
+  /** auto (default): per-domain uids when root can have them, none otherwise (docs/isolation.md). */
+  isolation?: 'auto' | IsolationMode;
+  /** dom<N> runs as uid uidBase + N; default VTPM_UID_BASE or 0x40000000. */
+  uidBase?: number;
+  /** Progress lines (what was recovered or restarted). */
+  report?: (line: string) => void;
+}
 
 function readHostIfAny(rd: RunDir): HostInfo | null {
   try {
@@ -37,9 +47,11 @@ function clearDeadHost(rd: RunDir, h: HostInfo): string[] {
 
 /**
  * Start a host in `runDir`. A run directory whose host died (every process gone) is cleared and
- * started afresh; one whose xenstored lives but whose manager or backend died gets those restarted.
+ * started afresh; one whose hypervisor and xenstored live but whose manager or backend died gets those
+ * restarted.
  */
-export async function hostUp(runDir: string, stateDir: string, mode: 'single' | 'multi', report: (line: string) => void = () => {}): Promise<HostInfo> {
+export async function hostUp(runDir: string, stateDir: string, mode: 'single' | 'multi', opts: HostUpOptions = {}): Promise<HostInfo> {
+  const report = opts.report ?? ((): void => {});
   const rd = new RunDir(runDir);
   const old = readHostIfAny(rd);
   if (old) {
@@ -48,8 +60,8 @@ export async function hostUp(runDir: string, stateDir: string, mode: 'single' | 
       throw new CliError('CONFLICT', `the host in ${rd.dir} keeps its state in ${old.stateDir}, not ${resolve(stateDir)}; \`vtpm host down --run ${rd.dir}\` first to change it`);
     }
     if (dead.length === 0) throw new CliError('CONFLICT', `a host is already up in ${rd.dir}; run \`vtpm host down --run ${rd.dir}\` first`);
-    const xsAlive = !dead.includes('xenstored');
-    if (xsAlive) {
+    // Domains live in the hypervisor and devices in xenstored: with both up, the rest can come back.
+    if (!dead.includes('hypervisor') && !dead.includes('xenstored')) {
       // Restart only what died, in start order (the backend finds the manager, both find xenstored).
       for (const role of dead) {
         const pid = await restartDaemon(rd.dir, role);
@@ -57,10 +69,11 @@ export async function hostUp(runDir: string, stateDir: string, mode: 'single' | 
       }
       return rd.readHost();
     }
-    // Without xenstored every device is gone: stop what is left and start afresh.
+    // Without the hypervisor or xenstored every domain or device is gone: stop what is left, start afresh.
+    const gone = dead.includes('hypervisor') ? 'the hypervisor' : 'xenstored';
     for (const p of old.processes.filter((q) => alive(q.pid)).reverse()) {
       await stopProcess(p.pid, 5000);
-      report(`stopped ${p.role} (pid ${p.pid}): xenstored died under it`);
+      report(`stopped ${p.role} (pid ${p.pid}): ${gone} died under it`);
     }
     for (const f of clearDeadHost(rd, old)) report(`removed ${f} (left by the dead host)`);
     fs.rmSync(rd.hostJson, { force: true });
@@ -68,12 +81,13 @@ export async function hostUp(runDir: string, stateDir: string, mode: 'single' | 
   const h = rd.plan(stateDir, mode);
   // No host.json: whatever a host without one left here is stale too.
   if (!old && fs.existsSync(rd.dir)) for (const f of clearDeadHost(rd, h)) report(`removed ${f} (left by a dead host)`);
+  // Parents as the umask makes them; the run dir's own mode is set by secureHost once the isolation is known.
   fs.mkdirSync(rd.dir, { recursive: true });
-  fs.mkdirSync(h.stateDir, { recursive: true });
-  fs.mkdirSync(h.domainSocketDir, { recursive: true });
-  fs.mkdirSync(h.managerRunDir, { recursive: true });
+  h.isolation = decideIsolation(opts.isolation ?? 'auto', rd.dir, opts.uidBase ?? parseUidBase(process.env.VTPM_UID_BASE));
+  for (const d of [h.stateDir, h.domainSocketDir, h.managerRunDir, rd.logDir, rd.guestDir]) fs.mkdirSync(d, { recursive: true, mode: 0o700 });
   fs.rmSync(h.xenDir, { recursive: true, force: true });
   fs.mkdirSync(h.xenDir, { recursive: true, mode: 0o700 });
+  secureHost(h, 'dirs');
   try {
     for (const role of DAEMON_ROLES) await startRole(rd, h, role);
     return h;
@@ -88,10 +102,11 @@ export async function hostDown(runDir: string): Promise<void> {
   const rd = new RunDir(runDir);
   const h = rd.readHost();
   // Guests first (they close their devices), then the backend (it answers in-flight commands and saves
-  // its vTPMs), then the manager, then xenstored.
+  // its vTPMs), then the manager, xenstored and the hypervisor.
   await Promise.all(
     rd.guests().map(async (g) => {
-      await stopProcess(g.pid, 10_000);
+      // A guest rewrites its own record: its pid there is not what identifies its processes.
+      await Promise.all(domainProcesses(h.isolation, g.domid, g.pid).map((pid) => stopProcess(pid, 10_000)));
       rd.removeGuest(g.domid);
     }),
   );
@@ -115,11 +130,14 @@ export interface StatusEntry extends ProcessEntry {
   vm?: string;
   /** vTPM domains: the guest domain whose VM it serves. */
   serves?: number;
+  /** The uid the process runs under (null when it is gone). */
+  uid: number | null;
 }
 
 export interface HostStatus {
   mode: string;
   runDir: string;
+  isolation: Isolation;
   processes: StatusEntry[];
   /** Daemons the host needs that are dead (`host status` then exits 3). */
   dead: DaemonRole[];
@@ -129,11 +147,12 @@ export function hostStatus(runDir: string): HostStatus {
   const rd = new RunDir(runDir);
   const h = rd.readHost();
   const state = (live: boolean, suspended = false): ProcessState => (live ? 'running' : suspended ? 'suspended' : 'dead');
-  const procs: StatusEntry[] = h.processes.map((p) => ({ ...p, alive: alive(p.pid), state: state(alive(p.pid)) }));
+  const uid = (live: boolean, pid: number): number | null => (live ? processUid(pid) : null);
+  const procs: StatusEntry[] = h.processes.map((p) => ({ ...p, alive: alive(p.pid), state: state(alive(p.pid)), uid: uid(alive(p.pid), p.pid) }));
   const guests = rd.guests();
   for (const g of guests) {
     const live = alive(g.pid, g.start);
-    procs.push({ role: 'guest', domid: g.domid, pid: g.pid, vm: g.vm, protocol: g.protocol, alive: live, state: state(live, g.suspended === true) });
+    procs.push({ role: 'guest', domid: g.domid, pid: g.pid, vm: g.vm, protocol: g.protocol, alive: live, state: state(live, g.suspended === true), uid: uid(live, g.pid) });
   }
   let files: string[] = [];
   try {
@@ -150,15 +169,17 @@ export function hostStatus(runDir: string): HostStatus {
     }
     const vm = typeof d.vm === 'string' ? d.vm : undefined;
     const guest = vm === undefined ? undefined : guests.find((g) => g.vm === vm);
-    procs.push({ ...d, role: 'vtpm-domain', alive: alive(d.pid), state: state(alive(d.pid)), ...(vm ? { vm } : {}), ...(guest ? { serves: guest.domid } : {}) });
+    const live = alive(d.pid);
+    procs.push({ ...d, role: 'vtpm-domain', alive: live, state: state(live), uid: uid(live, d.pid), ...(vm ? { vm } : {}), ...(guest ? { serves: guest.domid } : {}) });
   }
   const dead = DAEMON_ROLES.filter((r) => !procs.some((p) => p.role === r && p.alive));
-  return { mode: h.mode, runDir: rd.dir, processes: procs, dead };
+  const isolation = h.isolation ?? { mode: 'none', uidBase: 0, reason: 'host.json predates isolation' };
+  return { mode: h.mode, runDir: rd.dir, isolation, processes: procs, dead };
 }
 
 /** One line per process: role, domain, pid, state, then what it serves (more columns go at the end). */
 export function formatStatus(s: HostStatus): string[] {
-  const lines = [`mode: ${s.mode}`];
+  const lines = [`mode: ${s.mode}`, `isolation: ${describe(s.isolation)}`];
   for (const p of s.processes) {
     const what: string[] = [];
     if (p.role === 'guest') what.push(`VM ${p.vm}`, String(p.protocol));
@@ -167,6 +188,7 @@ export function formatStatus(s: HostStatus): string[] {
       if (p.vm) what.push(`VM ${p.vm}`);
       what.push(p.serves !== undefined ? `serves dom${p.serves}` : 'serves no attached guest');
     }
+    if (p.uid !== null) what.push(`uid ${p.uid}`);
     lines.push(`${p.role.padEnd(12)} dom${String(p.domid).padEnd(6)} pid ${String(p.pid).padEnd(8)} ${p.state.padEnd(10)}${what.join('  ')}`.trimEnd());
   }
   for (const r of s.dead) lines.push(`${r} is dead: \`vtpm host up --run ${s.runDir} --state DIR\` restarts it (or \`vtpm host restart ${r}\`)`);
@@ -182,18 +204,26 @@ export function register(program: Command): void {
   const host = program.command('host').description('start, stop, restart and inspect the dom0 processes of a host');
   host
     .command('up')
-    .description('start xenstored, the manager and the backend as separate processes; returns when all are ready. Recovers a run directory a crash left behind and restarts daemons that died')
+    .description('start the hypervisor, xenstored, the manager and the backend as separate processes; returns when all are ready. Recovers a run directory a crash left behind and restarts daemons that died')
     .requiredOption('--run <dir>', 'run directory (sockets, FIFOs, logs, host.json)')
     .requiredOption('--state <dir>', 'state directory of the manager (sealed vTPM state, VM table, keys)')
     .option('--mode <mode>', 'single (vTPMs in the backend) or multi (one vTPM-domain process each)', 'single')
-    .action(async (o: { run: string; state: string; mode: string }) => {
-      const h = await hostUp(o.run, o.state, parseMode(o.mode), (l) => console.log(l));
+    .option('--isolation <how>', 'uid (each guest and vTPM domain under its own uid; root only), none, or auto: uid when possible', 'auto')
+    .option('--uid-base <n>', 'dom<N> runs as uid/gid BASE+N (default VTPM_UID_BASE or 1073741824)')
+    .action(async (o: { run: string; state: string; mode: string; isolation: string; uidBase?: string }) => {
+      if (o.isolation !== 'auto' && o.isolation !== 'uid' && o.isolation !== 'none') throw new CliError('USAGE', `--isolation must be auto, uid or none, not ${o.isolation}`);
+      const h = await hostUp(o.run, o.state, parseMode(o.mode), {
+        isolation: o.isolation,
+        uidBase: parseUidBase(o.uidBase ?? process.env.VTPM_UID_BASE),
+        report: (l) => console.log(l),
+      });
       for (const p of h.processes) console.log(`${p.role.padEnd(10)} dom${p.domid} pid ${p.pid}`);
+      console.log(`isolation: ${describe(h.isolation)}`);
       console.log(`host up in ${h.runDir} (${h.mode}-VM mode)`);
     });
   host
     .command('down')
-    .description('stop guests, backend, manager and xenstored cleanly (vTPM state saved)')
+    .description('stop guests, backend, manager, xenstored and the hypervisor cleanly (vTPM state saved)')
     .requiredOption('--run <dir>', 'run directory of the host')
     .action(async (o: { run: string }) => {
       await hostDown(o.run);
@@ -213,7 +243,7 @@ export function register(program: Command): void {
     .command('status')
     .description('every process of the host: role, domain, pid, state (running, suspended, dead), the VM it serves; exit 3 if a daemon the host needs is dead')
     .requiredOption('--run <dir>', 'run directory of the host')
-    .option('--json', 'print {"mode", "processes": [{"role", "domid", "pid", "state", "alive", "vm", "serves", …}], "dead": [roles]}')
+    .option('--json', 'print {"mode", "isolation": {"mode", "uidBase", "reason"}, "processes": [{"role", "domid", "pid", "state", "alive", "uid", "vm", "serves", …}], "dead": [roles]}')
     .action((o: { run: string; json?: boolean }) => {
       const s = hostStatus(o.run);
       console.log(o.json ? JSON.stringify(s, null, 2) : formatStatus(s).join('\n'));

@@ -6,11 +6,13 @@ import { join } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { RunDir, alive, type HostInfo, type ProcessEntry } from './rundir.js';
 import { startDaemon } from './spawn.js';
+import { secureHost } from './isolation.js';
 import { engineEnv } from '../tpm/threadpool.js';
 import { CliError } from './errors.js';
+import { hypervisorSocket } from '../xen/hypercall.js';
 
 /** The daemons a host needs, in start order (stopped in reverse). */
-export const DAEMON_ROLES = ['xenstored', 'manager', 'backend'] as const;
+export const DAEMON_ROLES = ['hypervisor', 'xenstored', 'manager', 'backend'] as const;
 export type DaemonRole = (typeof DAEMON_ROLES)[number];
 
 export function isDaemonRole(r: string): r is DaemonRole {
@@ -19,10 +21,14 @@ export function isDaemonRole(r: string): r is DaemonRole {
 
 /** What a dead `role` leaves behind that its successor would trip on. */
 function clearRemains(h: HostInfo, role: DaemonRole): void {
-  if (role === 'xenstored') {
+  if (role === 'hypervisor') {
+    // Every domain's memory died with it: only its socket and directory are left.
+    fs.rmSync(h.xenDir, { recursive: true, force: true });
+    fs.mkdirSync(h.xenDir, { recursive: true, mode: 0o700 });
+  } else if (role === 'xenstored') {
     fs.rmSync(h.xenstoredSocket, { force: true });
     fs.rmSync(h.domainSocketDir, { recursive: true, force: true });
-    fs.mkdirSync(h.domainSocketDir, { recursive: true });
+    fs.mkdirSync(h.domainSocketDir, { recursive: true, mode: h.isolation?.mode === 'uid' ? 0o711 : 0o700 });
   } else if (role === 'backend') {
     // The backend's FIFO pair at the manager: its successor creates the same names. A live manager
     // removes a dead client's pair itself (and would remove the successor's by name if we raced it).
@@ -37,9 +43,14 @@ export async function startRole(rd: RunDir, h: HostInfo, role: DaemonRole): Prom
   clearRemains(h, role);
   const env = { VTPM_XEN_DIR: h.xenDir };
   let entry: ProcessEntry;
-  if (role === 'xenstored') {
+  if (role === 'hypervisor') {
+    // First: every other process's domain is created by, and lives in, the hypervisor.
+    const s = await startDaemon(['hypervisor', '--dir', h.xenDir, '--verbose'], rd.log('hypervisor'), /vtpm-hypervisor: ready/, env);
+    entry = { role, domid: 0, pid: s.pid, socket: hypervisorSocket(h.xenDir) };
+  } else if (role === 'xenstored') {
+    const uidBase = h.isolation?.mode === 'uid' ? ['--domain-uid-base', String(h.isolation.uidBase)] : [];
     const s = await startDaemon(
-      ['xenstored', '--socket', h.xenstoredSocket, '--domain-socket-dir', h.domainSocketDir, '--verbose'],
+      ['xenstored', '--socket', h.xenstoredSocket, '--domain-socket-dir', h.domainSocketDir, '--verbose', ...uidBase],
       rd.log('xenstored'),
       /xenstored listening/,
       env,
@@ -54,6 +65,8 @@ export async function startRole(rd: RunDir, h: HostInfo, role: DaemonRole): Prom
     rd.writeHost(h);
     const s = await startDaemon(['backend', '--run', rd.dir], rd.log('backend'), /vtpm-backend: ready/, engineEnv({ ...process.env, ...env }));
     entry = { role, domid: 0, pid: s.pid, mode: h.mode };
+    // The backend (re)creates the vTPM-domain register dir: give it the mode the isolation needs.
+    secureHost(h, 'backend');
   }
   const i = h.processes.findIndex((p) => p.role === role);
   if (i >= 0) h.processes[i] = entry;
@@ -79,11 +92,15 @@ export async function restartDaemon(run: string, role: DaemonRole): Promise<numb
   const old = h.processes.find((q) => q.role === role);
   if (old) for (let i = 0; i < 500 && alive(old.pid); i++) await sleep(10);
   if (old && alive(old.pid)) throw new CliError('CONFLICT', `the ${role} (pid ${old.pid}) is running; only a dead daemon is restarted (\`vtpm host down\` stops them all)`);
-  if (role !== 'xenstored') {
-    const xs = h.processes.find((q) => q.role === 'xenstored');
-    if (!xs || !alive(xs.pid)) throw new CliError('HOST_DOWN', `xenstored is dead: every device went with it; \`vtpm host up --run ${rd.dir} --state ${h.stateDir}\` recovers the whole host`);
-  } else if (h.processes.some((p) => p.role !== 'xenstored' && alive(p.pid))) {
-    throw new CliError('CONFLICT', `xenstored cannot be restarted under a live manager/backend (their devices lived in it); \`vtpm host down\` then \`host up\``);
+  if (role === 'manager' || role === 'backend') {
+    for (const base of ['hypervisor', 'xenstored'] as const) {
+      const p = h.processes.find((q) => q.role === base);
+      const what = base === 'hypervisor' ? 'every domain' : 'every device';
+      if (!p || !alive(p.pid)) throw new CliError('HOST_DOWN', `${base} is dead: ${what} went with it; \`vtpm host up --run ${rd.dir} --state ${h.stateDir}\` recovers the whole host`);
+    }
+  } else if (h.processes.some((p) => p.role !== role && alive(p.pid))) {
+    const lived = role === 'hypervisor' ? 'their domains lived in it' : 'their devices lived in it';
+    throw new CliError('CONFLICT', `${role} cannot be restarted under live daemons (${lived}); \`vtpm host down\` then \`host up\``);
   }
   return (await startRole(rd, h, role)).pid;
 }

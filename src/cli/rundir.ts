@@ -3,9 +3,10 @@
 import fs from 'node:fs';
 import { createHash } from 'node:crypto';
 import { join, resolve } from 'node:path';
+import type { Isolation } from './isolation.js';
 
 export interface ProcessEntry {
-  role: 'xenstored' | 'manager' | 'backend' | 'guest' | 'vtpm-domain';
+  role: 'hypervisor' | 'xenstored' | 'manager' | 'backend' | 'guest' | 'vtpm-domain';
   domid: number;
   pid: number;
   [k: string]: unknown;
@@ -21,6 +22,8 @@ export interface HostInfo {
   managerRunDir: string;
   started: string;
   processes: ProcessEntry[];
+  /** Absent in host.json written before isolation existed: read as `none`. */
+  isolation?: Isolation;
 }
 
 export interface GuestInfo {
@@ -98,7 +101,9 @@ export class RunDir {
 
   writeHost(h: HostInfo): void {
     const tmp = `${this.hostJson}.tmp`;
-    fs.writeFileSync(tmp, JSON.stringify(h, null, 2) + '\n');
+    // Root-only: it names every daemon's pid and the state dir (docs/isolation.md).
+    fs.rmSync(tmp, { force: true });
+    fs.writeFileSync(tmp, JSON.stringify(h, null, 2) + '\n', { mode: 0o600 });
     fs.renameSync(tmp, this.hostJson);
   }
 
@@ -106,11 +111,16 @@ export class RunDir {
     return join(this.guestDir, `dom${domid}.json`);
   }
 
-  writeGuest(g: GuestInfo): void {
+  /**
+   * `owner`: the guest's uid when domains run under their own uids, so the guest can replace its own
+   * record when it suspends (the guest dir is sticky: nobody else's record can be replaced).
+   */
+  writeGuest(g: GuestInfo, owner?: number): void {
     fs.mkdirSync(this.guestDir, { recursive: true });
     // Write-then-rename: a guest killed while saving its resume state leaves the old file whole.
     const tmp = `${this.guestFile(g.domid)}.${process.pid}.tmp`;
-    fs.writeFileSync(tmp, JSON.stringify(g, null, 2) + '\n');
+    fs.writeFileSync(tmp, JSON.stringify(g, null, 2) + '\n', { mode: 0o600 });
+    if (owner !== undefined) fs.chownSync(tmp, owner, owner);
     fs.renameSync(tmp, this.guestFile(g.domid));
   }
 

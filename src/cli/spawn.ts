@@ -1,11 +1,13 @@
 // Starting the host's daemons as detached processes (they outlive `vtpm host up`), each logging to its
 // own file, and waiting until each says it is ready.
-import { spawn } from 'node:child_process';
+import { spawn, type ChildProcess } from 'node:child_process';
 import fs from 'node:fs';
 import { dirname, join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { setTimeout as sleep } from 'node:timers/promises';
-import { alive } from './rundir.js';
+import { alive, type HostInfo } from './rundir.js';
+import { domainLaunch, domainUid } from './isolation.js';
+import { createDomainConnection } from '../xen/index.js';
 
 export const MAIN_JS = join(dirname(fileURLToPath(import.meta.url)), 'main.js');
 
@@ -41,6 +43,44 @@ export async function startDaemon(args: string[], log: string, ready: RegExp, en
     }
     await sleep(20);
   }
+}
+
+/**
+ * Start `vtpm <args>` as guest domain `domid`, detached. The toolstack's part: create the domain at the
+ * hypervisor and hand the guest its hypercall connection as fd 3 (VTPM_HV_FD), its log as stdout and
+ * stderr. Under `isolation: uid` it runs as the domain's uid and opens no path of dom0's but its own
+ * xenstore socket (docs/isolation.md).
+ */
+export async function spawnGuestProcess(h: HostInfo, domid: number, args: string[], log: string): Promise<ChildProcess> {
+  fs.mkdirSync(dirname(log), { recursive: true, mode: 0o700 });
+  const fd = fs.openSync(log, 'a', 0o600);
+  let hvFd = -1;
+  try {
+    hvFd = await createDomainConnection({ domid, dir: h.xenDir });
+    const l = domainLaunch(h.isolation, domid, 'guest', process.execPath, [MAIN_JS, ...args]);
+    // cwd /: the caller's working directory may be one the domain's uid cannot enter.
+    const child = spawn(l.file, l.args, {
+      detached: true,
+      cwd: '/',
+      stdio: ['ignore', fd, fd, hvFd],
+      env: { ...process.env, VTPM_XEN_DIR: h.xenDir, VTPM_HV_FD: '3', VTPM_NO_SETUP: '1' },
+    });
+    child.unref();
+    return child;
+  } finally {
+    fs.closeSync(fd);
+    if (hvFd >= 0) fs.closeSync(hvFd);
+  }
+}
+
+/** The uid that owns dom<N>'s files under `isolation: uid`, undefined otherwise. */
+export function guestOwner(h: HostInfo, domid: number): number | undefined {
+  return h.isolation?.mode === 'uid' ? domainUid(h.isolation, domid) : undefined;
+}
+
+/** The guest's own xenstore socket: passed on its command line so the guest never reads host.json. */
+export function guestSocket(h: HostInfo, domid: number): string {
+  return join(h.domainSocketDir, `dom${domid}.sock`);
 }
 
 function readFrom(file: string, offset: number): string {

@@ -6,7 +6,6 @@
 // new guest process that builds a new page or ring, grants and event channel (ring: continuing the
 // id sequence). See docs/suspend-and-stress.md and docs/protocols/xenbus.md.
 import type { Command } from 'commander';
-import { spawn } from 'node:child_process';
 import fs from 'node:fs';
 import { setTimeout as sleep } from 'node:timers/promises';
 import type { Domain } from '../xen/index.js';
@@ -17,7 +16,7 @@ import { V2Session } from '../frontend/v2-session.js';
 import { autoStartup } from '../frontend/startup.js';
 import type { Protocol } from '../frontend/tpmfront.js';
 import { RunDir, alive, procStat, type GuestInfo } from './rundir.js';
-import { MAIN_JS, tailFile } from './spawn.js';
+import { guestOwner, guestSocket, spawnGuestProcess, tailFile } from './spawn.js';
 import { onStop } from './lifecycle.js';
 
 export const controlShutdown = (domid: number): string => `/local/domain/${domid}/control/shutdown`;
@@ -83,15 +82,12 @@ export async function guestResume(o: ResumeOptions): Promise<{ pid: number; ms: 
     // As libxl on restore: the backend keeps the vTPM's saved volatile state (resume = True).
     await xs.write(`${dev.backend}/resume`, 'True');
     // Not resumed until the new process says so (a killed guest's file still says suspended: false).
-    rd.writeGuest({ ...g, suspended: true });
+    rd.writeGuest({ ...g, suspended: true }, guestOwner(h, o.domid));
     const log = rd.log(`guest-${o.domid}`);
-    const fd = fs.openSync(log, 'a');
-    const args = [MAIN_JS, 'guest', 'run', '--run', rd.dir, '--domid', String(o.domid), '--protocol', g.protocol, '--devid', String(g.devid), '--resume'];
+    const args = ['guest', 'run', '--run', rd.dir, '--domid', String(o.domid), '--protocol', g.protocol, '--devid', String(g.devid), '--resume', '--xs-socket', guestSocket(h, o.domid)];
     if (g.tctiPort !== undefined) args.push('--tcti-port', String(g.tctiPort));
     if (g.workload !== undefined) args.push('--workload', g.workload);
-    const child = spawn(process.execPath, args, { detached: true, stdio: ['ignore', fd, fd], env: { ...process.env, VTPM_XEN_DIR: h.xenDir } });
-    fs.closeSync(fd);
-    child.unref();
+    const child = await spawnGuestProcess(h, o.domid, args, log);
     const pid = child.pid ?? -1;
     const exited = new Promise<never>((_, reject) =>
       child.once('exit', (code, sig) => reject(new Error(`guest dom${o.domid} exited (${sig ?? code}) before resuming:\n${tailFile(log)}`))),

@@ -12,10 +12,13 @@ export function register(program: Command): void {
     .requiredOption('--socket <path>', 'dom0 (privileged) socket; what XENSTORED_PATH points at')
     .requiredOption('--domain-socket-dir <dir>', 'directory for the per-domain sockets dom<N>.sock')
     .option('--verbose', 'log closed connections and protocol violations to stderr')
-    .action(async (opts: { socket: string; domainSocketDir: string; verbose?: boolean }) => {
+    .option('--domain-uid-base <n>', 'dom<N>.sock is owned by uid BASE+N (domains under their own uids, docs/isolation.md)', (v) => Number(v))
+    .action(async (opts: { socket: string; domainSocketDir: string; verbose?: boolean; domainUidBase?: number }) => {
+      if (opts.domainUidBase !== undefined && !(Number.isInteger(opts.domainUidBase) && opts.domainUidBase > 0)) throw new Error('--domain-uid-base takes a positive integer');
       const daemon = new XenstoreDaemon({
         socket: opts.socket,
         domainSocketDir: opts.domainSocketDir,
+        ...(opts.domainUidBase !== undefined ? { domainUidBase: opts.domainUidBase } : {}),
         log: opts.verbose ? (l) => process.stderr.write(`xenstored: ${l}\n`) : undefined,
       });
       await daemon.start();

@@ -44,6 +44,8 @@ export interface TctiBridgeOptions {
   maxCommandSize?: number;
   /** swtpm's `--locality reject-locality-4`. */
   rejectLocality4?: boolean;
+  /** Who may use the ports (e.g. only the guest's own uid and root); a refused connection is closed at once. */
+  allowPeer?: (socket: net.Socket) => boolean;
 }
 
 export type TctiClientError = ControlError | DataError;
@@ -136,6 +138,7 @@ export class TctiBridge extends EventEmitter<TctiBridgeEvents> {
     // allowHalfOpen: a client may shut down its sending side and still wait for the response.
     const srv = net.createServer({ allowHalfOpen: true, noDelay: true }, (s) => {
       if (this.#stopped) return void s.destroy();
+      if (this.#opts.allowPeer && !this.#opts.allowPeer(s)) return void s.destroy();
       this.#sockets.add(s);
       s.on('close', () => this.#sockets.delete(s));
       s.on('error', () => s.destroy()); // resets and the like end only that connection

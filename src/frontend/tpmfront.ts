@@ -126,9 +126,6 @@ export class TpmFront {
         }
         await Promise.all([initialising, initWait]);
         trace('front initwait');
-        // A restarted backend is a new domain behind the same domid: stop using the dead one's memory
-        // (after a plain suspend it is the same live one, whose mapping stays).
-        dom.revalidatePeer(backDomid);
       }
       if (transport && known!.backDomid !== backDomid) {
         await transport.close();
@@ -181,9 +178,6 @@ export class TpmFront {
       if (!Number.isInteger(backDomid)) throw new FrontendError('ENODEV', `${home}/backend-id is not a domid`);
       const actual = vtpmDevice(dom.domid, opts.devid ?? 0, backDomid);
       if (backend !== actual.backend) throw new FrontendError('ENODEV', `${home}/backend is ${backend}, expected ${actual.backend}`);
-      // A restarted backend is a new domain behind the same domid: stop using the dead one's memory
-      // (after a plain suspend it is the same live one, whose mapping stays).
-      dom.revalidatePeer(backDomid);
       if (actual.backend !== dev.backend) {
         // The wrong backend never answers that publish: its wait ends with its timeout, unobserved.
         await transport.close();

@@ -7,7 +7,7 @@ import fs from 'node:fs';
 import type net from 'node:net';
 import type { StateKind, StateStore } from '../tpm/state-store.js';
 import type { FrameReader } from './fifo.js';
-import { connectPair, consoleRequest, withConsoleLock } from './fifo-client.js';
+import { connectPair, consoleRequest, withConsoleLock, type ClientPair } from './fifo-client.js';
 import { decodeMigKey, encodeLoadMigKey, encodeMigrateIn, encodeMigrateOut, type RsaPublic } from './migration.js';
 import { MigType } from './vm-table.js';
 import {
@@ -100,6 +100,13 @@ export class ManagerClient implements StateStore {
     return c;
   }
 
+  /** A pair the backend attached and handed over (a vTPM domain under its own uid): never reattached. */
+  static adopt(pair: ClientPair, opts: ConnectOptions = {}): ManagerClient {
+    const c = new ManagerClient('', { ...opts, reconnect: false });
+    c.#use(pair);
+    return c;
+  }
+
   /** The name of the current FIFO pair (a new one after each reconnect). */
   get name(): string {
     return this.#name;
@@ -115,7 +122,11 @@ export class ManagerClient implements StateStore {
       timeoutMs: this.opts.timeoutMs,
       via: this.opts.privileged ? 'console' : 'rendezvous',
     });
-    const { reader, writer } = pair;
+    this.#use(pair);
+  }
+
+  #use(pair: ClientPair): void {
+    const { reader, writer, name } = pair;
     this.#name = name;
     this.#reader = reader;
     this.#writer = writer;

@@ -77,6 +77,25 @@ export async function connectPair(
 }
 
 /**
+ * Fresh descriptors for an attached pair's request write end and response read end, for a child that
+ * cannot open the FIFOs itself (a vTPM domain under its own uid); close yours once the child has them.
+ */
+export function pairDescriptors(pair: ClientPair): [req: number, rsp: number] {
+  const [req, rsp] = pair.files as [string, string];
+  return [fs.openSync(req, O_WRONLY | O_NONBLOCK), fs.openSync(rsp, O_RDONLY | O_NONBLOCK)];
+}
+
+/** The pair whose ends this process inherited as descriptors (see pairDescriptors). */
+export function inheritedPair(name: string, reqFd: number, rspFd: number): ClientPair {
+  return {
+    name,
+    reader: new FrameReader(new net.Socket({ fd: rspFd, readable: true, writable: false }), REPLY_TAGS, false),
+    writer: new net.Socket({ fd: reqFd, readable: false, writable: true }),
+    files: [],
+  };
+}
+
+/**
  * The console pair answers whoever reads first, so console users take turns: an exclusive lock file
  * holding the owner's pid (a dead owner's lock is broken), plus an in-process queue.
  */

@@ -1,6 +1,7 @@
 // The backend's handle on a vTPM-domain process: start it, talk to its one TPM, check its health, stop
 // it, and learn at once when it dies (exit or kill -9) — 'crash' for an exit nobody asked for.
 import { spawn, type ChildProcess } from 'node:child_process';
+import fs from 'node:fs';
 import { EventEmitter } from 'node:events';
 import { dirname, join } from 'node:path';
 import { fileURLToPath } from 'node:url';
@@ -20,7 +21,17 @@ export interface DomainStartOptions {
   startTimeoutMs?: number;
   /** Another entry point speaking the same frames (multi-VM mode's ring-attached domain); default domain-main.js with the args above. */
   entry?: { script: string; args: string[] };
+  /** The domain's hypercall connection, handed to the process as fd 3 (VTPM_HV_FD) and closed here. */
+  hvFd?: number;
+  /** How to exec the domain (e.g. under its own uid, src/cli/isolation.ts); default node directly. */
+  launch?: DomainLaunch;
+  /** More descriptors the domain inherits, after the hypercall connection (fds 4, 5, …); close yours in `onSpawned`. */
+  inheritFds?: number[];
+  onSpawned?: () => void;
 }
+
+/** Turns `node argv…` into the command that runs it as the domain (a privilege-dropping wrapper). */
+export type DomainLaunch = (domid: number, file: string, args: string[]) => { file: string; args: string[] };
 
 export interface DomainExit {
   code: number | null;
@@ -101,7 +112,19 @@ export class VtpmDomain extends EventEmitter implements TpmEndpoint {
     const argv = opts.entry
       ? [opts.entry.script, ...opts.entry.args]
       : [MAIN, '--instance', String(opts.instance), '--domid', String(opts.domid), '--tpm-version', opts.version, '--state-dir', opts.stateDir];
-    const child = spawn(process.execPath, argv, { stdio: ['pipe', 'pipe', 'inherit'], env: engineEnv() });
+    const l = opts.launch ? opts.launch(opts.domid, process.execPath, argv) : { file: process.execPath, args: argv };
+    let child: ChildProcess;
+    try {
+      // cwd /: a domain under its own uid may not be allowed into the backend's working directory.
+      child = spawn(l.file, l.args, {
+        stdio: ['pipe', 'pipe', 'inherit', ...(opts.hvFd === undefined ? [] : [opts.hvFd]), ...(opts.inheritFds ?? [])],
+        env: opts.hvFd === undefined ? engineEnv() : { ...engineEnv(), VTPM_HV_FD: '3' },
+        cwd: '/',
+      });
+    } finally {
+      if (opts.hvFd !== undefined) fs.closeSync(opts.hvFd);
+      opts.onSpawned?.();
+    }
     const dom = new VtpmDomain(opts, child);
     const ready = new Promise<void>((resolve, reject) => {
       const timer = setTimeout(() => {

@@ -1,31 +1,37 @@
-// Event channels (docs/protocols/event-channels.md): alloc_unbound, bind_interdomain, send, close as Xen has them.
-// The port table lives in each domain's memory file (state, remote domain, remote port, and a word
-// holding the pending bit and the mask bit); a send sets the remote port's pending bit and, only on its
-// 0→1 edge and only when the port is not masked, wakes the remote process. A process busy-polling its
-// ring masks the port (EVTCHNOP_unmask's other half): peers then notify it for the price of one atomic
-// OR instead of a wake-up write, which costs 12–20 µs here (the syscall wakes the other CPU).
-//
-// Wake-up transport: one UNIX stream socket listener per domain, one connection per sending peer,
-// carrying the 4-byte number of the port that became pending. Node has no AF_UNIX datagrams; a stream
-// socket wakes the receiver's libuv loop through epoll with no polling, costs one write per edge (the
-// pending bit coalesces the rest), and unlike a FIFO tells the sender when the receiver died.
+// Event channels (docs/hypervisor.md, docs/protocols/event-channels.md): alloc_unbound /
+// bind_interdomain / send / close with Xen's semantics. Routing (which port is bound to which) lives in the hypervisor process; each channel it
+// hands out is a page holding the two ends' words (pending bit, mask bit) and a socketpair for wake-ups,
+// so a domain only ever touches channels it is an end of. A send sets the remote end's pending bit and,
+// only on its 0→1 edge and only when that end is not masked, writes one byte to the channel's socket.
+// A process busy-polling its ring masks the port (EVTCHNOP_unmask's other half): peers then notify it
+// for the price of one atomic OR instead of a wake-up write, which costs 12–20 µs here (the syscall
+// wakes the other CPU). Setting up and closing a channel is a hypercall; sending never is.
 import fs from 'node:fs';
 import net from 'node:net';
-import { evtchnSocketPath } from './layout.js';
-import { DomainError, type Domain, type PeerDomain } from './domain.js';
+import { mapShared, PAGE_SIZE, type Mapping } from '../../native/libc.js';
+import { closeFd } from '../../native/unix-rights.js';
+import type { Domain } from './domain.js';
+import { EINVAL, ENOSPC, ESRCH, HC, type Reply } from './hypercall.js';
 import { PollWindow, cpuContended, defaultPollUs } from './poll.js';
 
 export const ECS_closed = 0;
 export const ECS_unbound = 1;
 export const ECS_interdomain = 2;
 
-const F_STATE = 0;
-const F_REMOTE_DOM = 1;
-const F_REMOTE_PORT = 2;
-/** Bit 0 of this word: pending; bit 1: masked (Xen keeps them in two bitmaps; one word is enough). */
-const F_PENDING = 3;
+/** Bit 0 of an end's word: pending; bit 1: masked (Xen keeps them in two bitmaps; one word is enough). */
 const PENDING = 1;
 const MASKED = 2;
+/** Byte offset of each end's word in a channel page (src/xen/hv-domain.ts CHANNEL_WORD_STRIDE). */
+const WORD_STRIDE = 64;
+
+/** One of our ports: its channel page (our word, the remote end's word) and its wake-up socket. */
+interface LocalPort {
+  own: Int32Array;
+  remote: Int32Array;
+  page: Mapping;
+  fd: number;
+  sock: net.Socket;
+}
 
 export class EventChannelError extends Error {
   constructor(
@@ -46,13 +52,6 @@ export interface PortStatus {
 }
 
 type Handler = (port: number) => void;
-
-/** The fd of a connected UNIX socket, or -1 (still connecting, or a handle without one). */
-function connectedFd(sock: net.Socket): number {
-  if (sock.connecting || sock.destroyed) return -1;
-  const handle = (sock as unknown as { _handle?: { fd?: number } })._handle;
-  return typeof handle?.fd === 'number' ? handle.fd : -1;
-}
 
 // Busy mode, the idea of Linux NAPI: a process that was just woken usually has more work coming (a
 // backend serving many guests, a guest whose next answer follows). While busy, every handled port of
@@ -88,9 +87,7 @@ function pollTurn(): void {
 export class EventChannels {
   readonly #dom: Domain;
   readonly #handlers = new Map<number, Handler>();
-  readonly #conns = new Map<number, net.Socket>();
-  readonly #accepted = new Set<net.Socket>();
-  #server: net.Server | null = null;
+  readonly #ports = new Map<number, LocalPort>();
   #dispatchQueued = false;
   /** Ports masked by their channel (polling its ring itself): neither wake-ups nor busy mode deliver them. */
   readonly #channelMasked = new Set<number>();
@@ -101,56 +98,48 @@ export class EventChannels {
   #quietUs = -1;
   #busy = false;
   #lastWorkAt = 0;
+  readonly #wake = Buffer.from([1]);
 
   constructor(dom: Domain) {
     this.#dom = dom;
   }
 
-  get #table(): Int32Array {
-    return this.#dom.views.evtchn;
-  }
-
-  /** Start accepting wake-ups from peers. Called once by Domain.create. */
-  async listen(): Promise<void> {
-    const path = evtchnSocketPath(this.#dom.dir, this.#dom.domid);
-    fs.rmSync(path, { force: true });
-    const server = net.createServer((sock) => this.#accept(sock));
-    await new Promise<void>((resolve, reject) => {
-      server.once('error', reject);
-      server.listen(path, () => {
-        server.off('error', reject);
-        resolve();
-      });
-    });
-    // Peers and their sockets must not keep a process alive on their own.
-    server.unref();
-    this.#server = server;
-  }
-
-  #accept(sock: net.Socket): void {
-    this.#accepted.add(sock);
+  /** Take over the channel page and socket the hypervisor handed us for `port` (end `end`). */
+  #adopt(port: number, end: number, rep: Reply): void {
+    const [pageFd, sockFd] = rep.fds as [number, number];
+    let page: Mapping;
+    try {
+      page = mapShared(pageFd, 0, PAGE_SIZE, true);
+    } catch (err) {
+      closeFd(sockFd);
+      throw err;
+    } finally {
+      closeFd(pageFd);
+    }
+    const sock = new net.Socket({ fd: sockFd, readable: true, writable: true });
+    // Channels must not keep a process alive on their own.
     sock.unref();
-    let carry: Buffer | null = null;
-    sock.on('data', (chunk: Buffer) => {
-      let buf = carry ? Buffer.concat([carry, chunk]) : chunk;
-      let off = 0;
-      for (; off + 4 <= buf.length; off += 4) this.#deliver(buf.readUInt32LE(off));
-      carry = off < buf.length ? Buffer.from(buf.subarray(off)) : null;
-      buf = chunk;
-    });
+    const lp: LocalPort = {
+      own: new Int32Array(page.buffer, WORD_STRIDE * end, 1),
+      remote: new Int32Array(page.buffer, WORD_STRIDE * (1 - end), 1),
+      page,
+      fd: sockFd,
+      sock,
+    };
+    sock.on('data', () => this.#deliver(port));
     sock.on('error', () => sock.destroy());
-    sock.on('close', () => this.#accepted.delete(sock));
+    this.#ports.set(port, lp);
   }
 
   /** Clear the pending bit and run the port's handler, if it has one (else the bit stays set). */
   #deliver(port: number): void {
-    if (!Number.isInteger(port) || port <= 0 || port >= this.#dom.views.nrPorts) return;
+    const lp = this.#ports.get(port);
     const h = this.#handlers.get(port);
-    if (!h) return;
+    if (!lp || !h) return;
     // A port its channel masked keeps its pending bit for unmask() (or the channel's poll) to find, as
     // in Xen; the masks of busy mode are ours, and we are looking.
     if (this.#channelMasked.has(port)) return;
-    if ((Atomics.and(this.#table, 4 * port + F_PENDING, ~PENDING) & PENDING) === 0) return;
+    if ((Atomics.and(lp.own, 0, ~PENDING) & PENDING) === 0) return;
     const now = performance.now();
     // How long this work kept us waiting decides whether waiting busy for the next pays (poll.ts).
     this.#busyWindow.record((now - this.#lastWorkAt) * 1000);
@@ -174,18 +163,20 @@ export class EventChannels {
     this.#busy = true;
     this.#lastWorkAt = performance.now();
     this.#quietUs = -1;
-    const t = this.#table;
-    for (const port of this.#handlers.keys()) Atomics.or(t, 4 * port + F_PENDING, MASKED);
+    for (const port of this.#handlers.keys()) {
+      const lp = this.#ports.get(port);
+      if (lp) Atomics.or(lp.own, 0, MASKED);
+    }
     busyDomains.add(this);
     queuePoll();
   }
 
   /** One turn of busy mode (called by the process's poller): deliver what is pending, or leave. */
   pollTurn(now: number): void {
-    const t = this.#table;
     let found = false;
     for (const port of this.#handlers.keys()) {
-      if (Atomics.load(t, 4 * port + F_PENDING) & PENDING && !this.#channelMasked.has(port)) {
+      const lp = this.#ports.get(port);
+      if (lp && Atomics.load(lp.own, 0) & PENDING && !this.#channelMasked.has(port)) {
         this.#deliver(port);
         found = true;
       }
@@ -200,11 +191,11 @@ export class EventChannels {
     if (!this.#busy) return;
     this.#busy = false;
     busyDomains.delete(this);
-    const t = this.#table;
     let pending = false;
     for (const port of this.#handlers.keys()) {
       if (this.#channelMasked.has(port)) continue;
-      if (Atomics.and(t, 4 * port + F_PENDING, ~MASKED) & PENDING) pending = true;
+      const lp = this.#ports.get(port);
+      if (lp && Atomics.and(lp.own, 0, ~MASKED) & PENDING) pending = true;
     }
     if (pending) this.#scheduleDispatch();
   }
@@ -221,10 +212,10 @@ export class EventChannels {
 
   /** The handler run (without data) whenever `port` becomes pending; replaces any earlier one. */
   on(port: number, handler: Handler): void {
-    this.#checkPort(port);
+    const lp = this.#port(port);
     this.#handlers.set(port, handler);
-    if (this.#busy) Atomics.or(this.#table, 4 * port + F_PENDING, MASKED);
-    if (Atomics.load(this.#table, 4 * port + F_PENDING) & PENDING) this.#scheduleDispatch();
+    if (this.#busy) Atomics.or(lp.own, 0, MASKED);
+    if (Atomics.load(lp.own, 0) & PENDING) this.#scheduleDispatch();
   }
 
   /**
@@ -232,20 +223,19 @@ export class EventChannels {
    * but wake nobody. Pair with unmask() before waiting for a notification again.
    */
   mask(port: number): void {
-    this.#checkPort(port);
+    const lp = this.#port(port);
     this.#channelMasked.add(port);
-    Atomics.or(this.#table, 4 * port + F_PENDING, MASKED);
+    Atomics.or(lp.own, 0, MASKED);
   }
 
   /**
    * EVTCHNOP_unmask: clear the mask; a port that became pending meanwhile is delivered (later turn).
-   * In busy mode the port stays masked in the table (peers need not wake us: we are looking anyway).
+   * In busy mode the port stays masked in its word (peers need not wake us: we are looking anyway).
    */
   unmask(port: number): void {
-    this.#checkPort(port);
+    const lp = this.#port(port);
     this.#channelMasked.delete(port);
-    const t = this.#table;
-    const was = this.#busy && this.#handlers.has(port) ? Atomics.load(t, 4 * port + F_PENDING) : Atomics.and(t, 4 * port + F_PENDING, ~MASKED);
+    const was = this.#busy && this.#handlers.has(port) ? Atomics.load(lp.own, 0) : Atomics.and(lp.own, 0, ~MASKED);
     if (was & PENDING) this.#scheduleDispatch();
   }
 
@@ -254,15 +244,15 @@ export class EventChannels {
    * memory consumes the notification that came with it, so unmask() does not deliver it again.
    */
   consume(port: number): boolean {
-    this.#checkPort(port);
-    return (Atomics.and(this.#table, 4 * port + F_PENDING, ~PENDING) & PENDING) !== 0;
+    const lp = this.#port(port);
+    return (Atomics.and(lp.own, 0, ~PENDING) & PENDING) !== 0;
   }
 
   /** True if any port with a handler, other than `except`, is pending: work waits elsewhere. */
   otherPending(except: number): boolean {
-    const t = this.#table;
     for (const port of this.#handlers.keys()) {
-      if (port !== except && Atomics.load(t, 4 * port + F_PENDING) & PENDING) return true;
+      const lp = this.#ports.get(port);
+      if (port !== except && lp && Atomics.load(lp.own, 0) & PENDING) return true;
     }
     return false;
   }
@@ -270,21 +260,23 @@ export class EventChannels {
   off(port: number): void {
     this.#handlers.delete(port);
     this.#channelMasked.delete(port);
-    if (this.#busy) Atomics.and(this.#table, 4 * port + F_PENDING, ~MASKED);
+    const lp = this.#ports.get(port);
+    if (this.#busy && lp) Atomics.and(lp.own, 0, ~MASKED);
+  }
+
+  #hypercall(op: number, args: number[], what: string): Reply {
+    const rep = this.#dom.hc.tryCall(op, args);
+    if (rep.status === 0) return rep;
+    for (const fd of rep.fds) closeFd(fd);
+    const code = rep.status === -ESRCH ? 'ESRCH' : rep.status === -ENOSPC ? 'ENOSPC' : 'EINVAL';
+    throw new EventChannelError(code, `dom${this.#dom.domid}: ${what}`);
   }
 
   /** EVTCHNOP_alloc_unbound: a fresh port that only `remoteDom` may bind to. */
   allocUnbound(remoteDom: number): number {
-    const t = this.#table;
-    for (let port = 1, n = this.#dom.views.nrPorts; port < n; port++) {
-      if (Atomics.compareExchange(t, 4 * port + F_STATE, ECS_closed, -1) !== ECS_closed) continue;
-      Atomics.store(t, 4 * port + F_REMOTE_DOM, remoteDom);
-      Atomics.store(t, 4 * port + F_REMOTE_PORT, 0);
-      Atomics.store(t, 4 * port + F_PENDING, 0);
-      Atomics.store(t, 4 * port + F_STATE, ECS_unbound);
-      return port;
-    }
-    throw new EventChannelError('ENOSPC', `dom${this.#dom.domid}: no free event channel port`);
+    const rep = this.#hypercall(HC.evtchn_alloc_unbound, [remoteDom], `no free event channel port for dom${remoteDom}`);
+    this.#adopt(rep.r[0]!, rep.r[1]!, rep);
+    return rep.r[0]!;
   }
 
   /**
@@ -292,145 +284,74 @@ export class EventChannels {
    * unbound and allocated for us. The new port starts pending, covering sends made before the bind.
    */
   bindInterdomain(remoteDom: number, remotePort: number): number {
-    let peer: PeerDomain;
-    try {
-      peer = this.#dom.peer(remoteDom, true);
-    } catch (err) {
-      if (err instanceof DomainError) throw new EventChannelError('ESRCH', `dom${remoteDom} does not exist`);
-      throw err;
-    }
-    if (!Number.isInteger(remotePort) || remotePort <= 0 || remotePort >= peer.views.nrPorts) {
+    if (!Number.isInteger(remotePort) || remotePort <= 0 || remotePort > 0xffff) {
       throw new EventChannelError('EINVAL', `dom${remoteDom} port ${remotePort} out of range`);
     }
-    const rt = peer.views.evtchn;
-    if (
-      Atomics.load(rt, 4 * remotePort + F_STATE) !== ECS_unbound ||
-      Atomics.load(rt, 4 * remotePort + F_REMOTE_DOM) !== this.#dom.domid
-    ) {
-      throw new EventChannelError('EINVAL', `dom${remoteDom} port ${remotePort} is not unbound for dom${this.#dom.domid}`);
+    if (!Number.isInteger(remoteDom) || remoteDom < 0 || remoteDom > 0xffff) {
+      throw new EventChannelError('ESRCH', `dom${remoteDom} does not exist`);
     }
-    const local = this.allocUnbound(remoteDom);
-    const t = this.#table;
-    Atomics.store(t, 4 * local + F_REMOTE_PORT, remotePort);
-    Atomics.store(t, 4 * local + F_STATE, ECS_interdomain);
-    Atomics.store(rt, 4 * remotePort + F_REMOTE_PORT, local);
-    // The CAS makes two binders racing for one unbound port come out with exactly one winner.
-    if (Atomics.compareExchange(rt, 4 * remotePort + F_STATE, ECS_unbound, ECS_interdomain) !== ECS_unbound) {
-      this.#free(local);
-      throw new EventChannelError('EINVAL', `dom${remoteDom} port ${remotePort} was bound by someone else`);
-    }
-    Atomics.store(t, 4 * local + F_PENDING, 1);
+    const rep = this.#hypercall(
+      HC.evtchn_bind_interdomain,
+      [remoteDom, remotePort],
+      `bind to dom${remoteDom} port ${remotePort} refused (no such domain, or not unbound for us)`,
+    );
+    const local = rep.r[0]!;
+    this.#adopt(local, rep.r[1]!, rep);
     this.#scheduleDispatch();
     return local;
   }
 
-  /** EVTCHNOP_send. On a port that is not (or no longer) connected the notification is dropped. */
+  /** EVTCHNOP_send. On a port that is not ours the notification is dropped. */
   send(port: number): void {
     this.#checkPort(port);
-    const t = this.#table;
-    if (Atomics.load(t, 4 * port + F_STATE) !== ECS_interdomain) return;
-    const remoteDom = Atomics.load(t, 4 * port + F_REMOTE_DOM);
-    const remotePort = Atomics.load(t, 4 * port + F_REMOTE_PORT);
-    let peer: PeerDomain;
+    const lp = this.#ports.get(port);
+    if (!lp) return;
+    const was = Atomics.or(lp.remote, 0, PENDING);
+    // A masked end is being polled (or will be checked at unmask): no wake-up at all.
+    if (was & (MASKED | PENDING)) return;
+    // Only the 0→1 edge wakes; one byte straight to the socket, the hot path of every round trip.
     try {
-      peer = this.#dom.peer(remoteDom);
+      fs.writeSync(lp.fd, this.#wake);
     } catch {
-      return;
+      // EAGAIN: the remote end has unread wake-ups already; EPIPE: it is gone. Either way, done.
     }
-    const rt = peer.views.evtchn;
-    // The remote end may have closed (back to unbound) or been reused: then the event goes nowhere.
-    if (
-      Atomics.load(rt, 4 * remotePort + F_STATE) !== ECS_interdomain ||
-      Atomics.load(rt, 4 * remotePort + F_REMOTE_PORT) !== port ||
-      Atomics.load(rt, 4 * remotePort + F_REMOTE_DOM) !== this.#dom.domid
-    ) {
-      return;
-    }
-    const was = Atomics.or(rt, 4 * remotePort + F_PENDING, PENDING);
-    // A masked port is being polled (or will be checked at unmask): no wake-up at all.
-    if (was & MASKED) return;
-    const fresh = !this.#conns.has(remoteDom);
-    // Only the 0→1 edge needs a wake-up; a new connection always sends one, because an earlier one
-    // may have died with its edge undelivered and the bit left set.
-    if ((was & PENDING) === 0 || fresh) this.#wakeNow(remoteDom, remotePort);
-  }
-
-  #wakeNow(remoteDom: number, port: number): void {
-    let sock = this.#conns.get(remoteDom);
-    if (!sock) {
-      sock = net.createConnection(evtchnSocketPath(this.#dom.dir, remoteDom));
-      sock.unref();
-      const s = sock;
-      s.on('error', () => s.destroy());
-      s.on('close', () => {
-        if (this.#conns.get(remoteDom) === s) this.#conns.delete(remoteDom);
-      });
-      this.#conns.set(remoteDom, s);
-    }
-    const msg = Buffer.allocUnsafe(4);
-    msg.writeUInt32LE(port, 0);
-    // Once connected, one write(2) straight to the socket: a 4-byte wake-up does not need the stream
-    // machinery's buffering and callbacks, and this is the hot path of every ring round trip.
-    const fd = connectedFd(sock);
-    if (fd >= 0 && sock.writableLength === 0) {
-      try {
-        const n = fs.writeSync(fd, msg);
-        if (n === msg.length) return;
-        sock.write(msg.subarray(n));
-        return;
-      } catch (err) {
-        if ((err as NodeJS.ErrnoException).code !== 'EAGAIN') {
-          sock.destroy();
-          return;
-        }
-      }
-    }
-    sock.write(msg);
   }
 
   /** EVTCHNOP_close: the local port is freed; an interdomain peer goes back to unbound. */
   close(port: number): void {
     this.#checkPort(port);
-    const t = this.#table;
-    const state = Atomics.load(t, 4 * port + F_STATE);
-    if (state === ECS_interdomain) {
-      const remoteDom = Atomics.load(t, 4 * port + F_REMOTE_DOM);
-      const remotePort = Atomics.load(t, 4 * port + F_REMOTE_PORT);
-      try {
-        const rt = this.#dom.peer(remoteDom).views.evtchn;
-        if (
-          Atomics.load(rt, 4 * remotePort + F_REMOTE_PORT) === port &&
-          Atomics.load(rt, 4 * remotePort + F_REMOTE_DOM) === this.#dom.domid
-        ) {
-          Atomics.compareExchange(rt, 4 * remotePort + F_STATE, ECS_interdomain, ECS_unbound);
-        }
-      } catch {
-        // The peer domain is gone: nothing to unbind there.
-      }
-    }
     this.#handlers.delete(port);
     this.#channelMasked.delete(port);
-    this.#free(port);
+    const lp = this.#ports.get(port);
+    if (!lp) return;
+    this.#ports.delete(port);
+    this.#release(lp);
+    if (!this.#dom.hc.closed) {
+      try {
+        this.#dom.hc.tryCall(HC.evtchn_close, [port]);
+      } catch {
+        // The hypervisor is gone, and the channel with it.
+      }
+    }
   }
 
-  #free(port: number): void {
-    const t = this.#table;
-    Atomics.store(t, 4 * port + F_PENDING, 0);
-    Atomics.store(t, 4 * port + F_REMOTE_PORT, 0);
-    Atomics.store(t, 4 * port + F_REMOTE_DOM, 0);
-    Atomics.store(t, 4 * port + F_STATE, ECS_closed);
+  #release(lp: LocalPort): void {
+    lp.sock.destroy();
+    lp.page.unmap();
   }
 
-  /** EVTCHNOP_status for one of our ports. */
+  /** EVTCHNOP_status for one of our ports (routing from the hypervisor, bits from our word). */
   status(port: number): PortStatus {
     this.#checkPort(port);
-    const t = this.#table;
+    const rep = this.#hypercall(HC.evtchn_status, [port], `status of port ${port}`);
+    const lp = this.#ports.get(port);
+    const word = lp ? Atomics.load(lp.own, 0) : 0;
     return {
-      state: Math.max(0, Atomics.load(t, 4 * port + F_STATE)),
-      remoteDom: Atomics.load(t, 4 * port + F_REMOTE_DOM),
-      remotePort: Atomics.load(t, 4 * port + F_REMOTE_PORT),
-      pending: (Atomics.load(t, 4 * port + F_PENDING) & PENDING) !== 0,
-      masked: (Atomics.load(t, 4 * port + F_PENDING) & MASKED) !== 0,
+      state: rep.r[0]!,
+      remoteDom: rep.r[1]!,
+      remotePort: rep.r[2]!,
+      pending: (word & PENDING) !== 0,
+      masked: (word & MASKED) !== 0,
     };
   }
 
@@ -441,21 +362,19 @@ export class EventChannels {
     }
   }
 
+  #port(port: number): LocalPort {
+    this.#checkPort(port);
+    const lp = this.#ports.get(port);
+    if (!lp) throw new EventChannelError('EINVAL', `port ${port} is not open`);
+    return lp;
+  }
+
   async shutdown(): Promise<void> {
     this.#busy = false;
     busyDomains.delete(this);
     this.#handlers.clear();
     this.#channelMasked.clear();
-    for (const s of this.#conns.values()) s.destroy();
-    this.#conns.clear();
-    for (const s of this.#accepted) s.destroy();
-    this.#accepted.clear();
-    const server = this.#server;
-    this.#server = null;
-    if (server) await new Promise<void>((resolve) => server.close(() => resolve()));
-  }
-
-  removeSocket(): void {
-    fs.rmSync(evtchnSocketPath(this.#dom.dir, this.#dom.domid), { force: true });
+    for (const lp of this.#ports.values()) this.#release(lp);
+    this.#ports.clear();
   }
 }

@@ -1,10 +1,12 @@
-// Grant tables v1 (docs/protocols/grant-table.md): the granter's side (grant access to a frame, end access) and the
-// mapper's side, which does the checks Xen's map_grant_ref does and answers with the same GNTST
-// statuses. While a grant is mapped its GTF_reading/GTF_writing bits are set, so the granter cannot
-// end access, exactly as with Xen.
+// Grant tables v1 (docs/hypervisor.md, docs/protocols/grant-table.md): the granter's side (grant access
+// to a frame, end access) in the granter's own grant table, and the mapper's side, which asks the hypervisor process: it does the checks
+// Xen's map_grant_ref does, answers with the same GNTST statuses and hands over the granted frame alone.
+// While a grant is mapped its GTF_reading/GTF_writing bits are set, so the granter cannot end access.
 import { mapPagesContiguous, mapShared, PAGE_SIZE, type Mapping } from '../../native/libc.js';
+import { closeFd } from '../../native/unix-rights.js';
 import { GNTTAB_NR_RESERVED_ENTRIES } from './layout.js';
-import { DomainError, type Domain, type PeerDomain } from './domain.js';
+import { DomainError, type Domain } from './domain.js';
+import { HC } from './hypercall.js';
 
 export const GTF_invalid = 0;
 export const GTF_permit_access = 1;
@@ -82,27 +84,6 @@ export class GrantTable {
     }
   }
 
-  /**
-   * The grantee `domid` was destroyed (its process is dead): drop the pins it left on our grants, as Xen
-   * releases a dying domain's mappings (gnttab_release_mappings), so endAccess can revoke them again.
-   * Only for a domain whose process is known to be gone. Returns how many entries were released.
-   */
-  releasePinsOf(domid: number): number {
-    const v = this.#dom.views;
-    let n = 0;
-    for (let ref = GNTTAB_NR_RESERVED_ENTRIES; ref < v.nrGrantEntries; ref++) {
-      if (Atomics.load(v.active, 2 * ref + 1) !== domid + 1) continue;
-      Atomics.store(v.active, 2 * ref, 0);
-      Atomics.store(v.active, 2 * ref + 1, 0);
-      for (;;) {
-        const flags = Atomics.load(v.grant16, 4 * ref);
-        if (Atomics.compareExchange(v.grant16, 4 * ref, flags, flags & ~(GTF_reading | GTF_writing)) === flags) break;
-      }
-      n++;
-    }
-    return n;
-  }
-
   /** Flags of a ref as the granter sees them (for tests and diagnostics). */
   flags(ref: number): number {
     return Atomics.load(this.#dom.views.grant16, 4 * ref);
@@ -121,7 +102,11 @@ export class GrantMapping {
   #mapping: Mapping | null;
   readonly #mapper: GrantMapper;
 
-  constructor(mapper: GrantMapper, granter: number, refs: number[], readonly: boolean, mapping: Mapping) {
+  /** The hypervisor's handles of the refs' mappings, for unmap. */
+  readonly handles: readonly number[];
+
+  constructor(mapper: GrantMapper, granter: number, refs: number[], readonly: boolean, mapping: Mapping, handles: number[]) {
+    this.handles = handles;
     this.#mapper = mapper;
     this.granter = granter;
     this.refs = refs;
@@ -147,10 +132,7 @@ export class GrantMapping {
   }
 }
 
-const MAX_PIN = 0xffff;
-const UNSTABLE_RETRIES = 4;
-
-/** The mapper's half: map grants other domains made to us, with Xen's checks. */
+/** The mapper's half: map grants other domains made to us, through the hypervisor's checks. */
 export class GrantMapper {
   readonly #dom: Domain;
   readonly #live = new Set<GrantMapping>();
@@ -164,105 +146,54 @@ export class GrantMapper {
     return this.mapMany(granter, [ref], opts);
   }
 
-  /** Map several refs of one granter side by side (a multi-page ring), all or nothing. */
+  /**
+   * Map several refs of one granter side by side (a multi-page ring), all or nothing. The hypervisor
+   * checks each entry, pins it and hands over exactly that frame, read-only when asked (or granted) so.
+   */
   mapMany(granter: number, refs: readonly number[], opts: MapOptions = {}): GrantMapping {
     const ro = opts.readonly ?? false;
-    let peer: PeerDomain;
-    try {
-      peer = this.#dom.peer(granter, true);
-    } catch (err) {
-      if (err instanceof DomainError) throw new GrantError(GNTST.bad_domain, `dom${granter} does not exist`);
-      throw err;
-    }
-    const pinned: number[] = [];
-    const offsets: number[] = [];
+    const handles: number[] = [];
+    const fds: number[] = [];
     try {
       for (const ref of refs) {
-        offsets.push(this.#pin(peer, ref, ro));
-        pinned.push(ref);
+        if (!Number.isInteger(ref) || ref < 0 || ref > 0xffffffff) throw new GrantError(GNTST.bad_gntref, `ref ${ref} is not a grant reference`);
+        const rep = this.#dom.hc.tryCall(HC.map_grant, [granter, ref, ro ? 1 : 0]);
+        if (rep.status !== 0) {
+          for (const fd of rep.fds) closeFd(fd);
+          throw new GrantError(rep.status, `dom${granter} ref ${ref} for dom${this.#dom.domid}${ro ? ' (read-only)' : ''}`);
+        }
+        handles.push(rep.r[0]!);
+        fds.push(rep.fds[0]!);
       }
       const mapping =
-        offsets.length === 1
-          ? mapShared(peer.fd, offsets[0]!, PAGE_SIZE, !ro)
-          : mapPagesContiguous(offsets.map((offset) => ({ fd: peer.fd, offset, writable: !ro })));
-      const gm = new GrantMapping(this, granter, [...refs], ro, mapping);
+        fds.length === 1 ? mapShared(fds[0]!, 0, PAGE_SIZE, !ro) : mapPagesContiguous(fds.map((fd) => ({ fd, offset: 0, writable: !ro })));
+      const gm = new GrantMapping(this, granter, [...refs], ro, mapping, handles);
       this.#live.add(gm);
       return gm;
     } catch (err) {
-      for (const ref of pinned) this.#unpin(peer, ref, ro);
+      for (const h of handles) this.#unmap(h);
       throw err;
+    } finally {
+      for (const fd of fds) closeFd(fd);
     }
   }
 
-  /** Called by GrantMapping.unmap: drop the pins and clear the in-use bits when the last one goes. */
+  /** Called by GrantMapping.unmap: the hypervisor drops the pins, clearing the in-use bits with the last. */
   release(gm: GrantMapping): void {
     if (!this.#live.delete(gm)) return;
-    let peer: PeerDomain;
-    try {
-      peer = this.#dom.peer(gm.granter);
-    } catch {
-      return; // The granter is gone; nothing left to unpin.
-    }
-    for (const ref of gm.refs) this.#unpin(peer, ref, gm.readonly);
+    for (const h of gm.handles) this.#unmap(h);
   }
 
   unmapAll(): void {
     for (const gm of [...this.#live]) gm.unmap();
   }
 
-  /** Xen's checks for one entry, then the pin; returns the frame's offset in the granter's file. */
-  #pin(peer: PeerDomain, ref: number, ro: boolean): number {
-    const v = peer.views;
-    const me = this.#dom.domid;
-    if (!Number.isInteger(ref) || ref < 0 || ref >= v.nrGrantEntries) {
-      throw new GrantError(GNTST.bad_gntref, `ref ${ref} is past dom${peer.domid}'s table of ${v.nrGrantEntries}`);
-    }
-    const pinnedBy = Atomics.load(v.active, 2 * ref + 1);
-    if (pinnedBy !== 0 && pinnedBy !== me + 1) {
-      throw new GrantError(GNTST.general_error, `dom${peer.domid} ref ${ref} is pinned by dom${pinnedBy - 1}`);
-    }
-    for (let attempt = 0; ; attempt++) {
-      if (attempt > UNSTABLE_RETRIES) {
-        throw new GrantError(GNTST.general_error, `dom${peer.domid} ref ${ref}: entry unstable`);
-      }
-      const word = Atomics.load(v.grant32, 2 * ref);
-      const flags = word & 0xffff;
-      const domid = word >>> 16;
-      if ((flags & GTF_type_mask) !== GTF_permit_access || domid !== me) {
-        throw new GrantError(GNTST.general_error, `dom${peer.domid} ref ${ref} is not granted to dom${me}`);
-      }
-      if (!ro && flags & GTF_readonly) {
-        throw new GrantError(GNTST.general_error, `dom${peer.domid} ref ${ref} is read-only; writable map refused`);
-      }
-      const pins = Atomics.load(v.active, 2 * ref);
-      if ((pins & MAX_PIN) === MAX_PIN || pins >>> 16 === MAX_PIN) {
-        throw new GrantError(GNTST.general_error, `dom${peer.domid} ref ${ref}: pin overflow`);
-      }
-      const want = flags | GTF_reading | (ro ? 0 : GTF_writing);
-      // One CAS over flags and domid, as Xen's, so a granter re-granting under us is noticed.
-      if (Atomics.compareExchange(v.grant32, 2 * ref, word, (want | (domid << 16)) | 0) !== word) continue;
-      Atomics.add(v.active, 2 * ref, ro ? 1 : 0x10000);
-      Atomics.store(v.active, 2 * ref + 1, me + 1);
-      const offset = peer.frameOffset(Atomics.load(v.grant32, 2 * ref + 1));
-      if (offset < 0) {
-        this.#unpin(peer, ref, ro);
-        throw new GrantError(GNTST.bad_page, `dom${peer.domid} ref ${ref} names a frame it does not have`);
-      }
-      return offset;
-    }
-  }
-
-  #unpin(peer: PeerDomain, ref: number, ro: boolean): void {
-    const v = peer.views;
-    const pins = Atomics.sub(v.active, 2 * ref, ro ? 1 : 0x10000) - (ro ? 1 : 0x10000);
-    const readers = pins & MAX_PIN;
-    const writers = pins >>> 16;
-    if (readers === 0 && writers === 0) Atomics.store(v.active, 2 * ref + 1, 0);
-    const clear = (writers === 0 ? GTF_writing : 0) | (readers === 0 && writers === 0 ? GTF_reading : 0);
-    if (!clear) return;
-    for (;;) {
-      const flags = Atomics.load(v.grant16, 4 * ref);
-      if (Atomics.compareExchange(v.grant16, 4 * ref, flags, flags & ~clear) === flags) return;
+  #unmap(handle: number): void {
+    if (this.#dom.hc.closed) return;
+    try {
+      this.#dom.hc.tryCall(HC.unmap_grant, [handle]);
+    } catch {
+      // The hypervisor is gone, and every pin with it.
     }
   }
 }

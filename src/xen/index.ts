@@ -1,5 +1,6 @@
 // The emulated hypervisor's public surface.
-export { Domain, PeerDomain, DomainError, DOMID_SELF } from './domain.js';
+export { Domain, DomainError, DOMID_SELF, createDomainConnection, domainExists } from './domain.js';
+export { HypercallClient, HypercallError, HC } from './hypercall.js';
 export {
   GrantTable,
   GrantMapper,

@@ -35,6 +35,11 @@ export interface DaemonOptions {
   quotas?: Partial<Quotas>;
   /** Diagnostics (connection closed for a protocol violation, …). */
   log?: (line: string) => void;
+  /**
+   * Domains run under their own uids (docs/isolation.md): dom<N>.sock is then owned by uid/gid
+   * domainUidBase + N, mode 0600, so only dom<N>'s processes (and root) can connect to it.
+   */
+  domainUidBase?: number;
 }
 
 /** Special watch paths: not nodes; they fire on domain introduction and release. */
@@ -492,7 +497,8 @@ export class XenstoreDaemon {
     const dom: Domain = { domid, socketPath, server, conns: new Set() };
     this.domains.set(domid, dom);
     try {
-      await listen(server, socketPath);
+      const base = this.opts.domainUidBase;
+      await listen(server, socketPath, base === undefined ? undefined : base + domid);
       server.on('error', (err) => this.log(`dom${domid} socket: ${err.message}`));
     } catch (err) {
       this.domains.delete(domid);
@@ -565,7 +571,7 @@ function watchKey(path: string, token: string): string {
   return `${path}\0${token}`;
 }
 
-function listen(server: net.Server, socketPath: string): Promise<void> {
+function listen(server: net.Server, socketPath: string, owner?: number): Promise<void> {
   rmSocket(socketPath);
   return new Promise((resolve, reject) => {
     server.once('error', reject);
@@ -574,6 +580,7 @@ function listen(server: net.Server, socketPath: string): Promise<void> {
       try {
         // whoever can connect *is* that domain (dom0 on the main socket): owner only, like xenstored's
         fs.chmodSync(socketPath, 0o600);
+        if (owner !== undefined) fs.chownSync(socketPath, owner, owner);
       } catch (err) {
         server.close();
         return reject(err instanceof Error ? err : new Error(String(err)));

@@ -32,9 +32,9 @@ afterAll(async () => {
 });
 
 describe('tpm2-tools through guest frontends', () => {
-  it('lists xenstored, manager and backend in host status --json', async () => {
+  it('lists the hypervisor, xenstored, manager and backend in host status --json', async () => {
     const s = JSON.parse((await vtpm('host', 'status', '--run', runDir, '--json')).stdout) as { processes: Array<{ role: string; domid: number; pid: number }> };
-    expect(s.processes.map((p) => p.role).sort()).toEqual(['backend', 'manager', 'xenstored']);
+    expect(s.processes.map((p) => p.role).sort()).toEqual(['backend', 'hypervisor', 'manager', 'xenstored']);
     for (const p of s.processes) expect(p.domid).toBe(0);
   });
 

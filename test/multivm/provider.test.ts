@@ -7,8 +7,7 @@ import { randomUUID } from 'node:crypto';
 import fs from 'node:fs';
 import { join } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
-import { Domain } from '../../src/xen/index.js';
-import { memoryPath } from '../../src/xen/layout.js';
+import { Domain, domainExists } from '../../src/xen/index.js';
 import { ManagerClient } from '../../src/manager/client.js';
 import { MultiVmVtpms, MultiVmError, FIRST_VTPM_DOMID } from '../../src/backend/multi-vm.js';
 import { alive } from '../../src/cli/rundir.js';
@@ -77,12 +76,13 @@ describe('MultiVmVtpms', () => {
     const reg = JSON.parse(fs.readFileSync(join(registerDir, `dom${d!.domid}.json`), 'utf8'));
     expect(reg).toEqual({ role: 'vtpm-domain', domid: d!.domid, pid: d!.pid, instance: t.instance, vm, version: '2.0' });
     // A domain of its own next to dom0, gone with it.
-    expect(fs.existsSync(memoryPath(xenDir, d!.domid))).toBe(true);
+    expect(await domainExists(xenDir, d!.domid)).toBe(true);
     await vtpms.release(t.instance);
     expect(fs.existsSync(join(registerDir, `dom${d!.domid}.json`))).toBe(false);
     for (let i = 0; i < 100 && alive(d!.pid); i++) await sleep(20);
     expect(alive(d!.pid)).toBe(false);
-    expect(fs.existsSync(memoryPath(xenDir, d!.domid))).toBe(false);
+    for (let i = 0; i < 100 && (await domainExists(xenDir, d!.domid)); i++) await sleep(20);
+    expect(await domainExists(xenDir, d!.domid)).toBe(false);
   });
 
   it('kills a domain that stops answering, fails that command, restarts it, and leaks no grants', async () => {
