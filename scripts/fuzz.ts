@@ -1,6 +1,6 @@
 // `npm run fuzz [-- --inputs N] [--seed S] [--rounds R] [--json]`: generated hostile inputs against a
-// live host (docs/fuzzing.md). It starts a host (xenstored, manager, backend), two well-behaved guests
-// and a QEMU endpoint, then sends batches from five raw peers: a guest's xs_wire connection, a client
+// live host (docs/fuzzing.md). It starts a host (hypervisor, xenstored, manager, backend), two good
+// guests and a QEMU endpoint, then sends batches from five raw peers: a guest's xs_wire connection, a client
 // FIFO pair of the manager, the QEMU endpoint's control socket, and guest domains scribbling on their
 // v2 page and ring slots. Between batches it checks that the daemons still run under their first pids,
 // that the good guests' commands complete within 2 s, and how much the daemons grew. A run is
@@ -107,7 +107,7 @@ export async function fuzz(o: FuzzOptions): Promise<FuzzSummary> {
       managerRunDir: string;
       processes: Array<{ role: string; pid: number }>;
     };
-    const daemons = host.processes.filter((p) => ['xenstored', 'manager', 'backend'].includes(p.role));
+    const daemons = host.processes.filter((p) => ['hypervisor', 'xenstored', 'manager', 'backend'].includes(p.role));
     const good: number[] = [];
     for (const [domid, protocol] of [
       [1, 'v2'],
