@@ -27,14 +27,8 @@ import { NVRAM_NAME, decodeStateBlob, encodeStateBlob, kindForNvramName } from '
 import { STATE_KINDS, type StateKind, type StateStore } from './state-store.js';
 import * as tpm12 from './tpm12-commands.js';
 import * as tpm2 from './tpm2-commands.js';
-import {
-  errorResponse,
-  fatalErrorCode,
-  isFailureModeResponse,
-  responseCode,
-  sizeErrorCode,
-  type TpmVersion,
-} from './wire.js';
+import { errorResponse, fatalErrorCode, sizeErrorCode } from './error-response.js';
+import { isFailureModeResponse, responseCode, type TpmVersion } from './wire.js';
 
 export type { TpmVersion } from './wire.js';
 
