@@ -1,8 +1,8 @@
 // The TCTI bridge: lets tpm2-tools reach a guest's vTPM with `-T swtpm:host=127.0.0.1,port=P`.
-// Data port P speaks raw TPM commands (src/swtpm/command-reassembler.ts); control port P+1 speaks the part of swtpm's
-// control channel that the tpm2-tss swtpm TCTI uses (tcti-control.ts). Commands from every
-// connection go through one queue because a TPM runs one command at a time; the locality is
-// one value for the whole bridge, as in swtpm (the TCTI sets it on one connection and sends the
+// Data port P speaks raw TPM commands (src/swtpm/command-reassembler.ts); control port P+1 speaks
+// the part of swtpm's control channel that the tpm2-tss swtpm TCTI uses (tcti-control.ts). Commands
+// from every connection go through one queue because a TPM runs one command at a time; the locality
+// is one value for the whole bridge, as in swtpm (the TCTI sets it on one connection and sends the
 // command on another).
 
 import { EventEmitter } from 'node:events';

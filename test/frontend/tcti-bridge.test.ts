@@ -266,6 +266,17 @@ describe('TCTI bridge with tpm2-tools and a real swtpm', () => {
     expect(errors.map((e) => e.code)).toEqual(['CMD_TOO_LARGE']);
   });
 
+  it('an oversize TPM 1.2 command gets the 1.2 size error (00 C4, TPM_BAD_PARAM_SIZE), as libtpms answers', async () => {
+    const count = seen.length;
+    errors.length = 0;
+    const big = Buffer.alloc(4097, 0xee);
+    hex('00 c2 00 00 10 01 00 00 00 46').copy(big); // AUTH1-tagged, size 4097 > 4096
+    const { reply } = await dataExchange(bridge.port, Buffer.concat([big, GET_RANDOM_8]), { want: 30 });
+    expect(reply.subarray(0, 10)).toEqual(hex('00 c4 00 00 00 0a 00 00 00 19'));
+    expect(seen.length).toBe(count + 1);
+    expect(errors.map((e) => e.code)).toEqual(['CMD_TOO_LARGE']);
+  });
+
   it('a commandSize below 10 gets TPM_RC_COMMAND_SIZE and the connection is closed', async () => {
     const count = seen.length;
     const r = await dataExchange(bridge.port, hex('80 01 00 00 00 09 00 00 01 7b'));
