@@ -68,7 +68,7 @@ describe('TCTI bridge with tpm2-tools and a real swtpm', () => {
 
   beforeAll(async () => {
     dir = mkdtempSync(join(os.tmpdir(), 'vtpm-tcti-'));
-    swtpm = await SwtpmProcess.start(join(dir, '.'), 'not-need-init');
+    swtpm = await SwtpmProcess.start({ stateDir: dir, transport: 'tcp', flags: 'not-need-init' });
     client = new SwtpmClient(swtpm);
     bridge = await TctiBridge.start({
       host: '127.0.0.1',

@@ -9,6 +9,7 @@ import { join } from 'node:path';
 import { promisify } from 'node:util';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { ROOT } from '../helpers/child.js';
+import { SwtpmProcess } from '../helpers/swtpm.js';
 
 export const exec = promisify(execFile);
 const cli = join(ROOT, 'dist/src/cli/main.js');
@@ -199,21 +200,19 @@ export class Qemu {
   }
 }
 
-/** A plain swtpm for QEMU (the peer), with its control socket at `ctrl`. */
+/** A plain swtpm for QEMU (the peer), with its control socket at `ctrl` and its log in `dir`. */
 export class Swtpm {
-  readonly proc: ChildProcess;
-  constructor(readonly dir: string, readonly ctrl: string) {
-    fs.mkdirSync(join(dir, 'state'), { recursive: true });
-    this.proc = spawn('swtpm', ['socket', '--tpm2', '--tpmstate', `dir=${join(dir, 'state')}`, '--ctrl', `type=unixio,path=${ctrl}`, '--log', `level=2,file=${join(dir, 'swtpm.log')}`], {
-      stdio: 'ignore',
-    });
+  private constructor(
+    readonly dir: string,
+    readonly ctrl: string,
+    readonly sw: SwtpmProcess,
+  ) {}
+  static async start(dir: string, ctrl: string): Promise<Swtpm> {
+    const sw = await SwtpmProcess.start({ stateDir: join(dir, 'state'), transport: 'unix', ctrlPath: ctrl, logFile: join(dir, 'swtpm.log') });
+    return new Swtpm(dir, ctrl, sw);
   }
-  async ready(): Promise<void> {
-    for (let i = 0; i < 200 && !fs.existsSync(this.ctrl); i++) await sleep(25);
-    if (!fs.existsSync(this.ctrl)) throw new Error('swtpm did not create its socket');
-  }
-  stop(): void {
-    this.proc.kill('SIGTERM');
+  stop(): Promise<void> {
+    return this.sw.stop();
   }
   log(): string {
     return fs.readFileSync(join(this.dir, 'swtpm.log'), 'utf8');
