@@ -1,10 +1,11 @@
 // The one launcher of a real swtpm process in tests: control and data on a TCP port pair (data P,
 // control P+1, as the tpm2-tss swtpm TCTI wants), or on UNIX sockets (data optional: QEMU passes its
 // own with SET_DATAFD). start() resolves once swtpm accepts connections; stop() waits for its exit.
-import { spawn, type ChildProcess } from 'node:child_process';
+import { execFile, spawn, type ChildProcess } from 'node:child_process';
 import fs from 'node:fs';
 import net from 'node:net';
 import { setTimeout as sleep } from 'node:timers/promises';
+import { promisify } from 'node:util';
 import { freePortPair } from '../../src/cli/ports.js';
 
 export interface SwtpmStart {
@@ -84,6 +85,13 @@ export class SwtpmProcess {
       if (!early) throw new Error(`swtpm did not listen on ${port}: ${sw.stderr.text}`);
     }
     throw new Error('swtpm would not start');
+  }
+
+  /** swtpm_ioctl against the UNIX control socket (e.g. '-i', '--save', 'permanent', file). */
+  async ioctl(...args: string[]): Promise<string> {
+    if (!this.ctrlPath) throw new Error('swtpm_ioctl needs a UNIX control socket');
+    const { stdout } = await promisify(execFile)('swtpm_ioctl', ['--unix', this.ctrlPath, ...args]);
+    return stdout;
   }
 
   /** SIGTERM, SIGKILL after 5 s; resolves once the process is gone. */

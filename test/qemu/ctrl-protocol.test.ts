@@ -11,6 +11,7 @@ import { setTimeout as sleep } from 'node:timers/promises';
 import { closeFd, sendWithFds, socketPair } from '../../native/unix-rights.js';
 import { CtrlClient, DataClient, TPM2, TestHost, exec, vtpm } from './helpers.js';
 import { SwtpmProcess } from '../helpers/swtpm.js';
+import { TpmClient } from '../helpers/tpm-client.js';
 import { freePortPair } from '../../src/cli/ports.js';
 
 const work = fs.mkdtempSync(join(os.tmpdir(), 'vtpm-ctrl-'));
@@ -219,18 +220,9 @@ describe('swtpm control protocol on our endpoint', () => {
       await exec('swtpm_ioctl', ['--unix', sctrl, '--load', 'permanent', perm]);
       await exec('swtpm_ioctl', ['--unix', sctrl, '--load', 'volatile', vol]);
       await exec('swtpm_ioctl', ['--unix', sctrl, '-i']);
-      const got = await new Promise<string>((resolve, reject) => {
-        const s = net.connect(sdata, () => s.write(Buffer.from(TPM2.pcrRead16.replace(/\s/g, ''), 'hex')));
-        let b = Buffer.alloc(0);
-        s.on('data', (d: Buffer) => {
-          b = Buffer.concat([b, d]);
-          if (b.length >= 10 && b.length >= b.readUInt32BE(2)) {
-            s.destroy();
-            resolve(b.toString('hex'));
-          }
-        });
-        s.on('error', reject);
-      });
+      const tpm = await TpmClient.connect({ path: sdata });
+      const got = await tpm.transmitHex(TPM2.pcrRead16);
+      tpm.close();
       expect(got).toMatch(pcrReadReply(pcr16));
     } finally {
       await sw.stop();

@@ -10,6 +10,7 @@ import { promisify } from 'node:util';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { ROOT } from '../helpers/child.js';
 import { SwtpmProcess } from '../helpers/swtpm.js';
+import { TpmClient } from '../helpers/tpm-client.js';
 
 export const exec = promisify(execFile);
 const cli = join(ROOT, 'dist/src/cli/main.js');
@@ -294,39 +295,21 @@ export class CtrlClient {
   }
 }
 
-/** A TPM data channel the QEMU way: a socketpair whose other end went over SET_DATAFD. */
+/** QEMU's end of the data channel (the fd passed with SET_DATAFD), spoken in hex. */
 export class DataClient {
-  readonly sock: net.Socket;
-  #buf = Buffer.alloc(0);
-  #wake: (() => void) | null = null;
+  readonly #c: TpmClient;
   constructor(fd: number) {
-    this.sock = new net.Socket({ fd, readable: true, writable: true });
-    this.sock.on('data', (d: Buffer) => {
-      this.#buf = Buffer.concat([this.#buf, d]);
-      this.#wake?.();
-    });
-    this.sock.on('error', () => {});
+    this.#c = new TpmClient(new net.Socket({ fd, readable: true, writable: true }));
+  }
+  get sock(): net.Socket {
+    return this.#c.sock;
   }
   /** Send one command; read one response (by its header size). */
-  async transmit(hex: string, timeoutMs = 10_000): Promise<string> {
-    this.sock.write(Buffer.from(hex.replace(/\s+/g, ''), 'hex'));
-    const end = Date.now() + timeoutMs;
-    for (;;) {
-      if (this.#buf.length >= 10 && this.#buf.length >= this.#buf.readUInt32BE(2)) {
-        const n = this.#buf.readUInt32BE(2);
-        const r = this.#buf.subarray(0, n);
-        this.#buf = this.#buf.subarray(n);
-        return r.toString('hex');
-      }
-      if (Date.now() > end) throw new Error(`no response; have ${this.#buf.toString('hex')}`);
-      await new Promise<void>((r) => {
-        this.#wake = r;
-        setTimeout(r, 50);
-      });
-    }
+  transmit(hex: string, timeoutMs = 10_000): Promise<string> {
+    return this.#c.transmitHex(hex, timeoutMs);
   }
   close(): void {
-    this.sock.destroy();
+    this.#c.close();
   }
 }
 
