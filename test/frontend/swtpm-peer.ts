@@ -4,6 +4,7 @@ import net from 'node:net';
 
 import { freePortPair } from '../../src/cli/ports.js';
 import { SwtpmProcess } from '../helpers/swtpm.js';
+import { TpmClient } from '../helpers/tpm-client.js';
 
 export { freePortPair, SwtpmProcess };
 
@@ -70,10 +71,8 @@ export function readReply(
  * queue of its own: overlapping calls would interleave on the socket, so the bridge must serialise.
  */
 export class SwtpmClient {
-  #sock: net.Socket | undefined;
-  #buf = Buffer.alloc(0);
+  #data: TpmClient | undefined;
   #busy = false;
-  #waiter: { resolve: (b: Buffer) => void; reject: (e: Error) => void } | undefined;
 
   constructor(readonly swtpm: SwtpmProcess) {}
 
@@ -94,57 +93,15 @@ export class SwtpmClient {
     if (this.#busy) throw new Error('overlapping transmit: the caller did not serialise commands');
     this.#busy = true;
     try {
-      return await this.#transmit(cmd, opts);
+      await this.setLocality(opts.locality);
+      if (!this.#data || this.#data.closed) this.#data = await TpmClient.connect({ port: this.swtpm.port });
+      return await this.#data.transmit(cmd);
     } finally {
       this.#busy = false;
     }
   }
 
-  async #transmit(cmd: Uint8Array, opts: { locality: number }): Promise<Uint8Array> {
-    await this.setLocality(opts.locality);
-    const s = await this.#socket();
-    const rsp = new Promise<Buffer>((resolve, reject) => (this.#waiter = { resolve, reject }));
-    s.write(cmd);
-    this.#deliver();
-    return new Uint8Array(await rsp);
-  }
-
   close(): void {
-    this.#sock?.destroy();
-  }
-
-  async #socket(): Promise<net.Socket> {
-    if (this.#sock && !this.#sock.destroyed) return this.#sock;
-    const s = net.connect({ host: '127.0.0.1', port: this.swtpm.port });
-    await new Promise<void>((resolve, reject) => {
-      s.once('connect', resolve);
-      s.once('error', reject);
-    });
-    s.setNoDelay(true);
-    s.on('data', (d: Buffer) => {
-      this.#buf = Buffer.concat([this.#buf, d]);
-      this.#deliver();
-    });
-    const fail = (): void => {
-      const w = this.#waiter;
-      this.#waiter = undefined;
-      this.#sock = undefined;
-      w?.reject(new Error('swtpm closed the data connection'));
-    };
-    s.on('close', fail);
-    s.on('error', fail);
-    this.#sock = s;
-    return s;
-  }
-
-  #deliver(): void {
-    if (!this.#waiter || this.#buf.length < 10) return;
-    const size = this.#buf.readUInt32BE(2);
-    if (this.#buf.length < size) return;
-    const rsp = this.#buf.subarray(0, size);
-    this.#buf = this.#buf.subarray(size);
-    const w = this.#waiter;
-    this.#waiter = undefined;
-    w.resolve(Buffer.from(rsp));
+    this.#data?.close();
   }
 }

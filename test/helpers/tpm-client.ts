@@ -31,6 +31,7 @@ export class TpmClient {
           const s = 'path' in t ? net.connect(t.path) : net.connect({ host: t.host ?? '127.0.0.1', port: t.port });
           s.once('connect', () => {
             s.off('error', reject);
+            if (!('path' in t)) s.setNoDelay(true);
             resolve(new TpmClient(s));
           });
           s.once('error', reject);
@@ -41,6 +42,11 @@ export class TpmClient {
         await new Promise((r) => setTimeout(r, 20));
       }
     }
+  }
+
+  /** The peer or we closed the connection: it carries nothing more. */
+  get closed(): boolean {
+    return this.#closed || this.sock.destroyed;
   }
 
   /** Send one command; resolve with its one response. */
