@@ -4,6 +4,8 @@
 import { execFile, spawn, type ChildProcess } from 'node:child_process';
 import fs from 'node:fs';
 import net from 'node:net';
+import os from 'node:os';
+import { join } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { promisify } from 'node:util';
 import { freePortPair } from '../../src/cli/ports.js';
@@ -27,6 +29,8 @@ const READY_MS = 10_000;
 export class SwtpmProcess {
   readonly stderr = { text: '' };
   #exited = false;
+  /** A state directory this launcher made, removed by stop(). */
+  #ownDir: string | undefined;
 
   private constructor(
     readonly proc: ChildProcess,
@@ -87,6 +91,26 @@ export class SwtpmProcess {
     throw new Error('swtpm would not start');
   }
 
+  /** A TPM already started (Startup CLEAR done) on data and control sockets in a fresh temp dir. */
+  static async onSockets(o: { version?: '2.0' | '1.2'; flags?: string } = {}): Promise<SwtpmProcess> {
+    const dir = fs.mkdtempSync(join(os.tmpdir(), 'vtpm-swtpm-'));
+    try {
+      const sw = await SwtpmProcess.start({
+        stateDir: dir,
+        transport: 'unix',
+        ctrlPath: join(dir, 'ctrl.sock'),
+        dataPath: join(dir, 'data.sock'),
+        flags: o.flags ?? 'not-need-init,startup-clear',
+        ...(o.version ? { version: o.version } : {}),
+      });
+      sw.#ownDir = dir;
+      return sw;
+    } catch (err) {
+      fs.rmSync(dir, { recursive: true, force: true });
+      throw err;
+    }
+  }
+
   /** swtpm_ioctl against the UNIX control socket (e.g. '-i', '--save', 'permanent', file). */
   async ioctl(...args: string[]): Promise<string> {
     if (!this.ctrlPath) throw new Error('swtpm_ioctl needs a UNIX control socket');
@@ -96,12 +120,14 @@ export class SwtpmProcess {
 
   /** SIGTERM, SIGKILL after 5 s; resolves once the process is gone. */
   async stop(): Promise<void> {
-    if (this.#exited || this.proc.exitCode !== null || this.proc.signalCode !== null) return;
-    const gone = new Promise((r) => this.proc.once('exit', r));
-    this.proc.kill('SIGTERM');
-    const t = setTimeout(() => this.proc.kill('SIGKILL'), 5000);
-    await gone;
-    clearTimeout(t);
+    if (!(this.#exited || this.proc.exitCode !== null || this.proc.signalCode !== null)) {
+      const gone = new Promise((r) => this.proc.once('exit', r));
+      this.proc.kill('SIGTERM');
+      const t = setTimeout(() => this.proc.kill('SIGKILL'), 5000);
+      await gone;
+      clearTimeout(t);
+    }
+    if (this.#ownDir) fs.rmSync(this.#ownDir, { recursive: true, force: true });
   }
 }
 

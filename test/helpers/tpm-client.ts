@@ -9,6 +9,8 @@ export class TpmClient {
   #buf = Buffer.alloc(0);
   #wake: (() => void) | null = null;
   #closed = false;
+  /** A TPM runs one command at a time: concurrent callers queue here. */
+  #chain: Promise<unknown> = Promise.resolve();
 
   constructor(readonly sock: net.Socket) {
     sock.on('data', (d: Buffer) => {
@@ -49,8 +51,14 @@ export class TpmClient {
     return this.#closed || this.sock.destroyed;
   }
 
-  /** Send one command; resolve with its one response. */
-  async transmit(command: Uint8Array, timeoutMs = 10_000): Promise<Uint8Array> {
+  /** Send one command (after those already sent have been answered); resolve with its response. */
+  transmit(command: Uint8Array, timeoutMs = 10_000): Promise<Uint8Array> {
+    const run = this.#chain.then(() => this.#transmit(command, timeoutMs));
+    this.#chain = run.catch(() => undefined);
+    return run;
+  }
+
+  async #transmit(command: Uint8Array, timeoutMs: number): Promise<Uint8Array> {
     this.sock.write(command);
     const end = Date.now() + timeoutMs;
     for (;;) {
