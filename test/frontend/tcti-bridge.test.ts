@@ -217,6 +217,17 @@ describe('TCTI bridge with tpm2-tools and a real swtpm', () => {
     expect(bridge.locality).toBe(0);
   });
 
+  it('SET_STATEBLOB is read to its end and refused (TPM_BAD_ORDINAL); the connection goes on, as swtpm', async () => {
+    // Header (flags 0, type permanent, length 8) and the 8 blob bytes, then SET_LOCALITY 0 on the same connection.
+    for (const port of [swtpm.ctrlPort, bridge.ctrlPort]) {
+      const s = net.connect({ host: '127.0.0.1', port });
+      await new Promise((r) => s.once('connect', r));
+      const blob = hex('00 00 00 0d 00 00 00 00 00 00 00 01 00 00 00 08 01 02 03 04 05 06 07 08');
+      expect((await readReply(s, blob, { want: 4 }, false)).reply).toEqual(hex('00 00 00 0a'));
+      expect((await readReply(s, hex('00 00 00 05 00'), { want: 4 }, true)).reply).toEqual(hex('00 00 00 00'));
+    }
+  });
+
   it('a control message cut off by EOF gets no reply and the connection closes, as swtpm', async () => {
     errors.length = 0;
     for (const port of [swtpm.ctrlPort, bridge.ctrlPort]) {
