@@ -408,6 +408,8 @@ const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
  */
 async function dfetchV2() {
   const { dom, front } = await connectDevice('v2');
+  // Started, so a whole GetRandom read gets a real answer and torn ones get the TPM's own errors.
+  await front.transmit(Buffer.from('80010000000c000001440000', 'hex'));
   const gfn = dom.views.grant32[2 * front.refs[0] + 1];
   const f = dom.frames(gfn);
   const page = new DataView(f.buffer, f.byteOffset, 4096);
