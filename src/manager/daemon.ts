@@ -12,7 +12,9 @@ import { processAlive } from '../xen/proc.js';
 import { STATE_KINDS, type StateKind } from '../tpm/state-store.js';
 import { ClientChannel, FifoServer, type QueueLimits } from './fifo.js';
 import { DEFAULT_SEAL_PCRS, SealError, Sealer, loadKeyFile, loadTpmSealedKey } from './seal.js';
-import { DirOps, GroupCommitStore, StoreError } from './store.js';
+import { StoreError } from './store-meta.js';
+import { DirOps } from './store-ops.js';
+import { GroupCommitStore } from './store.js';
 import { MigType, VmTable, VmTableError, legacyUuid, type VmRecord } from './vm-table.js';
 import {
   MigrationError,
