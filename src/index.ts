@@ -13,7 +13,8 @@ export { ManagerDaemon } from './manager/daemon.js';
 
 export { XsClient, connect as connectXenstore } from './xenstore/client.js';
 export { XenstoreDaemon } from './xenstore/daemon.js';
-export { XenbusState, vtpmDevice, waitForState, writeDeviceDirectories, removeDeviceDirectories, type VtpmDevice } from './xenstore/xenbus.js';
+export { XenbusState, vtpmDevice, waitForState, type VtpmDevice } from './xenstore/xenbus.js';
+export { removeDeviceDirectories, writeDeviceDirectories } from './xenstore/xenbus-toolstack.js';
 
 export { Domain } from './xen/index.js';
 export { TpmFront, type Protocol } from './frontend/tpmfront.js';

@@ -3,16 +3,8 @@
 // and the guest's vTPM instance behind it. Transitions run one at a time, in order.
 import type { Domain } from '../xen/index.js';
 import type { XsClient, XsWatch } from '../xenstore/client.js';
-import {
-  XenbusState,
-  backendConnected,
-  backendInitWait,
-  deviceFatal,
-  parseFrontendRing,
-  readState,
-  switchState,
-  type VtpmDevice,
-} from '../xenstore/xenbus.js';
+import { deviceFatal, readState, switchState, type VtpmDevice, XenbusState } from '../xenstore/xenbus.js';
+import { backendConnected, backendInitWait, parseFrontendRing } from '../xenstore/xenbus-backend.js';
 import { XS_FEATURE_RING, XS_FEATURE_V2 } from '../xen/tpmif.js';
 import { V2Channel } from './v2-channel.js';
 import { RingChannel } from './ring-channel.js';

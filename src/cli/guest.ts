@@ -8,15 +8,8 @@ import { setTimeout as sleep } from 'node:timers/promises';
 import net from 'node:net';
 import { Domain } from '../xen/index.js';
 import { connect, type XsClient } from '../xenstore/client.js';
-import {
-  XenbusState,
-  readState,
-  removeDeviceDirectories,
-  vtpmDevice,
-  waitForState,
-  writeDeviceDirectories,
-  type VtpmDevice,
-} from '../xenstore/xenbus.js';
+import { readState, vtpmDevice, type VtpmDevice, waitForState, XenbusState } from '../xenstore/xenbus.js';
+import { removeDeviceDirectories, writeDeviceDirectories } from '../xenstore/xenbus-toolstack.js';
 import { CliError, fileSize, managerReason, openRefusal } from './errors.js';
 import { readHostAlive } from './host-check.js';
 import { TpmFront, type Protocol } from '../frontend/tpmfront.js';
