@@ -23,7 +23,7 @@ import { connect } from '../../src/xenstore/client.js';
 import { writeDeviceDirectories } from '../../src/xenstore/xenbus-toolstack.js';
 import { GuestSession } from '../../src/frontend/session.js';
 import * as tpm2 from '../../src/tpm/tpm2-commands.js';
-import { trace } from '../../src/xen/trace.js';
+import { trace } from '../../src/util/trace.js';
 
 const run = promisify(execFile);
 

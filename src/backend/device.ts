@@ -9,7 +9,7 @@ import { XS_FEATURE_RING, XS_FEATURE_V2 } from '../xen/tpmif.js';
 import { V2Channel } from './v2-channel.js';
 import { RingChannel } from './ring-channel.js';
 import type { VtpmTarget } from './target.js';
-import { trace } from '../xen/trace.js';
+import { trace } from '../util/trace.js';
 
 /** What a device needs from the backend process: the vTPM for a VM, opened at the manager. */
 export interface VtpmProvider {

@@ -10,7 +10,7 @@ import { XS_FEATURE_RING } from '../xen/tpmif.js';
 import { V2Front } from './v2-front.js';
 import { RingFront } from './ring-front.js';
 import { FrontendError, type TpmTransport, type TransmitOptions } from './transport.js';
-import { trace } from '../xen/trace.js';
+import { trace } from '../util/trace.js';
 
 export type Protocol = 'v2' | 'ring';
 

@@ -7,7 +7,7 @@
 // line; nobody else notices.
 import fs from 'node:fs';
 import path from 'node:path';
-import { processAlive } from '../xen/proc.js';
+import { processAlive } from '../util/proc.js';
 import { STATE_KINDS, type StateKind } from '../tpm/state-store.js';
 import { ClientChannel, FifoServer, type QueueLimits } from './fifo.js';
 import { DEFAULT_SEAL_PCRS, SealError, Sealer, loadKeyFile, loadTpmSealedKey } from './seal.js';

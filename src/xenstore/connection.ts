@@ -2,7 +2,7 @@
 // time, in order), its watches and transactions, and the outstanding-request quota that stops reading
 // a guest that does not read its replies. Output of one received chunk leaves in one write (OutputBatch).
 import type net from 'node:net';
-import { trace, tracing } from '../xen/trace.js';
+import { trace, tracing } from '../util/trace.js';
 import type { Caller, Quotas, Transaction } from './store.js';
 import { XsReceiver, XsWireError, typeName, type XsMessage } from './wire.js';
 
