@@ -38,6 +38,9 @@ export interface GuestProcessOptions {
   startup?: boolean;
 }
 
+/** Decides whether a TCP peer of the TCTI bridge may connect (by its sockets' addresses). */
+export type PeerCheck = (s: { localAddress?: string; localPort?: number; remoteAddress?: string; remotePort?: number }) => boolean;
+
 /** What the process around the guest provides. */
 export interface GuestEnv<G extends GuestRecord> {
   /** The guest's own record (null when it has none). */
@@ -45,7 +48,7 @@ export interface GuestEnv<G extends GuestRecord> {
   /** Register cleanup for SIGTERM/SIGINT. */
   onStop(fn: () => Promise<void>): void;
   /** Who may connect to the TCTI bridge. */
-  allowPeer: (s: { localAddress?: string; localPort?: number; remoteAddress?: string; remotePort?: number }) => boolean;
+  allowPeer: PeerCheck;
   /** Starts a stress workload on a ring session. */
   startWorkload?: (s: GuestSession, spec: string, domid: number, log: (l: string) => void) => Promise<{ stop(opts?: { suspended?: boolean }): Promise<void> }>;
 }
@@ -97,7 +100,7 @@ export async function runGuest<G extends GuestRecord>(dom: Domain, xs: XsClient,
 export async function startTcti(
   front: Pick<TpmFront, 'transmit' | 'cancel'>,
   port: number,
-  allowPeer: (s: { localAddress?: string; localPort?: number; remoteAddress?: string; remotePort?: number }) => boolean,
+  allowPeer: PeerCheck,
 ): Promise<{ stop(): Promise<void> }> {
   const { TctiBridge } = await import('./tcti-bridge.js');
   const b = await TctiBridge.start({
