@@ -1,5 +1,5 @@
 // The peer: a real `swtpm socket` process (Debian swtpm) with UnixIO data and control sockets, and a
-// client for its data socket. Used by the engine bench and by the engine's cross-check tests.
+// client for its data socket: the peer every benchmark compares with (tests use test/helpers/swtpm.ts).
 import { execFile, spawn, type ChildProcess } from 'node:child_process';
 import { existsSync } from 'node:fs';
 import { connect, type Socket } from 'node:net';

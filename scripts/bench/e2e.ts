@@ -13,7 +13,7 @@ import { Domain } from '../../src/xen/index.js';
 import { connect, type XsClient } from '../../src/xenstore/client.js';
 import { writeDeviceDirectories } from '../../src/xenstore/xenbus-toolstack.js';
 import { TpmFront } from '../../src/frontend/tpmfront.js';
-import { Swtpm, type SwtpmClient } from '../swtpm-peer.js';
+import { SwtpmProcess } from './_swtpm.js';
 import { smapsRollup } from './_engine-host.js';
 import { cpuUs, median, percentile, settle, usSince, type BenchContext, type Figure } from './lib.js';
 
@@ -98,8 +98,8 @@ export async function run(ctx: BenchContext): Promise<Figure[]> {
   const work = fs.mkdtempSync(join(os.tmpdir(), 'vtpm-bench-e2e-'));
   const runDir = join(work, 'run');
   const guests: Guest[] = [];
-  const swtpms: Swtpm[] = [];
-  const swClients: SwtpmClient[] = [];
+  const swtpms: SwtpmProcess[] = [];
+  const swClients: Array<Client & { close(): void }> = [];
   let xs0: XsClient | null = null;
   try {
     const h = await hostUp(runDir, join(work, 'state'), mode);
@@ -118,9 +118,10 @@ export async function run(ctx: BenchContext): Promise<Figure[]> {
       guests.push({ dom, xs, front });
     };
     const addSwtpm = async (): Promise<void> => {
-      const s = await Swtpm.start();
+      const s = await SwtpmProcess.start({ dir: fs.mkdtempSync(join(work, 'swtpm-')) });
       swtpms.push(s);
-      swClients.push(await s.connect());
+      const conn = await s.connect();
+      swClients.push({ transmit: (c) => conn.transact(c), close: () => conn.close() });
     };
 
     // Round trips: one guest, one swtpm, same commands, alternating rounds. Both ends of our ring

@@ -1,7 +1,9 @@
 // The TPM data channel of a QEMU endpoint (qemu-endpoint.ts): the socket QEMU passed with
-// CMD_SET_DATAFD, carrying raw TPM commands in and raw responses out, one command at a time.
+// CMD_SET_DATAFD, carrying raw TPM commands in and raw responses out, one command at a time
+// (docs/protocols/swtpm-ctrl.md, "Data channel"); commands are cut out by the one reassembler.
 import net from 'node:net';
-import { errorResponse, TPM_BAD_PARAM_SIZE, TPM_RC_COMMAND_SIZE } from '../tpm/error-response.js';
+import { CommandReceiver } from '../swtpm/command-reassembler.js';
+import { errorResponse, familyOfTag, sizeErrorCode } from '../tpm/error-response.js';
 
 /** What the channel runs commands on: the endpoint (its vTPM, at the locality the control channel set). */
 export interface DataTarget {
@@ -20,8 +22,7 @@ export class DataChannel {
   readonly #sock: net.Socket;
   readonly #ep: DataTarget;
   readonly #log: (l: string) => void;
-  #buf: Buffer = Buffer.alloc(0);
-  #discard = 0;
+  readonly #rx: CommandReceiver;
   /** Refused commands logged so far: three per channel, so a peer cannot flood the log. */
   #refusalsLogged = 0;
   #busy = false;
@@ -31,19 +32,16 @@ export class DataChannel {
     this.#sock = new net.Socket({ fd, readable: true, writable: true });
     this.#ep = ep;
     this.#log = log;
+    // The limit is the vTPM's buffer, which SET_BUFFERSIZE may change between commands.
+    this.#rx = new CommandReceiver(() => ep.vtpm.bufferSize);
     this.#sock.on('data', (d: Buffer) => this.#onData(d));
     this.#sock.on('error', () => this.close());
     this.#sock.on('close', () => this.close());
   }
 
   #onData(d: Buffer): void {
-    if (this.#discard > 0) {
-      const n = Math.min(this.#discard, d.length);
-      this.#discard -= n;
-      d = d.subarray(n);
-    }
-    this.#buf = this.#buf.length ? Buffer.concat([this.#buf, d]) : d;
-    if (this.#buf.length >= this.#ep.vtpm.bufferSize) this.#sock.pause();
+    this.#rx.push(new Uint8Array(d.buffer, d.byteOffset, d.byteLength));
+    if (this.#rx.buffered >= this.#ep.vtpm.bufferSize) this.#sock.pause();
     void this.#pump();
   }
 
@@ -66,32 +64,22 @@ export class DataChannel {
     if (this.#busy) return;
     this.#busy = true;
     try {
-      while (!this.#closed && this.#buf.length >= 10) {
-        const size = this.#buf.readUInt32BE(2);
-        const tag = this.#buf.readUInt16BE(0);
-        const fam = tag === 0x8001 || tag === 0x8002 ? '2.0' : '1.2';
-        const limit = this.#ep.vtpm.bufferSize;
-        if (size < 10 || size > limit) {
-          // Refused without buffering it: the TPM's own size error, then skip the declared body.
-          if (this.#refusalsLogged < 3) {
-            const more = ++this.#refusalsLogged === 3 ? ' (further refusals on this channel are not logged)' : '';
-            this.#log(`data channel: command of ${size} bytes refused (buffer ${limit})${more}`);
-          }
-          const rc = fam === '2.0' ? TPM_RC_COMMAND_SIZE : TPM_BAD_PARAM_SIZE;
-          const skip = size < 10 ? this.#buf.length : size;
-          const n = Math.min(skip, this.#buf.length);
-          this.#buf = this.#buf.subarray(n);
-          this.#discard = skip - n;
-          await this.#send(errorResponse(fam, rc, tag));
+      for (let f = this.#rx.next(); !this.#closed && f !== null; f = this.#rx.next()) {
+        if (f.kind === 'command') {
+          await this.#send(await this.#ep.execute(f.bytes));
           continue;
         }
-        if (this.#buf.length < size) break;
-        const cmd = this.#buf.subarray(0, size);
-        this.#buf = this.#buf.subarray(size);
-        const rsp = await this.#ep.execute(cmd);
-        await this.#send(rsp);
+        // Refused without buffering it: the TPM's own size error. An oversize command's body is
+        // skipped as it streams; after one below the header, what was read with it is dropped.
+        if (this.#refusalsLogged < 3) {
+          const more = ++this.#refusalsLogged === 3 ? ' (further refusals on this channel are not logged)' : '';
+          this.#log(`data channel: command of ${f.size} bytes refused (buffer ${this.#ep.vtpm.bufferSize})${more}`);
+        }
+        if (f.kind === 'too-small') this.#rx.resync();
+        const fam = familyOfTag(f.tag);
+        await this.#send(errorResponse(fam, sizeErrorCode(fam)));
       }
-      if (!this.#closed && this.#buf.length < this.#ep.vtpm.bufferSize) this.#sock.resume();
+      if (!this.#closed && this.#rx.buffered < this.#ep.vtpm.bufferSize) this.#sock.resume();
     } catch (err) {
       this.#log(`data channel: ${(err as Error).message}`);
       this.close();

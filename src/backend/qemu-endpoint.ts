@@ -1,5 +1,5 @@
 // The swtpm-compatible endpoint of one VM's vTPM for QEMU's `-tpmdev emulator`: a UNIX control socket
-// speaking swtpm's control protocol (swtpm-ctrl.ts) and the TPM data channel QEMU passes in with
+// speaking swtpm's control protocol (docs/protocols/swtpm-ctrl.md; src/swtpm/) and the TPM data channel QEMU passes in with
 // CMD_SET_DATAFD. The vTPM behind it is the VM's manager-backed instance, as for a ring guest.
 //
 // Like swtpm started for QEMU (`swtpm socket --ctrl type=unixio,...` without --flags not-need-init),
@@ -10,20 +10,17 @@ import net from 'node:net';
 import fs from 'node:fs';
 import { RightsReader, closeFd, type Received, type RightsSocket } from '../../native/unix-rights.js';
 import {
-  CTRL_DEADLINE_MS,
+  Cap,
   Cmd,
-  CtrlReceiver,
   GETINFO_SIZE,
   INIT_FLAG_DELETE_VOLATILE,
   MAX_STATE_BLOB,
-  OUR_CAPS,
   Res,
   STATE_FLAG_ENCRYPTED,
   resultOnly,
   u32s,
-  type CtrlRequest,
-  type ReceiverEvent,
-} from './swtpm-ctrl.js';
+} from '../swtpm/codes.js';
+import { CtrlReceiver, type CtrlRequest, type ReceiverEvent } from '../swtpm/ctrl-receiver.js';
 import { DataChannel } from './qemu-data.js';
 import { StateBlobError } from '../tpm/state-blob.js';
 import type { StateKind } from '../tpm/state-store.js';
@@ -53,6 +50,23 @@ export interface QemuEndpointOptions {
   /** Called after CMD_SHUTDOWN was answered (swtpm exits there; we power off and keep listening). */
   onShutdown?: () => void;
 }
+
+/** What we implement: everything QEMU 7.2 needs (0x348F + 0x0700 for migration) and swtpm_ioctl uses. */
+export const OUR_CAPS =
+  Cap.INIT |
+  Cap.SHUTDOWN |
+  Cap.GET_TPMESTABLISHED |
+  Cap.SET_LOCALITY |
+  Cap.CANCEL_TPM_CMD |
+  Cap.STORE_VOLATILE |
+  Cap.RESET_TPMESTABLISHED |
+  Cap.GET_STATEBLOB |
+  Cap.SET_STATEBLOB |
+  Cap.STOP |
+  Cap.GET_CONFIG |
+  Cap.SET_DATAFD |
+  Cap.SET_BUFFERSIZE |
+  Cap.GET_INFO;
 
 const KIND_OF_TYPE: Record<number, StateKind> = { 1: 'permanent', 2: 'volatile', 3: 'savestate' };
 
@@ -351,9 +365,8 @@ class CtrlConnection {
   readonly #ep: QemuEndpoint;
   readonly #sock: net.Socket;
   readonly #rs: RightsSocket;
-  readonly #rx = new CtrlReceiver();
+  readonly #rx = new CtrlReceiver((events) => this.#dispatch(events));
   readonly #log: (l: string) => void;
-  #timer: NodeJS.Timeout | null = null;
   #queue: Promise<void> = Promise.resolve();
   /** Requests received and not yet answered. */
   #unanswered = 0;
@@ -377,9 +390,6 @@ class CtrlConnection {
       return;
     }
     this.#dispatch(this.#rx.push(r.data, r.fds));
-    if (this.#timer) clearTimeout(this.#timer);
-    this.#timer = null;
-    if (this.#rx.pending) this.#timer = setTimeout(() => this.#dispatch(this.#rx.expire()), CTRL_DEADLINE_MS);
   }
 
   #dispatch(events: ReceiverEvent[]): void {
@@ -438,7 +448,7 @@ class CtrlConnection {
   close(afterWrites = false): void {
     if (this.#closed) return;
     this.#closed = true;
-    if (this.#timer) clearTimeout(this.#timer);
+    for (const fd of this.#rx.destroy()) closeFd(fd);
     this.#rs.close();
     // Nothing reads this socket through Node, so it would never see the peer's end: destroy it once
     // the last reply is flushed.

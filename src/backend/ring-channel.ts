@@ -23,7 +23,8 @@ import {
   decodeRingRequest,
   type RingRequest,
 } from '../xen/tpmif.js';
-import { canceledResponse, failureResponse, responseCode } from '../tpm/error-response.js';
+import { canceledResponse, failureResponse } from '../tpm/error-response.js';
+import { responseCode } from '../tpm/wire.js';
 import type { ChannelOptions } from './v2-channel.js';
 import type { OnceRequest } from './target.js';
 

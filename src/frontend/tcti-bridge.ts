@@ -1,25 +1,18 @@
 // The TCTI bridge: lets tpm2-tools reach a guest's vTPM with `-T swtpm:host=127.0.0.1,port=P`.
-// Data port P speaks raw TPM commands (tcti-data.ts); control port P+1 speaks the part of swtpm's
-// control channel that the tpm2-tss swtpm TCTI uses (tcti-control.ts). Commands from every
-// connection go through one queue because a TPM runs one command at a time; the locality is
-// one value for the whole bridge, as in swtpm (the TCTI sets it on one connection and sends the
+// Data port P speaks raw TPM commands (src/swtpm/command-reassembler.ts); control port P+1 speaks
+// the part of swtpm's control channel that the tpm2-tss swtpm TCTI uses (tcti-control.ts). Commands
+// from every connection go through one queue because a TPM runs one command at a time; the locality
+// is one value for the whole bridge, as in swtpm (the TCTI sets it on one connection and sends the
 // command on another).
 
 import { EventEmitter } from 'node:events';
 import net from 'node:net';
 import { ControlError, ControlReceiver, type ControlTarget } from './tcti-control.js';
-import {
-  checkMaxCommandSize,
-  CommandReceiver,
-  DataError,
-  DEFAULT_MAX_COMMAND_SIZE,
-  TPM_RC_COMMAND_SIZE,
-  TPM_RC_FAILURE,
-  tpm2ErrorResponse,
-} from './tcti-data.js';
+import { checkMaxCommandSize, CommandReceiver, DataError, DEFAULT_MAX_COMMAND_SIZE } from '../swtpm/command-reassembler.js';
+import { errorResponse, failureResponse, familyOfTag, sizeErrorCode } from '../tpm/error-response.js';
 
 export { ControlError } from './tcti-control.js';
-export { DataError, DEFAULT_MAX_COMMAND_SIZE } from './tcti-data.js';
+export { DataError, DEFAULT_MAX_COMMAND_SIZE } from '../swtpm/command-reassembler.js';
 
 /** Replies a client has not read yet before we stop reading its requests. */
 const WRITE_BACKLOG_MAX = 64 * 1024;
@@ -166,12 +159,12 @@ export class TctiBridge extends EventEmitter<TctiBridgeEvents> {
         if (f === null) break;
         if (f.kind === 'too-large') {
           this.#report(new DataError('CMD_TOO_LARGE', peer, `commandSize ${f.size} exceeds ${this.maxCommandSize}`));
-          s.write(tpm2ErrorResponse(TPM_RC_COMMAND_SIZE));
+          s.write(sizeError(f.tag));
           continue;
         }
         if (f.kind === 'too-small') {
           this.#report(new DataError('CMD_TOO_SMALL', peer, `commandSize ${f.size} is below the 10-byte header`));
-          closeAfterReplies(s, tpm2ErrorResponse(TPM_RC_COMMAND_SIZE));
+          closeAfterReplies(s, sizeError(f.tag));
           return;
         }
         busy = true;
@@ -180,7 +173,7 @@ export class TctiBridge extends EventEmitter<TctiBridgeEvents> {
           (rsp) => done(rsp),
           (e: unknown) => {
             this.#report(new DataError('TRANSMIT_FAILED', peer, `transmit failed: ${(e as Error)?.message ?? e}`));
-            done(tpm2ErrorResponse(TPM_RC_FAILURE));
+            done(failureResponse(f.bytes));
           },
         );
       }
@@ -257,6 +250,12 @@ export class TctiBridge extends EventEmitter<TctiBridgeEvents> {
   #report(err: TctiClientError): void {
     this.emit('clientError', err);
   }
+}
+
+/** The size error of the family a command's tag names. */
+function sizeError(tag: number): Uint8Array {
+  const fam = familyOfTag(tag);
+  return errorResponse(fam, sizeErrorCode(fam));
 }
 
 /** Time a peer gets to close after we finished our side, before the socket is destroyed. */

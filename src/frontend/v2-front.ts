@@ -23,7 +23,7 @@ import {
 } from '../xen/tpmif.js';
 import { FrontendError, type TpmTransport, type TransmitOptions } from './transport.js';
 import { endAccessEventually } from './grants.js';
-import { errorResponse, familyOf, TPM_BAD_PARAM_SIZE, TPM_RC_COMMAND_SIZE } from '../tpm/error-response.js';
+import { sizeErrorResponse } from '../tpm/error-response.js';
 
 /** How long a command may run before it is cancelled (Linux's TPM 2.0 default duration, 120 s). */
 export const V2_COMMAND_TIMEOUT_MS = 120_000;
@@ -114,10 +114,7 @@ export class V2Front implements TpmTransport {
   async #transmitOne(command: Uint8Array, locality: number): Promise<Uint8Array> {
     if (this.#closed) throw new FrontendError('ENODEV', 'frontend closed');
     // The page carries 4088 bytes: a longer command gets the answer a TPM gives one beyond its buffer.
-    if (command.length > V2_MAX_DATA) {
-      const fam = familyOf(command);
-      return errorResponse(fam, fam === '2.0' ? TPM_RC_COMMAND_SIZE : TPM_BAD_PARAM_SIZE, (command[0]! << 8) | command[1]!);
-    }
+    if (command.length > V2_MAX_DATA) return sizeErrorResponse(command);
     // As vtpm_send: the device must be idle (IDLE or FINISH) before a new command goes in; one that
     // stays busy (a cancel the backend never honoured, a dead backend) is cancelled, ETIME.
     const idle = (): boolean => {

@@ -30,7 +30,8 @@ import { shutdownCommand, startupCommand } from './power-commands.js';
 import { StateTransfer } from './state-transfer.js';
 import { NVRAM_NAME } from './state-blob.js';
 import { STATE_KINDS, type StateKind, type StateStore } from './state-store.js';
-import { errorResponse, fatalErrorCode, isFailureModeResponse, responseCode, sizeErrorCode, type TpmVersion } from './wire.js';
+import { errorResponse, fatalErrorCode, sizeErrorCode } from './error-response.js';
+import { isFailureModeResponse, responseCode, type TpmVersion } from './wire.js';
 
 export type { TpmVersion } from './wire.js';
 

@@ -37,29 +37,9 @@ export function readHeader(bytes: Uint8Array): TpmHeader | null {
   return { tag: v.getUint16(0), size: v.getUint32(2), code: v.getUint32(6) };
 }
 
-/** The response code of a response (0 when the response is too short to carry one). */
+/** The response code of a response (0 = success), or -1 when it is too short to carry one. */
 export function responseCode(response: Uint8Array): number {
-  return readHeader(response)?.code ?? 0;
-}
-
-/** A 10-byte error response as each TPM family frames it (what swtpm sends for its own errors). */
-export function errorResponse(version: TpmVersion, rc: number): Uint8Array {
-  const out = new Uint8Array(TPM_HEADER_SIZE);
-  const v = new DataView(out.buffer);
-  v.setUint16(0, version === '2.0' ? TPM2_ST_NO_SESSIONS : TPM_TAG_RSP_COMMAND);
-  v.setUint32(2, TPM_HEADER_SIZE);
-  v.setUint32(6, rc);
-  return out;
-}
-
-/** The response code a TPM gives a command whose size is wrong for its buffer. */
-export function sizeErrorCode(version: TpmVersion): number {
-  return version === '2.0' ? TPM_RC_COMMAND_SIZE : TPM_BAD_PARAM_SIZE;
-}
-
-/** The response code of a TPM that cannot work at all (not initialised, failure mode). */
-export function fatalErrorCode(version: TpmVersion): number {
-  return version === '2.0' ? TPM_RC_FAILURE : TPM_FAIL;
+  return readHeader(response)?.code ?? -1;
 }
 
 /** Does this response say the TPM has entered failure mode? */

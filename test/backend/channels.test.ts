@@ -6,7 +6,8 @@ import { rmSync } from 'node:fs';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { freshXenDir } from '../helpers/child.js';
 import { getRandom, pcrExtend, pcrRead, pcrReadDigest, rc } from '../helpers/tpm2.js';
-import { Swtpm, type SwtpmClient } from '../../scripts/swtpm-peer.js';
+import { SwtpmProcess } from '../helpers/swtpm.js';
+import { TpmClient } from '../helpers/tpm-client.js';
 import { Domain } from '../../src/xen/index.js';
 import { V2Channel } from '../../src/backend/v2-channel.js';
 import { RingChannel } from '../../src/backend/ring-channel.js';
@@ -18,8 +19,8 @@ import { TPMIF_STATE_FINISH, TPMIF_STATE_IDLE, TPMIF_STATE_CANCEL, RING_SLOT } f
 
 const dir = freshXenDir();
 let dom0: Domain;
-let swtpm: Swtpm;
-let client: SwtpmClient;
+let swtpm: SwtpmProcess;
+let client: TpmClient;
 let nextDomid = 10;
 
 /** The swtpm, as a target; `hold` lets a test keep a command "running" until released. */
@@ -40,8 +41,8 @@ function target(): VtpmTarget & { cancels: number; hold: Promise<void> | null } 
 
 beforeAll(async () => {
   dom0 = await Domain.create({ domid: 0, dir });
-  swtpm = await Swtpm.start();
-  client = await swtpm.connect();
+  swtpm = await SwtpmProcess.onSockets();
+  client = await TpmClient.connect({ path: swtpm.dataPath! });
 });
 afterAll(async () => {
   client.close();
@@ -205,8 +206,8 @@ describe('multi-request ring', () => {
 
   it('carries commands larger than a page in several granted pages', async () => {
     // Its own swtpm: an oversize command desynchronises swtpm's byte stream for later commands.
-    const own = await Swtpm.start();
-    const ownClient = await own.connect();
+    const own = await SwtpmProcess.onSockets();
+    const ownClient = await TpmClient.connect({ path: own.dataPath! });
     const g = await guest();
     const front = new RingFront(g, 0, { segments: 3 });
     const ch = new RingChannel(dom0, {

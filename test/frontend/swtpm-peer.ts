@@ -1,64 +1,12 @@
-// A real swtpm process and small TCP clients for it, used as the TPM behind the TCTI bridge and
+// Small TCP clients for a real swtpm (launched by test/helpers/swtpm.ts), used as the TPM behind the TCTI bridge and
 // as the reference its control port is compared with.
-import { spawn, type ChildProcess } from 'node:child_process';
 import net from 'node:net';
 
 import { freePortPair } from '../../src/cli/ports.js';
+import { SwtpmProcess } from '../helpers/swtpm.js';
+import { TpmClient } from '../helpers/tpm-client.js';
 
-export { freePortPair };
-
-function tryConnect(port: number): Promise<boolean> {
-  return new Promise((resolve) => {
-    const s = net.connect({ host: '127.0.0.1', port }, () => {
-      s.destroy();
-      resolve(true);
-    });
-    s.on('error', () => resolve(false));
-  });
-}
-
-export class SwtpmProcess {
-  private constructor(
-    readonly proc: ChildProcess,
-    readonly port: number,
-    readonly stderr: { text: string },
-  ) {}
-
-  get ctrlPort(): number {
-    return this.port + 1;
-  }
-
-  /** `swtpm socket --tpm2` on TCP data port P and control port P+1, TPM started without Startup. */
-  static async start(stateDir: string, flags = 'not-need-init'): Promise<SwtpmProcess> {
-    for (let attempt = 0; attempt < 5; attempt++) {
-      const port = await freePortPair();
-      const args = ['socket', '--tpm2', '--tpmstate', `dir=${stateDir}`, '--server', `type=tcp,port=${port}`,
-        '--ctrl', `type=tcp,port=${port + 1}`, '--flags', flags];
-      const proc = spawn('swtpm', args, { stdio: ['ignore', 'ignore', 'pipe'] });
-      const stderr = { text: '' };
-      proc.stderr!.on('data', (d: Buffer) => (stderr.text += d.toString()));
-      let exited = false;
-      proc.on('exit', () => (exited = true));
-      const deadline = Date.now() + 10_000;
-      while (!exited && Date.now() < deadline) {
-        // Probe only the data port: swtpm serves one control client at a time.
-        if (await tryConnect(port)) return new SwtpmProcess(proc, port, stderr);
-        await new Promise((r) => setTimeout(r, 20));
-      }
-      proc.kill('SIGKILL');
-      if (!exited) throw new Error(`swtpm did not listen on ${port}: ${stderr.text}`);
-      // exited early: most likely a port race; try another pair
-    }
-    throw new Error('swtpm would not start');
-  }
-
-  async stop(): Promise<void> {
-    if (this.proc.exitCode !== null || this.proc.signalCode !== null) return;
-    const gone = new Promise((r) => this.proc.once('exit', r));
-    this.proc.kill('SIGTERM');
-    await gone;
-  }
-}
+export { freePortPair, SwtpmProcess };
 
 /**
  * Sends `req` on a new connection to a control port and collects what comes back until the server
@@ -123,10 +71,8 @@ export function readReply(
  * queue of its own: overlapping calls would interleave on the socket, so the bridge must serialise.
  */
 export class SwtpmClient {
-  #sock: net.Socket | undefined;
-  #buf = Buffer.alloc(0);
+  #data: TpmClient | undefined;
   #busy = false;
-  #waiter: { resolve: (b: Buffer) => void; reject: (e: Error) => void } | undefined;
 
   constructor(readonly swtpm: SwtpmProcess) {}
 
@@ -147,57 +93,15 @@ export class SwtpmClient {
     if (this.#busy) throw new Error('overlapping transmit: the caller did not serialise commands');
     this.#busy = true;
     try {
-      return await this.#transmit(cmd, opts);
+      await this.setLocality(opts.locality);
+      if (!this.#data || this.#data.closed) this.#data = await TpmClient.connect({ port: this.swtpm.port });
+      return await this.#data.transmit(cmd);
     } finally {
       this.#busy = false;
     }
   }
 
-  async #transmit(cmd: Uint8Array, opts: { locality: number }): Promise<Uint8Array> {
-    await this.setLocality(opts.locality);
-    const s = await this.#socket();
-    const rsp = new Promise<Buffer>((resolve, reject) => (this.#waiter = { resolve, reject }));
-    s.write(cmd);
-    this.#deliver();
-    return new Uint8Array(await rsp);
-  }
-
   close(): void {
-    this.#sock?.destroy();
-  }
-
-  async #socket(): Promise<net.Socket> {
-    if (this.#sock && !this.#sock.destroyed) return this.#sock;
-    const s = net.connect({ host: '127.0.0.1', port: this.swtpm.port });
-    await new Promise<void>((resolve, reject) => {
-      s.once('connect', resolve);
-      s.once('error', reject);
-    });
-    s.setNoDelay(true);
-    s.on('data', (d: Buffer) => {
-      this.#buf = Buffer.concat([this.#buf, d]);
-      this.#deliver();
-    });
-    const fail = (): void => {
-      const w = this.#waiter;
-      this.#waiter = undefined;
-      this.#sock = undefined;
-      w?.reject(new Error('swtpm closed the data connection'));
-    };
-    s.on('close', fail);
-    s.on('error', fail);
-    this.#sock = s;
-    return s;
-  }
-
-  #deliver(): void {
-    if (!this.#waiter || this.#buf.length < 10) return;
-    const size = this.#buf.readUInt32BE(2);
-    if (this.#buf.length < size) return;
-    const rsp = this.#buf.subarray(0, size);
-    this.#buf = this.#buf.subarray(size);
-    const w = this.#waiter;
-    this.#waiter = undefined;
-    w.resolve(Buffer.from(rsp));
+    this.#data?.close();
   }
 }

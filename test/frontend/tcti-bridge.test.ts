@@ -68,7 +68,7 @@ describe('TCTI bridge with tpm2-tools and a real swtpm', () => {
 
   beforeAll(async () => {
     dir = mkdtempSync(join(os.tmpdir(), 'vtpm-tcti-'));
-    swtpm = await SwtpmProcess.start(join(dir, '.'), 'not-need-init');
+    swtpm = await SwtpmProcess.start({ stateDir: dir, transport: 'tcp', flags: 'not-need-init' });
     client = new SwtpmClient(swtpm);
     bridge = await TctiBridge.start({
       host: '127.0.0.1',
@@ -217,6 +217,17 @@ describe('TCTI bridge with tpm2-tools and a real swtpm', () => {
     expect(bridge.locality).toBe(0);
   });
 
+  it('SET_STATEBLOB is read to its end and refused (TPM_BAD_ORDINAL); the connection goes on, as swtpm', async () => {
+    // Header (flags 0, type permanent, length 8) and the 8 blob bytes, then SET_LOCALITY 0 on the same connection.
+    for (const port of [swtpm.ctrlPort, bridge.ctrlPort]) {
+      const s = net.connect({ host: '127.0.0.1', port });
+      await new Promise((r) => s.once('connect', r));
+      const blob = hex('00 00 00 0d 00 00 00 00 00 00 00 01 00 00 00 08 01 02 03 04 05 06 07 08');
+      expect((await readReply(s, blob, { want: 4 }, false)).reply).toEqual(hex('00 00 00 0a'));
+      expect((await readReply(s, hex('00 00 00 05 00'), { want: 4 }, true)).reply).toEqual(hex('00 00 00 00'));
+    }
+  });
+
   it('a control message cut off by EOF gets no reply and the connection closes, as swtpm', async () => {
     errors.length = 0;
     for (const port of [swtpm.ctrlPort, bridge.ctrlPort]) {
@@ -263,6 +274,17 @@ describe('TCTI bridge with tpm2-tools and a real swtpm', () => {
     expect(reply.subarray(10, 22)).toEqual(hex('80 01 00 00 00 14 00 00 00 00 00 08'));
     expect(seen.length).toBe(count + 1);
     expect(seen.at(-1)!.cmd).toEqual(GET_RANDOM_8);
+    expect(errors.map((e) => e.code)).toEqual(['CMD_TOO_LARGE']);
+  });
+
+  it('an oversize TPM 1.2 command gets the 1.2 size error (00 C4, TPM_BAD_PARAM_SIZE), as libtpms answers', async () => {
+    const count = seen.length;
+    errors.length = 0;
+    const big = Buffer.alloc(4097, 0xee);
+    hex('00 c2 00 00 10 01 00 00 00 46').copy(big); // AUTH1-tagged, size 4097 > 4096
+    const { reply } = await dataExchange(bridge.port, Buffer.concat([big, GET_RANDOM_8]), { want: 30 });
+    expect(reply.subarray(0, 10)).toEqual(hex('00 c4 00 00 00 0a 00 00 00 19'));
+    expect(seen.length).toBe(count + 1);
     expect(errors.map((e) => e.code)).toEqual(['CMD_TOO_LARGE']);
   });
 

@@ -1,13 +1,12 @@
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { execFileSync, spawn, spawnSync, type ChildProcess } from 'node:child_process';
+import { execFileSync, spawnSync } from 'node:child_process';
 import crypto from 'node:crypto';
 import fs from 'node:fs';
-import net from 'node:net';
-import { freePortPair } from '../../src/cli/ports.js';
 import path from 'node:path';
 import { MASTER_KEY_FILE, SealError, Sealer, loadKeyFile, loadTpmSealedKey } from '../../src/manager/seal.js';
 import { ManagerClient } from '../../src/manager/client.js';
 import { CLI, startManager, tempDir } from './helpers.js';
+import { SwtpmProcess } from '../helpers/swtpm.js';
 
 const A = '11111111-1111-4111-8111-111111111111';
 const B = '22222222-2222-4222-8222-222222222222';
@@ -153,33 +152,16 @@ describe('master key file', () => {
 });
 
 describe('master key sealed to PCRs of a host TPM (swtpm playing the host TPM)', () => {
-  let swtpm: ChildProcess;
+  let swtpm: SwtpmProcess;
   let tcti: string;
 
   beforeAll(async () => {
-    const dir = tempDir('hosttpm');
-    // A free pair (data P, control P+1); another test may take either before swtpm binds it, so a
-    // swtpm that exits at start is retried on a new pair.
-    for (let attempt = 0; attempt < 5; attempt++) {
-      const port = await freePortPair();
-      const child = spawn('swtpm', ['socket', '--tpm2', '--server', `type=tcp,port=${port},bindaddr=127.0.0.1`, '--ctrl', `type=tcp,port=${port + 1},bindaddr=127.0.0.1`, '--tpmstate', `dir=${dir}`, '--flags', 'not-need-init,startup-clear'], { stdio: 'ignore' });
-      swtpm = child;
-      // The libtss2-tcti-swtpm of Debian 12 (tpm2-tss 3.2) takes host/port only, not path=.
-      tcti = `swtpm:host=127.0.0.1,port=${port}`;
-      for (let i = 0; i < 100 && child.exitCode === null; i++) {
-        const ok = await new Promise<boolean>((r) => {
-          const c = net.connect(port, '127.0.0.1', () => (c.destroy(), r(true))).on('error', () => r(false));
-        });
-        if (ok) return;
-        await new Promise((r) => setTimeout(r, 50));
-      }
-      child.kill();
-    }
-    throw new Error('swtpm did not start');
+    swtpm = await SwtpmProcess.start({ stateDir: tempDir('hosttpm'), transport: 'tcp', flags: 'not-need-init,startup-clear' });
+    tcti = swtpm.tcti;
   });
 
-  afterAll(() => {
-    swtpm?.kill();
+  afterAll(async () => {
+    await swtpm?.stop();
   });
 
   it('unseals the same key while the PCRs hold, and refuses once a PCR is extended', () => {

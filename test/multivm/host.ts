@@ -2,10 +2,10 @@
 // data port (raw TPM commands, responses framed by their own header size) that times every command.
 import { execFile } from 'node:child_process';
 import fs from 'node:fs';
-import net from 'node:net';
 import { join } from 'node:path';
 import { promisify } from 'node:util';
 import { ROOT } from '../helpers/child.js';
+import { TpmClient } from '../helpers/tpm-client.js';
 
 export const run = promisify(execFile);
 const cli = join(ROOT, 'dist/src/cli/main.js');
@@ -28,54 +28,19 @@ export const tcti = (port: number) => ({ ...process.env, TPM2TOOLS_TCTI: `swtpm:
 
 /** One TCP connection to a TCTI bridge's data port; one command at a time. */
 export class DataClient {
-  readonly #sock: net.Socket;
-  #buf = Buffer.alloc(0);
-  #waiting: ((b: Buffer) => void) | null = null;
-  #failed: Error | null = null;
+  private constructor(readonly client: TpmClient) {}
 
-  private constructor(sock: net.Socket) {
-    this.#sock = sock;
-    sock.on('data', (d: Buffer) => {
-      this.#buf = Buffer.concat([this.#buf, d]);
-      this.#check();
-    });
-    sock.on('error', (e) => (this.#failed = e));
-  }
-
-  static connect(port: number): Promise<DataClient> {
-    return new Promise((resolve, reject) => {
-      const s = net.createConnection({ host: '127.0.0.1', port }, () => resolve(new DataClient(s)));
-      s.once('error', reject);
-    });
-  }
-
-  #check(): void {
-    if (!this.#waiting || this.#buf.length < 10) return;
-    const size = this.#buf.readUInt32BE(2);
-    if (this.#buf.length < size) return;
-    const rsp = this.#buf.subarray(0, size);
-    this.#buf = this.#buf.subarray(size);
-    const w = this.#waiting;
-    this.#waiting = null;
-    w(Buffer.from(rsp));
+  static async connect(port: number): Promise<DataClient> {
+    return new DataClient(await TpmClient.connect({ port }));
   }
 
   /** Send one command; resolves with the response (or rejects after timeoutMs: a hang). */
-  transmit(cmd: Uint8Array, timeoutMs = 10_000): Promise<Buffer> {
-    if (this.#failed) return Promise.reject(this.#failed);
-    return new Promise((resolve, reject) => {
-      const t = setTimeout(() => reject(new Error(`no response in ${timeoutMs} ms`)), timeoutMs);
-      this.#waiting = (b) => {
-        clearTimeout(t);
-        resolve(b);
-      };
-      this.#sock.write(cmd);
-      this.#check();
-    });
+  async transmit(cmd: Uint8Array, timeoutMs = 10_000): Promise<Buffer> {
+    return Buffer.from(await this.client.transmit(cmd, timeoutMs));
   }
 
   close(): void {
-    this.#sock.destroy();
+    this.client.close();
   }
 }
 

@@ -9,7 +9,8 @@ import os from 'node:os';
 import { join } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { closeFd, sendWithFds, socketPair } from '../../native/unix-rights.js';
-import { CtrlReceiver, Cmd, MAX_STATE_BLOB, encodeRequest } from '../../src/backend/swtpm-ctrl.js';
+import { Cmd, MAX_STATE_BLOB, encodeRequest } from '../../src/swtpm/codes.js';
+import { CtrlReceiver } from '../../src/swtpm/ctrl-receiver.js';
 import { CtrlClient, DataClient, TPM2, TestHost } from './helpers.js';
 
 const work = fs.mkdtempSync(join(os.tmpdir(), 'vtpm-qbad-'));

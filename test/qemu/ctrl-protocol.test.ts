@@ -3,7 +3,6 @@
 // blobs that real swtpm loads, and a second control client that hangs nobody (swtpm #415).
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { createHash, randomUUID } from 'node:crypto';
-import { spawn } from 'node:child_process';
 import fs from 'node:fs';
 import net from 'node:net';
 import os from 'node:os';
@@ -11,6 +10,8 @@ import { join } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { closeFd, sendWithFds, socketPair } from '../../native/unix-rights.js';
 import { CtrlClient, DataClient, TPM2, TestHost, exec, vtpm } from './helpers.js';
+import { SwtpmProcess } from '../helpers/swtpm.js';
+import { TpmClient } from '../helpers/tpm-client.js';
 import { freePortPair } from '../../src/cli/ports.js';
 
 const work = fs.mkdtempSync(join(os.tmpdir(), 'vtpm-ctrl-'));
@@ -211,31 +212,20 @@ describe('swtpm control protocol on our endpoint', () => {
 
     // The same blob files load into real swtpm 0.7.1, which then reads the same PCR16.
     const sdir = join(work, 'swtpm');
-    fs.mkdirSync(sdir);
     const sctrl = join(sdir, 'ctrl.sock');
     const sdata = join(sdir, 'data.sock');
-    const sw = spawn('swtpm', ['socket', '--tpm2', '--tpmstate', `dir=${sdir}`, '--ctrl', `type=unixio,path=${sctrl}`, '--server', `type=unixio,path=${sdata}`], { stdio: 'ignore' });
+    const sw = await SwtpmProcess.start({ stateDir: sdir, transport: 'unix', ctrlPath: sctrl, dataPath: sdata });
     try {
-      for (let i = 0; i < 200 && !(fs.existsSync(sctrl) && fs.existsSync(sdata)); i++) await sleep(25);
       await exec('swtpm_ioctl', ['--unix', sctrl, '--stop']);
       await exec('swtpm_ioctl', ['--unix', sctrl, '--load', 'permanent', perm]);
       await exec('swtpm_ioctl', ['--unix', sctrl, '--load', 'volatile', vol]);
       await exec('swtpm_ioctl', ['--unix', sctrl, '-i']);
-      const got = await new Promise<string>((resolve, reject) => {
-        const s = net.connect(sdata, () => s.write(Buffer.from(TPM2.pcrRead16.replace(/\s/g, ''), 'hex')));
-        let b = Buffer.alloc(0);
-        s.on('data', (d: Buffer) => {
-          b = Buffer.concat([b, d]);
-          if (b.length >= 10 && b.length >= b.readUInt32BE(2)) {
-            s.destroy();
-            resolve(b.toString('hex'));
-          }
-        });
-        s.on('error', reject);
-      });
+      const tpm = await TpmClient.connect({ path: sdata });
+      const got = await tpm.transmitHex(TPM2.pcrRead16);
+      tpm.close();
       expect(got).toMatch(pcrReadReply(pcr16));
     } finally {
-      sw.kill();
+      await sw.stop();
     }
   });
 

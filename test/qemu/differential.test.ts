@@ -3,41 +3,41 @@
 // errors included. Only GET_CAPABILITY differs by design (0xFFFF vs our 0x7FEF), and blob payloads
 // (random seeds) are compared by header only.
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { spawn, type ChildProcess } from 'node:child_process';
 import { randomUUID } from 'node:crypto';
 import fs from 'node:fs';
 import os from 'node:os';
 import { join } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { CtrlClient, TestHost } from './helpers.js';
+import { SwtpmProcess } from '../helpers/swtpm.js';
 
 const work = fs.mkdtempSync(join(os.tmpdir(), 'vtpm-qdiff-'));
 let host: TestHost;
-let swtpm: ChildProcess;
+let swtpm: SwtpmProcess;
 const ours = join(work, 'ours.sock');
 const peer = join(work, 'swtpm.sock');
 
 beforeAll(async () => {
-  fs.mkdirSync(join(work, 'swtpm'));
-  swtpm = spawn('swtpm', ['socket', '--tpm2', '--tpmstate', `dir=${join(work, 'swtpm')}`, '--ctrl', `type=unixio,path=${peer}`], { stdio: 'ignore' });
+  swtpm = await startSwtpm();
   host = await TestHost.up(work);
   await host.attach(randomUUID(), ours);
-  for (let i = 0; i < 200 && !fs.existsSync(peer); i++) await sleep(25);
 });
 
 afterAll(async () => {
-  swtpm?.kill();
+  await swtpm?.stop();
   await host?.down();
   fs.rmSync(work, { recursive: true, force: true });
 });
 
 /** swtpm exits on CMD_SHUTDOWN: a fresh one (same state dir) for the next test. */
 async function restartSwtpm(): Promise<void> {
-  swtpm.kill();
-  await sleep(200);
+  await swtpm.stop();
   fs.rmSync(peer, { force: true });
-  swtpm = spawn('swtpm', ['socket', '--tpm2', '--tpmstate', `dir=${join(work, 'swtpm')}`, '--ctrl', `type=unixio,path=${peer}`], { stdio: 'ignore' });
-  for (let i = 0; i < 200 && !fs.existsSync(peer); i++) await sleep(25);
+  swtpm = await startSwtpm();
+}
+
+function startSwtpm(): Promise<SwtpmProcess> {
+  return SwtpmProcess.start({ stateDir: join(work, 'swtpm'), transport: 'unix', ctrlPath: peer });
 }
 
 /** Send one message, collect everything that arrives until 150 ms of silence. */

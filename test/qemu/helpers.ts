@@ -9,6 +9,8 @@ import { join } from 'node:path';
 import { promisify } from 'node:util';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { ROOT } from '../helpers/child.js';
+import { SwtpmProcess } from '../helpers/swtpm.js';
+import { TpmClient } from '../helpers/tpm-client.js';
 
 export const exec = promisify(execFile);
 const cli = join(ROOT, 'dist/src/cli/main.js');
@@ -199,21 +201,19 @@ export class Qemu {
   }
 }
 
-/** A plain swtpm for QEMU (the peer), with its control socket at `ctrl`. */
+/** A plain swtpm for QEMU (the peer), with its control socket at `ctrl` and its log in `dir`. */
 export class Swtpm {
-  readonly proc: ChildProcess;
-  constructor(readonly dir: string, readonly ctrl: string) {
-    fs.mkdirSync(join(dir, 'state'), { recursive: true });
-    this.proc = spawn('swtpm', ['socket', '--tpm2', '--tpmstate', `dir=${join(dir, 'state')}`, '--ctrl', `type=unixio,path=${ctrl}`, '--log', `level=2,file=${join(dir, 'swtpm.log')}`], {
-      stdio: 'ignore',
-    });
+  private constructor(
+    readonly dir: string,
+    readonly ctrl: string,
+    readonly sw: SwtpmProcess,
+  ) {}
+  static async start(dir: string, ctrl: string): Promise<Swtpm> {
+    const sw = await SwtpmProcess.start({ stateDir: join(dir, 'state'), transport: 'unix', ctrlPath: ctrl, logFile: join(dir, 'swtpm.log') });
+    return new Swtpm(dir, ctrl, sw);
   }
-  async ready(): Promise<void> {
-    for (let i = 0; i < 200 && !fs.existsSync(this.ctrl); i++) await sleep(25);
-    if (!fs.existsSync(this.ctrl)) throw new Error('swtpm did not create its socket');
-  }
-  stop(): void {
-    this.proc.kill('SIGTERM');
+  stop(): Promise<void> {
+    return this.sw.stop();
   }
   log(): string {
     return fs.readFileSync(join(this.dir, 'swtpm.log'), 'utf8');
@@ -295,39 +295,21 @@ export class CtrlClient {
   }
 }
 
-/** A TPM data channel the QEMU way: a socketpair whose other end went over SET_DATAFD. */
+/** QEMU's end of the data channel (the fd passed with SET_DATAFD), spoken in hex. */
 export class DataClient {
-  readonly sock: net.Socket;
-  #buf = Buffer.alloc(0);
-  #wake: (() => void) | null = null;
+  readonly #c: TpmClient;
   constructor(fd: number) {
-    this.sock = new net.Socket({ fd, readable: true, writable: true });
-    this.sock.on('data', (d: Buffer) => {
-      this.#buf = Buffer.concat([this.#buf, d]);
-      this.#wake?.();
-    });
-    this.sock.on('error', () => {});
+    this.#c = new TpmClient(new net.Socket({ fd, readable: true, writable: true }));
+  }
+  get sock(): net.Socket {
+    return this.#c.sock;
   }
   /** Send one command; read one response (by its header size). */
-  async transmit(hex: string, timeoutMs = 10_000): Promise<string> {
-    this.sock.write(Buffer.from(hex.replace(/\s+/g, ''), 'hex'));
-    const end = Date.now() + timeoutMs;
-    for (;;) {
-      if (this.#buf.length >= 10 && this.#buf.length >= this.#buf.readUInt32BE(2)) {
-        const n = this.#buf.readUInt32BE(2);
-        const r = this.#buf.subarray(0, n);
-        this.#buf = this.#buf.subarray(n);
-        return r.toString('hex');
-      }
-      if (Date.now() > end) throw new Error(`no response; have ${this.#buf.toString('hex')}`);
-      await new Promise<void>((r) => {
-        this.#wake = r;
-        setTimeout(r, 50);
-      });
-    }
+  transmit(hex: string, timeoutMs = 10_000): Promise<string> {
+    return this.#c.transmitHex(hex, timeoutMs);
   }
   close(): void {
-    this.sock.destroy();
+    this.#c.close();
   }
 }
 

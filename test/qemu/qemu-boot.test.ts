@@ -22,7 +22,7 @@ beforeAll(async () => {
 
 afterAll(async () => {
   await Promise.all(qemus.map((q) => q.quit()));
-  for (const s of swtpms) s.stop();
+  await Promise.all(swtpms.map((s) => s.stop()));
   await host?.down();
   fs.rmSync(work, { recursive: true, force: true });
 });
@@ -102,9 +102,8 @@ describe('QEMU -tpmdev emulator on our endpoint', () => {
     const file = join(work, 'crb.vmstate');
     const b = await saveRestore(a, file, async () => {
       const dir = join(work, 'swtpm-dst');
-      const sw = new Swtpm(dir, join(work, 'swtpm-dst.sock'));
+      const sw = await Swtpm.start(dir, join(work, 'swtpm-dst.sock'));
       swtpms.push(sw);
-      await sw.ready();
       return startQemu({ name: 'crb-swtpm', ctrl: sw.ctrl, device: 'tpm-crb', incoming: `exec:cat ${file}` });
     });
     await b.quit();
@@ -150,9 +149,8 @@ describe('QEMU -tpmdev emulator on our endpoint', () => {
 
   it('swtpm 0.7.1 -> ours: a guest booted on swtpm is restored onto our endpoint with PCR16 intact', async () => {
     const dir = join(work, 'swtpm-src');
-    const sw = new Swtpm(dir, join(work, 'swtpm-src.sock'));
+    const sw = await Swtpm.start(dir, join(work, 'swtpm-src.sock'));
     swtpms.push(sw);
-    await sw.ready();
     const a = startQemu({ name: 'swtpm-a', ctrl: sw.ctrl, device: 'tpm-tis' });
     await bootAndCheck(a);
     const vm = randomUUID();

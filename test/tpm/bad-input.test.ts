@@ -9,6 +9,7 @@ import type { FailureInfo } from '../../src/tpm/instance-types.js';
 import * as tpm12 from '../../src/tpm/tpm12-commands.js';
 import * as tpm2 from '../../src/tpm/tpm2-commands.js';
 import { readHeader } from '../../src/tpm/wire.js';
+import { sizeErrorResponse } from '../../src/tpm/error-response.js';
 import { hex, tempStore, unhex } from './helpers.js';
 
 describe('size errors', () => {
@@ -23,6 +24,24 @@ describe('size errors', () => {
   afterAll(async () => {
     await host.destroyAll();
     t.cleanup();
+  });
+
+  // The one error builder (src/tpm/error-response.ts) against libtpms: a 14-byte command claiming 0x20
+  // bytes gets libtpms' own size error, for every request tag of both families.
+  const wrongSize = (tag: string, ordinal: string): Uint8Array => unhex(`${tag} 00000020 ${ordinal} 0008`);
+
+  it.each(['00c1', '00c2', '00c3'])('TPM 1.2, request tag %s: ours equals libtpms (00c4 ... TPM_BAD_PARAM_SIZE)', async (tag) => {
+    const cmd = wrongSize(tag, '00000046'); // TPM_ORD_GetRandom
+    const theirs = await t12.execute(cmd);
+    expect(hex(theirs)).toBe('00c40000000a00000019');
+    expect(hex(sizeErrorResponse(cmd))).toBe(hex(theirs));
+  });
+
+  it.each(['8001', '8002'])('TPM 2.0, request tag %s: ours equals libtpms (8001 ... TPM_RC_COMMAND_SIZE)', async (tag) => {
+    const cmd = wrongSize(tag, '0000017b'); // TPM2_CC_GetRandom
+    const theirs = await t2.execute(cmd);
+    expect(hex(theirs)).toBe('80010000000a00000142');
+    expect(hex(sizeErrorResponse(cmd))).toBe(hex(theirs));
   });
 
   it('TPM 2.0: size field larger or smaller than the bytes -> TPM_RC_COMMAND_SIZE (0x142)', async () => {

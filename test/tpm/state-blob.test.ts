@@ -4,7 +4,8 @@ import { randomBytes } from 'node:crypto';
 import { readFileSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { afterAll, afterEach, describe, expect, it } from 'vitest';
-import { SwtpmProcess } from '../../scripts/bench/_swtpm.js';
+import { SwtpmProcess, type SwtpmStart } from '../helpers/swtpm.js';
+import { TpmClient } from '../helpers/tpm-client.js';
 import { TpmHost } from '../../src/tpm/host.js';
 import type { TpmInstance } from '../../src/tpm/instance.js';
 import { StateBlobError, decodeStateBlob, encodeStateBlob } from '../../src/tpm/state-blob.js';
@@ -120,27 +121,27 @@ describe('state blobs and a real swtpm', () => {
     writeFileSync(join(d.dir, 'perm.blob'), (await ours.getStateBlob('permanent'))!);
     writeFileSync(join(d.dir, 'vol.blob'), (await ours.getStateBlob('volatile'))!);
     // As QEMU's migration destination: swtpm waits for INIT, blobs are set first.
-    const sw = await SwtpmProcess.start({ dir: d.dir, flags: null });
+    const sw = await SwtpmProcess.start(onSockets(d.dir));
     cleanups.push(() => sw.stop());
     await sw.ioctl('--load', 'permanent', join(d.dir, 'perm.blob'));
     await sw.ioctl('--load', 'volatile', join(d.dir, 'vol.blob'));
     await sw.ioctl('-i');
-    const conn = await sw.connect();
+    const conn = await TpmClient.connect({ path: sw.dataPath! });
     cleanups.push(() => conn.close());
-    expect(hex(tpm2.parsePcrRead(await conn.transact(tpm2.pcrReadSha256(16))))).toBe(want.pcr);
-    expect(hex(tpm2.parseNvRead(await conn.transact(tpm2.nvRead(NV_INDEX, 32))))).toBe(want.nv);
-    expect(tpm2.parseHandles(await conn.transact(tpm2.getHandles()))).toContain(PERSISTENT);
+    expect(hex(tpm2.parsePcrRead(await conn.transmit(tpm2.pcrReadSha256(16))))).toBe(want.pcr);
+    expect(hex(tpm2.parseNvRead(await conn.transmit(tpm2.nvRead(NV_INDEX, 32))))).toBe(want.nv);
+    expect(tpm2.parseHandles(await conn.transmit(tpm2.getHandles()))).toContain(PERSISTENT);
   });
 
   it("swtpm's blobs (swtpm_ioctl --save) have our exact framing and load into an engine instance", async () => {
     const d = tempDir('x-sw2');
     cleanups.push(d.cleanup);
-    const sw = await SwtpmProcess.start({ dir: d.dir });
+    const sw = await SwtpmProcess.start({ ...onSockets(d.dir), flags: 'not-need-init,startup-clear' });
     cleanups.push(() => sw.stop());
-    const conn = await sw.connect();
+    const conn = await TpmClient.connect({ path: sw.dataPath! });
     cleanups.push(() => conn.close());
-    await conn.transact(tpm2.pcrExtendSha256(16, unhex('5a'.repeat(32))));
-    const pcr = hex(tpm2.parsePcrRead(await conn.transact(tpm2.pcrReadSha256(16))));
+    await conn.transmit(tpm2.pcrExtendSha256(16, unhex('5a'.repeat(32))));
+    const pcr = hex(tpm2.parsePcrRead(await conn.transmit(tpm2.pcrReadSha256(16))));
     await sw.ioctl('--save', 'permanent', join(d.dir, 'perm.blob'));
     await sw.ioctl('--save', 'volatile', join(d.dir, 'vol.blob'));
     const perm = new Uint8Array(readFileSync(join(d.dir, 'perm.blob')));
@@ -161,3 +162,8 @@ describe('state blobs and a real swtpm', () => {
     expect(hex((await ours.getStateBlob('permanent'))!)).toBe(hex(perm));
   });
 });
+
+/** swtpm with its control and data sockets in `dir`. */
+function onSockets(dir: string): SwtpmStart {
+  return { stateDir: dir, transport: 'unix', ctrlPath: join(dir, 'ctrl.sock'), dataPath: join(dir, 'data.sock') };
+}

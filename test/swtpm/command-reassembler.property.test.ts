@@ -2,7 +2,7 @@
 // same commands and rejections, and it never holds more than one command's bytes.
 import fc from 'fast-check';
 import { describe, expect, it } from 'vitest';
-import { CommandReceiver, type DataFrame } from '../../src/frontend/tcti-data.js';
+import { CommandReceiver, type DataFrame } from '../../src/swtpm/command-reassembler.js';
 
 const MAX = 64;
 
@@ -68,7 +68,7 @@ describe('CommandReceiver', () => {
         whole.forEach((f, i) => {
           const size = new DataView(frames[i]!.buffer).getUint32(2);
           if (size <= MAX) expect(f).toEqual({ kind: 'command', bytes: frames[i] });
-          else expect(f).toEqual({ kind: 'too-large', size });
+          else expect(f).toEqual({ kind: 'too-large', size, tag: 0x8002 });
         });
       }),
       { numRuns: 300 },
@@ -78,15 +78,19 @@ describe('CommandReceiver', () => {
   it('a commandSize below the header kills the stream: nothing after it is parsed', () => {
     const rx = new CommandReceiver(MAX);
     rx.push(Uint8Array.from([0x80, 0x01, 0, 0, 0, 9, 0x80, 0x01, 0, 0, 0, 10, 0, 0, 1, 0x7b]));
-    expect(rx.next()).toEqual({ kind: 'too-small', size: 9 });
+    expect(rx.next()).toEqual({ kind: 'too-small', size: 9, tag: 0x8001 });
     expect(rx.next()).toBeNull();
     expect(rx.dead).toBe(true);
+    // resync() drops what was held: the next bytes start a new command.
+    rx.resync();
+    rx.push(Uint8Array.from([0x80, 0x01, 0, 0, 0, 10, 0, 0, 1, 0x7b]));
+    expect(rx.next()).toEqual({ kind: 'command', bytes: Uint8Array.from([0x80, 0x01, 0, 0, 0, 10, 0, 0, 1, 0x7b]) });
   });
 
   it('checks the size before allocating: a 4 GiB claim costs nothing and is skipped as it streams', () => {
     const rx = new CommandReceiver();
     rx.push(Uint8Array.from([0x80, 0x01, 0xff, 0xff, 0xff, 0xff]));
-    expect(rx.next()).toEqual({ kind: 'too-large', size: 0xffffffff });
+    expect(rx.next()).toEqual({ kind: 'too-large', size: 0xffffffff, tag: 0x8001 });
     rx.push(new Uint8Array(1 << 16));
     expect(rx.next()).toBeNull();
     expect(rx.partial).toBe(0xffffffff - 6 - (1 << 16));

@@ -1,29 +1,15 @@
-// The data port of the TCTI bridge: raw TPM commands in, raw responses out, no extra framing
-// (docs/protocols/swtpm-ctrl.md). The tpm2-tss swtpm TCTI opens one connection per command, writes the
-// whole command and reads a 10-byte header then size-10 bytes; persistent clients may send several
-// commands on one connection. Unlike swtpm, which takes one read() as one command, this receiver
-// reassembles each command from its header's size, so a command may arrive in pieces.
+// The one TPM command reassembler of the swtpm data channel (docs/protocols/swtpm-ctrl.md, "Data
+// channel"): raw TPM commands, no extra framing. Unlike swtpm, which takes one read() as one command,
+// it reassembles each command from its header's size, so a command may arrive in pieces and several may
+// share a read. Both servers of the data channel use it: the TCTI bridge's data port and the data
+// channel QEMU passes to its endpoint.
+import { TPM_HEADER_SIZE } from '../tpm/wire.js';
 
-/** TPM2 command header: tag u16, commandSize u32, commandCode u32. */
-export const TPM_HEADER_SIZE = 10;
+export { TPM_HEADER_SIZE };
 /** Bytes needed to learn a command's size: tag + commandSize. */
 const SIZE_PREFIX = 6;
 /** The tpmif v2 shared page carries at most 4096 bytes (8 + 4088 with the header, docs/protocols/tpmif.md). */
 export const DEFAULT_MAX_COMMAND_SIZE = 4096;
-
-export const TPM_ST_NO_SESSIONS = 0x8001;
-export const TPM_RC_COMMAND_SIZE = 0x142;
-export const TPM_RC_FAILURE = 0x101;
-
-/** A bare TPM2 error response: tag 0x8001, size 10, the response code. */
-export function tpm2ErrorResponse(rc: number): Uint8Array {
-  const b = new Uint8Array(TPM_HEADER_SIZE);
-  const v = new DataView(b.buffer);
-  v.setUint16(0, TPM_ST_NO_SESSIONS);
-  v.setUint32(2, TPM_HEADER_SIZE);
-  v.setUint32(6, rc >>> 0);
-  return b;
-}
 
 export type DataErrorCode = 'CMD_TOO_LARGE' | 'CMD_TOO_SMALL' | 'CMD_TRUNCATED' | 'TRANSMIT_FAILED';
 
@@ -47,15 +33,15 @@ export function checkMaxCommandSize(n: number): void {
 /** What the receiver found next in the byte stream. */
 export type DataFrame =
   | { kind: 'command'; bytes: Uint8Array }
-  /** commandSize above the limit: answer TPM_RC_COMMAND_SIZE; its bytes are skipped unread. */
-  | { kind: 'too-large'; size: number }
-  /** commandSize below a header: answer TPM_RC_COMMAND_SIZE; the stream cannot be resynchronised. */
-  | { kind: 'too-small'; size: number };
+  /** commandSize above the limit: answer the size error of `tag`'s family; its bytes are skipped unread. */
+  | { kind: 'too-large'; size: number; tag: number }
+  /** commandSize below a header: answer the size error; the stream is lost until resync(). */
+  | { kind: 'too-small'; size: number; tag: number };
 
 const GET_SIZE = 0; // collecting tag + commandSize
 const GET_COMMAND = 1; // collecting the rest of a command of known size
 const DISCARD = 2; // skipping the body of a rejected oversize command
-const DEAD = 3; // framing lost; nothing more is read
+const DEAD = 3; // framing lost; nothing more is read until resync()
 
 /**
  * Splits a data-port byte stream into TPM commands. push() stores bytes, next() returns the next
@@ -68,8 +54,31 @@ export class CommandReceiver {
   #size = 0;
   #skip = 0;
 
-  constructor(readonly maxCommandSize: number = DEFAULT_MAX_COMMAND_SIZE) {
-    checkMaxCommandSize(maxCommandSize);
+  readonly #max: () => number;
+
+  /** `maxCommandSize`: a fixed limit, or a function read at each command (a buffer size that may change). */
+  constructor(maxCommandSize: number | (() => number) = DEFAULT_MAX_COMMAND_SIZE) {
+    if (typeof maxCommandSize === 'number') {
+      checkMaxCommandSize(maxCommandSize);
+      this.#max = () => maxCommandSize;
+    } else this.#max = maxCommandSize;
+  }
+
+  get maxCommandSize(): number {
+    return this.#max();
+  }
+
+  /** Bytes held and not yet returned (a pausing caller compares this with its buffer). */
+  get buffered(): number {
+    return this.#buffered;
+  }
+
+  /** After a too-small frame: drop what is held and read the next bytes as a new command. */
+  resync(): void {
+    this.#chunks = [];
+    this.#buffered = 0;
+    this.#skip = 0;
+    this.#state = GET_SIZE;
   }
 
   /** Bytes held that belong to a command not yet complete (0 between commands). */
@@ -111,18 +120,19 @@ export class CommandReceiver {
   #getSize(): DataFrame | undefined {
     if (this.#buffered < SIZE_PREFIX) return undefined;
     const head = this.#peek(SIZE_PREFIX);
+    const tag = (head[0]! << 8) | head[1]!;
     const size = ((head[2]! << 24) | (head[3]! << 16) | (head[4]! << 8) | head[5]!) >>> 0;
     if (size < TPM_HEADER_SIZE) {
       this.#state = DEAD;
       this.#chunks = [];
       this.#buffered = 0;
-      return { kind: 'too-small', size };
+      return { kind: 'too-small', size, tag };
     }
-    if (size > this.maxCommandSize) {
+    if (size > this.#max()) {
       this.#take(SIZE_PREFIX);
       this.#skip = size - SIZE_PREFIX;
       this.#state = DISCARD;
-      return { kind: 'too-large', size };
+      return { kind: 'too-large', size, tag };
     }
     this.#size = size;
     this.#state = GET_COMMAND;

@@ -1,5 +1,6 @@
-// swtpm's control channel ("ioctl" protocol over a UNIX socket, as QEMU's -tpmdev emulator and
-// swtpm_ioctl speak it): command codes, capability bits, result codes, and the request receiver.
+// The one receiver of swtpm's control channel (docs/protocols/swtpm-ctrl.md, "Control framing"): it
+// turns the bytes (and passed fds) of a control connection into requests, with swtpm's payload sizes
+// and its 500 ms deadline. The QEMU endpoint and the TCTI bridge serve what it yields.
 //
 // Framing (swtpm ctrlchannel.c): a request is a 4-byte big-endian code followed by that command's
 // payload, with no length prefix; the server knows each size. swtpm is message based: one recvmsg()
@@ -9,75 +10,7 @@
 // payload-less commands and INIT). SET_STATEBLOB carries its blob length in its header and is read to
 // the end. The receiver mirrors that, as a state machine.
 
-import { CMD as Cmd } from '../tpm/swtpm-ioctl.js';
-
-export { Cmd };
-
-/** PTM_CAP_* bits of CMD_GET_CAPABILITY. */
-export const Cap = {
-  INIT: 0x1,
-  SHUTDOWN: 0x2,
-  GET_TPMESTABLISHED: 0x4,
-  SET_LOCALITY: 0x8,
-  HASHING: 0x10,
-  CANCEL_TPM_CMD: 0x20,
-  STORE_VOLATILE: 0x40,
-  RESET_TPMESTABLISHED: 0x80,
-  GET_STATEBLOB: 0x100,
-  SET_STATEBLOB: 0x200,
-  STOP: 0x400,
-  GET_CONFIG: 0x800,
-  SET_DATAFD: 0x1000,
-  SET_BUFFERSIZE: 0x2000,
-  GET_INFO: 0x4000,
-  SEND_COMMAND_HEADER: 0x8000,
-  LOCK_STORAGE: 0x10000,
-} as const;
-
-/** What we implement: everything QEMU 7.2 needs (0x348F + 0x0700 for migration) and swtpm_ioctl uses. */
-export const OUR_CAPS =
-  Cap.INIT |
-  Cap.SHUTDOWN |
-  Cap.GET_TPMESTABLISHED |
-  Cap.SET_LOCALITY |
-  Cap.CANCEL_TPM_CMD |
-  Cap.STORE_VOLATILE |
-  Cap.RESET_TPMESTABLISHED |
-  Cap.GET_STATEBLOB |
-  Cap.SET_STATEBLOB |
-  Cap.STOP |
-  Cap.GET_CONFIG |
-  Cap.SET_DATAFD |
-  Cap.SET_BUFFERSIZE |
-  Cap.GET_INFO;
-
-/** ptm_res values (libtpms' TPM 1.2 result codes, used for TPM 2 too). */
-export const Res = {
-  SUCCESS: 0x00,
-  BAD_PARAMETER: 0x03,
-  FAIL: 0x09,
-  BAD_ORDINAL: 0x0a,
-  KEYNOTFOUND: 0x0d,
-  SIZE: 0x17,
-  IOERROR: 0x1f,
-  BAD_DATASIZE: 0x2b,
-  BAD_VERSION: 0x2e,
-  BAD_LOCALITY: 0x3d,
-  RETRY: 0x800,
-} as const;
-
-export const INIT_FLAG_DELETE_VOLATILE = 0x1;
-export const STATE_FLAG_DECRYPTED = 0x1;
-export const STATE_FLAG_ENCRYPTED = 0x2;
-export const BLOB_TYPE_PERMANENT = 1;
-export const BLOB_TYPE_VOLATILE = 2;
-export const BLOB_TYPE_SAVESTATE = 3;
-/** PTM_GETINFO_SIZE: the most GET_INFO returns per request. */
-export const GETINFO_SIZE = 3072;
-/** swtpm's deadline for the rest of a started control message. */
-export const CTRL_DEADLINE_MS = 500;
-/** Largest state blob we accept (swtpm HEAD's limit; libtpms 0.9 blobs are ~10 KiB). Checked before allocating. */
-export const MAX_STATE_BLOB = 512 * 1024;
+import { CTRL_DEADLINE_MS, Cmd, MAX_STATE_BLOB, Res } from './codes.js';
 
 /** Payload bytes each command needs after its code; `exact` ones refuse extra bytes (swtpm does). */
 const PAYLOAD: Record<number, { min: number; exact: boolean }> = {
@@ -136,10 +69,14 @@ const enum State {
 }
 
 /**
- * Turns received chunks (with their fds) into requests. Call push() per recvmsg result and expire()
- * when the deadline (armed while `pending` is true) passes.
+ * Turns received chunks (with their fds) into requests: call push() per read (recvmsg) result. A message
+ * must be complete within `deadlineMs` of its first byte; with `onDeadline` the receiver runs that clock
+ * itself and hands the expiry's events there (without it, the caller calls expire()).
  */
 export class CtrlReceiver {
+  readonly #onDeadline: ((events: ReceiverEvent[]) => void) | undefined;
+  readonly #deadlineMs: number;
+  #timer: NodeJS.Timeout | undefined;
   #state = State.IDLE;
   #buf: Buffer = Buffer.alloc(0);
   #cmd = 0;
@@ -148,12 +85,38 @@ export class CtrlReceiver {
   #blobGot = 0;
   #header: Buffer | null = null;
 
-  /** A command is started but not complete (the caller runs the 500 ms deadline). */
+  constructor(onDeadline?: (events: ReceiverEvent[]) => void, deadlineMs = CTRL_DEADLINE_MS) {
+    this.#onDeadline = onDeadline;
+    this.#deadlineMs = deadlineMs;
+  }
+
+  /** A command is started but not complete (its deadline is running). */
   get pending(): boolean {
     return this.#state !== State.IDLE;
   }
 
+  /** Stop the clock and drop a partial message; returns the fds it held (the caller closes them). */
+  destroy(): number[] {
+    const fds = this.#fds;
+    this.#reset();
+    return fds;
+  }
+
   push(chunk: Uint8Array, fds: number[] = []): ReceiverEvent[] {
+    const out = this.#push(chunk, fds);
+    // The clock starts at a message's first byte and stops when it completes (#reset).
+    if (this.pending && this.#onDeadline && this.#timer === undefined) {
+      const onDeadline = this.#onDeadline;
+      this.#timer = setTimeout(() => {
+        this.#timer = undefined;
+        onDeadline(this.expire());
+      }, this.#deadlineMs);
+      this.#timer.unref();
+    }
+    return out;
+  }
+
+  #push(chunk: Uint8Array, fds: number[]): ReceiverEvent[] {
     const out: ReceiverEvent[] = [];
     let data = Buffer.from(chunk.buffer, chunk.byteOffset, chunk.byteLength);
     this.#fds.push(...fds);
@@ -190,6 +153,8 @@ export class CtrlReceiver {
   }
 
   #reset(): void {
+    clearTimeout(this.#timer);
+    this.#timer = undefined;
     this.#state = State.IDLE;
     this.#buf = Buffer.alloc(0);
     this.#fds = [];
@@ -254,24 +219,3 @@ export class CtrlReceiver {
   }
 }
 
-/** A 4-byte response carrying only the result (every error, and most successes). */
-export function resultOnly(res: number): Buffer {
-  const b = Buffer.alloc(4);
-  b.writeUInt32BE(res >>> 0, 0);
-  return b;
-}
-
-/** Big-endian u32 fields, the shape of every fixed control response. */
-export function u32s(...values: number[]): Buffer {
-  const b = Buffer.alloc(4 * values.length);
-  values.forEach((v, i) => b.writeUInt32BE(v >>> 0, 4 * i));
-  return b;
-}
-
-/** A request as a client sends it: code + payload (for tests and our own client). */
-export function encodeRequest(cmd: number, payload: Uint8Array = new Uint8Array(0)): Buffer {
-  const b = Buffer.alloc(4 + payload.length);
-  b.writeUInt32BE(cmd, 0);
-  b.set(payload, 4);
-  return b;
-}
