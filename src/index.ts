@@ -4,7 +4,8 @@
 
 // The engine first: its native module sets koffi up before any other native code loads.
 export { TpmHost, TpmHostError, type CreateOptions, type HostOptions } from './tpm/host.js';
-export { TpmInstance, TpmInstanceError, type ExecuteOptions, type InstanceOptions, type InstanceStatus, type TpmVersion } from './tpm/instance.js';
+export { TpmInstance, type TpmVersion } from './tpm/instance.js';
+export { TpmInstanceError, type ExecuteOptions, type InstanceOptions, type InstanceStatus } from './tpm/instance-types.js';
 export { DirStateStore, type DirStoreOptions } from './tpm/dir-store.js';
 export { STATE_KINDS, type StateKind, type StateStore } from './tpm/state-store.js';
 
@@ -13,7 +14,8 @@ export { ManagerDaemon } from './manager/daemon.js';
 
 export { XsClient, connect as connectXenstore } from './xenstore/client.js';
 export { XenstoreDaemon } from './xenstore/daemon.js';
-export { XenbusState, vtpmDevice, waitForState, writeDeviceDirectories, removeDeviceDirectories, type VtpmDevice } from './xenstore/xenbus.js';
+export { XenbusState, vtpmDevice, waitForState, type VtpmDevice } from './xenstore/xenbus.js';
+export { removeDeviceDirectories, writeDeviceDirectories } from './xenstore/xenbus-toolstack.js';
 
 export { Domain } from './xen/index.js';
 export { TpmFront, type Protocol } from './frontend/tpmfront.js';

@@ -11,7 +11,7 @@ import { hostDown, hostUp } from '../../src/cli/host.js';
 import { RunDir } from '../../src/cli/rundir.js';
 import { Domain } from '../../src/xen/index.js';
 import { connect, type XsClient } from '../../src/xenstore/client.js';
-import { writeDeviceDirectories } from '../../src/xenstore/xenbus.js';
+import { writeDeviceDirectories } from '../../src/xenstore/xenbus-toolstack.js';
 import { TpmFront } from '../../src/frontend/tpmfront.js';
 import { SwtpmProcess } from './_swtpm.js';
 import { smapsRollup } from './_engine-host.js';

@@ -20,10 +20,10 @@ import { SwtpmProcess } from './_swtpm.js';
 import { RunDir } from '../../src/cli/rundir.js';
 import { Domain } from '../../src/xen/index.js';
 import { connect } from '../../src/xenstore/client.js';
-import { writeDeviceDirectories } from '../../src/xenstore/xenbus.js';
+import { writeDeviceDirectories } from '../../src/xenstore/xenbus-toolstack.js';
 import { GuestSession } from '../../src/frontend/session.js';
 import * as tpm2 from '../../src/tpm/tpm2-commands.js';
-import { trace } from '../../src/xen/trace.js';
+import { trace } from '../../src/util/trace.js';
 
 const run = promisify(execFile);
 

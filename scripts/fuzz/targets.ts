@@ -9,17 +9,9 @@ import { Domain, SharedRing } from '../../src/xen/index.js';
 import { RING_SLOT, TPMIF_STATE_SUBMIT, V2_LENGTH, V2_LOCALITY, V2_NR_EXTRA, V2_STATE, XS_FEATURE_RING } from '../../src/xen/tpmif.js';
 import { XsClient, type XsWatch } from '../../src/xenstore/client.js';
 import { XsReceiver, XsType } from '../../src/xenstore/wire.js';
-import {
-  XenbusState,
-  frontendConnect,
-  removeDeviceDirectories,
-  switchState,
-  vtpmDevice,
-  waitForState,
-  watchState,
-  writeDeviceDirectories,
-  type VtpmDevice,
-} from '../../src/xenstore/xenbus.js';
+import { switchState, vtpmDevice, type VtpmDevice, waitForState, watchState, XenbusState } from '../../src/xenstore/xenbus.js';
+import { frontendConnect } from '../../src/xenstore/xenbus-frontend.js';
+import { removeDeviceDirectories, writeDeviceDirectories } from '../../src/xenstore/xenbus-toolstack.js';
 import { ManagerClient } from '../../src/manager/client.js';
 import { RENDEZVOUS, TransportError, writeShared } from '../../src/manager/fifo.js';
 import { connectPair, type ClientPair } from '../../src/manager/fifo-client.js';

@@ -3,21 +3,13 @@
 // and the guest's vTPM instance behind it. Transitions run one at a time, in order.
 import type { Domain } from '../xen/index.js';
 import type { XsClient, XsWatch } from '../xenstore/client.js';
-import {
-  XenbusState,
-  backendConnected,
-  backendInitWait,
-  deviceFatal,
-  parseFrontendRing,
-  readState,
-  switchState,
-  type VtpmDevice,
-} from '../xenstore/xenbus.js';
+import { deviceFatal, readState, switchState, type VtpmDevice, XenbusState } from '../xenstore/xenbus.js';
+import { backendConnected, backendInitWait, parseFrontendRing } from '../xenstore/xenbus-backend.js';
 import { XS_FEATURE_RING, XS_FEATURE_V2 } from '../xen/tpmif.js';
 import { V2Channel } from './v2-channel.js';
 import { RingChannel } from './ring-channel.js';
 import type { VtpmTarget } from './target.js';
-import { trace } from '../xen/trace.js';
+import { trace } from '../util/trace.js';
 
 /** What a device needs from the backend process: the vTPM for a VM, opened at the manager. */
 export interface VtpmProvider {

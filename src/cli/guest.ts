@@ -8,25 +8,19 @@ import { setTimeout as sleep } from 'node:timers/promises';
 import net from 'node:net';
 import { Domain } from '../xen/index.js';
 import { connect, type XsClient } from '../xenstore/client.js';
-import {
-  XenbusState,
-  readState,
-  removeDeviceDirectories,
-  vtpmDevice,
-  waitForState,
-  writeDeviceDirectories,
-  type VtpmDevice,
-} from '../xenstore/xenbus.js';
+import { readState, vtpmDevice, type VtpmDevice, waitForState, XenbusState } from '../xenstore/xenbus.js';
+import { removeDeviceDirectories, writeDeviceDirectories } from '../xenstore/xenbus-toolstack.js';
 import { CliError, fileSize, managerReason, openRefusal } from './errors.js';
 import { readHostAlive } from './host-check.js';
-import { TpmFront, type Protocol } from '../frontend/tpmfront.js';
+import { runGuest, type GuestProcessOptions } from '../frontend/guest-main.js';
+import type { Protocol } from '../frontend/tpmfront.js';
 import { MISBEHAVIOURS, misbehave, type Misbehaviour } from '../frontend/hostile.js';
 import { RunDir, alive, procStat, type GuestInfo } from './rundir.js';
 import { guestOwner, guestSocket, spawnGuestProcess, stopProcess, tailFile } from './spawn.js';
 import { domainProcesses, ownUidOrRoot } from './isolation.js';
 import { journalPath, type WorkloadSpec } from './stress-workload.js';
 import { onStop } from './lifecycle.js';
-import { registerSuspend, runSession } from './suspend.js';
+import { registerSuspend } from './suspend.js';
 
 const UUID = /^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$/i;
 
@@ -243,81 +237,25 @@ export async function guestDetach(run: string, domid: number, timeoutMs = 15_000
   rd.removeGuest(domid);
 }
 
-export interface GuestRunOptions {
+export interface GuestRunOptions extends GuestProcessOptions {
   run: string;
-  domid: number;
-  protocol: Protocol;
-  devid: number;
-  tctiPort?: number;
-  misbehave?: Misbehaviour;
-  resume?: boolean;
-  workload?: string;
-  /** false: do not send Startup(CLEAR) to a TPM that was never started (`--no-startup`). */
-  startup?: boolean;
   /** Its own xenstore socket (attach passes it; without it the guest looks it up in host.json). */
   xsSocket?: string;
 }
 
-/** The guest process: its domain, its vTPM device, and optionally the TCTI bridge for tpm2-tools. */
+/** The guest process: its domain and xenstore connection, then src/frontend/guest-main.ts on them. */
 export async function guestRun(o: GuestRunOptions): Promise<void> {
   const rd = new RunDir(o.run);
   // Under isolation host.json is root's: the hypervisor dir comes in VTPM_XEN_DIR, the socket as an option.
   const h = o.xsSocket === undefined ? rd.readHost() : null;
   const dom = await Domain.create({ domid: o.domid, ...(h ? { dir: h.xenDir } : {}) });
   const xs = await connect(o.xsSocket ?? guestSocket(h!, o.domid));
-  // Both transports run through a session: suspend/resume, backend restarts (request ids on the ring).
-  // A misbehaving guest drives its transport directly: it has no use for sessions.
-  if (!o.misbehave) return runSession(rd, dom, xs, o);
-  let stopping = false;
-  const shutdown = async (): Promise<void> => {
-    if (stopping) return;
-    stopping = true;
-    await bridge?.stop().catch(() => {});
-    await front?.close().catch(() => {});
-    await xs.close().catch(() => {});
-    await dom.destroy().catch(() => {});
-  };
-  let bridge: { stop(): Promise<void> } | undefined;
-  let front: TpmFront | undefined;
-  onStop(shutdown);
-  front = await TpmFront.connect({
-    xs,
-    dom,
-    devid: o.devid,
-    protocol: o.protocol,
-    onClosed: (reason) => {
-      console.log(`dom${o.domid}: device closed: ${reason}`);
-      void shutdown().then(() => process.exit(0));
-    },
-  });
-  console.log(`dom${o.domid}: vTPM connected (${front.protocol}, ring-ref ${front.refs[0]}, event-channel ${front.port})`);
-  if (o.tctiPort !== undefined) bridge = await startTcti(front, o.tctiPort);
-  if (o.misbehave) {
-    const what = o.misbehave;
-    // After attach has seen Connected, so the violation hits a live device.
-    setTimeout(() => {
-      void misbehave(front!, dom, what).then(
-        (line) => console.log(`dom${o.domid}: misbehaving (${what}): ${line}`),
-        (err: unknown) => console.log(`dom${o.domid}: misbehaving (${what}) ended: ${(err as Error).message}`),
-      );
-    }, 200);
-  }
-  // Keep the process alive while the device is up (the event-channel sockets are unref'd).
-  setInterval(() => {}, 1 << 30);
-}
-
-/** Expose the device to tpm2-tools through the swtpm TCTI protocol. */
-export async function startTcti(front: Pick<TpmFront, 'transmit' | 'cancel'>, port: number): Promise<{ stop(): Promise<void> }> {
-  const { TctiBridge } = await import('../frontend/tcti-bridge.js');
-  const b = await TctiBridge.start({
-    host: '127.0.0.1',
-    port,
-    transmit: (cmd, opts) => front.transmit(cmd, opts),
-    cancel: () => front.cancel(),
+  return runGuest(dom, xs, o, {
+    record: { read: () => rd.readGuest(o.domid), write: (g) => rd.writeGuest(g) },
+    onStop,
     allowPeer: ownUidOrRoot,
+    startWorkload: async (s, spec, domid, log) => (await import('./stress-workload.js')).startWorkload(s, spec, domid, log),
   });
-  console.log(`tcti bridge listening on 127.0.0.1:${port} (control ${port + 1})`);
-  return b;
 }
 
 const int = (v: string): number => {

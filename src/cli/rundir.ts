@@ -155,5 +155,5 @@ export class RunDir {
   }
 }
 
-// Process liveness lives with the domains (src/xen/proc.ts), which need it to reclaim stale domids.
-export { procStat, processAlive as alive } from '../xen/proc.js';
+// Process liveness is shared with the hypervisor and the manager (src/util/proc.ts).
+export { procStat, processAlive as alive } from '../util/proc.js';

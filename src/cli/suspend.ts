@@ -1,4 +1,4 @@
-// `vtpm guest suspend|resume` and the guest process behind them (both transports). Suspend goes through
+// `vtpm guest suspend|resume`, the toolstack side (the guest process is src/frontend/guest-main.ts). Suspend goes through
 // xenstore as xl does: the toolstack (or the guest itself) writes "suspend" to
 // /local/domain/N/control/shutdown; the guest process stops issuing commands, closes its device (the
 // backend answers what it accepted, bounded, and saves the vTPM at the manager), saves its state in
@@ -6,20 +6,13 @@
 // new guest process that builds a new page or ring, grants and event channel (ring: continuing the
 // id sequence). See docs/suspend-and-stress.md and docs/protocols/xenbus.md.
 import type { Command } from 'commander';
-import fs from 'node:fs';
 import { setTimeout as sleep } from 'node:timers/promises';
-import type { Domain } from '../xen/index.js';
 import { connect, type XsClient } from '../xenstore/client.js';
 import { vtpmDevice } from '../xenstore/xenbus.js';
-import { GuestSession } from '../frontend/session.js';
-import { V2Session } from '../frontend/v2-session.js';
-import { autoStartup } from '../frontend/startup.js';
-import type { Protocol } from '../frontend/tpmfront.js';
-import { RunDir, alive, procStat, type GuestInfo } from './rundir.js';
+import { controlShutdown } from '../frontend/guest-main.js';
+import { RunDir, alive } from './rundir.js';
 import { guestOwner, guestSocket, spawnGuestProcess, tailFile } from './spawn.js';
-import { onStop } from './lifecycle.js';
 
-export const controlShutdown = (domid: number): string => `/local/domain/${domid}/control/shutdown`;
 
 export interface SuspendResult {
   /** From writing control/shutdown to the guest process having exited with its state saved. */
@@ -110,125 +103,6 @@ export async function guestResume(o: ResumeOptions): Promise<{ pid: number; ms: 
   } finally {
     await xs.close();
   }
-}
-
-/** Saved resume state of a guest, as the guest process reads it. */
-function resumeState(g: GuestInfo | null): { firstId: bigint; inflight: { id: bigint; command: Uint8Array; locality: number }[] } {
-  // A guest process that was killed never saved its last id; ids must never be reused (the backend
-  // would answer a reused id from its table), so a resumed sequence also starts above the clock:
-  // milliseconds × 2^20 stays monotonic across restarts and inside u64 for centuries.
-  const saved = BigInt(g?.nextId ?? '1');
-  const floor = BigInt(Date.now()) << 20n;
-  return {
-    firstId: saved > floor ? saved : floor,
-    inflight: (g?.inflight ?? []).map((r) => ({ id: BigInt(r.id), command: Buffer.from(r.command, 'hex'), locality: r.locality })),
-  };
-}
-
-/** The guest process (either transport): device session, suspend watch, optional TCTI bridge or stress workload. */
-export async function runSession(
-  rd: RunDir,
-  dom: Domain,
-  xs: XsClient,
-  o: { domid: number; devid: number; protocol: Protocol; tctiPort?: number; resume?: boolean; workload?: string; startup?: boolean },
-): Promise<void> {
-  if (o.workload !== undefined && o.protocol !== 'ring') throw new Error('a stress workload needs --protocol ring (its journal resubmits by request id)');
-  const g = rd.readGuest(o.domid);
-  const saved = o.resume && o.protocol === 'ring' ? resumeState(g) : { firstId: 1n, inflight: [] };
-  let exiting = false;
-  let session: GuestSession | V2Session | undefined;
-  let bridge: { stop(): Promise<void> } | undefined;
-  let workload: { stop(opts?: { suspended?: boolean }): Promise<void> } | undefined;
-  const exit = async (code: number): Promise<never> => {
-    exiting = true;
-    await xs.close().catch(() => {});
-    await dom.destroy().catch(() => {});
-    process.exit(code);
-  };
-  onStop(async () => {
-    if (exiting) return;
-    exiting = true;
-    await workload?.stop().catch(() => {});
-    await bridge?.stop().catch(() => {});
-    await session?.close().catch(() => {});
-    await xs.close().catch(() => {});
-    await dom.destroy().catch(() => {});
-  });
-  if (o.resume) {
-    // A new kernel instance: the suspend request it resumed from is done.
-    await xs.write(controlShutdown(o.domid), '').catch(() => {});
-  }
-  const common = {
-    xs,
-    dom,
-    devid: o.devid,
-    reconnect: o.resume ?? false,
-    log: (l: string) => console.log(l),
-    onClosed: (reason: string) => {
-      console.log(`dom${o.domid}: device closed: ${reason}`);
-      void exit(0);
-    },
-  };
-  session = o.protocol === 'ring' ? await GuestSession.open({ ...common, firstId: saved.firstId }) : await V2Session.open(common);
-  const s = session;
-  const ids = s instanceof GuestSession ? `, next id ${s.nextId}` : '';
-  console.log(`dom${o.domid}: vTPM connected (${o.protocol}, ring-ref ${s.front?.refs[0]}, event-channel ${s.front?.port}${ids})`);
-  // At boot (never on resume) the guest's TPM driver starts a TPM that was never started, as Linux's does.
-  if (!o.resume && o.startup !== false) {
-    const r = await autoStartup((cmd) => s.submit(cmd));
-    console.log(`dom${o.domid}: TPM ${r.version} ${r.outcome === 'started' ? 'started (Startup CLEAR)' : r.outcome === 'running' ? 'already started' : `Startup failed (0x${r.rc.toString(16)})`}`);
-  }
-  // What the previous instance left unanswered runs now (or is answered from the backend's table).
-  if (s instanceof GuestSession) for (const r of saved.inflight) void s.resubmit(r).catch(() => {});
-  if (o.tctiPort !== undefined) {
-    const { startTcti } = await import('./guest.js');
-    bridge = await startTcti({ transmit: (cmd, opts) => s.submit(cmd, opts), cancel: () => s.front?.cancel() }, o.tctiPort);
-  }
-  if (o.workload !== undefined && s instanceof GuestSession) {
-    const { startWorkload } = await import('./stress-workload.js');
-    workload = startWorkload(s, o.workload, o.domid, (l) => console.log(l));
-  }
-  // Resumed once the bridge serves (`guest resume` returns on this, and tpm2-tools may follow at once).
-  if (g) {
-    rd.writeGuest({
-      ...g,
-      pid: process.pid,
-      start: procStat(process.pid)?.start,
-      suspended: false,
-      ...(s instanceof GuestSession ? { nextId: String(s.nextId), inflight: [] } : {}),
-    });
-  }
-  let suspending = false;
-  await xs.watch(controlShutdown(o.domid), () => {
-    void (async () => {
-      if (suspending || exiting) return;
-      const v = await xs.tryRead(controlShutdown(o.domid)).catch(() => undefined);
-      if (v !== 'suspend') return;
-      suspending = true;
-      const t0 = performance.now();
-      // Stop issuing; what is in flight is answered by the backend before it acknowledges.
-      await bridge?.stop().catch(() => {});
-      // The workload stops issuing; its command in flight is answered during the close (or resubmitted
-      // by the next instance from its journal), so nothing waits for the workload itself.
-      void workload?.stop({ suspended: true });
-      const left = await s.suspend();
-      const cur = rd.readGuest(o.domid) ?? g;
-      if (cur) {
-        rd.writeGuest({
-          ...cur,
-          suspended: true,
-          ...(s instanceof GuestSession ? { nextId: String(s.nextId) } : {}),
-          inflight: left.map((r) => ({ id: String(r.id), command: Buffer.from(r.command).toString('hex'), locality: r.locality })),
-        });
-      }
-      console.log(`dom${o.domid}: suspended in ${(performance.now() - t0).toFixed(2)} ms (${s instanceof GuestSession ? `next id ${s.nextId}, ` : ''}${left.length} unanswered)`);
-      await exit(0);
-    })().catch((e: unknown) => {
-      console.log(`dom${o.domid}: suspend failed: ${(e as Error).message}`);
-      void exit(1);
-    });
-  });
-  setInterval(() => {}, 1 << 30);
 }
 
 const int = (v: string): number => {

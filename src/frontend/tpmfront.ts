@@ -3,25 +3,14 @@
 // xenbus connect sequence, and offers transmit/cancel/close to applications and the TCTI bridge.
 import type { Domain } from '../xen/index.js';
 import type { XsClient } from '../xenstore/client.js';
-import {
-  XenbusState,
-  frontendClose,
-  frontendConnect,
-  frontendReconnect,
-  readState,
-  switchState,
-  vtpmDevice,
-  waitForState,
-  watchState,
-  type FrontendRing,
-  type VtpmDevice,
-} from '../xenstore/xenbus.js';
+import { readState, switchState, vtpmDevice, type VtpmDevice, waitForState, watchState, XenbusState } from '../xenstore/xenbus.js';
+import { frontendClose, frontendConnect, frontendReconnect, type FrontendRing } from '../xenstore/xenbus-frontend.js';
 import type { XsWatch } from '../xenstore/client.js';
 import { XS_FEATURE_RING } from '../xen/tpmif.js';
 import { V2Front } from './v2-front.js';
 import { RingFront } from './ring-front.js';
 import { FrontendError, type TpmTransport, type TransmitOptions } from './transport.js';
-import { trace } from '../xen/trace.js';
+import { trace } from '../util/trace.js';
 
 export type Protocol = 'v2' | 'ring';
 

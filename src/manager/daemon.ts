@@ -5,46 +5,28 @@
 // of its requests (the Xen framing has no request id), while its requests run concurrently so that
 // saves of many instances share commits. A bad frame costs its sender an error response and a log
 // line; nobody else notices.
-import crypto from 'node:crypto';
 import fs from 'node:fs';
 import path from 'node:path';
-import { processAlive } from '../xen/proc.js';
+import { processAlive } from '../util/proc.js';
 import { STATE_KINDS, type StateKind } from '../tpm/state-store.js';
 import { ClientChannel, FifoServer, type QueueLimits } from './fifo.js';
 import { DEFAULT_SEAL_PCRS, SealError, Sealer, loadKeyFile, loadTpmSealedKey } from './seal.js';
-import { DirOps, GroupCommitStore, StoreError } from './store.js';
+import { StoreError } from './store-meta.js';
+import { DirOps } from './store-ops.js';
+import { GroupCommitStore } from './store.js';
 import { MigType, VmTable, VmTableError, legacyUuid, type VmRecord } from './vm-table.js';
-import {
-  MigrationError,
-  createIdentity,
-  decodeLoadMigKey,
-  decodeMigrateIn,
-  decodeMigrateOut,
-  emptyMigrationRecord,
-  encodeMigKey,
-  fingerprint,
-  migrationRecordFrom,
-  openIdentity,
-  openMigration,
-  publicKeyFrom,
-  readBlobHeader,
-  rsaPublicOf,
-  sealForMigration,
-  type Identity,
-  type MigrationRecord,
-  type StateBlobs,
-} from './migration.js';
+import { MIGRATION_STATUS, MigrationHandlers } from './migration-handlers.js';
+import { MigrationError, emptyMigrationRecord, migrationRecordFrom, type MigrationRecord } from './migration.js';
+import { Refusal, type Reply } from './refusal.js';
 import {
   ANY_INSTANCE,
   Ord,
   STATUS_NAMES,
-  Startup,
   Status,
   TAG_REQ,
   WireError,
   decodeInstanceParam,
   decodeOpen,
-  encodeInstanceParam,
   encodeOpenResult,
   encodeResponse,
   isPrivileged,
@@ -73,20 +55,6 @@ export const PID_FILE = 'manager.pid';
 const SAVE_ORDS: Record<number, StateKind> = { [Ord.SAVENVM]: 'permanent', [Ord.SAVE_VOLATILE]: 'volatile', [Ord.SAVE_SAVESTATE]: 'savestate' };
 const LOAD_ORDS: Record<number, StateKind> = { [Ord.LOADNVM]: 'permanent', [Ord.LOAD_VOLATILE]: 'volatile', [Ord.LOAD_SAVESTATE]: 'savestate' };
 
-/** A refusal: the status sent back and the log line naming the offender. */
-class Refusal extends Error {
-  constructor(
-    readonly status: StatusCode,
-    message: string,
-  ) {
-    super(message);
-  }
-}
-
-interface Reply {
-  status: StatusCode;
-  params?: Uint8Array;
-}
 
 /** What the store's table record holds: the VM table and the migration record (a bare list before migration existed). */
 function splitTable(x: unknown): { vms: unknown; migration: MigrationRecord } {
@@ -97,13 +65,6 @@ function splitTable(x: unknown): { vms: unknown; migration: MigrationRecord } {
   return { vms: x, migration: emptyMigrationRecord() };
 }
 
-const MIGRATION_STATUS: Record<MigrationError['code'], StatusCode> = {
-  BAD_FORMAT: Status.BAD_PARAMETER,
-  BAD_KEY: Status.BAD_PARAMETER,
-  WRONG_KEY: Status.DECRYPT_ERROR,
-  TAMPERED: Status.DECRYPT_ERROR,
-  KEY_STORE: Status.FAIL,
-};
 
 /** Ordinals a console (or a console-attached pair) may send although Xen numbers them unprivileged. */
 const CONSOLE_UNPRIVILEGED: readonly number[] = [Ord.GET_MIG_KEY, Ord.LOAD_MIG_KEY];
@@ -114,7 +75,7 @@ export class ManagerDaemon {
   #store!: GroupCommitStore;
   #sealer!: Sealer;
   #migration: MigrationRecord = emptyMigrationRecord();
-  #identityP: Promise<Identity> | null = null;
+  #mig!: MigrationHandlers;
   #consoleTail: Promise<void> = Promise.resolve();
   #consoleDrops = 0;
   #log: (line: string) => void;
@@ -153,6 +114,14 @@ export class ManagerDaemon {
     const { vms, migration } = splitTable(table);
     this.#table = VmTable.fromJSON(vms);
     this.#migration = migration;
+    this.#mig = new MigrationHandlers({
+      table: this.#table,
+      store,
+      sealer: this.#sealer,
+      record: migration,
+      log: (l) => this.#log(l),
+      loadPlain: (vm, kind) => this.#loadPlain(vm, kind),
+    });
     if (store.stats.replayed > 0) this.#log(`replayed ${store.stats.replayed} log records (then: ${store.replayStop})`);
     this.#server = FifoServer.listen(runDir, this.opts.clientQueue);
     this.#server.on('console', (f) => this.#onConsole(f));
@@ -249,13 +218,13 @@ export class ManagerDaemon {
         return { status: Status.SUCCESS };
       }
       case Ord.MIGRATE_IN:
-        return this.#migrateIn(f);
+        return this.#mig.migrateIn(f);
       case Ord.MIGRATE_OUT:
-        return this.#migrateOut(f);
+        return this.#mig.migrateOut(f);
       case Ord.GET_MIG_KEY:
-        return this.#getMigKey(f);
+        return this.#mig.getMigKey(f);
       case Ord.LOAD_MIG_KEY:
-        return this.#loadMigKey(f);
+        return this.#mig.loadMigKey(f);
       default:
         throw new Refusal(Status.BAD_ORDINAL, `unknown privileged ordinal ${ordinalName(f.code)}`);
     }
@@ -325,7 +294,7 @@ export class ManagerDaemon {
           'TPMCOMMAND passes a vTPM\'s command through to the host\'s hardware TPM (Xen 3.x tpmpassthrough); this manager has no hardware TPM to pass it to, and guest commands never reach the TPM its master key may be sealed to',
         );
       case Ord.GET_MIG_KEY:
-        return this.#getMigKey(f);
+        return this.#mig.getMigKey(f);
       case Ord.LOAD_MIG_KEY:
         // Xen took it from any DMI: a vTPM could then re-point a destination name at its own key.
         throw new Refusal(Status.BAD_ORDINAL, 'LOAD_MIG_KEY decides where MIGRATE_OUT may send a vTPM: console or console-attached pairs only');
@@ -385,181 +354,6 @@ export class ManagerDaemon {
     }
   }
 
-  // ---- migration ---------------------------------------------------------------------------
-
-  /** This manager's migration key pair: made at first use, kept (private half encrypted) in the store. */
-  #identity(): Promise<Identity> {
-    if (!this.#identityP) {
-      const p = (async () => {
-        const wrap = this.#sealer.migrationKeyWrap();
-        if (this.#migration.identity) return openIdentity(wrap, this.#migration.identity);
-        const { identity, stored } = await createIdentity(wrap);
-        this.#migration.identity = stored;
-        try {
-          await this.#store.commitTable();
-        } catch (err) {
-          this.#migration.identity = null;
-          throw err;
-        }
-        this.#log(`created migration key ${short(identity.fingerprint)} (RSA-3072)`);
-        return identity;
-      })();
-      this.#identityP = p;
-      p.catch(() => {
-        if (this.#identityP === p) this.#identityP = null;
-      });
-    }
-    return this.#identityP;
-  }
-
-  /** GET_MIG_KEY: this manager's public migration key, in Xen's exponent/modulus layout. */
-  async #getMigKey(f: Frame): Promise<Reply> {
-    if (f.params.length !== 0) throw new Refusal(Status.BAD_PARAMETER, `GET_MIG_KEY takes no parameters, got ${f.params.length} bytes`);
-    const me = await this.#identity();
-    return { status: Status.SUCCESS, params: encodeMigKey(rsaPublicOf(me.publicKey)) };
-  }
-
-  /** LOAD_MIG_KEY: remembers a destination's public key under its name, durably. */
-  async #loadMigKey(f: Frame): Promise<Reply> {
-    const { name, key } = decodeLoadMigKey(f.params);
-    const pub = publicKeyFrom(key);
-    const fp = fingerprint(pub).toString('hex');
-    const before = this.#migration.destinations[name];
-    this.#migration.destinations[name] = { spki: pub.export({ format: 'der', type: 'spki' }).toString('base64'), fingerprint: fp, loaded: new Date().toISOString() };
-    try {
-      await this.#store.commitTable();
-    } catch (err) {
-      if (before) this.#migration.destinations[name] = before;
-      else delete this.#migration.destinations[name];
-      throw err;
-    }
-    const was = before && before.fingerprint !== fp ? ` (replacing ${before.fingerprint.slice(0, 16)}…)` : '';
-    this.#log(`loaded migration key "${name}" ${fp.slice(0, 16)}…${was}`);
-    return { status: Status.SUCCESS };
-  }
-
-  /**
-   * MIGRATE_OUT (source): the VM's stored state sealed to the named destination; the VM is marked
-   * migrated first, so no save can slip in after the state was read, and stays so until DELETE. Asked
-   * again for the same destination it re-issues the blob under the same counter (the reply was lost);
-   * the destination takes at most one of them.
-   */
-  async #migrateOut(f: Frame): Promise<Reply> {
-    const req = decodeMigrateOut(f.params);
-    const vm = req.vmUuid === null ? this.#table.byInstance(req.instance) : this.#table.byUuid(req.vmUuid);
-    if (!vm) throw new Refusal(Status.BAD_PARAMETER, `MIGRATE_OUT of unknown ${req.vmUuid === null ? `instance ${req.instance}` : `vm ${req.vmUuid}`}`);
-    const { instance } = vm;
-    const { name } = req;
-    if ((vm.migType ?? MigType.MIGRATABLE) === MigType.NON_MIGRATABLE)
-      throw new Refusal(Status.BAD_PARAMETER, `instance ${instance} (vm ${vm.vmUuid}) was opened NON_MIGRATABLE (mig_type 0)`);
-    const dest = this.#migration.destinations[name];
-    if (!dest) throw new Refusal(Status.BAD_PARAMETER, `no migration key loaded under the name "${name}" (LOAD_MIG_KEY first)`);
-    const me = await this.#identity();
-    if (dest.fingerprint === me.fingerprint.toString('hex')) throw new Refusal(Status.BAD_PARAMETER, `"${name}" is this manager's own migration key`);
-    let counter: number;
-    if (vm.status === 'migrated') {
-      const to = vm.migratedTo!;
-      if (to.keyFingerprint !== dest.fingerprint)
-        throw new Refusal(
-          Status.AUTHFAIL,
-          `instance ${instance} (vm ${vm.vmUuid}) already went to "${to.name}" (key ${to.keyFingerprint.slice(0, 16)}…, counter ${to.counter}); only that destination can be sent it again`,
-        );
-      counter = to.counter;
-    } else counter = (vm.migCounter ?? 0) + 1;
-    const prev = { status: vm.status, migratedTo: vm.migratedTo, counter: this.#migration.counters[vm.vmUuid] };
-    const at = new Date().toISOString();
-    vm.status = 'migrated';
-    vm.migratedTo = { name, keyFingerprint: dest.fingerprint, counter, at };
-    this.#migration.counters[vm.vmUuid] = Math.max(prev.counter ?? 0, counter);
-    let blob: Buffer;
-    const states: StateBlobs = {};
-    try {
-      for (const kind of STATE_KINDS) {
-        const data = await this.#loadPlain(vm, kind);
-        if (data) states[kind] = data;
-      }
-      const destKey = cryptoPublic(dest.spki);
-      blob = sealForMigration({ version: vm.version, vmType: vm.vmType, vmUuid: vm.vmUuid, instance, counter, source: me.fingerprint }, destKey, states);
-      await this.#store.commitTable();
-    } catch (err) {
-      vm.status = prev.status;
-      vm.migratedTo = prev.migratedTo;
-      if (prev.counter === undefined) delete this.#migration.counters[vm.vmUuid];
-      else this.#migration.counters[vm.vmUuid] = prev.counter;
-      throw err;
-    }
-    const kinds = Object.keys(states).join('+') || 'no state';
-    this.#log(`migrated out instance ${instance} (vm ${vm.vmUuid}, ${kinds}) to "${name}" ${dest.fingerprint.slice(0, 16)}…, counter ${counter}, ${blob.length}-byte blob`);
-    return { status: Status.SUCCESS, params: blob };
-  }
-
-  /**
-   * MIGRATE_IN (destination): opens a blob made for this manager's key, refuses one it has already taken
-   * (or sent: counters only grow per VM) and a VM it already has, then registers the VM (closed, to be
-   * OPENed as a resume) and seals its state here, all in one commit.
-   */
-  async #migrateIn(f: Frame): Promise<Reply> {
-    const { instance: want, blob } = decodeMigrateIn(f.params);
-    const me = await this.#identity();
-    const describe = (h: { id: Buffer; vmUuid: string; counter: number; source: Buffer }): string =>
-      `blob ${h.id.toString('hex').slice(0, 8)} for vm ${h.vmUuid} (counter ${h.counter}, from key ${short(h.source)})`;
-    let opened: ReturnType<typeof openMigration>;
-    try {
-      opened = openMigration(me, blob);
-    } catch (err) {
-      // The header was readable (only BAD_FORMAT means it was not): name the blob in the refusal.
-      if (err instanceof MigrationError && err.code !== 'BAD_FORMAT') throw new MigrationError(err.code, `${describe(readBlobHeader(blob))}: ${err.message}`);
-      throw err;
-    }
-    const { header: h, states } = opened;
-    const what = describe(h);
-    const seen = this.#migration.counters[h.vmUuid];
-    if (seen !== undefined && h.counter <= seen)
-      throw new Refusal(Status.AUTHFAIL, `${what}: this manager already took in or sent out counter ${seen} of that vm (a replayed or stale blob)`);
-    const present = this.#table.byUuid(h.vmUuid);
-    if (present) throw new Refusal(Status.BAD_PARAMETER, `${what}: vm is already here as instance ${present.instance} (${present.status}); DELETE it first`);
-    let instance: number;
-    try {
-      instance = this.#table.freeInstance(want);
-    } catch (err) {
-      throw new Refusal(Status.BAD_PARAMETER, `${what}: ${(err as Error).message}`);
-    }
-    const t = new Date().toISOString();
-    const record: VmRecord = {
-      vmUuid: h.vmUuid,
-      instance,
-      version: h.version,
-      created: t,
-      lastSeen: t,
-      status: 'closed',
-      vmType: h.vmType,
-      startup: Startup.SAVE,
-      migType: MigType.MIGRATABLE,
-      migCounter: h.counter,
-    };
-    this.#table.insert(record);
-    this.#migration.counters[h.vmUuid] = h.counter;
-    // Enqueued together: the blobs and the table entry naming them land in one commit, or none does.
-    const ops: Promise<void>[] = [];
-    for (const kind of STATE_KINDS) {
-      const data = states[kind];
-      if (!data) continue;
-      const generation = this.#store.reserve();
-      ops.push(this.#store.save(instance, kind, generation, this.#sealer.seal({ instance, vmUuid: h.vmUuid, kind, generation }, data)));
-    }
-    ops.push(this.#store.commitTable());
-    const settled = await Promise.allSettled(ops);
-    const failed = settled.find((r): r is PromiseRejectedResult => r.status === 'rejected');
-    if (failed) {
-      this.#table.delete(instance);
-      if (seen === undefined) delete this.#migration.counters[h.vmUuid];
-      else this.#migration.counters[h.vmUuid] = seen;
-      throw failed.reason;
-    }
-    this.#log(`migrated in ${what} as instance ${instance} (${Object.keys(states).join('+') || 'no state'})`);
-    return { status: Status.SUCCESS, params: encodeInstanceParam(instance) };
-  }
-
   /** Runs a handler; any refusal or failure becomes a tcg.h status and one log line. */
   async #answer(who: string, f: Frame, fn: () => Promise<Reply>): Promise<Reply> {
     try {
@@ -575,12 +369,4 @@ export class ManagerDaemon {
       return { status };
     }
   }
-}
-
-function short(fp: Uint8Array): string {
-  return `${Buffer.from(fp).toString('hex').slice(0, 16)}…`;
-}
-
-function cryptoPublic(spkiB64: string): crypto.KeyObject {
-  return crypto.createPublicKey({ key: Buffer.from(spkiB64, 'base64'), format: 'der', type: 'spki' });
 }

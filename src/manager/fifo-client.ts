@@ -4,7 +4,7 @@ import fs from 'node:fs';
 import net from 'node:net';
 import path from 'node:path';
 import { mkfifo } from '../../native/fifo.js';
-import { processAlive } from '../xen/proc.js';
+import { processAlive } from '../util/proc.js';
 import { CLIENTS_DIR, CONSOLE_IN, CONSOLE_LOCK, CONSOLE_OUT, FrameReader, RENDEZVOUS, TransportError, openReader, openWriter, writeShared } from './fifo.js';
 import { ANY_INSTANCE, REPLY_TAGS, Ord, Status, encodeConnect, encodeRequest, type Frame } from './wire.js';
 

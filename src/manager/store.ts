@@ -1,6 +1,6 @@
 // The manager's durable state: sealed vTPM blobs plus one metadata record (VM table, expected blob
-// generations), on a storage backend behind a small ops table (swtpm's nvram_backend_ops: prepare,
-// load, store, delete), with a directory backend first.
+// generations), on a storage backend behind a small ops table (store-ops.ts; metadata codec in
+// store-meta.ts). This file is the group commit and the checkpoints.
 //
 // Two layers. A checkpoint is the state as files: one file per blob under a never-reused generation
 // name plus the metadata naming them, written crash-safely (temp file, fdatasync, rename, directory
@@ -21,238 +21,16 @@
 // does not name.
 // Loads come from memory for blobs saved since the last checkpoint (the log keeps that view current),
 // else from the blob files.
-// Group commit. Saves arriving while a commit runs queue up and go in the next one.
 import crypto from 'node:crypto';
-import fs from 'node:fs';
-import fsp from 'node:fs/promises';
-import path from 'node:path';
 import { STATE_KINDS, type StateKind } from '../tpm/state-store.js';
-import { DEFAULT_WAL_BYTES, WAL_FILE, encodeRecord, replay, walKey, type AppendLog, type WalRecord } from './wal.js';
+import { StoreError, blobKey, blobName, decodeMeta, encodeMeta, nameOf, type MetaRecord } from './store-meta.js';
+import type { StoreOps } from './store-ops.js';
+import { DEFAULT_WAL_BYTES, encodeRecord, replay, walKey, type AppendLog, type WalRecord } from './wal.js';
 
-export class StoreError extends Error {
-  constructor(
-    readonly code: 'META_TAMPERED' | 'META_FORMAT' | 'MISSING_BLOB' | 'IO',
-    message: string,
-  ) {
-    super(message);
-    this.name = 'StoreError';
-  }
-}
-
-/** What a storage backend must do; everything above it (generations, batching, MAC) is shared. */
-export interface StoreOps {
-  readonly description: string;
-  /** Creates what the backend needs and removes what a crash left half-written. */
-  prepare(): Promise<void>;
-  readMeta(): Promise<Buffer | null>;
-  /**
-   * Stores new blobs under names never used before and then atomically replaces the metadata; both
-   * durable when resolved, and the metadata switch must not become durable before the blobs are.
-   */
-  commit(items: ReadonlyArray<{ name: string; data: Uint8Array }>, meta: Uint8Array): Promise<void>;
-  readBlob(name: string): Promise<Buffer | null>;
-  /** Best effort: a blob left behind is garbage the next prepare()/open removes. */
-  removeBlobs(names: readonly string[]): Promise<void>;
-  listBlobs(): Promise<string[]>;
-  /** The whole write-ahead log as it is on disk, or null when there is none. */
-  readLog(): Promise<Buffer | null>;
-  /**
-   * The log, ready for appends: (re)created full of zeros at `bytes` when missing or of another size.
-   * Called only after a checkpoint, when nothing in the old log is needed any more.
-   */
-  openLog(bytes: number): Promise<AppendLog>;
-}
-
-const META = 'meta';
 /** How long a commit waits for stragglers when the previous one was shared (see #gather). */
 const GATHER_MS = 5;
 /** How far each start advances the generation clock (far more than one run reserves between commits). */
 export const CLOCK_JUMP = 2 ** 24;
-const BLOB_RE = /^i(\d+)\.(permanent|volatile|savestate)\.g(\d+)\.blob$/;
-
-async function fsyncDir(dir: string): Promise<void> {
-  const fh = await fsp.open(dir, fs.constants.O_RDONLY | fs.constants.O_DIRECTORY);
-  try {
-    await fh.sync();
-  } finally {
-    await fh.close();
-  }
-}
-
-async function writeDurable(file: string, data: Uint8Array): Promise<void> {
-  const fh = await fsp.open(file, fs.constants.O_WRONLY | fs.constants.O_CREAT | fs.constants.O_TRUNC, 0o600);
-  try {
-    await fh.writeFile(data);
-    await fh.datasync();
-  } finally {
-    await fh.close();
-  }
-}
-
-/** Blobs and metadata as files in one directory (the analogue of swtpm_nvstore_dir.c). */
-export class DirOps implements StoreOps {
-  readonly description: string;
-  constructor(readonly dir: string) {
-    this.description = `dir:${dir}`;
-  }
-
-  async prepare(): Promise<void> {
-    await fsp.mkdir(this.dir, { recursive: true, mode: 0o700 });
-    for (const f of await fsp.readdir(this.dir)) if (f.endsWith('.tmp')) await fsp.rm(path.join(this.dir, f), { force: true });
-  }
-
-  async readMeta(): Promise<Buffer | null> {
-    return this.readBlob(META);
-  }
-
-  /**
-   * Blob temp files and the metadata temp file are written and fdatasync'd in parallel; the blobs are
-   * renamed into place and the directory fsync'd; only then is the metadata renamed over the old one
-   * and the directory fsync'd again. Two directory fsyncs, so the order holds on any file system.
-   */
-  async commit(items: ReadonlyArray<{ name: string; data: Uint8Array }>, meta: Uint8Array): Promise<void> {
-    const metaTmp = path.join(this.dir, `${META}.tmp`);
-    await Promise.all([
-      writeDurable(metaTmp, meta),
-      ...items.map(async ({ name, data }) => {
-        const tmp = path.join(this.dir, `${name}.tmp`);
-        await writeDurable(tmp, data);
-        await fsp.rename(tmp, path.join(this.dir, name));
-      }),
-    ]);
-    if (items.length > 0) await fsyncDir(this.dir);
-    await fsp.rename(metaTmp, path.join(this.dir, META));
-    await fsyncDir(this.dir);
-  }
-
-  async readBlob(name: string): Promise<Buffer | null> {
-    try {
-      return await fsp.readFile(path.join(this.dir, name));
-    } catch (err) {
-      if ((err as NodeJS.ErrnoException).code === 'ENOENT') return null;
-      throw err;
-    }
-  }
-
-  async removeBlobs(names: readonly string[]): Promise<void> {
-    await Promise.all(names.map((n) => fsp.rm(path.join(this.dir, n), { force: true })));
-  }
-
-  async listBlobs(): Promise<string[]> {
-    return (await fsp.readdir(this.dir)).filter((f) => BLOB_RE.test(f));
-  }
-
-  readLog(): Promise<Buffer | null> {
-    return this.readBlob(WAL_FILE);
-  }
-
-  async openLog(bytes: number): Promise<AppendLog> {
-    const file = path.join(this.dir, WAL_FILE);
-    const have = await fsp.stat(file).then((st) => st.size, () => -1);
-    if (have !== bytes) {
-      // Zeros written, not a sparse ftruncate or fallocate: both leave blocks that the first write
-      // into them must allocate or convert, a journal commit on that fdatasync. Measured on ext4 here
-      // (9.4 KB pwrite + fdatasync, 400 each, p50): pre-zeroed 0.19–0.60 ms, fallocate 0.26–0.66 ms,
-      // sparse 0.24–1.1 ms; noisy, but zeros were never worse, and they are what the design needs.
-      const tmp = `${file}.tmp`;
-      const fh = await fsp.open(tmp, fs.constants.O_WRONLY | fs.constants.O_CREAT | fs.constants.O_TRUNC, 0o600);
-      try {
-        const zeros = Buffer.alloc(Math.min(bytes, 1 << 20));
-        for (let o = 0; o < bytes; o += zeros.length) await fh.write(zeros, 0, Math.min(zeros.length, bytes - o), o);
-        await fh.sync();
-      } finally {
-        await fh.close();
-      }
-      await fsp.rename(tmp, file);
-      await fsyncDir(this.dir);
-    }
-    return new DirLog(fs.openSync(file, fs.constants.O_RDWR), bytes);
-  }
-}
-
-/** The log file: one positioned write of the whole record, then fdatasync. */
-class DirLog implements AppendLog {
-  constructor(
-    private fd: number,
-    readonly size: number,
-  ) {}
-
-  writeSync(data: Uint8Array, position: number): void {
-    for (let o = 0; o < data.length; ) o += fs.writeSync(this.fd, data, o, data.length - o, position + o);
-    fs.fdatasyncSync(this.fd);
-  }
-
-  async write(data: Uint8Array, position: number): Promise<void> {
-    for (let o = 0; o < data.length; ) {
-      o += await new Promise<number>((resolve, reject) =>
-        fs.write(this.fd, data, o, data.length - o, position + o, (err, n) => (err ? reject(err) : resolve(n))),
-      );
-    }
-    await new Promise<void>((resolve, reject) => fs.fdatasync(this.fd, (err) => (err ? reject(err) : resolve())));
-  }
-
-  close(): void {
-    if (this.fd >= 0) fs.closeSync(this.fd);
-    this.fd = -1;
-  }
-}
-
-export function blobName(instance: number, kind: StateKind, generation: number): string {
-  return `i${instance}.${kind}.g${generation}.blob`;
-}
-
-function key(instance: number, kind: StateKind): string {
-  return `${instance}.${kind}`;
-}
-
-function nameOf(k: string, generation: number): string {
-  const [i, kind] = k.split('.') as [string, StateKind];
-  return blobName(Number(i), kind, generation);
-}
-
-interface MetaRecord {
-  format: 2;
-  /** Bumped on every checkpoint. */
-  seq: number;
-  /** Highest generation ever handed out; generations never repeat, even across a DELETE. */
-  clock: number;
-  /** "instance.kind" → generation of the live blob. */
-  blobs: Record<string, number>;
-  table: unknown;
-  /**
-   * The log generation whose records continue this checkpoint, then the one after it: generation g is
-   * appended to half g % 2 of the log file, numbered from 1 at the start of that half.
-   */
-  walGen: number;
-  /** Bytes per log half (so a log file cut short is still read at the right offsets). */
-  walHalf: number;
-}
-
-const META_MAGIC = Buffer.from('VTPMMETA', 'ascii');
-
-function encodeMeta(m: MetaRecord, macKey: Buffer): Buffer {
-  const json = Buffer.from(JSON.stringify(m));
-  const len = Buffer.alloc(4);
-  len.writeUInt32BE(json.length);
-  const body = Buffer.concat([META_MAGIC, len, json]);
-  return Buffer.concat([body, crypto.createHmac('sha256', macKey).update(body).digest()]);
-}
-
-function decodeMeta(b: Buffer, macKey: Buffer): MetaRecord {
-  if (b.length < 8 + 4 + 32 || !b.subarray(0, 8).equals(META_MAGIC)) throw new StoreError('META_FORMAT', 'metadata file has no VTPMMETA header');
-  const len = b.readUInt32BE(8);
-  if (b.length !== 12 + len + 32) throw new StoreError('META_FORMAT', `metadata length ${b.length} does not match its header (${12 + len + 32})`);
-  const body = b.subarray(0, 12 + len);
-  const mac = crypto.createHmac('sha256', macKey).update(body).digest();
-  if (!crypto.timingSafeEqual(mac, b.subarray(12 + len)))
-    throw new StoreError('META_TAMPERED', 'metadata MAC does not verify (tampered, or a different master key)');
-  const m = JSON.parse(body.subarray(12).toString('utf8')) as Omit<MetaRecord, 'format' | 'walGen' | 'walHalf'> & { format: number; walGen?: number; walHalf?: number };
-  if ((m.format !== 1 && m.format !== 2) || typeof m.seq !== 'number' || typeof m.clock !== 'number' || typeof m.blobs !== 'object')
-    throw new StoreError('META_FORMAT', 'metadata record is malformed');
-  // Format 1 (before the log) has no log generation: nothing to replay.
-  if (m.format === 2 && (typeof m.walGen !== 'number' || typeof m.walHalf !== 'number')) throw new StoreError('META_FORMAT', 'metadata record has no log generation');
-  return { ...m, format: 2, walGen: m.walGen ?? 0, walHalf: m.walHalf ?? 0 };
-}
 
 type Op =
   | { type: 'save'; instance: number; kind: StateKind; generation: number; data: Uint8Array; done: Deferred }
@@ -295,12 +73,12 @@ export interface StoreOptions {
 /** Applies one replayed record (or a committed batch) to a view: saves, removals, table, clock. */
 function applyRecord(r: WalRecord, view: { blobs: Record<string, number>; dirty: Map<string, Dirty>; table: unknown; clock: number }): void {
   for (const s of r.saves) {
-    const k = key(s.instance, s.kind);
+    const k = blobKey(s.instance, s.kind);
     view.blobs[k] = s.generation;
     view.dirty.set(k, { generation: s.generation, data: s.data });
   }
   for (const x of r.removes) {
-    const k = key(x.instance, x.kind);
+    const k = blobKey(x.instance, x.kind);
     delete view.blobs[k];
     view.dirty.delete(k);
   }
@@ -319,7 +97,7 @@ function expected(batch: readonly Op[], queue: readonly Op[]): number {
   const keys = new Set<string>();
   let other = 0;
   for (const op of [...batch, ...queue]) {
-    if (op.type === 'save') keys.add(key(op.instance, op.kind));
+    if (op.type === 'save') keys.add(blobKey(op.instance, op.kind));
     else other++;
   }
   return keys.size + other;
@@ -443,16 +221,16 @@ export class GroupCommitStore {
   }
 
   generation(instance: number, kind: StateKind): number | undefined {
-    return this.#blobs[key(instance, kind)];
+    return this.#blobs[blobKey(instance, kind)];
   }
 
   /** Resolves once the blob is durable (a log record, or a checkpoint) and will be loaded after a crash. */
   save(instance: number, kind: StateKind, generation: number, data: Uint8Array): Promise<void> {
-    return this.#enqueue({ type: 'save', instance, kind, generation, data }, [key(instance, kind)]);
+    return this.#enqueue({ type: 'save', instance, kind, generation, data }, [blobKey(instance, kind)]);
   }
 
   remove(instance: number, kinds: readonly StateKind[] = STATE_KINDS): Promise<void> {
-    return this.#enqueue({ type: 'remove', instance, kinds }, kinds.map((k) => key(instance, k)));
+    return this.#enqueue({ type: 'remove', instance, kinds }, kinds.map((k) => blobKey(instance, k)));
   }
 
   /** Makes the current VM table durable (in the next log record). */
@@ -467,7 +245,7 @@ export class GroupCommitStore {
 
   /** The live blob and its generation; waits for queued saves of the same blob first. */
   async load(instance: number, kind: StateKind): Promise<{ generation: number; data: Buffer } | null> {
-    const k = key(instance, kind);
+    const k = blobKey(instance, kind);
     while (this.#pending.has(k) && this.#running) await this.#running.catch(() => undefined);
     for (;;) {
       const g = this.#blobs[k];
@@ -555,7 +333,7 @@ export class GroupCommitStore {
     let checkpoint = this.#mustCheckpoint;
     for (const op of batch) {
       if (op.type === 'save') {
-        const k = key(op.instance, op.kind);
+        const k = blobKey(op.instance, op.kind);
         saves++;
         if (writes.has(k)) this.stats.coalesced++;
         blobs[k] = op.generation;
@@ -564,7 +342,7 @@ export class GroupCommitStore {
       } else if (op.type === 'remove') {
         tableChanged = true;
         for (const kind of op.kinds) {
-          const k = key(op.instance, kind);
+          const k = blobKey(op.instance, kind);
           delete blobs[k];
           writes.delete(k);
           removes.set(k, { instance: op.instance, kind });

@@ -2,7 +2,8 @@
 // concurrently running libtpms calls, and keeps track of them by instance number. It may also keep
 // spare TPMs, manufactured ahead of time, so that a new instance is ready sooner (see HostOptions).
 import { Limiter } from './limiter.js';
-import { DEFAULT_BUFFER_SIZE, TpmInstance, type InstanceOptions, type TpmVersion } from './instance.js';
+import { TpmInstance, type TpmVersion } from './instance.js';
+import { DEFAULT_BUFFER_SIZE, type InstanceOptions } from './instance-types.js';
 import { STATE_KINDS } from './state-store.js';
 import { tpmConcurrency } from './threadpool.js';
 

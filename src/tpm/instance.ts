@@ -1,16 +1,9 @@
 // One vTPM: a private copy of libtpms, its durable state behind a StateStore, and a queue that lets
 // exactly one operation (command, power change, blob transfer) touch the copy at a time.
 //
-// Where commands run. They run as koffi async calls on the libuv thread pool, not on worker threads:
-//   in line on the JS thread is fastest but blocks the event loop (an RSA-3072 CreatePrimary for
-//     hundreds of ms);
-//   koffi .async() on the libuv pool costs one hop, no extra memory, any instance on any free thread;
-//   a worker_thread per group of instances is a little slower, costs ~15 MB per worker, and an
-//     instance pinned to a worker waits behind that worker's key generation.
-// So the pool wins on latency, memory and isolation (figures: docs/benchmarks.md, engine). libtpms' NV callbacks fire on the pool thread;
-// koffi relays them to the JS thread (the pool thread waits), where we only copy the bytes.
-// Under load the pool hop grows (40–200 µs measured with other work on the 2 vCPUs), which is why
-// `inline: 'fast'` may run a short allow-list of constant-time commands in line (fast-path.ts).
+// Where commands run: koffi async calls on the libuv pool, one hop each, any instance on any free thread
+// (docs/engine.md, Off the event loop); libtpms' NV callbacks are relayed to the JS thread, where only
+// the bytes are copied (nv-state.ts). `inline: 'fast'` runs a short allow-list in line (fast-path.ts).
 //
 // Durability. Every NV write or delete libtpms makes during an operation is captured by the callbacks
 // and applied to the StateStore after libtpms returns; the response is released only once every store()
@@ -19,76 +12,28 @@
 // per instance, so a response waits for every earlier write too; that lets TpmHost.create's own Startup
 // (a response nobody else sees) return before its write is done, overlapping it with the first command.
 import { EventEmitter } from 'node:events';
-import { Libtpms, LibtpmsStateType, TPM_SUCCESS, TpmVersionChoice } from '../../native/libtpms.js';
+import { Libtpms, TPM_SUCCESS, TpmVersionChoice } from '../../native/libtpms.js';
 import type { TpmEndpoint } from './endpoint.js';
 import { isFastCommand } from './fast-path.js';
 import { Limiter } from './limiter.js';
-import { NVRAM_NAME, decodeStateBlob, encodeStateBlob, kindForNvramName } from './state-blob.js';
+import {
+  DEFAULT_BUFFER_SIZE,
+  TpmInstanceError,
+  checkInstanceNumber,
+  type ExecuteOptions,
+  type FailureInfo,
+  type InstanceOptions,
+  type InstanceStatus,
+} from './instance-types.js';
+import { NvState } from './nv-state.js';
+import { shutdownCommand, startupCommand } from './power-commands.js';
+import { StateTransfer } from './state-transfer.js';
+import { NVRAM_NAME } from './state-blob.js';
 import { STATE_KINDS, type StateKind, type StateStore } from './state-store.js';
-import * as tpm12 from './tpm12-commands.js';
-import * as tpm2 from './tpm2-commands.js';
 import { errorResponse, fatalErrorCode, sizeErrorCode } from './error-response.js';
 import { isFailureModeResponse, responseCode, type TpmVersion } from './wire.js';
 
 export type { TpmVersion } from './wire.js';
-
-export interface InstanceOptions {
-  /** The instance number: the key of its state in the store. */
-  instance: number;
-  version: TpmVersion;
-  store: StateStore;
-  /** libtpms' command/response buffer (clamped by libtpms to its range); default 4096 like QEMU's TIS. */
-  bufferSize?: number;
-  /**
-   * 'never' (default): every command runs on the thread pool. 'fast': the constant-time commands of
-   * fast-path.ts (GetRandom ≤ 64 B, PCR_Extend, PCR_Read, GetCapability, ReadClock) run inline.
-   */
-  inline?: 'never' | 'fast';
-}
-
-export interface ExecuteOptions {
-  /** Locality the command arrived on, 0..4; libtpms reads it through its getlocality callback. */
-  locality?: number;
-}
-
-export type InstanceStatus = 'off' | 'running' | 'failed' | 'destroyed';
-
-export type InstanceErrorCode =
-  | 'DESTROYED' // the instance was destroyed
-  | 'RUNNING' // needs a powered-off TPM (state blobs are set while off, as swtpm requires)
-  | 'NOT_RUNNING' // needs a powered-on TPM
-  | 'FAILED' // the instance is in failure mode; recreate() it
-  | 'INIT' // TPMLIB_MainInit failed (e.g. corrupt state)
-  | 'LIBTPMS' // another libtpms call failed
-  | 'STORE' // the StateStore rejected a write; the response was withheld
-  | 'LOCALITY'; // locality outside 0..4
-
-export class TpmInstanceError extends Error {
-  constructor(
-    readonly code: InstanceErrorCode,
-    readonly instance: number,
-    message: string,
-    readonly tpmResult?: number,
-  ) {
-    super(`vTPM ${instance}: ${message}`);
-    this.name = 'TpmInstanceError';
-  }
-}
-
-export interface FailureInfo {
-  instance: number;
-  reason: 'failure-mode' | 'init' | 'store';
-  /** TPM response code / libtpms result that showed the failure, when there was one. */
-  tpmResult?: number;
-  message: string;
-}
-
-/** libtpms buffer size when none is asked for (QEMU TIS uses 4096); spares are made with it. */
-export const DEFAULT_BUFFER_SIZE = 4096;
-
-function checkInstanceNumber(n: number): void {
-  if (!Number.isInteger(n) || n < 0) throw new RangeError(`bad instance ${n}`);
-}
 
 /** A spare's store until it is bound: it has no state, and must never be written to. */
 const SPARE_STORE: StateStore = {
@@ -99,12 +44,6 @@ const SPARE_STORE: StateStore = {
   delete: async () => {
     throw new Error('a spare TPM has no store');
   },
-};
-
-const STATE_TYPE: Record<StateKind, LibtpmsStateType> = {
-  permanent: LibtpmsStateType.PERMANENT,
-  volatile: LibtpmsStateType.VOLATILE,
-  savestate: LibtpmsStateType.SAVE_STATE,
 };
 
 /**
@@ -125,16 +64,12 @@ export class TpmInstance extends EventEmitter implements TpmEndpoint {
   #lib: Libtpms | null = null;
   #status: InstanceStatus = 'off';
   #queue: Promise<unknown> = Promise.resolve();
-  /** What libtpms last wrote (or what the store held at power-on): loaddata serves from here. */
-  #nv = new Map<StateKind, Uint8Array>();
-  /** Writes (blob) and deletes (null) not yet durable, in order of first occurrence. */
-  #pending = new Map<StateKind, Uint8Array | null>();
+  readonly #nv: NvState;
+  readonly #transfer: StateTransfer;
   #locality = 0;
   #bufferSize = 4096;
   #busy = false;
   #queued = 0;
-  /** The newest flush (see #flush). */
-  #flushing: Promise<void> = Promise.resolve();
   #failure: FailureInfo | null = null;
   #cancelTimer: NodeJS.Timeout | null = null;
 
@@ -149,6 +84,18 @@ export class TpmInstance extends EventEmitter implements TpmEndpoint {
     this.#wantedBufferSize = opts.bufferSize ?? DEFAULT_BUFFER_SIZE;
     this.#inlineFast = opts.inline === 'fast';
     this.#spare = spare;
+    this.#nv = new NvState(this, (msg) => {
+      this.#fail({ instance: this.instance, reason: 'store', message: msg });
+      return new TpmInstanceError('STORE', this.instance, msg);
+    });
+    this.#transfer = new StateTransfer({
+      instance: () => this.instance,
+      status: () => this.#status,
+      nv: this.#nv,
+      enqueue: (op) => this.#enqueue(op),
+      requireLib: () => this.#requireLib(),
+      inLibrary: (fn) => this.#inLibrary(fn),
+    });
   }
 
   /** The instance number: the key of its state in the store (-1 for a spare not yet bound). */
@@ -171,7 +118,7 @@ export class TpmInstance extends EventEmitter implements TpmEndpoint {
   // Manufacturing a TPM (TPMLIB_MainInit on empty NV: fresh seeds, default permanent state) is most of
   // the time to a new TPM (~2 ms for 2.0; for 1.2, which makes its EK and SRK then, 100–400 ms). A
   // spare is that work done ahead of time: a private library copy, powered on with no state at all.
-  // What manufacture wrote exists only in this object (#nv, #pending): it was never stored or shown to
+  // What manufacture wrote exists only in this object (its NvState): it was never stored or shown to
   // anyone. bindSpare() gives it an instance number and store; the pending permanent state is then
   // written under that number before the first response is released, exactly as for a TPM
   // manufactured on demand, so the durability contract does not change.
@@ -264,27 +211,7 @@ export class TpmInstance extends EventEmitter implements TpmEndpoint {
       lib.unload();
       throw new TpmInstanceError('LIBTPMS', this.instance, 'TPMLIB_ChooseTPMVersion failed', rc);
     }
-    lib.registerCallbacks({
-      loadData: (name) => {
-        const kind = kindForNvramName(name);
-        return kind ? (this.#nv.get(kind) ?? null) : null;
-      },
-      storeData: (name, data) => {
-        const kind = kindForNvramName(name);
-        if (!kind) return 9; // TPM_FAIL: a name libtpms 0.9 never uses
-        this.#nv.set(kind, data);
-        this.#pending.set(kind, data);
-        return TPM_SUCCESS;
-      },
-      deleteName: (name) => {
-        const kind = kindForNvramName(name);
-        if (!kind) return TPM_SUCCESS;
-        this.#nv.delete(kind);
-        this.#pending.set(kind, null);
-        return TPM_SUCCESS;
-      },
-      getLocality: () => this.#locality,
-    });
+    lib.registerCallbacks({ ...this.#nv.callbacks(), getLocality: () => this.#locality });
     const b = lib.setBufferSize(this.#wantedBufferSize);
     this.#bufferSize = b.size;
     this.#lib = lib;
@@ -324,32 +251,9 @@ export class TpmInstance extends EventEmitter implements TpmEndpoint {
     });
   }
 
-  /**
-   * Make every captured NV change durable, in order. Flushes form a chain: each starts after the one
-   * before it, so waiting for the newest waits for all (a failed one fails every later one, until
-   * recreate()). Only create()'s own Startup (startupUnreleased) leaves its flush running unawaited.
-   */
+  /** Make every captured NV change durable (nv-state.ts); only create()'s own Startup leaves one unawaited. */
   #flush(): Promise<void> {
-    const p = this.#flushing.then(() => this.#flushPending());
-    this.#flushing = p;
-    return p;
-  }
-
-  async #flushPending(): Promise<void> {
-    while (this.#pending.size > 0) {
-      const ops = [...this.#pending];
-      this.#pending.clear();
-      for (const [kind, blob] of ops) {
-        try {
-          if (blob) await this.store.store(this.instance, kind, blob);
-          else await this.store.delete(this.instance, kind);
-        } catch (err) {
-          const msg = `state store failed on ${kind}: ${err instanceof Error ? err.message : String(err)}`;
-          this.#fail({ instance: this.instance, reason: 'store', message: msg });
-          throw new TpmInstanceError('STORE', this.instance, msg);
-        }
-      }
-    }
+    return this.#nv.flush();
   }
 
   #fail(info: FailureInfo): void {
@@ -357,17 +261,6 @@ export class TpmInstance extends EventEmitter implements TpmEndpoint {
     this.#status = 'failed';
     this.#failure = info;
     this.emit('failure', info);
-  }
-
-  async #reloadFromStore(): Promise<void> {
-    this.#nv.clear();
-    this.#pending.clear();
-    // The three reads in parallel: one pool round trip instead of three in a row.
-    const blobs = await Promise.all(STATE_KINDS.map((kind) => this.store.load(this.instance, kind)));
-    STATE_KINDS.forEach((kind, i) => {
-      const blob = blobs[i];
-      if (blob) this.#nv.set(kind, blob);
-    });
   }
 
   /**
@@ -386,20 +279,17 @@ export class TpmInstance extends EventEmitter implements TpmEndpoint {
     if (this.#status === 'failed') {
       throw new TpmInstanceError('FAILED', this.instance, 'instance failed; recreate() it');
     }
-    await this.#reloadFromStore();
+    await this.#nv.reload();
     const rc = await this.#inLibrary(() => lib.mainInitAsync());
     if (rc !== TPM_SUCCESS) {
       // libtpms may have written nothing useful; keep the store as it was and isolate the copy.
-      this.#pending.clear();
+      this.#nv.dropPending();
       await this.#inLibrary(() => lib.terminateAsync());
       const msg = `TPMLIB_MainInit failed with 0x${rc.toString(16)}`;
       this.#fail({ instance: this.instance, reason: 'init', tpmResult: rc, message: msg });
       throw new TpmInstanceError('INIT', this.instance, msg, rc);
     }
-    if (this.#nv.has('volatile')) {
-      this.#nv.delete('volatile');
-      this.#pending.set('volatile', null);
-    }
+    if (this.#nv.has('volatile')) this.#nv.put('volatile', null);
     // What power-on wrote (a manufactured TPM, the consumed volatile state) stays pending: no guest has
     // seen anything of it yet, and the first response (or powerOff/destroy) makes it durable first.
     // That keeps one fsync out of the time to a ready TPM without weakening the contract.
@@ -435,8 +325,7 @@ export class TpmInstance extends EventEmitter implements TpmEndpoint {
     return this.#enqueue(async () => {
       if (this.#status === 'destroyed') throw new TpmInstanceError('DESTROYED', this.instance, 'instance destroyed');
       // Whatever was still being written settles first: the reload below must see it.
-      await this.#flushing.catch(() => undefined);
-      this.#flushing = Promise.resolve();
+      await this.#nv.settle();
       const old = this.#lib;
       this.#lib = null;
       if (old) {
@@ -513,7 +402,7 @@ export class TpmInstance extends EventEmitter implements TpmEndpoint {
 
   /** Send TPM(2)_Startup; resolves with the response code (0 = started, 0x100 = already started). */
   async startup(type: 'clear' | 'state' = 'clear'): Promise<number> {
-    return responseCode(await this.execute(this.#startupCommand(type)));
+    return responseCode(await this.execute(startupCommand(this.version, type)));
   }
 
   /**
@@ -528,13 +417,7 @@ export class TpmInstance extends EventEmitter implements TpmEndpoint {
    * A TPM 1.2 Startup stays on the pool.
    */
   async startupUnreleased(type: 'clear' | 'state' = 'clear'): Promise<number> {
-    return responseCode(await this.#execute(this.#startupCommand(type), 0, false, this.version === '2.0'));
-  }
-
-  #startupCommand(type: 'clear' | 'state'): Uint8Array {
-    return this.version === '2.0'
-      ? tpm2.startup(type === 'clear' ? tpm2.TPM_SU_CLEAR : tpm2.TPM_SU_STATE)
-      : tpm12.startup(type === 'clear' ? tpm12.TPM_ST_CLEAR : tpm12.TPM_ST_STATE);
+    return responseCode(await this.#execute(startupCommand(this.version, type), 0, false, this.version === '2.0'));
   }
 
   /**
@@ -542,75 +425,23 @@ export class TpmInstance extends EventEmitter implements TpmEndpoint {
    * 'clear' is a no-op). Resolves with the response code.
    */
   async shutdown(type: 'clear' | 'state' = 'clear'): Promise<number> {
-    if (this.version === '1.2') {
-      if (type === 'clear') return 0;
-      return responseCode(await this.execute(tpm12.saveState()));
-    }
-    return responseCode(await this.execute(tpm2.shutdown(type === 'clear' ? tpm2.TPM_SU_CLEAR : tpm2.TPM_SU_STATE)));
+    const cmd = shutdownCommand(this.version, type);
+    return cmd ? responseCode(await this.execute(cmd)) : 0;
   }
 
   /** TPMLIB_VolatileAll_Store into the store (for suspend): resolves once it is durable. */
   saveVolatile(): Promise<void> {
-    return this.#enqueue(async () => {
-      const lib = this.#requireLib();
-      if (this.#status !== 'running') throw new TpmInstanceError('NOT_RUNNING', this.instance, 'TPM is not running');
-      const { rc, blob } = await this.#inLibrary(async () => lib.volatileAllStore());
-      if (rc !== TPM_SUCCESS || !blob) {
-        throw new TpmInstanceError('LIBTPMS', this.instance, `TPMLIB_VolatileAll_Store failed with 0x${rc.toString(16)}`, rc);
-      }
-      this.#nv.set('volatile', blob);
-      this.#pending.set('volatile', blob);
-      await this.#flush();
-    });
+    return this.#transfer.saveVolatile();
   }
 
-  /**
-   * The state blob of `kind` exactly as swtpm's CMD_GET_STATEBLOB returns it unencrypted, or null when
-   * there is no such state (swtpm answers TPM_RETRY 0x800 with an empty blob then). Volatile state of
-   * a running TPM is taken fresh (TPMLIB_VolatileAll_Store), as swtpm does.
-   */
+  /** The state blob of `kind` in swtpm's CMD_GET_STATEBLOB format, or null (state-transfer.ts). */
   getStateBlob(kind: StateKind): Promise<Uint8Array | null> {
-    return this.#enqueue(async () => {
-      const lib = this.#requireLib();
-      // State leaves the instance only once durable, like a response (create's Startup may still write).
-      await this.#flush();
-      if (kind === 'volatile' && this.#status === 'running') {
-        const { rc, blob } = await this.#inLibrary(async () => lib.volatileAllStore());
-        if (rc !== TPM_SUCCESS || !blob) {
-          throw new TpmInstanceError('LIBTPMS', this.instance, `TPMLIB_VolatileAll_Store failed with 0x${rc.toString(16)}`, rc);
-        }
-        return encodeStateBlob(blob);
-      }
-      const plain = this.#nv.get(kind);
-      return plain ? encodeStateBlob(plain) : null;
-    });
+    return this.#transfer.get(kind);
   }
 
-  /**
-   * Install a blob in swtpm's format (an empty blob clears that kind), validated by libtpms
-   * (TPMLIB_SetState) and made durable in the store. Only while powered off, as with swtpm; the next
-   * powerOn() starts from it.
-   */
+  /** Install a blob in swtpm's format while powered off; the next powerOn() starts from it (state-transfer.ts). */
   setStateBlob(kind: StateKind, blob: Uint8Array): Promise<void> {
-    return this.#enqueue(async () => {
-      if (this.#status === 'running') {
-        throw new TpmInstanceError('RUNNING', this.instance, 'state blobs can only be set while the TPM is off');
-      }
-      if (this.#status === 'failed') {
-        throw new TpmInstanceError('FAILED', this.instance, 'instance failed; recreate() it first');
-      }
-      const lib = this.#requireLib();
-      const plain = decodeStateBlob(blob);
-      if (plain && kind !== 'permanent' && !this.#nv.has('permanent')) await this.#reloadFromStore();
-      const rc = lib.setState(STATE_TYPE[kind], plain);
-      if (rc !== TPM_SUCCESS) {
-        throw new TpmInstanceError('LIBTPMS', this.instance, `TPMLIB_SetState(${kind}) refused the blob: 0x${rc.toString(16)}`, rc);
-      }
-      if (plain) this.#nv.set(kind, plain);
-      else this.#nv.delete(kind);
-      this.#pending.set(kind, plain);
-      await this.#flush();
-    });
+    return this.#transfer.set(kind, blob);
   }
 
   /**
@@ -646,7 +477,7 @@ export class TpmInstance extends EventEmitter implements TpmEndpoint {
       if (this.#status === 'destroyed') return;
       const lib = this.#lib;
       // An unbound spare's state belongs to no instance: it is dropped, never stored.
-      if (this.#spare) this.#pending.clear();
+      if (this.#spare) this.#nv.dropPending();
       if (lib && this.#status === 'running') {
         await this.#inLibrary(() => lib.terminateAsync());
         await this.#flush().catch(() => undefined);

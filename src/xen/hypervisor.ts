@@ -13,7 +13,7 @@ import { Channel, ECS_interdomain, ECS_unbound, HvDomain, MAX_OBJECTS_PER_DOMAIN
 import { EEXIST, EINVAL, ENOMEM, ENOSPC, EPERM, ESRCH, HC, HC_MSG, POPULATE_MAX, encodeReply, hypervisorSocket } from './hypercall.js';
 import { EVTCHN_PORTS_PER_PAGE, MAX_EVTCHN_PAGES, type DomainGeometry } from './layout.js';
 import { GNTST } from './grant-table.js';
-import { processAlive } from './proc.js';
+import { processAlive } from '../util/proc.js';
 
 export { hypervisorSocket };
 

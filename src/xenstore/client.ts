@@ -14,7 +14,7 @@ import {
   type XsMessage,
 } from './wire.js';
 import { formatPerm, parsePerm, type Perm } from './permissions.js';
-import { trace, tracing } from '../xen/trace.js';
+import { trace, tracing } from '../util/trace.js';
 
 export type { Perm } from './permissions.js';
 export { XsError } from './wire.js';

@@ -9,9 +9,7 @@ import {
   PAYLOAD_MAX,
   REL_PATH_MAX,
   XsError,
-  XsReceiver,
   XsType,
-  XsWireError,
   encodeMessage,
   encodeStrings,
   encodeWatchEvent,
@@ -23,8 +21,9 @@ import {
 } from './wire.js';
 import { DOMID_MAX, formatPerm, parsePerms } from './permissions.js';
 import { domainSocketPath } from './client.js';
-import { trace, tracing } from '../xen/trace.js';
-import { DEFAULT_QUOTAS, Store, type Caller, type Change, type Quotas, type Transaction } from './store.js';
+import { Connection, OutputBatch, type ConnectionHost, type Watch } from './connection.js';
+import { closeServer, listen, rmSocket } from './socket-files.js';
+import { DEFAULT_QUOTAS, Store, type Change, type Quotas, type Transaction } from './store.js';
 import { escapeLogLine } from '../util/log-escape.js';
 
 export interface DaemonOptions {
@@ -46,20 +45,6 @@ export interface DaemonOptions {
 const INTRODUCE_WATCH = '@introduceDomain';
 const RELEASE_WATCH = '@releaseDomain';
 
-/** A slow reader whose socket buffer grows past this is disconnected (bounds memory per connection). */
-const MAX_WRITE_BACKLOG = 1 << 20;
-/** dom0 is exempt from the outstanding-request quota, but a dom0 client that never reads still
- * stops being read rather than growing our memory. */
-const DOM0_OUTSTANDING = 1024;
-
-interface Watch {
-  /** The path as registered (relative paths produce relative event paths). */
-  readonly given: string;
-  /** Canonical absolute path, or the special name. */
-  readonly abs: string;
-  readonly token: string;
-}
-
 interface Domain {
   readonly domid: number;
   readonly socketPath: string;
@@ -71,113 +56,14 @@ const OK = encodeStrings('OK');
 const DOMID_RE = /^(0|[1-9][0-9]{0,4})$/;
 const PATH_CHARS = /^[A-Za-z0-9\-/_@]+$/;
 
-let connSerial = 0;
-
-class Connection implements Caller {
-  readonly receiver: XsReceiver;
-  readonly serial = ++connSerial;
-  readonly watches = new Map<string, Watch>();
-  readonly txs = new Map<number, Transaction>();
-  private readonly queue: XsMessage[] = [];
-  private busy = false;
-  closed = false;
-
-  constructor(
-    readonly daemon: XenstoreDaemon,
-    readonly socket: net.Socket,
-    readonly domid: number,
-  ) {
-    this.receiver = new XsReceiver((m) => this.enqueue(m));
-    socket.on('data', (chunk: Buffer) => {
-      // Every reply and watch event this chunk causes leaves at its end, one write per connection.
-      this.daemon.holdOutput();
-      try {
-        this.receiver.push(chunk);
-      } catch (err) {
-        this.daemon.kill(this, err instanceof XsWireError ? err.message : String(err));
-      } finally {
-        this.daemon.releaseOutput();
-      }
-    });
-    socket.on('error', () => this.daemon.kill(this));
-    socket.on('close', () => this.daemon.kill(this));
-  }
-
-  get privileged(): boolean {
-    return this.domid === 0;
-  }
-
-  get home(): string {
-    return `/local/domain/${this.domid}`;
-  }
-
-  /** Replies written but not yet taken by the kernel: the guest's outstanding requests. */
-  private unflushed = 0;
-
-  private enqueue(m: XsMessage): void {
-    if (tracing) trace(`xs c${this.serial} d${this.domid} < ${typeName(m.type)} ${m.reqId} ${m.payload.toString('latin1').replace(/\0/g, '|')}`);
-    this.queue.push(m);
-    this.drain();
-  }
-
-  private get stalled(): boolean {
-    return this.unflushed >= (this.privileged ? DOM0_OUTSTANDING : this.daemon.quotas.outstanding);
-  }
-
-  private drain(): void {
-    while (!this.busy && !this.closed && !this.stalled && this.queue.length) {
-      const m = this.queue.shift()!;
-      const r = this.daemon.handle(this, m);
-      if (r) {
-        this.busy = true;
-        void r.finally(() => {
-          this.busy = false;
-          this.drain();
-        });
-      }
-    }
-    if (this.closed) return;
-    // Outstanding-request quota: a guest that does not read its replies stops being read, so neither
-    // its requests nor our replies pile up in memory.
-    if (this.stalled || (!this.privileged && this.queue.length >= this.daemon.quotas.outstanding)) this.socket.pause();
-    else if (this.socket.isPaused()) this.socket.resume();
-  }
-
-  /** Send a reply (counted against the outstanding quota until the kernel has it). */
-  reply(frame: Buffer): void {
-    if (this.closed) return;
-    this.unflushed++;
-    if (tracing) trace(`xs c${this.serial} > ${typeName(frame.readUInt32LE(0))} ${frame.readUInt32LE(4)}`);
-    this.daemon.corkWhileHeld(this);
-    this.socket.write(frame, () => {
-      this.unflushed--;
-      if (!this.closed) this.drain();
-    });
-  }
-
-  /** Send a frame nobody asked for (watch events); a reader too slow for them is disconnected. */
-  send(frame: Buffer): void {
-    if (this.closed) return;
-    if (this.socket.writableLength > MAX_WRITE_BACKLOG) {
-      this.daemon.kill(this, `dom${this.domid} does not read its watch events`);
-      return;
-    }
-    if (tracing) trace(`xs c${this.serial} ! ${frame.subarray(16).toString('latin1').replace(/\0/g, '|')}`);
-    this.daemon.corkWhileHeld(this);
-    this.socket.write(frame);
-  }
-}
-
-export class XenstoreDaemon {
+export class XenstoreDaemon implements ConnectionHost {
   readonly store: Store;
   readonly quotas: Quotas;
   private readonly main: net.Server;
   private readonly domains = new Map<number, Domain>();
   private readonly conns = new Set<Connection>();
   private readonly log: (line: string) => void;
-  /** While > 0 (a received chunk is being handled), output is corked; `corked` holds whose. */
-  private held = 0;
-  private readonly corked = new Set<Connection>();
+  readonly output = new OutputBatch();
 
   constructor(private readonly opts: DaemonOptions) {
     this.quotas = { ...DEFAULT_QUOTAS, ...opts.quotas };
@@ -224,31 +110,6 @@ export class XenstoreDaemon {
     this.conns.delete(c);
     this.domains.get(c.domid)?.conns.delete(c);
     c.socket.destroy();
-  }
-
-  // ---- output batching ----------------------------------------------------------------------------
-
-  /**
-   * Start handling received bytes: replies and events wait until releaseOutput(). Each write to a socket
-   * wakes its reader, which on a busy machine preempts us before the next request of the same batch
-   * is even parsed; written together at the end, a pipelined batch costs each peer one wake-up.
-   */
-  holdOutput(): void {
-    this.held++;
-  }
-
-  /** Done with received bytes: flush what was corked (in order, one writev per connection). */
-  releaseOutput(): void {
-    if (--this.held > 0) return;
-    for (const c of this.corked) if (!c.closed) c.socket.uncork();
-    this.corked.clear();
-  }
-
-  /** @internal a connection about to write: cork it while a batch is held. */
-  corkWhileHeld(c: Connection): void {
-    if (this.held === 0 || this.corked.has(c)) return;
-    c.socket.cork();
-    this.corked.add(c);
   }
 
   // ---- dispatch -----------------------------------------------------------------------------------
@@ -569,38 +430,4 @@ function parseDomid(s: string): number {
 
 function watchKey(path: string, token: string): string {
   return `${path}\0${token}`;
-}
-
-function listen(server: net.Server, socketPath: string, owner?: number): Promise<void> {
-  rmSocket(socketPath);
-  return new Promise((resolve, reject) => {
-    server.once('error', reject);
-    server.listen(socketPath, () => {
-      server.off('error', reject);
-      try {
-        // whoever can connect *is* that domain (dom0 on the main socket): owner only, like xenstored's
-        fs.chmodSync(socketPath, 0o600);
-        if (owner !== undefined) fs.chownSync(socketPath, owner, owner);
-      } catch (err) {
-        server.close();
-        return reject(err instanceof Error ? err : new Error(String(err)));
-      }
-      resolve();
-    });
-  });
-}
-
-function closeServer(server: net.Server): Promise<void> {
-  return new Promise((resolve) => {
-    if (!server.listening) return resolve();
-    server.close(() => resolve());
-  });
-}
-
-function rmSocket(p: string): void {
-  try {
-    if (fs.lstatSync(p).isSocket()) fs.unlinkSync(p);
-  } catch {
-    // absent: nothing to remove
-  }
 }

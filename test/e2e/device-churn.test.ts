@@ -11,7 +11,8 @@ import { promisify } from 'node:util';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { ROOT } from '../helpers/child.js';
 import { XsClient } from '../../src/xenstore/client.js';
-import { XenbusState, readState, removeDeviceDirectories, writeDeviceDirectories } from '../../src/xenstore/xenbus.js';
+import { readState, XenbusState } from '../../src/xenstore/xenbus.js';
+import { removeDeviceDirectories, writeDeviceDirectories } from '../../src/xenstore/xenbus-toolstack.js';
 
 const run = promisify(execFile);
 const cli = join(ROOT, 'dist/src/cli/main.js');

@@ -12,7 +12,8 @@ import { setTimeout as sleep } from 'node:timers/promises';
 import { ROOT } from '../helpers/child.js';
 import { freePortPair } from '../../src/cli/ports.js';
 import { XsClient } from '../../src/xenstore/client.js';
-import { XenbusState, readState, writeDeviceDirectories } from '../../src/xenstore/xenbus.js';
+import { readState, XenbusState } from '../../src/xenstore/xenbus.js';
+import { writeDeviceDirectories } from '../../src/xenstore/xenbus-toolstack.js';
 
 const run = promisify(execFile);
 const cli = join(ROOT, 'dist/src/cli/main.js');

@@ -15,7 +15,7 @@ import { hostStatus } from '../../src/cli/host.js';
 import { connect } from '../../src/xenstore/client.js';
 import { createDomainConnection } from '../../src/xen/index.js';
 import { hypervisorSocket } from '../../src/xen/hypercall.js';
-import { writeDeviceDirectories } from '../../src/xenstore/xenbus.js';
+import { writeDeviceDirectories } from '../../src/xenstore/xenbus-toolstack.js';
 
 export const RAW_GUEST = join(ROOT, 'test/isolation/raw-guest.mjs');
 const GET_RANDOM = Buffer.from('80010000000c0000017b0008', 'hex');

@@ -2,7 +2,9 @@ import { describe, expect, it } from 'vitest';
 import crypto from 'node:crypto';
 import fs from 'node:fs';
 import path from 'node:path';
-import { CLOCK_JUMP, DirOps, GroupCommitStore, StoreError, blobName } from '../../src/manager/store.js';
+import { StoreError, blobName } from '../../src/manager/store-meta.js';
+import { DirOps } from '../../src/manager/store-ops.js';
+import { CLOCK_JUMP, GroupCommitStore } from '../../src/manager/store.js';
 import type { AppendLog } from '../../src/manager/wal.js';
 import { tempDir } from './helpers.js';
 

@@ -4,7 +4,9 @@ import fs from 'node:fs';
 import path from 'node:path';
 import fc from 'fast-check';
 import { ManagerClient } from '../../src/manager/client.js';
-import { DirOps, GroupCommitStore, blobName } from '../../src/manager/store.js';
+import { blobName } from '../../src/manager/store-meta.js';
+import { DirOps } from '../../src/manager/store-ops.js';
+import { GroupCommitStore } from '../../src/manager/store.js';
 import { WAL_FILE, encodeRecord, readRecord, replay, walKey, type WalRecord } from '../../src/manager/wal.js';
 import { startManager, tempDir, type RunningManager } from './helpers.js';
 

@@ -23,6 +23,8 @@ type Domain = import('../../src/xen/index.js').Domain;
 const { Domain: DomainCls } = (await import(dist('src/xen/index.js'))) as typeof import('../../src/xen/index.js');
 const { connect } = (await import(dist('src/xenstore/client.js'))) as typeof import('../../src/xenstore/client.js');
 const xenbus = (await import(dist('src/xenstore/xenbus.js'))) as typeof import('../../src/xenstore/xenbus.js');
+const xenbusFront = (await import(dist('src/xenstore/xenbus-frontend.js'))) as typeof import('../../src/xenstore/xenbus-frontend.js');
+const xenbusTool = (await import(dist('src/xenstore/xenbus-toolstack.js'))) as typeof import('../../src/xenstore/xenbus-toolstack.js');
 const { GuestSession: Session } = (await import(dist('src/frontend/session.js'))) as typeof import('../../src/frontend/session.js');
 const tpm2 = (await import(dist('src/tpm/tpm2-commands.js'))) as typeof import('../../src/tpm/tpm2-commands.js');
 const wire = (await import(dist('src/tpm/wire.js'))) as typeof import('../../src/tpm/wire.js');
@@ -49,7 +51,7 @@ afterAll(async () => {
 async function guest(domid: number): Promise<{ dom: Domain; xs: XsClient }> {
   const h = new RunDir(runDir).readHost();
   await dom0.introduce(domid);
-  await xenbus.writeDeviceDirectories(dom0, { frontDomid: domid, backDomid: 0, devid: 0, uuid: `00000000-0000-4000-8000-${String(domid).padStart(12, '0')}` });
+  await xenbusTool.writeDeviceDirectories(dom0, { frontDomid: domid, backDomid: 0, devid: 0, uuid: `00000000-0000-4000-8000-${String(domid).padStart(12, '0')}` });
   const dom = await DomainCls.create({ domid, dir: h.xenDir });
   const xs = await connect(join(h.domainSocketDir, `dom${domid}.sock`));
   return { dom, xs };
@@ -182,7 +184,7 @@ describe('suspend/resume through xenstore', () => {
     const dev = xenbus.vtpmDevice(28, 0, 0);
     const ringOpts = { timeoutMs: 10_000, requireBackendFeature: XS_FEATURE_RING };
     const f1 = new RingFront(g.dom, 0);
-    await xenbus.frontendConnect(g.xs, dev, { ringRef: f1.refs[0]!, eventChannel: f1.port, extra: { [XS_FEATURE_RING]: '1' } }, ringOpts);
+    await xenbusFront.frontendConnect(g.xs, dev, { ringRef: f1.refs[0]!, eventChannel: f1.port, extra: { [XS_FEATURE_RING]: '1' } }, ringOpts);
     ok(await f1.transmit(tpm2.startup()), 'Startup');
     const a = randomBytes(32);
     ok(await f1.transmit(tpm2.pcrExtendSha256(16, a)), 'extend A');
@@ -198,7 +200,7 @@ describe('suspend/resume through xenstore', () => {
     const f2 = new RingFront(g.dom, 0, { firstId: f1.nextId });
     await Promise.all([
       xenbus.switchState(g.xs, dev.frontend, xenbus.XenbusState.Closed),
-      xenbus.frontendReconnect(g.xs, dev, { ringRef: f2.refs[0]!, eventChannel: f2.port, extra: { [XS_FEATURE_RING]: '1' } }, ringOpts),
+      xenbusFront.frontendReconnect(g.xs, dev, { ringRef: f2.refs[0]!, eventChannel: f2.port, extra: { [XS_FEATURE_RING]: '1' } }, ringOpts),
     ]);
     expect(await xenbus.readState(dom0, dev.backend)).toBe(xenbus.XenbusState.Connected);
     // Served on the new ring, by the same vTPM: A is still in PCR 16.
@@ -212,7 +214,7 @@ describe('suspend/resume through xenstore', () => {
     const dev = xenbus.vtpmDevice(29, 0, 0);
     const ringOpts = { timeoutMs: 10_000, requireBackendFeature: XS_FEATURE_RING };
     const f = new RingFront(g.dom, 0);
-    await xenbus.frontendConnect(g.xs, dev, { ringRef: f.refs[0]!, eventChannel: f.port, extra: { [XS_FEATURE_RING]: '1' } }, ringOpts);
+    await xenbusFront.frontendConnect(g.xs, dev, { ringRef: f.refs[0]!, eventChannel: f.port, extra: { [XS_FEATURE_RING]: '1' } }, ringOpts);
     ok(await f.transmit(tpm2.startup()), 'Startup');
     await dom0.write('/local/domain/29/control/shutdown', 'suspend');
     const a = randomBytes(32);
@@ -223,7 +225,7 @@ describe('suspend/resume through xenstore', () => {
     expect(await xenbus.readState(dom0, dev.frontend)).toBe(xenbus.XenbusState.Connected);
     ok(await extended, 'extend sent before the notice');
     // The rest of the walk as usual: Closing (the backend does not write Closing twice), Closed, InitWait.
-    await xenbus.frontendClose(g.xs, dev, { timeoutMs: 10_000 });
+    await xenbusFront.frontendClose(g.xs, dev, { timeoutMs: 10_000 });
     await f.close();
     expect(await xenbus.waitForState(dom0, dev.backend, (st) => st === xenbus.XenbusState.InitWait, { timeoutMs: 10_000 })).toBe(xenbus.XenbusState.InitWait);
     // Resumed, the vTPM has A in PCR 16: the extend's state was made durable with the notice.

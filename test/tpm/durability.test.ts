@@ -3,7 +3,7 @@
 import { readdirSync } from 'node:fs';
 import { afterAll, describe, expect, it } from 'vitest';
 import { TpmHost } from '../../src/tpm/host.js';
-import type { FailureInfo } from '../../src/tpm/instance.js';
+import type { FailureInfo } from '../../src/tpm/instance-types.js';
 import * as tpm2 from '../../src/tpm/tpm2-commands.js';
 import { GatedStore, hex, tempStore, unhex } from './helpers.js';
 

@@ -2,24 +2,10 @@
 // real xenstored: libxl's device directories, connect, close, resume, and failure paths.
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import type { XsClient } from '../../src/xenstore/client.js';
-import {
-  XenbusError,
-  XenbusState,
-  backendAwaitFrontend,
-  backendClose,
-  backendConnect,
-  backendPath,
-  frontendClose,
-  frontendConnect,
-  frontendPath,
-  frontendResume,
-  readState,
-  switchState,
-  vtpmDevice,
-  waitForState,
-  writeDeviceDirectories,
-  type FrontendInfo,
-} from '../../src/xenstore/xenbus.js';
+import { backendPath, frontendPath, ignoreEnoent, readState, switchState, vtpmDevice, waitForState, XenbusError, XenbusState, type VtpmDevice } from '../../src/xenstore/xenbus.js';
+import { backendConnected, backendInitWait, parseFrontendRing, type FrontendInfo } from '../../src/xenstore/xenbus-backend.js';
+import { frontendClose, frontendConnect, frontendResume } from '../../src/xenstore/xenbus-frontend.js';
+import { writeDeviceDirectories } from '../../src/xenstore/xenbus-toolstack.js';
 import { connectClient, errnoOf, startDaemon, type Daemon } from './helpers.js';
 
 let d: Daemon;
@@ -39,6 +25,32 @@ afterAll(async () => {
   for (const c of [fe, other, dom0]) await c?.close();
   await d?.stop();
 });
+
+// The backend's side, played here with the steps backend/device.ts takes (its own state machine needs
+// a mapped ring; these tests are about the frontend steps and the xenstore traffic between the two).
+async function backendAwaitFrontend(dev: VtpmDevice): Promise<FrontendInfo> {
+  const state = await waitForState(dom0, dev.frontend, (s) => s === XenbusState.Initialised || s === XenbusState.Connected, { timeoutMs: 10_000 });
+  const [ring, port, v2] = await Promise.all(['ring-ref', 'event-channel', 'feature-protocol-v2'].map((k) => dom0.tryRead(`${dev.frontend}/${k}`)));
+  return parseFrontendRing(dev, state, ring, port, v2);
+}
+
+async function backendConnect(dev: VtpmDevice, attach: (fe: FrontendInfo) => Promise<void>): Promise<FrontendInfo> {
+  await backendInitWait(dom0, dev);
+  const info = await backendAwaitFrontend(dev);
+  await attach(info);
+  await backendConnected(dom0, dev);
+  return info;
+}
+
+/** On frontend Closing: Closing, wait for Closed, detach, clear ready, back to InitWait. */
+async function backendClose(dev: VtpmDevice, detach: () => Promise<void>): Promise<XenbusState> {
+  await switchState(dom0, dev.backend, XenbusState.Closing);
+  await waitForState(dom0, dev.frontend, (s) => s === XenbusState.Closed, { timeoutMs: 10_000 });
+  await detach();
+  await dom0.rm(`${dev.backend}/ready`).catch(ignoreEnoent);
+  await switchState(dom0, dev.backend, XenbusState.InitWait);
+  return XenbusState.InitWait;
+}
 
 describe('xenbus', () => {
   it('numbers states as enum xenbus_state and builds the device paths', () => {
@@ -78,7 +90,7 @@ describe('xenbus', () => {
     const dev = await writeDeviceDirectories(dom0, { frontDomid: 5, backDomid: 0, devid: 1 });
     const attached: FrontendInfo[] = [];
     let detached = 0;
-    const back = backendConnect(dom0, dev, async (info) => void attached.push(info), { timeoutMs: 10_000 });
+    const back = backendConnect(dev, async (info) => void attached.push(info));
     await frontendConnect(fe, dev, { ringRef: 8, eventChannel: 3 }, { timeoutMs: 10_000 });
     await back;
     expect(attached).toEqual([{ ringRef: 8, eventChannel: 3, protocolV2: true, state: XenbusState.Initialised }]);
@@ -90,7 +102,7 @@ describe('xenbus', () => {
     // close: frontend Closing → backend Closing → frontend Closed → backend back to InitWait
     const backendSide = (async () => {
       await waitForState(dom0, dev.frontend, (s) => s === XenbusState.Closing, { timeoutMs: 10_000 });
-      return backendClose(dom0, dev, async () => void detached++, { timeoutMs: 10_000 });
+      return backendClose(dev, async () => void detached++);
     })();
     await frontendClose(fe, dev, { timeoutMs: 10_000 });
     expect(await backendSide).toBe(XenbusState.InitWait);
@@ -99,7 +111,7 @@ describe('xenbus', () => {
     expect(await dom0.exists(`${dev.backend}/ready`)).toBe(false);
 
     // a resumed frontend publishes a brand-new ring and event channel
-    const back2 = backendAwaitFrontend(dom0, dev, { timeoutMs: 10_000 });
+    const back2 = backendAwaitFrontend(dev);
     const front2 = frontendResume(fe, dev, { ringRef: 9, eventChannel: 4 }, { timeoutMs: 10_000 });
     const info2 = await back2;
     expect(info2).toMatchObject({ ringRef: 9, eventChannel: 4, protocolV2: true });
@@ -115,7 +127,7 @@ describe('xenbus', () => {
     await tx;
     // Someone changes a key the transaction is about to write, after it started: its commit is EAGAIN.
     await dom0.write(`${dev.frontend}/ring-ref`, '77');
-    const back = backendAwaitFrontend(dom0, dev, { timeoutMs: 10_000 });
+    const back = backendAwaitFrontend(dev);
     const front = frontendConnect(fe, dev, { ringRef: 21, eventChannel: 6 }, { timeoutMs: 10_000, tx });
     expect(await back).toEqual({ ringRef: 21, eventChannel: 6, protocolV2: true, state: XenbusState.Initialised });
     await switchState(dom0, dev.backend, XenbusState.Connected);

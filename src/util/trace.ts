@@ -4,7 +4,7 @@
 // and every 200 ms, so tracing itself costs no syscall on the measured path.
 import fs from 'node:fs';
 import { join } from 'node:path';
-import { escapeLogLine } from '../util/log-escape.js';
+import { escapeLogLine } from './log-escape.js';
 
 const dir = process.env.VTPM_TRACE_DIR;
 /** Whether VTPM_TRACE_DIR is set (callers skip building trace text otherwise). */

@@ -1,0 +1,114 @@
+// What libtpms wrote, and making it durable: the NV callbacks of one library copy capture every write
+// and delete into memory (loaddata serves from there), and flush() applies them to the StateStore in
+// order, one chain per instance, so waiting for the newest flush waits for every earlier one.
+import { TPM_SUCCESS, type LibtpmsCallbacks } from '../../native/libtpms.js';
+import { kindForNvramName } from './state-blob.js';
+import { STATE_KINDS, type StateKind, type StateStore } from './state-store.js';
+
+/** Where a flush writes and whom it blames; read at each flush (a bound spare changes both). */
+export interface NvTarget {
+  readonly store: StateStore;
+  readonly instance: number;
+}
+
+export class NvState {
+  /** What libtpms last wrote (or what the store held at power-on): loaddata serves from here. */
+  #nv = new Map<StateKind, Uint8Array>();
+  /** Writes (blob) and deletes (null) not yet durable, in order of first occurrence. */
+  #pending = new Map<StateKind, Uint8Array | null>();
+  /** The newest flush (see flush). */
+  #flushing: Promise<void> = Promise.resolve();
+
+  /** @param onStoreFailure called with the message when a store write or delete fails; the flush then rejects. */
+  constructor(
+    private readonly target: NvTarget,
+    private readonly onStoreFailure: (message: string) => Error,
+  ) {}
+
+  /** libtpms' NV callbacks (loaddata, storedata, deletename) over this state. */
+  callbacks(): Pick<LibtpmsCallbacks, 'loadData' | 'storeData' | 'deleteName'> {
+    return {
+      loadData: (name) => {
+        const kind = kindForNvramName(name);
+        return kind ? (this.#nv.get(kind) ?? null) : null;
+      },
+      storeData: (name, data) => {
+        const kind = kindForNvramName(name);
+        if (!kind) return 9; // TPM_FAIL: a name libtpms 0.9 never uses
+        this.put(kind, data);
+        return TPM_SUCCESS;
+      },
+      deleteName: (name) => {
+        const kind = kindForNvramName(name);
+        if (kind) this.put(kind, null);
+        return TPM_SUCCESS;
+      },
+    };
+  }
+
+  get(kind: StateKind): Uint8Array | undefined {
+    return this.#nv.get(kind);
+  }
+
+  has(kind: StateKind): boolean {
+    return this.#nv.has(kind);
+  }
+
+  /** A write (blob) or delete (null) of `kind`, in memory now and durable at the next flush. */
+  put(kind: StateKind, blob: Uint8Array | null): void {
+    if (blob) this.#nv.set(kind, blob);
+    else this.#nv.delete(kind);
+    this.#pending.set(kind, blob);
+  }
+
+  /** Forget what is not durable yet (a failed MainInit, an unbound spare). */
+  dropPending(): void {
+    this.#pending.clear();
+  }
+
+  /** Memory becomes what the store holds; nothing pending. */
+  async reload(): Promise<void> {
+    this.#nv.clear();
+    this.#pending.clear();
+    const { store, instance } = this.target;
+    // The three reads in parallel: one pool round trip instead of three in a row.
+    const blobs = await Promise.all(STATE_KINDS.map((kind) => store.load(instance, kind)));
+    STATE_KINDS.forEach((kind, i) => {
+      const blob = blobs[i];
+      if (blob) this.#nv.set(kind, blob);
+    });
+  }
+
+  /**
+   * Make every captured change durable, in order. Flushes form a chain: each starts after the one
+   * before it, so waiting for the newest waits for all (a failed one fails every later one, until
+   * settle()).
+   */
+  flush(): Promise<void> {
+    const p = this.#flushing.then(() => this.#flushPending());
+    this.#flushing = p;
+    return p;
+  }
+
+  /** Wait for whatever is still being written, ignore its outcome, and start a fresh chain. */
+  async settle(): Promise<void> {
+    await this.#flushing.catch(() => undefined);
+    this.#flushing = Promise.resolve();
+  }
+
+  async #flushPending(): Promise<void> {
+    while (this.#pending.size > 0) {
+      const ops = [...this.#pending];
+      this.#pending.clear();
+      const { store, instance } = this.target;
+      for (const [kind, blob] of ops) {
+        try {
+          if (blob) await store.store(instance, kind, blob);
+          else await store.delete(instance, kind);
+        } catch (err) {
+          throw this.onStoreFailure(`state store failed on ${kind}: ${err instanceof Error ? err.message : String(err)}`);
+        }
+      }
+    }
+  }
+}

@@ -1,0 +1,166 @@
+// Xenbus, frontend role: the vTPM frontend's connect, reconnect, close and resume steps
+// (docs/protocols/xenbus.md).
+import { XsError, type TxId, type XsClient } from './client.js';
+import { XenbusError, XenbusState, deviceFatal, switchState, waitForState, type VtpmDevice, type WaitOptions } from './xenbus.js';
+
+/** What a vTPM frontend publishes: its ring's grant ref and its event channel port. */
+export interface FrontendRing {
+  ringRef: number;
+  eventChannel: number;
+  /** Additional keys (e.g. a ring protocol feature); `feature-protocol-v2` = "1" is always written. */
+  extra?: Record<string, string>;
+}
+
+export interface ConnectOptions extends WaitOptions {
+  /** Backend key that must be non-zero before the frontend connects (default feature-protocol-v2). */
+  requireBackendFeature?: string;
+  /**
+   * A transaction the caller started already (sent along with its earlier requests), used for the
+   * first attempt: the publish then costs one round trip instead of three.
+   */
+  tx?: Promise<TxId>;
+}
+
+/**
+ * Frontend connect (docs/protocols/xenbus.md, Connect steps 3 and 5): publish ring-ref, event-channel and
+ * feature-protocol-v2 and switch to Initialised in one transaction; wait for the backend to be
+ * Initialised or Connected; require its protocol feature (else fatal → Closing); switch to Connected.
+ *
+ * The transaction matters: a backend that took the device over from a dead one still sees our old
+ * Connected and old ring until we publish a new one, and must never see the new keys with the old
+ * state (it would map a ring we are still setting up). Its writes, its commit and the first read of
+ * the backend's state leave together: xenstored handles a connection's requests in order, so the read
+ * sees the committed transaction. A commit that conflicts (EAGAIN) is redone in a new transaction.
+ */
+export async function frontendConnect(client: XsClient, dev: VtpmDevice, ring: FrontendRing, opts: ConnectOptions = {}): Promise<void> {
+  const feature = opts.requireBackendFeature ?? 'feature-protocol-v2';
+  let started: Promise<TxId> | undefined = opts.tx;
+  let waiting: Promise<[XenbusState, string | undefined]> | undefined;
+  for (let attempt = 1; ; attempt++) {
+    const tx = await (started ?? client.transactionStart());
+    started = undefined;
+    const writes = Promise.all([
+      client.write(`${dev.frontend}/ring-ref`, String(ring.ringRef), tx),
+      client.write(`${dev.frontend}/event-channel`, String(ring.eventChannel), tx),
+      client.write(`${dev.frontend}/feature-protocol-v2`, '1', tx),
+      ...Object.entries(ring.extra ?? {}).map(([k, v]) => client.write(`${dev.frontend}/${k}`, v, tx)),
+      switchState(client, dev.frontend, XenbusState.Initialised, tx),
+    ]);
+    const commit = client.transactionEnd(tx, true);
+    // The backend published its features before InitWait: read them while waiting for its state.
+    waiting ??= Promise.all([
+      waitForState(
+        client,
+        dev.backend,
+        (st) => st === XenbusState.Initialised || st === XenbusState.Connected || st === XenbusState.Closing || st === XenbusState.Closed,
+        opts,
+      ),
+      client.tryRead(`${dev.backend}/${feature}`),
+    ]);
+    waiting.catch(() => {});
+    const [w, c] = await Promise.allSettled([writes, commit]);
+    if (c.status === 'fulfilled') {
+      // A write refused inside a committed transaction leaves the device half published: fatal.
+      if (w.status === 'rejected') throw w.reason;
+      break;
+    }
+    if (!(c.reason instanceof XsError && c.reason.code === 'EAGAIN') || attempt >= 100) throw c.reason;
+    if (attempt >= 3) await new Promise((r) => setTimeout(r, Math.random() * Math.min(attempt, 20)));
+  }
+  await finishConnect(client, dev, feature, waiting);
+}
+
+/** Steps 7 of a connect once the backend answered the published ring: check its feature, go Connected. */
+async function finishConnect(
+  client: XsClient,
+  dev: VtpmDevice,
+  feature: string,
+  waiting: Promise<[XenbusState, string | undefined]>,
+): Promise<void> {
+  const [s, early] = await waiting;
+  if (s === XenbusState.Closing || s === XenbusState.Closed) throw new XenbusError('XENBUS_CLOSED', `backend ${dev.backend} went to state ${XenbusState[s]}`);
+  // Read before a backend that was not up yet had published it: read it again now.
+  const v = early === '1' ? early : await client.tryRead(`${dev.backend}/${feature}`);
+  if (!v || !/^[0-9]+$/.test(v) || Number(v) === 0) {
+    await deviceFatal(client, dev.frontend, 22, 'vTPM protocol 2 required');
+    throw new XenbusError('XENBUS_PROTOCOL', `backend ${dev.backend} lacks ${feature}`);
+  }
+  // The ring is live once the backend is Connected: ours is news for the backend, not a step it waits
+  // for, so the caller need not wait for the reply (requests later on this connection follow it).
+  void switchState(client, dev.frontend, XenbusState.Connected).catch(() => {});
+}
+
+/**
+ * Frontend resume after a close the backend acknowledged (docs/protocols/xenbus.md, resume), in one batch: Initialising,
+ * the new ring's keys, Initialised, and behind them the wait for the backend. As Linux's
+ * tpmfront_resume, it does not wait for the backend's InitWait first: a backend still tearing the old
+ * ring down sees the new one after it (its steps run in order), and one that reads Initialised with a
+ * ring other than the one it serves closes that one first. No transaction is needed: our state says
+ * Initialising while the keys change, and xenstored applies one connection's requests in order, so
+ * whoever reads Initialised reads the new keys. The backend is Closing (its acknowledgement of our
+ * close) or InitWait when this starts, so a Closing seen before anything else is that old answer.
+ */
+export async function frontendReconnect(client: XsClient, dev: VtpmDevice, ring: FrontendRing, opts: ConnectOptions = {}): Promise<void> {
+  const feature = opts.requireBackendFeature ?? 'feature-protocol-v2';
+  const writes = Promise.all([
+    switchState(client, dev.frontend, XenbusState.Initialising),
+    client.write(`${dev.frontend}/ring-ref`, String(ring.ringRef)),
+    client.write(`${dev.frontend}/event-channel`, String(ring.eventChannel)),
+    client.write(`${dev.frontend}/feature-protocol-v2`, '1'),
+    ...Object.entries(ring.extra ?? {}).map(([k, v]) => client.write(`${dev.frontend}/${k}`, v)),
+    switchState(client, dev.frontend, XenbusState.Initialised),
+  ]);
+  let fresh = false;
+  const waiting = Promise.all([
+    waitForState(
+      client,
+      dev.backend,
+      (st) => {
+        if (st === XenbusState.Closing && !fresh) return false;
+        fresh = true;
+        return st === XenbusState.Initialised || st === XenbusState.Connected || st === XenbusState.Closing || st === XenbusState.Closed;
+      },
+      opts,
+    ),
+    client.tryRead(`${dev.backend}/${feature}`),
+  ]);
+  waiting.catch(() => {});
+  await writes;
+  await finishConnect(client, dev, feature, waiting);
+}
+
+/**
+ * Frontend close (docs/protocols/xenbus.md, Close): Closing, wait (up to timeoutMs, default 5 s as Linux) for the backend
+ * to leave Connected for Closing/Closed/InitWait, then Closed. Resolves even if the backend is silent:
+ * with whether it answered.
+ */
+export async function frontendClose(client: XsClient, dev: VtpmDevice, opts: WaitOptions & { closing?: boolean } = {}): Promise<boolean> {
+  // `closing`: our state is Closing already. The wait's first read goes out right behind the write.
+  const announced = opts.closing ? Promise.resolve() : switchState(client, dev.frontend, XenbusState.Closing);
+  let answered = false;
+  try {
+    await Promise.all([
+      announced,
+      waitForState(
+        client,
+        dev.backend,
+        (s) => s === XenbusState.Closing || s === XenbusState.Closed || s === XenbusState.InitWait || s === XenbusState.Unknown,
+        { timeoutMs: opts.timeoutMs ?? 5000 },
+      ),
+    ]);
+    answered = true;
+  } catch (err) {
+    if (!(err instanceof XenbusError && err.code === 'XENBUS_TIMEOUT')) throw err;
+  }
+  await switchState(client, dev.frontend, XenbusState.Closed);
+  return answered;
+}
+
+/**
+ * Frontend resume (docs/protocols/xenbus.md, resume): grant refs and ports of the old ring are dead, so go back to
+ * Initialising and redo the whole connect with the new ring and event channel.
+ */
+export async function frontendResume(client: XsClient, dev: VtpmDevice, ring: FrontendRing, opts: ConnectOptions = {}): Promise<void> {
+  await switchState(client, dev.frontend, XenbusState.Initialising);
+  await frontendConnect(client, dev, ring, opts);
+}
