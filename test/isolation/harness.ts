@@ -87,7 +87,10 @@ export async function startHost(mode: 'single' | 'multi' = 'single'): Promise<Is
   const good: IsolatedHost['good'] = [];
   const loads: Load[] = [];
   try {
-    await vtpm('host', 'up', '--run', runDir, '--state', join(work, 'state'), '--mode', mode, '--isolation', 'uid');
+    // A uid range of its own: test files run side by side, and `host down` stops every process of a
+    // domain's uid, so two hosts sharing a range would stop each other's guests.
+    const uidBase = 0x50000000 + ((process.pid & 0xfff) << 16);
+    await vtpm('host', 'up', '--run', runDir, '--state', join(work, 'state'), '--mode', mode, '--isolation', 'uid', '--uid-base', String(uidBase));
     for (const [domid, protocol] of [
       [1, 'v2'],
       [2, 'ring'],
