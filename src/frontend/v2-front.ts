@@ -21,8 +21,8 @@ import {
   V2_STATE,
   v2DataOffset,
 } from '../xen/tpmif.js';
-import { FrontendError, type TpmTransport, type TransmitOptions } from './transport.js';
-import { endAccessEventually } from './grants.js';
+import { FrontendError, type TpmTransport, type TransmitOptions } from '../tpmif/transport.js';
+import { endAccessEventually } from '../tpmif/grants.js';
 import { sizeErrorResponse } from '../tpm/error-response.js';
 
 /** How long a command may run before it is cancelled (Linux's TPM 2.0 default duration, 120 s). */

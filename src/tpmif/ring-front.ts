@@ -1,7 +1,8 @@
 // The frontend role of the multi-request ring (src/xen/tpmif.ts): a ring page plus one set of data
 // pages per slot, all granted once at start (persistent grants, as blkif's feature-persistent) so a
 // command costs no grant operations. Up to ring-size commands are outstanding; each names its data
-// pages and gets its response back in them.
+// pages and gets its response back in them. It lives in tpmif/ (above xen/ only) because both ends
+// use it: guests through TpmFront, and the multi-VM backend to reach each guest's vTPM domain.
 import { FrontRing, SharedRing, type Domain } from '../xen/index.js';
 import {
   REQ_GREFS,
