@@ -17,10 +17,8 @@ import {
   RING_STATUS_EINVAL,
   RING_STATUS_EIO,
   RING_STATUS_OK,
-  RSP_ID,
-  RSP_LENGTH,
-  RSP_STATUS,
   decodeRingRequest,
+  encodeRingResponse,
   type RingRequest,
 } from '../xen/tpmif.js';
 import { canceledResponse, failureResponse } from '../tpm/error-response.js';
@@ -311,11 +309,7 @@ export class RingChannel {
     if (this.#closed) return;
     if (response) scatter(pages, response);
     const r = this.#ring;
-    const v = r.sring.view;
-    const off = r.nextResponseSlot();
-    v.setBigUint64(off + RSP_ID, id, true);
-    v.setUint32(off + RSP_STATUS, status, true);
-    v.setUint32(off + RSP_LENGTH, response?.length ?? 0, true);
+    encodeRingResponse(r.sring.view, r.nextResponseSlot(), { id, status, length: response?.length ?? 0 });
     r.produceResponse();
     if (push && r.pushResponsesAndCheckNotify()) this.#dom.evtchn.send(this.#port);
   }

@@ -12,11 +12,11 @@ import {
   TPMIF_STATE_FINISH,
   TPMIF_STATE_IDLE,
   TPMIF_STATE_SUBMIT,
-  V2_LENGTH,
-  V2_LOCALITY,
-  V2_NR_EXTRA,
-  V2_STATE,
+  decodeV2Header,
+  encodeV2ResponseLength,
+  setV2State,
   v2DataOffset,
+  v2State,
 } from '../xen/tpmif.js';
 import { failureResponse } from '../tpm/error-response.js';
 import type { VtpmTarget } from './target.js';
@@ -75,7 +75,6 @@ export class V2Channel {
   readonly #dom: Domain;
   readonly #map: GrantMapping;
   readonly #page: Uint8Array;
-  readonly #dv: DataView;
   readonly #port: number;
   readonly #opts: ChannelOptions;
   #busy: Promise<void> | null = null;
@@ -93,7 +92,6 @@ export class V2Channel {
     this.#poll = new PollWindow(opts.pollUs);
     this.#map = dom.mapper.map(opts.frontDomid, opts.refs[0]!);
     this.#page = new Uint8Array(this.#map.buffer);
-    this.#dv = new DataView(this.#map.buffer);
     try {
       this.#port = dom.evtchn.bindInterdomain(opts.frontDomid, opts.port);
     } catch (err) {
@@ -109,12 +107,12 @@ export class V2Channel {
   }
 
   #state(): number {
-    return Atomics.load(this.#page, V2_STATE);
+    return v2State(this.#page);
   }
 
   #setStateAndNotify(state: number): void {
     // Everything else on the page is written before the state; the Atomics store orders it.
-    Atomics.store(this.#page, V2_STATE, state);
+    setV2State(this.#page, state);
     this.#dom.evtchn.send(this.#port);
   }
 
@@ -137,9 +135,7 @@ export class V2Channel {
     }
 
     // Private copy of everything before validating: the guest may change the page under us.
-    const length = this.#dv.getUint32(V2_LENGTH, true);
-    const nrExtra = this.#page[V2_NR_EXTRA]!;
-    const locality = this.#page[V2_LOCALITY]!;
+    const { length, nrExtraPages: nrExtra, locality } = decodeV2Header(this.#page);
     const offset = v2DataOffset(nrExtra);
     if (nrExtra !== 0) return this.#fatal(`v2 page names ${nrExtra} extra pages; only single-page devices exist`);
     if (length > PAGE - offset) return this.#fatal(`v2 request length ${length} exceeds ${PAGE - offset} bytes`);
@@ -164,7 +160,7 @@ export class V2Channel {
     }
     response = clampCapability(command, response, PAGE - offset);
     this.#page.set(response, offset);
-    this.#dv.setUint32(V2_LENGTH, response.length, true);
+    encodeV2ResponseLength(this.#page, response.length);
     this.#busy = null;
     const budget = this.#poll.budgetUs;
     // Masked before FINISH is visible, so the guest's next SUBMIT cannot cost it a wake-up mid-poll.
