@@ -23,7 +23,7 @@ import {
 } from '../xen/tpmif.js';
 import { canceledResponse, failureResponse } from '../tpm/error-response.js';
 import { responseCode } from '../tpm/wire.js';
-import type { ChannelOptions } from './v2-channel.js';
+import type { Channel, ChannelOptions } from './channel.js';
 import type { OnceRequest } from './target.js';
 
 const PAGE = 4096;
@@ -58,7 +58,8 @@ export class MappingLimitError extends Error {
   }
 }
 
-export class RingChannel {
+export class RingChannel implements Channel {
+  readonly protocol = 'ring' as const;
   readonly frontDomid: number;
   readonly #dom: Domain;
   readonly #ringMap: GrantMapping;

@@ -19,7 +19,7 @@ import {
   v2State,
 } from '../xen/tpmif.js';
 import { failureResponse } from '../tpm/error-response.js';
-import type { VtpmTarget } from './target.js';
+import type { Channel, ChannelOptions } from './channel.js';
 
 const PAGE = 4096;
 const MAX_LOCALITY = 4;
@@ -51,26 +51,8 @@ export function clampCapability(command: Uint8Array, response: Uint8Array, max: 
   return out ?? response;
 }
 
-export interface ChannelOptions {
-  frontDomid: number;
-  /** ring-ref: the grant of the shared page. */
-  refs: number[];
-  /** event-channel: the frontend's unbound port. */
-  port: number;
-  target: VtpmTarget;
-  /** The frontend broke the protocol: the caller must cut it off (its device to Closing). */
-  onFatal: (reason: string) => void;
-  log?: (line: string) => void;
-  /** Poll window after each answer in µs (default VTPM_POLL_US or 50; 0 = never poll). */
-  pollUs?: number;
-  /**
-   * The frontend announced its suspend on the ring (ring protocol, op 2), after the requests before
-   * the notice were answered: quiesce and go Closing; the notice is answered when this resolves.
-   */
-  onSuspend?: () => Promise<void>;
-}
-
-export class V2Channel {
+export class V2Channel implements Channel {
+  readonly protocol = 'v2' as const;
   readonly frontDomid: number;
   readonly #dom: Domain;
   readonly #map: GrantMapping;
