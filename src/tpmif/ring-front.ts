@@ -102,7 +102,8 @@ export class RingFront implements TpmTransport {
     if (id >= this.#nextId) this.#nextId = id + 1n;
     const grefs = this.#dataRefs.slice(buffer * this.segments, (buffer + 1) * this.segments);
     const locality = opts.locality ?? 0;
-    encodeRingRequest(this.#ring.sring.view, this.#ring.nextRequestSlot(), { op: RING_OP_COMMAND, id, locality, length: command.length, grefs });
+    const request = { op: RING_OP_COMMAND, id, locality, length: command.length, grefs } as const;
+    encodeRingRequest(this.#ring.sring.view, this.#ring.nextRequestSlot(), request);
     this.#ring.produceRequest();
     const p = new Promise<Uint8Array>((resolve, reject) => this.#pending.set(id, { buffer, resolve, reject }));
     if (this.#ring.pushRequestsAndCheckNotify()) this.#dom.evtchn.send(this.port);

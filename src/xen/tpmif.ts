@@ -129,7 +129,11 @@ export function encodeRingResponse(v: DataView, off: number, r: RingResponse): v
 
 /** Read one response slot (validation is the frontend's: the length is the backend's claim). */
 export function decodeRingResponse(v: DataView, off: number): RingResponse {
-  return { id: v.getBigUint64(off + RSP_ID, true), status: v.getUint32(off + RSP_STATUS, true), length: v.getUint32(off + RSP_LENGTH, true) };
+  return {
+    id: v.getBigUint64(off + RSP_ID, true),
+    status: v.getUint32(off + RSP_STATUS, true),
+    length: v.getUint32(off + RSP_LENGTH, true),
+  };
 }
 
 /** The v2 page's header fields other than state, read once into a private copy. */
