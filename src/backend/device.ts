@@ -6,8 +6,7 @@ import type { XsClient, XsWatch } from '../xenstore/client.js';
 import { deviceFatal, readState, switchState, type VtpmDevice, XenbusState } from '../xenstore/xenbus.js';
 import { backendConnected, backendInitWait, parseFrontendRing } from '../xenstore/xenbus-backend.js';
 import { XS_FEATURE_RING, XS_FEATURE_V2 } from '../xen/tpmif.js';
-import { V2Channel } from './v2-channel.js';
-import { RingChannel } from './ring-channel.js';
+import { openChannel, type Channel, type ChannelOptions } from './channel.js';
 import type { VtpmTarget } from './target.js';
 import { trace } from '../util/trace.js';
 
@@ -28,8 +27,6 @@ export interface DeviceOptions {
   /** Called once the device is finished (frontend gone or toolstack removed it). */
   onGone: () => void;
 }
-
-type Channel = V2Channel | RingChannel;
 
 /**
  * Which device holds each VM's vTPM, per provider (one per backend process). A VM's vTPM serves one
@@ -400,7 +397,7 @@ export class BackendDevice {
     } catch (err) {
       return this.#fail(5, `cannot open the vTPM of VM ${vm}: ${(err as Error).message}`);
     }
-    const opts = {
+    const opts: ChannelOptions = {
       frontDomid: this.dev.frontDomid,
       refs: [fe.ringRef],
       port: fe.eventChannel,
@@ -411,7 +408,7 @@ export class BackendDevice {
     };
     trace('dev vtpm ready');
     try {
-      this.#channel = wantsRing ? new RingChannel(this.#o.dom, opts) : new V2Channel(this.#o.dom, opts);
+      this.#channel = openChannel(this.#o.dom, wantsRing ? 'ring' : 'v2', opts);
       trace('dev channel ready');
     } catch (err) {
       return this.#fail(5, `cannot map ring-ref ${fe.ringRef} / bind event-channel ${fe.eventChannel}: ${(err as Error).message}`);

@@ -14,7 +14,7 @@ import fs from 'node:fs';
 import { dirname, join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { createDomainConnection, domainExists, type Domain } from '../xen/index.js';
-import { RingFront } from '../frontend/ring-front.js';
+import { RingFront } from '../tpmif/ring-front.js';
 import type { ManagerClient } from '../manager/client.js';
 import { connectPair, pairDescriptors, type ClientPair } from '../manager/fifo-client.js';
 import { VtpmDomain, type DomainLaunch } from '../tpm/domain-client.js';

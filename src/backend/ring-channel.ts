@@ -17,15 +17,13 @@ import {
   RING_STATUS_EINVAL,
   RING_STATUS_EIO,
   RING_STATUS_OK,
-  RSP_ID,
-  RSP_LENGTH,
-  RSP_STATUS,
   decodeRingRequest,
+  encodeRingResponse,
   type RingRequest,
 } from '../xen/tpmif.js';
 import { canceledResponse, failureResponse } from '../tpm/error-response.js';
 import { responseCode } from '../tpm/wire.js';
-import type { ChannelOptions } from './v2-channel.js';
+import type { Channel, ChannelOptions } from './channel.js';
 import type { OnceRequest } from './target.js';
 
 const PAGE = 4096;
@@ -60,7 +58,8 @@ export class MappingLimitError extends Error {
   }
 }
 
-export class RingChannel {
+export class RingChannel implements Channel {
+  readonly protocol = 'ring' as const;
   readonly frontDomid: number;
   readonly #dom: Domain;
   readonly #ringMap: GrantMapping;
@@ -311,11 +310,7 @@ export class RingChannel {
     if (this.#closed) return;
     if (response) scatter(pages, response);
     const r = this.#ring;
-    const v = r.sring.view;
-    const off = r.nextResponseSlot();
-    v.setBigUint64(off + RSP_ID, id, true);
-    v.setUint32(off + RSP_STATUS, status, true);
-    v.setUint32(off + RSP_LENGTH, response?.length ?? 0, true);
+    encodeRingResponse(r.sring.view, r.nextResponseSlot(), { id, status, length: response?.length ?? 0 });
     r.produceResponse();
     if (push && r.pushResponsesAndCheckNotify()) this.#dom.evtchn.send(this.#port);
   }

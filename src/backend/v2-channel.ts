@@ -12,14 +12,14 @@ import {
   TPMIF_STATE_FINISH,
   TPMIF_STATE_IDLE,
   TPMIF_STATE_SUBMIT,
-  V2_LENGTH,
-  V2_LOCALITY,
-  V2_NR_EXTRA,
-  V2_STATE,
+  decodeV2Header,
+  encodeV2ResponseLength,
+  setV2State,
   v2DataOffset,
+  v2State,
 } from '../xen/tpmif.js';
 import { failureResponse } from '../tpm/error-response.js';
-import type { VtpmTarget } from './target.js';
+import type { Channel, ChannelOptions } from './channel.js';
 
 const PAGE = 4096;
 const MAX_LOCALITY = 4;
@@ -51,31 +51,12 @@ export function clampCapability(command: Uint8Array, response: Uint8Array, max: 
   return out ?? response;
 }
 
-export interface ChannelOptions {
-  frontDomid: number;
-  /** ring-ref: the grant of the shared page. */
-  refs: number[];
-  /** event-channel: the frontend's unbound port. */
-  port: number;
-  target: VtpmTarget;
-  /** The frontend broke the protocol: the caller must cut it off (its device to Closing). */
-  onFatal: (reason: string) => void;
-  log?: (line: string) => void;
-  /** Poll window after each answer in µs (default VTPM_POLL_US or 50; 0 = never poll). */
-  pollUs?: number;
-  /**
-   * The frontend announced its suspend on the ring (ring protocol, op 2), after the requests before
-   * the notice were answered: quiesce and go Closing; the notice is answered when this resolves.
-   */
-  onSuspend?: () => Promise<void>;
-}
-
-export class V2Channel {
+export class V2Channel implements Channel {
+  readonly protocol = 'v2' as const;
   readonly frontDomid: number;
   readonly #dom: Domain;
   readonly #map: GrantMapping;
   readonly #page: Uint8Array;
-  readonly #dv: DataView;
   readonly #port: number;
   readonly #opts: ChannelOptions;
   #busy: Promise<void> | null = null;
@@ -93,7 +74,6 @@ export class V2Channel {
     this.#poll = new PollWindow(opts.pollUs);
     this.#map = dom.mapper.map(opts.frontDomid, opts.refs[0]!);
     this.#page = new Uint8Array(this.#map.buffer);
-    this.#dv = new DataView(this.#map.buffer);
     try {
       this.#port = dom.evtchn.bindInterdomain(opts.frontDomid, opts.port);
     } catch (err) {
@@ -109,12 +89,12 @@ export class V2Channel {
   }
 
   #state(): number {
-    return Atomics.load(this.#page, V2_STATE);
+    return v2State(this.#page);
   }
 
   #setStateAndNotify(state: number): void {
     // Everything else on the page is written before the state; the Atomics store orders it.
-    Atomics.store(this.#page, V2_STATE, state);
+    setV2State(this.#page, state);
     this.#dom.evtchn.send(this.#port);
   }
 
@@ -137,9 +117,7 @@ export class V2Channel {
     }
 
     // Private copy of everything before validating: the guest may change the page under us.
-    const length = this.#dv.getUint32(V2_LENGTH, true);
-    const nrExtra = this.#page[V2_NR_EXTRA]!;
-    const locality = this.#page[V2_LOCALITY]!;
+    const { length, nrExtraPages: nrExtra, locality } = decodeV2Header(this.#page);
     const offset = v2DataOffset(nrExtra);
     if (nrExtra !== 0) return this.#fatal(`v2 page names ${nrExtra} extra pages; only single-page devices exist`);
     if (length > PAGE - offset) return this.#fatal(`v2 request length ${length} exceeds ${PAGE - offset} bytes`);
@@ -164,7 +142,7 @@ export class V2Channel {
     }
     response = clampCapability(command, response, PAGE - offset);
     this.#page.set(response, offset);
-    this.#dv.setUint32(V2_LENGTH, response.length, true);
+    encodeV2ResponseLength(this.#page, response.length);
     this.#busy = null;
     const budget = this.#poll.budgetUs;
     // Masked before FINISH is visible, so the guest's next SUBMIT cannot cost it a wake-up mid-poll.

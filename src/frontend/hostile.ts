@@ -2,7 +2,7 @@
 // people studying how a backend defends itself: each is what a buggy or malicious frontend driver
 // could really do with the memory and event channel it owns.
 import type { Domain } from '../xen/index.js';
-import { TPMIF_STATE_SUBMIT, V2_LENGTH, V2_STATE } from '../xen/tpmif.js';
+import { encodeV2Request, setV2State, TPMIF_STATE_SUBMIT } from '../xen/tpmif.js';
 import type { TpmFront } from './tpmfront.js';
 
 export const MISBEHAVIOURS = ['garbage-indices', 'oversize', 'revoke', 'flood', 'die-mid-command'] as const;
@@ -52,8 +52,8 @@ export async function misbehave(front: TpmFront, dom: Domain, how: Misbehaviour)
     }
     case 'oversize': {
       // A v2 request whose length runs past the page.
-      new DataView(page.buffer, page.byteOffset, page.byteLength).setUint32(V2_LENGTH, 5000, true);
-      Atomics.store(page, V2_STATE, TPMIF_STATE_SUBMIT);
+      encodeV2Request(page, 5000, 0);
+      setV2State(page, TPMIF_STATE_SUBMIT);
       dom.evtchn.send(t.port);
       return 'submitted length 5000 on a 4096-byte page';
     }

@@ -6,7 +6,7 @@
 import type { Domain } from '../xen/index.js';
 import type { XsClient } from '../xenstore/client.js';
 import { TpmFront } from './tpmfront.js';
-import { FrontendError } from './transport.js';
+import { FrontendError } from '../tpmif/transport.js';
 import { trace } from '../util/trace.js';
 
 export interface InFlight {

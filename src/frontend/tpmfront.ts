@@ -8,8 +8,8 @@ import { frontendClose, frontendConnect, frontendReconnect, type FrontendRing } 
 import type { XsWatch } from '../xenstore/client.js';
 import { XS_FEATURE_RING } from '../xen/tpmif.js';
 import { V2Front } from './v2-front.js';
-import { RingFront } from './ring-front.js';
-import { FrontendError, type TpmTransport, type TransmitOptions } from './transport.js';
+import { RingFront } from '../tpmif/ring-front.js';
+import { FrontendError, type TpmTransport, type TransmitOptions } from '../tpmif/transport.js';
 import { trace } from '../util/trace.js';
 
 export type Protocol = 'v2' | 'ring';

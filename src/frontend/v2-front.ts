@@ -15,14 +15,15 @@ import {
   TPMIF_STATE_FINISH,
   TPMIF_STATE_IDLE,
   TPMIF_STATE_SUBMIT,
-  V2_LENGTH,
-  V2_LOCALITY,
+  decodeV2Header,
+  encodeV2Request,
+  setV2State,
   V2_MAX_DATA,
-  V2_STATE,
   v2DataOffset,
+  v2State,
 } from '../xen/tpmif.js';
-import { FrontendError, type TpmTransport, type TransmitOptions } from './transport.js';
-import { endAccessEventually } from './grants.js';
+import { FrontendError, type TpmTransport, type TransmitOptions } from '../tpmif/transport.js';
+import { endAccessEventually } from '../tpmif/grants.js';
 import { sizeErrorResponse } from '../tpm/error-response.js';
 
 /** How long a command may run before it is cancelled (Linux's TPM 2.0 default duration, 120 s). */
@@ -43,7 +44,6 @@ export class V2Front implements TpmTransport {
   readonly #dom: Domain;
   readonly #gfn: number;
   readonly #page: Uint8Array;
-  readonly #dv: DataView;
   #chain: Promise<unknown> = Promise.resolve();
   #wake: (() => void) | null = null;
   #closed = false;
@@ -57,7 +57,6 @@ export class V2Front implements TpmTransport {
     this.#dom = dom;
     this.#gfn = dom.allocFrames(1);
     this.#page = dom.frames(this.#gfn);
-    this.#dv = new DataView(this.#page.buffer, this.#page.byteOffset, this.#page.byteLength);
     this.refs = [dom.grants.grantAccess(backDomid, this.#gfn)];
     this.port = dom.evtchn.allocUnbound(backDomid);
     dom.evtchn.on(this.port, () => this.#wake?.());
@@ -68,7 +67,7 @@ export class V2Front implements TpmTransport {
   }
 
   #state(): number {
-    return Atomics.load(this.#page, V2_STATE);
+    return v2State(this.#page);
   }
 
   /**
@@ -127,8 +126,7 @@ export class V2Front implements TpmTransport {
     }
     const off = v2DataOffset(0);
     this.#page.set(command, off);
-    this.#dv.setUint32(V2_LENGTH, command.length, true);
-    this.#page[V2_LOCALITY] = locality;
+    encodeV2Request(this.#page, command.length, locality);
     const answered = (): boolean => {
       const s = this.#state();
       return s === TPMIF_STATE_FINISH || s === TPMIF_STATE_IDLE;
@@ -137,7 +135,7 @@ export class V2Front implements TpmTransport {
     const t0 = performance.now();
     // Masked before SUBMIT is visible, so the backend's FINISH notification cannot wake us mid-poll.
     if (budget > 0) this.#dom.evtchn.mask(this.port);
-    Atomics.store(this.#page, V2_STATE, TPMIF_STATE_SUBMIT);
+    setV2State(this.#page, TPMIF_STATE_SUBMIT);
     this.#dom.evtchn.send(this.port);
     if (budget > 0 && spinUntil(answered, budget)) {
       // The port stays masked while we are this busy: the FINISH notification, if the backend's send
@@ -152,7 +150,7 @@ export class V2Front implements TpmTransport {
     this.#poll.record((performance.now() - t0) * 1000);
     if (this.#state() === TPMIF_STATE_IDLE) throw new FrontendError('ECANCELED', 'command cancelled by the backend');
     // Never trust the backend's length beyond the page.
-    const len = Math.min(this.#dv.getUint32(V2_LENGTH, true), V2_MAX_DATA);
+    const len = Math.min(decodeV2Header(this.#page).length, V2_MAX_DATA);
     return this.#page.slice(off, off + len);
   }
 
@@ -160,7 +158,7 @@ export class V2Front implements TpmTransport {
     if (this.#closed) return;
     const s = this.#state();
     if (s === TPMIF_STATE_SUBMIT) {
-      Atomics.store(this.#page, V2_STATE, TPMIF_STATE_CANCEL);
+      setV2State(this.#page, TPMIF_STATE_CANCEL);
       this.#dom.evtchn.send(this.port);
     }
   }

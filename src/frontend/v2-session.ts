@@ -10,7 +10,7 @@ import type { XsClient } from '../xenstore/client.js';
 import { failureResponse } from '../tpm/error-response.js';
 import { TpmFront } from './tpmfront.js';
 import type { InFlight } from './session.js';
-import type { TransmitOptions } from './transport.js';
+import type { TransmitOptions } from '../tpmif/transport.js';
 import { autoStartup } from './startup.js';
 
 export interface V2SessionOptions {

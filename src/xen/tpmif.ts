@@ -55,6 +55,7 @@ export const REQ_ID = 0;
 export const REQ_OP = 8;
 export const REQ_LOCALITY = 9;
 export const REQ_NR_SEGMENTS = 10;
+export const REQ_PAD = 11;
 export const REQ_LENGTH = 12;
 export const REQ_GREFS = 16;
 
@@ -88,6 +89,86 @@ export function decodeRingRequest(b: Uint8Array): RingRequest {
     grefs,
     cancelId: dv.getBigUint64(REQ_GREFS, true),
   };
+}
+
+/** What a frontend puts in a slot: a command naming its data pages, or a control request (no segments). */
+export type RingRequestOut =
+  | { op: typeof RING_OP_COMMAND; id: bigint; locality: number; length: number; grefs: readonly number[] }
+  | { op: typeof RING_OP_CANCEL | typeof RING_OP_SUSPEND; id: bigint; arg: bigint };
+
+/** Write one request slot at `off` of the ring page: every field, pad zeroed, unused grefs zeroed. */
+export function encodeRingRequest(v: DataView, off: number, r: RingRequestOut): void {
+  v.setBigUint64(off + REQ_ID, r.id, true);
+  v.setUint8(off + REQ_OP, r.op);
+  v.setUint8(off + REQ_PAD, 0);
+  if (r.op === RING_OP_COMMAND) {
+    if (r.grefs.length < 1 || r.grefs.length > RING_MAX_SEGMENTS) throw new RangeError(`a command names 1..${RING_MAX_SEGMENTS} grefs`);
+    v.setUint8(off + REQ_LOCALITY, r.locality);
+    v.setUint8(off + REQ_NR_SEGMENTS, r.grefs.length);
+    v.setUint32(off + REQ_LENGTH, r.length, true);
+    for (let i = 0; i < RING_MAX_SEGMENTS; i++) v.setUint32(off + REQ_GREFS + 4 * i, r.grefs[i] ?? 0, true);
+  } else {
+    v.setUint8(off + REQ_LOCALITY, 0);
+    v.setUint8(off + REQ_NR_SEGMENTS, 0);
+    v.setUint32(off + REQ_LENGTH, 0, true);
+    v.setBigUint64(off + REQ_GREFS, r.arg, true);
+  }
+}
+
+export interface RingResponse {
+  id: bigint;
+  status: number;
+  length: number;
+}
+
+export function encodeRingResponse(v: DataView, off: number, r: RingResponse): void {
+  v.setBigUint64(off + RSP_ID, r.id, true);
+  v.setUint32(off + RSP_STATUS, r.status, true);
+  v.setUint32(off + RSP_LENGTH, r.length, true);
+}
+
+/** Read one response slot (validation is the frontend's: the length is the backend's claim). */
+export function decodeRingResponse(v: DataView, off: number): RingResponse {
+  return {
+    id: v.getBigUint64(off + RSP_ID, true),
+    status: v.getUint32(off + RSP_STATUS, true),
+    length: v.getUint32(off + RSP_LENGTH, true),
+  };
+}
+
+/** The v2 page's header fields other than state, read once into a private copy. */
+export interface V2Header {
+  length: number;
+  locality: number;
+  nrExtraPages: number;
+}
+
+function pageView(page: Uint8Array): DataView {
+  return new DataView(page.buffer, page.byteOffset, page.byteLength);
+}
+
+export function decodeV2Header(page: Uint8Array): V2Header {
+  return { length: pageView(page).getUint32(V2_LENGTH, true), locality: page[V2_LOCALITY]!, nrExtraPages: page[V2_NR_EXTRA]! };
+}
+
+/** Frontend side before SUBMIT: the command's length and locality (nr_extra_pages stays as granted). */
+export function encodeV2Request(page: Uint8Array, length: number, locality: number): void {
+  pageView(page).setUint32(V2_LENGTH, length, true);
+  page[V2_LOCALITY] = locality;
+}
+
+/** Backend side before FINISH: the response's length. */
+export function encodeV2ResponseLength(page: Uint8Array, length: number): void {
+  pageView(page).setUint32(V2_LENGTH, length, true);
+}
+
+/** The state byte, read and written atomically: it orders everything else on the page. */
+export function v2State(page: Uint8Array): number {
+  return Atomics.load(page, V2_STATE);
+}
+
+export function setV2State(page: Uint8Array, state: number): void {
+  Atomics.store(page, V2_STATE, state);
 }
 
 /** Xenstore keys of the two protocols (frontend and backend directories). */

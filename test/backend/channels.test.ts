@@ -12,9 +12,9 @@ import { Domain } from '../../src/xen/index.js';
 import { V2Channel } from '../../src/backend/v2-channel.js';
 import { RingChannel } from '../../src/backend/ring-channel.js';
 import { V2Front } from '../../src/frontend/v2-front.js';
-import { RingFront } from '../../src/frontend/ring-front.js';
+import { RingFront } from '../../src/tpmif/ring-front.js';
 import type { VtpmTarget } from '../../src/backend/target.js';
-import { FrontendError } from '../../src/frontend/transport.js';
+import { FrontendError } from '../../src/tpmif/transport.js';
 import { TPMIF_STATE_FINISH, TPMIF_STATE_IDLE, TPMIF_STATE_CANCEL, RING_SLOT } from '../../src/xen/tpmif.js';
 
 const dir = freshXenDir();

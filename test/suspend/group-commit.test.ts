@@ -10,7 +10,7 @@ import { setTimeout as sleep } from 'node:timers/promises';
 import { dist, freshXenDir, tmpDir } from '../helpers/child.js';
 import { Domain } from '../../src/xen/index.js';
 import { RingChannel } from '../../src/backend/ring-channel.js';
-import { RingFront } from '../../src/frontend/ring-front.js';
+import { RingFront } from '../../src/tpmif/ring-front.js';
 import { InProcessVtpms } from '../../src/backend/single-vm.js';
 import { ManagerClient } from '../../src/manager/client.js';
 import { TpmHost } from '../../src/tpm/host.js';

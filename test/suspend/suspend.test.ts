@@ -30,7 +30,7 @@ const tpm2 = (await import(dist('src/tpm/tpm2-commands.js'))) as typeof import('
 const wire = (await import(dist('src/tpm/wire.js'))) as typeof import('../../src/tpm/wire.js');
 const { RunDir } = (await import(dist('src/cli/rundir.js'))) as typeof import('../../src/cli/rundir.js');
 const { restartDaemon } = (await import(dist('src/cli/restart.js'))) as typeof import('../../src/cli/restart.js');
-const { RingFront } = (await import(dist('src/frontend/ring-front.js'))) as typeof import('../../src/frontend/ring-front.js');
+const { RingFront } = (await import(dist('src/tpmif/ring-front.js'))) as typeof import('../../src/tpmif/ring-front.js');
 const { XS_FEATURE_RING } = (await import(dist('src/xen/tpmif.js'))) as typeof import('../../src/xen/tpmif.js');
 
 const runDir = join(tmpDir('vtpm-suspend-'), 'run');

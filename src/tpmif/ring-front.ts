@@ -1,24 +1,18 @@
 // The frontend role of the multi-request ring (src/xen/tpmif.ts): a ring page plus one set of data
 // pages per slot, all granted once at start (persistent grants, as blkif's feature-persistent) so a
 // command costs no grant operations. Up to ring-size commands are outstanding; each names its data
-// pages and gets its response back in them.
+// pages and gets its response back in them. It lives in tpmif/ (above xen/ only) because both ends
+// use it: guests through TpmFront, and the multi-VM backend to reach each guest's vTPM domain.
 import { FrontRing, SharedRing, type Domain } from '../xen/index.js';
 import {
-  REQ_GREFS,
-  REQ_ID,
-  REQ_LENGTH,
-  REQ_LOCALITY,
-  REQ_NR_SEGMENTS,
-  REQ_OP,
+  decodeRingResponse,
+  encodeRingRequest,
   RING_MAX_SEGMENTS,
   RING_OP_CANCEL,
   RING_OP_COMMAND,
   RING_OP_SUSPEND,
   RING_SLOT,
   RING_STATUS_EINVAL,
-  RSP_ID,
-  RSP_LENGTH,
-  RSP_STATUS,
 } from '../xen/tpmif.js';
 import { FrontendError, type TpmTransport, type TransmitOptions } from './transport.js';
 import { endAccessEventually } from './grants.js';
@@ -106,17 +100,10 @@ export class RingFront implements TpmTransport {
     // its exactly-once table; fresh ids continue above every id used.
     const id = opts.id ?? this.#nextId;
     if (id >= this.#nextId) this.#nextId = id + 1n;
-    const v = this.#ring.sring.view;
-    const off = this.#ring.nextRequestSlot();
-    v.setBigUint64(off + REQ_ID, id, true);
-    v.setUint8(off + REQ_OP, RING_OP_COMMAND);
-    v.setUint8(off + REQ_LOCALITY, opts.locality ?? 0);
-    v.setUint8(off + REQ_NR_SEGMENTS, this.segments);
-    v.setUint8(off + 11, 0);
-    v.setUint32(off + REQ_LENGTH, command.length, true);
-    for (let s = 0; s < RING_MAX_SEGMENTS; s++) {
-      v.setUint32(off + REQ_GREFS + 4 * s, s < this.segments ? this.#dataRefs[buffer * this.segments + s]! : 0, true);
-    }
+    const grefs = this.#dataRefs.slice(buffer * this.segments, (buffer + 1) * this.segments);
+    const locality = opts.locality ?? 0;
+    const request = { op: RING_OP_COMMAND, id, locality, length: command.length, grefs } as const;
+    encodeRingRequest(this.#ring.sring.view, this.#ring.nextRequestSlot(), request);
     this.#ring.produceRequest();
     const p = new Promise<Uint8Array>((resolve, reject) => this.#pending.set(id, { buffer, resolve, reject }));
     if (this.#ring.pushRequestsAndCheckNotify()) this.#dom.evtchn.send(this.port);
@@ -146,15 +133,8 @@ export class RingFront implements TpmTransport {
   }
 
   /** Queue a request without segments (cancel, suspend notice); `arg` goes where the grefs would be. */
-  #controlRequest(op: number, arg: bigint): void {
-    const v = this.#ring.sring.view;
-    const off = this.#ring.nextRequestSlot();
-    v.setBigUint64(off + REQ_ID, this.#nextId++, true);
-    v.setUint8(off + REQ_OP, op);
-    v.setUint8(off + REQ_LOCALITY, 0);
-    v.setUint8(off + REQ_NR_SEGMENTS, 0);
-    v.setUint32(off + REQ_LENGTH, 0, true);
-    v.setBigUint64(off + REQ_GREFS, arg, true);
+  #controlRequest(op: typeof RING_OP_CANCEL | typeof RING_OP_SUSPEND, arg: bigint): void {
+    encodeRingRequest(this.#ring.sring.view, this.#ring.nextRequestSlot(), { op, id: this.#nextId++, arg });
     this.#ring.produceRequest();
   }
 
@@ -169,10 +149,7 @@ export class RingFront implements TpmTransport {
         return;
       }
       while (r.rspCons !== prod) {
-        const off = r.responseSlot();
-        const id = v.getBigUint64(off + RSP_ID, true);
-        const status = v.getUint32(off + RSP_STATUS, true);
-        const length = v.getUint32(off + RSP_LENGTH, true);
+        const { id, status, length } = decodeRingResponse(v, r.responseSlot());
         r.consumeResponse();
         const p = this.#pending.get(id);
         if (!p) continue; // a cancel's own acknowledgement, or a response to nothing we sent

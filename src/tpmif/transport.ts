@@ -1,6 +1,6 @@
 // What every guest-side transport offers the layers above (TpmFront, the TCTI bridge): send one TPM
-// command and get its response. Implementations: the tpmif v2 page (v2-front.ts) and the multi-request
-// ring (ring-front.ts).
+// command and get its response. Implementations: the tpmif v2 page (src/frontend/v2-front.ts) and
+// the multi-request ring (ring-front.ts).
 
 export interface TransmitOptions {
   locality?: number;

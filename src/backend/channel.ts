@@ -1,0 +1,41 @@
+// The one interface the backend dispatches a frontend's device through, whichever transport the
+// frontend chose in xenstore (docs/protocols/tpmif.md): the v2 page or the multi-request ring.
+import type { Domain } from '../xen/index.js';
+import type { VtpmTarget } from './target.js';
+import { V2Channel } from './v2-channel.js';
+import { RingChannel } from './ring-channel.js';
+
+export interface ChannelOptions {
+  frontDomid: number;
+  /** ring-ref: the grant of the shared page. */
+  refs: number[];
+  /** event-channel: the frontend's unbound port. */
+  port: number;
+  target: VtpmTarget;
+  /** The frontend broke the protocol: the caller must cut it off (its device to Closing). */
+  onFatal: (reason: string) => void;
+  log?: (line: string) => void;
+  /** Poll window after each answer in µs (default VTPM_POLL_US or 50; 0 = never poll). */
+  pollUs?: number;
+  /**
+   * The frontend announced its suspend on the ring (ring protocol, op 2), after the requests before
+   * the notice were answered: quiesce and go Closing; the notice is answered when this resolves.
+   */
+  onSuspend?: () => Promise<void>;
+}
+
+export interface Channel {
+  readonly protocol: 'v2' | 'ring';
+  readonly frontDomid: number;
+  /** Commands answered so far. */
+  readonly commands: number;
+  /** Resolves once every request accepted so far is answered. */
+  drain(): Promise<void>;
+  /** Unbind the port and unmap the frontend's pages; nothing more is answered. */
+  close(): void;
+}
+
+/** Map the frontend's page(s) and bind its port; throws if either is refused. */
+export function openChannel(dom: Domain, protocol: 'v2' | 'ring', opts: ChannelOptions): Channel {
+  return protocol === 'ring' ? new RingChannel(dom, opts) : new V2Channel(dom, opts);
+}
