@@ -2,7 +2,6 @@
 // answering the TPM commands: bytes on the v2 page, ordering on the ring, cancel, hostile frontends.
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { createHash, randomBytes } from 'node:crypto';
-import { rmSync } from 'node:fs';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { freshXenDir } from '../helpers/child.js';
 import { getRandom, pcrExtend, pcrRead, pcrReadDigest, rc } from '../helpers/tpm2.js';
@@ -16,6 +15,7 @@ import { RingFront } from '../../src/frontend/ring-front.js';
 import type { VtpmTarget } from '../../src/backend/target.js';
 import { FrontendError } from '../../src/frontend/transport.js';
 import { TPMIF_STATE_FINISH, TPMIF_STATE_IDLE, TPMIF_STATE_CANCEL, RING_SLOT } from '../../src/xen/tpmif.js';
+import { removeDir } from '../helpers/temp.js';
 
 const dir = freshXenDir();
 let dom0: Domain;
@@ -48,7 +48,7 @@ afterAll(async () => {
   client.close();
   await swtpm.stop();
   await dom0.destroy();
-  rmSync(dir, { recursive: true, force: true });
+  removeDir(dir);
 });
 
 async function guest(): Promise<Domain> {

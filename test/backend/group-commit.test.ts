@@ -4,10 +4,9 @@
 // stores) going through it and can hold them back, to see what is answered before they are durable.
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { createHash, randomBytes, randomUUID } from 'node:crypto';
-import { rmSync } from 'node:fs';
 import { join } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
-import { dist, freshXenDir, tmpDir } from '../helpers/child.js';
+import { dist, freshXenDir } from '../helpers/child.js';
 import { Domain } from '../../src/xen/index.js';
 import { RingChannel } from '../../src/backend/ring-channel.js';
 import { RingFront } from '../../src/frontend/ring-front.js';
@@ -17,11 +16,12 @@ import { TpmHost } from '../../src/tpm/host.js';
 import type { StateKind } from '../../src/tpm/state-store.js';
 import * as tpm2 from '../../src/tpm/tpm2-commands.js';
 import * as wire from '../../src/tpm/wire.js';
+import { tempDir, removeDir } from '../helpers/temp.js';
 
 const { startDaemon, stopProcess } = (await import(dist('src/cli/spawn.js'))) as typeof import('../../src/cli/spawn.js');
 
 const xenDir = freshXenDir();
-const base = tmpDir('vtpm-group-');
+const base = tempDir('group');
 const stateDir = join(base, 'state');
 const managerRun = join(base, 'manager');
 let managerPid = 0;
@@ -121,8 +121,8 @@ beforeAll(async () => {
 afterAll(async () => {
   await dom0?.destroy();
   if (managerPid) await stopProcess(managerPid);
-  rmSync(xenDir, { recursive: true, force: true });
-  rmSync(base, { recursive: true, force: true });
+  removeDir(xenDir);
+  removeDir(base);
 });
 
 describe("group commit of a guest's outstanding ring requests", () => {

@@ -3,11 +3,11 @@
 // command after the idle bound; a command the 4088-byte page cannot carry is answered with the size
 // error a TPM gives, without touching the page.
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { rmSync } from 'node:fs';
 import { freshXenDir } from '../helpers/child.js';
 import { Domain } from '../../src/xen/index.js';
 import { V2Front } from '../../src/frontend/v2-front.js';
 import { TPMIF_STATE_CANCEL, TPMIF_STATE_IDLE, V2_STATE } from '../../src/xen/tpmif.js';
+import { removeDir } from '../helpers/temp.js';
 
 const dir = freshXenDir();
 let fe: Domain;
@@ -20,7 +20,7 @@ beforeAll(async () => {
 afterAll(async () => {
   await fe.destroy();
   await be.destroy();
-  rmSync(dir, { recursive: true, force: true });
+  removeDir(dir);
 });
 
 const getRandom = Buffer.from('80010000000c0000017b0008', 'hex');

@@ -12,6 +12,7 @@ import { MAX_OBJECTS_PER_DOMAIN } from '../../src/xen/hv-domain.js';
 import { V2Channel } from '../../src/backend/v2-channel.js';
 import { V2Front } from '../../src/frontend/v2-front.js';
 import type { VtpmTarget } from '../../src/backend/target.js';
+import { removeDir } from '../helpers/temp.js';
 
 const ENOMEM = 12;
 const dir = freshXenDir();
@@ -47,7 +48,7 @@ afterAll(async () => {
   await front.close();
   await good.destroy();
   await dom0.destroy();
-  fs.rmSync(dir, { recursive: true, force: true });
+  removeDir(dir);
 });
 
 describe('hypervisor against a hostile domain', () => {

@@ -14,6 +14,7 @@ import { closeFd } from '../../native/unix-rights.js';
 import { V2Channel } from '../../src/backend/v2-channel.js';
 import { V2Front } from '../../src/frontend/v2-front.js';
 import type { VtpmTarget } from '../../src/backend/target.js';
+import { removeDir } from '../helpers/temp.js';
 
 const EPERM = 1;
 const EACCES = 13;
@@ -35,7 +36,7 @@ beforeAll(async () => {
 });
 afterAll(async () => {
   await dom0.destroy();
-  fs.rmSync(dir, { recursive: true, force: true });
+  removeDir(dir);
 });
 
 async function until(cond: () => boolean, ms = 3000): Promise<void> {

@@ -4,7 +4,6 @@
 // served meanwhile never sees a byte of it. A guest that wants more pages mapped at once than the
 // bound is cut off alone.
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { rmSync } from 'node:fs';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { freshXenDir } from '../helpers/child.js';
 import { Domain, FrontRing, SharedRing } from '../../src/xen/index.js';
@@ -25,6 +24,7 @@ import {
   RSP_STATUS,
 } from '../../src/xen/tpmif.js';
 import type { VtpmTarget } from '../../src/backend/target.js';
+import { removeDir } from '../helpers/temp.js';
 
 const PAGE = 4096;
 const dir = freshXenDir();
@@ -36,7 +36,7 @@ beforeAll(async () => {
 });
 afterAll(async () => {
   await dom0.destroy();
-  rmSync(dir, { recursive: true, force: true });
+  removeDir(dir);
 });
 
 /** A vTPM stand-in that answers each command with "RESPONSE-OF-dom<N>" once `release` is called. */

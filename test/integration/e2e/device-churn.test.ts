@@ -5,7 +5,6 @@
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { execFile } from 'node:child_process';
 import fs from 'node:fs';
-import os from 'node:os';
 import { join } from 'node:path';
 import { promisify } from 'node:util';
 import { setTimeout as sleep } from 'node:timers/promises';
@@ -13,12 +12,13 @@ import { ROOT } from '../../helpers/child.js';
 import { XsClient } from '../../../src/xenstore/client.js';
 import { readState, XenbusState } from '../../../src/xenstore/xenbus.js';
 import { removeDeviceDirectories, writeDeviceDirectories } from '../../../src/xenstore/xenbus-toolstack.js';
+import { tempDir, removeDir } from '../../helpers/temp.js';
 
 const run = promisify(execFile);
 const cli = join(ROOT, 'dist/src/cli/main.js');
 const vtpm = (...args: string[]) => run(process.execPath, [cli, ...args], { env: { ...process.env, VTPM_NO_SETUP: '1' } });
 
-const work = fs.mkdtempSync(join(os.tmpdir(), 'vtpm-churn-'));
+const work = tempDir('churn');
 const runDir = join(work, 'run');
 let dom0: XsClient;
 
@@ -30,7 +30,7 @@ beforeAll(async () => {
 afterAll(async () => {
   await dom0?.close();
   await vtpm('host', 'down', '--run', runDir).catch(() => {});
-  fs.rmSync(work, { recursive: true, force: true });
+  removeDir(work);
 });
 
 describe('device churn', () => {

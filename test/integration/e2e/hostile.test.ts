@@ -5,18 +5,18 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { execFile } from 'node:child_process';
 import { randomUUID } from 'node:crypto';
 import fs from 'node:fs';
-import os from 'node:os';
 import { join } from 'node:path';
 import { promisify } from 'node:util';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { ROOT } from '../../helpers/child.js';
 import { freePortPair } from '../../../src/cli/ports.js';
+import { tempDir, removeDir } from '../../helpers/temp.js';
 
 const run = promisify(execFile);
 const cli = join(ROOT, 'dist/src/cli/main.js');
 const vtpm = (...args: string[]) => run(process.execPath, [cli, ...args], { env: { ...process.env, VTPM_NO_SETUP: '1' } });
 
-const work = fs.mkdtempSync(join(os.tmpdir(), 'vtpm-hostile-'));
+const work = tempDir('hostile');
 const runDir = join(work, 'run');
 const good: Array<{ domid: number; port: number }> = [];
 let backendPid = 0;
@@ -63,7 +63,7 @@ beforeAll(async () => {
 
 afterAll(async () => {
   await vtpm('host', 'down', '--run', runDir).catch(() => {});
-  fs.rmSync(work, { recursive: true, force: true });
+  removeDir(work);
 });
 
 async function attachHostile(domid: number, protocol: 'v2' | 'ring', how: string): Promise<void> {

@@ -5,19 +5,19 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { execFile } from 'node:child_process';
 import { randomBytes, randomUUID } from 'node:crypto';
 import fs from 'node:fs';
-import os from 'node:os';
 import { join } from 'node:path';
 import { promisify } from 'node:util';
 import { ROOT } from '../../helpers/child.js';
 import { freePortPair } from '../../../src/cli/ports.js';
 import { ManagerClient } from '../../../src/manager/client.js';
 import { Status } from '../../../src/manager/wire.js';
+import { tempDir, removeDir } from '../../helpers/temp.js';
 
 const run = promisify(execFile);
 const cli = join(ROOT, 'dist/src/cli/main.js');
 const vtpm = (...args: string[]) => run(process.execPath, [cli, ...args], { env: { ...process.env, VTPM_NO_SETUP: '1' } });
 
-const work = fs.mkdtempSync(join(os.tmpdir(), 'vtpm-e2e-mig-'));
+const work = tempDir('e2e-mig');
 const hosts = { a: { run: join(work, 'a-run'), state: join(work, 'a-state') }, b: { run: join(work, 'b-run'), state: join(work, 'b-state') } };
 
 beforeAll(async () => {
@@ -27,7 +27,7 @@ beforeAll(async () => {
 
 afterAll(async () => {
   for (const h of Object.values(hosts)) await vtpm('host', 'down', '--run', h.run).catch(() => {});
-  fs.rmSync(work, { recursive: true, force: true });
+  removeDir(work);
 });
 
 describe('vTPM migration between two hosts', () => {

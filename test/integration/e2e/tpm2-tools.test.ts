@@ -5,18 +5,18 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { execFile } from 'node:child_process';
 import { randomUUID } from 'node:crypto';
 import fs from 'node:fs';
-import os from 'node:os';
 import { join } from 'node:path';
 import { promisify } from 'node:util';
 import { ROOT } from '../../helpers/child.js';
 import { freePortPair } from '../../../src/cli/ports.js';
 import { parseScriptOutput, scriptPcrModel } from './guest-script.js';
+import { tempDir, removeDir } from '../../helpers/temp.js';
 
 const run = promisify(execFile);
 const cli = join(ROOT, 'dist/src/cli/main.js');
 const vtpm = (...args: string[]) => run(process.execPath, [cli, ...args], { env: { ...process.env, VTPM_NO_SETUP: '1' } });
 
-const work = fs.mkdtempSync(join(os.tmpdir(), 'vtpm-e2e-'));
+const work = tempDir('e2e');
 const runDir = join(work, 'run');
 const stateDir = join(work, 'state');
 const N = 16;
@@ -28,7 +28,7 @@ beforeAll(async () => {
 
 afterAll(async () => {
   await vtpm('host', 'down', '--run', runDir).catch(() => {});
-  fs.rmSync(work, { recursive: true, force: true });
+  removeDir(work);
 });
 
 describe('tpm2-tools through guest frontends', () => {

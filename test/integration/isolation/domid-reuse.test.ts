@@ -3,10 +3,10 @@
 // entry of the same ref. It used to unpin it, wrapping its pin count, so every later map of that ref
 // failed with GNTST_general_error and a resumed guest was cut off.
 import { afterAll, beforeAll, expect, it } from 'vitest';
-import fs from 'node:fs';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { freshXenDir } from '../../helpers/child.js';
 import { Domain, domainExists } from '../../../src/xen/index.js';
+import { removeDir } from '../../helpers/temp.js';
 
 const dir = freshXenDir();
 let dom0: Domain;
@@ -16,7 +16,7 @@ beforeAll(async () => {
 });
 afterAll(async () => {
   await dom0.destroy();
-  fs.rmSync(dir, { recursive: true, force: true });
+  removeDir(dir);
 });
 
 it("a late unmap of a dead domain's grant leaves the same ref of its successor (same domid) mappable", async () => {

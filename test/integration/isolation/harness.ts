@@ -16,6 +16,7 @@ import { connect } from '../../../src/xenstore/client.js';
 import { createDomainConnection } from '../../../src/xen/index.js';
 import { hypervisorSocket } from '../../../src/xen/hypercall.js';
 import { writeDeviceDirectories } from '../../../src/xenstore/xenbus-toolstack.js';
+import { tempDir, removeDir } from '../../helpers/temp.js';
 
 export const RAW_GUEST = join(ROOT, 'test/integration/isolation/raw-guest.mjs');
 const GET_RANDOM = Buffer.from('80010000000c0000017b0008', 'hex');
@@ -81,7 +82,7 @@ export interface IsolatedHost {
 
 /** Under /var/tmp in a 0711 directory: domains must be able to walk to their sockets. */
 export async function startHost(mode: 'single' | 'multi' = 'single'): Promise<IsolatedHost> {
-  const work = fs.mkdtempSync('/var/tmp/vtpm-iso-');
+  const work = tempDir('iso', '/var/tmp');
   fs.chmodSync(work, 0o711);
   const runDir = join(work, 'run');
   const good: IsolatedHost['good'] = [];
@@ -109,7 +110,7 @@ export async function stopHost(host: Pick<IsolatedHost, 'work' | 'runDir' | 'loa
   if (!host) return;
   await Promise.all(host.loads.map((l) => l.stop()));
   await vtpm('host', 'down', '--run', host.runDir).catch(() => {});
-  fs.rmSync(host.work, { recursive: true, force: true });
+  removeDir(host.work);
 }
 
 /** Resident set size of a process in bytes (VmRSS), 0 when it is gone. */

@@ -6,27 +6,27 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { spawn } from 'node:child_process';
 import { randomUUID } from 'node:crypto';
 import fs from 'node:fs';
-import os from 'node:os';
 import { join } from 'node:path';
 import { freePortPair } from '../../../src/cli/ports.js';
 import { RunDir, alive } from '../../../src/cli/rundir.js';
 import { DEFAULT_UID_BASE, IsolationError, decideIsolation } from '../../../src/cli/isolation.js';
 import { ROOT } from '../../helpers/child.js';
 import { run, status, tcti, vtpm } from '../multivm/host.js';
+import { tempDir, removeDir } from '../../helpers/temp.js';
 
 const procStatus = (pid: number): string => fs.readFileSync(`/proc/${pid}/status`, 'latin1');
 const field = (pid: number, name: string): string => new RegExp(`^${name}:\\s+(.*)$`, 'm').exec(procStatus(pid))![1]!.trim();
 const mode = (p: string): number => fs.statSync(p).mode & 0o7777;
 
 function reachableWork(): string {
-  const work = fs.mkdtempSync('/var/tmp/vtpm-iso-launch-');
+  const work = tempDir('iso-launch', '/var/tmp');
   fs.chmodSync(work, 0o711);
   return work;
 }
 
 describe('decideIsolation', () => {
   it('falls back to none with the reason when the run dir is behind a 0700 directory, and --isolation uid refuses', () => {
-    const hidden = fs.mkdtempSync(join(os.tmpdir(), 'vtpm-iso-hidden-'));
+    const hidden = tempDir('iso-hidden');
     try {
       expect(mode(hidden)).toBe(0o700);
       const iso = decideIsolation('auto', join(hidden, 'run'));
@@ -35,7 +35,7 @@ describe('decideIsolation', () => {
       expect(() => decideIsolation('uid', join(hidden, 'run'))).toThrow(IsolationError);
       expect(decideIsolation('auto', '/var/tmp/x/run')).toEqual({ mode: 'uid', uidBase: DEFAULT_UID_BASE, reason: '' });
     } finally {
-      fs.rmSync(hidden, { recursive: true });
+      removeDir(hidden);
     }
   });
 });
@@ -56,7 +56,7 @@ describe('a host started by root, single-VM', () => {
   afterAll(async () => {
     if (!work) return;
     await vtpm('host', 'down', '--run', runDir).catch(() => {});
-    fs.rmSync(work, { recursive: true, force: true });
+    removeDir(work);
   });
 
   it('runs the guest as uid/gid base+domid with no_new_privs, no capabilities and only its groups', async () => {
@@ -161,7 +161,7 @@ describe('a host started by root, multi-VM', () => {
   afterAll(async () => {
     if (!work) return;
     await vtpm('host', 'down', '--run', runDir).catch(() => {});
-    fs.rmSync(work, { recursive: true, force: true });
+    removeDir(work);
   });
 
   it('runs each vTPM domain under its own uid with its manager pair inherited; the manager dir stays root-only', async () => {
@@ -207,7 +207,7 @@ describe('a host started by a user other than root', () => {
   afterAll(async () => {
     if (!work) return;
     await asNobody('host', 'down', '--run', runDir).catch(() => {});
-    fs.rmSync(work, { recursive: true, force: true });
+    removeDir(work);
   });
 
   const cli = join(ROOT, 'dist/src/cli/main.js');

@@ -3,14 +3,14 @@
 // so endAccess can revoke them; other grantees' pins stay.
 import { afterAll, describe, expect, it } from 'vitest';
 import { fork } from 'node:child_process';
-import fs from 'node:fs';
 import { join } from 'node:path';
 import { Domain } from '../../../src/xen/index.js';
 import { GTF_reading, GTF_writing } from '../../../src/xen/grant-table.js';
 import { ROOT, freshXenDir } from '../../helpers/child.js';
+import { removeDir } from '../../helpers/temp.js';
 
 const dir = freshXenDir();
-afterAll(() => fs.rmSync(dir, { recursive: true, force: true }));
+afterAll(() => removeDir(dir));
 
 describe('pins of a dead mapper', () => {
   it('releases the pins of a killed grantee so its grants can be revoked, leaving other grantees alone', async () => {

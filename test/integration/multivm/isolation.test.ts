@@ -5,12 +5,12 @@
 import { afterAll, beforeAll, beforeEach, describe, expect, it, onTestFailed } from 'vitest';
 import { randomUUID } from 'node:crypto';
 import fs from 'node:fs';
-import os from 'node:os';
 import { join } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { freePortPair } from '../../../src/cli/ports.js';
 import { getRandom, startupClear } from '../../helpers/tpm2.js';
 import { DataClient, dumpLogs, rc, run, status, tcti, vtpm } from './host.js';
+import { tempDir, removeDir } from '../../helpers/temp.js';
 
 /** The stall bound we promise other guests while one vTPM domain dies and restarts. */
 const STALL_BOUND_MS = 2000;
@@ -18,7 +18,7 @@ const TPM_RC_FAILURE = 0x101;
 const GUESTS = 5;
 const CONNS = 4;
 
-const work = fs.mkdtempSync(join(os.tmpdir(), 'vtpm-multivm-iso-'));
+const work = tempDir('multivm-iso');
 const runDir = join(work, 'run');
 const guests: Array<{ domid: number; vm: string; port: number }> = [];
 
@@ -36,7 +36,7 @@ beforeEach(() => onTestFailed(() => dumpLogs(runDir)));
 
 afterAll(async () => {
   await vtpm('host', 'down', '--run', runDir).catch(() => {});
-  fs.rmSync(work, { recursive: true, force: true });
+  removeDir(work);
 });
 
 describe('kill -9 of one vTPM domain', () => {

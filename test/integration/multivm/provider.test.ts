@@ -14,7 +14,8 @@ import { alive } from '../../../src/cli/rundir.js';
 import { freshXenDir } from '../../helpers/child.js';
 import { getRandom, startupClear } from '../../helpers/tpm2.js';
 import * as tpm12 from '../../../src/tpm/tpm12-commands.js';
-import { startManager, tempDir, type RunningManager } from '../../manager/helpers.js';
+import { startManager, type RunningManager } from '../../manager/helpers.js';
+import { tempDir, removeDir } from '../../helpers/temp.js';
 
 const rc = (r: Uint8Array): number => new DataView(r.buffer, r.byteOffset).getUint32(6);
 const WATCHDOG_MS = 1500;
@@ -57,8 +58,8 @@ afterAll(async () => {
   mgr?.disconnect();
   await dom0?.destroy();
   await mgrd?.stop();
-  fs.rmSync(work, { recursive: true, force: true });
-  fs.rmSync(xenDir, { recursive: true, force: true });
+  removeDir(work);
+  removeDir(xenDir);
 });
 
 describe('MultiVmVtpms', () => {

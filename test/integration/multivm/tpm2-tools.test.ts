@@ -5,15 +5,15 @@
 import { afterAll, beforeAll, beforeEach, describe, expect, it, onTestFailed } from 'vitest';
 import { randomUUID } from 'node:crypto';
 import fs from 'node:fs';
-import os from 'node:os';
 import { join } from 'node:path';
 import { ROOT } from '../../helpers/child.js';
 import { freePortPair } from '../../../src/cli/ports.js';
 import { alive } from '../../../src/cli/rundir.js';
 import { dumpLogs, run, status, tcti, vtpm } from './host.js';
 import { parseScriptOutput, scriptPcrModel } from '../e2e/guest-script.js';
+import { tempDir, removeDir } from '../../helpers/temp.js';
 
-const work = fs.mkdtempSync(join(os.tmpdir(), 'vtpm-multivm-e2e-'));
+const work = tempDir('multivm-e2e');
 const runDir = join(work, 'run');
 const stateDir = join(work, 'state');
 const N = 6;
@@ -29,7 +29,7 @@ beforeEach(() => onTestFailed(() => dumpLogs(runDir)));
 
 afterAll(async () => {
   await vtpm('host', 'down', '--run', runDir).catch(() => {});
-  fs.rmSync(work, { recursive: true, force: true });
+  removeDir(work);
 });
 
 async function attach(g: (typeof guests)[number]): Promise<void> {

@@ -5,15 +5,15 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import fc from 'fast-check';
 import { randomUUID } from 'node:crypto';
 import fs from 'node:fs';
-import os from 'node:os';
 import { join } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { closeFd, sendWithFds, socketPair } from '../../../native/unix-rights.js';
 import { Cmd, MAX_STATE_BLOB, encodeRequest } from '../../../src/swtpm/codes.js';
 import { CtrlReceiver } from '../../../src/swtpm/ctrl-receiver.js';
 import { CtrlClient, DataClient, TPM2, TestHost } from './helpers.js';
+import { tempDir, removeDir } from '../../helpers/temp.js';
 
-const work = fs.mkdtempSync(join(os.tmpdir(), 'vtpm-qbad-'));
+const work = tempDir('qbad');
 const ctrl = join(work, 'ctrl.sock');
 let host: TestHost;
 
@@ -24,7 +24,7 @@ beforeAll(async () => {
 
 afterAll(async () => {
   await host?.down();
-  fs.rmSync(work, { recursive: true, force: true });
+  removeDir(work);
 });
 
 async function alive(): Promise<void> {

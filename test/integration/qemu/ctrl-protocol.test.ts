@@ -5,7 +5,6 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { createHash, randomUUID } from 'node:crypto';
 import fs from 'node:fs';
 import net from 'node:net';
-import os from 'node:os';
 import { join } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { closeFd, sendWithFds, socketPair } from '../../../native/unix-rights.js';
@@ -13,8 +12,9 @@ import { CtrlClient, DataClient, TPM2, TestHost, exec, vtpm } from './helpers.js
 import { SwtpmProcess } from '../../helpers/swtpm.js';
 import { TpmClient } from '../../helpers/tpm-client.js';
 import { freePortPair } from '../../../src/cli/ports.js';
+import { tempDir, removeDir } from '../../helpers/temp.js';
 
-const work = fs.mkdtempSync(join(os.tmpdir(), 'vtpm-ctrl-'));
+const work = tempDir('ctrl');
 const vm = randomUUID();
 const ctrl = join(work, 'ctrl.sock');
 let host: TestHost;
@@ -41,7 +41,7 @@ beforeAll(async () => {
 
 afterAll(async () => {
   await host?.down();
-  fs.rmSync(work, { recursive: true, force: true });
+  removeDir(work);
 });
 
 describe('vtpm qemu attach/detach', () => {

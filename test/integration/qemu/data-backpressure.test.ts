@@ -7,13 +7,13 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { randomUUID } from 'node:crypto';
 import fs from 'node:fs';
 import net from 'node:net';
-import os from 'node:os';
 import { join } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { closeFd, sendWithFds, socketPair } from '../../../native/unix-rights.js';
 import { CtrlClient, TestHost } from './helpers.js';
+import { tempDir, removeDir } from '../../helpers/temp.js';
 
-const work = fs.mkdtempSync(join(os.tmpdir(), 'vtpm-qbp-'));
+const work = tempDir('qbp');
 const ctrl = join(work, 'ctrl.sock');
 const ctrl2 = join(work, 'ctrl2.sock');
 let host: TestHost;
@@ -26,7 +26,7 @@ beforeAll(async () => {
 
 afterAll(async () => {
   await host?.down();
-  fs.rmSync(work, { recursive: true, force: true });
+  removeDir(work);
 });
 
 function backendRssMiB(): number {

@@ -5,13 +5,13 @@
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { randomUUID } from 'node:crypto';
 import fs from 'node:fs';
-import os from 'node:os';
 import { join } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { CtrlClient, TestHost } from './helpers.js';
 import { SwtpmProcess } from '../../helpers/swtpm.js';
+import { tempDir, removeDir } from '../../helpers/temp.js';
 
-const work = fs.mkdtempSync(join(os.tmpdir(), 'vtpm-qdiff-'));
+const work = tempDir('qdiff');
 let host: TestHost;
 let swtpm: SwtpmProcess;
 const ours = join(work, 'ours.sock');
@@ -26,7 +26,7 @@ beforeAll(async () => {
 afterAll(async () => {
   await swtpm?.stop();
   await host?.down();
-  fs.rmSync(work, { recursive: true, force: true });
+  removeDir(work);
 });
 
 /** swtpm exits on CMD_SHUTDOWN: a fresh one (same state dir) for the next test. */

@@ -5,12 +5,11 @@
 // in both directions (unencrypted state blobs).
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { randomUUID } from 'node:crypto';
-import fs from 'node:fs';
-import os from 'node:os';
 import { join } from 'node:path';
 import { Qemu, Swtpm, TestHost, buildInitramfs, expectedPcr16, guestReport } from './helpers.js';
+import { tempDir, removeDir } from '../../helpers/temp.js';
 
-const work = fs.mkdtempSync(join(os.tmpdir(), 'vtpm-qemu-'));
+const work = tempDir('qemu');
 let host: TestHost;
 let initrd: string;
 const qemus: Qemu[] = [];
@@ -24,7 +23,7 @@ afterAll(async () => {
   await Promise.all(qemus.map((q) => q.quit()));
   await Promise.all(swtpms.map((s) => s.stop()));
   await host?.down();
-  fs.rmSync(work, { recursive: true, force: true });
+  removeDir(work);
 });
 
 function startQemu(o: Omit<ConstructorParameters<typeof Qemu>[0], 'dir' | 'initrd'>): Qemu {

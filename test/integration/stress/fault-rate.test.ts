@@ -7,12 +7,13 @@ import { execFile } from 'node:child_process';
 import fs from 'node:fs';
 import { join } from 'node:path';
 import { promisify } from 'node:util';
-import { dist, tmpDir } from '../../helpers/child.js';
+import { dist } from '../../helpers/child.js';
+import { tempDir, removeDir } from '../../helpers/temp.js';
 
 const run = promisify(execFile);
-const out = tmpDir('vtpm-stress-rate-');
+const out = tempDir('stress-rate');
 
-afterAll(() => fs.rmSync(out, { recursive: true, force: true }));
+afterAll(() => removeDir(out));
 
 describe('vtpm stress fault rate', () => {
   it('2 guests × 300 commands, --suspend-every 20 --kill-every 100: every asked suspend and kill delivered', async () => {

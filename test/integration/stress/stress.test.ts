@@ -8,12 +8,13 @@ import { execFile } from 'node:child_process';
 import fs from 'node:fs';
 import { join } from 'node:path';
 import { promisify } from 'node:util';
-import { dist, tmpDir } from '../../helpers/child.js';
+import { dist } from '../../helpers/child.js';
+import { tempDir, removeDir } from '../../helpers/temp.js';
 
 const run = promisify(execFile);
-const out = tmpDir('vtpm-stress-report-');
+const out = tempDir('stress-report');
 
-afterAll(() => fs.rmSync(out, { recursive: true, force: true }));
+afterAll(() => removeDir(out));
 
 describe('vtpm stress (CI size)', () => {
   it('8 guests × 2000 commands, each suspended about every 100, kills on: zero violations, every suspend delivered', async () => {

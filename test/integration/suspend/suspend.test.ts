@@ -6,7 +6,8 @@ import { createHash, randomBytes } from 'node:crypto';
 import { readFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { promisify } from 'node:util';
-import { dist, tmpDir } from '../../helpers/child.js';
+import { dist } from '../../helpers/child.js';
+import { tempDir } from '../../helpers/temp.js';
 
 const run = promisify(execFile);
 const cli = dist('src/cli/main.js');
@@ -33,8 +34,8 @@ const { restartDaemon } = (await import(dist('src/cli/restart.js'))) as typeof i
 const { RingFront } = (await import(dist('src/frontend/ring-front.js'))) as typeof import('../../../src/frontend/ring-front.js');
 const { XS_FEATURE_RING } = (await import(dist('src/xen/tpmif.js'))) as typeof import('../../../src/xen/tpmif.js');
 
-const runDir = join(tmpDir('vtpm-suspend-'), 'run');
-const stateDir = join(tmpDir('vtpm-suspend-state-'), 'state');
+const runDir = join(tempDir('suspend'), 'run');
+const stateDir = join(tempDir('suspend-state'), 'state');
 let dom0: XsClient;
 
 beforeAll(async () => {

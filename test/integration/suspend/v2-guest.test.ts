@@ -8,8 +8,9 @@ import { randomUUID } from 'node:crypto';
 import fs from 'node:fs';
 import { join } from 'node:path';
 import { promisify } from 'node:util';
-import { dist, tmpDir } from '../../helpers/child.js';
+import { dist } from '../../helpers/child.js';
 import { freePortPair } from '../../../src/cli/ports.js';
+import { tempDir, removeDir } from '../../helpers/temp.js';
 
 const run = promisify(execFile);
 const cli = dist('src/cli/main.js');
@@ -19,7 +20,7 @@ const vtpm = (...args: string[]) => run(process.execPath, [cli, ...args], { env,
 const { RunDir } = (await import(dist('src/cli/rundir.js'))) as typeof import('../../../src/cli/rundir.js');
 const { restartDaemon } = (await import(dist('src/cli/restart.js'))) as typeof import('../../../src/cli/restart.js');
 
-const work = tmpDir('vtpm-v2-guest-');
+const work = tempDir('v2-guest');
 const runDir = join(work, 'run');
 const stateDir = join(work, 'state');
 
@@ -29,7 +30,7 @@ beforeAll(async () => {
 
 afterAll(async () => {
   await vtpm('host', 'down', '--run', runDir).catch(() => {});
-  fs.rmSync(work, { recursive: true, force: true });
+  removeDir(work);
 });
 
 const tctiEnv = (port: number) => ({ ...process.env, TPM2TOOLS_TCTI: `swtpm:host=127.0.0.1,port=${port}` });
