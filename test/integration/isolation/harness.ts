@@ -16,10 +16,11 @@ import { connect } from '../../../src/xenstore/client.js';
 import { createDomainConnection } from '../../../src/xen/index.js';
 import { hypervisorSocket } from '../../../src/xen/hypercall.js';
 import { writeDeviceDirectories } from '../../../src/xenstore/xenbus-toolstack.js';
+import * as tpm2 from '../../../src/tpm/tpm2-commands.js';
 import { tempDir, removeDir } from '../../helpers/temp.js';
 
 export const RAW_GUEST = join(ROOT, 'test/integration/isolation/raw-guest.mjs');
-const GET_RANDOM = Buffer.from('80010000000c0000017b0008', 'hex');
+const GET_RANDOM = Buffer.from(tpm2.getRandom(8));
 
 export interface Outcome {
   case: string;

@@ -10,6 +10,7 @@ import net from 'node:net';
 import { join } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { closeFd, sendWithFds, socketPair } from '../../../native/unix-rights.js';
+import * as tpm2 from '../../../src/tpm/tpm2-commands.js';
 import { CtrlClient, TestHost } from './helpers.js';
 import { tempDir, removeDir } from '../../helpers/temp.js';
 
@@ -67,7 +68,7 @@ async function openData(path: string): Promise<{ c: CtrlClient; peer: net.Socket
   const rsp = new Responses();
   peer.on('data', (d: Buffer) => rsp.push(d));
   peer.on('error', () => {});
-  peer.write(Buffer.from('80010000000c000001440000', 'hex')); // Startup(CLEAR)
+  peer.write(tpm2.startup());
   await rsp.until(1, 10_000);
   expect(rsp.list[0]!.toString('hex')).toBe('80010000000a00000000');
   rsp.list.length = 0;
