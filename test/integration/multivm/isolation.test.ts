@@ -8,7 +8,7 @@ import fs from 'node:fs';
 import { join } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { freePortPair } from '../../../src/cli/ports.js';
-import { getRandom, startupClear } from '../../helpers/tpm2.js';
+import * as tpm2 from '../../../src/tpm/tpm2-commands.js';
 import { DataClient, dumpLogs, rc, run, status, tcti, vtpm } from './host.js';
 import { tempDir, removeDir } from '../../helpers/temp.js';
 
@@ -64,7 +64,7 @@ describe('kill -9 of one vTPM domain', () => {
           while (!stop) {
             const t0 = performance.now();
             try {
-              const r = await c.transmit(getRandom(16), STALL_BOUND_MS * 5);
+              const r = await c.transmit(tpm2.getRandom(16), STALL_BOUND_MS * 5);
               samples.push({ domid: g.domid, ms: performance.now() - t0, rc: rc(r) });
             } catch (err) {
               errors.push(`dom${g.domid}: ${(err as Error).message}`);
@@ -81,7 +81,7 @@ describe('kill -9 of one vTPM domain', () => {
     // Freeze the victim's domain so a command is surely in flight inside it, then kill it.
     const vc = await DataClient.connect(victim.port);
     process.kill(dead.pid, 'SIGSTOP');
-    const inFlight = vc.transmit(getRandom(8), 10_000);
+    const inFlight = vc.transmit(tpm2.getRandom(8), 10_000);
     await sleep(200);
     const tKill = performance.now();
     process.kill(dead.pid, 'SIGKILL');
@@ -91,7 +91,7 @@ describe('kill -9 of one vTPM domain', () => {
     expect(rc(failed)).toBe(TPM_RC_FAILURE);
 
     // The guest carries on: its next command waits for the restarted domain and succeeds.
-    const next = await vc.transmit(getRandom(8), 10_000);
+    const next = await vc.transmit(tpm2.getRandom(8), 10_000);
     const restartMs = performance.now() - tKill;
     expect(rc(next)).toBe(0);
     expect(next.readUInt16BE(10)).toBe(8);
@@ -104,7 +104,7 @@ describe('kill -9 of one vTPM domain', () => {
     expect(nv.stdout).toBe('survives kill -9');
     // Startup was done for it: a guest-issued Startup is now TPM_RC_INITIALIZE (already started).
     const again = await DataClient.connect(victim.port);
-    expect(rc(await again.transmit(startupClear()))).toBe(0x100);
+    expect(rc(await again.transmit(tpm2.startup()))).toBe(0x100);
     again.close();
 
     const after = (await status(runDir)).processes.filter((p) => p.role === 'vtpm-domain');

@@ -12,7 +12,7 @@ import { ManagerClient } from '../../../src/manager/client.js';
 import { MultiVmVtpms, MultiVmError, FIRST_VTPM_DOMID } from '../../../src/backend/multi-vm.js';
 import { alive } from '../../../src/cli/rundir.js';
 import { freshXenDir } from '../../helpers/child.js';
-import { getRandom, startupClear } from '../../helpers/tpm2.js';
+import * as tpm2 from '../../../src/tpm/tpm2-commands.js';
 import * as tpm12 from '../../../src/tpm/tpm12-commands.js';
 import { startManager, type RunningManager } from '../../manager/helpers.js';
 import { tempDir, removeDir } from '../../helpers/temp.js';
@@ -66,8 +66,8 @@ describe('MultiVmVtpms', () => {
   it('runs each vTPM in its own registered domain process, reached over the ring', async () => {
     const vm = randomUUID();
     const t = await vtpms.open(vm, '2.0', false);
-    expect(rc(await t.execute(startupClear(), { locality: 0 }))).toBe(0);
-    const r = await t.execute(getRandom(16), { locality: 0 });
+    expect(rc(await t.execute(tpm2.startup(), { locality: 0 }))).toBe(0);
+    const r = await t.execute(tpm2.getRandom(16), { locality: 0 });
     expect(rc(r)).toBe(0);
     expect(r.length).toBe(12 + 16);
     const [d] = vtpms.domains().filter((x) => x.vm === vm);
@@ -89,17 +89,17 @@ describe('MultiVmVtpms', () => {
   it('kills a domain that stops answering, fails that command, restarts it, and leaks no grants', async () => {
     const vm = randomUUID();
     const t = await vtpms.open(vm, '2.0', false);
-    expect(rc(await t.execute(startupClear(), { locality: 0 }))).toBe(0);
+    expect(rc(await t.execute(tpm2.startup(), { locality: 0 }))).toBe(0);
     const inUse = grantsInUse();
     const old = vtpms.domains().find((x) => x.vm === vm)!;
     process.kill(old.pid, 'SIGSTOP');
     const t0 = performance.now();
-    await expect(t.execute(getRandom(8), { locality: 0 })).rejects.toThrow(/closed/);
+    await expect(t.execute(tpm2.getRandom(8), { locality: 0 })).rejects.toThrow(/closed/);
     const ms = performance.now() - t0;
     expect(ms).toBeGreaterThanOrEqual(WATCHDOG_MS - 50);
     expect(ms).toBeLessThan(WATCHDOG_MS + 3000);
     // The next command waits for the new incarnation, which was started (Startup(CLEAR)) for the guest.
-    const r = await t.execute(getRandom(8), { locality: 0 });
+    const r = await t.execute(tpm2.getRandom(8), { locality: 0 });
     expect(rc(r)).toBe(0);
     const now = vtpms.domains().find((x) => x.vm === vm)!;
     expect(now.pid).not.toBe(old.pid);
@@ -114,7 +114,7 @@ describe('MultiVmVtpms', () => {
   it('gives a vTPM up after too many crashes, without touching another', async () => {
     const a = await vtpms.open(randomUUID(), '2.0', false);
     const b = await vtpms.open(randomUUID(), '2.0', false);
-    for (const t of [a, b]) expect(rc(await t.execute(startupClear(), { locality: 0 }))).toBe(0);
+    for (const t of [a, b]) expect(rc(await t.execute(tpm2.startup(), { locality: 0 }))).toBe(0);
     const bPid = vtpms.domains().find((x) => x.instance === b.instance)!.pid;
     for (let k = 0; k < 3; k++) {
       const d = vtpms.domains().find((x) => x.instance === a.instance)!;
@@ -122,7 +122,7 @@ describe('MultiVmVtpms', () => {
       // Once the backend has seen the death, a command goes to the next incarnation (or is refused).
       while (vtpms.domains().some((x) => x.pid === d.pid)) await sleep(5);
       // A command now either fails (given up) or succeeds on the restarted domain.
-      const res = await a.execute(getRandom(8), { locality: 0 }).then(rc, (e: Error) => e);
+      const res = await a.execute(tpm2.getRandom(8), { locality: 0 }).then(rc, (e: Error) => e);
       if (k < 2) expect(res).toBe(0);
       else {
         expect(res).toBeInstanceOf(MultiVmError);
@@ -130,7 +130,7 @@ describe('MultiVmVtpms', () => {
       }
     }
     expect(vtpms.domains().find((x) => x.instance === b.instance)!.pid).toBe(bPid);
-    expect(rc(await b.execute(getRandom(8), { locality: 0 }))).toBe(0);
+    expect(rc(await b.execute(tpm2.getRandom(8), { locality: 0 }))).toBe(0);
     await vtpms.release(a.instance);
     await vtpms.release(b.instance);
     expect(vtpms.domains()).toEqual([]);
