@@ -220,7 +220,11 @@ export class BackRing {
     return n;
   }
 
-  /** Read req_prod once (the rmb point) and reject the ring if it claims more than it can hold. */
+  /**
+   * Read req_prod once (the rmb point) and reject the ring if it claims more than it can hold, or if it
+   * went back behind what we already consumed: req_cons would then chase it round the ring and take
+   * stale slots (old requests, our own responses) as new requests.
+   */
   #snapshotReqProd(): number {
     const rp = this.sring.reqProd;
     if (this.requestProdOverflow(rp)) {
@@ -228,6 +232,9 @@ export class BackRing {
         'EACCES',
         `bogus ring requests: req_prod ${rp} is ${u32(rp - this.rspProdPvt)} past rsp_prod_pvt ${this.rspProdPvt} (ring size ${this.size})`,
       );
+    }
+    if (u32(rp - this.reqCons) > this.size) {
+      throw new RingError('EACCES', `bogus ring requests: req_prod ${rp} moved back behind req_cons ${this.reqCons}`);
     }
     return rp;
   }

@@ -156,4 +156,20 @@ describe('ring invariants under any interleaving', () => {
       { numRuns: 2000 },
     );
   });
+
+  it('rejects a frontend that moves req_prod back behind what the backend consumed, reading no stale slot', () => {
+    fc.assert(
+      fc.property(fc.integer({ min: 0, max: 0xffffffff }), fc.integer({ min: 1, max: 4 }), fc.integer({ min: 1, max: 4 }), (start, n, back1) => {
+        const { front, back, s } = pair(1, start);
+        for (let i = 0; i < n; i++) front.produceRequest();
+        front.pushRequestsAndCheckNotify();
+        expect(back.takeRequests().length).toBe(n);
+        // None answered yet: rsp_prod_pvt is still `start`, so the old check alone lets this through.
+        Atomics.store(s.idx, 0, (start + n - Math.min(back1, n)) >>> 0);
+        expect(() => back.takeRequests()).toThrow(/moved back behind req_cons/);
+        expect(back.reqCons).toBe((start + n) >>> 0);
+      }),
+      { numRuns: 500 },
+    );
+  });
 });

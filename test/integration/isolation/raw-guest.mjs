@@ -299,13 +299,13 @@ async function halfFrames() {
 }
 
 /** A connected v2 device through the library, then raw writes into its own memory and grant table. */
-async function connectDevice() {
+async function connectDevice(protocol = 'v2') {
   const { Domain } = await import('../../../dist/src/xen/index.js');
   const { connect } = await import('../../../dist/src/xenstore/client.js');
   const { TpmFront } = await import('../../../dist/src/frontend/tpmfront.js');
   const dom = await Domain.create({ domid: cfg.domid });
   const xs = await connect(cfg.xsSocket);
-  const front = await TpmFront.connect({ xs, dom, devid: 0, protocol: 'v2', onClosed: (reason) => out({ case: 'device-closed', outcome: 'ok', detail: reason }) });
+  const front = await TpmFront.connect({ xs, dom, devid: 0, protocol, onClosed: (reason) => out({ case: 'device-closed', outcome: 'ok', detail: reason }) });
   const rsp = await front.transmit(Buffer.from('80010000000c0000017b0008', 'hex'));
   out({ case: 'connected', outcome: 'ok', detail: Buffer.from(rsp).subarray(0, 10).toString('hex') });
   return { dom, xs, front };
@@ -378,12 +378,163 @@ async function truncate() {
   }
 }
 
+/** Frames it allocates and never grants, filled with a pattern: no answer may ever land there. */
+function canary(dom) {
+  const gfn = dom.allocFrames(8);
+  const f = dom.frames(gfn, 8);
+  f.fill(0x5a);
+  return { gfn, check: () => ({ checked: 8, changed: f.some((b) => b !== 0x5a) }) };
+}
+
+/** Run `step(i)` in a tight loop for `ms`, notifying the backend every 64 steps. */
+function hammer(dom, port, ms, step) {
+  const end = performance.now() + ms;
+  let i = 0;
+  while (performance.now() < end) {
+    for (let k = 0; k < 64; k++, i++) step(i);
+    dom.evtchn.send(port);
+  }
+  return i;
+}
+
+const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
+
+/**
+ * Double fetch on the v2 page: after SUBMIT, length, command bytes and state flip between a valid and
+ * an invalid value while the backend reads. Each round ends with a valid SUBMIT and waits untouched
+ * for FINISH: the answer then on the page must be one TPM response whose header size is its length,
+ * within the page. Early rounds keep the length in range (answers expected); later ones flip it past
+ * the page and the locality past 4 (a cut-off expected, unless the backend never read those values).
+ */
+async function dfetchV2() {
+  const { dom, front } = await connectDevice('v2');
+  // Started, so a whole GetRandom read gets a real answer and torn ones get the TPM's own errors.
+  await front.transmit(Buffer.from('80010000000c000001440000', 'hex'));
+  const gfn = dom.views.grant32[2 * front.refs[0] + 1];
+  const f = dom.frames(gfn);
+  const page = new DataView(f.buffer, f.byteOffset, 4096);
+  const cmd = Buffer.from('80010000000c0000017b0008', 'hex');
+  const junk = Buffer.from('c0defeedc0defeedc0defeed', 'hex');
+  const fence = canary(dom);
+  for (let round = 0; round < 8; round++) {
+    const hostile = round >= 4;
+    const lengths = hostile ? [12, 0xfffffff0, 12, 5000] : [12, 4088, 0, 12];
+    f.set(cmd, 8);
+    page.setUint32(0, 12, true);
+    page.setUint8(5, 0);
+    Atomics.store(f, 4, 1);
+    dom.evtchn.send(front.port);
+    const steps = hammer(dom, front.port, 300, (i) => {
+      page.setUint32(0, lengths[i & 3], true);
+      f.set(i & 1 ? junk : cmd, 8);
+      if (hostile) page.setUint8(5, i & 2 ? 9 : 0);
+      Atomics.store(f, 4, i & 1 ? 0xee : 1);
+    });
+    f.set(cmd, 8);
+    page.setUint32(0, 12, true);
+    page.setUint8(5, 0);
+    Atomics.store(f, 4, 1);
+    dom.evtchn.send(front.port);
+    const t0 = performance.now();
+    while (Atomics.load(f, 4) !== 2 && performance.now() - t0 < 2000) await sleep(5);
+    if (Atomics.load(f, 4) !== 2) {
+      out({ case: 'dfetch-v2-round', outcome: 'refused', code: 'ECUTOFF', detail: { round, hostile, steps, state: Atomics.load(f, 4) } });
+      break;
+    }
+    const length = page.getUint32(0, true);
+    const size = length >= 10 ? page.getUint32(8 + 2, false) : -1;
+    out({ case: 'dfetch-v2-round', outcome: 'ok', detail: { round, hostile, steps, length, size, tag: page.getUint16(8, false), rc: length >= 10 ? page.getUint32(8 + 6, false) : -1 } });
+  }
+  out({ case: 'dfetch-other-frames', outcome: 'ok', detail: fence.check() });
+}
+
+/**
+ * Double fetch on the ring: after a real request is pushed and notified, req_prod moves forwards
+ * (past the ring) and backwards, and the slot's op, length, nr_segments and first gref flip between
+ * valid and invalid values while the backend reads. Then the guest waits untouched: the request is
+ * answered (every published response within its pages) or the guest is cut off.
+ */
+async function dfetchRing() {
+  const { dom, front } = await connectDevice('ring');
+  const gfn = dom.views.grant32[2 * front.refs[0] + 1];
+  const f = dom.frames(gfn);
+  const ring = new DataView(f.buffer, f.byteOffset, 4096);
+  const idx = new Uint32Array(f.buffer, f.byteOffset, 4);
+  const fence = canary(dom);
+  const size = 2 ** Math.floor(Math.log2((4096 - 64) / 64));
+  const answers = [];
+  for (let round = 0; round < 4; round++) {
+    const pending = front.transmit(Buffer.from('80010000000c0000017b0008', 'hex')).then(
+      (rsp) => ({ outcome: 'ok', detail: Buffer.from(rsp).subarray(0, 10).toString('hex') }),
+      (err) => ({ outcome: 'refused', code: 'ECUTOFF', message: String(err.message).slice(0, 200) }),
+    );
+    const p0 = Atomics.load(idx, 0);
+    const slot = 64 + ((p0 - 1) & (size - 1)) * 64;
+    const valid = Buffer.from(f.subarray(slot, slot + 64));
+    const steps = hammer(dom, front.port, 300, (i) => {
+      Atomics.store(idx, 0, [p0, (p0 + 1000) >>> 0, (p0 - 5) >>> 0, (p0 + 1) >>> 0][i & 3]);
+      ring.setUint8(slot + 8, i & 4 ? 9 : 0);
+      ring.setUint32(slot + 12, i & 1 ? 0xfffffff0 : 12, true);
+      ring.setUint8(slot + 10, i & 2 ? 200 : 1);
+      ring.setUint32(slot + 16, i & 8 ? 0x7ffffff0 : valid.readUInt32LE(16), true);
+    });
+    f.set(valid, slot);
+    Atomics.store(idx, 0, p0);
+    dom.evtchn.send(front.port);
+    const r = await Promise.race([pending, sleep(3000).then(() => ({ outcome: 'refused', code: 'ETIMEDOUT' }))]);
+    // Every response the backend published so far: its length within the request's pages.
+    const rspProd = Atomics.load(idx, 2);
+    const lengths = [];
+    // (Not the slot it rewrote itself: its length field is the request's, written by the guest.)
+    for (let k = Math.max(0, rspProd - size); k < rspProd; k++) {
+      if ((k & (size - 1)) !== ((p0 - 1) & (size - 1))) lengths.push(ring.getUint32(64 + (k & (size - 1)) * 64 + 12, true));
+    }
+    answers.push(...lengths);
+    out({ case: 'dfetch-ring-round', ...r, detail: { round, steps, reqProd: p0, rspProd, answer: r.detail, maxLength: Math.max(0, ...lengths) } });
+    if (r.outcome !== 'ok') break;
+  }
+  out({ case: 'dfetch-other-frames', outcome: 'ok', detail: fence.check() });
+}
+
+/**
+ * req_prod moved back behind what the backend already consumed, while its requests still run (nothing
+ * answered for them yet): the ring lies about its indices.
+ */
+async function dfetchRingBack() {
+  const { dom, front } = await connectDevice('ring');
+  const gfn = dom.views.grant32[2 * front.refs[0] + 1];
+  const f = dom.frames(gfn);
+  const idx = new Uint32Array(f.buffer, f.byteOffset, 4);
+  await front.transmit(Buffer.from('80010000000c000001440000', 'hex')); // TPM2_Startup(CLEAR)
+  // TPM2_CreatePrimary of an RSA-2048 storage key under the owner (empty password): slow enough that
+  // the backend is still running it when req_prod moves back.
+  const createPrimary = Buffer.from(
+    '80020000004300000131' + '40000001' + '00000009' + '40000009' + '0000' + '00' + '0000' + '000400000000' +
+      '001a' + '0001000b00030072' + '0000' + '000600800043' + '0010' + '0800' + '00000000' + '0000' + '0000' + '00000000',
+    'hex',
+  );
+  const pending = [];
+  for (let k = 0; k < 2; k++) pending.push(front.transmit(createPrimary).then(() => 'ok', () => 'refused'));
+  const p0 = Atomics.load(idx, 0);
+  // The backend arms req_event one past what it consumed: wait until it took everything pushed.
+  const t0 = performance.now();
+  while (Atomics.load(idx, 1) !== ((p0 + 1) >>> 0) && performance.now() - t0 < 2000);
+  const answered = Atomics.load(idx, 2);
+  Atomics.store(idx, 0, (p0 - 1) >>> 0);
+  dom.evtchn.send(front.port);
+  const results = await Promise.race([Promise.all(pending), sleep(3000).then(() => ['timeout'])]);
+  out({ case: 'dfetch-ring-back', outcome: results.includes('refused') ? 'refused' : 'ok', detail: { reqProd: p0, reqEvent: Atomics.load(idx, 1), answeredBefore: answered, results } });
+}
+
 async function main() {
   if (cfg.mode === 'probe') await probe();
   else if (cfg.mode === 'flood') await flood();
   else if (cfg.mode === 'half-frames') await halfFrames();
   else if (cfg.mode === 'scribble') await scribble();
   else if (cfg.mode === 'truncate') await truncate();
+  else if (cfg.mode === 'dfetch-v2') await dfetchV2();
+  else if (cfg.mode === 'dfetch-ring') await dfetchRing();
+  else if (cfg.mode === 'dfetch-ring-back') await dfetchRingBack();
   else throw new Error(`unknown mode ${cfg.mode}`);
   out({ case: 'done' });
 }
