@@ -3,7 +3,8 @@
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { rmSync } from 'node:fs';
 import { freshXenDir } from '../helpers/child.js';
-import { getRandom, rc } from '../helpers/tpm2.js';
+import { getRandom } from '../../src/tpm/tpm2-commands.js';
+import { responseCode as rc } from '../../src/tpm/wire.js';
 import { SwtpmProcess } from '../helpers/swtpm.js';
 import { TpmClient } from '../helpers/tpm-client.js';
 import { Domain } from '../../src/xen/index.js';

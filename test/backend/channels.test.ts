@@ -2,10 +2,10 @@
 // answering the TPM commands: bytes on the v2 page, ordering on the ring, cancel, hostile frontends.
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { createHash, randomBytes } from 'node:crypto';
-import { rmSync } from 'node:fs';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { freshXenDir } from '../helpers/child.js';
-import { getRandom, pcrExtend, pcrRead, pcrReadDigest, rc } from '../helpers/tpm2.js';
+import * as tpm2 from '../../src/tpm/tpm2-commands.js';
+import { responseCode as rc } from '../../src/tpm/wire.js';
 import { SwtpmProcess } from '../helpers/swtpm.js';
 import { TpmClient } from '../helpers/tpm-client.js';
 import { Domain } from '../../src/xen/index.js';
@@ -16,6 +16,7 @@ import { RingFront } from '../../src/tpmif/ring-front.js';
 import type { VtpmTarget } from '../../src/backend/target.js';
 import { FrontendError } from '../../src/tpmif/transport.js';
 import { TPMIF_STATE_FINISH, TPMIF_STATE_IDLE, TPMIF_STATE_CANCEL, RING_SLOT } from '../../src/xen/tpmif.js';
+import { removeDir } from '../helpers/temp.js';
 
 const dir = freshXenDir();
 let dom0: Domain;
@@ -48,7 +49,7 @@ afterAll(async () => {
   client.close();
   await swtpm.stop();
   await dom0.destroy();
-  rmSync(dir, { recursive: true, force: true });
+  removeDir(dir);
 });
 
 async function guest(): Promise<Domain> {
@@ -62,7 +63,7 @@ describe('tpmif v2 shared page', () => {
     const fatal: string[] = [];
     const ch = new V2Channel(dom0, { frontDomid: g.domid, refs: [...front.refs], port: front.port, target: target(), onFatal: (r) => fatal.push(r) });
     const page = g.frames(0); // the first frame the frontend allocated is its shared page
-    const rsp = await front.transmit(getRandom(16), { locality: 2 });
+    const rsp = await front.transmit(tpm2.getRandom(16), { locality: 2 });
     expect(rc(rsp)).toBe(0);
     expect(rsp.length).toBe(10 + 2 + 16);
     // length u32 LE @0, state @4 = FINISH (2), locality @5, pad @6, nr_extra_pages @7, data @8.
@@ -80,7 +81,7 @@ describe('tpmif v2 shared page', () => {
       const g = await guest();
       const front = new V2Front(g, 0, { pollUs });
       const ch = new V2Channel(dom0, { frontDomid: g.domid, refs: [...front.refs], port: front.port, target: target(), onFatal: () => {}, pollUs });
-      for (let i = 0; i < 50; i++) expect(rc(await front.transmit(getRandom(8)))).toBe(0);
+      for (let i = 0; i < 50; i++) expect(rc(await front.transmit(tpm2.getRandom(8)))).toBe(0);
       // Both ends leave the port unmasked whenever they sleep: a notification still wakes them.
       await sleep(5);
       expect(dom0.evtchn.status(ch.port).masked).toBe(false);
@@ -111,7 +112,7 @@ describe('tpmif v2 shared page', () => {
     let release!: () => void;
     t.hold = new Promise((r) => (release = r));
     const ch = new V2Channel(dom0, { frontDomid: g.domid, refs: [...front.refs], port: front.port, target: t, onFatal: () => {} });
-    const p = front.transmit(getRandom(8));
+    const p = front.transmit(tpm2.getRandom(8));
     await sleep(20);
     front.cancel();
     await sleep(20);
@@ -153,15 +154,15 @@ describe('multi-request ring', () => {
 
   it('runs 300 pipelined PCR extends in order: the PCR equals the SHA-256 model', async () => {
     const { g, front, ch } = await pair();
-    let model = Buffer.from(pcrReadDigest(await front.transmit(pcrRead(16))));
+    let model = Buffer.from(tpm2.parsePcrRead(await front.transmit(tpm2.pcrReadSha256(16))));
     const all: Promise<Uint8Array>[] = [];
     for (let i = 0; i < 300; i++) {
       const d = randomBytes(32);
       model = createHash('sha256').update(model).update(d).digest();
-      all.push(front.transmit(pcrExtend(16, d)));
+      all.push(front.transmit(tpm2.pcrExtendSha256(16, d)));
     }
     expect((await Promise.all(all)).map(rc).every((c) => c === 0)).toBe(true);
-    expect(pcrReadDigest(await front.transmit(pcrRead(16))).toString('hex')).toBe(model.toString('hex'));
+    expect(Buffer.from(tpm2.parsePcrRead(await front.transmit(tpm2.pcrReadSha256(16)))).toString('hex')).toBe(model.toString('hex'));
     ch.close();
     await front.close();
     await g.destroy();
@@ -191,8 +192,8 @@ describe('multi-request ring', () => {
     const { g, front, ch, t } = await pair();
     let release!: () => void;
     t.hold = new Promise((r) => (release = r));
-    const first = front.transmit(getRandom(8));
-    const second = front.transmit(getRandom(8));
+    const first = front.transmit(tpm2.getRandom(8));
+    const second = front.transmit(tpm2.getRandom(8));
     await sleep(20);
     front.cancel(front.nextId - 1n); // the second one, still queued
     await sleep(20);
@@ -241,7 +242,7 @@ describe('multi-request ring', () => {
     bad.g.evtchn.send(bad.front.port);
     for (let i = 0; i < 100 && !bad.fatal.length; i++) await sleep(5);
     expect(bad.fatal[0]).toMatch(/^bogus ring requests: req_prod 5000 is 5000 past rsp_prod_pvt 0 \(ring size 32\)$/);
-    expect(rc(await good.front.transmit(getRandom(4)))).toBe(0);
+    expect(rc(await good.front.transmit(tpm2.getRandom(4)))).toBe(0);
     good.ch.close();
     await good.front.close();
     await good.g.destroy();

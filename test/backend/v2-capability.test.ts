@@ -4,6 +4,7 @@
 // response it was given (a copy carries the change).
 import { describe, expect, it } from 'vitest';
 import { clampCapability } from '../../src/backend/v2-channel.js';
+import * as tpm2 from '../../src/tpm/tpm2-commands.js';
 
 const getCap = Buffer.from('80010000001600000' + '17a' + '00000006' + '0000011e' + '00000002', 'hex');
 // Answer: tag 8001, size, rc 0, moreData 0, capability 6, count 3, (0x11d, 0x400) (0x11e, 0x1000) (0x11f, 0x1000).
@@ -21,7 +22,7 @@ describe('clampCapability (v2 backend)', () => {
 
   it('passes other commands, error answers, other capabilities and short answers through untouched', () => {
     const rsp = answer();
-    const getRandom = Buffer.from('80010000000c0000017b0008', 'hex');
+    const getRandom = tpm2.getRandom(8);
     expect(clampCapability(getRandom, rsp, 4088)).toBe(rsp);
     const err = Buffer.from('80010000000a00000101', 'hex');
     expect(clampCapability(getCap, err, 4088)).toBe(err);

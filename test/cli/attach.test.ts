@@ -9,9 +9,10 @@ import { join } from 'node:path';
 import { freePortPair } from '../../src/cli/ports.js';
 import { RunDir } from '../../src/cli/rundir.js';
 import { connect } from '../../src/xenstore/client.js';
-import { getRandom, ok, vtpm, workDir } from './cli.js';
+import { getRandom, ok, vtpm } from './cli.js';
+import { tempDir, removeDir } from '../helpers/temp.js';
 
-const work = workDir('vtpm-cli-attach-');
+const work = tempDir('cli-attach');
 const runDir = join(work, 'run');
 const vmU = randomUUID();
 let port1 = 0;
@@ -25,7 +26,7 @@ beforeAll(async () => {
 
 afterAll(async () => {
   await vtpm('host', 'down', '--run', runDir);
-  fs.rmSync(work, { recursive: true, force: true });
+  removeDir(work);
 });
 
 /** What xenstore, the run directory and the hypervisor directory hold for `domid`. */

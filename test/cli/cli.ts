@@ -2,7 +2,6 @@
 // and a throw-away host directory per test file.
 import { execFile } from 'node:child_process';
 import fs from 'node:fs';
-import os from 'node:os';
 import { join } from 'node:path';
 import { promisify } from 'node:util';
 import { ROOT } from '../helpers/child.js';
@@ -32,10 +31,6 @@ export async function ok(...args: string[]): Promise<string> {
   const r = await vtpm(...args);
   if (r.code !== 0) throw new Error(`vtpm ${args.join(' ')} exited ${r.code}: ${r.stderr}`);
   return r.stdout;
-}
-
-export function workDir(prefix: string): string {
-  return fs.mkdtempSync(join(os.tmpdir(), prefix));
 }
 
 export const tcti = (port: number): NodeJS.ProcessEnv => ({ ...process.env, TPM2TOOLS_TCTI: `swtpm:host=127.0.0.1,port=${port}` });

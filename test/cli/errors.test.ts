@@ -6,9 +6,10 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { randomUUID } from 'node:crypto';
 import fs from 'node:fs';
 import { join } from 'node:path';
-import { ok, vtpm, workDir } from './cli.js';
+import { ok, vtpm } from './cli.js';
+import { tempDir, removeDir } from '../helpers/temp.js';
 
-const work = workDir('vtpm-cli-errors-');
+const work = tempDir('cli-errors');
 const src = join(work, 'src');
 const dst = join(work, 'dst');
 const key = join(work, 'dst.pem');
@@ -23,7 +24,7 @@ beforeAll(async () => {
 afterAll(async () => {
   await vtpm('host', 'down', '--run', src);
   await vtpm('host', 'down', '--run', dst);
-  fs.rmSync(work, { recursive: true, force: true });
+  removeDir(work);
 });
 
 describe('migrate', () => {

@@ -7,15 +7,16 @@ import fs from 'node:fs';
 import { join } from 'node:path';
 import { freePortPair } from '../../src/cli/ports.js';
 import { DAEMON_ROLES } from '../../src/cli/restart.js';
-import { getRandom, gone, ok, status, vtpm, workDir } from './cli.js';
+import { getRandom, gone, ok, status, vtpm } from './cli.js';
+import { tempDir, removeDir } from '../helpers/temp.js';
 
-const work = workDir('vtpm-cli-host-');
+const work = tempDir('cli-host');
 const runDir = join(work, 'run');
 const stateDir = join(work, 'state');
 
 afterAll(async () => {
   for (const r of [runDir, join(work, 'multi')]) if (fs.existsSync(join(r, 'host.json'))) await vtpm('host', 'down', '--run', r);
-  fs.rmSync(work, { recursive: true, force: true });
+  removeDir(work);
 });
 
 const pidOf = (s: Awaited<ReturnType<typeof status>>['json'], role: string): number => s.processes.find((p) => p.role === role)!.pid;

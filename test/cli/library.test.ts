@@ -6,10 +6,11 @@ import fs from 'node:fs';
 import { join } from 'node:path';
 import { ROOT } from '../helpers/child.js';
 import { DAEMON_ROLES } from '../../src/cli/restart.js';
-import { exec, workDir } from './cli.js';
+import { exec } from './cli.js';
+import { tempDir, removeDir } from '../helpers/temp.js';
 
-const work = workDir('vtpm-cli-lib-');
-afterAll(() => fs.rmSync(work, { recursive: true, force: true }));
+const work = tempDir('cli-lib');
+afterAll(() => removeDir(work));
 
 /** The first ```ts block of docs/cli.md's library section, as printed. */
 function example(): string {

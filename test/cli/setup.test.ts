@@ -4,15 +4,15 @@
 import { afterAll, describe, expect, it } from 'vitest';
 import { execFile } from 'node:child_process';
 import fs from 'node:fs';
-import os from 'node:os';
 import { join } from 'node:path';
 import { promisify } from 'node:util';
 import { ROOT } from '../helpers/child.js';
+import { tempDir, removeDir } from '../helpers/temp.js';
 
 const run = promisify(execFile);
-const work = fs.mkdtempSync(join(os.tmpdir(), 'vtpm-setup-'));
+const work = tempDir('setup');
 
-afterAll(() => fs.rmSync(work, { recursive: true, force: true }));
+afterAll(() => removeDir(work));
 
 /** A PATH whose dpkg-query, apt-get, npm and npx only record that they were called. */
 function spyPath(): { path: string; calls: () => string } {

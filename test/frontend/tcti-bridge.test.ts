@@ -2,14 +2,14 @@
 // `transmit`, plus the control port's bytes compared with swtpm's own control port.
 import { execFile } from 'node:child_process';
 import { createHash, randomBytes } from 'node:crypto';
-import { existsSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
+import { existsSync, readFileSync, writeFileSync } from 'node:fs';
 import net from 'node:net';
-import os from 'node:os';
 import { join } from 'node:path';
 import fc from 'fast-check';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { TctiBridge, type TctiClientError } from '../../src/frontend/tcti-bridge.js';
 import { ctrlExchange, readReply, SwtpmClient, SwtpmProcess } from './swtpm-peer.js';
+import { tempDir, removeDir } from '../helpers/temp.js';
 
 const hex = (s: string): Buffer => Buffer.from(s.replace(/\s+/g, ''), 'hex');
 
@@ -67,7 +67,7 @@ describe('TCTI bridge with tpm2-tools and a real swtpm', () => {
   const errors: TctiClientError[] = [];
 
   beforeAll(async () => {
-    dir = mkdtempSync(join(os.tmpdir(), 'vtpm-tcti-'));
+    dir = tempDir('tcti');
     swtpm = await SwtpmProcess.start({ stateDir: dir, transport: 'tcp', flags: 'not-need-init' });
     client = new SwtpmClient(swtpm);
     bridge = await TctiBridge.start({
@@ -98,7 +98,7 @@ describe('TCTI bridge with tpm2-tools and a real swtpm', () => {
     await bridge?.stop();
     client?.close();
     await swtpm?.stop();
-    rmSync(dir, { recursive: true, force: true });
+    removeDir(dir);
   });
 
   it('listens on a consecutive data/control pair', () => {

@@ -3,11 +3,12 @@
 // command after the idle bound; a command the 4088-byte page cannot carry is answered with the size
 // error a TPM gives, without touching the page.
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { rmSync } from 'node:fs';
 import { freshXenDir } from '../helpers/child.js';
 import { Domain } from '../../src/xen/index.js';
 import { V2Front } from '../../src/frontend/v2-front.js';
+import * as tpm2 from '../../src/tpm/tpm2-commands.js';
 import { TPMIF_STATE_CANCEL, TPMIF_STATE_IDLE, V2_STATE } from '../../src/xen/tpmif.js';
+import { removeDir } from '../helpers/temp.js';
 
 const dir = freshXenDir();
 let fe: Domain;
@@ -20,10 +21,10 @@ beforeAll(async () => {
 afterAll(async () => {
   await fe.destroy();
   await be.destroy();
-  rmSync(dir, { recursive: true, force: true });
+  removeDir(dir);
 });
 
-const getRandom = Buffer.from('80010000000c0000017b0008', 'hex');
+const getRandom = tpm2.getRandom(8);
 
 describe('V2Front bounds every wait', () => {
   it('a command nobody answers is cancelled after its duration (ETIME, CANCEL on the page); the next fails after the idle bound', async () => {

@@ -1,9 +1,8 @@
 // Spawning compiled programs (dist/) with an IPC channel and waiting for their messages.
 import { fork, type ChildProcess } from 'node:child_process';
-import { mkdtempSync } from 'node:fs';
-import os from 'node:os';
 import { dirname, join } from 'node:path';
 import { fileURLToPath } from 'node:url';
+import { tempDir } from './temp.js';
 
 export const ROOT = join(dirname(fileURLToPath(import.meta.url)), '..', '..');
 export const dist = (p: string): string => join(ROOT, 'dist', p);
@@ -62,9 +61,5 @@ export class Child {
 
 /** A fresh hypervisor directory for one test file, so parallel test files never share domids. */
 export function freshXenDir(): string {
-  return mkdtempSync(join('/dev/shm', 'vtpm-test-'));
-}
-
-export function tmpDir(prefix = 'vtpm-test-'): string {
-  return mkdtempSync(join(os.tmpdir(), prefix));
+  return tempDir('test', '/dev/shm');
 }

@@ -4,11 +4,11 @@
 import { execFile, spawn, type ChildProcess } from 'node:child_process';
 import fs from 'node:fs';
 import net from 'node:net';
-import os from 'node:os';
 import { join } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { promisify } from 'node:util';
 import { freePortPair } from '../../src/cli/ports.js';
+import { tempDir, removeDir } from './temp.js';
 
 export interface SwtpmStart {
   /** --tpmstate dir (created if missing). */
@@ -93,7 +93,7 @@ export class SwtpmProcess {
 
   /** A TPM already started (Startup CLEAR done) on data and control sockets in a fresh temp dir. */
   static async onSockets(o: { version?: '2.0' | '1.2'; flags?: string } = {}): Promise<SwtpmProcess> {
-    const dir = fs.mkdtempSync(join(os.tmpdir(), 'vtpm-swtpm-'));
+    const dir = tempDir('swtpm');
     try {
       const sw = await SwtpmProcess.start({
         stateDir: dir,
@@ -106,7 +106,7 @@ export class SwtpmProcess {
       sw.#ownDir = dir;
       return sw;
     } catch (err) {
-      fs.rmSync(dir, { recursive: true, force: true });
+      removeDir(dir);
       throw err;
     }
   }
@@ -127,7 +127,7 @@ export class SwtpmProcess {
       await gone;
       clearTimeout(t);
     }
-    if (this.#ownDir) fs.rmSync(this.#ownDir, { recursive: true, force: true });
+    if (this.#ownDir) removeDir(this.#ownDir);
   }
 }
 

@@ -2,7 +2,8 @@ import { afterEach, describe, expect, it } from 'vitest';
 import crypto from 'node:crypto';
 import fs from 'node:fs';
 import { ManagerClient } from '../../src/manager/client.js';
-import { startManager, tempDir, type RunningManager } from './helpers.js';
+import { startManager, type RunningManager } from './helpers.js';
+import { tempDir } from '../helpers/temp.js';
 
 const INSTANCES = 50;
 const CLIENTS = 8;

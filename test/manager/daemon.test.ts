@@ -8,7 +8,8 @@ import { ManagerClient, ManagerError } from '../../src/manager/client.js';
 import { writeShared } from '../../src/manager/fifo.js';
 import { connectPair, type ClientPair } from '../../src/manager/fifo-client.js';
 import { Ord, Status, encodeRequest, type Frame } from '../../src/manager/wire.js';
-import { DIST_MANAGER, perTest, rawConsole, tempDir, type RunningManager } from './helpers.js';
+import { DIST_MANAGER, perTest, rawConsole, type RunningManager } from './helpers.js';
+import { tempDir } from '../helpers/temp.js';
 
 const hex = (s: string): Buffer => Buffer.from(s.replace(/\s+/g, ''), 'hex');
 const VM1 = '6f1b0d52-6c1e-4b8e-9a57-3f0c2f7d9a01';

@@ -3,7 +3,8 @@ import { spawn, type ChildProcess } from 'node:child_process';
 import fs from 'node:fs';
 import path from 'node:path';
 import { ManagerClient } from '../../src/manager/client.js';
-import { CLI, tempDir } from './helpers.js';
+import { CLI } from './helpers.js';
+import { tempDir } from '../helpers/temp.js';
 
 // The crash test kills the manager process, which leaves the page cache intact, so it cannot tell a
 // save made durable from one merely written. This test watches the system calls instead (strace) and

@@ -4,7 +4,7 @@ import fs from 'node:fs';
 import path from 'node:path';
 import { ensureFifo, isEventLoopPipe, openReader, openWriter, writeShared, TransportError } from '../../src/manager/fifo.js';
 import { PIPE_BUF } from '../../src/manager/wire.js';
-import { tempDir } from './helpers.js';
+import { tempDir } from '../helpers/temp.js';
 
 const sockets: Array<{ destroy(): void }> = [];
 afterEach(() => {

@@ -1,20 +1,15 @@
 // Spawns the real manager (`node dist/src/cli/main.js manager`) and collects its log lines.
 import { spawn, type ChildProcess } from 'node:child_process';
-import fs from 'node:fs';
-import os from 'node:os';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { afterEach } from 'vitest';
 import type { ManagerClient } from '../../src/manager/client.js';
 import { CONSOLE_IN, CONSOLE_OUT, openReader, writeShared } from '../../src/manager/fifo.js';
+import { tempDir, removeDir } from '../helpers/temp.js';
 
 export const ROOT = path.join(path.dirname(fileURLToPath(import.meta.url)), '..', '..');
 export const CLI = path.join(ROOT, 'dist/src/cli/main.js');
 export const DIST_MANAGER = path.join(ROOT, 'dist/src/manager');
-
-export function tempDir(tag: string): string {
-  return fs.mkdtempSync(path.join(os.tmpdir(), `vtpm-${tag}-`));
-}
 
 export interface RunningManager {
   proc: ChildProcess;
@@ -83,7 +78,7 @@ export function perTest(): {
   afterEach(async () => {
     for (const c of clients.splice(0)) c.disconnect();
     for (const m of managers.splice(0)) await m.stop('SIGKILL');
-    for (const d of dirs) fs.rmSync(d, { recursive: true, force: true });
+    for (const d of dirs) removeDir(d);
     dirs.clear();
   });
   const manager = async (stateDir?: string, runDir?: string): Promise<RunningManager> => {

@@ -13,7 +13,8 @@ import * as tpm2 from '../../src/tpm/tpm2-commands.js';
 import { ManagerClient } from '../../src/manager/client.js';
 import { encodeMigrateIn, readBlobHeader, type RsaPublic } from '../../src/manager/migration.js';
 import { Ord, Status, encodeRequest } from '../../src/manager/wire.js';
-import { CLI, perTest, rawConsole, tempDir, type RunningManager } from './helpers.js';
+import { CLI, perTest, rawConsole, type RunningManager } from './helpers.js';
+import { tempDir } from '../helpers/temp.js';
 
 const run = promisify(execFile);
 const hex = (s: string): Buffer => Buffer.from(s.replace(/\s+/g, ''), 'hex');

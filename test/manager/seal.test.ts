@@ -5,8 +5,9 @@ import fs from 'node:fs';
 import path from 'node:path';
 import { MASTER_KEY_FILE, SealError, Sealer, loadKeyFile, loadTpmSealedKey } from '../../src/manager/seal.js';
 import { ManagerClient } from '../../src/manager/client.js';
-import { CLI, startManager, tempDir } from './helpers.js';
+import { CLI, startManager } from './helpers.js';
 import { SwtpmProcess } from '../helpers/swtpm.js';
+import { tempDir, removeDir } from '../helpers/temp.js';
 
 const A = '11111111-1111-4111-8111-111111111111';
 const B = '22222222-2222-4222-8222-222222222222';
@@ -127,7 +128,7 @@ describe('a state directory written before format 2 (fixtures/state-format1, mad
     } finally {
       c?.disconnect();
       await m.stop('SIGKILL');
-      for (const d of [stateDir, runDir]) fs.rmSync(d, { recursive: true, force: true });
+      for (const d of [stateDir, runDir]) removeDir(d);
     }
   });
 });

@@ -6,7 +6,7 @@ import { StoreError, blobName } from '../../src/manager/store-meta.js';
 import { DirOps } from '../../src/manager/store-ops.js';
 import { CLOCK_JUMP, GroupCommitStore } from '../../src/manager/store.js';
 import type { AppendLog } from '../../src/manager/wal.js';
-import { tempDir } from './helpers.js';
+import { tempDir } from '../helpers/temp.js';
 
 const macKey = crypto.randomBytes(32);
 

@@ -8,7 +8,8 @@ import { blobName } from '../../src/manager/store-meta.js';
 import { DirOps } from '../../src/manager/store-ops.js';
 import { GroupCommitStore } from '../../src/manager/store.js';
 import { WAL_FILE, encodeRecord, readRecord, replay, walKey, type WalRecord } from '../../src/manager/wal.js';
-import { startManager, tempDir, type RunningManager } from './helpers.js';
+import { startManager, type RunningManager } from './helpers.js';
+import { tempDir } from '../helpers/temp.js';
 
 const macKey = crypto.randomBytes(32);
 

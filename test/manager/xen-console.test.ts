@@ -11,7 +11,8 @@ import { openReader, writeShared } from '../../src/manager/fifo.js';
 import { connectPair } from '../../src/manager/fifo-client.js';
 import { fingerprint, readBlobHeader } from '../../src/manager/migration.js';
 import { Ord, encodeConnect, encodeRequest } from '../../src/manager/wire.js';
-import { perTest, rawConsole, startManager, tempDir, type RunningManager } from './helpers.js';
+import { perTest, rawConsole, startManager, type RunningManager } from './helpers.js';
+import { tempDir, removeDir } from '../helpers/temp.js';
 
 const hex = (s: string): Buffer => Buffer.from(s.replace(/\s+/g, ''), 'hex');
 const VM1 = '5c2e9a10-7b3d-4f61-8a24-0d9e6c1b3a01';
@@ -71,7 +72,7 @@ describe("Xen's hotplug scripts against the manager (issue #23)", () => {
   const created: string[] = [];
   afterEach(() => {
     // The run directory at Xen's path is ours only for the test: leave nothing behind.
-    for (const d of created.splice(0)) fs.rmSync(d, { recursive: true, force: true });
+    for (const d of created.splice(0)) removeDir(d);
   });
 
   it('runs at /var/vtpm/fifos: each 14-byte dd read gets its own status, a failure does not put later replies out of step', async () => {
@@ -203,7 +204,7 @@ describe('a client that stops reading its replies (issue #15 item 7)', () => {
     const m: RunningManager = await startManager(stateDir, runDir, ['--client-stall-ms', '1000']);
     managers.push(m);
     onTestFinished(() => {
-      for (const d of [stateDir, runDir]) fs.rmSync(d, { recursive: true, force: true });
+      for (const d of [stateDir, runDir]) removeDir(d);
     });
     const admin = await ManagerClient.connect(runDir, { privileged: true });
     clients.push(admin);

@@ -11,7 +11,8 @@ import fc from 'fast-check';
 import { afterAll, describe, expect, it } from 'vitest';
 import { DirStateStore, SPARE_DIR, SlotFileError } from '../../src/tpm/dir-store.js';
 import { DEFAULT_SLOT_CAP, RecordType, SLOT_HEADER_SIZE, encodeFile, encodeRecord, parseSlotFile } from '../../src/tpm/slot-file.js';
-import { hex, tempDir } from './helpers.js';
+import { hex } from './helpers.js';
+import { scratchDir } from '../helpers/temp.js';
 
 const here = dirname(fileURLToPath(import.meta.url));
 /** State files only (not the spare directory, not temp files a killed writer may leave). */
@@ -23,7 +24,7 @@ describe('DirStateStore', () => {
     for (const c of cleanups) c();
   });
   const dir = (): string => {
-    const t = tempDir('dirstore');
+    const t = scratchDir('dirstore');
     cleanups.push(t.cleanup);
     return t.dir;
   };

@@ -9,7 +9,8 @@ import { DomainError, VtpmDomain, type DomainExit } from '../../src/tpm/domain-c
 import { DomainMsg, FrameReader, encodeFrame } from '../../src/tpm/domain-protocol.js';
 import * as tpm12 from '../../src/tpm/tpm12-commands.js';
 import * as tpm2 from '../../src/tpm/tpm2-commands.js';
-import { hex, tempDir, unhex } from './helpers.js';
+import { hex, unhex } from './helpers.js';
+import { scratchDir } from '../helpers/temp.js';
 
 const root = join(dirname(fileURLToPath(import.meta.url)), '../..');
 
@@ -22,7 +23,7 @@ describe('vTPM-domain process', () => {
   });
 
   it('starts, answers health and TPM commands with its own domid, stops cleanly', async () => {
-    const t = tempDir('dom');
+    const t = scratchDir('dom');
     dirs.push(t.cleanup);
     const dom = await VtpmDomain.start({ instance: 4, domid: 12, version: '2.0', stateDir: t.dir });
     domains.push(dom);
@@ -52,7 +53,7 @@ describe('vTPM-domain process', () => {
   });
 
   it('reports kill -9 as a crash and fails pending requests', async () => {
-    const t = tempDir('dom-kill');
+    const t = scratchDir('dom-kill');
     dirs.push(t.cleanup);
     const dom = await VtpmDomain.start({ instance: 1, domid: 20, version: '1.2', stateDir: t.dir });
     domains.push(dom);
@@ -69,7 +70,7 @@ describe('vTPM-domain process', () => {
   });
 
   it('the entry point speaks the framing on stdio: READY first, then replies by id', async () => {
-    const t = tempDir('dom-raw');
+    const t = scratchDir('dom-raw');
     dirs.push(t.cleanup);
     const child = spawn(process.execPath, [join(root, 'dist/src/tpm/domain-main.js'), '--instance', '3', '--domid', '5', '--state-dir', t.dir], {
       stdio: ['pipe', 'pipe', 'inherit'],
@@ -101,7 +102,7 @@ describe('vTPM-domain process', () => {
   });
 
   it('`vtpm vtpm-domain` (the CLI) stops cleanly on SIGTERM with its state durable', async () => {
-    const t = tempDir('dom-cli');
+    const t = scratchDir('dom-cli');
     dirs.push(t.cleanup);
     const child = spawn(
       process.execPath,

@@ -1,19 +1,11 @@
 // Shared set-up for engine tests: a temp directory store per test file, a store whose writes a test
 // can hold back, and hex helpers.
-import { mkdtempSync, rmSync } from 'node:fs';
-import { tmpdir } from 'node:os';
-import { join } from 'node:path';
 import { DirStateStore } from '../../src/tpm/dir-store.js';
 import type { StateKind, StateStore } from '../../src/tpm/state-store.js';
-
-export function tempDir(prefix: string): { dir: string; cleanup: () => void } {
-  const dir = mkdtempSync(join(tmpdir(), `vtpm-${prefix}-`));
-  // Retries: a store's spare refill may still be adding a file when the test removes the directory.
-  return { dir, cleanup: () => rmSync(dir, { recursive: true, force: true, maxRetries: 5 }) };
-}
+import { scratchDir } from '../helpers/temp.js';
 
 export function tempStore(prefix: string): { store: DirStateStore; dir: string; cleanup: () => void } {
-  const t = tempDir(prefix);
+  const t = scratchDir(prefix);
   return { store: new DirStateStore(t.dir), ...t };
 }
 

@@ -6,7 +6,8 @@ import { describe, expect, it } from 'vitest';
 import { ElfImage, ElfLoadError } from '../../native/elf-loader.js';
 import { Libtpms, LibtpmsStateType, TpmVersionChoice } from '../../native/libtpms.js';
 import * as tpm2 from '../../src/tpm/tpm2-commands.js';
-import { hex, tempDir } from './helpers.js';
+import { hex } from './helpers.js';
+import { scratchDir } from '../helpers/temp.js';
 
 function boot(lib: Libtpms): Map<string, Uint8Array> {
   const nv = new Map<string, Uint8Array>();
@@ -49,7 +50,7 @@ describe('private libtpms copies', () => {
   });
 
   it('the ELF loader refuses what it cannot load, precisely', () => {
-    const t = tempDir('elf');
+    const t = scratchDir('elf');
     const f = join(t.dir, 'not-elf.so');
     writeFileSync(f, 'hello, this is not an ELF object');
     expect(() => ElfImage.load(f)).toThrow(ElfLoadError);

@@ -10,7 +10,8 @@ import { TpmHost } from '../../src/tpm/host.js';
 import type { TpmInstance } from '../../src/tpm/instance.js';
 import { StateBlobError, decodeStateBlob, encodeStateBlob } from '../../src/tpm/state-blob.js';
 import * as tpm2 from '../../src/tpm/tpm2-commands.js';
-import { hex, tempDir, tempStore, unhex } from './helpers.js';
+import { hex, tempStore, unhex } from './helpers.js';
+import { scratchDir } from '../helpers/temp.js';
 
 const NV_INDEX = 0x01500001;
 const PERSISTENT = 0x81000001;
@@ -116,7 +117,7 @@ describe('state blobs and a real swtpm', () => {
     cleanups.push(s.cleanup);
     const ours = await host.create({ instance: 1, version: '2.0', store: s.store, startup: 'clear' });
     const want = await populate(ours);
-    const d = tempDir('x-sw');
+    const d = scratchDir('x-sw');
     cleanups.push(d.cleanup);
     writeFileSync(join(d.dir, 'perm.blob'), (await ours.getStateBlob('permanent'))!);
     writeFileSync(join(d.dir, 'vol.blob'), (await ours.getStateBlob('volatile'))!);
@@ -134,7 +135,7 @@ describe('state blobs and a real swtpm', () => {
   });
 
   it("swtpm's blobs (swtpm_ioctl --save) have our exact framing and load into an engine instance", async () => {
-    const d = tempDir('x-sw2');
+    const d = scratchDir('x-sw2');
     cleanups.push(d.cleanup);
     const sw = await SwtpmProcess.start({ ...onSockets(d.dir), flags: 'not-need-init,startup-clear' });
     cleanups.push(() => sw.stop());

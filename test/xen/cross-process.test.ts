@@ -1,8 +1,8 @@
 // Two (and three) real processes sharing a ring through the grant table and an event channel.
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { rmSync } from 'node:fs';
 import { Child, freshXenDir } from '../helpers/child.js';
 import { Domain, GNTST, GrantError, domainExists } from '../../src/xen/index.js';
+import { removeDir } from '../helpers/temp.js';
 
 const dir = freshXenDir();
 const env = { VTPM_XEN_DIR: dir };
@@ -20,7 +20,7 @@ beforeAll(async () => {
 
 afterAll(async () => {
   await Promise.all([front?.stop(), back?.stop()]);
-  rmSync(dir, { recursive: true, force: true });
+  removeDir(dir);
 });
 
 describe('ring between two processes', () => {

@@ -1,10 +1,10 @@
 // Event channels: Xen's alloc_unbound / bind_interdomain / send / close semantics between domains.
 import { afterAll, beforeAll, describe, expect, it, vi } from 'vitest';
 import fs from 'node:fs';
-import { rmSync } from 'node:fs';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { freshXenDir } from '../helpers/child.js';
 import { Domain, ECS_interdomain, ECS_unbound, ECS_closed, EventChannelError } from '../../src/xen/index.js';
+import { removeDir } from '../helpers/temp.js';
 
 const dir = freshXenDir();
 let fe: Domain;
@@ -17,7 +17,7 @@ beforeAll(async () => {
 afterAll(async () => {
   await fe.destroy();
   await be.destroy();
-  rmSync(dir, { recursive: true, force: true });
+  removeDir(dir);
 });
 
 function code(f: () => unknown): string {

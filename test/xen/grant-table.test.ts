@@ -1,6 +1,5 @@
 // Grant tables: Xen's checks and statuses on map, the in-use bits, and what a mapping can see.
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { rmSync } from 'node:fs';
 import { fork } from 'node:child_process';
 import { freshXenDir, ROOT } from '../helpers/child.js';
 import {
@@ -14,6 +13,7 @@ import {
   PAGE_SIZE,
 } from '../../src/xen/index.js';
 import { join } from 'node:path';
+import { removeDir } from '../helpers/temp.js';
 
 const dir = freshXenDir();
 let guest: Domain;
@@ -26,7 +26,7 @@ beforeAll(async () => {
 afterAll(async () => {
   await guest.destroy();
   await back.destroy();
-  rmSync(dir, { recursive: true, force: true });
+  removeDir(dir);
 });
 
 function status(f: () => unknown): number {

@@ -12,6 +12,8 @@ import { MAX_OBJECTS_PER_DOMAIN } from '../../src/xen/hv-domain.js';
 import { V2Channel } from '../../src/backend/v2-channel.js';
 import { V2Front } from '../../src/frontend/v2-front.js';
 import type { VtpmTarget } from '../../src/backend/target.js';
+import * as tpm2 from '../../src/tpm/tpm2-commands.js';
+import { removeDir } from '../helpers/temp.js';
 
 const ENOMEM = 12;
 const dir = freshXenDir();
@@ -19,7 +21,7 @@ let dom0: Domain;
 let good: Domain;
 let front: V2Front;
 let ch: V2Channel;
-const GET_RANDOM_8 = new Uint8Array([0x80, 0x01, 0, 0, 0, 0x0c, 0, 0, 0x01, 0x7b, 0, 8]);
+const GET_RANDOM_8 = tpm2.getRandom(8);
 
 const echo: VtpmTarget = {
   async execute(): Promise<Uint8Array> {
@@ -47,7 +49,7 @@ afterAll(async () => {
   await front.close();
   await good.destroy();
   await dom0.destroy();
-  fs.rmSync(dir, { recursive: true, force: true });
+  removeDir(dir);
 });
 
 describe('hypervisor against a hostile domain', () => {

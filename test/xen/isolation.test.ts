@@ -14,6 +14,8 @@ import { closeFd } from '../../native/unix-rights.js';
 import { V2Channel } from '../../src/backend/v2-channel.js';
 import { V2Front } from '../../src/frontend/v2-front.js';
 import type { VtpmTarget } from '../../src/backend/target.js';
+import * as tpm2 from '../../src/tpm/tpm2-commands.js';
+import { removeDir } from '../helpers/temp.js';
 
 const EPERM = 1;
 const EACCES = 13;
@@ -35,7 +37,7 @@ beforeAll(async () => {
 });
 afterAll(async () => {
   await dom0.destroy();
-  fs.rmSync(dir, { recursive: true, force: true });
+  removeDir(dir);
 });
 
 async function until(cond: () => boolean, ms = 3000): Promise<void> {
@@ -79,7 +81,7 @@ describe('domain memory', () => {
         closeFd(control);
       }
       // The backend still reads and writes the page: a command after the attempts is answered.
-      const rsp = await front.transmit(new Uint8Array([0x80, 0x01, 0, 0, 0, 0x0c, 0, 0, 0x01, 0x7b, 0, 8]));
+      const rsp = await front.transmit(tpm2.getRandom(8));
       expect(Buffer.from(rsp).toString('hex')).toBe('80010000000a0000007b');
       expect(fatal).toEqual([]);
       ch.close();

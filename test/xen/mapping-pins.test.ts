@@ -4,10 +4,10 @@
 // served meanwhile never sees a byte of it. A guest that wants more pages mapped at once than the
 // bound is cut off alone.
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { rmSync } from 'node:fs';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { freshXenDir } from '../helpers/child.js';
 import { Domain, FrontRing, SharedRing } from '../../src/xen/index.js';
+import * as tpm2 from '../../src/tpm/tpm2-commands.js';
 import { MAX_MAPPED_PAGES, RingChannel } from '../../src/backend/ring-channel.js';
 import {
   REQ_GREFS,
@@ -25,6 +25,7 @@ import {
   RSP_STATUS,
 } from '../../src/xen/tpmif.js';
 import type { VtpmTarget } from '../../src/backend/target.js';
+import { removeDir } from '../helpers/temp.js';
 
 const PAGE = 4096;
 const dir = freshXenDir();
@@ -36,7 +37,7 @@ beforeAll(async () => {
 });
 afterAll(async () => {
   await dom0.destroy();
-  rmSync(dir, { recursive: true, force: true });
+  removeDir(dir);
 });
 
 /** A vTPM stand-in that answers each command with "RESPONSE-OF-dom<N>" once `release` is called. */
@@ -71,7 +72,7 @@ async function rawGuest(ringPages: number, nrRefs: number, grantFrames = 1) {
   const dataGfn = g.allocFrames(1);
   const data = g.frames(dataGfn);
   // TPM2_GetRandom(8), the command every request carries.
-  data.set([0x80, 0x01, 0, 0, 0, 0x0c, 0, 0, 0x01, 0x7b, 0, 8]);
+  data.set(tpm2.getRandom(8));
   const refs = Array.from({ length: nrRefs }, () => g.grants.grantAccess(0, dataGfn));
   const port = g.evtchn.allocUnbound(0);
   const submit = (id: number, grefs: readonly number[]): void => {

@@ -1,13 +1,12 @@
 // Shared by the xenstore tests: a real `vtpm xenstored` process in a temp dir, and a raw socket that
 // sends exact frames and collects exact reply bytes.
 import { spawn, type ChildProcess } from 'node:child_process';
-import fs from 'node:fs';
 import net from 'node:net';
-import os from 'node:os';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { HEADER_SIZE, XsReceiver, type XsMessage } from '../../src/xenstore/wire.js';
 import { XsClient } from '../../src/xenstore/client.js';
+import { tempDir, removeDir } from '../helpers/temp.js';
 
 export const ROOT = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '../..');
 export const MAIN = path.join(ROOT, 'dist/src/cli/main.js');
@@ -25,7 +24,7 @@ export interface Daemon {
 
 /** Start `node dist/src/cli/main.js xenstored` and wait for its "listening" line. */
 export async function startDaemon(): Promise<Daemon> {
-  const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'vtpm-xs-'));
+  const dir = tempDir('xs');
   const socket = path.join(dir, 'socket');
   const domDir = path.join(dir, 'domains');
   const proc = spawn(process.execPath, [MAIN, 'xenstored', '--socket', socket, '--domain-socket-dir', domDir, '--verbose'], {
@@ -54,7 +53,7 @@ export async function startDaemon(): Promise<Daemon> {
         proc.kill('SIGTERM');
         await exited;
       }
-      fs.rmSync(dir, { recursive: true, force: true });
+      removeDir(dir);
     },
   };
 }

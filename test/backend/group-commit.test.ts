@@ -1,0 +1,198 @@
+// Group commit of one guest's ring requests: the single-VM backend's pieces (RingChannel, InProcessVtpms
+// on libtpms) in this process, over the emulated hypervisor, with a real manager process keeping the
+// vTPM's state. The manager client is the real one; the test only counts the checkpoints (volatile
+// stores) going through it and can hold them back, to see what is answered before they are durable.
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { createHash, randomBytes, randomUUID } from 'node:crypto';
+import { join } from 'node:path';
+import { setTimeout as sleep } from 'node:timers/promises';
+import { dist, freshXenDir } from '../helpers/child.js';
+import { Domain } from '../../src/xen/index.js';
+import { RingChannel } from '../../src/backend/ring-channel.js';
+import { RingFront } from '../../src/tpmif/ring-front.js';
+import { InProcessVtpms } from '../../src/backend/single-vm.js';
+import { ManagerClient } from '../../src/manager/client.js';
+import { TpmHost } from '../../src/tpm/host.js';
+import type { StateKind } from '../../src/tpm/state-store.js';
+import * as tpm2 from '../../src/tpm/tpm2-commands.js';
+import * as wire from '../../src/tpm/wire.js';
+import { tempDir, removeDir } from '../helpers/temp.js';
+
+const { startDaemon, stopProcess } = (await import(dist('src/cli/spawn.js'))) as typeof import('../../src/cli/spawn.js');
+
+const xenDir = freshXenDir();
+const base = tempDir('group');
+const stateDir = join(base, 'state');
+const managerRun = join(base, 'manager');
+let managerPid = 0;
+let dom0: Domain;
+let nextDomid = 40;
+
+async function startManager(): Promise<void> {
+  managerPid = (await startDaemon(['manager', '--state', stateDir, '--run', managerRun], join(base, 'manager.log'), /vtpm-manager: ready/)).pid;
+}
+
+/** The real manager client; volatile stores (the checkpoints) are counted and can be held at a gate. */
+class Checkpoints {
+  count = 0;
+  #gate: Promise<void> | null = null;
+  #open = (): void => {};
+
+  wrap(mgr: ManagerClient): ManagerClient {
+    return new Proxy(mgr, {
+      get: (t, p) => {
+        if (p === 'store') {
+          return async (instance: number, kind: StateKind, blob: Uint8Array): Promise<void> => {
+            if (kind === 'volatile') {
+              this.count++;
+              if (this.#gate) await this.#gate;
+            }
+            return t.store(instance, kind, blob);
+          };
+        }
+        const v = Reflect.get(t, p, t) as unknown;
+        return typeof v === 'function' ? (v as (...a: unknown[]) => unknown).bind(t) : v;
+      },
+    });
+  }
+
+  hold(): void {
+    this.#gate = new Promise((r) => (this.#open = r));
+  }
+
+  release(): void {
+    this.#gate = null;
+    this.#open();
+  }
+}
+
+interface Rig {
+  front: RingFront;
+  ch: RingChannel;
+  guest: Domain;
+  cps: Checkpoints;
+  vtpms: InProcessVtpms;
+  instance: number;
+  logs: string[];
+  close(): Promise<void>;
+}
+
+async function rig(): Promise<Rig> {
+  const cps = new Checkpoints();
+  const mgr = await ManagerClient.connect(managerRun, { name: `group-test-${nextDomid}` });
+  const host = new TpmHost();
+  const logs: string[] = [];
+  const vtpms = new InProcessVtpms(host, cps.wrap(mgr), (l) => logs.push(l));
+  const target = await vtpms.open(randomUUID(), '2.0', false);
+  const guest = await Domain.create({ domid: nextDomid++, dir: xenDir });
+  const front = new RingFront(guest, 0);
+  const ch = new RingChannel(dom0, { frontDomid: guest.domid, refs: [...front.refs], port: front.port, target, onFatal: () => {} });
+  return {
+    front,
+    ch,
+    guest,
+    cps,
+    vtpms,
+    instance: target.instance,
+    logs,
+    async close() {
+      ch.close();
+      await front.close();
+      await vtpms.release(target.instance);
+      await host.destroyAll();
+      mgr.disconnect();
+      await guest.destroy();
+    },
+  };
+}
+
+const ok = (r: Uint8Array): Uint8Array => {
+  expect(wire.responseCode(r)).toBe(0);
+  return r;
+};
+const extendModel = (model: Buffer, d: Uint8Array): Buffer => createHash('sha256').update(Buffer.concat([model, d])).digest();
+const pcr16 = async (front: RingFront): Promise<string> => Buffer.from(tpm2.parsePcrRead(ok(await front.transmit(tpm2.pcrReadSha256(16))))).toString('hex');
+
+beforeAll(async () => {
+  await startManager();
+  dom0 = await Domain.create({ domid: 0, dir: xenDir });
+});
+
+afterAll(async () => {
+  await dom0?.destroy();
+  if (managerPid) await stopProcess(managerPid);
+  removeDir(xenDir);
+  removeDir(base);
+});
+
+describe("group commit of a guest's outstanding ring requests", () => {
+  it('runs requests outstanding together under one checkpoint and answers none before it is durable', async () => {
+    const r = await rig();
+    try {
+      ok(await r.front.transmit(tpm2.startup()));
+      const before = r.cps.count;
+      // Hold the checkpoints: the first group runs, then waits for its store; the rest queue up.
+      r.cps.hold();
+      const digests = Array.from({ length: 24 }, () => randomBytes(32));
+      let answered = 0;
+      const pending = digests.map((d) => r.front.transmit(tpm2.pcrExtendSha256(16, d)).then((rsp) => (answered++, rsp)));
+      await sleep(150);
+      expect(answered).toBe(0);
+      expect(r.cps.count - before).toBe(1);
+      r.cps.release();
+      for (const p of pending) ok(await p);
+      // The first group (whatever had arrived when it started) and one group for everything that
+      // queued up behind its checkpoint: 24 extends, at most two checkpoints.
+      expect(r.cps.count - before).toBeLessThanOrEqual(2);
+      const model = digests.reduce(extendModel, Buffer.alloc(32));
+      expect(await pcr16(r.front)).toBe(model.toString('hex'));
+    } finally {
+      r.cps.release();
+      await r.close();
+    }
+  });
+
+  it('does not hold an answer back behind a slow command: GetRandom ahead of a key generation is answered first', async () => {
+    const r = await rig();
+    try {
+      ok(await r.front.transmit(tpm2.startup()));
+      const before = r.cps.count;
+      const order: string[] = [];
+      const random = r.front.transmit(tpm2.getRandom(16)).then((rsp) => (order.push('GetRandom'), rsp));
+      const key = r.front.transmit(tpm2.createPrimaryRsa(2048, randomBytes(16))).then((rsp) => (order.push('CreatePrimary'), rsp));
+      ok(await random);
+      ok(await key);
+      expect(order).toEqual(['GetRandom', 'CreatePrimary']);
+      expect(r.cps.count - before).toBe(2);
+    } finally {
+      await r.close();
+    }
+  });
+
+  it('re-runs a group whose checkpoint failed (manager killed) from the last durable one: each extend counted once', async () => {
+    const r = await rig();
+    try {
+      ok(await r.front.transmit(tpm2.startup()));
+      const a = randomBytes(32);
+      ok(await r.front.transmit(tpm2.pcrExtendSha256(16, a)));
+      // The group runs in libtpms and its checkpoint is held; the manager dies under it.
+      r.cps.hold();
+      const digests = Array.from({ length: 10 }, () => randomBytes(32));
+      const pending = digests.map((d) => r.front.transmit(tpm2.pcrExtendSha256(16, d)));
+      await sleep(100);
+      process.kill(managerPid, 'SIGKILL');
+      await sleep(50);
+      r.cps.release();
+      // The store fails; the backend retries from the last checkpoint once the manager is back.
+      await sleep(100);
+      await startManager();
+      for (const p of pending) ok(await p);
+      expect(r.logs.join('\n')).toMatch(/retrying from the last checkpoint/);
+      const model = [a, ...digests].reduce(extendModel, Buffer.alloc(32));
+      expect(await pcr16(r.front)).toBe(model.toString('hex'));
+    } finally {
+      r.cps.release();
+      await r.close();
+    }
+  });
+});
