@@ -8,7 +8,7 @@ import { createInterface } from 'node:readline';
 import { ROOT } from '../../helpers/child.js';
 import { DataClient, rc, run, vtpm } from '../multivm/host.js';
 import { freePortPair } from '../../../src/cli/ports.js';
-import { RunDir, type HostInfo } from '../../../src/cli/rundir.js';
+import { RunDir, alive, type HostInfo } from '../../../src/cli/rundir.js';
 import { domainLaunch } from '../../../src/cli/isolation.js';
 import { guestDetach } from '../../../src/cli/guest.js';
 import { hostStatus } from '../../../src/cli/host.js';
@@ -18,6 +18,7 @@ import { hypervisorSocket } from '../../../src/xen/hypercall.js';
 import { writeDeviceDirectories } from '../../../src/xenstore/xenbus-toolstack.js';
 import * as tpm2 from '../../../src/tpm/tpm2-commands.js';
 import { tempDir, removeDir } from '../../helpers/temp.js';
+import { afterAll, beforeAll, beforeEach, expect } from 'vitest';
 
 export const RAW_GUEST = join(ROOT, 'test/integration/isolation/raw-guest.mjs');
 const GET_RANDOM = Buffer.from(tpm2.getRandom(8));
@@ -190,4 +191,43 @@ export async function runRawGuest(host: IsolatedHost, domid: number, mode: strin
   await guestDetach(runDir, domid, 5000).catch(() => {});
   if (!lines.some((o) => o.case === 'done')) throw new Error(`raw guest (${mode}) exited ${code} without finishing:\n${stderr}\n${JSON.stringify(lines)}`);
   return lines;
+}
+
+/**
+ * A file's hostile cases share one host: started once, loads reset and daemon RSS noted before each case.
+ * `othersUnharmed()` is what every case must leave behind: the good guests served throughout (none
+ * slower than 2 s), every daemon alive and grown by less than 64 MiB.
+ */
+export function isolatedSuite(mode: 'single' | 'multi' = 'single'): { host: () => IsolatedHost; othersUnharmed: (settleMs?: number) => Promise<void> } {
+  let host: IsolatedHost | undefined;
+  let rssBefore = new Map<number, number>();
+  const current = (): IsolatedHost => {
+    if (!host) throw new Error('the isolated host is not up');
+    return host;
+  };
+  beforeAll(async () => {
+    host = await startHost(mode);
+  });
+  afterAll(async () => {
+    await stopHost(host);
+  });
+  beforeEach(() => {
+    for (const l of current().loads) l.reset();
+    rssBefore = new Map(daemons(current()).map((d) => [d.pid, rss(d.pid)]));
+  });
+  const othersUnharmed = async (settleMs = 1000): Promise<void> => {
+    // Give the loads a moment after the attack so a stall would show.
+    await new Promise((r) => setTimeout(r, settleMs));
+    const h = current();
+    for (const l of h.loads) {
+      expect(l.failures, `dom${l.domid}'s commands`).toEqual([]);
+      expect(l.done, `dom${l.domid} completed commands`).toBeGreaterThan(0);
+      expect(l.slowestMs, `dom${l.domid}'s slowest command (ms)`).toBeLessThan(2000);
+    }
+    for (const d of daemons(h)) {
+      expect(alive(d.pid), `${d.role} (pid ${d.pid}) alive`).toBe(true);
+      expect(rss(d.pid) - (rssBefore.get(d.pid) ?? 0), `${d.role} RSS growth`).toBeLessThan(64 << 20);
+    }
+  };
+  return { host: current, othersUnharmed };
 }

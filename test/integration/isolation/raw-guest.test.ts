@@ -2,42 +2,19 @@
 // guests running TPM commands, on a multi-VM host (each vTPM in its own vTPM-domain process, another
 // uid again): every path and descriptor of dom0 and of the other domains is refused, the others'
 // commands keep completing (none slower than 2 s), no daemon dies or grows past 64 MiB.
-import { afterAll, beforeAll, beforeEach, describe, expect, it } from 'vitest';
-import { alive } from '../../../src/cli/rundir.js';
+import { beforeAll, describe, expect, it } from 'vitest';
 import { connect } from '../../../src/xenstore/client.js';
-import { daemons, rss, runRawGuest, startHost, stopHost, vtpmDomains, type IsolatedHost, type Outcome } from './harness.js';
+import { isolatedSuite, runRawGuest, vtpmDomains, type IsolatedHost, type Outcome } from './harness.js';
 
+const suite = isolatedSuite('multi');
 let host: IsolatedHost;
-let rssBefore = new Map<number, number>();
 let nextDomid = 20;
 
-beforeAll(async () => {
-  host = await startHost('multi');
+beforeAll(() => {
+  host = suite.host();
 });
 
-afterAll(async () => {
-  await stopHost(host);
-});
-
-beforeEach(() => {
-  for (const l of host.loads) l.reset();
-  rssBefore = new Map(daemons(host).map((d) => [d.pid, rss(d.pid)]));
-});
-
-/** What every case must leave behind: the good guests served throughout, every daemon alive and lean. */
-async function othersUnharmed(): Promise<void> {
-  // Give the loads a moment after the attack so a stall would show.
-  await new Promise((r) => setTimeout(r, 500));
-  for (const l of host.loads) {
-    expect(l.failures, `dom${l.domid}'s commands`).toEqual([]);
-    expect(l.done, `dom${l.domid} completed commands`).toBeGreaterThan(0);
-    expect(l.slowestMs, `dom${l.domid}'s slowest command (ms)`).toBeLessThan(2000);
-  }
-  for (const d of daemons(host)) {
-    expect(alive(d.pid), `${d.role} (pid ${d.pid}) alive`).toBe(true);
-    expect(rss(d.pid) - (rssBefore.get(d.pid) ?? 0), `${d.role} RSS growth`).toBeLessThan(64 << 20);
-  }
-}
+const othersUnharmed = (): Promise<void> => suite.othersUnharmed(500);
 
 const inXenDir = (o: Outcome): boolean => (o.target ?? '').startsWith(`${host.h.xenDir}/`);
 const show = (o: Outcome): string => `${o.case} ${o.target}: ${o.outcome}${o.code ? ` (${o.code})` : ''}${o.detail !== undefined ? ` ${JSON.stringify(o.detail)}` : ''}`;
