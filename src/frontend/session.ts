@@ -69,26 +69,21 @@ export class GuestSession {
     return [...this.#inflight.values()].map(({ id, command, locality }) => ({ id, command, locality }));
   }
 
-  async #connect(reconnect: boolean): Promise<TpmFront> {
-    // The backend may be replaced while we are still connecting (the reset then fires inside
-    // connect()): remember it and reconnect once this front is ours.
-    let f: TpmFront | undefined;
-    let resetEarly = false;
-    f = await TpmFront.connect({
-      xs: this.#o.xs,
-      dom: this.#o.dom,
-      devid: this.#o.devid,
-      protocol: 'ring',
-      firstId: this.#nextId,
-      reconnect,
-      onBackendReset: () => (f ? this.#reset(f) : (resetEarly = true)),
-      onClosed: (reason) => {
-        if (!this.#suspending && !this.#closed) this.#o.onClosed?.(reason);
+  #connect(reconnect: boolean): Promise<TpmFront> {
+    return TpmFront.connectReplaceable(
+      {
+        xs: this.#o.xs,
+        dom: this.#o.dom,
+        devid: this.#o.devid,
+        protocol: 'ring',
+        firstId: this.#nextId,
+        reconnect,
+        onClosed: (reason) => {
+          if (!this.#suspending && !this.#closed) this.#o.onClosed?.(reason);
+        },
       },
-    });
-    this.#current = f;
-    if (resetEarly) queueMicrotask(() => this.#reset(f!));
-    return f;
+      { adopt: (f) => (this.#current = f), reset: (f) => this.#reset(f) },
+    );
   }
 
   #reset(old: TpmFront): void {

@@ -50,24 +50,21 @@ export class V2Session {
     return this.#current;
   }
 
-  async #connect(reconnect: boolean): Promise<TpmFront> {
-    let f: TpmFront | undefined;
-    let resetEarly = false;
-    f = await TpmFront.connect({
-      xs: this.#o.xs,
-      dom: this.#o.dom,
-      devid: this.#o.devid,
-      protocol: 'v2',
-      reconnect,
-      commandTimeoutMs: this.#o.commandTimeoutMs,
-      onBackendReset: () => (f ? this.#reset(f) : (resetEarly = true)),
-      onClosed: (reason) => {
-        if (!this.#suspending && !this.#closed) this.#o.onClosed?.(reason);
+  #connect(reconnect: boolean): Promise<TpmFront> {
+    return TpmFront.connectReplaceable(
+      {
+        xs: this.#o.xs,
+        dom: this.#o.dom,
+        devid: this.#o.devid,
+        protocol: 'v2',
+        commandTimeoutMs: this.#o.commandTimeoutMs,
+        reconnect,
+        onClosed: (reason) => {
+          if (!this.#suspending && !this.#closed) this.#o.onClosed?.(reason);
+        },
       },
-    });
-    this.#current = f;
-    if (resetEarly) queueMicrotask(() => this.#reset(f!));
-    return f;
+      { adopt: (f) => (this.#current = f), reset: (f) => this.#reset(f) },
+    );
   }
 
   #reset(old: TpmFront): void {
