@@ -2,36 +2,28 @@
 // with read(), and the kernel closes any descriptor riding on bytes read that way. QEMU hands swtpm's
 // data channel over exactly like that (CMD_SET_DATAFD), so control connections are read here instead.
 //
-// One worker thread per process blocks in poll() over every registered socket plus a wake pipe and
-// reads with recvmsg(); it posts {bytes, fds} to the main thread. Writes stay with Node's own socket
-// (paused, so libuv never reads from it). The worker owns a dup() of each socket, so closing the Node
-// side and removing the registration may happen in either order.
+// libuv's poll watcher tells the main thread when a registered socket is readable and it reads with
+// recvmsg() right there (see RightsReader). Writes stay with Node's own socket (paused, so libuv never
+// reads from it). The reader owns a dup() of each socket, so closing the Node side and removing the
+// registration may happen in either order.
 import './koffi-config.js';
 import koffi from 'koffi';
-import { Worker, MessageChannel, receiveMessageOnPort, type MessagePort } from 'node:worker_threads';
 import { EventEmitter } from 'node:events';
 
 const libc = koffi.load('libc.so.6');
 const c_malloc = libc.func('void *malloc(size_t size)');
 const c_free = libc.func('void free(void *ptr)');
 const c_recvmsg = libc.func('intptr_t recvmsg(int fd, void *msg, int flags)');
-const c_poll = libc.func('int poll(void *fds, uint64_t nfds, int timeout)');
-const c_pipe2 = libc.func('int pipe2(void *fds, int flags)');
 const c_dup = libc.func('int fcntl(int fd, int cmd, int arg)');
 const c_close = libc.func('int close(int fd)');
-const c_read = libc.func('intptr_t read(int fd, void *buf, size_t n)');
-const c_write = libc.func('intptr_t write(int fd, void *buf, size_t n)');
 const c_errno = libc.func('int *__errno_location(void)');
 
 const F_DUPFD_CLOEXEC = 1030;
-const O_NONBLOCK = 0x800;
-const O_CLOEXEC = 0x80000;
 const MSG_DONTWAIT = 0x40;
 const MSG_CTRUNC = 0x8;
 const MSG_CMSG_CLOEXEC = 0x40000000;
 const SOL_SOCKET = 1;
 const SCM_RIGHTS = 1;
-const POLLIN = 0x1;
 const EINTR = 4;
 const EAGAIN = 11;
 
@@ -41,6 +33,8 @@ export const RECV_CHUNK = 4104;
 // frames in batches; on a swtpm control channel more than one fd is a protocol error reported upward.
 const MAX_FDS = 64;
 const CMSG_SPACE = 16 + 4 * MAX_FDS;
+/** msghdr + iovec + control + one chunk of data: the scratch block of recvOnce. */
+const CTL_TOTAL = 72 + CMSG_SPACE + RECV_CHUNK;
 
 function errno(): number {
   return koffi.decode(c_errno(), 'int') as number;
@@ -126,75 +120,26 @@ export function closeFd(fd: number): void {
 
 
 // ---------------------------------------------------------------------------------------------------
-// Worker side.
+// The reader: libuv's own poll watcher (uv_poll_t) on the main thread's loop, driven through koffi.
+// Node exports libuv's symbols, so a dup of each control socket is watched for readability by the same
+// epoll that serves every other socket, and the callback reads it with recvmsg(): no thread hand-off
+// on the control path. A dup, because libuv keeps one watcher per descriptor and the Node socket
+// (paused, used for writing) owns the original.
 
-type ToWorker = { op: 'add'; id: number; fd: number } | { op: 'remove'; id: number };
-type FromWorker =
-  | { id: number; data: Uint8Array; fds: number[]; truncated: boolean }
-  | { id: number; eof: true; error?: string };
-
-export function workerMain(wakeFd: number, port: MessagePort): void {
-  const scratch = new Scratch(CTL_TOTAL);
-  const pollMem = new Scratch(8 * (MAX_SOCKETS + 1));
-  const wakeBuf = new Scratch(64);
-  const socks = new Map<number, number>(); // id -> our dup'd fd
-  for (;;) {
-    const entries = [...socks];
-    const pv = pollMem.view;
-    pv.setInt32(0, wakeFd, true);
-    pv.setInt16(4, POLLIN, true);
-    pv.setInt16(6, 0, true);
-    entries.forEach(([, fd], i) => {
-      pv.setInt32(8 * (i + 1), fd, true);
-      pv.setInt16(8 * (i + 1) + 4, POLLIN, true);
-      pv.setInt16(8 * (i + 1) + 6, 0, true);
-    });
-    const r = c_poll(pollMem.ptr, entries.length + 1, -1) as number;
-    if (r < 0) {
-      if (errno() === EINTR) continue;
-      throw new Error(`poll failed (errno ${errno()})`);
-    }
-    if (pv.getInt16(6, true) !== 0) {
-      while (Number(c_read(wakeFd, wakeBuf.ptr, 64)) > 0);
-      for (let m = receiveMessageOnPort(port); m; m = receiveMessageOnPort(port)) {
-        const msg = m.message as ToWorker | { op: 'exit' };
-        if (msg.op === 'exit') {
-          for (const fd of socks.values()) c_close(fd);
-          return;
-        }
-        if (msg.op === 'add') socks.set(msg.id, msg.fd);
-        else {
-          const fd = socks.get(msg.id);
-          if (fd !== undefined) c_close(fd);
-          socks.delete(msg.id);
-        }
-      }
-    }
-    entries.forEach(([id, fd], i) => {
-      if (pv.getInt16(8 * (i + 1) + 6, true) === 0 || socks.get(id) !== fd) return;
-      let out: FromWorker;
-      try {
-        const got = recvOnce(fd, scratch);
-        if (!got) return;
-        out = got.data.length === 0 && got.fds.length === 0 ? { id, eof: true } : { id, ...got };
-      } catch (err) {
-        out = { id, eof: true, error: (err as Error).message };
-      }
-      if ('eof' in out) {
-        c_close(fd);
-        socks.delete(id);
-      }
-      port.postMessage(out);
-    });
-  }
-}
-
-const CTL_TOTAL = 72 + CMSG_SPACE + RECV_CHUNK;
-const MAX_SOCKETS = 4096;
-
-
-// ---------------------------------------------------------------------------------------------------
-// Main-thread side.
+const node = koffi.load(null);
+const UV_POLL = 8; // uv_handle_type
+const UV_READABLE = 1;
+const PollCb = koffi.proto('void vtpm_uv_poll_cb(void *handle, int status, int events)');
+const CloseCb = koffi.proto('void vtpm_uv_close_cb(void *handle)');
+const uv_default_loop = node.func('void *uv_default_loop(void)');
+const uv_handle_size = node.func('size_t uv_handle_size(int type)');
+const uv_poll_init = node.func('int uv_poll_init(void *loop, void *handle, int fd)');
+const uv_poll_start = node.func('int uv_poll_start(void *handle, int events, vtpm_uv_poll_cb *cb)');
+const uv_poll_stop = node.func('int uv_poll_stop(void *handle)');
+const uv_close = node.func('void uv_close(void *handle, vtpm_uv_close_cb *cb)');
+const uv_unref = node.func('void uv_unref(void *handle)');
+/** recvmsg() calls per readiness callback: a state blob (~10 KiB) arrives in one go, a flood yields. */
+const READS_PER_WAKE = 8;
 
 /** Events: 'data' (Received), 'end' (error?: string). */
 export class RightsSocket extends EventEmitter {
@@ -217,60 +162,33 @@ export class RightsSocket extends EventEmitter {
   }
 }
 
+interface Watched {
+  sock: RightsSocket;
+  fd: number;
+  handle: unknown;
+}
+
 export class RightsReader {
   static #shared: RightsReader | null = null;
-  readonly #worker: Worker;
-  readonly #port: MessagePort;
-  readonly #wakeW: number;
-  readonly #wakeBuf = new Scratch(1);
-  readonly #socks = new Map<number, RightsSocket>();
+  readonly #scratch = new Scratch(CTL_TOTAL);
+  readonly #handleSize = Number(uv_handle_size(UV_POLL));
+  /** By the uv_poll_t's address (what the callback is given). */
+  readonly #byHandle = new Map<bigint, Watched>();
+  readonly #byId = new Map<number, Watched>();
+  readonly #onPoll: unknown;
+  readonly #onClose: unknown;
   #nextId = 1;
 
   private constructor() {
-    const pipe = new Scratch(8);
-    if ((c_pipe2(pipe.ptr, O_CLOEXEC | O_NONBLOCK) as number) !== 0) throw new Error(`pipe2 failed (errno ${errno()})`);
-    const wakeR = pipe.view.getInt32(0, true);
-    this.#wakeW = pipe.view.getInt32(4, true);
-    const { port1, port2 } = new MessageChannel();
-    this.#port = port1;
-    this.#worker = new Worker(new URL('./unix-rights-worker.js', import.meta.url), {
-      workerData: { wakeFd: wakeR, port: port2 },
-      transferList: [port2],
-    });
-    this.#worker.unref();
-    this.#worker.on('error', (err) => {
-      for (const s of this.#socks.values()) s.emit('end', `reader thread failed: ${err.message}`);
-      this.#socks.clear();
-    });
-    port1.on('message', (m: FromWorker) => {
-      const s = this.#socks.get(m.id);
-      if (!s) {
-        if (!('eof' in m)) for (const fd of m.fds) c_close(fd);
-        return;
-      }
-      if ('eof' in m) {
-        this.#socks.delete(m.id);
-        s.emit('end', m.error);
-      } else s.emit('data', { data: m.data, fds: m.fds, truncated: m.truncated } satisfies Received);
-    });
-    port1.unref();
+    // Registered once for the process: every watcher shares the two trampolines.
+    this.#onPoll = koffi.register((h: unknown, status: number) => this.#ready(h, status), koffi.pointer(PollCb));
+    this.#onClose = koffi.register((h: unknown) => c_free(h), koffi.pointer(CloseCb));
   }
 
-  /** The process's reader thread (started on first use). */
+  /** The process's reader (made on first use). */
   static shared(): RightsReader {
-    if (!RightsReader.#shared) {
-      const r = new RightsReader();
-      RightsReader.#shared = r;
-      // A thread blocked in poll() cannot be terminated, and Node joins workers at exit: wake it first.
-      process.once('exit', () => r.#shutdown());
-    }
+    RightsReader.#shared ??= new RightsReader();
     return RightsReader.#shared;
-  }
-
-  #shutdown(): void {
-    this.#port.postMessage({ op: 'exit' });
-    this.#wakeBuf.bytes[0] = 1;
-    c_write(this.#wakeW, this.#wakeBuf.ptr, 1);
   }
 
   /**
@@ -278,26 +196,64 @@ export class RightsReader {
    * The fd is dup'd: the caller keeps and eventually closes its own.
    */
   add(fd: number): RightsSocket {
-    // The poll set lives in a fixed block sized for MAX_SOCKETS (plus the wake pipe).
-    if (this.#socks.size >= MAX_SOCKETS) throw new Error(`more than ${MAX_SOCKETS} control connections`);
     const dupfd = c_dup(fd, F_DUPFD_CLOEXEC, 0) as number;
     if (dupfd < 0) throw new Error(`dup failed (errno ${errno()})`);
+    const handle = c_malloc(this.#handleSize);
+    if (!handle) {
+      c_close(dupfd);
+      throw new Error('malloc failed');
+    }
+    let rc = uv_poll_init(uv_default_loop(), handle, dupfd) as number;
+    if (rc === 0) rc = uv_poll_start(handle, UV_READABLE, this.#onPoll) as number;
+    if (rc !== 0) {
+      c_close(dupfd);
+      c_free(handle);
+      throw new Error(`uv_poll on a control socket failed (${rc})`);
+    }
+    // Like a paused socket, a watcher alone does not keep the process alive.
+    uv_unref(handle);
     const id = this.#nextId++;
-    const s = new RightsSocket(id, this);
-    this.#socks.set(id, s);
-    this.#post({ op: 'add', id, fd: dupfd });
-    return s;
+    const w: Watched = { sock: new RightsSocket(id, this), fd: dupfd, handle };
+    this.#byHandle.set(koffi.address(handle) as bigint, w);
+    this.#byId.set(id, w);
+    return w.sock;
   }
 
   remove(id: number): void {
-    if (!this.#socks.delete(id)) return;
-    this.#post({ op: 'remove', id });
+    const w = this.#byId.get(id);
+    if (w) this.#drop(w);
   }
 
-  #post(m: ToWorker): void {
-    this.#port.postMessage(m);
-    this.#wakeBuf.bytes[0] = 1;
-    c_write(this.#wakeW, this.#wakeBuf.ptr, 1);
+  #drop(w: Watched): void {
+    this.#byId.delete(w.sock.id);
+    this.#byHandle.delete(koffi.address(w.handle) as bigint);
+    uv_poll_stop(w.handle);
+    c_close(w.fd);
+    uv_close(w.handle, this.#onClose); // frees the handle once libuv lets go of it
+  }
+
+  /** libuv says the socket is readable (or failed): read what is there and hand it on. */
+  #ready(handle: unknown, status: number): void {
+    const w = this.#byHandle.get(koffi.address(handle) as bigint);
+    if (!w) return;
+    try {
+      if (status < 0) throw new Error(`poll failed (${status})`);
+      for (let i = 0; i < READS_PER_WAKE && this.#byId.has(w.sock.id); i++) {
+        const got = recvOnce(w.fd, this.#scratch);
+        if (!got) return;
+        if (got.data.length === 0 && got.fds.length === 0) {
+          this.#drop(w);
+          w.sock.emit('end');
+          return;
+        }
+        w.sock.emit('data', got);
+        if (got.data.length < RECV_CHUNK) return;
+      }
+    } catch (err) {
+      // An exception must not unwind into libuv: the socket alone ends.
+      if (this.#byId.has(w.sock.id)) this.#drop(w);
+      w.sock.emit('end', (err as Error).message);
+    }
   }
 }
 
