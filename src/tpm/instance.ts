@@ -279,7 +279,8 @@ export class TpmInstance extends EventEmitter implements TpmEndpoint {
     if (this.#status === 'failed') {
       throw new TpmInstanceError('FAILED', this.instance, 'instance failed; recreate() it');
     }
-    await this.#nv.reload();
+    // Blobs set while off become durable here, before the TPM runs on them (and before INIT answers).
+    await this.#nv.sync();
     const rc = await this.#inLibrary(() => lib.mainInitAsync());
     if (rc !== TPM_SUCCESS) {
       // libtpms may have written nothing useful; keep the store as it was and isolate the copy.
@@ -296,7 +297,11 @@ export class TpmInstance extends EventEmitter implements TpmEndpoint {
     this.#status = 'running';
   }
 
-  /** Power off (swtpm CMD_STOP): TPMLIB_Terminate. State stays in the store. */
+  /**
+   * Power off (swtpm CMD_STOP): TPMLIB_Terminate. Every released response is durable already; what is
+   * still pending (power-on's consumed volatile state, an unreleased Startup) was promised to nobody and
+   * becomes durable with whatever next needs it: powerOn, a state blob read, destroy.
+   */
   powerOff(): Promise<void> {
     return this.#enqueue(() => this.#powerOff());
   }
@@ -306,7 +311,6 @@ export class TpmInstance extends EventEmitter implements TpmEndpoint {
     if (this.#status !== 'running') return;
     await this.#inLibrary(() => lib.terminateAsync());
     this.#status = 'off';
-    await this.#flush();
   }
 
   /** Power-cycle: what a platform reset does to a TPM (volatile state lost, Startup needed). */
@@ -326,6 +330,8 @@ export class TpmInstance extends EventEmitter implements TpmEndpoint {
       if (this.#status === 'destroyed') throw new TpmInstanceError('DESTROYED', this.instance, 'instance destroyed');
       // Whatever was still being written settles first: the reload below must see it.
       await this.#nv.settle();
+      // What memory holds beyond the store is exactly what must not survive: start from the store.
+      this.#nv.dropPending();
       const old = this.#lib;
       this.#lib = null;
       if (old) {
@@ -480,8 +486,9 @@ export class TpmInstance extends EventEmitter implements TpmEndpoint {
       if (this.#spare) this.#nv.dropPending();
       if (lib && this.#status === 'running') {
         await this.#inLibrary(() => lib.terminateAsync());
-        await this.#flush().catch(() => undefined);
+        this.#status = 'off';
       }
+      if (lib && this.#status === 'off') await this.#flush().catch(() => undefined);
       lib?.unload();
       this.#lib = null;
       this.#status = 'destroyed';

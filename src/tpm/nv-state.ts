@@ -18,6 +18,8 @@ export class NvState {
   #pending = new Map<StateKind, Uint8Array | null>();
   /** The newest flush (see flush). */
   #flushing: Promise<void> = Promise.resolve();
+  /** Memory holds what the store holds, apart from #pending (set by reload, lost with a dropped or failed write). */
+  #synced = false;
 
   /** @param onStoreFailure called with the message when a store write or delete fails; the flush then rejects. */
   constructor(
@@ -64,6 +66,12 @@ export class NvState {
   /** Forget what is not durable yet (a failed MainInit, an unbound spare). */
   dropPending(): void {
     this.#pending.clear();
+    this.#synced = false;
+  }
+
+  /** Writes not yet durable. */
+  get pendingCount(): number {
+    return this.#pending.size;
   }
 
   /** Memory becomes what the store holds; nothing pending. */
@@ -77,6 +85,27 @@ export class NvState {
       const blob = blobs[i];
       if (blob) this.#nv.set(kind, blob);
     });
+    this.#synced = true;
+  }
+
+  /**
+   * Make what is pending durable and memory a mirror of the store, without reading back what memory
+   * already holds: kinds written here are not read again; the rest only when memory may be behind.
+   * (Blobs installed with setStateBlob reach the store here, at power-on, all in one flush.)
+   */
+  async sync(): Promise<void> {
+    const written = new Set(this.#pending.keys());
+    await this.flush();
+    if (this.#synced) return;
+    const rest = STATE_KINDS.filter((k) => !written.has(k));
+    const { store, instance } = this.target;
+    const blobs = await Promise.all(rest.map((kind) => store.load(instance, kind)));
+    rest.forEach((kind, i) => {
+      const blob = blobs[i];
+      if (blob) this.#nv.set(kind, blob);
+      else this.#nv.delete(kind);
+    });
+    this.#synced = true;
   }
 
   /**
@@ -101,13 +130,13 @@ export class NvState {
       const ops = [...this.#pending];
       this.#pending.clear();
       const { store, instance } = this.target;
-      for (const [kind, blob] of ops) {
-        try {
-          if (blob) await store.store(instance, kind, blob);
-          else await store.delete(instance, kind);
-        } catch (err) {
-          throw this.onStoreFailure(`state store failed on ${kind}: ${err instanceof Error ? err.message : String(err)}`);
-        }
+      // One kind each, so they may go out together: the manager commits a batch with one fsync.
+      const done = await Promise.allSettled(ops.map(([kind, blob]) => (blob ? store.store(instance, kind, blob) : store.delete(instance, kind))));
+      const i = done.findIndex((d) => d.status === 'rejected');
+      if (i >= 0) {
+        this.#synced = false;
+        const err: unknown = (done[i] as PromiseRejectedResult).reason;
+        throw this.onStoreFailure(`state store failed on ${ops[i]![0]}: ${err instanceof Error ? err.message : String(err)}`);
       }
     }
   }

@@ -1,6 +1,6 @@
 // Moving a vTPM's state in and out in swtpm's state-blob format (CMD_GET_STATEBLOB, CMD_SET_STATEBLOB)
-// and saving volatile state for suspend. Each runs as one operation of the instance's queue, and state
-// leaves or lands only durable, as a response does.
+// and saving volatile state for suspend. Each runs as one operation of the instance's queue; state
+// leaves only durable, as a response does, and a blob set lands durable before the TPM runs on it.
 import { LibtpmsStateType, TPM_SUCCESS, type Libtpms } from '../../native/libtpms.js';
 import { TpmInstanceError, type InstanceStatus } from './instance-types.js';
 import type { NvState } from './nv-state.js';
@@ -67,8 +67,8 @@ export class StateTransfer {
 
   /**
    * Install a blob in swtpm's format (an empty blob clears that kind), validated by libtpms
-   * (TPMLIB_SetState) and made durable in the store. Only while powered off, as with swtpm; the next
-   * powerOn() starts from it.
+   * (TPMLIB_SetState). Only while powered off, as with swtpm; the next powerOn() makes it durable and
+   * starts from it.
    */
   set(kind: StateKind, blob: Uint8Array): Promise<void> {
     return this.tpm.enqueue(async () => {
@@ -80,13 +80,14 @@ export class StateTransfer {
       }
       const lib = this.tpm.requireLib();
       const plain = decodeStateBlob(blob);
-      if (plain && kind !== 'permanent' && !this.tpm.nv.has('permanent')) await this.tpm.nv.reload();
+      if (plain && kind !== 'permanent' && !this.tpm.nv.has('permanent')) await this.tpm.nv.sync();
       const rc = lib.setState(STATE_TYPE[kind], plain);
       if (rc !== TPM_SUCCESS) {
         throw new TpmInstanceError('LIBTPMS', this.tpm.instance(), `TPMLIB_SetState(${kind}) refused the blob: 0x${rc.toString(16)}`, rc);
       }
+      // Durable at the next powerOn() (NvState.sync), which runs nothing before it is: the blobs of one
+      // restore (permanent, volatile) then reach the store together.
       this.tpm.nv.put(kind, plain);
-      await this.tpm.nv.flush();
     });
   }
 }

@@ -1,10 +1,12 @@
 // The durability contract: a response is released only after every NV write it caused has been stored;
-// a failing store withholds the response and isolates the instance; instances start from the store.
+// a failing store withholds the response and isolates the instance; instances start from the store;
+// state blobs set while off are durable once power-on resolves.
 import { readdirSync } from 'node:fs';
 import { afterAll, describe, expect, it } from 'vitest';
 import { TpmHost } from '../../src/tpm/host.js';
 import type { FailureInfo } from '../../src/tpm/instance-types.js';
 import * as tpm2 from '../../src/tpm/tpm2-commands.js';
+import { decodeStateBlob } from '../../src/tpm/state-blob.js';
 import { GatedStore, hex, tempStore, unhex } from './helpers.js';
 
 const NV_INDEX = 0x01500002;
@@ -81,5 +83,46 @@ describe('durability', () => {
     await tpm.reset();
     expect(await tpm.startup('clear')).toBe(0);
     expect(hex(tpm2.parsePcrRead(await tpm.execute(tpm2.pcrReadSha256(16))))).toBe('00'.repeat(32));
+  });
+  it('blobs set while off reach the store together at power-on, durable before it resolves', async () => {
+    const src = await host.create({ instance: 4, version: '2.0', store: t.store, startup: 'clear' });
+    await src.execute(tpm2.pcrExtendSha256(16, unhex('55'.repeat(32))));
+    const pcr = hex(tpm2.parsePcrRead(await src.execute(tpm2.pcrReadSha256(16))));
+    const perm = (await src.getStateBlob('permanent'))!;
+    const vol = (await src.getStateBlob('volatile'))!;
+    await host.destroy(4);
+
+    const gated = new GatedStore(t.store);
+    const dst = await host.create({ instance: 5, version: '2.0', store: gated, powerOn: false });
+    await dst.setStateBlob('permanent', perm);
+    await dst.setStateBlob('volatile', vol);
+    // Nothing runs on them yet, so nothing is written yet (QEMU's post_load: one commit, not two).
+    expect(gated.stores).toEqual([]);
+    gated.hold();
+    let on = false;
+    const p = dst.powerOn().then(() => (on = true));
+    // Both in flight at once: the store may commit them as one batch.
+    while (gated.stores.length < 2) await new Promise((r) => setTimeout(r, 5));
+    expect(gated.stores.map((s) => s.kind).sort()).toEqual(['permanent', 'volatile']);
+    await new Promise((r) => setTimeout(r, 50));
+    expect(on).toBe(false);
+    gated.release();
+    await p;
+    // Durable when power-on resolved: the store holds exactly the blobs that were set.
+    expect(hex((await t.store.load(5, 'permanent'))!)).toBe(hex(decodeStateBlob(perm)!));
+    expect(hex((await t.store.load(5, 'volatile'))!)).toBe(hex(decodeStateBlob(vol)!));
+    expect(hex(tpm2.parsePcrRead(await dst.execute(tpm2.pcrReadSha256(16))))).toBe(pcr);
+    await host.destroy(5);
+  });
+
+  it('what power-on left pending (the consumed volatile state) is made durable by destroy, even while off', async () => {
+    const tpm = await host.create({ instance: 6, version: '2.0', store: t.store, startup: 'clear' });
+    await tpm.saveVolatile();
+    expect(readdirSync(t.dir)).toContain('tpm-6.volatile');
+    await tpm.powerOff();
+    await tpm.powerOn(); // consumes it: its removal is pending, promised to nobody yet
+    await tpm.powerOff();
+    await host.destroy(6);
+    expect(readdirSync(t.dir)).not.toContain('tpm-6.volatile');
   });
 });
