@@ -2,8 +2,12 @@
 // /local/domain/0/backend/vtpm-qemu/<n> (uuid, ctrl, tpm-version, state=1); we open the VM's vTPM,
 // start its swtpm-compatible endpoint on `ctrl` and write state=4 once it listens (or `error` and
 // state=6). state=5 from the toolstack (or the node vanishing) closes the endpoint; we answer state=6.
+// A node with `incoming=<n>` is a local live migration's destination (qemu-incoming.ts): it serves the
+// vTPM node n serves once its QEMU runs; then node n gets `migrated-to` and is fenced, and the new node
+// loses `incoming`.
 import type { XsClient, XsWatch } from '../xenstore/client.js';
 import { QemuEndpoint, type QemuVtpm } from './qemu-endpoint.js';
+import { IncomingVtpm } from './qemu-incoming.js';
 
 export const QEMU_ROOT = '/local/domain/0/backend/vtpm-qemu';
 
@@ -23,7 +27,10 @@ export function isQemuProvider(p: unknown): p is QemuVtpmProvider {
 
 interface Running {
   ep: QemuEndpoint | null;
+  /** The vTPM this node owns (and releases when it closes); null for a destination not yet handed it. */
+  vtpm: QemuVtpm | null;
   instance: number | null;
+  uuid: string;
   closing: boolean;
 }
 
@@ -68,16 +75,26 @@ export class QemuDevices {
 
   async #open(id: string): Promise<void> {
     const node = `${QEMU_ROOT}/${id}`;
-    const r: Running = { ep: null, instance: null, closing: false };
+    const r: Running = { ep: null, vtpm: null, instance: null, uuid: '', closing: false };
     this.#nodes.set(id, r);
     try {
       const uuid = await this.#xs.readString(`${node}/uuid`);
+      r.uuid = uuid;
       const ctrl = await this.#xs.readString(`${node}/ctrl`);
       const version = ((await this.#xs.tryRead(`${node}/tpm-version`)) ?? '2.0') as '2.0' | '1.2';
       if (version !== '2.0' && version !== '1.2') throw new Error(`tpm-version ${String(version)} is neither 2.0 nor 1.2`);
       if (!isQemuProvider(this.#vtpms)) throw new Error('this backend mode cannot serve QEMU endpoints');
-      const vtpm = await this.#vtpms.openQemu(uuid, version);
-      r.instance = vtpm.instance;
+      const from = await this.#xs.tryRead(`${node}/incoming`);
+      let vtpm: QemuVtpm;
+      if (from !== undefined) {
+        const src = this.#nodes.get(from);
+        if (!src || src.closing || !src.vtpm || !src.ep || src.uuid !== uuid) throw new Error(`node ${from} serves no vTPM of VM ${uuid} to migrate from`);
+        vtpm = new IncomingVtpm(src.vtpm, () => this.#handOver(from, id));
+      } else {
+        vtpm = await this.#vtpms.openQemu(uuid, version);
+        r.vtpm = vtpm;
+        r.instance = vtpm.instance;
+      }
       r.ep = await QemuEndpoint.listen({ path: ctrl, vtpm, log: (l) => this.#log(`qemu ${id}: ${l}`) });
       await this.#xs.write(`${node}/instance`, String(vtpm.instance));
       await this.#xs.write(`${node}/state`, String(QemuNodeState.CONNECTED));
@@ -90,6 +107,27 @@ export class QemuDevices {
       await this.#xs.write(`${node}/error`, msg).catch(() => {});
       await this.#xs.write(`${node}/state`, String(QemuNodeState.CLOSED)).catch(() => {});
     }
+  }
+
+  /**
+   * Node `dst`'s QEMU runs (its INIT): fence node `src` and make `dst` the owner of the vTPM. Throws
+   * (and `src` keeps serving) when `src` no longer owns it.
+   */
+  async #handOver(src: string, dst: string): Promise<void> {
+    const s = this.#nodes.get(src);
+    const d = this.#nodes.get(dst);
+    if (!d || d.closing) throw new Error(`node ${dst} is closing`);
+    if (!s || s.closing || !s.vtpm || !s.ep) throw new Error(`node ${src} no longer serves the vTPM`);
+    await s.ep.fence(`vTPM ${s.instance} handed to node ${dst} (local migration)`);
+    // Detached meanwhile: the vTPM went with it.
+    if (s.closing || !s.vtpm) throw new Error(`node ${src} was detached during the hand-over`);
+    d.vtpm = s.vtpm;
+    d.instance = s.instance;
+    s.vtpm = null;
+    s.instance = null;
+    await this.#xs.write(`${QEMU_ROOT}/${src}/migrated-to`, dst).catch(() => {});
+    await this.#xs.rm(`${QEMU_ROOT}/${dst}/incoming`).catch(() => {});
+    this.#log(`qemu ${dst}: VM ${d.uuid} vTPM ${d.instance} taken over from node ${src}`);
   }
 
   async #teardown(r: Running): Promise<void> {

@@ -89,6 +89,8 @@ export class QemuEndpoint {
   /** Control commands of every client run one at a time against the vTPM. */
   #chain: Promise<void> = Promise.resolve();
   #closed = false;
+  /** Why the vTPM is no longer ours to drive (fence()), or null. */
+  #fenced: string | null = null;
 
   private constructor(o: QemuEndpointOptions, server: net.Server) {
     this.#o = o;
@@ -167,7 +169,9 @@ export class QemuEndpoint {
     const running = v.status === 'running';
     // Only SET_DATAFD takes descriptors; any others are closed right away.
     const fds = req.fds;
-    if (req.cmd !== Cmd.SET_DATAFD) for (const fd of fds.splice(0)) closeFd(fd);
+    if (req.cmd !== Cmd.SET_DATAFD || this.#fenced) for (const fd of fds.splice(0)) closeFd(fd);
+    // Fenced: nothing reaches the vTPM any more; GET_STATEBLOB's errors keep its 16-byte shape.
+    if (this.#fenced) return req.cmd === Cmd.GET_STATEBLOB ? u32s(Res.FAIL, 0, 0, 0) : resultOnly(Res.FAIL);
     const p = req.payload;
     switch (req.cmd) {
       case Cmd.GET_CAPABILITY:
@@ -332,11 +336,33 @@ export class QemuEndpoint {
     return this.#o.vtpm.execute(command, { locality: this.#locality });
   }
 
-  /** Stop listening and drop every connection; the vTPM itself is the caller's to release. */
-  async close(): Promise<void> {
+  /**
+   * The vTPM now belongs to another endpoint (a local live migration's destination, qemu-incoming.ts):
+   * the data channel is dropped, whatever control request is queued is answered TPM_FAIL, and the
+   * endpoint closes. Resolves once nothing of this endpoint can touch the vTPM any more.
+   */
+  async fence(reason: string): Promise<void> {
+    if (this.#fenced !== null) return;
+    this.#fenced = reason;
+    this.#o.log(`fenced: ${reason}`);
+    this.#data?.close();
+    this.#data = null;
+    await this.#chain;
+    await this.close(true);
+  }
+
+  get fenced(): string | null {
+    return this.#fenced;
+  }
+
+  /**
+   * Stop listening and drop every connection (after their queued replies with `afterWrites`); the vTPM
+   * itself is the caller's to release.
+   */
+  async close(afterWrites = false): Promise<void> {
     if (this.#closed) return;
     this.#closed = true;
-    for (const c of this.#conns) c.close();
+    for (const c of this.#conns) c.close(afterWrites);
     this.#data?.close();
     this.#data = null;
     await new Promise<void>((resolve) => this.#server.close(() => resolve()));

@@ -16,6 +16,8 @@ export interface QemuAttachOptions {
   vm: string;
   ctrl: string;
   version?: '2.0' | '1.2';
+  /** A local live migration's destination: serve the vTPM the VM's current endpoint serves once QEMU runs here. */
+  incoming?: boolean;
   timeoutMs?: number;
 }
 
@@ -49,7 +51,8 @@ export async function qemuAttach(o: QemuAttachOptions): Promise<number> {
   const xs = await connect(h.xenstoredSocket);
   try {
     const uuid = o.vm.toLowerCase();
-    // Pick a free node number and claim it in one transaction; one endpoint per VM and per socket.
+    // Pick a free node number and claim it in one transaction; one serving endpoint per VM (plus, with
+    // --incoming, one destination waiting for it) and one endpoint per socket.
     const n = await xs.transaction(async (tx) => {
       let ids: string[] = [];
       try {
@@ -57,16 +60,26 @@ export async function qemuAttach(o: QemuAttachOptions): Promise<number> {
       } catch {
         /* first node */
       }
+      const serving: string[] = [];
       for (const id of ids) {
-        if ((await xs.tryRead(`${QEMU_ROOT}/${id}/uuid`, tx)) === uuid) throw new Error(`VM ${uuid} already has a QEMU vTPM (node ${id})`);
-        if ((await xs.tryRead(`${QEMU_ROOT}/${id}/ctrl`, tx)) === ctrl) throw new Error(`${ctrl} is already served (node ${id})`);
+        const at = `${QEMU_ROOT}/${id}`;
+        if ((await xs.tryRead(`${at}/ctrl`, tx)) === ctrl) throw new Error(`${ctrl} is already served (node ${id})`);
+        if ((await xs.tryRead(`${at}/uuid`, tx)) !== uuid || (await xs.tryRead(`${at}/migrated-to`, tx)) !== undefined) continue;
+        if ((await xs.tryRead(`${at}/incoming`, tx)) !== undefined) throw new Error(`VM ${uuid} already has an incoming QEMU vTPM (node ${id})`);
+        serving.push(id);
       }
+      if (!o.incoming && serving.length > 0) throw new Error(`VM ${uuid} already has a QEMU vTPM (node ${serving[0]}); a migration's destination takes --incoming`);
+      if (o.incoming && serving.length === 0) throw new Error(`VM ${uuid} has no QEMU vTPM to migrate from (--incoming needs the source attached)`);
       let next = 0;
       while (ids.includes(String(next))) next++;
       const node = `${QEMU_ROOT}/${next}`;
       await xs.write(`${node}/uuid`, uuid, tx);
       await xs.write(`${node}/ctrl`, ctrl, tx);
-      await xs.write(`${node}/tpm-version`, version, tx);
+      const from = serving[0];
+      // A destination serves the source's vTPM, of the source's version.
+      const v = from === undefined ? version : ((await xs.tryRead(`${QEMU_ROOT}/${from}/tpm-version`, tx)) ?? version);
+      await xs.write(`${node}/tpm-version`, v, tx);
+      if (from !== undefined) await xs.write(`${node}/incoming`, from, tx);
       await xs.write(`${node}/state`, String(QemuNodeState.INITIALISING), tx);
       return next;
     });
@@ -85,13 +98,14 @@ export async function qemuAttach(o: QemuAttachOptions): Promise<number> {
   }
 }
 
-/** Close the endpoint of a VM (by --vm or --ctrl) and remove its node. */
-export async function qemuDetach(o: { run: string; vm?: string; ctrl?: string; timeoutMs?: number }): Promise<number> {
+/** Close the endpoints of a VM (by --vm: all of them, a migration's source and destination too) or one (by --ctrl) and remove their nodes. */
+export async function qemuDetach(o: { run: string; vm?: string; ctrl?: string; timeoutMs?: number }): Promise<number[]> {
   if (!o.vm && !o.ctrl) throw new Error('give --vm or --ctrl');
   const h = new RunDir(o.run).readHost();
   const xs = await connect(h.xenstoredSocket);
   try {
     const ctrl = o.ctrl ? resolve(o.ctrl) : undefined;
+    const done: number[] = [];
     for (const id of await nodes(xs)) {
       const node = `${QEMU_ROOT}/${id}`;
       const uuid = await xs.tryRead(`${node}/uuid`);
@@ -100,10 +114,11 @@ export async function qemuDetach(o: { run: string; vm?: string; ctrl?: string; t
         await xs.write(`${node}/state`, String(QemuNodeState.CLOSING));
         await waitState(xs, node, [QemuNodeState.CLOSED], o.timeoutMs ?? 30_000);
         await xs.rm(node);
-        return Number(id);
+        done.push(Number(id));
       }
     }
-    throw new Error(`no QEMU vTPM for ${o.vm ?? ctrl}`);
+    if (done.length === 0) throw new Error(`no QEMU vTPM for ${o.vm ?? ctrl}`);
+    return done;
   } finally {
     await xs.close();
   }
@@ -118,18 +133,19 @@ export function register(program: Command): void {
     .requiredOption('--vm <uuid>', 'the VM the vTPM belongs to (the manager keys its vTPM by this)')
     .requiredOption('--ctrl <path>', 'control socket to create (QEMU: -chardev socket,path=PATH)')
     .option('--tpm-version <v>', 'TPM version of a new vTPM: 2.0 or 1.2', '2.0')
-    .action(async (o: { run: string; vm: string; ctrl: string; tpmVersion: string }) => {
-      const n = await qemuAttach({ run: o.run, vm: o.vm, ctrl: o.ctrl, version: o.tpmVersion as '2.0' | '1.2' });
-      console.log(`VM ${o.vm}: vTPM listening on ${resolve(o.ctrl)} (node ${n})`);
+    .option('--incoming', "local live migration's destination: takes the VM's vTPM over from its current endpoint when QEMU runs here")
+    .action(async (o: { run: string; vm: string; ctrl: string; tpmVersion: string; incoming?: boolean }) => {
+      const n = await qemuAttach({ run: o.run, vm: o.vm, ctrl: o.ctrl, version: o.tpmVersion as '2.0' | '1.2', incoming: o.incoming === true });
+      console.log(`VM ${o.vm}: vTPM ${o.incoming ? 'incoming endpoint ' : ''}listening on ${resolve(o.ctrl)} (node ${n})`);
     });
   qemu
     .command('detach')
-    .description("close the VM's QEMU endpoint and release its vTPM (state stays at the manager)")
+    .description("close the VM's QEMU endpoints (or the one on --ctrl) and release its vTPM (state stays at the manager)")
     .requiredOption('--run <dir>', 'run directory of the host')
     .option('--vm <uuid>', 'the VM')
     .option('--ctrl <path>', 'or its control socket')
     .action(async (o: { run: string; vm?: string; ctrl?: string }) => {
       const n = await qemuDetach(o);
-      console.log(`QEMU vTPM node ${n} detached`);
+      console.log(`QEMU vTPM node${n.length > 1 ? 's' : ''} ${n.join(', ')} detached`);
     });
 }

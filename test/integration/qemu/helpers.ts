@@ -30,6 +30,13 @@ export class TestHost {
   async attach(vm: string, ctrl: string, version: '2.0' | '1.2' = '2.0'): Promise<void> {
     await vtpm('qemu', 'attach', '--run', this.run, '--vm', vm, '--ctrl', ctrl, '--tpm-version', version);
   }
+  /** A local live migration's destination endpoint for `vm` (`qemu attach --incoming`). */
+  async attachIncoming(vm: string, ctrl: string): Promise<string> {
+    return (await vtpm('qemu', 'attach', '--run', this.run, '--vm', vm, '--ctrl', ctrl, '--incoming')).stdout;
+  }
+  async detachCtrl(ctrl: string): Promise<void> {
+    await vtpm('qemu', 'detach', '--run', this.run, '--ctrl', ctrl);
+  }
   async detach(vm: string): Promise<void> {
     await vtpm('qemu', 'detach', '--run', this.run, '--vm', vm);
   }
@@ -46,12 +53,19 @@ export const KERNEL = fs.readdirSync('/boot').filter((f) => f.startsWith('vmlinu
 /** The PCR the guest extends, and the 32 bytes it extends it with. */
 export const EXTEND_PCR = 16;
 export const EXTEND_BYTE = 0xaa;
-export const expectedPcr16 = (): string =>
-  createHash('sha256').update(Buffer.alloc(32)).update(Buffer.alloc(32, EXTEND_BYTE)).digest('hex').toUpperCase();
+export const expectedPcr16 = (): string => pcr16After(1);
+/** PCR16 after `n` extends with 32×0xAA from reset. */
+export function pcr16After(n: number): string {
+  let pcr = Buffer.alloc(32);
+  for (let i = 0; i < n; i++) pcr = createHash('sha256').update(pcr).update(Buffer.alloc(32, EXTEND_BYTE)).digest();
+  return pcr.toString('hex').toUpperCase();
+}
 
 // /init: report TPM version and PCRs 0-7 from sysfs, send a raw TPM2_GetRandom(16) and a raw
 // TPM2_PCR_Extend(PCR16, sha256 = 32×0xAA) through /dev/tpm0 (one write, one read each), then print
 // PCR16 once a second forever with a counter and the uptime, so a restored guest shows it kept running.
+// With `e2e_extend_loop` on the kernel command line every loop extends PCR16 once more before it
+// prints, so loop n shows PCR16 after n + 1 extends.
 const INIT = `#!/bin/busybox sh
 /bin/busybox --install -s /bin
 mount -t proc proc /proc; mount -t sysfs sys /sys; mount -t devtmpfs dev /dev
@@ -67,7 +81,10 @@ echo "E2E-GETRANDOM $(raw '\\x80\\x01\\x00\\x00\\x00\\x0c\\x00\\x00\\x01\\x7b\\x
 AA='\\xaa\\xaa\\xaa\\xaa\\xaa\\xaa\\xaa\\xaa\\xaa\\xaa\\xaa\\xaa\\xaa\\xaa\\xaa\\xaa\\xaa\\xaa\\xaa\\xaa\\xaa\\xaa\\xaa\\xaa\\xaa\\xaa\\xaa\\xaa\\xaa\\xaa\\xaa\\xaa'
 echo "E2E-EXTEND $(raw "\\x80\\x02\\x00\\x00\\x00\\x41\\x00\\x00\\x01\\x82\\x00\\x00\\x00\\x10\\x00\\x00\\x00\\x09\\x40\\x00\\x00\\x09\\x00\\x00\\x01\\x00\\x00\\x00\\x00\\x00\\x01\\x00\\x0b$AA")"
 n=0
-while true; do n=$((n+1)); echo "E2E-LOOP $n uptime=$(cut -d' ' -f1 /proc/uptime) PCR16=$(cat $T/pcr-sha256/16)"; sleep 1; done
+XL=0; grep -q e2e_extend_loop /proc/cmdline && XL=1
+while true; do n=$((n+1))
+  [ $XL = 1 ] && raw "\\x80\\x02\\x00\\x00\\x00\\x41\\x00\\x00\\x01\\x82\\x00\\x00\\x00\\x10\\x00\\x00\\x00\\x09\\x40\\x00\\x00\\x09\\x00\\x00\\x01\\x00\\x00\\x00\\x00\\x00\\x01\\x00\\x0b$AA" >/dev/null
+  echo "E2E-LOOP $n uptime=$(cut -d' ' -f1 /proc/uptime) PCR16=$(cat $T/pcr-sha256/16)"; sleep 1; done
 `;
 
 /** Builds initramfs.cpio.gz (busybox-static, /init, /dev/console) in `dir`; returns its path. */
@@ -91,6 +108,8 @@ export interface QemuOptions {
   incoming?: string;
   /** Let a reset reboot the guest (no -no-reboot). */
   reboot?: boolean;
+  /** Extra kernel command line (e.g. e2e_extend_loop). */
+  append?: string;
 }
 
 export class Qemu {
@@ -105,7 +124,7 @@ export class Qemu {
     this.monitor = join(o.dir, `mon-${o.name}.sock`);
     const args = [
       '-machine', 'q35', '-accel', 'tcg', '-m', '256', '-smp', '1', '-nographic', ...(o.reboot ? [] : ['-no-reboot']),
-      '-kernel', KERNEL, '-initrd', o.initrd, '-append', 'console=ttyS0 panic=-1 quiet',
+      '-kernel', KERNEL, '-initrd', o.initrd, '-append', `console=ttyS0 panic=-1 quiet${o.append ? ` ${o.append}` : ''}`,
       '-chardev', `socket,id=chrtpm,path=${o.ctrl}`, '-tpmdev', 'emulator,id=tpm0,chardev=chrtpm',
       '-device', `${o.device},tpmdev=tpm0`,
       '-serial', `file:${this.serial}`, '-monitor', `unix:${this.monitor},server,nowait`, '-display', 'none',
