@@ -2,6 +2,7 @@
 // served by the host's backend on the VM's manager-backed vTPM. The toolstack's part: write the node
 // the backend watches (src/backend/qemu-devices.ts) and wait for its answer.
 import type { Command } from 'commander';
+import fs from 'node:fs';
 import { resolve } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { connect, type XsClient } from '../xenstore/client.js';
@@ -18,7 +19,20 @@ export interface QemuAttachOptions {
   version?: '2.0' | '1.2';
   /** A local live migration's destination: serve the vTPM the VM's current endpoint serves once QEMU runs here. */
   incoming?: boolean;
+  /** Hand the control socket to this user (name or uid): the one QEMU runs as (libvirt: libvirt-qemu). */
+  owner?: string;
   timeoutMs?: number;
+}
+
+/** A user name (from /etc/passwd) or a numeric uid. */
+export function uidOf(user: string): number {
+  if (/^[0-9]+$/.test(user)) return Number(user);
+  const line = fs
+    .readFileSync('/etc/passwd', 'utf8')
+    .split('\n')
+    .find((l) => l.split(':')[0] === user);
+  if (!line) throw new Error(`--owner: no user ${user} in /etc/passwd`);
+  return Number(line.split(':')[2]);
 }
 
 async function nodes(xs: XsClient): Promise<string[]> {
@@ -45,6 +59,7 @@ export async function qemuAttach(o: QemuAttachOptions): Promise<number> {
   const version = o.version ?? '2.0';
   if (version !== '2.0' && version !== '1.2') throw new Error('--tpm-version must be 2.0 or 1.2');
   const ctrl = resolve(o.ctrl);
+  const owner = o.owner === undefined ? undefined : uidOf(o.owner);
   const rd = new RunDir(o.run);
   const h = rd.readHost();
   const mgrLogFrom = fileSize(rd.log('manager'));
@@ -92,6 +107,17 @@ export async function qemuAttach(o: QemuAttachOptions): Promise<number> {
       const why = managerReason(rd.log('manager'), mgrLogFrom, 'OPEN');
       throw openRefusal(uuid, err, why);
     }
+    if (owner !== undefined) {
+      try {
+        // The socket stays 0600: only its owner (QEMU's user) and root may connect.
+        fs.chownSync(ctrl, owner, -1);
+      } catch (err) {
+        await xs.write(`${node}/state`, String(QemuNodeState.CLOSING));
+        await waitState(xs, node, [QemuNodeState.CLOSED], o.timeoutMs ?? 30_000).catch(() => {});
+        await xs.rm(node).catch(() => {});
+        throw new Error(`--owner: cannot hand ${ctrl} to uid ${owner}: ${(err as Error).message}`);
+      }
+    }
     return n;
   } finally {
     await xs.close();
@@ -134,8 +160,16 @@ export function register(program: Command): void {
     .requiredOption('--ctrl <path>', 'control socket to create (QEMU: -chardev socket,path=PATH)')
     .option('--tpm-version <v>', 'TPM version of a new vTPM: 2.0 or 1.2', '2.0')
     .option('--incoming', "local live migration's destination: takes the VM's vTPM over from its current endpoint when QEMU runs here")
-    .action(async (o: { run: string; vm: string; ctrl: string; tpmVersion: string; incoming?: boolean }) => {
-      const n = await qemuAttach({ run: o.run, vm: o.vm, ctrl: o.ctrl, version: o.tpmVersion as '2.0' | '1.2', incoming: o.incoming === true });
+    .option('--owner <user>', 'hand the socket to the user QEMU runs as (libvirt on Debian: libvirt-qemu)')
+    .action(async (o: { run: string; vm: string; ctrl: string; tpmVersion: string; incoming?: boolean; owner?: string }) => {
+      const n = await qemuAttach({
+        run: o.run,
+        vm: o.vm,
+        ctrl: o.ctrl,
+        version: o.tpmVersion as '2.0' | '1.2',
+        incoming: o.incoming === true,
+        ...(o.owner !== undefined ? { owner: o.owner } : {}),
+      });
       console.log(`VM ${o.vm}: vTPM ${o.incoming ? 'incoming endpoint ' : ''}listening on ${resolve(o.ctrl)} (node ${n})`);
     });
   qemu
