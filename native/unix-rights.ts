@@ -73,6 +73,9 @@ export interface Received {
  * One recvmsg() without blocking. Returns null when nothing is ready (EAGAIN), an empty `data` at
  * end of stream; throws on other errors.
  */
+/** Scratch blocks whose msghdr and iovec already point into themselves (recvOnce lays them out once). */
+const laidOut = new WeakSet<Scratch>();
+
 function recvOnce(fd: number, s: Scratch, block = false): Received | null {
   // Layout: [0,56) msghdr, [56,72) iovec, [72,72+CMSG_SPACE) control, then the data buffer.
   const MSG = 0;
@@ -80,13 +83,18 @@ function recvOnce(fd: number, s: Scratch, block = false): Received | null {
   const CTL = 72;
   const DATA = CTL + CMSG_SPACE;
   const v = s.view;
-  s.bytes.fill(0, 0, DATA);
-  v.setBigUint64(MSG + 16, s.addr + BigInt(IOV), true); // msg_iov
-  v.setBigUint64(MSG + 24, 1n, true); // msg_iovlen
-  v.setBigUint64(MSG + 32, s.addr + BigInt(CTL), true); // msg_control
+  if (!laidOut.has(s)) {
+    s.bytes.fill(0, 0, DATA);
+    v.setBigUint64(MSG + 16, s.addr + BigInt(IOV), true); // msg_iov
+    v.setBigUint64(MSG + 24, 1n, true); // msg_iovlen
+    v.setBigUint64(MSG + 32, s.addr + BigInt(CTL), true); // msg_control
+    v.setBigUint64(IOV, s.addr + BigInt(DATA), true);
+    v.setBigUint64(IOV + 8, BigInt(RECV_CHUNK), true);
+    laidOut.add(s);
+  }
+  // recvmsg rewrites only these two (and msg_namelen, 0 with no name).
   v.setBigUint64(MSG + 40, BigInt(CMSG_SPACE), true); // msg_controllen
-  v.setBigUint64(IOV, s.addr + BigInt(DATA), true);
-  v.setBigUint64(IOV + 8, BigInt(RECV_CHUNK), true);
+  v.setInt32(MSG + 48, 0, true); // msg_flags
   let n: number;
   for (;;) {
     n = Number(c_recvmsg(fd, s.ptr, (block ? 0 : MSG_DONTWAIT) | MSG_CMSG_CLOEXEC));

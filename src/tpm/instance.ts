@@ -279,9 +279,13 @@ export class TpmInstance extends EventEmitter implements TpmEndpoint {
     if (this.#status === 'failed') {
       throw new TpmInstanceError('FAILED', this.instance, 'instance failed; recreate() it');
     }
-    // Blobs set while off become durable here, before the TPM runs on them (and before INIT answers).
-    await this.#nv.sync();
+    // Blobs set while off become durable here, while libtpms starts on them, and before power-on
+    // resolves (before INIT answers).
+    const { ready, durable } = this.#nv.sync();
+    durable.catch(() => undefined); // awaited below; a failure also fails the instance (NvState)
+    await ready;
     const rc = await this.#inLibrary(() => lib.mainInitAsync());
+    await durable;
     if (rc !== TPM_SUCCESS) {
       // libtpms may have written nothing useful; keep the store as it was and isolate the copy.
       this.#nv.dropPending();

@@ -91,21 +91,32 @@ export class NvState {
   /**
    * Make what is pending durable and memory a mirror of the store, without reading back what memory
    * already holds: kinds written here are not read again; the rest only when memory may be behind.
-   * (Blobs installed with setStateBlob reach the store here, at power-on, all in one flush.)
+   * `ready`: memory is complete (a power-on may run on it); `durable`: the store holds it all. The two
+   * overlap, so TPMLIB_MainInit can run while the blobs set with setStateBlob are being committed.
    */
-  async sync(): Promise<void> {
+  sync(): { ready: Promise<void>; durable: Promise<void> } {
     const written = new Set(this.#pending.keys());
-    await this.flush();
-    if (this.#synced) return;
-    const rest = STATE_KINDS.filter((k) => !written.has(k));
-    const { store, instance } = this.target;
-    const blobs = await Promise.all(rest.map((kind) => store.load(instance, kind)));
-    rest.forEach((kind, i) => {
-      const blob = blobs[i];
-      if (blob) this.#nv.set(kind, blob);
-      else this.#nv.delete(kind);
+    // Reads wait for earlier writes; this flush's writes are of other kinds, so they run alongside.
+    const prior = this.#flushing.catch(() => undefined);
+    // What is pending now, not what power-on writes meanwhile: that stays pending, promised to nobody
+    // yet, and goes out with the first response.
+    const ops = [...this.#pending];
+    this.#pending.clear();
+    const durable = this.#flushing.then(() => this.#write(ops)); // a failed earlier flush fails this one too
+    this.#flushing = durable;
+    if (this.#synced) return { ready: Promise.resolve(), durable };
+    const ready = prior.then(async () => {
+      const rest = STATE_KINDS.filter((k) => !written.has(k));
+      const { store, instance } = this.target;
+      const blobs = await Promise.all(rest.map((kind) => store.load(instance, kind)));
+      rest.forEach((kind, i) => {
+        const blob = blobs[i];
+        if (blob) this.#nv.set(kind, blob);
+        else this.#nv.delete(kind);
+      });
+      this.#synced = true;
     });
-    this.#synced = true;
+    return { ready, durable };
   }
 
   /**
@@ -129,15 +140,19 @@ export class NvState {
     while (this.#pending.size > 0) {
       const ops = [...this.#pending];
       this.#pending.clear();
-      const { store, instance } = this.target;
-      // One kind each, so they may go out together: the manager commits a batch with one fsync.
-      const done = await Promise.allSettled(ops.map(([kind, blob]) => (blob ? store.store(instance, kind, blob) : store.delete(instance, kind))));
-      const i = done.findIndex((d) => d.status === 'rejected');
-      if (i >= 0) {
-        this.#synced = false;
-        const err: unknown = (done[i] as PromiseRejectedResult).reason;
-        throw this.onStoreFailure(`state store failed on ${ops[i]![0]}: ${err instanceof Error ? err.message : String(err)}`);
-      }
+      await this.#write(ops);
+    }
+  }
+
+  /** One batch of writes: one kind each, so they go out together (the manager commits them with one fsync). */
+  async #write(ops: Array<[StateKind, Uint8Array | null]>): Promise<void> {
+    const { store, instance } = this.target;
+    const done = await Promise.allSettled(ops.map(([kind, blob]) => (blob ? store.store(instance, kind, blob) : store.delete(instance, kind))));
+    const i = done.findIndex((d) => d.status === 'rejected');
+    if (i >= 0) {
+      this.#synced = false;
+      const err: unknown = (done[i] as PromiseRejectedResult).reason;
+      throw this.onStoreFailure(`state store failed on ${ops[i]![0]}: ${err instanceof Error ? err.message : String(err)}`);
     }
   }
 }
