@@ -279,8 +279,7 @@ export class TpmInstance extends EventEmitter implements TpmEndpoint {
     if (this.#status === 'failed') {
       throw new TpmInstanceError('FAILED', this.instance, 'instance failed; recreate() it');
     }
-    // Blobs set while off become durable here, while libtpms starts on them, and before power-on
-    // resolves (before INIT answers).
+    // Blobs set while off are committed while libtpms starts on them, durable before this resolves.
     const { ready, durable } = this.#nv.sync();
     durable.catch(() => undefined); // awaited below; a failure also fails the instance (NvState)
     await ready;
@@ -302,9 +301,8 @@ export class TpmInstance extends EventEmitter implements TpmEndpoint {
   }
 
   /**
-   * Power off (swtpm CMD_STOP): TPMLIB_Terminate. Every released response is durable already; what is
-   * still pending (power-on's consumed volatile state, an unreleased Startup) was promised to nobody and
-   * becomes durable with whatever next needs it: powerOn, a state blob read, destroy.
+   * Power off (swtpm CMD_STOP): TPMLIB_Terminate. Pending writes were promised to nobody: they go out
+   * with whatever next needs them (powerOn, a state blob read, destroy).
    */
   powerOff(): Promise<void> {
     return this.#enqueue(() => this.#powerOff());
