@@ -76,15 +76,26 @@ export class IncomingVtpm implements QemuVtpm {
     await this.#claim();
     this.#owner = true;
     const t = this.#target;
-    await t.powerOff();
-    if (this.#wantedBuffer !== 0) t.setBufferSize(this.#wantedBuffer);
-    // A kind QEMU did not send is cleared: the destination runs on the migrated state alone.
-    for (const kind of ['permanent', 'volatile', 'savestate'] as const) {
-      await t.setStateBlob(kind, this.#blobs.get(kind) ?? new Uint8Array(0));
+    try {
+      await t.powerOff();
+      if (this.#wantedBuffer !== 0) t.setBufferSize(this.#wantedBuffer);
+      // A kind QEMU did not send is cleared: the destination runs on the migrated state alone.
+      for (const kind of ['permanent', 'volatile', 'savestate'] as const) {
+        await t.setStateBlob(kind, this.#blobs.get(kind) ?? new Uint8Array(0));
+      }
+      // Durable before INIT answers (power-on commits what was set).
+      await t.powerOn();
+    } catch (err) {
+      // libtpms refused a blob (or the store failed): back to the last durable state, powered off as
+      // before any INIT. The source stays fenced; its QEMU has handed the VM over already.
+      await t
+        .recreate()
+        .then(() => t.powerOff())
+        .catch(() => undefined);
+      throw err;
+    } finally {
+      this.#blobs.clear();
     }
-    this.#blobs.clear();
-    // Durable before INIT answers (power-on flushes what was set).
-    await t.powerOn();
   }
 
   async powerOff(): Promise<void> {

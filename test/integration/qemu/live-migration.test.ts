@@ -144,6 +144,46 @@ describe('vtpm qemu attach --incoming on the wire', () => {
   });
 });
 
+describe('vtpm qemu attach --incoming with a blob libtpms refuses', () => {
+  it('INIT answers 0x09 and the vTPM goes back to its last durable state, powered off; the destination may INIT again from it', async () => {
+    const vm = randomUUID();
+    const ctrlA = join(work, 'a3.sock');
+    const ctrlB = join(work, 'b3.sock');
+    await host.attach(vm, ctrlA);
+    const a = await connectQemuStyle(ctrlA);
+    expect(await a.c.cmd('00000002 00000000', 4)).toBe('00000000');
+    expect(await a.d.transmit(TPM2.startupClear)).toBe('80010000000a00000000');
+    const perm = await getBlob(a.c, 1);
+    await host.attachIncoming(vm, ctrlB);
+    const b = await connectQemuStyle(ctrlB);
+    expect(await b.c.cmd('0000000e', 4)).toBe('00000000');
+    b.c.write(setBlobMsg(1, perm));
+    expect((await b.c.read(4)).toString('hex')).toBe('00000000');
+    // A well-formed version-1 header (totlen right) around bytes that are no volatile state.
+    const junk = Buffer.alloc(10 + 64, 0x5a);
+    junk.writeUInt8(1, 0);
+    junk.writeUInt8(1, 1);
+    junk.writeUInt16BE(10, 2);
+    junk.writeUInt16BE(0, 4);
+    junk.writeUInt32BE(junk.length, 6);
+    b.c.write(setBlobMsg(2, junk));
+    expect((await b.c.read(4)).toString('hex')).toBe('00000000');
+    expect(await b.c.cmd('00000002 00000001', 4)).toBe('00000009');
+    expect(host.backendLog()).toMatch(/refused the blob/);
+    // The source was fenced at the hand-over; the destination owns a TPM that is off, on the durable state.
+    await a.c.read(1, 2000);
+    expect(a.c.closed).toBe(true);
+    expect(await b.d.transmit(TPM2.pcrRead16)).toBe(FATAL);
+    expect(await b.c.cmd('00000002 00000000', 4)).toBe('00000000');
+    expect(await b.d.transmit(TPM2.startupClear)).toBe('80010000000a00000000');
+    expect(await b.d.transmit(TPM2.pcrRead16)).toMatch(pcrRead('00'.repeat(32)));
+    b.c.close();
+    b.d.close();
+    a.d.close();
+    await host.detach(vm);
+  });
+});
+
 async function freePort(): Promise<number> {
   const srv = net.createServer();
   await new Promise<void>((r) => srv.listen(0, '127.0.0.1', r));
