@@ -8,6 +8,7 @@
 // registration may happen in either order.
 import './koffi-config.js';
 import koffi from 'koffi';
+import { randomBytes } from 'node:crypto';
 import { EventEmitter } from 'node:events';
 
 const libc = koffi.load('libc.so.6');
@@ -137,14 +138,17 @@ export function closeFd(fd: number): void {
 const node = koffi.load(null);
 const UV_POLL = 8; // uv_handle_type
 const UV_READABLE = 1;
-const PollCb = koffi.proto('void vtpm_uv_poll_cb(void *handle, int status, int events)');
-const CloseCb = koffi.proto('void vtpm_uv_close_cb(void *handle)');
+// koffi's type names are process-wide and this module may be evaluated more than once in a process
+// (test runners re-import per file): a fresh suffix per evaluation keeps them distinct.
+const SUFFIX = randomBytes(6).toString('hex');
+const PollCb = koffi.proto(`void vtpm_uv_poll_cb_${SUFFIX}(void *handle, int status, int events)`);
+const CloseCb = koffi.proto(`void vtpm_uv_close_cb_${SUFFIX}(void *handle)`);
 const uv_default_loop = node.func('void *uv_default_loop(void)');
 const uv_handle_size = node.func('size_t uv_handle_size(int type)');
 const uv_poll_init = node.func('int uv_poll_init(void *loop, void *handle, int fd)');
-const uv_poll_start = node.func('int uv_poll_start(void *handle, int events, vtpm_uv_poll_cb *cb)');
+const uv_poll_start = node.func('int uv_poll_start(void *handle, int events, void *cb)');
 const uv_poll_stop = node.func('int uv_poll_stop(void *handle)');
-const uv_close = node.func('void uv_close(void *handle, vtpm_uv_close_cb *cb)');
+const uv_close = node.func('void uv_close(void *handle, void *cb)');
 const uv_unref = node.func('void uv_unref(void *handle)');
 /** recvmsg() calls per readiness callback: a state blob (~10 KiB) arrives in one go, a flood yields. */
 const READS_PER_WAKE = 8;
