@@ -18,8 +18,6 @@ export class NvState {
   #pending = new Map<StateKind, Uint8Array | null>();
   /** The newest flush (see flush). */
   #flushing: Promise<void> = Promise.resolve();
-  /** Memory holds what the store holds, apart from #pending (set by reload, lost with a dropped or failed write). */
-  #synced = false;
 
   /** @param onStoreFailure called with the message when a store write or delete fails; the flush then rejects. */
   constructor(
@@ -66,7 +64,6 @@ export class NvState {
   /** Forget what is not durable yet (a failed MainInit, an unbound spare). */
   dropPending(): void {
     this.#pending.clear();
-    this.#synced = false;
   }
 
   /** Writes not yet durable. */
@@ -74,25 +71,11 @@ export class NvState {
     return this.#pending.size;
   }
 
-  /** Memory becomes what the store holds; nothing pending. */
-  async reload(): Promise<void> {
-    this.#nv.clear();
-    this.#pending.clear();
-    const { store, instance } = this.target;
-    // The three reads in parallel: one pool round trip instead of three in a row.
-    const blobs = await Promise.all(STATE_KINDS.map((kind) => store.load(instance, kind)));
-    STATE_KINDS.forEach((kind, i) => {
-      const blob = blobs[i];
-      if (blob) this.#nv.set(kind, blob);
-    });
-    this.#synced = true;
-  }
-
   /**
-   * Make what is pending durable and memory a mirror of the store, without reading back what memory
-   * already holds: kinds written here are not read again; the rest only when memory may be behind.
-   * `ready`: memory is complete (a power-on may run on it); `durable`: the store holds it all. The two
-   * overlap, so TPMLIB_MainInit can run while the blobs set with setStateBlob are being committed.
+   * Make what is pending durable and memory a mirror of the store (power-on): the kinds pending now are
+   * written, every other kind is read back, both at once. `ready`: memory is complete (libtpms may start
+   * on it); `durable`: the store holds what was pending. So TPMLIB_MainInit runs while the blobs set with
+   * setStateBlob are committed, in one batch.
    */
   sync(): { ready: Promise<void>; durable: Promise<void> } {
     const written = new Set(this.#pending.keys());
@@ -104,7 +87,6 @@ export class NvState {
     this.#pending.clear();
     const durable = this.#flushing.then(() => this.#write(ops)); // a failed earlier flush fails this one too
     this.#flushing = durable;
-    if (this.#synced) return { ready: Promise.resolve(), durable };
     const ready = prior.then(async () => {
       const rest = STATE_KINDS.filter((k) => !written.has(k));
       const { store, instance } = this.target;
@@ -114,7 +96,6 @@ export class NvState {
         if (blob) this.#nv.set(kind, blob);
         else this.#nv.delete(kind);
       });
-      this.#synced = true;
     });
     return { ready, durable };
   }
@@ -150,7 +131,6 @@ export class NvState {
     const done = await Promise.allSettled(ops.map(([kind, blob]) => (blob ? store.store(instance, kind, blob) : store.delete(instance, kind))));
     const i = done.findIndex((d) => d.status === 'rejected');
     if (i >= 0) {
-      this.#synced = false;
       const err: unknown = (done[i] as PromiseRejectedResult).reason;
       throw this.onStoreFailure(`state store failed on ${ops[i]![0]}: ${err instanceof Error ? err.message : String(err)}`);
     }
