@@ -351,10 +351,6 @@ export class QemuEndpoint {
     await this.close(true);
   }
 
-  get fenced(): string | null {
-    return this.#fenced;
-  }
-
   /**
    * Stop listening and drop every connection (after their queued replies with `afterWrites`); the vTPM
    * itself is the caller's to release.

@@ -37,11 +37,6 @@ export class IncomingVtpm implements QemuVtpm {
     this.#claim = claim;
   }
 
-  /** True once the hand-over happened. */
-  get owner(): boolean {
-    return this.#owner;
-  }
-
   get instance(): number {
     return this.#target.instance;
   }
