@@ -1,0 +1,415 @@
+// The manager's state in an etcd cluster, shared by every host of it. etcd holds only ciphertext: the
+// sealed blobs as seal.ts makes them, and each VM's record (its VM-table entry and the generation of
+// each live blob) AES-256-GCM-sealed under a key derived from the metadata key. Keys (docs/cluster.md):
+//
+//   P/keycheck           a sealed constant: a host with another master key refuses to start
+//   P/vm/<uuid>          sealed { vm: VmRecord, gens: { kind: generation } }
+//   P/blob/<inst>/<kind> sealed blob (seal.ts)
+//   P/inst/<inst>        the VM uuid that owns an instance number (instance numbers are cluster-wide)
+//   P/claim/<uuid>       the holder's host name, bound to its lease (etcd-claims.ts)
+//   P/host/<host>/migration  that host's sealed migration record (keys, counters)
+//
+// Group commit: saves queue while a transaction is in flight and the next transaction carries them all
+// (up to MAX_VMS VMs, inside etcd's default 128 operations). Each transaction is conditioned on the
+// claim of every VM it writes still carrying the lease this host claimed it under; it is acknowledged
+// once etcd committed it, i.e. a quorum has it in its log. A transaction whose condition fails is split
+// by VM: fenced VMs' saves are refused, the others go again.
+import crypto from 'node:crypto';
+import { CompareResult, CompareTarget, type Etcd3, type ICompare, type IRequestOp } from 'etcd3';
+import type { StateKind } from '../tpm/state-store.js';
+import { Claims, EtcdStoreError, connect, parseEtcdUrl, unavailable, type EtcdTls } from './etcd-claims.js';
+import type { StoreStats } from './store.js';
+import type { VmRecord } from './vm-table.js';
+import type { VtpmStore } from './vm-store.js';
+
+const MAGIC = Buffer.from('VTPMETCD', 'ascii');
+const SALT = 16;
+const TAG = 16;
+/** VMs per transaction: a blob put, a delete or two and the record each stay under etcd's 128 operations. */
+const MAX_VMS = 40;
+const KEYCHECK = 'vtpm-split cluster key check v1';
+
+/** AES-256-GCM under a key of its own (HKDF of the metadata key and a random salt), the etcd key name as AAD. */
+export function sealRecord(metaKey: Buffer, name: string, value: unknown): Buffer {
+  const salt = crypto.randomBytes(SALT);
+  const key = Buffer.from(crypto.hkdfSync('sha256', metaKey, salt, Buffer.from('etcd record', 'ascii'), 32));
+  const c = crypto.createCipheriv('aes-256-gcm', key, Buffer.alloc(12));
+  c.setAAD(Buffer.concat([MAGIC, Buffer.from(name)]));
+  const ct = Buffer.concat([c.update(JSON.stringify(value)), c.final()]);
+  return Buffer.concat([MAGIC, salt, c.getAuthTag(), ct]);
+}
+
+export function openRecord(metaKey: Buffer, name: string, b: Buffer): unknown {
+  if (b.length < MAGIC.length + SALT + TAG || !b.subarray(0, MAGIC.length).equals(MAGIC)) throw new EtcdStoreError('FORMAT', `etcd key ${name} holds no sealed record`);
+  const salt = b.subarray(MAGIC.length, MAGIC.length + SALT);
+  const key = Buffer.from(crypto.hkdfSync('sha256', metaKey, salt, Buffer.from('etcd record', 'ascii'), 32));
+  const d = crypto.createDecipheriv('aes-256-gcm', key, Buffer.alloc(12));
+  d.setAAD(Buffer.concat([MAGIC, Buffer.from(name)]));
+  d.setAuthTag(b.subarray(MAGIC.length + SALT, MAGIC.length + SALT + TAG));
+  try {
+    return JSON.parse(Buffer.concat([d.update(b.subarray(MAGIC.length + SALT + TAG)), d.final()]).toString('utf8'));
+  } catch {
+    throw new EtcdStoreError('FORMAT', `etcd key ${name} fails authentication (edited, moved from another key, or sealed under another master key)`);
+  }
+}
+
+type Gens = Partial<Record<StateKind, number>>;
+interface VmEntry {
+  vm: VmRecord;
+  gens: Gens;
+}
+
+type Op =
+  | { type: 'save'; instance: number; kind: StateKind; generation: number; data: Uint8Array; done: Deferred }
+  | { type: 'remove'; instance: number; kinds: readonly StateKind[]; done: Deferred }
+  | { type: 'table'; done: Deferred };
+
+type OpInput = Op extends infer T ? (T extends Op ? Omit<T, 'done'> : never) : never;
+
+interface Deferred {
+  resolve: () => void;
+  reject: (e: Error) => void;
+}
+
+export interface EtcdStoreOptions {
+  url: string;
+  tls?: EtcdTls;
+  /** This host's name in claims (unique in the cluster). */
+  host: string;
+  ttlSeconds: number;
+  metaKey: Buffer;
+  /** The VM table's record of an instance, as it is now. */
+  vm: (instance: number) => VmRecord | undefined;
+  /** The whole table and this host's migration record, as they are now. */
+  snapshot: () => { vms: VmRecord[]; migration: unknown };
+  log: (line: string) => void;
+}
+
+export class EtcdStore implements VtpmStore {
+  readonly description: string;
+  readonly stats: StoreStats = { commits: 0, saves: 0, coalesced: 0, checkpoints: 0, replayed: 0 };
+  readonly claims: Claims;
+  readonly #client: Etcd3;
+  readonly #p: string;
+  readonly #o: EtcdStoreOptions;
+  #clock = 0;
+  /** What etcd holds for each VM as far as this host knows: the record JSON last written or read, and its generations. */
+  readonly #written = new Map<string, string>();
+  readonly #gens = new Map<string, Gens>();
+  #writtenMigration = '';
+  #queue: Op[] = [];
+  #running: Promise<void> | null = null;
+
+  private constructor(o: EtcdStoreOptions, client: Etcd3, prefix: string) {
+    this.#o = o;
+    this.#client = client;
+    this.#p = prefix;
+    this.description = o.url;
+    this.claims = new Claims(client, prefix, o.host, o.ttlSeconds, o.log);
+  }
+
+  #key(...parts: Array<string | number>): Buffer {
+    return Buffer.from(this.#p + parts.join('/'));
+  }
+
+  /** Connects, checks the master key against the cluster's, and reads the VM table and this host's migration record. */
+  static async open(o: EtcdStoreOptions): Promise<{ store: EtcdStore; table: { vms: VmRecord[]; migration: unknown } }> {
+    const target = parseEtcdUrl(o.url);
+    const client = connect(target, o.tls);
+    const s = new EtcdStore(o, client, target.prefix);
+    try {
+      await s.#checkKey();
+      const vms = await s.readTable();
+      const mig = await s.#get(s.#key('host', o.host, 'migration'));
+      const migration = mig ? openRecord(o.metaKey, `host/${o.host}/migration`, mig) : null;
+      s.#writtenMigration = JSON.stringify(migration);
+      return { store: s, table: { vms, migration } };
+    } catch (err) {
+      client.close();
+      throw err;
+    }
+  }
+
+  async #get(key: Buffer): Promise<Buffer | null> {
+    try {
+      const r = await this.#client.kv.range({ key });
+      return r.kvs[0]?.value ?? null;
+    } catch (err) {
+      throw unavailable(err, `reading ${key.toString()}`);
+    }
+  }
+
+  async #checkKey(): Promise<void> {
+    const key = this.#key('keycheck');
+    let r;
+    try {
+      r = await this.#client.kv.txn({
+        compare: [{ key, target: CompareTarget.Create, result: CompareResult.Equal, create_revision: 0 }],
+        success: [{ request_put: { key, value: sealRecord(this.#o.metaKey, 'keycheck', KEYCHECK) } }],
+        failure: [{ request_range: { key } }],
+      });
+    } catch (err) {
+      throw unavailable(err, `connecting to ${this.#o.url}`);
+    }
+    if (r.succeeded) return;
+    const v = r.responses[0]?.response_range.kvs[0]?.value;
+    try {
+      if (v && openRecord(this.#o.metaKey, 'keycheck', v) === KEYCHECK) return;
+    } catch {
+      // below
+    }
+    throw new EtcdStoreError('KEY_MISMATCH', `the master key does not open ${this.#p}keycheck: every host of ${this.#o.url} must use the same --master-key file`);
+  }
+
+  /** Every VM record in the cluster (another host may have added or changed some since the last read). */
+  async readTable(): Promise<VmRecord[]> {
+    const from = this.#key('vm', '');
+    let r;
+    try {
+      r = await this.#client.kv.range({ key: from, range_end: this.#key('vm' + String.fromCharCode('/'.charCodeAt(0) + 1)) });
+    } catch (err) {
+      throw unavailable(err, 'reading the VM table');
+    }
+    const vms: VmRecord[] = [];
+    for (const kv of r.kvs) {
+      const name = kv.key.toString().slice(this.#p.length);
+      const e = openRecord(this.#o.metaKey, name, kv.value) as VmEntry;
+      vms.push(e.vm);
+      // VMs this host writes are current in memory; others' records are what etcd says.
+      if (!this.claims.leaseOf(e.vm.vmUuid)) {
+        this.#written.set(e.vm.vmUuid, JSON.stringify(e.vm));
+        this.#gens.set(e.vm.vmUuid, e.gens);
+      }
+      for (const g of Object.values(e.gens)) this.#clock = Math.max(this.#clock, g ?? 0);
+    }
+    return vms;
+  }
+
+  /** Takes `instance` for `vmUuid` cluster-wide (false: another VM has it). Repeatable. */
+  async reserveInstance(instance: number, vmUuid: string): Promise<boolean> {
+    const key = this.#key('inst', instance);
+    try {
+      const r = await this.#client.kv.txn({
+        compare: [{ key, target: CompareTarget.Create, result: CompareResult.Equal, create_revision: 0 }],
+        success: [{ request_put: { key, value: Buffer.from(vmUuid) } }],
+        failure: [{ request_range: { key } }],
+      });
+      return r.succeeded || r.responses[0]?.response_range.kvs[0]?.value.toString() === vmUuid;
+    } catch (err) {
+      throw unavailable(err, `reserving instance ${instance}`);
+    }
+  }
+
+  reserve(): number {
+    return ++this.#clock;
+  }
+
+  save(instance: number, kind: StateKind, generation: number, data: Uint8Array): Promise<void> {
+    return this.#enqueue({ type: 'save', instance, kind, generation, data });
+  }
+
+  remove(instance: number, kinds: readonly StateKind[] = ['permanent', 'volatile', 'savestate']): Promise<void> {
+    return this.#enqueue({ type: 'remove', instance, kinds });
+  }
+
+  commitTable(): Promise<void> {
+    return this.#enqueue({ type: 'table' });
+  }
+
+  /** The VM's record and blob at one revision; only the claim holder reads (it is the only writer). */
+  async load(instance: number, kind: StateKind): Promise<{ generation: number; data: Buffer } | null> {
+    const vm = this.#o.vm(instance);
+    if (!vm) throw new EtcdStoreError('FORMAT', `no VM record for instance ${instance}`);
+    if (!this.claims.leaseOf(vm.vmUuid)) throw this.claims.forget(vm.vmUuid, undefined);
+    // Queued saves of this VM first: a load returns what was acknowledged last.
+    while (this.#running && this.#queue.some((op) => op.type !== 'table' && op.instance === instance)) await this.#running;
+    let r;
+    try {
+      r = await this.#client.kv.txn({ success: [{ request_range: { key: this.#key('vm', vm.vmUuid) } }, { request_range: { key: this.#key('blob', instance, kind) } }] });
+    } catch (err) {
+      throw unavailable(err, `loading ${kind} state of instance ${instance}`);
+    }
+    const rec = r.responses[0]?.response_range.kvs[0];
+    if (!rec) return null;
+    const e = openRecord(this.#o.metaKey, `vm/${vm.vmUuid}`, rec.value) as VmEntry;
+    const g = e.gens[kind];
+    if (g === undefined) return null;
+    const blob = r.responses[1]?.response_range.kvs[0];
+    if (!blob) throw new EtcdStoreError('FORMAT', `etcd key ${this.#p}blob/${instance}/${kind} named by vm ${vm.vmUuid}'s record (generation ${g}) is missing`);
+    return { generation: g, data: blob.value };
+  }
+
+  /** DELETE: the VM's record, blobs, instance number and claim, in one transaction conditioned on the claim. */
+  async deleteVm(vmUuid: string, instance: number): Promise<void> {
+    await this.flush();
+    const lease = this.claims.leaseOf(vmUuid);
+    if (!lease) throw this.claims.forget(vmUuid, undefined);
+    const claim = this.claims.claimKey(vmUuid);
+    const blobs = this.#key('blob', instance, '');
+    let r;
+    try {
+      r = await this.#client.kv.txn({
+        compare: [{ key: claim, target: CompareTarget.Lease, result: CompareResult.Equal, lease }],
+        success: [
+          { request_delete_range: { key: this.#key('vm', vmUuid) } },
+          { request_delete_range: { key: blobs, range_end: this.#key('blob', instance + '0') } },
+          { request_delete_range: { key: this.#key('inst', instance) } },
+          { request_delete_range: { key: claim } },
+        ],
+        failure: [{ request_range: { key: claim } }],
+      });
+    } catch (err) {
+      throw unavailable(err, `deleting vm ${vmUuid}`);
+    }
+    if (!r.succeeded) throw this.claims.forget(vmUuid, r.responses[0]?.response_range.kvs[0]);
+    this.#written.delete(vmUuid);
+    this.#gens.delete(vmUuid);
+    await this.claims.release(vmUuid).catch(() => undefined);
+  }
+
+  #enqueue(op: OpInput): Promise<void> {
+    return new Promise<void>((resolve, reject) => {
+      this.#queue.push({ ...op, done: { resolve, reject } });
+      this.#running ??= new Promise<void>((r) => setImmediate(r)).then(() => this.#drain());
+    });
+  }
+
+  async #drain(): Promise<void> {
+    try {
+      while (this.#queue.length > 0) {
+        // As many queued operations as fit one transaction, in order.
+        const vms = new Set<number>();
+        let n = 0;
+        for (; n < this.#queue.length; n++) {
+          const op = this.#queue[n]!;
+          if (op.type !== 'table') {
+            if (!vms.has(op.instance) && vms.size >= MAX_VMS) break;
+            vms.add(op.instance);
+          }
+        }
+        const batch = this.#queue.splice(0, Math.max(n, 1));
+        await this.#commit(batch);
+      }
+    } finally {
+      this.#running = null;
+    }
+  }
+
+  async #commit(batch: Op[]): Promise<void> {
+    // Per VM: its new generations, the blob writes and deletes (a later save of a blob replaces an
+    // earlier one), the operations waiting on it.
+    const per = new Map<string, { vm: VmRecord; gens: Gens; blobs: Map<StateKind, Uint8Array | null>; ops: Op[] }>();
+    const entry = (vm: VmRecord) => {
+      let e = per.get(vm.vmUuid);
+      if (!e) per.set(vm.vmUuid, (e = { vm, gens: { ...(this.#gens.get(vm.vmUuid) ?? {}) }, blobs: new Map(), ops: [] }));
+      return e;
+    };
+    const general: Op[] = [];
+    let saves = 0;
+    let migration: string | null = null;
+    for (const op of batch) {
+      if (op.type === 'table') {
+        const snap = this.#o.snapshot();
+        // Only VMs this host holds are its to write; a record changed here after its claim was lost stays unwritten.
+        for (const vm of snap.vms) if (this.claims.leaseOf(vm.vmUuid) && this.#written.get(vm.vmUuid) !== JSON.stringify(vm)) entry(vm).ops.push(op);
+        const m = JSON.stringify(snap.migration);
+        if (m !== this.#writtenMigration) migration = m;
+        general.push(op);
+        continue;
+      }
+      const vm = this.#o.vm(op.instance);
+      if (!vm) {
+        op.done.reject(new EtcdStoreError('FORMAT', `no VM record for instance ${op.instance}`));
+        continue;
+      }
+      const e = entry(vm);
+      e.ops.push(op);
+      if (op.type === 'save') {
+        saves++;
+        if (e.blobs.has(op.kind)) this.stats.coalesced++;
+        e.blobs.set(op.kind, op.data);
+        e.gens[op.kind] = op.generation;
+      } else
+        for (const k of op.kinds) {
+          e.blobs.set(k, null);
+          delete e.gens[k];
+        }
+    }
+    // VMs this host does not hold: their operations are refused before anything is sent.
+    const failed = new Map<Op, Error>();
+    for (const [uuid, e] of per) {
+      if (this.claims.leaseOf(uuid)) continue;
+      const err = this.claims.forget(uuid, undefined);
+      for (const op of e.ops) failed.set(op, err);
+      per.delete(uuid);
+    }
+    const compare: ICompare[] = [];
+    const success: IRequestOp[] = [];
+    const written = new Map<string, string>();
+    for (const [uuid, e] of per) {
+      compare.push({ key: this.claims.claimKey(uuid), target: CompareTarget.Lease, result: CompareResult.Equal, lease: this.claims.leaseOf(uuid)! });
+      for (const [kind, data] of e.blobs) {
+        const key = this.#key('blob', e.vm.instance, kind);
+        success.push(data ? { request_put: { key, value: Buffer.from(data.buffer, data.byteOffset, data.byteLength) } } : { request_delete_range: { key } });
+      }
+      written.set(uuid, JSON.stringify(e.vm));
+      success.push({ request_put: { key: this.#key('vm', uuid), value: sealRecord(this.#o.metaKey, `vm/${uuid}`, { vm: e.vm, gens: e.gens }) } });
+    }
+    if (migration !== null) success.push({ request_put: { key: this.#key('host', this.#o.host, 'migration'), value: sealRecord(this.#o.metaKey, `host/${this.#o.host}/migration`, JSON.parse(migration)) } });
+    const settle = (): void => {
+      for (const op of batch) {
+        const err = failed.get(op);
+        if (err) op.done.reject(err);
+        else op.done.resolve();
+      }
+    };
+    if (success.length === 0) return settle();
+    let r;
+    try {
+      r = await this.#client.kv.txn({ compare, success, failure: [...per.keys()].map((uuid) => ({ request_range: { key: this.claims.claimKey(uuid) } })) });
+    } catch (err) {
+      const e = unavailable(err, `committing ${batch.length} operations`);
+      for (const op of batch) op.done.reject(failed.get(op) ?? e);
+      return;
+    }
+    if (r.succeeded) {
+      for (const [uuid, e] of per) {
+        this.#written.set(uuid, written.get(uuid)!);
+        this.#gens.set(uuid, e.gens);
+      }
+      if (migration !== null) this.#writtenMigration = migration;
+      this.stats.commits++;
+      this.stats.saves += saves;
+      return settle();
+    }
+    // Some claim is no longer ours: those VMs' operations are refused, the rest go again in order.
+    let i = 0;
+    const again: Op[] = [];
+    for (const [uuid, e] of per) {
+      const kv = r.responses[i++]?.response_range.kvs[0];
+      if (kv?.lease === this.claims.leaseOf(uuid)) continue;
+      const err = this.claims.forget(uuid, kv);
+      for (const op of e.ops) failed.set(op, err);
+    }
+    for (const op of batch) {
+      const err = failed.get(op);
+      if (err) op.done.reject(err);
+      else again.push(op);
+    }
+    this.#queue.unshift(...again);
+  }
+
+  async flush(): Promise<void> {
+    while (this.#running) await this.#running;
+  }
+
+  /** Commits what is queued, gives up every claim (revokes the lease) and disconnects. */
+  async close(): Promise<void> {
+    try {
+      await this.flush();
+      await this.claims.close();
+    } finally {
+      this.#client.close();
+    }
+  }
+}
