@@ -5,7 +5,8 @@
 // or killed) nothing it sends is applied, and another host may claim the VM. Only etcd decides; this
 // host's own view of its lease is a hint for log lines and error messages (docs/cluster.md).
 import fs from 'node:fs';
-import { Etcd3, CompareResult, CompareTarget, type IKeyValue } from 'etcd3';
+import { ConsecutiveBreaker, circuitBreaker, handleWhen } from 'cockatiel';
+import { Etcd3, CompareResult, CompareTarget, isRecoverableError, type IKeyValue } from 'etcd3';
 
 export type EtcdStoreErrorCode = 'URL' | 'HELD' | 'FENCED' | 'UNAVAILABLE' | 'KEY_MISMATCH' | 'FORMAT';
 
@@ -57,6 +58,10 @@ export function connect(target: EtcdTarget, tls?: EtcdTls): Etcd3 {
       ? { rootCertificate: fs.readFileSync(tls.ca), privateKey: tls.key ? fs.readFileSync(tls.key) : undefined, certChain: tls.cert ? fs.readFileSync(tls.cert) : undefined }
       : undefined,
     dialTimeout: CALL_DEADLINE_MS,
+    // A member that fails three calls in a row is skipped for a second (the client's default is 5 s),
+    // and reconnects are tried at least every second: service comes back within about a second of etcd.
+    faultHandling: { host: () => circuitBreaker(handleWhen(isRecoverableError), { halfOpenAfter: 1000, breaker: new ConsecutiveBreaker(3) }) },
+    grpcOptions: { 'grpc.initial_reconnect_backoff_ms': 200, 'grpc.max_reconnect_backoff_ms': 1000 },
     defaultCallOptions: (ctx) => (ctx.isStream ? {} : { deadline: Date.now() + CALL_DEADLINE_MS }),
   });
 }

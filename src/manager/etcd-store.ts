@@ -96,6 +96,8 @@ export class EtcdStore implements VtpmStore {
   /** What etcd holds for each VM as far as this host knows: the record JSON last written or read, and its generations. */
   readonly #written = new Map<string, string>();
   readonly #gens = new Map<string, Gens>();
+  /** etcd's revision of what #written and #gens hold, so an older read never replaces a newer write. */
+  readonly #rev = new Map<string, bigint>();
   #writtenMigration = '';
   #queue: Op[] = [];
   #running: Promise<void> | null = null;
@@ -175,10 +177,11 @@ export class EtcdStore implements VtpmStore {
       const name = kv.key.toString().slice(this.#p.length);
       const e = openRecord(this.#o.metaKey, name, kv.value) as VmEntry;
       vms.push(e.vm);
-      // VMs this host writes are current in memory; others' records are what etcd says.
-      if (!this.claims.leaseOf(e.vm.vmUuid)) {
+      const rev = BigInt(kv.mod_revision);
+      if (rev > (this.#rev.get(e.vm.vmUuid) ?? -1n)) {
         this.#written.set(e.vm.vmUuid, JSON.stringify(e.vm));
         this.#gens.set(e.vm.vmUuid, e.gens);
+        this.#rev.set(e.vm.vmUuid, rev);
       }
       for (const g of Object.values(e.gens)) this.#clock = Math.max(this.#clock, g ?? 0);
     }
@@ -264,6 +267,7 @@ export class EtcdStore implements VtpmStore {
     if (!r.succeeded) throw this.claims.forget(vmUuid, r.responses[0]?.response_range.kvs[0]);
     this.#written.delete(vmUuid);
     this.#gens.delete(vmUuid);
+    this.#rev.delete(vmUuid);
     await this.claims.release(vmUuid).catch(() => undefined);
   }
 
@@ -376,6 +380,7 @@ export class EtcdStore implements VtpmStore {
       for (const [uuid, e] of per) {
         this.#written.set(uuid, written.get(uuid)!);
         this.#gens.set(uuid, e.gens);
+        this.#rev.set(uuid, BigInt(r.header.revision));
       }
       if (migration !== null) this.#writtenMigration = migration;
       this.stats.commits++;
