@@ -89,10 +89,12 @@ export class Claims {
     readonly host: string,
     readonly ttlSeconds: number,
     private readonly log: (line: string) => void,
+    /** The VM's name in etcd keys (etcd-store.ts: a MAC of the uuid, so etcd never sees uuids). */
+    private readonly vmId: (vmUuid: string) => string,
   ) {}
 
   claimKey(vmUuid: string): Buffer {
-    return Buffer.from(`${this.prefix}claim/${vmUuid}`);
+    return Buffer.from(`${this.prefix}claim/${this.vmId(vmUuid)}`);
   }
 
   /** The lease this host's claim on `vmUuid` was taken under, if it holds one. */

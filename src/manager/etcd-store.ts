@@ -3,11 +3,13 @@
 // each live blob) AES-256-GCM-sealed under a key derived from the metadata key. Keys (docs/cluster.md):
 //
 //   P/keycheck           a sealed constant: a host with another master key refuses to start
-//   P/vm/<uuid>          sealed { vm: VmRecord, gens: { kind: generation } }
+//   P/vm/<id>            sealed { vm: VmRecord, gens: { kind: generation } }
 //   P/blob/<inst>/<kind> sealed blob (seal.ts)
-//   P/inst/<inst>        the VM uuid that owns an instance number (instance numbers are cluster-wide)
-//   P/claim/<uuid>       the holder's host name, bound to its lease (etcd-claims.ts)
+//   P/inst/<inst>        the id of the VM that owns an instance number (numbers are cluster-wide)
+//   P/claim/<id>         the holder's host name, bound to its lease (etcd-claims.ts)
 //   P/host/<host>/migration  that host's sealed migration record (keys, counters)
+//
+// <id> is HMAC-SHA256(metadata key, "etcd vm" ‖ uuid), first 16 bytes in hex: etcd sees no VM uuid.
 //
 // Group commit: saves queue while a transaction is in flight and the next transaction carries them all
 // (up to MAX_VMS VMs, inside etcd's default 128 operations). Each transaction is conditioned on the
@@ -107,8 +109,13 @@ export class EtcdStore implements VtpmStore {
     this.#client = client;
     this.#p = prefix;
     this.description = o.url;
-    this.claims = new Claims(client, prefix, o.host, o.ttlSeconds, o.log);
+    const idKey = Buffer.from(crypto.hkdfSync('sha256', o.metaKey, Buffer.alloc(0), Buffer.from('etcd vm id', 'ascii'), 32));
+    this.vmId = (uuid) => crypto.createHmac('sha256', idKey).update(uuid).digest().subarray(0, 16).toString('hex');
+    this.claims = new Claims(client, prefix, o.host, o.ttlSeconds, o.log, this.vmId);
   }
+
+  /** A VM's name in etcd keys. */
+  readonly vmId: (vmUuid: string) => string;
 
   #key(...parts: Array<string | number>): Buffer {
     return Buffer.from(this.#p + parts.join('/'));
@@ -194,10 +201,10 @@ export class EtcdStore implements VtpmStore {
     try {
       const r = await this.#client.kv.txn({
         compare: [{ key, target: CompareTarget.Create, result: CompareResult.Equal, create_revision: 0 }],
-        success: [{ request_put: { key, value: Buffer.from(vmUuid) } }],
+        success: [{ request_put: { key, value: Buffer.from(this.vmId(vmUuid)) } }],
         failure: [{ request_range: { key } }],
       });
-      return r.succeeded || r.responses[0]?.response_range.kvs[0]?.value.toString() === vmUuid;
+      return r.succeeded || r.responses[0]?.response_range.kvs[0]?.value.toString() === this.vmId(vmUuid);
     } catch (err) {
       throw unavailable(err, `reserving instance ${instance}`);
     }
@@ -228,13 +235,13 @@ export class EtcdStore implements VtpmStore {
     while (this.#running && this.#queue.some((op) => op.type !== 'table' && op.instance === instance)) await this.#running;
     let r;
     try {
-      r = await this.#client.kv.txn({ success: [{ request_range: { key: this.#key('vm', vm.vmUuid) } }, { request_range: { key: this.#key('blob', instance, kind) } }] });
+      r = await this.#client.kv.txn({ success: [{ request_range: { key: this.#key('vm', this.vmId(vm.vmUuid)) } }, { request_range: { key: this.#key('blob', instance, kind) } }] });
     } catch (err) {
       throw unavailable(err, `loading ${kind} state of instance ${instance}`);
     }
     const rec = r.responses[0]?.response_range.kvs[0];
     if (!rec) return null;
-    const e = openRecord(this.#o.metaKey, `vm/${vm.vmUuid}`, rec.value) as VmEntry;
+    const e = openRecord(this.#o.metaKey, `vm/${this.vmId(vm.vmUuid)}`, rec.value) as VmEntry;
     const g = e.gens[kind];
     if (g === undefined) return null;
     const blob = r.responses[1]?.response_range.kvs[0];
@@ -254,7 +261,7 @@ export class EtcdStore implements VtpmStore {
       r = await this.#client.kv.txn({
         compare: [{ key: claim, target: CompareTarget.Lease, result: CompareResult.Equal, lease }],
         success: [
-          { request_delete_range: { key: this.#key('vm', vmUuid) } },
+          { request_delete_range: { key: this.#key('vm', this.vmId(vmUuid)) } },
           { request_delete_range: { key: blobs, range_end: this.#key('blob', instance + '0') } },
           { request_delete_range: { key: this.#key('inst', instance) } },
           { request_delete_range: { key: claim } },
@@ -357,7 +364,8 @@ export class EtcdStore implements VtpmStore {
         success.push(data ? { request_put: { key, value: Buffer.from(data.buffer, data.byteOffset, data.byteLength) } } : { request_delete_range: { key } });
       }
       written.set(uuid, JSON.stringify(e.vm));
-      success.push({ request_put: { key: this.#key('vm', uuid), value: sealRecord(this.#o.metaKey, `vm/${uuid}`, { vm: e.vm, gens: e.gens }) } });
+      const id = this.vmId(uuid);
+      success.push({ request_put: { key: this.#key('vm', id), value: sealRecord(this.#o.metaKey, `vm/${id}`, { vm: e.vm, gens: e.gens }) } });
     }
     if (migration !== null) success.push({ request_put: { key: this.#key('host', this.#o.host, 'migration'), value: sealRecord(this.#o.metaKey, `host/${this.#o.host}/migration`, JSON.parse(migration)) } });
     const settle = (): void => {

@@ -1,0 +1,162 @@
+// The manager's etcd store seen from etcd's side, on a real 3-member cluster started here: what it
+// writes (sealed records, no plaintext, no VM uuid), that every write is conditioned on the writer's
+// claim (a revoked lease stops writes at etcd itself), group commit, and refusals of a wrong master key,
+// a rolled-back blob and an edited record.
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { spawn, type ChildProcess } from 'node:child_process';
+import { randomBytes, randomUUID } from 'node:crypto';
+import fs from 'node:fs';
+import { join } from 'node:path';
+import { Etcd3 } from 'etcd3';
+import { ROOT } from '../../helpers/child.js';
+import { tempDir, removeDir } from '../../helpers/temp.js';
+import { ManagerClient, ManagerError } from '../../../src/manager/client.js';
+import { Status } from '../../../src/manager/wire.js';
+import { openRecord } from '../../../src/manager/etcd-store.js';
+import { Sealer } from '../../../src/manager/seal.js';
+import { EtcdCluster } from '../../../scripts/bench/_etcd.js';
+
+const cli = join(ROOT, 'dist/src/cli/main.js');
+const work = tempDir('etcd-store');
+const key = join(work, 'master.key');
+const masterKey = randomBytes(32);
+let etcd: EtcdCluster;
+let kv: Etcd3;
+const managers: ChildProcess[] = [];
+
+/** `vtpm manager --store etcd://…` as a process; resolves when ready (or rejects with its stderr when it exits). */
+function manager(name: string, extra: string[] = [], keyFile = key): Promise<{ proc: ChildProcess; run: string; log: () => string }> {
+  const run = join(work, `${name}-run`);
+  let log = '';
+  const proc = spawn(process.execPath, [cli, 'manager', '--state', join(work, `${name}-state`), '--run', run, '--store', etcd.url, '--master-key', keyFile, '--lease-ttl', '4', ...extra], {
+    stdio: ['ignore', 'ignore', 'pipe'],
+    env: { ...process.env, VTPM_NO_SETUP: '1', UV_THREADPOOL_SIZE: '4' },
+  });
+  managers.push(proc);
+  return new Promise((resolve, reject) => {
+    proc.stderr!.on('data', (d: Buffer) => {
+      log += d.toString();
+      if (/vtpm-manager: ready/.test(log)) resolve({ proc, run, log: () => log });
+    });
+    proc.on('exit', (code) => reject(new Error(`manager ${name} exited ${code}: ${log}`)));
+  });
+}
+
+async function stop(p: ChildProcess): Promise<void> {
+  if (p.exitCode !== null || p.signalCode !== null) return;
+  const gone = new Promise((r) => p.once('exit', r));
+  p.kill('SIGTERM');
+  await gone;
+}
+
+const all = async () => (await kv.getAll().prefix('vtpm/').buffers()) as Record<string, Buffer>;
+
+beforeAll(async () => {
+  etcd = await EtcdCluster.start(3, { dir: join(work, 'etcd') });
+  fs.writeFileSync(key, masterKey, { mode: 0o600 });
+  kv = new Etcd3({ hosts: etcd.endpoints.split(',').map((e) => `http://${e}`) });
+}, 60_000);
+
+afterAll(async () => {
+  for (const p of managers) await stop(p);
+  kv?.close();
+  await etcd?.stop();
+  removeDir(work);
+}, 60_000);
+
+describe('the etcd store', () => {
+  it('etcd holds only sealed values and no VM uuid; a record is VTPMETCD | salt 16 | GCM tag 16 | ciphertext', async () => {
+    const m = await manager('bytes');
+    const c = await ManagerClient.connect(m.run);
+    const vm = randomUUID();
+    const state = Buffer.from('PLAINTEXT-PERMANENT-STATE-'.repeat(8));
+    try {
+      const { instance } = await c.open({ vmUuid: vm, version: '2.0' });
+      await c.store(instance, 'permanent', state);
+      expect(Buffer.from((await c.load(instance, 'permanent'))!)).toEqual(state);
+      const kvs = await all();
+      const names = Object.keys(kvs);
+      expect(names).toContain(`vtpm/blob/${instance}/permanent`);
+      const rec = names.find((n) => n.startsWith('vtpm/vm/'))!;
+      expect(rec).toMatch(/^vtpm\/vm\/[0-9a-f]{32}$/);
+      for (const [n, v] of Object.entries(kvs)) {
+        expect(n).not.toContain(vm);
+        expect(v.includes(Buffer.from(vm))).toBe(false);
+        expect(v.includes(Buffer.from('PLAINTEXT'))).toBe(false);
+      }
+      // The record's bytes: magic, salt, tag, AES-256-GCM ciphertext; it opens under the metadata key.
+      const v = kvs[rec]!;
+      expect(v.subarray(0, 8).toString('ascii')).toBe('VTPMETCD');
+      expect(v.length).toBeGreaterThan(8 + 16 + 16);
+      const opened = openRecord(new Sealer(masterKey).metaKey(), rec.slice('vtpm/'.length), v) as { vm: { vmUuid: string; instance: number }; gens: Record<string, number> };
+      expect(opened.vm).toMatchObject({ vmUuid: vm, instance });
+      expect(opened.gens.permanent).toBeGreaterThan(0);
+      // The blob is seal.ts's envelope: "VTPMSEAL", format 2, kind 0, instance, uuid, generation.
+      const blob = kvs[`vtpm/blob/${instance}/permanent`]!;
+      expect(blob.subarray(0, 10).toString('hex')).toBe(Buffer.concat([Buffer.from('VTPMSEAL'), Buffer.from([2, 0])]).toString('hex'));
+      expect(Number(blob.readBigUInt64BE(30))).toBe(opened.gens.permanent);
+    } finally {
+      c.disconnect();
+      await stop(m.proc);
+    }
+  }, 60_000);
+
+  it('a save after the claim\'s lease is revoked is refused by etcd (TPM_FAIL) and changes nothing there', async () => {
+    const m = await manager('fence');
+    const c = await ManagerClient.connect(m.run);
+    try {
+      const { instance } = await c.open({ vmUuid: randomUUID(), version: '2.0' });
+      await c.store(instance, 'permanent', Buffer.from('first'));
+      const before = (await all())[`vtpm/blob/${instance}/permanent`];
+      // What a lease expiring in etcd does (the host paused or cut off past the TTL), at once.
+      const claims = Object.entries((await kv.getAll().prefix('vtpm/claim/').exec()).kvs.map((x) => [x.key.toString(), x.lease] as const));
+      expect(claims.length).toBeGreaterThan(0);
+      for (const [, [, lease]] of claims) await kv.leaseClient.leaseRevoke({ ID: lease });
+      const err = await c.store(instance, 'permanent', Buffer.from('second')).then(() => null, (e: unknown) => e);
+      expect(err).toBeInstanceOf(ManagerError);
+      expect((err as ManagerError).status).toBe(Status.FAIL);
+      expect((await all())[`vtpm/blob/${instance}/permanent`]).toEqual(before);
+      expect(m.log()).toMatch(/no longer holds vm .*nobody holds it now.*write refused/);
+    } finally {
+      c.disconnect();
+      await stop(m.proc);
+    }
+  }, 60_000);
+
+  it('64 clients saving at once share transactions (group commit)', async () => {
+    const m = await manager('group');
+    const clients = await Promise.all(Array.from({ length: 64 }, () => ManagerClient.connect(m.run)));
+    try {
+      const inst = await Promise.all(clients.map((c) => c.open({ vmUuid: randomUUID(), version: '2.0' }).then((o) => o.instance)));
+      for (let round = 0; round < 5; round++) await Promise.all(clients.map((c, i) => c.store(inst[i]!, 'volatile', randomBytes(9000))));
+      for (const [i, c] of clients.entries()) expect((await c.load(inst[i]!, 'volatile'))!.length).toBe(9000);
+    } finally {
+      for (const c of clients) c.disconnect();
+      await stop(m.proc);
+    }
+    const [, saves, commits] = /stopped \((\d+) saves in (\d+) commits/.exec(m.log())!;
+    expect(Number(saves)).toBe(320);
+    // One transaction per save would be 320 (+ 64 table commits); batches carry up to 40 VMs each.
+    expect(Number(commits)).toBeLessThan(200);
+  }, 120_000);
+
+  it('refuses a rolled-back blob (TPM_DECRYPT_ERROR) and a manager with another master key', async () => {
+    const m = await manager('tamper');
+    const c = await ManagerClient.connect(m.run);
+    try {
+      const { instance } = await c.open({ vmUuid: randomUUID(), version: '2.0' });
+      await c.store(instance, 'permanent', Buffer.from('generation one'));
+      const old = (await all())[`vtpm/blob/${instance}/permanent`]!;
+      await c.store(instance, 'permanent', Buffer.from('generation two'));
+      await kv.put(`vtpm/blob/${instance}/permanent`).value(old);
+      const err = await c.load(instance, 'permanent').then(() => null, (e: unknown) => e);
+      expect((err as ManagerError).status).toBe(Status.DECRYPT_ERROR);
+    } finally {
+      c.disconnect();
+      await stop(m.proc);
+    }
+    const other = join(work, 'other.key');
+    fs.writeFileSync(other, randomBytes(32), { mode: 0o600 });
+    await expect(manager('wrong-key', [], other)).rejects.toThrow(/master key does not open vtpm\/keycheck/);
+  }, 60_000);
+});
