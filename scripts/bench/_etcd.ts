@@ -3,6 +3,7 @@
 // Members can be killed and restarted one by one (same name, same data directory) to test quorum.
 import { spawn, type ChildProcess } from 'node:child_process';
 import fs from 'node:fs';
+import https from 'node:https';
 import net from 'node:net';
 import os from 'node:os';
 import path from 'node:path';
@@ -28,6 +29,13 @@ interface Member {
   log: string;
 }
 
+/** PEM files: members serve TLS on their client port with `cert`/`key` and require client certificates signed by `ca`. */
+export interface MemberTls {
+  ca: string;
+  cert: string;
+  key: string;
+}
+
 export class EtcdCluster {
   readonly #members: Member[];
   readonly #initial: string;
@@ -35,17 +43,18 @@ export class EtcdCluster {
   private constructor(
     readonly dir: string,
     members: Member[],
+    readonly tls?: MemberTls,
   ) {
     this.#members = members;
     this.#initial = members.map((m) => `${m.name}=http://127.0.0.1:${m.peer}`).join(',');
   }
 
   /** Starts `size` members and waits until the cluster answers a linearizable read. */
-  static async start(size = 3, opts: { dir?: string } = {}): Promise<EtcdCluster> {
+  static async start(size = 3, opts: { dir?: string; tls?: MemberTls } = {}): Promise<EtcdCluster> {
     const dir = opts.dir ?? fs.mkdtempSync(path.join(os.tmpdir(), 'vtpm-etcd-'));
     const members: Member[] = [];
     for (let i = 0; i < size; i++) members.push({ name: `m${i}`, client: await freePort(), peer: await freePort(), dataDir: path.join(dir, `m${i}`), proc: null, log: '' });
-    const c = new EtcdCluster(dir, members);
+    const c = new EtcdCluster(dir, members, opts.tls);
     try {
       for (let i = 0; i < size; i++) c.#spawn(i);
       await c.waitHealthy(30_000);
@@ -70,11 +79,14 @@ export class EtcdCluster {
     const fresh = !fs.existsSync(m.dataDir);
     // A loaded machine stalls processes for hundreds of ms: a 250 ms heartbeat and 2.5 s election
     // timeout keep leadership stable there (leases shorter than 1.5 election timeouts are raised by etcd).
+    const scheme = this.tls ? 'https' : 'http';
+    const tls = this.tls ? ['--cert-file', this.tls.cert, '--key-file', this.tls.key, '--trusted-ca-file', this.tls.ca, '--client-cert-auth'] : [];
     const args = [
       '--name', m.name,
       '--data-dir', m.dataDir,
-      '--listen-client-urls', `http://127.0.0.1:${m.client}`,
-      '--advertise-client-urls', `http://127.0.0.1:${m.client}`,
+      '--listen-client-urls', `${scheme}://127.0.0.1:${m.client}`,
+      '--advertise-client-urls', `${scheme}://127.0.0.1:${m.client}`,
+      ...tls,
       '--listen-peer-urls', `http://127.0.0.1:${m.peer}`,
       '--initial-advertise-peer-urls', `http://127.0.0.1:${m.peer}`,
       '--initial-cluster', this.#initial,
@@ -123,9 +135,7 @@ export class EtcdCluster {
       for (const m of this.#members) {
         if (!m.proc) continue;
         try {
-          const r = await fetch(`http://127.0.0.1:${m.client}/health`, { signal: AbortSignal.timeout(2000) });
-          const body = (await r.json()) as { health?: string };
-          if (body.health === 'true') return;
+          if ((await this.#health(m.client)) === 'true') return;
         } catch {
           // not up yet
         }
@@ -133,6 +143,26 @@ export class EtcdCluster {
       if (Date.now() > until) throw new Error(`etcd cluster in ${this.dir} not healthy after ${ms} ms:\n${this.#members.map((m) => `${m.name}: ${m.log.slice(-2000)}`).join('\n')}`);
       await sleep(200);
     }
+  }
+
+  async #health(port: number): Promise<string | undefined> {
+    if (!this.tls) {
+      const r = await fetch(`http://127.0.0.1:${port}/health`, { signal: AbortSignal.timeout(2000) });
+      return ((await r.json()) as { health?: string }).health;
+    }
+    const t = this.tls;
+    return new Promise((resolve, reject) => {
+      const req = https.get(
+        { host: '127.0.0.1', port, path: '/health', ca: fs.readFileSync(t.ca), cert: fs.readFileSync(t.cert), key: fs.readFileSync(t.key), timeout: 2000 },
+        (res) => {
+          let body = '';
+          res.on('data', (d: Buffer) => (body += d.toString()));
+          res.on('end', () => resolve((JSON.parse(body) as { health?: string }).health));
+        },
+      );
+      req.on('error', reject);
+      req.on('timeout', () => req.destroy(new Error('timeout')));
+    });
   }
 
   /** Kills every member and removes the data directories. */
