@@ -204,6 +204,31 @@ export class Claims {
     );
   }
 
+  /**
+   * At start: claims this host's previous manager left (killed, crashed; its lease may still live) are
+   * taken over under the new lease, so its backend's VMs go on without another OPEN. Returns the VMs.
+   */
+  async adoptOwn(uuidOf: (id: string) => string | undefined): Promise<string[]> {
+    const from = Buffer.from(`${this.prefix}claim/`);
+    let kvs: IKeyValue[];
+    try {
+      kvs = (await this.client.kv.range({ key: from, range_end: Buffer.from(`${this.prefix}claim0`) })).kvs;
+    } catch (err) {
+      throw unavailable(err, 'reading claims');
+    }
+    const adopted: string[] = [];
+    for (const kv of kvs) {
+      const vm = uuidOf(kv.key.toString().slice(from.length));
+      if (vm !== undefined && kv.value.toString() === this.host) {
+        await this.claim(vm).then(
+          () => adopted.push(vm),
+          (err: unknown) => this.log(`vm ${vm}: not taken over: ${(err as Error).message}`),
+        );
+      }
+    }
+    return adopted;
+  }
+
   /** Gives the VM up (CLOSE, DELETE): deletes the claim if it still carries our lease. */
   async release(vmUuid: string): Promise<void> {
     const lease = this.#held.get(vmUuid);

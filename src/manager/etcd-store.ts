@@ -129,6 +129,9 @@ export class EtcdStore implements VtpmStore {
     try {
       await s.#checkKey();
       const vms = await s.readTable();
+      const ids = new Map(vms.map((v) => [s.vmId(v.vmUuid), v.vmUuid]));
+      const adopted = await s.claims.adoptOwn((id) => ids.get(id));
+      if (adopted.length) o.log(`took over ${adopted.length} claims this host's previous manager held`);
       const mig = await s.#get(s.#key('host', o.host, 'migration'));
       const migration = mig ? openRecord(o.metaKey, `host/${o.host}/migration`, mig) : null;
       s.#writtenMigration = JSON.stringify(migration);
