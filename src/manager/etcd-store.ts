@@ -29,6 +29,8 @@ const SALT = 16;
 const TAG = 16;
 /** VMs per transaction: a blob put, a delete or two and the record each stay under etcd's 128 operations. */
 const MAX_VMS = 40;
+/** Blob bytes per transaction, under etcd's default 1.5 MiB request limit (--max-request-bytes). */
+const MAX_BYTES = 1024 * 1024;
 const KEYCHECK = 'vtpm-split cluster key check v1';
 
 /** AES-256-GCM under a key of its own (HKDF of the metadata key and a random salt), the etcd key name as AAD. */
@@ -103,6 +105,8 @@ export class EtcdStore implements VtpmStore {
   #writtenMigration = '';
   #queue: Op[] = [];
   #running: Promise<void> | null = null;
+  /** Instances with operations queued or in flight (a load waits for them). */
+  readonly #pending = new Map<number, number>();
 
   private constructor(o: EtcdStoreOptions, client: Etcd3, prefix: string) {
     this.#o = o;
@@ -234,8 +238,8 @@ export class EtcdStore implements VtpmStore {
     const vm = this.#o.vm(instance);
     if (!vm) throw new EtcdStoreError('FORMAT', `no VM record for instance ${instance}`);
     if (!this.claims.leaseOf(vm.vmUuid)) throw this.claims.forget(vm.vmUuid, undefined);
-    // Queued saves of this VM first: a load returns what was acknowledged last.
-    while (this.#running && this.#queue.some((op) => op.type !== 'table' && op.instance === instance)) await this.#running;
+    // Queued and in-flight saves of this VM first: a load returns what was acknowledged last.
+    while (this.#pending.has(instance) && this.#running) await this.#running;
     let r;
     try {
       r = await this.#client.kv.txn({ success: [{ request_range: { key: this.#key('vm', this.vmId(vm.vmUuid)) } }, { request_range: { key: this.#key('blob', instance, kind) } }] });
@@ -282,8 +286,15 @@ export class EtcdStore implements VtpmStore {
   }
 
   #enqueue(op: OpInput): Promise<void> {
+    const inst = op.type === 'table' ? -1 : op.instance;
+    this.#pending.set(inst, (this.#pending.get(inst) ?? 0) + 1);
+    const release = (): void => {
+      const n = this.#pending.get(inst)! - 1;
+      if (n === 0) this.#pending.delete(inst);
+      else this.#pending.set(inst, n);
+    };
     return new Promise<void>((resolve, reject) => {
-      this.#queue.push({ ...op, done: { resolve, reject } });
+      this.#queue.push({ ...op, done: { resolve: () => (release(), resolve()), reject: (e) => (release(), reject(e)) } });
       this.#running ??= new Promise<void>((r) => setImmediate(r)).then(() => this.#drain());
     });
   }
@@ -294,8 +305,13 @@ export class EtcdStore implements VtpmStore {
         // As many queued operations as fit one transaction, in order.
         const vms = new Set<number>();
         let n = 0;
+        let bytes = 0;
         for (; n < this.#queue.length; n++) {
           const op = this.#queue[n]!;
+          if (op.type === 'save') {
+            if (n > 0 && bytes + op.data.length > MAX_BYTES) break;
+            bytes += op.data.length;
+          }
           if (op.type !== 'table') {
             if (!vms.has(op.instance) && vms.size >= MAX_VMS) break;
             vms.add(op.instance);
