@@ -1,4 +1,4 @@
-// Two hosts (`vtpm host up --store etcd://…`: two xenstoreds, managers, backends) sharing a real
+// Hosts (`vtpm host up --store etcd://…`: two single-VM, one multi-VM; their own xenstoreds, managers and backends) sharing a real
 // 3-member etcd cluster on loopback, started here and killed after. A VM's vTPM moves between them by
 // detach and attach; only one host at a time may hold it (lease-backed claims); a host paused past its
 // lease TTL loses it and cannot write any more; with etcd down saves fail and come back with it.
@@ -24,7 +24,11 @@ const TTL = 4;
 
 const work = tempDir('etcd-hosts');
 const key = join(work, 'master.key');
-const hosts = { a: { run: join(work, 'a-run'), state: join(work, 'a-state') }, b: { run: join(work, 'b-run'), state: join(work, 'b-state') } };
+const hosts = {
+  a: { run: join(work, 'a-run'), state: join(work, 'a-state'), mode: 'single' },
+  b: { run: join(work, 'b-run'), state: join(work, 'b-state'), mode: 'single' },
+  m: { run: join(work, 'm-run'), state: join(work, 'm-state'), mode: 'multi' },
+};
 let etcd: EtcdCluster;
 
 const tcti = (port: number) => ({ ...process.env, TPM2TOOLS_TCTI: `swtpm:host=127.0.0.1,port=${port}` });
@@ -56,7 +60,7 @@ const daemons = (h: { run: string }) => new RunDir(h.run).readHost().processes.f
 beforeAll(async () => {
   etcd = await EtcdCluster.start(3, { dir: join(work, 'etcd') });
   fs.writeFileSync(key, randomBytes(32), { mode: 0o600 });
-  for (const h of Object.values(hosts)) await vtpm('host', 'up', '--run', h.run, '--state', h.state, '--store', etcd.url, '--master-key', key, '--lease-ttl', String(TTL));
+  for (const h of Object.values(hosts)) await vtpm('host', 'up', '--run', h.run, '--state', h.state, '--mode', h.mode, '--store', etcd.url, '--master-key', key, '--lease-ttl', String(TTL));
 }, 120_000);
 
 afterAll(async () => {
@@ -97,6 +101,19 @@ describe('vTPM state in etcd shared by two hosts', () => {
     await vtpm('guest', 'detach', '--run', hosts.b.run, '--domid', '7');
     etcd.restart(0);
     await etcd.waitHealthy(30_000);
+  }, 300_000);
+
+  it('a VM moves from a multi-VM host (its vTPM in a vTPM-domain process) to a single-VM host', async () => {
+    const vm = randomUUID();
+    const envM = await attach(hosts.m, 41, vm);
+    await run('tpm2_startup', ['-c'], { env: envM });
+    await run('tpm2_nvdefine', ['-Q', '0x1500026', '-C', 'o', '-s', '4', '-a', 'ownerread|ownerwrite'], { env: envM });
+    await nvWrite(envM, '0x1500026', 'mvm!');
+    await vtpm('guest', 'detach', '--run', hosts.m.run, '--domid', '41');
+    const envB = await attach(hosts.b, 42, vm);
+    await run('tpm2_startup', ['-c'], { env: envB });
+    expect(await nvRead(envB, '0x1500026', 4)).toBe('mvm!');
+    await vtpm('guest', 'detach', '--run', hosts.b.run, '--domid', '42');
   }, 300_000);
 
   it('a host whose manager was killed -9 takes its own claims over when it comes back; its guest goes on', async () => {
