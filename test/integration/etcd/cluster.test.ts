@@ -3,13 +3,11 @@
 // detach and attach; only one host at a time may hold it (lease-backed claims); a host paused past its
 // lease TTL loses it and cannot write any more; with etcd down saves fail and come back with it.
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { execFile } from 'node:child_process';
 import { randomBytes, randomUUID } from 'node:crypto';
 import fs from 'node:fs';
 import { join } from 'node:path';
-import { promisify } from 'node:util';
 import { setTimeout as sleep } from 'node:timers/promises';
-import { ROOT } from '../../helpers/child.js';
+import { run, tcti, until, vtpm } from '../../helpers/host.js';
 import { tempDir, removeDir } from '../../helpers/temp.js';
 import { freePortPair } from '../../../src/cli/ports.js';
 import { RunDir } from '../../../src/cli/rundir.js';
@@ -17,9 +15,6 @@ import { ManagerClient, ManagerError } from '../../../src/manager/client.js';
 import { Status } from '../../../src/manager/wire.js';
 import { EtcdCluster } from '../../../scripts/bench/_etcd.js';
 
-const run = promisify(execFile);
-const cli = join(ROOT, 'dist/src/cli/main.js');
-const vtpm = (...args: string[]) => run(process.execPath, [cli, ...args], { env: { ...process.env, VTPM_NO_SETUP: '1' } });
 const TTL = 4;
 
 const work = tempDir('etcd-hosts');
@@ -31,7 +26,6 @@ const hosts = {
 };
 let etcd: EtcdCluster;
 
-const tcti = (port: number) => ({ ...process.env, TPM2TOOLS_TCTI: `swtpm:host=127.0.0.1,port=${port}` });
 /** Attaches a guest with a TCTI port and starts its TPM. */
 async function attach(h: { run: string }, domid: number, vm: string): Promise<NodeJS.ProcessEnv> {
   const port = await freePortPair();
@@ -41,18 +35,6 @@ async function attach(h: { run: string }, domid: number, vm: string): Promise<No
 const nvRead = async (env: NodeJS.ProcessEnv, index: string, size: number) => (await run('tpm2_nvread', [index, '-C', 'o', '-s', String(size)], { env })).stdout;
 const nvWrite = (env: NodeJS.ProcessEnv, index: string, data: string) =>
   run('bash', ['-c', 'printf "%s" "$1" | tpm2_nvwrite -Q "$2" -C o -i -', 'nvwrite', data, index], { env, timeout: 120_000 });
-/** Service comes back within seconds of etcd: retries `fn` for up to 20 s. */
-async function eventually<T>(fn: () => Promise<T>): Promise<T> {
-  const until = Date.now() + 20_000;
-  for (;;) {
-    try {
-      return await fn();
-    } catch (err) {
-      if (Date.now() > until) throw err;
-      await sleep(500);
-    }
-  }
-}
 const managerLog = (h: { run: string }) => fs.readFileSync(join(h.run, 'logs', 'manager.log'), 'utf8');
 /** The host's manager and backend processes (what a paused or partitioned host stops). */
 const daemons = (h: { run: string }) => new RunDir(h.run).readHost().processes.filter((p) => p.role === 'manager' || p.role === 'backend').map((p) => p.pid);
@@ -126,7 +108,7 @@ describe('vTPM state in etcd shared by two hosts', () => {
     await sleep(200);
     // Its lease still lives in etcd: the new manager (same host name) takes the claim over, B may not.
     expect((await vtpm('host', 'up', '--run', hosts.a.run, '--state', hosts.a.state)).stdout).toMatch(/restarted manager/);
-    await eventually(() => nvWrite(env, '0x1500025', 'restart!'));
+    await until(() => nvWrite(env, '0x1500025', 'restart!'), 'a write after the manager restarted', 20_000);
     expect(await nvRead(env, '0x1500025', 8)).toBe('restart!');
     expect(managerLog(hosts.a)).toMatch(new RegExp(`claimed vm ${vm}`));
     await expect(vtpm('guest', 'attach', '--run', hosts.b.run, '--domid', '32', '--vm', vm)).rejects.toThrow(/is held by host/);
@@ -181,7 +163,7 @@ describe('vTPM state in etcd shared by two hosts', () => {
     // Service returns: the claim survived (etcd keeps leases across its restart); the failed write never
     // became durable, and writes are durable again.
     // The backend rebuilt the vTPM from its last durable state (a TPM reset): the guest starts it again.
-    await eventually(() => run('tpm2_startup', ['-c'], { env }));
+    await until(() => run('tpm2_startup', ['-c'], { env }), 'the vTPM back after etcd', 20_000);
     expect(await nvRead(env, '0x1500024', 8)).toBe('before!!');
     await nvWrite(env, '0x1500024', 'after!!!');
     expect(await nvRead(env, '0x1500024', 8)).toBe('after!!!');
