@@ -325,6 +325,7 @@ export class ManagerDaemon {
   }
 
   async #deleteInCluster(cluster: EtcdStore, inst: number): Promise<Reply> {
+    await this.#refreshTable(cluster);
     const r = this.#table.byInstance(inst);
     if (!r) throw new Refusal(Status.BAD_PARAMETER, `DELETE of instance ${inst}, which is not there`);
     await cluster.claims.claim(r.vmUuid);

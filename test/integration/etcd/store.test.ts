@@ -154,6 +154,37 @@ describe('the etcd store', () => {
     }
   }, 120_000);
 
+  it('DELETE removes the VM\'s record, blobs, instance number and claim in one transaction; refused while another host holds it', async () => {
+    const a = await manager('del-a');
+    const b = await manager('del-b');
+    const ca = await ManagerClient.connect(a.run);
+    const cb = await ManagerClient.connect(b.run);
+    try {
+      const vm = randomUUID();
+      const { instance } = await ca.open({ vmUuid: vm, version: '2.0' });
+      await ca.store(instance, 'permanent', Buffer.from('to be deleted'));
+      await ca.store(instance, 'volatile', Buffer.from('this too'));
+      const mine = (kvs: Record<string, Buffer>) => Object.keys(kvs).filter((n) => n.startsWith(`vtpm/blob/${instance}/`) || n === `vtpm/inst/${instance}`);
+      expect(mine(await all()).sort()).toEqual([`vtpm/blob/${instance}/permanent`, `vtpm/blob/${instance}/volatile`, `vtpm/inst/${instance}`]);
+      // B knows the VM (it reads the table on OPEN) but may not delete it while A holds it.
+      await expect(cb.open({ vmUuid: vm, version: '2.0' })).rejects.toMatchObject({ status: Status.AUTHFAIL });
+      await expect(cb.delete(instance)).rejects.toMatchObject({ status: Status.AUTHFAIL });
+      const before = Object.keys(await all()).length;
+      await ca.close(instance);
+      await ca.delete(instance);
+      const after = await all();
+      expect(mine(after)).toEqual([]);
+      expect(Object.keys(after).length).toBe(before - 5); // two blobs, the record, the instance number, the claim
+      // The uuid is free again: B creates a new vTPM for it.
+      expect(await cb.open({ vmUuid: vm, version: '2.0' })).toMatchObject({ created: true });
+    } finally {
+      ca.disconnect();
+      cb.disconnect();
+      await stop(a.proc);
+      await stop(b.proc);
+    }
+  }, 60_000);
+
   it('refuses a rolled-back blob (TPM_DECRYPT_ERROR) and a manager with another master key', async () => {
     const m = await manager('tamper');
     const c = await ManagerClient.connect(m.run);
