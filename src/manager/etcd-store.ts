@@ -239,7 +239,7 @@ export class EtcdStore implements VtpmStore {
     if (!vm) throw new EtcdStoreError('FORMAT', `no VM record for instance ${instance}`);
     if (!this.claims.leaseOf(vm.vmUuid)) throw this.claims.forget(vm.vmUuid, undefined);
     // Queued and in-flight saves of this VM first: a load returns what was acknowledged last.
-    while (this.#pending.has(instance) && this.#running) await this.#running;
+    while (this.#pending.has(instance) && this.#running) await this.#running.catch(() => undefined);
     let r;
     try {
       r = await this.#client.kv.txn({ success: [{ request_range: { key: this.#key('vm', this.vmId(vm.vmUuid)) } }, { request_range: { key: this.#key('blob', instance, kind) } }] });
@@ -288,7 +288,10 @@ export class EtcdStore implements VtpmStore {
   #enqueue(op: OpInput): Promise<void> {
     const inst = op.type === 'table' ? -1 : op.instance;
     this.#pending.set(inst, (this.#pending.get(inst) ?? 0) + 1);
+    let settled = false;
     const release = (): void => {
+      if (settled) return;
+      settled = true;
       const n = this.#pending.get(inst)! - 1;
       if (n === 0) this.#pending.delete(inst);
       else this.#pending.set(inst, n);
@@ -318,7 +321,10 @@ export class EtcdStore implements VtpmStore {
           }
         }
         const batch = this.#queue.splice(0, Math.max(n, 1));
-        await this.#commit(batch);
+        // Whatever goes wrong answers this batch's callers; the queue behind it goes on.
+        await this.#commit(batch).catch((err: unknown) => {
+          for (const op of batch) op.done.reject(err instanceof Error ? err : new Error(String(err)));
+        });
       }
     } finally {
       this.#running = null;
