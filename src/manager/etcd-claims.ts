@@ -61,7 +61,8 @@ export function connect(target: EtcdTarget, tls?: EtcdTls): Etcd3 {
     // A member that fails three calls in a row is skipped for a second (the client's default is 5 s),
     // and reconnects are tried at least every second: service comes back within about a second of etcd.
     faultHandling: { host: () => circuitBreaker(handleWhen(isRecoverableError), { halfOpenAfter: 1000, breaker: new ConsecutiveBreaker(3) }) },
-    grpcOptions: { 'grpc.initial_reconnect_backoff_ms': 200, 'grpc.max_reconnect_backoff_ms': 1000 },
+    // Answers past gRPC's default 4 MiB: a VM table of thousands of records, a blob near the manager's 16 MiB.
+    grpcOptions: { 'grpc.initial_reconnect_backoff_ms': 200, 'grpc.max_reconnect_backoff_ms': 1000, 'grpc.max_receive_message_length': 64 * 1024 * 1024 },
     defaultCallOptions: (ctx) => (ctx.isStream ? {} : { deadline: Date.now() + CALL_DEADLINE_MS }),
   });
 }

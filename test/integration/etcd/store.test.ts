@@ -54,7 +54,7 @@ const all = async () => (await kv.getAll().prefix('vtpm/').buffers()) as Record<
 beforeAll(async () => {
   etcd = await EtcdCluster.start(3, { dir: join(work, 'etcd') });
   fs.writeFileSync(key, masterKey, { mode: 0o600 });
-  kv = new Etcd3({ hosts: etcd.endpoints.split(',').map((e) => `http://${e}`) });
+  kv = new Etcd3({ hosts: etcd.endpoints.split(',').map((e) => `http://${e}`), grpcOptions: { 'grpc.max_receive_message_length': 64 * 1024 * 1024 } });
 }, 60_000);
 
 afterAll(async () => {
