@@ -6,7 +6,7 @@
 // host's own view of its lease is a hint for log lines and error messages (docs/cluster.md).
 import fs from 'node:fs';
 import { ConsecutiveBreaker, circuitBreaker, handleWhen } from 'cockatiel';
-import { Etcd3, CompareResult, CompareTarget, isRecoverableError, type IKeyValue } from 'etcd3';
+import { Etcd3, CompareResult, CompareTarget, EtcdLeaseInvalidError, isRecoverableError, type IKeyValue } from 'etcd3';
 
 export type EtcdStoreErrorCode = 'URL' | 'HELD' | 'FENCED' | 'UNAVAILABLE' | 'KEY_MISMATCH' | 'FORMAT';
 
@@ -166,7 +166,7 @@ export class Claims {
    * by this host's current lease already (a retried request, a re-OPEN): fine. Held by anyone else:
    * refused with the holder's name.
    */
-  async claim(vmUuid: string): Promise<void> {
+  async claim(vmUuid: string, retried = false): Promise<void> {
     const lease = await this.lease();
     const key = this.claimKey(vmUuid);
     let r;
@@ -177,6 +177,11 @@ export class Claims {
         failure: [{ request_range: { key } }],
       });
     } catch (err) {
+      // Our lease expired or was revoked before the keepalive noticed: a new one, once.
+      if (err instanceof EtcdLeaseInvalidError && !retried) {
+        this.#lost(lease, 'etcd no longer knows it');
+        return this.claim(vmUuid, true);
+      }
       throw unavailable(err, `claiming vm ${vmUuid}`);
     }
     let kv = r.succeeded ? undefined : r.responses[0]?.response_range.kvs[0];

@@ -117,6 +117,10 @@ describe('the etcd store', () => {
       expect((err as ManagerError).status).toBe(Status.FAIL);
       expect((await all())[`vtpm/blob/${instance}/permanent`]).toEqual(before);
       expect(m.log()).toMatch(/no longer holds vm .*nobody holds it now.*write refused/);
+      // The next OPEN claims under a new lease.
+      const next = await c.open({ vmUuid: randomUUID(), version: '2.0' });
+      await c.store(next.instance, 'permanent', Buffer.from('new lease'));
+      expect(m.log()).toMatch(/lease \S+ lost \(etcd/);
     } finally {
       c.disconnect();
       await stop(m.proc);
