@@ -308,6 +308,7 @@ export class ManagerDaemon {
   async #claimForOpen(cluster: EtcdStore, vmUuid: string, want: number): Promise<number> {
     await cluster.claims.claim(vmUuid);
     await this.#refreshTable(cluster);
+    cluster.checkNotDamaged(vmUuid);
     const known = this.#table.byUuid(vmUuid);
     if (known) return known.instance;
     if (want !== 0) {

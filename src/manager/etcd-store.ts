@@ -105,6 +105,8 @@ export class EtcdStore implements VtpmStore {
   #writtenMigration = '';
   #queue: Op[] = [];
   #running: Promise<void> | null = null;
+  /** VM records that do not open (edited, damaged): key name → why. Those VMs are refused, never made anew. */
+  readonly #damaged = new Map<string, string>();
   /** Instances with operations queued or in flight (a load waits for them). */
   readonly #pending = new Map<number, number>();
 
@@ -187,9 +189,18 @@ export class EtcdStore implements VtpmStore {
       throw unavailable(err, 'reading the VM table');
     }
     const vms: VmRecord[] = [];
+    const damaged = new Map<string, string>();
     for (const kv of r.kvs) {
       const name = kv.key.toString().slice(this.#p.length);
-      const e = openRecord(this.#o.metaKey, name, kv.value) as VmEntry;
+      let e: VmEntry;
+      try {
+        e = openRecord(this.#o.metaKey, name, kv.value) as VmEntry;
+      } catch (err) {
+        // One damaged record costs its own VM, not every OPEN in the cluster.
+        if (!this.#damaged.has(name)) this.#o.log(`${(err as Error).message}; that VM is refused until the record is repaired or deleted`);
+        damaged.set(name, (err as Error).message);
+        continue;
+      }
       vms.push(e.vm);
       const rev = BigInt(kv.mod_revision);
       if (rev > (this.#rev.get(e.vm.vmUuid) ?? -1n)) {
@@ -199,7 +210,15 @@ export class EtcdStore implements VtpmStore {
       }
       for (const g of Object.values(e.gens)) this.#clock = Math.max(this.#clock, g ?? 0);
     }
+    this.#damaged.clear();
+    for (const [k, v] of damaged) this.#damaged.set(k, v);
     return vms;
+  }
+
+  /** Refuses a VM whose record is in etcd but does not open: it must not pass for a VM with no state. */
+  checkNotDamaged(vmUuid: string): void {
+    const why = this.#damaged.get(`vm/${this.vmId(vmUuid)}`);
+    if (why) throw new EtcdStoreError('FORMAT', `vm ${vmUuid}: ${why}`);
   }
 
   /** Takes `instance` for `vmUuid` cluster-wide (false: another VM has it). Repeatable. */

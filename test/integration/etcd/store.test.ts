@@ -200,6 +200,18 @@ describe('the etcd store', () => {
       await kv.put(`vtpm/blob/${instance}/permanent`).value(old);
       const err = await c.load(instance, 'permanent').then(() => null, (e: unknown) => e);
       expect((err as ManagerError).status).toBe(Status.DECRYPT_ERROR);
+      // A VM record edited in etcd: that VM is refused (never made anew as a fresh TPM); others open.
+      const vm = randomUUID();
+      const damaged = await c.open({ vmUuid: vm, version: '2.0' });
+      await c.store(damaged.instance, 'permanent', Buffer.from('state'));
+      await c.close(damaged.instance);
+      const rec = Object.entries(await all()).find(([n, v]) => n.startsWith('vtpm/vm/') && (openRecord(new Sealer(masterKey).metaKey(), n.slice(5), v) as { vm: { vmUuid: string } }).vm.vmUuid === vm)!;
+      const edited = Buffer.from(rec[1]);
+      edited[edited.length - 1]! ^= 1;
+      await kv.put(rec[0]).value(edited);
+      await expect(c.open({ vmUuid: vm, version: '2.0' })).rejects.toMatchObject({ status: Status.DECRYPT_ERROR });
+      expect(m.log()).toMatch(new RegExp(`etcd key ${rec[0].slice(5)} fails authentication`));
+      await expect(c.open({ vmUuid: randomUUID(), version: '2.0' })).resolves.toMatchObject({ created: true });
     } finally {
       c.disconnect();
       await stop(m.proc);
