@@ -11,8 +11,9 @@
 //
 // <id> is HMAC-SHA256(metadata key, "etcd vm" ‖ uuid), first 16 bytes in hex: etcd sees no VM uuid.
 //
-// Group commit: saves queue while a transaction is in flight and the next transaction carries them all
-// (up to MAX_VMS VMs, inside etcd's default 128 operations). Each transaction is conditioned on the
+// Group commit: the saves read in one turn of the event loop share a transaction (up to MAX_VMS VMs and
+// MAX_BYTES, inside etcd's defaults); up to MAX_INFLIGHT transactions of disjoint VMs fly at once, so a
+// VM's writes are applied in order, and a table change runs alone. Each transaction is conditioned on the
 // claim of every VM it writes still carrying the lease this host claimed it under; it is acknowledged
 // once etcd committed it, i.e. a quorum has it in its log. A transaction whose condition fails is split
 // by VM: fenced VMs' saves are refused, the others go again.
@@ -31,6 +32,8 @@ const TAG = 16;
 const MAX_VMS = 40;
 /** Blob bytes per transaction, under etcd's default 1.5 MiB request limit (--max-request-bytes). */
 const MAX_BYTES = 1024 * 1024;
+/** Transactions in flight at once (of disjoint VMs): etcd commits concurrent proposals in one raft round. */
+const MAX_INFLIGHT = 4;
 const KEYCHECK = 'vtpm-split cluster key check v1';
 
 /** AES-256-GCM under a key of its own (HKDF of the metadata key and a random salt), the etcd key name as AAD. */
@@ -104,7 +107,14 @@ export class EtcdStore implements VtpmStore {
   readonly #rev = new Map<string, bigint>();
   #writtenMigration = '';
   #queue: Op[] = [];
-  #running: Promise<void> | null = null;
+  /** Instances with a transaction in flight: their next operations wait, so each VM's writes stay in order. */
+  readonly #inflight = new Set<number>();
+  #flying = 0;
+  /** A table operation writes records of any VM: it runs alone. */
+  #tableFlying = false;
+  #scheduled = false;
+  /** Called when a transaction ends (loads and flush wait on it). */
+  #waiters: Array<() => void> = [];
   /** VM records that do not open (edited, damaged): key name → why. Those VMs are refused, never made anew. */
   readonly #damaged = new Map<string, string>();
   /** Instances with operations queued or in flight (a load waits for them). */
@@ -258,7 +268,7 @@ export class EtcdStore implements VtpmStore {
     if (!vm) throw new EtcdStoreError('FORMAT', `no VM record for instance ${instance}`);
     if (!this.claims.leaseOf(vm.vmUuid)) throw this.claims.forget(vm.vmUuid, undefined);
     // Queued and in-flight saves of this VM first: a load returns what was acknowledged last.
-    while (this.#pending.has(instance) && this.#running) await this.#running.catch(() => undefined);
+    while (this.#pending.has(instance)) await this.#settled();
     let r;
     try {
       r = await this.#client.kv.txn({ success: [{ request_range: { key: this.#key('vm', this.vmId(vm.vmUuid)) } }, { request_range: { key: this.#key('blob', instance, kind) } }] });
@@ -317,37 +327,73 @@ export class EtcdStore implements VtpmStore {
     };
     return new Promise<void>((resolve, reject) => {
       this.#queue.push({ ...op, done: { resolve: () => (release(), resolve()), reject: (e) => (release(), reject(e)) } });
-      this.#running ??= new Promise<void>((r) => setImmediate(r)).then(() => this.#drain());
+      if (!this.#scheduled) {
+        // Once per turn of the event loop: the requests read in this poll phase join one batch.
+        this.#scheduled = true;
+        setImmediate(() => {
+          this.#scheduled = false;
+          this.#pump();
+          if (this.#flying === 0) for (const w of this.#waiters.splice(0)) w();
+        });
+      }
     });
   }
 
-  async #drain(): Promise<void> {
-    try {
-      while (this.#queue.length > 0) {
-        // As many queued operations as fit one transaction, in order.
-        const vms = new Set<number>();
-        let n = 0;
-        let bytes = 0;
-        for (; n < this.#queue.length; n++) {
-          const op = this.#queue[n]!;
-          if (op.type === 'save') {
-            if (n > 0 && bytes + op.data.length > MAX_BYTES) break;
-            bytes += op.data.length;
-          }
-          if (op.type !== 'table') {
-            if (!vms.has(op.instance) && vms.size >= MAX_VMS) break;
-            vms.add(op.instance);
-          }
-        }
-        const batch = this.#queue.splice(0, Math.max(n, 1));
+  #settled(): Promise<void> {
+    return new Promise((r) => this.#waiters.push(r));
+  }
+
+  /** Starts transactions while there is room: queued operations of VMs not in flight, in order. */
+  #pump(): void {
+    while (this.#flying < MAX_INFLIGHT && !this.#tableFlying && this.#queue.length > 0) {
+      const batch = this.#take();
+      if (batch.length === 0) return;
+      const table = batch[0]!.type === 'table';
+      const insts = new Set(batch.flatMap((op) => (op.type === 'table' ? [] : [op.instance])));
+      for (const i of insts) this.#inflight.add(i);
+      this.#flying++;
+      if (table) this.#tableFlying = true;
+      void this.#commit(batch)
         // Whatever goes wrong answers this batch's callers; the queue behind it goes on.
-        await this.#commit(batch).catch((err: unknown) => {
+        .catch((err: unknown) => {
           for (const op of batch) op.done.reject(err instanceof Error ? err : new Error(String(err)));
+        })
+        .finally(() => {
+          this.#flying--;
+          if (table) this.#tableFlying = false;
+          for (const i of insts) this.#inflight.delete(i);
+          for (const w of this.#waiters.splice(0)) w();
+          this.#pump();
         });
-      }
-    } finally {
-      this.#running = null;
     }
+  }
+
+  /**
+   * The next batch: a table operation alone once nothing is in flight; otherwise, from the head of the
+   * queue up to the first table operation, the operations of VMs not in flight, as many as fit one
+   * transaction. Taken out of the queue; what stays keeps its order.
+   */
+  #take(): Op[] {
+    if (this.#queue[0]!.type === 'table') return this.#flying === 0 ? this.#queue.splice(0, 1) : [];
+    const vms = new Set<number>();
+    const take: number[] = [];
+    let bytes = 0;
+    for (let n = 0; n < this.#queue.length; n++) {
+      const op = this.#queue[n]!;
+      if (op.type === 'table') break;
+      if (this.#inflight.has(op.instance)) continue;
+      if (!vms.has(op.instance) && vms.size >= MAX_VMS) break;
+      if (op.type === 'save') {
+        if (take.length > 0 && bytes + op.data.length > MAX_BYTES) break;
+        bytes += op.data.length;
+      }
+      vms.add(op.instance);
+      take.push(n);
+    }
+    const batch = take.map((n) => this.#queue[n]!);
+    const picked = new Set(take);
+    this.#queue = this.#queue.filter((_, n) => !picked.has(n));
+    return batch;
   }
 
   async #commit(batch: Op[]): Promise<void> {
@@ -453,11 +499,12 @@ export class EtcdStore implements VtpmStore {
       if (err) op.done.reject(err);
       else again.push(op);
     }
+    // Ahead of everything queued meanwhile (those VMs were in flight, so nothing of theirs overtook).
     this.#queue.unshift(...again);
   }
 
   async flush(): Promise<void> {
-    while (this.#running) await this.#running;
+    while (this.#flying > 0 || this.#queue.length > 0 || this.#scheduled) await this.#settled();
   }
 
   /** Commits what is queued, gives up every claim (revokes the lease) and disconnects. */
