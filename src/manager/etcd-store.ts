@@ -21,13 +21,11 @@ import crypto from 'node:crypto';
 import { CompareResult, CompareTarget, type Etcd3, type ICompare, type IRequestOp } from 'etcd3';
 import type { StateKind } from '../tpm/state-store.js';
 import { Claims, EtcdStoreError, connect, parseEtcdUrl, unavailable, type EtcdTls } from './etcd-claims.js';
+import { openRecord, sealRecord } from './etcd-record.js';
 import type { StoreStats } from './store.js';
 import type { VmRecord } from './vm-table.js';
 import type { VtpmStore } from './vm-store.js';
 
-const MAGIC = Buffer.from('VTPMETCD', 'ascii');
-const SALT = 16;
-const TAG = 16;
 /** VMs per transaction: a blob put, a delete or two and the record each stay under etcd's 128 operations. */
 const MAX_VMS = 40;
 /** Blob bytes per transaction, under etcd's default 1.5 MiB request limit (--max-request-bytes). */
@@ -35,30 +33,6 @@ const MAX_BYTES = 1024 * 1024;
 /** Transactions in flight at once (of disjoint VMs): etcd commits concurrent proposals in one raft round. */
 const MAX_INFLIGHT = 4;
 const KEYCHECK = 'vtpm-split cluster key check v1';
-
-/** AES-256-GCM under a key of its own (HKDF of the metadata key and a random salt), the etcd key name as AAD. */
-export function sealRecord(metaKey: Buffer, name: string, value: unknown): Buffer {
-  const salt = crypto.randomBytes(SALT);
-  const key = Buffer.from(crypto.hkdfSync('sha256', metaKey, salt, Buffer.from('etcd record', 'ascii'), 32));
-  const c = crypto.createCipheriv('aes-256-gcm', key, Buffer.alloc(12));
-  c.setAAD(Buffer.concat([MAGIC, Buffer.from(name)]));
-  const ct = Buffer.concat([c.update(JSON.stringify(value)), c.final()]);
-  return Buffer.concat([MAGIC, salt, c.getAuthTag(), ct]);
-}
-
-export function openRecord(metaKey: Buffer, name: string, b: Buffer): unknown {
-  if (b.length < MAGIC.length + SALT + TAG || !b.subarray(0, MAGIC.length).equals(MAGIC)) throw new EtcdStoreError('FORMAT', `etcd key ${name} holds no sealed record`);
-  const salt = b.subarray(MAGIC.length, MAGIC.length + SALT);
-  const key = Buffer.from(crypto.hkdfSync('sha256', metaKey, salt, Buffer.from('etcd record', 'ascii'), 32));
-  const d = crypto.createDecipheriv('aes-256-gcm', key, Buffer.alloc(12));
-  d.setAAD(Buffer.concat([MAGIC, Buffer.from(name)]));
-  d.setAuthTag(b.subarray(MAGIC.length + SALT, MAGIC.length + SALT + TAG));
-  try {
-    return JSON.parse(Buffer.concat([d.update(b.subarray(MAGIC.length + SALT + TAG)), d.final()]).toString('utf8'));
-  } catch {
-    throw new EtcdStoreError('FORMAT', `etcd key ${name} fails authentication (edited, moved from another key, or sealed under another master key)`);
-  }
-}
 
 type Gens = Partial<Record<StateKind, number>>;
 interface VmEntry {

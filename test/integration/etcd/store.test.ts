@@ -12,7 +12,7 @@ import { ROOT } from '../../helpers/child.js';
 import { tempDir, removeDir } from '../../helpers/temp.js';
 import { ManagerClient, ManagerError } from '../../../src/manager/client.js';
 import { Status } from '../../../src/manager/wire.js';
-import { openRecord } from '../../../src/manager/etcd-store.js';
+import { openRecord } from '../../../src/manager/etcd-record.js';
 import { Sealer } from '../../../src/manager/seal.js';
 import { EtcdCluster } from '../../../scripts/bench/_etcd.js';
 
