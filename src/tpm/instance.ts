@@ -281,7 +281,6 @@ export class TpmInstance extends EventEmitter implements TpmEndpoint {
     }
     // Blobs set while off are committed while libtpms starts on them, durable before this resolves.
     const { ready, durable } = this.#nv.sync();
-    durable.catch(() => undefined); // awaited below; a failure also fails the instance (NvState)
     await ready;
     const rc = await this.#inLibrary(() => lib.mainInitAsync());
     await durable;
@@ -300,10 +299,7 @@ export class TpmInstance extends EventEmitter implements TpmEndpoint {
     this.#status = 'running';
   }
 
-  /**
-   * Power off (swtpm CMD_STOP): TPMLIB_Terminate. Pending writes were promised to nobody: they go out
-   * with whatever next needs them (powerOn, a state blob read, destroy).
-   */
+  /** Power off (swtpm CMD_STOP): TPMLIB_Terminate. Pending writes go out with whatever next needs them. */
   powerOff(): Promise<void> {
     return this.#enqueue(() => this.#powerOff());
   }
@@ -330,9 +326,8 @@ export class TpmInstance extends EventEmitter implements TpmEndpoint {
   recreate(): Promise<void> {
     return this.#enqueue(async () => {
       if (this.#status === 'destroyed') throw new TpmInstanceError('DESTROYED', this.instance, 'instance destroyed');
-      // Whatever was still being written settles first: the reload below must see it.
+      // Whatever was still being written settles first and the rest is dropped: power-on reads the store.
       await this.#nv.settle();
-      // What memory holds beyond the store is exactly what must not survive: start from the store.
       this.#nv.dropPending();
       const old = this.#lib;
       this.#lib = null;
@@ -493,11 +488,9 @@ export class TpmInstance extends EventEmitter implements TpmEndpoint {
       const lib = this.#lib;
       // An unbound spare's state belongs to no instance: it is dropped, never stored.
       if (this.#spare) this.#nv.dropPending();
-      if (lib && this.#status === 'running') {
-        await this.#inLibrary(() => lib.terminateAsync());
-        this.#status = 'off';
-      }
-      if (lib && this.#status === 'off') await this.#flush().catch(() => undefined);
+      if (lib && this.#status === 'running') await this.#inLibrary(() => lib.terminateAsync());
+      // Running or off (never failed): what is pending, power-off's included, is made durable.
+      if (lib && this.#status !== 'failed') await this.#flush().catch(() => undefined);
       lib?.unload();
       this.#lib = null;
       this.#status = 'destroyed';

@@ -87,6 +87,8 @@ export class NvState {
     this.#pending.clear();
     const durable = this.#flushing.then(() => this.#write(ops)); // a failed earlier flush fails this one too
     this.#flushing = durable;
+    // A caller that only needs `ready` may leave it: a failure has failed the instance already.
+    durable.catch(() => undefined);
     const ready = prior.then(async () => {
       const rest = STATE_KINDS.filter((k) => !written.has(k));
       const { store, instance } = this.target;

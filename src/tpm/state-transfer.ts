@@ -80,11 +80,8 @@ export class StateTransfer {
       }
       const lib = this.tpm.requireLib();
       const plain = decodeStateBlob(blob);
-      if (plain && kind !== 'permanent' && !this.tpm.nv.has('permanent')) {
-        const { ready, durable } = this.tpm.nv.sync();
-        durable.catch(() => undefined); // a failed write fails the instance (NvState)
-        await ready;
-      }
+      // A failed write fails the instance (NvState): only `ready` matters here.
+      if (plain && kind !== 'permanent' && !this.tpm.nv.has('permanent')) await this.tpm.nv.sync().ready;
       const rc = lib.setState(STATE_TYPE[kind], plain);
       if (rc !== TPM_SUCCESS) {
         throw new TpmInstanceError('LIBTPMS', this.tpm.instance(), `TPMLIB_SetState(${kind}) refused the blob: 0x${rc.toString(16)}`, rc);
