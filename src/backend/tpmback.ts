@@ -5,6 +5,7 @@ import { connect, type XsClient, type XsWatch } from '../xenstore/client.js';
 import { vtpmDevice } from '../xenstore/xenbus.js';
 import { BackendDevice, type VtpmProvider } from './device.js';
 import { QemuDevices } from './qemu-devices.js';
+import { XsCaptureRouter } from './capture.js';
 
 export const BACKEND_ROOT = '/local/domain/0/backend/vtpm';
 
@@ -25,6 +26,8 @@ export class Backend {
   #watch: XsWatch | null = null;
   #qemu: QemuDevices | null = null;
   #scanning: Promise<void> = Promise.resolve();
+  /** Devices' captures get the xenstore packets that concern them. */
+  readonly #captures = new XsCaptureRouter();
 
   private constructor(dom: Domain, xs: XsClient, o: BackendOptions) {
     this.dom = dom;
@@ -37,6 +40,7 @@ export class Backend {
     const dom = o.domain ?? (await Domain.create({ domid: 0, dir: o.xenDir, geometry: { evtchnPages: 16 } }));
     const xs = await connect(o.xenstoredSocket);
     const b = new Backend(dom, xs, o);
+    xs.tap = b.#captures.tap;
     // The watch fires once at registration, which picks up devices written before we started.
     b.#watch = await xs.watch(BACKEND_ROOT, (ev) => {
       // A key inside a device we drive already (its state, ready, ...) changes nothing here; skipping
@@ -86,6 +90,7 @@ export class Backend {
           dev: vtpmDevice(Number(fe), Number(id), 0),
           vtpms: this.#o.vtpms,
           log: this.#o.log,
+          captures: this.#captures,
           onGone: () => {
             this.#devices.delete(key);
             this.#o.log(`dom${fe}: device ${id} removed`);

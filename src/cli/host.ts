@@ -8,6 +8,8 @@ import { NoHostError, RunDir, alive, type HostInfo, type ProcessEntry } from './
 import { stopProcess, tailFile } from './spawn.js';
 import { DAEMON_ROLES, isDaemonRole, restartDaemon, startRole, type DaemonRole } from './restart.js';
 import { CliError } from './errors.js';
+import { parseLogFormat, type LogFormat } from '../util/log.js';
+import { parseListen } from '../util/metrics-http.js';
 import { decideIsolation, describe, domainProcesses, parseUidBase, processUid, secureHost, type Isolation, type IsolationMode } from './isolation.js';
 
 export interface HostUpOptions {
@@ -15,6 +17,10 @@ export interface HostUpOptions {
   isolation?: 'auto' | IsolationMode;
   /** dom<N> runs as uid uidBase + N; default VTPM_UID_BASE or 0x40000000. */
   uidBase?: number;
+  /** HOST:PORT where the backend serves the whole host's Prometheus metrics (docs/observability.md). */
+  metrics?: string;
+  /** Every daemon's log format (default text). */
+  logFormat?: LogFormat;
   /** Progress lines (what was recovered or restarted). */
   report?: (line: string) => void;
 }
@@ -31,7 +37,7 @@ function readHostIfAny(rd: RunDir): HostInfo | null {
 /** Everything a host whose processes all died leaves in its run directory (its state dir is kept). */
 function clearDeadHost(rd: RunDir, h: HostInfo): string[] {
   const removed: string[] = [];
-  for (const p of [h.managerRunDir, h.xenstoredSocket, h.domainSocketDir, rd.vtpmDomainDir, h.xenDir]) {
+  for (const p of [h.managerRunDir, h.xenstoredSocket, h.domainSocketDir, rd.vtpmDomainDir, h.xenDir, `${rd.dir}/metrics`]) {
     if (fs.existsSync(p)) removed.push(p);
     fs.rmSync(p, { recursive: true, force: true });
   }
@@ -79,6 +85,8 @@ export async function hostUp(runDir: string, stateDir: string, mode: 'single' | 
     fs.rmSync(rd.hostJson, { force: true });
   }
   const h = rd.plan(stateDir, mode);
+  if (opts.metrics !== undefined) h.metrics = opts.metrics;
+  if (opts.logFormat !== undefined) h.logFormat = opts.logFormat;
   // No host.json: whatever a host without one left here is stale too.
   if (!old && fs.existsSync(rd.dir)) for (const f of clearDeadHost(rd, h)) report(`removed ${f} (left by a dead host)`);
   // Parents as the umask makes them; the run dir's own mode is set by secureHost once the isolation is known.
@@ -211,15 +219,27 @@ export function register(program: Command): void {
     .option('--mode <mode>', 'single (vTPMs in the backend) or multi (one vTPM-domain process each)', 'single')
     .option('--isolation <how>', 'uid (each guest and vTPM domain under its own uid; root only), none, or auto: uid when possible', 'auto')
     .option('--uid-base <n>', 'dom<N> runs as uid/gid BASE+N (default VTPM_UID_BASE or 1073741824)')
-    .action(async (o: { run: string; state: string; mode: string; isolation: string; uidBase?: string }) => {
+    .option('--metrics <host:port>', 'serve the whole host\'s Prometheus metrics on http://HOST:PORT/metrics (docs/observability.md)')
+    .option('--log-format <fmt>', 'every daemon logs text (default) or json (one object per event)', 'text')
+    .action(async (o: { run: string; state: string; mode: string; isolation: string; uidBase?: string; metrics?: string; logFormat: string }) => {
       if (o.isolation !== 'auto' && o.isolation !== 'uid' && o.isolation !== 'none') throw new CliError('USAGE', `--isolation must be auto, uid or none, not ${o.isolation}`);
+      let logFormat: LogFormat;
+      try {
+        if (o.metrics !== undefined) parseListen(o.metrics);
+        logFormat = parseLogFormat(o.logFormat);
+      } catch (err) {
+        throw new CliError('USAGE', (err as Error).message);
+      }
       const h = await hostUp(o.run, o.state, parseMode(o.mode), {
+        ...(o.metrics !== undefined ? { metrics: o.metrics } : {}),
+        logFormat,
         isolation: o.isolation,
         uidBase: parseUidBase(o.uidBase ?? process.env.VTPM_UID_BASE),
         report: (l) => console.log(l),
       });
       for (const p of h.processes) console.log(`${p.role.padEnd(10)} dom${p.domid} pid ${p.pid}`);
       console.log(`isolation: ${describe(h.isolation)}`);
+      if (h.metrics) console.log(`metrics: http://${h.metrics}/metrics`);
       console.log(`host up in ${h.runDir} (${h.mode}-VM mode)`);
     });
   host

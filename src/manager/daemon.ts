@@ -35,6 +35,8 @@ import {
   type StatusCode,
 } from './wire.js';
 import { escapeLogLine } from '../util/log-escape.js';
+import { managerMetrics } from '../util/metrics.js';
+import { LogRateLimiter } from '../util/rate-limit.js';
 
 export interface ManagerOptions {
   stateDir: string;
@@ -79,6 +81,7 @@ export class ManagerDaemon {
   #consoleTail: Promise<void> = Promise.resolve();
   #consoleDrops = 0;
   #log: (line: string) => void;
+  readonly #refusals = new LogRateLimiter((l) => this.#log(l));
 
   private constructor(readonly opts: ManagerOptions) {
     this.#log = opts.log ?? ((l) => process.stderr.write(`vtpm-manager: ${escapeLogLine(l)}\n`));
@@ -154,6 +157,7 @@ export class ManagerDaemon {
     fs.rmSync(path.join(this.opts.runDir, PID_FILE), { force: true });
     fs.rmSync(path.join(this.opts.stateDir, PID_FILE), { force: true });
     const st = this.#store.stats;
+    this.#refusals.flush();
     this.#log(`stopped (${st.saves} saves in ${st.commits} commits, ${st.coalesced} coalesced, ${st.checkpoints} checkpoints)`);
   }
 
@@ -365,7 +369,11 @@ export class ManagerDaemon {
       else if (err instanceof MigrationError) status = MIGRATION_STATUS[err.code];
       // A missing blob file must not read as "never stored" (IOERROR): a fresh TPM would replace the lost one.
       else if (err instanceof StoreError) status = err.code === 'IO' || err.code === 'MISSING_BLOB' ? Status.FAIL : Status.DECRYPT_ERROR;
-      this.#log(`${who}: ${ordinalName(f.code)} on instance ${f.instance}: ${(err as Error).message}; answered ${STATUS_NAMES[status]}`);
+      managerMetrics().refused.inc({ status: STATUS_NAMES[status] ?? 'unknown' });
+      const line = `${who}: ${ordinalName(f.code)} on instance ${f.instance}: ${(err as Error).message}; answered ${STATUS_NAMES[status]}`;
+      // The console is dom0's own tool (its refusals explain a CLI error); a client gets one line per interval.
+      if (who === 'console') this.#log(line);
+      else this.#refusals.line(who, line);
       return { status };
     }
   }

@@ -25,6 +25,7 @@ import crypto from 'node:crypto';
 import { STATE_KINDS, type StateKind } from '../tpm/state-store.js';
 import { StoreError, blobKey, blobName, decodeMeta, encodeMeta, nameOf, type MetaRecord } from './store-meta.js';
 import type { StoreOps } from './store-ops.js';
+import { managerMetrics } from '../util/metrics.js';
 import { DEFAULT_WAL_BYTES, encodeRecord, replay, walKey, type AppendLog, type WalRecord } from './wal.js';
 
 /** How long a commit waits for stragglers when the previous one was shared (see #gather). */
@@ -388,6 +389,7 @@ export class GroupCommitStore {
       applyRecord(rec, { blobs, dirty: this.#dirty, table: null, clock: 0 });
       this.stats.commits++;
       this.stats.saves += saves;
+      observeCommit('log', batch.length, saves);
       for (const op of batch) op.done.resolve();
       return;
     }
@@ -411,6 +413,7 @@ export class GroupCommitStore {
     this.#mustCheckpoint = false;
     this.stats.commits++;
     this.stats.saves += saves;
+    observeCommit('checkpoint', batch.length, saves);
     for (const op of batch) op.done.resolve();
     await this.#removeStale();
   }
@@ -452,6 +455,7 @@ export class GroupCommitStore {
     this.#stale.push(...Object.entries(old).filter(([k, g]) => snap.blobs[k] !== g).map(([k, g]) => nameOf(k, g)));
     this.#ck = next;
     this.stats.checkpoints++;
+    managerMetrics().checkpoints.inc();
   }
 
   async #removeStale(): Promise<void> {
@@ -477,4 +481,11 @@ export class GroupCommitStore {
       this.#log.close();
     }
   }
+}
+
+function observeCommit(kind: 'log' | 'checkpoint', ops: number, saves: number): void {
+  const m = managerMetrics();
+  m.commits.inc({ kind });
+  m.groupSize.observe(ops);
+  m.saves.inc(saves);
 }

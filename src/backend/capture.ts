@@ -1,0 +1,194 @@
+// A guest's capture (`guest attach --pcap FILE`, `qemu attach --pcap FILE`; docs/observability.md):
+// a pcapng file the backend writes with two interfaces.
+//   0: LINKTYPE_RAW, IPv4/TCP. Each TPM command and response is one TCP segment of a stream between
+//      the guest (10.H.L.2, port 49152+n) and its vTPM (10.H.L.1, port 2321, H.L = domid): Wireshark's
+//      TPM 2.0 dissector decodes TCP port 2321, a request being the segment from the higher port.
+//      A new connection of the device (a resume, a QEMU CMD_INIT) opens a new stream.
+//   1: LINKTYPE_USER0, vtpm-split events (tools/wireshark/vtpm-split.lua): the device's xenstore
+//      traffic as the backend sent and received it, and its ring events.
+import { LINKTYPE_RAW, LINKTYPE_USER0, PcapngWriter, nowMicros } from '../util/pcapng.js';
+
+export const TPM_PORT = 2321;
+
+/** Event kinds of the USER0 records (byte 1). */
+export const EventKind = { XENSTORE: 1, RING: 2, NOTE: 3 } as const;
+/** Ring events (byte 8 of a RING record). */
+export const RingEvent = {
+  NOTIFY_IN: 1,
+  REQUEST: 2,
+  RESPONSE: 3,
+  NOTIFY_OUT: 4,
+  V2_SUBMIT: 5,
+  V2_FINISH: 6,
+  V2_CANCEL: 7,
+} as const;
+
+/** What the channels report for a capture (all numbers; the channel has already validated them). */
+export interface RingTap {
+  (event: number, fields?: { id?: bigint; status?: number; locality?: number; segments?: number; length?: number }): void;
+}
+
+export class GuestCapture {
+  readonly #w: PcapngWriter;
+  readonly #domid: number;
+  readonly #devid: number;
+  #stream = -1;
+  #seqGuest = 0;
+  #seqVtpm = 0;
+
+  constructor(path: string, maxBytes: number, domid: number, devid: number, log: (line: string) => void) {
+    this.#w = new PcapngWriter(path, [LINKTYPE_RAW, LINKTYPE_USER0], maxBytes);
+    this.#w.onFull = () => log(`dom${domid}: capture ${path} reached ${maxBytes} bytes; later packets are left out`);
+    this.#domid = domid;
+    this.#devid = devid;
+  }
+
+  get path(): string {
+    return this.#w.path;
+  }
+
+  /** A new connection (a ring or page mapped, an endpoint initialised): a new TCP stream. */
+  newStream(): void {
+    this.#stream++;
+    this.#seqGuest = 1000;
+    this.#seqVtpm = 5000;
+    const ts = nowMicros();
+    this.#tcp(ts, true, SYN, null, this.#seqGuest - 1, 0);
+    this.#tcp(ts, false, SYN | ACK, null, this.#seqVtpm - 1, this.#seqGuest);
+    this.#tcp(ts, true, ACK, null, this.#seqGuest, this.#seqVtpm);
+  }
+
+  /**
+   * One command, stamped when it reached the vTPM (`t0`, performance.now()), and its response, stamped
+   * now (null: the vTPM gave none; only the command is recorded).
+   */
+  command(command: Uint8Array, response: Uint8Array | null, t0: number): void {
+    if (this.#stream < 0) this.newStream();
+    const ts = nowMicros();
+    this.#tcp(BigInt(Math.round((performance.timeOrigin + t0) * 1000)), true, PSH | ACK, command, this.#seqGuest, this.#seqVtpm);
+    this.#seqGuest = (this.#seqGuest + command.length) >>> 0;
+    if (response) {
+      this.#tcp(ts, false, PSH | ACK, response, this.#seqVtpm, this.#seqGuest);
+      this.#seqVtpm = (this.#seqVtpm + response.length) >>> 0;
+    }
+  }
+
+  /** A ring event (see RingEvent). */
+  readonly ring: RingTap = (event, f = {}) => {
+    const body = Buffer.alloc(16);
+    body[0] = event;
+    body[1] = f.status ?? f.locality ?? 0;
+    body.writeUInt16BE(f.segments ?? 0, 2);
+    body.writeUInt32BE(f.length ?? 0, 4);
+    body.writeBigUInt64BE(f.id ?? 0n, 8);
+    this.#event(EventKind.RING, event === RingEvent.NOTIFY_IN || event === RingEvent.REQUEST || event === RingEvent.V2_SUBMIT || event === RingEvent.V2_CANCEL ? 1 : 0, body);
+  };
+
+  /** One xs_wire packet of this device's, as the backend sent ('out') or received ('in') it. */
+  xenstore(dir: 'out' | 'in', packet: Uint8Array): void {
+    this.#event(EventKind.XENSTORE, dir === 'in' ? 1 : 0, packet);
+  }
+
+  /** A line of text (a cut-off reason, the end of the capture). */
+  note(text: string): void {
+    this.#event(EventKind.NOTE, 0, Buffer.from(text, 'utf8'));
+  }
+
+  #event(kind: number, toBackend: number, body: Uint8Array): void {
+    const h = Buffer.alloc(8);
+    h[0] = 1; // version
+    h[1] = kind;
+    h[2] = toBackend;
+    h.writeUInt16BE(this.#domid & 0xffff, 4);
+    h.writeUInt16BE(this.#devid & 0xffff, 6);
+    this.#w.packet(1, nowMicros(), [h, body]);
+  }
+
+  #tcp(ts: bigint, fromGuest: boolean, flags: number, payload: Uint8Array | null, seq: number, ack: number): void {
+    const len = payload?.length ?? 0;
+    const ip = Buffer.alloc(40);
+    ip[0] = 0x45;
+    ip.writeUInt16BE(40 + len, 2);
+    ip[8] = 64; // TTL
+    ip[9] = 6; // TCP
+    const guest = [10, (this.#domid >> 8) & 0xff, this.#domid & 0xff, 2];
+    const vtpm = [10, (this.#domid >> 8) & 0xff, this.#domid & 0xff, 1];
+    ip.set(fromGuest ? guest : vtpm, 12);
+    ip.set(fromGuest ? vtpm : guest, 16);
+    ip.writeUInt16BE(ipChecksum(ip.subarray(0, 20)), 10);
+    const guestPort = 49152 + (this.#stream % 16384);
+    ip.writeUInt16BE(fromGuest ? guestPort : TPM_PORT, 20);
+    ip.writeUInt16BE(fromGuest ? TPM_PORT : guestPort, 22);
+    ip.writeUInt32BE(seq >>> 0, 24);
+    ip.writeUInt32BE(ack >>> 0, 28);
+    ip[32] = 5 << 4; // data offset: 20 bytes
+    ip[33] = flags;
+    ip.writeUInt16BE(65535, 34); // window
+    this.#w.packet(0, ts, payload ? [ip, payload] : [ip]);
+  }
+
+  async close(): Promise<void> {
+    if (this.#w.dropped > 0) this.#w.onFull = null;
+    await this.#w.close();
+  }
+}
+
+const SYN = 0x02;
+const PSH = 0x08;
+const ACK = 0x10;
+
+function ipChecksum(h: Uint8Array): number {
+  let sum = 0;
+  for (let i = 0; i < h.length; i += 2) sum += (h[i]! << 8) | h[i + 1]!;
+  while (sum > 0xffff) sum = (sum & 0xffff) + (sum >>> 16);
+  return ~sum & 0xffff;
+}
+
+/**
+ * Routes the backend's xenstore packets to the capture of the device they concern: a request by the
+ * path it names, its reply by its request id, a watch event by its path.
+ */
+export class XsCaptureRouter {
+  readonly #byDomid = new Map<number, GuestCapture>();
+  readonly #byReq = new Map<number, GuestCapture>();
+
+  add(domid: number, c: GuestCapture): void {
+    this.#byDomid.set(domid, c);
+  }
+
+  remove(domid: number): void {
+    const c = this.#byDomid.get(domid);
+    this.#byDomid.delete(domid);
+    for (const [r, x] of this.#byReq) if (x === c) this.#byReq.delete(r);
+  }
+
+  get active(): boolean {
+    return this.#byDomid.size > 0;
+  }
+
+  readonly tap = (dir: 'out' | 'in', packet: Buffer): void => {
+    if (this.#byDomid.size === 0 || packet.length < 16) return;
+    const type = packet.readUInt32LE(0);
+    const reqId = packet.readUInt32LE(4);
+    let c: GuestCapture | undefined;
+    if (dir === 'in' && type !== WATCH_EVENT) {
+      c = this.#byReq.get(reqId);
+      this.#byReq.delete(reqId);
+    } else {
+      c = this.#forPath(packet.subarray(16));
+      if (c && dir === 'out') this.#byReq.set(reqId, c);
+    }
+    c?.xenstore(dir, packet);
+  };
+
+  #forPath(payload: Buffer): GuestCapture | undefined {
+    const end = payload.indexOf(0);
+    const path = payload.toString('latin1', 0, end < 0 ? payload.length : end);
+    const m = /^\/local\/domain\/(?:0\/backend\/vtpm\/([0-9]+)(?:\/|$)|([0-9]+)(?:\/|$))/.exec(path);
+    if (!m) return undefined;
+    const domid = Number(m[1] ?? m[2]);
+    return domid === 0 ? undefined : this.#byDomid.get(domid);
+  }
+}
+
+const WATCH_EVENT = 15;
