@@ -274,13 +274,17 @@ export class ManagerDaemon {
     });
     ch.on('error', (e) => {
       // One writer on this FIFO: after a framing error there is no telling where the next frame starts.
+      this.#refusals.end(ch.label);
       this.#log(`${ch.label}: ${e.message}; answered ${STATUS_NAMES[e.status]} and dropped its FIFO pair`);
       tail = tail.then(() => {
         ch.send(encodeResponse(e.instance ?? 0, e.status));
         ch.close('framing error');
       });
     });
-    ch.on('gone', (why) => this.#log(`${ch.label} detached: ${why}`));
+    ch.on('gone', (why) => {
+      this.#refusals.end(ch.label);
+      this.#log(`${ch.label} detached: ${why}`);
+    });
   }
 
   async #client(ch: ClientChannel, f: Frame): Promise<Reply> {
