@@ -6,7 +6,7 @@
 //      A new connection of the device (a resume, a QEMU CMD_INIT) opens a new stream.
 //   1: LINKTYPE_USER0, vtpm-split events (tools/wireshark/vtpm-split.lua): the device's xenstore
 //      traffic as the backend sent and received it, and its ring events.
-import { LINKTYPE_RAW, LINKTYPE_USER0, PcapngWriter, nowMicros } from '../util/pcapng.js';
+import { LINKTYPE_RAW, LINKTYPE_USER0, PcapngWriter, microsAt, nowMicros } from '../util/pcapng.js';
 
 export const TPM_PORT = 2321;
 
@@ -35,12 +35,17 @@ export class GuestCapture {
   #stream = -1;
   #seqGuest = 0;
   #seqVtpm = 0;
+  /** 10.H.L.2 (the guest) and 10.H.L.1 (its vTPM) as u32, H.L = domid. */
+  readonly #guestIp: number;
+  readonly #vtpmIp: number;
 
   constructor(path: string, maxBytes: number, domid: number, devid: number, log: (line: string) => void) {
     this.#w = new PcapngWriter(path, [LINKTYPE_RAW, LINKTYPE_USER0], maxBytes);
     this.#w.onFull = () => log(`dom${domid}: capture ${path} reached ${maxBytes} bytes; later packets are left out`);
     this.#domid = domid;
     this.#devid = devid;
+    this.#vtpmIp = ((10 << 24) | ((domid & 0xffff) << 8) | 1) >>> 0;
+    this.#guestIp = (this.#vtpmIp + 1) >>> 0;
   }
 
   get path(): string {
@@ -65,7 +70,7 @@ export class GuestCapture {
   command(command: Uint8Array, response: Uint8Array | null, t0: number): void {
     if (this.#stream < 0) this.newStream();
     const ts = nowMicros();
-    this.#tcp(BigInt(Math.round((performance.timeOrigin + t0) * 1000)), true, PSH | ACK, command, this.#seqGuest, this.#seqVtpm);
+    this.#tcp(microsAt(t0), true, PSH | ACK, command, this.#seqGuest, this.#seqVtpm);
     this.#seqGuest = (this.#seqGuest + command.length) >>> 0;
     if (response) {
       this.#tcp(ts, false, PSH | ACK, response, this.#seqVtpm, this.#seqGuest);
@@ -74,57 +79,66 @@ export class GuestCapture {
   }
 
   /** A ring event (see RingEvent). */
-  readonly ring: RingTap = (event, f = {}) => {
-    const body = Buffer.alloc(16);
-    body[0] = event;
-    body[1] = f.status ?? f.locality ?? 0;
-    body.writeUInt16BE(f.segments ?? 0, 2);
-    body.writeUInt32BE(f.length ?? 0, 4);
-    body.writeBigUInt64BE(f.id ?? 0n, 8);
-    this.#event(EventKind.RING, event === RingEvent.NOTIFY_IN || event === RingEvent.REQUEST || event === RingEvent.V2_SUBMIT || event === RingEvent.V2_CANCEL ? 1 : 0, body);
+  readonly ring: RingTap = (event, f) => {
+    const o = this.#event(EventKind.RING, event === RingEvent.NOTIFY_IN || event === RingEvent.REQUEST || event === RingEvent.V2_SUBMIT || event === RingEvent.V2_CANCEL ? 1 : 0, 16);
+    if (o < 0) return;
+    const b = this.#w.buf;
+    b[o] = event;
+    b[o + 1] = f?.status ?? f?.locality ?? 0;
+    b.writeUInt16BE(f?.segments ?? 0, o + 2);
+    b.writeUInt32BE(f?.length ?? 0, o + 4);
+    b.writeBigUInt64BE(f?.id ?? 0n, o + 8);
   };
 
   /** One xs_wire packet of this device's, as the backend sent ('out') or received ('in') it. */
   xenstore(dir: 'out' | 'in', packet: Uint8Array): void {
-    this.#event(EventKind.XENSTORE, dir === 'in' ? 1 : 0, packet);
+    const o = this.#event(EventKind.XENSTORE, dir === 'in' ? 1 : 0, packet.length);
+    if (o >= 0) this.#w.buf.set(packet, o);
   }
 
   /** A line of text (a cut-off reason, the end of the capture). */
   note(text: string): void {
-    this.#event(EventKind.NOTE, 0, Buffer.from(text, 'utf8'));
+    const t = Buffer.from(text, 'utf8');
+    const o = this.#event(EventKind.NOTE, 0, t.length);
+    if (o >= 0) t.copy(this.#w.buf, o);
   }
 
-  #event(kind: number, toBackend: number, body: Uint8Array): void {
-    const h = Buffer.alloc(8);
-    h[0] = 1; // version
-    h[1] = kind;
-    h[2] = toBackend;
-    h.writeUInt16BE(this.#domid & 0xffff, 4);
-    h.writeUInt16BE(this.#devid & 0xffff, 6);
-    this.#w.packet(1, nowMicros(), [h, body]);
+  /** The 8-byte record header of an event whose body is `bodyLen` bytes; returns where the body goes (-1: left out). */
+  #event(kind: number, toBackend: number, bodyLen: number): number {
+    const o = this.#w.begin(1, nowMicros(), 8 + bodyLen);
+    if (o < 0) return -1;
+    const b = this.#w.buf;
+    b[o] = 1; // version
+    b[o + 1] = kind;
+    b[o + 2] = toBackend;
+    b[o + 3] = 0;
+    b.writeUInt16BE(this.#domid & 0xffff, o + 4);
+    b.writeUInt16BE(this.#devid & 0xffff, o + 6);
+    return o + 8;
   }
 
-  #tcp(ts: bigint, fromGuest: boolean, flags: number, payload: Uint8Array | null, seq: number, ack: number): void {
+  #tcp(ts: number, fromGuest: boolean, flags: number, payload: Uint8Array | null, seq: number, ack: number): void {
     const len = payload?.length ?? 0;
-    const ip = Buffer.alloc(40);
-    ip[0] = 0x45;
-    ip.writeUInt16BE(40 + len, 2);
-    ip[8] = 64; // TTL
-    ip[9] = 6; // TCP
-    const guest = [10, (this.#domid >> 8) & 0xff, this.#domid & 0xff, 2];
-    const vtpm = [10, (this.#domid >> 8) & 0xff, this.#domid & 0xff, 1];
-    ip.set(fromGuest ? guest : vtpm, 12);
-    ip.set(fromGuest ? vtpm : guest, 16);
-    ip.writeUInt16BE(ipChecksum(ip.subarray(0, 20)), 10);
+    const o = this.#w.begin(0, ts, 40 + len);
+    if (o < 0) return;
+    const b = this.#w.buf;
+    b.fill(0, o, o + 40);
+    b[o] = 0x45;
+    b.writeUInt16BE(40 + len, o + 2);
+    b[o + 8] = 64; // TTL
+    b[o + 9] = 6; // TCP
+    b.writeUInt32BE(fromGuest ? this.#guestIp : this.#vtpmIp, o + 12);
+    b.writeUInt32BE(fromGuest ? this.#vtpmIp : this.#guestIp, o + 16);
+    b.writeUInt16BE(ipChecksum(b, o), o + 10);
     const guestPort = 49152 + (this.#stream % 16384);
-    ip.writeUInt16BE(fromGuest ? guestPort : TPM_PORT, 20);
-    ip.writeUInt16BE(fromGuest ? TPM_PORT : guestPort, 22);
-    ip.writeUInt32BE(seq >>> 0, 24);
-    ip.writeUInt32BE(ack >>> 0, 28);
-    ip[32] = 5 << 4; // data offset: 20 bytes
-    ip[33] = flags;
-    ip.writeUInt16BE(65535, 34); // window
-    this.#w.packet(0, ts, payload ? [ip, payload] : [ip]);
+    b.writeUInt16BE(fromGuest ? guestPort : TPM_PORT, o + 20);
+    b.writeUInt16BE(fromGuest ? TPM_PORT : guestPort, o + 22);
+    b.writeUInt32BE(seq >>> 0, o + 24);
+    b.writeUInt32BE(ack >>> 0, o + 28);
+    b[o + 32] = 5 << 4; // data offset: 20 bytes
+    b[o + 33] = flags;
+    b.writeUInt16BE(65535, o + 34); // window
+    if (payload) b.set(payload, o + 40);
   }
 
   async close(): Promise<void> {
@@ -137,9 +151,10 @@ const SYN = 0x02;
 const PSH = 0x08;
 const ACK = 0x10;
 
-function ipChecksum(h: Uint8Array): number {
+/** The IPv4 header checksum of the 20 bytes at `o` (its checksum field zero). */
+function ipChecksum(h: Uint8Array, o: number): number {
   let sum = 0;
-  for (let i = 0; i < h.length; i += 2) sum += (h[i]! << 8) | h[i + 1]!;
+  for (let i = o; i < o + 20; i += 2) sum += (h[i]! << 8) | h[i + 1]!;
   while (sum > 0xffff) sum = (sum & 0xffff) + (sum >>> 16);
   return ~sum & 0xffff;
 }

@@ -1,35 +1,46 @@
 // A pcapng file writer (the block layout of draft-ietf-opsawg-pcapng: Section Header, Interface
-// Description and Enhanced Packet blocks, little-endian, microsecond timestamps). Blocks are built in
-// memory and written off the caller's path: at 64 KiB, every 200 ms, and at close. The file stops
-// growing at `maxBytes`; what did not fit is counted. Imports nothing of ours.
+// Description and Enhanced Packet blocks, little-endian, microsecond timestamps). Packets are written
+// straight into a 1 MiB chunk in memory (no allocation per packet); full chunks, and every 200 ms what
+// there is, go to the file off the caller's path. The file stops growing at `maxBytes`, and packets are
+// also left out while more than MAX_QUEUED bytes wait for the disk; both are counted. Imports nothing of ours.
 import fs from 'node:fs';
 
 export const LINKTYPE_RAW = 101;
 export const LINKTYPE_USER0 = 147;
 
-const FLUSH_AT = 64 * 1024;
+const CHUNK = 1 << 20;
+const MAX_QUEUED = 16 << 20;
 const SNAPLEN = 0x40000;
+const TWO32 = 4294967296;
 
 function pad4(n: number): number {
   return (n + 3) & ~3;
 }
 
 /** Microseconds since the Unix epoch, from the monotonic clock anchored at process start. */
-export function nowMicros(): bigint {
-  return BigInt(Math.round((performance.timeOrigin + performance.now()) * 1000));
+export function nowMicros(): number {
+  return Math.round((performance.timeOrigin + performance.now()) * 1000);
+}
+
+/** performance.now() reading `t` as microseconds since the Unix epoch. */
+export function microsAt(t: number): number {
+  return Math.round((performance.timeOrigin + t) * 1000);
 }
 
 export class PcapngWriter {
   readonly path: string;
   readonly #fd: number;
   readonly #maxBytes: number;
-  #chunks: Buffer[] = [];
-  #pending = 0;
-  #written = 0;
+  /** The chunk packets are written into, and how much of it is used. */
+  buf: Buffer = Buffer.allocUnsafe(CHUNK);
+  #off = 0;
+  /** Bytes handed to the file or queued for it. */
+  #committed = 0;
+  #queued = 0;
   #writing: Promise<void> = Promise.resolve();
   readonly #timer: NodeJS.Timeout;
   #closed = false;
-  /** Packets left out because the file reached its size bound. */
+  /** Packets left out (file at its bound, or the disk behind). */
   dropped = 0;
   /** Called once when the size bound is first reached. */
   onFull: (() => void) | null = null;
@@ -39,61 +50,82 @@ export class PcapngWriter {
     this.path = path;
     this.#maxBytes = maxBytes;
     this.#fd = fs.openSync(path, 'w', 0o600);
-    this.#push(sectionHeader());
-    for (const lt of linkTypes) this.#push(interfaceDescription(lt));
+    this.#raw(sectionHeader());
+    for (const lt of linkTypes) this.#raw(interfaceDescription(lt));
     this.#timer = setInterval(() => this.#flush(), 200);
     this.#timer.unref();
   }
 
-  /** One packet on interface `ifIndex`, its bytes the concatenation of `parts`. */
-  packet(ifIndex: number, ts: bigint, parts: Uint8Array[]): void {
-    if (this.#closed) return;
+  /**
+   * Start a packet of `len` bytes on interface `ifIndex` at `micros`: returns the offset in `buf` where
+   * its bytes go (the caller writes exactly `len` there), or -1 when it is left out.
+   */
+  begin(ifIndex: number, micros: number, len: number): number {
+    if (this.#closed) return -1;
+    const total = 32 + pad4(len);
+    if (this.#committed + this.#off + total > this.#maxBytes || this.#queued > MAX_QUEUED) {
+      if (this.dropped++ === 0 && this.#queued <= MAX_QUEUED) this.onFull?.();
+      return -1;
+    }
+    if (this.#off + total > this.buf.length) this.#flush(total);
+    const b = this.buf;
+    const o = this.#off;
+    const hi = Math.floor(micros / TWO32);
+    b.writeUInt32LE(0x00000006, o);
+    b.writeUInt32LE(total, o + 4);
+    b.writeUInt32LE(ifIndex, o + 8);
+    b.writeUInt32LE(hi, o + 12);
+    b.writeUInt32LE(micros - hi * TWO32, o + 16);
+    b.writeUInt32LE(len, o + 20);
+    b.writeUInt32LE(len, o + 24);
+    for (let i = o + 28 + len; i < o + total - 4; i++) b[i] = 0; // padding
+    b.writeUInt32LE(total, o + total - 4);
+    this.#off = o + total;
+    return o + 28;
+  }
+
+  /** One packet whose bytes are the concatenation of `parts`. */
+  packet(ifIndex: number, micros: number, parts: Uint8Array[]): void {
     let len = 0;
     for (const p of parts) len += p.length;
-    const total = 32 + pad4(len);
-    if (this.#written + this.#pending + total > this.#maxBytes) {
-      if (this.dropped++ === 0) this.onFull?.();
-      return;
-    }
-    const b = Buffer.alloc(total);
-    b.writeUInt32LE(0x00000006, 0);
-    b.writeUInt32LE(total, 4);
-    b.writeUInt32LE(ifIndex, 8);
-    b.writeUInt32LE(Number(ts >> 32n), 12);
-    b.writeUInt32LE(Number(ts & 0xffffffffn), 16);
-    b.writeUInt32LE(len, 20);
-    b.writeUInt32LE(len, 24);
-    let off = 28;
+    let o = this.begin(ifIndex, micros, len);
+    if (o < 0) return;
     for (const p of parts) {
-      b.set(p, off);
-      off += p.length;
+      this.buf.set(p, o);
+      o += p.length;
     }
-    b.writeUInt32LE(total, total - 4);
-    this.#push(b);
   }
 
-  #push(b: Buffer): void {
-    this.#chunks.push(b);
-    this.#pending += b.length;
-    if (this.#pending >= FLUSH_AT) this.#flush();
+  #raw(block: Buffer): void {
+    if (this.#off + block.length > this.buf.length) this.#flush(block.length);
+    block.copy(this.buf, this.#off);
+    this.#off += block.length;
   }
 
-  #flush(): void {
-    if (this.#pending === 0) return;
-    const data = Buffer.concat(this.#chunks);
-    this.#chunks = [];
-    this.#written += data.length;
-    this.#pending = 0;
-    this.#writing = this.#writing.then(
-      () =>
-        new Promise<void>((resolve) => {
-          const write = (off: number): void => {
-            if (off >= data.length) return resolve();
-            fs.write(this.#fd, data, off, data.length - off, null, (err, n) => (err ? resolve() : write(off + n)));
-          };
-          write(0);
-        }),
-    );
+  /** Hand what the chunk holds to the file; a new chunk takes the next packets (at least `need` bytes). */
+  #flush(need = 0): void {
+    if (this.#off > 0) {
+      // A full chunk goes to the write as it is; a timer's few packets are copied out and the chunk kept.
+      const handOver = need > 0 || this.#off > CHUNK / 2;
+      const data = handOver ? this.buf.subarray(0, this.#off) : Buffer.from(this.buf.subarray(0, this.#off));
+      this.#committed += data.length;
+      this.#queued += data.length;
+      this.#writing = this.#writing.then(
+        () =>
+          new Promise<void>((resolve) => {
+            const write = (off: number): void => {
+              if (off >= data.length) {
+                this.#queued -= data.length;
+                return resolve();
+              }
+              fs.write(this.#fd, data, off, data.length - off, null, (err, n) => (err ? resolve() : write(off + n)));
+            };
+            write(0);
+          }),
+      );
+      if (handOver) this.buf = Buffer.allocUnsafe(Math.max(CHUNK, need));
+      this.#off = 0;
+    } else if (need > this.buf.length) this.buf = Buffer.allocUnsafe(need);
   }
 
   /** Write what is buffered and close the file. */
