@@ -38,6 +38,8 @@ export class PcapngWriter {
   #committed = 0;
   #queued = 0;
   #writing: Promise<void> = Promise.resolve();
+  /** Chunks whose write finished, reused (allocating 1 MiB per chunk would keep the GC busy). */
+  readonly #spare: Buffer[] = [];
   readonly #timer: NodeJS.Timeout;
   #closed = false;
   /** Packets left out (file at its bound, or the disk behind). */
@@ -116,6 +118,7 @@ export class PcapngWriter {
             const write = (off: number): void => {
               if (off >= data.length) {
                 this.#queued -= data.length;
+                if (handOver && data.buffer.byteLength === CHUNK && this.#spare.length < 2) this.#spare.push(Buffer.from(data.buffer, data.byteOffset, CHUNK));
                 return resolve();
               }
               fs.write(this.#fd, data, off, data.length - off, null, (err, n) => (err ? resolve() : write(off + n)));
@@ -123,7 +126,7 @@ export class PcapngWriter {
             write(0);
           }),
       );
-      if (handOver) this.buf = Buffer.allocUnsafe(Math.max(CHUNK, need));
+      if (handOver) this.buf = (need <= CHUNK ? this.#spare.pop() : undefined) ?? Buffer.allocUnsafe(Math.max(CHUNK, need));
       this.#off = 0;
     } else if (need > this.buf.length) this.buf = Buffer.allocUnsafe(need);
   }
