@@ -52,12 +52,30 @@ export class GuestCapture {
     return this.#w.path;
   }
 
+  /**
+   * Work recorded on the guest's path (with its timestamp) and encoded just after, once per batch, so
+   * a command's answer never waits for its capture.
+   */
+  readonly #later: Array<() => void> = [];
+  readonly #drain = (): void => {
+    const work = this.#later.splice(0);
+    for (const f of work) f();
+  };
+
+  #defer(f: () => void): void {
+    if (this.#later.push(f) === 1) setImmediate(this.#drain);
+  }
+
   /** A new connection (a ring or page mapped, an endpoint initialised): a new TCP stream. */
   newStream(): void {
+    const ts = nowMicros();
+    this.#defer(() => this.#open(ts));
+  }
+
+  #open(ts: number): void {
     this.#stream++;
     this.#seqGuest = 1000;
     this.#seqVtpm = 5000;
-    const ts = nowMicros();
     this.#tcp(ts, true, SYN, null, this.#seqGuest - 1, 0);
     this.#tcp(ts, false, SYN | ACK, null, this.#seqVtpm - 1, this.#seqGuest);
     this.#tcp(ts, true, ACK, null, this.#seqGuest, this.#seqVtpm);
@@ -68,9 +86,13 @@ export class GuestCapture {
    * now (null: the vTPM gave none; only the command is recorded).
    */
   command(command: Uint8Array, response: Uint8Array | null, t0: number): void {
-    if (this.#stream < 0) this.newStream();
     const ts = nowMicros();
-    this.#tcp(microsAt(t0), true, PSH | ACK, command, this.#seqGuest, this.#seqVtpm);
+    this.#defer(() => this.#command(command, response, microsAt(t0), ts));
+  }
+
+  #command(command: Uint8Array, response: Uint8Array | null, t0: number, ts: number): void {
+    if (this.#stream < 0) this.#open(t0);
+    this.#tcp(t0, true, PSH | ACK, command, this.#seqGuest, this.#seqVtpm);
     this.#seqGuest = (this.#seqGuest + command.length) >>> 0;
     if (response) {
       this.#tcp(ts, false, PSH | ACK, response, this.#seqVtpm, this.#seqGuest);
@@ -80,7 +102,12 @@ export class GuestCapture {
 
   /** A ring event (see RingEvent). */
   readonly ring: RingTap = (event, f) => {
-    const o = this.#event(EventKind.RING, event === RingEvent.NOTIFY_IN || event === RingEvent.REQUEST || event === RingEvent.V2_SUBMIT || event === RingEvent.V2_CANCEL ? 1 : 0, 16);
+    const ts = nowMicros();
+    this.#defer(() => this.#ring(ts, event, f));
+  };
+
+  #ring(ts: number, event: number, f: Parameters<RingTap>[1]): void {
+    const o = this.#event(ts, EventKind.RING, event === RingEvent.NOTIFY_IN || event === RingEvent.REQUEST || event === RingEvent.V2_SUBMIT || event === RingEvent.V2_CANCEL ? 1 : 0, 16);
     if (o < 0) return;
     const b = this.#w.buf;
     b[o] = event;
@@ -88,24 +115,30 @@ export class GuestCapture {
     b.writeUInt16BE(f?.segments ?? 0, o + 2);
     b.writeUInt32BE(f?.length ?? 0, o + 4);
     b.writeBigUInt64BE(f?.id ?? 0n, o + 8);
-  };
+  }
 
   /** One xs_wire packet of this device's, as the backend sent ('out') or received ('in') it. */
   xenstore(dir: 'out' | 'in', packet: Uint8Array): void {
-    const o = this.#event(EventKind.XENSTORE, dir === 'in' ? 1 : 0, packet.length);
-    if (o >= 0) this.#w.buf.set(packet, o);
+    const ts = nowMicros();
+    this.#defer(() => {
+      const o = this.#event(ts, EventKind.XENSTORE, dir === 'in' ? 1 : 0, packet.length);
+      if (o >= 0) this.#w.buf.set(packet, o);
+    });
   }
 
   /** A line of text (a cut-off reason, the end of the capture). */
   note(text: string): void {
     const t = Buffer.from(text, 'utf8');
-    const o = this.#event(EventKind.NOTE, 0, t.length);
-    if (o >= 0) t.copy(this.#w.buf, o);
+    const ts = nowMicros();
+    this.#defer(() => {
+      const o = this.#event(ts, EventKind.NOTE, 0, t.length);
+      if (o >= 0) t.copy(this.#w.buf, o);
+    });
   }
 
   /** The 8-byte record header of an event whose body is `bodyLen` bytes; returns where the body goes (-1: left out). */
-  #event(kind: number, toBackend: number, bodyLen: number): number {
-    const o = this.#w.begin(1, nowMicros(), 8 + bodyLen);
+  #event(ts: number, kind: number, toBackend: number, bodyLen: number): number {
+    const o = this.#w.begin(1, ts, 8 + bodyLen);
     if (o < 0) return -1;
     const b = this.#w.buf;
     b[o] = 1; // version
@@ -142,6 +175,7 @@ export class GuestCapture {
   }
 
   async close(): Promise<void> {
+    this.#drain();
     if (this.#w.dropped > 0) this.#w.onFull = null;
     await this.#w.close();
   }
