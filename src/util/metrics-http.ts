@@ -56,12 +56,18 @@ export async function serveDaemonMetrics(role: DaemonName): Promise<() => Promis
     server.listen(path, () => resolve());
   });
   fs.chmodSync(path, 0o600);
+  const ino = fs.statSync(path).ino;
   server.unref();
   return () =>
     new Promise<void>((resolve) => {
       server.close(() => resolve());
       server.closeAllConnections();
-      fs.rmSync(path, { force: true });
+      // Only our own socket: a successor (a restarted daemon) may have bound the name already.
+      try {
+        if (fs.statSync(path).ino === ino) fs.rmSync(path, { force: true });
+      } catch {
+        // gone already
+      }
     });
 }
 

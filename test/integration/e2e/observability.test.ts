@@ -236,3 +236,34 @@ describe('logs and top', () => {
     expect(row(2)[5]).toMatch(/^[0-9.]+ (µs|ms|s)$/);
   });
 });
+
+describe('the metrics endpoint across restarts', () => {
+  it('host up --metrics refuses a malformed address with exit 2 before starting anything', async () => {
+    const other = join(work, 'other');
+    const r = await vtpm('host', 'up', '--run', other, '--state', join(work, 'other-state'), '--metrics', 'localhost').then(
+      () => ({ code: 0, stderr: '' }),
+      (e: { code: number; stderr: string }) => e,
+    );
+    expect(r.code).toBe(2);
+    expect(r.stderr).toBe('vtpm: --metrics takes HOST:PORT (e.g. 127.0.0.1:9464), not "localhost"\n');
+    expect(fs.existsSync(other)).toBe(false);
+  });
+
+  it('a backend killed and restarted serves the host\'s metrics again on the same address', async () => {
+    const h = JSON.parse(fs.readFileSync(join(runDir, 'host.json'), 'utf8')) as { processes: Array<{ role: string; pid: number }> };
+    const pid = h.processes.find((p) => p.role === 'backend')!.pid;
+    process.kill(pid, 'SIGKILL');
+    await expect(fetch(`http://127.0.0.1:${metricsPort}/metrics`)).rejects.toThrow();
+    await vtpm('host', 'restart', 'backend', '--run', runDir);
+    const text = await scrape();
+    for (const d of ['hypervisor', 'xenstored', 'manager', 'backend']) expect(value(text, 'vtpm_daemon_up', { daemon: d })).toBe(1);
+    // The guests reconnect to the new backend and are counted again.
+    let g = 0;
+    for (let i = 0; i < 100 && g < 2; i++) {
+      g = value(await scrape(), 'vtpm_guests', { state: 'Connected', transport: 'v2' }) ?? 0;
+      g += value(await scrape(), 'vtpm_guests', { state: 'Connected', transport: 'ring' }) ?? 0;
+      if (g < 2) await sleep(100);
+    }
+    expect(g).toBe(2);
+  });
+});
