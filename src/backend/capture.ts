@@ -200,19 +200,23 @@ function ipChecksum(h: Uint8Array, o: number): number {
 export class XsCaptureRouter {
   readonly #byDomid = new Map<number, GuestCapture>();
   readonly #byReq = new Map<number, GuestCapture>();
+  readonly #client: { tap: ((dir: 'out' | 'in', packet: Buffer) => void) | null };
+
+  /** `client`'s tap is set only while some device captures (it costs a copy of every packet). */
+  constructor(client: { tap: ((dir: 'out' | 'in', packet: Buffer) => void) | null }) {
+    this.#client = client;
+  }
 
   add(domid: number, c: GuestCapture): void {
     this.#byDomid.set(domid, c);
+    this.#client.tap = this.tap;
   }
 
   remove(domid: number): void {
     const c = this.#byDomid.get(domid);
     this.#byDomid.delete(domid);
     for (const [r, x] of this.#byReq) if (x === c) this.#byReq.delete(r);
-  }
-
-  get active(): boolean {
-    return this.#byDomid.size > 0;
+    if (this.#byDomid.size === 0) this.#client.tap = null;
   }
 
   readonly tap = (dir: 'out' | 'in', packet: Buffer): void => {

@@ -27,12 +27,13 @@ export class Backend {
   #qemu: QemuDevices | null = null;
   #scanning: Promise<void> = Promise.resolve();
   /** Devices' captures get the xenstore packets that concern them. */
-  readonly #captures = new XsCaptureRouter();
+  readonly #captures: XsCaptureRouter;
 
   private constructor(dom: Domain, xs: XsClient, o: BackendOptions) {
     this.dom = dom;
     this.xs = xs;
     this.#o = o;
+    this.#captures = new XsCaptureRouter(xs);
   }
 
   static async start(o: BackendOptions): Promise<Backend> {
@@ -40,7 +41,6 @@ export class Backend {
     const dom = o.domain ?? (await Domain.create({ domid: 0, dir: o.xenDir, geometry: { evtchnPages: 16 } }));
     const xs = await connect(o.xenstoredSocket);
     const b = new Backend(dom, xs, o);
-    xs.tap = b.#captures.tap;
     // The watch fires once at registration, which picks up devices written before we started.
     b.#watch = await xs.watch(BACKEND_ROOT, (ev) => {
       // A key inside a device we drive already (its state, ready, ...) changes nothing here; skipping

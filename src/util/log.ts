@@ -37,7 +37,7 @@ const INSTANCE = /\b(?:instance|vTPM) ([0-9]{1,10})\b/;
 const EVENTS: Array<[RegExp, string]> = [
   [/: ready\b/, 'ready'],
   [/\bcut off\b/, 'cut_off'],
-  [/\brequests? [0-9]+:.*\(and [0-9]+ more|\brequest [0-9]+: /, 'request_refused'],
+  [/\brequest [0-9]+: |\bmore refusals in\b/, 'request_refused'],
   [/; answered [A-Z_]+/, 'request_refused'],
   [/\bconnected \(/, 'connected'],
   [/\bsuspended\b/, 'suspended'],

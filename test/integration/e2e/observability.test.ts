@@ -237,6 +237,23 @@ describe('logs and top', () => {
   });
 });
 
+describe('suspend and resume', () => {
+  it('are counted with their durations, and the resumed connection is a new TCP stream of the same capture', async () => {
+    await vtpm('guest', 'suspend', '--run', runDir, '--domid', '1');
+    await vtpm('guest', 'resume', '--run', runDir, '--domid', '1');
+    const { stdout } = await run('tpm2_getrandom', ['8', '--hex'], tools(port1));
+    expect(stdout).toMatch(/^[0-9a-f]{16}$/);
+    const text = await scrape();
+    expect(value(text, 'vtpm_suspends_total', { transport: 'v2' })).toBe(1);
+    expect(value(text, 'vtpm_suspend_duration_seconds_count', { transport: 'v2' })).toBe(1);
+    expect(value(text, 'vtpm_resumes_total', { transport: 'v2' })).toBe(1);
+    expect(value(text, 'vtpm_resume_duration_seconds_count', { transport: 'v2' })).toBe(1);
+    await sleep(500);
+    const { stdout: streams } = await run('tshark', ['-r', pcap1, '-Y', 'tpm.req.cc == 0x17b', '-T', 'fields', '-e', 'tcp.stream']);
+    expect(new Set(streams.trim().split('\n'))).toEqual(new Set(['0', '1']));
+  });
+});
+
 describe('the metrics endpoint across restarts', () => {
   it('host up --metrics refuses a malformed address with exit 2 before starting anything', async () => {
     const other = join(work, 'other');
