@@ -9,15 +9,12 @@ import { randomUUID } from 'node:crypto';
 import fs from 'node:fs';
 import net from 'node:net';
 import { join } from 'node:path';
-import { promisify } from 'node:util';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { ROOT } from '../../helpers/child.js';
+import { run, tcti, until, vtpm } from '../../helpers/host.js';
 import { freePortPair } from '../../../src/cli/ports.js';
 import { tempDir, removeDir } from '../../helpers/temp.js';
 
-const run = promisify(execFile);
-const cli = join(ROOT, 'dist/src/cli/main.js');
-const vtpm = (...args: string[]) => run(process.execPath, [cli, ...args], { env: { ...process.env, VTPM_NO_SETUP: '1' } });
 const LUA = join(ROOT, 'tools/wireshark/vtpm-split.lua');
 
 const work = tempDir('obs');
@@ -39,7 +36,7 @@ async function freePort(): Promise<number> {
   return p;
 }
 
-const tools = (port: number) => ({ env: { ...process.env, TPM2TOOLS_TCTI: `swtpm:host=127.0.0.1,port=${port}` } });
+const tools = (port: number) => ({ env: tcti(port) });
 
 async function scrape(): Promise<string> {
   const r = await fetch(`http://127.0.0.1:${metricsPort}/metrics`);
@@ -118,12 +115,10 @@ describe('metrics', () => {
   it('a guest cut off for lying about its ring indices is counted by reason, and the others keep working', async () => {
     const before = value(await scrape(), 'vtpm_guests_cut_off_total', { reason: 'ring_indices' }) ?? 0;
     await vtpm('guest', 'attach', '--run', runDir, '--domid', '3', '--vm', randomUUID(), '--protocol', 'ring', '--misbehave', 'garbage-indices');
-    let text = '';
-    for (let i = 0; i < 100; i++) {
-      text = await scrape();
-      if ((value(text, 'vtpm_guests_cut_off_total', { reason: 'ring_indices' }) ?? 0) > before) break;
-      await sleep(100);
-    }
+    const text = await until(async () => {
+      const t = await scrape();
+      return (value(t, 'vtpm_guests_cut_off_total', { reason: 'ring_indices' }) ?? 0) > before ? t : undefined;
+    }, 'the cut-off to be counted');
     expect(value(text, 'vtpm_guests_cut_off_total', { reason: 'ring_indices' })).toBe(before + 1);
     expect(value(text, 'vtpm_guest_last_error_timestamp_seconds', { domid: '3', error: 'cut_off_ring_indices' })).toBeGreaterThan(started / 1000 - 1);
     const { stdout } = await run('tpm2_getrandom', ['8', '--hex'], tools(port1));
@@ -275,12 +270,9 @@ describe('the metrics endpoint across restarts', () => {
     const text = await scrape();
     for (const d of ['hypervisor', 'xenstored', 'manager', 'backend']) expect(value(text, 'vtpm_daemon_up', { daemon: d })).toBe(1);
     // The guests reconnect to the new backend and are counted again.
-    let g = 0;
-    for (let i = 0; i < 100 && g < 2; i++) {
-      g = value(await scrape(), 'vtpm_guests', { state: 'Connected', transport: 'v2' }) ?? 0;
-      g += value(await scrape(), 'vtpm_guests', { state: 'Connected', transport: 'ring' }) ?? 0;
-      if (g < 2) await sleep(100);
-    }
-    expect(g).toBe(2);
+    await until(async () => {
+      const t = await scrape();
+      return value(t, 'vtpm_guests', { state: 'Connected', transport: 'v2' }) === 1 && value(t, 'vtpm_guests', { state: 'Connected', transport: 'ring' }) === 1 ? true : undefined;
+    }, 'both guests Connected to the restarted backend');
   });
 });
