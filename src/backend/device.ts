@@ -9,9 +9,8 @@ import { XS_FEATURE_RING, XS_FEATURE_V2 } from '../xen/tpmif.js';
 import { openChannel, type Channel, type ChannelOptions } from './channel.js';
 import type { VtpmTarget } from './target.js';
 import { trace } from '../util/trace.js';
-import { backendMetrics, forgetGuest, guestError, showGuest, since } from '../util/metrics.js';
-import { GuestObserver, observeTarget } from './observe.js';
-import { GuestCapture, type XsCaptureRouter } from './capture.js';
+import { DeviceObservation, observeTarget } from './observe.js';
+import type { XsCaptureRouter } from './capture.js';
 
 /** What a device needs from the backend process: the vTPM for a VM, opened at the manager. */
 export interface VtpmProvider {
@@ -107,15 +106,13 @@ export class BackendDevice {
   #parked: NodeJS.Timeout | null = null;
   /** The VM this device holds (see `claims`), from its first attach until the device is gone. */
   #claimed: string | null = null;
-  /** Metrics of this guest, and its capture if the toolstack asked for one (both from its first attach). */
-  #observer: GuestObserver | null = null;
-  #capture: GuestCapture | null = null;
-  /** When the guest asked to suspend (performance.now), until its suspend is acknowledged. */
-  #suspendT0 = -1;
+  /** Metrics of this guest, and its capture if the toolstack asked for one (docs/observability.md). */
+  readonly #obs: DeviceObservation;
 
   constructor(o: DeviceOptions) {
     this.#o = o;
     this.dev = o.dev;
+    this.#obs = new DeviceObservation(this, o.dev.frontDomid, o.dev.devid, o.log, o.captures);
   }
 
   get connected(): boolean {
@@ -137,7 +134,7 @@ export class BackendDevice {
       this.#o.log(`dom${this.dev.frontDomid}: recovering a connected device; waiting for the frontend to reconnect`);
     }
     await backendInitWait(this.#o.xs, this.dev, { [XS_FEATURE_V2]: '1', [XS_FEATURE_RING]: '1' });
-    this.#show('InitWait');
+    this.#obs.show('InitWait');
     // The frontend's state is read when its step's turn comes, not when the event arrives (as Linux's
     // otherend_changed reads it): a step must never act on a state older than what an earlier step
     // already saw. A reconnecting frontend's Initialising read early but handled after we attached to
@@ -227,12 +224,11 @@ export class BackendDevice {
         // Suspend (or close): answer what is in flight before acknowledging, then make the vTPM's
         // volatile state durable, so a resumed guest finds both the answer and the state. (Closing
         // again when the toolstack already wrote it is harmless; Closed only follows a finish.)
-        if (this.#suspendT0 < 0 && this.#channel) this.#suspendT0 = performance.now();
+        this.#obs.closing();
         await this.#quiesce();
         trace('dev quiesced');
         if (!this.#closingSent) await switchState(this.#o.xs, this.dev.backend, XenbusState.Closing);
         this.#closingSent = true;
-        this.#show('Closing');
         break;
       case XenbusState.Closed:
         await this.#closed();
@@ -258,12 +254,11 @@ export class BackendDevice {
       this.#enqueue(async () => {
         try {
           if (!this.#channel || this.#gone || this.#closingSent) return resolve();
-          this.#suspendT0 = performance.now();
+          this.#obs.closing();
           await this.#quiesce();
           trace('dev quiesced (notice)');
           await switchState(this.#o.xs, this.dev.backend, XenbusState.Closing);
           this.#closingSent = true;
-          this.#show('Closing');
           resolve();
         } catch (err) {
           reject(err as Error);
@@ -291,14 +286,8 @@ export class BackendDevice {
     trace('dev detached');
     const [shutdown] = await batch;
     this.#fatal = false;
-    if (this.#vtpm && shutdown === 'suspend') {
-      await this.#suspended(this.#vtpm);
-      const transport = this.#observer?.labels.transport ?? 'v2';
-      backendMetrics().suspends.inc({ transport });
-      if (this.#suspendT0 >= 0) backendMetrics().suspendDuration.observe({ transport }, since(this.#suspendT0));
-    }
-    this.#suspendT0 = -1;
-    if (!offline) this.#show('InitWait');
+    if (this.#vtpm && shutdown === 'suspend') await this.#suspended(this.#vtpm).then(() => this.#obs.suspended());
+    this.#obs.closed(offline);
     if (offline) await this.#finish(XenbusState.Closed);
   }
 
@@ -425,15 +414,14 @@ export class BackendDevice {
     } catch (err) {
       return this.#fail(5, `cannot open the vTPM of VM ${vm}: ${(err as Error).message}`, 'vtpm_unavailable');
     }
-    const transport = wantsRing ? 'ring' : 'v2';
-    this.#observe(vm, transport, keys);
+    const observer = this.#obs.attach(vm, wantsRing ? 'ring' : 'v2', keys.capture, keys.captureMaxMb);
     const opts: ChannelOptions = {
       frontDomid: this.dev.frontDomid,
       refs: [fe.ringRef],
       port: fe.eventChannel,
-      target: observeTarget(this.#vtpm, this.#observer!),
+      target: observeTarget(this.#vtpm, observer),
       onFatal: (reason: string, kind: string) => this.#enqueue(() => this.#fail(71, reason, kind)),
-      ...(this.#capture ? { tap: this.#capture.ring } : {}),
+      ...(observer.capture ? { tap: observer.capture.ring } : {}),
       onSuspend: () => this.#suspendNotice(),
       log: this.#o.log,
     };
@@ -444,48 +432,18 @@ export class BackendDevice {
     } catch (err) {
       return this.#fail(5, `cannot map ring-ref ${fe.ringRef} / bind event-channel ${fe.eventChannel}: ${(err as Error).message}`, 'bad_grant');
     }
-    this.#capture?.newStream();
     this.#serving = `${keys.ringRef ?? ''}/${keys.eventChannel ?? ''}`;
     this.#closingSent = false;
     await backendConnected(xs, this.dev);
-    this.#show('Connected');
-    if (resume) {
-      backendMetrics().resumes.inc({ transport });
-      backendMetrics().resumeDuration.observe({ transport }, since(t0));
-    }
+    this.#obs.connected(resume, t0);
     this.#o.log(`dom${this.dev.frontDomid}: connected (${wantsRing ? 'ring' : 'v2'}), vTPM instance ${this.#vtpm.instance} of VM ${vm}`);
-  }
-
-  /** This guest's metrics, and the capture the toolstack asked for (opened once, kept across reconnects). */
-  #observe(vm: string, transport: 'v2' | 'ring', keys: AttachKeys): void {
-    if (keys.capture && !this.#capture) {
-      const mb = Number(keys.captureMaxMb ?? 100);
-      try {
-        this.#capture = new GuestCapture(keys.capture, (Number.isFinite(mb) && mb > 0 ? mb : 100) * 1024 * 1024, this.dev.frontDomid, this.dev.devid, this.#o.log);
-        this.#o.captures?.add(this.dev.frontDomid, this.#capture);
-        this.#o.log(`dom${this.dev.frontDomid}: capturing to ${keys.capture}`);
-      } catch (err) {
-        this.#o.log(`dom${this.dev.frontDomid}: capture ${keys.capture}: ${(err as Error).message}; not capturing`);
-      }
-    }
-    if (this.#observer?.labels.vm !== vm || this.#observer.labels.transport !== transport) {
-      this.#observer = new GuestObserver({ domid: String(this.dev.frontDomid), vm, transport }, this.#capture);
-    }
-  }
-
-  /** What metrics show of this device: its backend xenbus state. */
-  #show(state: string): void {
-    showGuest(this, { domid: String(this.dev.frontDomid), vm: this.#claimed ?? '', transport: this.#observer?.labels.transport ?? 'none', state });
   }
 
   /** Cut this frontend off: the reason in error/ and the log, our side to Closing. `kind` is the metric's reason. */
   async #fail(errno: number, reason: string, kind: string): Promise<void> {
     this.#fatal = true;
     this.#o.log(`dom${this.dev.frontDomid}: cut off: ${reason}`);
-    backendMetrics().cutOff.inc({ reason: kind });
-    guestError(String(this.dev.frontDomid), this.#claimed ?? '', `cut_off_${kind}`);
-    this.#capture?.note(`cut off: ${reason}`);
-    this.#show('Closing');
+    this.#obs.cutOff(kind, reason);
     this.#channel?.close();
     this.#channel = null;
     await deviceFatal(this.#o.xs, this.dev.backend, errno, reason);
@@ -508,7 +466,7 @@ export class BackendDevice {
     if (this.#vtpm) await this.#o.vtpms.release(this.#vtpm.instance).catch((e: unknown) => this.#o.log(`release: ${(e as Error).message}`));
     this.#vtpm = null;
     this.#unclaim();
-    this.#endObservation();
+    this.#obs.end();
     // Only into a directory that is still there: a write would re-create one the toolstack removed.
     const xs = this.#o.xs;
     await xs
@@ -530,15 +488,7 @@ export class BackendDevice {
     if (this.#vtpm) await this.#o.vtpms.release(this.#vtpm.instance).catch(() => {});
     this.#vtpm = null;
     this.#unclaim();
-    this.#endObservation();
-  }
-
-  #endObservation(): void {
-    forgetGuest(this);
-    if (!this.#capture) return;
-    this.#o.captures?.remove(this.dev.frontDomid);
-    void this.#capture.close();
-    this.#capture = null;
+    this.#obs.end();
   }
 
   #unclaim(): void {

@@ -3,10 +3,10 @@
 // its channel or QEMU endpoint is opened, so every transport is measured at the same point: from a
 // command reaching the vTPM to its answer being ready (durable, on the ring).
 import type { Counter } from 'prom-client';
-import { backendMetrics, guestError, since, type CommandOutcome, type Transport } from '../util/metrics.js';
+import { backendMetrics, forgetGuest, guestError, showGuest, since, type CommandOutcome, type Transport } from '../util/metrics.js';
 import { commandName, responseRc } from '../tpm/command-names.js';
 import type { OnceRequest, VtpmTarget } from './target.js';
-import type { GuestCapture } from './capture.js';
+import { GuestCapture, type XsCaptureRouter } from './capture.js';
 
 export interface GuestLabels {
   /** '' for a QEMU endpoint (no domain); its vm tells it apart. */
@@ -99,4 +99,98 @@ export function observeExecute<A extends unknown[]>(
       obs.done(command, response, t0);
     }
   };
+}
+
+/** What a xenbus device reports: its state, suspends and resumes, cut-offs, and its capture. */
+export class DeviceObservation {
+  readonly #key: object;
+  readonly #domid: number;
+  readonly #devid: number;
+  readonly #log: (line: string) => void;
+  readonly #captures: XsCaptureRouter | undefined;
+  #observer: GuestObserver | null = null;
+  #capture: GuestCapture | null = null;
+  /** When the guest asked to suspend (performance.now), until its suspend is acknowledged. */
+  #suspendT0 = -1;
+
+  constructor(key: object, domid: number, devid: number, log: (line: string) => void, captures?: XsCaptureRouter) {
+    this.#key = key;
+    this.#domid = domid;
+    this.#devid = devid;
+    this.#log = log;
+    this.#captures = captures;
+  }
+
+  /** A frontend connects: this guest's observer; the capture the toolstack asked for is opened once and kept across reconnects. */
+  attach(vm: string, transport: 'v2' | 'ring', capture: string | undefined, captureMaxMb: string | undefined): GuestObserver {
+    if (capture && !this.#capture) {
+      const mb = Number(captureMaxMb ?? 100);
+      try {
+        this.#capture = new GuestCapture(capture, (Number.isFinite(mb) && mb > 0 ? mb : 100) * 1024 * 1024, this.#domid, this.#devid, this.#log);
+        this.#captures?.add(this.#domid, this.#capture);
+        this.#log(`dom${this.#domid}: capturing to ${capture}`);
+      } catch (err) {
+        this.#log(`dom${this.#domid}: capture ${capture}: ${(err as Error).message}; not capturing`);
+      }
+    }
+    if (this.#observer?.labels.vm !== vm || this.#observer.labels.transport !== transport) {
+      this.#observer = new GuestObserver({ domid: String(this.#domid), vm, transport }, this.#capture);
+    }
+    return this.#observer;
+  }
+
+  /** What the metrics show of the device: its backend xenbus state. */
+  show(state: string): void {
+    const l = this.#observer?.labels;
+    showGuest(this.#key, { domid: String(this.#domid), vm: l?.vm ?? '', transport: l?.transport ?? 'none', state });
+  }
+
+  /** The frontend's ring or page is mapped and the device Connected (`t0`: when the attach began). */
+  connected(resume: boolean, t0: number): void {
+    this.#capture?.newStream();
+    this.show('Connected');
+    if (!resume || !this.#observer) return;
+    const transport = this.#observer.labels.transport;
+    backendMetrics().resumes.inc({ transport });
+    backendMetrics().resumeDuration.observe({ transport }, since(t0));
+  }
+
+  /** The guest is closing (its Closing, or the ring's suspend notice): a suspend's clock starts at the first. */
+  closing(): void {
+    if (this.#suspendT0 < 0) this.#suspendT0 = performance.now();
+    this.show('Closing');
+  }
+
+  /** The suspend is acknowledged (the vTPM state saved). */
+  suspended(): void {
+    const transport = this.#observer?.labels.transport ?? 'v2';
+    backendMetrics().suspends.inc({ transport });
+    if (this.#suspendT0 >= 0) backendMetrics().suspendDuration.observe({ transport }, since(this.#suspendT0));
+  }
+
+  /** The frontend's connection is closed (suspended or not); unless the device goes offline it waits for the next. */
+  closed(offline: boolean): void {
+    this.#suspendT0 = -1;
+    if (!offline) this.show('InitWait');
+  }
+
+  cutOff(kind: string, reason: string): void {
+    if (this.#observer) this.#observer.cutOff(kind);
+    else {
+      backendMetrics().cutOff.inc({ reason: kind });
+      guestError(String(this.#domid), '', `cut_off_${kind}`);
+    }
+    this.#capture?.note(`cut off: ${reason}`);
+    this.#suspendT0 = -1;
+    this.show('Closing');
+  }
+
+  /** The device is gone: no more series, the capture closed. */
+  end(): void {
+    forgetGuest(this.#key);
+    if (!this.#capture) return;
+    this.#captures?.remove(this.#domid);
+    void this.#capture.close();
+    this.#capture = null;
+  }
 }
