@@ -71,5 +71,8 @@ async function multiVm(h: HostInfo, mgr: ManagerClient, registerDir: string, log
     log,
     launch: (domid, file, args) => domainLaunch(iso, domid, 'vtpm-domain', file, args),
   });
+  const { backendMetrics, showDomains } = await import('../util/metrics.js');
+  backendMetrics();
+  showDomains(() => vtpms.domains());
   return { dom, vtpms };
 }

@@ -5,6 +5,7 @@
 // Labels take bounded values only: domid, vm (one per guest), transport, TPM command names from a fixed
 // table, outcome and reason names from fixed sets, never request ids or guest strings.
 import { Counter, Gauge, Histogram, Registry, collectDefaultMetrics } from 'prom-client';
+import { procUsage } from './proc.js';
 
 export const registry = new Registry();
 
@@ -55,6 +56,22 @@ export function forgetGuest(key: object): void {
   guestViews.delete(key);
 }
 
+/** Multi-VM mode: the vTPM-domain processes, read at each scrape (their own sockets would sit in a domain's reach). */
+let domainSource: () => Array<{ domid: number; vm: string; pid: number }> = () => [];
+
+export function showDomains(source: () => Array<{ domid: number; vm: string; pid: number }>): void {
+  domainSource = source;
+}
+
+function domainUsage(): Array<{ labels: { domid: string; vm: string }; cpuSeconds: number; rssBytes: number }> {
+  const out = [];
+  for (const d of domainSource()) {
+    const u = procUsage(d.pid);
+    if (u) out.push({ labels: { domid: String(d.domid), vm: d.vm }, ...u });
+  }
+  return out;
+}
+
 function backendSet() {
   return {
     commands: counter('vtpm_commands_total', 'TPM commands answered, by guest, transport, command and outcome', ['domid', 'vm', 'transport', 'command', 'rc'] as const),
@@ -92,6 +109,26 @@ function backendSet() {
       registers: [registry],
     }),
     domainRestarts: counter('vtpm_domain_restarts_total', 'vTPM-domain processes that died and were restarted from the manager state (multi-VM mode)'),
+    domainMemory: new Gauge({
+      name: 'vtpm_domain_resident_memory_bytes',
+      help: 'Resident memory of each vTPM-domain process (multi-VM mode)',
+      labelNames: ['domid', 'vm'] as const,
+      registers: [registry],
+      collect(this: Gauge<'domid' | 'vm'>) {
+        this.reset();
+        for (const d of domainUsage()) this.set(d.labels, d.rssBytes);
+      },
+    }),
+    domainCpu: new Counter({
+      name: 'vtpm_domain_cpu_seconds_total',
+      help: 'CPU time (user + system) of each vTPM domain\'s process; starts again from 0 when the domain is restarted (multi-VM mode)',
+      labelNames: ['domid', 'vm'] as const,
+      registers: [registry],
+      collect(this: Counter<'domid' | 'vm'>) {
+        this.reset();
+        for (const d of domainUsage()) this.inc(d.labels, d.cpuSeconds);
+      },
+    }),
   };
 }
 
