@@ -8,6 +8,7 @@ import { xenDir } from '../xen/layout.js';
 import { onStop } from './lifecycle.js';
 import { makeLog, parseLogFormat } from '../util/log.js';
 import { serveDaemonMetrics } from '../util/metrics-http.js';
+import { hypervisorMetrics, showHypervisorDomains } from '../util/metrics.js';
 
 export function register(program: Command): void {
   program
@@ -24,6 +25,8 @@ export function register(program: Command): void {
       if (!claimPidFile(dir)) throw new Error(`a hypervisor already runs for ${dir}`);
       const hv = new Hypervisor({ dir, log: opts.verbose ? log : undefined });
       await hv.listen();
+      hypervisorMetrics();
+      showHypervisorDomains(() => hv.domains.length);
       onStop(async () => {
         await hv.close();
         await stopMetrics();

@@ -151,6 +151,27 @@ function xenstoreSet() {
   };
 }
 
+/** The hypervisor's domains, read at each scrape. */
+let domainCount: () => number = () => 0;
+
+export function showHypervisorDomains(count: () => number): void {
+  domainCount = count;
+}
+
+function hypervisorSet() {
+  return {
+    hypercalls: counter('vtpm_hypervisor_hypercalls_total', 'Hypercalls handled, by operation', ['op'] as const),
+    domains: new Gauge({
+      name: 'vtpm_hypervisor_domains',
+      help: 'Domains the hypervisor holds (dom0 processes, guests, vTPM domains)',
+      registers: [registry],
+      collect(this: Gauge) {
+        this.set(domainCount());
+      },
+    }),
+  };
+}
+
 type Lazy<T> = () => T;
 function lazy<T>(make: () => T): Lazy<T> {
   let v: T | undefined;
@@ -161,6 +182,8 @@ function lazy<T>(make: () => T): Lazy<T> {
 export const backendMetrics = lazy(backendSet);
 /** The manager's metrics (created on first use). */
 export const managerMetrics = lazy(managerSet);
+/** The hypervisor's metrics (created on first use). */
+export const hypervisorMetrics = lazy(hypervisorSet);
 /** xenstored's metrics (created on first use). */
 export const xenstoreMetrics = lazy(xenstoreSet);
 

@@ -106,6 +106,9 @@ describe('metrics', () => {
     expect(value(text, 'vtpm_manager_group_commit_size_count', {})).toBeGreaterThan(0);
     expect(value(text, 'vtpm_xenstore_requests_total', { type: 'WRITE' })).toBeGreaterThan(0);
     expect(value(text, 'vtpm_xenstore_watch_events_total', {})).toBeGreaterThan(0);
+    // dom0 (the backend's) and the two guests live in the hypervisor; the backend mapped their pages.
+    expect(value(text, 'vtpm_hypervisor_domains', {})).toBeGreaterThanOrEqual(3);
+    expect(value(text, 'vtpm_hypervisor_hypercalls_total', { op: 'map_grant' })).toBeGreaterThan(0);
     // Labels never carry request ids: every vtpm_commands_total series has exactly the five labels.
     for (const line of text.split('\n').filter((x) => x.startsWith('vtpm_commands_total{'))) {
       expect(line.match(/([a-z_]+)="/g)!.map((m) => m.slice(0, -2)).sort()).toEqual(['command', 'daemon', 'domid', 'rc', 'transport', 'vm']);
