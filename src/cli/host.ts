@@ -9,7 +9,7 @@ import { stopProcess, tailFile } from './spawn.js';
 import { DAEMON_ROLES, isDaemonRole, restartDaemon, startRole, type DaemonRole } from './restart.js';
 import { CliError } from './errors.js';
 import { parseLogFormat, type LogFormat } from '../util/log.js';
-import { parseListen } from '../util/metrics-http.js';
+import { checkListen, parseListen } from '../util/metrics-http.js';
 import { decideIsolation, describe, domainProcesses, parseUidBase, processUid, secureHost, type Isolation, type IsolationMode } from './isolation.js';
 import { claimUidRange, releaseUidRange } from './uid-claims.js';
 
@@ -87,6 +87,14 @@ export async function hostUp(runDir: string, stateDir: string, mode: 'single' | 
     }
     for (const f of clearDeadHost(rd, old)) report(`removed ${f} (left by the dead host)`);
     fs.rmSync(rd.hostJson, { force: true });
+  }
+  // The metrics address is the backend's to bind: one taken is refused before anything starts.
+  if (opts.metrics !== undefined) {
+    try {
+      await checkListen(opts.metrics);
+    } catch (err) {
+      throw new CliError('CONFLICT', (err as Error).message);
+    }
   }
   const h = rd.plan(stateDir, mode);
   if (opts.metrics !== undefined) h.metrics = opts.metrics;

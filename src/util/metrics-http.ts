@@ -110,6 +110,17 @@ export function parseListen(spec: string): { host: string; port: number } {
   return { host: m[1] ?? m[2]!, port };
 }
 
+/** Whether `listen` (HOST:PORT) can be bound now; throws MetricsError naming why not. */
+export async function checkListen(listen: string): Promise<void> {
+  const { host, port } = parseListen(listen);
+  const server = http.createServer();
+  await new Promise<void>((resolve, reject) => {
+    server.once('error', (err) => reject(new MetricsError('BAD_ADDRESS', `--metrics ${listen}: ${err.message}`)));
+    server.listen(port, host, () => resolve());
+  });
+  await new Promise((resolve) => server.close(resolve));
+}
+
 /**
  * Serve the whole host's metrics on `listen` (HOST:PORT): this process's (the backend's) registry plus every other
  * daemon's, read from their sockets at each scrape. Resolves with the bound port and a stop function.

@@ -264,6 +264,21 @@ describe('the metrics endpoint across restarts', () => {
     expect(fs.existsSync(other)).toBe(false);
   });
 
+  it('host up --metrics on an address in use is refused before anything starts', async () => {
+    const other = join(work, 'other2');
+    const taken = net.createServer();
+    await new Promise<void>((r) => taken.listen(0, '127.0.0.1', () => r()));
+    const port = (taken.address() as net.AddressInfo).port;
+    const r = await vtpm('host', 'up', '--run', other, '--state', join(work, 'other2-state'), '--metrics', `127.0.0.1:${port}`).then(
+      () => ({ code: 0, stderr: '' }),
+      (e: { code: number; stderr: string }) => e,
+    );
+    await new Promise((res) => taken.close(res));
+    expect(r.code).toBe(1);
+    expect(r.stderr).toBe(`vtpm: --metrics 127.0.0.1:${port}: listen EADDRINUSE: address already in use 127.0.0.1:${port}\n`);
+    expect(fs.existsSync(other)).toBe(false);
+  });
+
   it('a backend killed and restarted serves the host\'s metrics again on the same address', async () => {
     const h = JSON.parse(fs.readFileSync(join(runDir, 'host.json'), 'utf8')) as { processes: Array<{ role: string; pid: number }> };
     const pid = h.processes.find((p) => p.role === 'backend')!.pid;
