@@ -10,6 +10,7 @@ import { DAEMON_ROLES, isDaemonRole, restartDaemon, startRole, type DaemonRole }
 import { CliError } from './errors.js';
 import { parseLogFormat, type LogFormat } from '../util/log.js';
 import { checkListen, parseListen } from '../util/metrics-http.js';
+import { addStoreOptions, parseStoreFlags, type StoreFlags } from './store-flags.js';
 import { decideIsolation, describe, domainProcesses, parseUidBase, processUid, secureHost, type Isolation, type IsolationMode } from './isolation.js';
 import { claimUidRange, releaseUidRange } from './uid-claims.js';
 
@@ -27,6 +28,8 @@ export interface HostUpOptions {
   logFormat?: LogFormat;
   /** Progress lines (what was recovered or restarted). */
   report?: (line: string) => void;
+  /** The manager's state in etcd (docs/cluster.md). */
+  store?: StoreFlags;
 }
 
 function readHostIfAny(rd: RunDir): HostInfo | null {
@@ -99,6 +102,7 @@ export async function hostUp(runDir: string, stateDir: string, mode: 'single' | 
   const h = rd.plan(stateDir, mode);
   if (opts.metrics !== undefined) h.metrics = opts.metrics;
   if (opts.logFormat !== undefined) h.logFormat = opts.logFormat;
+  if (opts.store) h.store = opts.store;
   // No host.json: whatever a host without one left here is stale too.
   if (!old && fs.existsSync(rd.dir)) for (const f of clearDeadHost(rd, h)) report(`removed ${f} (left by a dead host)`);
   // Parents as the umask makes them; the run dir's own mode is set by secureHost once the isolation is known.
@@ -226,7 +230,7 @@ const parseMode = (m: string): 'single' | 'multi' => {
 
 export function register(program: Command): void {
   const host = program.command('host').description('start, stop, restart and inspect the dom0 processes of a host');
-  host
+  const up = host
     .command('up')
     .description('start the hypervisor, xenstored, the manager and the backend as separate processes; returns when all are ready. Recovers a run directory a crash left behind and restarts daemons that died')
     .requiredOption('--run <dir>', 'run directory (sockets, FIFOs, logs, host.json)')
@@ -235,8 +239,9 @@ export function register(program: Command): void {
     .option('--isolation <how>', 'uid (each guest and vTPM domain under its own uid; root only), none, or auto: uid when possible', 'auto')
     .option('--uid-base <n>', 'dom<N> runs as uid/gid BASE+N; refused if another live host holds an overlapping range (default: the first free range from VTPM_UID_BASE or 1073741824 on)')
     .option('--metrics <host:port>', 'serve the whole host\'s Prometheus metrics on http://HOST:PORT/metrics (docs/observability.md)')
-    .option('--log-format <fmt>', 'every daemon logs text (default) or json (one object per event)', 'text')
-    .action(async (o: { run: string; state: string; mode: string; isolation: string; uidBase?: string; metrics?: string; logFormat: string }) => {
+    .option('--log-format <fmt>', 'every daemon logs text (default) or json (one object per event)', 'text');
+  addStoreOptions(up).action(
+    async (o: { run: string; state: string; mode: string; isolation: string; uidBase?: string; store?: string; masterKey?: string; leaseTtl?: string; metrics?: string; logFormat: string }) => {
       if (o.isolation !== 'auto' && o.isolation !== 'uid' && o.isolation !== 'none') throw new CliError('USAGE', `--isolation must be auto, uid or none, not ${o.isolation}`);
       let logFormat: LogFormat;
       try {
@@ -251,12 +256,14 @@ export function register(program: Command): void {
         isolation: o.isolation,
         ...(o.uidBase !== undefined ? { uidBase: parseUidBase(o.uidBase) } : {}),
         report: (l) => console.log(l),
+        store: parseStoreFlags(o),
       });
       for (const p of h.processes) console.log(`${p.role.padEnd(10)} dom${p.domid} pid ${p.pid}`);
       console.log(`isolation: ${describe(h.isolation)}`);
       if (h.metrics) console.log(`metrics: http://${h.metrics}/metrics`);
-      console.log(`host up in ${h.runDir} (${h.mode}-VM mode)`);
-    });
+      console.log(`host up in ${h.runDir} (${h.mode}-VM mode${h.store ? `, state in ${h.store.url}` : ''})`);
+    },
+  );
   host
     .command('down')
     .description('stop guests, backend, manager, xenstored and the hypervisor cleanly (vTPM state saved)')
