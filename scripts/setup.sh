@@ -20,10 +20,11 @@ fi
 
 # Debian packages: libtpms is the TPM we run; the rest are the real clients and peers the tests and
 # benchmarks talk to (tpm2-tools, swtpm, xenstore-utils, QEMU with a kernel and busybox to boot);
-# strace lets the manager's tests see that a save is fsync'd before it is acknowledged; libvirt boots a
-# domain on the QEMU endpoint through its external TPM backend.
+# strace lets the manager's tests see that a save is fsync'd before it is acknowledged.
+# prometheus (promtool) checks the metrics exposition; tshark decodes captures (docs/observability.md);
+# libvirt boots a domain on the QEMU endpoint through its external TPM backend.
 pkgs=(libtpms0 tpm2-tools libtss2-tcti-swtpm0 swtpm swtpm-tools xenstore-utils qemu-system-x86
-      linux-image-amd64 busybox-static strace cpio etcd-server libvirt-daemon-system libvirt-clients)
+      linux-image-amd64 busybox-static strace cpio etcd-server prometheus tshark libvirt-daemon-system libvirt-clients)
 missing=()
 for p in "${pkgs[@]}"; do
   st=$(dpkg-query -W -f='${Status}' "$p" 2>/dev/null || true)

@@ -8,7 +8,8 @@ import { setTimeout as sleep } from 'node:timers/promises';
 import { connect, type XsClient } from '../xenstore/client.js';
 import { QEMU_ROOT, QemuNodeState } from '../backend/qemu-devices.js';
 import { RunDir } from './rundir.js';
-import { fileSize, managerReason, openRefusal } from './errors.js';
+import { fileSize, managerReason, openRefusal } from './errors.js';import { captureKeys } from './capture-opts.js';
+
 
 const UUID = /^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$/i;
 
@@ -22,6 +23,9 @@ export interface QemuAttachOptions {
   /** Hand the control socket to this user (name or uid): the one QEMU runs as (libvirt: libvirt-qemu). */
   owner?: string;
   timeoutMs?: number;
+  /** The backend captures the VM's TPM traffic to this pcapng file (docs/observability.md), at most pcapMaxMb MiB. */
+  pcap?: string;
+  pcapMaxMb?: number;
 }
 
 /** A user name (from /etc/passwd) or a numeric uid. */
@@ -60,6 +64,7 @@ export async function qemuAttach(o: QemuAttachOptions): Promise<number> {
   if (version !== '2.0' && version !== '1.2') throw new Error('--tpm-version must be 2.0 or 1.2');
   const ctrl = resolve(o.ctrl);
   const owner = o.owner === undefined ? undefined : uidOf(o.owner);
+  const capture = captureKeys(o.pcap, o.pcapMaxMb);
   const rd = new RunDir(o.run);
   const h = rd.readHost();
   const mgrLogFrom = fileSize(rd.log('manager'));
@@ -95,6 +100,7 @@ export async function qemuAttach(o: QemuAttachOptions): Promise<number> {
       const v = from === undefined ? version : ((await xs.tryRead(`${QEMU_ROOT}/${from}/tpm-version`, tx)) ?? version);
       await xs.write(`${node}/tpm-version`, v, tx);
       if (from !== undefined) await xs.write(`${node}/incoming`, from, tx);
+      for (const [k, val] of Object.entries(capture)) await xs.write(`${node}/${k}`, val, tx);
       await xs.write(`${node}/state`, String(QemuNodeState.INITIALISING), tx);
       return next;
     });
@@ -161,17 +167,23 @@ export function register(program: Command): void {
     .option('--tpm-version <v>', 'TPM version of a new vTPM: 2.0 or 1.2', '2.0')
     .option('--incoming', "local live migration's destination: takes the VM's vTPM over from its current endpoint when QEMU runs here")
     .option('--owner <user>', 'hand the socket to the user QEMU runs as (libvirt on Debian: libvirt-qemu)')
-    .action(async (o: { run: string; vm: string; ctrl: string; tpmVersion: string; incoming?: boolean; owner?: string }) => {
-      const n = await qemuAttach({
-        run: o.run,
-        vm: o.vm,
-        ctrl: o.ctrl,
-        version: o.tpmVersion as '2.0' | '1.2',
-        incoming: o.incoming === true,
-        ...(o.owner !== undefined ? { owner: o.owner } : {}),
-      });
-      console.log(`VM ${o.vm}: vTPM ${o.incoming ? 'incoming endpoint ' : ''}listening on ${resolve(o.ctrl)} (node ${n})`);
-    });
+    .option('--pcap <file>', 'the backend writes the VM\'s TPM commands (TCP port 2321) to FILE (pcapng)')
+    .option('--pcap-max-mb <n>', 'stop capturing at N MiB (default 100)', (v) => Number(v))
+    .action(
+      async (o: { run: string; vm: string; ctrl: string; tpmVersion: string; incoming?: boolean; owner?: string; pcap?: string; pcapMaxMb?: number }) => {
+        const n = await qemuAttach({
+          run: o.run,
+          vm: o.vm,
+          ctrl: o.ctrl,
+          version: o.tpmVersion as '2.0' | '1.2',
+          incoming: o.incoming === true,
+          ...(o.owner !== undefined ? { owner: o.owner } : {}),
+          ...(o.pcap !== undefined ? { pcap: o.pcap } : {}),
+          ...(o.pcapMaxMb !== undefined ? { pcapMaxMb: o.pcapMaxMb } : {}),
+        });
+        console.log(`VM ${o.vm}: vTPM ${o.incoming ? 'incoming endpoint ' : ''}listening on ${resolve(o.ctrl)} (node ${n})`);
+      },
+    );
   qemu
     .command('detach')
     .description("close the VM's QEMU endpoints (or the one on --ctrl) and release its vTPM (state stays at the manager)")
