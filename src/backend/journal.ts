@@ -7,6 +7,7 @@
 // Blob layout (all little-endian): magic "VTJ1", count u32, then per entry {id u64, status u32,
 // length u32, bytes}, then the libtpms volatile blob (possibly empty) to the end.
 import type { StateKind, StateStore } from '../tpm/state-store.js';
+import type { Completed } from '../tpm/vtpm.js';
 
 const MAGIC = 0x314a5456; // "VTJ1"
 /** Completed ids kept: twice the ring's 32 slots, so every request a frontend can still resubmit is here. */
@@ -21,10 +22,7 @@ export class JournalError extends Error {
   }
 }
 
-export interface Completed {
-  status: number;
-  response: Uint8Array;
-}
+export type { Completed };
 
 /**
  * A StateStore in front of the manager for one instance: passes permanent/savestate through, and

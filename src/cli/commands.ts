@@ -10,7 +10,6 @@ import { register as migrate } from './migrate.js';
 import { register as qemu } from './qemu.js';
 import { register as ringDemo } from './ring-demo.js';
 import { register as stress } from './stress.js';
-import { register as vtpmDomain } from './vtpm-domain.js';
 import { register as xenstored } from './xenstored.js';
 
 type Register = (program: Command) => void;
@@ -26,7 +25,6 @@ const registrars: Register[] = [
   qemu,
   ringDemo,
   stress,
-  vtpmDomain,
   xenstored,
 ];
 

@@ -83,7 +83,7 @@ async function rig(): Promise<Rig> {
   const host = new TpmHost();
   const logs: string[] = [];
   const vtpms = new InProcessVtpms(host, cps.wrap(mgr), (l) => logs.push(l));
-  const target = await vtpms.open(randomUUID(), '2.0', false);
+  const target = await vtpms.open(randomUUID(), '2.0', { resume: false });
   const guest = await Domain.create({ domid: nextDomid++, dir: xenDir });
   const front = new RingFront(guest, 0);
   const ch = new RingChannel(dom0, { frontDomid: guest.domid, refs: [...front.refs], port: front.port, target, onFatal: () => {} });
