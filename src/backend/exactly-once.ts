@@ -1,14 +1,18 @@
 // A guest's exactly-once session on one in-process vTPM (docs/engine.md "Exactly once"): ring requests
 // carry u64 ids, each runs once, and its answer is released only when the answer, the id and the TPM's
-// volatile state are held together at the manager (the JournalStore wraps them into one volatile blob).
+// volatile state are held together by this process and the manager (the JournalStore wraps them into one
+// volatile blob, HOLD_VOLATILE puts it in the manager's memory; docs/suspend-and-stress.md says what
+// survives what). NV writes stay durable before any answer; suspend and release make the checkpoint durable.
 // Several requests outstanding at once share one checkpoint (group commit). A store that fails (the
 // manager killed) rebuilds the TPM from the last checkpoint, so running the requests again runs them
 // once. The single-VM backend and every multi-VM vTPM domain serve their rings through this class.
+import { randomBytes } from 'node:crypto';
 import { setTimeout as sleep } from 'node:timers/promises';
 import type { TpmInstance } from '../tpm/instance.js';
 import { isFastCommand } from '../tpm/fast-path.js';
+import { stirRandom, volatileEffect } from '../tpm/volatile-effect.js';
 import type { Completed, OnceRequest, VtpmTarget } from '../tpm/vtpm.js';
-import type { JournalStore } from './journal.js';
+import type { JournalStore, ReplayRecord } from './journal.js';
 
 /** How long a command waits for an unreachable manager (killed and being restarted) before failing. */
 export const STORE_RETRY_MS = 60_000;
@@ -36,15 +40,18 @@ export class ExactlyOnce implements VtpmTarget {
     return this.inst.instance;
   }
 
-  /** Nothing ran since the last checkpoint. */
+  /** Nothing ran since the last checkpoint, and that checkpoint is durable (not only held). */
   get clean(): boolean {
-    return this.#saved === this.#runs;
+    return this.#saved === this.#runs && this.#journal.volatileDurable;
   }
 
-  /** saveVolatile, and note what it covers: commands run meanwhile keep the session dirty. */
-  async #save(): Promise<void> {
+  /**
+   * saveVolatile, and note what it covers: commands run meanwhile keep the session dirty. `hold`: the
+   * checkpoint is acknowledged once the manager holds it in memory (two processes hold it then).
+   */
+  async #save(hold: boolean): Promise<void> {
     const runs = this.#runs;
-    await this.inst.saveVolatile();
+    await (hold ? this.#journal.holding(() => this.inst.saveVolatile()) : this.inst.saveVolatile());
     this.#saved = runs;
   }
 
@@ -53,12 +60,32 @@ export class ExactlyOnce implements VtpmTarget {
     return this.inst.execute(command, { locality });
   }
 
+  /**
+   * After the TPM powered on from a checkpoint: run the checkpoint's replay records again (their ids
+   * answered from the table from then on), and stir the DRBG with fresh entropy so that no random
+   * answer given after the checkpoint is given again. Call before the session serves anything.
+   */
+  async restore(): Promise<void> {
+    for (const r of this.#journal.takeReplay()) {
+      await this.inst.execute(r.command, { locality: r.locality });
+      this.#journal.record(r.id, { status: r.status, response: r.response });
+    }
+    if (this.#journal.loadedVolatile) await this.inst.execute(stirRandom(this.inst.version, randomBytes(32)), { locality: 0 });
+    // The TPM now is what the store holds (plus a stir that needs no keeping).
+    this.#saved = this.#runs;
+  }
+
+  async #recreate(): Promise<void> {
+    await this.inst.recreate();
+    await this.restore();
+  }
+
   /** One command without an id (v2 guests): run it; a TPM in failure mode is rebuilt first. */
   async execute(command: Uint8Array, opts: { locality: number }): Promise<Uint8Array> {
     // Only its own guest notices: the failing command already got the TPM's failure response.
     if (this.inst.status === 'failed') {
       this.#log(`vTPM instance ${this.instance} in failure mode (${this.inst.failure?.message ?? '?'}); recreating from durable state`);
-      await this.inst.recreate();
+      await this.#recreate();
     }
     return this.#run(command, opts.locality);
   }
@@ -93,8 +120,11 @@ export class ExactlyOnce implements VtpmTarget {
     while (out.length < reqs.length || (open && out.length < stop)) {
       const start = out.length;
       const answers: Uint8Array[] = [];
+      // What this segment did to volatile state: nothing, deterministic commands to log, or more.
+      let full = false;
+      const records: ReplayRecord[] = [];
       try {
-        if (inst.status !== 'running') await inst.recreate();
+        if (inst.status !== 'running') await this.#recreate();
         for (let i = start; i < stop; i++) {
           if (i === reqs.length) {
             const next = open ? more(joins) : undefined;
@@ -124,11 +154,22 @@ export class ExactlyOnce implements VtpmTarget {
             break;
           }
           if (inst.status !== 'running') throw new Error(`state store failed (${inst.failure?.message ?? inst.status})`);
-          if (r.id !== 0n) journal.record(r.id, { status: statusOf(r, response), response });
+          const status = statusOf(r, response);
+          if (r.id !== 0n) journal.record(r.id, { status, response });
+          const effect = volatileEffect(inst.version, r.command);
+          if (effect === 'full' || r.id === 0n) full = true;
+          else if (effect === 'replay') records.push({ id: r.id, locality: r.locality, status, command: r.command, response });
           answers.push(response);
         }
         if (answers.length) {
-          await this.#save();
+          // Reads need no checkpoint; deterministic commands are appended to the held one; anything
+          // else holds a new full copy of the volatile state.
+          if (full || (records.length > 0 && !journal.canAppend(records.length))) await this.#save(true);
+          else if (records.length > 0) {
+            const runs = this.#runs;
+            await journal.append(records);
+            this.#saved = runs;
+          }
           out.push(...answers);
         }
         if (out.length === stop) stop = Infinity;
@@ -144,8 +185,9 @@ export class ExactlyOnce implements VtpmTarget {
     return out;
   }
 
+  /** Durable at suspend: a held checkpoint is written again as a durable one. */
   async checkpoint(): Promise<void> {
     if (this.clean) return;
-    if (this.inst.status === 'running') await this.#save();
+    if (this.inst.status === 'running') await this.#save(false);
   }
 }

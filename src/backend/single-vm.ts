@@ -60,6 +60,7 @@ export class InProcessVtpms implements VtpmProvider {
     const loaded = await whileManagerDown(() => this.#host.create({ instance, version, store: journal, inline: 'fast' }), this.#log);
     // Dirty from the start: power-on consumed the stored volatile state.
     const s = new ExactlyOnce(loaded, journal, this.#log);
+    await s.restore();
     this.#sessions.set(instance, s);
     this.#log(`vTPM instance ${instance} (${version}) ${created ? 'created' : resume ? 'resumed' : 'loaded'} for VM ${vmUuid}`);
     return s;

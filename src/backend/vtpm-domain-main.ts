@@ -98,12 +98,14 @@ export async function ringDomainMain(a: RingDomainArgs): Promise<number> {
       : await ManagerClient.connect(a.managerRunDir, { bind: a.instance, name });
     // The exactly-once table rides in the volatile blobs this domain stores at the manager.
     const journal = new JournalStore(mgr, a.instance);
-    const attach = (inst: TpmInstance): void => {
+    const attach = async (inst: TpmInstance): Promise<void> => {
+      const session = new ExactlyOnce(inst, journal, log);
+      await session.restore();
       channel = new RingChannel(dom, {
         frontDomid: a.frontDomid,
         refs: [a.ringRef],
         port: a.eventChannel,
-        target: new ExactlyOnce(inst, journal, log),
+        target: session,
         // A ring that lies about its indices cannot be trusted again: stop (state durable), so the
         // backend sees the exit at once and starts a fresh domain on a fresh ring.
         onFatal: (reason) => {
