@@ -116,6 +116,9 @@ export class ExactlyOnce implements VtpmTarget {
     let stop = Infinity; // this segment ends before reqs[stop] (it put the TPM in failure mode)
     const deadline = Date.now() + STORE_RETRY_MS;
     let attempt = 0;
+    // A checkpoint failed while the TPM kept running (an append refused, the manager gone): what ran
+    // is only in this process, so the next attempt holds a full copy even if it runs nothing new.
+    let mustHold = false;
     // Until the responses, their ids and the volatile state are stored together, nothing is released.
     while (out.length < reqs.length || (open && out.length < stop)) {
       const start = out.length;
@@ -164,7 +167,7 @@ export class ExactlyOnce implements VtpmTarget {
         if (answers.length) {
           // Reads need no checkpoint; deterministic commands are appended to the held one; anything
           // else holds a new full copy of the volatile state.
-          if (full || (records.length > 0 && !journal.canAppend(records.length))) await this.#save(true);
+          if (full || mustHold || (records.length > 0 && !journal.canAppend(records.length))) await this.#save(true);
           else if (records.length > 0) {
             const runs = this.#runs;
             await journal.append(records);
@@ -174,9 +177,11 @@ export class ExactlyOnce implements VtpmTarget {
         }
         if (out.length === stop) stop = Infinity;
         attempt = 0;
+        mustHold = false;
         continue;
       } catch (err) {
         if (err instanceof Rollback) continue;
+        mustHold = true;
         if (Date.now() > deadline) throw err;
         if (attempt === 0) this.#log(`vTPM instance ${inst.instance}: requests ${reqs[start]?.id}..: ${(err as Error).message}; retrying from the last checkpoint`);
       }

@@ -165,7 +165,13 @@ export class ManagerClient implements StateStore, VolatileHolder {
     if (this.#gone) return Promise.reject(this.#gone);
     return new Promise((resolve, reject) => {
       this.#pending.push({ instance, ordinal, resolve, reject });
-      this.#writer.write(encodeRequest(instance, ordinal, params));
+      // The requests of one tick (many guests' checkpoints) leave in one write(2).
+      const w = this.#writer;
+      if (!w.writableCorked) {
+        w.cork();
+        process.nextTick(() => w.uncork());
+      }
+      w.write(encodeRequest(instance, ordinal, params));
     });
   }
 
@@ -234,7 +240,11 @@ export class ManagerClient implements StateStore, VolatileHolder {
     // TPM_IOERROR is how Xen's manager said "nothing stored"; an empty success is how older managers of ours said it.
     if (f.code === Status.IOERROR) return null;
     if (f.code !== Status.SUCCESS) throw statusError(LOAD[kind], instance, f.code);
-    return f.params.length === 0 ? null : f.params;
+    if (f.params.length === 0) return null;
+    // What we load may be held only in the manager's memory: from now on this process holds it too,
+    // and holds it again if the manager restarts before it is written.
+    if (kind === 'volatile' && this.canHold) this.#held.set(instance, [f.params]);
+    return f.params;
   }
 
   async store(instance: number, kind: StateKind, blob: Uint8Array): Promise<void> {

@@ -55,7 +55,7 @@ export interface ManagerOptions {
 
 export const PID_FILE = 'manager.pid';
 /** How long a held volatile checkpoint waits before it is written (more holds of it coalesce meanwhile). */
-export const HOLD_FLUSH_MS = 50;
+export const HOLD_FLUSH_MS = 1000;
 
 const SAVE_ORDS: Record<number, StateKind> = { [Ord.SAVENVM]: 'permanent', [Ord.SAVE_VOLATILE]: 'volatile', [Ord.SAVE_SAVESTATE]: 'savestate' };
 const LOAD_ORDS: Record<number, StateKind> = { [Ord.LOADNVM]: 'permanent', [Ord.LOAD_VOLATILE]: 'volatile', [Ord.LOAD_SAVESTATE]: 'savestate' };

@@ -8,6 +8,7 @@ import { ManagerClient } from '../../src/manager/client.js';
 import { connectPair } from '../../src/manager/fifo-client.js';
 import { Ord, Status, encodeRequest, type Frame } from '../../src/manager/wire.js';
 import { perTest, startManager, type RunningManager } from './helpers.js';
+import { HOLD_FLUSH_MS } from '../../src/manager/daemon.js';
 
 const VM = '6f1b0d52-6c1e-4b8e-9a57-3f0c2f7d9a11';
 const { clients, managers, manager } = perTest();
@@ -50,6 +51,30 @@ describe('vtpm manager: HOLD_VOLATILE', () => {
     p.writer.destroy();
   });
 
+  it('APPEND_VOLATILE (12) adds bytes to the held checkpoint, and is refused with nothing held', async () => {
+    const m = await manager();
+    const c = await client(m);
+    const { instance } = await c.open({ vmUuid: VM, version: '2.0' });
+    const p = await connectPair(m.runDir, { name: 'raw-append' });
+    const frames: Frame[] = [];
+    p.reader.on('frame', (f) => frames.push(f));
+    const next = async (n: number): Promise<Frame> => {
+      while (frames.length < n) await sleep(2);
+      return frames[n - 1]!;
+    };
+    const append = encodeRequest(instance, Ord.APPEND_VOLATILE, Buffer.from('de'));
+    expect(Buffer.from(append).toString('hex')).toBe(instance.toString(16).padStart(8, '0') + '01c1' + '0000000c' + '0000000c' + '6465');
+    p.writer.write(append);
+    expect((await next(1)).code).toBe(Status.BAD_PARAMETER);
+    p.writer.write(encodeRequest(instance, Ord.HOLD_VOLATILE, Buffer.from('abc')));
+    p.writer.write(append);
+    p.writer.write(encodeRequest(instance, Ord.LOAD_VOLATILE));
+    expect((await next(3)).code).toBe(Status.SUCCESS);
+    expect(Buffer.from((await next(4)).params).toString()).toBe('abcde');
+    p.reader.close();
+    p.writer.destroy();
+  });
+
   it('a durable SAVE_VOLATILE or a DELETE_STATE replaces what is held', async () => {
     const m = await manager();
     const c = await client(m);
@@ -71,7 +96,8 @@ describe('vtpm manager: HOLD_VOLATILE', () => {
     c.disconnect();
     const other = await client(m);
     expect(Buffer.from((await other.load(instance, 'volatile'))!).toString()).toBe('held-in-background');
-    await sleep(500);
+    // Written within HOLD_FLUSH_MS (1 s) of being held.
+    await sleep(HOLD_FLUSH_MS + 500);
     await m.stop('SIGKILL');
     const n = await restart(m);
     const after = await client(n);
@@ -100,5 +126,24 @@ describe('vtpm manager: HOLD_VOLATILE', () => {
     const last = await client(o);
     await last.open({ vmUuid: VM, version: '2.0' });
     expect(Buffer.from((await last.load(instance, 'volatile'))!).toString()).toBe('held-new');
+  });
+
+  it('a client that loaded a held checkpoint holds it too: a manager restart before it was written loses nothing', async () => {
+    const m = await manager();
+    const first = await client(m);
+    const { instance } = await first.open({ vmUuid: VM, version: '2.0' });
+    await first.holdVolatile(instance, Buffer.from('held-then-loaded'));
+    // The holder dies (a backend killed); its successor loads the checkpoint from the manager's memory.
+    first.disconnect();
+    const next = await client(m);
+    expect(Buffer.from((await next.load(instance, 'volatile'))!).toString()).toBe('held-then-loaded');
+    // The manager dies before its background write: the successor's copy is held again on the new one.
+    await m.stop('SIGKILL');
+    const n = await restart(m);
+    await next.open({ vmUuid: VM, version: '2.0' });
+    const other = await client(n);
+    let got = '';
+    for (let i = 0; i < 100 && got !== 'held-then-loaded'; i++, await sleep(20)) got = Buffer.from((await other.load(instance, 'volatile')) ?? Buffer.alloc(0)).toString();
+    expect(got).toBe('held-then-loaded');
   });
 });
