@@ -27,6 +27,10 @@ export class ExactlyOnce implements VtpmTarget {
   /** Commands run, and how many of them the last checkpoint covers: equal means clean. */
   #runs: number;
   #saved = 0;
+  /** Ids run and recorded whose checkpoint is not held yet: not answered from the table until it is. */
+  readonly #unheld = new Set<bigint>();
+  /** Groups run one at a time, also across channels (a guest that reconnects while one is running). */
+  #chain: Promise<void> = Promise.resolve();
 
   /** `dirty`: the instance consumed stored volatile state at power-on, so it differs from the store. */
   constructor(inst: TpmInstance, journal: JournalStore, log: (l: string) => void, dirty = true) {
@@ -71,8 +75,8 @@ export class ExactlyOnce implements VtpmTarget {
       this.#journal.record(r.id, { status: r.status, response: r.response });
     }
     if (this.#journal.loadedVolatile) await this.inst.execute(stirRandom(this.inst.version, randomBytes(32)), { locality: 0 });
-    // The TPM now is what the store holds (plus a stir that needs no keeping).
-    this.#saved = this.#runs;
+    // Left dirty on purpose: what was loaded may be held only in memory (or consumed at power-on when
+    // no ids completed), so the next suspend or release writes it durably again.
   }
 
   async #recreate(): Promise<void> {
@@ -96,10 +100,27 @@ export class ExactlyOnce implements VtpmTarget {
 
   /** Id 0 means "no id" (a command forwarded for a v2 guest): never answered from the table. */
   completed(id: bigint): Completed | undefined {
-    return id === 0n ? undefined : this.#journal.get(id);
+    return id === 0n || this.#unheld.has(id) ? undefined : this.#journal.get(id);
   }
 
   async executeGroup(
+    first: OnceRequest,
+    more: (joins: (command: Uint8Array) => boolean) => OnceRequest | undefined,
+    statusOf: (request: OnceRequest, response: Uint8Array) => number,
+  ): Promise<Uint8Array[]> {
+    const prev = this.#chain;
+    let done!: () => void;
+    this.#chain = new Promise((r) => (done = r));
+    await prev;
+    try {
+      return await this.#group(first, more, statusOf);
+    } finally {
+      this.#unheld.clear();
+      done();
+    }
+  }
+
+  async #group(
     first: OnceRequest,
     more: (joins: (command: Uint8Array) => boolean) => OnceRequest | undefined,
     statusOf: (request: OnceRequest, response: Uint8Array) => number,
@@ -138,7 +159,8 @@ export class ExactlyOnce implements VtpmTarget {
             reqs.push(next);
           }
           const r = reqs[i]!;
-          const done = this.completed(r.id); // a retry may find an earlier attempt's checkpoint stored
+          // An earlier group's, or (held or not) this group's earlier attempt's: the TPM ran it already.
+          const done = r.id === 0n ? undefined : journal.get(r.id);
           if (done) {
             answers.push(done.response);
             continue;
@@ -158,7 +180,10 @@ export class ExactlyOnce implements VtpmTarget {
           }
           if (inst.status !== 'running') throw new Error(`state store failed (${inst.failure?.message ?? inst.status})`);
           const status = statusOf(r, response);
-          if (r.id !== 0n) journal.record(r.id, { status, response });
+          if (r.id !== 0n) {
+            journal.record(r.id, { status, response });
+            this.#unheld.add(r.id);
+          }
           const effect = volatileEffect(inst.version, r.command);
           if (effect === 'full' || r.id === 0n) full = true;
           else if (effect === 'replay') records.push({ id: r.id, locality: r.locality, status, command: r.command, response });
@@ -187,6 +212,9 @@ export class ExactlyOnce implements VtpmTarget {
       }
       await sleep(Math.min(200, 10 * 2 ** Math.min(attempt++, 5)));
     }
+    // A manager restarted meanwhile must hold our checkpoints again before anything is answered, even
+    // answers that needed no checkpoint: until then acknowledged state would be in this process alone.
+    await journal.settled();
     return out;
   }
 

@@ -109,6 +109,7 @@ export class JournalStore implements StateStore {
     // What the manager has may differ from what we last held (a restart): append only after a full one.
     this.#appended = -1;
     if (!blob) return null;
+    this.#inner.adoptHeld?.(instance, blob);
     const inner = this.#decode(blob);
     this.#loadedVolatile = inner.length > 0;
     return inner.length ? inner : null;
@@ -121,6 +122,11 @@ export class JournalStore implements StateStore {
 
   get volatileDurable(): boolean {
     return this.#durable;
+  }
+
+  /** Resolves once the store holds our checkpoints again after its restart, if it is doing that. */
+  async settled(): Promise<void> {
+    await this.#inner.settled?.();
   }
 
   /** `n` more replay records can go after the held checkpoint (else the next one must be full). */

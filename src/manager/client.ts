@@ -215,7 +215,8 @@ export class ManagerClient implements StateStore, VolatileHolder {
         } catch (err) {
           if (!persist || this.#closedByUs || Date.now() > deadline) throw err;
           this.#gone ??= err as Error;
-          await sleep(Math.min(200, 10 * 2 ** Math.min(attempt, 5)));
+          // Short steps: until this is done the backend answers nothing, and a restarted manager is up soon.
+          await sleep(Math.min(50, 5 * 2 ** Math.min(attempt, 4)));
         }
       }
     };
@@ -240,11 +241,15 @@ export class ManagerClient implements StateStore, VolatileHolder {
     // TPM_IOERROR is how Xen's manager said "nothing stored"; an empty success is how older managers of ours said it.
     if (f.code === Status.IOERROR) return null;
     if (f.code !== Status.SUCCESS) throw statusError(LOAD[kind], instance, f.code);
-    if (f.params.length === 0) return null;
-    // What we load may be held only in the manager's memory: from now on this process holds it too,
-    // and holds it again if the manager restarts before it is written.
-    if (kind === 'volatile' && this.canHold) this.#held.set(instance, [f.params]);
-    return f.params;
+    return f.params.length === 0 ? null : f.params;
+  }
+
+  /**
+   * A volatile checkpoint just loaded may be held only in the manager's memory: from now on this
+   * process holds it too, and holds it again if the manager restarts before it is written.
+   */
+  adoptHeld(instance: number, blob: Uint8Array): void {
+    if (this.canHold) this.#held.set(instance, [blob]);
   }
 
   async store(instance: number, kind: StateKind, blob: Uint8Array): Promise<void> {
@@ -266,6 +271,10 @@ export class ManagerClient implements StateStore, VolatileHolder {
     if (!pieces) throw new ManagerError('PROTOCOL', `APPEND_VOLATILE on instance ${instance} without a held checkpoint`);
     await this.#call(instance, Ord.APPEND_VOLATILE, bytes);
     pieces.push(bytes);
+  }
+
+  async settled(): Promise<void> {
+    while (this.#reconnecting) await this.#reconnecting.catch(() => undefined);
   }
 
   /** A pair handed over (reconnect: false) cannot hold checkpoints again after a manager restart. */

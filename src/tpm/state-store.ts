@@ -27,4 +27,8 @@ export interface VolatileHolder {
   appendVolatile(instance: number, bytes: Uint8Array): Promise<void>;
   /** Whether held checkpoints survive the peer's restart here (it can reconnect and hold them again). */
   readonly canHold: boolean;
+  /** A checkpoint just loaded from the peer: hold it here too (see ManagerClient.adoptHeld). */
+  adoptHeld(instance: number, blob: Uint8Array): void;
+  /** Resolves once no holding-again after a peer restart is under way (its failure included). */
+  settled(): Promise<void>;
 }

@@ -136,7 +136,10 @@ describe('vtpm manager: HOLD_VOLATILE', () => {
     // The holder dies (a backend killed); its successor loads the checkpoint from the manager's memory.
     first.disconnect();
     const next = await client(m);
-    expect(Buffer.from((await next.load(instance, 'volatile'))!).toString()).toBe('held-then-loaded');
+    const loaded = (await next.load(instance, 'volatile'))!;
+    expect(Buffer.from(loaded).toString()).toBe('held-then-loaded');
+    // What a JournalStore does with every volatile checkpoint it loads.
+    next.adoptHeld(instance, loaded);
     // The manager dies before its background write: the successor's copy is held again on the new one.
     await m.stop('SIGKILL');
     const n = await restart(m);
