@@ -20,6 +20,7 @@ import { VtpmDomain, type DomainLaunch } from './vtpm-domain.js';
 import type { SwtpmVtpm } from '../tpm/vtpm.js';
 import type { TpmVersion } from '../tpm/wire.js';
 import { ProviderError, type OpenMode, type VtpmProvider, type VtpmSession } from './provider.js';
+import { backendMetrics } from '../util/metrics.js';
 
 /** First domid handed to vTPM domains; guests use low domids. */
 export const FIRST_VTPM_DOMID = 0x7000;
@@ -217,7 +218,10 @@ export class MultiVmVtpms implements VtpmProvider {
     }
     slot.ready = cleanup.then(() => this.#boot(slot, true));
     slot.ready.then(
-      (n) => this.#o.log(`vTPM instance ${slot.instance} restarted from its durable state in vTPM domain ${n.domid} (pid ${n.domain.pid})`),
+      (n) => {
+        backendMetrics().domainRestarts.inc();
+        this.#o.log(`vTPM instance ${slot.instance} restarted from its durable state in vTPM domain ${n.domid} (pid ${n.domain.pid})`);
+      },
       (err: unknown) => this.#o.log(`vTPM instance ${slot.instance}: restart failed: ${(err as Error).message}`),
     );
   }

@@ -5,6 +5,9 @@
 import type { XsClient, XsWatch } from '../xenstore/client.js';
 import { QemuEndpoint } from './qemu-endpoint.js';
 import type { VtpmProvider } from './provider.js';
+import { GuestObserver } from './observe.js';
+import { GuestCapture } from './capture.js';
+import { forgetGuest, showGuest } from '../util/metrics.js';
 
 export const QEMU_ROOT = '/local/domain/0/backend/vtpm-qemu';
 
@@ -13,6 +16,7 @@ export const QemuNodeState = { INITIALISING: 1, CONNECTED: 4, CLOSING: 5, CLOSED
 
 interface Running {
   ep: QemuEndpoint | null;
+  capture?: GuestCapture;
   instance: number | null;
   closing: boolean;
 }
@@ -67,7 +71,12 @@ export class QemuDevices {
       if (version !== '2.0' && version !== '1.2') throw new Error(`tpm-version ${String(version)} is neither 2.0 nor 1.2`);
       const vtpm = await this.#vtpms.open(uuid, version, { qemu: true });
       r.instance = vtpm.instance;
-      r.ep = await QemuEndpoint.listen({ path: ctrl, vtpm, log: (l) => this.#log(`qemu ${id}: ${l}`) });
+      // `qemu attach --pcap FILE`: the same capture as a guest's, without the xenstore and ring records.
+      const capture = await this.#xs.tryRead(`${node}/capture`);
+      if (capture) r.capture = new GuestCapture(capture, Number((await this.#xs.tryRead(`${node}/capture-max-mb`)) ?? 100) * 1024 * 1024 || 100 * 1024 * 1024, 0, Number(id), this.#log);
+      const observer = new GuestObserver({ domid: '', vm: uuid, transport: 'qemu' }, r.capture ?? null);
+      r.ep = await QemuEndpoint.listen({ path: ctrl, vtpm, log: (l) => this.#log(`qemu ${id}: ${l}`), observer });
+      showGuest(r, { domid: '', vm: uuid, transport: 'qemu', state: 'Connected' });
       await this.#xs.write(`${node}/instance`, String(vtpm.instance));
       await this.#xs.write(`${node}/state`, String(QemuNodeState.CONNECTED));
       this.#log(`qemu ${id}: VM ${uuid} vTPM ${vtpm.instance} (${version}) listening on ${ctrl}`);
@@ -82,7 +91,9 @@ export class QemuDevices {
   }
 
   async #teardown(r: Running): Promise<void> {
+    forgetGuest(r);
     await r.ep?.close().catch(() => {});
+    await r.capture?.close();
     if (r.instance !== null) await this.#vtpms.release(r.instance).catch(() => {});
   }
 
