@@ -78,7 +78,7 @@ export class BackendDevice {
   #watch: XsWatch | null = null;
   #ownWatch: XsWatch | null = null;
   #channel: Channel | null = null;
-  #vtpm: (VtpmSession) | null = null;
+  #vtpm: VtpmSession | null = null;
   #chain: Promise<void> = Promise.resolve();
   #fatal = false;
   #gone = false;
