@@ -8,6 +8,7 @@ import { NoHostError, RunDir, alive, type HostInfo, type ProcessEntry } from './
 import { stopProcess, tailFile } from './spawn.js';
 import { DAEMON_ROLES, isDaemonRole, restartDaemon, startRole, type DaemonRole } from './restart.js';
 import { CliError } from './errors.js';
+import { CaError, EkCa } from '../manager/ca.js';
 import { decideIsolation, describe, domainProcesses, parseUidBase, processUid, secureHost, type Isolation, type IsolationMode } from './isolation.js';
 
 export interface HostUpOptions {
@@ -15,6 +16,8 @@ export interface HostUpOptions {
   isolation?: 'auto' | IsolationMode;
   /** dom<N> runs as uid uidBase + N; default VTPM_UID_BASE or 0x40000000. */
   uidBase?: number;
+  /** An operator's EK CA directory (cert.pem, key.pem), checked before anything starts. */
+  ca?: string;
   /** Progress lines (what was recovered or restarted). */
   report?: (line: string) => void;
 }
@@ -79,6 +82,13 @@ export async function hostUp(runDir: string, stateDir: string, mode: 'single' | 
     fs.rmSync(rd.hostJson, { force: true });
   }
   const h = rd.plan(stateDir, mode);
+  if (opts.ca !== undefined) {
+    h.ca = resolve(opts.ca);
+    // Refused here, naming the file, rather than as a manager that died during start-up.
+    await EkCa.open({ stateDir: h.stateDir, operatorDir: h.ca }).catch((err: unknown) => {
+      throw err instanceof CaError ? new CliError('USAGE', `--ca: ${err.message}`) : err;
+    });
+  }
   // No host.json: whatever a host without one left here is stale too.
   if (!old && fs.existsSync(rd.dir)) for (const f of clearDeadHost(rd, h)) report(`removed ${f} (left by a dead host)`);
   // Parents as the umask makes them; the run dir's own mode is set by secureHost once the isolation is known.
@@ -211,11 +221,13 @@ export function register(program: Command): void {
     .option('--mode <mode>', 'single (vTPMs in the backend) or multi (one vTPM-domain process each)', 'single')
     .option('--isolation <how>', 'uid (each guest and vTPM domain under its own uid; root only), none, or auto: uid when possible', 'auto')
     .option('--uid-base <n>', 'dom<N> runs as uid/gid BASE+N (default VTPM_UID_BASE or 1073741824)')
-    .action(async (o: { run: string; state: string; mode: string; isolation: string; uidBase?: string }) => {
+    .option('--ca <dir>', "sign EK certificates with an operator's CA: DIR/cert.pem (issuing certificate, then its chain) and DIR/key.pem; default: a host CA made in STATE/ca")
+    .action(async (o: { run: string; state: string; mode: string; isolation: string; uidBase?: string; ca?: string }) => {
       if (o.isolation !== 'auto' && o.isolation !== 'uid' && o.isolation !== 'none') throw new CliError('USAGE', `--isolation must be auto, uid or none, not ${o.isolation}`);
       const h = await hostUp(o.run, o.state, parseMode(o.mode), {
         isolation: o.isolation,
         uidBase: parseUidBase(o.uidBase ?? process.env.VTPM_UID_BASE),
+        ca: o.ca,
         report: (l) => console.log(l),
       });
       for (const p of h.processes) console.log(`${p.role.padEnd(10)} dom${p.domid} pid ${p.pid}`);

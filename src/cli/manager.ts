@@ -3,6 +3,7 @@ import type { Command } from 'commander';
 import { ManagerDaemon } from '../manager/daemon.js';
 import { DEFAULT_SEAL_PCRS } from '../manager/seal.js';
 import { onStop } from './lifecycle.js';
+import { EK_CHOICES, type EkChoice } from '../manager/manufacture.js';
 
 export function register(program: Command): void {
   program
@@ -14,14 +15,17 @@ export function register(program: Command): void {
     .option('--seal-pcrs <sel>', 'PCR selection the master key is sealed to', DEFAULT_SEAL_PCRS)
     .option('--log-bytes <n>', 'size of the write-ahead log; a full log makes the next commit a checkpoint', (v) => Number(v))
     .option('--append <mode>', 'log appends on the event loop (sync) or the threadpool (async)', 'sync')
+    .option('--ca <dir>', "an operator's EK CA: DIR/cert.pem (issuing certificate, then its chain) and DIR/key.pem; default: the host CA in STATE/ca")
+    .option('--ek-certs <which>', 'EK certificates of a new TPM 2.0 whose OPEN does not choose: rsa, ecc, both or none', 'both')
     .option('--client-stall-ms <ms>', 'cut off a client whose replies sit unread this long (default 30000)', (v) => Number(v))
-    .action(async (o: { state: string; run: string; sealToTpm?: string; sealPcrs: string; logBytes?: number; append: string; clientStallMs?: number }) => {
+    .action(async (o: { state: string; run: string; sealToTpm?: string; sealPcrs: string; logBytes?: number; append: string; clientStallMs?: number; ca?: string; ekCerts: string }) => {
+      if (!(EK_CHOICES as readonly string[]).includes(o.ekCerts)) throw new Error(`--ek-certs takes rsa, ecc, both or none, not ${o.ekCerts}`);
       if (o.append !== 'sync' && o.append !== 'async') throw new Error(`--append takes sync or async, not ${o.append}`);
       if (o.logBytes !== undefined && !(Number.isInteger(o.logBytes) && o.logBytes >= 4096)) throw new Error('--log-bytes takes an integer of at least 4096');
       if (o.clientStallMs !== undefined && !(Number.isInteger(o.clientStallMs) && o.clientStallMs >= 100)) throw new Error('--client-stall-ms takes an integer of at least 100');
       if (!process.env.UV_THREADPOOL_SIZE)
         process.stderr.write('vtpm-manager: UV_THREADPOOL_SIZE is unset: a group commit will run only 4 fdatasyncs at a time (scripts/vtpm sets 64)\n');
-      const d = await ManagerDaemon.start({ stateDir: o.state, runDir: o.run, sealToTpm: o.sealToTpm, sealPcrs: o.sealPcrs, logBytes: o.logBytes, append: o.append, clientQueue: o.clientStallMs === undefined ? undefined : { stallMs: o.clientStallMs } });
+      const d = await ManagerDaemon.start({ stateDir: o.state, runDir: o.run, sealToTpm: o.sealToTpm, sealPcrs: o.sealPcrs, logBytes: o.logBytes, append: o.append, clientQueue: o.clientStallMs === undefined ? undefined : { stallMs: o.clientStallMs }, ca: o.ca, ekCerts: o.ekCerts as EkChoice });
       onStop(() => d.stop());
       process.stderr.write('vtpm-manager: ready\n');
     });

@@ -1,6 +1,8 @@
 // `vtpm qemu attach|detach`: give a QEMU VM a swtpm-compatible vTPM endpoint (for -tpmdev emulator)
 // served by the host's backend on the VM's manager-backed vTPM. The toolstack's part: write the node
 // the backend watches (src/backend/qemu-devices.ts) and wait for its answer.
+import { addEkOptions, ekChoice, openWithEk, type EkFlags } from './ek.js';
+import type { EkCode } from '../manager/wire.js';
 import type { Command } from 'commander';
 import { resolve } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
@@ -17,6 +19,8 @@ export interface QemuAttachOptions {
   ctrl: string;
   version?: '2.0' | '1.2';
   timeoutMs?: number;
+  /** EK certificates of a new VM's TPM (`--ek-profile`, `--no-ek-cert`); absent: the manager's default. */
+  ek?: EkCode;
 }
 
 async function nodes(xs: XsClient): Promise<string[]> {
@@ -46,6 +50,7 @@ export async function qemuAttach(o: QemuAttachOptions): Promise<number> {
   const rd = new RunDir(o.run);
   const h = rd.readHost();
   const mgrLogFrom = fileSize(rd.log('manager'));
+  if (o.ek !== undefined) await openWithEk(h, rd.log('manager'), o.vm.toLowerCase(), version, o.ek);
   const xs = await connect(h.xenstoredSocket);
   try {
     const uuid = o.vm.toLowerCase();
@@ -111,15 +116,17 @@ export async function qemuDetach(o: { run: string; vm?: string; ctrl?: string; t
 
 export function register(program: Command): void {
   const qemu = program.command('qemu').description('swtpm-compatible vTPM endpoints for QEMU guests (-tpmdev emulator)');
-  qemu
+  const attach = qemu
     .command('attach')
     .description("serve the VM's vTPM on a UNIX control socket for QEMU; returns once it listens")
     .requiredOption('--run <dir>', 'run directory of the host')
     .requiredOption('--vm <uuid>', 'the VM the vTPM belongs to (the manager keys its vTPM by this)')
     .requiredOption('--ctrl <path>', 'control socket to create (QEMU: -chardev socket,path=PATH)')
-    .option('--tpm-version <v>', 'TPM version of a new vTPM: 2.0 or 1.2', '2.0')
-    .action(async (o: { run: string; vm: string; ctrl: string; tpmVersion: string }) => {
-      const n = await qemuAttach({ run: o.run, vm: o.vm, ctrl: o.ctrl, version: o.tpmVersion as '2.0' | '1.2' });
+    .option('--tpm-version <v>', 'TPM version of a new vTPM: 2.0 or 1.2', '2.0');
+  addEkOptions(attach)
+    .action(async (o: { run: string; vm: string; ctrl: string; tpmVersion: string } & EkFlags) => {
+      const version = o.tpmVersion as '2.0' | '1.2';
+      const n = await qemuAttach({ run: o.run, vm: o.vm, ctrl: o.ctrl, version, ek: ekChoice(o, version) });
       console.log(`VM ${o.vm}: vTPM listening on ${resolve(o.ctrl)} (node ${n})`);
     });
   qemu

@@ -24,6 +24,8 @@ export interface HostInfo {
   processes: ProcessEntry[];
   /** Absent in host.json written before isolation existed: read as `none`. */
   isolation?: Isolation;
+  /** `host up --ca DIR`: the operator's EK CA the manager signs with (absent: the host CA in the state dir). */
+  ca?: string;
 }
 
 export interface GuestInfo {

@@ -35,6 +35,9 @@ import {
   type StatusCode,
 } from './wire.js';
 import { escapeLogLine } from '../util/log-escape.js';
+import { CA_CHAIN_FILE, EkCa } from './ca.js';
+import { Factory, type EkChoice } from './manufacture.js';
+import type { StateStore } from '../tpm/state-store.js';
 
 export interface ManagerOptions {
   stateDir: string;
@@ -47,6 +50,10 @@ export interface ManagerOptions {
   append?: 'sync' | 'async';
   /** Bounds on replies a client leaves unread before it is cut off (fifo.ts QueueLimits). */
   clientQueue?: Partial<QueueLimits>;
+  /** An operator's EK CA directory (cert.pem, key.pem); absent: the host CA made in <state>/ca. */
+  ca?: string;
+  /** EK certificates of a new TPM 2.0 whose OPEN does not choose (default both). */
+  ekCerts?: EkChoice;
   log?: (line: string) => void;
 }
 
@@ -78,6 +85,7 @@ export class ManagerDaemon {
   #mig!: MigrationHandlers;
   #consoleTail: Promise<void> = Promise.resolve();
   #consoleDrops = 0;
+  #factory!: Factory;
   #log: (line: string) => void;
 
   private constructor(readonly opts: ManagerOptions) {
@@ -105,6 +113,10 @@ export class ManagerDaemon {
       : loadKeyFile(stateDir);
     this.#log(`${created ? 'created' : 'loaded'} master key (${this.opts.sealToTpm ? `sealed to ${this.opts.sealToTpm}` : 'key file'})`);
     this.#sealer = new Sealer(key);
+    const { ca, created: caCreated } = await EkCa.open({ stateDir, operatorDir: this.opts.ca, wrapKey: this.opts.sealToTpm ? this.#sealer.caKeyWrap() : undefined });
+    this.#log(`${caCreated ? 'created' : 'loaded'} EK CA (${ca.source}, issuer ${ca.signer.cert.subject})`);
+    fs.writeFileSync(path.join(runDir, CA_CHAIN_FILE), ca.chainPem, { mode: 0o644 });
+    this.#factory = new Factory(ca, (l) => this.#log(l));
     const snapshot = (): unknown => ({ vms: this.#table.toJSON(), migration: this.#migration });
     const { store, table } = await GroupCommitStore.open(new DirOps(stateDir), this.#sealer.metaKey(), snapshot, {
       logBytes: this.opts.logBytes,
@@ -149,6 +161,7 @@ export class ManagerDaemon {
   async stop(): Promise<void> {
     this.#server.close();
     await this.#consoleTail;
+    await this.#factory.close();
     // A failed final checkpoint loses nothing: the log still holds every acknowledged save.
     await this.#store.close().catch((err: unknown) => this.#log(`final checkpoint failed (the next start replays the log): ${(err as Error).message}`));
     fs.rmSync(path.join(this.opts.runDir, PID_FILE), { force: true });
@@ -247,10 +260,36 @@ export class ManagerDaemon {
       version = known?.version ?? '1.2';
     }
     const { record, created } = this.#table.open({ vmUuid, version: version!, instance: p.instance, vmType: p.vmType, startup: p.startup, migType: p.migType });
+    await this.#manufacture(record, created, p.ek ?? this.opts.ekCerts ?? 'both');
     await this.#store.commitTable();
     this.#log(`${created ? 'created' : 'resumed'} instance ${record.instance} for vm ${record.vmUuid} (TPM ${record.version})`);
     // A Xen-form request gets Xen's reply: the status alone (a hotplug script reads exactly 14 bytes).
     return xenForm ? { status: Status.SUCCESS } : { status: Status.SUCCESS, params: encodeOpenResult(record.instance, created) };
+  }
+
+  /**
+   * A TPM 2.0 with no permanent state has never been seen by anyone: manufacture it now, before OPEN is
+   * answered (docs/ek-certificates.md). Failure leaves no trace: a new VM's table entry goes again.
+   * 'none' leaves manufacture to the TPM's first power-on, as without EK certificates.
+   */
+  async #manufacture(vm: VmRecord, created: boolean, choice: EkChoice): Promise<void> {
+    if (vm.version !== '2.0' || choice === 'none' || vm.status !== 'open' || this.#store.generation(vm.instance, 'permanent') !== undefined) return;
+    try {
+      const what = await this.#factory.manufacture({ instance: vm.instance, vmUuid: vm.vmUuid, choice, store: this.#storeOf(vm) });
+      this.#log(`manufactured instance ${vm.instance} for vm ${vm.vmUuid}: ${what}`);
+    } catch (err) {
+      if (created) this.#table.delete(vm.instance);
+      throw new Refusal(Status.FAIL, `manufacture of vm ${vm.vmUuid} failed, its vTPM was not created: ${(err as Error).message}`);
+    }
+  }
+
+  /** The manager's own store as a TPM sees it, for the factory. */
+  #storeOf(vm: VmRecord): StateStore {
+    return {
+      load: (_i, kind) => this.#loadPlain(vm, kind),
+      store: async (_i, kind, blob) => void (await this.#save(vm, kind, blob)),
+      delete: (_i, kind) => this.#store.remove(vm.instance, [kind]),
+    };
   }
 
   // ---- clients ---------------------------------------------------------------------------
