@@ -278,7 +278,8 @@ export class EkCa {
         new x509.BasicConstraintsExtension(false, undefined, true),
         new x509.KeyUsagesExtension(pub.alg === 'rsa' ? x509.KeyUsageFlags.keyEncipherment : x509.KeyUsageFlags.keyAgreement, true),
         new x509.ExtendedKeyUsageExtension([TCG_OID.ekCertificate], false),
-        new x509.Extension('2.5.29.17', false, AsnConvert.serialize(san)),
+        // Critical as swtpm_localca marks it (the profile requires it when the subject is empty).
+        new x509.Extension('2.5.29.17', true, AsnConvert.serialize(san)),
         new x509.Extension('2.5.29.9', false, AsnConvert.serialize(sda)),
         await x509.AuthorityKeyIdentifierExtension.create(this.signer.cert),
       ],
