@@ -273,9 +273,15 @@ export class ManagerDaemon {
    * 'none' leaves manufacture to the TPM's first power-on, as without EK certificates.
    */
   async #manufacture(vm: VmRecord, created: boolean, choice: EkChoice): Promise<void> {
-    if (vm.version !== '2.0' || choice === 'none' || vm.status !== 'open' || this.#store.generation(vm.instance, 'permanent') !== undefined) return;
+    if (vm.version !== '2.0' || vm.ek !== undefined || vm.status !== 'open' || this.#store.generation(vm.instance, 'permanent') !== undefined) return;
+    // Recorded only once done: a crash half-way leaves no permanent state and no mark, and the next OPEN makes it.
+    if (choice === 'none') {
+      vm.ek = 'none';
+      return;
+    }
     try {
       const what = await this.#factory.manufacture({ instance: vm.instance, vmUuid: vm.vmUuid, choice, store: this.#storeOf(vm) });
+      vm.ek = choice;
       this.#log(`manufactured instance ${vm.instance} for vm ${vm.vmUuid}: ${what}`);
     } catch (err) {
       if (created) this.#table.delete(vm.instance);

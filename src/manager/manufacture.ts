@@ -6,11 +6,12 @@
 // never done twice, and a migrated-in VM (which arrives with state) is never re-manufactured.
 import { TpmHost } from '../tpm/host.js';
 import type { StateStore } from '../tpm/state-store.js';
-import { manufactureEk, type EkProfile } from '../tpm/ek-manufacture.js';
+import { manufactureEk } from '../tpm/ek-manufacture.js';
 import type { EkCa } from './ca.js';
+import type { EkCode } from './wire.js';
 
-/** Per VM: which EK certificates it gets; 'none' is a TPM made without any. */
-export type EkChoice = EkProfile | 'none';
+/** Per VM: which EK certificates it gets (EkProfile or 'none'), as OPEN carries it (wire.ts). */
+export type EkChoice = EkCode;
 export const EK_CHOICES: readonly EkChoice[] = ['rsa', 'ecc', 'both', 'none'];
 
 export interface ManufactureRequest {

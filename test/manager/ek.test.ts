@@ -86,6 +86,9 @@ describe('manufacture at the first OPEN', () => {
     await m.waitLog(new RegExp(`manufactured instance ${a.instance} for vm ${VM1}: rsa EK certificate \\(\\d+ bytes\\) in`));
     const b = await c.open({ vmUuid: VM2, version: '2.0', ek: 'none' });
     expect(await c.load(b.instance, 'permanent')).toBeNull();
+    // The choice sticks: the backend's later OPEN (no choice) does not make certificates after all.
+    expect(await c.open({ vmUuid: VM2, version: '2.0' })).toEqual({ instance: b.instance, created: false });
+    expect(await c.load(b.instance, 'permanent')).toBeNull();
     const d = await c.open({ vmUuid: VM3, version: '1.2' });
     expect(await c.load(d.instance, 'permanent')).toBeNull();
     expect(m.log.filter((l) => l.includes('manufactured'))).toHaveLength(1);
