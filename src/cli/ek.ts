@@ -40,7 +40,10 @@ export async function openWithEk(h: HostInfo, managerLog: string, vm: string, ve
     throw new CliError('HOST_DOWN', `cannot reach the manager in ${h.managerRunDir}: ${(err as Error).message}`);
   }
   try {
-    return (await c.open({ vmUuid: vm, version, ek })).created;
+    const { created } = await c.open({ vmUuid: vm, version, ek });
+    // Never re-issued: a VM that exists keeps the certificates it was manufactured with.
+    if (!created) process.stderr.write(`vtpm: VM ${vm} exists; its TPM keeps the EK certificates it was made with (--ek-profile/--no-ek-cert apply to new VMs)\n`);
+    return created;
   } catch (err) {
     await new Promise((r) => setTimeout(r, 50));
     throw explainManagerError(err, Ord.OPEN, `the vTPM of VM ${vm}`, managerReason(managerLog, from, 'OPEN'));

@@ -98,7 +98,9 @@ describe('EK certificates seen by a guest with tpm2-tools', () => {
     await vtpm('guest', 'detach', '--run', A.run, '--domid', '1');
     await vtpm('host', 'down', '--run', A.run);
     await vtpm('host', 'up', '--run', A.run, '--state', A.state);
-    await vtpm('guest', 'attach', '--run', A.run, '--domid', '1', '--vm', vm, '--tcti-port', String(port));
+    // Asking for other certificates on a later attach changes nothing, and says so.
+    const again = await vtpm('guest', 'attach', '--run', A.run, '--domid', '1', '--vm', vm, '--tcti-port', String(port), '--ek-profile', 'rsa');
+    expect(again.stderr).toBe(`vtpm: VM ${vm} exists; its TPM keeps the EK certificates it was made with (--ek-profile/--no-ek-cert apply to new VMs)\n`);
     expect((await nvread(port, '0x01c00002', join(work, 'r2.der')))!.equals(rsa)).toBe(true);
     expect((await nvread(port, '0x01c0000a', join(work, 'e2.der')))!.equals(ecc)).toBe(true);
     expect(fs.readFileSync(join(A.run, 'logs', 'manager.log'), 'utf8').match(/manufactured instance/g)).toHaveLength(1);
