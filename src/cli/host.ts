@@ -82,8 +82,10 @@ export async function hostUp(runDir: string, stateDir: string, mode: 'single' | 
     fs.rmSync(rd.hostJson, { force: true });
   }
   const h = rd.plan(stateDir, mode);
-  if (opts.ca !== undefined) {
-    h.ca = resolve(opts.ca);
+  // A host recovered from a crash keeps signing with the CA it was started with.
+  const ca = opts.ca ?? old?.ca;
+  if (ca !== undefined) {
+    h.ca = resolve(ca);
     // Refused here, naming the file, rather than as a manager that died during start-up.
     await EkCa.open({ stateDir: h.stateDir, operatorDir: h.ca }).catch((err: unknown) => {
       throw err instanceof CaError ? new CliError('USAGE', `--ca: ${err.message}`) : err;
