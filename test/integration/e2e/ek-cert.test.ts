@@ -4,21 +4,15 @@
 // they survive host down + up and a migration to a multi-VM host, a QEMU-style client of `qemu attach`
 // reads the same, and `host up --ca` with a key that is not the certificate's is refused naming it.
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { execFile } from 'node:child_process';
 import { randomUUID } from 'node:crypto';
 import fs from 'node:fs';
 import { join } from 'node:path';
-import { promisify } from 'node:util';
-import { ROOT } from '../../helpers/child.js';
+import { run, tcti as tools, vtpm } from '../../helpers/host.js';
 import { freePortPair } from '../../../src/cli/ports.js';
 import { nvRead, parseNvRead } from '../../../src/tpm/tpm2-commands.js';
 import { closeFd, sendWithFds, socketPair } from '../../../native/unix-rights.js';
 import { CtrlClient, DataClient, TPM2 } from '../qemu/helpers.js';
 import { tempDir, removeDir } from '../../helpers/temp.js';
-
-const run = promisify(execFile);
-const cli = join(ROOT, 'dist/src/cli/main.js');
-const vtpm = (...args: string[]) => run(process.execPath, [cli, ...args], { env: { ...process.env, VTPM_NO_SETUP: '1' } });
 
 const work = tempDir('e2e-ek');
 const A = { run: join(work, 'a-run'), state: join(work, 'a-state') };
@@ -26,7 +20,6 @@ const B = { run: join(work, 'b-run'), state: join(work, 'b-state') };
 const chain = join(work, 'chain.pem');
 const vm = randomUUID();
 let port = 0;
-const tools = (p: number) => ({ ...process.env, TPM2TOOLS_TCTI: `swtpm:host=127.0.0.1,port=${p}` });
 
 beforeAll(async () => {
   await vtpm('host', 'up', '--run', A.run, '--state', A.state);
