@@ -60,6 +60,10 @@ describe('EK certificates seen by a guest with tpm2-tools', () => {
     ecc = (await nvread(port, '0x01c0000a', join(work, 'ecc.der')))!;
     expect(await verify(rsa, 'rsa')).toMatch(/: OK$/);
     expect(await verify(ecc, 'ecc')).toMatch(/: OK$/);
+    // tpm2_getekcertificate, what enrolment scripts call, finds both where it looks on hardware.
+    await run('tpm2_getekcertificate', ['-o', join(work, 'get-rsa.der'), '-o', join(work, 'get-ecc.der')], { env: tools(port) });
+    expect(fs.readFileSync(join(work, 'get-rsa.der')).equals(rsa)).toBe(true);
+    expect(fs.readFileSync(join(work, 'get-ecc.der')).equals(ecc)).toBe(true);
     const text = (await run('openssl', ['x509', '-in', join(work, 'rsa.pem'), '-noout', '-subject'])).stdout;
     expect(text.trim()).toBe(`subject=CN = ${vm}`);
   });
