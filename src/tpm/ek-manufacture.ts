@@ -98,23 +98,56 @@ export async function writeCertIndex(tpm: Executor, index: number, data: Uint8Ar
   await run(tpm, nvWriteLockPlatform(index), `NV_WriteLock ${hex}`);
 }
 
-/**
- * Runs on a TPM 2.0 that was just manufactured and never started. Leaves it shut down (CLEAR), as a
- * TPM leaves the factory. Returns the certificates written, by algorithm.
- */
-export async function manufactureEk(tpm: Executor, profile: EkProfile, issuer: EkIssuer): Promise<Map<EkAlg, Uint8Array>> {
+async function startupClear(tpm: Executor): Promise<void> {
   const rc = responseCode(await tpm.execute(startup(TPM_SU_CLEAR)));
   if (rc !== 0 && rc !== 0x100) throw new ManufactureError('TPM', `Startup failed with TPM response code 0x${rc.toString(16)}`);
+}
+
+/** What a TPM's certificates are made from: its identity and its EK public keys. */
+export interface EkDerivation {
+  id: TpmIdentity & { nvIndexMax: number };
+  pubs: Map<EkAlg, EkPublic>;
+}
+
+/**
+ * The first half, which can run ahead of time: Startup, the TPM's identity, the EK public keys (the RSA
+ * one is most of manufacture's time). Leaves the TPM shut down (CLEAR); nothing is written to its NV.
+ */
+export async function deriveEks(tpm: Executor, algs: readonly EkAlg[]): Promise<EkDerivation> {
+  await startupClear(tpm);
   const id = await readTpmIdentity(tpm);
+  const pubs = new Map<EkAlg, EkPublic>();
+  for (const alg of algs) pubs.set(alg, await ekPublic(tpm, alg));
+  await run(tpm, shutdown(TPM_SU_CLEAR), 'Shutdown');
+  return { id, pubs };
+}
+
+/**
+ * The second half: certificates for the keys `d` holds (of `profile`), checked against the NV index
+ * size, then written into their indices and locked; Startup before, Shutdown(CLEAR) after, as a TPM
+ * leaves the factory. Returns the certificates written, by algorithm.
+ */
+export async function provisionEk(tpm: Executor, d: EkDerivation, profile: EkProfile, issuer: EkIssuer): Promise<Map<EkAlg, Uint8Array>> {
+  await startupClear(tpm);
   const certs = new Map<EkAlg, Uint8Array>();
   for (const alg of ekAlgs(profile)) {
-    const der = await issuer.issue(await ekPublic(tpm, alg), id);
+    const pub = d.pubs.get(alg);
+    if (!pub) throw new ManufactureError('TPM', `no ${alg} EK was derived`);
+    const der = await issuer.issue(pub, d.id);
     // The TPM would answer NV_DefineSpace with TPM_RC_SIZE; say what is too large, and by how much.
-    if (der.length > id.nvIndexMax)
-      throw new ManufactureError('TOO_LARGE', `the ${alg} EK certificate is ${der.length} bytes; an NV index of this TPM holds at most ${id.nvIndexMax}`);
+    if (der.length > d.id.nvIndexMax)
+      throw new ManufactureError('TOO_LARGE', `the ${alg} EK certificate is ${der.length} bytes; an NV index of this TPM holds at most ${d.id.nvIndexMax}`);
     certs.set(alg, der);
   }
   for (const [alg, der] of certs) await writeCertIndex(tpm, EK_CERT_INDEX[alg], der);
   await run(tpm, shutdown(TPM_SU_CLEAR), 'Shutdown');
   return certs;
+}
+
+/** Both halves at once, on a TPM 2.0 that was just manufactured and never started. */
+export async function manufactureEk(tpm: Executor & { reset(): Promise<void> }, profile: EkProfile, issuer: EkIssuer): Promise<Map<EkAlg, Uint8Array>> {
+  const d = await deriveEks(tpm, ekAlgs(profile));
+  // A TPM shut down takes Startup again only after a power cycle (TPM2_Startup after Shutdown without one is TPM_RC_INITIALIZE).
+  await tpm.reset();
+  return provisionEk(tpm, d, profile, issuer);
 }
