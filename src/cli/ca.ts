@@ -3,7 +3,7 @@
 import type { Command } from 'commander';
 import fs from 'node:fs';
 import { join } from 'node:path';
-import { CA_CHAIN_FILE } from '../manager/ca.js';
+import { CA_CHAIN_FILE } from '../manager/ca-files.js';
 import { RunDir } from './rundir.js';
 import { CliError } from './errors.js';
 

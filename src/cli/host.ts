@@ -8,7 +8,6 @@ import { NoHostError, RunDir, alive, type HostInfo, type ProcessEntry } from './
 import { stopProcess, tailFile } from './spawn.js';
 import { DAEMON_ROLES, isDaemonRole, restartDaemon, startRole, type DaemonRole } from './restart.js';
 import { CliError } from './errors.js';
-import { CaError, EkCa } from '../manager/ca.js';
 import { decideIsolation, describe, domainProcesses, parseUidBase, processUid, secureHost, type Isolation, type IsolationMode } from './isolation.js';
 import { claimUidRange, releaseUidRange } from './uid-claims.js';
 
@@ -91,6 +90,8 @@ export async function hostUp(runDir: string, stateDir: string, mode: 'single' | 
   if (ca !== undefined) {
     h.ca = resolve(ca);
     // Refused here, naming the file, rather than as a manager that died during start-up.
+    // Loaded here only: the X.509 library costs every other `vtpm` command start-up time and memory.
+    const { CaError, EkCa } = await import('../manager/ca.js');
     await EkCa.open({ stateDir: h.stateDir, operatorDir: h.ca }).catch((err: unknown) => {
       throw err instanceof CaError ? new CliError('USAGE', `--ca: ${err.message}`) : err;
     });

@@ -1,9 +1,8 @@
 // `vtpm manager --state DIR --run DIR [--seal-to-tpm TCTI]`: the vTPM manager daemon in the foreground.
 import type { Command } from 'commander';
-import { ManagerDaemon } from '../manager/daemon.js';
 import { DEFAULT_SEAL_PCRS } from '../manager/seal.js';
 import { onStop } from './lifecycle.js';
-import { EK_CHOICES, type EkChoice } from '../manager/manufacture.js';
+import { EK_CODES, type EkCode } from '../manager/wire.js';
 
 export function register(program: Command): void {
   program
@@ -19,13 +18,15 @@ export function register(program: Command): void {
     .option('--ek-certs <which>', 'EK certificates of a new TPM 2.0 whose OPEN does not choose: rsa, ecc, both or none', 'both')
     .option('--client-stall-ms <ms>', 'cut off a client whose replies sit unread this long (default 30000)', (v) => Number(v))
     .action(async (o: { state: string; run: string; sealToTpm?: string; sealPcrs: string; logBytes?: number; append: string; clientStallMs?: number; ca?: string; ekCerts: string }) => {
-      if (!(EK_CHOICES as readonly string[]).includes(o.ekCerts)) throw new Error(`--ek-certs takes rsa, ecc, both or none, not ${o.ekCerts}`);
+      if (!Object.keys(EK_CODES).includes(o.ekCerts)) throw new Error(`--ek-certs takes rsa, ecc, both or none, not ${o.ekCerts}`);
       if (o.append !== 'sync' && o.append !== 'async') throw new Error(`--append takes sync or async, not ${o.append}`);
       if (o.logBytes !== undefined && !(Number.isInteger(o.logBytes) && o.logBytes >= 4096)) throw new Error('--log-bytes takes an integer of at least 4096');
       if (o.clientStallMs !== undefined && !(Number.isInteger(o.clientStallMs) && o.clientStallMs >= 100)) throw new Error('--client-stall-ms takes an integer of at least 100');
       if (!process.env.UV_THREADPOOL_SIZE)
         process.stderr.write('vtpm-manager: UV_THREADPOOL_SIZE is unset: a group commit will run only 4 fdatasyncs at a time (scripts/vtpm sets 64)\n');
-      const d = await ManagerDaemon.start({ stateDir: o.state, runDir: o.run, sealToTpm: o.sealToTpm, sealPcrs: o.sealPcrs, logBytes: o.logBytes, append: o.append, clientQueue: o.clientStallMs === undefined ? undefined : { stallMs: o.clientStallMs }, ca: o.ca, ekCerts: o.ekCerts as EkChoice });
+      // Loaded here only: the daemon brings libtpms (manufacture) and the X.509 library, which no other command needs.
+      const { ManagerDaemon } = await import('../manager/daemon.js');
+      const d = await ManagerDaemon.start({ stateDir: o.state, runDir: o.run, sealToTpm: o.sealToTpm, sealPcrs: o.sealPcrs, logBytes: o.logBytes, append: o.append, clientQueue: o.clientStallMs === undefined ? undefined : { stallMs: o.clientStallMs }, ca: o.ca, ekCerts: o.ekCerts as EkCode });
       onStop(() => d.stop());
       process.stderr.write('vtpm-manager: ready\n');
     });

@@ -14,6 +14,7 @@ import { Attribute, GeneralName, Name as AsnName, SubjectAlternativeName, Subjec
 import { Integer, Sequence, Utf8String } from 'asn1js';
 import type { EkPublic } from '../tpm/ek-commands.js';
 import type { TpmIdentity } from '../tpm/ek-manufacture.js';
+import { CA_DIR, OPERATOR_CERT, OPERATOR_KEY } from './ca-files.js';
 
 x509.cryptoProvider.set(crypto.webcrypto as unknown as Crypto);
 
@@ -39,11 +40,7 @@ export const TCG_OID = {
   ekCertificate: '2.23.133.8.1',
 } as const;
 
-export const CA_DIR = 'ca';
-/** The chain (issuing certificate first), public: the manager writes it into its run directory at start. */
-export const CA_CHAIN_FILE = 'ek-ca-chain.pem';
-export const OPERATOR_CERT = 'cert.pem';
-export const OPERATOR_KEY = 'key.pem';
+export { CA_CHAIN_FILE, CA_DIR, OPERATOR_CERT, OPERATOR_KEY } from './ca-files.js';
 const ROOT_CERT = 'root.pem';
 const ROOT_KEY = 'root.key';
 const ISSUER_CERT = 'issuer.pem';

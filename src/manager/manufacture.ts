@@ -18,7 +18,6 @@ import type { EkCode } from './wire.js';
 
 /** Per VM: which EK certificates it gets (EkProfile or 'none'), as OPEN carries it (wire.ts). */
 export type EkChoice = EkCode;
-export const EK_CHOICES: readonly EkChoice[] = ['rsa', 'ecc', 'both', 'none'];
 
 export interface ManufactureRequest {
   instance: number;
