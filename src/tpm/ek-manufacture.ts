@@ -1,9 +1,9 @@
-// Manufacture of a TPM 2.0's endorsement credentials, done once on a TPM no one has seen: Startup, the
-// EK public keys from the TCG default templates, certificates from an issuer (the caller's CA), written
-// into the TCG certificate indices by the platform and locked, then Shutdown(CLEAR). Every step must
-// succeed: the caller discards the TPM's state on any error, so no VM starts with half its credentials.
-import { startup, shutdown, TPM_SU_CLEAR } from './tpm2-commands.js';
-import { expectSuccess } from './tpm2-commands.js';
+// Manufacture of a TPM 2.0's endorsement credentials, done once on a TPM no one has seen, in two halves:
+// deriveEks (the EK public keys from the TCG default templates; may run ahead of time) and provisionEk
+// (certificates from an issuer, the caller's CA, written into the TCG indices by the platform and
+// locked, then Shutdown(CLEAR)). Every step must succeed: the caller discards the TPM on any error, so
+// no VM starts with half its credentials.
+import { expectSuccess, shutdown, startup, TPM_SU_CLEAR } from './tpm2-commands.js';
 import {
   EK_CERT_INDEX,
   NV_WRITE_CHUNK,
