@@ -164,6 +164,28 @@ describe('EK certificates seen by a guest with tpm2-tools', () => {
 });
 
 describe('host up --ca', () => {
+  it('a certificate too large for its NV index: guest attach fails saying so, and the VM is not created', async () => {
+    const ca = join(work, 'bigca');
+    fs.mkdirSync(ca);
+    const subj = '/CN=big CA' + Array.from({ length: 34 }, (_, i) => `/OU=${String(i).padStart(2, '0')}${'x'.repeat(60)}`).join('');
+    await run('openssl', ['req', '-x509', '-newkey', 'rsa:2048', '-nodes', '-keyout', join(ca, 'key.pem'), '-out', join(ca, 'cert.pem'), '-days', '30', '-subj', subj, '-addext', 'basicConstraints=critical,CA:TRUE']);
+    const D = { run: join(work, 'd-run'), state: join(work, 'd-state') };
+    await vtpm('host', 'up', '--run', D.run, '--state', D.state, '--ca', ca);
+    try {
+      const big = randomUUID();
+      const r = await vtpm('guest', 'attach', '--run', D.run, '--domid', '1', '--vm', big, '--ek-profile', 'rsa').catch((e: { code: number; stderr: string }) => e);
+      expect((r as { code: number }).code).toBe(1);
+      expect((r as { stderr: string }).stderr).toMatch(/the rsa EK certificate is \d{4} bytes; an NV index of this TPM holds at most 2048/);
+      // Nothing was made: the same VM attaches afterwards, manufactured as asked then.
+      const p = await freePortPair();
+      await vtpm('guest', 'attach', '--run', D.run, '--domid', '1', '--vm', big, '--no-ek-cert', '--tcti-port', String(p));
+      expect(await nvread(p, '0x01c00002', join(work, 'd.der'))).toBeNull();
+    } finally {
+      await vtpm('host', 'down', '--run', D.run).catch(() => {});
+    }
+  });
+
+
   it('refuses a CA whose key is not its certificate\'s, naming the file, before starting anything', async () => {
     const ca = join(work, 'opca');
     const other = join(work, 'other');
