@@ -117,7 +117,7 @@ describe('EK certificates seen by a guest with tpm2-tools', () => {
     expect(bad).toMatchObject({ code: 2, stderr: 'vtpm: --ek-profile and --no-ek-cert contradict each other: give one\n' });
   });
 
-  it('a QEMU-style client of `qemu attach` reads the same certificate over the data channel', async () => {
+  it('a QEMU-style client of `qemu attach` reads the same certificate over the data channel; --ek-profile works there too', async () => {
     const ctrl = join(work, 'q.sock');
     await vtpm('qemu', 'attach', '--run', A.run, '--vm', vm, '--ctrl', ctrl);
     const c = await CtrlClient.connect(ctrl);
@@ -137,6 +137,24 @@ describe('EK certificates seen by a guest with tpm2-tools', () => {
     d.close();
     c.close();
     await vtpm('qemu', 'detach', '--run', A.run, '--vm', vm);
+
+    // `qemu attach --ek-profile ecc` for a new VM: only the ECC index exists (NV_ReadPublic: 0x18b = no such handle).
+    const vm2 = randomUUID();
+    const ctrl2 = join(work, 'q2.sock');
+    await vtpm('qemu', 'attach', '--run', A.run, '--vm', vm2, '--ctrl', ctrl2, '--ek-profile', 'ecc');
+    const c2 = await CtrlClient.connect(ctrl2);
+    const [mine2, theirs2] = socketPair();
+    sendWithFds(c2.fd, Buffer.from('00000010', 'hex'), [theirs2]);
+    closeFd(theirs2);
+    expect((await c2.read(4)).toString('hex')).toBe('00000000');
+    const d2 = new DataClient(mine2);
+    expect(await c2.cmd('00000002 00000000', 4)).toBe('00000000');
+    expect(await d2.transmit(TPM2.startupClear)).toBe('80010000000a00000000');
+    expect((await d2.transmit('8001 0000000e 00000169 01c00002')).slice(12, 20)).toBe('0000018b');
+    expect((await d2.transmit('8001 0000000e 00000169 01c0000a')).slice(12, 20)).toBe('00000000');
+    d2.close();
+    c2.close();
+    await vtpm('qemu', 'detach', '--run', A.run, '--vm', vm2);
   });
 
   it('migrates with the VM to a multi-VM host: the same certificate there, still verified by the source CA', async () => {
