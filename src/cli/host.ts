@@ -8,6 +8,7 @@ import { NoHostError, RunDir, alive, type HostInfo, type ProcessEntry } from './
 import { stopProcess, tailFile } from './spawn.js';
 import { DAEMON_ROLES, isDaemonRole, restartDaemon, startRole, type DaemonRole } from './restart.js';
 import { CliError } from './errors.js';
+import { EK_CODES } from '../manager/wire.js';
 import { decideIsolation, describe, domainProcesses, parseUidBase, processUid, secureHost, type Isolation, type IsolationMode } from './isolation.js';
 import { claimUidRange, releaseUidRange } from './uid-claims.js';
 
@@ -21,6 +22,8 @@ export interface HostUpOptions {
   uidBase?: number;
   /** An operator's EK CA directory (cert.pem, key.pem), checked before anything starts. */
   ca?: string;
+  /** EK certificates of a new TPM 2.0 whose attach does not choose: rsa, ecc, both (default) or none. */
+  ekCerts?: string;
   /** Progress lines (what was recovered or restarted). */
   report?: (line: string) => void;
 }
@@ -85,6 +88,11 @@ export async function hostUp(runDir: string, stateDir: string, mode: 'single' | 
     fs.rmSync(rd.hostJson, { force: true });
   }
   const h = rd.plan(stateDir, mode);
+  const ekCerts = opts.ekCerts ?? old?.ekCerts;
+  if (ekCerts !== undefined) {
+    if (!Object.keys(EK_CODES).includes(ekCerts)) throw new CliError('USAGE', `--ek-certs must be rsa, ecc, both or none, not ${ekCerts}`);
+    h.ekCerts = ekCerts;
+  }
   // A host recovered from a crash keeps signing with the CA it was started with.
   const ca = opts.ca ?? old?.ca;
   if (ca !== undefined) {
@@ -232,12 +240,14 @@ export function register(program: Command): void {
     .option('--isolation <how>', 'uid (each guest and vTPM domain under its own uid; root only), none, or auto: uid when possible', 'auto')
     .option('--uid-base <n>', 'dom<N> runs as uid/gid BASE+N; refused if another live host holds an overlapping range (default: the first free range from VTPM_UID_BASE or 1073741824 on)')
     .option('--ca <dir>', "sign EK certificates with an operator's CA: DIR/cert.pem (issuing certificate, then its chain) and DIR/key.pem; default: a host CA made in STATE/ca")
-    .action(async (o: { run: string; state: string; mode: string; isolation: string; uidBase?: string; ca?: string }) => {
+    .option('--ek-certs <which>', 'EK certificates of a new TPM 2.0 whose attach does not choose: rsa, ecc, both or none (default both)')
+    .action(async (o: { run: string; state: string; mode: string; isolation: string; uidBase?: string; ca?: string; ekCerts?: string }) => {
       if (o.isolation !== 'auto' && o.isolation !== 'uid' && o.isolation !== 'none') throw new CliError('USAGE', `--isolation must be auto, uid or none, not ${o.isolation}`);
       const h = await hostUp(o.run, o.state, parseMode(o.mode), {
         isolation: o.isolation,
         ...(o.uidBase !== undefined ? { uidBase: parseUidBase(o.uidBase) } : {}),
         ca: o.ca,
+        ekCerts: o.ekCerts,
         report: (l) => console.log(l),
       });
       for (const p of h.processes) console.log(`${p.role.padEnd(10)} dom${p.domid} pid ${p.pid}`);

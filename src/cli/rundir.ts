@@ -26,6 +26,8 @@ export interface HostInfo {
   isolation?: Isolation;
   /** `host up --ca DIR`: the operator's EK CA the manager signs with (absent: the host CA in the state dir). */
   ca?: string;
+  /** `host up --ek-certs`: what a new TPM 2.0 gets when its attach does not choose (absent: both). */
+  ekCerts?: string;
 }
 
 export interface GuestInfo {

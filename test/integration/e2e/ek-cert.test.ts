@@ -181,7 +181,7 @@ describe('EK certificates seen by a guest with tpm2-tools', () => {
   });
 });
 
-describe('host up --ca', () => {
+describe('host up --ca and --ek-certs', () => {
   it('a certificate too large for its NV index: guest attach fails saying so, and the VM is not created', async () => {
     const ca = join(work, 'bigca');
     fs.mkdirSync(ca);
@@ -203,6 +203,21 @@ describe('host up --ca', () => {
     }
   });
 
+
+  it('host up --ek-certs sets what an attach without a choice gets (none here); a bad value is a usage error', async () => {
+    const bad = await vtpm('host', 'up', '--run', join(work, 'e-run'), '--state', join(work, 'e-state'), '--ek-certs', 'dsa').catch((e: { code: number; stderr: string }) => e);
+    expect(bad).toMatchObject({ code: 2, stderr: 'vtpm: --ek-certs must be rsa, ecc, both or none, not dsa\n' });
+    const E = { run: join(work, 'e-run'), state: join(work, 'e-state') };
+    await vtpm('host', 'up', '--run', E.run, '--state', E.state, '--ek-certs', 'none');
+    try {
+      const p = await freePortPair();
+      await vtpm('guest', 'attach', '--run', E.run, '--domid', '1', '--vm', randomUUID(), '--tcti-port', String(p));
+      expect(await nvread(p, '0x01c00002', join(work, 'e-rsa.der'))).toBeNull();
+      expect(await nvread(p, '0x01c0000a', join(work, 'e-ecc.der'))).toBeNull();
+    } finally {
+      await vtpm('host', 'down', '--run', E.run).catch(() => {});
+    }
+  });
 
   it('refuses a CA whose key is not its certificate\'s, naming the file, before starting anything', async () => {
     const ca = join(work, 'opca');
