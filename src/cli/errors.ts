@@ -40,6 +40,7 @@ function meaning(ordinal: number, status: number, what: string): string {
       break;
     case Ord.OPEN:
       if (param) return `${what} cannot be opened: it was migrated out of this manager (its state stays frozen here until deleted) or is already open`;
+      if (policy) return `${what} is held by another host sharing this etcd store: detach it there (or wait for that host's lease to expire)`;
       break;
   }
   if (status === Status.FAIL || status === Status.IOERROR) return 'the manager failed to carry out the request (a storage error?)';
@@ -93,11 +94,23 @@ export function managerReason(logFile: string | undefined, offset: number, ordin
   }
   const re = new RegExp(`: ${ordinal} on instance \\d+: (.*); answered \\S+$`);
   let reason: string | undefined;
-  for (const line of text.split('\n')) {
+  for (const raw of text.split('\n')) {
+    const line = logMessage(raw);
     const m = re.exec(line);
     if (m) reason = m[1];
   }
   return reason;
+}
+
+/** A log line's message: the line itself, or the `msg` of a `--log-format json` line. */
+function logMessage(line: string): string {
+  if (!line.startsWith('{')) return line;
+  try {
+    const o = JSON.parse(line) as { msg?: unknown };
+    return typeof o.msg === 'string' ? o.msg : line;
+  } catch {
+    return line;
+  }
 }
 
 export function fileSize(file: string | undefined): number {

@@ -23,6 +23,7 @@ import { domainProcesses, ownUidOrRoot } from './isolation.js';
 import { journalPath, type WorkloadSpec } from './stress-workload.js';
 import { onStop } from './lifecycle.js';
 import { registerSuspend } from './suspend.js';
+import { captureKeys } from './capture-opts.js';
 
 const UUID = /^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$/i;
 
@@ -43,6 +44,9 @@ export interface AttachOptions {
   startup?: boolean;
   /** EK certificates of a new VM's TPM (`--ek-profile`, `--no-ek-cert`); absent: the manager's default. */
   ek?: EkCode;
+  /** The backend captures this guest's traffic to this pcapng file (docs/observability.md), at most pcapMaxMb MiB. */
+  pcap?: string;
+  pcapMaxMb?: number;
 }
 
 export async function guestAttach(o: AttachOptions): Promise<GuestInfo> {
@@ -63,6 +67,7 @@ export async function guestAttach(o: AttachOptions): Promise<GuestInfo> {
   }
   if (o.tctiPort !== undefined) await checkPortPair(o.tctiPort);
   if (o.ek !== undefined) await openWithEk(h, rd.log('manager'), vm, o.version ?? '2.0', o.ek);
+  const capture = captureKeys(o.pcap, o.pcapMaxMb);
   const xs = await connect(h.xenstoredSocket);
   const dev = vtpmDevice(o.domid, devid, 0);
   const mgrLog = rd.log('manager');
@@ -85,7 +90,7 @@ export async function guestAttach(o: AttachOptions): Promise<GuestInfo> {
       backDomid: 0,
       devid,
       uuid: vm,
-      extra: { backend: { 'tpm-version': o.version ?? '2.0' } },
+      extra: { backend: { 'tpm-version': o.version ?? '2.0', ...capture } },
     });
     log = rd.log(`guest-${o.domid}`);
     // The log is appended to by every incarnation of this domid: look only at what this one writes.
@@ -281,9 +286,11 @@ export function register(program: Command): void {
     .option('--tcti-port <port>', 'serve tpm2-tools on 127.0.0.1:PORT (data) and PORT+1 (control)', int)
     .option('--tpm-version <v>', 'TPM version of a new vTPM: 2.0 or 1.2', '2.0')
     .option('--misbehave <how>', `fault injection once connected: ${MISBEHAVIOURS.join(', ')}`)
-    .option('--no-startup', 'do not send Startup(CLEAR) to a TPM that was never started (the guest does, as Linux, by default)');
+    .option('--no-startup', 'do not send Startup(CLEAR) to a TPM that was never started (the guest does, as Linux, by default)')
+    .option('--pcap <file>', 'the backend writes this guest\'s TPM commands (TCP port 2321), xenstore traffic and ring events to FILE (pcapng)')
+    .option('--pcap-max-mb <n>', 'stop capturing at N MiB (default 100)', int);
   addEkOptions(attach)
-    .action(async (o: { run: string; domid: number; vm: string; protocol: string; tctiPort?: number; tpmVersion: string; misbehave?: string; startup: boolean } & EkFlags) => {
+    .action(async (o: { run: string; domid: number; vm: string; protocol: string; tctiPort?: number; tpmVersion: string; misbehave?: string; startup: boolean; pcap?: string; pcapMaxMb?: number } & EkFlags) => {
       if (o.protocol !== 'v2' && o.protocol !== 'ring') throw new Error(`--protocol must be v2 or ring, not ${o.protocol}`);
       if (o.tpmVersion !== '2.0' && o.tpmVersion !== '1.2') throw new Error(`--tpm-version must be 2.0 or 1.2`);
       if (o.misbehave !== undefined && !(MISBEHAVIOURS as readonly string[]).includes(o.misbehave)) {
@@ -299,6 +306,8 @@ export function register(program: Command): void {
         misbehave: o.misbehave as Misbehaviour | undefined,
         startup: o.startup,
         ek: ekChoice(o, o.tpmVersion),
+        ...(o.pcap !== undefined ? { pcap: o.pcap } : {}),
+        ...(o.pcapMaxMb !== undefined ? { pcapMaxMb: o.pcapMaxMb } : {}),
       });
       console.log(`dom${g.domid} attached (pid ${g.pid}, ${g.protocol}${g.tctiPort !== undefined ? `, tpm2-tools: -T swtpm:host=127.0.0.1,port=${g.tctiPort}` : ''})`);
     });

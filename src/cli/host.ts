@@ -9,6 +9,9 @@ import { stopProcess, tailFile } from './spawn.js';
 import { DAEMON_ROLES, isDaemonRole, restartDaemon, startRole, type DaemonRole } from './restart.js';
 import { CliError } from './errors.js';
 import { EK_CODES } from '../manager/wire.js';
+import { parseLogFormat, type LogFormat } from '../util/log.js';
+import { checkListen, parseListen } from '../util/metrics-http.js';
+import { addStoreOptions, parseStoreFlags, type StoreFlags } from './store-flags.js';
 import { decideIsolation, describe, domainProcesses, parseUidBase, processUid, secureHost, type Isolation, type IsolationMode } from './isolation.js';
 import { claimUidRange, releaseUidRange } from './uid-claims.js';
 
@@ -24,8 +27,14 @@ export interface HostUpOptions {
   ca?: string;
   /** EK certificates of a new TPM 2.0 whose attach does not choose: rsa, ecc, both (default) or none. */
   ekCerts?: string;
+  /** HOST:PORT where the backend serves the whole host's Prometheus metrics (docs/observability.md). */
+  metrics?: string;
+  /** Every daemon's log format (default text). */
+  logFormat?: LogFormat;
   /** Progress lines (what was recovered or restarted). */
   report?: (line: string) => void;
+  /** The manager's state in etcd (docs/cluster.md). */
+  store?: StoreFlags;
 }
 
 function readHostIfAny(rd: RunDir): HostInfo | null {
@@ -40,7 +49,7 @@ function readHostIfAny(rd: RunDir): HostInfo | null {
 /** Everything a host whose processes all died leaves in its run directory (its state dir is kept). */
 function clearDeadHost(rd: RunDir, h: HostInfo): string[] {
   const removed: string[] = [];
-  for (const p of [h.managerRunDir, h.xenstoredSocket, h.domainSocketDir, rd.vtpmDomainDir, h.xenDir]) {
+  for (const p of [h.managerRunDir, h.xenstoredSocket, h.domainSocketDir, rd.vtpmDomainDir, h.xenDir, `${rd.dir}/metrics`]) {
     if (fs.existsSync(p)) removed.push(p);
     fs.rmSync(p, { recursive: true, force: true });
   }
@@ -87,6 +96,14 @@ export async function hostUp(runDir: string, stateDir: string, mode: 'single' | 
     for (const f of clearDeadHost(rd, old)) report(`removed ${f} (left by the dead host)`);
     fs.rmSync(rd.hostJson, { force: true });
   }
+  // The metrics address is the backend's to bind: one taken is refused before anything starts.
+  if (opts.metrics !== undefined) {
+    try {
+      await checkListen(opts.metrics);
+    } catch (err) {
+      throw new CliError('CONFLICT', (err as Error).message);
+    }
+  }
   const h = rd.plan(stateDir, mode);
   const ekCerts = opts.ekCerts ?? old?.ekCerts;
   if (ekCerts !== undefined) {
@@ -104,6 +121,9 @@ export async function hostUp(runDir: string, stateDir: string, mode: 'single' | 
       throw err instanceof CaError ? new CliError('USAGE', `--ca: ${err.message}`) : err;
     });
   }
+  if (opts.metrics !== undefined) h.metrics = opts.metrics;
+  if (opts.logFormat !== undefined) h.logFormat = opts.logFormat;
+  if (opts.store) h.store = opts.store;
   // No host.json: whatever a host without one left here is stale too.
   if (!old && fs.existsSync(rd.dir)) for (const f of clearDeadHost(rd, h)) report(`removed ${f} (left by a dead host)`);
   // Parents as the umask makes them; the run dir's own mode is set by secureHost once the isolation is known.
@@ -231,7 +251,7 @@ const parseMode = (m: string): 'single' | 'multi' => {
 
 export function register(program: Command): void {
   const host = program.command('host').description('start, stop, restart and inspect the dom0 processes of a host');
-  host
+  const up = host
     .command('up')
     .description('start the hypervisor, xenstored, the manager and the backend as separate processes; returns when all are ready. Recovers a run directory a crash left behind and restarts daemons that died')
     .requiredOption('--run <dir>', 'run directory (sockets, FIFOs, logs, host.json)')
@@ -239,21 +259,36 @@ export function register(program: Command): void {
     .option('--mode <mode>', 'single (vTPMs in the backend) or multi (one vTPM-domain process each)', 'single')
     .option('--isolation <how>', 'uid (each guest and vTPM domain under its own uid; root only), none, or auto: uid when possible', 'auto')
     .option('--uid-base <n>', 'dom<N> runs as uid/gid BASE+N; refused if another live host holds an overlapping range (default: the first free range from VTPM_UID_BASE or 1073741824 on)')
+    .option('--metrics <host:port>', 'serve the whole host\'s Prometheus metrics on http://HOST:PORT/metrics (docs/observability.md)')
+    .option('--log-format <fmt>', 'every daemon logs text (default) or json (one object per event)', 'text')
     .option('--ca <dir>', "sign EK certificates with an operator's CA: DIR/cert.pem (issuing certificate, then its chain) and DIR/key.pem; default: a host CA made in STATE/ca")
-    .option('--ek-certs <which>', 'EK certificates of a new TPM 2.0 whose attach does not choose: rsa, ecc, both or none (default both)')
-    .action(async (o: { run: string; state: string; mode: string; isolation: string; uidBase?: string; ca?: string; ekCerts?: string }) => {
+    .option('--ek-certs <which>', 'EK certificates of a new TPM 2.0 whose attach does not choose: rsa, ecc, both or none (default both)');
+  addStoreOptions(up).action(
+    async (o: { run: string; state: string; mode: string; isolation: string; uidBase?: string; store?: string; masterKey?: string; leaseTtl?: string; metrics?: string; logFormat: string; ca?: string; ekCerts?: string }) => {
       if (o.isolation !== 'auto' && o.isolation !== 'uid' && o.isolation !== 'none') throw new CliError('USAGE', `--isolation must be auto, uid or none, not ${o.isolation}`);
+      let logFormat: LogFormat;
+      try {
+        if (o.metrics !== undefined) parseListen(o.metrics);
+        logFormat = parseLogFormat(o.logFormat);
+      } catch (err) {
+        throw new CliError('USAGE', (err as Error).message);
+      }
       const h = await hostUp(o.run, o.state, parseMode(o.mode), {
+        ...(o.metrics !== undefined ? { metrics: o.metrics } : {}),
+        logFormat,
         isolation: o.isolation,
         ...(o.uidBase !== undefined ? { uidBase: parseUidBase(o.uidBase) } : {}),
         ca: o.ca,
         ekCerts: o.ekCerts,
         report: (l) => console.log(l),
+        store: parseStoreFlags(o),
       });
       for (const p of h.processes) console.log(`${p.role.padEnd(10)} dom${p.domid} pid ${p.pid}`);
       console.log(`isolation: ${describe(h.isolation)}`);
-      console.log(`host up in ${h.runDir} (${h.mode}-VM mode)`);
-    });
+      if (h.metrics) console.log(`metrics: http://${h.metrics}/metrics`);
+      console.log(`host up in ${h.runDir} (${h.mode}-VM mode${h.store ? `, state in ${h.store.url}` : ''})`);
+    },
+  );
   host
     .command('down')
     .description('stop guests, backend, manager, xenstored and the hypervisor cleanly (vTPM state saved)')

@@ -4,6 +4,7 @@ import fs from 'node:fs';
 import { createHash } from 'node:crypto';
 import { join, resolve } from 'node:path';
 import type { Isolation } from './isolation.js';
+import type { StoreFlags } from './store-flags.js';
 
 export interface ProcessEntry {
   role: 'hypervisor' | 'xenstored' | 'manager' | 'backend' | 'guest' | 'vtpm-domain';
@@ -22,12 +23,18 @@ export interface HostInfo {
   managerRunDir: string;
   started: string;
   processes: ProcessEntry[];
+  /** `host up --metrics HOST:PORT`: where the backend serves the whole host's metrics. */
+  metrics?: string;
+  /** `host up --log-format`: every daemon's log format (default text). */
+  logFormat?: 'text' | 'json';
   /** Absent in host.json written before isolation existed: read as `none`. */
   isolation?: Isolation;
   /** `host up --ca DIR`: the operator's EK CA the manager signs with (absent: the host CA in the state dir). */
   ca?: string;
   /** `host up --ek-certs`: what a new TPM 2.0 gets when its attach does not choose (absent: both). */
   ekCerts?: string;
+  /** The manager's etcd store (--store …); absent: the local store in stateDir. */
+  store?: StoreFlags;
 }
 
 export interface GuestInfo {

@@ -14,7 +14,9 @@ import type { TpmInstance } from '../tpm/instance.js';
 import type { StateKind, StateStore } from '../tpm/state-store.js';
 import { deriveEks, provisionEk, type EkDerivation } from '../tpm/ek-manufacture.js';
 import type { EkCa } from './ca.js';
-import type { EkCode } from './wire.js';
+import { Status, type EkCode } from './wire.js';
+import { Refusal } from './refusal.js';
+import type { VmRecord } from './vm-table.js';
 
 /** Per VM: which EK certificates it gets (EkProfile or 'none'), as OPEN carries it (wire.ts). */
 export type EkChoice = EkCode;
@@ -103,6 +105,28 @@ export class Factory {
       return `${[...certs].map(([alg, der]) => `${alg} EK certificate (${der.length} bytes)`).join(', ')} in ${Math.round(performance.now() - t0)} ms`;
     } finally {
       await tpm.destroy().catch(() => undefined);
+    }
+  }
+
+  /**
+   * At OPEN: a TPM 2.0 with no permanent state has never been seen by anyone, so it is made now, with
+   * the certificates `choice` names; `vm.ek` records that (only once done: a crash half-way leaves no
+   * state and no mark, and the next OPEN makes it). 'none' leaves it to the TPM's first power-on.
+   */
+  async atOpen(vm: VmRecord, created: boolean, choice: EkChoice, store: StateStore): Promise<void> {
+    if (vm.version !== '2.0' || vm.ek !== undefined || vm.status !== 'open') return;
+    // A VM made before (by its first power-on, or migrated in) is never made again.
+    if (!created && (await store.load(vm.instance, 'permanent')) !== null) return;
+    if (choice === 'none') {
+      vm.ek = 'none';
+      return;
+    }
+    try {
+      const what = await this.manufacture({ instance: vm.instance, vmUuid: vm.vmUuid, choice, store });
+      vm.ek = choice;
+      this.log(`manufactured instance ${vm.instance} for vm ${vm.vmUuid}: ${what}`);
+    } catch (err) {
+      throw new Refusal(Status.FAIL, `manufacture of vm ${vm.vmUuid} failed, its vTPM was not created: ${(err as Error).message}`);
     }
   }
 

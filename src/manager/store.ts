@@ -25,6 +25,8 @@ import crypto from 'node:crypto';
 import { STATE_KINDS, type StateKind } from '../tpm/state-store.js';
 import { StoreError, blobKey, blobName, decodeMeta, encodeMeta, nameOf, type MetaRecord } from './store-meta.js';
 import type { StoreOps } from './store-ops.js';
+import { managerMetrics } from '../util/metrics.js';
+import type { VtpmStore } from './vm-store.js';
 import { DEFAULT_WAL_BYTES, encodeRecord, replay, walKey, type AppendLog, type WalRecord } from './wal.js';
 
 /** How long a commit waits for stragglers when the previous one was shared (see #gather). */
@@ -103,7 +105,7 @@ function expected(batch: readonly Op[], queue: readonly Op[]): number {
   return keys.size + other;
 }
 
-export class GroupCommitStore {
+export class GroupCommitStore implements VtpmStore {
   /** The last durable checkpoint: its blobs are the files on disk. */
   #ck: MetaRecord;
   /** The current state: the checkpoint plus every log record since. */
@@ -213,6 +215,10 @@ export class GroupCommitStore {
     const log = await ops.openLog(logBytes);
     const store = new GroupCommitStore(ops, macKey, snapshotTable, { ck: next, log, replayed, replayStop, append: opts.append ?? 'sync' });
     return { store, table: next.table };
+  }
+
+  get description(): string {
+    return this.ops.description;
   }
 
   /** The next generation (unique, increasing); the caller seals the blob under it, then save()s. */
@@ -388,6 +394,7 @@ export class GroupCommitStore {
       applyRecord(rec, { blobs, dirty: this.#dirty, table: null, clock: 0 });
       this.stats.commits++;
       this.stats.saves += saves;
+      observeCommit('log', batch.length, saves);
       for (const op of batch) op.done.resolve();
       return;
     }
@@ -411,6 +418,7 @@ export class GroupCommitStore {
     this.#mustCheckpoint = false;
     this.stats.commits++;
     this.stats.saves += saves;
+    observeCommit('checkpoint', batch.length, saves);
     for (const op of batch) op.done.resolve();
     await this.#removeStale();
   }
@@ -452,6 +460,7 @@ export class GroupCommitStore {
     this.#stale.push(...Object.entries(old).filter(([k, g]) => snap.blobs[k] !== g).map(([k, g]) => nameOf(k, g)));
     this.#ck = next;
     this.stats.checkpoints++;
+    managerMetrics().checkpoints.inc();
   }
 
   async #removeStale(): Promise<void> {
@@ -477,4 +486,12 @@ export class GroupCommitStore {
       this.#log.close();
     }
   }
+}
+
+/** A group commit made durable (`kind`: a log record, a checkpoint, or one etcd transaction), for the metrics. */
+export function observeCommit(kind: 'log' | 'checkpoint' | 'etcd', ops: number, saves: number): void {
+  const m = managerMetrics();
+  m.commits.inc({ kind });
+  m.groupSize.observe(ops);
+  m.saves.inc(saves);
 }
