@@ -129,10 +129,6 @@ export class ManagerDaemon {
         : loadKeyFile(stateDir);
     this.#log(`${created ? 'created' : 'loaded'} master key (${etcd ? etcd.masterKey : this.opts.sealToTpm ? `sealed to ${this.opts.sealToTpm}` : 'key file'})`);
     this.#sealer = new Sealer(key);
-    const { ca, created: caCreated } = await EkCa.open({ stateDir, operatorDir: this.opts.ca, wrapKey: this.opts.sealToTpm ? this.#sealer.caKeyWrap() : undefined });
-    this.#log(`${caCreated ? 'created' : 'loaded'} EK CA (${ca.source}, issuer ${ca.signer.cert.subject})`);
-    fs.writeFileSync(path.join(runDir, CA_CHAIN_FILE), ca.chainPem, { mode: 0o644 });
-    this.#factory = new Factory(ca, (l) => this.#log(l));
     const snapshot = () => ({ vms: this.#table.toJSON(), migration: this.#migration });
     let store: VtpmStore;
     let table: unknown;
@@ -157,6 +153,9 @@ export class ManagerDaemon {
       }));
     }
     this.#store = store;
+    const { ca, created: caCreated } = await EkCa.open({ stateDir, operatorDir: this.opts.ca, wrapKey: this.opts.sealToTpm ? this.#sealer.caKeyWrap() : undefined });
+    this.#log(`${caCreated ? 'created' : 'loaded'} EK CA (${ca.source}, issuer ${ca.signer.cert.subject})`);
+    fs.writeFileSync(path.join(runDir, CA_CHAIN_FILE), ca.chainPem, { mode: 0o644 });
     const { vms, migration } = splitTable(table);
     this.#table = VmTable.fromJSON(vms);
     this.#migration = migration;
@@ -169,6 +168,8 @@ export class ManagerDaemon {
       loadPlain: (vm, kind) => this.#loadPlain(vm, kind),
     });
     if (store instanceof GroupCommitStore && store.stats.replayed > 0) this.#log(`replayed ${store.stats.replayed} log records (then: ${store.replayStop})`);
+    // Last before serving: its libtpms work must not keep a manager that failed to start alive.
+    this.#factory = new Factory(ca, (l) => this.#log(l));
     this.#server = FifoServer.listen(runDir, this.opts.clientQueue);
     this.#server.on('console', (f) => this.#onConsole(f));
     this.#server.on('consoleError', (e) => this.#onConsoleError(e));
