@@ -1,6 +1,7 @@
 // Every subcommand of `vtpm`, one module each. Keep one line per module so parallel work merges.
 import type { Command } from 'commander';
 import { register as backend } from './backend.js';
+import { register as ca } from './ca.js';
 import { register as demo } from './demo.js';
 import { register as guest } from './guest.js';
 import { register as host } from './host.js';
@@ -17,6 +18,7 @@ type Register = (program: Command) => void;
 
 const registrars: Register[] = [
   backend,
+  ca,
   demo,
   guest,
   host,

@@ -24,6 +24,7 @@ import {
   decodeOpenResult,
   encodeInstanceParam,
   encodeOpen,
+  type EkCode,
   encodeRequest,
   ordinalName,
   type Frame,
@@ -71,6 +72,8 @@ export interface OpenOptions {
   vmType?: number;
   /** Xen's mig_type: false opens it NON_MIGRATABLE (MIGRATE_OUT refused); default migratable, as Xen's hotplug scripts open. */
   migratable?: boolean;
+  /** EK certificates a new VM's TPM is manufactured with (default: the manager's); ignored for a known VM. */
+  ek?: EkCode;
 }
 
 interface Pending {
@@ -306,6 +309,7 @@ export class ManagerClient implements StateStore, VolatileHolder {
       instance: o.instance ?? 0,
       vmUuid: o.vmUuid.toLowerCase(),
       version: o.version,
+      ...(o.ek === undefined ? {} : { ek: o.ek }),
     });
     return decodeOpenResult(await this.#console(0, Ord.OPEN, params));
   }

@@ -39,6 +39,9 @@ import {
   type StatusCode,
 } from './wire.js';
 import { escapeLogLine } from '../util/log-escape.js';
+import { CA_CHAIN_FILE, EkCa } from './ca.js';
+import { Factory, type EkChoice } from './manufacture.js';
+import type { StateStore } from '../tpm/state-store.js';
 import { managerMetrics } from '../util/metrics.js';
 import { LogRateLimiter } from '../util/rate-limit.js';
 
@@ -60,6 +63,10 @@ export interface ManagerOptions {
   clientQueue?: Partial<QueueLimits>;
   /** HOLD_VOLATILE checkpoints are written to the store this long after the first is held (default HOLD_FLUSH_MS). */
   holdFlushMs?: number;
+  /** An operator's EK CA directory (cert.pem, key.pem); absent: the host CA made in <state>/ca. */
+  ca?: string;
+  /** EK certificates of a new TPM 2.0 whose OPEN does not choose (default both). */
+  ekCerts?: EkChoice;
   log?: (line: string) => void;
 }
 
@@ -96,6 +103,7 @@ export class ManagerDaemon {
   #consoleTail: Promise<void> = Promise.resolve();
   #held!: HeldVolatile;
   #consoleDrops = 0;
+  #factory!: Factory;
   #log: (line: string) => void;
   readonly #refusals = new LogRateLimiter((l) => this.#log(l));
 
@@ -151,6 +159,9 @@ export class ManagerDaemon {
       }));
     }
     this.#store = store;
+    const { ca, created: caCreated } = await EkCa.open({ stateDir, operatorDir: this.opts.ca, wrapKey: this.opts.sealToTpm ? this.#sealer.caKeyWrap() : undefined });
+    this.#log(`${caCreated ? 'created' : 'loaded'} EK CA (${ca.source}, issuer ${ca.signer.cert.subject})`);
+    fs.writeFileSync(path.join(runDir, CA_CHAIN_FILE), ca.chainPem, { mode: 0o644 });
     const { vms, migration } = splitTable(table);
     this.#table = VmTable.fromJSON(vms);
     this.#migration = migration;
@@ -172,6 +183,8 @@ export class ManagerDaemon {
       this.opts.holdFlushMs ?? HOLD_FLUSH_MS,
       (l) => this.#log(l),
     );
+    // Last before serving: its libtpms work must not keep a manager that failed to start alive.
+    this.#factory = new Factory(ca, (l) => this.#log(l));
     this.#server = FifoServer.listen(runDir, this.opts.clientQueue);
     this.#server.on('console', (f) => this.#onConsole(f));
     this.#server.on('consoleError', (e) => this.#onConsoleError(e));
@@ -200,6 +213,7 @@ export class ManagerDaemon {
     await this.#consoleTail;
     this.#held.stop();
     await this.#held.flush().catch((err: unknown) => this.#log(`writing held volatile state at shutdown: ${(err as Error).message}`));
+    await this.#factory.close();
     // A failed final checkpoint loses nothing: the log still holds every acknowledged save.
     await this.#store.close().catch((err: unknown) => this.#log(`final checkpoint failed (the next start replays the log): ${(err as Error).message}`));
     fs.rmSync(path.join(this.opts.runDir, PID_FILE), { force: true });
@@ -312,10 +326,26 @@ export class ManagerDaemon {
     }
     const instance = this.#cluster ? await this.#claimForOpen(this.#cluster, vmUuid, p.instance) : p.instance;
     const { record, created } = this.#table.open({ vmUuid, version: version!, instance, vmType: p.vmType, startup: p.startup, migType: p.migType });
+    await this.#manufacture(record, created, p.ek ?? this.opts.ekCerts ?? 'both');
     await this.#store.commitTable();
     this.#log(`${created ? 'created' : 'resumed'} instance ${record.instance} for vm ${record.vmUuid} (TPM ${record.version})`);
     // A Xen-form request gets Xen's reply: the status alone (a hotplug script reads exactly 14 bytes).
     return xenForm ? { status: Status.SUCCESS } : { status: Status.SUCCESS, params: encodeOpenResult(record.instance, created) };
+  }
+
+  /** A new TPM 2.0 is made before OPEN is answered (manufacture.ts); if that fails, a new VM goes again. */
+  async #manufacture(vm: VmRecord, created: boolean, choice: EkChoice): Promise<void> {
+    const store: StateStore = {
+      load: (_i, kind) => this.#loadPlain(vm, kind),
+      store: async (_i, kind, blob) => void (await this.#save(vm, kind, blob)),
+      delete: (_i, kind) => this.#store.remove(vm.instance, [kind]),
+    };
+    try {
+      await this.#factory.atOpen(vm, created, choice, store);
+    } catch (err) {
+      if (created) this.#table.delete(vm.instance);
+      throw err;
+    }
   }
 
   // ---- cluster (etcd store) ---------------------------------------------------------------
