@@ -161,7 +161,14 @@ export async function run(ctx: BenchContext): Promise<Figure[]> {
     await dom.destroy();
     const peer = 'UNIX-socket echo, same 2 processes';
     return [
-      { id: 'rtt_p50', unit: 'µs', ours: median(ringLat), peer: median(sockLat), note: `${peer}; both ends poll ≤ 50 µs` },
+      {
+        id: 'rtt_p50',
+        unit: 'µs',
+        ours: median(ringLat),
+        peer: median(sockLat),
+        note: `${peer}; both ends poll ≤ 50 µs`,
+        target: { on: 'ratio', op: '<=', value: 0.5 },
+      },
       { id: 'rtt_p99', unit: 'µs', ours: percentile(ringLat, 99), peer: percentile(sockLat, 99), note: peer },
       {
         id: 'rtt_cpu_per_rt',
@@ -172,7 +179,7 @@ export async function run(ctx: BenchContext): Promise<Figure[]> {
       },
       { id: 'rtt_cold_p50', unit: 'µs', ours: median(ringCold), peer: median(sockCold), note: 'first 200 round trips of fresh processes' },
       { id: 'throughput_1', unit: 'req/s', ours: ring1, peer: sock1, note: peer },
-      { id: 'throughput_32', unit: 'req/s', ours: ring32, peer: sock32, note: peer },
+      { id: 'throughput_32', unit: 'req/s', ours: ring32, peer: sock32, note: peer, target: { on: 'ratio', op: '>=', value: 2 } },
     ];
   } finally {
     child.kill('SIGTERM');
