@@ -29,7 +29,7 @@ export interface SessionOptions {
   log?: (line: string) => void;
   /** The device closed for good (backend closing it without a suspend of ours). */
   onClosed?: (reason: string) => void;
-  /** Bound on one command, ms (default SESSION_COMMAND_TIMEOUT_MS); a suspend in between pauses it. */
+  /** Bound on one command, ms (default SESSION_COMMAND_TIMEOUT_MS); one kept across a suspend is bounded again by the resumed session. */
   commandTimeoutMs?: number;
 }
 
