@@ -89,14 +89,21 @@ function machineShort(r: BenchReport): string {
   return `${m.cpus}× ${model}, ${m.memGiB} GiB, Linux ${m.kernel.replace(/-.*$/, '')}, Node ${m.node}`;
 }
 
-/** One line on how busy the machine was: the lead re-runs on a quiet machine before figures are quoted. */
+/** 'quiet', 'loaded' or 'load unknown': the lead re-runs on a quiet machine before figures are quoted. */
+function busyness(r: BenchReport): string {
+  const c = r.conditions;
+  const psi = c ? [c.psiStart, c.psiEnd].filter((x): x is number => x !== null) : [];
+  if (psi.length === 0) return 'load unknown';
+  return psi.every((x) => x <= QUIET_PSI) ? 'quiet' : 'loaded';
+}
+
+/** One line on how busy the machine was during the run. */
 function conditionsText(r: BenchReport): string {
   const c = r.conditions;
   if (!c) return 'machine load not recorded';
   const psi = [c.psiStart, c.psiEnd].filter((x): x is number => x !== null);
-  const quiet = psi.length > 0 && psi.every((x) => x <= QUIET_PSI);
   const psiText = psi.length ? `CPU pressure ${psi.map((x) => `${x.toFixed(0)} %`).join(' → ')}` : 'no PSI';
-  return `${quiet ? 'quiet' : 'loaded'} machine (${psiText}, load ${c.loadStart} → ${c.loadEnd})`;
+  return `${busyness(r)} machine (${psiText}, load ${c.loadStart} → ${c.loadEnd})`;
 }
 
 const day = (iso: string): string => iso.slice(0, 16).replace('T', ' ') + ' UTC';
@@ -112,7 +119,7 @@ export function headlineTable(reports: BenchReport[]): string {
   for (const r of reports) {
     for (const f of r.figures) {
       if (!f.target) continue;
-      rows.push([r.bench, f.id, f.unit, num(f.ours), num(f.peer), num(f.ratio), targetText(f.target), verdict(f), f.note ?? '', machineShort(r), day(r.date)]);
+      rows.push([r.bench, f.id, f.unit, num(f.ours), num(f.peer), num(f.ratio), targetText(f.target), verdict(f), f.note ?? '', `${machineShort(r)}; ${busyness(r)}`, day(r.date)]);
     }
   }
   if (rows.length === 0) return '_No figure with a target in bench-results/ yet._';

@@ -55,7 +55,7 @@ describe('bench-doc', () => {
     expect(out).not.toContain('stale headline');
     expect(out).not.toContain('old table');
     expect(out).toContain(
-      '| ring | rtt_p50 | µs | 3.100 | 9.300 | 0.333 | ratio ≤ 0.5 | met | UNIX-socket echo | 2× Intel Xeon, 24 GiB, Linux 6.18.44, Node v20.20.2 | 2026-12-07 09:50 UTC |',
+      '| ring | rtt_p50 | µs | 3.100 | 9.300 | 0.333 | ratio ≤ 0.5 | met | UNIX-socket echo | 2× Intel Xeon, 24 GiB, Linux 6.18.44, Node v20.20.2; quiet | 2026-12-07 09:50 UTC |',
     );
     expect(out).toContain('| ring | throughput_32 | req/s | 500000 | 300000 | 1.667 | ratio ≥ 2 | missed |');
     // A figure without a target stays out of the headline but is in the ring table.
@@ -71,6 +71,7 @@ describe('bench-doc', () => {
   it('says a run on a loaded machine was one', () => {
     const out = render(doc, [{ ...report, conditions: { psiStart: 82, psiEnd: 95, loadStart: 9, loadEnd: 9.1 } }]);
     expect(out).toContain('loaded machine (CPU pressure 82 % → 95 %, load 9 → 9.1)');
+    expect(out).toContain('Node v20.20.2; loaded | 2026-12-07 09:50 UTC |');
   });
 
   it('refuses a malformed report naming the file and the field, and a document without its markers', () => {
