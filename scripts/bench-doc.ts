@@ -11,7 +11,7 @@ import { fileURLToPath } from 'node:url';
 import { fmt, type BenchReport, type Target } from './bench/lib.js';
 
 /** The order benches appear in the headline table; others follow by name. */
-const ORDER = ['ring', 'e2e', 'engine', 'manager', 'xenstore', 'qemu', 'suspend', 'multivm'];
+const ORDER = ['ring', 'e2e', 'engine', 'manager', 'store', 'xenstore', 'qemu', 'suspend', 'multivm'];
 /** Above this CPU pressure (PSI some avg10, %) a run counts as taken on a loaded machine (src/xen/poll.ts stands down there too). */
 const QUIET_PSI = 10;
 
