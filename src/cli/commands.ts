@@ -11,7 +11,6 @@ import { register as qemu } from './qemu.js';
 import { register as ringDemo } from './ring-demo.js';
 import { register as stress } from './stress.js';
 import { register as top } from './top.js';
-import { register as vtpmDomain } from './vtpm-domain.js';
 import { register as xenstored } from './xenstored.js';
 
 type Register = (program: Command) => void;
@@ -28,7 +27,6 @@ const registrars: Register[] = [
   ringDemo,
   stress,
   top,
-  vtpmDomain,
   xenstored,
 ];
 

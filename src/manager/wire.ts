@@ -36,6 +36,13 @@ export const Ord = {
   LOAD_SAVESTATE: 9,
   /** params: kind u8 (0 permanent, 1 volatile, 2 savestate). */
   DELETE_STATE: 10,
+  /**
+   * Ours: a volatile checkpoint acknowledged once the manager holds it in memory (docs/manager.md);
+   * made durable in the background, at CLOSE and at shutdown. params: blob.
+   */
+  HOLD_VOLATILE: 11,
+  /** Ours: bytes appended to the held volatile checkpoint (refused when none is held). params: bytes. */
+  APPEND_VOLATILE: 12,
   OPEN: 0x01000001,
   CLOSE: 0x01000002,
   DELETE: 0x01000003,
