@@ -5,7 +5,7 @@
 // answers errors and closes), then the collected blobs are installed in the vTPM and it is powered on
 // from them, durably, before INIT answers. So two QEMUs never drive the vTPM at once, and a
 // destination that dies before its INIT leaves the source serving as if nothing happened.
-import type { QemuVtpm } from './qemu-endpoint.js';
+import type { ExecuteOptions, SwtpmVtpm } from '../tpm/vtpm.js';
 import { decodeStateBlob } from '../tpm/state-blob.js';
 import { errorResponse, fatalErrorCode } from '../tpm/error-response.js';
 import type { StateKind } from '../tpm/state-store.js';
@@ -24,15 +24,15 @@ export class IncomingError extends Error {
  * The destination endpoint's vTPM: off and state-less until `claim()` (which fences the source) has
  * handed it the VM's instance; from then every call goes to that instance.
  */
-export class IncomingVtpm implements QemuVtpm {
-  readonly #target: QemuVtpm;
+export class IncomingVtpm implements SwtpmVtpm {
+  readonly #target: SwtpmVtpm;
   readonly #claim: () => Promise<void>;
   readonly #blobs = new Map<StateKind, Uint8Array>();
   #wantedBuffer = 0;
   #owner = false;
 
   /** `claim` fences the source endpoint and makes this node the owner; it throws if it cannot. */
-  constructor(target: QemuVtpm, claim: () => Promise<void>) {
+  constructor(target: SwtpmVtpm, claim: () => Promise<void>) {
     this.#target = target;
     this.#claim = claim;
   }
@@ -53,7 +53,7 @@ export class IncomingVtpm implements QemuVtpm {
     return this.#owner || this.#wantedBuffer === 0 ? this.#target.bufferSize : this.#wantedBuffer;
   }
 
-  execute(command: Uint8Array, opts: { locality: number }): Promise<Uint8Array> {
+  execute(command: Uint8Array, opts?: ExecuteOptions): Promise<Uint8Array> {
     // Off, as a TPM before INIT: QEMU's version probe gets the fatal error it expects.
     if (!this.#owner) return Promise.resolve(errorResponse(this.version, fatalErrorCode(this.version)));
     return this.#target.execute(command, opts);
@@ -61,6 +61,15 @@ export class IncomingVtpm implements QemuVtpm {
 
   cancel(): void {
     if (this.#owner) this.#target.cancel();
+  }
+
+  /** Before the hand-over the TPM is off: TPM_RC_FAILURE, as a command to it gets. */
+  async startup(type?: 'clear' | 'state'): Promise<number> {
+    return this.#owner ? this.#target.startup(type) : fatalErrorCode(this.version);
+  }
+
+  async reset(): Promise<void> {
+    if (this.#owner) await this.#target.reset();
   }
 
   /** INIT: the hand-over (first time), then an ordinary power-on. */

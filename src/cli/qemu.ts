@@ -1,6 +1,8 @@
 // `vtpm qemu attach|detach`: give a QEMU VM a swtpm-compatible vTPM endpoint (for -tpmdev emulator)
 // served by the host's backend on the VM's manager-backed vTPM. The toolstack's part: write the node
 // the backend watches (src/backend/qemu-devices.ts) and wait for its answer.
+import { addEkOptions, ekChoice, openWithEk, type EkFlags } from './ek.js';
+import type { EkCode } from '../manager/wire.js';
 import type { Command } from 'commander';
 import fs from 'node:fs';
 import { resolve } from 'node:path';
@@ -23,6 +25,8 @@ export interface QemuAttachOptions {
   /** Hand the control socket to this user (name or uid): the one QEMU runs as (libvirt: libvirt-qemu). */
   owner?: string;
   timeoutMs?: number;
+  /** EK certificates of a new VM's TPM (`--ek-profile`, `--no-ek-cert`); absent: the manager's default. */
+  ek?: EkCode;
   /** The backend captures the VM's TPM traffic to this pcapng file (docs/observability.md), at most pcapMaxMb MiB. */
   pcap?: string;
   pcapMaxMb?: number;
@@ -68,6 +72,7 @@ export async function qemuAttach(o: QemuAttachOptions): Promise<number> {
   const rd = new RunDir(o.run);
   const h = rd.readHost();
   const mgrLogFrom = fileSize(rd.log('manager'));
+  if (o.ek !== undefined) await openWithEk(h, rd.log('manager'), o.vm.toLowerCase(), version, o.ek);
   const xs = await connect(h.xenstoredSocket);
   try {
     const uuid = o.vm.toLowerCase();
@@ -158,7 +163,7 @@ export async function qemuDetach(o: { run: string; vm?: string; ctrl?: string; t
 
 export function register(program: Command): void {
   const qemu = program.command('qemu').description('swtpm-compatible vTPM endpoints for QEMU guests (-tpmdev emulator)');
-  qemu
+  const attach = qemu
     .command('attach')
     .description("serve the VM's vTPM on a UNIX control socket for QEMU; returns once it listens")
     .requiredOption('--run <dir>', 'run directory of the host')
@@ -168,22 +173,24 @@ export function register(program: Command): void {
     .option('--incoming', "local live migration's destination: takes the VM's vTPM over from its current endpoint when QEMU runs here")
     .option('--owner <user>', 'hand the socket to the user QEMU runs as (libvirt on Debian: libvirt-qemu)')
     .option('--pcap <file>', 'the backend writes the VM\'s TPM commands (TCP port 2321) to FILE (pcapng)')
-    .option('--pcap-max-mb <n>', 'stop capturing at N MiB (default 100)', (v) => Number(v))
-    .action(
-      async (o: { run: string; vm: string; ctrl: string; tpmVersion: string; incoming?: boolean; owner?: string; pcap?: string; pcapMaxMb?: number }) => {
-        const n = await qemuAttach({
-          run: o.run,
-          vm: o.vm,
-          ctrl: o.ctrl,
-          version: o.tpmVersion as '2.0' | '1.2',
-          incoming: o.incoming === true,
-          ...(o.owner !== undefined ? { owner: o.owner } : {}),
-          ...(o.pcap !== undefined ? { pcap: o.pcap } : {}),
-          ...(o.pcapMaxMb !== undefined ? { pcapMaxMb: o.pcapMaxMb } : {}),
-        });
-        console.log(`VM ${o.vm}: vTPM ${o.incoming ? 'incoming endpoint ' : ''}listening on ${resolve(o.ctrl)} (node ${n})`);
-      },
-    );
+    .option('--pcap-max-mb <n>', 'stop capturing at N MiB (default 100)', (v) => Number(v));
+  addEkOptions(attach).action(
+    async (o: { run: string; vm: string; ctrl: string; tpmVersion: string; incoming?: boolean; owner?: string; pcap?: string; pcapMaxMb?: number } & EkFlags) => {
+      const version = o.tpmVersion as '2.0' | '1.2';
+      const n = await qemuAttach({
+        run: o.run,
+        vm: o.vm,
+        ctrl: o.ctrl,
+        version,
+        ek: ekChoice(o, version),
+        incoming: o.incoming === true,
+        ...(o.owner !== undefined ? { owner: o.owner } : {}),
+        ...(o.pcap !== undefined ? { pcap: o.pcap } : {}),
+        ...(o.pcapMaxMb !== undefined ? { pcapMaxMb: o.pcapMaxMb } : {}),
+      });
+      console.log(`VM ${o.vm}: vTPM ${o.incoming ? 'incoming endpoint ' : ''}listening on ${resolve(o.ctrl)} (node ${n})`);
+    },
+  );
   qemu
     .command('detach')
     .description("close the VM's QEMU endpoints (or the one on --ctrl) and release its vTPM (state stays at the manager)")
