@@ -40,21 +40,37 @@ interface Loaded {
 /** A request that put the TPM in failure mode after others of its group ran: roll those back and redo. */
 class Rollback extends Error {}
 
+/** A vTPM dom0 opened at the manager for a stub domain (docs/multi-vm.md, stubdom): the one this provider serves. */
+export interface OpenedVtpm {
+  instance: number;
+  created: boolean;
+  vm: string;
+}
+
+export class StubdomVtpmError extends Error {
+  readonly code = 'OTHER_VM';
+}
+
 export class InProcessVtpms implements VtpmProvider, QemuVtpmProvider {
   readonly #host: TpmHost;
   readonly #mgr: ManagerClient;
   readonly #log: (l: string) => void;
   readonly #loaded = new Map<number, Loaded>();
+  /** Set in a stub domain: OPEN and CLOSE are dom0's (console ordinals); this is the one vTPM served. */
+  readonly #opened: OpenedVtpm | undefined;
 
-  constructor(host: TpmHost, mgr: ManagerClient, log: (l: string) => void) {
+  constructor(host: TpmHost, mgr: ManagerClient, log: (l: string) => void, opened?: OpenedVtpm) {
     this.#host = host;
     this.#mgr = mgr;
     this.#log = log;
+    this.#opened = opened;
   }
 
   async open(vmUuid: string, version: '2.0' | '1.2', resume: boolean): Promise<VtpmTarget & { instance: number }> {
+    const o = this.#opened;
+    if (o && vmUuid.toLowerCase() !== o.vm) throw new StubdomVtpmError(`this vTPM domain holds the vTPM of VM ${o.vm}, not ${vmUuid}`);
     // A manager being restarted (killed, crashed) is unreachable for a moment: wait for it.
-    const { instance, created } = await whileManagerDown(() => this.#mgr.open({ vmUuid, version }), this.#log);
+    const { instance, created } = o ?? (await whileManagerDown(() => this.#mgr.open({ vmUuid, version }), this.#log));
     let inst = this.#host.get(instance);
     if (!inst || inst.status === 'destroyed') {
       // A fresh attach boots the vTPM (the guest sends Startup); only a resume keeps volatile state.
@@ -192,6 +208,7 @@ export class InProcessVtpms implements VtpmProvider, QemuVtpmProvider {
     if (inst && inst.status === 'running' && !clean) await inst.saveVolatile().catch((e: unknown) => this.#log(`save volatile of ${instance}: ${(e as Error).message}`));
     await this.#host.destroy(instance);
     this.#loaded.delete(instance);
+    if (this.#opened) return;
     await this.#mgr.close(instance).catch((e: unknown) => this.#log(`manager CLOSE ${instance}: ${(e as Error).message}`));
   }
 }

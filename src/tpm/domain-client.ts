@@ -29,6 +29,8 @@ export interface DomainStartOptions {
   /** More descriptors the domain inherits, after the hypercall connection (fds 4, 5, …); close yours in `onSpawned`. */
   inheritFds?: number[];
   onSpawned?: () => void;
+  /** Node options before the entry script (V8 heap limits for a lean domain, docs/multi-vm.md). */
+  nodeFlags?: string[];
 }
 
 /** Turns `node argv…` into the command that runs it as the domain (a privilege-dropping wrapper). */
@@ -111,7 +113,7 @@ export class VtpmDomain extends EventEmitter implements TpmEndpoint {
   /** Spawn `node domain-main.js …` and wait for its READY. */
   static async start(opts: DomainStartOptions): Promise<VtpmDomain> {
     const argv = opts.entry
-      ? [opts.entry.script, ...opts.entry.args]
+      ? [...(opts.nodeFlags ?? []), opts.entry.script, ...opts.entry.args]
       : [MAIN, '--instance', String(opts.instance), '--domid', String(opts.domid), '--tpm-version', opts.version, '--state-dir', opts.stateDir];
     const l = opts.launch ? opts.launch(opts.domid, process.execPath, argv) : { file: process.execPath, args: argv };
     let child: ChildProcess;
