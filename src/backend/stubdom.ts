@@ -60,6 +60,10 @@ interface Stubdom {
   domid: number;
   domain: VtpmDomain | null;
   crashes: number[];
+  /** Incarnations started: each attaches a manager pair of its own name (the dead one's FIFOs stay until removed). */
+  incarnation: number;
+  /** The manager pair's FIFOs of the running incarnation. */
+  pairFiles: string[];
   stopping: boolean;
   /** The start or restart under way. */
   booting: Promise<void>;
@@ -145,7 +149,7 @@ export class StubdomLifecycle {
     // guest's device names it as its backend.
     const domid = prior !== undefined && /^[0-9]+$/.test(prior) && !this.#domids.has(Number(prior)) ? Number(prior) : await this.#allocDomid();
     this.#domids.add(domid);
-    const d: Stubdom = { key, fe, devid, vm: uuid, version, instance, domid, domain: null, crashes: [], stopping: false, booting: Promise.resolve() };
+    const d: Stubdom = { key, fe, devid, vm: uuid, version, instance, domid, domain: null, crashes: [], incarnation: 0, pairFiles: [], stopping: false, booting: Promise.resolve() };
     this.#doms.set(key, d);
     try {
       await this.#o.xs.introduce(domid);
@@ -185,8 +189,10 @@ export class StubdomLifecycle {
       pair?.writer.destroy();
     };
     try {
+      this.#removePair(d);
       if (this.#o.launch) {
-        pair = await connectPair(this.#o.managerRunDir, { name: `vtpm-stubdom-${d.domid}`, bind: d.instance });
+        pair = await connectPair(this.#o.managerRunDir, { name: `vtpm-stubdom-${d.domid}-${d.incarnation++}`, bind: d.instance });
+        d.pairFiles = pair.files;
         fds = pairDescriptors(pair);
       }
       const hvFd = await createDomainConnection({ domid: d.domid, dir: this.#o.xenDir });
@@ -229,6 +235,7 @@ export class StubdomLifecycle {
     d.domain = null;
     this.restarts++;
     fs.rmSync(join(this.#o.registerDir, `dom${d.domid}.json`), { force: true });
+    this.#removePair(d);
     this.#o.log(`stub domain ${d.domid} (instance ${d.instance}, pid ${dead.pid}) died (code ${ex.code}, signal ${ex.signal})`);
     const now = Date.now();
     const window = this.#o.restartWindowMs ?? 60_000;
@@ -261,7 +268,14 @@ export class StubdomLifecycle {
     this.#o.log(`stub domain ${d.domid} (instance ${d.instance}) stopped`);
   }
 
+  /** A dead incarnation's FIFOs: the manager dropped the pair when the domain's ends closed. */
+  #removePair(d: Stubdom): void {
+    for (const f of d.pairFiles) fs.rmSync(f, { force: true });
+    d.pairFiles = [];
+  }
+
   async #release(d: Stubdom): Promise<void> {
+    this.#removePair(d);
     fs.rmSync(join(this.#o.registerDir, `dom${d.domid}.json`), { force: true });
     // Its xenstore home, its socket and every node it owns go with the domain, as xenstored does.
     if (await this.#o.xs.isDomainIntroduced(d.domid).catch(() => false)) await this.#o.xs.release(d.domid).catch(() => undefined);
