@@ -7,9 +7,14 @@
 // (paused, so libuv never reads from it). The worker owns a dup() of each socket, so closing the Node
 // side and removing the registration may happen in either order.
 import './koffi-config.js';
-import koffi from 'koffi';
-import { Worker, MessageChannel, receiveMessageOnPort, type MessagePort } from 'node:worker_threads';
+import koffi from './koffi.js';
+import type { Worker, MessagePort } from 'node:worker_threads';
+import { createRequire } from 'node:module';
 import { EventEmitter } from 'node:events';
+
+// worker_threads only where the reader thread runs (QEMU control connections): every other process,
+// guests and vTPM domains among them, uses this file for its descriptor calls alone.
+const threads = (): typeof import('node:worker_threads') => createRequire(import.meta.url)('node:worker_threads') as typeof import('node:worker_threads');
 
 const libc = koffi.load('libc.so.6');
 const c_malloc = libc.func('void *malloc(size_t size)');
@@ -134,6 +139,7 @@ type FromWorker =
   | { id: number; eof: true; error?: string };
 
 export function workerMain(wakeFd: number, port: MessagePort): void {
+  const { receiveMessageOnPort } = threads();
   const scratch = new Scratch(CTL_TOTAL);
   const pollMem = new Scratch(8 * (MAX_SOCKETS + 1));
   const wakeBuf = new Scratch(64);
@@ -231,6 +237,7 @@ export class RightsReader {
     if ((c_pipe2(pipe.ptr, O_CLOEXEC | O_NONBLOCK) as number) !== 0) throw new Error(`pipe2 failed (errno ${errno()})`);
     const wakeR = pipe.view.getInt32(0, true);
     this.#wakeW = pipe.view.getInt32(4, true);
+    const { Worker, MessageChannel } = threads();
     const { port1, port2 } = new MessageChannel();
     this.#port = port1;
     this.#worker = new Worker(new URL('./unix-rights-worker.js', import.meta.url), {
