@@ -20,6 +20,7 @@ import { connectPair, pairDescriptors, type ClientPair } from '../manager/fifo-c
 import { VtpmDomain, type DomainLaunch } from '../tpm/domain-client.js';
 import type { VtpmProvider } from './device.js';
 import type { VtpmTarget } from './target.js';
+import { domainNodeFlags } from './domain-flags.js';
 
 const here = dirname(fileURLToPath(import.meta.url));
 /** The domain entry point; from source (tests) use the build in dist/. */
@@ -174,6 +175,7 @@ export class MultiVmVtpms implements VtpmProvider {
         version: slot.version,
         stateDir: '',
         ...(this.#o.launch ? { launch: this.#o.launch, inheritFds: fds, onSpawned: release } : {}),
+        nodeFlags: domainNodeFlags(),
         entry: {
           script: VTPM_DOMAIN_MAIN,
           args: [

@@ -22,9 +22,10 @@ import { ManagerClient } from '../manager/client.js';
 import { inheritedPair } from '../manager/fifo-client.js';
 import { TpmHost } from '../tpm/host.js';
 import { DomainMsg, FrameReader, encodeFrame, encodeJson, type DomainHealth, type Frame } from '../tpm/domain-protocol.js';
-import { BackendDevice } from './device.js';
+import { BackendDevice, type VtpmProvider } from './device.js';
 import { InProcessVtpms } from './single-vm.js';
 import { escapeLogLine } from '../util/log-escape.js';
+import { collectAfterStartup } from '../util/heap.js';
 
 export interface StubdomArgs {
   instance: number;
@@ -118,7 +119,16 @@ export async function stubdomMain(a: StubdomArgs): Promise<number> {
     xs = await connect(a.xsSocket);
     // The instance dom0 opened is the only vTPM here: no OPEN/CLOSE from this domain (they are the
     // console's), and a device naming another VM is refused by the provider.
-    const vtpms = new InProcessVtpms(host, mgr, log, { instance: a.instance, created: a.created, vm: a.vm });
+    const inProcess = new InProcessVtpms(host, mgr, log, { instance: a.instance, created: a.created, vm: a.vm });
+    // The TPM loads when the guest connects: collect what loading it left behind once it runs.
+    const vtpms: VtpmProvider = {
+      open: async (vm, version, resume) => {
+        const t = await inProcess.open(vm, version, resume);
+        collectAfterStartup();
+        return t;
+      },
+      release: (instance) => inProcess.release(instance),
+    };
     const dev = vtpmDevice(a.frontDomid, a.devid, a.domid);
     const conn = xs;
     let starting: Promise<void> | null = null;
@@ -160,6 +170,7 @@ export async function stubdomMain(a: StubdomArgs): Promise<number> {
       rssKiB: Math.round(process.memoryUsage.rss() / 1024),
       uptimeMs: Date.now() - started,
     });
+    collectAfterStartup();
     return await control(
       async (f) => {
         switch (f.type) {

@@ -20,6 +20,7 @@ import type { TpmInstance } from '../tpm/instance.js';
 import { RingChannel } from './ring-channel.js';
 import type { VtpmTarget } from './target.js';
 import { escapeLogLine } from '../util/log-escape.js';
+import { collectAfterStartup } from '../util/heap.js';
 
 export interface RingDomainArgs {
   instance: number;
@@ -113,6 +114,7 @@ export async function ringDomainMain(a: RingDomainArgs): Promise<number> {
         fs.writeFileSync(`${regFile}.tmp`, JSON.stringify(entry) + '\n');
         fs.renameSync(`${regFile}.tmp`, regFile);
       }
+      collectAfterStartup();
     };
     // Alone in this process, a constant-time command run inline delays no other guest, and saves the
     // thread-pool round trip that would otherwise dominate GetRandom / PCR_Extend.
