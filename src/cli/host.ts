@@ -9,11 +9,15 @@ import { stopProcess, tailFile } from './spawn.js';
 import { DAEMON_ROLES, isDaemonRole, restartDaemon, startRole, type DaemonRole } from './restart.js';
 import { CliError } from './errors.js';
 import { decideIsolation, describe, domainProcesses, parseUidBase, processUid, secureHost, type Isolation, type IsolationMode } from './isolation.js';
+import { claimUidRange, releaseUidRange } from './uid-claims.js';
 
 export interface HostUpOptions {
   /** auto (default): per-domain uids when root can have them, none otherwise (docs/isolation.md). */
   isolation?: 'auto' | IsolationMode;
-  /** dom<N> runs as uid uidBase + N; default VTPM_UID_BASE or 0x40000000. */
+  /**
+   * dom<N> runs as uid uidBase + N. Given, the range must be free (another live host's overlapping
+   * range is refused); left out, the first free range from VTPM_UID_BASE or 0x40000000 on is taken.
+   */
   uidBase?: number;
   /** Progress lines (what was recovered or restarted). */
   report?: (line: string) => void;
@@ -84,6 +88,7 @@ export async function hostUp(runDir: string, stateDir: string, mode: HostMode, o
   // Parents as the umask makes them; the run dir's own mode is set by secureHost once the isolation is known.
   fs.mkdirSync(rd.dir, { recursive: true });
   h.isolation = decideIsolation(opts.isolation ?? 'auto', rd.dir, opts.uidBase ?? parseUidBase(process.env.VTPM_UID_BASE));
+  if (h.isolation.mode === 'uid') h.isolation.uidBase = claimUidRange(rd.dir, h.isolation.uidBase, opts.uidBase !== undefined);
   for (const d of [h.stateDir, h.domainSocketDir, h.managerRunDir, rd.logDir, rd.guestDir]) fs.mkdirSync(d, { recursive: true, mode: 0o700 });
   fs.rmSync(h.xenDir, { recursive: true, force: true });
   fs.mkdirSync(h.xenDir, { recursive: true, mode: 0o700 });
@@ -94,6 +99,7 @@ export async function hostUp(runDir: string, stateDir: string, mode: HostMode, o
   } catch (err) {
     for (const p of [...h.processes].reverse()) await stopProcess(p.pid, 5000);
     fs.rmSync(rd.hostJson, { force: true });
+    if (h.isolation.mode === 'uid') releaseUidRange(rd.dir, h.isolation.uidBase);
     throw err;
   }
 }
@@ -119,6 +125,7 @@ export async function hostDown(runDir: string): Promise<void> {
   // What a crashed daemon left (FIFOs, sockets, domain memory) goes too: the next `host up` starts clean.
   clearDeadHost(rd, h);
   fs.rmSync(rd.hostJson, { force: true });
+  if (h.isolation?.mode === 'uid') releaseUidRange(rd.dir, h.isolation.uidBase);
 }
 
 export type ProcessState = 'running' | 'suspended' | 'dead';
@@ -210,12 +217,12 @@ export function register(program: Command): void {
     .requiredOption('--state <dir>', 'state directory of the manager (sealed vTPM state, VM table, keys)')
     .option('--mode <mode>', 'single (vTPMs in the backend), multi (one vTPM-domain process each behind dom0\'s backend) or stubdom (each vTPM domain is its guest\'s backend, Xen 4.x)', 'single')
     .option('--isolation <how>', 'uid (each guest and vTPM domain under its own uid; root only), none, or auto: uid when possible', 'auto')
-    .option('--uid-base <n>', 'dom<N> runs as uid/gid BASE+N (default VTPM_UID_BASE or 1073741824)')
+    .option('--uid-base <n>', 'dom<N> runs as uid/gid BASE+N; refused if another live host holds an overlapping range (default: the first free range from VTPM_UID_BASE or 1073741824 on)')
     .action(async (o: { run: string; state: string; mode: string; isolation: string; uidBase?: string }) => {
       if (o.isolation !== 'auto' && o.isolation !== 'uid' && o.isolation !== 'none') throw new CliError('USAGE', `--isolation must be auto, uid or none, not ${o.isolation}`);
       const h = await hostUp(o.run, o.state, parseMode(o.mode), {
         isolation: o.isolation,
-        uidBase: parseUidBase(o.uidBase ?? process.env.VTPM_UID_BASE),
+        ...(o.uidBase !== undefined ? { uidBase: parseUidBase(o.uidBase) } : {}),
         report: (l) => console.log(l),
       });
       for (const p of h.processes) console.log(`${p.role.padEnd(10)} dom${p.domid} pid ${p.pid}`);

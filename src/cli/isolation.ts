@@ -26,10 +26,12 @@ const MAX_DOMID = 0x7fef;
 const VTPM_DOMAIN_GROUP = 0x7ff0;
 /** Group of guests: the directory of guest records they rewrite when they suspend. */
 const GUEST_GROUP = 0x7ff1;
+/** The uids one host hands out: its domids and its two groups (src/cli/uid-claims.ts keeps hosts apart). */
+export const UID_RANGE = 0x8000;
 
 export class IsolationError extends Error {
   constructor(
-    readonly code: 'NOT_ROOT' | 'NO_SETPRIV' | 'UNREACHABLE' | 'BAD_BASE' | 'BAD_DOMID',
+    readonly code: 'NOT_ROOT' | 'NO_SETPRIV' | 'UNREACHABLE' | 'BAD_BASE' | 'BAD_DOMID' | 'UID_RANGE_TAKEN',
     message: string,
   ) {
     super(message);
@@ -40,7 +42,7 @@ export class IsolationError extends Error {
 export function parseUidBase(v: string | undefined): number {
   if (v === undefined || v === '') return DEFAULT_UID_BASE;
   const n = Number(v);
-  if (!Number.isInteger(n) || n < 1000 || n + 0x7fff > 0x7fffffff) throw new IsolationError('BAD_BASE', `uid base ${v}: want an integer in 1000..${0x7fffffff - 0x7fff}`);
+  if (!Number.isInteger(n) || n < 1000 || n + UID_RANGE - 1 > 0x7fffffff) throw new IsolationError('BAD_BASE', `uid base ${v}: want an integer in 1000..${0x7fffffff - UID_RANGE + 1}`);
   return n;
 }
 

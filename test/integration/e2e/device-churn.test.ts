@@ -3,20 +3,15 @@
 // which the next scan would pick up as a device, finish, and re-create again: one more each time, for
 // ever. Found by `npm run fuzz`, whose guests come back as new devices after each cut-off.
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { execFile } from 'node:child_process';
 import fs from 'node:fs';
 import { join } from 'node:path';
-import { promisify } from 'node:util';
 import { setTimeout as sleep } from 'node:timers/promises';
-import { ROOT } from '../../helpers/child.js';
+import { vtpm } from '../../helpers/host.js';
 import { XsClient } from '../../../src/xenstore/client.js';
 import { readState, XenbusState } from '../../../src/xenstore/xenbus.js';
 import { removeDeviceDirectories, writeDeviceDirectories } from '../../../src/xenstore/xenbus-toolstack.js';
 import { tempDir, removeDir } from '../../helpers/temp.js';
 
-const run = promisify(execFile);
-const cli = join(ROOT, 'dist/src/cli/main.js');
-const vtpm = (...args: string[]) => run(process.execPath, [cli, ...args], { env: { ...process.env, VTPM_NO_SETUP: '1' } });
 
 const work = tempDir('churn');
 const runDir = join(work, 'run');

@@ -2,37 +2,20 @@
 // alone (its backend device to Closing, the reason in xenstore's error/ node and the backend log),
 // while the good guests keep running tpm2-tools and the backend process never restarts.
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { execFile } from 'node:child_process';
 import { randomUUID } from 'node:crypto';
 import fs from 'node:fs';
 import { join } from 'node:path';
-import { promisify } from 'node:util';
-import { setTimeout as sleep } from 'node:timers/promises';
-import { ROOT } from '../../helpers/child.js';
-import { freePortPair } from '../../../src/cli/ports.js';
+import { attachGoodGuests, run, until, vtpm, type GoodGuest } from '../../helpers/host.js';
 import { tempDir, removeDir } from '../../helpers/temp.js';
 
-const run = promisify(execFile);
-const cli = join(ROOT, 'dist/src/cli/main.js');
-const vtpm = (...args: string[]) => run(process.execPath, [cli, ...args], { env: { ...process.env, VTPM_NO_SETUP: '1' } });
 
 const work = tempDir('hostile');
 const runDir = join(work, 'run');
-const good: Array<{ domid: number; port: number }> = [];
+let good: GoodGuest[] = [];
 let backendPid = 0;
 
 const xsRead = async (path: string): Promise<string> =>
   (await run('xenstore-read', [path], { env: { ...process.env, XENSTORED_PATH: join(runDir, 'xenstored.sock') } })).stdout.trim();
-
-async function until<T>(f: () => Promise<T | undefined>, what: string, ms = 15_000): Promise<T> {
-  const deadline = Date.now() + ms;
-  for (;;) {
-    const v = await f().catch(() => undefined);
-    if (v !== undefined) return v;
-    if (Date.now() > deadline) throw new Error(`timed out waiting for ${what}`);
-    await sleep(50);
-  }
-}
 
 async function goodGuestsWork(): Promise<void> {
   await Promise.all(
@@ -50,15 +33,7 @@ beforeAll(async () => {
   await vtpm('host', 'up', '--run', runDir, '--state', join(work, 'state'));
   const status = JSON.parse((await vtpm('host', 'status', '--run', runDir, '--json')).stdout) as { processes: Array<{ role: string; pid: number }> };
   backendPid = status.processes.find((p) => p.role === 'backend')!.pid;
-  for (const [domid, protocol] of [
-    [1, 'v2'],
-    [2, 'ring'],
-  ] as const) {
-    const port = await freePortPair();
-    await vtpm('guest', 'attach', '--run', runDir, '--domid', String(domid), '--vm', randomUUID(), '--protocol', protocol, '--tcti-port', String(port));
-    await run('tpm2_startup', ['-c'], { env: { ...process.env, TPM2TOOLS_TCTI: `swtpm:host=127.0.0.1,port=${port}` } });
-    good.push({ domid, port });
-  }
+  good = await attachGoodGuests(runDir);
 });
 
 afterAll(async () => {

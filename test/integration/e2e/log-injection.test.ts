@@ -2,22 +2,16 @@
 // and terminal escape sequences is cut off with exactly one backend log line that names it and shows
 // its bytes escaped; no line of the log is the guest's, and a good guest next to it keeps working.
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { execFile } from 'node:child_process';
 import { randomUUID } from 'node:crypto';
 import fs from 'node:fs';
 import { join } from 'node:path';
-import { promisify } from 'node:util';
-import { setTimeout as sleep } from 'node:timers/promises';
-import { ROOT } from '../../helpers/child.js';
+import { run, until, vtpm } from '../../helpers/host.js';
 import { freePortPair } from '../../../src/cli/ports.js';
 import { XsClient } from '../../../src/xenstore/client.js';
 import { readState, XenbusState } from '../../../src/xenstore/xenbus.js';
 import { writeDeviceDirectories } from '../../../src/xenstore/xenbus-toolstack.js';
 import { tempDir, removeDir } from '../../helpers/temp.js';
 
-const run = promisify(execFile);
-const cli = join(ROOT, 'dist/src/cli/main.js');
-const vtpm = (...args: string[]) => run(process.execPath, [cli, ...args], { env: { ...process.env, VTPM_NO_SETUP: '1' } });
 
 const work = tempDir('loginj');
 const runDir = join(work, 'run');
@@ -25,16 +19,6 @@ let goodPort = 0;
 let dom0: XsClient;
 
 const backendLog = (): string => fs.readFileSync(join(runDir, 'logs', 'backend.log'), 'utf8');
-
-async function until<T>(f: () => Promise<T | undefined>, what: string, ms = 15_000): Promise<T> {
-  const deadline = Date.now() + ms;
-  for (;;) {
-    const v = await f().catch(() => undefined);
-    if (v !== undefined) return v;
-    if (Date.now() > deadline) throw new Error(`timed out waiting for ${what}`);
-    await sleep(50);
-  }
-}
 
 beforeAll(async () => {
   await vtpm('host', 'up', '--run', runDir, '--state', join(work, 'state'));

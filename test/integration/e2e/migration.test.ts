@@ -2,20 +2,15 @@
 // an NV index and a persistent key written with tpm2-tools on host A are read back on host B after
 // `vtpm migrate key|out|in`, and host A's manager refuses the VM from then on.
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { execFile } from 'node:child_process';
 import { randomBytes, randomUUID } from 'node:crypto';
 import fs from 'node:fs';
 import { join } from 'node:path';
-import { promisify } from 'node:util';
-import { ROOT } from '../../helpers/child.js';
+import { run, vtpm } from '../../helpers/host.js';
 import { freePortPair } from '../../../src/cli/ports.js';
 import { ManagerClient } from '../../../src/manager/client.js';
 import { Status } from '../../../src/manager/wire.js';
 import { tempDir, removeDir } from '../../helpers/temp.js';
 
-const run = promisify(execFile);
-const cli = join(ROOT, 'dist/src/cli/main.js');
-const vtpm = (...args: string[]) => run(process.execPath, [cli, ...args], { env: { ...process.env, VTPM_NO_SETUP: '1' } });
 
 const work = tempDir('e2e-mig');
 const hosts = { a: { run: join(work, 'a-run'), state: join(work, 'a-state') }, b: { run: join(work, 'b-run'), state: join(work, 'b-state') } };

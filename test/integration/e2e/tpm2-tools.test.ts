@@ -2,19 +2,13 @@
 // 16 guest processes attached over both transports, each running tpm2-tools through its TCTI bridge;
 // then `host down` + `host up` and the NV indices and persistent keys are still there.
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { execFile } from 'node:child_process';
 import { randomUUID } from 'node:crypto';
-import fs from 'node:fs';
 import { join } from 'node:path';
-import { promisify } from 'node:util';
-import { ROOT } from '../../helpers/child.js';
+import { run, vtpm } from '../../helpers/host.js';
 import { freePortPair } from '../../../src/cli/ports.js';
-import { parseScriptOutput, scriptPcrModel } from './guest-script.js';
+import { expectGuestScripts } from './guest-script.js';
 import { tempDir, removeDir } from '../../helpers/temp.js';
 
-const run = promisify(execFile);
-const cli = join(ROOT, 'dist/src/cli/main.js');
-const vtpm = (...args: string[]) => run(process.execPath, [cli, ...args], { env: { ...process.env, VTPM_NO_SETUP: '1' } });
 
 const work = tempDir('e2e');
 const runDir = join(work, 'run');
@@ -47,27 +41,7 @@ describe('tpm2-tools through guest frontends', () => {
     }
     const status = JSON.parse((await vtpm('host', 'status', '--run', runDir, '--json')).stdout) as { processes: Array<{ role: string; domid: number }> };
     expect(status.processes.filter((p) => p.role === 'guest').map((p) => p.domid).sort((a, b) => a - b)).toEqual(guests.map((g) => g.domid));
-    const results = await Promise.all(
-      guests.map(async (g) => {
-        const w = join(work, `dom${g.domid}`);
-        fs.mkdirSync(w);
-        const { stdout } = await run('bash', [join(ROOT, 'test/integration/e2e/guest-script.sh'), w, `dom${g.domid}`], {
-          env: { ...process.env, TPM2TOOLS_TCTI: `swtpm:host=127.0.0.1,port=${g.port}` },
-        });
-        return parseScriptOutput(stdout);
-      }),
-    );
-    const model = scriptPcrModel();
-    results.forEach((r, i) => {
-      const d = guests[i]!.domid;
-      expect(r.random).toMatch(/^[0-9a-f]{32}$/);
-      expect(r.pcr16).toBe(model);
-      expect(r.load).toBe('ok');
-      expect(r.quote).toBe('verified');
-      expect(r.nv).toBe(`hello from dom${d}`);
-      expect(r.unsealed).toBe(`disk-key-dom${d}`);
-      expect(r.done).toBe('1');
-    });
+    await expectGuestScripts(work, guests);
   }, 400_000);
 
   it('keeps NV indices and persistent keys across host down + host up', async () => {

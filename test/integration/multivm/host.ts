@@ -1,15 +1,12 @@
 // Shared bits of the multi-VM tests: the CLI, host status, and a persistent client of a guest's TCTI
 // data port (raw TPM commands, responses framed by their own header size) that times every command.
-import { execFile } from 'node:child_process';
 import fs from 'node:fs';
 import { join } from 'node:path';
-import { promisify } from 'node:util';
-import { ROOT } from '../../helpers/child.js';
 import { TpmClient } from '../../helpers/tpm-client.js';
 
-export const run = promisify(execFile);
-const cli = join(ROOT, 'dist/src/cli/main.js');
-export const vtpm = (...args: string[]) => run(process.execPath, [cli, ...args], { env: { ...process.env, VTPM_NO_SETUP: '1' } });
+import { vtpm } from '../../helpers/host.js';
+
+export { run, tcti, vtpm } from '../../helpers/host.js';
 
 export interface Proc {
   role: string;
@@ -24,7 +21,6 @@ export async function status(runDir: string): Promise<{ mode: string; processes:
   return JSON.parse((await vtpm('host', 'status', '--run', runDir, '--json')).stdout) as { mode: string; processes: Proc[] };
 }
 
-export const tcti = (port: number) => ({ ...process.env, TPM2TOOLS_TCTI: `swtpm:host=127.0.0.1,port=${port}` });
 
 /** One TCP connection to a TCTI bridge's data port; one command at a time. */
 export class DataClient {

@@ -6,11 +6,10 @@ import { afterAll, beforeAll, beforeEach, describe, expect, it, onTestFailed } f
 import { randomUUID } from 'node:crypto';
 import fs from 'node:fs';
 import { join } from 'node:path';
-import { ROOT } from '../../helpers/child.js';
 import { freePortPair } from '../../../src/cli/ports.js';
 import { alive } from '../../../src/cli/rundir.js';
 import { dumpLogs, run, status, tcti, vtpm } from './host.js';
-import { parseScriptOutput, scriptPcrModel } from '../e2e/guest-script.js';
+import { expectGuestScripts } from '../e2e/guest-script.js';
 import { tempDir, removeDir } from '../../helpers/temp.js';
 
 const work = tempDir('multivm-e2e');
@@ -63,25 +62,7 @@ describe('tpm2-tools in multi-VM mode', () => {
       expect(d.pid).not.toBe(backend.pid);
       expect(typeof d.instance).toBe('number');
     }
-    const results = await Promise.all(
-      guests.map(async (g) => {
-        const w = join(work, `dom${g.domid}`);
-        fs.mkdirSync(w);
-        const { stdout } = await run('bash', [join(ROOT, 'test/integration/e2e/guest-script.sh'), w, `dom${g.domid}`], { env: tcti(g.port) });
-        return parseScriptOutput(stdout);
-      }),
-    );
-    const model = scriptPcrModel();
-    results.forEach((r, i) => {
-      const d = guests[i]!.domid;
-      expect(r.random).toMatch(/^[0-9a-f]{32}$/);
-      expect(r.pcr16).toBe(model);
-      expect(r.load).toBe('ok');
-      expect(r.quote).toBe('verified');
-      expect(r.nv).toBe(`hello from dom${d}`);
-      expect(r.unsealed).toBe(`disk-key-dom${d}`);
-      expect(r.done).toBe('1');
-    });
+    await expectGuestScripts(work, guests);
   });
 
   it('stops every vTPM domain on guest detach and on host down', async () => {
