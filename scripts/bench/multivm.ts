@@ -41,7 +41,7 @@ interface Result {
 const pssKiB = (pid: number): number => smapsRollup(pid).pssKiB;
 
 /** A host in `mode` with `n` guests in this process; GetRandom round trips and dom0 PSS per guest. */
-async function measureHost(mode: 'single' | 'multi' | 'stubdom', n: number, samples: number, ctx: BenchContext): Promise<Result> {
+async function measureHost(mode: 'single' | 'multi' | 'stubdom', n: number, samples: number, ctx: BenchContext, protocol: 'ring' | 'v2' = 'ring'): Promise<Result> {
   const work = mkdtempSync(join(tmpdir(), `vtpm-bench-${mode}-`));
   const runDir = join(work, 'run');
   const h = await hostUp(runDir, join(work, 'state'), mode);
@@ -57,7 +57,7 @@ async function measureHost(mode: 'single' | 'multi' | 'stubdom', n: number, samp
       const dev = await writeDeviceDirectories(admin, { frontDomid: i, backDomid: back, uuid: vm, devid: 0, extra: { backend: { 'tpm-version': '2.0' } } });
       const dom = await Domain.create({ domid: i, dir: h.xenDir });
       const xs = await connect(join(h.domainSocketDir, `dom${i}.sock`));
-      const front = await TpmFront.connect({ xs, dom, protocol: 'ring', timeoutMs: 30_000 });
+      const front = await TpmFront.connect({ xs, dom, protocol, timeoutMs: 30_000 });
       await front.transmit(tpm2.startup(tpm2.TPM_SU_CLEAR));
       guests.push({ dom, xs, front, dev });
     }
@@ -78,7 +78,7 @@ async function measureHost(mode: 'single' | 'multi' | 'stubdom', n: number, samp
       if (doms.length !== n) throw new Error(`expected ${n} vTPM domains, found ${doms.length}`);
       for (const f of doms) pss += pssKiB((JSON.parse(readFileSync(join(dir, f), 'utf8')) as { pid: number }).pid);
     }
-    ctx.log(`${mode}: ${n} guests, GetRandom p50 ${median(rtt).toFixed(1)} µs, dom0 PSS ${(pss / 1024).toFixed(1)} MiB`);
+    ctx.log(`${mode} (${protocol}): ${n} guests, GetRandom p50 ${median(rtt).toFixed(1)} µs, dom0 PSS ${(pss / 1024).toFixed(1)} MiB`);
     return { rttP50Us: median(rtt), rttP99Us: percentile(rtt, 99), pssPerGuestMiB: pss / 1024 / n };
   } finally {
     for (const g of guests) {
@@ -132,6 +132,7 @@ export async function run(ctx: BenchContext): Promise<Figure[]> {
   const single = await measureHost('single', n, samples, ctx);
   const multi = await measureHost('multi', n, samples, ctx);
   const stub = await measureHost('stubdom', n, samples, ctx);
+  const stubV2 = await measureHost('stubdom', n, samples, ctx, 'v2');
   const sw = await measureSwtpm(n, samples, ctx);
   const peer = `swtpm socket ×${n}, UNIX data socket`;
   return [
@@ -139,6 +140,7 @@ export async function run(ctx: BenchContext): Promise<Figure[]> {
     { id: 'getrandom_rtt_p50_single', unit: 'µs', ours: single.rttP50Us, peer: sw.rttP50Us, note: peer },
     { id: 'getrandom_rtt_p50_multi_vs_single', unit: 'µs', ours: multi.rttP50Us, peer: single.rttP50Us, note: 'our single-VM mode' },
     { id: 'getrandom_rtt_p50_stubdom', unit: 'µs', ours: stub.rttP50Us, peer: sw.rttP50Us, note: peer },
+    { id: 'getrandom_rtt_p50_stubdom_v2', unit: 'µs', ours: stubV2.rttP50Us, peer: sw.rttP50Us, note: `${peer} (ours: v2 page, no request ids)` },
     { id: 'getrandom_rtt_p99_stubdom', unit: 'µs', ours: stub.rttP99Us, peer: sw.rttP99Us, note: peer },
     { id: 'getrandom_rtt_p99_multi', unit: 'µs', ours: multi.rttP99Us, peer: sw.rttP99Us, note: peer },
     { id: 'pss_per_guest_multi', unit: 'MiB', ours: multi.pssPerGuestMiB, peer: sw.pssPerGuestMiB, note: `${n} swtpm processes` },
