@@ -17,6 +17,7 @@ import { createDomainConnection, domainExists } from '../xen/index.js';
 import type { XsClient, XsWatch } from '../xenstore/client.js';
 import type { ManagerClient } from '../manager/client.js';
 import { connectPair, pairDescriptors, type ClientPair } from '../manager/fifo-client.js';
+import { CLIENTS_DIR } from '../manager/fifo.js';
 import { VtpmDomain, type DomainLaunch } from '../tpm/domain-client.js';
 import { FIRST_VTPM_DOMID } from './multi-vm.js';
 
@@ -191,7 +192,10 @@ export class StubdomLifecycle {
     try {
       this.#removePair(d);
       if (this.#o.launch) {
-        pair = await connectPair(this.#o.managerRunDir, { name: `vtpm-stubdom-${d.domid}-${d.incarnation++}`, bind: d.instance });
+        const name = `vtpm-stubdom-${d.domid}-${d.incarnation++}`;
+        // A backend that died left its domains' FIFOs under the names its successor counts through again.
+        for (const end of ['req', 'rsp']) fs.rmSync(join(this.#o.managerRunDir, CLIENTS_DIR, `${name}.${end}.fifo`), { force: true });
+        pair = await connectPair(this.#o.managerRunDir, { name, bind: d.instance });
         d.pairFiles = pair.files;
         fds = pairDescriptors(pair);
       }

@@ -1,7 +1,7 @@
 // `host up --mode stubdom`: each guest's vTPM domain is its device's backend (Xen 4.x layout). A real
 // host under per-domain uids with three guests (v2, ring, v2) on tpm2-tools' TCTI: where the device
 // lives and who may touch it, suspend/resume, kill -9 of one domain (only its guest sees a failure
-// answer, then a fresh TPM; the others stay under the 2 s bound), detach.
+// answer, then a fresh TPM; the others stay under the 2 s bound), detach, and dom0's backend dying.
 import { afterAll, beforeAll, beforeEach, describe, expect, it, onTestFailed } from 'vitest';
 import { randomUUID } from 'node:crypto';
 import fs from 'node:fs';
@@ -221,3 +221,40 @@ describe('detach', () => {
     expect(fs.existsSync(join(runDir, 'xs', `dom${d.domid}.sock`))).toBe(false);
   });
 });
+
+describe('kill -9 of dom0\'s backend', () => {
+  it('takes its stub domains with it; the restarted backend starts them again under the same domids and the guests are served', async () => {
+    const before = (await status(runDir)).processes.filter((p) => p.role === 'vtpm-domain' && p.alive);
+    expect(before).toHaveLength(2);
+    const backend = (await status(runDir)).processes.find((p) => p.role === 'backend')!;
+    process.kill(backend.pid, 'SIGKILL');
+    // Their control pipe closed: each domain stops (state durable) rather than serve without a toolstack.
+    const deadline = Date.now() + 10_000;
+    while (before.some((d) => isAlive(d.pid)) && Date.now() < deadline) await sleep(50);
+    expect(before.filter((d) => isAlive(d.pid))).toEqual([]);
+    await vtpm('host', 'up', '--run', runDir, '--state', join(work, 'state'));
+    for (const g of guests.slice(0, 2)) {
+      const c = await DataClient.connect(g.port);
+      try {
+        // The guest reconnects once its domain is back. A v2 command caught on the dead page is answered
+        // TPM_RC_FAILURE (the page has no ids to resubmit by); a ring command waits and runs once.
+        let r = await c.transmit(tpm2.getRandom(8), 30_000);
+        if (g.protocol === 'v2' && rc(r) === 0x101) r = await c.transmit(tpm2.getRandom(8), 30_000);
+        expect(rc(r), `dom${g.domid}'s answer`).toBe(0);
+      } finally {
+        c.close();
+      }
+      const d = await domainOf(g.vm);
+      expect(d).toMatchObject({ domid: before.find((p) => p.vm === g.vm)!.domid, alive: true });
+    }
+  });
+});
+
+function isAlive(pid: number): boolean {
+  try {
+    process.kill(pid, 0);
+    return true;
+  } catch {
+    return false;
+  }
+}
