@@ -72,7 +72,7 @@ interface Stubdom {
 
 export class StubdomError extends Error {
   constructor(
-    readonly code: 'BAD_NODE' | 'NO_DOMID' | 'GIVEN_UP',
+    readonly code: 'BAD_NODE' | 'NO_DOMID',
     message: string,
   ) {
     super(message);
@@ -105,11 +105,6 @@ export class StubdomLifecycle {
       l.#chain = l.#chain.then(() => l.#scan()).catch((err: unknown) => o.log(`stubdom scan: ${(err as Error).message}`));
     });
     return l;
-  }
-
-  /** Running domains: who serves whom. */
-  domains(): Array<{ fe: number; devid: number; vm: string; instance: number; domid: number; pid: number }> {
-    return [...this.#doms.values()].filter((d) => d.domain?.alive).map((d) => ({ fe: d.fe, devid: d.devid, vm: d.vm, instance: d.instance, domid: d.domid, pid: d.domain!.pid }));
   }
 
   async #scan(): Promise<void> {

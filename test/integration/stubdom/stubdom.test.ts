@@ -116,6 +116,36 @@ describe('stub-domain layout', () => {
   });
 });
 
+describe('the lifecycle request', () => {
+  it('refuses a request whose uuid or tpm-version is bad: the reason in error, state 6, no domain started', async () => {
+    const xs = await connect(join(runDir, 'xenstored.sock'));
+    try {
+      const cases = [
+        { fe: 60, uuid: 'not-a-uuid\u0007', version: '2.0', why: /uuid is not a lower-case UUID/ },
+        { fe: 61, uuid: randomUUID(), version: '3.0', why: /tpm-version must be 2.0 or 1.2/ },
+      ];
+      const before = (await status(runDir)).processes.filter((p) => p.role === 'vtpm-domain').length;
+      for (const c of cases) {
+        const node = `/local/domain/0/backend/vtpm-stubdom/${c.fe}/0`;
+        await xs.transaction(async (tx) => {
+          await xs.write(`${node}/uuid`, c.uuid, tx);
+          await xs.write(`${node}/tpm-version`, c.version, tx);
+          await xs.write(`${node}/state`, '1', tx);
+        });
+        const deadline = Date.now() + 10_000;
+        while ((await xs.tryRead(`${node}/state`)) !== '6' && Date.now() < deadline) await sleep(20);
+        expect(await xs.tryRead(`${node}/state`)).toBe('6');
+        expect(await xs.tryRead(`${node}/error`)).toMatch(c.why);
+        expect(await xs.tryRead(`${node}/domid`)).toBeUndefined();
+        await xs.rm(`/local/domain/0/backend/vtpm-stubdom/${c.fe}`);
+      }
+      expect((await status(runDir)).processes.filter((p) => p.role === 'vtpm-domain')).toHaveLength(before);
+    } finally {
+      await xs.close();
+    }
+  });
+});
+
 describe('suspend and resume', () => {
   it('keeps the vTPM (PCRs, request ids) across a ring guest\'s suspend; the same domain serves the new ring', async () => {
     const g = guests[1]!;
