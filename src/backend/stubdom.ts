@@ -143,7 +143,14 @@ export class StubdomLifecycle {
     const { instance, created } = await this.#o.mgr.open({ vmUuid: uuid, version });
     // A node that names a domid already (a backend restarted under a running host) keeps it: the
     // guest's device names it as its backend.
-    const domid = prior !== undefined && /^[0-9]+$/.test(prior) && !this.#domids.has(Number(prior)) ? Number(prior) : await this.#allocDomid();
+    const named = prior !== undefined && /^[0-9]{1,5}$/.test(prior) ? Number(prior) : -1;
+    let domid: number;
+    try {
+      domid = named >= FIRST_VTPM_DOMID && named <= LAST_DOMID && !this.#domids.has(named) ? named : await this.#allocDomid();
+    } catch (err) {
+      await this.#o.mgr.close(instance).catch(() => undefined);
+      throw err;
+    }
     this.#domids.add(domid);
     const d: Stubdom = { key, fe, devid, vm: uuid, version, instance, domid, domain: null, crashes: [], incarnation: 0, pairFiles: [], stopping: false, booting: Promise.resolve() };
     this.#doms.set(key, d);
@@ -156,10 +163,17 @@ export class StubdomLifecycle {
       await this.#release(d);
       throw err;
     }
-    await this.#o.xs.transaction(async (tx) => {
+    // The toolstack may have given up meanwhile (its node gone): a write would re-create the node.
+    const answered = await this.#o.xs.transaction(async (tx) => {
+      if (!(await this.#o.xs.exists(node, tx))) return false;
       await this.#o.xs.write(`${node}/domid`, String(domid), tx);
       await this.#o.xs.write(`${node}/state`, String(StubdomNodeState.CONNECTED), tx);
+      return true;
     });
+    if (!answered) {
+      await this.#stop(d);
+      return;
+    }
     this.#o.log(`vTPM instance ${instance} (${version}) ${created ? 'created' : 'loaded'} for VM ${uuid} in stub domain ${domid} (pid ${d.domain?.pid}), backend of dom${fe} device ${devid}`);
   }
 
