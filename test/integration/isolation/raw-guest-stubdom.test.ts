@@ -2,10 +2,11 @@
 // what the guest writes. It moves what that backend reads while it reads it (double fetch) on the v2
 // page and on the ring; the stub domain validates a private copy, answers within the guest's pages or
 // cuts the guest off alone with one escaped log line, and the other guests keep being served within 2 s.
+// The probe: nothing of dom0, of the other guests or of any stub domain (its own included) is reachable.
 import { beforeAll, describe, expect, it } from 'vitest';
 import fs from 'node:fs';
 import { join } from 'node:path';
-import { isolatedSuite, runRawGuest, type IsolatedHost, type Outcome } from './harness.js';
+import { isolatedSuite, runRawGuest, vtpmDomains, type IsolatedHost, type Outcome } from './harness.js';
 
 const suite = isolatedSuite('stubdom');
 let host: IsolatedHost;
@@ -72,6 +73,20 @@ describe('a raw guest changing what its vTPM stub domain reads (double fetch)', 
     expect(rounds.map((o) => o.outcome)).toEqual(['refused']);
     cutOffAlone(34, rounds);
     expect(lines(34).join('\n')).toMatch(/dom34: cut off: bogus ring requests: req_prod \d+ (moved back behind req_cons|is \d+ past rsp_prod_pvt)/);
+    await suite.othersUnharmed();
+  });
+});
+
+describe('a raw guest on a stub-domain host', () => {
+  it('cannot read, list, connect to, write or signal anything of dom0, the other guests or any vTPM stub domain', async () => {
+    const probe = await runRawGuest(host, 35, 'probe');
+    expect(probe.find((o) => o.case === 'own-xenstore')?.outcome).toBe('reached');
+    const cases = probe.filter((o) => !['own-xenstore', 'done'].includes(o.case));
+    expect(cases.length).toBeGreaterThan(40);
+    expect(vtpmDomains(host).length).toBeGreaterThanOrEqual(2);
+    expect(cases.filter((o) => /\(vtpm-domain dom\d+\)$/.test(o.target ?? '')).length).toBeGreaterThanOrEqual(8);
+    const show = (o: Outcome): string => `${o.case} ${o.target}: ${o.outcome}${o.code ? ` (${o.code})` : ''}`;
+    expect(cases.filter((o) => o.outcome !== 'refused').map(show)).toEqual([]);
     await suite.othersUnharmed();
   });
 });
