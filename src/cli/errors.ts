@@ -40,6 +40,7 @@ function meaning(ordinal: number, status: number, what: string): string {
       break;
     case Ord.OPEN:
       if (param) return `${what} cannot be opened: it was migrated out of this manager (its state stays frozen here until deleted) or is already open`;
+      if (policy) return `${what} is held by another host sharing this etcd store: detach it there (or wait for that host's lease to expire)`;
       break;
   }
   if (status === Status.FAIL || status === Status.IOERROR) return 'the manager failed to carry out the request (a storage error?)';

@@ -8,6 +8,7 @@ import { NoHostError, RunDir, alive, type HostInfo, type HostMode, type ProcessE
 import { stopProcess, tailFile } from './spawn.js';
 import { DAEMON_ROLES, isDaemonRole, restartDaemon, startRole, type DaemonRole } from './restart.js';
 import { CliError } from './errors.js';
+import { addStoreOptions, parseStoreFlags, type StoreFlags } from './store-flags.js';
 import { decideIsolation, describe, domainProcesses, parseUidBase, processUid, secureHost, type Isolation, type IsolationMode } from './isolation.js';
 import { claimUidRange, releaseUidRange } from './uid-claims.js';
 
@@ -21,6 +22,8 @@ export interface HostUpOptions {
   uidBase?: number;
   /** Progress lines (what was recovered or restarted). */
   report?: (line: string) => void;
+  /** The manager's state in etcd (docs/cluster.md). */
+  store?: StoreFlags;
 }
 
 function readHostIfAny(rd: RunDir): HostInfo | null {
@@ -83,6 +86,7 @@ export async function hostUp(runDir: string, stateDir: string, mode: HostMode, o
     fs.rmSync(rd.hostJson, { force: true });
   }
   const h = rd.plan(stateDir, mode);
+  if (opts.store) h.store = opts.store;
   // No host.json: whatever a host without one left here is stale too.
   if (!old && fs.existsSync(rd.dir)) for (const f of clearDeadHost(rd, h)) report(`removed ${f} (left by a dead host)`);
   // Parents as the umask makes them; the run dir's own mode is set by secureHost once the isolation is known.
@@ -210,25 +214,28 @@ const parseMode = (m: string): HostMode => {
 
 export function register(program: Command): void {
   const host = program.command('host').description('start, stop, restart and inspect the dom0 processes of a host');
-  host
+  const up = host
     .command('up')
     .description('start the hypervisor, xenstored, the manager and the backend as separate processes; returns when all are ready. Recovers a run directory a crash left behind and restarts daemons that died')
     .requiredOption('--run <dir>', 'run directory (sockets, FIFOs, logs, host.json)')
     .requiredOption('--state <dir>', 'state directory of the manager (sealed vTPM state, VM table, keys)')
     .option('--mode <mode>', 'single (vTPMs in the backend), multi (one vTPM-domain process each behind dom0\'s backend) or stubdom (each vTPM domain is its guest\'s backend, Xen 4.x)', 'single')
     .option('--isolation <how>', 'uid (each guest and vTPM domain under its own uid; root only), none, or auto: uid when possible', 'auto')
-    .option('--uid-base <n>', 'dom<N> runs as uid/gid BASE+N; refused if another live host holds an overlapping range (default: the first free range from VTPM_UID_BASE or 1073741824 on)')
-    .action(async (o: { run: string; state: string; mode: string; isolation: string; uidBase?: string }) => {
+    .option('--uid-base <n>', 'dom<N> runs as uid/gid BASE+N; refused if another live host holds an overlapping range (default: the first free range from VTPM_UID_BASE or 1073741824 on)');
+  addStoreOptions(up).action(
+    async (o: { run: string; state: string; mode: string; isolation: string; uidBase?: string; store?: string; masterKey?: string; leaseTtl?: string }) => {
       if (o.isolation !== 'auto' && o.isolation !== 'uid' && o.isolation !== 'none') throw new CliError('USAGE', `--isolation must be auto, uid or none, not ${o.isolation}`);
       const h = await hostUp(o.run, o.state, parseMode(o.mode), {
         isolation: o.isolation,
         ...(o.uidBase !== undefined ? { uidBase: parseUidBase(o.uidBase) } : {}),
         report: (l) => console.log(l),
+        store: parseStoreFlags(o),
       });
       for (const p of h.processes) console.log(`${p.role.padEnd(10)} dom${p.domid} pid ${p.pid}`);
       console.log(`isolation: ${describe(h.isolation)}`);
-      console.log(`host up in ${h.runDir} (${h.mode === 'stubdom' ? 'stub-domain' : `${h.mode}-VM`} mode)`);
-    });
+      console.log(`host up in ${h.runDir} (${h.mode === 'stubdom' ? 'stub-domain' : `${h.mode}-VM`} mode${h.store ? `, state in ${h.store.url}` : ''})`);
+    },
+  );
   host
     .command('down')
     .description('stop guests, backend, manager, xenstored and the hypervisor cleanly (vTPM state saved)')

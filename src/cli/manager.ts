@@ -1,11 +1,14 @@
 // `vtpm manager --state DIR --run DIR [--seal-to-tpm TCTI]`: the vTPM manager daemon in the foreground.
 import type { Command } from 'commander';
+import os from 'node:os';
+import { resolve } from 'node:path';
 import { ManagerDaemon } from '../manager/daemon.js';
 import { DEFAULT_SEAL_PCRS } from '../manager/seal.js';
 import { onStop } from './lifecycle.js';
+import { addStoreOptions, parseStoreFlags } from './store-flags.js';
 
 export function register(program: Command): void {
-  program
+  const cmd = program
     .command('manager')
     .description('run the vTPM manager: VM table, sealed crash-safe vTPM state, Xen 3.x FIFO protocol')
     .requiredOption('--state <dir>', 'state directory (master key, VM table, sealed blobs)')
@@ -15,14 +18,26 @@ export function register(program: Command): void {
     .option('--log-bytes <n>', 'size of the write-ahead log; a full log makes the next commit a checkpoint', (v) => Number(v))
     .option('--append <mode>', 'log appends on the event loop (sync) or the threadpool (async)', 'sync')
     .option('--client-stall-ms <ms>', 'cut off a client whose replies sit unread this long (default 30000)', (v) => Number(v))
-    .action(async (o: { state: string; run: string; sealToTpm?: string; sealPcrs: string; logBytes?: number; append: string; clientStallMs?: number }) => {
+    .option('--host-name <name>', 'with --store: this host\'s name in its claims on VMs, unique in the cluster (default HOSTNAME:RUN)');
+  addStoreOptions(cmd).action(
+    async (o: { state: string; run: string; sealToTpm?: string; sealPcrs: string; logBytes?: number; append: string; clientStallMs?: number; hostName?: string; store?: string; masterKey?: string; leaseTtl?: string }) => {
+      const store = parseStoreFlags(o);
+      if (store && o.sealToTpm) throw new Error('--seal-to-tpm seals a local key file; with --store every host shares --master-key');
       if (o.append !== 'sync' && o.append !== 'async') throw new Error(`--append takes sync or async, not ${o.append}`);
       if (o.logBytes !== undefined && !(Number.isInteger(o.logBytes) && o.logBytes >= 4096)) throw new Error('--log-bytes takes an integer of at least 4096');
       if (o.clientStallMs !== undefined && !(Number.isInteger(o.clientStallMs) && o.clientStallMs >= 100)) throw new Error('--client-stall-ms takes an integer of at least 100');
       if (!process.env.UV_THREADPOOL_SIZE)
         process.stderr.write('vtpm-manager: UV_THREADPOOL_SIZE is unset: a group commit will run only 4 fdatasyncs at a time (scripts/vtpm sets 64)\n');
-      const d = await ManagerDaemon.start({ stateDir: o.state, runDir: o.run, sealToTpm: o.sealToTpm, sealPcrs: o.sealPcrs, logBytes: o.logBytes, append: o.append, clientQueue: o.clientStallMs === undefined ? undefined : { stallMs: o.clientStallMs } });
+      const etcd = store && {
+        url: store.url,
+        masterKey: store.masterKey,
+        leaseTtl: store.leaseTtl,
+        host: o.hostName ?? `${os.hostname()}:${resolve(o.run)}`,
+        tls: store.etcdCa ? { ca: store.etcdCa, cert: store.etcdCert, key: store.etcdKey } : undefined,
+      };
+      const d = await ManagerDaemon.start({ stateDir: o.state, runDir: o.run, sealToTpm: o.sealToTpm, sealPcrs: o.sealPcrs, logBytes: o.logBytes, append: o.append, clientQueue: o.clientStallMs === undefined ? undefined : { stallMs: o.clientStallMs }, etcd });
       onStop(() => d.stop());
       process.stderr.write('vtpm-manager: ready\n');
-    });
+    },
+  );
 }

@@ -10,6 +10,7 @@ import { secureHost } from './isolation.js';
 import { engineEnv } from '../tpm/threadpool.js';
 import { CliError } from './errors.js';
 import { hypervisorSocket } from '../xen/hypercall.js';
+import { storeArgs } from './store-flags.js';
 
 /** The daemons a host needs, in start order (stopped in reverse). */
 export const DAEMON_ROLES = ['hypervisor', 'xenstored', 'manager', 'backend'] as const;
@@ -58,7 +59,7 @@ export async function startRole(rd: RunDir, h: HostInfo, role: DaemonRole): Prom
     entry = { role, domid: 0, pid: s.pid, socket: h.xenstoredSocket };
   } else if (role === 'manager') {
     // libuv reads its pool size at start: the manager fsyncs a whole group commit in parallel there.
-    const s = await startDaemon(['manager', '--state', h.stateDir, '--run', h.managerRunDir], rd.log('manager'), /vtpm-manager: ready/, { ...env, UV_THREADPOOL_SIZE: '64' });
+    const s = await startDaemon(['manager', '--state', h.stateDir, '--run', h.managerRunDir, ...storeArgs(h.store)], rd.log('manager'), /vtpm-manager: ready/, { ...env, UV_THREADPOOL_SIZE: '64' });
     entry = { role, domid: 0, pid: s.pid, run: h.managerRunDir };
   } else {
     // The backend reads host.json to find the others: write what is up so far first.

@@ -4,6 +4,7 @@ import fs from 'node:fs';
 import { createHash } from 'node:crypto';
 import { join, resolve } from 'node:path';
 import type { Isolation } from './isolation.js';
+import type { StoreFlags } from './store-flags.js';
 
 export interface ProcessEntry {
   role: 'hypervisor' | 'xenstored' | 'manager' | 'backend' | 'guest' | 'vtpm-domain';
@@ -27,6 +28,8 @@ export interface HostInfo {
   processes: ProcessEntry[];
   /** Absent in host.json written before isolation existed: read as `none`. */
   isolation?: Isolation;
+  /** The manager's etcd store (--store …); absent: the local store in stateDir. */
+  store?: StoreFlags;
 }
 
 export interface GuestInfo {

@@ -10,11 +10,14 @@ import path from 'node:path';
 import { processAlive } from '../util/proc.js';
 import { STATE_KINDS, type StateKind } from '../tpm/state-store.js';
 import { ClientChannel, FifoServer, type QueueLimits } from './fifo.js';
-import { DEFAULT_SEAL_PCRS, SealError, Sealer, loadKeyFile, loadTpmSealedKey } from './seal.js';
+import { DEFAULT_SEAL_PCRS, SealError, Sealer, loadKeyFile, loadTpmSealedKey, readMasterKeyFile } from './seal.js';
 import { StoreError } from './store-meta.js';
 import { DirOps } from './store-ops.js';
 import { GroupCommitStore } from './store.js';
-import { MigType, VmTable, VmTableError, legacyUuid, type VmRecord } from './vm-table.js';
+import { EtcdStore } from './etcd-store.js';
+import { EtcdStoreError, type EtcdTls } from './etcd-claims.js';
+import type { VtpmStore } from './vm-store.js';
+import { MAX_INSTANCE, MigType, VmTable, VmTableError, legacyUuid, type VmRecord } from './vm-table.js';
 import { MIGRATION_STATUS, MigrationHandlers } from './migration-handlers.js';
 import { MigrationError, emptyMigrationRecord, migrationRecordFrom, type MigrationRecord } from './migration.js';
 import { Refusal, type Reply } from './refusal.js';
@@ -45,6 +48,11 @@ export interface ManagerOptions {
   /** Write-ahead log size and append mode (store.ts StoreOptions). */
   logBytes?: number;
   append?: 'sync' | 'async';
+  /**
+   * State in an etcd cluster instead of stateDir (docs/cluster.md): every host of it shares the
+   * master key file; stateDir then holds only the pid file.
+   */
+  etcd?: { url: string; masterKey: string; leaseTtl: number; host: string; tls?: EtcdTls };
   /** Bounds on replies a client leaves unread before it is cut off (fifo.ts QueueLimits). */
   clientQueue?: Partial<QueueLimits>;
   log?: (line: string) => void;
@@ -72,7 +80,9 @@ const CONSOLE_UNPRIVILEGED: readonly number[] = [Ord.GET_MIG_KEY, Ord.LOAD_MIG_K
 export class ManagerDaemon {
   #server!: FifoServer;
   #table!: VmTable;
-  #store!: GroupCommitStore;
+  #store!: VtpmStore;
+  /** The cluster store when the state is in etcd: claims on OPEN, release on CLOSE. */
+  #cluster: EtcdStore | null = null;
   #sealer!: Sealer;
   #migration: MigrationRecord = emptyMigrationRecord();
   #mig!: MigrationHandlers;
@@ -90,7 +100,7 @@ export class ManagerDaemon {
     return d;
   }
 
-  get store(): GroupCommitStore {
+  get store(): VtpmStore {
     return this.#store;
   }
 
@@ -100,16 +110,37 @@ export class ManagerDaemon {
     fs.mkdirSync(runDir, { recursive: true, mode: 0o700 });
     this.#claimPidFile(runDir);
     this.#claimPidFile(stateDir);
-    const { key, created } = this.opts.sealToTpm
-      ? loadTpmSealedKey(stateDir, { tcti: this.opts.sealToTpm, pcrs: this.opts.sealPcrs ?? DEFAULT_SEAL_PCRS })
-      : loadKeyFile(stateDir);
-    this.#log(`${created ? 'created' : 'loaded'} master key (${this.opts.sealToTpm ? `sealed to ${this.opts.sealToTpm}` : 'key file'})`);
+    const etcd = this.opts.etcd;
+    const { key, created } = etcd
+      ? { key: readMasterKeyFile(etcd.masterKey), created: false }
+      : this.opts.sealToTpm
+        ? loadTpmSealedKey(stateDir, { tcti: this.opts.sealToTpm, pcrs: this.opts.sealPcrs ?? DEFAULT_SEAL_PCRS })
+        : loadKeyFile(stateDir);
+    this.#log(`${created ? 'created' : 'loaded'} master key (${etcd ? etcd.masterKey : this.opts.sealToTpm ? `sealed to ${this.opts.sealToTpm}` : 'key file'})`);
     this.#sealer = new Sealer(key);
-    const snapshot = (): unknown => ({ vms: this.#table.toJSON(), migration: this.#migration });
-    const { store, table } = await GroupCommitStore.open(new DirOps(stateDir), this.#sealer.metaKey(), snapshot, {
-      logBytes: this.opts.logBytes,
-      append: this.opts.append,
-    });
+    const snapshot = () => ({ vms: this.#table.toJSON(), migration: this.#migration });
+    let store: VtpmStore;
+    let table: unknown;
+    if (etcd) {
+      const o = await EtcdStore.open({
+        url: etcd.url,
+        tls: etcd.tls,
+        host: etcd.host,
+        ttlSeconds: etcd.leaseTtl,
+        metaKey: this.#sealer.metaKey(),
+        vm: (instance) => this.#table.byInstance(instance),
+        snapshot,
+        log: (l) => this.#log(l),
+      });
+      this.#cluster = o.store;
+      store = o.store;
+      table = o.table;
+    } else {
+      ({ store, table } = await GroupCommitStore.open(new DirOps(stateDir), this.#sealer.metaKey(), snapshot, {
+        logBytes: this.opts.logBytes,
+        append: this.opts.append,
+      }));
+    }
     this.#store = store;
     const { vms, migration } = splitTable(table);
     this.#table = VmTable.fromJSON(vms);
@@ -122,13 +153,13 @@ export class ManagerDaemon {
       log: (l) => this.#log(l),
       loadPlain: (vm, kind) => this.#loadPlain(vm, kind),
     });
-    if (store.stats.replayed > 0) this.#log(`replayed ${store.stats.replayed} log records (then: ${store.replayStop})`);
+    if (store instanceof GroupCommitStore && store.stats.replayed > 0) this.#log(`replayed ${store.stats.replayed} log records (then: ${store.replayStop})`);
     this.#server = FifoServer.listen(runDir, this.opts.clientQueue);
     this.#server.on('console', (f) => this.#onConsole(f));
     this.#server.on('consoleError', (e) => this.#onConsoleError(e));
     this.#server.on('rendezvousError', (msg) => this.#log(`rendezvous: ${msg}`));
     this.#server.on('client', (ch) => this.#onClient(ch));
-    this.#log(`serving ${this.#table.size} vTPMs from ${stateDir} on ${runDir}`);
+    this.#log(`serving ${this.#table.size} vTPMs from ${etcd ? `${etcd.url} as host "${etcd.host}"` : stateDir} on ${runDir}`);
   }
 
   /** One manager per run directory and per state directory: two would interleave commits. */
@@ -205,22 +236,29 @@ export class ManagerDaemon {
       case Ord.CLOSE: {
         const inst = decodeInstanceParam(f.params, 'CLOSE');
         if (this.#table.byInstance(inst)?.status === 'closed') throw new Refusal(Status.BAD_PARAMETER, `CLOSE of instance ${inst}, which is not open`);
-        this.#table.close(inst);
+        const closed = this.#table.close(inst);
         await this.#store.commitTable();
+        // Another host may take the VM from now on.
+        await this.#cluster?.claims.release(closed.vmUuid);
         this.#log(`closed instance ${inst}`);
         return { status: Status.SUCCESS };
       }
       case Ord.DELETE: {
         const inst = decodeInstanceParam(f.params, 'DELETE');
+        if (this.#cluster) return this.#deleteInCluster(this.#cluster, inst);
         const r = this.#table.delete(inst);
         await this.#store.remove(inst);
         this.#log(`deleted instance ${inst} (vm ${r.vmUuid}) and its state`);
         return { status: Status.SUCCESS };
       }
       case Ord.MIGRATE_IN:
-        return this.#mig.migrateIn(f);
       case Ord.MIGRATE_OUT:
-        return this.#mig.migrateOut(f);
+        if (this.#cluster)
+          throw new Refusal(
+            Status.BAD_ORDINAL,
+            `${ordinalName(f.code)} moves a vTPM between stores that share nothing; on ${this.#cluster.description} a VM moves by CLOSE on one host and OPEN on another`,
+          );
+        return f.code === Ord.MIGRATE_IN ? this.#mig.migrateIn(f) : this.#mig.migrateOut(f);
       case Ord.GET_MIG_KEY:
         return this.#mig.getMigKey(f);
       case Ord.LOAD_MIG_KEY:
@@ -240,17 +278,62 @@ export class ManagerDaemon {
     if (vmUuid === null) {
       // A Xen 3.x hotplug OPEN: no uuid, the instance number is the identity; instance 0 is Xen's dom0 DMI.
       if (p.instance === 0) throw new Refusal(Status.BAD_PARAMETER, 'a 7-byte (Xen) OPEN must name an instance');
+      if (this.#cluster) await this.#refreshTable(this.#cluster);
       const known = this.#table.byInstance(p.instance);
       // Xen refused to re-attach a connected DMI; our 24-byte OPEN resumes it (a restarted backend re-opens).
       if (known?.status === 'open') throw new Refusal(Status.BAD_PARAMETER, `instance ${p.instance} is already open (CLOSE it first)`);
       vmUuid = known?.vmUuid ?? legacyUuid(p.instance);
       version = known?.version ?? '1.2';
     }
-    const { record, created } = this.#table.open({ vmUuid, version: version!, instance: p.instance, vmType: p.vmType, startup: p.startup, migType: p.migType });
+    const instance = this.#cluster ? await this.#claimForOpen(this.#cluster, vmUuid, p.instance) : p.instance;
+    const { record, created } = this.#table.open({ vmUuid, version: version!, instance, vmType: p.vmType, startup: p.startup, migType: p.migType });
     await this.#store.commitTable();
     this.#log(`${created ? 'created' : 'resumed'} instance ${record.instance} for vm ${record.vmUuid} (TPM ${record.version})`);
     // A Xen-form request gets Xen's reply: the status alone (a hotplug script reads exactly 14 bytes).
     return xenForm ? { status: Status.SUCCESS } : { status: Status.SUCCESS, params: encodeOpenResult(record.instance, created) };
+  }
+
+  // ---- cluster (etcd store) ---------------------------------------------------------------
+
+  /** Other hosts add and change VMs: their records as etcd has them, ours as this host keeps them. */
+  async #refreshTable(cluster: EtcdStore): Promise<void> {
+    const fresh = await cluster.readTable();
+    this.#table.replace(fresh.map((r) => (cluster.claims.leaseOf(r.vmUuid) ? (this.#table.byUuid(r.vmUuid) ?? r) : r)));
+  }
+
+  /**
+   * OPEN on a cluster: claim the VM (refused while another host holds it), read the table as it is now,
+   * and for a new VM take an instance number no host has (instance numbers are cluster-wide).
+   */
+  async #claimForOpen(cluster: EtcdStore, vmUuid: string, want: number): Promise<number> {
+    await cluster.claims.claim(vmUuid);
+    await this.#refreshTable(cluster);
+    cluster.checkNotDamaged(vmUuid);
+    const known = this.#table.byUuid(vmUuid);
+    if (known) return known.instance;
+    if (want !== 0) {
+      this.#table.freeInstance(want);
+      if (await cluster.reserveInstance(want, vmUuid)) return want;
+      throw new Refusal(Status.BAD_PARAMETER, `instance ${want} is taken in ${cluster.description}`);
+    }
+    // The lowest number neither in the table nor reserved by a host that has not written its VM yet.
+    for (let n = 1, tries = 0; n <= MAX_INSTANCE && tries < 100; n++) {
+      if (this.#table.byInstance(n)) continue;
+      if (await cluster.reserveInstance(n, vmUuid)) return n;
+      tries++;
+    }
+    throw new Refusal(Status.RESOURCES, `no free instance number found in ${cluster.description}`);
+  }
+
+  async #deleteInCluster(cluster: EtcdStore, inst: number): Promise<Reply> {
+    await this.#refreshTable(cluster);
+    const r = this.#table.byInstance(inst);
+    if (!r) throw new Refusal(Status.BAD_PARAMETER, `DELETE of instance ${inst}, which is not there`);
+    await cluster.claims.claim(r.vmUuid);
+    await cluster.deleteVm(r.vmUuid, inst);
+    this.#table.delete(inst);
+    this.#log(`deleted instance ${inst} (vm ${r.vmUuid}) and its state from ${cluster.description}`);
+    return { status: Status.SUCCESS };
   }
 
   // ---- clients ---------------------------------------------------------------------------
@@ -349,7 +432,7 @@ export class ManagerDaemon {
       return this.#sealer.open({ instance: vm.instance, vmUuid: vm.vmUuid, kind, generation: got.generation }, got.data);
     } catch (err) {
       if (err instanceof SealError)
-        throw new Refusal(Status.DECRYPT_ERROR, `state file ${this.#store.ops.description}/i${vm.instance}.${kind}.g${got.generation}.blob refused: ${err.message}`);
+        throw new Refusal(Status.DECRYPT_ERROR, `state file ${this.#store.description}/i${vm.instance}.${kind}.g${got.generation}.blob refused: ${err.message}`);
       throw err;
     }
   }
@@ -365,6 +448,8 @@ export class ManagerDaemon {
       else if (err instanceof MigrationError) status = MIGRATION_STATUS[err.code];
       // A missing blob file must not read as "never stored" (IOERROR): a fresh TPM would replace the lost one.
       else if (err instanceof StoreError) status = err.code === 'IO' || err.code === 'MISSING_BLOB' ? Status.FAIL : Status.DECRYPT_ERROR;
+      // Held by another host: a policy refusal naming the holder. Fenced or etcd down: the request failed.
+      else if (err instanceof EtcdStoreError) status = err.code === 'HELD' ? Status.AUTHFAIL : err.code === 'FORMAT' || err.code === 'KEY_MISMATCH' ? Status.DECRYPT_ERROR : Status.FAIL;
       this.#log(`${who}: ${ordinalName(f.code)} on instance ${f.instance}: ${(err as Error).message}; answered ${STATUS_NAMES[status]}`);
       return { status };
     }

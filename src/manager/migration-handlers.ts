@@ -23,7 +23,7 @@ import {
 } from './migration.js';
 import { Refusal, type Reply } from './refusal.js';
 import type { Sealer } from './seal.js';
-import type { GroupCommitStore } from './store.js';
+import type { VtpmStore } from './vm-store.js';
 import { MigType, type VmRecord, type VmTable } from './vm-table.js';
 import { Startup, Status, encodeInstanceParam, type Frame, type StatusCode } from './wire.js';
 
@@ -37,7 +37,7 @@ export const MIGRATION_STATUS: Record<MigrationError['code'], StatusCode> = {
 
 export interface MigrationContext {
   table: VmTable;
-  store: GroupCommitStore;
+  store: VtpmStore;
   sealer: Sealer;
   /** The daemon's migration record, changed in place and committed with the table. */
   record: MigrationRecord;
@@ -49,7 +49,7 @@ export interface MigrationContext {
 /** The migration handlers of one manager; privilege checks stay with the daemon's dispatch. */
 export class MigrationHandlers {
   readonly table: VmTable;
-  readonly store: GroupCommitStore;
+  readonly store: VtpmStore;
   readonly sealer: Sealer;
   readonly record: MigrationRecord;
   readonly log: (line: string) => void;

@@ -192,6 +192,23 @@ export function loadKeyFile(stateDir: string): { key: Buffer; created: boolean }
   return { key, created: false };
 }
 
+/**
+ * A cluster's shared key file (`--master-key`): every host of one etcd store holds the same 32 bytes.
+ * Never created here (a host making its own would seal what no other host can open); same mode check.
+ */
+export function readMasterKeyFile(file: string): Buffer {
+  let st: fs.Stats;
+  try {
+    st = fs.statSync(file);
+  } catch {
+    throw new SealError('KEY_FILE', `${file}: no such master key file (make one with: head -c 32 /dev/urandom > ${file}; chmod 600 ${file})`);
+  }
+  if ((st.mode & 0o077) !== 0) throw new SealError('KEY_FILE', `${file} has mode ${(st.mode & 0o777).toString(8)}; it must be 0600`);
+  const key = fs.readFileSync(file);
+  if (key.length !== KEY_BYTES) throw new SealError('KEY_FILE', `${file} holds ${key.length} bytes, expected ${KEY_BYTES}`);
+  return key;
+}
+
 export interface TpmSealOptions {
   /** A tpm2-tools TCTI string, e.g. "swtpm:host=127.0.0.1,port=2321" or "device:/dev/tpmrm0". */
   tcti: string;

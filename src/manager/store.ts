@@ -25,6 +25,7 @@ import crypto from 'node:crypto';
 import { STATE_KINDS, type StateKind } from '../tpm/state-store.js';
 import { StoreError, blobKey, blobName, decodeMeta, encodeMeta, nameOf, type MetaRecord } from './store-meta.js';
 import type { StoreOps } from './store-ops.js';
+import type { VtpmStore } from './vm-store.js';
 import { DEFAULT_WAL_BYTES, encodeRecord, replay, walKey, type AppendLog, type WalRecord } from './wal.js';
 
 /** How long a commit waits for stragglers when the previous one was shared (see #gather). */
@@ -103,7 +104,7 @@ function expected(batch: readonly Op[], queue: readonly Op[]): number {
   return keys.size + other;
 }
 
-export class GroupCommitStore {
+export class GroupCommitStore implements VtpmStore {
   /** The last durable checkpoint: its blobs are the files on disk. */
   #ck: MetaRecord;
   /** The current state: the checkpoint plus every log record since. */
@@ -213,6 +214,10 @@ export class GroupCommitStore {
     const log = await ops.openLog(logBytes);
     const store = new GroupCommitStore(ops, macKey, snapshotTable, { ck: next, log, replayed, replayStop, append: opts.append ?? 'sync' });
     return { store, table: next.table };
+  }
+
+  get description(): string {
+    return this.ops.description;
   }
 
   /** The next generation (unique, increasing); the caller seals the blob under it, then save()s. */

@@ -77,6 +77,13 @@ export class VmTable {
     return new VmTable(x as VmRecord[]);
   }
 
+  /** Replaces every record (a cluster store's table, read again because other hosts change it). */
+  replace(records: VmRecord[]): void {
+    this.#byUuid.clear();
+    this.#byInstance.clear();
+    for (const r of records) this.#add(r);
+  }
+
   toJSON(): VmRecord[] {
     return [...this.#byInstance.values()].sort((a, b) => a.instance - b.instance);
   }

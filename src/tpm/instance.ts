@@ -336,7 +336,14 @@ export class TpmInstance extends EventEmitter implements TpmEndpoint {
       this.#status = 'off';
       this.#failure = null;
       this.#loadLibrary();
-      await this.#powerOn();
+      try {
+        await this.#powerOn();
+      } catch (err) {
+        // The store could not be read (manager or its store unreachable): still failed, so the next
+        // command tries again instead of meeting a TPM that stays off.
+        if (this.#status === 'off') this.#fail({ instance: this.instance, reason: 'store', message: (err as Error).message });
+        throw err;
+      }
     });
   }
 
