@@ -21,8 +21,9 @@ fi
 # Debian packages: libtpms is the TPM we run; the rest are the real clients and peers the tests and
 # benchmarks talk to (tpm2-tools, swtpm, xenstore-utils, QEMU with a kernel and busybox to boot);
 # strace lets the manager's tests see that a save is fsync'd before it is acknowledged.
+# prometheus (promtool) checks the metrics exposition; tshark decodes captures (docs/observability.md).
 pkgs=(libtpms0 tpm2-tools libtss2-tcti-swtpm0 swtpm swtpm-tools xenstore-utils qemu-system-x86
-      linux-image-amd64 busybox-static strace cpio etcd-server)
+      linux-image-amd64 busybox-static strace cpio etcd-server prometheus tshark)
 missing=()
 for p in "${pkgs[@]}"; do
   st=$(dpkg-query -W -f='${Status}' "$p" 2>/dev/null || true)

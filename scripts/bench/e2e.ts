@@ -108,9 +108,9 @@ export async function run(ctx: BenchContext): Promise<Figure[]> {
     xs0 = await connect(h.xenstoredSocket);
     const base = smapsRollup(backendPid);
 
-    const addGuest = async (domid: number, pollUs?: number): Promise<void> => {
+    const addGuest = async (domid: number, pollUs?: number, backendKeys: Record<string, string> = {}): Promise<void> => {
       await xs0!.introduce(domid);
-      await writeDeviceDirectories(xs0!, { frontDomid: domid, backDomid: 0, devid: 0, uuid: randomUUID(), extra: { backend: { 'tpm-version': '2.0' } } });
+      await writeDeviceDirectories(xs0!, { frontDomid: domid, backDomid: 0, devid: 0, uuid: randomUUID(), extra: { backend: { 'tpm-version': '2.0', ...backendKeys } } });
       const dom = await Domain.create({ domid, dir: h.xenDir, geometry: { nrPages: 40 } });
       const xs = await connect(join(h.domainSocketDir, `dom${domid}.sock`));
       const front = await TpmFront.connect({ xs, dom, protocol, timeoutMs: 60_000, pollUs });
@@ -150,6 +150,20 @@ export async function run(ctx: BenchContext): Promise<Figure[]> {
       rtt.ex[1]!.push(...(await latencies(peer, () => pcrExtend(16, randomBytes(32)), k)));
     }
     ctx.log(`GetRandom p50 ours ${median(rtt.gr[0]!).toFixed(1)} µs, swtpm ${median(rtt.gr[1]!).toFixed(1)} µs`);
+
+    // The cost of a capture (`guest attach --pcap`, docs/observability.md): a third guest whose backend
+    // writes every command, response and ring event to a pcapng file, against the first, interleaved.
+    await addGuest(3, undefined, { capture: join(work, 'capture.pcapng'), 'capture-max-mb': '1000' });
+    const captured: Client = guests[2]!.front;
+    await latencies(captured, () => GET_RANDOM_8, 300);
+    const cap = { plain: [] as number[], captured: [] as number[], plainEx: [] as number[], capturedEx: [] as number[] };
+    // Eight rounds, the order swapped every round: on a busy machine whoever goes second sees other load.
+    for (let round = 0; round < 8; round++) {
+      const pair = round % 2 ? ([captured, ours] as const) : ([ours, captured] as const);
+      for (const c of pair) (c === ours ? cap.plain : cap.captured).push(...(await latencies(c, () => GET_RANDOM_8, k / 2)));
+      for (const c of pair) (c === ours ? cap.plainEx : cap.capturedEx).push(...(await latencies(c, () => pcrExtend(16, randomBytes(32)), k / 2)));
+    }
+    ctx.log(`GetRandom p50 with a capture ${median(cap.captured).toFixed(1)} µs, without ${median(cap.plain).toFixed(1)} µs`);
     ctx.log(`PCR_Extend p50 ours ${median(rtt.ex[0]!).toFixed(1)} µs, swtpm ${median(rtt.ex[1]!).toFixed(1)} µs`);
 
     const figures: Figure[] = [
@@ -179,6 +193,11 @@ export async function run(ctx: BenchContext): Promise<Figure[]> {
         note: 'as above, frontend not polling',
       },
     ];
+
+    figures.push(
+      { id: `getrandom_rtt_p50_captured${sfx}`, unit: 'µs', ours: median(cap.captured), peer: median(cap.plain), note: 'ours with a --pcap capture vs ours without (same run); the capture may cost at most 10 %' },
+      { id: `extend_rtt_p50_captured${sfx}`, unit: 'µs', ours: median(cap.capturedEx), peer: median(cap.plainEx), note: 'as above, PCR_Extend' },
+    );
 
     for (const n of counts) {
       const t0 = Date.now();

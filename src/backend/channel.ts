@@ -4,6 +4,7 @@ import type { Domain } from '../xen/index.js';
 import type { VtpmTarget } from './target.js';
 import { V2Channel } from './v2-channel.js';
 import { RingChannel } from './ring-channel.js';
+import type { RingTap } from './capture.js';
 
 export interface ChannelOptions {
   frontDomid: number;
@@ -12,8 +13,10 @@ export interface ChannelOptions {
   /** event-channel: the frontend's unbound port. */
   port: number;
   target: VtpmTarget;
-  /** The frontend broke the protocol: the caller must cut it off (its device to Closing). */
-  onFatal: (reason: string) => void;
+  /** The frontend broke the protocol: the caller must cut it off (its device to Closing). `kind` names the violation (a metric label). */
+  onFatal: (reason: string, kind: string) => void;
+  /** Ring and page events, for a capture (docs/observability.md). */
+  tap?: RingTap;
   log?: (line: string) => void;
   /** Poll window after each answer in µs (default VTPM_POLL_US or 50; 0 = never poll). */
   pollUs?: number;

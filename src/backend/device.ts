@@ -9,6 +9,8 @@ import { XS_FEATURE_RING, XS_FEATURE_V2 } from '../xen/tpmif.js';
 import { openChannel, type Channel, type ChannelOptions } from './channel.js';
 import type { VtpmTarget } from './target.js';
 import { trace } from '../util/trace.js';
+import { DeviceObservation, observeTarget } from './observe.js';
+import type { XsCaptureRouter } from './capture.js';
 
 /** What a device needs from the backend process: the vTPM for a VM, opened at the manager. */
 export interface VtpmProvider {
@@ -26,6 +28,8 @@ export interface DeviceOptions {
   log: (line: string) => void;
   /** Called once the device is finished (frontend gone or toolstack removed it). */
   onGone: () => void;
+  /** Where a device's capture registers for its xenstore traffic (docs/observability.md). */
+  captures?: XsCaptureRouter;
 }
 
 /**
@@ -51,6 +55,9 @@ interface AttachKeys {
   uuid: string | undefined;
   version: string | undefined;
   resume: string | undefined;
+  /** `guest attach --pcap`: the capture file the toolstack asked for, and its bound in MiB. */
+  capture: string | undefined;
+  captureMaxMb: string | undefined;
 }
 
 /**
@@ -99,10 +106,13 @@ export class BackendDevice {
   #parked: NodeJS.Timeout | null = null;
   /** The VM this device holds (see `claims`), from its first attach until the device is gone. */
   #claimed: string | null = null;
+  /** Metrics of this guest, and its capture if the toolstack asked for one (docs/observability.md). */
+  readonly #obs: DeviceObservation;
 
   constructor(o: DeviceOptions) {
     this.#o = o;
     this.dev = o.dev;
+    this.#obs = new DeviceObservation(this, o.dev.frontDomid, o.dev.devid, o.log, o.captures);
   }
 
   get connected(): boolean {
@@ -124,6 +134,7 @@ export class BackendDevice {
       this.#o.log(`dom${this.dev.frontDomid}: recovering a connected device; waiting for the frontend to reconnect`);
     }
     await backendInitWait(this.#o.xs, this.dev, { [XS_FEATURE_V2]: '1', [XS_FEATURE_RING]: '1' });
+    this.#obs.show('InitWait');
     // The frontend's state is read when its step's turn comes, not when the event arrives (as Linux's
     // otherend_changed reads it): a step must never act on a state older than what an earlier step
     // already saw. A reconnecting frontend's Initialising read early but handled after we attached to
@@ -171,7 +182,9 @@ export class BackendDevice {
       xs.tryRead(`${backend}/uuid`),
       xs.tryRead(`${backend}/tpm-version`),
       xs.tryRead(`${backend}/resume`),
-    ]).then(([own, ringRef, eventChannel, protocolV2, ring, uuid, version, resume]) => ({ own, ringRef, eventChannel, protocolV2, ring, uuid, version, resume }));
+      xs.tryRead(`${backend}/capture`),
+      xs.tryRead(`${backend}/capture-max-mb`),
+    ]).then(([own, ringRef, eventChannel, protocolV2, ring, uuid, version, resume, capture, captureMaxMb]) => ({ own, ringRef, eventChannel, protocolV2, ring, uuid, version, resume, capture, captureMaxMb }));
   }
 
   async #onFrontend(s: XenbusState, pre: Promise<AttachKeys> | null = null): Promise<void> {
@@ -211,6 +224,7 @@ export class BackendDevice {
         // Suspend (or close): answer what is in flight before acknowledging, then make the vTPM's
         // volatile state durable, so a resumed guest finds both the answer and the state. (Closing
         // again when the toolstack already wrote it is harmless; Closed only follows a finish.)
+        this.#obs.closing();
         await this.#quiesce();
         trace('dev quiesced');
         if (!this.#closingSent) await switchState(this.#o.xs, this.dev.backend, XenbusState.Closing);
@@ -240,6 +254,7 @@ export class BackendDevice {
       this.#enqueue(async () => {
         try {
           if (!this.#channel || this.#gone || this.#closingSent) return resolve();
+          this.#obs.closing();
           await this.#quiesce();
           trace('dev quiesced (notice)');
           await switchState(this.#o.xs, this.dev.backend, XenbusState.Closing);
@@ -273,7 +288,8 @@ export class BackendDevice {
     trace('dev detached');
     const [shutdown] = await batch;
     this.#fatal = false;
-    if (this.#vtpm && shutdown === 'suspend') await this.#suspended(this.#vtpm);
+    if (this.#vtpm && shutdown === 'suspend') await this.#suspended(this.#vtpm).then(() => this.#obs.suspended());
+    this.#obs.closed(offline);
     if (offline) await this.#finish(XenbusState.Closed);
   }
 
@@ -365,23 +381,24 @@ export class BackendDevice {
   async #attach(feState: XenbusState, keys: AttachKeys): Promise<void> {
     const xs = this.#o.xs;
     if (keys.own !== XenbusState.InitWait) return;
+    const t0 = performance.now();
     let fe: ReturnType<typeof parseFrontendRing>;
     try {
       fe = parseFrontendRing(this.dev, feState, keys.ringRef, keys.eventChannel, keys.protocolV2);
     } catch (err) {
       // as a Linux backend's xenbus_dev_fatal when the ring-ref it reads is no number: cut off
-      return this.#fail(22, (err as Error).message);
+      return this.#fail(22, (err as Error).message, 'bad_xenstore_keys');
     }
     const vm = keys.uuid;
     const wantsRing = keys.ring === '1';
-    if (!wantsRing && !fe.protocolV2) return this.#fail(22, 'frontend did not publish feature-protocol-v2');
-    if (!vm) return this.#fail(22, 'backend directory has no uuid (the VM the vTPM belongs to)');
+    if (!wantsRing && !fe.protocolV2) return this.#fail(22, 'frontend did not publish feature-protocol-v2', 'bad_xenstore_keys');
+    if (!vm) return this.#fail(22, 'backend directory has no uuid (the VM the vTPM belongs to)', 'toolstack');
     const version = keys.version === '1.2' ? '1.2' : '2.0';
     const resume = this.#recovered || keys.resume === 'True';
     const held = claimsOf(this.#o.vtpms);
     const holder = held.get(vm);
-    if (holder !== undefined && holder !== this.dev.backend) return this.#fail(16, `VM ${vm} already has a vTPM device (${holder}); one VM's vTPM serves one guest`);
-    if (this.#claimed !== null && this.#claimed !== vm) return this.#fail(22, `uuid changed from VM ${this.#claimed} to ${vm} on a live device`);
+    if (holder !== undefined && holder !== this.dev.backend) return this.#fail(16, `VM ${vm} already has a vTPM device (${holder}); one VM's vTPM serves one guest`, 'toolstack');
+    if (this.#claimed !== null && this.#claimed !== vm) return this.#fail(22, `uuid changed from VM ${this.#claimed} to ${vm} on a live device`, 'toolstack');
     held.set(vm, this.dev.backend);
     this.#claimed = vm;
     if (this.#parked) {
@@ -397,14 +414,16 @@ export class BackendDevice {
     try {
       this.#vtpm ??= await this.#o.vtpms.open(vm, version, resume);
     } catch (err) {
-      return this.#fail(5, `cannot open the vTPM of VM ${vm}: ${(err as Error).message}`);
+      return this.#fail(5, `cannot open the vTPM of VM ${vm}: ${(err as Error).message}`, 'vtpm_unavailable');
     }
+    const observer = this.#obs.attach(vm, wantsRing ? 'ring' : 'v2', keys.capture, keys.captureMaxMb);
     const opts: ChannelOptions = {
       frontDomid: this.dev.frontDomid,
       refs: [fe.ringRef],
       port: fe.eventChannel,
-      target: this.#vtpm,
-      onFatal: (reason: string) => this.#enqueue(() => this.#fail(71, reason)),
+      target: observeTarget(this.#vtpm, observer),
+      onFatal: (reason: string, kind: string) => this.#enqueue(() => this.#fail(71, reason, kind)),
+      ...(observer.capture ? { tap: observer.capture.ring } : {}),
       onSuspend: () => this.#suspendNotice(),
       log: this.#o.log,
     };
@@ -413,18 +432,20 @@ export class BackendDevice {
       this.#channel = openChannel(this.#o.dom, wantsRing ? 'ring' : 'v2', opts);
       trace('dev channel ready');
     } catch (err) {
-      return this.#fail(5, `cannot map ring-ref ${fe.ringRef} / bind event-channel ${fe.eventChannel}: ${(err as Error).message}`);
+      return this.#fail(5, `cannot map ring-ref ${fe.ringRef} / bind event-channel ${fe.eventChannel}: ${(err as Error).message}`, 'bad_grant');
     }
     this.#serving = `${keys.ringRef ?? ''}/${keys.eventChannel ?? ''}`;
     this.#closingSent = false;
     await backendConnected(xs, this.dev);
+    this.#obs.connected(resume, t0);
     this.#o.log(`dom${this.dev.frontDomid}: connected (${wantsRing ? 'ring' : 'v2'}), vTPM instance ${this.#vtpm.instance} of VM ${vm}`);
   }
 
-  /** Cut this frontend off: the reason in error/ and the log, our side to Closing. */
-  async #fail(errno: number, reason: string): Promise<void> {
+  /** Cut this frontend off: the reason in error/ and the log, our side to Closing. `kind` is the metric's reason. */
+  async #fail(errno: number, reason: string, kind: string): Promise<void> {
     this.#fatal = true;
     this.#o.log(`dom${this.dev.frontDomid}: cut off: ${reason}`);
+    this.#obs.cutOff(kind, reason);
     this.#channel?.close();
     this.#channel = null;
     await deviceFatal(this.#o.xs, this.dev.backend, errno, reason);
@@ -447,6 +468,7 @@ export class BackendDevice {
     if (this.#vtpm) await this.#o.vtpms.release(this.#vtpm.instance).catch((e: unknown) => this.#o.log(`release: ${(e as Error).message}`));
     this.#vtpm = null;
     this.#unclaim();
+    this.#obs.end();
     // Only into a directory that is still there: a write would re-create one the toolstack removed.
     const xs = this.#o.xs;
     await xs
@@ -468,6 +490,7 @@ export class BackendDevice {
     if (this.#vtpm) await this.#o.vtpms.release(this.#vtpm.instance).catch(() => {});
     this.#vtpm = null;
     this.#unclaim();
+    this.#obs.end();
   }
 
   #unclaim(): void {

@@ -21,6 +21,7 @@ import { VtpmDomain, type DomainLaunch } from '../tpm/domain-client.js';
 import type { VtpmProvider } from './device.js';
 import type { VtpmTarget } from './target.js';
 import { domainNodeFlags } from './domain-flags.js';
+import { backendMetrics } from '../util/metrics.js';
 
 const here = dirname(fileURLToPath(import.meta.url));
 /** The domain entry point; from source (tests) use the build in dist/. */
@@ -232,7 +233,10 @@ export class MultiVmVtpms implements VtpmProvider {
     }
     slot.ready = cleanup.then(() => this.#boot(slot, true));
     slot.ready.then(
-      (n) => this.#o.log(`vTPM instance ${slot.instance} restarted from its durable state in vTPM domain ${n.domid} (pid ${n.domain.pid})`),
+      (n) => {
+        backendMetrics().domainRestarts.inc();
+        this.#o.log(`vTPM instance ${slot.instance} restarted from its durable state in vTPM domain ${n.domid} (pid ${n.domain.pid})`);
+      },
       (err: unknown) => this.#o.log(`vTPM instance ${slot.instance}: restart failed: ${(err as Error).message}`),
     );
   }

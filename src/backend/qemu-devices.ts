@@ -4,6 +4,9 @@
 // state=6). state=5 from the toolstack (or the node vanishing) closes the endpoint; we answer state=6.
 import type { XsClient, XsWatch } from '../xenstore/client.js';
 import { QemuEndpoint, type QemuVtpm } from './qemu-endpoint.js';
+import { GuestObserver } from './observe.js';
+import { GuestCapture } from './capture.js';
+import { forgetGuest, showGuest } from '../util/metrics.js';
 
 export const QEMU_ROOT = '/local/domain/0/backend/vtpm-qemu';
 
@@ -23,6 +26,7 @@ export function isQemuProvider(p: unknown): p is QemuVtpmProvider {
 
 interface Running {
   ep: QemuEndpoint | null;
+  capture?: GuestCapture;
   instance: number | null;
   closing: boolean;
 }
@@ -78,7 +82,12 @@ export class QemuDevices {
       if (!isQemuProvider(this.#vtpms)) throw new Error('this backend mode cannot serve QEMU endpoints');
       const vtpm = await this.#vtpms.openQemu(uuid, version);
       r.instance = vtpm.instance;
-      r.ep = await QemuEndpoint.listen({ path: ctrl, vtpm, log: (l) => this.#log(`qemu ${id}: ${l}`) });
+      // `qemu attach --pcap FILE`: the same capture as a guest's, without the xenstore and ring records.
+      const capture = await this.#xs.tryRead(`${node}/capture`);
+      if (capture) r.capture = new GuestCapture(capture, Number((await this.#xs.tryRead(`${node}/capture-max-mb`)) ?? 100) * 1024 * 1024 || 100 * 1024 * 1024, 0, Number(id), this.#log);
+      const observer = new GuestObserver({ domid: '', vm: uuid, transport: 'qemu' }, r.capture ?? null);
+      r.ep = await QemuEndpoint.listen({ path: ctrl, vtpm, log: (l) => this.#log(`qemu ${id}: ${l}`), observer });
+      showGuest(r, { domid: '', vm: uuid, transport: 'qemu', state: 'Connected' });
       await this.#xs.write(`${node}/instance`, String(vtpm.instance));
       await this.#xs.write(`${node}/state`, String(QemuNodeState.CONNECTED));
       this.#log(`qemu ${id}: VM ${uuid} vTPM ${vtpm.instance} (${version}) listening on ${ctrl}`);
@@ -93,7 +102,9 @@ export class QemuDevices {
   }
 
   async #teardown(r: Running): Promise<void> {
+    forgetGuest(r);
     await r.ep?.close().catch(() => {});
+    await r.capture?.close();
     if (r.instance !== null) await this.#vtpms.release?.(r.instance).catch(() => {});
   }
 

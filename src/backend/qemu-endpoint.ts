@@ -24,6 +24,7 @@ import { CtrlReceiver, type CtrlRequest, type ReceiverEvent } from '../swtpm/ctr
 import { DataChannel } from './qemu-data.js';
 import { StateBlobError } from '../tpm/state-blob.js';
 import type { StateKind } from '../tpm/state-store.js';
+import type { GuestObserver } from './observe.js';
 
 /** What the endpoint drives: a TpmInstance satisfies it. */
 export interface QemuVtpm {
@@ -49,6 +50,8 @@ export interface QemuEndpointOptions {
   log: (line: string) => void;
   /** Called after CMD_SHUTDOWN was answered (swtpm exits there; we power off and keep listening). */
   onShutdown?: () => void;
+  /** Metrics and capture of this VM's commands (docs/observability.md). */
+  observer?: GuestObserver;
 }
 
 /** What we implement: everything QEMU 7.2 needs (0x348F + 0x0700 for migration) and swtpm_ioctl uses. */
@@ -181,6 +184,7 @@ export class QemuEndpoint {
             if (running) await v.powerOff();
             await v.powerOn();
           }
+          this.#o.observer?.capture?.newStream();
           this.#o.log(`vTPM ${v.instance}: CMD_INIT flags 0x${flags.toString(16)}${flags & INIT_FLAG_DELETE_VOLATILE ? ' (delete volatile)' : ''}`);
           return resultOnly(Res.SUCCESS);
         } catch (err) {
@@ -328,8 +332,16 @@ export class QemuEndpoint {
   }
 
   /** Run one data-channel command at the locality the control channel set. */
-  execute(command: Uint8Array): Promise<Uint8Array> {
-    return this.#o.vtpm.execute(command, { locality: this.#locality });
+  async execute(command: Uint8Array): Promise<Uint8Array> {
+    const obs = this.#o.observer;
+    if (!obs) return this.#o.vtpm.execute(command, { locality: this.#locality });
+    const t0 = performance.now();
+    let response: Uint8Array | null = null;
+    try {
+      return (response = await this.#o.vtpm.execute(command, { locality: this.#locality }));
+    } finally {
+      obs.done(command, response, t0);
+    }
   }
 
   /** Stop listening and drop every connection; the vTPM itself is the caller's to release. */

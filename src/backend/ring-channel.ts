@@ -25,6 +25,9 @@ import { canceledResponse, failureResponse } from '../tpm/error-response.js';
 import { responseCode } from '../tpm/wire.js';
 import type { Channel, ChannelOptions } from './channel.js';
 import type { OnceRequest } from './target.js';
+import { RingEvent } from './capture.js';
+import { LogRateLimiter } from '../util/rate-limit.js';
+import { backendMetrics } from '../util/metrics.js';
 
 const PAGE = 4096;
 const MAX_LOCALITY = 4;
@@ -76,6 +79,8 @@ export class RingChannel implements Channel {
   commands = 0;
   /** Requests answered from the exactly-once table instead of running. */
   replayed = 0;
+  /** A frontend sending bad requests by the thousand gets one log line per interval, with a count. */
+  readonly #refusals = new LogRateLimiter((l) => this.#opts.log?.(l));
 
   constructor(dom: Domain, opts: ChannelOptions) {
     if (opts.refs.length < 1 || opts.refs.length > 16) throw new Error(`ring takes 1..16 ring pages, got ${opts.refs.length}`);
@@ -95,6 +100,7 @@ export class RingChannel implements Channel {
 
   #onEvent(): void {
     if (this.#closed) return;
+    this.#opts.tap?.(RingEvent.NOTIFY_IN);
     try {
       do {
         for (const copy of this.#ring.takeRequests()) {
@@ -103,7 +109,7 @@ export class RingChannel implements Channel {
         }
       } while (this.#ring.finalCheckForRequests());
     } catch (err) {
-      if (err instanceof RingError) return this.#fatal(err.message);
+      if (err instanceof RingError) return this.#fatal(err.message, 'ring_indices');
       throw err;
     }
     this.#kick();
@@ -111,6 +117,7 @@ export class RingChannel implements Channel {
 
   /** Validate the private copy; queue it, answer it at once, or act on a cancel. */
   #accept(req: RingRequest): void {
+    this.#opts.tap?.(RingEvent.REQUEST, { id: req.id, locality: req.locality, segments: req.nrSegments, length: req.length });
     if (req.op === RING_OP_CANCEL) {
       this.#cancel(req.cancelId);
       this.#respond(req.id, RING_STATUS_OK, null, []);
@@ -131,8 +138,7 @@ export class RingChannel implements Channel {
     }
     const bad = this.#validate(req);
     if (bad) {
-      this.#opts.log?.(`dom${this.frontDomid}: request ${req.id}: ${bad}`);
-      this.#respond(req.id, RING_STATUS_EINVAL, null, []);
+      this.#refuse(req.id, bad[0], bad[1]);
       return;
     }
     const pages: Uint8Array[] = [];
@@ -144,10 +150,9 @@ export class RingChannel implements Channel {
       }
     } catch (err) {
       this.#unpinData(pinned);
-      if (err instanceof MappingLimitError) return this.#fatal(err.message);
+      if (err instanceof MappingLimitError) return this.#fatal(err.message, 'mapping_limit');
       if (!(err instanceof GrantError)) throw err;
-      this.#opts.log?.(`dom${this.frontDomid}: request ${req.id}: ${err.message}`);
-      this.#respond(req.id, RING_STATUS_EINVAL, null, []);
+      this.#refuse(req.id, 'grant', err.message);
       return;
     }
     // Exactly-once: a request resubmitted after resume (or a backend restart) whose id already
@@ -162,14 +167,22 @@ export class RingChannel implements Channel {
     this.#queue.push({ req, command: null, pages, pinned });
   }
 
-  #validate(req: RingRequest): string | null {
-    if (req.op !== RING_OP_COMMAND) return `unknown op ${req.op}`;
-    if (req.locality > MAX_LOCALITY) return `locality ${req.locality} is not 0..4`;
-    if (req.nrSegments < 1 || req.nrSegments > RING_MAX_SEGMENTS) return `nr_segments ${req.nrSegments} is not 1..${RING_MAX_SEGMENTS}`;
+  /** What is wrong with a request, as [metric reason, log text], or null. */
+  #validate(req: RingRequest): [string, string] | null {
+    if (req.op !== RING_OP_COMMAND) return ['op', `unknown op ${req.op}`];
+    if (req.locality > MAX_LOCALITY) return ['locality', `locality ${req.locality} is not 0..4`];
+    if (req.nrSegments < 1 || req.nrSegments > RING_MAX_SEGMENTS) return ['segments', `nr_segments ${req.nrSegments} is not 1..${RING_MAX_SEGMENTS}`];
     if (req.length < 10 || req.length > req.nrSegments * PAGE) {
-      return `length ${req.length} does not fit 10..${req.nrSegments * PAGE} (${req.nrSegments} pages)`;
+      return ['length', `length ${req.length} does not fit 10..${req.nrSegments * PAGE} (${req.nrSegments} pages)`];
     }
     return null;
+  }
+
+  /** Answer EINVAL without running: counted, and logged at most once per interval for this frontend. */
+  #refuse(id: bigint, reason: string, text: string): void {
+    backendMetrics().refused.inc({ reason });
+    this.#refusals.line(`dom${this.frontDomid}`, `dom${this.frontDomid}: request ${id}: ${text}`);
+    this.#respond(id, RING_STATUS_EINVAL, null, []);
   }
 
   /** A view of data page `gref`, mapped (or taken from the cache) and pinned for one job segment. */
@@ -312,13 +325,17 @@ export class RingChannel implements Channel {
     const r = this.#ring;
     encodeRingResponse(r.sring.view, r.nextResponseSlot(), { id, status, length: response?.length ?? 0 });
     r.produceResponse();
-    if (push && r.pushResponsesAndCheckNotify()) this.#dom.evtchn.send(this.#port);
+    this.#opts.tap?.(RingEvent.RESPONSE, { id, status, length: response?.length ?? 0 });
+    if (push && r.pushResponsesAndCheckNotify()) {
+      this.#dom.evtchn.send(this.#port);
+      this.#opts.tap?.(RingEvent.NOTIFY_OUT);
+    }
   }
 
-  #fatal(reason: string): void {
+  #fatal(reason: string, kind: string): void {
     if (this.#closed) return;
     this.close();
-    this.#opts.onFatal(reason);
+    this.#opts.onFatal(reason, kind);
   }
 
   /** Resolves once every accepted request has been answered. */
@@ -339,6 +356,7 @@ export class RingChannel implements Channel {
   close(): void {
     if (this.#closed) return;
     this.#closed = true;
+    this.#refusals.flush();
     this.#queue.length = 0;
     this.#dom.evtchn.close(this.#port);
     // Jobs still running hold views, but #closed keeps them from ever writing through them again.

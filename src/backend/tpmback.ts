@@ -5,6 +5,7 @@ import { connect, type XsClient, type XsWatch } from '../xenstore/client.js';
 import { vtpmDevice } from '../xenstore/xenbus.js';
 import { BackendDevice, type VtpmProvider } from './device.js';
 import { QemuDevices } from './qemu-devices.js';
+import { XsCaptureRouter } from './capture.js';
 
 export const BACKEND_ROOT = '/local/domain/0/backend/vtpm';
 
@@ -25,11 +26,14 @@ export class Backend {
   #watch: XsWatch | null = null;
   #qemu: QemuDevices | null = null;
   #scanning: Promise<void> = Promise.resolve();
+  /** Devices' captures get the xenstore packets that concern them. */
+  readonly #captures: XsCaptureRouter;
 
   private constructor(dom: Domain, xs: XsClient, o: BackendOptions) {
     this.dom = dom;
     this.xs = xs;
     this.#o = o;
+    this.#captures = new XsCaptureRouter(xs);
   }
 
   static async start(o: BackendOptions): Promise<Backend> {
@@ -86,6 +90,7 @@ export class Backend {
           dev: vtpmDevice(Number(fe), Number(id), 0),
           vtpms: this.#o.vtpms,
           log: this.#o.log,
+          captures: this.#captures,
           onGone: () => {
             this.#devices.delete(key);
             this.#o.log(`dom${fe}: device ${id} removed`);

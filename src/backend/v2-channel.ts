@@ -20,6 +20,7 @@ import {
 } from '../xen/tpmif.js';
 import { failureResponse } from '../tpm/error-response.js';
 import type { Channel, ChannelOptions } from './channel.js';
+import { RingEvent } from './capture.js';
 
 const PAGE = 4096;
 const MAX_LOCALITY = 4;
@@ -104,6 +105,7 @@ export class V2Channel implements Channel {
     this.#dom.evtchn.unmask(this.#port);
     const state = this.#state();
     if (state === TPMIF_STATE_CANCEL) {
+      this.#opts.tap?.(RingEvent.V2_CANCEL);
       // A running command completes (FINISH) or is cut short by the TPM; an idle device says IDLE.
       if (this.#busy) this.#opts.target.cancel();
       else this.#setStateAndNotify(TPMIF_STATE_IDLE);
@@ -123,6 +125,7 @@ export class V2Channel implements Channel {
     if (length > PAGE - offset) return this.#fatal(`v2 request length ${length} exceeds ${PAGE - offset} bytes`);
     if (locality > MAX_LOCALITY) return this.#fatal(`v2 request locality ${locality} is not 0..4`);
     const command = this.#page.slice(offset, offset + length);
+    this.#opts.tap?.(RingEvent.V2_SUBMIT, { length, locality });
     this.#busy = this.#run(command, locality, offset);
   }
 
@@ -148,6 +151,7 @@ export class V2Channel implements Channel {
     // Masked before FINISH is visible, so the guest's next SUBMIT cannot cost it a wake-up mid-poll.
     if (budget > 0) this.#dom.evtchn.mask(this.#port);
     this.#setStateAndNotify(TPMIF_STATE_FINISH);
+    this.#opts.tap?.(RingEvent.V2_FINISH, { length: response.length });
     this.#answeredAt = performance.now();
     if (budget > 0 && this.#pollNext(budget)) return;
     // A SUBMIT may have been missed while busy only if the frontend broke the one-at-a-time rule;
@@ -173,7 +177,7 @@ export class V2Channel implements Channel {
 
   #fatal(reason: string): void {
     this.close();
-    this.#opts.onFatal(reason);
+    this.#opts.onFatal(reason, 'v2_request');
   }
 
   /** Resolves once no command is running (the response has been published). */

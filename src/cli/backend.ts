@@ -5,16 +5,21 @@ import { RunDir, type HostInfo } from './rundir.js';
 import type { ManagerClient } from '../manager/client.js';
 import type { XsClient } from '../xenstore/client.js';
 import { onStop } from './lifecycle.js';
-import { escapeLogLine } from '../util/log-escape.js';
+import { makeLog, parseLogFormat } from '../util/log.js';
+import { serveDaemonMetrics, serveHostMetrics } from '../util/metrics-http.js';
 
 export function register(program: Command): void {
   program
     .command('backend')
     .description('run the vTPM backend (tpmback) of the host in RUN (normally started by `host up`)')
     .requiredOption('--run <dir>', 'run directory of the host')
-    .action(async (o: { run: string }) => {
+    .option('--log-format <fmt>', 'text (default) or json: one JSON object per event (docs/observability.md)', 'text')
+    .action(async (o: { run: string; logFormat: string }) => {
       const h = new RunDir(o.run).readHost();
-      const log = (l: string): void => void process.stdout.write(`${new Date().toISOString()} ${escapeLogLine(l)}\n`);
+      const log = makeLog('backend', parseLogFormat(o.logFormat), 'stdout', (l) => `${new Date().toISOString()} ${l}\n`);
+      const stopMetrics = await serveDaemonMetrics('backend');
+      // `host up --metrics HOST:PORT`: the whole host's metrics, merged here at each scrape.
+      const hostMetrics = h.metrics ? await serveHostMetrics(h.metrics, o.run, ['hypervisor', 'xenstored', 'manager']) : null;
       // Import after reading the mode: the engine sizes the libuv pool when it loads.
       const { TpmHost } = await import('../tpm/host.js');
       const { ManagerClient } = await import('../manager/client.js');
@@ -44,6 +49,8 @@ export function register(program: Command): void {
         await multi?.vtpms.stopAll();
         await host.destroyAll();
         mgr.disconnect();
+        await hostMetrics?.stop();
+        await stopMetrics();
         log('vtpm-backend: stopped');
       });
       log('vtpm-backend: ready');
@@ -87,5 +94,8 @@ async function multiVm(h: HostInfo, mgr: ManagerClient, registerDir: string, log
     log,
     launch: (domid, file, args) => domainLaunch(iso, domid, 'vtpm-domain', file, args),
   });
+  const { backendMetrics, showDomains } = await import('../util/metrics.js');
+  backendMetrics();
+  showDomains(() => vtpms.domains());
   return { dom, vtpms };
 }

@@ -10,6 +10,7 @@ import { register as migrate } from './migrate.js';
 import { register as qemu } from './qemu.js';
 import { register as ringDemo } from './ring-demo.js';
 import { register as stress } from './stress.js';
+import { register as top } from './top.js';
 import { register as vtpmDomain } from './vtpm-domain.js';
 import { register as xenstored } from './xenstored.js';
 
@@ -26,6 +27,7 @@ const registrars: Register[] = [
   qemu,
   ringDemo,
   stress,
+  top,
   vtpmDomain,
   xenstored,
 ];

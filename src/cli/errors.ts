@@ -94,11 +94,23 @@ export function managerReason(logFile: string | undefined, offset: number, ordin
   }
   const re = new RegExp(`: ${ordinal} on instance \\d+: (.*); answered \\S+$`);
   let reason: string | undefined;
-  for (const line of text.split('\n')) {
+  for (const raw of text.split('\n')) {
+    const line = logMessage(raw);
     const m = re.exec(line);
     if (m) reason = m[1];
   }
   return reason;
+}
+
+/** A log line's message: the line itself, or the `msg` of a `--log-format json` line. */
+function logMessage(line: string): string {
+  if (!line.startsWith('{')) return line;
+  try {
+    const o = JSON.parse(line) as { msg?: unknown };
+    return typeof o.msg === 'string' ? o.msg : line;
+  } catch {
+    return line;
+  }
 }
 
 export function fileSize(file: string | undefined): number {

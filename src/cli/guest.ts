@@ -22,6 +22,7 @@ import { domainProcesses, ownUidOrRoot } from './isolation.js';
 import { journalPath, type WorkloadSpec } from './stress-workload.js';
 import { onStop } from './lifecycle.js';
 import { registerSuspend } from './suspend.js';
+import { captureKeys } from './capture-opts.js';
 
 const UUID = /^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$/i;
 
@@ -40,6 +41,9 @@ export interface AttachOptions {
   workload?: string;
   /** false: the guest does not start a TPM that was never started (`--no-startup`). */
   startup?: boolean;
+  /** The backend captures this guest's traffic to this pcapng file (docs/observability.md), at most pcapMaxMb MiB. */
+  pcap?: string;
+  pcapMaxMb?: number;
 }
 
 export async function guestAttach(o: AttachOptions): Promise<GuestInfo> {
@@ -59,6 +63,7 @@ export async function guestAttach(o: AttachOptions): Promise<GuestInfo> {
     throw new CliError('CONFLICT', `VM ${vm} is already attached to dom${other.domid}${other.suspended ? ' (suspended)' : ''}: one VM's vTPM serves one guest; detach dom${other.domid} first`);
   }
   if (o.tctiPort !== undefined) await checkPortPair(o.tctiPort);
+  const capture = captureKeys(o.pcap, o.pcapMaxMb);
   const xs = await connect(h.xenstoredSocket);
   // Stub-domain mode: the device's backend is the guest's own vTPM domain, started before the device.
   const stubdom = h.mode === 'stubdom';
@@ -92,7 +97,7 @@ export async function guestAttach(o: AttachOptions): Promise<GuestInfo> {
       backDomid: dev.backDomid,
       devid,
       uuid: vm,
-      extra: { backend: { 'tpm-version': o.version ?? '2.0' } },
+      extra: { backend: { 'tpm-version': o.version ?? '2.0', ...capture } },
     });
     log = rd.log(`guest-${o.domid}`);
     // The log is appended to by every incarnation of this domid: look only at what this one writes.
@@ -292,7 +297,9 @@ export function register(program: Command): void {
     .option('--tpm-version <v>', 'TPM version of a new vTPM: 2.0 or 1.2', '2.0')
     .option('--misbehave <how>', `fault injection once connected: ${MISBEHAVIOURS.join(', ')}`)
     .option('--no-startup', 'do not send Startup(CLEAR) to a TPM that was never started (the guest does, as Linux, by default)')
-    .action(async (o: { run: string; domid: number; vm: string; protocol: string; tctiPort?: number; tpmVersion: string; misbehave?: string; startup: boolean }) => {
+    .option('--pcap <file>', 'the backend writes this guest\'s TPM commands (TCP port 2321), xenstore traffic and ring events to FILE (pcapng)')
+    .option('--pcap-max-mb <n>', 'stop capturing at N MiB (default 100)', int)
+    .action(async (o: { run: string; domid: number; vm: string; protocol: string; tctiPort?: number; tpmVersion: string; misbehave?: string; startup: boolean; pcap?: string; pcapMaxMb?: number }) => {
       if (o.protocol !== 'v2' && o.protocol !== 'ring') throw new Error(`--protocol must be v2 or ring, not ${o.protocol}`);
       if (o.tpmVersion !== '2.0' && o.tpmVersion !== '1.2') throw new Error(`--tpm-version must be 2.0 or 1.2`);
       if (o.misbehave !== undefined && !(MISBEHAVIOURS as readonly string[]).includes(o.misbehave)) {
@@ -307,6 +314,8 @@ export function register(program: Command): void {
         version: o.tpmVersion,
         misbehave: o.misbehave as Misbehaviour | undefined,
         startup: o.startup,
+        ...(o.pcap !== undefined ? { pcap: o.pcap } : {}),
+        ...(o.pcapMaxMb !== undefined ? { pcapMaxMb: o.pcapMaxMb } : {}),
       });
       console.log(`dom${g.domid} attached (pid ${g.pid}, ${g.protocol}${g.tctiPort !== undefined ? `, tpm2-tools: -T swtpm:host=127.0.0.1,port=${g.tctiPort}` : ''})`);
     });

@@ -8,6 +8,8 @@ import { NoHostError, RunDir, alive, type HostInfo, type HostMode, type ProcessE
 import { stopProcess, tailFile } from './spawn.js';
 import { DAEMON_ROLES, isDaemonRole, restartDaemon, startRole, type DaemonRole } from './restart.js';
 import { CliError } from './errors.js';
+import { parseLogFormat, type LogFormat } from '../util/log.js';
+import { checkListen, parseListen } from '../util/metrics-http.js';
 import { addStoreOptions, parseStoreFlags, type StoreFlags } from './store-flags.js';
 import { decideIsolation, describe, domainProcesses, parseUidBase, processUid, secureHost, type Isolation, type IsolationMode } from './isolation.js';
 import { claimUidRange, releaseUidRange } from './uid-claims.js';
@@ -20,6 +22,10 @@ export interface HostUpOptions {
    * range is refused); left out, the first free range from VTPM_UID_BASE or 0x40000000 on is taken.
    */
   uidBase?: number;
+  /** HOST:PORT where the backend serves the whole host's Prometheus metrics (docs/observability.md). */
+  metrics?: string;
+  /** Every daemon's log format (default text). */
+  logFormat?: LogFormat;
   /** Progress lines (what was recovered or restarted). */
   report?: (line: string) => void;
   /** The manager's state in etcd (docs/cluster.md). */
@@ -38,7 +44,7 @@ function readHostIfAny(rd: RunDir): HostInfo | null {
 /** Everything a host whose processes all died leaves in its run directory (its state dir is kept). */
 function clearDeadHost(rd: RunDir, h: HostInfo): string[] {
   const removed: string[] = [];
-  for (const p of [h.managerRunDir, h.xenstoredSocket, h.domainSocketDir, rd.vtpmDomainDir, h.xenDir]) {
+  for (const p of [h.managerRunDir, h.xenstoredSocket, h.domainSocketDir, rd.vtpmDomainDir, h.xenDir, `${rd.dir}/metrics`]) {
     if (fs.existsSync(p)) removed.push(p);
     fs.rmSync(p, { recursive: true, force: true });
   }
@@ -85,7 +91,17 @@ export async function hostUp(runDir: string, stateDir: string, mode: HostMode, o
     for (const f of clearDeadHost(rd, old)) report(`removed ${f} (left by the dead host)`);
     fs.rmSync(rd.hostJson, { force: true });
   }
+  // The metrics address is the backend's to bind: one taken is refused before anything starts.
+  if (opts.metrics !== undefined) {
+    try {
+      await checkListen(opts.metrics);
+    } catch (err) {
+      throw new CliError('CONFLICT', (err as Error).message);
+    }
+  }
   const h = rd.plan(stateDir, mode);
+  if (opts.metrics !== undefined) h.metrics = opts.metrics;
+  if (opts.logFormat !== undefined) h.logFormat = opts.logFormat;
   if (opts.store) h.store = opts.store;
   // No host.json: whatever a host without one left here is stale too.
   if (!old && fs.existsSync(rd.dir)) for (const f of clearDeadHost(rd, h)) report(`removed ${f} (left by a dead host)`);
@@ -221,11 +237,22 @@ export function register(program: Command): void {
     .requiredOption('--state <dir>', 'state directory of the manager (sealed vTPM state, VM table, keys)')
     .option('--mode <mode>', 'single (vTPMs in the backend), multi (one vTPM-domain process each behind dom0\'s backend) or stubdom (each vTPM domain is its guest\'s backend, Xen 4.x)', 'single')
     .option('--isolation <how>', 'uid (each guest and vTPM domain under its own uid; root only), none, or auto: uid when possible', 'auto')
-    .option('--uid-base <n>', 'dom<N> runs as uid/gid BASE+N; refused if another live host holds an overlapping range (default: the first free range from VTPM_UID_BASE or 1073741824 on)');
+    .option('--uid-base <n>', 'dom<N> runs as uid/gid BASE+N; refused if another live host holds an overlapping range (default: the first free range from VTPM_UID_BASE or 1073741824 on)')
+    .option('--metrics <host:port>', 'serve the whole host\'s Prometheus metrics on http://HOST:PORT/metrics (docs/observability.md)')
+    .option('--log-format <fmt>', 'every daemon logs text (default) or json (one object per event)', 'text');
   addStoreOptions(up).action(
-    async (o: { run: string; state: string; mode: string; isolation: string; uidBase?: string; store?: string; masterKey?: string; leaseTtl?: string }) => {
+    async (o: { run: string; state: string; mode: string; isolation: string; uidBase?: string; store?: string; masterKey?: string; leaseTtl?: string; metrics?: string; logFormat: string }) => {
       if (o.isolation !== 'auto' && o.isolation !== 'uid' && o.isolation !== 'none') throw new CliError('USAGE', `--isolation must be auto, uid or none, not ${o.isolation}`);
+      let logFormat: LogFormat;
+      try {
+        if (o.metrics !== undefined) parseListen(o.metrics);
+        logFormat = parseLogFormat(o.logFormat);
+      } catch (err) {
+        throw new CliError('USAGE', (err as Error).message);
+      }
       const h = await hostUp(o.run, o.state, parseMode(o.mode), {
+        ...(o.metrics !== undefined ? { metrics: o.metrics } : {}),
+        logFormat,
         isolation: o.isolation,
         ...(o.uidBase !== undefined ? { uidBase: parseUidBase(o.uidBase) } : {}),
         report: (l) => console.log(l),
@@ -233,6 +260,7 @@ export function register(program: Command): void {
       });
       for (const p of h.processes) console.log(`${p.role.padEnd(10)} dom${p.domid} pid ${p.pid}`);
       console.log(`isolation: ${describe(h.isolation)}`);
+      if (h.metrics) console.log(`metrics: http://${h.metrics}/metrics`);
       console.log(`host up in ${h.runDir} (${h.mode === 'stubdom' ? 'stub-domain' : `${h.mode}-VM`} mode${h.store ? `, state in ${h.store.url}` : ''})`);
     },
   );

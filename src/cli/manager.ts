@@ -5,6 +5,8 @@ import { resolve } from 'node:path';
 import { ManagerDaemon } from '../manager/daemon.js';
 import { DEFAULT_SEAL_PCRS } from '../manager/seal.js';
 import { onStop } from './lifecycle.js';
+import { makeLog, parseLogFormat } from '../util/log.js';
+import { serveDaemonMetrics } from '../util/metrics-http.js';
 import { addStoreOptions, parseStoreFlags } from './store-flags.js';
 
 export function register(program: Command): void {
@@ -17,12 +19,15 @@ export function register(program: Command): void {
     .option('--seal-pcrs <sel>', 'PCR selection the master key is sealed to', DEFAULT_SEAL_PCRS)
     .option('--log-bytes <n>', 'size of the write-ahead log; a full log makes the next commit a checkpoint', (v) => Number(v))
     .option('--append <mode>', 'log appends on the event loop (sync) or the threadpool (async)', 'sync')
+    .option('--log-format <fmt>', 'text (default) or json: one JSON object per event (docs/observability.md)', 'text')
     .option('--client-stall-ms <ms>', 'cut off a client whose replies sit unread this long (default 30000)', (v) => Number(v))
     .option('--host-name <name>', 'with --store: this host\'s name in its claims on VMs, unique in the cluster (default HOSTNAME:RUN)');
   addStoreOptions(cmd).action(
-    async (o: { state: string; run: string; sealToTpm?: string; sealPcrs: string; logBytes?: number; append: string; clientStallMs?: number; hostName?: string; store?: string; masterKey?: string; leaseTtl?: string }) => {
+    async (o: { state: string; run: string; sealToTpm?: string; sealPcrs: string; logBytes?: number; append: string; clientStallMs?: number; hostName?: string; store?: string; masterKey?: string; leaseTtl?: string; logFormat: string }) => {
       const store = parseStoreFlags(o);
       if (store && o.sealToTpm) throw new Error('--seal-to-tpm seals a local key file; with --store every host shares --master-key');
+      const log = makeLog('manager', parseLogFormat(o.logFormat), 'stderr', (l) => `vtpm-manager: ${l}\n`);
+      const stopMetrics = await serveDaemonMetrics('manager');
       if (o.append !== 'sync' && o.append !== 'async') throw new Error(`--append takes sync or async, not ${o.append}`);
       if (o.logBytes !== undefined && !(Number.isInteger(o.logBytes) && o.logBytes >= 4096)) throw new Error('--log-bytes takes an integer of at least 4096');
       if (o.clientStallMs !== undefined && !(Number.isInteger(o.clientStallMs) && o.clientStallMs >= 100)) throw new Error('--client-stall-ms takes an integer of at least 100');
@@ -35,8 +40,11 @@ export function register(program: Command): void {
         host: o.hostName ?? `${os.hostname()}:${resolve(o.run)}`,
         tls: store.etcdCa ? { ca: store.etcdCa, cert: store.etcdCert, key: store.etcdKey } : undefined,
       };
-      const d = await ManagerDaemon.start({ stateDir: o.state, runDir: o.run, sealToTpm: o.sealToTpm, sealPcrs: o.sealPcrs, logBytes: o.logBytes, append: o.append, clientQueue: o.clientStallMs === undefined ? undefined : { stallMs: o.clientStallMs }, etcd });
-      onStop(() => d.stop());
+      const d = await ManagerDaemon.start({ stateDir: o.state, runDir: o.run, sealToTpm: o.sealToTpm, sealPcrs: o.sealPcrs, logBytes: o.logBytes, append: o.append, log, clientQueue: o.clientStallMs === undefined ? undefined : { stallMs: o.clientStallMs }, etcd });
+      onStop(async () => {
+        await d.stop();
+        await stopMetrics();
+      });
       process.stderr.write('vtpm-manager: ready\n');
     },
   );

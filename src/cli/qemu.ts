@@ -7,7 +7,8 @@ import { setTimeout as sleep } from 'node:timers/promises';
 import { connect, type XsClient } from '../xenstore/client.js';
 import { QEMU_ROOT, QemuNodeState } from '../backend/qemu-devices.js';
 import { RunDir } from './rundir.js';
-import { fileSize, managerReason, openRefusal } from './errors.js';
+import { fileSize, managerReason, openRefusal } from './errors.js';import { captureKeys } from './capture-opts.js';
+
 
 const UUID = /^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$/i;
 
@@ -17,6 +18,9 @@ export interface QemuAttachOptions {
   ctrl: string;
   version?: '2.0' | '1.2';
   timeoutMs?: number;
+  /** The backend captures the VM's TPM traffic to this pcapng file (docs/observability.md), at most pcapMaxMb MiB. */
+  pcap?: string;
+  pcapMaxMb?: number;
 }
 
 async function nodes(xs: XsClient): Promise<string[]> {
@@ -43,6 +47,7 @@ export async function qemuAttach(o: QemuAttachOptions): Promise<number> {
   const version = o.version ?? '2.0';
   if (version !== '2.0' && version !== '1.2') throw new Error('--tpm-version must be 2.0 or 1.2');
   const ctrl = resolve(o.ctrl);
+  const capture = captureKeys(o.pcap, o.pcapMaxMb);
   const rd = new RunDir(o.run);
   const h = rd.readHost();
   const mgrLogFrom = fileSize(rd.log('manager'));
@@ -67,6 +72,7 @@ export async function qemuAttach(o: QemuAttachOptions): Promise<number> {
       await xs.write(`${node}/uuid`, uuid, tx);
       await xs.write(`${node}/ctrl`, ctrl, tx);
       await xs.write(`${node}/tpm-version`, version, tx);
+      for (const [k, v] of Object.entries(capture)) await xs.write(`${node}/${k}`, v, tx);
       await xs.write(`${node}/state`, String(QemuNodeState.INITIALISING), tx);
       return next;
     });
@@ -118,8 +124,10 @@ export function register(program: Command): void {
     .requiredOption('--vm <uuid>', 'the VM the vTPM belongs to (the manager keys its vTPM by this)')
     .requiredOption('--ctrl <path>', 'control socket to create (QEMU: -chardev socket,path=PATH)')
     .option('--tpm-version <v>', 'TPM version of a new vTPM: 2.0 or 1.2', '2.0')
-    .action(async (o: { run: string; vm: string; ctrl: string; tpmVersion: string }) => {
-      const n = await qemuAttach({ run: o.run, vm: o.vm, ctrl: o.ctrl, version: o.tpmVersion as '2.0' | '1.2' });
+    .option('--pcap <file>', 'the backend writes the VM\'s TPM commands (TCP port 2321) to FILE (pcapng)')
+    .option('--pcap-max-mb <n>', 'stop capturing at N MiB (default 100)', (v) => Number(v))
+    .action(async (o: { run: string; vm: string; ctrl: string; tpmVersion: string; pcap?: string; pcapMaxMb?: number }) => {
+      const n = await qemuAttach({ run: o.run, vm: o.vm, ctrl: o.ctrl, version: o.tpmVersion as '2.0' | '1.2', ...(o.pcap !== undefined ? { pcap: o.pcap } : {}), ...(o.pcapMaxMb !== undefined ? { pcapMaxMb: o.pcapMaxMb } : {}) });
       console.log(`VM ${o.vm}: vTPM listening on ${resolve(o.ctrl)} (node ${n})`);
     });
   qemu

@@ -10,6 +10,7 @@ import { secureHost } from './isolation.js';
 import { engineEnv } from '../tpm/threadpool.js';
 import { CliError } from './errors.js';
 import { hypervisorSocket } from '../xen/hypercall.js';
+import { metricsSocket } from '../util/metrics-http.js';
 import { storeArgs } from './store-flags.js';
 
 /** The daemons a host needs, in start order (stopped in reverse). */
@@ -42,16 +43,19 @@ function clearRemains(h: HostInfo, role: DaemonRole): void {
 /** Start `role` of the host in `rd` and record it in host.json (replacing a dead entry). */
 export async function startRole(rd: RunDir, h: HostInfo, role: DaemonRole): Promise<ProcessEntry> {
   clearRemains(h, role);
-  const env = { VTPM_XEN_DIR: h.xenDir };
+  // Every daemon serves its metrics on a socket here and logs in the host's format (docs/observability.md).
+  fs.mkdirSync(join(rd.dir, 'metrics'), { recursive: true, mode: 0o700 });
+  const env = { VTPM_XEN_DIR: h.xenDir, VTPM_METRICS_SOCKET: metricsSocket(rd.dir, role) };
+  const logArgs = ['--log-format', h.logFormat ?? 'text'];
   let entry: ProcessEntry;
   if (role === 'hypervisor') {
     // First: every other process's domain is created by, and lives in, the hypervisor.
-    const s = await startDaemon(['hypervisor', '--dir', h.xenDir, '--verbose'], rd.log('hypervisor'), /vtpm-hypervisor: ready/, env);
+    const s = await startDaemon(['hypervisor', '--dir', h.xenDir, '--verbose', ...logArgs], rd.log('hypervisor'), /vtpm-hypervisor: ready/, env);
     entry = { role, domid: 0, pid: s.pid, socket: hypervisorSocket(h.xenDir) };
   } else if (role === 'xenstored') {
     const uidBase = h.isolation?.mode === 'uid' ? ['--domain-uid-base', String(h.isolation.uidBase)] : [];
     const s = await startDaemon(
-      ['xenstored', '--socket', h.xenstoredSocket, '--domain-socket-dir', h.domainSocketDir, '--verbose', ...uidBase],
+      ['xenstored', '--socket', h.xenstoredSocket, '--domain-socket-dir', h.domainSocketDir, '--verbose', ...uidBase, ...logArgs],
       rd.log('xenstored'),
       /xenstored listening/,
       env,
@@ -59,12 +63,12 @@ export async function startRole(rd: RunDir, h: HostInfo, role: DaemonRole): Prom
     entry = { role, domid: 0, pid: s.pid, socket: h.xenstoredSocket };
   } else if (role === 'manager') {
     // libuv reads its pool size at start: the manager fsyncs a whole group commit in parallel there.
-    const s = await startDaemon(['manager', '--state', h.stateDir, '--run', h.managerRunDir, ...storeArgs(h.store)], rd.log('manager'), /vtpm-manager: ready/, { ...env, UV_THREADPOOL_SIZE: '64' });
+    const s = await startDaemon(['manager', '--state', h.stateDir, '--run', h.managerRunDir, ...storeArgs(h.store), ...logArgs], rd.log('manager'), /vtpm-manager: ready/, { ...env, UV_THREADPOOL_SIZE: '64' });
     entry = { role, domid: 0, pid: s.pid, run: h.managerRunDir };
   } else {
     // The backend reads host.json to find the others: write what is up so far first.
     rd.writeHost(h);
-    const s = await startDaemon(['backend', '--run', rd.dir], rd.log('backend'), /vtpm-backend: ready/, engineEnv({ ...process.env, ...env }));
+    const s = await startDaemon(['backend', '--run', rd.dir, ...logArgs], rd.log('backend'), /vtpm-backend: ready/, engineEnv({ ...process.env, ...env }));
     entry = { role, domid: 0, pid: s.pid, mode: h.mode };
     // The backend (re)creates the vTPM-domain register dir: give it the mode the isolation needs.
     secureHost(h, 'backend');

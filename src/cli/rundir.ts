@@ -26,6 +26,10 @@ export interface HostInfo {
   managerRunDir: string;
   started: string;
   processes: ProcessEntry[];
+  /** `host up --metrics HOST:PORT`: where the backend serves the whole host's metrics. */
+  metrics?: string;
+  /** `host up --log-format`: every daemon's log format (default text). */
+  logFormat?: 'text' | 'json';
   /** Absent in host.json written before isolation existed: read as `none`. */
   isolation?: Isolation;
   /** The manager's etcd store (--store …); absent: the local store in stateDir. */

@@ -4,6 +4,8 @@
 import type { Command } from 'commander';
 import { XenstoreDaemon } from '../xenstore/daemon.js';
 import { onStop } from './lifecycle.js';
+import { makeLog, parseLogFormat } from '../util/log.js';
+import { serveDaemonMetrics } from '../util/metrics-http.js';
 
 export function register(program: Command): void {
   program
@@ -12,17 +14,23 @@ export function register(program: Command): void {
     .requiredOption('--socket <path>', 'dom0 (privileged) socket; what XENSTORED_PATH points at')
     .requiredOption('--domain-socket-dir <dir>', 'directory for the per-domain sockets dom<N>.sock')
     .option('--verbose', 'log closed connections and protocol violations to stderr')
+    .option('--log-format <fmt>', 'text (default) or json: one JSON object per event (docs/observability.md)', 'text')
     .option('--domain-uid-base <n>', 'dom<N>.sock is owned by uid BASE+N (domains under their own uids, docs/isolation.md)', (v) => Number(v))
-    .action(async (opts: { socket: string; domainSocketDir: string; verbose?: boolean; domainUidBase?: number }) => {
+    .action(async (opts: { socket: string; domainSocketDir: string; verbose?: boolean; domainUidBase?: number; logFormat: string }) => {
+      const log = makeLog('xenstored', parseLogFormat(opts.logFormat), 'stderr', (l) => `xenstored: ${l}\n`);
+      const stopMetrics = await serveDaemonMetrics('xenstored');
       if (opts.domainUidBase !== undefined && !(Number.isInteger(opts.domainUidBase) && opts.domainUidBase > 0)) throw new Error('--domain-uid-base takes a positive integer');
       const daemon = new XenstoreDaemon({
         socket: opts.socket,
         domainSocketDir: opts.domainSocketDir,
         ...(opts.domainUidBase !== undefined ? { domainUidBase: opts.domainUidBase } : {}),
-        log: opts.verbose ? (l) => process.stderr.write(`xenstored: ${l}\n`) : undefined,
+        log: opts.verbose ? log : undefined,
       });
       await daemon.start();
-      onStop(() => daemon.stop());
+      onStop(async () => {
+        await daemon.stop();
+        await stopMetrics();
+      });
       // tests and scripts wait for this line before connecting
       process.stdout.write(`xenstored listening on ${opts.socket}\n`);
     });

@@ -38,6 +38,8 @@ import {
   type StatusCode,
 } from './wire.js';
 import { escapeLogLine } from '../util/log-escape.js';
+import { managerMetrics } from '../util/metrics.js';
+import { LogRateLimiter } from '../util/rate-limit.js';
 
 export interface ManagerOptions {
   stateDir: string;
@@ -89,6 +91,7 @@ export class ManagerDaemon {
   #consoleTail: Promise<void> = Promise.resolve();
   #consoleDrops = 0;
   #log: (line: string) => void;
+  readonly #refusals = new LogRateLimiter((l) => this.#log(l));
 
   private constructor(readonly opts: ManagerOptions) {
     this.#log = opts.log ?? ((l) => process.stderr.write(`vtpm-manager: ${escapeLogLine(l)}\n`));
@@ -185,6 +188,7 @@ export class ManagerDaemon {
     fs.rmSync(path.join(this.opts.runDir, PID_FILE), { force: true });
     fs.rmSync(path.join(this.opts.stateDir, PID_FILE), { force: true });
     const st = this.#store.stats;
+    this.#refusals.flush();
     this.#log(`stopped (${st.saves} saves in ${st.commits} commits, ${st.coalesced} coalesced, ${st.checkpoints} checkpoints)`);
   }
 
@@ -353,13 +357,17 @@ export class ManagerDaemon {
     });
     ch.on('error', (e) => {
       // One writer on this FIFO: after a framing error there is no telling where the next frame starts.
+      this.#refusals.end(ch.label);
       this.#log(`${ch.label}: ${e.message}; answered ${STATUS_NAMES[e.status]} and dropped its FIFO pair`);
       tail = tail.then(() => {
         ch.send(encodeResponse(e.instance ?? 0, e.status));
         ch.close('framing error');
       });
     });
-    ch.on('gone', (why) => this.#log(`${ch.label} detached: ${why}`));
+    ch.on('gone', (why) => {
+      this.#refusals.end(ch.label);
+      this.#log(`${ch.label} detached: ${why}`);
+    });
   }
 
   async #client(ch: ClientChannel, f: Frame): Promise<Reply> {
@@ -450,7 +458,11 @@ export class ManagerDaemon {
       else if (err instanceof StoreError) status = err.code === 'IO' || err.code === 'MISSING_BLOB' ? Status.FAIL : Status.DECRYPT_ERROR;
       // Held by another host: a policy refusal naming the holder. Fenced or etcd down: the request failed.
       else if (err instanceof EtcdStoreError) status = err.code === 'HELD' ? Status.AUTHFAIL : err.code === 'FORMAT' || err.code === 'KEY_MISMATCH' ? Status.DECRYPT_ERROR : Status.FAIL;
-      this.#log(`${who}: ${ordinalName(f.code)} on instance ${f.instance}: ${(err as Error).message}; answered ${STATUS_NAMES[status]}`);
+      managerMetrics().refused.inc({ status: STATUS_NAMES[status] ?? 'unknown' });
+      const line = `${who}: ${ordinalName(f.code)} on instance ${f.instance}: ${(err as Error).message}; answered ${STATUS_NAMES[status]}`;
+      // The console is dom0's own tool (its refusals explain a CLI error); a client gets a few lines per interval.
+      if (who === 'console') this.#log(line);
+      else this.#refusals.line(who, line);
       return { status };
     }
   }

@@ -22,7 +22,7 @@ import { CompareResult, CompareTarget, type Etcd3, type ICompare, type IRequestO
 import type { StateKind } from '../tpm/state-store.js';
 import { Claims, EtcdStoreError, connect, parseEtcdUrl, unavailable, type EtcdTls } from './etcd-claims.js';
 import { openRecord, sealRecord } from './etcd-record.js';
-import type { StoreStats } from './store.js';
+import { observeCommit, type StoreStats } from './store.js';
 import type { VmRecord } from './vm-table.js';
 import type { VtpmStore } from './vm-store.js';
 
@@ -457,6 +457,7 @@ export class EtcdStore implements VtpmStore {
       if (migration !== null) this.#writtenMigration = migration;
       this.stats.commits++;
       this.stats.saves += saves;
+      observeCommit('etcd', batch.length, saves);
       return settle();
     }
     // Some claim is no longer ours: those VMs' operations are refused, the rest go again in order.

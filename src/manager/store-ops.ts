@@ -6,6 +6,7 @@ import fsp from 'node:fs/promises';
 import path from 'node:path';
 import { BLOB_RE } from './store-meta.js';
 import { WAL_FILE, type AppendLog } from './wal.js';
+import { managerMetrics, since } from '../util/metrics.js';
 
 /** What a storage backend must do; everything above it (generations, batching, MAC) is shared. */
 export interface StoreOps {
@@ -142,7 +143,9 @@ class DirLog implements AppendLog {
 
   writeSync(data: Uint8Array, position: number): void {
     for (let o = 0; o < data.length; ) o += fs.writeSync(this.fd, data, o, data.length - o, position + o);
+    const t0 = performance.now();
     fs.fdatasyncSync(this.fd);
+    managerMetrics().fsync.observe(since(t0));
   }
 
   async write(data: Uint8Array, position: number): Promise<void> {
@@ -151,7 +154,9 @@ class DirLog implements AppendLog {
         fs.write(this.fd, data, o, data.length - o, position + o, (err, n) => (err ? reject(err) : resolve(n))),
       );
     }
+    const t0 = performance.now();
     await new Promise<void>((resolve, reject) => fs.fdatasync(this.fd, (err) => (err ? reject(err) : resolve())));
+    managerMetrics().fsync.observe(since(t0));
   }
 
   close(): void {

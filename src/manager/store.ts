@@ -25,6 +25,7 @@ import crypto from 'node:crypto';
 import { STATE_KINDS, type StateKind } from '../tpm/state-store.js';
 import { StoreError, blobKey, blobName, decodeMeta, encodeMeta, nameOf, type MetaRecord } from './store-meta.js';
 import type { StoreOps } from './store-ops.js';
+import { managerMetrics } from '../util/metrics.js';
 import type { VtpmStore } from './vm-store.js';
 import { DEFAULT_WAL_BYTES, encodeRecord, replay, walKey, type AppendLog, type WalRecord } from './wal.js';
 
@@ -393,6 +394,7 @@ export class GroupCommitStore implements VtpmStore {
       applyRecord(rec, { blobs, dirty: this.#dirty, table: null, clock: 0 });
       this.stats.commits++;
       this.stats.saves += saves;
+      observeCommit('log', batch.length, saves);
       for (const op of batch) op.done.resolve();
       return;
     }
@@ -416,6 +418,7 @@ export class GroupCommitStore implements VtpmStore {
     this.#mustCheckpoint = false;
     this.stats.commits++;
     this.stats.saves += saves;
+    observeCommit('checkpoint', batch.length, saves);
     for (const op of batch) op.done.resolve();
     await this.#removeStale();
   }
@@ -457,6 +460,7 @@ export class GroupCommitStore implements VtpmStore {
     this.#stale.push(...Object.entries(old).filter(([k, g]) => snap.blobs[k] !== g).map(([k, g]) => nameOf(k, g)));
     this.#ck = next;
     this.stats.checkpoints++;
+    managerMetrics().checkpoints.inc();
   }
 
   async #removeStale(): Promise<void> {
@@ -482,4 +486,12 @@ export class GroupCommitStore implements VtpmStore {
       this.#log.close();
     }
   }
+}
+
+/** A group commit made durable (`kind`: a log record, a checkpoint, or one etcd transaction), for the metrics. */
+export function observeCommit(kind: 'log' | 'checkpoint' | 'etcd', ops: number, saves: number): void {
+  const m = managerMetrics();
+  m.commits.inc({ kind });
+  m.groupSize.observe(ops);
+  m.saves.inc(saves);
 }

@@ -46,3 +46,17 @@ export function processAlive(pid: number, start?: number): boolean {
   if (st.state === 'Z' || st.state === 'X') return false;
   return start === undefined || st.start === start;
 }
+
+/** CPU seconds (user + system) and resident bytes of `pid`, or null when there is no such process. */
+export function procUsage(pid: number): { cpuSeconds: number; rssBytes: number } | null {
+  try {
+    const stat = fs.readFileSync(`/proc/${pid}/stat`, 'latin1');
+    const rest = stat.slice(stat.lastIndexOf(')') + 2).split(' ');
+    // Fields 14 and 15 (utime, stime) in clock ticks; Linux reports USER_HZ = 100 to user space.
+    const cpuSeconds = (Number(rest[11]) + Number(rest[12])) / 100;
+    const rssPages = Number(fs.readFileSync(`/proc/${pid}/statm`, 'latin1').split(' ')[1]);
+    return { cpuSeconds, rssBytes: rssPages * 4096 };
+  } catch {
+    return null;
+  }
+}

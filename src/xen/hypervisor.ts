@@ -10,10 +10,11 @@ import { join } from 'node:path';
 import { sendWithFds, closeFd, socketPair } from '../../native/unix-rights.js';
 import { raiseFdLimit } from '../../native/libc.js';
 import { Channel, ECS_interdomain, ECS_unbound, HvDomain, type Port } from './hv-domain.js';
-import { EEXIST, EINVAL, ENOMEM, ENOSPC, EPERM, ESRCH, HC, HC_MSG, POPULATE_MAX, encodeReply, hypervisorSocket } from './hypercall.js';
+import { EEXIST, EINVAL, ENOMEM, ENOSPC, EPERM, ESRCH, HC, HC_MSG, HC_NAMES, POPULATE_MAX, encodeReply, hypervisorSocket } from './hypercall.js';
 import { EVTCHN_PORTS_PER_PAGE, MAX_EVTCHN_PAGES, type DomainGeometry } from './layout.js';
 import { GNTST } from './grant-table.js';
 import { processAlive } from '../util/proc.js';
+import { hypervisorMetrics } from '../util/metrics.js';
 
 export { hypervisorSocket };
 
@@ -101,6 +102,7 @@ export class Hypervisor {
         const a = [0, 1, 2, 3, 4, 5, 6].map((i) => buf.readUInt32LE(off + 4 + 4 * i));
         let ans: Answer;
         try {
+          hypervisorMetrics().hypercalls.inc({ op: HC_NAMES.get(op) ?? 'unknown' });
           ans = handle(op, a);
         } catch (err) {
           this.#o.log?.(`hypercall ${op} failed: ${(err as Error).message}`);

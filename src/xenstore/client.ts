@@ -102,6 +102,8 @@ export class XsClient {
   private nextToken = 1;
   private corked = false;
   private closedErr: Error | undefined;
+  /** Sees every xs_wire packet sent ('out') and received ('in'), header included (captures, docs/observability.md). */
+  tap: ((dir: 'out' | 'in', packet: Buffer) => void) | null = null;
 
   private constructor(private readonly socket: net.Socket) {
     this.receiver = new XsReceiver((m) => this.onMessage(m));
@@ -170,11 +172,14 @@ export class XsClient {
         });
       }
       if (tracing) trace(`xc > ${XsType[type]} ${reqId} ${payload.toString('latin1').replace(/\0/g, '|')}`);
-      this.socket.write(encodeMessage(type, reqId, tx, payload));
+      const packet = encodeMessage(type, reqId, tx, payload);
+      this.tap?.('out', packet);
+      this.socket.write(packet);
     });
   }
 
   private onMessage(m: XsMessage): void {
+    this.tap?.('in', encodeMessage(m.type, m.reqId, m.txId, m.payload));
     if (tracing) trace(`xc < ${XsType[m.type]} ${m.reqId} ${m.type === XsType.WATCH_EVENT || m.type === XsType.READ ? m.payload.toString('latin1').replace(/\0/g, '|') : ''}`);
     if (m.type === XsType.WATCH_EVENT) {
       const s = splitStrings(m.payload);

@@ -69,6 +69,8 @@ export class Connection implements Caller {
   private readonly queue: XsMessage[] = [];
   private busy = false;
   closed = false;
+  /** Why the daemon cut this connection off (a metric label from a fixed set), if it did. */
+  cutOffReason: string | null = null;
 
   constructor(
     readonly daemon: ConnectionHost,
@@ -82,6 +84,7 @@ export class Connection implements Caller {
       try {
         this.receiver.push(chunk);
       } catch (err) {
+        this.cutOffReason = err instanceof XsWireError ? err.code.toLowerCase() : 'internal';
         this.daemon.kill(this, err instanceof XsWireError ? err.message : String(err));
       } finally {
         this.daemon.output.release();
@@ -147,6 +150,7 @@ export class Connection implements Caller {
   send(frame: Buffer): void {
     if (this.closed) return;
     if (this.socket.writableLength > MAX_WRITE_BACKLOG) {
+      this.cutOffReason = 'unread_watch_events';
       this.daemon.kill(this, `dom${this.domid} does not read its watch events`);
       return;
     }

@@ -25,6 +25,7 @@ import { Connection, OutputBatch, type ConnectionHost, type Watch } from './conn
 import { closeServer, listen, rmSocket } from './socket-files.js';
 import { DEFAULT_QUOTAS, Store, type Change, type Quotas, type Transaction } from './store.js';
 import { escapeLogLine } from '../util/log-escape.js';
+import { xenstoreMetrics } from '../util/metrics.js';
 
 export interface DaemonOptions {
   /** The dom0 socket (what XENSTORED_PATH points at). */
@@ -104,6 +105,7 @@ export class XenstoreDaemon implements ConnectionHost {
     if (c.closed) return;
     c.closed = true;
     if (why) this.log(`closing dom${c.domid} connection: ${why}`);
+    if (why && c.cutOffReason) xenstoreMetrics().cutOff.inc({ reason: c.cutOffReason });
     for (const tx of c.txs.values()) this.store.dropTransaction(tx);
     c.txs.clear();
     c.watches.clear();
@@ -120,6 +122,7 @@ export class XenstoreDaemon implements ConnectionHost {
     // traces cost more than the request itself.
     const limit = Error.stackTraceLimit;
     Error.stackTraceLimit = 0;
+    xenstoreMetrics().requests.inc({ type: XsType[m.type] ?? 'unknown' });
     try {
       const r = this.dispatch(c, m);
       if (r instanceof Promise) {
@@ -303,7 +306,7 @@ export class XenstoreDaemon implements ConnectionHost {
     }
     c.watches.set(key, { given, abs, token });
     // the registration event goes out right after the OK, with the path as the client gave it
-    return { payload: OK, after: () => c.send(encodeWatchEvent(given, token)) };
+    return { payload: OK, after: () => this.watchEvent(c, encodeWatchEvent(given, token)) };
   }
 
   private fireWatches(changes: Change[]): void {
@@ -322,10 +325,15 @@ export class XenstoreDaemon implements ConnectionHost {
           const key = watchKey(shown, w.token);
           if (sent.has(key)) continue; // identical events of one modification are coalesced
           sent.add(key);
-          c.send(encodeWatchEvent(shown, w.token));
+          this.watchEvent(c, encodeWatchEvent(shown, w.token));
         }
       }
     }
+  }
+
+  private watchEvent(c: Connection, event: Buffer): void {
+    xenstoreMetrics().watchEvents.inc();
+    c.send(event);
   }
 
   /** A relative watch reports paths relative to the watcher's home when they lie under it. */
@@ -339,7 +347,7 @@ export class XenstoreDaemon implements ConnectionHost {
     for (const c of this.conns) {
       // special watches report domain life cycle, which only the toolstack (dom0) may observe
       if (!c.privileged) continue;
-      for (const w of c.watches.values()) if (w.abs === name) c.send(encodeWatchEvent(name, w.token));
+      for (const w of c.watches.values()) if (w.abs === name) this.watchEvent(c, encodeWatchEvent(name, w.token));
     }
   }
 

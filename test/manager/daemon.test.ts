@@ -220,10 +220,11 @@ describe('vtpm manager: bad input', () => {
     expect((await ask(hex(`${instance.toString(16).padStart(8, '0')} 00c1 0000000a 00000065`))).code).toBe(Status.FAIL);
     // TPMCOMMAND needs the hardware TPM Xen passed it to: refused, saying so.
     expect((await ask(encodeRequest(instance, Ord.TPMCOMMAND, hex('00c1 0000000a 00000065')))).code).toBe(Status.FAIL);
-    await m.waitLog(/client mallory .*TPMCOMMAND passes a vTPM's command through to the host's hardware TPM .*no hardware TPM/);
     // LOAD_MIG_KEY decides where vTPMs may go: not from a client pair.
     expect((await ask(encodeRequest(instance, Ord.LOAD_MIG_KEY, hex('00000002 6100 00000001 03 00000001 01')))).code).toBe(Status.BAD_ORDINAL);
-    await m.waitLog(/client mallory .*LOAD_MIG_KEY decides where MIGRATE_OUT may send a vTPM/);
+    // Refusals after the first REFUSAL_BURST of an interval are answered but only counted in the log
+    // (docs/observability.md): these last three are written as a count when mallory's pair goes.
+    expect(m.log.join('\n')).not.toMatch(/client mallory .*TPMCOMMAND passes/);
 
     // A client bound to one instance may not touch another.
     const bound = await client(m, instance + 1);
@@ -235,6 +236,7 @@ describe('vtpm manager: bad input', () => {
     expect((await ask(hex('00000001 01c1 00000003 00000001'))).code).toBe(Status.BAD_PARAMETER);
     await raw.ended;
     await m.waitLog(/client mallory \(pid \d+\): size 3 is smaller than the 10-byte header; answered TPM_BAD_PARAMETER and dropped/);
+    await m.waitLog(/client mallory \(pid \d+\): 3 more refusals in 10 s \(not logged one by one\)/);
     await saving;
     expect(Buffer.from((await good.load(instance, 'volatile'))!)).toEqual(Buffer.alloc(50_000, 19));
     // A client that promises a 100-byte frame, sends 20 and leaves is named in the log.

@@ -1,0 +1,196 @@
+// What the backend reports about each guest's commands: the metrics (src/util/metrics.ts) and, when
+// the toolstack asked for one, the capture (capture.ts). A guest's vTPM target is wrapped once, where
+// its channel or QEMU endpoint is opened, so every transport is measured at the same point: from a
+// command reaching the vTPM to its answer being ready (durable, on the ring).
+import type { Counter } from 'prom-client';
+import { backendMetrics, forgetGuest, guestError, showGuest, since, type CommandOutcome, type Transport } from '../util/metrics.js';
+import { commandName, responseRc } from '../tpm/command-names.js';
+import type { OnceRequest, VtpmTarget } from './target.js';
+import { GuestCapture, type XsCaptureRouter } from './capture.js';
+
+export interface GuestLabels {
+  /** '' for a QEMU endpoint (no domain); its vm tells it apart. */
+  domid: string;
+  vm: string;
+  transport: Transport;
+}
+
+type CommandChild = ReturnType<Counter<'domid' | 'vm' | 'transport' | 'command' | 'rc'>['labels']>;
+
+export class GuestObserver {
+  readonly labels: GuestLabels;
+  capture: GuestCapture | null;
+  /** Counter children by command name and outcome, so a command costs no label lookup. */
+  readonly #children = new Map<string, CommandChild>();
+  readonly #duration;
+
+  constructor(labels: GuestLabels, capture: GuestCapture | null = null) {
+    this.labels = labels;
+    this.capture = capture;
+    this.#duration = backendMetrics().duration.labels(labels.transport, labels.domid, labels.vm);
+  }
+
+  /** One command answered (`response` null: no TPM answer, the backend made up a failure). */
+  done(command: Uint8Array, response: Uint8Array | null, t0: number): void {
+    const rc = response === null ? -1 : responseRc(response);
+    const outcome: CommandOutcome = response === null ? 'failure' : rc === 0 ? 'success' : 'tpm_error';
+    const name = commandName(command);
+    const key = `${name}/${outcome}`;
+    let c = this.#children.get(key);
+    if (!c) this.#children.set(key, (c = backendMetrics().commands.labels(this.labels.domid, this.labels.vm, this.labels.transport, name, outcome)));
+    c.inc();
+    this.#duration.observe(since(t0));
+    if (outcome !== 'success') guestError(this.labels.domid, this.labels.vm, outcome);
+    this.capture?.command(command, response, t0);
+  }
+
+  /** The guest was cut off (`reason` from a fixed set). */
+  cutOff(reason: string): void {
+    backendMetrics().cutOff.inc({ reason });
+    guestError(this.labels.domid, this.labels.vm, `cut_off_${reason}`);
+  }
+}
+
+/** `target` with every command reported to `obs`. */
+export function observeTarget(target: VtpmTarget, obs: GuestObserver): VtpmTarget {
+  return {
+    execute: observeExecute((command, opts) => target.execute(command, opts), obs),
+    cancel: () => target.cancel(),
+    ...(target.completed ? { completed: (id: bigint) => target.completed!(id) } : {}),
+    ...(target.checkpoint ? { checkpoint: () => target.checkpoint!() } : {}),
+    ...(target.executeGroup
+      ? {
+          executeGroup: async (first, more, status) => {
+            // Each request is timed from when it joined the group to the group's durable answer.
+            const joined: Array<{ r: OnceRequest; t0: number }> = [{ r: first, t0: performance.now() }];
+            let responses: Uint8Array[] | null = null;
+            try {
+              responses = await target.executeGroup!(
+                first,
+                (joins) => {
+                  const r = more(joins);
+                  if (r) joined.push({ r, t0: performance.now() });
+                  return r;
+                },
+                status,
+              );
+              return responses;
+            } finally {
+              joined.forEach((j, i) => obs.done(j.r.command, responses?.[i] ?? null, j.t0));
+            }
+          },
+        }
+      : {}),
+  };
+}
+
+/** An execute function (a QEMU endpoint's) with every command reported to `obs`. */
+export function observeExecute<A extends unknown[]>(
+  execute: (command: Uint8Array, ...rest: A) => Promise<Uint8Array>,
+  obs: GuestObserver,
+): (command: Uint8Array, ...rest: A) => Promise<Uint8Array> {
+  return async (command, ...rest) => {
+    const t0 = performance.now();
+    let response: Uint8Array | null = null;
+    try {
+      response = await execute(command, ...rest);
+      return response;
+    } finally {
+      obs.done(command, response, t0);
+    }
+  };
+}
+
+/** What a xenbus device reports: its state, suspends and resumes, cut-offs, and its capture. */
+export class DeviceObservation {
+  readonly #key: object;
+  readonly #domid: number;
+  readonly #devid: number;
+  readonly #log: (line: string) => void;
+  readonly #captures: XsCaptureRouter | undefined;
+  #observer: GuestObserver | null = null;
+  #capture: GuestCapture | null = null;
+  /** When the guest asked to suspend (performance.now), until its suspend is acknowledged. */
+  #suspendT0 = -1;
+
+  constructor(key: object, domid: number, devid: number, log: (line: string) => void, captures?: XsCaptureRouter) {
+    this.#key = key;
+    this.#domid = domid;
+    this.#devid = devid;
+    this.#log = log;
+    this.#captures = captures;
+  }
+
+  /** A frontend connects: this guest's observer; the capture the toolstack asked for is opened once and kept across reconnects. */
+  attach(vm: string, transport: 'v2' | 'ring', capture: string | undefined, captureMaxMb: string | undefined): GuestObserver {
+    if (capture && !this.#capture) {
+      const mb = Number(captureMaxMb ?? 100);
+      try {
+        this.#capture = new GuestCapture(capture, (Number.isFinite(mb) && mb > 0 ? mb : 100) * 1024 * 1024, this.#domid, this.#devid, this.#log);
+        this.#captures?.add(this.#domid, this.#capture);
+        this.#log(`dom${this.#domid}: capturing to ${capture}`);
+      } catch (err) {
+        this.#log(`dom${this.#domid}: capture ${capture}: ${(err as Error).message}; not capturing`);
+      }
+    }
+    if (this.#observer?.labels.vm !== vm || this.#observer.labels.transport !== transport) {
+      this.#observer = new GuestObserver({ domid: String(this.#domid), vm, transport }, this.#capture);
+    }
+    return this.#observer;
+  }
+
+  /** What the metrics show of the device: its backend xenbus state. */
+  show(state: string): void {
+    const l = this.#observer?.labels;
+    showGuest(this.#key, { domid: String(this.#domid), vm: l?.vm ?? '', transport: l?.transport ?? 'none', state });
+  }
+
+  /** The frontend's ring or page is mapped and the device Connected (`t0`: when the attach began). */
+  connected(resume: boolean, t0: number): void {
+    this.#capture?.newStream();
+    this.show('Connected');
+    if (!resume || !this.#observer) return;
+    const transport = this.#observer.labels.transport;
+    backendMetrics().resumes.inc({ transport });
+    backendMetrics().resumeDuration.observe({ transport }, since(t0));
+  }
+
+  /** The guest is closing (its Closing, or the ring's suspend notice): a suspend's clock starts at the first. */
+  closing(): void {
+    if (this.#suspendT0 < 0) this.#suspendT0 = performance.now();
+    this.show('Closing');
+  }
+
+  /** The suspend is acknowledged (the vTPM state saved). */
+  suspended(): void {
+    const transport = this.#observer?.labels.transport ?? 'v2';
+    backendMetrics().suspends.inc({ transport });
+    if (this.#suspendT0 >= 0) backendMetrics().suspendDuration.observe({ transport }, since(this.#suspendT0));
+  }
+
+  /** The frontend's connection is closed (suspended or not); unless the device goes offline it waits for the next. */
+  closed(offline: boolean): void {
+    this.#suspendT0 = -1;
+    if (!offline) this.show('InitWait');
+  }
+
+  cutOff(kind: string, reason: string): void {
+    if (this.#observer) this.#observer.cutOff(kind);
+    else {
+      backendMetrics().cutOff.inc({ reason: kind });
+      guestError(String(this.#domid), '', `cut_off_${kind}`);
+    }
+    this.#capture?.note(`cut off: ${reason}`);
+    this.#suspendT0 = -1;
+    this.show('Closing');
+  }
+
+  /** The device is gone: no more series, the capture closed. */
+  end(): void {
+    forgetGuest(this.#key);
+    if (!this.#capture) return;
+    this.#captures?.remove(this.#domid);
+    void this.#capture.close();
+    this.#capture = null;
+  }
+}

@@ -1,0 +1,206 @@
+// Prometheus metrics of this process (docs/observability.md). Every daemon keeps one registry, labelled
+// with its role, and serves it on a UNIX socket in the run directory; the backend merges them all for
+// `host up --metrics HOST:PORT` (metrics-http.ts) and `vtpm top` reads the same sockets. Each role's
+// metrics are created the first time that role asks for them, so a process exports only its own.
+// Labels take bounded values only: domid, vm (one per guest), transport, TPM command names from a fixed
+// table, outcome and reason names from fixed sets, never request ids or guest strings.
+import { Counter, Gauge, Histogram, Registry, collectDefaultMetrics } from 'prom-client';
+import { procUsage } from './proc.js';
+
+export const registry = new Registry();
+
+export type DaemonName = 'backend' | 'manager' | 'xenstored' | 'hypervisor';
+export type Transport = 'v2' | 'ring' | 'qemu';
+/** success: TPM rc 0; tpm_error: the TPM answered with an error code; failure: no TPM answer (the backend made one up). */
+export type CommandOutcome = 'success' | 'tpm_error' | 'failure';
+
+let daemon: DaemonName | null = null;
+
+/** Label this process's metrics with its role and add Node's process metrics (memory, CPU, event-loop lag). */
+export function initMetrics(role: DaemonName): void {
+  if (daemon) return;
+  daemon = role;
+  registry.setDefaultLabels({ daemon: role });
+  collectDefaultMetrics({ register: registry, prefix: 'vtpm_' });
+  // Gauges whose names end in _total break Prometheus' naming rules (promtool check metrics says so).
+  for (const n of ['nodejs_active_handles_total', 'nodejs_active_requests_total', 'nodejs_active_resources_total']) registry.removeSingleMetric(`vtpm_${n}`);
+}
+
+const LATENCY_BUCKETS = [5e-6, 1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 0.01, 0.025, 0.1, 1, 10];
+
+function counter<L extends string>(name: string, help: string, labelNames: readonly L[] = []): Counter<L> {
+  return new Counter<L>({ name, help, labelNames, registers: [registry] });
+}
+
+function histogram<L extends string>(name: string, help: string, labelNames: readonly L[], buckets = LATENCY_BUCKETS): Histogram<L> {
+  return new Histogram<L>({ name, help, labelNames, buckets, registers: [registry] });
+}
+
+/** One guest as the backend sees it, for vtpm_guests and vtpm_guest_info (read at each scrape). */
+export interface GuestView {
+  domid: string;
+  vm: string;
+  transport: Transport | 'none';
+  /** xenbus state name of the backend's side (QEMU endpoints: Connected). */
+  state: string;
+}
+
+const guestViews = new Map<object, GuestView>();
+
+/** Publish (or update) what the backend knows of a guest; `forget` on its removal. */
+export function showGuest(key: object, view: GuestView): void {
+  guestViews.set(key, view);
+}
+
+export function forgetGuest(key: object): void {
+  guestViews.delete(key);
+}
+
+/** Multi-VM mode: the vTPM-domain processes, read at each scrape (their own sockets would sit in a domain's reach). */
+let domainSource: () => Array<{ domid: number; vm: string; pid: number }> = () => [];
+
+export function showDomains(source: () => Array<{ domid: number; vm: string; pid: number }>): void {
+  domainSource = source;
+}
+
+function domainUsage(): Array<{ labels: { domid: string; vm: string }; cpuSeconds: number; rssBytes: number }> {
+  const out = [];
+  for (const d of domainSource()) {
+    const u = procUsage(d.pid);
+    if (u) out.push({ labels: { domid: String(d.domid), vm: d.vm }, ...u });
+  }
+  return out;
+}
+
+function backendSet() {
+  return {
+    commands: counter('vtpm_commands_total', 'TPM commands answered, by guest, transport, command and outcome', ['domid', 'vm', 'transport', 'command', 'rc'] as const),
+    duration: histogram('vtpm_command_duration_seconds', 'Time from a command reaching its vTPM to its answer, by transport and guest', ['transport', 'domid', 'vm'] as const),
+    guests: new Gauge({
+      name: 'vtpm_guests',
+      help: 'Guests with a vTPM device or QEMU endpoint, by transport and xenbus state of the backend side',
+      labelNames: ['transport', 'state'] as const,
+      registers: [registry],
+      collect(this: Gauge<'transport' | 'state'>) {
+        this.reset();
+        for (const g of guestViews.values()) this.inc({ transport: g.transport, state: g.state });
+      },
+    }),
+    guestInfo: new Gauge({
+      name: 'vtpm_guest_info',
+      help: 'One series per guest (value 1): its domid, VM, transport and backend xenbus state',
+      labelNames: ['domid', 'vm', 'transport', 'state'] as const,
+      registers: [registry],
+      collect(this: Gauge<'domid' | 'vm' | 'transport' | 'state'>) {
+        this.reset();
+        for (const g of guestViews.values()) this.set({ domid: g.domid, vm: g.vm, transport: g.transport, state: g.state }, 1);
+      },
+    }),
+    suspends: counter('vtpm_suspends_total', 'Guest suspends acknowledged (in-flight commands answered, vTPM state durable)', ['transport'] as const),
+    suspendDuration: histogram('vtpm_suspend_duration_seconds', 'From a guest asking to suspend to the backend acknowledging it', ['transport'] as const),
+    resumes: counter('vtpm_resumes_total', 'Guests connected again after a suspend', ['transport'] as const),
+    resumeDuration: histogram('vtpm_resume_duration_seconds', 'From a resumed frontend publishing its new ring to the backend going Connected', ['transport'] as const),
+    cutOff: counter('vtpm_guests_cut_off_total', 'Frontends cut off (their device to Closing with an error), by reason', ['reason'] as const),
+    refused: counter('vtpm_requests_refused_total', 'Ring requests answered EINVAL without running, by reason', ['reason'] as const),
+    lastError: new Gauge({
+      name: 'vtpm_guest_last_error_timestamp_seconds',
+      help: 'When a guest last saw an error (Unix time), labelled with what it was; one series per guest',
+      labelNames: ['domid', 'vm', 'error'] as const,
+      registers: [registry],
+    }),
+    domainRestarts: counter('vtpm_domain_restarts_total', 'vTPM-domain processes that died and were restarted from the manager state (multi-VM mode)'),
+    domainMemory: new Gauge({
+      name: 'vtpm_domain_resident_memory_bytes',
+      help: 'Resident memory of each vTPM-domain process (multi-VM mode)',
+      labelNames: ['domid', 'vm'] as const,
+      registers: [registry],
+      collect(this: Gauge<'domid' | 'vm'>) {
+        this.reset();
+        for (const d of domainUsage()) this.set(d.labels, d.rssBytes);
+      },
+    }),
+    domainCpu: new Counter({
+      name: 'vtpm_domain_cpu_seconds_total',
+      help: 'CPU time (user + system) of each vTPM domain\'s process; starts again from 0 when the domain is restarted (multi-VM mode)',
+      labelNames: ['domid', 'vm'] as const,
+      registers: [registry],
+      collect(this: Counter<'domid' | 'vm'>) {
+        this.reset();
+        for (const d of domainUsage()) this.inc(d.labels, d.cpuSeconds);
+      },
+    }),
+  };
+}
+
+function managerSet() {
+  return {
+    saves: counter('vtpm_manager_saves_total', 'vTPM state blobs saved durably at the manager'),
+    commits: counter('vtpm_manager_commits_total', 'Group commits, by how they were made durable', ['kind'] as const),
+    groupSize: histogram('vtpm_manager_group_commit_size', 'Operations per group commit', [], [1, 2, 4, 8, 16, 32, 64, 128, 256, 512]),
+    fsync: histogram('vtpm_manager_fsync_duration_seconds', 'One write-ahead-log append: pwrite plus fdatasync', []),
+    checkpoints: counter('vtpm_manager_checkpoints_total', 'Checkpoints written (state as files, the log emptied)'),
+    refused: counter('vtpm_manager_requests_refused_total', 'Client and console requests refused, by the status they were answered with', ['status'] as const),
+  };
+}
+
+function xenstoreSet() {
+  return {
+    requests: counter('vtpm_xenstore_requests_total', 'xs_wire requests handled, by type', ['type'] as const),
+    watchEvents: counter('vtpm_xenstore_watch_events_total', 'Watch events sent to connections'),
+    cutOff: counter('vtpm_xenstore_connections_cut_off_total', 'Connections closed for protocol violations, by reason', ['reason'] as const),
+  };
+}
+
+/** The hypervisor's domains, read at each scrape. */
+let domainCount: () => number = () => 0;
+
+export function showHypervisorDomains(count: () => number): void {
+  domainCount = count;
+}
+
+function hypervisorSet() {
+  return {
+    hypercalls: counter('vtpm_hypervisor_hypercalls_total', 'Hypercalls handled, by operation', ['op'] as const),
+    domains: new Gauge({
+      name: 'vtpm_hypervisor_domains',
+      help: 'Domains the hypervisor holds (dom0 processes, guests, vTPM domains)',
+      registers: [registry],
+      collect(this: Gauge) {
+        this.set(domainCount());
+      },
+    }),
+  };
+}
+
+type Lazy<T> = () => T;
+function lazy<T>(make: () => T): Lazy<T> {
+  let v: T | undefined;
+  return () => (v ??= make());
+}
+
+/** The backend's metrics (created on first use). */
+export const backendMetrics = lazy(backendSet);
+/** The manager's metrics (created on first use). */
+export const managerMetrics = lazy(managerSet);
+/** The hypervisor's metrics (created on first use). */
+export const hypervisorMetrics = lazy(hypervisorSet);
+/** xenstored's metrics (created on first use). */
+export const xenstoreMetrics = lazy(xenstoreSet);
+
+export type BackendMetrics = ReturnType<typeof backendSet>;
+
+/** Seconds since `t0` (a performance.now() reading). */
+export function since(t0: number): number {
+  return (performance.now() - t0) / 1000;
+}
+
+const lastErrorSeries = new Map<string, { vm: string; error: string }>();
+
+/** Record that guest `domid` just saw `error` (a name from a fixed set); its previous error series goes. */
+export function guestError(domid: string, vm: string, error: string): void {
+  const m = backendMetrics();
+  const old = lastErrorSeries.get(`${domid}/${vm}`);
+  if (old) m.lastError.remove({ domid, vm: old.vm, error: old.error });
+  lastErrorSeries.set(`${domid}/${vm}`, { vm, error });
+  m.lastError.set({ domid, vm, error }, Date.now() / 1000);
+}
