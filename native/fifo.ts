@@ -1,4 +1,5 @@
 // mkfifo(3), which Node does not offer: the manager's control channels are named pipes, as in Xen 3.x.
+import './koffi-config.js';
 import koffi from './koffi.js';
 
 const libc = koffi.load('libc.so.6');

@@ -1,10 +1,13 @@
 // `npm run bench -- NAME [--json FILE] [bench args…]`: runs scripts/bench/NAME, prints the table and
 // writes the JSON report (default bench-results/NAME.json). Every bench measures its peer in the same
-// run, so the ratio compares like with like on this machine today.
+// run, so the ratio compares like with like on this machine today. `npm run bench -- doc` renders
+// bench-results/ into docs/benchmarks.md (scripts/bench-doc.ts).
 import { mkdirSync, writeFileSync, readdirSync } from 'node:fs';
+import os from 'node:os';
 import { dirname, join } from 'node:path';
 import { fileURLToPath } from 'node:url';
-import { machine, round, table, type BenchModule, type BenchReport } from './bench/lib.js';
+import { cpuPressure, machine, round, table, type BenchModule, type BenchReport } from './bench/lib.js';
+import { main as benchDoc } from './bench-doc.js';
 
 const here = dirname(fileURLToPath(import.meta.url));
 
@@ -13,6 +16,7 @@ async function main(argv: string[]): Promise<number> {
     .filter((f) => f.endsWith('.js') && f !== 'lib.js' && !f.startsWith('_'))
     .map((f) => f.slice(0, -3));
   const name = argv[0];
+  if (name === 'doc') return benchDoc(argv.slice(1));
   if (!name || name.startsWith('-')) {
     console.error(`usage: npm run bench -- NAME [--json FILE] [args]\nbenches: ${available.join(', ')}`);
     return 2;
@@ -32,11 +36,14 @@ async function main(argv: string[]): Promise<number> {
     } else args.push(rest[i]!);
   }
   const mod = (await import(`./bench/${name}.js`)) as BenchModule;
+  const psiStart = cpuPressure();
+  const loadStart = os.loadavg()[0]!;
   const figures = await mod.run({ args, log: (l) => console.error(`[${name}] ${l}`) });
   const report: BenchReport = {
     bench: name,
     date: new Date().toISOString(),
     machine: machine(),
+    conditions: { psiStart, psiEnd: cpuPressure(), loadStart: round(loadStart, 2), loadEnd: round(os.loadavg()[0]!, 2) },
     figures: figures.map((f) => ({
       id: f.id,
       unit: f.unit,
@@ -44,6 +51,7 @@ async function main(argv: string[]): Promise<number> {
       peer: round(f.peer),
       ratio: round(f.ours / f.peer, 4),
       ...(f.note ? { note: f.note } : {}),
+      ...(f.target ? { target: f.target } : {}),
     })),
   };
   mkdirSync(dirname(jsonPath), { recursive: true });

@@ -2,7 +2,8 @@
 // TpmFront → ring (grant-mapped page + event channel) → backend process → libtpms — against the same
 // client talking to swtpm over its UNIX socket, in the same run. Then aggregate PCR_Extend/s with 1,
 // 16 and 256 guests (one outstanding command each) against as many swtpm processes driven alike, and
-// memory per guest (the backend's PSS growth per guest vs a swtpm process's PSS).
+// memory per guest (the backend's PSS growth per guest vs a swtpm process's PSS). A v2 run then adds
+// the exactly-once ring beside it: getrandom_rtt_p50_ring and extend_per_s_256_ring, same peers.
 import fs from 'node:fs';
 import os from 'node:os';
 import { join } from 'node:path';
@@ -77,6 +78,9 @@ async function aggregate(clients: Client[], ms: number): Promise<number> {
   return n / (usSince(t0) / 1e6);
 }
 
+/** Domids of the ring guests a v2 run adds (above the v2 guests' 1..256). */
+const RING_DOMID_BASE = 1001;
+
 interface Guest {
   dom: Domain;
   xs: XsClient;
@@ -108,14 +112,16 @@ export async function run(ctx: BenchContext): Promise<Figure[]> {
     xs0 = await connect(h.xenstoredSocket);
     const base = smapsRollup(backendPid);
 
-    const addGuest = async (domid: number, pollUs?: number, backendKeys: Record<string, string> = {}): Promise<void> => {
+    const addGuest = async (domid: number, pollUs?: number, backendKeys: Record<string, string> = {}, proto: 'v2' | 'ring' = protocol): Promise<Guest> => {
       await xs0!.introduce(domid);
       await writeDeviceDirectories(xs0!, { frontDomid: domid, backDomid: 0, devid: 0, uuid: randomUUID(), extra: { backend: { 'tpm-version': '2.0', ...backendKeys } } });
       const dom = await Domain.create({ domid, dir: h.xenDir, geometry: { nrPages: 40 } });
       const xs = await connect(join(h.domainSocketDir, `dom${domid}.sock`));
-      const front = await TpmFront.connect({ xs, dom, protocol, timeoutMs: 60_000, pollUs });
+      const front = await TpmFront.connect({ xs, dom, protocol: proto, timeoutMs: 60_000, pollUs });
       await front.transmit(STARTUP_CLEAR);
-      guests.push({ dom, xs, front });
+      const g = { dom, xs, front };
+      guests.push(g);
+      return g;
     };
     const addSwtpm = async (): Promise<void> => {
       const s = await SwtpmProcess.start({ dir: fs.mkdtempSync(join(work, 'swtpm-')) });
@@ -219,6 +225,26 @@ export async function run(ctx: BenchContext): Promise<Figure[]> {
       peer: swPss / 1024 / maxN,
       note: 'backend PSS growth per guest vs swtpm PSS',
     });
+    if (protocol === 'v2') {
+      // The exactly-once ring beside it (#19): GetRandom round trip and PCR_Extend/s with maxN ring
+      // guests, against the same swtpm peers in the same run.
+      const ring: Guest[] = [await addGuest(RING_DOMID_BASE, undefined, {}, 'ring')];
+      const r0: Client = ring[0]!.front;
+      await latencies(r0, () => GET_RANDOM_8, 300);
+      const gr: number[][] = [[], []];
+      for (let round = 0; round < 4; round++) {
+        gr[0]!.push(...(await latencies(r0, () => GET_RANDOM_8, k)));
+        gr[1]!.push(...(await latencies(peer, () => GET_RANDOM_8, k)));
+      }
+      ctx.log(`ring GetRandom p50 ours ${median(gr[0]!).toFixed(1)} µs, swtpm ${median(gr[1]!).toFixed(1)} µs`);
+      figures.push({ id: 'getrandom_rtt_p50_ring', unit: 'µs', ours: median(gr[0]!), peer: median(gr[1]!), note: 'ring transport, exactly-once; swtpm UNIX socket' });
+      while (ring.length < maxN) ring.push(await addGuest(RING_DOMID_BASE + ring.length, undefined, {}, 'ring'));
+      const o = await aggregate(ring.map((g) => g.front), tputMs);
+      const p = await aggregate(swClients.slice(0, maxN), tputMs);
+      ctx.log(`ring PCR_Extend/s with ${maxN}: ours ${o.toFixed(0)}, swtpm ${p.toFixed(0)}`);
+      figures.push({ id: `extend_per_s_${maxN}_ring`, unit: 'cmd/s', ours: o, peer: p, note: `ring transport, exactly-once; ${maxN} swtpm processes` });
+    }
+
     return figures;
   } finally {
     for (const c of swClients) c.close();

@@ -12,6 +12,23 @@ export interface Figure {
   ratio?: number;
   /** What "peer" was in this run (e.g. "swtpm 0.7.3 socket"), shown in the table. */
   note?: string;
+  /** The goal this figure is held to; figures with one make the headline table of docs/benchmarks.md. */
+  target?: Target;
+}
+
+/** A goal on a figure: `ratio <= 0.5`, `ours <= 5` (in the figure's unit), … */
+export interface Target {
+  on: 'ratio' | 'ours';
+  op: '<=' | '>=';
+  value: number;
+}
+
+/** How busy the machine was while a bench ran: Linux CPU pressure (PSI some avg10, %) and load average. */
+export interface Conditions {
+  psiStart: number | null;
+  psiEnd: number | null;
+  loadStart: number;
+  loadEnd: number;
 }
 
 export interface BenchContext {
@@ -28,7 +45,18 @@ export interface BenchReport {
   bench: string;
   date: string;
   machine: { cpus: number; model: string; node: string; memGiB: number; kernel: string };
-  figures: Array<Required<Omit<Figure, 'note'>> & { note?: string }>;
+  conditions?: Conditions;
+  figures: Array<Required<Omit<Figure, 'note' | 'target'>> & { note?: string; target?: Target }>;
+}
+
+/** CPU pressure now (PSI some avg10, %), or null without /proc/pressure. */
+export function cpuPressure(): number | null {
+  try {
+    const m = /some avg10=([\d.]+)/.exec(fs.readFileSync('/proc/pressure/cpu', 'latin1'));
+    return m ? Number(m[1]) : null;
+  } catch {
+    return null;
+  }
 }
 
 export function machine(): BenchReport['machine'] {
@@ -75,7 +103,7 @@ export function table(report: BenchReport): string {
   return [head, '', line(header), `|${widths.map((w) => '-'.repeat(w + 2)).join('|')}|`, ...rows.map(line)].join('\n');
 }
 
-function fmt(x: number): string {
+export function fmt(x: number): string {
   if (!Number.isFinite(x)) return String(x);
   if (Math.abs(x) >= 1000) return x.toFixed(0);
   if (Math.abs(x) >= 10) return x.toFixed(1);

@@ -1,7 +1,7 @@
 // The one interface the backend dispatches a frontend's device through, whichever transport the
 // frontend chose in xenstore (docs/protocols/tpmif.md): the v2 page or the multi-request ring.
 import type { Domain } from '../xen/index.js';
-import type { VtpmTarget } from './target.js';
+import type { VtpmTarget } from '../tpm/vtpm.js';
 import { V2Channel } from './v2-channel.js';
 import { RingChannel } from './ring-channel.js';
 import type { RingTap } from './capture.js';

@@ -7,18 +7,10 @@ import { deviceFatal, readState, switchState, type VtpmDevice, XenbusState } fro
 import { backendConnected, backendInitWait, parseFrontendRing } from '../xenstore/xenbus-backend.js';
 import { XS_FEATURE_RING, XS_FEATURE_V2 } from '../xen/tpmif.js';
 import { openChannel, type Channel, type ChannelOptions } from './channel.js';
-import type { VtpmTarget } from './target.js';
+import type { VtpmProvider, VtpmSession } from './provider.js';
 import { trace } from '../util/trace.js';
 import { DeviceObservation, observeTarget } from './observe.js';
 import type { XsCaptureRouter } from './capture.js';
-
-/** What a device needs from the backend process: the vTPM for a VM, opened at the manager. */
-export interface VtpmProvider {
-  /** Open (create or resume) the VM's vTPM; `resume` keeps its saved volatile state. */
-  open(vmUuid: string, version: '2.0' | '1.2', resume: boolean): Promise<VtpmTarget & { instance: number }>;
-  /** The device is gone: save what must survive and release the instance. */
-  release(instance: number): Promise<void>;
-}
 
 export interface DeviceOptions {
   dom: Domain;
@@ -86,7 +78,7 @@ export class BackendDevice {
   #watch: XsWatch | null = null;
   #ownWatch: XsWatch | null = null;
   #channel: Channel | null = null;
-  #vtpm: (VtpmTarget & { instance: number }) | null = null;
+  #vtpm: VtpmSession | null = null;
   #chain: Promise<void> = Promise.resolve();
   #fatal = false;
   #gone = false;
@@ -300,7 +292,7 @@ export class BackendDevice {
    * backend skips the reload (library, TPMLIB_MainInit, manager OPEN); the others go back to the
    * manager at once.
    */
-  async #suspended(vtpm: VtpmTarget & { instance: number }): Promise<void> {
+  async #suspended(vtpm: VtpmSession): Promise<void> {
     const park = parkMs();
     if (vtpm.checkpoint && park > 0) {
       // Nothing to store when quiesce's checkpoint covers everything that ran (always, on the ring).
@@ -412,7 +404,7 @@ export class BackendDevice {
       }
     }
     try {
-      this.#vtpm ??= await this.#o.vtpms.open(vm, version, resume);
+      this.#vtpm ??= await this.#o.vtpms.open(vm, version, { resume });
     } catch (err) {
       return this.#fail(5, `cannot open the vTPM of VM ${vm}: ${(err as Error).message}`, 'vtpm_unavailable');
     }

@@ -1,33 +1,27 @@
 // Multi-VM mode (docs/multi-vm.md): every guest's vTPM runs alone in a vTPM-domain process
 // with its own domid, and its own FIFO pair to the manager. The backend reaches each domain over a
 // shared-memory ring whose pages it grants to that domid: the backend is the ring's frontend
-// (RingFront), the domain its backend (RingChannel in vtpm-domain-main.ts). Lifecycle goes over the
-// domain's control frames (VtpmDomain).
+// (RingFront), the domain its backend (RingChannel and ExactlyOnce in vtpm-domain-main.ts). Lifecycle
+// goes over the domain's control frames (VtpmDomain).
 //
-// Isolation: a domain that dies (kill -9, a crash) fails only its own commands: the command in flight
-// gets a TPM failure response from the guest-facing channel, later ones wait for a new incarnation (a
-// new domid, as a restarted stub domain gets) powered on from the manager's last durable state and
-// started with TPM2_Startup(CLEAR), so the guest carries on with its NV and persistent objects; the
-// volatile state (PCRs, sessions, transient objects) is lost as in a TPM reset. The other guests'
-// domains are other processes and the backend only does bookkeeping on their behalf.
+// Isolation: a domain that dies (kill -9, a crash) hurts only its own guest. A new incarnation (a new
+// domid, as a restarted stub domain gets) powers on from the manager's last checkpoint; a guest's ring
+// request in flight is sent again with its id, so the domain's exactly-once table answers it or it runs
+// once on the state from before it. Without a checkpoint (a v2 guest) the TPM is started with
+// Startup(CLEAR): NV and persistent objects stay, volatile state is lost as in a TPM reset. The other
+// guests' domains are other processes and the backend only does bookkeeping on their behalf.
 import fs from 'node:fs';
-import { dirname, join } from 'node:path';
-import { fileURLToPath } from 'node:url';
+import { join } from 'node:path';
 import { createDomainConnection, domainExists, type Domain } from '../xen/index.js';
 import { RingFront } from '../tpmif/ring-front.js';
 import type { ManagerClient } from '../manager/client.js';
 import { connectPair, pairDescriptors, type ClientPair } from '../manager/fifo-client.js';
-import { VtpmDomain, type DomainLaunch } from '../tpm/domain-client.js';
-import type { VtpmProvider } from './device.js';
-import type { VtpmTarget } from './target.js';
+import { VtpmDomain, type DomainLaunch } from './vtpm-domain.js';
+import type { SwtpmVtpm } from '../tpm/vtpm.js';
+import type { TpmVersion } from '../tpm/wire.js';
+import { ProviderError, type OpenMode, type VtpmProvider, type VtpmSession } from './provider.js';
 import { domainNodeFlags } from './domain-flags.js';
 import { backendMetrics } from '../util/metrics.js';
-
-const here = dirname(fileURLToPath(import.meta.url));
-/** The domain entry point; from source (tests) use the build in dist/. */
-export const VTPM_DOMAIN_MAIN = import.meta.url.endsWith('.ts')
-  ? join(here, '../../dist/src/backend/vtpm-domain-main.js')
-  : join(here, 'vtpm-domain-main.js');
 
 /** First domid handed to vTPM domains; guests use low domids. */
 export const FIRST_VTPM_DOMID = 0x7000;
@@ -105,7 +99,12 @@ export class MultiVmVtpms implements VtpmProvider {
       .map((s) => ({ instance: s.instance, vm: s.vm, domid: s.current!.domid, pid: s.current!.domain.pid }));
   }
 
-  async open(vmUuid: string, version: '2.0' | '1.2', resume: boolean): Promise<VtpmTarget & { instance: number }> {
+  open(vmUuid: string, version: TpmVersion, mode: { resume: boolean }): Promise<VtpmSession>;
+  open(vmUuid: string, version: TpmVersion, mode: { qemu: true }): Promise<SwtpmVtpm>;
+  async open(vmUuid: string, version: TpmVersion, mode: OpenMode): Promise<VtpmSession> {
+    // QEMU's endpoint drives swtpm's controls on the TPM itself; here the TPM is in another process.
+    if ('qemu' in mode) throw new ProviderError('NO_QEMU', 'multi-VM mode cannot serve QEMU endpoints (its vTPMs run in vTPM domains)');
+    const resume = mode.resume;
     const { instance, created } = await this.#o.mgr.open({ vmUuid, version });
     let slot = this.#slots.get(instance);
     if (!slot) {
@@ -174,26 +173,14 @@ export class MultiVmVtpms implements VtpmProvider {
         instance: slot.instance,
         domid,
         version: slot.version,
-        stateDir: '',
-        ...(this.#o.launch ? { launch: this.#o.launch, inheritFds: fds, onSpawned: release } : {}),
+        vm: slot.vm,
+        front,
+        frontDomid: this.#o.dom.domid,
+        managerRunDir: this.#o.managerRunDir,
+        xenDir: this.#o.xenDir,
+        registerDir: this.#o.registerDir,
         nodeFlags: domainNodeFlags(),
-        entry: {
-          script: VTPM_DOMAIN_MAIN,
-          args: [
-            '--instance', String(slot.instance),
-            '--domid', String(domid),
-            '--tpm-version', slot.version,
-            '--vm', slot.vm,
-            '--manager-run', this.#o.managerRunDir,
-            '--xen-dir', this.#o.xenDir,
-            '--front-domid', String(this.#o.dom.domid),
-            '--ring-ref', String(front.refs[0]),
-            '--event-channel', String(front.port),
-            '--register-dir', this.#o.registerDir,
-            // After the hypercall connection (fd 3): the manager pair's request and response ends.
-            ...(pair ? ['--manager-fds', '4,5'] : []),
-          ],
-        },
+        ...(this.#o.launch ? { launch: this.#o.launch, managerFds: [fds[0]!, fds[1]!] as [number, number], onSpawned: release } : {}),
       });
     } catch (err) {
       release();
@@ -250,25 +237,35 @@ export class MultiVmVtpms implements VtpmProvider {
     this.#domids.delete(domid);
   }
 
-  #target(slot: Slot): VtpmTarget & { instance: number } {
+  /**
+   * The guest's session: each command goes to the current incarnation. One carrying a ring request id
+   * whose domain dies under it is sent again, same id, to the next incarnation: that one restarted from
+   * the last checkpoint, so its exactly-once table answers the id or the command runs once.
+   */
+  #target(slot: Slot): VtpmSession {
     const timeoutMs = this.#o.commandTimeoutMs ?? 120_000;
     return {
       instance: slot.instance,
       execute: async (command, opts) => {
-        if (slot.released) throw new MultiVmError('RELEASED', `vTPM instance ${slot.instance} was released`);
-        const inc = await slot.ready;
-        // A domain that stops answering is treated like one that died: killed, restarted; never a hang.
-        const timer = setTimeout(() => {
-          this.#o.log(`vTPM domain ${inc.domid}: no answer in ${timeoutMs} ms; killing it`);
-          process.kill(inc.domain.pid, 'SIGKILL');
-        }, timeoutMs);
-        try {
-          return await inc.front.transmit(command, { locality: opts.locality });
-        } finally {
-          clearTimeout(timer);
+        for (;;) {
+          if (slot.released) throw new MultiVmError('RELEASED', `vTPM instance ${slot.instance} was released`);
+          const inc = await slot.ready;
+          // A domain that stops answering is treated like one that died: killed, restarted; never a hang.
+          const timer = setTimeout(() => {
+            this.#o.log(`vTPM domain ${inc.domid}: no answer in ${timeoutMs} ms; killing it`);
+            process.kill(inc.domain.pid, 'SIGKILL');
+          }, timeoutMs);
+          try {
+            return await inc.domain.execute(command, opts);
+          } catch (err) {
+            if (!opts.id || slot.current === inc) throw err;
+            this.#o.log(`vTPM instance ${slot.instance}: request ${opts.id} sent again to the restarted domain`);
+          } finally {
+            clearTimeout(timer);
+          }
         }
       },
-      cancel: () => slot.current?.front.cancel(),
+      cancel: () => slot.current?.domain.cancel(),
     };
   }
 

@@ -5,7 +5,7 @@
 import type { Counter } from 'prom-client';
 import { backendMetrics, forgetGuest, guestError, showGuest, since, type CommandOutcome, type Transport } from '../util/metrics.js';
 import { commandName, responseRc } from '../tpm/command-names.js';
-import type { OnceRequest, VtpmTarget } from './target.js';
+import type { OnceRequest, VtpmTarget } from '../tpm/vtpm.js';
 import { GuestCapture, type XsCaptureRouter } from './capture.js';
 
 export interface GuestLabels {

@@ -3,7 +3,8 @@
 // start its swtpm-compatible endpoint on `ctrl` and write state=4 once it listens (or `error` and
 // state=6). state=5 from the toolstack (or the node vanishing) closes the endpoint; we answer state=6.
 import type { XsClient, XsWatch } from '../xenstore/client.js';
-import { QemuEndpoint, type QemuVtpm } from './qemu-endpoint.js';
+import { QemuEndpoint } from './qemu-endpoint.js';
+import type { VtpmProvider } from './provider.js';
 import { GuestObserver } from './observe.js';
 import { GuestCapture } from './capture.js';
 import { forgetGuest, showGuest } from '../util/metrics.js';
@@ -12,17 +13,6 @@ export const QEMU_ROOT = '/local/domain/0/backend/vtpm-qemu';
 
 /** Node states, borrowed from xenbus: Initialising, Connected, Closing, Closed. */
 export const QemuNodeState = { INITIALISING: 1, CONNECTED: 4, CLOSING: 5, CLOSED: 6 } as const;
-
-/** What the backend's vTPM provider offers QEMU: the VM's instance itself (QEMU drives its power). */
-export interface QemuVtpmProvider {
-  /** Open the VM's vTPM at the manager, powered off, volatile state dropped (QEMU sends INIT). */
-  openQemu(vmUuid: string, version: '2.0' | '1.2'): Promise<QemuVtpm>;
-  release(instance: number): Promise<void>;
-}
-
-export function isQemuProvider(p: unknown): p is QemuVtpmProvider {
-  return typeof (p as Partial<QemuVtpmProvider>).openQemu === 'function';
-}
 
 interface Running {
   ep: QemuEndpoint | null;
@@ -33,21 +23,21 @@ interface Running {
 
 export class QemuDevices {
   readonly #xs: XsClient;
-  readonly #vtpms: Partial<QemuVtpmProvider>;
+  readonly #vtpms: VtpmProvider;
   readonly #log: (l: string) => void;
   readonly #nodes = new Map<string, Running>();
   #watch: XsWatch | null = null;
   #chain: Promise<void> = Promise.resolve();
 
-  private constructor(xs: XsClient, vtpms: Partial<QemuVtpmProvider>, log: (l: string) => void) {
+  private constructor(xs: XsClient, vtpms: VtpmProvider, log: (l: string) => void) {
     this.#xs = xs;
     this.#vtpms = vtpms;
     this.#log = log;
   }
 
-  /** `vtpms` without openQemu (a provider that cannot hand out instances) refuses every node. */
-  static async start(xs: XsClient, vtpms: object, log: (l: string) => void): Promise<QemuDevices> {
-    const d = new QemuDevices(xs, vtpms as Partial<QemuVtpmProvider>, log);
+  /** A provider whose vTPMs QEMU cannot drive (ProviderError NO_QEMU) refuses every node with that error. */
+  static async start(xs: XsClient, vtpms: VtpmProvider, log: (l: string) => void): Promise<QemuDevices> {
+    const d = new QemuDevices(xs, vtpms, log);
     d.#watch = await xs.watch(QEMU_ROOT, () => {
       d.#chain = d.#chain.then(() => d.#scan()).catch((err: unknown) => log(`qemu scan: ${(err as Error).message}`));
     });
@@ -79,8 +69,7 @@ export class QemuDevices {
       const ctrl = await this.#xs.readString(`${node}/ctrl`);
       const version = ((await this.#xs.tryRead(`${node}/tpm-version`)) ?? '2.0') as '2.0' | '1.2';
       if (version !== '2.0' && version !== '1.2') throw new Error(`tpm-version ${String(version)} is neither 2.0 nor 1.2`);
-      if (!isQemuProvider(this.#vtpms)) throw new Error('this backend mode cannot serve QEMU endpoints');
-      const vtpm = await this.#vtpms.openQemu(uuid, version);
+      const vtpm = await this.#vtpms.open(uuid, version, { qemu: true });
       r.instance = vtpm.instance;
       // `qemu attach --pcap FILE`: the same capture as a guest's, without the xenstore and ring records.
       const capture = await this.#xs.tryRead(`${node}/capture`);
@@ -105,7 +94,7 @@ export class QemuDevices {
     forgetGuest(r);
     await r.ep?.close().catch(() => {});
     await r.capture?.close();
-    if (r.instance !== null) await this.#vtpms.release?.(r.instance).catch(() => {});
+    if (r.instance !== null) await this.#vtpms.release(r.instance).catch(() => {});
   }
 
   async #close(id: string, answer: boolean): Promise<void> {

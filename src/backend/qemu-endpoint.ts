@@ -24,29 +24,12 @@ import { CtrlReceiver, type CtrlRequest, type ReceiverEvent } from '../swtpm/ctr
 import { DataChannel } from './qemu-data.js';
 import { StateBlobError } from '../tpm/state-blob.js';
 import type { StateKind } from '../tpm/state-store.js';
+import type { SwtpmVtpm } from '../tpm/vtpm.js';
 import type { GuestObserver } from './observe.js';
-
-/** What the endpoint drives: a TpmInstance satisfies it. */
-export interface QemuVtpm {
-  readonly instance: number;
-  readonly version: '2.0' | '1.2';
-  readonly status: string;
-  readonly bufferSize: number;
-  execute(command: Uint8Array, opts: { locality: number }): Promise<Uint8Array>;
-  cancel(): void;
-  powerOn(): Promise<void>;
-  powerOff(): Promise<void>;
-  recreate(): Promise<void>;
-  saveVolatile(): Promise<void>;
-  getStateBlob(kind: StateKind): Promise<Uint8Array | null>;
-  setStateBlob(kind: StateKind, blob: Uint8Array): Promise<void>;
-  setBufferSize(wanted: number): { size: number; min: number; max: number };
-  info(flags: number): string;
-}
 
 export interface QemuEndpointOptions {
   path: string;
-  vtpm: QemuVtpm;
+  vtpm: SwtpmVtpm;
   log: (line: string) => void;
   /** Called after CMD_SHUTDOWN was answered (swtpm exits there; we power off and keep listening). */
   onShutdown?: () => void;
@@ -128,7 +111,7 @@ export class QemuEndpoint {
     return ep;
   }
 
-  get vtpm(): QemuVtpm {
+  get vtpm(): SwtpmVtpm {
     return this.#o.vtpm;
   }
 

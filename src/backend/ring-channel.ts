@@ -24,7 +24,7 @@ import {
 import { canceledResponse, failureResponse } from '../tpm/error-response.js';
 import { responseCode } from '../tpm/wire.js';
 import type { Channel, ChannelOptions } from './channel.js';
-import type { OnceRequest } from './target.js';
+import type { OnceRequest } from '../tpm/vtpm.js';
 import { RingEvent } from './capture.js';
 import { LogRateLimiter } from '../util/rate-limit.js';
 import { backendMetrics } from '../util/metrics.js';
@@ -249,7 +249,7 @@ export class RingChannel implements Channel {
     }
   }
 
-  /** A target without exactly-once (multi-VM domains): one request, one execution. */
+  /** A target without group commit (multi-VM: the domain behind it does it): one request at a time, its id passed on. */
   async #runOne(job: Job): Promise<void> {
     this.#running = [job];
     // Copy the command out of guest memory once; the guest may rewrite its pages meanwhile.
@@ -257,7 +257,7 @@ export class RingChannel implements Channel {
     let response: Uint8Array;
     let status: number;
     try {
-      response = await this.#opts.target.execute(command, { locality: job.req.locality });
+      response = await this.#opts.target.execute(command, { locality: job.req.locality, id: job.req.id });
       status = statusOf(command, response);
     } catch (err) {
       this.#opts.log?.(`dom${this.frontDomid}: vTPM failed: ${(err as Error).message}`);

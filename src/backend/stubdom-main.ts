@@ -22,7 +22,10 @@ import { ManagerClient } from '../manager/client.js';
 import { inheritedPair } from '../manager/fifo-client.js';
 import { TpmHost } from '../tpm/host.js';
 import { DomainMsg, FrameReader, encodeFrame, encodeJson, type DomainHealth, type Frame } from '../tpm/domain-protocol.js';
-import { BackendDevice, type VtpmProvider } from './device.js';
+import { BackendDevice } from './device.js';
+import { ProviderError, type OpenMode, type VtpmProvider, type VtpmSession } from './provider.js';
+import type { SwtpmVtpm } from '../tpm/vtpm.js';
+import type { TpmVersion } from '../tpm/wire.js';
 import { InProcessVtpms } from './single-vm.js';
 import { escapeLogLine } from '../util/log-escape.js';
 import { collectAfterStartup } from '../util/heap.js';
@@ -121,14 +124,7 @@ export async function stubdomMain(a: StubdomArgs): Promise<number> {
     // console's), and a device naming another VM is refused by the provider.
     const inProcess = new InProcessVtpms(host, mgr, log, { instance: a.instance, created: a.created, vm: a.vm });
     // The TPM loads when the guest connects: collect what loading it left behind once it runs.
-    const vtpms: VtpmProvider = {
-      open: async (vm, version, resume) => {
-        const t = await inProcess.open(vm, version, resume);
-        collectAfterStartup();
-        return t;
-      },
-      release: (instance) => inProcess.release(instance),
-    };
+    const vtpms = new StubdomVtpms(inProcess);
     const dev = vtpmDevice(a.frontDomid, a.devid, a.domid);
     const conn = xs;
     let starting: Promise<void> | null = null;
@@ -201,6 +197,22 @@ export async function stubdomMain(a: StubdomArgs): Promise<number> {
     await xs?.close().catch(() => undefined);
     mgr?.disconnect();
     await dom.destroy();
+  }
+}
+
+/** The domain's one vTPM, served to its device; a stub domain has no QEMU endpoint. */
+class StubdomVtpms implements VtpmProvider {
+  constructor(readonly inner: InProcessVtpms) {}
+  open(vmUuid: string, version: TpmVersion, mode: { resume: boolean }): Promise<VtpmSession>;
+  open(vmUuid: string, version: TpmVersion, mode: { qemu: true }): Promise<SwtpmVtpm>;
+  async open(vmUuid: string, version: TpmVersion, mode: OpenMode): Promise<VtpmSession | SwtpmVtpm> {
+    if ('qemu' in mode) throw new ProviderError('NO_QEMU', `a vTPM stub domain serves its guest's xenbus device only, not QEMU (VM ${vmUuid})`);
+    const session = await this.inner.open(vmUuid, version, mode);
+    collectAfterStartup();
+    return session;
+  }
+  release(instance: number): Promise<void> {
+    return this.inner.release(instance);
   }
 }
 

@@ -18,7 +18,7 @@ import type { XsClient, XsWatch } from '../xenstore/client.js';
 import type { ManagerClient } from '../manager/client.js';
 import { connectPair, pairDescriptors, type ClientPair } from '../manager/fifo-client.js';
 import { CLIENTS_DIR } from '../manager/fifo.js';
-import { VtpmDomain, type DomainLaunch } from '../tpm/domain-client.js';
+import { VtpmDomain, type DomainLaunch } from './vtpm-domain.js';
 import { FIRST_VTPM_DOMID } from './multi-vm.js';
 
 export const STUBDOM_ROOT = '/local/domain/0/backend/vtpm-stubdom';
@@ -214,8 +214,7 @@ export class StubdomLifecycle {
         instance: d.instance,
         domid: d.domid,
         version: d.version,
-        stateDir: '',
-        ...(this.#o.launch ? { launch: this.#o.launch, inheritFds: fds, onSpawned: release } : {}),
+        ...(this.#o.launch ? { launch: this.#o.launch, managerFds: [fds[0]!, fds[1]!] as [number, number], onSpawned: release } : {}),
         entry: {
           script: STUBDOM_MAIN,
           args: [

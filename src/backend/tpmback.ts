@@ -3,7 +3,8 @@
 import { Domain } from '../xen/index.js';
 import { connect, type XsClient, type XsWatch } from '../xenstore/client.js';
 import { vtpmDevice } from '../xenstore/xenbus.js';
-import { BackendDevice, type VtpmProvider } from './device.js';
+import { BackendDevice } from './device.js';
+import type { VtpmProvider } from './provider.js';
 import { QemuDevices } from './qemu-devices.js';
 import { XsCaptureRouter } from './capture.js';
 

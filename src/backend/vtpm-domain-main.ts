@@ -2,9 +2,11 @@
 // domid and its own FIFO pair to the manager (bound to its instance, so it can only SAVENVM/LOADNVM its
 // own state). TPM commands arrive over a shared-memory ring whose pages the backend (dom0, the ring's
 // frontend) granted to this domid: this process is that ring's backend (RingChannel), exactly as the
-// backend is for a guest. Lifecycle (READY, STOP, Startup, SAVE_VOLATILE, HEALTH) stays on the domain
-// frames over stdin/stdout (src/tpm/domain-protocol.ts), the way a toolstack, not the guest, drives a
-// stub domain. The domain registers itself in --register-dir while it runs.
+// backend is for a guest, and serves it through the same exactly-once session (ExactlyOnce), its table
+// travelling in the domain's volatile checkpoints. Lifecycle (READY, STOP, Startup, SAVE_VOLATILE,
+// HEALTH, state blobs) stays on the domain frames over stdin/stdout (src/tpm/domain-protocol.ts), the
+// way a toolstack, not the guest, drives a stub domain. The domain registers itself in --register-dir
+// while it runs. This is the only entry point of a vTPM-domain process.
 //
 //   node dist/src/backend/vtpm-domain-main.js --instance N --domid D --tpm-version 2.0 --vm UUID
 //     --manager-run DIR --xen-dir DIR --ring-ref R --event-channel P [--front-domid 0] [--register-dir DIR]
@@ -18,7 +20,8 @@ import { inheritedPair } from '../manager/fifo-client.js';
 import { runDomain, stdioTransport } from '../tpm/domain.js';
 import type { TpmInstance } from '../tpm/instance.js';
 import { RingChannel } from './ring-channel.js';
-import type { VtpmTarget } from './target.js';
+import { JournalStore } from './journal.js';
+import { ExactlyOnce } from './exactly-once.js';
 import { escapeLogLine } from '../util/log-escape.js';
 import { collectAfterStartup } from '../util/heap.js';
 
@@ -94,12 +97,16 @@ export async function ringDomainMain(a: RingDomainArgs): Promise<number> {
     mgr = a.managerFds
       ? ManagerClient.adopt(inheritedPair(name, a.managerFds[0], a.managerFds[1]))
       : await ManagerClient.connect(a.managerRunDir, { bind: a.instance, name });
-    const attach = (inst: TpmInstance): void => {
+    // The exactly-once table rides in the volatile blobs this domain stores at the manager.
+    const journal = new JournalStore(mgr, a.instance);
+    const attach = async (inst: TpmInstance): Promise<void> => {
+      const session = new ExactlyOnce(inst, journal, log);
+      await session.restore();
       channel = new RingChannel(dom, {
         frontDomid: a.frontDomid,
         refs: [a.ringRef],
         port: a.eventChannel,
-        target: ringTarget(inst, a.domid),
+        target: session,
         // A ring that lies about its indices cannot be trusted again: stop (state durable), so the
         // backend sees the exit at once and starts a fresh domain on a fresh ring.
         onFatal: (reason) => {
@@ -118,27 +125,13 @@ export async function ringDomainMain(a: RingDomainArgs): Promise<number> {
     };
     // Alone in this process, a constant-time command run inline delays no other guest, and saves the
     // thread-pool round trip that would otherwise dominate GetRandom / PCR_Extend.
-    return await runDomain({ instance: a.instance, domid: a.domid, version: a.version, store: mgr, transport: stdioTransport(), inline: 'fast', onInstance: attach });
+    return await runDomain({ instance: a.instance, domid: a.domid, version: a.version, store: journal, transport: stdioTransport(), inline: 'fast', onInstance: attach });
   } finally {
     if (regFile) fs.rmSync(regFile, { force: true });
     (channel as RingChannel | null)?.close();
     mgr?.disconnect();
     await dom.destroy();
   }
-}
-
-/** The ring's target: the TPM instance, rebuilt from its durable state if libtpms fell into failure mode. */
-function ringTarget(inst: TpmInstance, domid: number): VtpmTarget {
-  return {
-    async execute(command, opts) {
-      if (inst.status === 'failed') {
-        log(`vtpm-domain ${domid}: TPM in failure mode (${inst.failure?.message ?? '?'}); recreating from durable state`);
-        await inst.recreate();
-      }
-      return inst.execute(command, opts);
-    },
-    cancel: () => inst.cancel(),
-  };
 }
 
 if (process.argv[1] && fileURLToPath(import.meta.url) === process.argv[1]) {

@@ -1,6 +1,7 @@
 // Every subcommand of `vtpm`, one module each. Keep one line per module so parallel work merges.
 import type { Command } from 'commander';
 import { register as backend } from './backend.js';
+import { register as ca } from './ca.js';
 import { register as demo } from './demo.js';
 import { register as guest } from './guest.js';
 import { register as host } from './host.js';
@@ -11,13 +12,13 @@ import { register as qemu } from './qemu.js';
 import { register as ringDemo } from './ring-demo.js';
 import { register as stress } from './stress.js';
 import { register as top } from './top.js';
-import { register as vtpmDomain } from './vtpm-domain.js';
 import { register as xenstored } from './xenstored.js';
 
 type Register = (program: Command) => void;
 
 const registrars: Register[] = [
   backend,
+  ca,
   demo,
   guest,
   host,
@@ -28,7 +29,6 @@ const registrars: Register[] = [
   ringDemo,
   stress,
   top,
-  vtpmDomain,
   xenstored,
 ];
 

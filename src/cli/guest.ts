@@ -11,6 +11,8 @@ import { connect, type XsClient } from '../xenstore/client.js';
 import { readState, vtpmDevice, type VtpmDevice, waitForState, XenbusState } from '../xenstore/xenbus.js';
 import { deviceOf, removeDeviceDirectories, writeDeviceDirectories } from '../xenstore/xenbus-toolstack.js';
 import { removeStubdom, requestStubdom, stubdomNode } from './stubdom.js';
+import { addEkOptions, ekChoice, openWithEk, type EkFlags } from './ek.js';
+import type { EkCode } from '../manager/wire.js';
 import { CliError, fileSize, managerReason, openRefusal } from './errors.js';
 import { readHostAlive } from './host-check.js';
 import { runGuest, type GuestProcessOptions } from '../frontend/guest-main.js';
@@ -41,6 +43,8 @@ export interface AttachOptions {
   workload?: string;
   /** false: the guest does not start a TPM that was never started (`--no-startup`). */
   startup?: boolean;
+  /** EK certificates of a new VM's TPM (`--ek-profile`, `--no-ek-cert`); absent: the manager's default. */
+  ek?: EkCode;
   /** The backend captures this guest's traffic to this pcapng file (docs/observability.md), at most pcapMaxMb MiB. */
   pcap?: string;
   pcapMaxMb?: number;
@@ -63,6 +67,7 @@ export async function guestAttach(o: AttachOptions): Promise<GuestInfo> {
     throw new CliError('CONFLICT', `VM ${vm} is already attached to dom${other.domid}${other.suspended ? ' (suspended)' : ''}: one VM's vTPM serves one guest; detach dom${other.domid} first`);
   }
   if (o.tctiPort !== undefined) await checkPortPair(o.tctiPort);
+  if (o.ek !== undefined) await openWithEk(h, rd.log('manager'), vm, o.version ?? '2.0', o.ek);
   const capture = captureKeys(o.pcap, o.pcapMaxMb);
   const xs = await connect(h.xenstoredSocket);
   // Stub-domain mode: the device's backend is the guest's own vTPM domain, started before the device.
@@ -286,7 +291,7 @@ const int = (v: string): number => {
 
 export function register(program: Command): void {
   const guest = program.command('guest').description('attach, detach and run guest domains with a vTPM');
-  guest
+  const attach = guest
     .command('attach')
     .description('introduce the domain, write its vTPM device directories, start the guest; returns once Connected')
     .requiredOption('--run <dir>', 'run directory of the host')
@@ -298,8 +303,9 @@ export function register(program: Command): void {
     .option('--misbehave <how>', `fault injection once connected: ${MISBEHAVIOURS.join(', ')}`)
     .option('--no-startup', 'do not send Startup(CLEAR) to a TPM that was never started (the guest does, as Linux, by default)')
     .option('--pcap <file>', 'the backend writes this guest\'s TPM commands (TCP port 2321), xenstore traffic and ring events to FILE (pcapng)')
-    .option('--pcap-max-mb <n>', 'stop capturing at N MiB (default 100)', int)
-    .action(async (o: { run: string; domid: number; vm: string; protocol: string; tctiPort?: number; tpmVersion: string; misbehave?: string; startup: boolean; pcap?: string; pcapMaxMb?: number }) => {
+    .option('--pcap-max-mb <n>', 'stop capturing at N MiB (default 100)', int);
+  addEkOptions(attach)
+    .action(async (o: { run: string; domid: number; vm: string; protocol: string; tctiPort?: number; tpmVersion: string; misbehave?: string; startup: boolean; pcap?: string; pcapMaxMb?: number } & EkFlags) => {
       if (o.protocol !== 'v2' && o.protocol !== 'ring') throw new Error(`--protocol must be v2 or ring, not ${o.protocol}`);
       if (o.tpmVersion !== '2.0' && o.tpmVersion !== '1.2') throw new Error(`--tpm-version must be 2.0 or 1.2`);
       if (o.misbehave !== undefined && !(MISBEHAVIOURS as readonly string[]).includes(o.misbehave)) {
@@ -314,6 +320,7 @@ export function register(program: Command): void {
         version: o.tpmVersion,
         misbehave: o.misbehave as Misbehaviour | undefined,
         startup: o.startup,
+        ek: ekChoice(o, o.tpmVersion),
         ...(o.pcap !== undefined ? { pcap: o.pcap } : {}),
         ...(o.pcapMaxMb !== undefined ? { pcapMaxMb: o.pcapMaxMb } : {}),
       });

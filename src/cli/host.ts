@@ -8,6 +8,7 @@ import { NoHostError, RunDir, alive, type HostInfo, type HostMode, type ProcessE
 import { stopProcess, tailFile } from './spawn.js';
 import { DAEMON_ROLES, isDaemonRole, restartDaemon, startRole, type DaemonRole } from './restart.js';
 import { CliError } from './errors.js';
+import { EK_CODES } from '../manager/wire.js';
 import { parseLogFormat, type LogFormat } from '../util/log.js';
 import { checkListen, parseListen } from '../util/metrics-http.js';
 import { addStoreOptions, parseStoreFlags, type StoreFlags } from './store-flags.js';
@@ -22,6 +23,10 @@ export interface HostUpOptions {
    * range is refused); left out, the first free range from VTPM_UID_BASE or 0x40000000 on is taken.
    */
   uidBase?: number;
+  /** An operator's EK CA directory (cert.pem, key.pem), checked before anything starts. */
+  ca?: string;
+  /** EK certificates of a new TPM 2.0 whose attach does not choose: rsa, ecc, both (default) or none. */
+  ekCerts?: string;
   /** HOST:PORT where the backend serves the whole host's Prometheus metrics (docs/observability.md). */
   metrics?: string;
   /** Every daemon's log format (default text). */
@@ -100,6 +105,22 @@ export async function hostUp(runDir: string, stateDir: string, mode: HostMode, o
     }
   }
   const h = rd.plan(stateDir, mode);
+  const ekCerts = opts.ekCerts ?? old?.ekCerts;
+  if (ekCerts !== undefined) {
+    if (!Object.keys(EK_CODES).includes(ekCerts)) throw new CliError('USAGE', `--ek-certs must be rsa, ecc, both or none, not ${ekCerts}`);
+    h.ekCerts = ekCerts;
+  }
+  // A host recovered from a crash keeps signing with the CA it was started with.
+  const ca = opts.ca ?? old?.ca;
+  if (ca !== undefined) {
+    h.ca = resolve(ca);
+    // Refused here, naming the file, rather than as a manager that died during start-up.
+    // Loaded here only: the X.509 library costs every other `vtpm` command start-up time and memory.
+    const { CaError, EkCa } = await import('../manager/ca.js');
+    await EkCa.open({ stateDir: h.stateDir, operatorDir: h.ca }).catch((err: unknown) => {
+      throw err instanceof CaError ? new CliError('USAGE', `--ca: ${err.message}`) : err;
+    });
+  }
   if (opts.metrics !== undefined) h.metrics = opts.metrics;
   if (opts.logFormat !== undefined) h.logFormat = opts.logFormat;
   if (opts.store) h.store = opts.store;
@@ -239,9 +260,11 @@ export function register(program: Command): void {
     .option('--isolation <how>', 'uid (each guest and vTPM domain under its own uid; root only), none, or auto: uid when possible', 'auto')
     .option('--uid-base <n>', 'dom<N> runs as uid/gid BASE+N; refused if another live host holds an overlapping range (default: the first free range from VTPM_UID_BASE or 1073741824 on)')
     .option('--metrics <host:port>', 'serve the whole host\'s Prometheus metrics on http://HOST:PORT/metrics (docs/observability.md)')
-    .option('--log-format <fmt>', 'every daemon logs text (default) or json (one object per event)', 'text');
+    .option('--log-format <fmt>', 'every daemon logs text (default) or json (one object per event)', 'text')
+    .option('--ca <dir>', "sign EK certificates with an operator's CA: DIR/cert.pem (issuing certificate, then its chain) and DIR/key.pem; default: a host CA made in STATE/ca")
+    .option('--ek-certs <which>', 'EK certificates of a new TPM 2.0 whose attach does not choose: rsa, ecc, both or none (default both)');
   addStoreOptions(up).action(
-    async (o: { run: string; state: string; mode: string; isolation: string; uidBase?: string; store?: string; masterKey?: string; leaseTtl?: string; metrics?: string; logFormat: string }) => {
+    async (o: { run: string; state: string; mode: string; isolation: string; uidBase?: string; store?: string; masterKey?: string; leaseTtl?: string; metrics?: string; logFormat: string; ca?: string; ekCerts?: string }) => {
       if (o.isolation !== 'auto' && o.isolation !== 'uid' && o.isolation !== 'none') throw new CliError('USAGE', `--isolation must be auto, uid or none, not ${o.isolation}`);
       let logFormat: LogFormat;
       try {
@@ -255,6 +278,8 @@ export function register(program: Command): void {
         logFormat,
         isolation: o.isolation,
         ...(o.uidBase !== undefined ? { uidBase: parseUidBase(o.uidBase) } : {}),
+        ca: o.ca,
+        ekCerts: o.ekCerts,
         report: (l) => console.log(l),
         store: parseStoreFlags(o),
       });

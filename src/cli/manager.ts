@@ -2,12 +2,12 @@
 import type { Command } from 'commander';
 import os from 'node:os';
 import { resolve } from 'node:path';
-import { ManagerDaemon } from '../manager/daemon.js';
 import { DEFAULT_SEAL_PCRS } from '../manager/seal.js';
 import { onStop } from './lifecycle.js';
 import { makeLog, parseLogFormat } from '../util/log.js';
 import { serveDaemonMetrics } from '../util/metrics-http.js';
 import { addStoreOptions, parseStoreFlags } from './store-flags.js';
+import { EK_CODES, type EkCode } from '../manager/wire.js';
 
 export function register(program: Command): void {
   const cmd = program
@@ -21,9 +21,12 @@ export function register(program: Command): void {
     .option('--append <mode>', 'log appends on the event loop (sync) or the threadpool (async)', 'sync')
     .option('--log-format <fmt>', 'text (default) or json: one JSON object per event (docs/observability.md)', 'text')
     .option('--client-stall-ms <ms>', 'cut off a client whose replies sit unread this long (default 30000)', (v) => Number(v))
+    .option('--ca <dir>', "an operator's EK CA: DIR/cert.pem (issuing certificate, then its chain) and DIR/key.pem; default: the host CA in STATE/ca")
+    .option('--ek-certs <which>', 'EK certificates of a new TPM 2.0 whose OPEN does not choose: rsa, ecc, both or none', 'both')
     .option('--host-name <name>', 'with --store: this host\'s name in its claims on VMs, unique in the cluster (default HOSTNAME:RUN)');
   addStoreOptions(cmd).action(
-    async (o: { state: string; run: string; sealToTpm?: string; sealPcrs: string; logBytes?: number; append: string; clientStallMs?: number; hostName?: string; store?: string; masterKey?: string; leaseTtl?: string; logFormat: string }) => {
+    async (o: { state: string; run: string; sealToTpm?: string; sealPcrs: string; logBytes?: number; append: string; clientStallMs?: number; hostName?: string; store?: string; masterKey?: string; leaseTtl?: string; logFormat: string; ca?: string; ekCerts: string }) => {
+      if (!Object.keys(EK_CODES).includes(o.ekCerts)) throw new Error(`--ek-certs takes rsa, ecc, both or none, not ${o.ekCerts}`);
       const store = parseStoreFlags(o);
       if (store && o.sealToTpm) throw new Error('--seal-to-tpm seals a local key file; with --store every host shares --master-key');
       const log = makeLog('manager', parseLogFormat(o.logFormat), 'stderr', (l) => `vtpm-manager: ${l}\n`);
@@ -40,7 +43,9 @@ export function register(program: Command): void {
         host: o.hostName ?? `${os.hostname()}:${resolve(o.run)}`,
         tls: store.etcdCa ? { ca: store.etcdCa, cert: store.etcdCert, key: store.etcdKey } : undefined,
       };
-      const d = await ManagerDaemon.start({ stateDir: o.state, runDir: o.run, sealToTpm: o.sealToTpm, sealPcrs: o.sealPcrs, logBytes: o.logBytes, append: o.append, log, clientQueue: o.clientStallMs === undefined ? undefined : { stallMs: o.clientStallMs }, etcd });
+      // Loaded here only: the daemon brings libtpms (manufacture) and the X.509 library, which no other command needs.
+      const { ManagerDaemon } = await import('../manager/daemon.js');
+      const d = await ManagerDaemon.start({ stateDir: o.state, runDir: o.run, sealToTpm: o.sealToTpm, sealPcrs: o.sealPcrs, logBytes: o.logBytes, append: o.append, log, clientQueue: o.clientStallMs === undefined ? undefined : { stallMs: o.clientStallMs }, etcd, ca: o.ca, ekCerts: o.ekCerts as EkCode });
       onStop(async () => {
         await d.stop();
         await stopMetrics();

@@ -1,6 +1,8 @@
 // `vtpm qemu attach|detach`: give a QEMU VM a swtpm-compatible vTPM endpoint (for -tpmdev emulator)
 // served by the host's backend on the VM's manager-backed vTPM. The toolstack's part: write the node
 // the backend watches (src/backend/qemu-devices.ts) and wait for its answer.
+import { addEkOptions, ekChoice, openWithEk, type EkFlags } from './ek.js';
+import type { EkCode } from '../manager/wire.js';
 import type { Command } from 'commander';
 import { resolve } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
@@ -18,6 +20,8 @@ export interface QemuAttachOptions {
   ctrl: string;
   version?: '2.0' | '1.2';
   timeoutMs?: number;
+  /** EK certificates of a new VM's TPM (`--ek-profile`, `--no-ek-cert`); absent: the manager's default. */
+  ek?: EkCode;
   /** The backend captures the VM's TPM traffic to this pcapng file (docs/observability.md), at most pcapMaxMb MiB. */
   pcap?: string;
   pcapMaxMb?: number;
@@ -51,6 +55,7 @@ export async function qemuAttach(o: QemuAttachOptions): Promise<number> {
   const rd = new RunDir(o.run);
   const h = rd.readHost();
   const mgrLogFrom = fileSize(rd.log('manager'));
+  if (o.ek !== undefined) await openWithEk(h, rd.log('manager'), o.vm.toLowerCase(), version, o.ek);
   const xs = await connect(h.xenstoredSocket);
   try {
     const uuid = o.vm.toLowerCase();
@@ -117,7 +122,7 @@ export async function qemuDetach(o: { run: string; vm?: string; ctrl?: string; t
 
 export function register(program: Command): void {
   const qemu = program.command('qemu').description('swtpm-compatible vTPM endpoints for QEMU guests (-tpmdev emulator)');
-  qemu
+  const attach = qemu
     .command('attach')
     .description("serve the VM's vTPM on a UNIX control socket for QEMU; returns once it listens")
     .requiredOption('--run <dir>', 'run directory of the host')
@@ -125,9 +130,11 @@ export function register(program: Command): void {
     .requiredOption('--ctrl <path>', 'control socket to create (QEMU: -chardev socket,path=PATH)')
     .option('--tpm-version <v>', 'TPM version of a new vTPM: 2.0 or 1.2', '2.0')
     .option('--pcap <file>', 'the backend writes the VM\'s TPM commands (TCP port 2321) to FILE (pcapng)')
-    .option('--pcap-max-mb <n>', 'stop capturing at N MiB (default 100)', (v) => Number(v))
-    .action(async (o: { run: string; vm: string; ctrl: string; tpmVersion: string; pcap?: string; pcapMaxMb?: number }) => {
-      const n = await qemuAttach({ run: o.run, vm: o.vm, ctrl: o.ctrl, version: o.tpmVersion as '2.0' | '1.2', ...(o.pcap !== undefined ? { pcap: o.pcap } : {}), ...(o.pcapMaxMb !== undefined ? { pcapMaxMb: o.pcapMaxMb } : {}) });
+    .option('--pcap-max-mb <n>', 'stop capturing at N MiB (default 100)', (v) => Number(v));
+  addEkOptions(attach)
+    .action(async (o: { run: string; vm: string; ctrl: string; tpmVersion: string; pcap?: string; pcapMaxMb?: number } & EkFlags) => {
+      const version = o.tpmVersion as '2.0' | '1.2';
+      const n = await qemuAttach({ run: o.run, vm: o.vm, ctrl: o.ctrl, version, ek: ekChoice(o, version), ...(o.pcap !== undefined ? { pcap: o.pcap } : {}), ...(o.pcapMaxMb !== undefined ? { pcapMaxMb: o.pcapMaxMb } : {}) });
       console.log(`VM ${o.vm}: vTPM listening on ${resolve(o.ctrl)} (node ${n})`);
     });
   qemu

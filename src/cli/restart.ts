@@ -63,7 +63,8 @@ export async function startRole(rd: RunDir, h: HostInfo, role: DaemonRole): Prom
     entry = { role, domid: 0, pid: s.pid, socket: h.xenstoredSocket };
   } else if (role === 'manager') {
     // libuv reads its pool size at start: the manager fsyncs a whole group commit in parallel there.
-    const s = await startDaemon(['manager', '--state', h.stateDir, '--run', h.managerRunDir, ...storeArgs(h.store), ...logArgs], rd.log('manager'), /vtpm-manager: ready/, { ...env, UV_THREADPOOL_SIZE: '64' });
+    const ek = [...(h.ca ? ['--ca', h.ca] : []), ...(h.ekCerts ? ['--ek-certs', h.ekCerts] : [])];
+    const s = await startDaemon(['manager', '--state', h.stateDir, '--run', h.managerRunDir, ...storeArgs(h.store), ...logArgs, ...ek], rd.log('manager'), /vtpm-manager: ready/, { ...env, UV_THREADPOOL_SIZE: '64' });
     entry = { role, domid: 0, pid: s.pid, run: h.managerRunDir };
   } else {
     // The backend reads host.json to find the others: write what is up so far first.

@@ -7,7 +7,7 @@ import { mkdtempSync, rmSync } from 'node:fs';
 import { dirname, join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 
-const peerScript = join(dirname(fileURLToPath(import.meta.url)), '..', '..', 'scripts', 'ring-peer.js');
+const peerScript = join(dirname(fileURLToPath(import.meta.url)), 'ring-peer.js');
 
 interface Msg {
   kind: string;

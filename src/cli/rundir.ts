@@ -32,6 +32,10 @@ export interface HostInfo {
   logFormat?: 'text' | 'json';
   /** Absent in host.json written before isolation existed: read as `none`. */
   isolation?: Isolation;
+  /** `host up --ca DIR`: the operator's EK CA the manager signs with (absent: the host CA in the state dir). */
+  ca?: string;
+  /** `host up --ek-certs`: what a new TPM 2.0 gets when its attach does not choose (absent: both). */
+  ekCerts?: string;
   /** The manager's etcd store (--store …); absent: the local store in stateDir. */
   store?: StoreFlags;
 }

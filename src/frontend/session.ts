@@ -2,11 +2,14 @@
 // command gets a u64 id once; until its response arrives it stays in flight and is resubmitted with
 // the same id on each new ring, and the backend answers a resubmitted id that already ran from its
 // exactly-once table. So a caller's command runs once, and a caller counts it done only when it holds
-// the response.
+// the response. Every wait is bounded, as Linux's TPM core bounds each command by its duration: a
+// command unanswered past commandTimeoutMs is cancelled and fails ETIME naming its id and command
+// code; whether it ran is then unknown to the caller, as after Linux's timeout.
 import type { Domain } from '../xen/index.js';
 import type { XsClient } from '../xenstore/client.js';
 import { TpmFront } from './tpmfront.js';
 import { FrontendError } from '../tpmif/transport.js';
+import { readHeader } from '../tpm/wire.js';
 import { trace } from '../util/trace.js';
 
 export interface InFlight {
@@ -26,7 +29,12 @@ export interface SessionOptions {
   log?: (line: string) => void;
   /** The device closed for good (backend closing it without a suspend of ours). */
   onClosed?: (reason: string) => void;
+  /** Bound on one command, ms (default SESSION_COMMAND_TIMEOUT_MS); one kept across a suspend is bounded again by the resumed session. */
+  commandTimeoutMs?: number;
 }
+
+/** How long a command may go unanswered (Linux's TPM 2.0 long duration, 120 s, as the v2 transport). */
+export const SESSION_COMMAND_TIMEOUT_MS = 120_000;
 
 interface Entry extends InFlight {
   resolve: (r: Uint8Array) => void;
@@ -105,9 +113,30 @@ export class GuestSession {
   resubmit(r: InFlight): Promise<Uint8Array> {
     if (r.id >= this.#nextId) this.#nextId = r.id + 1n;
     return new Promise<Uint8Array>((resolve, reject) => {
-      this.#inflight.set(r.id, { ...r, resolve, reject });
+      const ms = this.#o.commandTimeoutMs ?? SESSION_COMMAND_TIMEOUT_MS;
+      const timer = setTimeout(() => this.#timedOut(r.id, ms), ms);
+      const settle = <T>(f: (x: T) => void) => (x: T) => {
+        clearTimeout(timer);
+        f(x);
+      };
+      this.#inflight.set(r.id, { ...r, resolve: settle(resolve), reject: settle(reject) });
       void this.#send(r.id);
     });
+  }
+
+  /** A command past its bound: cancel it at the backend and fail it, ETIME (Linux: tpm_try_transmit). */
+  #timedOut(id: bigint, ms: number): void {
+    const e = this.#inflight.get(id);
+    // A suspend keeps what is in flight for the next ring: the new session bounds it again.
+    if (!e || this.#suspending || this.#closed) return;
+    this.#inflight.delete(id);
+    this.#current?.cancel(id);
+    // The cancel took an id of the ring's sequence: fresh commands continue above it, never sharing it.
+    const ringNext = this.#current?.nextId;
+    if (ringNext !== undefined && ringNext > this.#nextId) this.#nextId = ringNext;
+    const code = readHeader(e.command)?.code;
+    const what = code === undefined ? `${e.command.length}-byte command` : `command code 0x${code.toString(16).padStart(8, '0')}`;
+    e.reject(new FrontendError('ETIME', `request ${id} (${what}) got no answer within ${ms} ms; cancelled`));
   }
 
   async #send(id: bigint): Promise<void> {

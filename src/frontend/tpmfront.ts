@@ -248,8 +248,10 @@ export class TpmFront {
     return this.#transport.transmit(command, opts);
   }
 
-  cancel(): void {
-    this.#transport.cancel();
+  /** Cancel what is outstanding; on the ring protocol `id` names one request. */
+  cancel(id?: bigint): void {
+    if (id !== undefined && this.#transport instanceof RingFront) this.#transport.cancel(id);
+    else this.#transport.cancel();
   }
 
   /** The id the next ring request will carry (ring protocol), for resume. */

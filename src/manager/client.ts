@@ -5,7 +5,8 @@
 import crypto from 'node:crypto';
 import fs from 'node:fs';
 import type net from 'node:net';
-import type { StateKind, StateStore } from '../tpm/state-store.js';
+import type { StateKind, StateStore, VolatileHolder } from '../tpm/state-store.js';
+import { setTimeout as sleep } from 'node:timers/promises';
 import type { FrameReader } from './fifo.js';
 import { connectPair, consoleRequest, withConsoleLock, type ClientPair } from './fifo-client.js';
 import { decodeMigKey, encodeLoadMigKey, encodeMigrateIn, encodeMigrateOut, type RsaPublic } from './migration.js';
@@ -23,6 +24,7 @@ import {
   decodeOpenResult,
   encodeInstanceParam,
   encodeOpen,
+  type EkCode,
   encodeRequest,
   ordinalName,
   type Frame,
@@ -70,6 +72,8 @@ export interface OpenOptions {
   vmType?: number;
   /** Xen's mig_type: false opens it NON_MIGRATABLE (MIGRATE_OUT refused); default migratable, as Xen's hotplug scripts open. */
   migratable?: boolean;
+  /** EK certificates a new VM's TPM is manufactured with (default: the manager's); ignored for a known VM. */
+  ek?: EkCode;
 }
 
 interface Pending {
@@ -79,7 +83,10 @@ interface Pending {
   reject: (e: Error) => void;
 }
 
-export class ManagerClient implements StateStore {
+/** How long a client keeps trying to re-attach to a restarted manager to hold its checkpoints again. */
+const REHOLD_MS = 60_000;
+
+export class ManagerClient implements StateStore, VolatileHolder {
   #pending: Pending[] = [];
   #gone: Error | null = null;
   #closedByUs = false;
@@ -88,6 +95,8 @@ export class ManagerClient implements StateStore {
   #files: string[] = [];
   #reconnecting: Promise<void> | null = null;
   #generation = 0;
+  /** The latest checkpoint held (not yet known durable) per instance, in pieces: held again after a manager restart. */
+  readonly #held = new Map<number, Uint8Array[]>();
 
   private constructor(
     readonly runDir: string,
@@ -146,14 +155,26 @@ export class ManagerClient implements StateStore {
    * simply be repeated); the next request attaches a new pair, unless `reconnect: false`.
    */
   async request(instance: number, ordinal: number, params?: Uint8Array): Promise<Frame> {
-    if (this.#gone) {
-      if (this.#closedByUs || this.opts.reconnect === false) throw this.#gone;
-      this.#reconnecting ??= this.#attach().finally(() => (this.#reconnecting = null));
+    // A re-attach that holds our checkpoints again goes first: nothing may read state before it.
+    while (this.#gone || this.#reconnecting) {
+      if (this.#gone && (this.#closedByUs || this.opts.reconnect === false)) throw this.#gone;
+      this.#reconnecting ??= this.#reattach(false);
       await this.#reconnecting;
     }
+    return this.#send(instance, ordinal, params);
+  }
+
+  #send(instance: number, ordinal: number, params?: Uint8Array): Promise<Frame> {
+    if (this.#gone) return Promise.reject(this.#gone);
     return new Promise((resolve, reject) => {
       this.#pending.push({ instance, ordinal, resolve, reject });
-      this.#writer.write(encodeRequest(instance, ordinal, params));
+      // The requests of one tick (many guests' checkpoints) leave in one write(2).
+      const w = this.#writer;
+      if (!w.writableCorked) {
+        w.cork();
+        process.nextTick(() => w.uncork());
+      }
+      w.write(encodeRequest(instance, ordinal, params));
     });
   }
 
@@ -172,6 +193,42 @@ export class ManagerClient implements StateStore {
     this.#writer.destroy();
     // The manager removes them when it sees us go; if it died first, nobody else will.
     for (const f of this.#files) fs.rmSync(f, { force: true });
+    // The manager's memory held checkpoints of ours that may not be durable: hold them again at once,
+    // so a crash of this process after the manager's restart loses nothing either.
+    if (this.#held.size > 0 && this.canHold && !this.#closedByUs) this.#reconnecting ??= this.#reattach(true);
+  }
+
+  /**
+   * Attach a new pair and hold every checkpoint of #held on it before any other request goes out.
+   * `persist`: keep trying (the manager is being restarted) for up to REHOLD_MS.
+   */
+  #reattach(persist: boolean): Promise<void> {
+    const deadline = Date.now() + REHOLD_MS;
+    const once = async (): Promise<void> => {
+      await this.#attach();
+      for (const [instance, pieces] of [...this.#held]) {
+        const f = await this.#send(instance, Ord.HOLD_VOLATILE, Buffer.concat(pieces));
+        if (f.code !== Status.SUCCESS) throw statusError(Ord.HOLD_VOLATILE, instance, f.code);
+      }
+    };
+    const run = async (): Promise<void> => {
+      for (let attempt = 0; ; attempt++) {
+        try {
+          return await once();
+        } catch (err) {
+          if (!persist || this.#closedByUs || Date.now() > deadline) throw err;
+          this.#gone ??= err as Error;
+          // Short steps: until this is done the backend answers nothing, and a restarted manager is up soon.
+          await sleep(Math.min(50, 5 * 2 ** Math.min(attempt, 4)));
+        }
+      }
+    };
+    const p = run().finally(() => {
+      if (this.#reconnecting === p) this.#reconnecting = null;
+    });
+    // A background re-hold that gives up leaves the next request to try (and report) again.
+    if (persist) p.catch(() => undefined);
+    return p;
   }
 
   async #call(instance: number, ordinal: number, params?: Uint8Array): Promise<Uint8Array> {
@@ -190,8 +247,42 @@ export class ManagerClient implements StateStore {
     return f.params.length === 0 ? null : f.params;
   }
 
+  /**
+   * A volatile checkpoint just loaded may be held only in the manager's memory: from now on this
+   * process holds it too, and holds it again if the manager restarts before it is written.
+   */
+  adoptHeld(instance: number, blob: Uint8Array): void {
+    if (this.canHold) this.#held.set(instance, [blob]);
+  }
+
   async store(instance: number, kind: StateKind, blob: Uint8Array): Promise<void> {
     await this.#call(instance, SAVE[kind], blob);
+    // Durable and newer than anything held for it.
+    if (kind === 'volatile') this.#held.delete(instance);
+  }
+
+  /** HOLD_VOLATILE: acknowledged once the manager holds the checkpoint in memory (docs/manager.md). */
+  async holdVolatile(instance: number, blob: Uint8Array): Promise<void> {
+    await this.#call(instance, Ord.HOLD_VOLATILE, blob);
+    this.#held.set(instance, [blob]);
+  }
+
+  /** APPEND_VOLATILE: `bytes` join the checkpoint the manager holds for the instance. */
+  async appendVolatile(instance: number, bytes: Uint8Array): Promise<void> {
+    const pieces = this.#held.get(instance);
+    // Nothing held here means nothing we could hold again after a restart: refuse rather than lose it.
+    if (!pieces) throw new ManagerError('PROTOCOL', `APPEND_VOLATILE on instance ${instance} without a held checkpoint`);
+    await this.#call(instance, Ord.APPEND_VOLATILE, bytes);
+    pieces.push(bytes);
+  }
+
+  async settled(): Promise<void> {
+    while (this.#reconnecting) await this.#reconnecting.catch(() => undefined);
+  }
+
+  /** A pair handed over (reconnect: false) cannot hold checkpoints again after a manager restart. */
+  get canHold(): boolean {
+    return this.opts.reconnect !== false;
   }
 
   /**
@@ -204,6 +295,7 @@ export class ManagerClient implements StateStore {
       return;
     }
     await this.#call(instance, Ord.DELETE_STATE, Uint8Array.of(KIND_CODES[kind]));
+    if (kind === 'volatile') this.#held.delete(instance);
   }
 
   // ---- console ---------------------------------------------------------------------------
@@ -217,13 +309,17 @@ export class ManagerClient implements StateStore {
       instance: o.instance ?? 0,
       vmUuid: o.vmUuid.toLowerCase(),
       version: o.version,
+      ...(o.ek === undefined ? {} : { ek: o.ek }),
     });
     return decodeOpenResult(await this.#console(0, Ord.OPEN, params));
   }
 
   /** CLOSE: the instance stays in the table (resumable); its state can no longer be saved. */
   async close(instance: number): Promise<void> {
+    // The manager writes what it holds of the instance at CLOSE; a re-hold under way must land first.
+    await this.#reconnecting?.catch(() => undefined);
     await this.#console(instance, Ord.CLOSE, encodeInstanceParam(instance));
+    this.#held.delete(instance);
   }
 
   // ---- migration -------------------------------------------------------------------------

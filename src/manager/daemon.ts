@@ -21,6 +21,7 @@ import { MAX_INSTANCE, MigType, VmTable, VmTableError, legacyUuid, type VmRecord
 import { MIGRATION_STATUS, MigrationHandlers } from './migration-handlers.js';
 import { MigrationError, emptyMigrationRecord, migrationRecordFrom, type MigrationRecord } from './migration.js';
 import { Refusal, type Reply } from './refusal.js';
+import { HeldVolatile } from './held-volatile.js';
 import {
   ANY_INSTANCE,
   Ord,
@@ -38,6 +39,9 @@ import {
   type StatusCode,
 } from './wire.js';
 import { escapeLogLine } from '../util/log-escape.js';
+import { CA_CHAIN_FILE, EkCa } from './ca.js';
+import { Factory, type EkChoice } from './manufacture.js';
+import type { StateStore } from '../tpm/state-store.js';
 import { managerMetrics } from '../util/metrics.js';
 import { LogRateLimiter } from '../util/rate-limit.js';
 
@@ -57,10 +61,18 @@ export interface ManagerOptions {
   etcd?: { url: string; masterKey: string; leaseTtl: number; host: string; tls?: EtcdTls };
   /** Bounds on replies a client leaves unread before it is cut off (fifo.ts QueueLimits). */
   clientQueue?: Partial<QueueLimits>;
+  /** HOLD_VOLATILE checkpoints are written to the store this long after the first is held (default HOLD_FLUSH_MS). */
+  holdFlushMs?: number;
+  /** An operator's EK CA directory (cert.pem, key.pem); absent: the host CA made in <state>/ca. */
+  ca?: string;
+  /** EK certificates of a new TPM 2.0 whose OPEN does not choose (default both). */
+  ekCerts?: EkChoice;
   log?: (line: string) => void;
 }
 
 export const PID_FILE = 'manager.pid';
+/** How long a held volatile checkpoint waits before it is written (more holds of it coalesce meanwhile). */
+export const HOLD_FLUSH_MS = 1000;
 
 const SAVE_ORDS: Record<number, StateKind> = { [Ord.SAVENVM]: 'permanent', [Ord.SAVE_VOLATILE]: 'volatile', [Ord.SAVE_SAVESTATE]: 'savestate' };
 const LOAD_ORDS: Record<number, StateKind> = { [Ord.LOADNVM]: 'permanent', [Ord.LOAD_VOLATILE]: 'volatile', [Ord.LOAD_SAVESTATE]: 'savestate' };
@@ -89,7 +101,9 @@ export class ManagerDaemon {
   #migration: MigrationRecord = emptyMigrationRecord();
   #mig!: MigrationHandlers;
   #consoleTail: Promise<void> = Promise.resolve();
+  #held!: HeldVolatile;
   #consoleDrops = 0;
+  #factory!: Factory;
   #log: (line: string) => void;
   readonly #refusals = new LogRateLimiter((l) => this.#log(l));
 
@@ -145,6 +159,9 @@ export class ManagerDaemon {
       }));
     }
     this.#store = store;
+    const { ca, created: caCreated } = await EkCa.open({ stateDir, operatorDir: this.opts.ca, wrapKey: this.opts.sealToTpm ? this.#sealer.caKeyWrap() : undefined });
+    this.#log(`${caCreated ? 'created' : 'loaded'} EK CA (${ca.source}, issuer ${ca.signer.cert.subject})`);
+    fs.writeFileSync(path.join(runDir, CA_CHAIN_FILE), ca.chainPem, { mode: 0o644 });
     const { vms, migration } = splitTable(table);
     this.#table = VmTable.fromJSON(vms);
     this.#migration = migration;
@@ -157,6 +174,17 @@ export class ManagerDaemon {
       loadPlain: (vm, kind) => this.#loadPlain(vm, kind),
     });
     if (store instanceof GroupCommitStore && store.stats.replayed > 0) this.#log(`replayed ${store.stats.replayed} log records (then: ${store.replayStop})`);
+    this.#held = new HeldVolatile(
+      async (instance, data) => {
+        const vm = this.#table.byInstance(instance);
+        // A VM closed, deleted or migrated out meanwhile: what it held went with that step.
+        if (vm?.status === 'open') await this.#store.save(instance, 'volatile', ...this.#sealed(vm, 'volatile', data));
+      },
+      this.opts.holdFlushMs ?? HOLD_FLUSH_MS,
+      (l) => this.#log(l),
+    );
+    // Last before serving: its libtpms work must not keep a manager that failed to start alive.
+    this.#factory = new Factory(ca, (l) => this.#log(l));
     this.#server = FifoServer.listen(runDir, this.opts.clientQueue);
     this.#server.on('console', (f) => this.#onConsole(f));
     this.#server.on('consoleError', (e) => this.#onConsoleError(e));
@@ -183,6 +211,9 @@ export class ManagerDaemon {
   async stop(): Promise<void> {
     this.#server.close();
     await this.#consoleTail;
+    this.#held.stop();
+    await this.#held.flush().catch((err: unknown) => this.#log(`writing held volatile state at shutdown: ${(err as Error).message}`));
+    await this.#factory.close();
     // A failed final checkpoint loses nothing: the log still holds every acknowledged save.
     await this.#store.close().catch((err: unknown) => this.#log(`final checkpoint failed (the next start replays the log): ${(err as Error).message}`));
     fs.rmSync(path.join(this.opts.runDir, PID_FILE), { force: true });
@@ -240,6 +271,9 @@ export class ManagerDaemon {
       case Ord.CLOSE: {
         const inst = decodeInstanceParam(f.params, 'CLOSE');
         if (this.#table.byInstance(inst)?.status === 'closed') throw new Refusal(Status.BAD_PARAMETER, `CLOSE of instance ${inst}, which is not open`);
+        // Durable at close: a held checkpoint is written before the instance stops taking saves.
+        await this.#held.flush(inst);
+        this.#held.drop(inst);
         const closed = this.#table.close(inst);
         await this.#store.commitTable();
         // Another host may take the VM from now on.
@@ -251,6 +285,7 @@ export class ManagerDaemon {
         const inst = decodeInstanceParam(f.params, 'DELETE');
         if (this.#cluster) return this.#deleteInCluster(this.#cluster, inst);
         const r = this.#table.delete(inst);
+        this.#held.drop(inst);
         await this.#store.remove(inst);
         this.#log(`deleted instance ${inst} (vm ${r.vmUuid}) and its state`);
         return { status: Status.SUCCESS };
@@ -291,10 +326,26 @@ export class ManagerDaemon {
     }
     const instance = this.#cluster ? await this.#claimForOpen(this.#cluster, vmUuid, p.instance) : p.instance;
     const { record, created } = this.#table.open({ vmUuid, version: version!, instance, vmType: p.vmType, startup: p.startup, migType: p.migType });
+    await this.#manufacture(record, created, p.ek ?? this.opts.ekCerts ?? 'both');
     await this.#store.commitTable();
     this.#log(`${created ? 'created' : 'resumed'} instance ${record.instance} for vm ${record.vmUuid} (TPM ${record.version})`);
     // A Xen-form request gets Xen's reply: the status alone (a hotplug script reads exactly 14 bytes).
     return xenForm ? { status: Status.SUCCESS } : { status: Status.SUCCESS, params: encodeOpenResult(record.instance, created) };
+  }
+
+  /** A new TPM 2.0 is made before OPEN is answered (manufacture.ts); if that fails, a new VM goes again. */
+  async #manufacture(vm: VmRecord, created: boolean, choice: EkChoice): Promise<void> {
+    const store: StateStore = {
+      load: (_i, kind) => this.#loadPlain(vm, kind),
+      store: async (_i, kind, blob) => void (await this.#save(vm, kind, blob)),
+      delete: (_i, kind) => this.#store.remove(vm.instance, [kind]),
+    };
+    try {
+      await this.#factory.atOpen(vm, created, choice, store);
+    } catch (err) {
+      if (created) this.#table.delete(vm.instance);
+      throw err;
+    }
   }
 
   // ---- cluster (etcd store) ---------------------------------------------------------------
@@ -392,14 +443,24 @@ export class ManagerDaemon {
     }
     const saveKind = SAVE_ORDS[f.code];
     const loadKind = LOAD_ORDS[f.code];
-    if (saveKind === undefined && loadKind === undefined && f.code !== Ord.DELETE_STATE)
+    const holds = f.code === Ord.HOLD_VOLATILE || f.code === Ord.APPEND_VOLATILE;
+    if (saveKind === undefined && loadKind === undefined && f.code !== Ord.DELETE_STATE && !holds)
       throw new Refusal(Status.BAD_ORDINAL, `unknown ordinal ${ordinalName(f.code)}`);
     const vm = this.#openVm(f.instance);
+    if (holds) {
+      if (f.params.length === 0) throw new Refusal(Status.BAD_PARAMETER, `empty ${ordinalName(f.code)} for instance ${vm.instance}`);
+      if (f.code === Ord.HOLD_VOLATILE) this.#held.hold(vm.instance, Buffer.from(f.params));
+      else if (!this.#held.append(vm.instance, Buffer.from(f.params)))
+        throw new Refusal(Status.BAD_PARAMETER, `APPEND_VOLATILE on instance ${vm.instance}: no checkpoint held to append to`);
+      return { status: Status.SUCCESS };
+    }
     if (saveKind) return this.#save(vm, saveKind, f.params);
     if (loadKind) return this.#load(vm, loadKind);
     if (f.params.length !== 1 || f.params[0]! >= STATE_KINDS.length)
       throw new Refusal(Status.BAD_PARAMETER, `DELETE_STATE takes one kind byte (0..2), got ${f.params.length} bytes`);
-    await this.#store.remove(vm.instance, [STATE_KINDS[f.params[0]!]!]);
+    const kind = STATE_KINDS[f.params[0]!]!;
+    if (kind === 'volatile') this.#held.drop(vm.instance);
+    await this.#store.remove(vm.instance, [kind]);
     return { status: Status.SUCCESS };
   }
 
@@ -419,11 +480,17 @@ export class ManagerDaemon {
   async #save(vm: VmRecord, kind: StateKind, data: Uint8Array): Promise<Reply> {
     // An empty LOAD reply means "never stored", so an empty blob cannot be stored.
     if (data.length === 0) throw new Refusal(Status.BAD_PARAMETER, `empty ${kind} blob for instance ${vm.instance}`);
-    const generation = this.#store.reserve();
-    const sealed = this.#sealer.seal({ instance: vm.instance, vmUuid: vm.vmUuid, kind, generation }, data);
+    // A durable volatile save is newer than anything held for the instance.
+    if (kind === 'volatile') this.#held.drop(vm.instance);
+    const [generation, sealed] = this.#sealed(vm, kind, data);
     this.#table.touch(vm.instance);
     await this.#store.save(vm.instance, kind, generation, sealed);
     return { status: Status.SUCCESS };
+  }
+
+  #sealed(vm: VmRecord, kind: StateKind, data: Uint8Array): [number, Uint8Array] {
+    const generation = this.#store.reserve();
+    return [generation, this.#sealer.seal({ instance: vm.instance, vmUuid: vm.vmUuid, kind, generation }, data)];
   }
 
   async #load(vm: VmRecord, kind: StateKind): Promise<Reply> {
@@ -434,6 +501,9 @@ export class ManagerDaemon {
   }
 
   async #loadPlain(vm: VmRecord, kind: StateKind): Promise<Buffer | null> {
+    // A held checkpoint is newer than the stored one (a restarted backend reloads it from here).
+    const held = kind === 'volatile' ? this.#held.get(vm.instance) : undefined;
+    if (held) return held;
     const got = await this.#store.load(vm.instance, kind);
     if (!got) return null;
     try {

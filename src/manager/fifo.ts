@@ -221,7 +221,13 @@ export class ClientChannel extends EventEmitter<{ frame: [Frame]; error: [WireEr
    */
   send(frame: Uint8Array): void {
     if (this.#closed) return;
-    if (this.writer.write(frame)) return;
+    // The replies of one tick leave in one write(2).
+    const w = this.writer;
+    if (!w.writableCorked) {
+      w.cork();
+      process.nextTick(() => w.uncork());
+    }
+    if (w.write(frame)) return;
     const queued = this.writer.writableLength;
     if (queued > this.limits.bytes) {
       this.cutOff(`stopped reading its replies: ${queued} bytes queued (limit ${this.limits.bytes})`);

@@ -91,6 +91,11 @@ export class Sealer {
     return Buffer.from(crypto.hkdfSync('sha256', this.#master, HKDF_SALT, Buffer.from('metadata', 'ascii'), KEY_BYTES));
   }
 
+  /** Key that encrypts the host CA's private keys when the master key is sealed to a TPM (ca.ts). */
+  caKeyWrap(): Buffer {
+    return Buffer.from(crypto.hkdfSync('sha256', this.#master, HKDF_SALT, Buffer.from('ek-ca-key', 'ascii'), KEY_BYTES));
+  }
+
   /** Key that encrypts the manager's private migration key where it is stored (migration.ts). */
   migrationKeyWrap(): Buffer {
     return Buffer.from(crypto.hkdfSync('sha256', this.#master, HKDF_SALT, Buffer.from('migration-key', 'ascii'), KEY_BYTES));

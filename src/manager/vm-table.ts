@@ -1,7 +1,7 @@
 // The VM → vTPM table (Xen 3.x kept it in /var/vtpm/VTPM): which instance serves which VM, its TPM
 // version, when it was created and last seen, and whether it is open. Instance 0 is reserved for the
 // control domain, as in Xen. The table is persisted inside the store's authenticated metadata.
-import { isUuid, type TpmVersion } from './wire.js';
+import { isUuid, type EkCode, type TpmVersion } from './wire.js';
 
 /** 'migrated': MIGRATE_OUT handed this vTPM to another manager (Xen's VTPM_TYPE_MIGRATED); only DELETE is left. */
 export type VmStatus = 'open' | 'closed' | 'migrated';
@@ -27,6 +27,8 @@ export interface VmRecord {
    * it came in by MIGRATE_IN. A MIGRATE_OUT blob carries this + 1.
    */
   migCounter?: number;
+  /** The EK certificates its TPM 2.0 was manufactured with here ('none': left to its first power-on); absent: not made by this manager. */
+  ek?: EkCode;
   /** Set by MIGRATE_OUT: where it went (destination key fingerprint, hex) and under which counter. */
   migratedTo?: { name: string; keyFingerprint: string; counter: number; at: string };
 }

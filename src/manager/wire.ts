@@ -36,6 +36,13 @@ export const Ord = {
   LOAD_SAVESTATE: 9,
   /** params: kind u8 (0 permanent, 1 volatile, 2 savestate). */
   DELETE_STATE: 10,
+  /**
+   * Ours: a volatile checkpoint acknowledged once the manager holds it in memory (docs/manager.md);
+   * made durable in the background, at CLOSE and at shutdown. params: blob.
+   */
+  HOLD_VOLATILE: 11,
+  /** Ours: bytes appended to the held volatile checkpoint (refused when none is held). params: bytes. */
+  APPEND_VOLATILE: 12,
   OPEN: 0x01000001,
   CLOSE: 0x01000002,
   DELETE: 0x01000003,
@@ -295,6 +302,8 @@ export const Startup = { CLEAR: 1, SAVE: 2, DEACTIVATED: 3 } as const;
  * OPEN parameters. Xen 3.x sends 7 bytes (mig type, startup mode, vm type, instance); we append the
  * VM's uuid (16 bytes) and TPM version (u8: 1 = 1.2, 2 = 2.0). A 7-byte OPEN (a Xen hotplug script)
  * names an existing instance or a new TPM 1.2 one with a uuid derived from the instance number.
+ * A 25th byte chooses the EK certificates a new VM's TPM is manufactured with (EK_CODES; absent or 0:
+ * the manager's default); a VM that exists keeps what it was made with.
  */
 export interface OpenParams {
   migType: number;
@@ -304,13 +313,19 @@ export interface OpenParams {
   instance: number;
   vmUuid: string | null;
   version: TpmVersion | null;
+  /** EK certificates at manufacture; absent: the manager's default. */
+  ek?: EkCode;
 }
+
+export const EK_CODES = { rsa: 1, ecc: 2, both: 3, none: 4 } as const;
+export type EkCode = keyof typeof EK_CODES;
 
 export const OPEN_XEN_SIZE = 7;
 export const OPEN_SIZE = 7 + 16 + 1;
+export const OPEN_EK_SIZE = OPEN_SIZE + 1;
 
 export function encodeOpen(p: OpenParams): Buffer {
-  const b = Buffer.alloc(p.vmUuid === null ? OPEN_XEN_SIZE : OPEN_SIZE);
+  const b = Buffer.alloc(p.vmUuid === null ? OPEN_XEN_SIZE : p.ek === undefined ? OPEN_SIZE : OPEN_EK_SIZE);
   b.writeUInt8(p.migType, 0);
   b.writeUInt8(p.startup, 1);
   b.writeUInt8(p.vmType, 2);
@@ -318,20 +333,27 @@ export function encodeOpen(p: OpenParams): Buffer {
   if (p.vmUuid !== null) {
     uuidToBytes(p.vmUuid).copy(b, 7);
     b.writeUInt8(TPM_VERSIONS[p.version ?? '2.0'], 23);
+    if (p.ek !== undefined) b.writeUInt8(EK_CODES[p.ek], 24);
   }
   return b;
 }
 
 export function decodeOpen(params: Uint8Array): OpenParams {
   const b = Buffer.from(params.buffer, params.byteOffset, params.length);
-  if (b.length !== OPEN_XEN_SIZE && b.length !== OPEN_SIZE)
-    throw new WireError('BAD_PARAMS', `OPEN takes ${OPEN_XEN_SIZE} or ${OPEN_SIZE} parameter bytes, got ${b.length}`);
+  if (b.length !== OPEN_XEN_SIZE && b.length !== OPEN_SIZE && b.length !== OPEN_EK_SIZE)
+    throw new WireError('BAD_PARAMS', `OPEN takes ${OPEN_XEN_SIZE}, ${OPEN_SIZE} or ${OPEN_EK_SIZE} parameter bytes, got ${b.length}`);
   const base = { migType: b[0]!, startup: b[1]!, vmType: b[2]!, instance: b.readUInt32BE(3) };
   if (b.length === OPEN_XEN_SIZE) return { ...base, vmUuid: null, version: null };
   const v = b[23]!;
   const version = (Object.keys(TPM_VERSIONS) as TpmVersion[]).find((k) => TPM_VERSIONS[k] === v);
   if (!version) throw new WireError('BAD_PARAMS', `unknown TPM version code ${v}`);
-  return { ...base, vmUuid: bytesToUuid(b.subarray(7, 23)), version };
+  const out: OpenParams = { ...base, vmUuid: bytesToUuid(b.subarray(7, 23)), version };
+  if (b.length === OPEN_EK_SIZE && b[24] !== 0) {
+    const ek = (Object.keys(EK_CODES) as EkCode[]).find((k) => EK_CODES[k] === b[24]);
+    if (!ek) throw new WireError('BAD_PARAMS', `unknown EK certificate code ${b[24]} (1 rsa, 2 ecc, 3 both, 4 none)`);
+    out.ek = ek;
+  }
+  return out;
 }
 
 /** Our 24-byte OPEN's response parameters: instance u32, created u8. A 7-byte (Xen) OPEN gets none, as from Xen. */

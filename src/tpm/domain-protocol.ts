@@ -1,6 +1,5 @@
-// The framing between a backend and a vTPM-domain process (one TPM instance alone in a process with its
-// own domid). A byte-stream transport (pipes today; a shared-memory ring in multi-VM mode later) carries
-// frames:
+// The lifecycle framing between a backend and a vTPM-domain process (one TPM instance alone in a process
+// with its own domid; TPM commands go over a shared-memory ring instead). Its stdin/stdout carry frames:
 //
 //   length u32 BE (bytes after this field, >= 5) | type u8 | id u32 BE | payload
 //
@@ -9,8 +8,6 @@
 // events (id 0, JSON FailureInfo) at any time.
 
 export enum DomainMsg {
-  EXECUTE = 0x01, // payload: locality u8, command bytes
-  CANCEL = 0x02,
   HEALTH = 0x03, // reply: JSON DomainHealth
   POWER_ON = 0x04,
   POWER_OFF = 0x05,

@@ -1,7 +1,7 @@
-// The vTPM-domain side: one TPM instance hosted alone in this process, with its own domid, driven over
-// a byte-stream transport by the backend (domain-client.ts). The instance code is the same as in the
-// backend's own process (TpmHost/TpmInstance); only the transport differs, and it is an interface so
-// multi-VM mode can put a shared-memory ring in place of the pipes.
+// The vTPM-domain side of the lifecycle frames: one TPM instance hosted alone in this process, with its
+// own domid, powered, started, saved and stopped by the backend (src/backend/vtpm-domain.ts) over a
+// byte-stream transport (stdio). TPM commands do not come this way: they arrive on the shared-memory
+// ring the caller attaches in `onInstance` (src/backend/vtpm-domain-main.ts).
 import { TpmHost } from './host.js';
 import type { TpmInstance, TpmVersion } from './instance.js';
 import { BLOB_TYPE } from './state-blob.js';
@@ -99,11 +99,6 @@ export async function runDomain(opts: DomainOptions): Promise<number> {
 
     const handle = async (f: Frame): Promise<Uint8Array> => {
       switch (f.type) {
-        case DomainMsg.EXECUTE:
-          return inst.execute(f.payload.subarray(1), { locality: f.payload[0] ?? 0 });
-        case DomainMsg.CANCEL:
-          inst.cancel();
-          return new Uint8Array(0);
         case DomainMsg.HEALTH:
           return new TextEncoder().encode(JSON.stringify(health()));
         case DomainMsg.POWER_ON:

@@ -13,7 +13,7 @@
 // (a response nobody else sees) return before its write is done, overlapping it with the first command.
 import { EventEmitter } from 'node:events';
 import { Libtpms, TPM_SUCCESS, TpmVersionChoice } from '../../native/libtpms.js';
-import type { TpmEndpoint } from './endpoint.js';
+import type { SwtpmVtpm } from './vtpm.js';
 import { isFastCommand } from './fast-path.js';
 import { Limiter } from './limiter.js';
 import {
@@ -50,7 +50,7 @@ const SPARE_STORE: StateStore = {
  * Events: 'failure' (FailureInfo) when the instance enters the failed state.
  * Create instances with TpmHost.create() (or TpmInstance.create() with your own limiter).
  */
-export class TpmInstance extends EventEmitter implements TpmEndpoint {
+export class TpmInstance extends EventEmitter implements SwtpmVtpm {
   readonly version: TpmVersion;
   readonly #limiter: Limiter;
   readonly #wantedBufferSize: number;

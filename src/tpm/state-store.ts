@@ -15,3 +15,20 @@ export interface StateStore {
   /** Removes the blob; resolves once the removal is durable. Removing a missing blob is not an error. */
   delete(instance: number, kind: StateKind): Promise<void>;
 }
+
+/**
+ * A store that can also hold a volatile checkpoint in its own process's memory, acknowledged before it
+ * is durable (the manager's HOLD_VOLATILE): enough for state that must survive one process crash, not
+ * power loss. It keeps the latest held blob per instance and holds it again if its peer restarts.
+ */
+export interface VolatileHolder {
+  holdVolatile(instance: number, blob: Uint8Array): Promise<void>;
+  /** Append bytes to the held checkpoint (it stays one blob at the manager). */
+  appendVolatile(instance: number, bytes: Uint8Array): Promise<void>;
+  /** Whether held checkpoints survive the peer's restart here (it can reconnect and hold them again). */
+  readonly canHold: boolean;
+  /** A checkpoint just loaded from the peer: hold it here too (see ManagerClient.adoptHeld). */
+  adoptHeld(instance: number, blob: Uint8Array): void;
+  /** Resolves once no holding-again after a peer restart is under way (its failure included). */
+  settled(): Promise<void>;
+}

@@ -16,3 +16,5 @@ export { EventChannels, EventChannelError, ECS_closed, ECS_unbound, ECS_interdom
 export { SharedRing, FrontRing, BackRing, RingError, ringSize, RING_HEADER_SIZE } from './ring.js';
 export { PAGE_SIZE, xenDir } from './layout.js';
 export { PollWindow, spinUntil, defaultPollUs, cpuContended } from './poll.js';
+export { EchoFrontend, ECHO_OP, ECHO_SLOT, type RingOffer, type EchoFrontendOptions } from './echo-front.js';
+export { EchoBackend, type EchoBackendOptions } from './echo-back.js';

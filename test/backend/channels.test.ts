@@ -13,7 +13,7 @@ import { V2Channel } from '../../src/backend/v2-channel.js';
 import { RingChannel } from '../../src/backend/ring-channel.js';
 import { V2Front } from '../../src/frontend/v2-front.js';
 import { RingFront } from '../../src/tpmif/ring-front.js';
-import type { VtpmTarget } from '../../src/backend/target.js';
+import type { VtpmTarget } from '../../src/tpm/vtpm.js';
 import { FrontendError } from '../../src/tpmif/transport.js';
 import { TPMIF_STATE_FINISH, TPMIF_STATE_IDLE, TPMIF_STATE_CANCEL, RING_SLOT } from '../../src/xen/tpmif.js';
 import { removeDir } from '../helpers/temp.js';

@@ -22,14 +22,29 @@ class Blobs implements StateStore {
 }
 
 describe('exactly-once table in the volatile blob', () => {
-  it('shows its layout: magic "VTJ1", count, {id, status, length, bytes}, then the libtpms blob', async () => {
+  it('shows its layout: magic "VTJ2", count, {id, status, length, bytes}, volatile length, the libtpms blob', async () => {
     const inner = new Blobs();
     const j = new JournalStore(inner, 3);
     j.record(0x0102n, { status: 3, response: Uint8Array.of(0x80, 0x01) });
     await j.store(3, 'volatile', Uint8Array.of(0xaa, 0xbb));
     expect(Buffer.from(inner.m.get('3/volatile')!).toString('hex')).toBe(
-      '56544a31' + '01000000' + '0201000000000000' + '03000000' + '02000000' + '8001' + 'aabb',
+      '56544a32' + '01000000' + '0201000000000000' + '03000000' + '02000000' + '8001' + '02000000' + 'aabb',
     );
+  });
+
+  it('loads replay records after the libtpms blob, and a "VTJ1" blob of before', async () => {
+    const inner = new Blobs();
+    // VTJ2, no entries, 2 volatile bytes, one record: id 7, locality 3, status 0, command 0x11 0x22, response 0x33.
+    inner.m.set('3/volatile', Buffer.from('56544a32' + '00000000' + '02000000' + 'aabb' + '0700000000000000' + '03' + '00000000' + '02000000' + '1122' + '01000000' + '33', 'hex'));
+    const j = new JournalStore(inner, 3);
+    expect(Buffer.from((await j.load(3, 'volatile'))!).toString('hex')).toBe('aabb');
+    expect(j.takeReplay()).toEqual([{ id: 7n, locality: 3, status: 0, command: Uint8Array.of(0x11, 0x22), response: Uint8Array.of(0x33) }]);
+    expect(j.highestCompleted).toBe(7n);
+    expect(j.loadedVolatile).toBe(true);
+    inner.m.set('3/volatile', Buffer.from('56544a31' + '01000000' + '0201000000000000' + '03000000' + '02000000' + '8001' + 'aabb', 'hex'));
+    expect(Buffer.from((await j.load(3, 'volatile'))!).toString('hex')).toBe('aabb');
+    expect(j.get(0x0102n)).toEqual({ status: 3, response: Uint8Array.of(0x80, 0x01) });
+    expect(j.takeReplay()).toEqual([]);
   });
 
   it('round-trips any table and volatile blob', async () => {

@@ -191,6 +191,9 @@ describe('master key sealed to PCRs of a host TPM (swtpm playing the host TPM)',
     c.disconnect();
     expect(await m.stop()).toBe(0);
     expect(fs.readdirSync(stateDir)).not.toContain(MASTER_KEY_FILE);
+    // The EK CA's keys are sealed with it: encrypted under the master key, no PEM on disk.
+    expect(fs.readdirSync(path.join(stateDir, 'ca')).sort()).toEqual(['issuer.key.sealed', 'issuer.pem', 'root.key.sealed', 'root.pem']);
+    expect(fs.readFileSync(path.join(stateDir, 'ca', 'issuer.key.sealed')).includes('PRIVATE KEY')).toBe(false);
 
     m = await startManager(stateDir, runDir, ['--seal-to-tpm', tcti]);
     c = await ManagerClient.connect(runDir);

@@ -1,7 +1,7 @@
 // Two (and three) real processes sharing a ring through the grant table and an event channel.
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { Child, freshXenDir } from '../helpers/child.js';
-import { Domain, GNTST, GrantError, domainExists } from '../../src/xen/index.js';
+import { Domain, EchoFrontend, GNTST, GrantError, domainExists } from '../../src/xen/index.js';
 import { removeDir } from '../helpers/temp.js';
 
 const dir = freshXenDir();
@@ -11,9 +11,9 @@ let front: Child;
 let offer: { frontDomid: number; refs: number[]; port: number };
 
 beforeAll(async () => {
-  back = new Child('scripts/ring-peer.js', ['back', '0'], env);
+  back = new Child('src/cli/ring-peer.js', ['back', '0'], env);
   await back.next('ready');
-  front = new Child('scripts/ring-peer.js', ['front', '5', '0'], env);
+  front = new Child('src/cli/ring-peer.js', ['front', '5', '0'], env);
   offer = (await front.next('ready')).offer as typeof offer;
   await back.request({ kind: 'offer', offer }, 'connected');
 });
@@ -25,7 +25,7 @@ afterAll(async () => {
 
 describe('ring between two processes', () => {
   it('destroys a domain when its process dies, and its domid can be created again', async () => {
-    const peerProc = new Child('scripts/ring-peer.js', ['back', '4'], env);
+    const peerProc = new Child('src/cli/ring-peer.js', ['back', '4'], env);
     try {
       await peerProc.next('ready');
       expect(await domainExists(dir, 4)).toBe(true);
@@ -71,7 +71,7 @@ describe('ring between two processes', () => {
   });
 
   it('rejects a frontend that writes garbage indices while another frontend keeps being served', async () => {
-    const good = new Child('scripts/ring-peer.js', ['front', '6', '0'], env);
+    const good = new Child('src/cli/ring-peer.js', ['front', '6', '0'], env);
     try {
       const goodOffer = (await good.next('ready')).offer as typeof offer;
       await back.request({ kind: 'offer', offer: goodOffer }, 'connected');
@@ -91,5 +91,35 @@ describe('ring between two processes', () => {
     await back.request({ kind: 'disconnect', frontDomid: 5 }, 'disconnected');
     const r = await front.request({ kind: 'revoke' }, 'revoked');
     expect(r.ok).toBe(true);
+  });
+
+  it('answers a polling frontend without a wake-up, and still wakes it once polling stands down', async () => {
+    // This process is the frontend (domain 7); the backend child polls too (VTPM_POLL_US default).
+    const dom = await Domain.create({ domid: 7, dir });
+    let contended = false;
+    const f = new EchoFrontend(dom, 0, { pollUs: 2_000, contended: () => contended });
+    try {
+      await back.request({ kind: 'offer', offer: f.offer() }, 'connected');
+      // Polling: the answer is taken from the ring inside flush(), before request() returns, so the
+      // promise is already settled when we look (a notification would only arrive on a later turn).
+      let polled = 0;
+      for (let i = 0; i < 200; i++) {
+        let settled = false;
+        const p = f.request(i).then((v) => ((settled = true), v));
+        await Promise.resolve();
+        if (settled) polled++;
+        expect(await p).toBe(i + 1);
+      }
+      expect(polled).toBeGreaterThan(100);
+      expect(dom.evtchn.status(f.port).masked).toBe(true);
+      // Under CPU pressure the frontend stops polling: its port must be unmasked so the answer wakes it.
+      contended = true;
+      const within = <T>(p: Promise<T>): Promise<T | 'no answer in 5 s'> =>
+        Promise.race([p, new Promise<'no answer in 5 s'>((r) => setTimeout(() => r('no answer in 5 s'), 5_000).unref())]);
+      for (let i = 0; i < 50; i++) expect(await within(f.request(1000 + i))).toBe(1001 + i);
+    } finally {
+      await back.request({ kind: 'disconnect', frontDomid: 7 }, 'disconnected');
+      await dom.destroy();
+    }
   });
 });

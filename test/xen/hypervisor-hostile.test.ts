@@ -11,7 +11,7 @@ import { closeFd } from '../../native/unix-rights.js';
 import { MAX_OBJECTS_PER_DOMAIN } from '../../src/xen/hv-domain.js';
 import { V2Channel } from '../../src/backend/v2-channel.js';
 import { V2Front } from '../../src/frontend/v2-front.js';
-import type { VtpmTarget } from '../../src/backend/target.js';
+import type { VtpmTarget } from '../../src/tpm/vtpm.js';
 import * as tpm2 from '../../src/tpm/tpm2-commands.js';
 import { removeDir } from '../helpers/temp.js';
 

@@ -13,7 +13,7 @@ import { F_SEAL_GROW, F_SEAL_SEAL, F_SEAL_SHRINK, getSeals, mapShared, tryMapPag
 import { closeFd } from '../../native/unix-rights.js';
 import { V2Channel } from '../../src/backend/v2-channel.js';
 import { V2Front } from '../../src/frontend/v2-front.js';
-import type { VtpmTarget } from '../../src/backend/target.js';
+import type { VtpmTarget } from '../../src/tpm/vtpm.js';
 import * as tpm2 from '../../src/tpm/tpm2-commands.js';
 import { removeDir } from '../helpers/temp.js';
 

@@ -24,7 +24,7 @@ import {
   RSP_ID,
   RSP_STATUS,
 } from '../../src/xen/tpmif.js';
-import type { VtpmTarget } from '../../src/backend/target.js';
+import type { VtpmTarget } from '../../src/tpm/vtpm.js';
 import { removeDir } from '../helpers/temp.js';
 
 const PAGE = 4096;

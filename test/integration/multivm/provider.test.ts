@@ -3,7 +3,7 @@
 // domain that stops answering (killed by the watchdog, never a hang), grants left pinned by a dead
 // domain (released, none leaked), restart give-up, and release.
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { randomUUID } from 'node:crypto';
+import { createHash, randomUUID } from 'node:crypto';
 import fs from 'node:fs';
 import { join } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
@@ -65,7 +65,7 @@ afterAll(async () => {
 describe('MultiVmVtpms', () => {
   it('runs each vTPM in its own registered domain process, reached over the ring', async () => {
     const vm = randomUUID();
-    const t = await vtpms.open(vm, '2.0', false);
+    const t = await vtpms.open(vm, '2.0', { resume: false });
     expect(rc(await t.execute(tpm2.startup(), { locality: 0 }))).toBe(0);
     const r = await t.execute(tpm2.getRandom(16), { locality: 0 });
     expect(rc(r)).toBe(0);
@@ -88,7 +88,7 @@ describe('MultiVmVtpms', () => {
 
   it('kills a domain that stops answering, fails that command, restarts it, and leaks no grants', async () => {
     const vm = randomUUID();
-    const t = await vtpms.open(vm, '2.0', false);
+    const t = await vtpms.open(vm, '2.0', { resume: false });
     expect(rc(await t.execute(tpm2.startup(), { locality: 0 }))).toBe(0);
     const inUse = grantsInUse();
     const old = vtpms.domains().find((x) => x.vm === vm)!;
@@ -111,9 +111,35 @@ describe('MultiVmVtpms', () => {
     await vtpms.release(t.instance);
   });
 
+  it('sends a guest request caught in a crash again, same id, to the restarted domain: run once, PCRs kept', async () => {
+    const t = await vtpms.open(randomUUID(), '2.0', { resume: false });
+    expect(rc(await t.execute(tpm2.startup(), { locality: 0 }))).toBe(0);
+    const digest = Buffer.alloc(32, 0x09);
+    const extend = tpm2.pcrExtendSha256(16, digest);
+    expect(rc(await t.execute(extend, { locality: 0, id: 1n }))).toBe(0);
+    const d = vtpms.domains().find((x) => x.instance === t.instance)!;
+    // Frozen, the domain holds the next request unrun; killed, it leaves it to the next incarnation.
+    process.kill(d.pid, 'SIGSTOP');
+    const inFlight = t.execute(extend, { locality: 0, id: 2n });
+    await sleep(100);
+    process.kill(d.pid, 'SIGKILL');
+    expect(rc(await inFlight)).toBe(0);
+    expect(vtpms.domains().find((x) => x.instance === t.instance)!.pid).not.toBe(d.pid);
+    // Two extends of PCR 16 (reset value zeros), each exactly once, survive the kill.
+    const sha = (b: Buffer): Buffer => createHash('sha256').update(b).digest();
+    const want = sha(Buffer.concat([sha(Buffer.concat([Buffer.alloc(32), digest])), digest]));
+    const pcr = tpm2.parsePcrRead(await t.execute(tpm2.pcrReadSha256(16), { locality: 0, id: 3n }));
+    expect(Buffer.from(pcr).toString('hex')).toBe(want.toString('hex'));
+    await vtpms.release(t.instance);
+  });
+
+  it('refuses a QEMU endpoint with a typed error: its vTPMs live in other processes', async () => {
+    await expect(vtpms.open(randomUUID(), '2.0', { qemu: true })).rejects.toMatchObject({ name: 'ProviderError', code: 'NO_QEMU' });
+  });
+
   it('gives a vTPM up after too many crashes, without touching another', async () => {
-    const a = await vtpms.open(randomUUID(), '2.0', false);
-    const b = await vtpms.open(randomUUID(), '2.0', false);
+    const a = await vtpms.open(randomUUID(), '2.0', { resume: false });
+    const b = await vtpms.open(randomUUID(), '2.0', { resume: false });
     for (const t of [a, b]) expect(rc(await t.execute(tpm2.startup(), { locality: 0 }))).toBe(0);
     const bPid = vtpms.domains().find((x) => x.instance === b.instance)!.pid;
     for (let k = 0; k < 3; k++) {
@@ -136,7 +162,7 @@ describe('MultiVmVtpms', () => {
     expect(vtpms.domains()).toEqual([]);
   });
   it('serves a TPM 1.2 vTPM the same way, restarted and started after a kill', async () => {
-    const t = await vtpms.open(randomUUID(), '1.2', false);
+    const t = await vtpms.open(randomUUID(), '1.2', { resume: false });
     expect(rc(await t.execute(tpm12.startup(), { locality: 0 }))).toBe(0);
     const r = await t.execute(tpm12.getRandom(8), { locality: 0 });
     expect(Buffer.from(r.subarray(0, 2)).toString('hex')).toBe('00c4'); // TPM_TAG_RSP_COMMAND

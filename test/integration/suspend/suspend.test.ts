@@ -180,6 +180,33 @@ describe('suspend/resume through xenstore', () => {
     await s.close();
   });
 
+  it('a command the backend never answers fails ETIME naming its id and command code, and the session goes on', async () => {
+    const g = await guest(30);
+    const s = await Session.open({ xs: g.xs, dom: g.dom, commandTimeoutMs: 400 });
+    ok(await s.submit(tpm2.startup()), 'Startup');
+    const be = new RunDir(runDir).readHost().processes.find((p) => p.role === 'backend')!;
+    const id = s.nextId;
+    // A stopped backend neither answers nor closes the ring: only the session's bound ends the wait.
+    process.kill(be.pid, 'SIGSTOP');
+    let err: unknown;
+    const t0 = performance.now();
+    try {
+      err = await s.submit(tpm2.getRandom(8)).then(
+        () => 'answered',
+        (e: unknown) => e,
+      );
+    } finally {
+      process.kill(be.pid, 'SIGCONT');
+    }
+    expect(performance.now() - t0).toBeGreaterThanOrEqual(390);
+    expect(err).toMatchObject({ name: 'FrontendError', code: 'ETIME' });
+    expect((err as Error).message).toBe(`ETIME: request ${id} (command code 0x0000017b) got no answer within 400 ms; cancelled`);
+    expect(s.inflight()).toEqual([]);
+    // The backend, running again, serves the next command on the same ring.
+    expect(tpm2.parseGetRandom(ok(await s.submit(tpm2.getRandom(8)), 'GetRandom after the timeout'))).toHaveLength(8);
+    await s.close();
+  });
+
   it('a guest whose new ring is published in the same batch as its Closed (no wait for InitWait, as Linux tpmfront) is served on it, vTPM kept', async () => {
     const g = await guest(28);
     const dev = xenbus.vtpmDevice(28, 0, 0);

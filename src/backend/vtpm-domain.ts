@@ -1,37 +1,60 @@
-// The backend's handle on a vTPM-domain process: start it, talk to its one TPM, check its health, stop
-// it, and learn at once when it dies (exit or kill -9) — 'crash' for an exit nobody asked for.
+// The backend's handle on a vTPM-domain process (docs/multi-vm.md): one Vtpm whose TPM commands go
+// over the shared-memory ring the backend granted to the domain (RingFront; the domain serves it with
+// RingChannel and its exactly-once session), and whose lifecycle (READY, STOP, Startup, SAVE_VOLATILE,
+// HEALTH, state blobs) goes over frames on the process's stdin/stdout, as a toolstack drives a stub
+// domain. It learns at once when the process dies (exit or kill -9): 'crash' for an exit nobody asked for.
 import { spawn, type ChildProcess } from 'node:child_process';
 import fs from 'node:fs';
 import { EventEmitter } from 'node:events';
 import { dirname, join } from 'node:path';
 import { fileURLToPath } from 'node:url';
-import type { TpmEndpoint } from './endpoint.js';
-import type { TpmVersion } from './instance.js';
-import type { FailureInfo } from './instance-types.js';
-import { BLOB_TYPE } from './state-blob.js';
-import type { StateKind } from './state-store.js';
-import { engineEnv } from './threadpool.js';
-import { DomainMsg, FrameReader, decodeJson, encodeFrame, type DomainHealth, type Frame } from './domain-protocol.js';
+import type { RingFront } from '../tpmif/ring-front.js';
+import type { ExecuteOptions, Vtpm } from '../tpm/vtpm.js';
+import type { TpmVersion } from '../tpm/wire.js';
+import type { FailureInfo } from '../tpm/instance-types.js';
+import { BLOB_TYPE } from '../tpm/state-blob.js';
+import type { StateKind } from '../tpm/state-store.js';
+import { engineEnv } from '../tpm/threadpool.js';
+import { DomainMsg, FrameReader, decodeJson, encodeFrame, type DomainHealth, type Frame } from '../tpm/domain-protocol.js';
 
-export interface DomainStartOptions {
+interface DomainCommon {
   instance: number;
   domid: number;
   version: TpmVersion;
-  stateDir: string;
   /** How long to wait for READY (default 10 s). */
   startTimeoutMs?: number;
-  /** Another entry point speaking the same frames (multi-VM mode's ring-attached domain); default domain-main.js with the args above. */
-  entry?: { script: string; args: string[] };
   /** The domain's hypercall connection, handed to the process as fd 3 (VTPM_HV_FD) and closed here. */
-  hvFd?: number;
+  hvFd: number;
   /** How to exec the domain (e.g. under its own uid, src/cli/isolation.ts); default node directly. */
   launch?: DomainLaunch;
-  /** More descriptors the domain inherits, after the hypercall connection (fds 4, 5, …); close yours in `onSpawned`. */
-  inheritFds?: number[];
+  /** The manager pair's request and response ends the domain inherits as fds 4 and 5; close yours in `onSpawned`. */
+  managerFds?: [number, number];
   onSpawned?: () => void;
   /** Node options before the entry script (V8 heap limits for a lean domain, docs/multi-vm.md). */
   nodeFlags?: string[];
 }
+
+/** A multi-VM domain: vtpm-domain-main.js serving the ring the backend granted it. */
+export interface RingDomainStart extends DomainCommon {
+  /** The ring the backend (domain `frontDomid`) granted to this domain; commands go over it. */
+  front: RingFront;
+  frontDomid: number;
+  vm: string;
+  managerRunDir: string;
+  xenDir: string;
+  /** Where the domain registers itself while it runs. */
+  registerDir?: string;
+}
+
+/**
+ * Another entry point speaking the same control frames, with no ring from dom0: a stub domain
+ * (stubdom-main.js) is its guest's device backend, so its TPM is reached only through that device.
+ */
+export interface EntryDomainStart extends DomainCommon {
+  entry: { script: string; args: string[] };
+}
+
+export type DomainStartOptions = RingDomainStart | EntryDomainStart;
 
 /** Turns `node argv…` into the command that runs it as the domain (a privilege-dropping wrapper). */
 export type DomainLaunch = (domid: number, file: string, args: string[]) => { file: string; args: string[] };
@@ -43,7 +66,7 @@ export interface DomainExit {
   expected: boolean;
 }
 
-export type DomainErrorCode = 'START' | 'CRASHED' | 'TIMEOUT' | 'REMOTE' | 'STOPPED';
+export type DomainErrorCode = 'START' | 'CRASHED' | 'TIMEOUT' | 'REMOTE' | 'STOPPED' | 'NO_RING';
 
 export class DomainError extends Error {
   constructor(
@@ -57,9 +80,30 @@ export class DomainError extends Error {
   }
 }
 
-// The compiled entry point; when this module runs from source (tests), use the build in dist/.
+// The domain's one entry point; when this module runs from source (tests), use the build in dist/.
 const here = dirname(fileURLToPath(import.meta.url));
-const MAIN = import.meta.url.endsWith('.ts') ? join(here, '../../dist/src/tpm/domain-main.js') : join(here, 'domain-main.js');
+export const VTPM_DOMAIN_MAIN = import.meta.url.endsWith('.ts')
+  ? join(here, '../../dist/src/backend/vtpm-domain-main.js')
+  : join(here, 'vtpm-domain-main.js');
+
+// prettier-ignore
+function ringArgs(opts: RingDomainStart): string[] {
+  return [
+    VTPM_DOMAIN_MAIN,
+    '--instance', String(opts.instance),
+    '--domid', String(opts.domid),
+    '--tpm-version', opts.version,
+    '--vm', opts.vm,
+    '--manager-run', opts.managerRunDir,
+    '--xen-dir', opts.xenDir,
+    '--front-domid', String(opts.frontDomid),
+    '--ring-ref', String(opts.front.refs[0]),
+    '--event-channel', String(opts.front.port),
+    ...(opts.registerDir ? ['--register-dir', opts.registerDir] : []),
+    // After the hypercall connection (fd 3): the manager pair's request and response ends.
+    ...(opts.managerFds ? ['--manager-fds', '4,5'] : []),
+  ];
+}
 
 interface Pending {
   resolve: (payload: Uint8Array) => void;
@@ -70,9 +114,12 @@ interface Pending {
  * Events: 'exit' (DomainExit) always; 'crash' (DomainExit) when the exit was not requested;
  * 'failure' (FailureInfo) when the TPM inside enters failure mode.
  */
-export class VtpmDomain extends EventEmitter implements TpmEndpoint {
+export class VtpmDomain extends EventEmitter implements Vtpm {
   readonly instance: number;
+  readonly version: TpmVersion;
   readonly domid: number;
+  /** Null for an entry-point domain (a stub domain): no ring from dom0. */
+  readonly front: RingFront | null;
   readonly #child: ChildProcess;
   readonly #pending = new Map<number, Pending>();
   #nextId = 1;
@@ -83,7 +130,9 @@ export class VtpmDomain extends EventEmitter implements TpmEndpoint {
   private constructor(opts: DomainStartOptions, child: ChildProcess) {
     super();
     this.instance = opts.instance;
+    this.version = opts.version;
     this.domid = opts.domid;
+    this.front = 'front' in opts ? opts.front : null;
     this.#child = child;
     this.#exitPromise = new Promise((resolve) => {
       child.once('exit', (code, signal) => {
@@ -110,22 +159,20 @@ export class VtpmDomain extends EventEmitter implements TpmEndpoint {
     return this.#exited === null;
   }
 
-  /** Spawn `node domain-main.js …` and wait for its READY. */
+  /** Spawn `node vtpm-domain-main.js …` on the ring (or the given entry point) and wait for its READY. */
   static async start(opts: DomainStartOptions): Promise<VtpmDomain> {
-    const argv = opts.entry
-      ? [...(opts.nodeFlags ?? []), opts.entry.script, ...opts.entry.args]
-      : [MAIN, '--instance', String(opts.instance), '--domid', String(opts.domid), '--tpm-version', opts.version, '--state-dir', opts.stateDir];
+    const argv = [...(opts.nodeFlags ?? []), ...('entry' in opts ? [opts.entry.script, ...opts.entry.args] : ringArgs(opts))];
     const l = opts.launch ? opts.launch(opts.domid, process.execPath, argv) : { file: process.execPath, args: argv };
     let child: ChildProcess;
     try {
       // cwd /: a domain under its own uid may not be allowed into the backend's working directory.
       child = spawn(l.file, l.args, {
-        stdio: ['pipe', 'pipe', 'inherit', ...(opts.hvFd === undefined ? [] : [opts.hvFd]), ...(opts.inheritFds ?? [])],
-        env: opts.hvFd === undefined ? engineEnv() : { ...engineEnv(), VTPM_HV_FD: '3' },
+        stdio: ['pipe', 'pipe', 'inherit', opts.hvFd, ...(opts.managerFds ?? [])],
+        env: { ...engineEnv(), VTPM_HV_FD: '3' },
         cwd: '/',
       });
     } finally {
-      if (opts.hvFd !== undefined) fs.closeSync(opts.hvFd);
+      fs.closeSync(opts.hvFd);
       opts.onSpawned?.();
     }
     const dom = new VtpmDomain(opts, child);
@@ -202,15 +249,15 @@ export class VtpmDomain extends EventEmitter implements TpmEndpoint {
     });
   }
 
-  async execute(command: Uint8Array, opts: { locality?: number } = {}): Promise<Uint8Array> {
-    const payload = new Uint8Array(1 + command.length);
-    payload[0] = opts.locality ?? 0;
-    payload.set(command, 1);
-    return this.#request(DomainMsg.EXECUTE, payload);
+  /** Over the ring; a guest's request id travels with it so the domain's exactly-once table sees it. */
+  execute(command: Uint8Array, opts: ExecuteOptions = {}): Promise<Uint8Array> {
+    if (!this.front) return Promise.reject(new DomainError('NO_RING', `vTPM domain ${this.domid} has no ring from dom0: its TPM is reached through the device it serves`));
+    // Id 0 tells the domain "no id": a fresh ring id must never alias an id its table holds.
+    return this.front.transmit(command, { locality: opts.locality ?? 0, id: opts.id ?? 0n });
   }
 
-  async cancel(): Promise<void> {
-    await this.#request(DomainMsg.CANCEL);
+  cancel(): void {
+    this.front?.cancel();
   }
 
   /** Resolves with the domain's health, or rejects with TIMEOUT if it does not answer in time. */

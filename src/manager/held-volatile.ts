@@ -1,0 +1,94 @@
+// Volatile checkpoints the manager holds in memory before they are durable (docs/manager.md
+// HOLD_VOLATILE, APPEND_VOLATILE). A vTPM's volatile state (PCRs, sessions, loaded objects) must
+// survive any single process crash, not power loss: once the backend and the manager both hold a
+// checkpoint it may be acknowledged. The manager serves LOAD_VOLATILE from here and writes each held
+// checkpoint to the store in the background, at CLOSE and at shutdown; a backend holds its latest
+// checkpoints again after a manager restart. A written checkpoint stays here (clean) so later appends
+// still find it, until a durable save, a delete or CLOSE replaces it.
+interface Entry {
+  pieces: Buffer[];
+  /** Changed since it was last written. */
+  dirty: boolean;
+}
+
+export class HeldVolatile {
+  readonly #held = new Map<number, Entry>();
+  readonly #write: (instance: number, data: Buffer) => Promise<void>;
+  readonly #delayMs: number;
+  readonly #log: (line: string) => void;
+  #timer: NodeJS.Timeout | null = null;
+  #flushing: Promise<void> = Promise.resolve();
+
+  /** `write` stores one checkpoint durably (or drops it when its instance no longer takes saves). */
+  constructor(write: (instance: number, data: Buffer) => Promise<void>, delayMs: number, log: (line: string) => void) {
+    this.#write = write;
+    this.#delayMs = delayMs;
+    this.#log = log;
+  }
+
+  hold(instance: number, data: Buffer): void {
+    this.#held.set(instance, { pieces: [data], dirty: true });
+    this.#schedule();
+  }
+
+  /** False when nothing is held for the instance (the caller must hold a whole checkpoint first). */
+  append(instance: number, bytes: Buffer): boolean {
+    const e = this.#held.get(instance);
+    if (!e) return false;
+    e.pieces.push(bytes);
+    e.dirty = true;
+    this.#schedule();
+    return true;
+  }
+
+  get(instance: number): Buffer | undefined {
+    const e = this.#held.get(instance);
+    if (!e) return undefined;
+    if (e.pieces.length > 1) e.pieces = [Buffer.concat(e.pieces)];
+    return e.pieces[0];
+  }
+
+  /** A newer durable save, or a delete, replaces what is held. */
+  drop(instance: number): void {
+    this.#held.delete(instance);
+  }
+
+  #schedule(): void {
+    if (this.#timer) return;
+    this.#timer = setTimeout(() => {
+      this.#timer = null;
+      this.flush().catch((err: unknown) => this.#log(`background write of held volatile state: ${(err as Error).message}`));
+    }, this.#delayMs);
+  }
+
+  /**
+   * Write what is held and changed (one instance's, or all) to the store. Flushes run one at a time
+   * and each takes its instance's latest state when it runs, so an older checkpoint is never written
+   * after a newer one.
+   */
+  flush(instance?: number): Promise<void> {
+    const run = async (): Promise<void> => {
+      const ids = instance === undefined ? [...this.#held.keys()] : [instance];
+      for (const i of ids) {
+        const e = this.#held.get(i);
+        if (!e?.dirty) continue;
+        const data = this.get(i)!;
+        e.dirty = false;
+        try {
+          await this.#write(i, data);
+        } catch (err) {
+          if (this.#held.get(i) === e) e.dirty = true;
+          throw err;
+        }
+      }
+    };
+    const p = this.#flushing.then(run);
+    this.#flushing = p.catch(() => undefined);
+    return p;
+  }
+
+  stop(): void {
+    if (this.#timer) clearTimeout(this.#timer);
+    this.#timer = null;
+  }
+}

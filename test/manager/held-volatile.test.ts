@@ -1,0 +1,152 @@
+// HOLD_VOLATILE (ordinal 11): a volatile checkpoint acknowledged once the manager holds it in memory.
+// Two processes hold it from then on (the client and the manager), so it survives any one crash: the
+// manager serves it to LOAD_VOLATILE and writes it in the background, at CLOSE and at shutdown; a
+// client re-holds its latest checkpoints on a restarted manager before anything else.
+import { describe, expect, it } from 'vitest';
+import { setTimeout as sleep } from 'node:timers/promises';
+import { ManagerClient } from '../../src/manager/client.js';
+import { connectPair } from '../../src/manager/fifo-client.js';
+import { Ord, Status, encodeRequest, type Frame } from '../../src/manager/wire.js';
+import { perTest, startManager, type RunningManager } from './helpers.js';
+import { HOLD_FLUSH_MS } from '../../src/manager/daemon.js';
+
+const VM = '6f1b0d52-6c1e-4b8e-9a57-3f0c2f7d9a11';
+const { clients, managers, manager } = perTest();
+
+async function client(m: RunningManager): Promise<ManagerClient> {
+  const c = await ManagerClient.connect(m.runDir);
+  clients.push(c);
+  return c;
+}
+
+async function restart(m: RunningManager): Promise<RunningManager> {
+  const n = await startManager(m.stateDir, m.runDir);
+  managers.push(n);
+  return n;
+}
+
+describe('vtpm manager: HOLD_VOLATILE', () => {
+  it('answers the raw ordinal with success, serves the held blob to LOAD_VOLATILE, and refuses an empty one', async () => {
+    const m = await manager();
+    const c = await client(m);
+    const { instance } = await c.open({ vmUuid: VM, version: '2.0' });
+    const p = await connectPair(m.runDir, { name: 'raw' });
+    const frames: Frame[] = [];
+    p.reader.on('frame', (f) => frames.push(f));
+    const next = async (n: number): Promise<Frame> => {
+      while (frames.length < n) await sleep(2);
+      return frames[n - 1]!;
+    };
+    // instance | tag 01c1 | size 10 + 3 | ordinal 0000000b | blob "abc"
+    const req = encodeRequest(instance, Ord.HOLD_VOLATILE, Buffer.from('abc'));
+    expect(Buffer.from(req).toString('hex')).toBe(instance.toString(16).padStart(8, '0') + '01c1' + '0000000d' + '0000000b' + '616263');
+    p.writer.write(req);
+    expect(await next(1)).toMatchObject({ instance, code: Status.SUCCESS });
+    expect(Buffer.from((await next(1)).params).length).toBe(0);
+    p.writer.write(encodeRequest(instance, Ord.LOAD_VOLATILE));
+    expect(Buffer.from((await next(2)).params).toString()).toBe('abc');
+    p.writer.write(encodeRequest(instance, Ord.HOLD_VOLATILE));
+    expect((await next(3)).code).toBe(Status.BAD_PARAMETER);
+    p.reader.close();
+    p.writer.destroy();
+  });
+
+  it('APPEND_VOLATILE (12) adds bytes to the held checkpoint, and is refused with nothing held', async () => {
+    const m = await manager();
+    const c = await client(m);
+    const { instance } = await c.open({ vmUuid: VM, version: '2.0' });
+    const p = await connectPair(m.runDir, { name: 'raw-append' });
+    const frames: Frame[] = [];
+    p.reader.on('frame', (f) => frames.push(f));
+    const next = async (n: number): Promise<Frame> => {
+      while (frames.length < n) await sleep(2);
+      return frames[n - 1]!;
+    };
+    const append = encodeRequest(instance, Ord.APPEND_VOLATILE, Buffer.from('de'));
+    expect(Buffer.from(append).toString('hex')).toBe(instance.toString(16).padStart(8, '0') + '01c1' + '0000000c' + '0000000c' + '6465');
+    p.writer.write(append);
+    expect((await next(1)).code).toBe(Status.BAD_PARAMETER);
+    p.writer.write(encodeRequest(instance, Ord.HOLD_VOLATILE, Buffer.from('abc')));
+    p.writer.write(append);
+    p.writer.write(encodeRequest(instance, Ord.LOAD_VOLATILE));
+    expect((await next(3)).code).toBe(Status.SUCCESS);
+    expect(Buffer.from((await next(4)).params).toString()).toBe('abcde');
+    p.reader.close();
+    p.writer.destroy();
+  });
+
+  it('a durable SAVE_VOLATILE or a DELETE_STATE replaces what is held', async () => {
+    const m = await manager();
+    const c = await client(m);
+    const { instance } = await c.open({ vmUuid: VM, version: '2.0' });
+    await c.holdVolatile(instance, Buffer.from('held-1'));
+    await c.store(instance, 'volatile', Buffer.from('durable-2'));
+    expect(Buffer.from((await c.load(instance, 'volatile'))!).toString()).toBe('durable-2');
+    await c.holdVolatile(instance, Buffer.from('held-3'));
+    await c.delete(instance, 'volatile');
+    expect(await c.load(instance, 'volatile')).toBeNull();
+  });
+
+  it('writes what it holds in the background: a later kill -9 of the manager loses nothing', async () => {
+    const m = await manager();
+    const c = await client(m);
+    const { instance } = await c.open({ vmUuid: VM, version: '2.0' });
+    await c.holdVolatile(instance, Buffer.from('held-in-background'));
+    // The holder goes away (a backend killed): the manager still serves, then writes, its copy.
+    c.disconnect();
+    const other = await client(m);
+    expect(Buffer.from((await other.load(instance, 'volatile'))!).toString()).toBe('held-in-background');
+    // Written within HOLD_FLUSH_MS (1 s) of being held.
+    await sleep(HOLD_FLUSH_MS + 500);
+    await m.stop('SIGKILL');
+    const n = await restart(m);
+    const after = await client(n);
+    expect(Buffer.from((await after.load(instance, 'volatile'))!).toString()).toBe('held-in-background');
+  });
+
+  it('a client holds its checkpoint again on a restarted manager, unasked, before any other request', async () => {
+    const m = await manager();
+    const c = await client(m);
+    const { instance } = await c.open({ vmUuid: VM, version: '2.0' });
+    await c.store(instance, 'volatile', Buffer.from('durable-old'));
+    await c.holdVolatile(instance, Buffer.from('held-new'));
+    // Killed at once: the held checkpoint was only in the manager's memory (and the client's).
+    await m.stop('SIGKILL');
+    const n = await restart(m);
+    await c.open({ vmUuid: VM, version: '2.0' });
+    // Another process reads it: only the client's own re-hold can have put it there.
+    const other = await client(n);
+    let got = '';
+    for (let i = 0; i < 100 && got !== 'held-new'; i++, await sleep(20)) got = Buffer.from((await other.load(instance, 'volatile'))!).toString();
+    expect(got).toBe('held-new');
+    // And it is written at CLOSE: durable across a further kill -9.
+    await other.close(instance);
+    await n.stop('SIGKILL');
+    const o = await restart(n);
+    const last = await client(o);
+    await last.open({ vmUuid: VM, version: '2.0' });
+    expect(Buffer.from((await last.load(instance, 'volatile'))!).toString()).toBe('held-new');
+  });
+
+  it('a client that loaded a held checkpoint holds it too: a manager restart before it was written loses nothing', async () => {
+    const m = await manager();
+    const first = await client(m);
+    const { instance } = await first.open({ vmUuid: VM, version: '2.0' });
+    await first.holdVolatile(instance, Buffer.from('held-then-loaded'));
+    // The holder dies (a backend killed); its successor loads the checkpoint from the manager's memory.
+    first.disconnect();
+    const next = await client(m);
+    const loaded = (await next.load(instance, 'volatile'))!;
+    expect(Buffer.from(loaded).toString()).toBe('held-then-loaded');
+    // What a JournalStore does with every volatile checkpoint it loads.
+    next.adoptHeld(instance, loaded);
+    // The manager dies before its background write: the successor's copy is held again on the new one.
+    await m.stop('SIGKILL');
+    const n = await restart(m);
+    await next.open({ vmUuid: VM, version: '2.0' });
+    const other = await client(n);
+    let got = '';
+    for (let i = 0; i < 100 && got !== 'held-then-loaded'; i++, await sleep(20)) got = Buffer.from((await other.load(instance, 'volatile')) ?? Buffer.alloc(0)).toString();
+    expect(got).toBe('held-then-loaded');
+  });
+});
