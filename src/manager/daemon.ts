@@ -17,11 +17,12 @@ import { GroupCommitStore } from './store.js';
 import { EtcdStore } from './etcd-store.js';
 import { EtcdStoreError, type EtcdTls } from './etcd-claims.js';
 import type { VtpmStore } from './vm-store.js';
-import { MAX_INSTANCE, MigType, VmTable, VmTableError, legacyUuid, type VmRecord } from './vm-table.js';
+import { MigType, VmTable, VmTableError, legacyUuid, type VmRecord } from './vm-table.js';
 import { MIGRATION_STATUS, MigrationHandlers } from './migration-handlers.js';
 import { MigrationError, emptyMigrationRecord, migrationRecordFrom, type MigrationRecord } from './migration.js';
 import { Refusal, type Reply } from './refusal.js';
 import { HeldVolatile } from './held-volatile.js';
+import { claimForOpen, deleteInCluster, refreshTable } from './cluster-ops.js';
 import {
   ANY_INSTANCE,
   Ord,
@@ -283,7 +284,7 @@ export class ManagerDaemon {
       }
       case Ord.DELETE: {
         const inst = decodeInstanceParam(f.params, 'DELETE');
-        if (this.#cluster) return this.#deleteInCluster(this.#cluster, inst);
+        if (this.#cluster) return deleteInCluster(this.#cluster, this.#table, inst, (l) => this.#log(l));
         const r = this.#table.delete(inst);
         this.#held.drop(inst);
         await this.#store.remove(inst);
@@ -317,14 +318,14 @@ export class ManagerDaemon {
     if (vmUuid === null) {
       // A Xen 3.x hotplug OPEN: no uuid, the instance number is the identity; instance 0 is Xen's dom0 DMI.
       if (p.instance === 0) throw new Refusal(Status.BAD_PARAMETER, 'a 7-byte (Xen) OPEN must name an instance');
-      if (this.#cluster) await this.#refreshTable(this.#cluster);
+      if (this.#cluster) await refreshTable(this.#cluster, this.#table);
       const known = this.#table.byInstance(p.instance);
       // Xen refused to re-attach a connected DMI; our 24-byte OPEN resumes it (a restarted backend re-opens).
       if (known?.status === 'open') throw new Refusal(Status.BAD_PARAMETER, `instance ${p.instance} is already open (CLOSE it first)`);
       vmUuid = known?.vmUuid ?? legacyUuid(p.instance);
       version = known?.version ?? '1.2';
     }
-    const instance = this.#cluster ? await this.#claimForOpen(this.#cluster, vmUuid, p.instance) : p.instance;
+    const instance = this.#cluster ? await claimForOpen(this.#cluster, this.#table, vmUuid, p.instance) : p.instance;
     const { record, created } = this.#table.open({ vmUuid, version: version!, instance, vmType: p.vmType, startup: p.startup, migType: p.migType });
     await this.#manufacture(record, created, p.ek ?? this.opts.ekCerts ?? 'both');
     await this.#store.commitTable();
@@ -351,46 +352,6 @@ export class ManagerDaemon {
   // ---- cluster (etcd store) ---------------------------------------------------------------
 
   /** Other hosts add and change VMs: their records as etcd has them, ours as this host keeps them. */
-  async #refreshTable(cluster: EtcdStore): Promise<void> {
-    const fresh = await cluster.readTable();
-    this.#table.replace(fresh.map((r) => (cluster.claims.leaseOf(r.vmUuid) ? (this.#table.byUuid(r.vmUuid) ?? r) : r)));
-  }
-
-  /**
-   * OPEN on a cluster: claim the VM (refused while another host holds it), read the table as it is now,
-   * and for a new VM take an instance number no host has (instance numbers are cluster-wide).
-   */
-  async #claimForOpen(cluster: EtcdStore, vmUuid: string, want: number): Promise<number> {
-    await cluster.claims.claim(vmUuid);
-    await this.#refreshTable(cluster);
-    cluster.checkNotDamaged(vmUuid);
-    const known = this.#table.byUuid(vmUuid);
-    if (known) return known.instance;
-    if (want !== 0) {
-      this.#table.freeInstance(want);
-      if (await cluster.reserveInstance(want, vmUuid)) return want;
-      throw new Refusal(Status.BAD_PARAMETER, `instance ${want} is taken in ${cluster.description}`);
-    }
-    // The lowest number neither in the table nor reserved by a host that has not written its VM yet.
-    for (let n = 1, tries = 0; n <= MAX_INSTANCE && tries < 100; n++) {
-      if (this.#table.byInstance(n)) continue;
-      if (await cluster.reserveInstance(n, vmUuid)) return n;
-      tries++;
-    }
-    throw new Refusal(Status.RESOURCES, `no free instance number found in ${cluster.description}`);
-  }
-
-  async #deleteInCluster(cluster: EtcdStore, inst: number): Promise<Reply> {
-    await this.#refreshTable(cluster);
-    const r = this.#table.byInstance(inst);
-    if (!r) throw new Refusal(Status.BAD_PARAMETER, `DELETE of instance ${inst}, which is not there`);
-    await cluster.claims.claim(r.vmUuid);
-    await cluster.deleteVm(r.vmUuid, inst);
-    this.#table.delete(inst);
-    this.#log(`deleted instance ${inst} (vm ${r.vmUuid}) and its state from ${cluster.description}`);
-    return { status: Status.SUCCESS };
-  }
-
   // ---- clients ---------------------------------------------------------------------------
 
   #onClient(ch: ClientChannel): void {
