@@ -12,6 +12,7 @@ import { connect, XsError } from '../../../src/xenstore/client.js';
 import * as tpm2 from '../../../src/tpm/tpm2-commands.js';
 import { DataClient, dumpLogs, rc, run, status, tcti, vtpm, type Proc } from '../multivm/host.js';
 import { tempDir, removeDir } from '../../helpers/temp.js';
+import { domainNodeFlags } from '../../../src/backend/domain-flags.js';
 
 const STALL_BOUND_MS = 2000;
 // Under /var/tmp in a 0711 directory: domains under their own uids must reach their sockets.
@@ -67,6 +68,12 @@ describe('stub-domain layout', () => {
         const d = doms.find((p) => p.vm === g.vm)!;
         expect(d.domid).toBeGreaterThanOrEqual(0x7000);
         expect((d as Proc & { uid: number }).uid).toBe(uidBase + d.domid);
+        // A lean domain (docs/multi-vm.md): node runs it with the domain flags before the entry script.
+        const argv = fs.readFileSync(`/proc/${d.pid}/cmdline`, 'utf8').split('\0');
+        const script = argv.findIndex((a) => a.endsWith('stubdom-main.js'));
+        expect(script).toBeGreaterThan(0);
+        // (isolation adds its seccomp preload, an --import, among them)
+        expect(argv.slice(1, script)).toEqual(expect.arrayContaining(domainNodeFlags()));
         // The toolstack wrote the device with backend-id = the vTPM domain, as xl does under Xen 4.x.
         const fe = `/local/domain/${g.domid}/device/vtpm/0`;
         const be = `/local/domain/${d.domid}/backend/vtpm/${g.domid}/0`;
