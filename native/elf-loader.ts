@@ -13,7 +13,7 @@
 // from the process (dlsym RTLD_DEFAULT, as ld.so's global scope would) or the object's DT_NEEDED
 // libraries. DT_INIT and DT_INIT_ARRAY run after relocation, as ld.so runs them.
 import './koffi-config.js';
-import koffi from 'koffi';
+import koffi from './koffi.js';
 import { closeSync, openSync, readFileSync } from 'node:fs';
 
 const PAGE = 4096;

@@ -1,6 +1,6 @@
 // mkfifo(3), which Node does not offer: the manager's control channels are named pipes, as in Xen 3.x.
 import './koffi-config.js';
-import koffi from 'koffi';
+import koffi from './koffi.js';
 
 const libc = koffi.load('libc.so.6');
 const c_mkfifo = libc.func('int mkfifo(const char *path, uint32_t mode)');

@@ -2,7 +2,7 @@
 // (so two processes see the same bytes), memfd_create, and typed views over the mapped memory.
 // Nothing outside native/ imports koffi; callers get ArrayBuffers and plain numbers.
 import './koffi-config.js';
-import koffi from 'koffi';
+import koffi from './koffi.js';
 
 const libc = koffi.load('libc.so.6');
 

@@ -6,7 +6,8 @@
 //    glibc then maps an independent copy of everything, code included (~0.6 MiB more per copy).
 // Nothing outside native/ imports koffi: callers see numbers, Uint8Arrays and plain callbacks.
 import './koffi-config.js';
-import koffi from 'koffi';
+import koffi from './koffi.js';
+import type * as K from 'koffi';
 import { randomBytes } from 'node:crypto';
 import { copyFileSync, realpathSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
@@ -124,8 +125,8 @@ const SIGNATURES: Record<string, [string, string]> = {
 };
 
 // Function types for calling into ELF-loaded copies, declared once per process.
-let protos: Record<string, koffi.IKoffiCType> | null = null;
-function prototypes(): Record<string, koffi.IKoffiCType> {
+let protos: Record<string, K.IKoffiCType> | null = null;
+function prototypes(): Record<string, K.IKoffiCType> {
   protos ??= Object.fromEntries(
     Object.entries(SIGNATURES).map(([key, [, sig]]) => [key, koffi.proto(sig.replace('%s', `vtpm_libtpms_${key}`))]),
   );
@@ -143,7 +144,7 @@ export const DEFAULT_LOADER: LibtpmsLoader = process.env['VTPM_LIBTPMS_LOADER'] 
 export class Libtpms {
   readonly #fn: Record<string, Fn>;
   readonly #release: () => void;
-  #registered: koffi.IKoffiRegisteredCallback[] = [];
+  #registered: K.IKoffiRegisteredCallback[] = [];
   // libtpms reallocs the response buffer to TPM_BUFFER_MAX and keeps using what we hand back.
   #respBuf: unknown = null;
   #respBufSize = 0;

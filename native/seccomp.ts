@@ -5,7 +5,7 @@
 // read. Installed with SECCOMP_FILTER_FLAG_TSYNC on every thread, inherited by children and kept across
 // exec; needs no_new_privs (set by the launcher) or CAP_SYS_ADMIN.
 import './koffi-config.js';
-import koffi from 'koffi';
+import koffi from './koffi.js';
 
 const libc = koffi.load('libc.so.6');
 const c_syscall = libc.func('long syscall(long number, ...)');

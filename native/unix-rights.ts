@@ -7,9 +7,10 @@
 // reads from it). The reader owns a dup() of each socket, so closing the Node side and removing the
 // registration may happen in either order.
 import './koffi-config.js';
-import koffi from 'koffi';
+import koffi from './koffi.js';
 import { randomBytes } from 'node:crypto';
 import { EventEmitter } from 'node:events';
+
 
 const libc = koffi.load('libc.so.6');
 const c_malloc = libc.func('void *malloc(size_t size)');

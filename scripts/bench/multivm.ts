@@ -1,13 +1,15 @@
-// `npm run bench -- multivm [--guests N] [--samples N]`: multi-VM mode next to single-VM mode next to
-// swtpm, in the same run.
+// `npm run bench -- multivm [--guests N] [--samples N]`: multi-VM and stub-domain mode next to single-VM
+// mode next to swtpm, in the same run.
 //  - GetRandom(8) round trip as a guest sees it: TpmFront (ring protocol) → grant-mapped ring → backend
-//    → (multi: a second ring → the vTPM-domain process) → libtpms, and back. Peer: the same command
+//    → (multi: a second ring → the vTPM-domain process) → libtpms, and back; stubdom: the guest's
+//    ring → its vTPM domain (the device's backend) → libtpms. Peer: the same command
 //    over a persistent UNIX data socket to a `swtpm socket` process (one per guest).
 //  - Memory per guest: the dom0 processes that hold the vTPMs, PSS from /proc/PID/smaps_rollup, summed
 //    and divided by the guests: single = the backend; multi = the backend + every vTPM domain; peer =
-//    N swtpm processes. The manager and xenstored are the same in both modes and left out.
+//    N swtpm processes; stubdom = the backend (lifecycle only) + every vTPM domain. The manager and xenstored are the same in both modes and left out.
 // Each host is a real `host up` (xenstored, manager, backend as processes); the guests are frontend
 // domains in this process.
+import { randomUUID } from 'node:crypto';
 import { mkdirSync, mkdtempSync, rmSync, readdirSync, readFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
@@ -18,6 +20,7 @@ import { Domain } from '../../src/xen/index.js';
 import { connect, type XsClient } from '../../src/xenstore/client.js';
 import { type VtpmDevice } from '../../src/xenstore/xenbus.js';
 import { removeDeviceDirectories, writeDeviceDirectories } from '../../src/xenstore/xenbus-toolstack.js';
+import { removeStubdom, requestStubdom } from '../../src/cli/stubdom.js';
 import { TpmFront } from '../../src/frontend/tpmfront.js';
 import * as tpm2 from '../../src/tpm/tpm2-commands.js';
 import { smapsRollup } from './_engine-host.js';
@@ -38,7 +41,7 @@ interface Result {
 const pssKiB = (pid: number): number => smapsRollup(pid).pssKiB;
 
 /** A host in `mode` with `n` guests in this process; GetRandom round trips and dom0 PSS per guest. */
-async function measureHost(mode: 'single' | 'multi', n: number, samples: number, ctx: BenchContext): Promise<Result> {
+async function measureHost(mode: 'single' | 'multi' | 'stubdom', n: number, samples: number, ctx: BenchContext, protocol: 'ring' | 'v2' = 'ring'): Promise<Result> {
   const work = mkdtempSync(join(tmpdir(), `vtpm-bench-${mode}-`));
   const runDir = join(work, 'run');
   const h = await hostUp(runDir, join(work, 'state'), mode);
@@ -48,10 +51,13 @@ async function measureHost(mode: 'single' | 'multi', n: number, samples: number,
   try {
     for (let i = 1; i <= n; i++) {
       await admin.introduce(i);
-      const dev = await writeDeviceDirectories(admin, { frontDomid: i, backDomid: 0, devid: 0, extra: { backend: { 'tpm-version': '2.0' } } });
+      const vm = randomUUID();
+      // Stub-domain mode: the guest's vTPM domain first, then the device with it as the backend.
+      const back = mode === 'stubdom' ? await requestStubdom(admin, { fe: i, devid: 0, vm, version: '2.0', timeoutMs: 30_000 }) : 0;
+      const dev = await writeDeviceDirectories(admin, { frontDomid: i, backDomid: back, uuid: vm, devid: 0, extra: { backend: { 'tpm-version': '2.0' } } });
       const dom = await Domain.create({ domid: i, dir: h.xenDir });
       const xs = await connect(join(h.domainSocketDir, `dom${i}.sock`));
-      const front = await TpmFront.connect({ xs, dom, protocol: 'ring', timeoutMs: 30_000 });
+      const front = await TpmFront.connect({ xs, dom, protocol, timeoutMs: 30_000 });
       await front.transmit(tpm2.startup(tpm2.TPM_SU_CLEAR));
       guests.push({ dom, xs, front, dev });
     }
@@ -66,18 +72,19 @@ async function measureHost(mode: 'single' | 'multi', n: number, samples: number,
     }
     await sleep(200);
     let pss = pssKiB(backendPid);
-    if (mode === 'multi') {
+    if (mode !== 'single') {
       const dir = new RunDir(runDir).vtpmDomainDir;
       const doms = readdirSync(dir).filter((f) => f.endsWith('.json'));
       if (doms.length !== n) throw new Error(`expected ${n} vTPM domains, found ${doms.length}`);
       for (const f of doms) pss += pssKiB((JSON.parse(readFileSync(join(dir, f), 'utf8')) as { pid: number }).pid);
     }
-    ctx.log(`${mode}: ${n} guests, GetRandom p50 ${median(rtt).toFixed(1)} µs, dom0 PSS ${(pss / 1024).toFixed(1)} MiB`);
+    ctx.log(`${mode} (${protocol}): ${n} guests, GetRandom p50 ${median(rtt).toFixed(1)} µs, dom0 PSS ${(pss / 1024).toFixed(1)} MiB`);
     return { rttP50Us: median(rtt), rttP99Us: percentile(rtt, 99), pssPerGuestMiB: pss / 1024 / n };
   } finally {
     for (const g of guests) {
       await g.front.close().catch(() => {});
       await removeDeviceDirectories(admin, g.dev).catch(() => {});
+      if (mode === 'stubdom') await removeStubdom(admin, g.dev.frontDomid, 0).catch(() => {});
       await g.xs.close().catch(() => {});
       await g.dom.destroy().catch(() => {});
     }
@@ -124,14 +131,20 @@ export async function run(ctx: BenchContext): Promise<Figure[]> {
   const samples = arg(ctx, 'samples', 4000);
   const single = await measureHost('single', n, samples, ctx);
   const multi = await measureHost('multi', n, samples, ctx);
+  const stub = await measureHost('stubdom', n, samples, ctx);
+  const stubV2 = await measureHost('stubdom', n, samples, ctx, 'v2');
   const sw = await measureSwtpm(n, samples, ctx);
   const peer = `swtpm socket ×${n}, UNIX data socket`;
   return [
     { id: 'getrandom_rtt_p50_multi', unit: 'µs', ours: multi.rttP50Us, peer: sw.rttP50Us, note: peer },
     { id: 'getrandom_rtt_p50_single', unit: 'µs', ours: single.rttP50Us, peer: sw.rttP50Us, note: peer },
     { id: 'getrandom_rtt_p50_multi_vs_single', unit: 'µs', ours: multi.rttP50Us, peer: single.rttP50Us, note: 'our single-VM mode' },
+    { id: 'getrandom_rtt_p50_stubdom', unit: 'µs', ours: stub.rttP50Us, peer: sw.rttP50Us, note: peer },
+    { id: 'getrandom_rtt_p50_stubdom_v2', unit: 'µs', ours: stubV2.rttP50Us, peer: sw.rttP50Us, note: `${peer} (ours: v2 page, no request ids)` },
+    { id: 'getrandom_rtt_p99_stubdom', unit: 'µs', ours: stub.rttP99Us, peer: sw.rttP99Us, note: peer },
     { id: 'getrandom_rtt_p99_multi', unit: 'µs', ours: multi.rttP99Us, peer: sw.rttP99Us, note: peer },
     { id: 'pss_per_guest_multi', unit: 'MiB', ours: multi.pssPerGuestMiB, peer: sw.pssPerGuestMiB, note: `${n} swtpm processes` },
+    { id: 'pss_per_guest_stubdom', unit: 'MiB', ours: stub.pssPerGuestMiB, peer: sw.pssPerGuestMiB, note: `${n} swtpm processes` },
     { id: 'pss_per_guest_single', unit: 'MiB', ours: single.pssPerGuestMiB, peer: sw.pssPerGuestMiB, note: `${n} swtpm processes` },
     { id: 'pss_per_guest_multi_vs_single', unit: 'MiB', ours: multi.pssPerGuestMiB, peer: single.pssPerGuestMiB, note: 'our single-VM mode' },
   ];

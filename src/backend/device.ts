@@ -268,7 +268,9 @@ export class BackendDevice {
     // the frontend again.
     const offline = this.#offline;
     const batch = Promise.all([
-      this.#o.xs.tryRead(`/local/domain/${this.dev.frontDomid}/control/shutdown`),
+      // A vTPM stub domain may not read the guest's control node (as under Xen): then the close is
+      // no suspend to it, and its vTPM, checkpointed by quiesce, stays loaded until detach.
+      this.#o.xs.tryRead(`/local/domain/${this.dev.frontDomid}/control/shutdown`).catch(() => undefined),
       this.#o.xs.rm(`${this.dev.backend}/ready`).catch(() => {}),
       offline ? undefined : switchState(this.#o.xs, this.dev.backend, XenbusState.InitWait),
     ]);

@@ -20,6 +20,7 @@ import { VtpmDomain, type DomainLaunch } from './vtpm-domain.js';
 import type { SwtpmVtpm } from '../tpm/vtpm.js';
 import type { TpmVersion } from '../tpm/wire.js';
 import { ProviderError, type OpenMode, type VtpmProvider, type VtpmSession } from './provider.js';
+import { domainNodeFlags } from './domain-flags.js';
 import { backendMetrics } from '../util/metrics.js';
 
 /** First domid handed to vTPM domains; guests use low domids. */
@@ -178,6 +179,7 @@ export class MultiVmVtpms implements VtpmProvider {
         managerRunDir: this.#o.managerRunDir,
         xenDir: this.#o.xenDir,
         registerDir: this.#o.registerDir,
+        nodeFlags: domainNodeFlags(),
         ...(this.#o.launch ? { launch: this.#o.launch, managerFds: [fds[0]!, fds[1]!] as [number, number], onSpawned: release } : {}),
       });
     } catch (err) {

@@ -25,17 +25,31 @@ async function whileManagerDown<T>(op: () => Promise<T>, log: (l: string) => voi
   }
 }
 
+/** A vTPM dom0 opened at the manager for a stub domain (docs/multi-vm.md, stubdom): the one this provider serves. */
+export interface OpenedVtpm {
+  instance: number;
+  created: boolean;
+  vm: string;
+}
+
+export class StubdomVtpmError extends Error {
+  readonly code = 'OTHER_VM';
+}
+
 export class InProcessVtpms implements VtpmProvider {
   readonly #host: TpmHost;
   readonly #mgr: ManagerClient;
   readonly #log: (l: string) => void;
   /** The exactly-once session of every instance opened for a guest device. */
   readonly #sessions = new Map<number, ExactlyOnce>();
+  /** Set in a stub domain: OPEN and CLOSE are dom0's (console ordinals); this is the one vTPM served. */
+  readonly #opened: OpenedVtpm | undefined;
 
-  constructor(host: TpmHost, mgr: ManagerClient, log: (l: string) => void) {
+  constructor(host: TpmHost, mgr: ManagerClient, log: (l: string) => void, opened?: OpenedVtpm) {
     this.#host = host;
     this.#mgr = mgr;
     this.#log = log;
+    this.#opened = opened;
   }
 
   open(vmUuid: string, version: TpmVersion, mode: { resume: boolean }): Promise<VtpmSession>;
@@ -45,8 +59,10 @@ export class InProcessVtpms implements VtpmProvider {
   }
 
   async #openGuest(vmUuid: string, version: TpmVersion, resume: boolean): Promise<VtpmSession> {
+    const o = this.#opened;
+    if (o && vmUuid.toLowerCase() !== o.vm) throw new StubdomVtpmError(`this vTPM domain holds the vTPM of VM ${o.vm}, not ${vmUuid}`);
     // A manager being restarted (killed, crashed) is unreachable for a moment: wait for it.
-    const { instance, created } = await whileManagerDown(() => this.#mgr.open({ vmUuid, version }), this.#log);
+    const { instance, created } = o ?? (await whileManagerDown(() => this.#mgr.open({ vmUuid, version }), this.#log));
     const inst = this.#host.get(instance);
     const session = this.#sessions.get(instance);
     if (inst && inst.status !== 'destroyed' && session?.inst === inst) return session;
@@ -86,6 +102,7 @@ export class InProcessVtpms implements VtpmProvider {
     if (inst && inst.status === 'running' && !clean) await inst.saveVolatile().catch((e: unknown) => this.#log(`save volatile of ${instance}: ${(e as Error).message}`));
     await this.#host.destroy(instance);
     this.#sessions.delete(instance);
+    if (this.#opened) return;
     await this.#mgr.close(instance).catch((e: unknown) => this.#log(`manager CLOSE ${instance}: ${(e as Error).message}`));
   }
 }

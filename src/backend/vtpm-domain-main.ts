@@ -23,6 +23,7 @@ import { RingChannel } from './ring-channel.js';
 import { JournalStore } from './journal.js';
 import { ExactlyOnce } from './exactly-once.js';
 import { escapeLogLine } from '../util/log-escape.js';
+import { collectAfterStartup } from '../util/heap.js';
 
 export interface RingDomainArgs {
   instance: number;
@@ -120,6 +121,7 @@ export async function ringDomainMain(a: RingDomainArgs): Promise<number> {
         fs.writeFileSync(`${regFile}.tmp`, JSON.stringify(entry) + '\n');
         fs.renameSync(`${regFile}.tmp`, regFile);
       }
+      collectAfterStartup();
     };
     // Alone in this process, a constant-time command run inline delays no other guest, and saves the
     // thread-pool round trip that would otherwise dominate GetRandom / PCR_Extend.

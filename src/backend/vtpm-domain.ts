@@ -17,18 +17,10 @@ import type { StateKind } from '../tpm/state-store.js';
 import { engineEnv } from '../tpm/threadpool.js';
 import { DomainMsg, FrameReader, decodeJson, encodeFrame, type DomainHealth, type Frame } from '../tpm/domain-protocol.js';
 
-export interface DomainStartOptions {
+interface DomainCommon {
   instance: number;
   domid: number;
   version: TpmVersion;
-  /** The ring the backend (domain `frontDomid`) granted to this domain; commands go over it. */
-  front: RingFront;
-  frontDomid: number;
-  vm: string;
-  managerRunDir: string;
-  xenDir: string;
-  /** Where the domain registers itself while it runs. */
-  registerDir?: string;
   /** How long to wait for READY (default 10 s). */
   startTimeoutMs?: number;
   /** The domain's hypercall connection, handed to the process as fd 3 (VTPM_HV_FD) and closed here. */
@@ -38,7 +30,31 @@ export interface DomainStartOptions {
   /** The manager pair's request and response ends the domain inherits as fds 4 and 5; close yours in `onSpawned`. */
   managerFds?: [number, number];
   onSpawned?: () => void;
+  /** Node options before the entry script (V8 heap limits for a lean domain, docs/multi-vm.md). */
+  nodeFlags?: string[];
 }
+
+/** A multi-VM domain: vtpm-domain-main.js serving the ring the backend granted it. */
+export interface RingDomainStart extends DomainCommon {
+  /** The ring the backend (domain `frontDomid`) granted to this domain; commands go over it. */
+  front: RingFront;
+  frontDomid: number;
+  vm: string;
+  managerRunDir: string;
+  xenDir: string;
+  /** Where the domain registers itself while it runs. */
+  registerDir?: string;
+}
+
+/**
+ * Another entry point speaking the same control frames, with no ring from dom0: a stub domain
+ * (stubdom-main.js) is its guest's device backend, so its TPM is reached only through that device.
+ */
+export interface EntryDomainStart extends DomainCommon {
+  entry: { script: string; args: string[] };
+}
+
+export type DomainStartOptions = RingDomainStart | EntryDomainStart;
 
 /** Turns `node argv…` into the command that runs it as the domain (a privilege-dropping wrapper). */
 export type DomainLaunch = (domid: number, file: string, args: string[]) => { file: string; args: string[] };
@@ -50,7 +66,7 @@ export interface DomainExit {
   expected: boolean;
 }
 
-export type DomainErrorCode = 'START' | 'CRASHED' | 'TIMEOUT' | 'REMOTE' | 'STOPPED';
+export type DomainErrorCode = 'START' | 'CRASHED' | 'TIMEOUT' | 'REMOTE' | 'STOPPED' | 'NO_RING';
 
 export class DomainError extends Error {
   constructor(
@@ -70,6 +86,25 @@ export const VTPM_DOMAIN_MAIN = import.meta.url.endsWith('.ts')
   ? join(here, '../../dist/src/backend/vtpm-domain-main.js')
   : join(here, 'vtpm-domain-main.js');
 
+// prettier-ignore
+function ringArgs(opts: RingDomainStart): string[] {
+  return [
+    VTPM_DOMAIN_MAIN,
+    '--instance', String(opts.instance),
+    '--domid', String(opts.domid),
+    '--tpm-version', opts.version,
+    '--vm', opts.vm,
+    '--manager-run', opts.managerRunDir,
+    '--xen-dir', opts.xenDir,
+    '--front-domid', String(opts.frontDomid),
+    '--ring-ref', String(opts.front.refs[0]),
+    '--event-channel', String(opts.front.port),
+    ...(opts.registerDir ? ['--register-dir', opts.registerDir] : []),
+    // After the hypercall connection (fd 3): the manager pair's request and response ends.
+    ...(opts.managerFds ? ['--manager-fds', '4,5'] : []),
+  ];
+}
+
 interface Pending {
   resolve: (payload: Uint8Array) => void;
   reject: (err: Error) => void;
@@ -83,7 +118,8 @@ export class VtpmDomain extends EventEmitter implements Vtpm {
   readonly instance: number;
   readonly version: TpmVersion;
   readonly domid: number;
-  readonly front: RingFront;
+  /** Null for an entry-point domain (a stub domain): no ring from dom0. */
+  readonly front: RingFront | null;
   readonly #child: ChildProcess;
   readonly #pending = new Map<number, Pending>();
   #nextId = 1;
@@ -96,7 +132,7 @@ export class VtpmDomain extends EventEmitter implements Vtpm {
     this.instance = opts.instance;
     this.version = opts.version;
     this.domid = opts.domid;
-    this.front = opts.front;
+    this.front = 'front' in opts ? opts.front : null;
     this.#child = child;
     this.#exitPromise = new Promise((resolve) => {
       child.once('exit', (code, signal) => {
@@ -123,24 +159,9 @@ export class VtpmDomain extends EventEmitter implements Vtpm {
     return this.#exited === null;
   }
 
-  /** Spawn `node vtpm-domain-main.js …` on the ring and wait for its READY. */
+  /** Spawn `node vtpm-domain-main.js …` on the ring (or the given entry point) and wait for its READY. */
   static async start(opts: DomainStartOptions): Promise<VtpmDomain> {
-    // prettier-ignore
-    const argv = [
-      VTPM_DOMAIN_MAIN,
-      '--instance', String(opts.instance),
-      '--domid', String(opts.domid),
-      '--tpm-version', opts.version,
-      '--vm', opts.vm,
-      '--manager-run', opts.managerRunDir,
-      '--xen-dir', opts.xenDir,
-      '--front-domid', String(opts.frontDomid),
-      '--ring-ref', String(opts.front.refs[0]),
-      '--event-channel', String(opts.front.port),
-      ...(opts.registerDir ? ['--register-dir', opts.registerDir] : []),
-      // After the hypercall connection (fd 3): the manager pair's request and response ends.
-      ...(opts.managerFds ? ['--manager-fds', '4,5'] : []),
-    ];
+    const argv = [...(opts.nodeFlags ?? []), ...('entry' in opts ? [opts.entry.script, ...opts.entry.args] : ringArgs(opts))];
     const l = opts.launch ? opts.launch(opts.domid, process.execPath, argv) : { file: process.execPath, args: argv };
     let child: ChildProcess;
     try {
@@ -230,12 +251,13 @@ export class VtpmDomain extends EventEmitter implements Vtpm {
 
   /** Over the ring; a guest's request id travels with it so the domain's exactly-once table sees it. */
   execute(command: Uint8Array, opts: ExecuteOptions = {}): Promise<Uint8Array> {
+    if (!this.front) return Promise.reject(new DomainError('NO_RING', `vTPM domain ${this.domid} has no ring from dom0: its TPM is reached through the device it serves`));
     // Id 0 tells the domain "no id": a fresh ring id must never alias an id its table holds.
     return this.front.transmit(command, { locality: opts.locality ?? 0, id: opts.id ?? 0n });
   }
 
   cancel(): void {
-    this.front.cancel();
+    this.front?.cancel();
   }
 
   /** Resolves with the domain's health, or rejects with TIMEOUT if it does not answer in time. */

@@ -3,6 +3,7 @@ import type { Command } from 'commander';
 import fs from 'node:fs';
 import { RunDir, type HostInfo } from './rundir.js';
 import type { ManagerClient } from '../manager/client.js';
+import type { XsClient } from '../xenstore/client.js';
 import { onStop } from './lifecycle.js';
 import { makeLog, parseLogFormat } from '../util/log.js';
 import { serveDaemonMetrics, serveHostMetrics } from '../util/metrics-http.js';
@@ -28,7 +29,7 @@ export function register(program: Command): void {
       // One spare TPM 2.0, manufactured while idle, makes a new VM's first attach skip the library load
       // and manufacture (~2–3 ms); it costs ~0.3 MiB (VTPM_SPARES=0 turns it off). Only single-VM mode
       // hosts instances here.
-      const spares = h.mode === 'multi' ? 0 : Number(process.env.VTPM_SPARES ?? 1);
+      const spares = h.mode === 'single' ? Number(process.env.VTPM_SPARES ?? 1) : 0;
       if (!Number.isInteger(spares) || spares < 0 || spares > 64) throw new Error(`VTPM_SPARES=${process.env.VTPM_SPARES}: want 0..64`);
       const host = new TpmHost({ spares });
       // --- multi-VM mode (issue 8): one vTPM-domain process per guest device, reached over a ring ---
@@ -40,7 +41,10 @@ export function register(program: Command): void {
         log,
         ...(multi ? { domain: multi.dom } : {}),
       });
+      // --- stub-domain mode: each guest's vTPM domain is its device's backend; dom0 runs their lifecycle ---
+      const stubdoms = h.mode === 'stubdom' ? await stubdomLifecycle(h, backend, mgr, new RunDir(o.run).vtpmDomainDir, log) : null;
       onStop(async () => {
+        await stubdoms?.stop();
         await backend.stop();
         await multi?.vtpms.stopAll();
         await host.destroyAll();
@@ -51,6 +55,25 @@ export function register(program: Command): void {
       });
       log('vtpm-backend: ready');
     });
+}
+
+/** The stub domains' lifecycle on dom0's xenstore connection, each domain under its own uid when isolated. */
+async function stubdomLifecycle(h: HostInfo, backend: { xs: XsClient }, mgr: ManagerClient, registerDir: string, log: (l: string) => void) {
+  const { StubdomLifecycle } = await import('../backend/stubdom.js');
+  const { domainNodeFlags } = await import('../backend/domain-flags.js');
+  const { domainLaunch } = await import('./isolation.js');
+  const iso = h.isolation;
+  return StubdomLifecycle.start({
+    xs: backend.xs,
+    mgr,
+    managerRunDir: h.managerRunDir,
+    xenDir: h.xenDir,
+    domainSocketDir: h.domainSocketDir,
+    registerDir,
+    log,
+    nodeFlags: domainNodeFlags(),
+    launch: (domid, file, args) => domainLaunch(iso, domid, 'vtpm-domain', file, args),
+  });
 }
 
 /** dom0 sized for one ring per vTPM domain (33 frames and grants each) and the multi-VM provider on it. */

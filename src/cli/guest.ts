@@ -9,7 +9,8 @@ import net from 'node:net';
 import { Domain } from '../xen/index.js';
 import { connect, type XsClient } from '../xenstore/client.js';
 import { readState, vtpmDevice, type VtpmDevice, waitForState, XenbusState } from '../xenstore/xenbus.js';
-import { removeDeviceDirectories, writeDeviceDirectories } from '../xenstore/xenbus-toolstack.js';
+import { deviceOf, removeDeviceDirectories, writeDeviceDirectories } from '../xenstore/xenbus-toolstack.js';
+import { removeStubdom, requestStubdom, stubdomNode } from './stubdom.js';
 import { addEkOptions, ekChoice, openWithEk, type EkFlags } from './ek.js';
 import type { EkCode } from '../manager/wire.js';
 import { CliError, fileSize, managerReason, openRefusal } from './errors.js';
@@ -69,7 +70,10 @@ export async function guestAttach(o: AttachOptions): Promise<GuestInfo> {
   if (o.ek !== undefined) await openWithEk(h, rd.log('manager'), vm, o.version ?? '2.0', o.ek);
   const capture = captureKeys(o.pcap, o.pcapMaxMb);
   const xs = await connect(h.xenstoredSocket);
-  const dev = vtpmDevice(o.domid, devid, 0);
+  // Stub-domain mode: the device's backend is the guest's own vTPM domain, started before the device.
+  const stubdom = h.mode === 'stubdom';
+  let dev = vtpmDevice(o.domid, devid, 0);
+  let requested = false;
   const mgrLog = rd.log('manager');
   const mgrLogFrom = fileSize(mgrLog);
   let introduced = false;
@@ -80,14 +84,22 @@ export async function guestAttach(o: AttachOptions): Promise<GuestInfo> {
     if ((await readState(xs, dev.backend)) !== XenbusState.Unknown || (await xs.tryRead(`${dev.frontend}/state`)) !== undefined) {
       throw new CliError('CONFLICT', `dom${o.domid} already has vTPM device ${devid} in xenstore (${dev.backend}); \`vtpm guest detach --domid ${o.domid}\` removes it`);
     }
+    if (stubdom && (await xs.tryRead(`${stubdomNode(o.domid, devid)}/state`)) !== undefined) {
+      throw new CliError('CONFLICT', `dom${o.domid} already has a vTPM domain for device ${devid} (${stubdomNode(o.domid, devid)}); \`vtpm guest detach --domid ${o.domid}\` removes it`);
+    }
     if (!(await xs.isDomainIntroduced(o.domid))) {
       await xs.introduce(o.domid);
       introduced = true;
     }
+    if (stubdom) {
+      requested = true;
+      const back = await requestStubdom(xs, { fe: o.domid, devid, vm, version: o.version ?? '2.0', timeoutMs: o.timeoutMs ?? 30_000 });
+      dev = vtpmDevice(o.domid, devid, back);
+    }
     wrote = true;
     await writeDeviceDirectories(xs, {
       frontDomid: o.domid,
-      backDomid: 0,
+      backDomid: dev.backDomid,
       devid,
       uuid: vm,
       extra: { backend: { 'tpm-version': o.version ?? '2.0', ...capture } },
@@ -144,6 +156,7 @@ export async function guestAttach(o: AttachOptions): Promise<GuestInfo> {
       if (!(await closeDevice(xs, dev, 10_000).catch(() => false))) process.stderr.write(`vtpm guest attach: the backend did not close ${dev.backend}; removing it anyway\n`);
     }
     await removeDeviceDirectories(xs, dev).catch(() => {});
+    if (requested) await removeStubdom(xs, o.domid, devid).catch(() => {});
     await removeDomainNodes(xs, o.domid).catch(() => {});
     if (pid > 0) rd.removeGuest(o.domid);
     throw err instanceof CliError ? err : new CliError('FAILED', `attach of dom${o.domid} failed: ${(err as Error).message}`);
@@ -172,7 +185,7 @@ async function waitConnected(xs: XsClient, dev: VtpmDevice, timeoutMs: number): 
 }
 
 async function backendError(xs: XsClient, dev: VtpmDevice): Promise<string> {
-  const e = await xs.tryRead(`/local/domain/0/error/backend/vtpm/${dev.frontDomid}/${dev.devid}/error`);
+  const e = await xs.tryRead(`/local/domain/${dev.backDomid}/error/backend/vtpm/${dev.frontDomid}/${dev.devid}/error`);
   // "<errno> <message>" as xenbus_dev_fatal writes it.
   return e ? e.replace(/^\d+ /, '') : 'no reason given (see the backend log)';
 }
@@ -226,7 +239,7 @@ export async function guestDetach(run: string, domid: number, timeoutMs = 15_000
   const g = rd.readGuest(domid);
   const xs = await connect(h.xenstoredSocket);
   try {
-    const dev = vtpmDevice(domid, g?.devid ?? 0, 0);
+    const dev = await deviceOf(xs, domid, g?.devid ?? 0);
     const introduced = await xs.isDomainIntroduced(domid);
     if (!g && !introduced && (await readState(xs, dev.backend)) === XenbusState.Unknown) {
       throw new CliError('NOT_FOUND', `no guest dom${domid} on this host (\`vtpm host status --run ${rd.dir}\` lists the guests)`);
@@ -238,6 +251,8 @@ export async function guestDetach(run: string, domid: number, timeoutMs = 15_000
       process.stderr.write(`vtpm guest detach: the backend did not close ${dev.backend} in ${timeoutMs} ms; removing the device anyway\n`);
     }
     await removeDeviceDirectories(xs, dev);
+    // Stub-domain mode: the guest's vTPM domain goes with its device (state saved first).
+    await removeStubdom(xs, domid, dev.devid);
     if (await xs.isDomainIntroduced(domid)) await xs.release(domid);
     await removeDomainNodes(xs, domid);
   } finally {

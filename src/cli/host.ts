@@ -4,7 +4,7 @@
 import type { Command } from 'commander';
 import fs from 'node:fs';
 import { resolve } from 'node:path';
-import { NoHostError, RunDir, alive, type HostInfo, type ProcessEntry } from './rundir.js';
+import { NoHostError, RunDir, alive, type HostInfo, type HostMode, type ProcessEntry } from './rundir.js';
 import { stopProcess, tailFile } from './spawn.js';
 import { DAEMON_ROLES, isDaemonRole, restartDaemon, startRole, type DaemonRole } from './restart.js';
 import { CliError } from './errors.js';
@@ -68,7 +68,7 @@ function clearDeadHost(rd: RunDir, h: HostInfo): string[] {
  * started afresh; one whose hypervisor and xenstored live but whose manager or backend died gets those
  * restarted.
  */
-export async function hostUp(runDir: string, stateDir: string, mode: 'single' | 'multi', opts: HostUpOptions = {}): Promise<HostInfo> {
+export async function hostUp(runDir: string, stateDir: string, mode: HostMode, opts: HostUpOptions = {}): Promise<HostInfo> {
   const report = opts.report ?? ((): void => {});
   const rd = new RunDir(runDir);
   const old = readHostIfAny(rd);
@@ -244,8 +244,8 @@ export function formatStatus(s: HostStatus): string[] {
   return lines;
 }
 
-const parseMode = (m: string): 'single' | 'multi' => {
-  if (m !== 'single' && m !== 'multi') throw new CliError('USAGE', `--mode must be single or multi, not ${m}`);
+const parseMode = (m: string): HostMode => {
+  if (m !== 'single' && m !== 'multi' && m !== 'stubdom') throw new CliError('USAGE', `--mode must be single, multi or stubdom, not ${m}`);
   return m;
 };
 
@@ -256,7 +256,7 @@ export function register(program: Command): void {
     .description('start the hypervisor, xenstored, the manager and the backend as separate processes; returns when all are ready. Recovers a run directory a crash left behind and restarts daemons that died')
     .requiredOption('--run <dir>', 'run directory (sockets, FIFOs, logs, host.json)')
     .requiredOption('--state <dir>', 'state directory of the manager (sealed vTPM state, VM table, keys)')
-    .option('--mode <mode>', 'single (vTPMs in the backend) or multi (one vTPM-domain process each)', 'single')
+    .option('--mode <mode>', 'single (vTPMs in the backend), multi (one vTPM-domain process each behind dom0\'s backend) or stubdom (each vTPM domain is its guest\'s backend, Xen 4.x)', 'single')
     .option('--isolation <how>', 'uid (each guest and vTPM domain under its own uid; root only), none, or auto: uid when possible', 'auto')
     .option('--uid-base <n>', 'dom<N> runs as uid/gid BASE+N; refused if another live host holds an overlapping range (default: the first free range from VTPM_UID_BASE or 1073741824 on)')
     .option('--metrics <host:port>', 'serve the whole host\'s Prometheus metrics on http://HOST:PORT/metrics (docs/observability.md)')
@@ -286,7 +286,7 @@ export function register(program: Command): void {
       for (const p of h.processes) console.log(`${p.role.padEnd(10)} dom${p.domid} pid ${p.pid}`);
       console.log(`isolation: ${describe(h.isolation)}`);
       if (h.metrics) console.log(`metrics: http://${h.metrics}/metrics`);
-      console.log(`host up in ${h.runDir} (${h.mode}-VM mode${h.store ? `, state in ${h.store.url}` : ''})`);
+      console.log(`host up in ${h.runDir} (${h.mode === 'stubdom' ? 'stub-domain' : `${h.mode}-VM`} mode${h.store ? `, state in ${h.store.url}` : ''})`);
     },
   );
   host

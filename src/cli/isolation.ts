@@ -201,7 +201,7 @@ export function secureHost(h: HostInfo, phase: HostPhase): void {
     return;
   }
   // The backend (re)creates the register dir where each vTPM domain writes its own dom<N>.json.
-  if (uidMode && h.mode === 'multi') optional(join(h.runDir, 'vtpm-domains'), () => setMode(join(h.runDir, 'vtpm-domains'), 0o1730, vtpmDomainGid(iso)));
+  if (uidMode && h.mode !== 'single') optional(join(h.runDir, 'vtpm-domains'), () => setMode(join(h.runDir, 'vtpm-domains'), 0o1730, vtpmDomainGid(iso)));
 }
 
 /** "127.0.0.1", 4321 as /proc/net/tcp writes it: "0100007F:10E1" (address bytes as a host-order word). */

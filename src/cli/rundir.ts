@@ -13,8 +13,11 @@ export interface ProcessEntry {
   [k: string]: unknown;
 }
 
+/** single: vTPMs in the backend; multi: a vTPM domain each behind dom0's backend; stubdom: the vTPM domain is the backend. */
+export type HostMode = 'single' | 'multi' | 'stubdom';
+
 export interface HostInfo {
-  mode: 'single' | 'multi';
+  mode: HostMode;
   runDir: string;
   stateDir: string;
   xenDir: string;
@@ -82,7 +85,7 @@ export class RunDir {
   }
 
   /** The layout for a new host in this directory. */
-  plan(stateDir: string, mode: 'single' | 'multi'): HostInfo {
+  plan(stateDir: string, mode: HostMode): HostInfo {
     // Domain memory lives in /dev/shm (tmpfs) so mapping it never touches a disk; one directory per
     // run dir, named from its path, so two hosts on one machine never share domids.
     const tag = createHash('sha256').update(this.dir).digest('hex').slice(0, 12);

@@ -8,7 +8,7 @@
 import type { Command } from 'commander';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { connect, type XsClient } from '../xenstore/client.js';
-import { vtpmDevice } from '../xenstore/xenbus.js';
+import { deviceOf } from '../xenstore/xenbus-toolstack.js';
 import { controlShutdown } from '../frontend/guest-main.js';
 import { RunDir, alive } from './rundir.js';
 import { guestOwner, guestSocket, spawnGuestProcess, tailFile } from './spawn.js';
@@ -69,9 +69,9 @@ export async function guestResume(o: ResumeOptions): Promise<{ pid: number; ms: 
   if (!g) throw new Error(`dom${o.domid} is not attached`);
   if (alive(g.pid, g.start)) throw new Error(`dom${o.domid} is running (pid ${g.pid}); suspend it first`);
   const t0 = performance.now();
-  const dev = vtpmDevice(o.domid, g.devid, 0);
   const xs = await connect(h.xenstoredSocket);
   try {
+    const dev = await deviceOf(xs, o.domid, g.devid);
     // As libxl on restore: the backend keeps the vTPM's saved volatile state (resume = True).
     await xs.write(`${dev.backend}/resume`, 'True');
     // Not resumed until the new process says so (a killed guest's file still says suspended: false).

@@ -4,8 +4,24 @@
 // metrics are created the first time that role asks for them, so a process exports only its own.
 // Labels take bounded values only: domid, vm (one per guest), transport, TPM command names from a fixed
 // table, outcome and reason names from fixed sets, never request ids or guest strings.
-import { Counter, Gauge, Histogram, Registry, collectDefaultMetrics } from 'prom-client';
+import { createRequire } from 'node:module';
+import type * as Prom from 'prom-client';
 import { procUsage } from './proc.js';
+
+// prom-client's index also loads its Pushgateway (node:http, https, zlib) and cluster aggregator; every
+// vTPM domain loads this file, so take only the classes used here (docs/multi-vm.md, "A lean domain").
+const lib = createRequire(import.meta.url);
+const { Counter, Gauge, Histogram } = {
+  Counter: lib('prom-client/lib/counter') as typeof Prom.Counter,
+  Gauge: lib('prom-client/lib/gauge') as typeof Prom.Gauge,
+  Histogram: lib('prom-client/lib/histogram') as typeof Prom.Histogram,
+};
+const Registry = lib('prom-client/lib/registry') as typeof Prom.Registry;
+const collectDefaultMetrics = lib('prom-client/lib/defaultMetrics') as typeof Prom.collectDefaultMetrics;
+type Counter<T extends string = string> = Prom.Counter<T>;
+type Gauge<T extends string = string> = Prom.Gauge<T>;
+type Histogram<T extends string = string> = Prom.Histogram<T>;
+type Registry = Prom.Registry;
 
 export const registry = new Registry();
 

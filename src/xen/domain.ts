@@ -3,7 +3,6 @@
 // with its grant table, and its guest frames, each handed over as a sealed memfd), and the pages and
 // sockets of the event channels it is an end of. Other domains' memory is reached only through grants
 // the hypervisor maps; there is no path under the hypervisor directory a domain opens.
-import { spawn } from 'node:child_process';
 import { dirname, join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { setTimeout as sleep } from 'node:timers/promises';
@@ -85,6 +84,8 @@ export async function hypervisorControl(dir: string): Promise<HypercallClient> {
     }
     if (!started) {
       started = true;
+      // Loaded only here: domain processes never start a hypervisor and need not carry child_process.
+      const { spawn } = await import('node:child_process');
       const child = spawn(process.execPath, [HYPERVISOR_MAIN, dir], { detached: true, stdio: 'ignore' });
       child.unref();
     }

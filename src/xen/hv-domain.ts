@@ -106,12 +106,19 @@ export class HvDomain {
   readonly serial: number;
   /** Descriptors held on this domain's behalf (its frames, the channels it allocated). */
   objects = 0;
+  /**
+   * Its budget of those: MAX_OBJECTS_PER_DOMAIN for guests; dom0, the toolstack's own domain (created
+   * only over the root-only toolstack socket), as many as its geometry can use: in multi-VM mode it
+   * grants every vTPM domain's ring (33 frames each), far past a guest's budget.
+   */
+  readonly maxObjects: number;
 
   constructor(domid: number, g: DomainGeometry, maxPorts: number) {
     this.serial = ++serials;
     this.domid = domid;
     this.geometry = g;
     this.maxPorts = maxPorts;
+    this.maxObjects = domid === 0 ? Math.max(MAX_OBJECTS_PER_DOMAIN, g.nrPages + 3 * maxPorts) : MAX_OBJECTS_PER_DOMAIN;
     this.controlFd = memfdSealed(`dom${domid}-control`, controlSize(g));
     this.#control = mapShared(this.controlFd, 0, controlSize(g), true);
     const header = new Uint32Array(this.#control.buffer, 0, 16);
@@ -133,7 +140,7 @@ export class HvDomain {
     if (!Number.isInteger(gfn) || gfn < 0 || gfn >= this.geometry.nrPages) return null;
     let fd = this.frames.get(gfn);
     if (fd === undefined) {
-      if (!populate || this.objects + 1 > MAX_OBJECTS_PER_DOMAIN) return null;
+      if (!populate || this.objects + 1 > this.maxObjects) return null;
       fd = memfdSealed(`dom${this.domid}-gfn${gfn}`, PAGE_SIZE);
       this.frames.set(gfn, fd);
       this.objects++;

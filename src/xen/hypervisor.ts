@@ -9,7 +9,7 @@ import net from 'node:net';
 import { join } from 'node:path';
 import { sendWithFds, closeFd, socketPair } from '../../native/unix-rights.js';
 import { raiseFdLimit } from '../../native/libc.js';
-import { Channel, ECS_interdomain, ECS_unbound, HvDomain, MAX_OBJECTS_PER_DOMAIN, type Port } from './hv-domain.js';
+import { Channel, ECS_interdomain, ECS_unbound, HvDomain, type Port } from './hv-domain.js';
 import { EEXIST, EINVAL, ENOMEM, ENOSPC, EPERM, ESRCH, HC, HC_MSG, HC_NAMES, POPULATE_MAX, encodeReply, hypervisorSocket } from './hypercall.js';
 import { EVTCHN_PORTS_PER_PAGE, MAX_EVTCHN_PAGES, type DomainGeometry } from './layout.js';
 import { GNTST } from './grant-table.js';
@@ -188,7 +188,7 @@ export class Hypervisor {
       case HC.evtchn_alloc_unbound: {
         const port = d.freePort();
         if (!port) return { status: -ENOSPC };
-        if (d.objects + 3 > MAX_OBJECTS_PER_DOMAIN) return { status: -ENOMEM };
+        if (d.objects + 3 > d.maxObjects) return { status: -ENOMEM };
         const chan = new Channel(d);
         const p: Port = { port, state: ECS_unbound, remoteDom: a[0]!, remotePort: 0, chan, end: 0 };
         chan.holder[0] = p;

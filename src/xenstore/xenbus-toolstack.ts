@@ -64,3 +64,13 @@ export async function removeDeviceDirectories(client: XsClient, dev: VtpmDevice)
     }
   });
 }
+
+/**
+ * The device as the toolstack wrote it: its backend is the domain the frontend directory's backend-id
+ * names (dom0, or a vTPM stub domain); dom0 when the frontend directory is gone or unreadable.
+ */
+export async function deviceOf(client: XsClient, frontDomid: number, devid: number): Promise<VtpmDevice> {
+  const id = await client.tryRead(`/local/domain/${frontDomid}/device/vtpm/${devid}/backend-id`).catch(() => undefined);
+  const back = id !== undefined && /^[0-9]{1,5}$/.test(id) ? Number(id) : 0;
+  return vtpmDevice(frontDomid, devid, back);
+}

@@ -16,6 +16,7 @@ import { connect } from '../../../src/xenstore/client.js';
 import { createDomainConnection } from '../../../src/xen/index.js';
 import { hypervisorSocket } from '../../../src/xen/hypercall.js';
 import { writeDeviceDirectories } from '../../../src/xenstore/xenbus-toolstack.js';
+import { requestStubdom } from '../../../src/cli/stubdom.js';
 import * as tpm2 from '../../../src/tpm/tpm2-commands.js';
 import { tempDir, removeDir } from '../../helpers/temp.js';
 import { afterAll, beforeAll, beforeEach, expect } from 'vitest';
@@ -83,7 +84,7 @@ export interface IsolatedHost {
 }
 
 /** Under /var/tmp in a 0711 directory: domains must be able to walk to their sockets. */
-export async function startHost(mode: 'single' | 'multi' = 'single'): Promise<IsolatedHost> {
+export async function startHost(mode: 'single' | 'multi' | 'stubdom' = 'single'): Promise<IsolatedHost> {
   const work = tempDir('iso', '/var/tmp');
   fs.chmodSync(work, 0o711);
   const runDir = join(work, 'run');
@@ -149,7 +150,10 @@ export async function runRawGuest(host: IsolatedHost, domid: number, mode: strin
   const xs = await connect(h.xenstoredSocket);
   try {
     await xs.introduce(domid);
-    await writeDeviceDirectories(xs, { frontDomid: domid, backDomid: 0, devid: 0, uuid: randomUUID(), extra: { backend: { 'tpm-version': '2.0' } } });
+    const vm = randomUUID();
+    // Stub-domain mode: the device's backend is the guest's own vTPM domain, started first.
+    const back = h.mode === 'stubdom' ? await requestStubdom(xs, { fe: domid, devid: 0, vm, version: '2.0', timeoutMs: 30_000 }) : 0;
+    await writeDeviceDirectories(xs, { frontDomid: domid, backDomid: back, devid: 0, uuid: vm, extra: { backend: { 'tpm-version': '2.0' } } });
   } finally {
     await xs.close();
   }
@@ -198,7 +202,7 @@ export async function runRawGuest(host: IsolatedHost, domid: number, mode: strin
  * `othersUnharmed()` is what every case must leave behind: the good guests served throughout (none
  * slower than 2 s), every daemon alive and grown by less than 64 MiB.
  */
-export function isolatedSuite(mode: 'single' | 'multi' = 'single'): { host: () => IsolatedHost; othersUnharmed: (settleMs?: number) => Promise<void> } {
+export function isolatedSuite(mode: 'single' | 'multi' | 'stubdom' = 'single'): { host: () => IsolatedHost; othersUnharmed: (settleMs?: number) => Promise<void> } {
   let host: IsolatedHost | undefined;
   let rssBefore = new Map<number, number>();
   const current = (): IsolatedHost => {

@@ -10,6 +10,7 @@ import { setTimeout as sleep } from 'node:timers/promises';
 import { Domain, domainExists } from '../../../src/xen/index.js';
 import { ManagerClient } from '../../../src/manager/client.js';
 import { MultiVmVtpms, MultiVmError, FIRST_VTPM_DOMID } from '../../../src/backend/multi-vm.js';
+import { domainNodeFlags } from '../../../src/backend/domain-flags.js';
 import { alive } from '../../../src/cli/rundir.js';
 import { freshXenDir } from '../../helpers/child.js';
 import * as tpm2 from '../../../src/tpm/tpm2-commands.js';
@@ -76,6 +77,11 @@ describe('MultiVmVtpms', () => {
     expect(alive(d!.pid)).toBe(true);
     const reg = JSON.parse(fs.readFileSync(join(registerDir, `dom${d!.domid}.json`), 'utf8'));
     expect(reg).toEqual({ role: 'vtpm-domain', domid: d!.domid, pid: d!.pid, instance: t.instance, vm, version: '2.0' });
+    // A lean domain (docs/multi-vm.md): node runs it with the domain flags before the entry script.
+    const argv = fs.readFileSync(`/proc/${d!.pid}/cmdline`, 'utf8').split('\0');
+    const script = argv.findIndex((a) => a.endsWith('vtpm-domain-main.js'));
+    expect(script).toBeGreaterThan(0);
+    expect(argv.slice(1, script)).toEqual(domainNodeFlags());
     // A domain of its own next to dom0, gone with it.
     expect(await domainExists(xenDir, d!.domid)).toBe(true);
     await vtpms.release(t.instance);

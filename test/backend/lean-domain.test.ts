@@ -1,0 +1,48 @@
+// A vTPM domain is a process per guest (multi and stubdom modes), so what its entry point loads is
+// paid once per guest. It must not load what only dom0 or QEMU endpoints use: koffi's package loader
+// (node:https, node:zlib and their TLS/HTTP stack, for downloading binaries), child_process (starting a
+// hypervisor) or worker_threads (the SCM_RIGHTS reader thread). The domains run with small V8 heaps.
+import { describe, expect, it } from 'vitest';
+import { execFileSync } from 'node:child_process';
+import { dist } from '../helpers/child.js';
+import { DEFAULT_DOMAIN_NODE_FLAGS, domainNodeFlags } from '../../src/backend/domain-flags.js';
+
+/** The Node built-ins a fresh process has loaded after importing `entry` (its main guard does not run). */
+function builtinsAfterImport(entry: string): string[] {
+  const out = execFileSync(process.execPath, [
+    '--input-type=module',
+    '-e',
+    `await import(${JSON.stringify(entry)}); console.log(JSON.stringify(process.moduleLoadList.filter((m) => m.startsWith('NativeModule ')).map((m) => m.slice(13))));`,
+  ]);
+  return JSON.parse(out.toString()) as string[];
+}
+
+const DOM0_ONLY = ['https', 'http', 'tls', 'zlib', 'child_process', 'worker_threads'];
+
+describe('what a vTPM-domain process loads', () => {
+  it.each([
+    ['koffi through native/koffi.ts', dist('native/koffi.js')],
+    ['the multi-VM domain entry point', dist('src/backend/vtpm-domain-main.js')],
+    ['the stub-domain entry point', dist('src/backend/stubdom-main.js')],
+  ])('%s loads none of node:https, zlib, tls, child_process, worker_threads', (_what, entry) => {
+    const loaded = builtinsAfterImport(entry);
+    expect(loaded.length).toBeGreaterThan(10); // the probe worked
+    expect(loaded.filter((m) => DOM0_ONLY.includes(m))).toEqual([]);
+  });
+
+  it('native/koffi.ts is the same koffi the package gives (same version, same API)', async () => {
+    const ours = (await import('../../native/koffi.js')).default as unknown as Record<string, unknown>;
+    const pkg = (await import('koffi')).default as unknown as Record<string, unknown>;
+    expect(ours['version']).toBe(pkg['version']);
+    for (const fn of ['load', 'struct', 'pointer', 'proto', 'register', 'decode', 'encode', 'as', 'config', 'view']) expect(typeof ours[fn], fn).toBe('function');
+  });
+});
+
+describe('domain node flags', () => {
+  it('default to a 1 MiB young generation, a capped old one and gc() for start-up garbage; VTPM_DOMAIN_NODE_FLAGS replaces them', () => {
+    expect(domainNodeFlags({})).toEqual(DEFAULT_DOMAIN_NODE_FLAGS);
+    expect(DEFAULT_DOMAIN_NODE_FLAGS).toEqual(expect.arrayContaining(['--max-semi-space-size=1', '--expose-gc']));
+    expect(domainNodeFlags({ VTPM_DOMAIN_NODE_FLAGS: '' })).toEqual([]);
+    expect(domainNodeFlags({ VTPM_DOMAIN_NODE_FLAGS: ' --max-old-space-size=16  --jitless ' })).toEqual(['--max-old-space-size=16', '--jitless']);
+  });
+});
