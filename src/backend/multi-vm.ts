@@ -15,7 +15,7 @@ import { join } from 'node:path';
 import { createDomainConnection, domainExists, type Domain } from '../xen/index.js';
 import { RingFront } from '../tpmif/ring-front.js';
 import type { ManagerClient } from '../manager/client.js';
-import { connectPair, pairDescriptors, type ClientPair } from '../manager/fifo-client.js';
+import { handPair, type HandedPair } from '../manager/fifo-client.js';
 import { VtpmDomain, type DomainLaunch } from './vtpm-domain.js';
 import type { SwtpmVtpm } from '../tpm/vtpm.js';
 import type { TpmVersion } from '../tpm/wire.js';
@@ -153,19 +153,9 @@ export class MultiVmVtpms implements VtpmProvider {
       throw err;
     }
     let domain: VtpmDomain;
-    let pair: ClientPair | null = null;
-    let fds: number[] = [];
-    const release = (): void => {
-      for (const fd of fds) fs.closeSync(fd);
-      fds = [];
-      pair?.reader.close();
-      pair?.writer.destroy();
-    };
+    let pair: HandedPair | null = null;
     try {
-      if (this.#o.launch) {
-        pair = await connectPair(this.#o.managerRunDir, { name: `vtpm-domain-${domid}`, bind: slot.instance });
-        fds = pairDescriptors(pair);
-      }
+      if (this.#o.launch) pair = await handPair(this.#o.managerRunDir, { name: `vtpm-domain-${domid}`, bind: slot.instance });
       // dom0 creates the domain and hands its process the connection: it opens nothing of ours.
       const hvFd = await createDomainConnection({ domid, dir: this.#o.xenDir });
       domain = await VtpmDomain.start({
@@ -180,11 +170,10 @@ export class MultiVmVtpms implements VtpmProvider {
         xenDir: this.#o.xenDir,
         registerDir: this.#o.registerDir,
         nodeFlags: domainNodeFlags(),
-        ...(this.#o.launch ? { launch: this.#o.launch, managerFds: [fds[0]!, fds[1]!] as [number, number], onSpawned: release } : {}),
+        ...(this.#o.launch && pair ? { launch: this.#o.launch, managerFds: pair.fds, onSpawned: pair.release } : {}),
       });
     } catch (err) {
-      release();
-      if (pair) for (const f of pair.files) fs.rmSync(f, { force: true });
+      pair?.discard();
       await this.#destroyRemains(domid, front);
       throw err;
     }

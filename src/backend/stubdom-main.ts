@@ -21,7 +21,8 @@ import { vtpmDevice } from '../xenstore/xenbus.js';
 import { ManagerClient } from '../manager/client.js';
 import { inheritedPair } from '../manager/fifo-client.js';
 import { TpmHost } from '../tpm/host.js';
-import { DomainMsg, FrameReader, encodeFrame, encodeJson, type DomainHealth, type Frame } from '../tpm/domain-protocol.js';
+import { DomainMsg, type DomainHealth, type Frame } from '../tpm/domain-protocol.js';
+import { serveControl, stdioTransport } from '../tpm/domain.js';
 import { BackendDevice } from './device.js';
 import { ProviderError, type OpenMode, type VtpmProvider, type VtpmSession } from './provider.js';
 import type { SwtpmVtpm } from '../tpm/vtpm.js';
@@ -216,44 +217,9 @@ class StubdomVtpms implements VtpmProvider {
   }
 }
 
-/** The control frames on stdin/stdout (src/tpm/domain-protocol.ts): READY first, then requests until STOP or EOF. */
+/** The control frames on stdin/stdout (src/tpm/domain-protocol.ts), served as every vTPM domain serves them. */
 function control(handle: (f: Frame) => Promise<Uint8Array>, health: () => DomainHealth, stop: () => Promise<void>): Promise<number> {
-  const out = (b: Uint8Array): void => void process.stdout.write(b);
-  return new Promise<number>((resolve) => {
-    let done = false;
-    const finish = async (code: number, replyId?: number): Promise<void> => {
-      if (done) return;
-      done = true;
-      await stop().catch((err: unknown) => log(`stop: ${(err as Error).message}`));
-      if (replyId !== undefined) out(encodeFrame(DomainMsg.OK, replyId));
-      process.stdin.pause();
-      resolve(code);
-    };
-    const reader = new FrameReader();
-    process.stdin.on('data', (c: Buffer) => {
-      let frames: Frame[];
-      try {
-        frames = reader.push(new Uint8Array(c.buffer, c.byteOffset, c.byteLength));
-      } catch (err) {
-        out(encodeJson(DomainMsg.ERROR, 0, { code: 'PROTOCOL', message: (err as Error).message }));
-        void finish(2);
-        return;
-      }
-      for (const f of frames) {
-        if (f.type === DomainMsg.STOP) {
-          void finish(0, f.id);
-          continue;
-        }
-        handle(f).then(
-          (r) => out(encodeFrame(DomainMsg.OK, f.id, r)),
-          (err: unknown) => out(encodeJson(DomainMsg.ERROR, f.id, { code: (err as { code?: string }).code ?? 'ERROR', message: (err as Error).message })),
-        );
-      }
-    });
-    process.stdin.on('end', () => void finish(0));
-    process.stdin.on('close', () => void finish(0));
-    out(encodeJson(DomainMsg.READY, 0, health()));
-  });
+  return serveControl(stdioTransport(), handle, health, () => stop().catch((err: unknown) => log(`stop: ${(err as Error).message}`)));
 }
 
 if (process.argv[1] && fileURLToPath(import.meta.url) === process.argv[1]) {

@@ -16,7 +16,7 @@ import { setTimeout as sleep } from 'node:timers/promises';
 import { createDomainConnection, domainExists } from '../xen/index.js';
 import type { XsClient, XsWatch } from '../xenstore/client.js';
 import type { ManagerClient } from '../manager/client.js';
-import { connectPair, pairDescriptors, type ClientPair } from '../manager/fifo-client.js';
+import { handPair, type HandedPair } from '../manager/fifo-client.js';
 import { CLIENTS_DIR } from '../manager/fifo.js';
 import { VtpmDomain, type DomainLaunch } from './vtpm-domain.js';
 import { FIRST_VTPM_DOMID } from './multi-vm.js';
@@ -190,23 +190,15 @@ export class StubdomLifecycle {
   async #boot(d: Stubdom, created: boolean): Promise<void> {
     // The hypervisor destroys a domain when its connection closes; a restart waits for that.
     for (let i = 0; i < 250 && (await domainExists(this.#o.xenDir, d.domid)); i++) await sleep(20);
-    let pair: ClientPair | null = null;
-    let fds: number[] = [];
-    const release = (): void => {
-      for (const fd of fds) fs.closeSync(fd);
-      fds = [];
-      pair?.reader.close();
-      pair?.writer.destroy();
-    };
+    let pair: HandedPair | null = null;
     try {
       this.#removePair(d);
       if (this.#o.launch) {
         const name = `vtpm-stubdom-${d.domid}-${d.incarnation++}`;
         // A backend that died left its domains' FIFOs under the names its successor counts through again.
         for (const end of ['req', 'rsp']) fs.rmSync(join(this.#o.managerRunDir, CLIENTS_DIR, `${name}.${end}.fifo`), { force: true });
-        pair = await connectPair(this.#o.managerRunDir, { name, bind: d.instance });
-        d.pairFiles = pair.files;
-        fds = pairDescriptors(pair);
+        pair = await handPair(this.#o.managerRunDir, { name, bind: d.instance });
+        d.pairFiles = [...pair.files];
       }
       const hvFd = await createDomainConnection({ domid: d.domid, dir: this.#o.xenDir });
       const domain = await VtpmDomain.start({
@@ -214,7 +206,7 @@ export class StubdomLifecycle {
         instance: d.instance,
         domid: d.domid,
         version: d.version,
-        ...(this.#o.launch ? { launch: this.#o.launch, managerFds: [fds[0]!, fds[1]!] as [number, number], onSpawned: release } : {}),
+        ...(this.#o.launch && pair ? { launch: this.#o.launch, managerFds: pair.fds, onSpawned: pair.release } : {}),
         entry: {
           script: STUBDOM_MAIN,
           args: [
@@ -236,8 +228,7 @@ export class StubdomLifecycle {
       d.domain = domain;
       domain.once('crash', (ex: { code: number | null; signal: string | null }) => this.#onCrash(d, domain, ex));
     } catch (err) {
-      release();
-      if (pair) for (const f of pair.files) fs.rmSync(f, { force: true });
+      pair?.discard();
       throw err;
     }
   }

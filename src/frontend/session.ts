@@ -7,7 +7,8 @@
 // code; whether it ran is then unknown to the caller, as after Linux's timeout.
 import type { Domain } from '../xen/index.js';
 import type { XsClient } from '../xenstore/client.js';
-import { TpmFront } from './tpmfront.js';
+import type { TpmFront } from './tpmfront.js';
+import { ReplaceableFront } from './replaceable-front.js';
 import { FrontendError } from '../tpmif/transport.js';
 import { readHeader } from '../tpm/wire.js';
 import { trace } from '../util/trace.js';
@@ -44,23 +45,29 @@ interface Entry extends InFlight {
 export class GuestSession {
   readonly #o: SessionOptions;
   readonly #inflight = new Map<bigint, Entry>();
-  #front: Promise<TpmFront>;
-  #current: TpmFront | null = null;
+  readonly #fronts: ReplaceableFront;
   #nextId: bigint;
   #suspending = false;
   #closed = false;
-  /** Times the frontend built a new ring because its backend was replaced. */
-  reconnects = 0;
 
   private constructor(o: SessionOptions) {
     this.#o = o;
     this.#nextId = o.firstId ?? 1n;
-    this.#front = this.#connect(o.reconnect ?? false);
+    this.#fronts = new ReplaceableFront(
+      {
+        connect: () => ({ xs: o.xs, dom: o.dom, devid: o.devid, protocol: 'ring', firstId: this.#nextId }),
+        live: () => !this.#suspending && !this.#closed,
+        ...(o.onClosed ? { onClosed: o.onClosed } : {}),
+        ...(o.log ? { log: o.log } : {}),
+        replacedLine: () => `dom${o.dom.domid}: backend replaced; reconnecting with a new ring, ${this.#inflight.size} request(s) to resubmit`,
+      },
+      o.reconnect ?? false,
+    );
   }
 
   static async open(o: SessionOptions): Promise<GuestSession> {
     const s = new GuestSession(o);
-    await s.#front;
+    await s.#fronts.ready;
     return s;
   }
 
@@ -68,39 +75,18 @@ export class GuestSession {
     return this.#nextId;
   }
 
+  /** Times the frontend was rebuilt because its backend was replaced. */
+  get reconnects(): number {
+    return this.#fronts.reconnects;
+  }
+
   get front(): TpmFront | null {
-    return this.#current;
+    return this.#fronts.current;
   }
 
   /** Commands sent and not yet answered, oldest first (what a suspended guest must resubmit). */
   inflight(): InFlight[] {
     return [...this.#inflight.values()].map(({ id, command, locality }) => ({ id, command, locality }));
-  }
-
-  #connect(reconnect: boolean): Promise<TpmFront> {
-    return TpmFront.connectReplaceable(
-      {
-        xs: this.#o.xs,
-        dom: this.#o.dom,
-        devid: this.#o.devid,
-        protocol: 'ring',
-        firstId: this.#nextId,
-        reconnect,
-        onClosed: (reason) => {
-          if (!this.#suspending && !this.#closed) this.#o.onClosed?.(reason);
-        },
-      },
-      { adopt: (f) => (this.#current = f), reset: (f) => this.#reset(f) },
-    );
-  }
-
-  #reset(old: TpmFront): void {
-    if (this.#current !== old || this.#suspending || this.#closed) return;
-    this.#current = null;
-    this.reconnects++;
-    this.#o.log?.(`dom${this.#o.dom.domid}: backend replaced; reconnecting with a new ring, ${this.#inflight.size} request(s) to resubmit`);
-    this.#front = this.#connect(true);
-    this.#front.catch((e: unknown) => this.#o.log?.(`reconnect failed: ${(e as Error).message}`));
   }
 
   /** Send one command (a fresh id); resolves with its response, however many rings it takes. */
@@ -130,9 +116,9 @@ export class GuestSession {
     // A suspend keeps what is in flight for the next ring: the new session bounds it again.
     if (!e || this.#suspending || this.#closed) return;
     this.#inflight.delete(id);
-    this.#current?.cancel(id);
+    this.#fronts.current?.cancel(id);
     // The cancel took an id of the ring's sequence: fresh commands continue above it, never sharing it.
-    const ringNext = this.#current?.nextId;
+    const ringNext = this.#fronts.current?.nextId;
     if (ringNext !== undefined && ringNext > this.#nextId) this.#nextId = ringNext;
     const code = readHeader(e.command)?.code;
     const what = code === undefined ? `${e.command.length}-byte command` : `command code 0x${code.toString(16).padStart(8, '0')}`;
@@ -145,7 +131,7 @@ export class GuestSession {
       if (!e) return;
       let f: TpmFront;
       try {
-        f = await this.#front;
+        f = await this.#fronts.ready;
       } catch (err) {
         this.#inflight.delete(id);
         e.reject(err as Error);
@@ -161,7 +147,7 @@ export class GuestSession {
         // reset resubmits it on the next ring). Anything else is this request's own failure.
         const gone = err instanceof FrontendError && err.code === 'ENODEV';
         if (gone && this.#suspending) return;
-        if (gone && !this.#closed && this.#current !== f) continue;
+        if (gone && !this.#closed && this.#fronts.current !== f) continue;
         this.#inflight.delete(id);
         e.reject(err as Error);
         return;
@@ -176,7 +162,7 @@ export class GuestSession {
    */
   async suspend(opts: { timeoutMs?: number } = {}): Promise<InFlight[]> {
     this.#suspending = true;
-    const f = await this.#front;
+    const f = await this.#fronts.ready;
     // Like the 3.x tpmfront, wait for the backend's answer rather than Linux's 5 s close timeout: the
     // backend bounds the in-flight command itself (cancel after its bound).
     await f.close({ timeoutMs: opts.timeoutMs ?? 120_000, suspend: true });
@@ -190,7 +176,7 @@ export class GuestSession {
 
   async close(): Promise<void> {
     this.#closed = true;
-    const f = this.#current;
+    const f = this.#fronts.current;
     for (const e of this.#inflight.values()) e.reject(new FrontendError('ENODEV', 'session closed'));
     this.#inflight.clear();
     await f?.close();

@@ -72,23 +72,6 @@ export class TpmFront {
     this.protocol = transport.protocol;
   }
 
-  /**
-   * connect() for a session that outlives its backend: `adopt` takes the new front, then `reset` runs
-   * for every backend replacement, including one that fires while connect() is still under way (held
-   * until the front is adopted, so the session never resets a front it does not hold yet).
-   */
-  static async connectReplaceable(
-    opts: Omit<TpmFrontOptions, 'onBackendReset'>,
-    hooks: { adopt: (f: TpmFront) => void; reset: (f: TpmFront) => void },
-  ): Promise<TpmFront> {
-    let f: TpmFront | undefined;
-    let resetEarly = false;
-    f = await TpmFront.connect({ ...opts, onBackendReset: () => (f ? hooks.reset(f) : (resetEarly = true)) });
-    hooks.adopt(f);
-    if (resetEarly) queueMicrotask(() => hooks.reset(f!));
-    return f;
-  }
-
   /** Run the frontend side of the connect sequence; resolves once the device is Connected. */
   static async connect(opts: TpmFrontOptions): Promise<TpmFront> {
     const { xs, dom } = opts;

@@ -8,7 +8,8 @@
 import type { Domain } from '../xen/index.js';
 import type { XsClient } from '../xenstore/client.js';
 import { failureResponse } from '../tpm/error-response.js';
-import { TpmFront } from './tpmfront.js';
+import type { TpmFront } from './tpmfront.js';
+import { ReplaceableFront } from './replaceable-front.js';
 import type { InFlight } from './session.js';
 import type { TransmitOptions } from '../tpmif/transport.js';
 import { autoStartup } from './startup.js';
@@ -28,58 +29,44 @@ export interface V2SessionOptions {
 
 export class V2Session {
   readonly #o: V2SessionOptions;
-  #front: Promise<TpmFront>;
-  #current: TpmFront | null = null;
+  readonly #fronts: ReplaceableFront;
   #suspending = false;
   #closed = false;
   /** Times the frontend built a new page because its backend was replaced. */
-  reconnects = 0;
 
   private constructor(o: V2SessionOptions) {
     this.#o = o;
-    this.#front = this.#connect(o.reconnect ?? false);
+    this.#fronts = new ReplaceableFront(
+      {
+        connect: () => ({ xs: o.xs, dom: o.dom, devid: o.devid, protocol: 'v2', commandTimeoutMs: o.commandTimeoutMs }),
+        live: () => !this.#suspending && !this.#closed,
+        ...(o.onClosed ? { onClosed: o.onClosed } : {}),
+        ...(o.log ? { log: o.log } : {}),
+        replacedLine: () => `dom${o.dom.domid}: backend replaced; reconnecting with a new page (a command in flight got a TPM failure answer)`,
+        // A new page is Linux's remove + probe, and its probe starts a TPM that says it was never started:
+        // the v2 page has no per-command checkpoint, so a vTPM whose backend died lost its volatile state.
+        afterReplace: async (f) => {
+          const r = await autoStartup((cmd) => f.transmit(cmd)).catch((e: unknown) => (o.log?.(`startup probe: ${(e as Error).message}`), null));
+          if (r?.outcome === 'started') o.log?.(`dom${o.dom.domid}: TPM ${r.version} had lost its volatile state with the backend; started again (Startup CLEAR)`);
+        },
+      },
+      o.reconnect ?? false,
+    );
   }
 
   static async open(o: V2SessionOptions): Promise<V2Session> {
     const s = new V2Session(o);
-    await s.#front;
+    await s.#fronts.ready;
     return s;
   }
 
+  /** Times the frontend was rebuilt because its backend was replaced. */
+  get reconnects(): number {
+    return this.#fronts.reconnects;
+  }
+
   get front(): TpmFront | null {
-    return this.#current;
-  }
-
-  #connect(reconnect: boolean): Promise<TpmFront> {
-    return TpmFront.connectReplaceable(
-      {
-        xs: this.#o.xs,
-        dom: this.#o.dom,
-        devid: this.#o.devid,
-        protocol: 'v2',
-        commandTimeoutMs: this.#o.commandTimeoutMs,
-        reconnect,
-        onClosed: (reason) => {
-          if (!this.#suspending && !this.#closed) this.#o.onClosed?.(reason);
-        },
-      },
-      { adopt: (f) => (this.#current = f), reset: (f) => this.#reset(f) },
-    );
-  }
-
-  #reset(old: TpmFront): void {
-    if (this.#current !== old || this.#suspending || this.#closed) return;
-    this.#current = null;
-    this.reconnects++;
-    this.#o.log?.(`dom${this.#o.dom.domid}: backend replaced; reconnecting with a new page (a command in flight got a TPM failure answer)`);
-    // A new page is Linux's remove + probe, and its probe starts a TPM that says it was never started:
-    // the v2 page has no per-command checkpoint, so a vTPM whose backend died lost its volatile state.
-    this.#front = this.#connect(true).then(async (f) => {
-      const r = await autoStartup((cmd) => f.transmit(cmd)).catch((e: unknown) => (this.#o.log?.(`startup probe: ${(e as Error).message}`), null));
-      if (r?.outcome === 'started') this.#o.log?.(`dom${this.#o.dom.domid}: TPM ${r.version} had lost its volatile state with the backend; started again (Startup CLEAR)`);
-      return f;
-    });
-    this.#front.catch((e: unknown) => this.#o.log?.(`reconnect failed: ${(e as Error).message}`));
+    return this.#fronts.current;
   }
 
   /**
@@ -89,7 +76,7 @@ export class V2Session {
   async submit(command: Uint8Array, opts: TransmitOptions = {}): Promise<Uint8Array> {
     if (this.#suspending || this.#closed) return failureResponse(command);
     try {
-      const f = await this.#front;
+      const f = await this.#fronts.ready;
       return await f.transmit(command, { locality: opts.locality });
     } catch (err) {
       this.#o.log?.(`dom${this.#o.dom.domid}: command failed on the v2 page: ${(err as Error).message}`);
@@ -98,7 +85,7 @@ export class V2Session {
   }
 
   cancel(): void {
-    this.#current?.cancel();
+    this.#fronts.current?.cancel();
   }
 
   /**
@@ -108,7 +95,7 @@ export class V2Session {
    */
   async suspend(opts: { timeoutMs?: number } = {}): Promise<InFlight[]> {
     this.#suspending = true;
-    const f = await this.#front;
+    const f = await this.#fronts.ready;
     await f.close({ timeoutMs: opts.timeoutMs ?? 120_000, suspend: true });
     this.#closed = true;
     return [];
@@ -116,6 +103,6 @@ export class V2Session {
 
   async close(): Promise<void> {
     this.#closed = true;
-    await this.#current?.close();
+    await this.#fronts.current?.close();
   }
 }

@@ -85,6 +85,45 @@ export function pairDescriptors(pair: ClientPair): [req: number, rsp: number] {
   return [fs.openSync(req, O_WRONLY | O_NONBLOCK), fs.openSync(rsp, O_RDONLY | O_NONBLOCK)];
 }
 
+/** A pair attached on behalf of another process, whose two ends are handed to it as descriptors. */
+export interface HandedPair {
+  readonly files: readonly string[];
+  /** The request FIFO's write end and the response FIFO's read end, in that order. */
+  readonly fds: [req: number, rsp: number];
+  /** Close our copies once the other process holds its own (idempotent). */
+  release(): void;
+  /** The hand-over failed: close our copies and remove the pair's FIFOs. */
+  discard(): void;
+}
+
+/**
+ * Attach a pair bound to `bind` for a process that cannot open the manager's FIFOs itself (a vTPM
+ * domain under its own uid): the manager serves it as any attached client, confined to that instance.
+ */
+export async function handPair(runDir: string, opts: { name: string; bind: number }): Promise<HandedPair> {
+  const pair = await connectPair(runDir, opts);
+  let open = true;
+  const release = (): void => {
+    if (!open) return;
+    open = false;
+    for (const fd of fds) fs.closeSync(fd);
+    pair.reader.close();
+    pair.writer.destroy();
+  };
+  const discard = (): void => {
+    release();
+    for (const f of pair.files) fs.rmSync(f, { force: true });
+  };
+  let fds: number[] = [];
+  try {
+    fds = pairDescriptors(pair);
+  } catch (err) {
+    discard();
+    throw err;
+  }
+  return { files: pair.files, fds: [fds[0]!, fds[1]!], release, discard };
+}
+
 /** The pair whose ends this process inherited as descriptors (see pairDescriptors). */
 export function inheritedPair(name: string, reqFd: number, rspFd: number): ClientPair {
   return {

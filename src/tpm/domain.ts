@@ -86,56 +86,69 @@ export async function runDomain(opts: DomainOptions): Promise<number> {
     uptimeMs: Date.now() - started,
   });
 
+  const handle = async (f: Frame): Promise<Uint8Array> => {
+    switch (f.type) {
+      case DomainMsg.HEALTH:
+        return new TextEncoder().encode(JSON.stringify(health()));
+      case DomainMsg.POWER_ON:
+        await inst.powerOn();
+        return new Uint8Array(0);
+      case DomainMsg.POWER_OFF:
+        await inst.powerOff();
+        return new Uint8Array(0);
+      case DomainMsg.RESET:
+        await inst.reset();
+        return new Uint8Array(0);
+      case DomainMsg.SAVE_VOLATILE:
+        await inst.saveVolatile();
+        return new Uint8Array(0);
+      case DomainMsg.STARTUP: {
+        const rc = await inst.startup(f.payload[0] === 1 ? 'state' : 'clear');
+        const out = new Uint8Array(4);
+        new DataView(out.buffer).setUint32(0, rc);
+        return out;
+      }
+      case DomainMsg.GET_BLOB:
+        return (await inst.getStateBlob(kindOf(f.payload[0]))) ?? new Uint8Array(0);
+      case DomainMsg.SET_BLOB:
+        await inst.setStateBlob(kindOf(f.payload[0]), f.payload.subarray(1));
+        return new Uint8Array(0);
+      default:
+        throw Object.assign(new Error(`message type 0x${f.type.toString(16)} is not a request`), { code: 'BAD_REQUEST' });
+    }
+  };
+
+  // STOP or a closed channel: the instance goes with the domain (its stores already hold what is durable).
+  return serveControl(tr, handle, health, () => host.destroyAll().catch(() => undefined));
+}
+
+/**
+ * Serve the lifecycle frames on `tr`: READY (with `health()`) first, then each request answered OK with
+ * `handle`'s result or ERROR with its code, until STOP (answered after `stop` finished) or the channel
+ * closes. A stream that breaks the framing cannot be resynchronised: one ERROR, then exit code 2.
+ */
+export function serveControl(
+  tr: DomainTransport,
+  handle: (f: Frame) => Promise<Uint8Array>,
+  health: () => DomainHealth,
+  stop: () => Promise<void>,
+): Promise<number> {
   return new Promise<number>((resolve) => {
     let done = false;
     const finish = async (code: number, replyId?: number): Promise<void> => {
       if (done) return;
       done = true;
-      await host.destroyAll().catch(() => undefined);
+      await stop();
       if (replyId !== undefined) tr.write(encodeFrame(DomainMsg.OK, replyId));
       tr.close();
       resolve(code);
     };
-
-    const handle = async (f: Frame): Promise<Uint8Array> => {
-      switch (f.type) {
-        case DomainMsg.HEALTH:
-          return new TextEncoder().encode(JSON.stringify(health()));
-        case DomainMsg.POWER_ON:
-          await inst.powerOn();
-          return new Uint8Array(0);
-        case DomainMsg.POWER_OFF:
-          await inst.powerOff();
-          return new Uint8Array(0);
-        case DomainMsg.RESET:
-          await inst.reset();
-          return new Uint8Array(0);
-        case DomainMsg.SAVE_VOLATILE:
-          await inst.saveVolatile();
-          return new Uint8Array(0);
-        case DomainMsg.STARTUP: {
-          const rc = await inst.startup(f.payload[0] === 1 ? 'state' : 'clear');
-          const out = new Uint8Array(4);
-          new DataView(out.buffer).setUint32(0, rc);
-          return out;
-        }
-        case DomainMsg.GET_BLOB:
-          return (await inst.getStateBlob(kindOf(f.payload[0]))) ?? new Uint8Array(0);
-        case DomainMsg.SET_BLOB:
-          await inst.setStateBlob(kindOf(f.payload[0]), f.payload.subarray(1));
-          return new Uint8Array(0);
-        default:
-          throw Object.assign(new Error(`message type 0x${f.type.toString(16)} is not a request`), { code: 'BAD_REQUEST' });
-      }
-    };
-
     const reader = new FrameReader();
     tr.onData((chunk) => {
       let frames: Frame[];
       try {
         frames = reader.push(chunk);
       } catch (err) {
-        // A broken stream cannot be resynchronised: say why once, then stop.
         tr.write(encodeJson(DomainMsg.ERROR, 0, errorBody(err)));
         void finish(2);
         return;
