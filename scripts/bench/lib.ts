@@ -1,7 +1,10 @@
 // Shared pieces of every benchmark: figures, percentiles, machine facts and the report format
 // `{"bench", "date", "machine", "figures": [{id, unit, ours, peer, ratio}]}` of the bench harness.
+import { spawn } from 'node:child_process';
 import fs from 'node:fs';
 import os from 'node:os';
+import { dirname, join } from 'node:path';
+import { fileURLToPath } from 'node:url';
 
 export interface Figure {
   id: string;
@@ -133,4 +136,32 @@ export async function settle(ctx: BenchContext, maxMs = 60_000): Promise<number>
   const waited = performance.now() - t0;
   if (waited > 1) ctx.log(`waited ${(waited / 1000).toFixed(1)} s for CPU pressure to settle${cpuContended() ? ' (still contended)' : ''}`);
   return waited;
+}
+
+const CLI = join(dirname(fileURLToPath(import.meta.url)), '..', '..', 'src', 'cli', 'main.js');
+
+/** A `vtpm manager` process as a user runs it, once it says ready; its final stats go to stderr under `tag`. */
+export async function startManager(tag: string, stateDir: string, runDir: string, extra: string[]): Promise<{ stop(): Promise<void> }> {
+  const p = spawn(process.execPath, [CLI, 'manager', '--state', stateDir, '--run', runDir, ...extra], {
+    stdio: ['ignore', 'ignore', 'pipe'],
+    env: { ...process.env, UV_THREADPOOL_SIZE: '64' }, // as scripts/vtpm runs it
+  });
+  await new Promise<void>((resolve, reject) => {
+    let log = '';
+    p.stderr.on('data', (d: Buffer) => {
+      log += d.toString();
+      if (/ready\n/.test(log)) resolve();
+      const stats = /stopped \((.*)\)/.exec(log);
+      if (stats) process.stderr.write(`[${tag}]   manager: ${stats[1]}\n`);
+    });
+    p.on('exit', (c) => reject(new Error(`manager exited with ${c}: ${log}`)));
+  });
+  return {
+    stop: () =>
+      new Promise<void>((r) => {
+        p.removeAllListeners('exit');
+        p.on('exit', () => r());
+        p.kill('SIGTERM');
+      }),
+  };
 }

@@ -10,12 +10,9 @@ import crypto from 'node:crypto';
 import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
-import { fileURLToPath } from 'node:url';
 import { ManagerClient } from '../../src/manager/client.js';
-import { percentile, type BenchContext, type Figure } from './lib.js';
+import { percentile, startManager, type BenchContext, type Figure } from './lib.js';
 
-const here = path.dirname(fileURLToPath(import.meta.url));
-const CLI = path.join(here, '..', '..', 'src', 'cli', 'main.js');
 
 /** Saves done, seconds spent, every save's latency (ms): slices add up. */
 interface Raw {
@@ -51,36 +48,12 @@ async function drive(loops: number, seconds: number, op: (loop: number) => Promi
   return { count: lat.length, secs, lat };
 }
 
-async function startManager(stateDir: string, runDir: string, extra: string[]): Promise<{ stop(): Promise<void> }> {
-  const p = spawn(process.execPath, [CLI, 'manager', '--state', stateDir, '--run', runDir, ...extra], {
-    stdio: ['ignore', 'ignore', 'pipe'],
-    env: { ...process.env, UV_THREADPOOL_SIZE: '64' }, // as scripts/vtpm runs it
-  });
-  await new Promise<void>((resolve, reject) => {
-    let log = '';
-    p.stderr.on('data', (d: Buffer) => {
-      log += d.toString();
-      if (/ready\n/.test(log)) resolve();
-      const stats = /stopped \((.*)\)/.exec(log);
-      if (stats) process.stderr.write(`[manager]   manager: ${stats[1]}\n`);
-    });
-    p.on('exit', (c) => reject(new Error(`manager exited with ${c}: ${log}`)));
-  });
-  return {
-    stop: () =>
-      new Promise<void>((r) => {
-        p.removeAllListeners('exit');
-        p.on('exit', () => r());
-        p.kill('SIGTERM');
-      }),
-  };
-}
 
 /** A manager with `clients` attached clients, each with its own open instance, ready to be driven. */
 async function oursSetup(clients: number, size: number, base: string, extra: string[]): Promise<{ slice(seconds: number): Promise<Raw>; stop(): Promise<void> }> {
   const stateDir = path.join(base, `ours-${clients}-${size}-state`);
   const runDir = path.join(base, `ours-${clients}-${size}-run`);
-  const m = await startManager(stateDir, runDir, extra);
+  const m = await startManager('manager', stateDir, runDir, extra);
   const cs = await Promise.all(Array.from({ length: clients }, () => ManagerClient.connect(runDir)));
   const inst = await Promise.all(
     cs.map((c, i) => c.open({ vmUuid: `b0000000-0000-4000-8000-${(i + 1).toString(16).padStart(12, '0')}`, version: '2.0' })),

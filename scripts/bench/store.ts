@@ -4,18 +4,14 @@
 // group-committed, acknowledged once a quorum has it) against the same manager on its local
 // write-ahead-log store (peer: one pwrite + fdatasync per group commit), in alternating slices of the
 // same run. Both seal every blob the same way; only the store differs.
-import { spawn } from 'node:child_process';
 import crypto from 'node:crypto';
 import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
-import { fileURLToPath } from 'node:url';
 import { ManagerClient } from '../../src/manager/client.js';
 import { EtcdCluster } from './_etcd.js';
-import { percentile, type BenchContext, type Figure } from './lib.js';
+import { percentile, startManager, type BenchContext, type Figure } from './lib.js';
 
-const here = path.dirname(fileURLToPath(import.meta.url));
-const CLI = path.join(here, '..', '..', 'src', 'cli', 'main.js');
 const SLICES = 5;
 
 interface Raw {
@@ -31,35 +27,11 @@ function arg(args: string[], name: string, dflt: number): number {
   return i >= 0 ? Number(args[i + 1]) : dflt;
 }
 
-async function startManager(stateDir: string, runDir: string, extra: string[]): Promise<{ stop(): Promise<void> }> {
-  const p = spawn(process.execPath, [CLI, 'manager', '--state', stateDir, '--run', runDir, ...extra], {
-    stdio: ['ignore', 'ignore', 'pipe'],
-    env: { ...process.env, UV_THREADPOOL_SIZE: '64' },
-  });
-  await new Promise<void>((resolve, reject) => {
-    let log = '';
-    p.stderr.on('data', (d: Buffer) => {
-      log += d.toString();
-      if (/ready\n/.test(log)) resolve();
-      const stats = /stopped \((.*)\)/.exec(log);
-      if (stats) process.stderr.write(`[store]   manager: ${stats[1]}\n`);
-    });
-    p.on('exit', (c) => reject(new Error(`manager exited with ${c}: ${log}`)));
-  });
-  return {
-    stop: () =>
-      new Promise<void>((r) => {
-        p.removeAllListeners('exit');
-        p.on('exit', () => r());
-        p.kill('SIGTERM');
-      }),
-  };
-}
 
 /** A manager with `n` clients, each with its own open VM, and a way to drive them for a while. */
 async function setup(n: number, size: number, dir: string, extra: string[]): Promise<{ slice(seconds: number): Promise<Raw>; stop(): Promise<void> }> {
   const run = path.join(dir, 'run');
-  const m = await startManager(path.join(dir, 'state'), run, extra);
+  const m = await startManager('store', path.join(dir, 'state'), run, extra);
   const cs = await Promise.all(Array.from({ length: n }, () => ManagerClient.connect(run)));
   const inst = await Promise.all(cs.map((c) => c.open({ vmUuid: crypto.randomUUID(), version: '2.0' }).then((o) => o.instance)));
   const blob = crypto.randomBytes(size);
