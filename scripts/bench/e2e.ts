@@ -237,12 +237,12 @@ export async function run(ctx: BenchContext): Promise<Figure[]> {
         gr[1]!.push(...(await latencies(peer, () => GET_RANDOM_8, k)));
       }
       ctx.log(`ring GetRandom p50 ours ${median(gr[0]!).toFixed(1)} µs, swtpm ${median(gr[1]!).toFixed(1)} µs`);
-      figures.push({ id: 'getrandom_rtt_p50_ring', unit: 'µs', ours: median(gr[0]!), peer: median(gr[1]!), note: 'ring transport, exactly-once; swtpm UNIX socket' });
+      figures.push({ id: 'getrandom_rtt_p50_ring', unit: 'µs', ours: median(gr[0]!), peer: median(gr[1]!), note: 'ring transport, exactly-once; swtpm UNIX socket', target: { on: 'ratio', op: '<=', value: 1 } });
       while (ring.length < maxN) ring.push(await addGuest(RING_DOMID_BASE + ring.length, undefined, {}, 'ring'));
       const o = await aggregate(ring.map((g) => g.front), tputMs);
       const p = await aggregate(swClients.slice(0, maxN), tputMs);
       ctx.log(`ring PCR_Extend/s with ${maxN}: ours ${o.toFixed(0)}, swtpm ${p.toFixed(0)}`);
-      figures.push({ id: `extend_per_s_${maxN}_ring`, unit: 'cmd/s', ours: o, peer: p, note: `ring transport, exactly-once; ${maxN} swtpm processes` });
+      figures.push({ id: `extend_per_s_${maxN}_ring`, unit: 'cmd/s', ours: o, peer: p, note: `ring transport, exactly-once; ${maxN} swtpm processes`, ...(maxN === 256 ? { target: { on: 'ratio', op: '>=', value: 1.5 } } : {}) });
     }
 
     return figures;

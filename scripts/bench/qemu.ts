@@ -112,10 +112,10 @@ export async function run(ctx: BenchContext): Promise<Figure[]> {
     const note = 'swtpm 0.7.1 (socket --ctrl unixio, SET_DATAFD)';
     ctx.log('control round trip');
     const [c0, c1] = await time(2000, (s) => s.c.req(hex('00000001'), 8));
-    figs.push({ id: 'ctrl_p50', unit: 'µs', ours: c0, peer: c1, note });
+    figs.push({ id: 'ctrl_p50', unit: 'µs', ours: c0, peer: c1, note, target: { on: 'ratio', op: '<=', value: 1 } });
     ctx.log('data channel');
     const [d0, d1] = await time(2000, (s) => s.d.req(hex('8001 0000000c 0000017b 0010')));
-    figs.push({ id: 'data_getrandom_p50', unit: 'µs', ours: d0, peer: d1, note });
+    figs.push({ id: 'data_getrandom_p50', unit: 'µs', ours: d0, peer: d1, note, target: { on: 'ratio', op: '<=', value: 1 } });
     ctx.log('pre_save');
     const blobs: Array<[Buffer, Buffer]> = [];
     const [s0, s1] = await time(100, async (s) => {
@@ -124,7 +124,7 @@ export async function run(ctx: BenchContext): Promise<Figure[]> {
       await s.c.getBlob(3);
       blobs[s === ours ? 0 : 1] = [p, v];
     });
-    figs.push({ id: 'pre_save_p50', unit: 'µs', ours: s0, peer: s1, note });
+    figs.push({ id: 'pre_save_p50', unit: 'µs', ours: s0, peer: s1, note, target: { on: 'ratio', op: '<=', value: 1 } });
     ctx.log('post_load');
     const setBlob = (c: Conn, type: number, b: Buffer) =>
       c.req(Buffer.concat([hex(`0000000d 00000000 ${type.toString(16).padStart(8, '0')}`), u32(b.length), b]), 4);
@@ -135,7 +135,7 @@ export async function run(ctx: BenchContext): Promise<Figure[]> {
       if ((await setBlob(s.c, 2, v)).readUInt32BE(0) !== 0) throw new Error('SET_STATEBLOB volatile failed');
       await s.c.req(hex('00000002 00000001'), 4);
     });
-    figs.push({ id: 'post_load_p50', unit: 'µs', ours: l0, peer: l1, note });
+    figs.push({ id: 'post_load_p50', unit: 'µs', ours: l0, peer: l1, note, target: { on: 'ratio', op: '<=', value: 2 } });
     for (const s of sides) {
       s.d.sock.destroy();
       s.c.sock.destroy();
