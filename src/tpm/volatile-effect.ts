@@ -4,14 +4,11 @@
 // deterministically (PCR_Extend with no session or only password sessions: the same bytes on the same
 // state give the same state), `full` anything else (sessions with nonces, objects, keys, hierarchy
 // changes), which needs a copy of the whole volatile state.
-import { readHeader, type TpmVersion } from './wire.js';
+import { Marshal, TPM2_ST_NO_SESSIONS, TPM2_ST_SESSIONS, TPM_TAG_RQU_COMMAND as TPM12_TAG_RQU_COMMAND, command, readHeader, type TpmVersion } from './wire.js';
+import { TPM_RS_PW } from './tpm2-commands.js';
 
 export type VolatileEffect = 'none' | 'replay' | 'full';
 
-const TPM2_ST_NO_SESSIONS = 0x8001;
-const TPM2_ST_SESSIONS = 0x8002;
-const TPM_RS_PW = 0x40000009;
-const TPM12_TAG_RQU_COMMAND = 0x00c1;
 
 const TPM2_NONE = new Set([
   0x17a, // GetCapability
@@ -61,21 +58,8 @@ function onlyPasswordSessions(command: Uint8Array, handles: number): boolean {
 
 /** TPM2_StirRandom / TPM_StirRandom with `entropy` (≤ 128 bytes): after a restore, the DRBG never repeats an answer. */
 export function stirRandom(version: TpmVersion, entropy: Uint8Array): Uint8Array {
-  const n = Math.min(entropy.length, 128);
-  if (version === '2.0') {
-    const b = Buffer.alloc(12 + n);
-    b.writeUInt16BE(TPM2_ST_NO_SESSIONS, 0);
-    b.writeUInt32BE(b.length, 2);
-    b.writeUInt32BE(0x146, 6);
-    b.writeUInt16BE(n, 10);
-    b.set(entropy.subarray(0, n), 12);
-    return new Uint8Array(b);
-  }
-  const b = Buffer.alloc(14 + n);
-  b.writeUInt16BE(TPM12_TAG_RQU_COMMAND, 0);
-  b.writeUInt32BE(b.length, 2);
-  b.writeUInt32BE(0x47, 6);
-  b.writeUInt32BE(n, 10);
-  b.set(entropy.subarray(0, n), 14);
-  return new Uint8Array(b);
+  const data = entropy.subarray(0, 128);
+  return version === '2.0'
+    ? command(TPM2_ST_NO_SESSIONS, 0x146, new Marshal().tpm2b(data))
+    : command(TPM12_TAG_RQU_COMMAND, 0x47, new Marshal().u32(data.length).bytes(data));
 }
