@@ -17,7 +17,9 @@ import {
   SRV_HEADER_SIZE,
   decodeInstanceParam,
   KIND_CODES,
+  LOAD_ORD,
   Ord,
+  SAVE_ORD,
   STATUS_NAMES,
   Startup,
   Status,
@@ -43,8 +45,6 @@ export class ManagerError extends Error {
   }
 }
 
-const SAVE: Record<StateKind, number> = { permanent: Ord.SAVENVM, volatile: Ord.SAVE_VOLATILE, savestate: Ord.SAVE_SAVESTATE };
-const LOAD: Record<StateKind, number> = { permanent: Ord.LOADNVM, volatile: Ord.LOAD_VOLATILE, savestate: Ord.LOAD_SAVESTATE };
 
 export interface ConnectOptions {
   /** Names the FIFO pair (clients/NAME.req.fifo …); default: pid and random bytes. */
@@ -240,10 +240,10 @@ export class ManagerClient implements StateStore, VolatileHolder {
   // ---- StateStore ------------------------------------------------------------------------
 
   async load(instance: number, kind: StateKind): Promise<Uint8Array | null> {
-    const f = await this.request(instance, LOAD[kind]);
+    const f = await this.request(instance, LOAD_ORD[kind]);
     // TPM_IOERROR is how Xen's manager said "nothing stored"; an empty success is how older managers of ours said it.
     if (f.code === Status.IOERROR) return null;
-    if (f.code !== Status.SUCCESS) throw statusError(LOAD[kind], instance, f.code);
+    if (f.code !== Status.SUCCESS) throw statusError(LOAD_ORD[kind], instance, f.code);
     return f.params.length === 0 ? null : f.params;
   }
 
@@ -256,7 +256,7 @@ export class ManagerClient implements StateStore, VolatileHolder {
   }
 
   async store(instance: number, kind: StateKind, blob: Uint8Array): Promise<void> {
-    await this.#call(instance, SAVE[kind], blob);
+    await this.#call(instance, SAVE_ORD[kind], blob);
     // Durable and newer than anything held for it.
     if (kind === 'volatile') this.#held.delete(instance);
   }

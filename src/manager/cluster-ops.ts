@@ -12,12 +12,13 @@ export async function refreshTable(cluster: EtcdStore, table: VmTable): Promise<
 }
 
 /**
- * OPEN on a cluster: claim the VM (refused while another host holds it), read the table as it is now,
- * and for a new VM take an instance number no host has (instance numbers are cluster-wide).
+ * OPEN on a cluster: claim the VM (refused while another host holds it), read the table as it is now
+ * (unless the caller just did), and for a new VM take an instance number no host has (instance numbers
+ * are cluster-wide).
  */
-export async function claimForOpen(cluster: EtcdStore, table: VmTable, vmUuid: string, want: number): Promise<number> {
+export async function claimForOpen(cluster: EtcdStore, table: VmTable, vmUuid: string, want: number, opts: { refreshed?: boolean } = {}): Promise<number> {
   await cluster.claims.claim(vmUuid);
-  await refreshTable(cluster, table);
+  if (!opts.refreshed) await refreshTable(cluster, table);
   cluster.checkNotDamaged(vmUuid);
   const known = table.byUuid(vmUuid);
   if (known) return known.instance;

@@ -25,7 +25,9 @@ import { HeldVolatile } from './held-volatile.js';
 import { claimForOpen, deleteInCluster, refreshTable } from './cluster-ops.js';
 import {
   ANY_INSTANCE,
+  LOAD_ORD,
   Ord,
+  SAVE_ORD,
   STATUS_NAMES,
   Status,
   TAG_REQ,
@@ -75,9 +77,9 @@ export const PID_FILE = 'manager.pid';
 /** How long a held volatile checkpoint waits before it is written (more holds of it coalesce meanwhile). */
 export const HOLD_FLUSH_MS = 1000;
 
-const SAVE_ORDS: Record<number, StateKind> = { [Ord.SAVENVM]: 'permanent', [Ord.SAVE_VOLATILE]: 'volatile', [Ord.SAVE_SAVESTATE]: 'savestate' };
-const LOAD_ORDS: Record<number, StateKind> = { [Ord.LOADNVM]: 'permanent', [Ord.LOAD_VOLATILE]: 'volatile', [Ord.LOAD_SAVESTATE]: 'savestate' };
-
+const byOrdinal = (t: Record<StateKind, number>): Record<number, StateKind> => Object.fromEntries(Object.entries(t).map(([k, o]) => [o, k as StateKind]));
+const SAVE_ORDS = byOrdinal(SAVE_ORD);
+const LOAD_ORDS = byOrdinal(LOAD_ORD);
 
 /** What the store's table record holds: the VM table and the migration record (a bare list before migration existed). */
 function splitTable(x: unknown): { vms: unknown; migration: MigrationRecord } {
@@ -87,7 +89,6 @@ function splitTable(x: unknown): { vms: unknown; migration: MigrationRecord } {
   }
   return { vms: x, migration: emptyMigrationRecord() };
 }
-
 
 /** Ordinals a console (or a console-attached pair) may send although Xen numbers them unprivileged. */
 const CONSOLE_UNPRIVILEGED: readonly number[] = [Ord.GET_MIG_KEY, Ord.LOAD_MIG_KEY];
@@ -325,7 +326,7 @@ export class ManagerDaemon {
       vmUuid = known?.vmUuid ?? legacyUuid(p.instance);
       version = known?.version ?? '1.2';
     }
-    const instance = this.#cluster ? await claimForOpen(this.#cluster, this.#table, vmUuid, p.instance) : p.instance;
+    const instance = this.#cluster ? await claimForOpen(this.#cluster, this.#table, vmUuid, p.instance, { refreshed: xenForm }) : p.instance;
     const { record, created } = this.#table.open({ vmUuid, version: version!, instance, vmType: p.vmType, startup: p.startup, migType: p.migType });
     await this.#manufacture(record, created, p.ek ?? this.opts.ekCerts ?? 'both');
     await this.#store.commitTable();
@@ -349,9 +350,6 @@ export class ManagerDaemon {
     }
   }
 
-  // ---- cluster (etcd store) ---------------------------------------------------------------
-
-  /** Other hosts add and change VMs: their records as etcd has them, ours as this host keeps them. */
   // ---- clients ---------------------------------------------------------------------------
 
   #onClient(ch: ClientChannel): void {

@@ -295,6 +295,10 @@ export type TpmVersion = keyof typeof TPM_VERSIONS;
 
 export const KIND_CODES = { permanent: 0, volatile: 1, savestate: 2 } as const;
 
+/** The ordinals that save and load each kind of state blob. */
+export const SAVE_ORD = { permanent: Ord.SAVENVM, volatile: Ord.SAVE_VOLATILE, savestate: Ord.SAVE_SAVESTATE } as const;
+export const LOAD_ORD = { permanent: Ord.LOADNVM, volatile: Ord.LOAD_VOLATILE, savestate: Ord.LOAD_SAVESTATE } as const;
+
 /** Startup modes of Xen's OPEN (TPM_ST_*). */
 export const Startup = { CLEAR: 1, SAVE: 2, DEACTIVATED: 3 } as const;
 
