@@ -10,6 +10,7 @@
 // once on the state from before it. Without a checkpoint (a v2 guest) the TPM is started with
 // Startup(CLEAR): NV and persistent objects stay, volatile state is lost as in a TPM reset. The other
 // guests' domains are other processes and the backend only does bookkeeping on their behalf.
+import { DOMID_MAX } from '../xenstore/permissions.js';
 import fs from 'node:fs';
 import { join } from 'node:path';
 import { createDomainConnection, domainExists, type Domain } from '../xen/index.js';
@@ -25,7 +26,6 @@ import { backendMetrics } from '../util/metrics.js';
 
 /** First domid handed to vTPM domains; guests use low domids. */
 export const FIRST_VTPM_DOMID = 0x7000;
-const LAST_DOMID = 0x7fef;
 
 export interface MultiVmOptions {
   /** dom0: grants the rings' pages, so it needs frames and grant entries for every domain (33 each). */
@@ -132,14 +132,14 @@ export class MultiVmVtpms implements VtpmProvider {
 
   async #allocDomid(): Promise<number> {
     const first = this.#o.firstDomid ?? FIRST_VTPM_DOMID;
-    for (let i = 0; i <= LAST_DOMID - first; i++) {
+    for (let i = 0; i <= DOMID_MAX - first; i++) {
       const d = this.#nextDomid;
-      this.#nextDomid = d >= LAST_DOMID ? first : d + 1;
+      this.#nextDomid = d >= DOMID_MAX ? first : d + 1;
       if (this.#domids.has(d) || (await domainExists(this.#o.xenDir, d))) continue;
       this.#domids.add(d);
       return d;
     }
-    throw new MultiVmError('NO_DOMID', `no free domid in ${first}..${LAST_DOMID}`);
+    throw new MultiVmError('NO_DOMID', `no free domid in ${first}..${DOMID_MAX}`);
   }
 
   /** Start one incarnation: grant its ring, spawn the domain on it, wait for READY (and Startup after a crash). */

@@ -29,11 +29,6 @@ async function whileManagerDown<T>(op: () => Promise<T>, log: (l: string) => voi
 export interface OpenedVtpm {
   instance: number;
   created: boolean;
-  vm: string;
-}
-
-export class StubdomVtpmError extends Error {
-  readonly code = 'OTHER_VM';
 }
 
 export class InProcessVtpms implements VtpmProvider {
@@ -59,10 +54,8 @@ export class InProcessVtpms implements VtpmProvider {
   }
 
   async #openGuest(vmUuid: string, version: TpmVersion, resume: boolean): Promise<VtpmSession> {
-    const o = this.#opened;
-    if (o && vmUuid.toLowerCase() !== o.vm) throw new StubdomVtpmError(`this vTPM domain holds the vTPM of VM ${o.vm}, not ${vmUuid}`);
     // A manager being restarted (killed, crashed) is unreachable for a moment: wait for it.
-    const { instance, created } = o ?? (await whileManagerDown(() => this.#mgr.open({ vmUuid, version }), this.#log));
+    const { instance, created } = this.#opened ?? (await whileManagerDown(() => this.#mgr.open({ vmUuid, version }), this.#log));
     const inst = this.#host.get(instance);
     const session = this.#sessions.get(instance);
     if (inst && inst.status !== 'destroyed' && session?.inst === inst) return session;

@@ -123,9 +123,9 @@ export async function stubdomMain(a: StubdomArgs): Promise<number> {
     xs = await connect(a.xsSocket);
     // The instance dom0 opened is the only vTPM here: no OPEN/CLOSE from this domain (they are the
     // console's), and a device naming another VM is refused by the provider.
-    const inProcess = new InProcessVtpms(host, mgr, log, { instance: a.instance, created: a.created, vm: a.vm });
+    const inProcess = new InProcessVtpms(host, mgr, log, { instance: a.instance, created: a.created });
     // The TPM loads when the guest connects: collect what loading it left behind once it runs.
-    const vtpms = new StubdomVtpms(inProcess);
+    const vtpms = new StubdomVtpms(inProcess, a.vm);
     const dev = vtpmDevice(a.frontDomid, a.devid, a.domid);
     const conn = xs;
     let starting: Promise<void> | null = null;
@@ -202,14 +202,28 @@ export async function stubdomMain(a: StubdomArgs): Promise<number> {
 }
 
 /** The domain's one vTPM, served to its device; a stub domain has no QEMU endpoint. */
+class StubdomVtpmError extends Error {
+  readonly code = 'OTHER_VM';
+}
+
 class StubdomVtpms implements VtpmProvider {
-  constructor(readonly inner: InProcessVtpms) {}
+  #collected = false;
+  constructor(
+    readonly inner: InProcessVtpms,
+    /** The VM whose vTPM dom0 opened for this domain, lower case. */
+    readonly vm: string,
+  ) {}
   open(vmUuid: string, version: TpmVersion, mode: { resume: boolean }): Promise<VtpmSession>;
   open(vmUuid: string, version: TpmVersion, mode: { qemu: true }): Promise<SwtpmVtpm>;
   async open(vmUuid: string, version: TpmVersion, mode: OpenMode): Promise<VtpmSession | SwtpmVtpm> {
     if ('qemu' in mode) throw new ProviderError('NO_QEMU', `a vTPM stub domain serves its guest's xenbus device only, not QEMU (VM ${vmUuid})`);
+    if (vmUuid.toLowerCase() !== this.vm) throw new StubdomVtpmError(`this vTPM domain holds the vTPM of VM ${this.vm}, not ${vmUuid}`);
     const session = await this.inner.open(vmUuid, version, mode);
-    collectAfterStartup();
+    // Start-up garbage goes once; a guest's later reconnects reopen the loaded vTPM and make none.
+    if (!this.#collected) {
+      this.#collected = true;
+      collectAfterStartup();
+    }
     return session;
   }
   release(instance: number): Promise<void> {

@@ -9,6 +9,7 @@
 // durable state: its xenstore home and the guest's device stay, so the new incarnation takes the device
 // over as a restarted backend does (InitWait) and the guest reconnects with a new ring. Removing the
 // node (detach) stops the domain (answers given, state durable), CLOSEs the vTPM and releases the domid.
+import { DOMID_MAX } from '../xenstore/permissions.js';
 import fs from 'node:fs';
 import { dirname, join } from 'node:path';
 import { fileURLToPath } from 'node:url';
@@ -29,7 +30,6 @@ const here = dirname(fileURLToPath(import.meta.url));
 /** The stub domain's entry point; from source (tests) the build in dist/. */
 export const STUBDOM_MAIN = import.meta.url.endsWith('.ts') ? join(here, '../../dist/src/backend/stubdom-main.js') : join(here, 'stubdom-main.js');
 
-const LAST_DOMID = 0x7fef;
 const UUID = /^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$/;
 
 export interface StubdomOptions {
@@ -120,7 +120,7 @@ export class StubdomLifecycle {
         const node = `${STUBDOM_ROOT}/${key}`;
         const [uuid, version, state, domid] = await Promise.all(['uuid', 'tpm-version', 'state', 'domid'].map((k) => xs.tryRead(`${node}/${k}`)));
         // Written in one transaction by the toolstack; a node we refused (state 6) stays refused.
-        if (state === undefined || state === String(StubdomNodeState.CLOSED) || this.#opening.has(key)) continue;
+        if (state === undefined || state === String(StubdomNodeState.CLOSED)) continue;
         this.#opening.add(key);
         void this.#open(node, key, Number(fe), Number(id), uuid, version, domid).finally(() => this.#opening.delete(key)).catch(async (err: unknown) => {
           this.#o.log(`stubdom ${key}: ${(err as Error).message}`);
@@ -146,7 +146,7 @@ export class StubdomLifecycle {
     const named = prior !== undefined && /^[0-9]{1,5}$/.test(prior) ? Number(prior) : -1;
     let domid: number;
     try {
-      domid = named >= FIRST_VTPM_DOMID && named <= LAST_DOMID && !this.#domids.has(named) ? named : await this.#allocDomid();
+      domid = named >= FIRST_VTPM_DOMID && named <= DOMID_MAX && !this.#domids.has(named) ? named : await this.#allocDomid();
     } catch (err) {
       await this.#o.mgr.close(instance).catch(() => undefined);
       throw err;
@@ -178,13 +178,13 @@ export class StubdomLifecycle {
   }
 
   async #allocDomid(): Promise<number> {
-    for (let i = 0; i <= LAST_DOMID - FIRST_VTPM_DOMID; i++) {
+    for (let i = 0; i <= DOMID_MAX - FIRST_VTPM_DOMID; i++) {
       const d = this.#nextDomid;
-      this.#nextDomid = d >= LAST_DOMID ? FIRST_VTPM_DOMID : d + 1;
+      this.#nextDomid = d >= DOMID_MAX ? FIRST_VTPM_DOMID : d + 1;
       if (this.#domids.has(d) || (await domainExists(this.#o.xenDir, d)) || (await this.#o.xs.isDomainIntroduced(d))) continue;
       return d;
     }
-    throw new StubdomError('NO_DOMID', `no free domid in ${FIRST_VTPM_DOMID}..${LAST_DOMID}`);
+    throw new StubdomError('NO_DOMID', `no free domid in ${FIRST_VTPM_DOMID}..${DOMID_MAX}`);
   }
 
   async #boot(d: Stubdom, created: boolean): Promise<void> {
