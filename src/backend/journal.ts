@@ -31,8 +31,6 @@ export class JournalError extends Error {
   }
 }
 
-export type { Completed };
-
 /** A completed command whose effect a restored TPM gets by running it again. */
 export interface ReplayRecord {
   id: bigint;

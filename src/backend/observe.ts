@@ -4,7 +4,8 @@
 // command reaching the vTPM to its answer being ready (durable, on the ring).
 import type { Counter } from 'prom-client';
 import { backendMetrics, forgetGuest, guestError, showGuest, since, type CommandOutcome, type Transport } from '../util/metrics.js';
-import { commandName, responseRc } from '../tpm/command-names.js';
+import { commandName } from '../tpm/command-names.js';
+import { responseCode } from '../tpm/wire.js';
 import type { OnceRequest, VtpmTarget } from '../tpm/vtpm.js';
 import { GuestCapture, type XsCaptureRouter } from './capture.js';
 
@@ -32,7 +33,7 @@ export class GuestObserver {
 
   /** One command answered (`response` null: no TPM answer, the backend made up a failure). */
   done(command: Uint8Array, response: Uint8Array | null, t0: number): void {
-    const rc = response === null ? -1 : responseRc(response);
+    const rc = response === null ? -1 : responseCode(response);
     const outcome: CommandOutcome = response === null ? 'failure' : rc === 0 ? 'success' : 'tpm_error';
     const name = commandName(command);
     const key = `${name}/${outcome}`;

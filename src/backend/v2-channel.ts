@@ -193,5 +193,3 @@ export class V2Channel implements Channel {
     this.#map.unmap();
   }
 }
-
-export { TPMIF_STATE_IDLE, TPMIF_STATE_SUBMIT, TPMIF_STATE_FINISH, TPMIF_STATE_CANCEL };

@@ -40,9 +40,3 @@ export function commandName(command: Uint8Array): string {
   const cc = ((command[6]! << 24) | (command[7]! << 16) | (command[8]! << 8) | command[9]!) >>> 0;
   return CC[cc] ?? 'unknown';
 }
-
-/** The response code of a TPM response (0 = success), or -1 when it is too short to carry one. */
-export function responseRc(response: Uint8Array): number {
-  if (response.length < 10) return -1;
-  return ((response[6]! << 24) | (response[7]! << 16) | (response[8]! << 8) | response[9]!) >>> 0;
-}

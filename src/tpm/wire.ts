@@ -39,7 +39,9 @@ export function readHeader(bytes: Uint8Array): TpmHeader | null {
 
 /** The response code of a response (0 = success), or -1 when it is too short to carry one. */
 export function responseCode(response: Uint8Array): number {
-  return readHeader(response)?.code ?? -1;
+  // Byte arithmetic, no header object: every answered command's outcome is counted with it.
+  if (response.length < TPM_HEADER_SIZE) return -1;
+  return ((response[6]! << 24) | (response[7]! << 16) | (response[8]! << 8) | response[9]!) >>> 0;
 }
 
 /** Does this response say the TPM has entered failure mode? */

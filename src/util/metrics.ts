@@ -79,12 +79,19 @@ export function showDomains(source: () => Array<{ domid: number; vm: string; pid
   domainSource = source;
 }
 
-function domainUsage(): Array<{ labels: { domid: string; vm: string }; cpuSeconds: number; rssBytes: number }> {
-  const out = [];
+type DomainUsage = Array<{ labels: { domid: string; vm: string }; cpuSeconds: number; rssBytes: number }>;
+let usageCache: { at: number; usage: DomainUsage } | null = null;
+
+/** Each domain's /proc figures, read once per scrape (the memory gauge and the CPU counter both ask). */
+function domainUsage(): DomainUsage {
+  const now = Date.now();
+  if (usageCache && now - usageCache.at < 100) return usageCache.usage;
+  const out: DomainUsage = [];
   for (const d of domainSource()) {
     const u = procUsage(d.pid);
     if (u) out.push({ labels: { domid: String(d.domid), vm: d.vm }, ...u });
   }
+  usageCache = { at: now, usage: out };
   return out;
 }
 
