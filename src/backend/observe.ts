@@ -3,7 +3,8 @@
 // its channel or QEMU endpoint is opened, so every transport is measured at the same point: from a
 // command reaching the vTPM to its answer being ready (durable, on the ring).
 import type { Counter } from 'prom-client';
-import { backendMetrics, forgetGuest, guestError, showGuest, since, type CommandOutcome, type Transport } from '../util/metrics.js';
+import type { CommandOutcome, Transport } from '../util/metrics.js';
+import { metricsSink, type MetricsSink } from '../util/metrics-sink.js';
 import { commandName } from '../tpm/command-names.js';
 import { responseCode } from '../tpm/wire.js';
 import type { OnceRequest, VtpmTarget } from '../tpm/vtpm.js';
@@ -23,33 +24,41 @@ export class GuestObserver {
   capture: GuestCapture | null;
   /** Counter children by command name and outcome, so a command costs no label lookup. */
   readonly #children = new Map<string, CommandChild>();
+  readonly #m: MetricsSink | null = metricsSink();
   readonly #duration;
 
   constructor(labels: GuestLabels, capture: GuestCapture | null = null) {
     this.labels = labels;
     this.capture = capture;
-    this.#duration = backendMetrics().duration.labels(labels.transport, labels.domid, labels.vm);
+    this.#duration = this.#m?.backendMetrics().duration.labels(labels.transport, labels.domid, labels.vm);
   }
 
   /** One command answered (`response` null: no TPM answer, the backend made up a failure). */
   done(command: Uint8Array, response: Uint8Array | null, t0: number): void {
+    this.capture?.command(command, response, t0);
+    const m = this.#m;
+    if (!m) return;
     const rc = response === null ? -1 : responseCode(response);
     const outcome: CommandOutcome = response === null ? 'failure' : rc === 0 ? 'success' : 'tpm_error';
     const name = commandName(command);
     const key = `${name}/${outcome}`;
     let c = this.#children.get(key);
-    if (!c) this.#children.set(key, (c = backendMetrics().commands.labels(this.labels.domid, this.labels.vm, this.labels.transport, name, outcome)));
+    if (!c) this.#children.set(key, (c = m.backendMetrics().commands.labels(this.labels.domid, this.labels.vm, this.labels.transport, name, outcome)));
     c.inc();
-    this.#duration.observe(since(t0));
-    if (outcome !== 'success') guestError(this.labels.domid, this.labels.vm, outcome);
-    this.capture?.command(command, response, t0);
+    this.#duration?.observe(since(t0));
+    if (outcome !== 'success') m.guestError(this.labels.domid, this.labels.vm, outcome);
   }
 
   /** The guest was cut off (`reason` from a fixed set). */
   cutOff(reason: string): void {
-    backendMetrics().cutOff.inc({ reason });
-    guestError(this.labels.domid, this.labels.vm, `cut_off_${reason}`);
+    this.#m?.backendMetrics().cutOff.inc({ reason });
+    this.#m?.guestError(this.labels.domid, this.labels.vm, `cut_off_${reason}`);
   }
+}
+
+/** Seconds since `t0` (a performance.now() reading). */
+function since(t0: number): number {
+  return (performance.now() - t0) / 1000;
 }
 
 /** `target` with every command reported to `obs`. */
@@ -143,7 +152,7 @@ export class DeviceObservation {
   /** What the metrics show of the device: its backend xenbus state. */
   show(state: string): void {
     const l = this.#observer?.labels;
-    showGuest(this.#key, { domid: String(this.#domid), vm: l?.vm ?? '', transport: l?.transport ?? 'none', state });
+    metricsSink()?.showGuest(this.#key, { domid: String(this.#domid), vm: l?.vm ?? '', transport: l?.transport ?? 'none', state });
   }
 
   /** The frontend's ring or page is mapped and the device Connected (`t0`: when the attach began). */
@@ -152,8 +161,9 @@ export class DeviceObservation {
     this.show('Connected');
     if (!resume || !this.#observer) return;
     const transport = this.#observer.labels.transport;
-    backendMetrics().resumes.inc({ transport });
-    backendMetrics().resumeDuration.observe({ transport }, since(t0));
+    const m = metricsSink()?.backendMetrics();
+    m?.resumes.inc({ transport });
+    m?.resumeDuration.observe({ transport }, since(t0));
   }
 
   /** The guest is closing (its Closing, or the ring's suspend notice): a suspend's clock starts at the first. */
@@ -165,8 +175,9 @@ export class DeviceObservation {
   /** The suspend is acknowledged (the vTPM state saved). */
   suspended(): void {
     const transport = this.#observer?.labels.transport ?? 'v2';
-    backendMetrics().suspends.inc({ transport });
-    if (this.#suspendT0 >= 0) backendMetrics().suspendDuration.observe({ transport }, since(this.#suspendT0));
+    const m = metricsSink()?.backendMetrics();
+    m?.suspends.inc({ transport });
+    if (this.#suspendT0 >= 0) m?.suspendDuration.observe({ transport }, since(this.#suspendT0));
   }
 
   /** The frontend's connection is closed (suspended or not); unless the device goes offline it waits for the next. */
@@ -178,8 +189,8 @@ export class DeviceObservation {
   cutOff(kind: string, reason: string): void {
     if (this.#observer) this.#observer.cutOff(kind);
     else {
-      backendMetrics().cutOff.inc({ reason: kind });
-      guestError(String(this.#domid), '', `cut_off_${kind}`);
+      metricsSink()?.backendMetrics().cutOff.inc({ reason: kind });
+      metricsSink()?.guestError(String(this.#domid), '', `cut_off_${kind}`);
     }
     this.#capture?.note(`cut off: ${reason}`);
     this.#suspendT0 = -1;
@@ -188,7 +199,7 @@ export class DeviceObservation {
 
   /** The device is gone: no more series, the capture closed. */
   end(): void {
-    forgetGuest(this.#key);
+    metricsSink()?.forgetGuest(this.#key);
     if (!this.#capture) return;
     this.#captures?.remove(this.#domid);
     void this.#capture.close();

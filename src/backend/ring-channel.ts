@@ -27,7 +27,7 @@ import type { Channel, ChannelOptions } from './channel.js';
 import type { OnceRequest } from '../tpm/vtpm.js';
 import { RingEvent } from './capture.js';
 import { LogRateLimiter } from '../util/rate-limit.js';
-import { backendMetrics } from '../util/metrics.js';
+import { metricsSink } from '../util/metrics-sink.js';
 
 const PAGE = 4096;
 const MAX_LOCALITY = 4;
@@ -180,7 +180,7 @@ export class RingChannel implements Channel {
 
   /** Answer EINVAL without running: counted, and logged at most once per interval for this frontend. */
   #refuse(id: bigint, reason: string, text: string): void {
-    backendMetrics().refused.inc({ reason });
+    metricsSink()?.backendMetrics().refused.inc({ reason });
     this.#refusals.line(`dom${this.frontDomid}`, `dom${this.frontDomid}: request ${id}: ${text}`);
     this.#respond(id, RING_STATUS_EINVAL, null, []);
   }

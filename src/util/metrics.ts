@@ -7,6 +7,7 @@
 import { createRequire } from 'node:module';
 import type * as Prom from 'prom-client';
 import { procUsage } from './proc.js';
+import { registerMetrics } from './metrics-sink.js';
 
 // prom-client's index also loads its Pushgateway (node:http, https, zlib) and cluster aggregator; every
 // vTPM domain loads this file, so take only the classes used here (docs/multi-vm.md, "A lean domain").
@@ -227,3 +228,6 @@ export function guestError(domid: string, vm: string, error: string): void {
   lastErrorSeries.set(`${domid}/${vm}`, { vm, error });
   m.lastError.set({ domid, vm, error }, Date.now() / 1000);
 }
+
+// Loading this module is what turns metrics on in a process (metrics-sink.ts).
+registerMetrics({ backendMetrics, guestError, showGuest, forgetGuest });

@@ -7,15 +7,18 @@ import { execFileSync } from 'node:child_process';
 import { dist } from '../helpers/child.js';
 import { DEFAULT_DOMAIN_NODE_FLAGS, domainNodeFlags } from '../../src/backend/domain-flags.js';
 
-/** The Node built-ins a fresh process has loaded after importing `entry` (its main guard does not run). */
-function builtinsAfterImport(entry: string): string[] {
+/** What a fresh process has loaded after importing `entry` (its main guard does not run): Node built-ins and CommonJS files. */
+function loadedAfterImport(entry: string): { builtins: string[]; cjs: string[] } {
   const out = execFileSync(process.execPath, [
     '--input-type=module',
     '-e',
-    `await import(${JSON.stringify(entry)}); console.log(JSON.stringify(process.moduleLoadList.filter((m) => m.startsWith('NativeModule ')).map((m) => m.slice(13))));`,
+    `import { createRequire } from 'node:module';
+    await import(${JSON.stringify(entry)});
+    console.log(JSON.stringify({ builtins: process.moduleLoadList.filter((m) => m.startsWith('NativeModule ')).map((m) => m.slice(13)), cjs: Object.keys(createRequire(import.meta.url).cache) }));`,
   ]);
-  return JSON.parse(out.toString()) as string[];
+  return JSON.parse(out.toString()) as { builtins: string[]; cjs: string[] };
 }
+const builtinsAfterImport = (entry: string): string[] => loadedAfterImport(entry).builtins;
 
 const DOM0_ONLY = ['https', 'http', 'tls', 'zlib', 'child_process', 'worker_threads'];
 
@@ -28,6 +31,15 @@ describe('what a vTPM-domain process loads', () => {
     const loaded = builtinsAfterImport(entry);
     expect(loaded.length).toBeGreaterThan(10); // the probe worked
     expect(loaded.filter((m) => DOM0_ONLY.includes(m))).toEqual([]);
+  });
+
+  it.each([
+    ['the multi-VM domain entry point', dist('src/backend/vtpm-domain-main.js')],
+    ['the stub-domain entry point', dist('src/backend/stubdom-main.js')],
+  ])('%s loads no metrics library (prom-client, @opentelemetry/api): a domain serves no metrics', (_what, entry) => {
+    const { cjs } = loadedAfterImport(entry);
+    expect(cjs.some((f) => f.includes('/koffi/'))).toBe(true); // the probe saw CommonJS files
+    expect(cjs.filter((f) => /node_modules\/(prom-client|@opentelemetry)\//.test(f))).toEqual([]);
   });
 
   it('native/koffi.ts is the same koffi the package gives (same version, same API)', async () => {
