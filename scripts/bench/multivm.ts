@@ -1,4 +1,4 @@
-// `npm run bench -- multivm [--guests N] [--samples N]`: multi-VM and stub-domain mode next to single-VM
+// `npm run bench -- multivm [--guests N] [--samples N] [--only multi|stubdom]`: multi-VM and stub-domain mode next to single-VM
 // mode next to swtpm, in the same run.
 //  - GetRandom(8) round trip as a guest sees it: TpmFront (ring protocol) → grant-mapped ring → backend
 //    → (multi: a second ring → the vTPM-domain process) → libtpms, and back; stubdom: the guest's
@@ -129,23 +129,35 @@ async function measureSwtpm(n: number, samples: number, ctx: BenchContext): Prom
 export async function run(ctx: BenchContext): Promise<Figure[]> {
   const n = arg(ctx, 'guests', 8);
   const samples = arg(ctx, 'samples', 4000);
-  const single = await measureHost('single', n, samples, ctx);
-  const multi = await measureHost('multi', n, samples, ctx);
-  const stub = await measureHost('stubdom', n, samples, ctx);
-  const stubV2 = await measureHost('stubdom', n, samples, ctx, 'v2');
+  // `--only multi|stubdom`: that mode and swtpm alone (a quicker A/B while working on one mode).
+  const oi = ctx.args.indexOf('--only');
+  const only = oi >= 0 ? ctx.args[oi + 1] : undefined;
+  if (only !== undefined && only !== 'multi' && only !== 'stubdom') throw new Error(`--only takes multi or stubdom, not ${only}`);
+  const single = only ? null : await measureHost('single', n, samples, ctx);
+  const multi = only === 'stubdom' ? null : await measureHost('multi', n, samples, ctx);
+  const stub = only === 'multi' ? null : await measureHost('stubdom', n, samples, ctx);
+  const stubV2 = only === 'multi' ? null : await measureHost('stubdom', n, samples, ctx, 'v2');
   const sw = await measureSwtpm(n, samples, ctx);
   const peer = `swtpm socket ×${n}, UNIX data socket`;
-  return [
-    { id: 'getrandom_rtt_p50_multi', unit: 'µs', ours: multi.rttP50Us, peer: sw.rttP50Us, note: peer },
-    { id: 'getrandom_rtt_p50_single', unit: 'µs', ours: single.rttP50Us, peer: sw.rttP50Us, note: peer },
-    { id: 'getrandom_rtt_p50_multi_vs_single', unit: 'µs', ours: multi.rttP50Us, peer: single.rttP50Us, note: 'our single-VM mode' },
-    { id: 'getrandom_rtt_p50_stubdom', unit: 'µs', ours: stub.rttP50Us, peer: sw.rttP50Us, note: peer, target: { on: 'ratio', op: '<=', value: 1.5 } },
-    { id: 'getrandom_rtt_p50_stubdom_v2', unit: 'µs', ours: stubV2.rttP50Us, peer: sw.rttP50Us, note: `${peer} (ours: v2 page, no request ids)` },
-    { id: 'getrandom_rtt_p99_stubdom', unit: 'µs', ours: stub.rttP99Us, peer: sw.rttP99Us, note: peer },
-    { id: 'getrandom_rtt_p99_multi', unit: 'µs', ours: multi.rttP99Us, peer: sw.rttP99Us, note: peer },
-    { id: 'pss_per_guest_multi', unit: 'MiB', ours: multi.pssPerGuestMiB, peer: sw.pssPerGuestMiB, note: `${n} swtpm processes`, ...(n === 8 ? { target: { on: 'ours', op: '<=', value: 12 } } : {}) },
-    { id: 'pss_per_guest_stubdom', unit: 'MiB', ours: stub.pssPerGuestMiB, peer: sw.pssPerGuestMiB, note: `${n} swtpm processes` },
-    { id: 'pss_per_guest_single', unit: 'MiB', ours: single.pssPerGuestMiB, peer: sw.pssPerGuestMiB, note: `${n} swtpm processes` },
-    { id: 'pss_per_guest_multi_vs_single', unit: 'MiB', ours: multi.pssPerGuestMiB, peer: single.pssPerGuestMiB, note: 'our single-VM mode' },
-  ];
+  const figures: Figure[] = [];
+  if (multi) figures.push({ id: 'getrandom_rtt_p50_multi', unit: 'µs', ours: multi.rttP50Us, peer: sw.rttP50Us, note: peer });
+  if (single) figures.push({ id: 'getrandom_rtt_p50_single', unit: 'µs', ours: single.rttP50Us, peer: sw.rttP50Us, note: peer });
+  if (multi && single) figures.push({ id: 'getrandom_rtt_p50_multi_vs_single', unit: 'µs', ours: multi.rttP50Us, peer: single.rttP50Us, note: 'our single-VM mode' });
+  if (stub && stubV2) {
+    figures.push(
+      { id: 'getrandom_rtt_p50_stubdom', unit: 'µs', ours: stub.rttP50Us, peer: sw.rttP50Us, note: peer, target: { on: 'ratio', op: '<=', value: 1.5 } },
+      { id: 'getrandom_rtt_p50_stubdom_v2', unit: 'µs', ours: stubV2.rttP50Us, peer: sw.rttP50Us, note: `${peer} (ours: v2 page, no request ids)` },
+      { id: 'getrandom_rtt_p99_stubdom', unit: 'µs', ours: stub.rttP99Us, peer: sw.rttP99Us, note: peer },
+    );
+  }
+  if (multi) {
+    figures.push(
+      { id: 'getrandom_rtt_p99_multi', unit: 'µs', ours: multi.rttP99Us, peer: sw.rttP99Us, note: peer },
+      { id: 'pss_per_guest_multi', unit: 'MiB', ours: multi.pssPerGuestMiB, peer: sw.pssPerGuestMiB, note: `${n} swtpm processes`, ...(n === 8 ? { target: { on: 'ours', op: '<=', value: 12 } } : {}) },
+    );
+  }
+  if (stub) figures.push({ id: 'pss_per_guest_stubdom', unit: 'MiB', ours: stub.pssPerGuestMiB, peer: sw.pssPerGuestMiB, note: `${n} swtpm processes` });
+  if (single) figures.push({ id: 'pss_per_guest_single', unit: 'MiB', ours: single.pssPerGuestMiB, peer: sw.pssPerGuestMiB, note: `${n} swtpm processes` });
+  if (multi && single) figures.push({ id: 'pss_per_guest_multi_vs_single', unit: 'MiB', ours: multi.pssPerGuestMiB, peer: single.pssPerGuestMiB, note: 'our single-VM mode' });
+  return figures;
 }
