@@ -14,7 +14,7 @@ import type { TpmVersion } from '../tpm/wire.js';
 import type { FailureInfo } from '../tpm/instance-types.js';
 import { BLOB_TYPE } from '../tpm/state-blob.js';
 import type { StateKind } from '../tpm/state-store.js';
-import { engineEnv } from '../tpm/threadpool.js';
+import { domainEnv } from './domain-flags.js';
 import { DomainMsg, FrameReader, decodeJson, encodeFrame, type DomainHealth, type Frame } from '../tpm/domain-protocol.js';
 
 interface DomainCommon {
@@ -168,7 +168,7 @@ export class VtpmDomain extends EventEmitter implements Vtpm {
       // cwd /: a domain under its own uid may not be allowed into the backend's working directory.
       child = spawn(l.file, l.args, {
         stdio: ['pipe', 'pipe', 'inherit', opts.hvFd, ...(opts.managerFds ?? [])],
-        env: { ...engineEnv(), VTPM_HV_FD: '3' },
+        env: { ...domainEnv(), VTPM_HV_FD: '3' },
         cwd: '/',
       });
     } finally {

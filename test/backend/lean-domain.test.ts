@@ -51,9 +51,9 @@ describe('what a vTPM-domain process loads', () => {
 });
 
 describe('domain node flags', () => {
-  it('default to a 1 MiB young generation, a capped old one and gc() for start-up garbage; VTPM_DOMAIN_NODE_FLAGS replaces them', () => {
+  it('default to a 1 MiB young generation, a capped old one, gc() for start-up garbage and lite mode; VTPM_DOMAIN_NODE_FLAGS replaces them', () => {
     expect(domainNodeFlags({})).toEqual(DEFAULT_DOMAIN_NODE_FLAGS);
-    expect(DEFAULT_DOMAIN_NODE_FLAGS).toEqual(expect.arrayContaining(['--max-semi-space-size=1', '--expose-gc']));
+    expect(DEFAULT_DOMAIN_NODE_FLAGS).toEqual(expect.arrayContaining(['--max-semi-space-size=1', '--expose-gc', '--lite-mode']));
     expect(domainNodeFlags({ VTPM_DOMAIN_NODE_FLAGS: '' })).toEqual([]);
     expect(domainNodeFlags({ VTPM_DOMAIN_NODE_FLAGS: ' --max-old-space-size=16  --jitless ' })).toEqual(['--max-old-space-size=16', '--jitless']);
   });

@@ -12,6 +12,7 @@ import { DomainError, VTPM_DOMAIN_MAIN, VtpmDomain, type DomainExit } from '../.
 import { DomainMsg, FrameReader, encodeFrame } from '../../../src/tpm/domain-protocol.js';
 import { ManagerClient } from '../../../src/manager/client.js';
 import { engineEnv } from '../../../src/tpm/threadpool.js';
+import { DOMAIN_THREADPOOL_SIZE } from '../../../src/backend/domain-flags.js';
 import * as tpm2 from '../../../src/tpm/tpm2-commands.js';
 import { hex, unhex } from '../../tpm/helpers.js';
 import { freshXenDir } from '../../helpers/child.js';
@@ -64,6 +65,20 @@ async function instanceFor(version: '2.0' | '1.2'): Promise<number> {
 }
 
 describe('vTPM-domain process', () => {
+  it('runs lean: one shared malloc arena and a libuv pool of DOMAIN_THREADPOOL_SIZE, whatever the backend has', async () => {
+    const instance = await instanceFor('2.0');
+    const dom = await startDomain(instance, '2.0');
+    expect(await dom.startup('clear')).toBe(0);
+    // A key generation runs on the pool, so the pool has started all its threads.
+    tpm2.expectSuccess(await dom.execute(tpm2.createPrimaryRsa(2048)), 'CreatePrimary');
+    const env = fs.readFileSync(`/proc/${dom.pid}/environ`, 'latin1').split('\0');
+    expect(env).toContain('MALLOC_ARENA_MAX=1');
+    expect(env).toContain(`UV_THREADPOOL_SIZE=${DOMAIN_THREADPOOL_SIZE}`);
+    // Node's own threads (V8 platform workers, signal watchdog) plus the pool; 16 pool threads before.
+    const threads = fs.readdirSync(`/proc/${dom.pid}/task`).length;
+    expect(threads).toBeLessThanOrEqual(8 + DOMAIN_THREADPOOL_SIZE);
+  });
+
   it('starts, answers health, runs TPM commands over the ring, stops cleanly, and resumes its saved state', async () => {
     const instance = await instanceFor('2.0');
     const dom = await startDomain(instance, '2.0');
