@@ -2,11 +2,12 @@
 // buffers; V8's defaults size its heaps for a server (docs/multi-vm.md, "A lean domain"): a 1 MiB
 // young generation instead of 8 (16 MiB committed at worst), an old generation capped far above what one
 // TPM needs, gc() for collecting start-up garbage (src/util/heap.ts), and --lite-mode: no optimising
-// compiler and lazier feedback (~2.5 MiB less per domain; its per-command JS is small next to libtpms).
+// compiler and lazier feedback (~2.5 MiB less per domain; its per-command JS is small next to libtpms),
+// and --single-threaded: no V8 helper threads to wake for a collection of a heap this small.
 // VTPM_DOMAIN_NODE_FLAGS replaces them (space-separated; empty: node's defaults).
 import { FS_RESERVE } from '../tpm/threadpool.js';
 
-export const DEFAULT_DOMAIN_NODE_FLAGS = ['--max-semi-space-size=1', '--max-old-space-size=64', '--expose-gc', '--lite-mode'];
+export const DEFAULT_DOMAIN_NODE_FLAGS = ['--max-semi-space-size=1', '--max-old-space-size=64', '--expose-gc', '--lite-mode', '--single-threaded'];
 
 /**
  * Libuv threads a domain starts: its one TPM runs a slow command (key generation) on one of them, and
