@@ -3,11 +3,12 @@
 // young generation instead of 8 (16 MiB committed at worst), an old generation capped far above what one
 // TPM needs, gc() for collecting start-up garbage (src/util/heap.ts), and --lite-mode: no optimising
 // compiler and lazier feedback (~2.5 MiB less per domain; its per-command JS is small next to libtpms),
-// and --single-threaded: no V8 helper threads to wake for a collection of a heap this small.
+// and --single-threaded: no V8 helper threads to wake for a collection of a heap this small. Lite mode
+// has no WebAssembly; --no-expose-wasm says so, or V8 warns on stderr (the backend's log) at every start.
 // VTPM_DOMAIN_NODE_FLAGS replaces them (space-separated; empty: node's defaults).
 import { FS_RESERVE } from '../tpm/threadpool.js';
 
-export const DEFAULT_DOMAIN_NODE_FLAGS = ['--max-semi-space-size=1', '--max-old-space-size=64', '--expose-gc', '--lite-mode', '--single-threaded'];
+export const DEFAULT_DOMAIN_NODE_FLAGS = ['--max-semi-space-size=1', '--max-old-space-size=64', '--expose-gc', '--lite-mode', '--no-expose-wasm', '--single-threaded'];
 
 /**
  * Libuv threads a domain starts: its one TPM runs a slow command (key generation) on one of them, and

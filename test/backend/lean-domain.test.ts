@@ -3,7 +3,7 @@
 // (node:https, node:zlib and their TLS/HTTP stack, for downloading binaries), child_process (starting a
 // hypervisor) or worker_threads (the SCM_RIGHTS reader thread). The domains run with small V8 heaps.
 import { describe, expect, it } from 'vitest';
-import { execFileSync } from 'node:child_process';
+import { execFileSync, spawnSync } from 'node:child_process';
 import { dist } from '../helpers/child.js';
 import { DEFAULT_DOMAIN_NODE_FLAGS, domainNodeFlags } from '../../src/backend/domain-flags.js';
 
@@ -55,6 +55,11 @@ describe('domain node flags', () => {
     expect(domainNodeFlags({})).toEqual(DEFAULT_DOMAIN_NODE_FLAGS);
     expect(DEFAULT_DOMAIN_NODE_FLAGS).toEqual(expect.arrayContaining(['--max-semi-space-size=1', '--expose-gc', '--lite-mode']));
     expect(domainNodeFlags({ VTPM_DOMAIN_NODE_FLAGS: '' })).toEqual([]);
+    // A domain's stderr is the backend's log: the flags must not make V8 warn there at every start.
+    const r = spawnSync(process.execPath, [...DEFAULT_DOMAIN_NODE_FLAGS, '-e', 'process.stdout.write(String(typeof gc))']);
+    expect(r.status).toBe(0);
+    expect(r.stdout.toString()).toBe('function');
+    expect(r.stderr.toString()).toBe('');
     expect(domainNodeFlags({ VTPM_DOMAIN_NODE_FLAGS: ' --max-old-space-size=16  --jitless ' })).toEqual(['--max-old-space-size=16', '--jitless']);
   });
 });
