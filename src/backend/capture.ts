@@ -35,8 +35,9 @@ export class GuestCapture {
   #stream = -1;
   #seqGuest = 0;
   #seqVtpm = 0;
-  /** The 40-byte IPv4 + TCP headers of this stream, guest to vTPM (0) and back (40), and their IP checksums' sums. */
-  readonly #hdr = new Uint8Array(80);
+  /** The 40-byte IPv4 + TCP headers of this stream, guest to vTPM and back, and their IP checksums' sums. */
+  readonly #hdrGuest = new Uint8Array(40);
+  readonly #hdrVtpm = new Uint8Array(40);
   #sumGuest = 0;
   #sumVtpm = 0;
   /** 10.H.L.2 (the guest) and 10.H.L.1 (its vTPM) as u32, H.L = domid. */
@@ -80,8 +81,8 @@ export class GuestCapture {
     this.#seqGuest = 1000;
     this.#seqVtpm = 5000;
     const guestPort = 49152 + (this.#stream % 16384);
-    this.#sumGuest = headerTemplate(this.#hdr, 0, this.#guestIp, this.#vtpmIp, guestPort, TPM_PORT);
-    this.#sumVtpm = headerTemplate(this.#hdr, 40, this.#vtpmIp, this.#guestIp, TPM_PORT, guestPort);
+    this.#sumGuest = headerTemplate(this.#hdrGuest, this.#guestIp, this.#vtpmIp, guestPort, TPM_PORT);
+    this.#sumVtpm = headerTemplate(this.#hdrVtpm, this.#vtpmIp, this.#guestIp, TPM_PORT, guestPort);
     this.#tcp(ts, true, SYN, null, this.#seqGuest - 1, 0);
     this.#tcp(ts, false, SYN | ACK, null, this.#seqVtpm - 1, this.#seqGuest);
     this.#tcp(ts, true, ACK, null, this.#seqGuest, this.#seqVtpm);
@@ -175,7 +176,7 @@ export class GuestCapture {
     if (o < 0) return;
     const b = this.#w.buf;
     const v = this.#w.view;
-    b.set(fromGuest ? this.#hdr.subarray(0, 40) : this.#hdr.subarray(40, 80), o);
+    b.set(fromGuest ? this.#hdrGuest : this.#hdrVtpm, o);
     v.setUint16(o + 2, 40 + len);
     // The header's sum without the length was taken once per stream; one's complement adds the length in.
     let sum = (fromGuest ? this.#sumGuest : this.#sumVtpm) + 40 + len;
@@ -199,12 +200,12 @@ const PSH = 0x08;
 const ACK = 0x10;
 
 /**
- * Fill `h` at `o` with an IPv4 + TCP header (length, checksum, sequence numbers and flags left zero;
+ * Fill the 40 bytes of `h` with an IPv4 + TCP header (length, checksum, sequence numbers and flags left zero;
  * TCP checksum zero) and return the one's-complement sum of its IPv4 half, folded to 16 bits.
  */
-function headerTemplate(h: Uint8Array, o: number, src: number, dst: number, srcPort: number, dstPort: number): number {
-  const v = new DataView(h.buffer, h.byteOffset + o, 40);
-  h.fill(0, o, o + 40);
+function headerTemplate(h: Uint8Array, src: number, dst: number, srcPort: number, dstPort: number): number {
+  const v = new DataView(h.buffer, h.byteOffset, 40);
+  h.fill(0);
   v.setUint8(0, 0x45);
   v.setUint8(8, 64); // TTL
   v.setUint8(9, 6); // TCP
