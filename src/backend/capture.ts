@@ -5,13 +5,15 @@
 //      TPM 2.0 dissector decodes TCP port 2321, a request being the segment from the higher port.
 //      A new connection of the device (a resume, a QEMU CMD_INIT) opens a new stream.
 //   1: LINKTYPE_USER0, vtpm-split events (tools/wireshark/vtpm-split.lua): the device's xenstore
-//      traffic as the backend sent and received it, and its ring events.
+//      traffic as the backend sent and received it, the guest's own xenstore traffic as xenstored saw
+//      it (its capture feed), and the ring events.
 import { LINKTYPE_RAW, LINKTYPE_USER0, PcapngWriter, microsAt, nowMicros } from '../util/pcapng.js';
+import { CaptureFeedClient } from '../xenstore/capture-feed-client.js';
 
 export const TPM_PORT = 2321;
 
 /** Event kinds of the USER0 records (byte 1). */
-export const EventKind = { XENSTORE: 1, RING: 2, NOTE: 3 } as const;
+export const EventKind = { XENSTORE: 1, RING: 2, NOTE: 3, GUEST_XENSTORE: 4 } as const;
 /** Ring events (byte 8 of a RING record). */
 export const RingEvent = {
   NOTIFY_IN: 1,
@@ -150,6 +152,13 @@ export class GuestCapture {
     if (o >= 0) this.#w.buf.set(packet, o);
   }
 
+  /** One xs_wire packet on the guest's own connection to xenstored, stamped by xenstored (µs since the epoch). */
+  guestXenstore(fromGuest: boolean, micros: number, packet: Uint8Array): void {
+    this.#encodePending();
+    const o = this.#event(micros, EventKind.GUEST_XENSTORE, fromGuest ? 1 : 0, packet.length);
+    if (o >= 0) this.#w.buf.set(packet, o);
+  }
+
   /** A line of text (a cut-off reason, the end of the capture). */
   note(text: string): void {
     this.#encodePending();
@@ -223,26 +232,35 @@ function headerTemplate(h: Uint8Array, src: number, dst: number, srcPort: number
 
 /**
  * Routes the backend's xenstore packets to the capture of the device they concern: a request by the
- * path it names, its reply by its request id, a watch event by its path.
+ * path it names, its reply by its request id, a watch event by its path; and subscribes each capture
+ * to its guest's own xenstore traffic at xenstored (its capture feed).
  */
 export class XsCaptureRouter {
   readonly #byDomid = new Map<number, GuestCapture>();
   readonly #byReq = new Map<number, GuestCapture>();
   readonly #client: { tap: ((dir: 'out' | 'in', packet: Buffer) => void) | null };
+  readonly #feed: CaptureFeedClient | null;
 
-  /** `client`'s tap is set only while some device captures (it costs a copy of every packet). */
-  constructor(client: { tap: ((dir: 'out' | 'in', packet: Buffer) => void) | null }) {
+  /**
+   * `client`'s tap is set only while some device captures (it costs a copy of every packet);
+   * `xenstoredSocket` is where the guest's own traffic comes from (none without it).
+   */
+  constructor(client: { tap: ((dir: 'out' | 'in', packet: Buffer) => void) | null }, xenstoredSocket?: string, log: (line: string) => void = () => {}) {
     this.#client = client;
+    this.#feed = xenstoredSocket ? new CaptureFeedClient(xenstoredSocket, log) : null;
   }
 
-  add(domid: number, c: GuestCapture): void {
+  /** Resolves once the guest's own xenstore traffic reaches `c` (or cannot). */
+  add(domid: number, c: GuestCapture): Promise<void> {
     this.#byDomid.set(domid, c);
     this.#client.tap = this.tap;
+    return this.#feed?.add(domid, (fromGuest, micros, packet) => c.guestXenstore(fromGuest, micros, packet)) ?? Promise.resolve();
   }
 
   remove(domid: number): void {
     const c = this.#byDomid.get(domid);
     this.#byDomid.delete(domid);
+    this.#feed?.remove(domid);
     for (const [r, x] of this.#byReq) if (x === c) this.#byReq.delete(r);
     if (this.#byDomid.size === 0) this.#client.tap = null;
   }

@@ -120,7 +120,11 @@ export class BackendDevice {
     // A device already Connected belongs to a backend process that died (killed, crashed). Its event
     // channel died with it, so the frontend must reconnect with a new ring (it does so when it sees us
     // go back to InitWait); until then what it published is stale.
-    if ((await readState(this.#o.xs, this.dev.frontend)) === XenbusState.Connected) {
+    const { xs } = this.#o;
+    const [frontState, capture, captureMaxMb] = await Promise.all([readState(xs, this.dev.frontend), xs.tryRead(`${this.dev.backend}/capture`), xs.tryRead(`${this.dev.backend}/capture-max-mb`)]);
+    // A capture (`guest attach --pcap`) starts before our first step, with the guest's own xenstore traffic.
+    await this.#obs.open(capture, captureMaxMb);
+    if (frontState === XenbusState.Connected) {
       this.#stale = await this.#published();
       this.#recovered = true;
       this.#o.log(`dom${this.dev.frontDomid}: recovering a connected device; waiting for the frontend to reconnect`);
