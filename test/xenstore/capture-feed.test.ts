@@ -8,7 +8,10 @@ import { XsType, encodeMessage, encodeStrings } from '../../src/xenstore/wire.js
 import type { XsClient } from '../../src/xenstore/client.js';
 import { captureFeedPath } from '../../src/xenstore/capture-feed.js';
 import { CaptureFeedClient } from '../../src/xenstore/capture-feed-client.js';
-import { RawConn, connectClient, hex, startDaemon, type Daemon } from './helpers.js';
+import { spawn } from 'node:child_process';
+import { join } from 'node:path';
+import { MAIN, RawConn, connectClient, hex, startDaemon, type Daemon } from './helpers.js';
+import { tempDir, removeDir } from '../helpers/temp.js';
 
 let d: Daemon;
 let c: XsClient;
@@ -119,4 +122,49 @@ it('dom0\'s client: add() resolves once the guest is tapped; its listener gets t
   await new Promise((r) => setTimeout(r, 100));
   expect(got).toHaveLength(n);
   await guest.close();
+});
+
+it('dom0\'s client asks again after xenstored restarts, and the guest\'s new connection is captured', async () => {
+  const dir = tempDir('xsfeed');
+  const socket = join(dir, 'socket');
+  const domDir = join(dir, 'domains');
+  const start = async (): Promise<() => Promise<void>> => {
+    const proc = spawn(process.execPath, [MAIN, 'xenstored', '--socket', socket, '--domain-socket-dir', domDir], { stdio: ['ignore', 'pipe', 'inherit'] });
+    await new Promise<void>((resolve, reject) => {
+      let out = '';
+      proc.stdout!.on('data', (b: Buffer) => (out += b.toString()).includes('listening') && resolve());
+      proc.once('exit', (code) => reject(new Error(`xenstored exited ${code}`)));
+    });
+    return async () => {
+      const exited = new Promise((r) => proc.once('exit', r));
+      proc.kill('SIGTERM');
+      await exited;
+    };
+  };
+  let stop = await start();
+  const feed = new CaptureFeedClient(socket, () => {});
+  try {
+    const got: string[] = [];
+    const dom0 = await connectClient(socket);
+    await dom0.introduce(7);
+    await dom0.close();
+    await feed.add(7, (fromGuest, _m, packet) => fromGuest && got.push(packet.subarray(16).toString('latin1')));
+    await stop();
+    stop = await start();
+    const dom0b = await connectClient(socket);
+    await dom0b.introduce(7);
+    await dom0b.close();
+    // The client reconnects within its retry interval; until then the guest's traffic is not seen.
+    const guest = await connectClient(join(domDir, 'dom7.sock'));
+    for (let i = 0; i < 100 && got.length === 0; i++) {
+      await guest.write('device/vtpm/0/state', '1');
+      await new Promise((r) => setTimeout(r, 50));
+    }
+    expect(got).toContain('device/vtpm/0/state\x001');
+    await guest.close();
+  } finally {
+    feed.close();
+    await stop();
+    removeDir(dir);
+  }
 });
