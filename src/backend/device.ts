@@ -121,9 +121,9 @@ export class BackendDevice {
     // channel died with it, so the frontend must reconnect with a new ring (it does so when it sees us
     // go back to InitWait); until then what it published is stale.
     const { xs } = this.#o;
-    const [frontState, capture, captureMaxMb] = await Promise.all([readState(xs, this.dev.frontend), xs.tryRead(`${this.dev.backend}/capture`), xs.tryRead(`${this.dev.backend}/capture-max-mb`)]);
+    const [frontState, ...capture] = await Promise.all([readState(xs, this.dev.frontend), xs.tryRead(`${this.dev.backend}/capture`), xs.tryRead(`${this.dev.backend}/capture-max-mb`)]);
     // A capture (`guest attach --pcap`) starts before our first step, with the guest's own xenstore traffic.
-    await this.#obs.open(capture, captureMaxMb);
+    await this.#obs.open(...capture);
     if (frontState === XenbusState.Connected) {
       this.#stale = await this.#published();
       this.#recovered = true;

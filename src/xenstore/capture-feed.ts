@@ -6,6 +6,7 @@
 import net from 'node:net';
 import { closeServer, listen, rmSocket } from './socket-files.js';
 import { DOMID_MAX } from './permissions.js';
+import { nowMicros } from '../util/pcapng.js';
 
 /** Where the feed of the daemon listening on `socket` is. */
 export function captureFeedPath(socket: string): string {
@@ -62,7 +63,7 @@ export class CaptureFeed {
     const subs = [...this.#subs].filter((s) => s.domids.has(domid));
     if (subs.length === 0) return null;
     return (kind, packet) => {
-      const now = Math.round((performance.timeOrigin + performance.now()) * 1000);
+      const now = nowMicros();
       const h = Buffer.allocUnsafe(FEED_HEADER);
       h.writeUInt32LE(FEED_HEADER - 4 + packet.length, 0);
       h.writeUInt16LE(domid, 4);
