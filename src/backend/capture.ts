@@ -55,7 +55,7 @@ export class GuestCapture {
   readonly #pT0: number[] = [];
   readonly #pTs: number[] = [];
   #pending = 0;
-  /** The channel reports every publication (v2 FINISH): no setImmediate needed. */
+  /** This connection's channel reports every publication (v2 FINISH): no setImmediate needed. */
   #published = false;
   #scheduled = false;
 
@@ -75,6 +75,8 @@ export class GuestCapture {
   /** A new connection (a ring or page mapped, an endpoint initialised): a new TCP stream. */
   newStream(): void {
     this.#encodePending();
+    // The new connection may use another transport: it shows again whether it reports publications.
+    this.#published = false;
     this.#open(nowMicros());
   }
 

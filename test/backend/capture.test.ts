@@ -93,3 +93,21 @@ it('writes each TCP segment as the doc says: IPv4 header with its checksum, port
   expect(rows.map((r) => r[0])).toEqual(['1', '1', '1', '1', '1']);
   expect(rows[3]![1]).toBe('0x0000017b');
 });
+
+it('a new connection relearns how its answers are published: after a v2 stream, a ring stream without notifications still gets its commands encoded', async () => {
+  const c = new GuestCapture(join(work, 'switch.pcapng'), 1 << 20, 8, 0, () => {});
+  c.newStream();
+  c.ring(RingEvent.V2_SUBMIT, { length: 12, locality: 0 });
+  c.command(GET_RANDOM_8, RESPONSE, performance.now());
+  c.ring(RingEvent.V2_FINISH, { length: RESPONSE.length });
+  // Resumed on the ring transport, whose frontend polls: no NOTIFY_OUT follows its responses.
+  c.newStream();
+  const begin = vi.spyOn(PcapngWriter.prototype, 'begin');
+  c.ring(RingEvent.REQUEST, { id: 1n, locality: 0, segments: 1, length: 12 });
+  c.command(GET_RANDOM_8, RESPONSE, performance.now());
+  c.ring(RingEvent.RESPONSE, { id: 1n, status: 0, length: RESPONSE.length });
+  await new Promise((r) => setImmediate(r));
+  // REQUEST, RESPONSE, then the command and its response as TCP segments.
+  expect(begin.mock.calls.map((a) => a[0])).toEqual([1, 1, 0, 0]);
+  await c.close();
+});
