@@ -8,6 +8,7 @@ import { commandName } from '../tpm/command-names.js';
 import { responseCode } from '../tpm/wire.js';
 import type { OnceRequest, VtpmTarget } from '../tpm/vtpm.js';
 import { GuestCapture, type XsCaptureRouter } from './capture.js';
+import type { XsClient } from '../xenstore/client.js';
 
 export interface GuestLabels {
   /** '' for a QEMU endpoint (no domain); its vm tells it apart. */
@@ -100,6 +101,11 @@ export function observeExecute<A extends unknown[]>(
       obs.done(command, response, t0);
     }
   };
+}
+
+/** `guest attach --pcap`: the capture file and its bound in MiB the toolstack wrote in the device's backend node. */
+export function captureKeys(xs: XsClient, backend: string): [Promise<string | undefined>, Promise<string | undefined>] {
+  return [xs.tryRead(`${backend}/capture`), xs.tryRead(`${backend}/capture-max-mb`)];
 }
 
 /** What a xenbus device reports: its state, suspends and resumes, cut-offs, and its capture. */
