@@ -79,7 +79,7 @@ export class CaptureFeedClient {
         resolve(s);
       });
       s.on('data', (chunk: Buffer) => this.#data(s, chunk));
-      s.once('error', (err) => {
+      s.on('error', (err) => {
         if (this.#socket !== s) {
           if (!this.#warned) this.#log(`xenstore capture feed ${this.#path}: ${err.message}; guests' own xenstore traffic is not captured`);
           this.#warned = true;
