@@ -14,6 +14,7 @@ import { Attribute, GeneralName, Name as AsnName, SubjectAlternativeName, Subjec
 import { Integer, Sequence, Utf8String } from 'asn1js';
 import type { EkPublic } from '../tpm/ek-commands.js';
 import type { TpmIdentity } from '../tpm/ek-manufacture.js';
+import type { Tpm12Identity } from '../tpm/ek12.js';
 import { CA_DIR, OPERATOR_CERT, OPERATOR_KEY } from './ca-files.js';
 
 x509.cryptoProvider.set(crypto.webcrypto as unknown as Crypto);
@@ -244,36 +245,62 @@ export class EkCa {
     writeFileSynced(path.join(dir, ISSUER_CERT), issuer.toString('pem') + '\n');
   }
 
-  /** The EK certificate of one TPM (EK Credential Profile 2.0, section 3.2). */
+  /** The EK certificate of one TPM 2.0 (EK Credential Profile 2.0, section 3.2). */
   async issueEk(pub: EkPublic, tpm: TpmIdentity, vmUuid: string): Promise<Uint8Array> {
     const jwk: crypto.JsonWebKeyInput['key'] =
       pub.alg === 'rsa'
         ? { kty: 'RSA', n: Buffer.from(pub.modulus).toString('base64url'), e: Buffer.from([1, 0, 1]).toString('base64url') }
         : { kty: 'EC', crv: 'P-256', x: Buffer.from(pub.x).toString('base64url'), y: Buffer.from(pub.y).toString('base64url') };
     const spkiDer = crypto.createPublicKey({ key: jwk, format: 'jwk' }).export({ type: 'spki', format: 'der' });
-    const hex8 = (n: number): string => `id:${(n >>> 0).toString(16).toUpperCase().padStart(8, '0')}`;
+    return this.#issue({
+      subject: `CN=${vmUuid}`,
+      spki: Uint8Array.from(spkiDer).buffer,
+      keyUsage: pub.alg === 'rsa' ? x509.KeyUsageFlags.keyEncipherment : x509.KeyUsageFlags.keyAgreement,
+      san: [hex8(tpm.manufacturer), tpm.model, hex8(tpm.firmware[0])],
+      spec: tpm.spec,
+    });
+  }
+
+  /**
+   * The EK certificate of one TPM 1.2 (TCG Credential Profile 1.2): an empty subject (the profile's
+   * rule; the critical subjectAltName names the TPM) and tpmSpecification "1.2". The key is typed
+   * rsaEncryption, as swtpm_localca types it: the profile's id-RSAES-OAEP typing is one OpenSSL cannot
+   * load, and a verifier would then refuse the whole chain.
+   */
+  async issueEk12(modulus: Uint8Array, tpm: Tpm12Identity): Promise<Uint8Array> {
+    const spki = crypto.createPublicKey({ key: { kty: 'RSA', n: Buffer.from(modulus).toString('base64url'), e: 'AQAB' }, format: 'jwk' }).export({ type: 'spki', format: 'der' });
+    return this.#issue({
+      subject: '',
+      spki: Uint8Array.from(spki).buffer,
+      keyUsage: x509.KeyUsageFlags.keyEncipherment,
+      san: [hex8(tpm.manufacturer), TPM12_MODEL, hex8(((tpm.firmware[0] << 8) | tpm.firmware[1]) >>> 0)],
+      spec: { family: '1.2', level: tpm.specLevel, revision: TPM12_REVISION[tpm.errataRev] ?? tpm.errataRev },
+    });
+  }
+
+  async #issue(o: { subject: string; spki: ArrayBuffer; keyUsage: x509.KeyUsageFlags; san: [string, string, string]; spec: TpmIdentity['spec'] }): Promise<Uint8Array> {
     // subjectAltName: directoryName {tpmManufacturer, tpmModel, tpmVersion}, UTF8Strings (profile 3.2.9).
     const dn = new x509.Name([
-      { [TCG_OID.tpmManufacturer]: [{ utf8String: hex8(tpm.manufacturer) }] },
-      { [TCG_OID.tpmModel]: [{ utf8String: tpm.model }] },
-      { [TCG_OID.tpmVersion]: [{ utf8String: hex8(tpm.firmware[0]) }] },
+      { [TCG_OID.tpmManufacturer]: [{ utf8String: o.san[0] }] },
+      { [TCG_OID.tpmModel]: [{ utf8String: o.san[1] }] },
+      { [TCG_OID.tpmVersion]: [{ utf8String: o.san[2] }] },
     ]);
     const san = new SubjectAlternativeName([new GeneralName({ directoryName: AsnConvert.parse(dn.toArrayBuffer(), AsnName) })]);
-    // subjectDirectoryAttributes: tpmSpecification {family "2.0", level, revision} (profile 3.2.13).
-    const spec = new Sequence({ value: [new Utf8String({ value: tpm.spec.family }), new Integer({ value: tpm.spec.level }), new Integer({ value: tpm.spec.revision })] }).toBER();
+    // subjectDirectoryAttributes: tpmSpecification {family, level, revision} (profile 3.2.13).
+    const spec = new Sequence({ value: [new Utf8String({ value: o.spec.family }), new Integer({ value: o.spec.level }), new Integer({ value: o.spec.revision })] }).toBER();
     const sda = new SubjectDirectoryAttributes([new Attribute({ type: TCG_OID.tpmSpecification, values: [spec] })]);
     const cert = await x509.X509CertificateGenerator.create({
       serialNumber: serial(),
-      subject: `CN=${vmUuid}`,
+      subject: o.subject,
       issuer: this.signer.cert.subject,
       notBefore: new Date(),
       notAfter: EK_NOT_AFTER,
       signingAlgorithm: this.signer.alg,
-      publicKey: spkiDer,
+      publicKey: o.spki,
       signingKey: this.signer.key,
       extensions: [
         new x509.BasicConstraintsExtension(false, undefined, true),
-        new x509.KeyUsagesExtension(pub.alg === 'rsa' ? x509.KeyUsageFlags.keyEncipherment : x509.KeyUsageFlags.keyAgreement, true),
+        new x509.KeyUsagesExtension(o.keyUsage, true),
         new x509.ExtendedKeyUsageExtension([TCG_OID.ekCertificate], false),
         // Critical as swtpm_localca marks it (the profile requires it when the subject is empty).
         new x509.Extension('2.5.29.17', true, AsnConvert.serialize(san)),
@@ -284,3 +311,9 @@ export class EkCa {
     return new Uint8Array(cert.rawData);
   }
 }
+
+const hex8 = (n: number): string => `id:${(n >>> 0).toString(16).toUpperCase().padStart(8, '0')}`;
+/** A TPM 1.2 reports no model; libtpms' own name for itself (TPMLIB_GetInfo) stands in. */
+const TPM12_MODEL = 'swtpm';
+/** TPM 1.2 errataRev to the specification revision it names (1.2 rev 94, 103, 116). */
+const TPM12_REVISION: Record<number, number> = { 0: 85, 1: 94, 2: 103, 3: 116 };
