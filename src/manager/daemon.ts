@@ -335,7 +335,7 @@ export class ManagerDaemon {
     return xenForm ? { status: Status.SUCCESS } : { status: Status.SUCCESS, params: encodeOpenResult(record.instance, created) };
   }
 
-  /** A new TPM 2.0 is made before OPEN is answered (manufacture.ts); if that fails, a new VM goes again. */
+  /** A new TPM is made before OPEN is answered (manufacture.ts); if that fails, a new VM goes again. */
   async #manufacture(vm: VmRecord, created: boolean, choice: EkChoice): Promise<void> {
     const store: StateStore = {
       load: (_i, kind) => this.#loadPlain(vm, kind),
