@@ -10,12 +10,13 @@ import fs from 'node:fs';
 import path from 'node:path';
 import * as x509 from '@peculiar/x509';
 import { AsnConvert } from '@peculiar/asn1-schema';
-import { Attribute, GeneralName, Name as AsnName, SubjectAlternativeName, SubjectDirectoryAttributes } from '@peculiar/asn1-x509';
-import { Integer, Sequence, Utf8String } from 'asn1js';
+import { Attribute, Certificate as AsnCertificate, Extension as AsnExtension, Extensions, GeneralName, GeneralNames, Name as AsnName, SubjectAlternativeName, SubjectDirectoryAttributes } from '@peculiar/asn1-x509';
+import { AttCertIssuer, AttCertValidityPeriod, AttCertVersion, AttributeCertificate, AttributeCertificateInfo, Holder, IssuerSerial, V2Form } from '@peculiar/asn1-x509-attr';
+import { Integer, ObjectIdentifier, Sequence, Utf8String } from 'asn1js';
 import type { EkPublic } from '../tpm/ek-commands.js';
 import type { TpmIdentity } from '../tpm/ek-manufacture.js';
 import type { Tpm12Identity } from '../tpm/ek12.js';
-import { CA_DIR, OPERATOR_CERT, OPERATOR_KEY } from './ca-files.js';
+import { CA_DIR, OPERATOR_CERT, OPERATOR_KEY, type PlatformIdentity } from './ca-files.js';
 
 x509.cryptoProvider.set(crypto.webcrypto as unknown as Crypto);
 
@@ -39,7 +40,14 @@ export const TCG_OID = {
   tpmVersion: '2.23.133.2.3',
   tpmSpecification: '2.23.133.2.16',
   ekCertificate: '2.23.133.8.1',
+  tcgCredentialType: '2.23.133.2.25',
+  platformAttributeCertificate: '2.23.133.8.2',
+  platformManufacturerStr: '2.23.133.5.1.1',
+  platformModel: '2.23.133.5.1.4',
+  platformVersion: '2.23.133.5.1.5',
 } as const;
+
+export { DEFAULT_PLATFORM, type PlatformIdentity } from './ca-files.js';
 
 export { CA_CHAIN_FILE, CA_DIR, OPERATOR_CERT, OPERATOR_KEY } from './ca-files.js';
 const ROOT_CERT = 'root.pem';
@@ -276,6 +284,42 @@ export class EkCa {
       san: [hex8(tpm.manufacturer), TPM12_MODEL, hex8(((tpm.firmware[0] << 8) | tpm.firmware[1]) >>> 0)],
       spec: { family: '1.2', level: tpm.specLevel, revision: TPM12_REVISION[tpm.errataRev] ?? tpm.errataRev },
     });
+  }
+
+  /**
+   * The TCG Platform Certificate of a VM's platform (Platform Credential Profile): an X.509 attribute
+   * certificate (RFC 5755) whose holder is the EK certificate (its issuer and serial), the platform's
+   * manufacturer, model and version in its subjectAltName, credential type
+   * tcg-kp-PlatformAttributeCertificate. Built from @peculiar/asn1-x509-attr's schema; signed by the
+   * issuing CA over the DER of its AttributeCertificateInfo.
+   */
+  async issuePlatform(ekCertDer: Uint8Array, p: PlatformIdentity): Promise<Uint8Array> {
+    const ek = AsnConvert.parse(ekCertDer, AsnCertificate).tbsCertificate;
+    const dn = new x509.Name([
+      { [TCG_OID.platformManufacturerStr]: [{ utf8String: p.manufacturer }] },
+      { [TCG_OID.platformModel]: [{ utf8String: p.model }] },
+      { [TCG_OID.platformVersion]: [{ utf8String: p.version }] },
+    ]);
+    const san = new x509.Extension('2.5.29.17', false, AsnConvert.serialize(new SubjectAlternativeName([new GeneralName({ directoryName: AsnConvert.parse(dn.toArrayBuffer(), AsnName) })])));
+    const aki = await x509.AuthorityKeyIdentifierExtension.create(this.signer.cert);
+    const sigAlg = new x509.AlgorithmProvider().toAsnAlgorithm(this.signer.alg);
+    const credentialType = new Sequence({ value: [new ObjectIdentifier({ value: TCG_OID.platformAttributeCertificate })] }).toBER();
+    const holderId = new IssuerSerial({ issuer: new GeneralNames([new GeneralName({ directoryName: ek.issuer })]), serial: ek.serialNumber });
+    // The schema defaults issuerUID to an empty BIT STRING; the EK certificate has none, so it is left out.
+    Reflect.deleteProperty(holderId, 'issuerUID');
+    const acinfo = new AttributeCertificateInfo({
+      version: AttCertVersion.v2,
+      holder: new Holder({ baseCertificateID: holderId }),
+      issuer: new AttCertIssuer({ v2Form: new V2Form({ issuerName: new GeneralNames([new GeneralName({ directoryName: AsnConvert.parse(this.signer.cert.subjectName.toArrayBuffer(), AsnName) })]) }) }),
+      signature: sigAlg,
+      serialNumber: Uint8Array.from(Buffer.from(serial(), 'hex')).buffer,
+      attrCertValidityPeriod: new AttCertValidityPeriod({ notBeforeTime: new Date(Math.floor(Date.now() / 1000) * 1000), notAfterTime: EK_NOT_AFTER }),
+      attributes: [new Attribute({ type: TCG_OID.tcgCredentialType, values: [credentialType] })],
+      extensions: new Extensions([san, aki].map((e) => AsnConvert.parse(e.rawData, AsnExtension))),
+    });
+    const hash = (this.signer.alg.hash as string).replace('-', '').toLowerCase();
+    const signature = crypto.sign(hash, Buffer.from(AsnConvert.serialize(acinfo)), { key: crypto.KeyObject.from(this.signer.key as unknown as crypto.webcrypto.CryptoKey), dsaEncoding: 'der' });
+    return new Uint8Array(AsnConvert.serialize(new AttributeCertificate({ acinfo, signatureAlgorithm: sigAlg, signatureValue: Uint8Array.from(signature).buffer })));
   }
 
   async #issue(o: { subject: string; spki: ArrayBuffer; keyUsage: x509.KeyUsageFlags; san: [string, string, string]; spec: TpmIdentity['spec'] }): Promise<Uint8Array> {

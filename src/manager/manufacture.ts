@@ -14,7 +14,7 @@ import type { TpmInstance } from '../tpm/instance.js';
 import type { StateKind, StateStore } from '../tpm/state-store.js';
 import { deriveEks, provisionEk, type EkDerivation } from '../tpm/ek-manufacture.js';
 import { manufactureEk12 } from '../tpm/ek12.js';
-import type { EkCa } from './ca.js';
+import { DEFAULT_PLATFORM, type EkCa, type PlatformIdentity } from './ca.js';
 import { Status, type EkCode } from './wire.js';
 import { Refusal } from './refusal.js';
 import type { VmRecord } from './vm-table.js';
@@ -60,6 +60,8 @@ export class Factory {
   constructor(
     readonly ca: EkCa,
     readonly log: (line: string) => void,
+    /** What the platform certificate of a new TPM 2.0 names. */
+    readonly platform: PlatformIdentity = DEFAULT_PLATFORM,
   ) {
     this.#prepareNext();
   }
@@ -98,12 +100,12 @@ export class Factory {
     this.#prepareNext();
     try {
       await tpm.powerOn();
-      const certs = await provisionEk(tpm, derived, r.choice, { issue: (pub, id) => this.ca.issueEk(pub, id, r.vmUuid) });
+      const certs = await provisionEk(tpm, derived, r.choice, { issue: (pub, id) => this.ca.issueEk(pub, id, r.vmUuid), platform: (ek) => this.ca.issuePlatform(ek, this.platform) });
       await tpm.powerOff();
       const permanent = staging.blobs.get('permanent');
       if (!permanent) throw new Error('the manufactured TPM left no permanent state');
       await r.store.store(r.instance, 'permanent', permanent);
-      return `${[...certs].map(([alg, der]) => `${alg} EK certificate (${der.length} bytes)`).join(', ')} in ${Math.round(performance.now() - t0)} ms`;
+      return `${[...certs].map(([alg, der]) => `${alg === 'platform' ? 'platform' : `${alg} EK`} certificate (${der.length} bytes)`).join(', ')} in ${Math.round(performance.now() - t0)} ms`;
     } finally {
       await tpm.destroy().catch(() => undefined);
     }

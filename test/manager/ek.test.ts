@@ -84,7 +84,7 @@ describe('manufacture at the first OPEN', () => {
     const m = await manager(dir('state'), dir('run'));
     const c = await client(m);
     const a = await c.open({ vmUuid: VM1, version: '2.0', ek: 'rsa' });
-    await m.waitLog(new RegExp(`manufactured instance ${a.instance} for vm ${VM1}: rsa EK certificate \\(\\d+ bytes\\) in`));
+    await m.waitLog(new RegExp(`manufactured instance ${a.instance} for vm ${VM1}: rsa EK certificate \\(\\d+ bytes\\), platform certificate \\(\\d+ bytes\\) in`));
     const b = await c.open({ vmUuid: VM2, version: '2.0', ek: 'none' });
     expect(await c.load(b.instance, 'permanent')).toBeNull();
     // The choice sticks: the backend's later OPEN (no choice) does not make certificates after all.
