@@ -267,7 +267,7 @@ export function register(program: Command): void {
     .option('--metrics <host:port>', 'serve the whole host\'s Prometheus metrics on http://HOST:PORT/metrics (docs/observability.md)')
     .option('--log-format <fmt>', 'every daemon logs text (default) or json (one object per event)', 'text')
     .option('--ca <dir>', "sign EK certificates with an operator's CA: DIR/cert.pem (issuing certificate, then its chain) and DIR/key.pem; default: a host CA made in STATE/ca")
-    .option('--ek-certs <which>', 'EK certificates of a new TPM 2.0 whose attach does not choose: rsa, ecc, both or none (default both)')
+    .option('--ek-certs <which>', 'EK certificates of a new TPM whose attach does not choose: rsa, ecc, both or none (default both; a TPM 1.2 is certified under rsa and both)')
     .option('--platform-manufacturer <s>', 'the platform certificate of a new TPM 2.0 names this manufacturer (default vtpm-split)')
     .option('--platform-model <s>', 'and this platform model (default vtpm-split)')
     .option('--platform-version <s>', 'and this platform version (default 1)');

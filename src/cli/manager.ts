@@ -23,7 +23,7 @@ export function register(program: Command): void {
     .option('--log-format <fmt>', 'text (default) or json: one JSON object per event (docs/observability.md)', 'text')
     .option('--client-stall-ms <ms>', 'cut off a client whose replies sit unread this long (default 30000)', (v) => Number(v))
     .option('--ca <dir>', "an operator's EK CA: DIR/cert.pem (issuing certificate, then its chain) and DIR/key.pem; default: the host CA in STATE/ca")
-    .option('--ek-certs <which>', 'EK certificates of a new TPM 2.0 whose OPEN does not choose: rsa, ecc, both or none', 'both')
+    .option('--ek-certs <which>', 'EK certificates of a new TPM whose OPEN does not choose: rsa, ecc, both or none (a TPM 1.2 is certified under rsa and both)', 'both')
     .option('--platform-manufacturer <s>', 'platform certificate of a new TPM 2.0: platformManufacturerStr', DEFAULT_PLATFORM.manufacturer)
     .option('--platform-model <s>', 'platform certificate: platformModel', DEFAULT_PLATFORM.model)
     .option('--platform-version <s>', 'platform certificate: platformVersion', DEFAULT_PLATFORM.version)

@@ -35,7 +35,7 @@ export interface HostInfo {
   isolation?: Isolation;
   /** `host up --ca DIR`: the operator's EK CA the manager signs with (absent: the host CA in the state dir). */
   ca?: string;
-  /** `host up --ek-certs`: what a new TPM 2.0 gets when its attach does not choose (absent: both). */
+  /** `host up --ek-certs`: what a new TPM gets when its attach does not choose (absent: both). */
   ekCerts?: string;
   /** `host up --platform-*`: what new TPMs' platform certificates name (absent: the manager's defaults). */
   platform?: Partial<PlatformIdentity>;
