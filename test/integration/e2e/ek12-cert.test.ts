@@ -2,8 +2,8 @@
 // manufactures the TPM at the first OPEN), driven through its TCTI bridge with raw TPM 1.2 commands as
 // an owner: TPM_ReadPubek, TPM_TakeOwnership, owner-authorised TPM_NV_ReadValue of 0x1000F000. The DER
 // behind the stored-certificate header is accepted by `openssl verify` against `vtpm ca show` and
-// certifies the EK the TPM reports; after host down + up the VM has the same certificate, never issued
-// again; `--ek-profile ecc` is refused for a TPM 1.2 and `--no-ek-cert` leaves the index undefined.
+// certifies the EK the TPM reports; after host down + up, and migrated to a multi-VM host, the VM has
+// the same certificate, never issued again; `--ek-profile ecc` is refused for a TPM 1.2 and `--no-ek-cert` leaves the index undefined.
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { randomUUID } from 'node:crypto';
 import fs from 'node:fs';
@@ -18,6 +18,7 @@ import { tempDir, removeDir } from '../../helpers/temp.js';
 
 const work = tempDir('e2e-ek12');
 const A = { run: join(work, 'run'), state: join(work, 'state') };
+const B = { run: join(work, 'b-run'), state: join(work, 'b-state') };
 const chain = join(work, 'chain.pem');
 const vm = randomUUID();
 const clients: TpmClient[] = [];
@@ -29,14 +30,18 @@ beforeAll(async () => {
 
 afterAll(async () => {
   for (const c of clients) c.close();
-  await vtpm('host', 'down', '--run', A.run).catch(() => {});
+  for (const h of [A, B]) await vtpm('host', 'down', '--run', h.run).catch(() => {});
   removeDir(work);
 });
 
 /** A 1.2 guest on `port`, started (TPM_Startup(ST_CLEAR); 0x26 = started already). */
 async function guest(domid: number, id: string, ...flags: string[]): Promise<Exec> {
+  return guestOn(A.run, domid, id, ...flags);
+}
+
+async function guestOn(runDir: string, domid: number, id: string, ...flags: string[]): Promise<Exec> {
   const port = await freePortPair();
-  await vtpm('guest', 'attach', '--run', A.run, '--domid', String(domid), '--vm', id, '--tpm-version', '1.2', '--tcti-port', String(port), ...flags);
+  await vtpm('guest', 'attach', '--run', runDir, '--domid', String(domid), '--vm', id, '--tpm-version', '1.2', '--tcti-port', String(port), ...flags);
   const c = await TpmClient.connect({ port });
   clients.push(c);
   const exec: Exec = { execute: (cmd) => c.transmit(cmd) };
@@ -78,6 +83,19 @@ describe('TPM 1.2 EK certificate seen by a guest', () => {
     const log = fs.readFileSync(join(A.run, 'logs', 'manager.log'), 'utf8');
     expect(log.match(/manufactured instance \d+ for vm \S+: rsa EK certificate \(\d+ bytes\)/g)).toEqual([expect.stringContaining(`for vm ${vm}: rsa EK certificate (${der.length} bytes)`)]);
     await vtpm('guest', 'detach', '--run', A.run, '--domid', '1');
+  });
+
+  it('migrates with the VM to a multi-VM host: the same certificate there, made nowhere else', async () => {
+    await vtpm('host', 'up', '--run', B.run, '--state', B.state, '--mode', 'multi');
+    const key = join(work, 'b.pem');
+    const blob = join(work, 'vm.mig');
+    await vtpm('migrate', 'key', '--run', join(B.run, 'manager'), '--out', key);
+    await vtpm('migrate', 'out', '--run', join(A.run, 'manager'), '--vm', vm, '--to-key', key, '--out', blob);
+    await vtpm('migrate', 'in', '--run', join(B.run, 'manager'), '--blob', blob);
+    const tpm = await guestOn(B.run, 7, vm);
+    expect((await readCert(tpm)).equals(der)).toBe(true);
+    expect(fs.readFileSync(join(B.run, 'logs', 'manager.log'), 'utf8')).not.toMatch(/manufactured instance/);
+    await vtpm('guest', 'detach', '--run', B.run, '--domid', '7');
   });
 
   it('--no-ek-cert leaves a 1.2 TPM without the index; --ek-profile ecc is a usage error for it', async () => {
