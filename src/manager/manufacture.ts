@@ -1,6 +1,6 @@
-// The factory: a new VM's TPM (2.0, or 1.2 with its one RSA EK) is manufactured here, in the manager, at its first OPEN and before the
-// OPEN is answered, so that no backend, vTPM domain or QEMU ever sees it unfinished, whichever mode the
-// host runs in. Its EK certificates are issued by the host CA and locked into the TCG indices; its
+// The factory: a new VM's TPM (2.0, or 1.2 with its one RSA EK) is manufactured here, in the manager,
+// at its first OPEN and before the OPEN is answered, so that no backend, vTPM domain or QEMU ever sees it
+// unfinished, whichever mode the host runs in. Its EK certificates are issued by the host CA and locked into the TCG indices; its
 // permanent state goes to the manager's store like any save. The VM's permanent state existing is what
 // "manufactured" means: it is never done twice, and a migrated-in VM (which arrives with state) is never
 // re-manufactured.
@@ -101,14 +101,19 @@ export class Factory {
     try {
       await tpm.powerOn();
       const certs = await provisionEk(tpm, derived, r.choice, { issue: (pub, id) => this.ca.issueEk(pub, id, r.vmUuid), platform: (ek) => this.ca.issuePlatform(ek, this.platform) });
-      await tpm.powerOff();
-      const permanent = staging.blobs.get('permanent');
-      if (!permanent) throw new Error('the manufactured TPM left no permanent state');
-      await r.store.store(r.instance, 'permanent', permanent);
+      await this.#store(tpm, staging, r);
       return `${[...certs].map(([alg, der]) => `${alg === 'platform' ? 'platform' : `${alg} EK`} certificate (${der.length} bytes)`).join(', ')} in ${Math.round(performance.now() - t0)} ms`;
     } finally {
       await tpm.destroy().catch(() => undefined);
     }
+  }
+
+  /** Power the finished TPM off and store its permanent state under the VM's instance. */
+  async #store(tpm: TpmInstance, staging: StagingStore, r: Pick<ManufactureRequest, 'instance' | 'store'>): Promise<void> {
+    await tpm.powerOff();
+    const permanent = staging.blobs.get('permanent');
+    if (!permanent) throw new Error('the manufactured TPM left no permanent state');
+    await r.store.store(r.instance, 'permanent', permanent);
   }
 
   /**
@@ -121,10 +126,7 @@ export class Factory {
     const tpm = await this.#host.create({ instance: this.#seq++, version: '1.2', store: staging });
     try {
       const der = await manufactureEk12(tpm, { issue: (modulus, id) => this.ca.issueEk12(modulus, id) });
-      await tpm.powerOff();
-      const permanent = staging.blobs.get('permanent');
-      if (!permanent) throw new Error('the manufactured TPM left no permanent state');
-      await r.store.store(r.instance, 'permanent', permanent);
+      await this.#store(tpm, staging, r);
       return `rsa EK certificate (${der.length} bytes) in ${Math.round(performance.now() - t0)} ms`;
     } finally {
       await tpm.destroy().catch(() => undefined);
