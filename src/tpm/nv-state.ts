@@ -20,7 +20,7 @@ export class NvState {
   #flushing: Promise<void> = Promise.resolve();
   /**
    * True once memory holds every kind the store holds (a sync read them) and only this object has
-   * written the store since: a later power-on then starts at once, without reading the store back.
+   * written the store since: a restore (a new permanent state set while off) then starts at once.
    */
   #mirrored = false;
 
@@ -82,8 +82,9 @@ export class NvState {
    * Make what is pending durable and memory a mirror of the store (power-on): the kinds pending now are
    * written, every other kind is read back, both at once. `ready`: memory is complete (libtpms may start
    * on it); `durable`: the store holds what was pending. So TPMLIB_MainInit runs while the blobs set with
-   * setStateBlob are committed, in one batch. Once memory mirrors the store, nothing is read back:
-   * `ready` then waits only for earlier flushes, and no store round trip precedes MainInit.
+   * setStateBlob are committed, in one batch. A restore (permanent state among them) on memory that
+   * mirrors the store reads nothing back: no store round trip precedes MainInit. Any other power-on
+   * reads the store again, so a reset still meets whatever the store holds (damage included).
    */
   sync(): { ready: Promise<void>; durable: Promise<void> } {
     const written = new Set(this.#pending.keys());
@@ -97,9 +98,9 @@ export class NvState {
     this.#flushing = durable;
     // A caller that only needs `ready` may leave it: a failure has failed the instance already.
     durable.catch(() => undefined);
-    const mirrored = this.#mirrored;
+    const skipRead = this.#mirrored && written.has('permanent');
     const ready = prior.then(async () => {
-      if (mirrored) return;
+      if (skipRead) return;
       const rest = STATE_KINDS.filter((k) => !written.has(k));
       const { store, instance } = this.target;
       const blobs = await Promise.all(rest.map((kind) => store.load(instance, kind)));
