@@ -31,6 +31,8 @@ export interface TpmFrontOptions {
    * channel's spin and the guest domain's busy mode (EventChannels.busyPollUs) alike.
    */
   pollUs?: number;
+  /** Ring only: when the frontend's poll stands down (default: CPU pressure, src/xen/poll.ts). */
+  pollContended?: () => boolean;
   /** v2 only: bound on one command before it is cancelled (V2Front's default otherwise). */
   commandTimeoutMs?: number;
   /** Called once when the backend goes away or closes the device under us. */
@@ -185,7 +187,7 @@ export class TpmFront {
   static #build(opts: TpmFrontOptions, backDomid: number): TpmTransport {
     if (opts.pollUs !== undefined) opts.dom.evtchn.busyPollUs = opts.pollUs;
     return (opts.protocol ?? 'v2') === 'ring'
-      ? new RingFront(opts.dom, backDomid, { segments: opts.segments, firstId: opts.firstId })
+      ? new RingFront(opts.dom, backDomid, { segments: opts.segments, firstId: opts.firstId, pollUs: opts.pollUs, contended: opts.pollContended })
       : new V2Front(opts.dom, backDomid, { pollUs: opts.pollUs, commandTimeoutMs: opts.commandTimeoutMs });
   }
 
