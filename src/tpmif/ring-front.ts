@@ -230,8 +230,11 @@ export class RingFront implements TpmTransport {
     // and free the frames once nobody maps them; `released` says when.
     this.released = endAccessEventually(this.#dom, [...this.refs, ...this.#dataRefs], 200, 5).then((all) => {
       if (this.#dom.closed) return false;
-      this.#dom.freeFrames(this.#ringGfn);
-      this.#dom.freeFrames(this.#dataGfn, this.#dataRefs.length);
+      // Nobody maps them any more: kept backed for the next ring (a resume builds one at once).
+      // A page the backend may still map goes back to the hypervisor instead.
+      const free = all ? this.#dom.releaseFrames.bind(this.#dom) : this.#dom.freeFrames.bind(this.#dom);
+      free(this.#ringGfn, 1);
+      free(this.#dataGfn, this.#dataRefs.length);
       return all;
     });
   }
