@@ -43,6 +43,13 @@ const MAX_CACHED_MAPPINGS = 256;
  */
 export const MAX_MAPPED_PAGES = 1024;
 
+/**
+ * Channels of this process with requests queued or running. A channel polls for its guest's next
+ * request only while no other channel has work: the poll holds up the whole loop, including the
+ * manager's answers other guests' checkpoints wait for, which no event-channel port announces.
+ */
+let busyChannels = 0;
+
 interface Job {
   req: RingRequest;
   command: Uint8Array | null;
@@ -262,7 +269,9 @@ export class RingChannel implements Channel {
 
   #kick(): void {
     if (this.#pump || this.#closed) return;
+    busyChannels++;
     this.#pump = this.#drainQueue().finally(() => {
+      busyChannels--;
       this.#pump = null;
     });
   }
@@ -277,7 +286,7 @@ export class RingChannel implements Channel {
 
   /** Before the last answer of a drained queue is pushed: the poll budget, the port masked if any. */
   #beforeLastAnswer(): number {
-    const budget = this.#queue.length === 0 && !this.#closed ? this.#poll.budgetUs : 0;
+    const budget = this.#queue.length === 0 && !this.#closed && busyChannels === 1 ? this.#poll.budgetUs : 0;
     // Masked before the answer is visible, so the guest's next request cannot cost a wake-up mid-poll.
     if (budget > 0) this.#dom.evtchn.mask(this.#port);
     return budget;

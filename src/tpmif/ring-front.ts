@@ -23,6 +23,13 @@ import { endAccessEventually } from './grants.js';
 
 const PAGE = 4096;
 
+/**
+ * Fronts of this process with commands outstanding. A lone command is polled for only while no other
+ * front waits too: one that polls holds up every other front of the process (the multi-VM backend's
+ * rings to its domains, many guests in one process), whose answers it does not look at.
+ */
+let waitingFronts = 0;
+
 export interface RingFrontOptions {
   /** Data pages per request: the largest command and response is segments × 4096 bytes. */
   segments?: number;
@@ -58,6 +65,8 @@ export class RingFront implements TpmTransport {
   readonly #poll: PollWindow;
   /** The lone command being waited for (polled or not) and when it was sent, to learn the backend's pace. */
   #solo: { id: bigint; at: number } | null = null;
+  /** Counted in waitingFronts. */
+  #waiting = false;
   /** Our port is masked because we poll the ring (left masked after a poll that emptied it). */
   #masked = false;
   /** Answers taken from the ring by the poll, before any notification (for tests and studies). */
@@ -122,7 +131,8 @@ export class RingFront implements TpmTransport {
     encodeRingRequest(this.#ring.sring.view, this.#ring.nextRequestSlot(), request);
     this.#ring.produceRequest();
     const p = new Promise<Uint8Array>((resolve, reject) => this.#pending.set(id, { buffer, resolve, reject }));
-    const alone = this.#pending.size === 1;
+    this.#noteWaiting();
+    const alone = this.#pending.size === 1 && waitingFronts === 1;
     const budget = alone ? this.#poll.budgetUs : 0;
     this.#solo = alone ? { id, at: performance.now() } : null;
     // Masked before the request is visible, so the backend's answer cannot cost a wake-up mid-poll.
@@ -207,12 +217,21 @@ export class RingFront implements TpmTransport {
         this.#free.push(p.buffer);
       }
     } while (r.finalCheckForResponses());
+    this.#noteWaiting();
     while (this.#waitingForSlot.length && this.#free.length && r.freeRequests() >= 2) this.#waitingForSlot.shift()!();
+  }
+
+  #noteWaiting(): void {
+    const w = this.#pending.size > 0;
+    if (w === this.#waiting) return;
+    this.#waiting = w;
+    waitingFronts += w ? 1 : -1;
   }
 
   #failAll(err: Error): void {
     for (const p of this.#pending.values()) p.reject(err);
     this.#pending.clear();
+    this.#noteWaiting();
   }
 
   async close(): Promise<void> {

@@ -70,6 +70,31 @@ describe('ring polling', () => {
       // The guest sleeps between answers (its poll is off), so its next request follows our answer by a
       // wake-up: well inside the 5 ms window, most of the time even on a loaded machine.
       expect(ch.polled).toBeGreaterThan(50);
+      // Another channel of this process with a request running (its manager answer still to come):
+      // polling would hold that up, so the requests arrive by notification meanwhile.
+      const other = await Domain.create({ domid: 23, dir });
+      const otherFront = new RingFront(other, 0, { pollUs: 0 });
+      let release!: () => void;
+      const gate = new Promise<void>((r) => (release = r));
+      const busy = new RingChannel(dom0, {
+        frontDomid: 23,
+        refs: [...otherFront.refs],
+        port: otherFront.port,
+        target: { execute: async (c) => (await gate, client.transmit(c)), cancel: () => {} },
+        onFatal: () => {},
+        pollUs: 5000,
+        pollContended: () => false,
+      });
+      const held = otherFront.transmit(tpm2.getRandom(8));
+      const polledBefore = ch.polled;
+      guest.send({ kind: 'run', count: 50, command });
+      expect(await guest.next()).toEqual({ kind: 'ran', bad: 0 });
+      expect(ch.polled).toBe(polledBefore);
+      release();
+      expect(rc(await held)).toBe(0);
+      busy.close();
+      await otherFront.close();
+      await other.destroy();
       // Standing down: every request still arrives, by notification, and the port is left unmasked.
       contended = true;
       const before = ch.polled;
@@ -108,9 +133,17 @@ describe('ring polling', () => {
         expect(rc(await p)).toBe(0);
       }
       expect(answeredInCall).toBeGreaterThan(50);
+      // Another front of this process waiting for its answer: a poll would hold it up, so none.
+      const other = new RingFront(dom, 0, { pollUs: 0 });
+      const waiting = other.transmit(tpm2.getRandom(8)); // nobody serves it: it waits until closed
+      const polledBefore = front.polled;
+      for (let i = 0; i < 20; i++) expect(rc(await front.transmit(tpm2.getRandom(8)))).toBe(0);
+      expect(front.polled).toBe(polledBefore);
+      await other.close();
+      await expect(waiting).rejects.toThrow(/closed/);
       contended = true;
       for (let i = 0; i < 50; i++) expect(rc(await front.transmit(tpm2.getRandom(8)))).toBe(0);
-      expect(front.polled).toBe(answeredInCall);
+      expect(front.polled).toBe(polledBefore);
       await sleep(5);
       expect(dom.evtchn.status(front.port).masked).toBe(false);
       await front.close();
