@@ -89,12 +89,14 @@ function machineShort(r: BenchReport): string {
   return `${m.cpus}× ${model}, ${m.memGiB} GiB, Linux ${m.kernel.replace(/-.*$/, '')}, Node ${m.node}`;
 }
 
-/** 'quiet', 'loaded' or 'load unknown': the lead re-runs on a quiet machine before figures are quoted. */
+/**
+ * 'quiet', 'loaded' or 'load unknown', from the pressure when the bench started (after settling): the
+ * pressure at its end is the bench's own processes and says nothing about other work on the machine.
+ */
 function busyness(r: BenchReport): string {
-  const c = r.conditions;
-  const psi = c ? [c.psiStart, c.psiEnd].filter((x): x is number => x !== null) : [];
-  if (psi.length === 0) return 'load unknown';
-  return psi.every((x) => x <= QUIET_PSI) ? 'quiet' : 'loaded';
+  const start = r.conditions?.psiStart ?? null;
+  if (start === null) return 'load unknown';
+  return start <= QUIET_PSI ? 'quiet' : 'loaded';
 }
 
 /** One line on how busy the machine was during the run. */

@@ -6,7 +6,7 @@ import { mkdirSync, writeFileSync, readdirSync } from 'node:fs';
 import os from 'node:os';
 import { dirname, join } from 'node:path';
 import { fileURLToPath } from 'node:url';
-import { cpuPressure, machine, round, table, type BenchModule, type BenchReport } from './bench/lib.js';
+import { cpuPressure, machine, round, settle, table, type BenchModule, type BenchReport } from './bench/lib.js';
 import { main as benchDoc } from './bench-doc.js';
 
 const here = dirname(fileURLToPath(import.meta.url));
@@ -36,9 +36,13 @@ async function main(argv: string[]): Promise<number> {
     } else args.push(rest[i]!);
   }
   const mod = (await import(`./bench/${name}.js`)) as BenchModule;
+  // The previous bench's (or build's) pressure lingers in the kernel's 10-second average: let it pass,
+  // so psiStart says what other work shares the machine, not what we just did.
+  const log = (l: string): void => console.error(`[${name}] ${l}`);
+  await settle({ args, log });
   const psiStart = cpuPressure();
   const loadStart = os.loadavg()[0]!;
-  const figures = await mod.run({ args, log: (l) => console.error(`[${name}] ${l}`) });
+  const figures = await mod.run({ args, log });
   const report: BenchReport = {
     bench: name,
     date: new Date().toISOString(),

@@ -10,7 +10,7 @@
 // once on the state from before it. Without a checkpoint (a v2 guest) the TPM is started with
 // Startup(CLEAR): NV and persistent objects stay, volatile state is lost as in a TPM reset. The other
 // guests' domains are other processes and the backend only does bookkeeping on their behalf.
-import { DOMID_MAX } from '../xenstore/permissions.js';
+import { CrashWindow, DomidPool, FIRST_VTPM_DOMID } from './domain-pool.js';
 import fs from 'node:fs';
 import { join } from 'node:path';
 import { createDomainConnection, domainExists, type Domain } from '../xen/index.js';
@@ -23,9 +23,6 @@ import type { TpmVersion } from '../tpm/wire.js';
 import { ProviderError, type OpenMode, type VtpmProvider, type VtpmSession } from './provider.js';
 import { domainNodeFlags } from './domain-flags.js';
 import { backendMetrics } from '../util/metrics.js';
-
-/** First domid handed to vTPM domains; guests use low domids. */
-export const FIRST_VTPM_DOMID = 0x7000;
 
 export interface MultiVmOptions {
   /** dom0: grants the rings' pages, so it needs frames and grant entries for every domain (33 each). */
@@ -64,7 +61,7 @@ interface Slot {
   current: Incarnation | null;
   /** The incarnation commands go to; a restart replaces it with the new one's start-up. */
   ready: Promise<Incarnation>;
-  crashes: number[];
+  crashes: CrashWindow;
   released: boolean;
 }
 
@@ -82,14 +79,13 @@ export class MultiVmVtpms implements VtpmProvider {
   readonly #o: MultiVmOptions;
   readonly #slots = new Map<number, Slot>();
   readonly #opening = new Map<number, Promise<Slot>>();
-  readonly #domids = new Set<number>();
-  #nextDomid: number;
+  readonly #domids: DomidPool;
   /** Every crash seen (tests and status read it). */
   restarts = 0;
 
   constructor(o: MultiVmOptions) {
     this.#o = o;
-    this.#nextDomid = o.firstDomid ?? FIRST_VTPM_DOMID;
+    this.#domids = new DomidPool(o.firstDomid ?? FIRST_VTPM_DOMID, (d) => domainExists(o.xenDir, d));
   }
 
   /** The running domains: instance → {domid, pid}. */
@@ -121,7 +117,7 @@ export class MultiVmVtpms implements VtpmProvider {
   async #openSlot(instance: number, vm: string, version: '2.0' | '1.2', resume: boolean, created: boolean): Promise<Slot> {
     // A fresh attach boots the vTPM (the guest sends Startup); only a resume keeps volatile state.
     if (!resume && !created) await this.#o.mgr.delete(instance, 'volatile');
-    const slot: Slot = { instance, vm, version, current: null, ready: Promise.reject(new Error('not started')), crashes: [], released: false };
+    const slot: Slot = { instance, vm, version, current: null, ready: Promise.reject(new Error('not started')), crashes: new CrashWindow(this.#o.maxRestarts, this.#o.restartWindowMs), released: false };
     slot.ready.catch(() => undefined);
     slot.ready = this.#boot(slot, false);
     const inc = await slot.ready;
@@ -130,26 +126,15 @@ export class MultiVmVtpms implements VtpmProvider {
     return slot;
   }
 
-  async #allocDomid(): Promise<number> {
-    const first = this.#o.firstDomid ?? FIRST_VTPM_DOMID;
-    for (let i = 0; i <= DOMID_MAX - first; i++) {
-      const d = this.#nextDomid;
-      this.#nextDomid = d >= DOMID_MAX ? first : d + 1;
-      if (this.#domids.has(d) || (await domainExists(this.#o.xenDir, d))) continue;
-      this.#domids.add(d);
-      return d;
-    }
-    throw new MultiVmError('NO_DOMID', `no free domid in ${first}..${DOMID_MAX}`);
-  }
-
   /** Start one incarnation: grant its ring, spawn the domain on it, wait for READY (and Startup after a crash). */
   async #boot(slot: Slot, afterCrash: boolean): Promise<Incarnation> {
-    const domid = await this.#allocDomid();
+    const domid = await this.#domids.take();
+    if (domid === null) throw new MultiVmError('NO_DOMID', `no free domid in ${this.#domids.describe()}`);
     let front: RingFront;
     try {
       front = new RingFront(this.#o.dom, domid, { segments: 1 });
     } catch (err) {
-      this.#domids.delete(domid);
+      this.#domids.release(domid);
       throw err;
     }
     let domain: VtpmDomain;
@@ -196,15 +181,12 @@ export class MultiVmVtpms implements VtpmProvider {
     // Synchronously: commands arriving from now on wait for the next incarnation, and the one in flight
     // fails at once (RingFront.close rejects it; the guest-facing channel answers a TPM failure).
     const cleanup = this.#destroyRemains(inc.domid, inc.front);
-    const now = Date.now();
-    const window = this.#o.restartWindowMs ?? 60_000;
-    slot.crashes = slot.crashes.filter((t) => now - t < window);
-    slot.crashes.push(now);
+    const givenUp = slot.crashes.record();
     if (slot.released) return;
-    if (slot.crashes.length > (this.#o.maxRestarts ?? 5)) {
-      slot.ready = Promise.reject(new MultiVmError('GIVEN_UP', `vTPM instance ${slot.instance} crashed ${slot.crashes.length} times in ${window} ms; not restarted`));
+    if (givenUp) {
+      slot.ready = Promise.reject(new MultiVmError('GIVEN_UP', `vTPM instance ${slot.instance} crashed ${slot.crashes.count} times in ${slot.crashes.windowMs} ms; not restarted`));
       slot.ready.catch(() => undefined);
-      this.#o.log(`vTPM instance ${slot.instance}: given up after ${slot.crashes.length} crashes`);
+      this.#o.log(`vTPM instance ${slot.instance}: given up after ${slot.crashes.count} crashes`);
       return;
     }
     slot.ready = cleanup.then(() => this.#boot(slot, true));
@@ -223,7 +205,7 @@ export class MultiVmVtpms implements VtpmProvider {
     // closed, so our grants can be ended. After dom0 itself was closed (backend shutdown) nothing is left.
     if (!this.#o.dom.closed) await front.close();
     fs.rmSync(join(this.#o.registerDir, `dom${domid}.json`), { force: true });
-    this.#domids.delete(domid);
+    this.#domids.release(domid);
   }
 
   /**

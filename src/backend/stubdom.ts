@@ -9,7 +9,6 @@
 // durable state: its xenstore home and the guest's device stay, so the new incarnation takes the device
 // over as a restarted backend does (InitWait) and the guest reconnects with a new ring. Removing the
 // node (detach) stops the domain (answers given, state durable), CLOSEs the vTPM and releases the domid.
-import { DOMID_MAX } from '../xenstore/permissions.js';
 import fs from 'node:fs';
 import { dirname, join } from 'node:path';
 import { fileURLToPath } from 'node:url';
@@ -20,7 +19,7 @@ import type { ManagerClient } from '../manager/client.js';
 import { handPair, type HandedPair } from '../manager/fifo-client.js';
 import { CLIENTS_DIR } from '../manager/fifo.js';
 import { VtpmDomain, type DomainLaunch } from './vtpm-domain.js';
-import { FIRST_VTPM_DOMID } from './multi-vm.js';
+import { CrashWindow, DomidPool, FIRST_VTPM_DOMID } from './domain-pool.js';
 
 export const STUBDOM_ROOT = '/local/domain/0/backend/vtpm-stubdom';
 /** Node states, borrowed from xenbus as for QEMU nodes: Initialising, Connected, Closed. */
@@ -60,7 +59,7 @@ interface Stubdom {
   instance: number;
   domid: number;
   domain: VtpmDomain | null;
-  crashes: number[];
+  crashes: CrashWindow;
   /** Incarnations started: each attaches a manager pair of its own name (the dead one's FIFOs stay until removed). */
   incarnation: number;
   /** The manager pair's FIFOs of the running incarnation. */
@@ -85,8 +84,7 @@ export class StubdomLifecycle {
   readonly #doms = new Map<string, Stubdom>();
   /** Nodes whose domain is being started (the watch fires for each key the toolstack wrote). */
   readonly #opening = new Set<string>();
-  readonly #domids = new Set<number>();
-  #nextDomid = FIRST_VTPM_DOMID;
+  readonly #domids: DomidPool;
   #watch: XsWatch | null = null;
   #chain: Promise<void> = Promise.resolve();
   /** Every crash seen (status and tests read it). */
@@ -94,6 +92,7 @@ export class StubdomLifecycle {
 
   private constructor(o: StubdomOptions) {
     this.#o = o;
+    this.#domids = new DomidPool(FIRST_VTPM_DOMID, async (d) => (await domainExists(o.xenDir, d)) || (await o.xs.isDomainIntroduced(d)));
   }
 
   static async start(o: StubdomOptions): Promise<StubdomLifecycle> {
@@ -144,15 +143,12 @@ export class StubdomLifecycle {
     // A node that names a domid already (a backend restarted under a running host) keeps it: the
     // guest's device names it as its backend.
     const named = prior !== undefined && /^[0-9]{1,5}$/.test(prior) ? Number(prior) : -1;
-    let domid: number;
-    try {
-      domid = named >= FIRST_VTPM_DOMID && named <= DOMID_MAX && !this.#domids.has(named) ? named : await this.#allocDomid();
-    } catch (err) {
+    const domid = this.#domids.keep(named) ? named : await this.#domids.take();
+    if (domid === null) {
       await this.#o.mgr.close(instance).catch(() => undefined);
-      throw err;
+      throw new StubdomError('NO_DOMID', `no free domid in ${this.#domids.describe()}`);
     }
-    this.#domids.add(domid);
-    const d: Stubdom = { key, fe, devid, vm: uuid, version, instance, domid, domain: null, crashes: [], incarnation: 0, pairFiles: [], stopping: false, booting: Promise.resolve() };
+    const d: Stubdom = { key, fe, devid, vm: uuid, version, instance, domid, domain: null, crashes: new CrashWindow(this.#o.maxRestarts, this.#o.restartWindowMs), incarnation: 0, pairFiles: [], stopping: false, booting: Promise.resolve() };
     this.#doms.set(key, d);
     try {
       await this.#o.xs.introduce(domid);
@@ -175,16 +171,6 @@ export class StubdomLifecycle {
       return;
     }
     this.#o.log(`vTPM instance ${instance} (${version}) ${created ? 'created' : 'loaded'} for VM ${uuid} in stub domain ${domid} (pid ${d.domain?.pid}), backend of dom${fe} device ${devid}`);
-  }
-
-  async #allocDomid(): Promise<number> {
-    for (let i = 0; i <= DOMID_MAX - FIRST_VTPM_DOMID; i++) {
-      const d = this.#nextDomid;
-      this.#nextDomid = d >= DOMID_MAX ? FIRST_VTPM_DOMID : d + 1;
-      if (this.#domids.has(d) || (await domainExists(this.#o.xenDir, d)) || (await this.#o.xs.isDomainIntroduced(d))) continue;
-      return d;
-    }
-    throw new StubdomError('NO_DOMID', `no free domid in ${FIRST_VTPM_DOMID}..${DOMID_MAX}`);
   }
 
   async #boot(d: Stubdom, created: boolean): Promise<void> {
@@ -240,12 +226,8 @@ export class StubdomLifecycle {
     fs.rmSync(join(this.#o.registerDir, `dom${d.domid}.json`), { force: true });
     this.#removePair(d);
     this.#o.log(`stub domain ${d.domid} (instance ${d.instance}, pid ${dead.pid}) died (code ${ex.code}, signal ${ex.signal})`);
-    const now = Date.now();
-    const window = this.#o.restartWindowMs ?? 60_000;
-    d.crashes = d.crashes.filter((t) => now - t < window);
-    d.crashes.push(now);
-    if (d.crashes.length > (this.#o.maxRestarts ?? 5)) {
-      this.#o.log(`vTPM instance ${d.instance}: given up after ${d.crashes.length} crashes in ${window} ms; its guest's device stays without a backend until detached`);
+    if (d.crashes.record()) {
+      this.#o.log(`vTPM instance ${d.instance}: given up after ${d.crashes.count} crashes in ${d.crashes.windowMs} ms; its guest's device stays without a backend until detached`);
       return;
     }
     // Same domid: the guest's device names it. The new incarnation finds the device Connected and takes
@@ -282,7 +264,7 @@ export class StubdomLifecycle {
     fs.rmSync(join(this.#o.registerDir, `dom${d.domid}.json`), { force: true });
     // Its xenstore home, its socket and every node it owns go with the domain, as xenstored does.
     if (await this.#o.xs.isDomainIntroduced(d.domid).catch(() => false)) await this.#o.xs.release(d.domid).catch(() => undefined);
-    this.#domids.delete(d.domid);
+    this.#domids.release(d.domid);
     await this.#o.mgr.close(d.instance).catch((e: unknown) => this.#o.log(`manager CLOSE ${d.instance}: ${(e as Error).message}`));
   }
 

@@ -14,6 +14,7 @@ import { Attribute, GeneralName, Name as AsnName, SubjectAlternativeName, Subjec
 import { Integer, Sequence, Utf8String } from 'asn1js';
 import type { EkPublic } from '../tpm/ek-commands.js';
 import type { TpmIdentity } from '../tpm/ek-manufacture.js';
+import { fsyncDirSync, replaceDurableSync } from '../util/durable.js';
 import { CA_DIR, OPERATOR_CERT, OPERATOR_KEY } from './ca-files.js';
 
 x509.cryptoProvider.set(crypto.webcrypto as unknown as Crypto);
@@ -123,12 +124,7 @@ function writeKey(file: string, obj: crypto.KeyObject, wrap: Buffer | null): voi
     const body = Buffer.concat([c.update(pem), c.final()]);
     out = Buffer.concat([iv, c.getAuthTag(), body]);
   }
-  const tmp = `${file}.tmp`;
-  fs.writeFileSync(tmp, out, { mode: 0o600 });
-  const fd = fs.openSync(tmp, 'r');
-  fs.fsyncSync(fd);
-  fs.closeSync(fd);
-  fs.renameSync(tmp, file);
+  replaceDurableSync(file, out, 0o600);
 }
 
 function readKey(file: string, wrap: Buffer | null): Buffer {
@@ -143,13 +139,6 @@ function readKey(file: string, wrap: Buffer | null): Buffer {
   } catch {
     throw new CaError('CORRUPT', file, `sealed CA key ${file} fails authentication (edited, or sealed under another master key)`);
   }
-}
-
-function writeFileSynced(file: string, data: string): void {
-  fs.writeFileSync(file, data, { mode: 0o644 });
-  const fd = fs.openSync(file, 'r');
-  fs.fsyncSync(fd);
-  fs.closeSync(fd);
 }
 
 export interface CaOptions {
@@ -203,6 +192,7 @@ export class EkCa {
   /** A root (pathlen 1) and an issuing intermediate (pathlen 0), RSA 2048, as swtpm_localca makes them. */
   static async #make(dir: string, wrap: Buffer | null): Promise<void> {
     fs.mkdirSync(dir, { recursive: true, mode: 0o700 });
+    fsyncDirSync(path.dirname(dir));
     const alg = { name: 'RSASSA-PKCS1-v1_5', hash: 'SHA-256', publicExponent: new Uint8Array([1, 0, 1]), modulusLength: 2048 };
     const notBefore = new Date();
     const notAfter = new Date(notBefore.getTime() + CA_YEARS * 365.25 * 86400_000);
@@ -240,8 +230,8 @@ export class EkCa {
     // Keys first, certificates last: a crash in between leaves no issuer.pem, and the next start makes a new CA.
     writeKey(path.join(dir, ROOT_KEY + sfx), keyObj(rootKeys.privateKey), wrap);
     writeKey(path.join(dir, ISSUER_KEY + sfx), keyObj(issuerKeys.privateKey), wrap);
-    writeFileSynced(path.join(dir, ROOT_CERT), root.toString('pem') + '\n');
-    writeFileSynced(path.join(dir, ISSUER_CERT), issuer.toString('pem') + '\n');
+    replaceDurableSync(path.join(dir, ROOT_CERT), Buffer.from(root.toString('pem') + '\n'), 0o644);
+    replaceDurableSync(path.join(dir, ISSUER_CERT), Buffer.from(issuer.toString('pem') + '\n'), 0o644);
   }
 
   /** The EK certificate of one TPM (EK Credential Profile 2.0, section 3.2). */

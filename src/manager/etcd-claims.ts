@@ -73,6 +73,21 @@ export function unavailable(err: unknown, what: string): EtcdStoreError {
   return new EtcdStoreError('UNAVAILABLE', `${what}: etcd did not answer (${(err as Error).message.split('\n')[0]})`);
 }
 
+/**
+ * Creates `key` only if it does not exist (etcd's create_revision 0 compare). Returns null when it was
+ * created, else the key as it is: the caller decides whether what is there is its own.
+ */
+export async function putIfAbsent(client: Etcd3, key: Buffer, value: Buffer, lease?: string): Promise<IKeyValue | null> {
+  const r = await client.kv.txn({
+    compare: [{ key, target: CompareTarget.Create, result: CompareResult.Equal, create_revision: 0 }],
+    success: [{ request_put: lease === undefined ? { key, value } : { key, value, lease } }],
+    failure: [{ request_range: { key } }],
+  });
+  if (r.succeeded) return null;
+  // The compare and the read are one transaction: a failed compare always reads the key.
+  return r.responses[0]!.response_range.kvs[0]!;
+}
+
 const hex = (id: string): string => BigInt(id).toString(16);
 
 export class Claims {
@@ -169,13 +184,9 @@ export class Claims {
   async claim(vmUuid: string, retried = false): Promise<void> {
     const lease = await this.lease();
     const key = this.claimKey(vmUuid);
-    let r;
+    let kv: IKeyValue | null | undefined;
     try {
-      r = await this.client.kv.txn({
-        compare: [{ key, target: CompareTarget.Create, result: CompareResult.Equal, create_revision: 0 }],
-        success: [{ request_put: { key, value: Buffer.from(this.host), lease } }],
-        failure: [{ request_range: { key } }],
-      });
+      kv = await putIfAbsent(this.client, key, Buffer.from(this.host), lease);
     } catch (err) {
       // Our lease expired or was revoked before the keepalive noticed: a new one, once.
       if (err instanceof EtcdLeaseInvalidError && !retried) {
@@ -184,30 +195,36 @@ export class Claims {
       }
       throw unavailable(err, `claiming vm ${vmUuid}`);
     }
-    let kv = r.succeeded ? undefined : r.responses[0]?.response_range.kvs[0];
-    if (kv && kv.lease !== lease && kv.value.toString() === this.host) {
-      // This host's own claim from before its manager restarted (one manager per host name: the pid
-      // files): taken over under the new lease, unless it changed meanwhile.
-      try {
-        const t = await this.client.kv.txn({
-          compare: [{ key, target: CompareTarget.Mod, result: CompareResult.Equal, mod_revision: kv.mod_revision }],
-          success: [{ request_put: { key, value: Buffer.from(this.host), lease } }],
-          failure: [{ request_range: { key } }],
-        });
-        kv = t.succeeded ? { ...kv, lease } : t.responses[0]?.response_range.kvs[0];
-      } catch (err) {
-        throw unavailable(err, `claiming vm ${vmUuid}`);
-      }
+    if (kv) kv = await this.#takeOverOwn(vmUuid, kv, lease);
+    if (kv && kv.lease !== lease) {
+      throw new EtcdStoreError(
+        'HELD',
+        `vm ${vmUuid} is held by host "${kv.value.toString()}" (lease ${hex(kv.lease)}); it can be taken here once that host closes it or stops renewing its lease for ${this.ttlSeconds} s`,
+      );
     }
-    if (r.succeeded || kv?.lease === lease) {
-      if (!this.#held.has(vmUuid)) this.log(`claimed vm ${vmUuid} (lease ${hex(lease)})`);
-      this.#held.set(vmUuid, lease);
-      return;
+    // Our old claim expired between the two transactions: nobody holds it, so create it again.
+    if (kv === undefined) return this.claim(vmUuid, retried);
+    if (!this.#held.has(vmUuid)) this.log(`claimed vm ${vmUuid} (lease ${hex(lease)})`);
+    this.#held.set(vmUuid, lease);
+  }
+
+  /**
+   * This host's own claim from before its manager restarted (one manager per host name: the pid files)
+   * moves to the new lease, unless it changed meanwhile. Returns the claim as it is afterwards.
+   */
+  async #takeOverOwn(vmUuid: string, kv: IKeyValue, lease: string): Promise<IKeyValue | undefined> {
+    if (kv.lease === lease || kv.value.toString() !== this.host) return kv;
+    const key = this.claimKey(vmUuid);
+    try {
+      const t = await this.client.kv.txn({
+        compare: [{ key, target: CompareTarget.Mod, result: CompareResult.Equal, mod_revision: kv.mod_revision }],
+        success: [{ request_put: { key, value: Buffer.from(this.host), lease } }],
+        failure: [{ request_range: { key } }],
+      });
+      return t.succeeded ? { ...kv, lease } : t.responses[0]?.response_range.kvs[0];
+    } catch (err) {
+      throw unavailable(err, `claiming vm ${vmUuid}`);
     }
-    throw new EtcdStoreError(
-      'HELD',
-      `vm ${vmUuid} is held by host "${kv?.value.toString() ?? '?'}" (lease ${kv ? hex(kv.lease) : '?'}); it can be taken here once that host closes it or stops renewing its lease for ${this.ttlSeconds} s`,
-    );
   }
 
   /**
@@ -222,16 +239,27 @@ export class Claims {
     } catch (err) {
       throw unavailable(err, 'reading claims');
     }
+    // The claims were just read: each moves to the new lease in one compare-and-put, all at once.
+    const lease = await this.lease();
     const adopted: string[] = [];
-    for (const kv of kvs) {
-      const vm = uuidOf(kv.key.toString().slice(from.length));
-      if (vm !== undefined && kv.value.toString() === this.host) {
-        await this.claim(vm).then(
-          () => adopted.push(vm),
-          (err: unknown) => this.log(`vm ${vm}: not taken over: ${(err as Error).message}`),
-        );
-      }
-    }
+    await Promise.all(
+      kvs.map(async (kv) => {
+        const vm = uuidOf(kv.key.toString().slice(from.length));
+        if (vm === undefined || kv.value.toString() !== this.host) return;
+        try {
+          const now = await this.#takeOverOwn(vm, kv, lease);
+          if (now === undefined) await this.claim(vm);
+          else if (now.lease !== lease) throw new EtcdStoreError('HELD', `host "${now.value.toString()}" took it meanwhile`);
+          else {
+            this.#held.set(vm, lease);
+            this.log(`claimed vm ${vm} (lease ${hex(lease)})`);
+          }
+          adopted.push(vm);
+        } catch (err) {
+          this.log(`vm ${vm}: not taken over: ${(err as Error).message}`);
+        }
+      }),
+    );
     return adopted;
   }
 

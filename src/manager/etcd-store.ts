@@ -20,7 +20,7 @@
 import crypto from 'node:crypto';
 import { CompareResult, CompareTarget, type Etcd3, type ICompare, type IRequestOp } from 'etcd3';
 import type { StateKind } from '../tpm/state-store.js';
-import { Claims, EtcdStoreError, connect, parseEtcdUrl, unavailable, type EtcdTls } from './etcd-claims.js';
+import { Claims, EtcdStoreError, connect, parseEtcdUrl, putIfAbsent, unavailable, type EtcdTls } from './etcd-claims.js';
 import { openRecord, sealRecord } from './etcd-record.js';
 import { observeCommit, type StoreStats } from './store.js';
 import type { VmRecord } from './vm-table.js';
@@ -74,11 +74,11 @@ export class EtcdStore implements VtpmStore {
   readonly #p: string;
   readonly #o: EtcdStoreOptions;
   #clock = 0;
-  /** What etcd holds for each VM as far as this host knows: the record JSON last written or read, and its generations. */
-  readonly #written = new Map<string, string>();
-  readonly #gens = new Map<string, Gens>();
-  /** etcd's revision of what #written and #gens hold, so an older read never replaces a newer write. */
-  readonly #rev = new Map<string, bigint>();
+  /**
+   * What etcd holds for each VM as far as this host knows: the record JSON last written or read, its
+   * generations, and etcd's revision of them (so an older read never replaces a newer write).
+   */
+  readonly #known = new Map<string, { json: string; gens: Gens; rev: bigint }>();
   #writtenMigration = '';
   #queue: Op[] = [];
   /** Instances with a transaction in flight: their next operations wait, so each VM's writes stay in order. */
@@ -143,20 +143,15 @@ export class EtcdStore implements VtpmStore {
 
   async #checkKey(): Promise<void> {
     const key = this.#key('keycheck');
-    let r;
+    let kv;
     try {
-      r = await this.#client.kv.txn({
-        compare: [{ key, target: CompareTarget.Create, result: CompareResult.Equal, create_revision: 0 }],
-        success: [{ request_put: { key, value: sealRecord(this.#o.metaKey, 'keycheck', KEYCHECK) } }],
-        failure: [{ request_range: { key } }],
-      });
+      kv = await putIfAbsent(this.#client, key, sealRecord(this.#o.metaKey, 'keycheck', KEYCHECK));
     } catch (err) {
       throw unavailable(err, `connecting to ${this.#o.url}`);
     }
-    if (r.succeeded) return;
-    const v = r.responses[0]?.response_range.kvs[0]?.value;
+    if (!kv) return;
     try {
-      if (v && openRecord(this.#o.metaKey, 'keycheck', v) === KEYCHECK) return;
+      if (openRecord(this.#o.metaKey, 'keycheck', kv.value) === KEYCHECK) return;
     } catch {
       // below
     }
@@ -187,11 +182,7 @@ export class EtcdStore implements VtpmStore {
       }
       vms.push(e.vm);
       const rev = BigInt(kv.mod_revision);
-      if (rev > (this.#rev.get(e.vm.vmUuid) ?? -1n)) {
-        this.#written.set(e.vm.vmUuid, JSON.stringify(e.vm));
-        this.#gens.set(e.vm.vmUuid, e.gens);
-        this.#rev.set(e.vm.vmUuid, rev);
-      }
+      if (rev > (this.#known.get(e.vm.vmUuid)?.rev ?? -1n)) this.#known.set(e.vm.vmUuid, { json: JSON.stringify(e.vm), gens: e.gens, rev });
       for (const g of Object.values(e.gens)) this.#clock = Math.max(this.#clock, g ?? 0);
     }
     this.#damaged.clear();
@@ -209,12 +200,8 @@ export class EtcdStore implements VtpmStore {
   async reserveInstance(instance: number, vmUuid: string): Promise<boolean> {
     const key = this.#key('inst', instance);
     try {
-      const r = await this.#client.kv.txn({
-        compare: [{ key, target: CompareTarget.Create, result: CompareResult.Equal, create_revision: 0 }],
-        success: [{ request_put: { key, value: Buffer.from(this.vmId(vmUuid)) } }],
-        failure: [{ request_range: { key } }],
-      });
-      return r.succeeded || r.responses[0]?.response_range.kvs[0]?.value.toString() === this.vmId(vmUuid);
+      const kv = await putIfAbsent(this.#client, key, Buffer.from(this.vmId(vmUuid)));
+      return !kv || kv.value.toString() === this.vmId(vmUuid);
     } catch (err) {
       throw unavailable(err, `reserving instance ${instance}`);
     }
@@ -282,9 +269,7 @@ export class EtcdStore implements VtpmStore {
       throw unavailable(err, `deleting vm ${vmUuid}`);
     }
     if (!r.succeeded) throw this.claims.forget(vmUuid, r.responses[0]?.response_range.kvs[0]);
-    this.#written.delete(vmUuid);
-    this.#gens.delete(vmUuid);
-    this.#rev.delete(vmUuid);
+    this.#known.delete(vmUuid);
     await this.claims.release(vmUuid).catch(() => undefined);
   }
 
@@ -376,7 +361,7 @@ export class EtcdStore implements VtpmStore {
     const per = new Map<string, { vm: VmRecord; gens: Gens; blobs: Map<StateKind, Uint8Array | null>; ops: Op[] }>();
     const entry = (vm: VmRecord) => {
       let e = per.get(vm.vmUuid);
-      if (!e) per.set(vm.vmUuid, (e = { vm, gens: { ...(this.#gens.get(vm.vmUuid) ?? {}) }, blobs: new Map(), ops: [] }));
+      if (!e) per.set(vm.vmUuid, (e = { vm, gens: { ...(this.#known.get(vm.vmUuid)?.gens ?? {}) }, blobs: new Map(), ops: [] }));
       return e;
     };
     const general: Op[] = [];
@@ -386,7 +371,7 @@ export class EtcdStore implements VtpmStore {
       if (op.type === 'table') {
         const snap = this.#o.snapshot();
         // Only VMs this host holds are its to write; a record changed here after its claim was lost stays unwritten.
-        for (const vm of snap.vms) if (this.claims.leaseOf(vm.vmUuid) && this.#written.get(vm.vmUuid) !== JSON.stringify(vm)) entry(vm).ops.push(op);
+        for (const vm of snap.vms) if (this.claims.leaseOf(vm.vmUuid) && this.#known.get(vm.vmUuid)?.json !== JSON.stringify(vm)) entry(vm).ops.push(op);
         const m = JSON.stringify(snap.migration);
         if (m !== this.#writtenMigration) migration = m;
         general.push(op);
@@ -450,9 +435,7 @@ export class EtcdStore implements VtpmStore {
     }
     if (r.succeeded) {
       for (const [uuid, e] of per) {
-        this.#written.set(uuid, written.get(uuid)!);
-        this.#gens.set(uuid, e.gens);
-        this.#rev.set(uuid, BigInt(r.header.revision));
+        this.#known.set(uuid, { json: written.get(uuid)!, gens: e.gens, rev: BigInt(r.header.revision) });
       }
       if (migration !== null) this.#writtenMigration = migration;
       this.stats.commits++;

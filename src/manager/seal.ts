@@ -12,6 +12,7 @@ import os from 'node:os';
 import path from 'node:path';
 import { execFileSync } from 'node:child_process';
 import type { StateKind } from '../tpm/state-store.js';
+import { createDurableSync } from '../util/durable.js';
 import { KIND_CODES, bytesToUuid, uuidToBytes } from './wire.js';
 
 export const KEY_BYTES = 32;
@@ -161,33 +162,12 @@ function generationIv(generation: number): Buffer {
 
 // ---- master key ------------------------------------------------------------------------------
 
-function fsyncDir(dir: string): void {
-  const fd = fs.openSync(dir, fs.constants.O_RDONLY | fs.constants.O_DIRECTORY);
-  try {
-    fs.fsyncSync(fd);
-  } finally {
-    fs.closeSync(fd);
-  }
-}
-
-/** Writes a new file durably (O_EXCL: a racing manager cannot overwrite a key already in use). */
-function createDurable(file: string, data: Uint8Array): void {
-  const fd = fs.openSync(file, fs.constants.O_WRONLY | fs.constants.O_CREAT | fs.constants.O_EXCL, 0o600);
-  try {
-    fs.writeSync(fd, data);
-    fs.fsyncSync(fd);
-  } finally {
-    fs.closeSync(fd);
-  }
-  fsyncDir(path.dirname(file));
-}
-
 /** The 0600 key file, created at first start. A file readable by others is refused, as ssh does. */
 export function loadKeyFile(stateDir: string): { key: Buffer; created: boolean } {
   const file = path.join(stateDir, MASTER_KEY_FILE);
   if (!fs.existsSync(file)) {
     const key = crypto.randomBytes(KEY_BYTES);
-    createDurable(file, key);
+    createDurableSync(file, key);
     return { key, created: true };
   }
   const st = fs.statSync(file);
@@ -274,9 +254,9 @@ export function loadTpmSealedKey(stateDir: string, opts: TpmSealOptions): { key:
         work,
         key,
       );
-      createDurable(info, Buffer.from(JSON.stringify({ pcrs: opts.pcrs }) + '\n'));
-      createDurable(priv, fs.readFileSync(path.join(work, 'seal.priv')));
-      createDurable(pub, fs.readFileSync(path.join(work, 'seal.pub')));
+      createDurableSync(info, Buffer.from(JSON.stringify({ pcrs: opts.pcrs }) + '\n'));
+      createDurableSync(priv, fs.readFileSync(path.join(work, 'seal.priv')));
+      createDurableSync(pub, fs.readFileSync(path.join(work, 'seal.pub')));
       return { key, created: true };
     }
     const pcrs = fs.existsSync(info) ? (JSON.parse(fs.readFileSync(info, 'utf8')) as { pcrs: string }).pcrs : opts.pcrs;
