@@ -1,7 +1,8 @@
 // QEMU endpoint vs swtpm 0.7.1 as QEMU uses them (control socket + SET_DATAFD data channel):
 // control round trip, a small TPM command through the data channel, QEMU's pre_save (GET_STATEBLOB
 // permanent + volatile + savestate) and post_load (STOP, SET_STATEBLOB ×2, INIT with DELETE_VOLATILE).
-// Ours and the peer are sampled alternately so machine noise hits both alike.
+// Ours and the peer are sampled alternately so machine noise hits both alike. Beside each latency, the
+// CPU the serving process spent per round trip (ours: the backend, polling included; swtpm's process).
 import { execFile, spawn } from 'node:child_process';
 import fs from 'node:fs';
 import net from 'node:net';
@@ -96,9 +97,14 @@ export async function run(ctx: BenchContext): Promise<Figure[]> {
     await cli('qemu', 'attach', '--run', run, '--vm', '0b0e0c0d-0000-4000-8000-000000000001', '--ctrl', oursCtrl);
     const ours = await open(oursCtrl);
     const peer = await open(peerCtrl);
+    const hostInfo = JSON.parse(fs.readFileSync(join(run, 'host.json'), 'utf8')) as { processes: Array<{ role: string; pid: number }> };
+    const pids = [hostInfo.processes.find((p) => p.role === 'backend')!.pid, sw.pid!];
     const sides = [ours, peer];
+    /** CPU µs per round trip of each side's serving process during the last time() call. */
+    let cpu: [number, number] = [0, 0];
     const time = async (n: number, f: (s: { c: Conn; d: Conn }) => Promise<unknown>): Promise<[number, number]> => {
       const t: [number[], number[]] = [[], []];
+      const c0 = pids.map(cpuNs);
       for (let i = 0; i < n; i++) {
         for (const k of [0, 1] as const) {
           const t0 = process.hrtime.bigint();
@@ -106,16 +112,22 @@ export async function run(ctx: BenchContext): Promise<Figure[]> {
           t[k].push(usSince(t0));
         }
       }
+      cpu = [(cpuNs(pids[0]!) - c0[0]!) / 1000 / n, (cpuNs(pids[1]!) - c0[1]!) / 1000 / n];
       return [median(t[0]), median(t[1])];
     };
     const figs: Figure[] = [];
     const note = 'swtpm 0.7.1 (socket --ctrl unixio, SET_DATAFD)';
+    // Warm up both paths first (JIT, first allocations), so the CPU figures are per message, not start-up.
+    await time(300, (s) => s.c.req(hex('00000001'), 8));
+    await time(300, (s) => s.d.req(hex('8001 0000000c 0000017b 0010')));
     ctx.log('control round trip');
     const [c0, c1] = await time(2000, (s) => s.c.req(hex('00000001'), 8));
     figs.push({ id: 'ctrl_p50', unit: 'µs', ours: c0, peer: c1, note, target: { on: 'ratio', op: '<=', value: 1 } });
+    figs.push({ id: 'ctrl_cpu_per_op', unit: 'µs', ours: cpu[0], peer: cpu[1], note: 'CPU of the serving process per round trip' });
     ctx.log('data channel');
     const [d0, d1] = await time(2000, (s) => s.d.req(hex('8001 0000000c 0000017b 0010')));
     figs.push({ id: 'data_getrandom_p50', unit: 'µs', ours: d0, peer: d1, note, target: { on: 'ratio', op: '<=', value: 1 } });
+    figs.push({ id: 'data_cpu_per_op', unit: 'µs', ours: cpu[0], peer: cpu[1], note: 'CPU of the serving process per round trip' });
     ctx.log('pre_save');
     const blobs: Array<[Buffer, Buffer]> = [];
     const [s0, s1] = await time(100, async (s) => {
@@ -146,6 +158,19 @@ export async function run(ctx: BenchContext): Promise<Figure[]> {
     await cli('host', 'down', '--run', run).catch(() => {});
     fs.rmSync(work, { recursive: true, force: true });
   }
+}
+
+/** CPU time of every thread of `pid` so far (ns), from /proc/PID/task/TID/schedstat. */
+function cpuNs(pid: number): number {
+  let ns = 0;
+  for (const tid of fs.readdirSync(`/proc/${pid}/task`)) {
+    try {
+      ns += Number(fs.readFileSync(`/proc/${pid}/task/${tid}/schedstat`, 'utf8').split(' ')[0]);
+    } catch {
+      /* the thread ended meanwhile */
+    }
+  }
+  return ns;
 }
 
 function u32(n: number): Buffer {

@@ -5,13 +5,15 @@
 //      TPM 2.0 dissector decodes TCP port 2321, a request being the segment from the higher port.
 //      A new connection of the device (a resume, a QEMU CMD_INIT) opens a new stream.
 //   1: LINKTYPE_USER0, vtpm-split events (tools/wireshark/vtpm-split.lua): the device's xenstore
-//      traffic as the backend sent and received it, and its ring events.
+//      traffic as the backend sent and received it, the guest's own xenstore traffic as xenstored saw
+//      it (its capture feed), and the ring events.
 import { LINKTYPE_RAW, LINKTYPE_USER0, PcapngWriter, microsAt, nowMicros } from '../util/pcapng.js';
+import { CaptureFeedClient } from '../xenstore/capture-feed-client.js';
 
 export const TPM_PORT = 2321;
 
 /** Event kinds of the USER0 records (byte 1). */
-export const EventKind = { XENSTORE: 1, RING: 2, NOTE: 3 } as const;
+export const EventKind = { XENSTORE: 1, RING: 2, NOTE: 3, GUEST_XENSTORE: 4 } as const;
 /** Ring events (byte 8 of a RING record). */
 export const RingEvent = {
   NOTIFY_IN: 1,
@@ -35,9 +37,27 @@ export class GuestCapture {
   #stream = -1;
   #seqGuest = 0;
   #seqVtpm = 0;
+  /** The 40-byte IPv4 + TCP headers of this stream, guest to vTPM and back, and their IP checksums' sums. */
+  readonly #hdrGuest = new Uint8Array(40);
+  readonly #hdrVtpm = new Uint8Array(40);
+  #sumGuest = 0;
+  #sumVtpm = 0;
   /** 10.H.L.2 (the guest) and 10.H.L.1 (its vTPM) as u32, H.L = domid. */
   readonly #guestIp: number;
   readonly #vtpmIp: number;
+  /**
+   * Commands answered but not yet encoded (command, response, its two clock readings). They are
+   * encoded once the answer is published (the v2 FINISH or the ring's notification, taps from the
+   * channel), or on setImmediate for a transport without such taps, so a capture never delays an answer.
+   */
+  readonly #pCmd: Array<Uint8Array | null> = [];
+  readonly #pRsp: Array<Uint8Array | null> = [];
+  readonly #pT0: number[] = [];
+  readonly #pTs: number[] = [];
+  #pending = 0;
+  /** This connection's channel reports every publication (v2 FINISH): no setImmediate needed. */
+  #published = false;
+  #scheduled = false;
 
   constructor(path: string, maxBytes: number, domid: number, devid: number, log: (line: string) => void) {
     this.#w = new PcapngWriter(path, [LINKTYPE_RAW, LINKTYPE_USER0], maxBytes);
@@ -52,30 +72,21 @@ export class GuestCapture {
     return this.#w.path;
   }
 
-  /**
-   * Work recorded on the guest's path (with its timestamp) and encoded just after, once per batch, so
-   * a command's answer never waits for its capture.
-   */
-  readonly #later: Array<() => void> = [];
-  readonly #drain = (): void => {
-    const work = this.#later.splice(0);
-    for (const f of work) f();
-  };
-
-  #defer(f: () => void): void {
-    if (this.#later.push(f) === 1) setImmediate(this.#drain);
-  }
-
   /** A new connection (a ring or page mapped, an endpoint initialised): a new TCP stream. */
   newStream(): void {
-    const ts = nowMicros();
-    this.#defer(() => this.#open(ts));
+    this.#encodePending();
+    // The new connection may use another transport: it shows again whether it reports publications.
+    this.#published = false;
+    this.#open(nowMicros());
   }
 
   #open(ts: number): void {
     this.#stream++;
     this.#seqGuest = 1000;
     this.#seqVtpm = 5000;
+    const guestPort = 49152 + (this.#stream % 16384);
+    this.#sumGuest = headerTemplate(this.#hdrGuest, this.#guestIp, this.#vtpmIp, guestPort, TPM_PORT);
+    this.#sumVtpm = headerTemplate(this.#hdrVtpm, this.#vtpmIp, this.#guestIp, TPM_PORT, guestPort);
     this.#tcp(ts, true, SYN, null, this.#seqGuest - 1, 0);
     this.#tcp(ts, false, SYN | ACK, null, this.#seqVtpm - 1, this.#seqGuest);
     this.#tcp(ts, true, ACK, null, this.#seqGuest, this.#seqVtpm);
@@ -86,96 +97,110 @@ export class GuestCapture {
    * now (null: the vTPM gave none; only the command is recorded).
    */
   command(command: Uint8Array, response: Uint8Array | null, t0: number): void {
-    const ts = nowMicros();
-    this.#defer(() => this.#command(command, response, microsAt(t0), ts));
-  }
-
-  #command(command: Uint8Array, response: Uint8Array | null, t0: number, ts: number): void {
-    if (this.#stream < 0) this.#open(t0);
-    this.#tcp(t0, true, PSH | ACK, command, this.#seqGuest, this.#seqVtpm);
-    this.#seqGuest = (this.#seqGuest + command.length) >>> 0;
-    if (response) {
-      this.#tcp(ts, false, PSH | ACK, response, this.#seqVtpm, this.#seqGuest);
-      this.#seqVtpm = (this.#seqVtpm + response.length) >>> 0;
+    const i = this.#pending++;
+    this.#pCmd[i] = command;
+    this.#pRsp[i] = response;
+    this.#pT0[i] = t0;
+    this.#pTs[i] = performance.now();
+    if (!this.#published && !this.#scheduled) {
+      this.#scheduled = true;
+      setImmediate(this.#later);
     }
   }
 
-  /** A ring event (see RingEvent). */
-  readonly ring: RingTap = (event, f) => {
-    const ts = nowMicros();
-    this.#defer(() => this.#ring(ts, event, f));
+  readonly #later = (): void => {
+    this.#scheduled = false;
+    this.#encodePending();
   };
 
-  #ring(ts: number, event: number, f: Parameters<RingTap>[1]): void {
-    const o = this.#event(ts, EventKind.RING, event === RingEvent.NOTIFY_IN || event === RingEvent.REQUEST || event === RingEvent.V2_SUBMIT || event === RingEvent.V2_CANCEL ? 1 : 0, 16);
-    if (o < 0) return;
-    const b = this.#w.buf;
-    b[o] = event;
-    b[o + 1] = f?.status ?? f?.locality ?? 0;
-    b.writeUInt16BE(f?.segments ?? 0, o + 2);
-    b.writeUInt32BE(f?.length ?? 0, o + 4);
-    b.writeBigUInt64BE(f?.id ?? 0n, o + 8);
+  #encodePending(): void {
+    for (let i = 0; i < this.#pending; i++) {
+      const command = this.#pCmd[i]!;
+      const response = this.#pRsp[i]!;
+      const t0 = microsAt(this.#pT0[i]!);
+      this.#pCmd[i] = this.#pRsp[i] = null;
+      if (this.#stream < 0) this.#open(t0);
+      this.#tcp(t0, true, PSH | ACK, command, this.#seqGuest, this.#seqVtpm);
+      this.#seqGuest = (this.#seqGuest + command.length) >>> 0;
+      if (response) {
+        this.#tcp(microsAt(this.#pTs[i]!), false, PSH | ACK, response, this.#seqVtpm, this.#seqGuest);
+        this.#seqVtpm = (this.#seqVtpm + response.length) >>> 0;
+      }
+    }
+    this.#pending = 0;
   }
+
+  /** A ring event (see RingEvent), recorded at once; the answer's publication is when pending commands are encoded. */
+  readonly ring: RingTap = (event, f) => {
+    const ts = nowMicros();
+    if (event === RingEvent.V2_FINISH) this.#published = true;
+    if (event === RingEvent.V2_FINISH || event === RingEvent.NOTIFY_OUT) this.#encodePending();
+    const toBackend = event === RingEvent.NOTIFY_IN || event === RingEvent.REQUEST || event === RingEvent.V2_SUBMIT || event === RingEvent.V2_CANCEL ? 1 : 0;
+    const o = this.#event(ts, EventKind.RING, toBackend, 16);
+    if (o < 0) return;
+    const v = this.#w.view;
+    v.setUint8(o, event);
+    v.setUint8(o + 1, f?.status ?? f?.locality ?? 0);
+    v.setUint16(o + 2, f?.segments ?? 0);
+    v.setUint32(o + 4, f?.length ?? 0);
+    if (f?.id === undefined) v.setFloat64(o + 8, 0); // all zero bytes, without a BigInt
+    else v.setBigUint64(o + 8, f.id);
+  };
 
   /** One xs_wire packet of this device's, as the backend sent ('out') or received ('in') it. */
   xenstore(dir: 'out' | 'in', packet: Uint8Array): void {
-    const ts = nowMicros();
-    this.#defer(() => {
-      const o = this.#event(ts, EventKind.XENSTORE, dir === 'in' ? 1 : 0, packet.length);
-      if (o >= 0) this.#w.buf.set(packet, o);
-    });
+    this.#encodePending();
+    const o = this.#event(nowMicros(), EventKind.XENSTORE, dir === 'in' ? 1 : 0, packet.length);
+    if (o >= 0) this.#w.buf.set(packet, o);
+  }
+
+  /** One xs_wire packet on the guest's own connection to xenstored, stamped by xenstored (µs since the epoch). */
+  guestXenstore(fromGuest: boolean, micros: number, packet: Uint8Array): void {
+    this.#encodePending();
+    const o = this.#event(micros, EventKind.GUEST_XENSTORE, fromGuest ? 1 : 0, packet.length);
+    if (o >= 0) this.#w.buf.set(packet, o);
   }
 
   /** A line of text (a cut-off reason, the end of the capture). */
   note(text: string): void {
+    this.#encodePending();
     const t = Buffer.from(text, 'utf8');
-    const ts = nowMicros();
-    this.#defer(() => {
-      const o = this.#event(ts, EventKind.NOTE, 0, t.length);
-      if (o >= 0) t.copy(this.#w.buf, o);
-    });
+    const o = this.#event(nowMicros(), EventKind.NOTE, 0, t.length);
+    if (o >= 0) t.copy(this.#w.buf, o);
   }
 
   /** The 8-byte record header of an event whose body is `bodyLen` bytes; returns where the body goes (-1: left out). */
   #event(ts: number, kind: number, toBackend: number, bodyLen: number): number {
     const o = this.#w.begin(1, ts, 8 + bodyLen);
     if (o < 0) return -1;
-    const b = this.#w.buf;
-    b[o] = 1; // version
-    b[o + 1] = kind;
-    b[o + 2] = toBackend;
-    b[o + 3] = 0;
-    b.writeUInt16BE(this.#domid & 0xffff, o + 4);
-    b.writeUInt16BE(this.#devid & 0xffff, o + 6);
+    const v = this.#w.view;
+    v.setUint32(o, (1 << 24) | (kind << 16) | (toBackend << 8)); // version 1, kind, direction, 0
+    v.setUint16(o + 4, this.#domid & 0xffff);
+    v.setUint16(o + 6, this.#devid & 0xffff);
     return o + 8;
   }
 
+  /** One TCP segment: the stream's header template, then its length, IP checksum, sequence numbers and flags. */
   #tcp(ts: number, fromGuest: boolean, flags: number, payload: Uint8Array | null, seq: number, ack: number): void {
     const len = payload?.length ?? 0;
     const o = this.#w.begin(0, ts, 40 + len);
     if (o < 0) return;
     const b = this.#w.buf;
-    b.fill(0, o, o + 40);
-    b[o] = 0x45;
-    b.writeUInt16BE(40 + len, o + 2);
-    b[o + 8] = 64; // TTL
-    b[o + 9] = 6; // TCP
-    b.writeUInt32BE(fromGuest ? this.#guestIp : this.#vtpmIp, o + 12);
-    b.writeUInt32BE(fromGuest ? this.#vtpmIp : this.#guestIp, o + 16);
-    b.writeUInt16BE(ipChecksum(b, o), o + 10);
-    const guestPort = 49152 + (this.#stream % 16384);
-    b.writeUInt16BE(fromGuest ? guestPort : TPM_PORT, o + 20);
-    b.writeUInt16BE(fromGuest ? TPM_PORT : guestPort, o + 22);
-    b.writeUInt32BE(seq >>> 0, o + 24);
-    b.writeUInt32BE(ack >>> 0, o + 28);
-    b[o + 32] = 5 << 4; // data offset: 20 bytes
-    b[o + 33] = flags;
-    b.writeUInt16BE(65535, o + 34); // window
+    const v = this.#w.view;
+    b.set(fromGuest ? this.#hdrGuest : this.#hdrVtpm, o);
+    v.setUint16(o + 2, 40 + len);
+    // The header's sum without the length was taken once per stream; one's complement adds the length in.
+    let sum = (fromGuest ? this.#sumGuest : this.#sumVtpm) + 40 + len;
+    sum = (sum & 0xffff) + (sum >>> 16);
+    v.setUint16(o + 10, ~(sum + (sum >>> 16)) & 0xffff);
+    v.setUint32(o + 24, seq >>> 0);
+    v.setUint32(o + 28, ack >>> 0);
+    v.setUint8(o + 33, flags);
     if (payload) b.set(payload, o + 40);
   }
 
   async close(): Promise<void> {
-    this.#drain();
+    this.#encodePending();
     if (this.#w.dropped > 0) this.#w.onFull = null;
     await this.#w.close();
   }
@@ -185,36 +210,59 @@ const SYN = 0x02;
 const PSH = 0x08;
 const ACK = 0x10;
 
-/** The IPv4 header checksum of the 20 bytes at `o` (its checksum field zero). */
-function ipChecksum(h: Uint8Array, o: number): number {
+/**
+ * Fill the 40 bytes of `h` with an IPv4 + TCP header (length, checksum, sequence numbers and flags left zero;
+ * TCP checksum zero) and return the one's-complement sum of its IPv4 half, folded to 16 bits.
+ */
+function headerTemplate(h: Uint8Array, src: number, dst: number, srcPort: number, dstPort: number): number {
+  const v = new DataView(h.buffer, h.byteOffset, 40);
+  h.fill(0);
+  v.setUint8(0, 0x45);
+  v.setUint8(8, 64); // TTL
+  v.setUint8(9, 6); // TCP
+  v.setUint32(12, src);
+  v.setUint32(16, dst);
+  v.setUint16(20, srcPort);
+  v.setUint16(22, dstPort);
+  v.setUint8(32, 5 << 4); // data offset: 20 bytes
+  v.setUint16(34, 65535); // window
   let sum = 0;
-  for (let i = o; i < o + 20; i += 2) sum += (h[i]! << 8) | h[i + 1]!;
+  for (let i = 0; i < 20; i += 2) sum += v.getUint16(i);
   while (sum > 0xffff) sum = (sum & 0xffff) + (sum >>> 16);
-  return ~sum & 0xffff;
+  return sum;
 }
 
 /**
  * Routes the backend's xenstore packets to the capture of the device they concern: a request by the
- * path it names, its reply by its request id, a watch event by its path.
+ * path it names, its reply by its request id, a watch event by its path; and subscribes each capture
+ * to its guest's own xenstore traffic at xenstored (its capture feed).
  */
 export class XsCaptureRouter {
   readonly #byDomid = new Map<number, GuestCapture>();
   readonly #byReq = new Map<number, GuestCapture>();
   readonly #client: { tap: ((dir: 'out' | 'in', packet: Buffer) => void) | null };
+  readonly #feed: CaptureFeedClient | null;
 
-  /** `client`'s tap is set only while some device captures (it costs a copy of every packet). */
-  constructor(client: { tap: ((dir: 'out' | 'in', packet: Buffer) => void) | null }) {
+  /**
+   * `client`'s tap is set only while some device captures (it costs a copy of every packet);
+   * `xenstoredSocket` is where the guest's own traffic comes from (none without it).
+   */
+  constructor(client: { tap: ((dir: 'out' | 'in', packet: Buffer) => void) | null }, xenstoredSocket?: string, log: (line: string) => void = () => {}) {
     this.#client = client;
+    this.#feed = xenstoredSocket ? new CaptureFeedClient(xenstoredSocket, log) : null;
   }
 
-  add(domid: number, c: GuestCapture): void {
+  /** Resolves once the guest's own xenstore traffic reaches `c` (or cannot). */
+  add(domid: number, c: GuestCapture): Promise<void> {
     this.#byDomid.set(domid, c);
     this.#client.tap = this.tap;
+    return this.#feed?.add(domid, (fromGuest, micros, packet) => c.guestXenstore(fromGuest, micros, packet)) ?? Promise.resolve();
   }
 
   remove(domid: number): void {
     const c = this.#byDomid.get(domid);
     this.#byDomid.delete(domid);
+    this.#feed?.remove(domid);
     for (const [r, x] of this.#byReq) if (x === c) this.#byReq.delete(r);
     if (this.#byDomid.size === 0) this.#client.tap = null;
   }

@@ -9,7 +9,7 @@ import { XS_FEATURE_RING, XS_FEATURE_V2 } from '../xen/tpmif.js';
 import { openChannel, type Channel, type ChannelOptions } from './channel.js';
 import type { VtpmProvider, VtpmSession } from './provider.js';
 import { trace } from '../util/trace.js';
-import { DeviceObservation, observeTarget } from './observe.js';
+import { DeviceObservation, captureKeys, observeTarget } from './observe.js';
 import type { XsCaptureRouter } from './capture.js';
 
 export interface DeviceOptions {
@@ -119,8 +119,10 @@ export class BackendDevice {
   async start(): Promise<void> {
     // A device already Connected belongs to a backend process that died (killed, crashed). Its event
     // channel died with it, so the frontend must reconnect with a new ring (it does so when it sees us
-    // go back to InitWait); until then what it published is stale.
-    if ((await readState(this.#o.xs, this.dev.frontend)) === XenbusState.Connected) {
+    // go back to InitWait); until then what it published is stale. A capture starts before our first step.
+    const [frontState, ...capture] = await Promise.all([readState(this.#o.xs, this.dev.frontend), ...captureKeys(this.#o.xs, this.dev.backend)]);
+    await this.#obs.open(...capture);
+    if (frontState === XenbusState.Connected) {
       this.#stale = await this.#published();
       this.#recovered = true;
       this.#o.log(`dom${this.dev.frontDomid}: recovering a connected device; waiting for the frontend to reconnect`);

@@ -8,6 +8,7 @@ import { commandName } from '../tpm/command-names.js';
 import { responseCode } from '../tpm/wire.js';
 import type { OnceRequest, VtpmTarget } from '../tpm/vtpm.js';
 import { GuestCapture, type XsCaptureRouter } from './capture.js';
+import type { XsClient } from '../xenstore/client.js';
 
 export interface GuestLabels {
   /** '' for a QEMU endpoint (no domain); its vm tells it apart. */
@@ -102,6 +103,11 @@ export function observeExecute<A extends unknown[]>(
   };
 }
 
+/** `guest attach --pcap`: the capture file and its bound in MiB the toolstack wrote in the device's backend node. */
+export function captureKeys(xs: XsClient, backend: string): [Promise<string | undefined>, Promise<string | undefined>] {
+  return [xs.tryRead(`${backend}/capture`), xs.tryRead(`${backend}/capture-max-mb`)];
+}
+
 /** What a xenbus device reports: its state, suspends and resumes, cut-offs, and its capture. */
 export class DeviceObservation {
   readonly #key: object;
@@ -122,18 +128,26 @@ export class DeviceObservation {
     this.#captures = captures;
   }
 
-  /** A frontend connects: this guest's observer; the capture the toolstack asked for is opened once and kept across reconnects. */
-  attach(vm: string, transport: 'v2' | 'ring', capture: string | undefined, captureMaxMb: string | undefined): GuestObserver {
-    if (capture && !this.#capture) {
-      const mb = Number(captureMaxMb ?? 100);
-      try {
-        this.#capture = new GuestCapture(capture, (Number.isFinite(mb) && mb > 0 ? mb : 100) * 1024 * 1024, this.#domid, this.#devid, this.#log);
-        this.#captures?.add(this.#domid, this.#capture);
-        this.#log(`dom${this.#domid}: capturing to ${capture}`);
-      } catch (err) {
-        this.#log(`dom${this.#domid}: capture ${capture}: ${(err as Error).message}; not capturing`);
-      }
+  /**
+   * Open the capture the toolstack asked for (once per device, kept across reconnects); resolves once
+   * the guest's own xenstore traffic reaches it, so the device's start is captured from its first step.
+   */
+  async open(capture: string | undefined, captureMaxMb: string | undefined): Promise<void> {
+    if (!capture || this.#capture) return;
+    const mb = Number(captureMaxMb ?? 100);
+    try {
+      this.#capture = new GuestCapture(capture, (Number.isFinite(mb) && mb > 0 ? mb : 100) * 1024 * 1024, this.#domid, this.#devid, this.#log);
+    } catch (err) {
+      this.#log(`dom${this.#domid}: capture ${capture}: ${(err as Error).message}; not capturing`);
+      return;
     }
+    this.#log(`dom${this.#domid}: capturing to ${capture}`);
+    await this.#captures?.add(this.#domid, this.#capture);
+  }
+
+  /** A frontend connects: this guest's observer (with the capture, opened here if start did not). */
+  attach(vm: string, transport: 'v2' | 'ring', capture: string | undefined, captureMaxMb: string | undefined): GuestObserver {
+    void this.open(capture, captureMaxMb);
     if (this.#observer?.labels.vm !== vm || this.#observer.labels.transport !== transport) {
       this.#observer = new GuestObserver({ domid: String(this.#domid), vm, transport }, this.#capture);
     }

@@ -2,6 +2,8 @@
 // CMD_SET_DATAFD, carrying raw TPM commands in and raw responses out, one command at a time
 // (docs/protocols/swtpm-ctrl.md, "Data channel"); commands are cut out by the one reassembler.
 import net from 'node:net';
+import { spinReadable } from '../../native/busy-poll.js';
+import { PollWindow } from '../xen/index.js';
 import { CommandReceiver } from '../swtpm/command-reassembler.js';
 import { errorResponse, familyOfTag, sizeErrorCode } from '../tpm/error-response.js';
 
@@ -23,13 +25,20 @@ export class DataChannel {
   readonly #ep: DataTarget;
   readonly #log: (l: string) => void;
   readonly #rx: CommandReceiver;
+  readonly #fd: number;
+  /** Whether spinning for the peer's next command after a response pays (src/xen/poll.ts). */
+  readonly #poll: PollWindow;
+  /** When the last response left with no command waiting (performance.now()), or -1. */
+  #answeredAt = -1;
   /** Refused commands logged so far: three per channel, so a peer cannot flood the log. */
   #refusalsLogged = 0;
   #busy = false;
   #closed = false;
 
-  constructor(fd: number, ep: DataTarget, log: (l: string) => void) {
+  constructor(fd: number, ep: DataTarget, log: (l: string) => void, poll: PollWindow = new PollWindow()) {
     this.#sock = new net.Socket({ fd, readable: true, writable: true });
+    this.#fd = fd;
+    this.#poll = poll;
     this.#ep = ep;
     this.#log = log;
     // The limit is the vTPM's buffer, which SET_BUFFERSIZE may change between commands.
@@ -40,6 +49,10 @@ export class DataChannel {
   }
 
   #onData(d: Buffer): void {
+    if (this.#answeredAt >= 0) {
+      this.#poll.record((performance.now() - this.#answeredAt) * 1000);
+      this.#answeredAt = -1;
+    }
     this.#rx.push(new Uint8Array(d.buffer, d.byteOffset, d.byteLength));
     if (this.#rx.buffered >= this.#ep.vtpm.bufferSize) this.#sock.pause();
     void this.#pump();
@@ -63,8 +76,10 @@ export class DataChannel {
   async #pump(): Promise<void> {
     if (this.#busy) return;
     this.#busy = true;
+    let answered = false;
     try {
       for (let f = this.#rx.next(); !this.#closed && f !== null; f = this.#rx.next()) {
+        answered = true;
         if (f.kind === 'command') {
           await this.#send(await this.#ep.execute(f.bytes));
           continue;
@@ -80,12 +95,27 @@ export class DataChannel {
         await this.#send(errorResponse(fam, sizeErrorCode(fam)));
       }
       if (!this.#closed && this.#rx.buffered < this.#ep.vtpm.bufferSize) this.#sock.resume();
+      if (answered) this.#awaitNext();
     } catch (err) {
       this.#log(`data channel: ${(err as Error).message}`);
       this.close();
     } finally {
       this.#busy = false;
     }
+  }
+
+  /** Every response is out: stay on the CPU for the peer's next command for a short window. */
+  #awaitNext(): void {
+    if (this.#closed) return;
+    this.#answeredAt = performance.now();
+    const budget = this.#poll.budgetUs;
+    // After this turn's other callbacks, once Node has taken the response off its queue.
+    if (budget > 0) setImmediate(() => this.#spin(budget));
+  }
+
+  #spin(budget: number): void {
+    if (this.#closed || this.#busy || this.#sock.writableLength > 0 || this.#answeredAt < 0) return;
+    spinReadable(this.#fd, budget);
   }
 
   close(): void {

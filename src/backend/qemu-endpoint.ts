@@ -8,19 +8,20 @@
 // (swtpm #415: a second one must not hang the first); their commands run one at a time.
 import net from 'node:net';
 import fs from 'node:fs';
-import { RightsReader, closeFd, type Received, type RightsSocket } from '../../native/unix-rights.js';
+import { RightsReader, closeFd, type RightsSocket } from '../../native/unix-rights.js';
+import { PollWindow } from '../xen/index.js';
+import { CtrlConnection } from './qemu-ctrl.js';
 import {
   Cap,
   Cmd,
   GETINFO_SIZE,
   INIT_FLAG_DELETE_VOLATILE,
-  MAX_STATE_BLOB,
   Res,
   STATE_FLAG_ENCRYPTED,
   resultOnly,
   u32s,
 } from '../swtpm/codes.js';
-import { CtrlReceiver, type CtrlRequest, type ReceiverEvent } from '../swtpm/ctrl-receiver.js';
+import type { CtrlRequest } from '../swtpm/ctrl-receiver.js';
 import { DataChannel } from './qemu-data.js';
 import { StateBlobError } from '../tpm/state-blob.js';
 import type { StateKind } from '../tpm/state-store.js';
@@ -35,6 +36,8 @@ export interface QemuEndpointOptions {
   onShutdown?: () => void;
   /** Metrics and capture of this VM's commands (docs/observability.md). */
   observer?: GuestObserver;
+  /** The busy-wait window after each reply, per connection (default: VTPM_POLL_US, off under CPU pressure). */
+  pollWindow?: () => PollWindow;
 }
 
 /** What we implement: everything QEMU 7.2 needs (0x348F + 0x0700 for migration) and swtpm_ioctl uses. */
@@ -56,14 +59,8 @@ export const OUR_CAPS =
 
 const KIND_OF_TYPE: Record<number, StateKind> = { 1: 'permanent', 2: 'volatile', 3: 'savestate' };
 
-/**
- * A control client may have this many requests unanswered, or this many reply bytes unread, before it
- * is cut off: QEMU sends one command and waits for its answer, and the reader thread cannot be paused.
- */
-export const CTRL_MAX_UNANSWERED = 64;
-export const CTRL_MAX_BACKLOG = MAX_STATE_BLOB + 64 * 1024;
-/** Answered (non-fatal) protocol errors logged per control client. */
-const CTRL_ERRORS_LOGGED = 3;
+/** Limits on one control client (qemu-ctrl.ts). */
+export { CTRL_MAX_BACKLOG, CTRL_MAX_UNANSWERED } from './qemu-ctrl.js';
 
 export class QemuEndpoint {
   readonly path: string;
@@ -135,9 +132,13 @@ export class QemuEndpoint {
       sock.destroy();
       return;
     }
-    const conn = new CtrlConnection(this, sock, rs, this.#o.log);
+    const conn = new CtrlConnection(this, sock, fd, rs, this.#o.log, this.#newPollWindow());
     this.#conns.add(conn);
     conn.onClose = () => this.#conns.delete(conn);
+  }
+
+  #newPollWindow(): PollWindow {
+    return this.#o.pollWindow?.() ?? new PollWindow();
   }
 
   /** Queue one request's handling behind every other client's. */
@@ -248,7 +249,7 @@ export class QemuEndpoint {
     }
     let ch: DataChannel;
     try {
-      ch = new DataChannel(fds[0]!, this, this.#o.log);
+      ch = new DataChannel(fds[0]!, this, this.#o.log, this.#newPollWindow());
     } catch (err) {
       closeFd(fds[0]!);
       this.#o.log(`SET_DATAFD: ${(err as Error).message}`);
@@ -374,103 +375,4 @@ function answers(path: string): Promise<boolean> {
     });
     s.on('error', () => resolve(false));
   });
-}
-
-/** One control client: recvmsg via the reader thread in, Node's socket out. */
-class CtrlConnection {
-  onClose: () => void = () => {};
-  readonly #ep: QemuEndpoint;
-  readonly #sock: net.Socket;
-  readonly #rs: RightsSocket;
-  readonly #rx = new CtrlReceiver((events) => this.#dispatch(events));
-  readonly #log: (l: string) => void;
-  #queue: Promise<void> = Promise.resolve();
-  /** Requests received and not yet answered. */
-  #unanswered = 0;
-  /** Answered protocol errors logged so far: a client cannot flood the log with them. */
-  #errorsLogged = 0;
-  #closed = false;
-
-  constructor(ep: QemuEndpoint, sock: net.Socket, rs: RightsSocket, log: (l: string) => void) {
-    this.#ep = ep;
-    this.#sock = sock;
-    this.#rs = rs;
-    this.#log = log;
-    sock.on('error', () => this.close());
-    rs.on('data', (r: Received) => this.#onData(r));
-    rs.on('end', () => this.close());
-  }
-
-  #onData(r: Received): void {
-    if (this.#closed) {
-      for (const fd of r.fds) closeFd(fd);
-      return;
-    }
-    this.#dispatch(this.#rx.push(r.data, r.fds));
-  }
-
-  #dispatch(events: ReceiverEvent[]): void {
-    for (const ev of events) {
-      if (this.#closed) {
-        for (const fd of ev.kind === 'error' ? ev.fds : ev.req.fds) closeFd(fd);
-        continue;
-      }
-      if (++this.#unanswered > CTRL_MAX_UNANSWERED) {
-        for (const fd of ev.kind === 'error' ? ev.fds : ev.req.fds) closeFd(fd);
-        this.#cutOff(`${CTRL_MAX_UNANSWERED} requests unanswered and more arriving`);
-        return;
-      }
-      // Replies go out in request order even when a later request is quick.
-      this.#queue = this.#queue.then(async () => {
-        this.#unanswered--;
-        if (this.#closed) {
-          for (const fd of ev.kind === 'error' ? ev.fds : ev.req.fds) closeFd(fd);
-          return;
-        }
-        if (ev.kind === 'error') {
-          for (const fd of ev.fds) closeFd(fd);
-          const res = ev.err.result;
-          if (ev.err.fatal || this.#errorsLogged < CTRL_ERRORS_LOGGED) {
-            const more = !ev.err.fatal && ++this.#errorsLogged === CTRL_ERRORS_LOGGED ? ' (its further errors are not logged)' : '';
-            this.#log(`control client: ${ev.err.message} -> ${res === null ? 'hang up' : `0x${res.toString(16)}`}${more}`);
-          }
-          if (res !== null) this.#write(resultOnly(res));
-          if (ev.err.fatal) this.close(true);
-          return;
-        }
-        const res = await this.#ep.run(ev.req).catch((err: unknown) => {
-          this.#log(`control command 0x${ev.req.cmd.toString(16)}: ${(err as Error).message}`);
-          return resultOnly(Res.FAIL);
-        });
-        this.#write(res);
-      });
-    }
-  }
-
-  #write(b: Buffer): void {
-    if (this.#closed || this.#sock.destroyed) return;
-    if (this.#sock.writableLength + b.length > CTRL_MAX_BACKLOG) {
-      this.#cutOff(`${this.#sock.writableLength} reply bytes unread`);
-      return;
-    }
-    this.#sock.write(b);
-  }
-
-  /** A client that does not read its replies: one log line, then it alone is hung up on. */
-  #cutOff(what: string): void {
-    this.#log(`control client cut off: ${what}`);
-    this.close();
-  }
-
-  close(afterWrites = false): void {
-    if (this.#closed) return;
-    this.#closed = true;
-    for (const fd of this.#rx.destroy()) closeFd(fd);
-    this.#rs.close();
-    // Nothing reads this socket through Node, so it would never see the peer's end: destroy it once
-    // the last reply is flushed.
-    if (afterWrites) this.#sock.end(() => this.#sock.destroy());
-    else this.#sock.destroy();
-    this.onClose();
-  }
 }

@@ -34,7 +34,7 @@ export class Backend {
     this.dom = dom;
     this.xs = xs;
     this.#o = o;
-    this.#captures = new XsCaptureRouter(xs);
+    this.#captures = new XsCaptureRouter(xs, o.xenstoredSocket, o.log);
   }
 
   static async start(o: BackendOptions): Promise<Backend> {

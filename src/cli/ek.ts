@@ -16,8 +16,8 @@ export interface EkFlags {
 
 export function addEkOptions(c: Command): Command {
   return c
-    .option('--ek-profile <which>', 'EK certificates of a new TPM 2.0: rsa, ecc or both (default: both)')
-    .option('--no-ek-cert', 'manufacture a new TPM 2.0 without EK certificates');
+    .option('--ek-profile <which>', 'EK certificates of a new TPM 2.0: rsa, ecc or both (default: both); a TPM 1.2: rsa')
+    .option('--no-ek-cert', 'manufacture a new TPM without EK certificates');
 }
 
 /** The choice the flags make, or undefined when they make none (the manager's default applies). */
@@ -26,7 +26,7 @@ export function ekChoice(f: EkFlags, version: '2.0' | '1.2'): EkCode | undefined
   if (f.ekProfile !== undefined && f.ekProfile !== 'rsa' && f.ekProfile !== 'ecc' && f.ekProfile !== 'both')
     throw new CliError('USAGE', `--ek-profile must be rsa, ecc or both, not ${f.ekProfile}`);
   const choice: EkCode | undefined = f.ekCert === false ? 'none' : (f.ekProfile as EkCode | undefined);
-  if (choice !== undefined && choice !== 'none' && version !== '2.0') throw new CliError('USAGE', '--ek-profile: EK certificates are made for TPM 2.0 only');
+  if (choice !== undefined && choice !== 'none' && choice !== 'rsa' && version === '1.2') throw new CliError('USAGE', `--ek-profile ${choice}: a TPM 1.2 has one EK, an RSA key (--ek-profile rsa)`);
   return choice;
 }
 

@@ -5,6 +5,7 @@ import type { Command } from 'commander';
 import fs from 'node:fs';
 import { resolve } from 'node:path';
 import { NoHostError, RunDir, alive, type HostInfo, type HostMode, type ProcessEntry } from './rundir.js';
+import type { PlatformIdentity } from '../manager/ca-files.js';
 import { stopProcess, tailFile } from './spawn.js';
 import { DAEMON_ROLES, isDaemonRole, restartDaemon, startRole, type DaemonRole } from './restart.js';
 import { CliError } from './errors.js';
@@ -27,6 +28,8 @@ export interface HostUpOptions {
   ca?: string;
   /** EK certificates of a new TPM 2.0 whose attach does not choose: rsa, ecc, both (default) or none. */
   ekCerts?: string;
+  /** What new TPMs' platform certificates name; left out, what a restarted host had, else the manager's defaults. */
+  platform?: Partial<PlatformIdentity>;
   /** HOST:PORT where the backend serves the whole host's Prometheus metrics (docs/observability.md). */
   metrics?: string;
   /** Every daemon's log format (default text). */
@@ -110,6 +113,8 @@ export async function hostUp(runDir: string, stateDir: string, mode: HostMode, o
     if (!Object.keys(EK_CODES).includes(ekCerts)) throw new CliError('USAGE', `--ek-certs must be rsa, ecc, both or none, not ${ekCerts}`);
     h.ekCerts = ekCerts;
   }
+  const platform = { ...old?.platform, ...opts.platform };
+  if (Object.keys(platform).length > 0) h.platform = platform;
   // A host recovered from a crash keeps signing with the CA it was started with.
   const ca = opts.ca ?? old?.ca;
   if (ca !== undefined) {
@@ -262,9 +267,12 @@ export function register(program: Command): void {
     .option('--metrics <host:port>', 'serve the whole host\'s Prometheus metrics on http://HOST:PORT/metrics (docs/observability.md)')
     .option('--log-format <fmt>', 'every daemon logs text (default) or json (one object per event)', 'text')
     .option('--ca <dir>', "sign EK certificates with an operator's CA: DIR/cert.pem (issuing certificate, then its chain) and DIR/key.pem; default: a host CA made in STATE/ca")
-    .option('--ek-certs <which>', 'EK certificates of a new TPM 2.0 whose attach does not choose: rsa, ecc, both or none (default both)');
+    .option('--ek-certs <which>', 'EK certificates of a new TPM whose attach does not choose: rsa, ecc, both or none (default both; a TPM 1.2 is certified under rsa and both)')
+    .option('--platform-manufacturer <s>', 'the platform certificate of a new TPM 2.0 names this manufacturer (default vtpm-split)')
+    .option('--platform-model <s>', 'and this platform model (default vtpm-split)')
+    .option('--platform-version <s>', 'and this platform version (default 1)');
   addStoreOptions(up).action(
-    async (o: { run: string; state: string; mode: string; isolation: string; uidBase?: string; store?: string; masterKey?: string; leaseTtl?: string; metrics?: string; logFormat: string; ca?: string; ekCerts?: string }) => {
+    async (o: { run: string; state: string; mode: string; isolation: string; uidBase?: string; store?: string; masterKey?: string; leaseTtl?: string; metrics?: string; logFormat: string; ca?: string; ekCerts?: string; platformManufacturer?: string; platformModel?: string; platformVersion?: string }) => {
       if (o.isolation !== 'auto' && o.isolation !== 'uid' && o.isolation !== 'none') throw new CliError('USAGE', `--isolation must be auto, uid or none, not ${o.isolation}`);
       let logFormat: LogFormat;
       try {
@@ -280,6 +288,11 @@ export function register(program: Command): void {
         ...(o.uidBase !== undefined ? { uidBase: parseUidBase(o.uidBase) } : {}),
         ca: o.ca,
         ekCerts: o.ekCerts,
+        platform: {
+          ...(o.platformManufacturer !== undefined ? { manufacturer: o.platformManufacturer } : {}),
+          ...(o.platformModel !== undefined ? { model: o.platformModel } : {}),
+          ...(o.platformVersion !== undefined ? { version: o.platformVersion } : {}),
+        },
         report: (l) => console.log(l),
         store: parseStoreFlags(o),
       });

@@ -8,6 +8,7 @@ import { makeLog, parseLogFormat } from '../util/log.js';
 import { serveDaemonMetrics } from '../util/metrics-http.js';
 import { addStoreOptions, parseStoreFlags } from './store-flags.js';
 import { EK_CODES, type EkCode } from '../manager/wire.js';
+import { DEFAULT_PLATFORM } from '../manager/ca-files.js';
 
 export function register(program: Command): void {
   const cmd = program
@@ -22,10 +23,13 @@ export function register(program: Command): void {
     .option('--log-format <fmt>', 'text (default) or json: one JSON object per event (docs/observability.md)', 'text')
     .option('--client-stall-ms <ms>', 'cut off a client whose replies sit unread this long (default 30000)', (v) => Number(v))
     .option('--ca <dir>', "an operator's EK CA: DIR/cert.pem (issuing certificate, then its chain) and DIR/key.pem; default: the host CA in STATE/ca")
-    .option('--ek-certs <which>', 'EK certificates of a new TPM 2.0 whose OPEN does not choose: rsa, ecc, both or none', 'both')
+    .option('--ek-certs <which>', 'EK certificates of a new TPM whose OPEN does not choose: rsa, ecc, both or none (a TPM 1.2 is certified under rsa and both)', 'both')
+    .option('--platform-manufacturer <s>', 'platform certificate of a new TPM 2.0: platformManufacturerStr', DEFAULT_PLATFORM.manufacturer)
+    .option('--platform-model <s>', 'platform certificate: platformModel', DEFAULT_PLATFORM.model)
+    .option('--platform-version <s>', 'platform certificate: platformVersion', DEFAULT_PLATFORM.version)
     .option('--host-name <name>', 'with --store: this host\'s name in its claims on VMs, unique in the cluster (default HOSTNAME:RUN)');
   addStoreOptions(cmd).action(
-    async (o: { state: string; run: string; sealToTpm?: string; sealPcrs: string; logBytes?: number; append: string; clientStallMs?: number; hostName?: string; store?: string; masterKey?: string; leaseTtl?: string; logFormat: string; ca?: string; ekCerts: string }) => {
+    async (o: { state: string; run: string; sealToTpm?: string; sealPcrs: string; logBytes?: number; append: string; clientStallMs?: number; hostName?: string; store?: string; masterKey?: string; leaseTtl?: string; logFormat: string; ca?: string; ekCerts: string; platformManufacturer: string; platformModel: string; platformVersion: string }) => {
       if (!Object.keys(EK_CODES).includes(o.ekCerts)) throw new Error(`--ek-certs takes rsa, ecc, both or none, not ${o.ekCerts}`);
       const store = parseStoreFlags(o);
       if (store && o.sealToTpm) throw new Error('--seal-to-tpm seals a local key file; with --store every host shares --master-key');
@@ -45,7 +49,7 @@ export function register(program: Command): void {
       };
       // Loaded here only: the daemon brings libtpms (manufacture) and the X.509 library, which no other command needs.
       const { ManagerDaemon } = await import('../manager/daemon.js');
-      const d = await ManagerDaemon.start({ stateDir: o.state, runDir: o.run, sealToTpm: o.sealToTpm, sealPcrs: o.sealPcrs, logBytes: o.logBytes, append: o.append, log, clientQueue: o.clientStallMs === undefined ? undefined : { stallMs: o.clientStallMs }, etcd, ca: o.ca, ekCerts: o.ekCerts as EkCode });
+      const d = await ManagerDaemon.start({ stateDir: o.state, runDir: o.run, sealToTpm: o.sealToTpm, sealPcrs: o.sealPcrs, logBytes: o.logBytes, append: o.append, log, clientQueue: o.clientStallMs === undefined ? undefined : { stallMs: o.clientStallMs }, etcd, ca: o.ca, ekCerts: o.ekCerts as EkCode, platform: { manufacturer: o.platformManufacturer, model: o.platformModel, version: o.platformVersion } });
       onStop(async () => {
         await d.stop();
         await stopMetrics();

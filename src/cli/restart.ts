@@ -63,7 +63,9 @@ export async function startRole(rd: RunDir, h: HostInfo, role: DaemonRole): Prom
     entry = { role, domid: 0, pid: s.pid, socket: h.xenstoredSocket };
   } else if (role === 'manager') {
     // libuv reads its pool size at start: the manager fsyncs a whole group commit in parallel there.
-    const ek = [...(h.ca ? ['--ca', h.ca] : []), ...(h.ekCerts ? ['--ek-certs', h.ekCerts] : [])];
+    const p = h.platform ?? {};
+    const platform = [...(p.manufacturer !== undefined ? ['--platform-manufacturer', p.manufacturer] : []), ...(p.model !== undefined ? ['--platform-model', p.model] : []), ...(p.version !== undefined ? ['--platform-version', p.version] : [])];
+    const ek = [...(h.ca ? ['--ca', h.ca] : []), ...(h.ekCerts ? ['--ek-certs', h.ekCerts] : []), ...platform];
     const s = await startDaemon(['manager', '--state', h.stateDir, '--run', h.managerRunDir, ...storeArgs(h.store), ...logArgs, ...ek], rd.log('manager'), /vtpm-manager: ready/, { ...env, UV_THREADPOOL_SIZE: '64' });
     entry = { role, domid: 0, pid: s.pid, run: h.managerRunDir };
   } else {

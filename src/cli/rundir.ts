@@ -5,6 +5,7 @@ import { createHash } from 'node:crypto';
 import { join, resolve } from 'node:path';
 import type { Isolation } from './isolation.js';
 import type { StoreFlags } from './store-flags.js';
+import type { PlatformIdentity } from '../manager/ca-files.js';
 
 export interface ProcessEntry {
   role: 'hypervisor' | 'xenstored' | 'manager' | 'backend' | 'guest' | 'vtpm-domain';
@@ -34,8 +35,10 @@ export interface HostInfo {
   isolation?: Isolation;
   /** `host up --ca DIR`: the operator's EK CA the manager signs with (absent: the host CA in the state dir). */
   ca?: string;
-  /** `host up --ek-certs`: what a new TPM 2.0 gets when its attach does not choose (absent: both). */
+  /** `host up --ek-certs`: what a new TPM gets when its attach does not choose (absent: both). */
   ekCerts?: string;
+  /** `host up --platform-*`: what new TPMs' platform certificates name (absent: the manager's defaults). */
+  platform?: Partial<PlatformIdentity>;
   /** The manager's etcd store (--store …); absent: the local store in stateDir. */
   store?: StoreFlags;
 }

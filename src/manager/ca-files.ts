@@ -5,3 +5,11 @@ export const CA_DIR = 'ca';
 export const CA_CHAIN_FILE = 'ek-ca-chain.pem';
 export const OPERATOR_CERT = 'cert.pem';
 export const OPERATOR_KEY = 'key.pem';
+
+/** What a platform certificate says about the platform (`host up --platform-*`). */
+export interface PlatformIdentity {
+  manufacturer: string;
+  model: string;
+  version: string;
+}
+export const DEFAULT_PLATFORM: PlatformIdentity = { manufacturer: 'vtpm-split', model: 'vtpm-split', version: '1' };

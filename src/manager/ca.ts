@@ -10,12 +10,14 @@ import fs from 'node:fs';
 import path from 'node:path';
 import * as x509 from '@peculiar/x509';
 import { AsnConvert } from '@peculiar/asn1-schema';
-import { Attribute, GeneralName, Name as AsnName, SubjectAlternativeName, SubjectDirectoryAttributes } from '@peculiar/asn1-x509';
-import { Integer, Sequence, Utf8String } from 'asn1js';
+import { Attribute, Certificate as AsnCertificate, Extension as AsnExtension, Extensions, GeneralName, GeneralNames, Name as AsnName, SubjectAlternativeName, SubjectDirectoryAttributes } from '@peculiar/asn1-x509';
+import { AttCertIssuer, AttCertValidityPeriod, AttCertVersion, AttributeCertificate, AttributeCertificateInfo, Holder, IssuerSerial, V2Form } from '@peculiar/asn1-x509-attr';
+import { Integer, ObjectIdentifier, Sequence, Utf8String } from 'asn1js';
 import type { EkPublic } from '../tpm/ek-commands.js';
 import type { TpmIdentity } from '../tpm/ek-manufacture.js';
+import type { Tpm12Identity } from '../tpm/ek12.js';
 import { fsyncDirSync, replaceDurableSync } from '../util/durable.js';
-import { CA_DIR, OPERATOR_CERT, OPERATOR_KEY } from './ca-files.js';
+import { CA_DIR, OPERATOR_CERT, OPERATOR_KEY, type PlatformIdentity } from './ca-files.js';
 
 x509.cryptoProvider.set(crypto.webcrypto as unknown as Crypto);
 
@@ -39,7 +41,14 @@ export const TCG_OID = {
   tpmVersion: '2.23.133.2.3',
   tpmSpecification: '2.23.133.2.16',
   ekCertificate: '2.23.133.8.1',
+  tcgCredentialType: '2.23.133.2.25',
+  platformAttributeCertificate: '2.23.133.8.2',
+  platformManufacturerStr: '2.23.133.5.1.1',
+  platformModel: '2.23.133.5.1.4',
+  platformVersion: '2.23.133.5.1.5',
 } as const;
+
+export { DEFAULT_PLATFORM, type PlatformIdentity } from './ca-files.js';
 
 export { CA_CHAIN_FILE, CA_DIR, OPERATOR_CERT, OPERATOR_KEY } from './ca-files.js';
 const ROOT_CERT = 'root.pem';
@@ -234,36 +243,98 @@ export class EkCa {
     replaceDurableSync(path.join(dir, ISSUER_CERT), Buffer.from(issuer.toString('pem') + '\n'), 0o644);
   }
 
-  /** The EK certificate of one TPM (EK Credential Profile 2.0, section 3.2). */
+  /** The EK certificate of one TPM 2.0 (EK Credential Profile 2.0, section 3.2). */
   async issueEk(pub: EkPublic, tpm: TpmIdentity, vmUuid: string): Promise<Uint8Array> {
     const jwk: crypto.JsonWebKeyInput['key'] =
       pub.alg === 'rsa'
         ? { kty: 'RSA', n: Buffer.from(pub.modulus).toString('base64url'), e: Buffer.from([1, 0, 1]).toString('base64url') }
         : { kty: 'EC', crv: 'P-256', x: Buffer.from(pub.x).toString('base64url'), y: Buffer.from(pub.y).toString('base64url') };
     const spkiDer = crypto.createPublicKey({ key: jwk, format: 'jwk' }).export({ type: 'spki', format: 'der' });
-    const hex8 = (n: number): string => `id:${(n >>> 0).toString(16).toUpperCase().padStart(8, '0')}`;
+    return this.#issue({
+      subject: `CN=${vmUuid}`,
+      spki: Uint8Array.from(spkiDer).buffer,
+      keyUsage: pub.alg === 'rsa' ? x509.KeyUsageFlags.keyEncipherment : x509.KeyUsageFlags.keyAgreement,
+      san: [hex8(tpm.manufacturer), tpm.model, hex8(tpm.firmware[0])],
+      spec: tpm.spec,
+    });
+  }
+
+  /**
+   * The EK certificate of one TPM 1.2 (TCG Credential Profile 1.2): an empty subject (the profile's
+   * rule; the critical subjectAltName names the TPM) and tpmSpecification "1.2". The key is typed
+   * rsaEncryption, as swtpm_localca types it: the profile's id-RSAES-OAEP typing is one OpenSSL cannot
+   * load, and a verifier would then refuse the whole chain.
+   */
+  async issueEk12(modulus: Uint8Array, tpm: Tpm12Identity): Promise<Uint8Array> {
+    const spki = crypto.createPublicKey({ key: { kty: 'RSA', n: Buffer.from(modulus).toString('base64url'), e: 'AQAB' }, format: 'jwk' }).export({ type: 'spki', format: 'der' });
+    return this.#issue({
+      subject: '',
+      spki: Uint8Array.from(spki).buffer,
+      keyUsage: x509.KeyUsageFlags.keyEncipherment,
+      san: [hex8(tpm.manufacturer), TPM12_MODEL, hex8(((tpm.firmware[0] << 8) | tpm.firmware[1]) >>> 0)],
+      spec: { family: '1.2', level: tpm.specLevel, revision: TPM12_REVISION[tpm.errataRev] ?? tpm.errataRev },
+    });
+  }
+
+  /**
+   * The TCG Platform Certificate of a VM's platform (Platform Credential Profile): an X.509 attribute
+   * certificate (RFC 5755) whose holder is the EK certificate (its issuer and serial), the platform's
+   * manufacturer, model and version in its subjectAltName, credential type
+   * tcg-kp-PlatformAttributeCertificate. Built from @peculiar/asn1-x509-attr's schema; signed by the
+   * issuing CA over the DER of its AttributeCertificateInfo.
+   */
+  async issuePlatform(ekCertDer: Uint8Array, p: PlatformIdentity): Promise<Uint8Array> {
+    const ek = AsnConvert.parse(ekCertDer, AsnCertificate).tbsCertificate;
+    const dn = new x509.Name([
+      { [TCG_OID.platformManufacturerStr]: [{ utf8String: p.manufacturer }] },
+      { [TCG_OID.platformModel]: [{ utf8String: p.model }] },
+      { [TCG_OID.platformVersion]: [{ utf8String: p.version }] },
+    ]);
+    const san = new x509.Extension('2.5.29.17', false, AsnConvert.serialize(new SubjectAlternativeName([new GeneralName({ directoryName: AsnConvert.parse(dn.toArrayBuffer(), AsnName) })])));
+    const aki = await x509.AuthorityKeyIdentifierExtension.create(this.signer.cert);
+    const sigAlg = new x509.AlgorithmProvider().toAsnAlgorithm(this.signer.alg);
+    const credentialType = new Sequence({ value: [new ObjectIdentifier({ value: TCG_OID.platformAttributeCertificate })] }).toBER();
+    const holderId = new IssuerSerial({ issuer: new GeneralNames([new GeneralName({ directoryName: ek.issuer })]), serial: ek.serialNumber });
+    // The schema defaults issuerUID to an empty BIT STRING; the EK certificate has none, so it is left out.
+    Reflect.deleteProperty(holderId, 'issuerUID');
+    const acinfo = new AttributeCertificateInfo({
+      version: AttCertVersion.v2,
+      holder: new Holder({ baseCertificateID: holderId }),
+      issuer: new AttCertIssuer({ v2Form: new V2Form({ issuerName: new GeneralNames([new GeneralName({ directoryName: AsnConvert.parse(this.signer.cert.subjectName.toArrayBuffer(), AsnName) })]) }) }),
+      signature: sigAlg,
+      serialNumber: Uint8Array.from(Buffer.from(serial(), 'hex')).buffer,
+      attrCertValidityPeriod: new AttCertValidityPeriod({ notBeforeTime: new Date(Math.floor(Date.now() / 1000) * 1000), notAfterTime: EK_NOT_AFTER }),
+      attributes: [new Attribute({ type: TCG_OID.tcgCredentialType, values: [credentialType] })],
+      extensions: new Extensions([san, aki].map((e) => AsnConvert.parse(e.rawData, AsnExtension))),
+    });
+    const hash = (this.signer.alg.hash as string).replace('-', '').toLowerCase();
+    const signature = crypto.sign(hash, Buffer.from(AsnConvert.serialize(acinfo)), { key: crypto.KeyObject.from(this.signer.key as unknown as crypto.webcrypto.CryptoKey), dsaEncoding: 'der' });
+    return new Uint8Array(AsnConvert.serialize(new AttributeCertificate({ acinfo, signatureAlgorithm: sigAlg, signatureValue: Uint8Array.from(signature).buffer })));
+  }
+
+  async #issue(o: { subject: string; spki: ArrayBuffer; keyUsage: x509.KeyUsageFlags; san: [string, string, string]; spec: TpmIdentity['spec'] }): Promise<Uint8Array> {
     // subjectAltName: directoryName {tpmManufacturer, tpmModel, tpmVersion}, UTF8Strings (profile 3.2.9).
     const dn = new x509.Name([
-      { [TCG_OID.tpmManufacturer]: [{ utf8String: hex8(tpm.manufacturer) }] },
-      { [TCG_OID.tpmModel]: [{ utf8String: tpm.model }] },
-      { [TCG_OID.tpmVersion]: [{ utf8String: hex8(tpm.firmware[0]) }] },
+      { [TCG_OID.tpmManufacturer]: [{ utf8String: o.san[0] }] },
+      { [TCG_OID.tpmModel]: [{ utf8String: o.san[1] }] },
+      { [TCG_OID.tpmVersion]: [{ utf8String: o.san[2] }] },
     ]);
     const san = new SubjectAlternativeName([new GeneralName({ directoryName: AsnConvert.parse(dn.toArrayBuffer(), AsnName) })]);
-    // subjectDirectoryAttributes: tpmSpecification {family "2.0", level, revision} (profile 3.2.13).
-    const spec = new Sequence({ value: [new Utf8String({ value: tpm.spec.family }), new Integer({ value: tpm.spec.level }), new Integer({ value: tpm.spec.revision })] }).toBER();
+    // subjectDirectoryAttributes: tpmSpecification {family, level, revision} (profile 3.2.13).
+    const spec = new Sequence({ value: [new Utf8String({ value: o.spec.family }), new Integer({ value: o.spec.level }), new Integer({ value: o.spec.revision })] }).toBER();
     const sda = new SubjectDirectoryAttributes([new Attribute({ type: TCG_OID.tpmSpecification, values: [spec] })]);
     const cert = await x509.X509CertificateGenerator.create({
       serialNumber: serial(),
-      subject: `CN=${vmUuid}`,
+      subject: o.subject,
       issuer: this.signer.cert.subject,
       notBefore: new Date(),
       notAfter: EK_NOT_AFTER,
       signingAlgorithm: this.signer.alg,
-      publicKey: spkiDer,
+      publicKey: o.spki,
       signingKey: this.signer.key,
       extensions: [
         new x509.BasicConstraintsExtension(false, undefined, true),
-        new x509.KeyUsagesExtension(pub.alg === 'rsa' ? x509.KeyUsageFlags.keyEncipherment : x509.KeyUsageFlags.keyAgreement, true),
+        new x509.KeyUsagesExtension(o.keyUsage, true),
         new x509.ExtendedKeyUsageExtension([TCG_OID.ekCertificate], false),
         // Critical as swtpm_localca marks it (the profile requires it when the subject is empty).
         new x509.Extension('2.5.29.17', true, AsnConvert.serialize(san)),
@@ -274,3 +345,9 @@ export class EkCa {
     return new Uint8Array(cert.rawData);
   }
 }
+
+const hex8 = (n: number): string => `id:${(n >>> 0).toString(16).toUpperCase().padStart(8, '0')}`;
+/** A TPM 1.2 reports no model; libtpms' own name for itself (TPMLIB_GetInfo) stands in. */
+const TPM12_MODEL = 'swtpm';
+/** TPM 1.2 errataRev to the specification revision it names (1.2 rev 94, 103, 116). */
+const TPM12_REVISION: Record<number, number> = { 0: 85, 1: 94, 2: 103, 3: 116 };

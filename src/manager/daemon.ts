@@ -42,7 +42,7 @@ import {
   type StatusCode,
 } from './wire.js';
 import { escapeLogLine } from '../util/log-escape.js';
-import { CA_CHAIN_FILE, EkCa } from './ca.js';
+import { CA_CHAIN_FILE, EkCa, type PlatformIdentity } from './ca.js';
 import { Factory, type EkChoice } from './manufacture.js';
 import type { StateStore } from '../tpm/state-store.js';
 import { managerMetrics } from '../util/metrics.js';
@@ -68,8 +68,9 @@ export interface ManagerOptions {
   holdFlushMs?: number;
   /** An operator's EK CA directory (cert.pem, key.pem); absent: the host CA made in <state>/ca. */
   ca?: string;
-  /** EK certificates of a new TPM 2.0 whose OPEN does not choose (default both). */
+  /** EK certificates of a new TPM whose OPEN does not choose (default both); `platform`: what its platform certificate names. */
   ekCerts?: EkChoice;
+  platform?: PlatformIdentity;
   log?: (line: string) => void;
 }
 
@@ -186,7 +187,7 @@ export class ManagerDaemon {
       (l) => this.#log(l),
     );
     // Last before serving: its libtpms work must not keep a manager that failed to start alive.
-    this.#factory = new Factory(ca, (l) => this.#log(l));
+    this.#factory = new Factory(ca, (l) => this.#log(l), this.opts.platform);
     this.#server = FifoServer.listen(runDir, this.opts.clientQueue);
     this.#server.on('console', (f) => this.#onConsole(f));
     this.#server.on('consoleError', (e) => this.#onConsoleError(e));
@@ -335,7 +336,7 @@ export class ManagerDaemon {
     return xenForm ? { status: Status.SUCCESS } : { status: Status.SUCCESS, params: encodeOpenResult(record.instance, created) };
   }
 
-  /** A new TPM 2.0 is made before OPEN is answered (manufacture.ts); if that fails, a new VM goes again. */
+  /** A new TPM is made before OPEN is answered (manufacture.ts); if that fails, a new VM goes again. */
   async #manufacture(vm: VmRecord, created: boolean, choice: EkChoice): Promise<void> {
     const store: StateStore = {
       load: (_i, kind) => this.#loadPlain(vm, kind),

@@ -1,6 +1,6 @@
-// The factory: a new VM's TPM 2.0 is manufactured here, in the manager, at its first OPEN and before the
-// OPEN is answered, so that no backend, vTPM domain or QEMU ever sees it unfinished, whichever mode the
-// host runs in. Its EK certificates are issued by the host CA and locked into the TCG indices; its
+// The factory: a new VM's TPM (2.0, or 1.2 with its one RSA EK) is manufactured here, in the manager,
+// at its first OPEN and before the OPEN is answered, so that no backend, vTPM domain or QEMU ever sees it
+// unfinished, whichever mode the host runs in. Its EK certificates are issued by the host CA and locked into the TCG indices; its
 // permanent state goes to the manager's store like any save. The VM's permanent state existing is what
 // "manufactured" means: it is never done twice, and a migrated-in VM (which arrives with state) is never
 // re-manufactured.
@@ -13,7 +13,8 @@ import { TpmHost } from '../tpm/host.js';
 import type { TpmInstance } from '../tpm/instance.js';
 import type { StateKind, StateStore } from '../tpm/state-store.js';
 import { deriveEks, provisionEk, type EkDerivation } from '../tpm/ek-manufacture.js';
-import type { EkCa } from './ca.js';
+import { manufactureEk12 } from '../tpm/ek12.js';
+import { DEFAULT_PLATFORM, type EkCa, type PlatformIdentity } from './ca.js';
 import { Status, type EkCode } from './wire.js';
 import { Refusal } from './refusal.js';
 import type { VmRecord } from './vm-table.js';
@@ -59,6 +60,8 @@ export class Factory {
   constructor(
     readonly ca: EkCa,
     readonly log: (line: string) => void,
+    /** What the platform certificate of a new TPM 2.0 names. */
+    readonly platform: PlatformIdentity = DEFAULT_PLATFORM,
   ) {
     this.#prepareNext();
   }
@@ -97,32 +100,58 @@ export class Factory {
     this.#prepareNext();
     try {
       await tpm.powerOn();
-      const certs = await provisionEk(tpm, derived, r.choice, { issue: (pub, id) => this.ca.issueEk(pub, id, r.vmUuid) });
-      await tpm.powerOff();
-      const permanent = staging.blobs.get('permanent');
-      if (!permanent) throw new Error('the manufactured TPM left no permanent state');
-      await r.store.store(r.instance, 'permanent', permanent);
-      return `${[...certs].map(([alg, der]) => `${alg} EK certificate (${der.length} bytes)`).join(', ')} in ${Math.round(performance.now() - t0)} ms`;
+      const certs = await provisionEk(tpm, derived, r.choice, { issue: (pub, id) => this.ca.issueEk(pub, id, r.vmUuid), platform: (ek) => this.ca.issuePlatform(ek, this.platform) });
+      await this.#store(tpm, staging, r);
+      return `${[...certs].map(([alg, der]) => `${alg === 'platform' ? 'platform' : `${alg} EK`} certificate (${der.length} bytes)`).join(', ')} in ${Math.round(performance.now() - t0)} ms`;
+    } finally {
+      await tpm.destroy().catch(() => undefined);
+    }
+  }
+
+  /** Power the finished TPM off and store its permanent state under the VM's instance. */
+  async #store(tpm: TpmInstance, staging: StagingStore, r: Pick<ManufactureRequest, 'instance' | 'store'>): Promise<void> {
+    await tpm.powerOff();
+    const permanent = staging.blobs.get('permanent');
+    if (!permanent) throw new Error('the manufactured TPM left no permanent state');
+    await r.store.store(r.instance, 'permanent', permanent);
+  }
+
+  /**
+   * One TPM 1.2 into `r.store`, made on the OPEN's path (its EK is created by the TPM itself, so nothing
+   * can be prepared ahead); on any error nothing is stored.
+   */
+  async manufacture12(r: Omit<ManufactureRequest, 'choice'>): Promise<string> {
+    const t0 = performance.now();
+    const staging = new StagingStore();
+    const tpm = await this.#host.create({ instance: this.#seq++, version: '1.2', store: staging });
+    try {
+      const der = await manufactureEk12(tpm, { issue: (modulus, id) => this.ca.issueEk12(modulus, id) });
+      await this.#store(tpm, staging, r);
+      return `rsa EK certificate (${der.length} bytes) in ${Math.round(performance.now() - t0)} ms`;
     } finally {
       await tpm.destroy().catch(() => undefined);
     }
   }
 
   /**
-   * At OPEN: a TPM 2.0 with no permanent state has never been seen by anyone, so it is made now, with
+   * At OPEN: a TPM with no permanent state has never been seen by anyone, so it is made now, with
    * the certificates `choice` names; `vm.ek` records that (only once done: a crash half-way leaves no
    * state and no mark, and the next OPEN makes it). 'none' leaves it to the TPM's first power-on.
    */
   async atOpen(vm: VmRecord, created: boolean, choice: EkChoice, store: StateStore): Promise<void> {
-    if (vm.version !== '2.0' || vm.ek !== undefined || vm.status !== 'open') return;
+    if (vm.ek !== undefined || vm.status !== 'open') return;
     // A VM made before (by its first power-on, or migrated in) is never made again.
     if (!created && (await store.load(vm.instance, 'permanent')) !== null) return;
-    if (choice === 'none') {
-      vm.ek = 'none';
+    // A TPM 1.2 has one EK, an RSA key: a choice without RSA leaves it uncertified.
+    if (choice === 'none' || (vm.version === '1.2' && choice === 'ecc')) {
+      vm.ek = choice;
       return;
     }
     try {
-      const what = await this.manufacture({ instance: vm.instance, vmUuid: vm.vmUuid, choice, store });
+      const what =
+        vm.version === '1.2'
+          ? await this.manufacture12({ instance: vm.instance, vmUuid: vm.vmUuid, store })
+          : await this.manufacture({ instance: vm.instance, vmUuid: vm.vmUuid, choice, store });
       vm.ek = choice;
       this.log(`manufactured instance ${vm.instance} for vm ${vm.vmUuid}: ${what}`);
     } catch (err) {

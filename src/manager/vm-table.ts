@@ -27,7 +27,7 @@ export interface VmRecord {
    * it came in by MIGRATE_IN. A MIGRATE_OUT blob carries this + 1.
    */
   migCounter?: number;
-  /** The EK certificates its TPM 2.0 was manufactured with here ('none': left to its first power-on); absent: not made by this manager. */
+  /** The EK certificates its TPM was manufactured with here ('none': left to its first power-on); absent: not made by this manager. */
   ek?: EkCode;
   /** Set by MIGRATE_OUT: where it went (destination key fingerprint, hex) and under which counter. */
   migratedTo?: { name: string; keyFingerprint: string; counter: number; at: string };

@@ -16,6 +16,8 @@ export const TPM_CAP_TPM_PROPERTIES = 0x00000006;
 /** EK certificate NV indices (TCG EK Credential Profile 2.0, section 2.2.1.4). */
 export const EK_CERT_INDEX = { rsa: 0x01c00002, ecc: 0x01c0000a } as const;
 export type EkAlg = keyof typeof EK_CERT_INDEX;
+/** The platform certificate's index (TCG PC Client Platform TPM Profile; where swtpm_setup writes it). */
+export const PLATFORM_CERT_INDEX = 0x01c08000;
 
 /**
  * Attributes of a manufacturer-provisioned certificate index, as swtpm_setup writes them: made and

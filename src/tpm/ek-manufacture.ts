@@ -7,6 +7,7 @@ import { shutdown, startup, TPM_SU_CLEAR } from './tpm2-commands.js';
 import {
   EK_CERT_INDEX,
   NV_WRITE_CHUNK,
+  PLATFORM_CERT_INDEX,
   TPM_PT,
   createPrimaryEk,
   flushContext,
@@ -41,6 +42,8 @@ export interface TpmIdentity {
 
 export interface EkIssuer {
   issue(pub: EkPublic, tpm: TpmIdentity): Promise<Uint8Array>;
+  /** The platform certificate whose holder is this EK certificate; absent: none is made. */
+  platform?(ekCert: Uint8Array): Promise<Uint8Array>;
 }
 
 export type ManufactureErrorCode = 'TPM' | 'TOO_LARGE';
@@ -122,13 +125,14 @@ export async function deriveEks(tpm: Executor, algs: readonly EkAlg[]): Promise<
 }
 
 /**
- * The second half: certificates for the keys `d` holds (of `profile`), checked against the NV index
- * size, then written into their indices and locked; Startup before, Shutdown(CLEAR) after, as a TPM
- * leaves the factory. Returns the certificates written, by algorithm.
+ * The second half: certificates for the keys `d` holds (of `profile`) and, when the issuer makes one,
+ * the platform certificate held by the first of them, each checked against the NV index size, then
+ * written into their indices and locked; Startup before, Shutdown(CLEAR) after, as a TPM leaves the
+ * factory. Returns the certificates written, by algorithm ('platform' for the platform certificate).
  */
-export async function provisionEk(tpm: Executor, d: EkDerivation, profile: EkProfile, issuer: EkIssuer): Promise<Map<EkAlg, Uint8Array>> {
+export async function provisionEk(tpm: Executor, d: EkDerivation, profile: EkProfile, issuer: EkIssuer): Promise<Map<EkAlg | 'platform', Uint8Array>> {
   await startupClear(tpm);
-  const certs = new Map<EkAlg, Uint8Array>();
+  const certs = new Map<EkAlg | 'platform', Uint8Array>();
   for (const alg of ekAlgs(profile)) {
     const pub = d.pubs.get(alg);
     if (!pub) throw new ManufactureError('TPM', `no ${alg} EK was derived`);
@@ -138,13 +142,19 @@ export async function provisionEk(tpm: Executor, d: EkDerivation, profile: EkPro
       throw new ManufactureError('TOO_LARGE', `the ${alg} EK certificate is ${der.length} bytes; an NV index of this TPM holds at most ${d.id.nvIndexMax}`);
     certs.set(alg, der);
   }
-  for (const [alg, der] of certs) await writeCertIndex(tpm, EK_CERT_INDEX[alg], der);
+  const holder = certs.values().next().value;
+  if (issuer.platform && holder) {
+    const der = await issuer.platform(holder);
+    if (der.length > d.id.nvIndexMax) throw new ManufactureError('TOO_LARGE', `the platform certificate is ${der.length} bytes; an NV index of this TPM holds at most ${d.id.nvIndexMax}`);
+    certs.set('platform', der);
+  }
+  for (const [alg, der] of certs) await writeCertIndex(tpm, alg === 'platform' ? PLATFORM_CERT_INDEX : EK_CERT_INDEX[alg], der);
   await run(tpm, shutdown(TPM_SU_CLEAR), 'Shutdown');
   return certs;
 }
 
 /** Both halves at once, on a TPM 2.0 that was just manufactured and never started. */
-export async function manufactureEk(tpm: Executor & { reset(): Promise<void> }, profile: EkProfile, issuer: EkIssuer): Promise<Map<EkAlg, Uint8Array>> {
+export async function manufactureEk(tpm: Executor & { reset(): Promise<void> }, profile: EkProfile, issuer: EkIssuer): Promise<Map<EkAlg | 'platform', Uint8Array>> {
   const d = await deriveEks(tpm, ekAlgs(profile));
   // A TPM shut down takes Startup again only after a power cycle (TPM2_Startup after Shutdown without one is TPM_RC_INITIALIZE).
   await tpm.reset();

@@ -18,6 +18,11 @@ export class NvState {
   #pending = new Map<StateKind, Uint8Array | null>();
   /** The newest flush (see flush). */
   #flushing: Promise<void> = Promise.resolve();
+  /**
+   * True once memory holds every kind the store holds (a sync read them) and only this object has
+   * written the store since: a restore (a new permanent state set while off) then starts at once.
+   */
+  #mirrored = false;
 
   /** @param onStoreFailure called with the message when a store write or delete fails; the flush then rejects. */
   constructor(
@@ -64,6 +69,8 @@ export class NvState {
   /** Forget what is not durable yet (a failed MainInit, an unbound spare). */
   dropPending(): void {
     this.#pending.clear();
+    // Memory may now be ahead of the store: the next power-on reads the store again.
+    this.#mirrored = false;
   }
 
   /** Writes not yet durable. */
@@ -75,7 +82,9 @@ export class NvState {
    * Make what is pending durable and memory a mirror of the store (power-on): the kinds pending now are
    * written, every other kind is read back, both at once. `ready`: memory is complete (libtpms may start
    * on it); `durable`: the store holds what was pending. So TPMLIB_MainInit runs while the blobs set with
-   * setStateBlob are committed, in one batch.
+   * setStateBlob are committed, in one batch. A restore (permanent state among them) on memory that
+   * mirrors the store reads nothing back: no store round trip precedes MainInit. Any other power-on
+   * reads the store again, so a reset still meets whatever the store holds (damage included).
    */
   sync(): { ready: Promise<void>; durable: Promise<void> } {
     const written = new Set(this.#pending.keys());
@@ -89,7 +98,9 @@ export class NvState {
     this.#flushing = durable;
     // A caller that only needs `ready` may leave it: a failure has failed the instance already.
     durable.catch(() => undefined);
+    const skipRead = this.#mirrored && written.has('permanent');
     const ready = prior.then(async () => {
+      if (skipRead) return;
       const rest = STATE_KINDS.filter((k) => !written.has(k));
       const { store, instance } = this.target;
       const blobs = await Promise.all(rest.map((kind) => store.load(instance, kind)));
@@ -98,6 +109,7 @@ export class NvState {
         if (blob) this.#nv.set(kind, blob);
         else this.#nv.delete(kind);
       });
+      this.#mirrored = true;
     });
     return { ready, durable };
   }

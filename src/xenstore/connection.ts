@@ -4,7 +4,8 @@
 import type net from 'node:net';
 import { trace, tracing } from '../util/trace.js';
 import type { Caller, Quotas, Transaction } from './store.js';
-import { XsReceiver, XsWireError, typeName, type XsMessage } from './wire.js';
+import { XsReceiver, XsWireError, encodeMessage, typeName, type XsMessage } from './wire.js';
+import { FeedKind, type GuestTap } from './capture-feed.js';
 
 /** A slow reader whose socket buffer grows past this is disconnected (bounds memory per connection). */
 const MAX_WRITE_BACKLOG = 1 << 20;
@@ -71,6 +72,8 @@ export class Connection implements Caller {
   closed = false;
   /** Why the daemon cut this connection off (a metric label from a fixed set), if it did. */
   cutOffReason: string | null = null;
+  /** Copies of this guest connection's packets for its capture, while dom0 asks for them (capture-feed.ts). */
+  tap: GuestTap | null = null;
 
   constructor(
     readonly daemon: ConnectionHost,
@@ -107,6 +110,7 @@ export class Connection implements Caller {
 
   private enqueue(m: XsMessage): void {
     if (tracing) trace(`xs c${this.serial} d${this.domid} < ${typeName(m.type)} ${m.reqId} ${m.payload.toString('latin1').replace(/\0/g, '|')}`);
+    this.tap?.(FeedKind.FROM_GUEST, encodeMessage(m.type, m.reqId, m.txId, m.payload));
     this.queue.push(m);
     this.drain();
   }
@@ -139,6 +143,7 @@ export class Connection implements Caller {
     if (this.closed) return;
     this.unflushed++;
     if (tracing) trace(`xs c${this.serial} > ${typeName(frame.readUInt32LE(0))} ${frame.readUInt32LE(4)}`);
+    this.tap?.(FeedKind.TO_GUEST, frame);
     this.daemon.output.cork(this);
     this.socket.write(frame, () => {
       this.unflushed--;
@@ -155,6 +160,7 @@ export class Connection implements Caller {
       return;
     }
     if (tracing) trace(`xs c${this.serial} ! ${frame.subarray(16).toString('latin1').replace(/\0/g, '|')}`);
+    this.tap?.(FeedKind.TO_GUEST, frame);
     this.daemon.output.cork(this);
     this.socket.write(frame);
   }

@@ -23,6 +23,7 @@ import { DOMID_MAX, formatPerm, parsePerms } from './permissions.js';
 import { domainSocketPath } from './client.js';
 import { Connection, OutputBatch, type ConnectionHost, type Watch } from './connection.js';
 import { closeServer, listen, rmSocket } from './socket-files.js';
+import { CaptureFeed } from './capture-feed.js';
 import { DEFAULT_QUOTAS, Store, type Change, type Quotas, type Transaction } from './store.js';
 import { escapeLogLine } from '../util/log-escape.js';
 import { xenstoreMetrics } from '../util/metrics.js';
@@ -65,6 +66,8 @@ export class XenstoreDaemon implements ConnectionHost {
   private readonly conns = new Set<Connection>();
   private readonly log: (line: string) => void;
   readonly output = new OutputBatch();
+  /** dom0's copies of a guest's own xs_wire traffic, for its capture (capture-feed.ts). */
+  private readonly feed: CaptureFeed;
 
   constructor(private readonly opts: DaemonOptions) {
     this.quotas = { ...DEFAULT_QUOTAS, ...opts.quotas };
@@ -73,12 +76,14 @@ export class XenstoreDaemon implements ConnectionHost {
     const sink = opts.log;
     this.log = sink ? (l) => sink(escapeLogLine(l)) : () => {};
     this.main = net.createServer((s) => this.accept(s, 0));
+    this.feed = new CaptureFeed(opts.socket, (domid) => this.retap(domid), this.log);
   }
 
   /** Listen on the dom0 socket (a stale socket file from a previous run is replaced). */
   async start(): Promise<void> {
     fs.mkdirSync(this.opts.domainSocketDir, { recursive: true });
     await listen(this.main, this.opts.socket);
+    await this.feed.start();
     // an accept failure (EMFILE, …) must not take the daemon down
     this.main.on('error', (err) => this.log(`dom0 socket: ${err.message}`));
   }
@@ -86,7 +91,7 @@ export class XenstoreDaemon implements ConnectionHost {
   /** Close every socket and connection; remove the socket files. */
   async stop(): Promise<void> {
     for (const c of [...this.conns]) this.kill(c);
-    const closing = [closeServer(this.main)];
+    const closing = [closeServer(this.main), this.feed.stop()];
     for (const d of this.domains.values()) closing.push(closeServer(d.server));
     await Promise.all(closing);
     for (const d of this.domains.values()) rmSocket(d.socketPath);
@@ -96,8 +101,15 @@ export class XenstoreDaemon implements ConnectionHost {
 
   private accept(socket: net.Socket, domid: number): void {
     const c = new Connection(this, socket, domid);
+    if (domid !== 0) c.tap = this.feed.tapFor(domid);
     this.conns.add(c);
     this.domains.get(domid)?.conns.add(c);
+  }
+
+  /** A guest's capture started or stopped: its connections' taps follow. */
+  private retap(domid: number): void {
+    const tap = this.feed.tapFor(domid);
+    for (const c of this.domains.get(domid)?.conns ?? []) c.tap = tap;
   }
 
   /** Close one connection, forgetting its watches and transactions; others are untouched. */

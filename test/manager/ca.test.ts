@@ -12,6 +12,7 @@ import { CaError, EkCa, TCG_OID } from '../../src/manager/ca.js';
 import type { EkPublic } from '../../src/tpm/ek-commands.js';
 import type { TpmIdentity } from '../../src/tpm/ek-manufacture.js';
 import { tempDir, removeDir } from '../helpers/temp.js';
+import { checkPlatformCert } from '../helpers/attr-cert.js';
 
 const work = tempDir('ca');
 afterAll(() => removeDir(work));
@@ -130,4 +131,38 @@ describe("an operator's CA (--ca DIR)", () => {
     opensslCa(e, { ca: false });
     await expect(EkCa.open({ stateDir: st, operatorDir: e })).rejects.toMatchObject({ code: 'NOT_CA', file: join(e, 'cert.pem') });
   }, 30_000);
+});
+
+describe('the platform certificate', () => {
+  it('is an attribute certificate held by the EK certificate, signed by the issuing CA (checked with openssl), naming the platform', async () => {
+    const { ca } = await EkCa.open({ stateDir: dir() });
+    const ek = new x509.X509Certificate(await ca.issueEk(rsaEk(), TPM, VM));
+    const der = await ca.issuePlatform(new Uint8Array(ek.rawData), { manufacturer: 'ACME', model: 'Anvil 9', version: '2.1' });
+    const issuerPem = ca.chainPem.match(/-----BEGIN CERTIFICATE-----[\s\S]+?-----END CERTIFICATE-----/)![0];
+    const v = checkPlatformCert(der, issuerPem, dir());
+    expect(v.signature).toBe('Verified OK');
+    expect(v.holderIssuer).toBe(ek.issuer);
+    expect(v.holderSerial).toBe(ek.serialNumber.toLowerCase());
+    expect(v.issuer).toBe('CN=vtpm-split EK issuing CA, O=vtpm-split');
+    expect(v.san).toBe('2.23.133.5.1.1=ACME, 2.23.133.5.1.4=Anvil 9, 2.23.133.5.1.5=2.1');
+    // tcgCredentialType: SEQUENCE { tcg-kp-PlatformAttributeCertificate 2.23.133.8.2 }.
+    expect(v.attributes).toEqual(['2.23.133.2.25=3007060567810508' + '02']);
+    expect(v.notAfter).toBe('9999-12-31T23:59:59.000Z');
+    // Not a public-key certificate: openssl's X.509 parser refuses it.
+    const f = join(dir(), 'p.der');
+    fs.writeFileSync(f, der);
+    expect(() => execFileSync('openssl', ['x509', '-inform', 'der', '-in', f, '-noout'], { stdio: 'pipe' })).toThrow();
+  });
+});
+
+describe('the platform certificate from an operator EC CA', () => {
+  it('is signed with ECDSA P-256 / SHA-256 that openssl verifies', async () => {
+    const d = dir();
+    execFileSync('openssl', ['req', '-x509', '-newkey', 'ec', '-pkeyopt', 'ec_paramgen_curve:P-256', '-nodes', '-keyout', join(d, 'key.pem'), '-out', join(d, 'cert.pem'), '-days', '30', '-subj', '/CN=ec op CA', '-addext', 'basicConstraints=critical,CA:TRUE'], { stdio: 'ignore' });
+    const { ca } = await EkCa.open({ stateDir: dir(), operatorDir: d });
+    const ek = new x509.X509Certificate(await ca.issueEk(rsaEk(), TPM, VM));
+    const v = checkPlatformCert(await ca.issuePlatform(new Uint8Array(ek.rawData), { manufacturer: 'm', model: 'n', version: 'v' }), fs.readFileSync(join(d, 'cert.pem'), 'utf8'), dir());
+    expect(v.signature).toBe('Verified OK');
+    expect(v.issuer).toBe('CN=ec op CA');
+  });
 });

@@ -1,6 +1,7 @@
 // Field by field against the EK certificate Debian's swtpm_setup --create-ek-cert (swtpm_localca)
 // makes for the same VM: what must agree agrees, and every difference is the one docs/ek-certificates.md
-// lists. Ours is issued for the EK public key in swtpm's certificate, with libtpms' own identity.
+// lists. Ours is issued for the EK public key in swtpm's certificate, with libtpms' own identity; the
+// same for a TPM 1.2, whose certificate also goes into NV behind the stored-certificate header.
 import 'reflect-metadata';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { execFileSync } from 'node:child_process';
@@ -13,6 +14,9 @@ import { EkCa } from '../../src/manager/ca.js';
 import { TpmHost } from '../../src/tpm/host.js';
 import { readTpmIdentity } from '../../src/tpm/ek-manufacture.js';
 import { startup } from '../../src/tpm/tpm2-commands.js';
+import { startup as startup12 } from '../../src/tpm/tpm12-commands.js';
+import { getVersionInfo, parseVersionInfo, storedCert } from '../../src/tpm/ek12.js';
+import crypto from 'node:crypto';
 import { tempStore } from '../tpm/helpers.js';
 import { tempDir, removeDir } from '../helpers/temp.js';
 
@@ -74,5 +78,69 @@ describe('our EK certificate against swtpm_setup --create-ek-cert', () => {
     expect(shape(ours).flat(2)).toEqual(['2.23.133.2.1:utf8String', '2.23.133.2.2:utf8String', '2.23.133.2.3:utf8String']);
     expect(theirs.issuer).toBe('CN=swtpm-localca');
     expect(ours.issuer).toBe('CN=vtpm-split EK issuing CA, O=vtpm-split');
+  });
+});
+
+describe('our TPM 1.2 EK certificate against swtpm_setup (TPM 1.2) --create-ek-cert', () => {
+  const w12 = tempDir('ek12-swtpm');
+  let theirs12: x509.X509Certificate;
+  let ours12: x509.X509Certificate;
+  let stored: Buffer;
+
+  beforeAll(async () => {
+    for (const d of ['ca', 'tpm', 'out']) fs.mkdirSync(join(w12, d));
+    fs.writeFileSync(join(w12, 'localca.conf'), ['statedir', 'signingkey', 'issuercert', 'certserial'].map((k, i) => `${k} = ${join(w12, 'ca', ['', 'signkey.pem', 'issuercert.pem', 'certserial'][i]!)}`).join('\n') + '\n');
+    fs.writeFileSync(join(w12, 'setup.conf'), `create_certs_tool = /usr/bin/swtpm_localca\ncreate_certs_tool_config = ${join(w12, 'localca.conf')}\ncreate_certs_tool_options = /etc/swtpm-localca.options\n`);
+    // Without --tpm2, swtpm 0.7.1 manufactures a TPM 1.2.
+    execFileSync('swtpm_setup', ['--tpmstate', join(w12, 'tpm'), '--create-ek-cert', '--config', join(w12, 'setup.conf'), '--vmid', VM, '--write-ek-cert-files', join(w12, 'out')], { stdio: 'ignore', timeout: 120_000 });
+    theirs12 = new x509.X509Certificate(fs.readFileSync(join(w12, 'out', 'ek-rsa2048.crt')));
+    const spki = crypto.createPublicKey({ key: Buffer.from(theirs12.publicKey.rawData), format: 'der', type: 'spki' }).export({ format: 'jwk' });
+    const host = new TpmHost();
+    const t = tempStore('ek12-swtpm-tpm');
+    try {
+      const tpm = await host.create({ instance: 1, version: '1.2', store: t.store });
+      await tpm.execute(startup12());
+      const id = parseVersionInfo(await tpm.execute(getVersionInfo()));
+      const { ca } = await EkCa.open({ stateDir: join(w12, 'ours') });
+      const der = await ca.issueEk12(Buffer.from(spki.n!, 'base64url'), id);
+      ours12 = new x509.X509Certificate(der);
+      stored = Buffer.from(storedCert(der));
+    } finally {
+      await host.destroyAll();
+      t.cleanup();
+    }
+  }, 180_000);
+
+  afterAll(() => removeDir(w12));
+
+  it('agrees on version, the empty subject, validity end, key and the set of extensions with their criticality', () => {
+    expect(theirs12.subject).toBe('');
+    expect(ours12.subject).toBe('');
+    expect(ours12.notAfter.toISOString()).toBe(theirs12.notAfter.toISOString());
+    expect(Buffer.from(ours12.publicKey.rawData).equals(Buffer.from(theirs12.publicKey.rawData))).toBe(true);
+    const shape = (c: x509.X509Certificate) => c.extensions.map((e) => `${e.type}${e.critical ? ' critical' : ''}`).sort();
+    expect(shape(ours12)).toEqual(shape(theirs12));
+  });
+
+  it('has byte-identical key usage, basic constraints, extended key usage and tpmSpecification {"1.2", 2, 116}', () => {
+    for (const oid of ['2.5.29.15', '2.5.29.19', '2.5.29.37', '2.5.29.9']) expect(Buffer.from(ext(ours12, oid)!.value).toString('hex'), oid).toBe(Buffer.from(ext(theirs12, oid)!.value).toString('hex'));
+    expect(Buffer.from(ext(ours12, '2.5.29.9')!.value).toString('hex')).toBe('3018301606056781050210310d300b0c03312e32020102020174');
+  });
+
+  it('differs in the signature hash (SHA-256, not SHA-1) and the SAN values the TPM reports', () => {
+    expect(theirs12.signatureAlgorithm).toMatchObject({ name: 'RSASSA-PKCS1-v1_5', hash: { name: 'SHA-1' } });
+    expect(ours12.signatureAlgorithm).toMatchObject({ name: 'RSASSA-PKCS1-v1_5', hash: { name: 'SHA-256' } });
+    const text = (c: x509.X509Certificate) => execFileSync('openssl', ['x509', '-noout', '-ext', 'subjectAltName'], { input: c.toString('pem'), encoding: 'utf8' });
+    expect(text(theirs12)).toContain('DirName:/2.23.133.2.1=id:00001014/2.23.133.2.2=swtpm/2.23.133.2.3=id:00740001');
+    expect(text(ours12)).toContain('DirName:/2.23.133.2.1=id:49424D00/2.23.133.2.2=swtpm/2.23.133.2.3=id:0000129E');
+  });
+
+  it('is stored as swtpm_cert --add-header stores it: 10 01 | 00 | certSize = DER + 2 | 10 02 | DER', () => {
+    const der = Buffer.from(ours12.rawData);
+    expect(stored.subarray(0, 7).toString('hex')).toBe(`100100${(der.length + 2).toString(16).padStart(4, '0')}1002`);
+    expect(stored.subarray(7).equals(der)).toBe(true);
+    // swtpm_setup's own TPM state holds its certificate in exactly this form.
+    const theirsDer = Buffer.from(theirs12.rawData);
+    expect(fs.readFileSync(join(w12, 'tpm', 'tpm-00.permall')).includes(Buffer.from(storedCert(theirsDer)))).toBe(true);
   });
 });

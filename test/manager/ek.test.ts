@@ -14,6 +14,7 @@ import { tempDir, removeDir } from '../helpers/temp.js';
 const VM1 = '0e6b1c3a-5d7e-4f80-9a1b-2c3d4e5f6a71';
 const VM2 = '0e6b1c3a-5d7e-4f80-9a1b-2c3d4e5f6a72';
 const VM3 = '0e6b1c3a-5d7e-4f80-9a1b-2c3d4e5f6a73';
+const VM4 = '0e6b1c3a-5d7e-4f80-9a1b-2c3d4e5f6a74';
 const running: RunningManager[] = [];
 const clients: ManagerClient[] = [];
 const dirs: string[] = [];
@@ -79,19 +80,23 @@ describe('manufacture at the first OPEN', () => {
     expect(m.log.some((l) => l.includes('loaded EK CA'))).toBe(true);
   });
 
-  it('makes only the certificates asked for; none leaves manufacture to the first power-on; TPM 1.2 is made as before', async () => {
+  it('makes only the certificates asked for; none leaves manufacture to the first power-on; a TPM 1.2 gets its RSA EK certificate', async () => {
     const m = await manager(dir('state'), dir('run'));
     const c = await client(m);
     const a = await c.open({ vmUuid: VM1, version: '2.0', ek: 'rsa' });
-    await m.waitLog(new RegExp(`manufactured instance ${a.instance} for vm ${VM1}: rsa EK certificate \\(\\d+ bytes\\) in`));
+    await m.waitLog(new RegExp(`manufactured instance ${a.instance} for vm ${VM1}: rsa EK certificate \\(\\d+ bytes\\), platform certificate \\(\\d+ bytes\\) in`));
     const b = await c.open({ vmUuid: VM2, version: '2.0', ek: 'none' });
     expect(await c.load(b.instance, 'permanent')).toBeNull();
     // The choice sticks: the backend's later OPEN (no choice) does not make certificates after all.
     expect(await c.open({ vmUuid: VM2, version: '2.0' })).toEqual({ instance: b.instance, created: false });
     expect(await c.load(b.instance, 'permanent')).toBeNull();
+    // A TPM 1.2 gets its one (RSA) EK certified under the default; a choice without RSA leaves it as before.
     const d = await c.open({ vmUuid: VM3, version: '1.2' });
-    expect(await c.load(d.instance, 'permanent')).toBeNull();
-    expect(m.log.filter((l) => l.includes('manufactured'))).toHaveLength(1);
+    await m.waitLog(new RegExp(`manufactured instance ${d.instance} for vm ${VM3}: rsa EK certificate \\(\\d+ bytes\\) in`));
+    expect(await c.load(d.instance, 'permanent')).not.toBeNull();
+    const e = await c.open({ vmUuid: VM4, version: '1.2', ek: 'ecc' });
+    expect(await c.load(e.instance, 'permanent')).toBeNull();
+    expect(m.log.filter((l) => l.includes('manufactured'))).toHaveLength(2);
   });
 
   it('refuses the OPEN when a certificate outgrows its NV index: no VM, no state left behind', async () => {

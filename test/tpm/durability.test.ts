@@ -115,6 +115,40 @@ describe('durability', () => {
     await host.destroy(5);
   });
 
+  it('a restore after the first power-on reads nothing back: libtpms starts while its one commit is still held', async () => {
+    const src = await host.create({ instance: 7, version: '2.0', store: t.store, startup: 'clear' });
+    await src.execute(tpm2.pcrExtendSha256(16, unhex('66'.repeat(32))));
+    const pcr = hex(tpm2.parsePcrRead(await src.execute(tpm2.pcrReadSha256(16))));
+    const perm = (await src.getStateBlob('permanent'))!;
+    const vol = (await src.getStateBlob('volatile'))!;
+    await host.destroy(7);
+
+    const gated = new GatedStore(t.store);
+    const loads: string[] = [];
+    const load = gated.load.bind(gated);
+    gated.load = (i, kind) => (loads.push(kind), load(i, kind));
+    const dst = await host.create({ instance: 8, version: '2.0', store: gated, powerOn: false });
+    await dst.powerOn(); // QEMU's first INIT: what the store holds is read once
+    expect(loads.length).toBeGreaterThan(0);
+    await dst.powerOff();
+    await dst.setStateBlob('permanent', perm);
+    await dst.setStateBlob('volatile', vol);
+    loads.length = 0;
+    gated.hold();
+    let on = false;
+    const p = dst.powerOn().then(() => (on = true));
+    while (gated.stores.filter((s) => s.instance === 8).length < 2) await new Promise((r) => setTimeout(r, 5));
+    await new Promise((r) => setTimeout(r, 50));
+    // No store round trip sits before TPMLIB_MainInit, and the restore is still not durable.
+    expect(loads).toEqual([]);
+    expect(on).toBe(false);
+    gated.release();
+    await p;
+    expect(hex((await t.store.load(8, 'permanent'))!)).toBe(hex(decodeStateBlob(perm)!));
+    expect(hex(tpm2.parsePcrRead(await dst.execute(tpm2.pcrReadSha256(16))))).toBe(pcr);
+    await host.destroy(8);
+  });
+
   it('what power-on left pending (the consumed volatile state) is made durable by destroy, even while off', async () => {
     const tpm = await host.create({ instance: 6, version: '2.0', store: t.store, startup: 'clear' });
     await tpm.saveVolatile();

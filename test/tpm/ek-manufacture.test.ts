@@ -3,7 +3,7 @@
 // certificate too large for an NV index refused before anything is written.
 import { afterAll, describe, expect, it } from 'vitest';
 import { TpmHost } from '../../src/tpm/host.js';
-import { EK_CERT_INDEX, EK_CERT_NV_ATTRIBUTES, createPrimaryEk, ekTemplate, parseCreatePrimaryEk } from '../../src/tpm/ek-commands.js';
+import { EK_CERT_INDEX, EK_CERT_NV_ATTRIBUTES, PLATFORM_CERT_INDEX, createPrimaryEk, ekTemplate, parseCreatePrimaryEk } from '../../src/tpm/ek-commands.js';
 import { ManufactureError, ekPublic, manufactureEk, type EkIssuer } from '../../src/tpm/ek-manufacture.js';
 import { nvDefineSpace, nvRead, nvWrite, parseNvRead, startup } from '../../src/tpm/tpm2-commands.js';
 import { Marshal, TPM2_ST_NO_SESSIONS, command, responseCode } from '../../src/tpm/wire.js';
@@ -109,5 +109,28 @@ describe('manufactureEk on libtpms', () => {
     expect((err as Error).message).toBe('the rsa EK certificate is 2049 bytes; an NV index of this TPM holds at most 2048');
     const r = await tpm.execute(command(TPM2_ST_NO_SESSIONS, 0x169, new Marshal().u32(EK_CERT_INDEX.rsa)));
     expect(responseCode(r)).toBe(0x18b); // TPM_RC_HANDLE (parameter 1): no such index
+  });
+});
+
+describe('the platform certificate at manufacture', () => {
+  it('is asked for with the first EK certificate as holder and written locked into 0x01C08000 like the EK certificates', async () => {
+    const tpm = await freshTpm();
+    const held: string[] = [];
+    const issuer = { ...fixedIssuer(700), platform: async (ek: Uint8Array) => (held.push(hex(ek)), Uint8Array.from({ length: 640 }, (_, i) => i & 0xff)) };
+    const certs = await manufactureEk(tpm, 'ecc', issuer);
+    expect(held).toEqual([hex(certs.get('ecc')!)]);
+    await tpm.execute(startup());
+    const pub = await readPublic(tpm, PLATFORM_CERT_INDEX);
+    expect(pub).toEqual({ attributes: 0x62072801, size: 640 });
+    expect(hex(parseNvRead(await tpm.execute(nvRead(PLATFORM_CERT_INDEX, 640, 0))))).toBe(hex(certs.get('platform')!));
+    expect(responseCode(await tpm.execute(nvWrite(PLATFORM_CERT_INDEX, new Uint8Array(4))))).toBe(0x148);
+  });
+
+  it('one too large for an NV index stops manufacture before any index is written', async () => {
+    const tpm = await freshTpm();
+    const err = await manufactureEk(tpm, 'rsa', { ...fixedIssuer(700), platform: async () => new Uint8Array(2049) }).catch((e: unknown) => e);
+    expect((err as ManufactureError).code).toBe('TOO_LARGE');
+    expect((err as Error).message).toBe('the platform certificate is 2049 bytes; an NV index of this TPM holds at most 2048');
+    expect(responseCode(await tpm.execute(command(TPM2_ST_NO_SESSIONS, 0x169, new Marshal().u32(EK_CERT_INDEX.rsa))))).toBe(0x18b);
   });
 });

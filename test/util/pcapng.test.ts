@@ -50,3 +50,13 @@ it('stops at its size bound and counts what it left out', async () => {
   const { stdout } = await run('tshark', ['-r', file, '-T', 'fields', '-e', 'frame.len']);
   expect(stdout.trim().split('\n')).toHaveLength(10);
 });
+
+it('a file that cannot take more (ENOSPC on /dev/full): close still returns, and what could not be written is counted as left out', async () => {
+  const w = new PcapngWriter('/dev/full', [LINKTYPE_RAW], 64 << 20);
+  // Two full chunks' worth: the first hand-over fails, after which packets are left out, not queued.
+  for (let i = 0; i < 2 * 1024; i++) w.packet(0, Date.now() * 1000, [new Uint8Array(1000)]);
+  await new Promise((r) => setTimeout(r, 300));
+  for (let i = 0; i < 10; i++) w.packet(0, Date.now() * 1000, [new Uint8Array(1000)]);
+  await w.close();
+  expect(w.dropped).toBeGreaterThanOrEqual(10);
+});

@@ -4,16 +4,16 @@
 --   tshark -X lua_script:tools/wireshark/vtpm-split.lua -r guest.pcapng
 --   wireshark: copy it to ~/.local/lib/wireshark/plugins/
 --
--- Record: version u8 (1), kind u8 (1 xenstore, 2 ring, 3 note), direction u8 (1: to the backend),
--- reserved u8, domid u16be, devid u16be, then the body:
---   xenstore: one xs_wire packet (type, req_id, tx_id, len: u32 little-endian; payload)
+-- Record: version u8 (1), kind u8 (1 xenstore, 2 ring, 3 note, 4 guest xenstore), direction u8 (1: to
+-- the backend; guest xenstore: 1 from the guest), reserved u8, domid u16be, devid u16be, then the body:
+--   xenstore, guest xenstore: one xs_wire packet (type, req_id, tx_id, len: u32 little-endian; payload)
 --   ring:     event u8, status-or-locality u8, segments u16be, length u32be, request id u64be
 --   note:     UTF-8 text
 
 local p = Proto("vtpmsplit", "vtpm-split capture event")
 
-local KINDS = { [1] = "xenstore", [2] = "ring", [3] = "note" }
-local DIRS = { [0] = "from backend", [1] = "to backend" }
+local KINDS = { [1] = "xenstore", [2] = "ring", [3] = "note", [4] = "guest xenstore" }
+local DIRS = { [0] = "from the backend (guest xenstore: to the guest)", [1] = "to the backend (guest xenstore: from the guest)" }
 local RING_EVENTS = {
   [1] = "event channel notified the backend",
   [2] = "request taken off the ring",
@@ -58,7 +58,7 @@ local function printable(s)
   return (s:gsub("[^\32-\126]", function(c) return string.format("\\x%02x", c:byte()) end))
 end
 
-local function xenstore(buf, tree, pinfo)
+local function xenstore(buf, tree, label)
   if buf:len() < 16 then return "short xs_wire packet" end
   local t = buf(0, 4):le_uint()
   local n = buf(12, 4):le_uint()
@@ -82,7 +82,7 @@ local function xenstore(buf, tree, pinfo)
       end
     end
   end
-  return string.format("xenstore %s %s", XS_TYPES[t] or ("type " .. t), table.concat(args, " "))
+  return string.format("%s %s %s", label, XS_TYPES[t] or ("type " .. t), table.concat(args, " "))
 end
 
 local function ring(buf, tree)
@@ -112,15 +112,19 @@ function p.dissector(buf, pinfo, root)
   local kind = buf(1, 1):uint()
   local body = buf(8)
   local info
+  local arrow = buf(2, 1):uint() == 1 and "->" or "<-"
   if buf:len() == 8 then info = "empty record"
-  elseif kind == 1 then info = xenstore(body:tvb(), tree, pinfo)
+  elseif kind == 1 then info = xenstore(body:tvb(), tree, "xenstore")
+  elseif kind == 4 then
+    -- The guest's own connection: "->" is the guest's request, "<-" xenstored's reply or watch event.
+    info = xenstore(body:tvb(), tree, "guest xenstore")
   elseif kind == 2 then info = ring(body:tvb(), tree)
   elseif kind == 3 then
     local s = printable(body:raw())
     tree:add(f.note, body, s)
     info = "note: " .. s
   else info = "unknown kind " .. kind end
-  pinfo.cols.info = string.format("dom%d %s %s", buf(4, 2):uint(), buf(2, 1):uint() == 1 and "->" or "<-", info)
+  pinfo.cols.info = string.format("dom%d %s %s", buf(4, 2):uint(), arrow, info)
   return buf:len()
 end
 

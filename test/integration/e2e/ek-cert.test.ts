@@ -1,5 +1,6 @@
 // EK certificates with the real tools: `vtpm host up` (its manager makes the host CA), guests running
-// tpm2-tools through their TCTI bridge read 0x01C00002 / 0x01C0000A, `openssl verify` accepts them
+// tpm2-tools through their TCTI bridge read 0x01C00002 / 0x01C0000A and the platform certificate at
+// 0x01C08000, `openssl verify` (and `openssl dgst -verify` for the platform certificate) accepts them
 // against `vtpm ca show`, `tpm2_createek` derives the certified keys, the owner cannot overwrite them;
 // they survive host down + up and a migration to a multi-VM host, a QEMU-style client of `qemu attach`
 // reads the same, and `host up --ca` with a key that is not the certificate's is refused naming it.
@@ -7,7 +8,10 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { randomUUID } from 'node:crypto';
 import fs from 'node:fs';
 import { join } from 'node:path';
-import { run, tcti as tools, vtpm } from '../../helpers/host.js';
+import 'reflect-metadata';
+import * as x509 from '@peculiar/x509';
+import { run, tcti as tools, until, vtpm } from '../../helpers/host.js';
+import { checkPlatformCert } from '../../helpers/attr-cert.js';
 import { freePortPair } from '../../../src/cli/ports.js';
 import { nvRead, parseNvRead } from '../../../src/tpm/tpm2-commands.js';
 import { closeFd, sendWithFds, socketPair } from '../../../native/unix-rights.js';
@@ -66,6 +70,13 @@ describe('EK certificates seen by a guest with tpm2-tools', () => {
     expect(fs.readFileSync(join(work, 'get-ecc.der')).equals(ecc)).toBe(true);
     const text = (await run('openssl', ['x509', '-in', join(work, 'rsa.pem'), '-noout', '-subject'])).stdout;
     expect(text.trim()).toBe(`subject=CN = ${vm}`);
+    // The platform certificate at 0x01C08000: held by the RSA EK certificate, signed by the issuing CA.
+    const platform = (await nvread(port, '0x01c08000', join(work, 'platform.der')))!;
+    const issuerPem = fs.readFileSync(chain, 'utf8').match(/-----BEGIN CERTIFICATE-----[\s\S]+?-----END CERTIFICATE-----/)![0];
+    const v = checkPlatformCert(platform, issuerPem, fs.mkdtempSync(join(work, 'pc-')));
+    expect(v.signature).toBe('Verified OK');
+    expect(v.holderSerial).toBe(new x509.X509Certificate(rsa).serialNumber.toLowerCase());
+    expect(v.san).toBe('2.23.133.5.1.1=vtpm-split, 2.23.133.5.1.4=vtpm-split, 2.23.133.5.1.5=1');
   });
 
   it("certifies the key tpm2_createek derives (RSA and ECC), and the indices' attributes are a manufacturer's", async () => {
@@ -203,6 +214,36 @@ describe('host up --ca and --ek-certs', () => {
     }
   });
 
+
+  it('host up --platform-* names the platform in new TPMs\' platform certificates, also after the manager is restarted', async () => {
+    const P = { run: join(work, 'p-run'), state: join(work, 'p-state') };
+    await vtpm('host', 'up', '--run', P.run, '--state', P.state, '--platform-manufacturer', 'ACME Corp', '--platform-model', 'Anvil', '--platform-version', '9.1');
+    try {
+      const pChain = join(work, 'p-chain.pem');
+      await vtpm('ca', 'show', '--run', P.run, '--out', pChain);
+      const issuerPem = fs.readFileSync(pChain, 'utf8').match(/-----BEGIN CERTIFICATE-----[\s\S]+?-----END CERTIFICATE-----/)![0];
+      const sans: string[] = [];
+      for (const domid of [1, 2]) {
+        const p = await freePortPair();
+        await vtpm('guest', 'attach', '--run', P.run, '--domid', String(domid), '--vm', randomUUID(), '--tcti-port', String(p));
+        const v = checkPlatformCert((await nvread(p, '0x01c08000', join(work, `p${domid}.der`)))!, issuerPem, fs.mkdtempSync(join(work, 'pc-')));
+        expect(v.signature).toBe('Verified OK');
+        sans.push(v.san);
+        await vtpm('guest', 'detach', '--run', P.run, '--domid', String(domid));
+        if (domid === 1) {
+          // The manager dies; `host up` restarts it with the flags the host was started with.
+          const h = JSON.parse(fs.readFileSync(join(P.run, 'host.json'), 'utf8')) as { processes: Array<{ role: string; pid: number }> };
+          const pid = h.processes.find((x) => x.role === 'manager')!.pid;
+          process.kill(pid, 'SIGKILL');
+          await until(async () => { try { process.kill(pid, 0); return undefined; } catch { return true; } }, 'the manager to die');
+          await vtpm('host', 'up', '--run', P.run, '--state', P.state);
+        }
+      }
+      expect(sans).toEqual(Array(2).fill('2.23.133.5.1.1=ACME Corp, 2.23.133.5.1.4=Anvil, 2.23.133.5.1.5=9.1'));
+    } finally {
+      await vtpm('host', 'down', '--run', P.run).catch(() => {});
+    }
+  });
 
   it('host up --ek-certs sets what an attach without a choice gets (none here); a bad value is a usage error', async () => {
     const bad = await vtpm('host', 'up', '--run', join(work, 'e-run'), '--state', join(work, 'e-state'), '--ek-certs', 'dsa').catch((e: { code: number; stderr: string }) => e);

@@ -187,6 +187,26 @@ describe('captures', () => {
     expect(v2.filter((r) => r[0] === '6').length).toBe(submits);
   });
 
+  it('our Lua dissector decodes the guest\'s own xenstore connection from its first step: the handshake\'s state writes, watches and watch events', async () => {
+    await flushed();
+    for (const [domid, file] of [[1, pcap1], [2, pcap2]] as const) {
+      const rows = await fields(file, 'vtpmsplit.kind == 4', ['vtpmsplit.dir', 'vtpmsplit.xs.type', 'vtpmsplit.xs.arg', 'vtpmsplit.domid', 'frame.time_epoch'], true);
+      const fe = `/local/domain/${domid}/device/vtpm/0`;
+      const be = `/local/domain/0/backend/vtpm/${domid}/0`;
+      // The guest (dir 1) finds its backend: its first read is of its own device's backend-id.
+      expect(rows[0]!.slice(0, 3)).toEqual(['1', '2', `${fe}/backend-id`]);
+      // Its xs_wire WRITEs (type 11) of its state: Initialised (3), then Connected (4).
+      const states = rows.filter((r) => r[0] === '1' && r[1] === '11' && r[2]!.startsWith(`${fe}/state,`)).map((r) => r[2]);
+      expect(states.slice(0, 2)).toEqual([`${fe}/state,3`, `${fe}/state,4`]);
+      // It watches the backend's state, and xenstored (dir 0) sends it WATCH_EVENTs (15) of that path.
+      expect(rows.some((r) => r[0] === '1' && r[1] === '4' && r[2]!.startsWith(`${be}/state,`))).toBe(true);
+      expect(rows.filter((r) => r[0] === '0' && r[1] === '15' && r[2]!.startsWith(`${be}/state,`)).length).toBeGreaterThanOrEqual(2);
+      expect(rows.every((r) => r[3] === String(domid))).toBe(true);
+      // Stamped by xenstored's clock, in this run.
+      for (const r of rows) expect(Number(r[4]) * 1000).toBeGreaterThan(started - 1000);
+    }
+  });
+
   it('guest attach --pcap refuses a file in a directory that does not exist, before anything starts', async () => {
     const r = await vtpm('guest', 'attach', '--run', runDir, '--domid', '4', '--vm', randomUUID(), '--pcap', join(work, 'nope', 'x.pcapng')).then(
       () => ({ code: 0, stderr: '' }),

@@ -80,6 +80,23 @@ raw() { exec 3<>/dev/tpm0; printf "$1" >&3; dd bs=4096 count=1 <&3 2>/dev/null |
 echo "E2E-GETRANDOM $(raw '\\x80\\x01\\x00\\x00\\x00\\x0c\\x00\\x00\\x01\\x7b\\x00\\x10')"
 AA='\\xaa\\xaa\\xaa\\xaa\\xaa\\xaa\\xaa\\xaa\\xaa\\xaa\\xaa\\xaa\\xaa\\xaa\\xaa\\xaa\\xaa\\xaa\\xaa\\xaa\\xaa\\xaa\\xaa\\xaa\\xaa\\xaa\\xaa\\xaa\\xaa\\xaa\\xaa\\xaa'
 echo "E2E-EXTEND $(raw "\\x80\\x02\\x00\\x00\\x00\\x41\\x00\\x00\\x01\\x82\\x00\\x00\\x00\\x10\\x00\\x00\\x00\\x09\\x40\\x00\\x00\\x09\\x00\\x00\\x01\\x00\\x00\\x00\\x00\\x00\\x01\\x00\\x0b$AA")"
+# With e2e_ekcert: each TCG EK certificate index, NV_ReadPublic for its size, then NV_Read (empty
+# password session) in pieces of at most 768 bytes, so that a certificate takes more than one read.
+h16() { printf '\\\\x%02x\\\\x%02x' $(($1>>8)) $(($1&255)); }
+rc() { echo "$1" | cut -c13-20; }
+nvcert() { P=$(raw "\\x80\\x01\\x00\\x00\\x00\\x0e\\x00\\x00\\x01\\x69$1")
+  [ "$(rc $P)" = 00000000 ] || { echo "rc-$(rc $P)"; return; }
+  PL=$((0x$(echo $P | cut -c45-48))); S=$((0x$(echo $P | cut -c$((49+2*PL))-$((52+2*PL)))))
+  D=; O=0
+  while [ $O -lt $S ]; do N=$((S-O)); [ $N -gt 768 ] && N=768
+    R=$(raw "\\x80\\x02\\x00\\x00\\x00\\x23\\x00\\x00\\x01\\x4e$1$1\\x00\\x00\\x00\\x09\\x40\\x00\\x00\\x09\\x00\\x00\\x00\\x00\\x00$(h16 $N)$(h16 $O)")
+    [ "$(rc $R)" = 00000000 ] || { echo "rc-$(rc $R)"; return; }
+    D=$D$(echo $R | cut -c33-$((32+2*N))); O=$((O+N)); done
+  echo $D; }
+if grep -q e2e_ekcert /proc/cmdline; then
+  echo "E2E-EKCERT-RSA $(nvcert '\\x01\\xc0\\x00\\x02')"
+  echo "E2E-EKCERT-ECC $(nvcert '\\x01\\xc0\\x00\\x0a')"
+fi
 n=0
 XL=0; grep -q e2e_extend_loop /proc/cmdline && XL=1
 while true; do n=$((n+1))
