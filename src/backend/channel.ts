@@ -20,6 +20,8 @@ export interface ChannelOptions {
   log?: (line: string) => void;
   /** Poll window after each answer in µs (default VTPM_POLL_US or 50; 0 = never poll). */
   pollUs?: number;
+  /** When the channel's poll stands down (default: CPU pressure, src/xen/poll.ts). */
+  pollContended?: () => boolean;
   /**
    * The frontend announced its suspend on the ring (ring protocol, op 2), after the requests before
    * the notice were answered: quiesce and go Closing; the notice is answered when this resolves.

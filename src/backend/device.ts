@@ -277,6 +277,9 @@ export class BackendDevice {
       offline ? undefined : switchState(this.#o.xs, this.dev.backend, XenbusState.InitWait),
     ]);
     batch.catch(() => {});
+    // The batch leaves before the channel's unmaps and port close (synchronous hypercalls), so the
+    // frontend reads our InitWait while we take the old ring down.
+    this.#o.xs.flush();
     await this.#detach();
     this.#closingSent = false;
     trace('dev detached');

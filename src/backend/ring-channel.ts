@@ -6,7 +6,11 @@
 // A data-page mapping is pinned while any queued or running request holds a view of it; only unpinned
 // ones are evicted from the cache. With an exactly-once target, the requests outstanding together run as one
 // group under a single checkpoint (group commit), and none of their answers is published before it.
-import { BackRing, GrantError, RingError, SharedRing, type Domain, type GrantMapping } from '../xen/index.js';
+//
+// After answering everything it had, the channel may watch the ring for the guest's next request for a
+// short, adaptive window (src/xen/poll.ts), its port masked, as the v2 channel does; it gives way as soon
+// as another guest's port is pending, and a request it finds is taken on a later turn of the loop.
+import { BackRing, GrantError, PollWindow, RingError, SharedRing, spinUntil, type Domain, type GrantMapping } from '../xen/index.js';
 import {
   RING_MAX_SEGMENTS,
   RING_OP_CANCEL,
@@ -38,6 +42,13 @@ const MAX_CACHED_MAPPINGS = 256;
  * requests of at most 12 pages, 384 pins; a frontend that needs more is cut off, never evicted under.
  */
 export const MAX_MAPPED_PAGES = 1024;
+
+/**
+ * Channels of this process with requests queued or running. A channel polls for its guest's next
+ * request only while no other channel has work: the poll holds up the whole loop, including the
+ * manager's answers other guests' checkpoints wait for, which no event-channel port announces.
+ */
+let busyChannels = 0;
 
 interface Job {
   req: RingRequest;
@@ -76,7 +87,12 @@ export class RingChannel implements Channel {
   #running: Job[] = [];
   #pump: Promise<void> | null = null;
   #closed = false;
+  readonly #poll: PollWindow;
+  /** When the last answer was published with nothing left to do (ms, performance.now), to learn the guest's pace. */
+  #answeredAt = -1;
   commands = 0;
+  /** Requests found by the poll after an answer, before any notification. */
+  polled = 0;
   /** Requests answered from the exactly-once table instead of running. */
   replayed = 0;
   /** A frontend sending bad requests by the thousand gets one log line per interval, with a count. */
@@ -87,6 +103,7 @@ export class RingChannel implements Channel {
     this.#dom = dom;
     this.#opts = opts;
     this.frontDomid = opts.frontDomid;
+    this.#poll = new PollWindow(opts.pollUs, opts.pollContended);
     this.#ringMap = dom.mapper.mapMany(opts.frontDomid, opts.refs);
     this.#ring = new BackRing(new SharedRing(this.#ringMap.buffer, RING_SLOT));
     try {
@@ -98,9 +115,25 @@ export class RingChannel implements Channel {
     dom.evtchn.on(this.#port, () => this.#onEvent());
   }
 
+  /** Our local event-channel port bound to the frontend's. */
+  get port(): number {
+    return this.#port;
+  }
+
   #onEvent(): void {
     if (this.#closed) return;
     this.#opts.tap?.(RingEvent.NOTIFY_IN);
+    this.#take();
+  }
+
+  /** Take every request on the ring (after a notification, or found by the poll). */
+  #take(): void {
+    if (this.#closed) return;
+    if (this.#answeredAt >= 0) {
+      // How long the guest took to send its next request decides whether watching for it pays.
+      this.#poll.record((performance.now() - this.#answeredAt) * 1000);
+      this.#answeredAt = -1;
+    }
     try {
       do {
         for (const copy of this.#ring.takeRequests()) {
@@ -236,7 +269,9 @@ export class RingChannel implements Channel {
 
   #kick(): void {
     if (this.#pump || this.#closed) return;
+    busyChannels++;
     this.#pump = this.#drainQueue().finally(() => {
+      busyChannels--;
       this.#pump = null;
     });
   }
@@ -247,6 +282,30 @@ export class RingChannel implements Channel {
       if (this.#opts.target.executeGroup) await this.#runGroup(job);
       else await this.#runOne(job);
     }
+  }
+
+  /** Before the last answer of a drained queue is pushed: the poll budget, the port masked if any. */
+  #beforeLastAnswer(): number {
+    const budget = this.#queue.length === 0 && !this.#closed && busyChannels === 1 ? this.#poll.budgetUs : 0;
+    // Masked before the answer is visible, so the guest's next request cannot cost a wake-up mid-poll.
+    if (budget > 0) this.#dom.evtchn.mask(this.#port);
+    return budget;
+  }
+
+  /** After the last answer: watch for the next request (taken on a later turn), else sleep again. */
+  #afterLastAnswer(budget: number): void {
+    if (this.#closed || this.#queue.length > 0) return;
+    this.#answeredAt = performance.now();
+    if (budget <= 0) return;
+    if (spinUntil(() => this.#ring.unconsumedRequests() > 0, budget, () => this.#dom.evtchn.otherPending(this.#port))) {
+      this.#dom.evtchn.consume(this.#port);
+      this.polled++;
+      this.#dom.evtchn.unmask(this.#port);
+      setImmediate(() => this.#take());
+      return;
+    }
+    // Nothing yet: sleep on the event channel again. unmask() delivers a request that raced this.
+    this.#dom.evtchn.unmask(this.#port);
   }
 
   /** A target without group commit (multi-VM: the domain behind it does it): one request at a time, its id passed on. */
@@ -266,7 +325,9 @@ export class RingChannel implements Channel {
     }
     this.#running = [];
     this.commands++;
+    const budget = this.#beforeLastAnswer();
     this.#finish(job, command, status, response);
+    this.#afterLastAnswer(budget);
   }
 
   /**
@@ -298,6 +359,7 @@ export class RingChannel implements Channel {
     }
     this.#running = [];
     this.commands += group.length;
+    const budget = this.#beforeLastAnswer();
     // All answers go on the ring before one push (and at most one event).
     for (let i = 0; i < group.length; i++) {
       const { job, command } = group[i]!;
@@ -306,6 +368,7 @@ export class RingChannel implements Channel {
       if (response) this.#finish(job, command, statusOf(command, response), response, last);
       else this.#finish(job, command, RING_STATUS_EIO, failureResponse(command), last);
     }
+    this.#afterLastAnswer(budget);
   }
 
   #finish(job: Job, command: Uint8Array, status: number, response: Uint8Array, push = true): void {

@@ -31,6 +31,8 @@ export interface TpmFrontOptions {
    * channel's spin and the guest domain's busy mode (EventChannels.busyPollUs) alike.
    */
   pollUs?: number;
+  /** Ring only: when the frontend's poll stands down (default: CPU pressure, src/xen/poll.ts). */
+  pollContended?: () => boolean;
   /** v2 only: bound on one command before it is cancelled (V2Front's default otherwise). */
   commandTimeoutMs?: number;
   /** Called once when the backend goes away or closes the device under us. */
@@ -84,7 +86,11 @@ export class TpmFront {
     const details = Promise.all([xs.readString(`${home}/backend-id`), xs.readString(`${home}/backend`)]);
     const last = opts.reconnect ? lastBackend.get(xs)?.get(home) : undefined;
     const known = last?.dev;
-    if (last?.answeredClose) return TpmFront.#resume(opts, home, last.dev, details);
+    // Those reads leave now: xenstored answers them while we build the new ring (synchronous hypercalls).
+    if (last?.answeredClose) {
+      xs.flush();
+      return TpmFront.#resume(opts, home, last.dev, details);
+    }
     // Reconnecting after suspend or a backend restart: back to Initialising first, as Linux's
     // xenbus_dev_resume does, so the backend drops the old ring before it reads the new one. A backend
     // still serving our old ring drops it and goes to InitWait; a dead one stays Connected until its
@@ -97,6 +103,7 @@ export class TpmFront {
     initWait?.catch(() => {});
     const tx = xs.transactionStart();
     tx.catch(() => {});
+    xs.flush();
     const build = (backDomid: number): TpmTransport => TpmFront.#build(opts, backDomid);
     // The new ring is built while that batch is under way (it needs only the backend's domid).
     let transport: TpmTransport | undefined = known ? build(known.backDomid) : undefined;
@@ -185,7 +192,7 @@ export class TpmFront {
   static #build(opts: TpmFrontOptions, backDomid: number): TpmTransport {
     if (opts.pollUs !== undefined) opts.dom.evtchn.busyPollUs = opts.pollUs;
     return (opts.protocol ?? 'v2') === 'ring'
-      ? new RingFront(opts.dom, backDomid, { segments: opts.segments, firstId: opts.firstId })
+      ? new RingFront(opts.dom, backDomid, { segments: opts.segments, firstId: opts.firstId, pollUs: opts.pollUs, contended: opts.pollContended })
       : new V2Front(opts.dom, backDomid, { pollUs: opts.pollUs, commandTimeoutMs: opts.commandTimeoutMs });
   }
 

@@ -168,7 +168,8 @@ export class V2Front implements TpmTransport {
     this.#closed = true;
     this.#wake?.();
     this.#dom.evtchn.close(this.port);
-    await endAccessEventually(this.#dom, this.refs);
-    this.#dom.freeFrames(this.#gfn);
+    // Nobody maps the page any more: kept backed for the next device; else back to the hypervisor.
+    if (await endAccessEventually(this.#dom, this.refs)) this.#dom.releaseFrames(this.#gfn);
+    else this.#dom.freeFrames(this.#gfn);
   }
 }

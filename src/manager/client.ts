@@ -168,11 +168,13 @@ export class ManagerClient implements StateStore, VolatileHolder {
     if (this.#gone) return Promise.reject(this.#gone);
     return new Promise((resolve, reject) => {
       this.#pending.push({ instance, ordinal, resolve, reject });
-      // The requests of one tick (many guests' checkpoints) leave in one write(2).
+      // The requests of one turn of the event loop (every guest's checkpoint whose event came in that
+      // turn) leave in one write(2): each ring delivery is its own I/O callback, so a nextTick uncork
+      // would write once per guest.
       const w = this.#writer;
       if (!w.writableCorked) {
         w.cork();
-        process.nextTick(() => w.uncork());
+        setImmediate(() => w.uncork());
       }
       w.write(encodeRequest(instance, ordinal, params));
     });

@@ -3,7 +3,11 @@
 // command costs no grant operations. Up to ring-size commands are outstanding; each names its data
 // pages and gets its response back in them. It lives in tpmif/ (above xen/ only) because both ends
 // use it: guests through TpmFront, and the multi-VM backend to reach each guest's vTPM domain.
-import { FrontRing, SharedRing, type Domain } from '../xen/index.js';
+//
+// Waiting for an answer: a command sent while nothing else is outstanding is watched for on the ring
+// (rsp_prod) for up to an adaptive poll window (src/xen/poll.ts), its port masked, as the v2 frontend
+// watches its state byte: a backend that answers within microseconds then costs neither side a wake-up.
+import { FrontRing, PollWindow, SharedRing, spinUntil, type Domain } from '../xen/index.js';
 import {
   decodeRingResponse,
   encodeRingRequest,
@@ -19,11 +23,22 @@ import { endAccessEventually } from './grants.js';
 
 const PAGE = 4096;
 
+/**
+ * Fronts of this process with commands outstanding. A lone command is polled for only while no other
+ * front waits too: one that polls holds up every other front of the process (the multi-VM backend's
+ * rings to its domains, many guests in one process), whose answers it does not look at.
+ */
+let waitingFronts = 0;
+
 export interface RingFrontOptions {
   /** Data pages per request: the largest command and response is segments × 4096 bytes. */
   segments?: number;
   /** First request id (ids are never reused, so a resumed frontend continues from its last one). */
   firstId?: bigint;
+  /** Poll window for a lone command's answer in µs (default VTPM_POLL_US or 50; 0: always sleep). */
+  pollUs?: number;
+  /** When polling stands down (default: CPU pressure, src/xen/poll.ts cpuContended). */
+  contended?: () => boolean;
 }
 
 interface Pending {
@@ -47,6 +62,15 @@ export class RingFront implements TpmTransport {
   readonly #waitingForSlot: Array<() => void> = [];
   #nextId: bigint;
   #closed = false;
+  readonly #poll: PollWindow;
+  /** The lone command being waited for (polled or not) and when it was sent, to learn the backend's pace. */
+  #solo: { id: bigint; at: number } | null = null;
+  /** Counted in waitingFronts. */
+  #waiting = false;
+  /** Our port is masked because we poll the ring (left masked after a poll that emptied it). */
+  #masked = false;
+  /** Answers taken from the ring by the poll, before any notification (for tests and studies). */
+  polled = 0;
   /** After close: resolves once our grants are revoked and frames freed (false: the backend kept a mapping). */
   released: Promise<boolean> = Promise.resolve(false);
 
@@ -55,6 +79,7 @@ export class RingFront implements TpmTransport {
     this.segments = opts.segments ?? 1;
     if (this.segments < 1 || this.segments > RING_MAX_SEGMENTS) throw new RangeError(`segments must be 1..${RING_MAX_SEGMENTS}`);
     this.#nextId = opts.firstId ?? 1n;
+    this.#poll = new PollWindow(opts.pollUs, opts.contended);
     this.#ringGfn = dom.allocFrames(1);
     const page = dom.frames(this.#ringGfn);
     const sring = new SharedRing(page.buffer as ArrayBuffer, RING_SLOT, page.byteOffset, PAGE);
@@ -106,8 +131,36 @@ export class RingFront implements TpmTransport {
     encodeRingRequest(this.#ring.sring.view, this.#ring.nextRequestSlot(), request);
     this.#ring.produceRequest();
     const p = new Promise<Uint8Array>((resolve, reject) => this.#pending.set(id, { buffer, resolve, reject }));
+    this.#noteWaiting();
+    const alone = this.#pending.size === 1 && waitingFronts === 1;
+    const budget = alone ? this.#poll.budgetUs : 0;
+    this.#solo = alone ? { id, at: performance.now() } : null;
+    // Masked before the request is visible, so the backend's answer cannot cost a wake-up mid-poll.
+    if (budget > 0) this.#mask();
     if (this.#ring.pushRequestsAndCheckNotify()) this.#dom.evtchn.send(this.port);
+    // Gives way when another port of this domain is pending (the multi-VM backend's other guests).
+    if (budget > 0 && spinUntil(() => this.#ring.unconsumedResponses() > 0, budget, () => this.#dom.evtchn.otherPending(this.port))) {
+      this.#dom.evtchn.consume(this.port);
+      this.polled++;
+      this.#onResponses();
+      // Nothing outstanding: stay masked until the next command (a late notification wakes nobody).
+      if (this.#pending.size === 0) return p;
+    }
+    // Answers still to come arrive by notification: unmask delivers one that raced the spin.
+    this.#unmask();
     return p;
+  }
+
+  #mask(): void {
+    if (this.#masked) return;
+    this.#masked = true;
+    this.#dom.evtchn.mask(this.port);
+  }
+
+  #unmask(): void {
+    if (!this.#masked) return;
+    this.#masked = false;
+    this.#dom.evtchn.unmask(this.port);
   }
 
   /** Cancel one outstanding command (or, with no id, every one). */
@@ -154,18 +207,31 @@ export class RingFront implements TpmTransport {
         const p = this.#pending.get(id);
         if (!p) continue; // a cancel's own acknowledgement, or a response to nothing we sent
         this.#pending.delete(id);
+        if (this.#solo?.id === id) {
+          this.#poll.record((performance.now() - this.#solo.at) * 1000);
+          this.#solo = null;
+        }
         const data = this.#dom.frames(this.#dataGfn + p.buffer * this.segments, this.segments);
         if (status === RING_STATUS_EINVAL) p.reject(new FrontendError('EINVAL', `backend refused request ${id}`));
         else p.resolve(data.slice(0, Math.min(length, data.length)));
         this.#free.push(p.buffer);
       }
     } while (r.finalCheckForResponses());
+    this.#noteWaiting();
     while (this.#waitingForSlot.length && this.#free.length && r.freeRequests() >= 2) this.#waitingForSlot.shift()!();
+  }
+
+  #noteWaiting(): void {
+    const w = this.#pending.size > 0;
+    if (w === this.#waiting) return;
+    this.#waiting = w;
+    waitingFronts += w ? 1 : -1;
   }
 
   #failAll(err: Error): void {
     for (const p of this.#pending.values()) p.reject(err);
     this.#pending.clear();
+    this.#noteWaiting();
   }
 
   async close(): Promise<void> {
@@ -183,8 +249,11 @@ export class RingFront implements TpmTransport {
     // and free the frames once nobody maps them; `released` says when.
     this.released = endAccessEventually(this.#dom, [...this.refs, ...this.#dataRefs], 200, 5).then((all) => {
       if (this.#dom.closed) return false;
-      this.#dom.freeFrames(this.#ringGfn);
-      this.#dom.freeFrames(this.#dataGfn, this.#dataRefs.length);
+      // Nobody maps them any more: kept backed for the next ring (a resume builds one at once).
+      // A page the backend may still map goes back to the hypervisor instead.
+      const free = all ? this.#dom.releaseFrames.bind(this.#dom) : this.#dom.freeFrames.bind(this.#dom);
+      free(this.#ringGfn, 1);
+      free(this.#dataGfn, this.#dataRefs.length);
       return all;
     });
   }

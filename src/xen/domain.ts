@@ -252,6 +252,15 @@ export class Domain {
     this.#populated.fill(0, gfn, gfn + count);
   }
 
+  /**
+   * Free frames but keep them backed, as a guest's page allocator takes a page back: the next
+   * allocFrames reuses them (zeroed) without a hypercall. Only for frames no other domain has mapped
+   * (every grant of them ended); otherwise freeFrames gives them back to the hypervisor.
+   */
+  releaseFrames(gfn: number, count = 1): void {
+    this.#used.fill(0, gfn, gfn + count);
+  }
+
   /** A view of guest frames gfn .. gfn+count-1 (this domain's own memory). */
   frames(gfn: number, count = 1): Uint8Array {
     if (gfn < 0 || gfn + count > this.geometry.nrPages) throw new RangeError(`gfn ${gfn}+${count} out of range`);

@@ -166,16 +166,23 @@ export class XsClient {
       if (!this.corked) {
         this.corked = true;
         this.socket.cork();
-        process.nextTick(() => {
-          this.corked = false;
-          this.socket.uncork();
-        });
+        process.nextTick(() => this.flush());
       }
       if (tracing) trace(`xc > ${XsType[type]} ${reqId} ${payload.toString('latin1').replace(/\0/g, '|')}`);
       const packet = encodeMessage(type, reqId, tx, payload);
       this.tap?.('out', packet);
       this.socket.write(packet);
     });
+  }
+
+  /**
+   * Send the requests batched so far now, not at the end of this tick: before synchronous work (a
+   * hypercall, building a ring) that would otherwise hold them back while xenstored could be answering.
+   */
+  flush(): void {
+    if (!this.corked) return;
+    this.corked = false;
+    this.socket.uncork();
   }
 
   private onMessage(m: XsMessage): void {

@@ -2,7 +2,8 @@
 // Two processes hold it from then on (the client and the manager), so it survives any one crash: the
 // manager serves it to LOAD_VOLATILE and writes it in the background, at CLOSE and at shutdown; a
 // client re-holds its latest checkpoints on a restarted manager before anything else.
-import { describe, expect, it } from 'vitest';
+import { describe, expect, it, vi } from 'vitest';
+import net from 'node:net';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { ManagerClient } from '../../src/manager/client.js';
 import { connectPair } from '../../src/manager/fifo-client.js';
@@ -148,5 +149,30 @@ describe('vtpm manager: HOLD_VOLATILE', () => {
     let got = '';
     for (let i = 0; i < 100 && got !== 'held-then-loaded'; i++, await sleep(20)) got = Buffer.from((await other.load(instance, 'volatile')) ?? Buffer.alloc(0)).toString();
     expect(got).toBe('held-then-loaded');
+  });
+
+  it('sends the checkpoints of one loop turn in one write, though each guest\'s event is a callback of its own', async () => {
+    const m = await manager();
+    const c = await client(m);
+    const a = (await c.open({ vmUuid: VM, version: '2.0' })).instance;
+    const b = (await c.open({ vmUuid: '0c3f9a4e-2b7d-4e51-8f6a-1d2e3f4a5b6c', version: '2.0' })).instance;
+    await Promise.all([c.holdVolatile(a, Buffer.from('A')), c.holdVolatile(b, Buffer.from('B'))]);
+    // Eight appends, each from its own macrotask of the same phase, as a backend's ring events arrive.
+    const writes = vi.spyOn(net.Socket.prototype, '_write');
+    const writevs = vi.spyOn(net.Socket.prototype, '_writev');
+    try {
+      const acks = await new Promise<Array<Promise<void>>>((resolve) => {
+        const out: Array<Promise<void>> = [];
+        for (let i = 0; i < 8; i++) setImmediate(() => out.push(c.appendVolatile(i % 2 ? b : a, Buffer.from([0x30 + i]))) === 8 && resolve(out));
+      });
+      await Promise.all(acks);
+      expect(writes.mock.calls.length + writevs.mock.calls.length).toBe(1);
+      expect(writevs.mock.calls[0]![0].length).toBe(8);
+    } finally {
+      writes.mockRestore();
+      writevs.mockRestore();
+    }
+    expect(Buffer.from((await c.load(a, 'volatile'))!).toString()).toBe('A0246');
+    expect(Buffer.from((await c.load(b, 'volatile'))!).toString()).toBe('B1357');
   });
 });

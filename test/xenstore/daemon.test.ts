@@ -186,3 +186,20 @@ describe('xenstored node operations', () => {
     await d2.stop();
   });
 });
+
+describe('xenstore client batching', () => {
+  it('holds a tick\'s requests for one write, and flush() hands them to the kernel at once', async () => {
+    const sock = (c as unknown as { socket: import('node:net').Socket }).socket;
+    const a = c.write('/flush/a', '1');
+    const b = c.write('/flush/b', '2');
+    // Batched: both wait in the corked socket until the end of the tick...
+    expect(sock.writableCorked).toBe(1);
+    expect(sock.writableLength).toBeGreaterThan(0);
+    // ...unless flushed, before synchronous work (a hypercall) that would hold them back.
+    c.flush();
+    expect(sock.writableCorked).toBe(0);
+    expect(sock.writableLength).toBe(0);
+    await Promise.all([a, b]);
+    expect(await c.readString('/flush/b')).toBe('2');
+  });
+});

@@ -1,0 +1,85 @@
+// A ring frontend's pages across a close and a new ring (a resume): once the backend has unmapped them
+// and every grant has ended, the frames stay backed and the next ring reuses them, zeroed, without a
+// hypercall; a frame the backend still maps goes back to the hypervisor (decrease_reservation) instead.
+import { afterAll, beforeAll, describe, expect, it, vi } from 'vitest';
+import { freshXenDir } from '../helpers/child.js';
+import { SwtpmProcess } from '../helpers/swtpm.js';
+import { TpmClient } from '../helpers/tpm-client.js';
+import { Domain } from '../../src/xen/index.js';
+import { HC } from '../../src/xen/hypercall.js';
+import { RingChannel } from '../../src/backend/ring-channel.js';
+import { RingFront } from '../../src/tpmif/ring-front.js';
+import * as tpm2 from '../../src/tpm/tpm2-commands.js';
+import { responseCode as rc } from '../../src/tpm/wire.js';
+import { removeDir } from '../helpers/temp.js';
+
+const dir = freshXenDir();
+let dom0: Domain;
+let swtpm: SwtpmProcess;
+let client: TpmClient;
+
+beforeAll(async () => {
+  dom0 = await Domain.create({ domid: 0, dir });
+  swtpm = await SwtpmProcess.onSockets();
+  client = await TpmClient.connect({ path: swtpm.dataPath! });
+});
+afterAll(async () => {
+  client.close();
+  await swtpm.stop();
+  await dom0.destroy();
+  removeDir(dir);
+});
+
+function serve(front: RingFront, domid: number): RingChannel {
+  return new RingChannel(dom0, { frontDomid: domid, refs: [...front.refs], port: front.port, target: { execute: (c) => client.transmit(c), cancel: () => {} }, onFatal: () => {} });
+}
+
+describe('ring frontend pages across a new ring', () => {
+  it('builds the next ring on the released frames without a hypercall for memory, zeroed', async () => {
+    const g = await Domain.create({ domid: 31, dir });
+    try {
+      const first = new RingFront(g, 0, { pollUs: 0 });
+      const ch = serve(first, g.domid);
+      expect(rc(await first.transmit(tpm2.getRandom(32)))).toBe(0);
+      const used = Buffer.from(first.sharedPage).some((b) => b !== 0);
+      expect(used).toBe(true);
+      ch.close(); // the backend unmaps (it saw us Closed)
+      await first.close();
+      expect(await first.released).toBe(true);
+      const calls = vi.spyOn(g.hc, 'call');
+      const second = new RingFront(g, 0, { pollUs: 0 });
+      const ops = calls.mock.calls.map((c) => c[0]);
+      calls.mockRestore();
+      expect(ops).not.toContain(HC.populate);
+      // The same frames, zeroed but for the ring header the new front wrote (sring.init()).
+      const page = Buffer.from(second.sharedPage);
+      expect(page.subarray(64).every((b) => b === 0)).toBe(true);
+      const ch2 = serve(second, g.domid);
+      expect(rc(await second.transmit(tpm2.getRandom(8)))).toBe(0);
+      ch2.close();
+      await second.close();
+    } finally {
+      await g.destroy();
+    }
+  });
+
+  it('gives frames the backend still maps back to the hypervisor, so the next ring populates fresh ones', async () => {
+    const g = await Domain.create({ domid: 32, dir });
+    try {
+      const first = new RingFront(g, 0, { pollUs: 0 });
+      const ch = serve(first, g.domid);
+      expect(rc(await first.transmit(tpm2.getRandom(8)))).toBe(0);
+      await first.close(); // the backend keeps its mapping past every retry
+      expect(await first.released).toBe(false);
+      ch.close();
+      const calls = vi.spyOn(g.hc, 'call');
+      const second = new RingFront(g, 0, { pollUs: 0 });
+      const ops = calls.mock.calls.map((c) => c[0]);
+      calls.mockRestore();
+      expect(ops).toContain(HC.populate);
+      await second.close();
+    } finally {
+      await g.destroy();
+    }
+  });
+});

@@ -1,0 +1,38 @@
+// Child for the ring-poll tests: domain 0 in a process of its own serving one guest's ring with a
+// RingChannel whose commands go to a real swtpm's data socket. On {kind:'offer', offer} it connects
+// and replies {kind:'connected'}; {kind:'exit'} closes everything.
+import net from 'node:net';
+import { Domain } from '../../dist/src/xen/index.js';
+import { RingChannel } from '../../dist/src/backend/ring-channel.js';
+const [dir, swtpmPath] = process.argv.slice(2);
+const dom = await Domain.create({ domid: 0, dir });
+const sock = net.connect(swtpmPath);
+await new Promise((r, j) => sock.once('connect', r).once('error', j));
+// swtpm answers in order: one waiter per command, each response framed by its header's size field.
+const waiters = [];
+let buf = Buffer.alloc(0);
+sock.on('data', (d) => {
+  buf = Buffer.concat([buf, d]);
+  while (buf.length >= 6 && buf.length >= buf.readUInt32BE(2)) {
+    const n = buf.readUInt32BE(2);
+    waiters.shift()(new Uint8Array(buf.subarray(0, n)));
+    buf = buf.subarray(n);
+  }
+});
+const target = {
+  execute: (c) => new Promise((resolve) => (waiters.push(resolve), sock.write(c))),
+  cancel: () => {},
+};
+let ch;
+process.send({ kind: 'ready' });
+process.on('message', async (m) => {
+  if (m.kind === 'offer') {
+    ch = new RingChannel(dom, { ...m.offer, target, onFatal: () => {} });
+    process.send({ kind: 'connected' });
+  } else if (m.kind === 'exit') {
+    ch?.close();
+    sock.destroy();
+    await dom.destroy();
+    process.exit(0);
+  }
+});
