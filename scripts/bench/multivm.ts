@@ -25,7 +25,7 @@ import { TpmFront } from '../../src/frontend/tpmfront.js';
 import * as tpm2 from '../../src/tpm/tpm2-commands.js';
 import { smapsRollup } from './_engine-host.js';
 import { SwtpmProcess } from './_swtpm.js';
-import { median, percentile, usSince, type BenchContext, type Figure } from './lib.js';
+import { median, percentile, settle, usSince, type BenchContext, type Figure } from './lib.js';
 
 function arg(ctx: BenchContext, name: string, dflt: number): number {
   const i = ctx.args.indexOf(`--${name}`);
@@ -61,8 +61,10 @@ async function measureHost(mode: 'single' | 'multi' | 'stubdom', n: number, samp
       await front.transmit(tpm2.startup(tpm2.TPM_SU_CLEAR));
       guests.push({ dom, xs, front, dev });
     }
-    // Warm up every path, then sample round robin so every guest's vTPM is measured.
+    // Warm up every path, then sample round robin so every guest's vTPM is measured, once the start-up's
+    // CPU pressure has left the kernel's 10 s average (polling stands down under pressure).
     for (const g of guests) for (let k = 0; k < 50; k++) await g.front.transmit(tpm2.getRandom(8));
+    await settle(ctx);
     const rtt: number[] = [];
     for (let k = 0; k < samples; k++) {
       const g = guests[k % guests.length]!;
