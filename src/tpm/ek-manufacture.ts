@@ -58,11 +58,12 @@ export class ManufactureError extends Error {
   }
 }
 
-interface Executor {
+export interface Executor {
   execute(cmd: Uint8Array): Promise<Uint8Array>;
 }
 
-async function run(tpm: Executor, cmd: Uint8Array, what: string): Promise<Uint8Array> {
+/** Runs one manufacturing command; any TPM error aborts manufacture (the VM must not start half-made). */
+export async function run(tpm: Executor, cmd: Uint8Array, what: string): Promise<Uint8Array> {
   const rsp = await tpm.execute(cmd);
   const rc = responseCode(rsp);
   if (rc !== 0) throw new ManufactureError('TPM', `${what} failed with TPM response code 0x${rc.toString(16)}`);

@@ -4,9 +4,9 @@
 // the TPM's NV locked as a manufacturer leaves it (docs/ek-certificates.md). Layouts follow TPM 1.2
 // Part 2/3; every command is unauthorised, which a TPM takes while its NV is not yet locked.
 import crypto from 'node:crypto';
-import { Marshal, TPM_TAG_RQU_COMMAND, command, responseCode } from './wire.js';
+import { Marshal, TPM_TAG_RQU_COMMAND, command } from './wire.js';
 import { startup } from './tpm12-commands.js';
-import { ManufactureError } from './ek-manufacture.js';
+import { ManufactureError, run, type Executor } from './ek-manufacture.js';
 
 export const TPM_ORD_GetCapability = 0x65;
 export const TPM_ORD_CreateEndorsementKeyPair = 0x78;
@@ -48,17 +48,6 @@ export interface Tpm12Identity {
 
 export interface Ek12Issuer {
   issue(modulus: Uint8Array, id: Tpm12Identity): Promise<Uint8Array>;
-}
-
-export interface Executor {
-  execute(cmd: Uint8Array): Promise<Uint8Array>;
-}
-
-async function run(tpm: Executor, cmd: Uint8Array, what: string): Promise<Uint8Array> {
-  const rsp = await tpm.execute(cmd);
-  const rc = responseCode(rsp);
-  if (rc !== 0) throw new ManufactureError('TPM', `${what} failed with TPM response code 0x${rc.toString(16)}`);
-  return rsp;
 }
 
 /** TPM_KEY_PARMS of the EK: RSA, RSAES-OAEP-SHA1-MGF1, no signature scheme, 2048 bits, 2 primes, default exponent. */
