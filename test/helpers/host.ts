@@ -19,6 +19,15 @@ export const vtpm = (...args: string[]) => run(process.execPath, [cli, ...args],
 export const tcti = (port: number): NodeJS.ProcessEnv => ({ ...process.env, TPM2TOOLS_TCTI: `swtpm:host=127.0.0.1,port=${port}` });
 
 /** Poll `f` until it yields a value (a throw counts as not yet); fails naming `what` after `ms`. */
+/** `vtpm migrate key/out/in` of one VM from host run dir `from` to `to`, files in `work`; `migrate in`'s stdout. */
+export async function migrateVm(from: string, to: string, vm: string, work: string): Promise<string> {
+  const key = join(work, 'b.pem');
+  const blob = join(work, 'vm.mig');
+  await vtpm('migrate', 'key', '--run', join(to, 'manager'), '--out', key);
+  await vtpm('migrate', 'out', '--run', join(from, 'manager'), '--vm', vm, '--to-key', key, '--out', blob);
+  return (await vtpm('migrate', 'in', '--run', join(to, 'manager'), '--blob', blob)).stdout;
+}
+
 export async function until<T>(f: () => Promise<T | undefined>, what: string, ms = 15_000): Promise<T> {
   const deadline = Date.now() + ms;
   for (;;) {

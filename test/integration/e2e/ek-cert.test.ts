@@ -10,7 +10,7 @@ import fs from 'node:fs';
 import { join } from 'node:path';
 import 'reflect-metadata';
 import * as x509 from '@peculiar/x509';
-import { run, tcti as tools, until, vtpm } from '../../helpers/host.js';
+import { migrateVm, run, tcti as tools, until, vtpm } from '../../helpers/host.js';
 import { checkPlatformCert } from '../../helpers/attr-cert.js';
 import { freePortPair } from '../../../src/cli/ports.js';
 import { nvRead, parseNvRead } from '../../../src/tpm/tpm2-commands.js';
@@ -170,11 +170,7 @@ describe('EK certificates seen by a guest with tpm2-tools', () => {
 
   it('migrates with the VM to a multi-VM host: the same certificate there, still verified by the source CA', async () => {
     await vtpm('host', 'up', '--run', B.run, '--state', B.state, '--mode', 'multi');
-    const key = join(work, 'b.pem');
-    const blob = join(work, 'vm.mig');
-    await vtpm('migrate', 'key', '--run', join(B.run, 'manager'), '--out', key);
-    await vtpm('migrate', 'out', '--run', join(A.run, 'manager'), '--vm', vm, '--to-key', key, '--out', blob);
-    await vtpm('migrate', 'in', '--run', join(B.run, 'manager'), '--blob', blob);
+    await migrateVm(A.run, B.run, vm, work);
     const pb = await freePortPair();
     await vtpm('guest', 'attach', '--run', B.run, '--domid', '7', '--vm', vm, '--tcti-port', String(pb));
     expect((await nvread(pb, '0x01c00002', join(work, 'b-rsa.der')))!.equals(rsa)).toBe(true);

@@ -8,7 +8,7 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { randomUUID } from 'node:crypto';
 import fs from 'node:fs';
 import { join } from 'node:path';
-import { run, vtpm } from '../../helpers/host.js';
+import { migrateVm, run, vtpm } from '../../helpers/host.js';
 import { freePortPair } from '../../../src/cli/ports.js';
 import { EK12_CERT_INDEX, parseStoredCert } from '../../../src/tpm/ek12.js';
 import { responseCode } from '../../../src/tpm/wire.js';
@@ -87,11 +87,7 @@ describe('TPM 1.2 EK certificate seen by a guest', () => {
 
   it('migrates with the VM to a multi-VM host: the same certificate there, made nowhere else', async () => {
     await vtpm('host', 'up', '--run', B.run, '--state', B.state, '--mode', 'multi');
-    const key = join(work, 'b.pem');
-    const blob = join(work, 'vm.mig');
-    await vtpm('migrate', 'key', '--run', join(B.run, 'manager'), '--out', key);
-    await vtpm('migrate', 'out', '--run', join(A.run, 'manager'), '--vm', vm, '--to-key', key, '--out', blob);
-    await vtpm('migrate', 'in', '--run', join(B.run, 'manager'), '--blob', blob);
+    await migrateVm(A.run, B.run, vm, work);
     const tpm = await guestOn(B.run, 7, vm);
     expect((await readCert(tpm)).equals(der)).toBe(true);
     expect(fs.readFileSync(join(B.run, 'logs', 'manager.log'), 'utf8')).not.toMatch(/manufactured instance/);

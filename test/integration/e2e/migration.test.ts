@@ -5,7 +5,7 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { randomBytes, randomUUID } from 'node:crypto';
 import fs from 'node:fs';
 import { join } from 'node:path';
-import { run, vtpm } from '../../helpers/host.js';
+import { migrateVm, run, vtpm } from '../../helpers/host.js';
 import { freePortPair } from '../../../src/cli/ports.js';
 import { ManagerClient } from '../../../src/manager/client.js';
 import { Status } from '../../../src/manager/wire.js';
@@ -54,11 +54,7 @@ describe('vTPM migration between two hosts', () => {
     // The guest goes away on A (its backend saves and CLOSEs the vTPM at A's manager).
     await vtpm('guest', 'detach', '--run', hosts.a.run, '--domid', '5');
 
-    const key = join(work, 'b.pem');
-    const blob = join(work, 'vm.mig');
-    await vtpm('migrate', 'key', '--run', join(hosts.b.run, 'manager'), '--out', key);
-    await vtpm('migrate', 'out', '--run', join(hosts.a.run, 'manager'), '--vm', vm, '--to-key', key, '--out', blob);
-    expect((await vtpm('migrate', 'in', '--run', join(hosts.b.run, 'manager'), '--blob', blob)).stdout).toMatch(new RegExp(`vm ${vm}: instance \\d+`));
+    expect(await migrateVm(hosts.a.run, hosts.b.run, vm, work)).toMatch(new RegExp(`vm ${vm}: instance \\d+`));
 
     const portB = await freePortPair();
     await vtpm('guest', 'attach', '--run', hosts.b.run, '--domid', '9', '--vm', vm, '--tcti-port', String(portB));
