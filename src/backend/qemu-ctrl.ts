@@ -30,8 +30,6 @@ export class CtrlConnection {
   readonly #fd: number;
   /** Whether spinning for the client's next request after a reply pays (src/xen/poll.ts). */
   readonly #poll: PollWindow;
-  /** When the last reply left with nothing else queued (performance.now()), or -1. */
-  #answeredAt = -1;
   readonly #rs: RightsSocket;
   readonly #rx = new CtrlReceiver((events) => this.#dispatch(events));
   readonly #log: (l: string) => void;
@@ -59,11 +57,7 @@ export class CtrlConnection {
       for (const fd of r.fds) closeFd(fd);
       return;
     }
-    if (this.#answeredAt >= 0) {
-      // How soon the client follows a reply decides whether waiting busily for it pays.
-      this.#poll.record((performance.now() - this.#answeredAt) * 1000);
-      this.#answeredAt = -1;
-    }
+    this.#poll.arrived();
     this.#dispatch(this.#rx.push(r.data, r.fds));
   }
 
@@ -121,14 +115,14 @@ export class CtrlConnection {
    */
   #awaitNext(): void {
     if (this.#unanswered > 0 || this.#closed) return;
-    this.#answeredAt = performance.now();
+    this.#poll.answered();
     const budget = this.#poll.budgetUs;
     // After this turn's other callbacks, once Node has taken the reply off its queue.
     if (budget > 0) setImmediate(() => this.#spin(budget));
   }
 
   #spin(budget: number): void {
-    if (this.#unanswered > 0 || this.#closed || this.#sock.writableLength > 0 || this.#answeredAt < 0) return;
+    if (this.#unanswered > 0 || this.#closed || this.#sock.writableLength > 0 || !this.#poll.awaiting) return;
     spinReadable(this.#fd, budget);
   }
 

@@ -28,8 +28,6 @@ export class DataChannel {
   readonly #fd: number;
   /** Whether spinning for the peer's next command after a response pays (src/xen/poll.ts). */
   readonly #poll: PollWindow;
-  /** When the last response left with no command waiting (performance.now()), or -1. */
-  #answeredAt = -1;
   /** Refused commands logged so far: three per channel, so a peer cannot flood the log. */
   #refusalsLogged = 0;
   #busy = false;
@@ -49,10 +47,7 @@ export class DataChannel {
   }
 
   #onData(d: Buffer): void {
-    if (this.#answeredAt >= 0) {
-      this.#poll.record((performance.now() - this.#answeredAt) * 1000);
-      this.#answeredAt = -1;
-    }
+    this.#poll.arrived();
     this.#rx.push(new Uint8Array(d.buffer, d.byteOffset, d.byteLength));
     if (this.#rx.buffered >= this.#ep.vtpm.bufferSize) this.#sock.pause();
     void this.#pump();
@@ -107,14 +102,14 @@ export class DataChannel {
   /** Every response is out: stay on the CPU for the peer's next command for a short window. */
   #awaitNext(): void {
     if (this.#closed) return;
-    this.#answeredAt = performance.now();
+    this.#poll.answered();
     const budget = this.#poll.budgetUs;
     // After this turn's other callbacks, once Node has taken the response off its queue.
     if (budget > 0) setImmediate(() => this.#spin(budget));
   }
 
   #spin(budget: number): void {
-    if (this.#closed || this.#busy || this.#sock.writableLength > 0 || this.#answeredAt < 0) return;
+    if (this.#closed || this.#busy || this.#sock.writableLength > 0 || !this.#poll.awaiting) return;
     spinReadable(this.#fd, budget);
   }
 

@@ -88,8 +88,6 @@ export class RingChannel implements Channel {
   #pump: Promise<void> | null = null;
   #closed = false;
   readonly #poll: PollWindow;
-  /** When the last answer was published with nothing left to do (ms, performance.now), to learn the guest's pace. */
-  #answeredAt = -1;
   commands = 0;
   /** Requests found by the poll after an answer, before any notification. */
   polled = 0;
@@ -129,11 +127,7 @@ export class RingChannel implements Channel {
   /** Take every request on the ring (after a notification, or found by the poll). */
   #take(): void {
     if (this.#closed) return;
-    if (this.#answeredAt >= 0) {
-      // How long the guest took to send its next request decides whether watching for it pays.
-      this.#poll.record((performance.now() - this.#answeredAt) * 1000);
-      this.#answeredAt = -1;
-    }
+    this.#poll.arrived();
     try {
       do {
         for (const copy of this.#ring.takeRequests()) {
@@ -295,7 +289,7 @@ export class RingChannel implements Channel {
   /** After the last answer: watch for the next request (taken on a later turn), else sleep again. */
   #afterLastAnswer(budget: number): void {
     if (this.#closed || this.#queue.length > 0) return;
-    this.#answeredAt = performance.now();
+    this.#poll.answered();
     if (budget <= 0) return;
     if (spinUntil(() => this.#ring.unconsumedRequests() > 0, budget, () => this.#dom.evtchn.otherPending(this.#port))) {
       this.#dom.evtchn.consume(this.#port);

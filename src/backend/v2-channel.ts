@@ -63,8 +63,6 @@ export class V2Channel implements Channel {
   #busy: Promise<void> | null = null;
   #closed = false;
   readonly #poll: PollWindow;
-  /** When the last answer was published (ms, performance.now), to learn the guest's pace. */
-  #answeredAt = -1;
   commands = 0;
 
   constructor(dom: Domain, opts: ChannelOptions) {
@@ -112,11 +110,7 @@ export class V2Channel implements Channel {
       return;
     }
     if (state !== TPMIF_STATE_SUBMIT || this.#busy) return;
-    if (this.#answeredAt >= 0) {
-      // How long the guest took to send its next command decides whether polling for it pays.
-      this.#poll.record((performance.now() - this.#answeredAt) * 1000);
-      this.#answeredAt = -1;
-    }
+    this.#poll.arrived();
 
     // Private copy of everything before validating: the guest may change the page under us.
     const { length, nrExtraPages: nrExtra, locality } = decodeV2Header(this.#page);
@@ -152,7 +146,7 @@ export class V2Channel implements Channel {
     if (budget > 0) this.#dom.evtchn.mask(this.#port);
     this.#setStateAndNotify(TPMIF_STATE_FINISH);
     this.#opts.tap?.(RingEvent.V2_FINISH, { length: response.length });
-    this.#answeredAt = performance.now();
+    this.#poll.answered();
     if (budget > 0 && this.#pollNext(budget)) return;
     // A SUBMIT may have been missed while busy only if the frontend broke the one-at-a-time rule;
     // re-check anyway so a coalesced notification is never lost.

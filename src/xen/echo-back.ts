@@ -21,7 +21,6 @@ interface Conn {
   ring: BackRing;
   poll: PollWindow;
   /** When the last answers were published (ms); -1: the next request is not being timed. */
-  answeredAt: number;
 }
 
 export interface EchoBackendOptions {
@@ -47,7 +46,7 @@ export class EchoBackend {
     const map = this.dom.mapper.mapMany(offer.frontDomid, offer.refs);
     const ring = new BackRing(new SharedRing(map.buffer, ECHO_SLOT));
     const port = this.dom.evtchn.bindInterdomain(offer.frontDomid, offer.port);
-    this.#conns.set(offer.frontDomid, { map, port, ring, poll: new PollWindow(this.#pollUs), answeredAt: -1 });
+    this.#conns.set(offer.frontDomid, { map, port, ring, poll: new PollWindow(this.#pollUs) });
     this.dom.evtchn.on(port, () => this.#service(offer.frontDomid));
   }
 
@@ -56,22 +55,17 @@ export class EchoBackend {
     if (!c) return;
     const { ring, port } = c;
     const t0 = performance.now();
-    if (c.answeredAt >= 0) {
-      // How long the frontend took to send again decides whether watching for it pays.
-      c.poll.record((t0 - c.answeredAt) * 1000);
-      c.answeredAt = -1;
-    }
+    c.poll.arrived(t0);
     for (;;) {
       const budget = c.poll.budgetUs;
       // Masked while we look, so the frontend's next notification costs it an atomic OR, not a wake-up.
       if (budget > 0) this.dom.evtchn.mask(port);
       if (!this.#serveAll(front, c)) return;
-      c.answeredAt = performance.now();
+      c.poll.answered();
       const more = budget > 0 && spinUntil(() => ring.unconsumedRequests() > 0, budget, () => this.dom.evtchn.otherPending(port));
       if (!more) break;
       this.dom.evtchn.consume(port);
-      c.poll.record((performance.now() - c.answeredAt) * 1000);
-      c.answeredAt = -1;
+      c.poll.arrived();
       if (performance.now() - t0 > TURN_MS) {
         // Other work of this process (IPC, other frontends) gets its turn; we come back at once.
         setImmediate(() => this.#service(front));

@@ -50,6 +50,8 @@ export class PollWindow {
   #open: boolean;
   #sinceProbe = 0;
   readonly #contended: () => boolean;
+  /** When the last answer left with nothing else to do (performance.now()), or -1: the peer's pace starts there. */
+  #answeredAt = -1;
 
   /** `contended` says when to stand down (default: CPU pressure, cpuContended()). */
   constructor(maxUs: number = defaultPollUs(), contended: () => boolean = () => cpuContended()) {
@@ -71,6 +73,23 @@ export class PollWindow {
   /** Report how long the last wait lasted in all (polled or slept), in µs. */
   record(waitedUs: number): void {
     this.#open = this.maxUs > 0 && waitedUs <= this.maxUs * SLEEP_SLACK;
+  }
+
+  /** A server answered everything it had: the peer's next message will say how long it took (arrived()). */
+  answered(now: number = performance.now()): void {
+    this.#answeredAt = now;
+  }
+
+  /** Whether an answer is out and the peer's next message has not come yet. */
+  get awaiting(): boolean {
+    return this.#answeredAt >= 0;
+  }
+
+  /** The peer's next message came: how soon it followed the answer decides whether watching for it pays. */
+  arrived(now: number = performance.now()): void {
+    if (this.#answeredAt < 0) return;
+    this.record((now - this.#answeredAt) * 1000);
+    this.#answeredAt = -1;
   }
 }
 

@@ -31,6 +31,20 @@ describe('PollWindow', () => {
     expect(typeof cpuContended()).toBe('boolean');
   });
 
+  it('learns the peer\'s pace from answered() to arrived(): a slow follow-up shuts the window, a message without an answer before it counts for nothing', () => {
+    const w = new PollWindow(50, () => false);
+    w.arrived(1000); // nothing answered yet
+    expect(w.budgetUs).toBe(50);
+    w.answered(1000);
+    expect(w.awaiting).toBe(true);
+    w.arrived(1000.1); // 100 µs later: within 4 windows
+    expect(w.awaiting).toBe(false);
+    expect(w.budgetUs).toBe(50);
+    w.answered(2000);
+    w.arrived(2001); // 1 ms later: too slow to be worth a spin
+    expect(w.budgetUs).toBe(0);
+  });
+
   it('never polls with a window of 0', () => {
     const w = new PollWindow(0, () => false);
     w.record(1);
