@@ -3,10 +3,10 @@
 // (src/swtpm/), run through the endpoint one at a time and answered in order on Node's socket.
 import type net from 'node:net';
 import { closeFd, type Received, type RightsSocket } from '../../native/unix-rights.js';
-import { spinReadable } from '../../native/busy-poll.js';
 import { MAX_STATE_BLOB, Res, resultOnly } from '../swtpm/codes.js';
 import { CtrlReceiver, type CtrlRequest, type ReceiverEvent } from '../swtpm/ctrl-receiver.js';
 import type { PollWindow } from '../xen/index.js';
+import { awaitNextOnSocket } from './qemu-data.js';
 
 /**
  * A control client may have this many requests unanswered, or this many reply bytes unread, before it
@@ -115,15 +115,7 @@ export class CtrlConnection {
    */
   #awaitNext(): void {
     if (this.#unanswered > 0 || this.#closed) return;
-    this.#poll.answered();
-    const budget = this.#poll.budgetUs;
-    // After this turn's other callbacks, once Node has taken the reply off its queue.
-    if (budget > 0) setImmediate(() => this.#spin(budget));
-  }
-
-  #spin(budget: number): void {
-    if (this.#unanswered > 0 || this.#closed || this.#sock.writableLength > 0 || !this.#poll.awaiting) return;
-    spinReadable(this.#fd, budget);
+    awaitNextOnSocket(this.#poll, this.#fd, () => this.#unanswered === 0 && !this.#closed && this.#sock.writableLength === 0);
   }
 
   /** A client that does not read its replies: one log line, then it alone is hung up on. */

@@ -19,6 +19,20 @@ export interface DataTarget {
  * commands keeps them in its own socket buffer, as with swtpm's blocking read) and waits for a
  * response to be taken before it reads on, so a peer that stops reading stalls only itself.
  */
+/**
+ * A QEMU socket's last answer is out: after this turn's other callbacks (once Node has taken the answer
+ * off its queue), spin a window for the peer's next message if the window says it pays and `idle()`
+ * (nothing queued, nothing unwritten) still holds (docs/qemu.md, "Where the time goes").
+ */
+export function awaitNextOnSocket(poll: PollWindow, fd: number, idle: () => boolean): void {
+  poll.answered();
+  const budget = poll.budgetUs;
+  if (budget <= 0) return;
+  setImmediate(() => {
+    if (idle() && poll.awaiting) spinReadable(fd, budget);
+  });
+}
+
 export class DataChannel {
   onClose: () => void = () => {};
   readonly #sock: net.Socket;
@@ -102,15 +116,7 @@ export class DataChannel {
   /** Every response is out: stay on the CPU for the peer's next command for a short window. */
   #awaitNext(): void {
     if (this.#closed) return;
-    this.#poll.answered();
-    const budget = this.#poll.budgetUs;
-    // After this turn's other callbacks, once Node has taken the response off its queue.
-    if (budget > 0) setImmediate(() => this.#spin(budget));
-  }
-
-  #spin(budget: number): void {
-    if (this.#closed || this.#busy || this.#sock.writableLength > 0 || !this.#poll.awaiting) return;
-    spinReadable(this.#fd, budget);
+    awaitNextOnSocket(this.#poll, this.#fd, () => !this.#closed && !this.#busy && this.#sock.writableLength === 0);
   }
 
   close(): void {
