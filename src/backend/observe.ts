@@ -4,7 +4,7 @@
 // command reaching the vTPM to its answer being ready (durable, on the ring).
 import type { Counter } from 'prom-client';
 import type { CommandOutcome, Transport } from '../util/metrics.js';
-import { metricsSink, type MetricsSink } from '../util/metrics-sink.js';
+import { metricsSink, since, type MetricsSink } from '../util/metrics-sink.js';
 import { commandName } from '../tpm/command-names.js';
 import { responseCode } from '../tpm/wire.js';
 import type { OnceRequest, VtpmTarget } from '../tpm/vtpm.js';
@@ -55,11 +55,6 @@ export class GuestObserver {
     this.#m?.backendMetrics().cutOff.inc({ reason });
     this.#m?.guestError(this.labels.domid, this.labels.vm, `cut_off_${reason}`);
   }
-}
-
-/** Seconds since `t0` (a performance.now() reading). */
-function since(t0: number): number {
-  return (performance.now() - t0) / 1000;
 }
 
 /** `target` with every command reported to `obs`. */

@@ -6,7 +6,8 @@ import fsp from 'node:fs/promises';
 import path from 'node:path';
 import { BLOB_RE } from './store-meta.js';
 import { WAL_FILE, type AppendLog } from './wal.js';
-import { managerMetrics, since } from '../util/metrics.js';
+import { managerMetrics } from '../util/metrics.js';
+import { since } from '../util/metrics-sink.js';
 
 /** What a storage backend must do; everything above it (generations, batching, MAC) is shared. */
 export interface StoreOps {

@@ -18,6 +18,11 @@ export function registerMetrics(s: MetricsSink): void {
   sink = s;
 }
 
+/** Seconds since `t0` (a performance.now() reading), for durations observed into histograms. */
+export function since(t0: number): number {
+  return (performance.now() - t0) / 1000;
+}
+
 /** This process's metrics, or null when it keeps none. */
 export function metricsSink(): MetricsSink | null {
   return sink;

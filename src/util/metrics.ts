@@ -218,10 +218,6 @@ export const xenstoreMetrics = lazy(xenstoreSet);
 
 export type BackendMetrics = ReturnType<typeof backendSet>;
 
-/** Seconds since `t0` (a performance.now() reading). */
-export function since(t0: number): number {
-  return (performance.now() - t0) / 1000;
-}
 
 const lastErrorSeries = new Map<string, { vm: string; error: string }>();
 
