@@ -6,8 +6,8 @@ import fs from 'node:fs';
 import { join } from 'node:path';
 import { createInterface } from 'node:readline';
 import { ROOT } from '../../helpers/child.js';
-import { DataClient, rc, run, vtpm } from '../multivm/host.js';
-import { freePortPair } from '../../../src/cli/ports.js';
+import { attachGoodGuests } from '../../helpers/host.js';
+import { DataClient, rc, vtpm } from '../multivm/host.js';
 import { RunDir, alive, type HostInfo } from '../../../src/cli/rundir.js';
 import { domainLaunch } from '../../../src/cli/isolation.js';
 import { guestDetach } from '../../../src/cli/guest.js';
@@ -95,13 +95,7 @@ export async function startHost(mode: 'single' | 'multi' | 'stubdom' = 'single')
     // domain's uid, so two hosts sharing a range would stop each other's guests.
     const uidBase = 0x50000000 + ((process.pid & 0xfff) << 16);
     await vtpm('host', 'up', '--run', runDir, '--state', join(work, 'state'), '--mode', mode, '--isolation', 'uid', '--uid-base', String(uidBase));
-    for (const [domid, protocol] of [
-      [1, 'v2'],
-      [2, 'ring'],
-    ] as const) {
-      const port = await freePortPair();
-      await vtpm('guest', 'attach', '--run', runDir, '--domid', String(domid), '--vm', randomUUID(), '--protocol', protocol, '--tcti-port', String(port));
-      await run('tpm2_startup', ['-c'], { env: { ...process.env, TPM2TOOLS_TCTI: `swtpm:host=127.0.0.1,port=${port}` } });
+    for (const { domid, port } of await attachGoodGuests(runDir)) {
       good.push({ domid, port, pid: new RunDir(runDir).readGuest(domid)!.pid });
       loads.push(new Load(domid, await DataClient.connect(port)));
     }
