@@ -48,7 +48,6 @@ export const TCG_OID = {
   platformVersion: '2.23.133.5.1.5',
 } as const;
 
-export { DEFAULT_PLATFORM, type PlatformIdentity } from './ca-files.js';
 
 export { CA_CHAIN_FILE, CA_DIR, OPERATOR_CERT, OPERATOR_KEY } from './ca-files.js';
 const ROOT_CERT = 'root.pem';

@@ -42,7 +42,8 @@ import {
   type StatusCode,
 } from './wire.js';
 import { escapeLogLine } from '../util/log-escape.js';
-import { CA_CHAIN_FILE, EkCa, type PlatformIdentity } from './ca.js';
+import { CA_CHAIN_FILE, EkCa } from './ca.js';
+import type { PlatformIdentity } from './ca-files.js';
 import { Factory, type EkChoice } from './manufacture.js';
 import type { StateStore } from '../tpm/state-store.js';
 import { managerMetrics } from '../util/metrics.js';

@@ -1,7 +1,7 @@
 // The factory: a new VM's TPM (2.0, or 1.2 with its one RSA EK) is manufactured here, in the manager,
 // at its first OPEN and before the OPEN is answered, so that no backend, vTPM domain or QEMU ever sees it
-// unfinished, whichever mode the host runs in. Its EK certificates are issued by the host CA and locked into the TCG indices; its
-// permanent state goes to the manager's store like any save. The VM's permanent state existing is what
+// unfinished, whichever mode the host runs in. Its EK certificates are issued by the host CA and locked
+// into the TCG indices; its permanent state goes to the manager's store like any save. The VM's permanent state existing is what
 // "manufactured" means: it is never done twice, and a migrated-in VM (which arrives with state) is never
 // re-manufactured.
 //
@@ -14,7 +14,8 @@ import type { TpmInstance } from '../tpm/instance.js';
 import type { StateKind, StateStore } from '../tpm/state-store.js';
 import { deriveEks, provisionEk, type EkDerivation } from '../tpm/ek-manufacture.js';
 import { manufactureEk12 } from '../tpm/ek12.js';
-import { DEFAULT_PLATFORM, type EkCa, type PlatformIdentity } from './ca.js';
+import type { EkCa } from './ca.js';
+import { DEFAULT_PLATFORM, type PlatformIdentity } from './ca-files.js';
 import { Status, type EkCode } from './wire.js';
 import { Refusal } from './refusal.js';
 import type { VmRecord } from './vm-table.js';
