@@ -47,9 +47,6 @@ interface AttachKeys {
   uuid: string | undefined;
   version: string | undefined;
   resume: string | undefined;
-  /** `guest attach --pcap`: the capture file the toolstack asked for, and its bound in MiB. */
-  capture: string | undefined;
-  captureMaxMb: string | undefined;
 }
 
 /**
@@ -176,9 +173,7 @@ export class BackendDevice {
       xs.tryRead(`${backend}/uuid`),
       xs.tryRead(`${backend}/tpm-version`),
       xs.tryRead(`${backend}/resume`),
-      xs.tryRead(`${backend}/capture`),
-      xs.tryRead(`${backend}/capture-max-mb`),
-    ]).then(([own, ringRef, eventChannel, protocolV2, ring, uuid, version, resume, capture, captureMaxMb]) => ({ own, ringRef, eventChannel, protocolV2, ring, uuid, version, resume, capture, captureMaxMb }));
+    ]).then(([own, ringRef, eventChannel, protocolV2, ring, uuid, version, resume]) => ({ own, ringRef, eventChannel, protocolV2, ring, uuid, version, resume }));
   }
 
   async #onFrontend(s: XenbusState, pre: Promise<AttachKeys> | null = null): Promise<void> {
@@ -413,7 +408,7 @@ export class BackendDevice {
     } catch (err) {
       return this.#fail(5, `cannot open the vTPM of VM ${vm}: ${(err as Error).message}`, 'vtpm_unavailable');
     }
-    const observer = this.#obs.attach(vm, wantsRing ? 'ring' : 'v2', keys.capture, keys.captureMaxMb);
+    const observer = this.#obs.attach(vm, wantsRing ? 'ring' : 'v2');
     const opts: ChannelOptions = {
       frontDomid: this.dev.frontDomid,
       refs: [fe.ringRef],

@@ -149,9 +149,11 @@ export class DeviceObservation {
     await this.#captures?.add(this.#domid, this.#capture);
   }
 
-  /** A frontend connects: this guest's observer (with the capture, opened here if start did not). */
-  attach(vm: string, transport: 'v2' | 'ring', capture: string | undefined, captureMaxMb: string | undefined): GuestObserver {
-    void this.open(capture, captureMaxMb);
+  /**
+   * A frontend connects: this guest's observer, with the capture open() made at device start (the
+   * toolstack writes the capture keys with the device, so a connect has nothing new to read).
+   */
+  attach(vm: string, transport: 'v2' | 'ring'): GuestObserver {
     if (this.#observer?.labels.vm !== vm || this.#observer.labels.transport !== transport) {
       this.#observer = new GuestObserver({ domid: String(this.#domid), vm, transport }, this.#capture);
     }
