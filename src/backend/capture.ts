@@ -25,10 +25,17 @@ export const RingEvent = {
   V2_CANCEL: 7,
 } as const;
 
-/** What the channels report for a capture (all numbers; the channel has already validated them). */
+/**
+ * What the channels report for a capture: an event (RingEvent), its status or locality, segment count,
+ * length and ring request id (v2: none), all numbers the channel has already validated. Plain arguments,
+ * no object: a tap runs on the guest's path.
+ */
 export interface RingTap {
-  (event: number, fields?: { id?: bigint; status?: number; locality?: number; segments?: number; length?: number }): void;
+  (event: number, statusOrLocality?: number, segments?: number, length?: number, id?: bigint): void;
 }
+
+/** The queue entry of a command and its response (RingEvent values are 1..7). */
+const COMMAND = 0;
 
 export class GuestCapture {
   readonly #w: PcapngWriter;
@@ -46,14 +53,20 @@ export class GuestCapture {
   readonly #guestIp: number;
   readonly #vtpmIp: number;
   /**
-   * Commands answered but not yet encoded (command, response, its two clock readings). They are
-   * encoded once the answer is published (the v2 FINISH or the ring's notification, taps from the
-   * channel), or on setImmediate for a transport without such taps, so a capture never delays an answer.
+   * Records waiting to be encoded, in order: ring events and commands with their responses (parallel
+   * arrays, reused; a number each, no object per record). They are encoded once the answer is published
+   * (the v2 FINISH or the ring's notification, taps from the channel), or on setImmediate for a
+   * transport without such taps, so what a capture writes never runs before a guest's answer.
    */
-  readonly #pCmd: Array<Uint8Array | null> = [];
-  readonly #pRsp: Array<Uint8Array | null> = [];
-  readonly #pT0: number[] = [];
-  readonly #pTs: number[] = [];
+  readonly #qEvent: number[] = []; // RingEvent, or COMMAND
+  readonly #qT0: number[] = []; // performance.now(): the event, or the command reaching the vTPM
+  readonly #qT1: number[] = []; // a command's response ready
+  readonly #qA: number[] = []; // status or locality
+  readonly #qSeg: number[] = [];
+  readonly #qLen: number[] = [];
+  readonly #qId: bigint[] = [];
+  readonly #qCmd: Array<Uint8Array | null> = [];
+  readonly #qRsp: Array<Uint8Array | null> = [];
   #pending = 0;
   /** This connection's channel reports every publication (v2 FINISH): no setImmediate needed. */
   #published = false;
@@ -94,18 +107,40 @@ export class GuestCapture {
 
   /**
    * One command, stamped when it reached the vTPM (`t0`, performance.now()), and its response, stamped
-   * now (null: the vTPM gave none; only the command is recorded).
+   * `t1` (null: the vTPM gave none; only the command is recorded).
    */
-  command(command: Uint8Array, response: Uint8Array | null, t0: number): void {
+  command(command: Uint8Array, response: Uint8Array | null, t0: number, t1: number = performance.now()): void {
+    const i = this.#push(COMMAND, t0);
+    this.#qT1[i] = t1;
+    this.#qCmd[i] = command;
+    this.#qRsp[i] = response;
+  }
+
+  /** A ring event (see RingEvent), queued; the answer's publication (V2_FINISH, NOTIFY_OUT) encodes the queue. */
+  readonly ring: RingTap = (event, a = 0, segments = 0, length = 0, id = 0n) => {
+    const i = this.#push(event, performance.now());
+    this.#qA[i] = a;
+    this.#qSeg[i] = segments;
+    this.#qLen[i] = length;
+    this.#qId[i] = id;
+    if (event === RingEvent.V2_FINISH) this.#published = true;
+    if (event === RingEvent.V2_FINISH || event === RingEvent.NOTIFY_OUT) this.#encodePending();
+    // A CANCEL on an idle v2 device is answered IDLE, which publishes nothing.
+    else if (event === RingEvent.V2_CANCEL) this.#schedule();
+  };
+
+  #push(event: number, t: number): number {
     const i = this.#pending++;
-    this.#pCmd[i] = command;
-    this.#pRsp[i] = response;
-    this.#pT0[i] = t0;
-    this.#pTs[i] = performance.now();
-    if (!this.#published && !this.#scheduled) {
-      this.#scheduled = true;
-      setImmediate(this.#later);
-    }
+    this.#qEvent[i] = event;
+    this.#qT0[i] = t;
+    if (!this.#published) this.#schedule();
+    return i;
+  }
+
+  #schedule(): void {
+    if (this.#scheduled) return;
+    this.#scheduled = true;
+    setImmediate(this.#later);
   }
 
   readonly #later = (): void => {
@@ -115,37 +150,38 @@ export class GuestCapture {
 
   #encodePending(): void {
     for (let i = 0; i < this.#pending; i++) {
-      const command = this.#pCmd[i]!;
-      const response = this.#pRsp[i]!;
-      const t0 = microsAt(this.#pT0[i]!);
-      this.#pCmd[i] = this.#pRsp[i] = null;
+      const event = this.#qEvent[i]!;
+      const t0 = microsAt(this.#qT0[i]!);
+      if (event !== COMMAND) {
+        this.#ringEvent(event, t0, i);
+        continue;
+      }
+      const command = this.#qCmd[i]!;
+      const response = this.#qRsp[i]!;
+      this.#qCmd[i] = this.#qRsp[i] = null;
       if (this.#stream < 0) this.#open(t0);
       this.#tcp(t0, true, PSH | ACK, command, this.#seqGuest, this.#seqVtpm);
       this.#seqGuest = (this.#seqGuest + command.length) >>> 0;
       if (response) {
-        this.#tcp(microsAt(this.#pTs[i]!), false, PSH | ACK, response, this.#seqVtpm, this.#seqGuest);
+        this.#tcp(microsAt(this.#qT1[i]!), false, PSH | ACK, response, this.#seqVtpm, this.#seqGuest);
         this.#seqVtpm = (this.#seqVtpm + response.length) >>> 0;
       }
     }
     this.#pending = 0;
   }
 
-  /** A ring event (see RingEvent), recorded at once; the answer's publication is when pending commands are encoded. */
-  readonly ring: RingTap = (event, f) => {
-    const ts = nowMicros();
-    if (event === RingEvent.V2_FINISH) this.#published = true;
-    if (event === RingEvent.V2_FINISH || event === RingEvent.NOTIFY_OUT) this.#encodePending();
+  /** The RING record of queue entry `i`. */
+  #ringEvent(event: number, ts: number, i: number): void {
     const toBackend = event === RingEvent.NOTIFY_IN || event === RingEvent.REQUEST || event === RingEvent.V2_SUBMIT || event === RingEvent.V2_CANCEL ? 1 : 0;
     const o = this.#event(ts, EventKind.RING, toBackend, 16);
     if (o < 0) return;
     const v = this.#w.view;
     v.setUint8(o, event);
-    v.setUint8(o + 1, f?.status ?? f?.locality ?? 0);
-    v.setUint16(o + 2, f?.segments ?? 0);
-    v.setUint32(o + 4, f?.length ?? 0);
-    if (f?.id === undefined) v.setFloat64(o + 8, 0); // all zero bytes, without a BigInt
-    else v.setBigUint64(o + 8, f.id);
-  };
+    v.setUint8(o + 1, this.#qA[i]!);
+    v.setUint16(o + 2, this.#qSeg[i]!);
+    v.setUint32(o + 4, this.#qLen[i]!);
+    v.setBigUint64(o + 8, this.#qId[i]!);
+  }
 
   /** One xs_wire packet of this device's, as the backend sent ('out') or received ('in') it. */
   xenstore(dir: 'out' | 'in', packet: Uint8Array): void {

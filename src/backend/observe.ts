@@ -36,7 +36,9 @@ export class GuestObserver {
 
   /** One command answered (`response` null: no TPM answer, the backend made up a failure). */
   done(command: Uint8Array, response: Uint8Array | null, t0: number): void {
-    this.capture?.command(command, response, t0);
+    // One clock read for both the capture's response stamp and the histogram.
+    const t1 = performance.now();
+    this.capture?.command(command, response, t0, t1);
     const m = this.#m;
     if (!m) return;
     const rc = response === null ? -1 : responseCode(response);
@@ -46,7 +48,7 @@ export class GuestObserver {
     let c = this.#children.get(key);
     if (!c) this.#children.set(key, (c = m.backendMetrics().commands.labels(this.labels.domid, this.labels.vm, this.labels.transport, name, outcome)));
     c.inc();
-    this.#duration?.observe(since(t0));
+    this.#duration?.observe((t1 - t0) / 1000);
     if (outcome !== 'success') m.guestError(this.labels.domid, this.labels.vm, outcome);
   }
 

@@ -144,7 +144,7 @@ export class RingChannel implements Channel {
 
   /** Validate the private copy; queue it, answer it at once, or act on a cancel. */
   #accept(req: RingRequest): void {
-    this.#opts.tap?.(RingEvent.REQUEST, { id: req.id, locality: req.locality, segments: req.nrSegments, length: req.length });
+    this.#opts.tap?.(RingEvent.REQUEST, req.locality, req.nrSegments, req.length, req.id);
     if (req.op === RING_OP_CANCEL) {
       this.#cancel(req.cancelId);
       this.#respond(req.id, RING_STATUS_OK, null, []);
@@ -382,7 +382,7 @@ export class RingChannel implements Channel {
     const r = this.#ring;
     encodeRingResponse(r.sring.view, r.nextResponseSlot(), { id, status, length: response?.length ?? 0 });
     r.produceResponse();
-    this.#opts.tap?.(RingEvent.RESPONSE, { id, status, length: response?.length ?? 0 });
+    this.#opts.tap?.(RingEvent.RESPONSE, status, 0, response?.length ?? 0, id);
     if (push && r.pushResponsesAndCheckNotify()) {
       this.#dom.evtchn.send(this.#port);
       this.#opts.tap?.(RingEvent.NOTIFY_OUT);

@@ -119,7 +119,7 @@ export class V2Channel implements Channel {
     if (length > PAGE - offset) return this.#fatal(`v2 request length ${length} exceeds ${PAGE - offset} bytes`);
     if (locality > MAX_LOCALITY) return this.#fatal(`v2 request locality ${locality} is not 0..4`);
     const command = this.#page.slice(offset, offset + length);
-    this.#opts.tap?.(RingEvent.V2_SUBMIT, { length, locality });
+    this.#opts.tap?.(RingEvent.V2_SUBMIT, locality, 0, length);
     this.#busy = this.#run(command, locality, offset);
   }
 
@@ -145,7 +145,7 @@ export class V2Channel implements Channel {
     // Masked before FINISH is visible, so the guest's next SUBMIT cannot cost it a wake-up mid-poll.
     if (budget > 0) this.#dom.evtchn.mask(this.#port);
     this.#setStateAndNotify(TPMIF_STATE_FINISH);
-    this.#opts.tap?.(RingEvent.V2_FINISH, { length: response.length });
+    this.#opts.tap?.(RingEvent.V2_FINISH, 0, 0, response.length);
     this.#poll.answered();
     if (budget > 0 && this.#pollNext(budget)) return;
     // A SUBMIT may have been missed while busy only if the frontend broke the one-at-a-time rule;

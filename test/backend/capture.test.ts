@@ -19,25 +19,25 @@ afterEach(() => vi.restoreAllMocks());
 const GET_RANDOM_8 = Uint8Array.from([0x80, 0x01, 0, 0, 0, 0x0c, 0, 0, 0x01, 0x7b, 0, 8]);
 const RESPONSE = Uint8Array.from([0x80, 0x01, 0, 0, 0, 0x14, 0, 0, 0, 0, 0, 8, 1, 2, 3, 4, 5, 6, 7, 8]);
 
-it('encodes a v2 command and its response inside the FINISH tap, after the answer is published, and schedules nothing for later', async () => {
+it('encodes a v2 SUBMIT, its command and response inside the FINISH tap, after the answer is published, and schedules nothing for later', async () => {
   const begin = vi.spyOn(PcapngWriter.prototype, 'begin');
   const immediate = vi.spyOn(globalThis, 'setImmediate');
   const c = new GuestCapture(join(work, 'v2.pcapng'), 1 << 20, 7, 0, () => {});
   c.newStream();
-  c.ring(RingEvent.V2_SUBMIT, { length: 12, locality: 0 });
+  c.ring(RingEvent.V2_SUBMIT, 0, 0, 12);
   const t0 = performance.now();
   // The first command teaches the capture that this channel taps FINISH; from then on nothing is deferred.
   c.command(GET_RANDOM_8, RESPONSE, t0);
-  c.ring(RingEvent.V2_FINISH, { length: RESPONSE.length });
+  c.ring(RingEvent.V2_FINISH, 0, 0, RESPONSE.length);
   const interfaces = (): number[] => begin.mock.calls.map((a) => a[0]);
-  // SYN, SYN-ACK, ACK, SUBMIT, then at FINISH: command, response, FINISH.
+  // SYN, SYN-ACK, ACK, then at FINISH: SUBMIT, command, response, FINISH.
   expect(interfaces()).toEqual([0, 0, 0, 1, 0, 0, 1]);
   immediate.mockClear();
-  c.ring(RingEvent.V2_SUBMIT, { length: 12, locality: 0 });
+  c.ring(RingEvent.V2_SUBMIT, 0, 0, 12);
   c.command(GET_RANDOM_8, RESPONSE, performance.now());
-  // Answered but not yet published: not encoded (encoding would delay the answer).
-  expect(interfaces()).toHaveLength(8);
-  c.ring(RingEvent.V2_FINISH, { length: RESPONSE.length });
+  // Submitted and answered but not yet published: nothing encoded, not even the SUBMIT (it would delay the answer).
+  expect(interfaces()).toHaveLength(7);
+  c.ring(RingEvent.V2_FINISH, 0, 0, RESPONSE.length);
   expect(interfaces()).toHaveLength(11);
   expect(immediate).not.toHaveBeenCalled();
   await c.close();
@@ -59,9 +59,9 @@ it('writes each TCP segment as the doc says: IPv4 header with its checksum, port
   const file = join(work, 'bytes.pcapng');
   const c = new GuestCapture(file, 1 << 20, 0x0102, 0, () => {});
   c.newStream();
-  c.ring(RingEvent.V2_SUBMIT, { length: 12, locality: 0 });
+  c.ring(RingEvent.V2_SUBMIT, 0, 0, 12);
   c.command(GET_RANDOM_8, RESPONSE, performance.now());
-  c.ring(RingEvent.V2_FINISH, { length: RESPONSE.length });
+  c.ring(RingEvent.V2_FINISH, 0, 0, RESPONSE.length);
   await c.close();
   const b = fs.readFileSync(file);
   // Walk the blocks: SHB (28), two IDBs (20 each), then EPBs; keep the interface-0 packets' data.
@@ -97,18 +97,18 @@ it('writes each TCP segment as the doc says: IPv4 header with its checksum, port
 it('a new connection relearns how its answers are published: after a v2 stream, a ring stream without notifications still gets its commands encoded', async () => {
   const c = new GuestCapture(join(work, 'switch.pcapng'), 1 << 20, 8, 0, () => {});
   c.newStream();
-  c.ring(RingEvent.V2_SUBMIT, { length: 12, locality: 0 });
+  c.ring(RingEvent.V2_SUBMIT, 0, 0, 12);
   c.command(GET_RANDOM_8, RESPONSE, performance.now());
-  c.ring(RingEvent.V2_FINISH, { length: RESPONSE.length });
+  c.ring(RingEvent.V2_FINISH, 0, 0, RESPONSE.length);
   await new Promise((r) => setImmediate(r)); // (the first command's fallback, scheduled before FINISH taught otherwise)
   // Resumed on the ring transport, whose frontend polls: no NOTIFY_OUT follows its responses.
   c.newStream();
   const begin = vi.spyOn(PcapngWriter.prototype, 'begin');
-  c.ring(RingEvent.REQUEST, { id: 1n, locality: 0, segments: 1, length: 12 });
+  c.ring(RingEvent.REQUEST, 0, 1, 12, 1n);
   c.command(GET_RANDOM_8, RESPONSE, performance.now());
-  c.ring(RingEvent.RESPONSE, { id: 1n, status: 0, length: RESPONSE.length });
+  c.ring(RingEvent.RESPONSE, 0, 0, RESPONSE.length, 1n);
   await new Promise((r) => setImmediate(r));
-  // REQUEST, RESPONSE, then the command and its response as TCP segments.
-  expect(begin.mock.calls.map((a) => a[0])).toEqual([1, 1, 0, 0]);
+  // In the order they happened: REQUEST, the command and its response as TCP segments, RESPONSE.
+  expect(begin.mock.calls.map((a) => a[0])).toEqual([1, 0, 0, 1]);
   await c.close();
 });
