@@ -112,3 +112,28 @@ it('a new connection relearns how its answers are published: after a v2 stream, 
   expect(begin.mock.calls.map((a) => a[0])).toEqual([1, 0, 0, 1]);
   await c.close();
 });
+
+it('a ring tap takes its fields as plain arguments and writes the 16-byte RING record the doc\'s table shows; the Lua dissector reads them back', async () => {
+  const file = join(work, 'ring.pcapng');
+  const c = new GuestCapture(file, 1 << 20, 0x0102, 3, () => {});
+  c.newStream();
+  c.ring(RingEvent.REQUEST, 2, 3, 300, 0x0102030405060708n);
+  c.ring(RingEvent.RESPONSE, 1, 0, 0x10000, 0xfffffffffffffffen);
+  c.ring(RingEvent.NOTIFY_OUT);
+  await c.close();
+  const b = fs.readFileSync(file);
+  const records: string[] = [];
+  for (let o = 68; o < b.length; o += b.readUInt32LE(o + 4)) {
+    if (b.readUInt32LE(o + 8) === 1) records.push(b.subarray(o + 28, o + 28 + b.readUInt32LE(o + 20)).toString('hex'));
+  }
+  // version 1, kind 2, direction, 0, domid 0x0102, devid 3 | event, status or locality, segments, length, id.
+  expect(records).toEqual([
+    '01020100' + '0102' + '0003' + '02' + '02' + '0003' + '0000012c' + '0102030405060708',
+    '01020000' + '0102' + '0003' + '03' + '01' + '0000' + '00010000' + 'fffffffffffffffe',
+    '01020000' + '0102' + '0003' + '04' + '00' + '0000' + '00000000' + '0000000000000000',
+  ]);
+  const lua = join(import.meta.dirname, '..', '..', 'tools', 'wireshark', 'vtpm-split.lua');
+  const { stdout } = await run('tshark', ['-X', `lua_script:${lua}`, '-r', file, '-Y', 'vtpmsplit.kind == 2', '-T', 'fields', '-E', 'separator=|',
+    '-e', 'vtpmsplit.ring.event', '-e', 'vtpmsplit.ring.status', '-e', 'vtpmsplit.ring.segments', '-e', 'vtpmsplit.ring.length', '-e', 'vtpmsplit.ring.id']);
+  expect(stdout.trim().split('\n')).toEqual(['2|2|3|300|72623859790382856', '3|1|0|65536|18446744073709551614', '4|0|0|0|0']);
+});
