@@ -9,6 +9,8 @@ export const LINKTYPE_RAW = 101;
 export const LINKTYPE_USER0 = 147;
 
 const CHUNK = 1 << 20;
+/** The most the 200 ms flush copies out of the chunk (a few µs); more and the chunk itself is queued. */
+const COPY_MAX = 64 << 10;
 const MAX_QUEUED = 16 << 20;
 const SNAPLEN = 0x40000;
 const TWO32 = 4294967296;
@@ -115,8 +117,9 @@ export class PcapngWriter {
   /** Queue what the chunk holds for the file; a new chunk takes the next packets (at least `need` bytes). */
   #flush(need = 0): void {
     if (this.#off > 0) {
-      // A full chunk goes to the queue as it is; a timer's few packets are copied out and the chunk kept.
-      const handOver = need > 0 || this.#off > CHUNK / 2;
+      // A full chunk goes to the queue as it is, and so does what the timer finds beyond COPY_MAX (copying
+      // it would hold the loop, and the guest being answered, up); a few packets are copied out instead.
+      const handOver = need > 0 || this.#off > COPY_MAX;
       const data = handOver ? this.buf.subarray(0, this.#off) : Buffer.from(this.buf.subarray(0, this.#off));
       this.#committed += data.length;
       this.#queued += data.length;

@@ -1,5 +1,5 @@
 // The pcapng writer's blocks, byte for byte, and the same file read back by tshark (the real peer).
-import { afterAll, expect, it } from 'vitest';
+import { afterAll, expect, it, vi } from 'vitest';
 import { execFile } from 'node:child_process';
 import fs from 'node:fs';
 import { join } from 'node:path';
@@ -59,4 +59,26 @@ it('a file that cannot take more (ENOSPC on /dev/full): close still returns, and
   for (let i = 0; i < 10; i++) w.packet(0, Date.now() * 1000, [new Uint8Array(1000)]);
   await w.close();
   expect(w.dropped).toBeGreaterThanOrEqual(10);
+});
+
+it('the 200 ms flush queues a chunk holding more than 64 KiB as it is, without copying it on the loop, and copies out a few packets', async () => {
+  const file = join(work, 'flush.pcapng');
+  const w = new PcapngWriter(file, [LINKTYPE_USER0], 1 << 30);
+  const from = vi.spyOn(Buffer, 'from');
+  // Buffer.from(a Uint8Array) copies; Buffer.from(an ArrayBuffer, …) is a view (a chunk being reused).
+  const copies = (): number => from.mock.calls.filter((a) => a[0] instanceof Uint8Array).length;
+  const packet = new Uint8Array(1000);
+  for (let i = 0; i < 100; i++) w.packet(0, 1, [packet]); // ~100 KiB
+  const first = w.buf;
+  await new Promise((r) => setTimeout(r, 300));
+  expect(w.buf).not.toBe(first); // handed over: a new chunk takes the next packets
+  expect(copies()).toBe(0);
+  w.packet(0, 1, [packet]); // ~1 KiB
+  const second = w.buf;
+  await new Promise((r) => setTimeout(r, 300));
+  expect(w.buf).toBe(second); // copied out, the chunk kept
+  expect(copies()).toBe(1);
+  from.mockRestore();
+  await w.close();
+  expect(fs.statSync(file).size).toBe(28 + 20 + 101 * (32 + 1000));
 });
