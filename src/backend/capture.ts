@@ -27,11 +27,12 @@ export const RingEvent = {
 
 /**
  * What the channels report for a capture: an event (RingEvent), its status or locality, segment count,
- * length and ring request id (v2: none), all numbers the channel has already validated. Plain arguments,
- * no object: a tap runs on the guest's path.
+ * length and ring request id (v2: none), all numbers the channel has already validated, and when it
+ * happened if the channel read the clock anyway (performance.now(); else the capture reads it). Plain
+ * arguments, no object: a tap runs on the guest's path.
  */
 export interface RingTap {
-  (event: number, statusOrLocality?: number, segments?: number, length?: number, id?: bigint): void;
+  (event: number, statusOrLocality?: number, segments?: number, length?: number, id?: bigint, at?: number): void;
 }
 
 /** The queue entry of a command and its response (RingEvent values are 1..7). */
@@ -117,8 +118,8 @@ export class GuestCapture {
   }
 
   /** A ring event (see RingEvent), queued; the answer's publication (V2_FINISH, NOTIFY_OUT) encodes the queue. */
-  readonly ring: RingTap = (event, a = 0, segments = 0, length = 0, id = 0n) => {
-    const i = this.#push(event, performance.now());
+  readonly ring: RingTap = (event, a = 0, segments = 0, length = 0, id = 0n, at = performance.now()) => {
+    const i = this.#push(event, at);
     this.#qA[i] = a;
     this.#qSeg[i] = segments;
     this.#qLen[i] = length;

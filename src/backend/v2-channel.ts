@@ -110,7 +110,9 @@ export class V2Channel implements Channel {
       return;
     }
     if (state !== TPMIF_STATE_SUBMIT || this.#busy) return;
-    this.#poll.arrived();
+    // One clock read for the poll window and a capture's SUBMIT record.
+    const now = performance.now();
+    this.#poll.arrived(now);
 
     // Private copy of everything before validating: the guest may change the page under us.
     const { length, nrExtraPages: nrExtra, locality } = decodeV2Header(this.#page);
@@ -119,7 +121,7 @@ export class V2Channel implements Channel {
     if (length > PAGE - offset) return this.#fatal(`v2 request length ${length} exceeds ${PAGE - offset} bytes`);
     if (locality > MAX_LOCALITY) return this.#fatal(`v2 request locality ${locality} is not 0..4`);
     const command = this.#page.slice(offset, offset + length);
-    this.#opts.tap?.(RingEvent.V2_SUBMIT, locality, 0, length);
+    this.#opts.tap?.(RingEvent.V2_SUBMIT, locality, 0, length, undefined, now);
     this.#busy = this.#run(command, locality, offset);
   }
 
@@ -145,8 +147,9 @@ export class V2Channel implements Channel {
     // Masked before FINISH is visible, so the guest's next SUBMIT cannot cost it a wake-up mid-poll.
     if (budget > 0) this.#dom.evtchn.mask(this.#port);
     this.#setStateAndNotify(TPMIF_STATE_FINISH);
-    this.#opts.tap?.(RingEvent.V2_FINISH, 0, 0, response.length);
-    this.#poll.answered();
+    const answered = performance.now();
+    this.#opts.tap?.(RingEvent.V2_FINISH, 0, 0, response.length, undefined, answered);
+    this.#poll.answered(answered);
     if (budget > 0 && this.#pollNext(budget)) return;
     // A SUBMIT may have been missed while busy only if the frontend broke the one-at-a-time rule;
     // re-check anyway so a coalesced notification is never lost.

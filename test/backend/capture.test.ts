@@ -137,3 +137,21 @@ it('a ring tap takes its fields as plain arguments and writes the 16-byte RING r
     '-e', 'vtpmsplit.ring.event', '-e', 'vtpmsplit.ring.status', '-e', 'vtpmsplit.ring.segments', '-e', 'vtpmsplit.ring.length', '-e', 'vtpmsplit.ring.id']);
   expect(stdout.trim().split('\n')).toEqual(['2|2|3|300|72623859790382856', '3|1|0|65536|18446744073709551614', '4|0|0|0|0']);
 });
+
+it('a tap given the channel\'s own clock reading stamps its record with it instead of reading the clock again', async () => {
+  const file = join(work, 'at.pcapng');
+  const c = new GuestCapture(file, 1 << 20, 9, 0, () => {});
+  const now = vi.spyOn(performance, 'now');
+  const at = 1234.5678; // a performance.now() reading, ms
+  c.ring(RingEvent.V2_SUBMIT, 0, 0, 12, undefined, at);
+  expect(now).not.toHaveBeenCalled();
+  c.ring(RingEvent.V2_FINISH, 0, 0, 20, undefined, at + 0.002);
+  expect(now).not.toHaveBeenCalled();
+  now.mockRestore();
+  await c.close();
+  const b = fs.readFileSync(file);
+  const stamps: number[] = [];
+  for (let o = 68; o < b.length; o += b.readUInt32LE(o + 4)) stamps.push(b.readUInt32LE(o + 12) * 2 ** 32 + b.readUInt32LE(o + 16));
+  // µs since the epoch: the clock's anchor plus the reading.
+  expect(stamps).toEqual([Math.round((performance.timeOrigin + at) * 1000), Math.round((performance.timeOrigin + at + 0.002) * 1000)]);
+});
