@@ -103,7 +103,19 @@ function domainUsage(): DomainUsage {
 
 function backendSet() {
   return {
-    commands: counter('vtpm_commands_total', 'TPM commands answered, by guest, transport, command and outcome', ['domid', 'vm', 'transport', 'command', 'rc'] as const),
+    commands: new Counter({
+      name: 'vtpm_commands_total',
+      help: 'TPM commands answered, by guest, transport, command and outcome',
+      labelNames: ['domid', 'vm', 'transport', 'command', 'rc'] as const,
+      registers: [registry],
+      collect(this: Counter<CommandLabel>) {
+        for (const p of pendingCommands.values()) {
+          if (p.n === 0) continue;
+          this.inc(p.labels, p.n);
+          p.n = 0;
+        }
+      },
+    }),
     duration: histogram('vtpm_command_duration_seconds', 'Time from a command reaching its vTPM to its answer, by transport and guest', ['transport', 'domid', 'vm'] as const),
     guests: new Gauge({
       name: 'vtpm_guests',
@@ -136,6 +148,10 @@ function backendSet() {
       help: 'When a guest last saw an error (Unix time), labelled with what it was; one series per guest',
       labelNames: ['domid', 'vm', 'error'] as const,
       registers: [registry],
+      collect(this: Gauge<'domid' | 'vm' | 'error'>) {
+        this.reset();
+        for (const e of lastErrors.values()) this.set({ domid: e.domid, vm: e.vm, error: e.error }, e.at);
+      },
     }),
     domainRestarts: counter('vtpm_domain_restarts_total', 'vTPM-domain processes that died and were restarted from the manager state (multi-VM mode)'),
     domainMemory: new Gauge({
@@ -219,16 +235,40 @@ export const xenstoreMetrics = lazy(xenstoreSet);
 export type BackendMetrics = ReturnType<typeof backendSet>;
 
 
-const lastErrorSeries = new Map<string, { vm: string; error: string }>();
+// A guest's command counts and last error are plain numbers on its command path, folded into their
+// series when the series are read (a scrape): prom-client hashes the label set of every inc() and
+// set(), which cost each command microseconds for series read once in seconds.
+type CommandLabel = 'domid' | 'vm' | 'transport' | 'command' | 'rc';
+
+/** Commands counted since the last scrape, for one label set of vtpm_commands_total. */
+export interface PendingCount {
+  n: number;
+}
+
+const pendingCommands = new Map<string, { labels: Record<CommandLabel, string>; n: number }>();
+
+/** The pending count of one vtpm_commands_total series (the same object for the same labels). */
+export function commandCount(labels: Record<CommandLabel, string>): PendingCount {
+  backendMetrics();
+  const k = [labels.domid, labels.vm, labels.transport, labels.command, labels.rc].join('\0');
+  let p = pendingCommands.get(k);
+  if (!p) pendingCommands.set(k, (p = { labels: { ...labels }, n: 0 }));
+  return p;
+}
+
+/** Each guest's last error and when it came (Unix seconds): one series per guest. */
+const lastErrors = new Map<string, { domid: string; vm: string; error: string; at: number }>();
 
 /** Record that guest `domid` just saw `error` (a name from a fixed set); its previous error series goes. */
 export function guestError(domid: string, vm: string, error: string): void {
-  const m = backendMetrics();
-  const old = lastErrorSeries.get(`${domid}/${vm}`);
-  if (old) m.lastError.remove({ domid, vm: old.vm, error: old.error });
-  lastErrorSeries.set(`${domid}/${vm}`, { vm, error });
-  m.lastError.set({ domid, vm, error }, Date.now() / 1000);
+  backendMetrics();
+  const k = `${domid}/${vm}`;
+  const e = lastErrors.get(k);
+  if (e) {
+    e.error = error;
+    e.at = Date.now() / 1000;
+  } else lastErrors.set(k, { domid, vm, error, at: Date.now() / 1000 });
 }
 
 // Loading this module is what turns metrics on in a process (metrics-sink.ts).
-registerMetrics({ backendMetrics, guestError, showGuest, forgetGuest });
+registerMetrics({ backendMetrics, commandCount, guestError, showGuest, forgetGuest });
