@@ -58,6 +58,72 @@ function histogram<L extends string>(name: string, help: string, labelNames: rea
   return new Histogram<L>({ name, help, labelNames, buckets, registers: [registry] });
 }
 
+/** One label set of vtpm_command_duration_seconds: per-bucket counts, sum and count in plain numbers. */
+export class DurationSeries {
+  readonly labels: { transport: string; domid: string; vm: string };
+  readonly counts = new Float64Array(LATENCY_BUCKETS.length);
+  sum = 0;
+  count = 0;
+
+  constructor(labels: { transport: string; domid: string; vm: string }) {
+    this.labels = labels;
+  }
+
+  observe(seconds: number): void {
+    let i = 0;
+    while (i < LATENCY_BUCKETS.length && seconds > LATENCY_BUCKETS[i]!) i++;
+    if (i < LATENCY_BUCKETS.length) this.counts[i]!++;
+    this.sum += seconds;
+    this.count++;
+  }
+}
+
+/**
+ * vtpm_command_duration_seconds, observed once per guest command: a bucket search and three additions.
+ * prom-client's Histogram hashes the label set and copies it on every observe(); this one is read
+ * through the same registry in the same shape (cumulative _bucket series with le, _sum, _count).
+ */
+class CommandDurations {
+  readonly name = 'vtpm_command_duration_seconds';
+  readonly help = 'Time from a command reaching its vTPM to its answer, by transport and guest';
+  readonly type = 'histogram';
+  readonly aggregator = 'sum';
+  readonly #series = new Map<string, DurationSeries>();
+
+  constructor() {
+    registry.registerMetric(this as unknown as Prom.Metric);
+  }
+
+  /** The series of one guest (the same object for the same labels). */
+  labels(transport: string, domid: string, vm: string): DurationSeries {
+    const k = `${transport}\0${domid}\0${vm}`;
+    let d = this.#series.get(k);
+    if (!d) this.#series.set(k, (d = new DurationSeries({ transport, domid, vm })));
+    return d;
+  }
+
+  get(): Promise<Prom.MetricObjectWithValues<Prom.MetricValueWithName<string>>> {
+    const values: Array<Prom.MetricValueWithName<string>> = [];
+    for (const d of this.#series.values()) {
+      let acc = 0;
+      LATENCY_BUCKETS.forEach((le, i) => {
+        acc += d.counts[i]!;
+        values.push({ labels: { ...d.labels, le }, value: acc, metricName: `${this.name}_bucket` });
+      });
+      values.push(
+        { labels: { ...d.labels, le: '+Inf' }, value: d.count, metricName: `${this.name}_bucket` },
+        { labels: { ...d.labels }, value: d.sum, metricName: `${this.name}_sum` },
+        { labels: { ...d.labels }, value: d.count, metricName: `${this.name}_count` },
+      );
+    }
+    return Promise.resolve({ name: this.name, help: this.help, type: this.type as unknown as Prom.MetricType, aggregator: this.aggregator, values, collect: () => {} });
+  }
+
+  reset(): void {
+    this.#series.clear();
+  }
+}
+
 /** One guest as the backend sees it, for vtpm_guests and vtpm_guest_info (read at each scrape). */
 export interface GuestView {
   domid: string;
@@ -116,7 +182,7 @@ function backendSet() {
         }
       },
     }),
-    duration: histogram('vtpm_command_duration_seconds', 'Time from a command reaching its vTPM to its answer, by transport and guest', ['transport', 'domid', 'vm'] as const),
+    duration: new CommandDurations(),
     guests: new Gauge({
       name: 'vtpm_guests',
       help: 'Guests with a vTPM device or QEMU endpoint, by transport and xenbus state of the backend side',
