@@ -219,7 +219,7 @@ export class EventChannels {
     this.#dispatchQueued = true;
     setImmediate(() => {
       this.#dispatchQueued = false;
-      for (const port of [...this.#handlers.keys()]) this.#deliver(port);
+      for (const w of this.#watchList()) if (Atomics.load(w.own, 0) & PENDING) this.#deliver(w.port);
     });
   }
 
