@@ -24,7 +24,7 @@ describe('backend metrics per command', () => {
     const set = vi.spyOn(lastError, 'set');
     const remove = vi.spyOn(lastError, 'remove');
     try {
-      // Each command took 3 ms and a little: every one falls in the 5 ms bucket.
+      // Each command took 3 ms and more (a loaded machine adds to it): none falls in a bucket below 3 ms.
       const t0 = performance.now() - 3;
       for (let i = 0; i < 1000; i++) obs.done(EXTEND, i % 4 === 0 ? LOCALITY : OK, t0);
       obs.done(EXTEND, null, t0);
@@ -49,12 +49,12 @@ describe('backend metrics per command', () => {
     // The durations: cumulative buckets, count and sum, with the guest's labels (le after them).
     const d = { transport: 'ring', domid: '77', vm: 'vm-observe-test' };
     expect(series(text, 'vtpm_command_duration_seconds_bucket', { ...d, le: '0.0025' })).toEqual([expect.stringMatching(/ 0$/)]);
-    expect(series(text, 'vtpm_command_duration_seconds_bucket', { ...d, le: '0.01' })).toEqual([expect.stringMatching(/ 1001$/)]);
+    expect(series(text, 'vtpm_command_duration_seconds_bucket', { ...d, le: '10' })).toEqual([expect.stringMatching(/ 1001$/)]);
     expect(series(text, 'vtpm_command_duration_seconds_bucket', { ...d, le: '+Inf' })).toEqual([expect.stringMatching(/ 1001$/)]);
     expect(series(text, 'vtpm_command_duration_seconds_count', d)).toEqual([expect.stringMatching(/ 1001$/)]);
     const sum = Number(series(text, 'vtpm_command_duration_seconds_sum', d)[0]!.split(' ').pop());
     expect(sum).toBeGreaterThan(1001 * 0.003);
-    expect(sum).toBeLessThan(1001 * 0.01);
+    expect(sum).toBeLessThan(1001 * 10);
     // Counted once: a second scrape adds nothing.
     obs.done(EXTEND, OK, performance.now());
     expect(series(await registry.metrics(), 'vtpm_commands_total', { ...l, rc: 'success' })).toEqual([expect.stringMatching(/ 751$/)]);
