@@ -83,6 +83,10 @@ export class BackendDevice {
   #stale: string | null = null;
   /** This backend took over a device a previous backend process had connected: keep volatile state. */
   #recovered = false;
+  /** The ring was taken down after a suspend notice; the connection ends at the frontend's Closed. */
+  #closingEarly = false;
+  /** A frontend-state step is queued and has not sent its read yet. */
+  #feQueued = false;
   /** The frontend state the last step acted on (steps act on changes only). */
   #lastFrontend: XenbusState | undefined;
   /** ring-ref/event-channel of the ring the channel serves. */
@@ -130,7 +134,16 @@ export class BackendDevice {
     // otherend_changed reads it): a step must never act on a state older than what an earlier step
     // already saw. A reconnecting frontend's Initialising read early but handled after we attached to
     // the ring it published next would tear that ring down again.
-    this.#watch = await this.#o.xs.watch(`${this.dev.frontend}/state`, () => this.#enqueue(() => this.#frontendChanged()));
+    // Events that come while a step is queued and has not read yet are answered by that step's read:
+    // one read per burst (Initialising then Initialised, Closing then Closed), not one per event.
+    this.#watch = await this.#o.xs.watch(`${this.dev.frontend}/state`, () => {
+      if (this.#feQueued) return;
+      this.#feQueued = true;
+      this.#enqueue(() => {
+        this.#feQueued = false;
+        return this.#frontendChanged();
+      });
+    });
     // The toolstack detaches a device by writing online=0 and state=Closing into our directory.
     this.#ownWatch = await this.#o.xs.watch(`${this.dev.backend}/online`, () => this.#enqueue(() => this.#onOnline()));
   }
@@ -182,7 +195,7 @@ export class BackendDevice {
       case XenbusState.Initialised:
       case XenbusState.Connected: {
         if (this.#fatal) break;
-        if (this.#channel) {
+        if (this.#channel || this.#closingEarly) {
           // A resuming frontend may pass Closed and Initialising faster than our steps read its state
           // (Linux's tpmfront publishes its new ring without waiting for our InitWait): a ring other
           // than the one we serve is a new connection. End the old one exactly as for Closed first.
@@ -207,7 +220,7 @@ export class BackendDevice {
         // A frontend back at Initialising while we still serve its ring is resuming with a new one. It
         // may have passed through Closed too quickly for us to read it (a suspend): close the old
         // connection exactly as for Closed.
-        if (this.#channel) await this.#closed();
+        if (this.#channel || this.#closingEarly) await this.#closed();
         break;
       case XenbusState.Closing:
         // Suspend (or close): answer what is in flight before acknowledging, then make the vTPM's
@@ -246,9 +259,20 @@ export class BackendDevice {
           this.#obs.closing();
           await this.#quiesce();
           trace('dev quiesced (notice)');
-          await switchState(this.#o.xs, this.dev.backend, XenbusState.Closing);
+          // The notice's answer (resolve: the channel answers it on the ring) says what our Closing
+          // says (all answered, state durable), so the frontend need not read that back from
+          // xenstore. The Closing leaves first: whatever the frontend writes or reads after the
+          // answer reaches xenstored behind it, so a resume never reads our old Connected.
+          const closing = switchState(this.#o.xs, this.dev.backend, XenbusState.Closing);
+          this.#o.xs.flush();
           this.#closingSent = true;
           resolve();
+          await closing.catch((e: unknown) => this.#o.log(`dom${this.dev.frontDomid}: Closing after the suspend notice: ${(e as Error).message}`));
+          // The frontend needs nothing more from this ring: take it down while it closes, rather than
+          // after its Closed, when its resume is already on its way to us.
+          this.#closingEarly = true;
+          await this.#detach();
+          trace('dev detached (notice)');
         } catch (err) {
           reject(err as Error);
         }
@@ -277,6 +301,7 @@ export class BackendDevice {
     this.#o.xs.flush();
     await this.#detach();
     this.#closingSent = false;
+    this.#closingEarly = false;
     trace('dev detached');
     const [shutdown] = await batch;
     this.#fatal = false;
@@ -428,6 +453,7 @@ export class BackendDevice {
     }
     this.#serving = `${keys.ringRef ?? ''}/${keys.eventChannel ?? ''}`;
     this.#closingSent = false;
+    this.#closingEarly = false;
     await backendConnected(xs, this.dev);
     this.#obs.connected(resume, t0);
     this.#o.log(`dom${this.dev.frontDomid}: connected (${wantsRing ? 'ring' : 'v2'}), vTPM instance ${this.#vtpm.instance} of VM ${vm}`);
