@@ -160,7 +160,7 @@ export class BackendDevice {
     // round trip less on the resume path; the keys read right after a state that says Initialised
     // are that state's, as the frontend changes them together in a transaction).
     const statePromise = readState(this.#o.xs, this.dev.frontend);
-    const keys = !this.#channel && !this.#fatal ? this.#attachKeys() : null;
+    const keys = !this.#channel && !this.#closingEarly && !this.#fatal ? this.#attachKeys() : null;
     keys?.catch(() => {});
     let s: XenbusState;
     try {
