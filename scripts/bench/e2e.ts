@@ -16,7 +16,7 @@ import { writeDeviceDirectories } from '../../src/xenstore/xenbus-toolstack.js';
 import { TpmFront } from '../../src/frontend/tpmfront.js';
 import { SwtpmProcess } from './_swtpm.js';
 import { smapsRollup } from './_engine-host.js';
-import { cpuUs, median, percentile, settle, usSince, type BenchContext, type Figure } from './lib.js';
+import { cpuUs, median, percentile, placedMedians, settle, usSince, type BenchContext, type Figure } from './lib.js';
 
 const GET_RANDOM_8 = new Uint8Array([0x80, 0x01, 0, 0, 0, 0x0c, 0, 0, 0x01, 0x7b, 0, 8]);
 const STARTUP_CLEAR = new Uint8Array([0x80, 0x01, 0, 0, 0, 0x0c, 0, 0, 0x01, 0x44, 0, 0]);
@@ -205,6 +205,21 @@ export async function run(ctx: BenchContext): Promise<Figure[]> {
       { id: `extend_rtt_p50_captured${sfx}`, unit: 'µs', ours: median(cap.capturedEx), peer: median(cap.plainEx), note: 'as above, PCR_Extend' },
     );
 
+    // The same round trips with both sides pinned alike (docs/benchmarks.md, "Why the peer's figure
+    // moves"): the unpinned figures above are whatever placement the scheduler chose in this run.
+    const placed = await placedMedians(
+      ctx,
+      {
+        clients: [process.pid],
+        ours: { servers: [backendPid], rtt: (n) => latencies(ours, () => GET_RANDOM_8, n) },
+        peer: { servers: [swPid], rtt: (n) => latencies(peer, () => GET_RANDOM_8, n) },
+      },
+      nRtt / 2,
+    );
+    for (const [where, m] of placed) {
+      figures.push({ id: `getrandom_rtt_p50_${where}${sfx}`, unit: 'µs', ours: m.ours, peer: m.peer, note: `client and server ${where === 'apart' ? 'on different vCPUs' : 'on one vCPU'}, both sides pinned alike` });
+    }
+
     for (const n of counts) {
       const t0 = Date.now();
       while (guests.length < n) await addGuest(guests.length + 1);
@@ -241,6 +256,18 @@ export async function run(ctx: BenchContext): Promise<Figure[]> {
       }
       ctx.log(`ring GetRandom p50 ours ${median(gr[0]!).toFixed(1)} µs, swtpm ${median(gr[1]!).toFixed(1)} µs`);
       figures.push({ id: 'getrandom_rtt_p50_ring', unit: 'µs', ours: median(gr[0]!), peer: median(gr[1]!), note: 'ring transport, exactly-once; swtpm UNIX socket', target: { on: 'ratio', op: '<=', value: 1 } });
+      const ringPlaced = await placedMedians(
+        ctx,
+        {
+          clients: [process.pid],
+          ours: { servers: [backendPid], rtt: (n) => latencies(r0, () => GET_RANDOM_8, n) },
+          peer: { servers: [swPid], rtt: (n) => latencies(peer, () => GET_RANDOM_8, n) },
+        },
+        nRtt / 2,
+      );
+      for (const [where, m] of ringPlaced) {
+        figures.push({ id: `getrandom_rtt_p50_ring_${where}`, unit: 'µs', ours: m.ours, peer: m.peer, note: `ring transport; client and server ${where === 'apart' ? 'on different vCPUs' : 'on one vCPU'}, pinned alike` });
+      }
       while (ring.length < maxN) ring.push(await addGuest(RING_DOMID_BASE + ring.length, undefined, {}, 'ring'));
       const o = await aggregate(ring.map((g) => g.front), tputMs);
       const p = await aggregate(swClients.slice(0, maxN), tputMs);

@@ -1,6 +1,6 @@
 // Shared pieces of every benchmark: figures, percentiles, machine facts and the report format
 // `{"bench", "date", "machine", "figures": [{id, unit, ours, peer, ratio}]}` of the bench harness.
-import { spawn } from 'node:child_process';
+import { execFileSync, spawn } from 'node:child_process';
 import fs from 'node:fs';
 import os from 'node:os';
 import { dirname, join } from 'node:path';
@@ -164,4 +164,57 @@ export async function startManager(tag: string, stateDir: string, runDir: string
         p.kill('SIGTERM');
       }),
   };
+}
+
+/** Where a round trip's two ends run: on different vCPUs, or both on one. */
+export type Placement = 'apart' | 'shared';
+export const PLACEMENTS: readonly Placement[] = ['apart', 'shared'];
+
+/**
+ * Pin every thread of the client processes to vCPU 0 and of the server processes to vCPU 1 (`apart`)
+ * or to vCPU 0 too (`shared`); returns the undo (every thread back on every vCPU). On this kind of VM
+ * a socket round trip costs a few µs on one vCPU and tens of µs across two (docs/benchmarks.md, "Why the
+ * peer's figure moves"), so a ratio is stated per placement, ours and the peer's pinned alike.
+ * Returns null on a machine with a single CPU, where `apart` does not exist.
+ */
+export function pin(placement: Placement, clients: number[], servers: number[]): (() => void) | null {
+  const n = os.cpus().length;
+  if (n < 2) return null;
+  const set = (cpus: string, pids: number[]): void => {
+    for (const pid of pids) execFileSync('taskset', ['-a', '-p', '-c', cpus, String(pid)], { stdio: 'ignore' });
+  };
+  set('0', clients);
+  set(placement === 'apart' ? '1' : '0', servers);
+  return () => set(`0-${n - 1}`, [...clients, ...servers]);
+}
+
+/**
+ * Round trips of `ours` and `peer` at each placement (`pids`: the client and server processes of each
+ * side), alternating in rounds so machine noise hits both alike; p50 in µs per placement.
+ */
+export async function placedMedians(
+  ctx: BenchContext,
+  sides: { ours: { servers: number[]; rtt: (n: number) => Promise<number[]> }; peer: { servers: number[]; rtt: (n: number) => Promise<number[]> }; clients: number[] },
+  n: number,
+): Promise<Map<Placement, { ours: number; peer: number }>> {
+  const out = new Map<Placement, { ours: number; peer: number }>();
+  for (const placement of PLACEMENTS) {
+    const undo = pin(placement, sides.clients, [...sides.ours.servers, ...sides.peer.servers]);
+    if (!undo) break;
+    try {
+      await sides.ours.rtt(200);
+      await sides.peer.rtt(200);
+      const o: number[] = [];
+      const p: number[] = [];
+      for (let round = 0; round < 4; round++) {
+        o.push(...(await sides.ours.rtt(n / 4)));
+        p.push(...(await sides.peer.rtt(n / 4)));
+      }
+      out.set(placement, { ours: median(o), peer: median(p) });
+      ctx.log(`placement ${placement}: ours ${median(o).toFixed(1)} µs, peer ${median(p).toFixed(1)} µs`);
+    } finally {
+      undo();
+    }
+  }
+  return out;
 }

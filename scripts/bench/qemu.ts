@@ -11,7 +11,7 @@ import { join, dirname } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { promisify } from 'node:util';
 import { closeFd, sendWithFds, socketPair } from '../../native/unix-rights.js';
-import { median, settle, usSince, type BenchContext, type Figure } from './lib.js';
+import { median, placedMedians, settle, usSince, type BenchContext, type Figure } from './lib.js';
 
 const exec = promisify(execFile);
 const MAIN = join(dirname(fileURLToPath(import.meta.url)), '..', '..', 'src', 'cli', 'main.js');
@@ -131,6 +131,21 @@ export async function run(ctx: BenchContext): Promise<Figure[]> {
     const [d0, d1] = await time(2000, (s) => s.d.req(hex('8001 0000000c 0000017b 0010')));
     figs.push({ id: 'data_getrandom_p50', unit: 'µs', ours: d0, peer: d1, note, target: { on: 'ratio', op: '<=', value: 1 } });
     figs.push({ id: 'data_cpu_per_op', unit: 'µs', ours: cpu[0], peer: cpu[1], note: 'CPU of the serving process per round trip' });
+    // The same data round trip with both sides pinned alike (docs/benchmarks.md, "Why the peer's figure
+    // moves"): the figures above are whatever placement the scheduler chose in this run.
+    const rtts = (s: { c: Conn; d: Conn }) => async (n: number) => {
+      const t: number[] = [];
+      for (let i = 0; i < n; i++) {
+        const t0 = process.hrtime.bigint();
+        await s.d.req(hex('8001 0000000c 0000017b 0010'));
+        t.push(usSince(t0));
+      }
+      return t;
+    };
+    const placed = await placedMedians(ctx, { clients: [process.pid], ours: { servers: [pids[0]!], rtt: rtts(ours) }, peer: { servers: [pids[1]!], rtt: rtts(peer) } }, 2000);
+    for (const [where, m] of placed) {
+      figs.push({ id: `data_getrandom_p50_${where}`, unit: 'µs', ours: m.ours, peer: m.peer, note: `client and server ${where === 'apart' ? 'on different vCPUs' : 'on one vCPU'}, both sides pinned alike` });
+    }
     ctx.log('pre_save');
     const blobs: Array<[Buffer, Buffer]> = [];
     const [s0, s1] = await time(100, async (s) => {
