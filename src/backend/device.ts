@@ -59,9 +59,8 @@ export function suspendBoundMs(): number {
 }
 
 /**
- * How long a suspended guest's vTPM stays loaded in the backend waiting for its resume (its state is
- * durable at the manager all along); after that it is released and a resume reloads it from the
- * manager. VTPM_PARK_MS changes it (0: release at suspend).
+ * How long a suspended guest's vTPM (durable at the manager all along) stays loaded waiting for its
+ * resume before it is released. VTPM_PARK_MS changes it (0: release at suspend).
  */
 export function parkMs(): number {
   const raw = process.env.VTPM_PARK_MS;
@@ -83,9 +82,8 @@ export class BackendDevice {
   #stale: string | null = null;
   /** This backend took over a device a previous backend process had connected: keep volatile state. */
   #recovered = false;
-  /** The ring was taken down after a suspend notice; the connection ends at the frontend's Closed. */
+  /** The ring was taken down at a suspend notice; the connection ends at the frontend's Closed. */
   #closingEarly = false;
-  /** A frontend-state step is queued and has not sent its read yet. */
   #feQueued = false;
   /** The frontend state the last step acted on (steps act on changes only). */
   #lastFrontend: XenbusState | undefined;
@@ -134,15 +132,10 @@ export class BackendDevice {
     // otherend_changed reads it): a step must never act on a state older than what an earlier step
     // already saw. A reconnecting frontend's Initialising read early but handled after we attached to
     // the ring it published next would tear that ring down again.
-    // Events that come while a step is queued and has not read yet are answered by that step's read:
-    // one read per burst (Initialising then Initialised, Closing then Closed), not one per event.
+    // One read per burst of events (Initialised right behind Initialising): a queued step reads for all.
     this.#watch = await this.#o.xs.watch(`${this.dev.frontend}/state`, () => {
-      if (this.#feQueued) return;
+      if (!this.#feQueued) this.#enqueue(() => ((this.#feQueued = false), this.#frontendChanged()));
       this.#feQueued = true;
-      this.#enqueue(() => {
-        this.#feQueued = false;
-        return this.#frontendChanged();
-      });
     });
     // The toolstack detaches a device by writing online=0 and state=Closing into our directory.
     this.#ownWatch = await this.#o.xs.watch(`${this.dev.backend}/online`, () => this.#enqueue(() => this.#onOnline()));
@@ -245,12 +238,7 @@ export class BackendDevice {
     }
   }
 
-  /**
-   * The frontend announced its suspend on the ring (op 2): do what its Closing will ask for now, rather
-   * than after its Closing reached us through xenstore and we read it back (a wake-up and a round trip
-   * of each process less): answer what it sent, make the state durable, go Closing. The Closing step
-   * then finds this done.
-   */
+  /** Suspend notice on the ring (op 2): do what the frontend's Closing asks for now; that step finds it done. */
   #suspendNotice(): Promise<void> {
     return new Promise((resolve, reject) => {
       this.#enqueue(async () => {
@@ -259,20 +247,16 @@ export class BackendDevice {
           this.#obs.closing();
           await this.#quiesce();
           trace('dev quiesced (notice)');
-          // The notice's answer (resolve: the channel answers it on the ring) says what our Closing
-          // says (all answered, state durable), so the frontend need not read that back from
-          // xenstore. The Closing leaves first: whatever the frontend writes or reads after the
-          // answer reaches xenstored behind it, so a resume never reads our old Connected.
+          // The notice's answer (resolve) says what our Closing says, which then needs no reading
+          // back. The Closing leaves first, so no later request of the frontend's reads our Connected.
           const closing = switchState(this.#o.xs, this.dev.backend, XenbusState.Closing);
           this.#o.xs.flush();
           this.#closingSent = true;
           resolve();
-          await closing.catch((e: unknown) => this.#o.log(`dom${this.dev.frontDomid}: Closing after the suspend notice: ${(e as Error).message}`));
-          // The frontend needs nothing more from this ring: take it down while it closes, rather than
-          // after its Closed, when its resume is already on its way to us.
+          closing.catch((e: unknown) => this.#o.log(`dom${this.dev.frontDomid}: Closing after the suspend notice: ${(e as Error).message}`));
+          // Nothing more comes on this ring: take it down now, not after the Closed (the resume's turn).
           this.#closingEarly = true;
-          await this.#detach();
-          trace('dev detached (notice)');
+          await this.#detach().then(() => trace('dev detached (notice)'));
         } catch (err) {
           reject(err as Error);
         }
@@ -282,11 +266,9 @@ export class BackendDevice {
 
   /** The frontend closed its end: drop the ring; keep or release the vTPM; wait for a new connection. */
   async #closed(): Promise<void> {
-    // One batch, sent before the ring is taken down: a resuming frontend waits for our InitWait, and
-    // whatever it publishes next is handled by a later step of this queue, after the detach below.
-    // What control/shutdown says decides only what becomes of the vTPM (its state is durable already:
-    // every answered request was checkpointed), which this device's queue settles before it looks at
-    // the frontend again.
+    // One batch, sent before the ring is taken down: a resuming frontend waits for our InitWait; what
+    // it publishes next is a later step of this queue. control/shutdown decides only what becomes of
+    // the vTPM (durable already), settled here before the queue looks at the frontend again.
     const offline = this.#offline;
     const batch = Promise.all([
       // A vTPM stub domain may not read the guest's control node (as under Xen): then the close is
@@ -311,11 +293,9 @@ export class BackendDevice {
   }
 
   /**
-   * The guest suspended. Its vTPM's volatile state (with the exactly-once table) must be durable at the
-   * manager before we acknowledge: a backend that dies while the guest is suspended resumes it from
-   * there. A vTPM that can checkpoint stays loaded, matching that checkpoint, so a resume on this
-   * backend skips the reload (library, TPMLIB_MainInit, manager OPEN); the others go back to the
-   * manager at once.
+   * The guest suspended; its vTPM's state (with the exactly-once table) is durable at the manager, where
+   * a successor of a dead backend resumes it from. One that can checkpoint stays loaded, so a resume
+   * here skips the reload (library, TPMLIB_MainInit, manager OPEN); the others go back at once.
    */
   async #suspended(vtpm: VtpmSession): Promise<void> {
     const park = parkMs();
