@@ -59,9 +59,8 @@ export function suspendBoundMs(): number {
 }
 
 /**
- * How long a suspended guest's vTPM stays loaded in the backend waiting for its resume (its state is
- * durable at the manager all along); after that it is released and a resume reloads it from the
- * manager. VTPM_PARK_MS changes it (0: release at suspend).
+ * How long a suspended guest's vTPM (durable at the manager all along) stays loaded waiting for its
+ * resume before it is released. VTPM_PARK_MS changes it (0: release at suspend).
  */
 export function parkMs(): number {
   const raw = process.env.VTPM_PARK_MS;
@@ -83,6 +82,9 @@ export class BackendDevice {
   #stale: string | null = null;
   /** This backend took over a device a previous backend process had connected: keep volatile state. */
   #recovered = false;
+  /** The ring was taken down at a suspend notice; the connection ends at the frontend's Closed. */
+  #closingEarly = false;
+  #feQueued = false;
   /** The frontend state the last step acted on (steps act on changes only). */
   #lastFrontend: XenbusState | undefined;
   /** ring-ref/event-channel of the ring the channel serves. */
@@ -130,7 +132,11 @@ export class BackendDevice {
     // otherend_changed reads it): a step must never act on a state older than what an earlier step
     // already saw. A reconnecting frontend's Initialising read early but handled after we attached to
     // the ring it published next would tear that ring down again.
-    this.#watch = await this.#o.xs.watch(`${this.dev.frontend}/state`, () => this.#enqueue(() => this.#frontendChanged()));
+    // One read per burst of events (Initialised right behind Initialising): a queued step reads for all.
+    this.#watch = await this.#o.xs.watch(`${this.dev.frontend}/state`, () => {
+      if (!this.#feQueued) this.#enqueue(() => ((this.#feQueued = false), this.#frontendChanged()));
+      this.#feQueued = true;
+    });
     // The toolstack detaches a device by writing online=0 and state=Closing into our directory.
     this.#ownWatch = await this.#o.xs.watch(`${this.dev.backend}/online`, () => this.#enqueue(() => this.#onOnline()));
   }
@@ -147,7 +153,7 @@ export class BackendDevice {
     // round trip less on the resume path; the keys read right after a state that says Initialised
     // are that state's, as the frontend changes them together in a transaction).
     const statePromise = readState(this.#o.xs, this.dev.frontend);
-    const keys = !this.#channel && !this.#fatal ? this.#attachKeys() : null;
+    const keys = !this.#channel && !this.#closingEarly && !this.#fatal ? this.#attachKeys() : null;
     keys?.catch(() => {});
     let s: XenbusState;
     try {
@@ -182,7 +188,7 @@ export class BackendDevice {
       case XenbusState.Initialised:
       case XenbusState.Connected: {
         if (this.#fatal) break;
-        if (this.#channel) {
+        if (this.#channel || this.#closingEarly) {
           // A resuming frontend may pass Closed and Initialising faster than our steps read its state
           // (Linux's tpmfront publishes its new ring without waiting for our InitWait): a ring other
           // than the one we serve is a new connection. End the old one exactly as for Closed first.
@@ -207,7 +213,7 @@ export class BackendDevice {
         // A frontend back at Initialising while we still serve its ring is resuming with a new one. It
         // may have passed through Closed too quickly for us to read it (a suspend): close the old
         // connection exactly as for Closed.
-        if (this.#channel) await this.#closed();
+        if (this.#channel || this.#closingEarly) await this.#closed();
         break;
       case XenbusState.Closing:
         // Suspend (or close): answer what is in flight before acknowledging, then make the vTPM's
@@ -232,12 +238,7 @@ export class BackendDevice {
     }
   }
 
-  /**
-   * The frontend announced its suspend on the ring (op 2): do what its Closing will ask for now, rather
-   * than after its Closing reached us through xenstore and we read it back (a wake-up and a round trip
-   * of each process less): answer what it sent, make the state durable, go Closing. The Closing step
-   * then finds this done.
-   */
+  /** Suspend notice on the ring (op 2): do what the frontend's Closing asks for now; that step finds it done. */
   #suspendNotice(): Promise<void> {
     return new Promise((resolve, reject) => {
       this.#enqueue(async () => {
@@ -246,9 +247,16 @@ export class BackendDevice {
           this.#obs.closing();
           await this.#quiesce();
           trace('dev quiesced (notice)');
-          await switchState(this.#o.xs, this.dev.backend, XenbusState.Closing);
+          // The notice's answer (resolve) says what our Closing says, which then needs no reading
+          // back. The Closing leaves first, so no later request of the frontend's reads our Connected.
+          const closing = switchState(this.#o.xs, this.dev.backend, XenbusState.Closing);
+          this.#o.xs.flush();
           this.#closingSent = true;
           resolve();
+          closing.catch((e: unknown) => this.#o.log(`dom${this.dev.frontDomid}: Closing after the suspend notice: ${(e as Error).message}`));
+          // Nothing more comes on this ring: take it down now, not after the Closed (the resume's turn).
+          this.#closingEarly = true;
+          await this.#detach().then(() => trace('dev detached (notice)'));
         } catch (err) {
           reject(err as Error);
         }
@@ -258,11 +266,9 @@ export class BackendDevice {
 
   /** The frontend closed its end: drop the ring; keep or release the vTPM; wait for a new connection. */
   async #closed(): Promise<void> {
-    // One batch, sent before the ring is taken down: a resuming frontend waits for our InitWait, and
-    // whatever it publishes next is handled by a later step of this queue, after the detach below.
-    // What control/shutdown says decides only what becomes of the vTPM (its state is durable already:
-    // every answered request was checkpointed), which this device's queue settles before it looks at
-    // the frontend again.
+    // One batch, sent before the ring is taken down: a resuming frontend waits for our InitWait; what
+    // it publishes next is a later step of this queue. control/shutdown decides only what becomes of
+    // the vTPM (durable already), settled here before the queue looks at the frontend again.
     const offline = this.#offline;
     const batch = Promise.all([
       // A vTPM stub domain may not read the guest's control node (as under Xen): then the close is
@@ -277,6 +283,7 @@ export class BackendDevice {
     this.#o.xs.flush();
     await this.#detach();
     this.#closingSent = false;
+    this.#closingEarly = false;
     trace('dev detached');
     const [shutdown] = await batch;
     this.#fatal = false;
@@ -286,11 +293,9 @@ export class BackendDevice {
   }
 
   /**
-   * The guest suspended. Its vTPM's volatile state (with the exactly-once table) must be durable at the
-   * manager before we acknowledge: a backend that dies while the guest is suspended resumes it from
-   * there. A vTPM that can checkpoint stays loaded, matching that checkpoint, so a resume on this
-   * backend skips the reload (library, TPMLIB_MainInit, manager OPEN); the others go back to the
-   * manager at once.
+   * The guest suspended; its vTPM's state (with the exactly-once table) is durable at the manager, where
+   * a successor of a dead backend resumes it from. One that can checkpoint stays loaded, so a resume
+   * here skips the reload (library, TPMLIB_MainInit, manager OPEN); the others go back at once.
    */
   async #suspended(vtpm: VtpmSession): Promise<void> {
     const park = parkMs();
@@ -428,6 +433,7 @@ export class BackendDevice {
     }
     this.#serving = `${keys.ringRef ?? ''}/${keys.eventChannel ?? ''}`;
     this.#closingSent = false;
+    this.#closingEarly = false;
     await backendConnected(xs, this.dev);
     this.#obs.connected(resume, t0);
     this.#o.log(`dom${this.dev.frontDomid}: connected (${wantsRing ? 'ring' : 'v2'}), vTPM instance ${this.#vtpm.instance} of VM ${vm}`);

@@ -2,8 +2,7 @@
 // the toolstack asked for one, the capture (capture.ts). A guest's vTPM target is wrapped once, where
 // its channel or QEMU endpoint is opened, so every transport is measured at the same point: from a
 // command reaching the vTPM to its answer being ready (durable, on the ring).
-import type { Counter } from 'prom-client';
-import type { CommandOutcome, Transport } from '../util/metrics.js';
+import type { CommandOutcome, PendingCount, Transport } from '../util/metrics.js';
 import { metricsSink, since, type MetricsSink } from '../util/metrics-sink.js';
 import { commandName } from '../tpm/command-names.js';
 import { responseCode } from '../tpm/wire.js';
@@ -18,13 +17,13 @@ export interface GuestLabels {
   transport: Transport;
 }
 
-type CommandChild = ReturnType<Counter<'domid' | 'vm' | 'transport' | 'command' | 'rc'>['labels']>;
+const OUTCOMES: readonly CommandOutcome[] = ['success', 'tpm_error', 'failure'];
 
 export class GuestObserver {
   readonly labels: GuestLabels;
   capture: GuestCapture | null;
-  /** Counter children by command name and outcome, so a command costs no label lookup. */
-  readonly #children = new Map<string, CommandChild>();
+  /** Pending counts by command name, one per outcome (OUTCOMES order), so a command costs no label lookup. */
+  readonly #counts = new Map<string, PendingCount[]>();
   readonly #m: MetricsSink | null = metricsSink();
   readonly #duration;
 
@@ -42,14 +41,16 @@ export class GuestObserver {
     const m = this.#m;
     if (!m) return;
     const rc = response === null ? -1 : responseCode(response);
-    const outcome: CommandOutcome = response === null ? 'failure' : rc === 0 ? 'success' : 'tpm_error';
+    const outcome = response === null ? 2 : rc === 0 ? 0 : 1;
     const name = commandName(command);
-    const key = `${name}/${outcome}`;
-    let c = this.#children.get(key);
-    if (!c) this.#children.set(key, (c = m.backendMetrics().commands.labels(this.labels.domid, this.labels.vm, this.labels.transport, name, outcome)));
-    c.inc();
+    let counts = this.#counts.get(name);
+    if (!counts) {
+      const l = this.labels;
+      this.#counts.set(name, (counts = OUTCOMES.map((rcLabel) => m.commandCount({ domid: l.domid, vm: l.vm, transport: l.transport, command: name, rc: rcLabel }))));
+    }
+    counts[outcome]!.n++;
     this.#duration?.observe((t1 - t0) / 1000);
-    if (outcome !== 'success') m.guestError(this.labels.domid, this.labels.vm, outcome);
+    if (outcome !== 0) m.guestError(this.labels.domid, this.labels.vm, OUTCOMES[outcome]!);
   }
 
   /** The guest was cut off (`reason` from a fixed set). */

@@ -25,7 +25,7 @@ import {
   encodeRingResponse,
   type RingRequest,
 } from '../xen/tpmif.js';
-import { canceledResponse, failureResponse } from '../tpm/error-response.js';
+import { canceledCode, canceledResponse, failureResponse } from '../tpm/error-response.js';
 import { responseCode } from '../tpm/wire.js';
 import type { Channel, ChannelOptions } from './channel.js';
 import type { OnceRequest } from '../tpm/vtpm.js';
@@ -425,7 +425,7 @@ export class RingChannel implements Channel {
 
 /** Ring status of a response: a TPM_RC_CANCELED (or 1.2's) answer is reported as canceled. */
 function statusOf(command: Uint8Array, response: Uint8Array): number {
-  return response.length === 10 && responseCode(response) === responseCode(canceledResponse(command)) ? RING_STATUS_CANCELED : RING_STATUS_OK;
+  return response.length === 10 && responseCode(response) === canceledCode(command) ? RING_STATUS_CANCELED : RING_STATUS_OK;
 }
 
 function gather(pages: Uint8Array[], length: number): Uint8Array {

@@ -62,25 +62,30 @@ export class HeldVolatile {
   }
 
   /**
-   * Write what is held and changed (one instance's, or all) to the store. Flushes run one at a time
-   * and each takes its instance's latest state when it runs, so an older checkpoint is never written
-   * after a newer one.
+   * Write what is held and changed (one instance's, or all) to the store. All of a flush's writes are
+   * started together, so the store's group commit makes them durable in one commit (one fdatasync for
+   * every guest's checkpoint, not one each). Flushes run one at a time and each takes every instance's
+   * latest state when it runs, so an older checkpoint is never written after a newer one.
    */
   flush(instance?: number): Promise<void> {
     const run = async (): Promise<void> => {
       const ids = instance === undefined ? [...this.#held.keys()] : [instance];
+      const writes: Array<Promise<void>> = [];
       for (const i of ids) {
         const e = this.#held.get(i);
         if (!e?.dirty) continue;
         const data = this.get(i)!;
         e.dirty = false;
-        try {
-          await this.#write(i, data);
-        } catch (err) {
-          if (this.#held.get(i) === e) e.dirty = true;
-          throw err;
-        }
+        writes.push(
+          this.#write(i, data).catch((err: unknown) => {
+            if (this.#held.get(i) === e) e.dirty = true;
+            throw err;
+          }),
+        );
       }
+      // Every write settles (and marks its instance dirty again on failure) before the first error is reported.
+      const failed = (await Promise.allSettled(writes)).find((r): r is PromiseRejectedResult => r.status === 'rejected');
+      if (failed) throw failed.reason;
     };
     const p = this.#flushing.then(run);
     this.#flushing = p.catch(() => undefined);

@@ -53,10 +53,14 @@ export function sizeErrorResponse(command: Uint8Array): Uint8Array {
   return errorResponse(fam, sizeErrorCode(fam));
 }
 
-/** What a cancelled command returns: TPM_RC_CANCELED for 2.0, TPM_FAIL for 1.2 (it has no cancel code). */
+/** The response code of a cancelled command: TPM_RC_CANCELED for 2.0, TPM_FAIL for 1.2 (it has no cancel code). */
+export function canceledCode(command: Uint8Array): number {
+  return familyOf(command) === '2.0' ? TPM_RC_CANCELED : TPM_FAIL;
+}
+
+/** What a cancelled command returns. */
 export function canceledResponse(command: Uint8Array): Uint8Array {
-  const fam = familyOf(command);
-  return errorResponse(fam, fam === '2.0' ? TPM_RC_CANCELED : TPM_FAIL);
+  return errorResponse(familyOf(command), canceledCode(command));
 }
 
 /** What a command gets when its vTPM failed or vanished under it. */

@@ -17,6 +17,7 @@ import {
   RING_OP_SUSPEND,
   RING_SLOT,
   RING_STATUS_EINVAL,
+  RING_STATUS_OK,
 } from '../xen/tpmif.js';
 import { FrontendError, type TpmTransport, type TransmitOptions } from './transport.js';
 import { endAccessEventually } from './grants.js';
@@ -69,6 +70,8 @@ export class RingFront implements TpmTransport {
   #waiting = false;
   /** Our port is masked because we poll the ring (left masked after a poll that emptied it). */
   #masked = false;
+  /** The suspend notice sent and not answered yet (announceSuspend). */
+  #notice: { id: bigint; resolve: (ok: boolean) => void } | null = null;
   /** Answers taken from the ring by the poll, before any notification (for tests and studies). */
   polled = 0;
   /** After close: resolves once our grants are revoked and frames freed (false: the backend kept a mapping). */
@@ -176,13 +179,20 @@ export class RingFront implements TpmTransport {
 
   /**
    * Tell the backend on the ring that a suspend's Closing follows (op 2): it answers what is
-   * outstanding, makes the state durable and goes Closing at once, instead of after reading our
-   * Closing back from xenstore. Its answer to the notice needs no waiting for.
+   * outstanding, makes the state durable, goes Closing and answers the notice. Resolves true once
+   * that answer (status OK) is here: everything sent before it is answered and the vTPM's state is
+   * durable, which a close may take as the backend's Closing without reading it from xenstore. False
+   * when the backend refused the notice or the ring closed first.
    */
-  announceSuspend(): void {
-    if (this.#closed || this.#ring.full()) return;
+  announceSuspend(): Promise<boolean> {
+    if (this.#closed || this.#ring.full()) return Promise.resolve(false);
+    const id = this.#nextId;
     this.#controlRequest(RING_OP_SUSPEND, 0n);
+    const acked = new Promise<boolean>((resolve) => (this.#notice = { id, resolve }));
+    // A port left masked by the last poll would not deliver the answer.
+    this.#unmask();
     if (this.#ring.pushRequestsAndCheckNotify()) this.#dom.evtchn.send(this.port);
+    return acked;
   }
 
   /** Queue a request without segments (cancel, suspend notice); `arg` goes where the grefs would be. */
@@ -204,6 +214,11 @@ export class RingFront implements TpmTransport {
       while (r.rspCons !== prod) {
         const { id, status, length } = decodeRingResponse(v, r.responseSlot());
         r.consumeResponse();
+        if (this.#notice?.id === id) {
+          this.#notice.resolve(status === RING_STATUS_OK);
+          this.#notice = null;
+          continue;
+        }
         const p = this.#pending.get(id);
         if (!p) continue; // a cancel's own acknowledgement, or a response to nothing we sent
         this.#pending.delete(id);
@@ -240,6 +255,8 @@ export class RingFront implements TpmTransport {
     // state) are already in the ring even if their event has not arrived yet: take them first.
     this.#onResponses();
     this.#closed = true;
+    this.#notice?.resolve(false);
+    this.#notice = null;
     // An error (and its stack) only when someone is left to receive it.
     if (this.#pending.size) this.#failAll(new FrontendError('ENODEV', 'frontend closed'));
     for (const w of this.#waitingForSlot.splice(0)) w();

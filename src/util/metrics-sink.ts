@@ -2,10 +2,11 @@
 // docs/observability.md); that module registers itself here. A vTPM domain never loads it: it serves no
 // metrics socket (the backend reads its /proc figures), so it neither loads prom-client nor spends
 // anything per command on series nobody could read (docs/multi-vm.md, "A lean domain").
-import type { backendMetrics, forgetGuest, guestError, showGuest } from './metrics.js';
+import type { backendMetrics, commandCount, forgetGuest, guestError, showGuest } from './metrics.js';
 
 export interface MetricsSink {
   backendMetrics: typeof backendMetrics;
+  commandCount: typeof commandCount;
   guestError: typeof guestError;
   showGuest: typeof showGuest;
   forgetGuest: typeof forgetGuest;

@@ -58,6 +58,72 @@ function histogram<L extends string>(name: string, help: string, labelNames: rea
   return new Histogram<L>({ name, help, labelNames, buckets, registers: [registry] });
 }
 
+/** One label set of vtpm_command_duration_seconds: per-bucket counts, sum and count in plain numbers. */
+export class DurationSeries {
+  readonly labels: { transport: string; domid: string; vm: string };
+  readonly counts = new Float64Array(LATENCY_BUCKETS.length);
+  sum = 0;
+  count = 0;
+
+  constructor(labels: { transport: string; domid: string; vm: string }) {
+    this.labels = labels;
+  }
+
+  observe(seconds: number): void {
+    let i = 0;
+    while (i < LATENCY_BUCKETS.length && seconds > LATENCY_BUCKETS[i]!) i++;
+    if (i < LATENCY_BUCKETS.length) this.counts[i]!++;
+    this.sum += seconds;
+    this.count++;
+  }
+}
+
+/**
+ * vtpm_command_duration_seconds, observed once per guest command: a bucket search and three additions.
+ * prom-client's Histogram hashes the label set and copies it on every observe(); this one is read
+ * through the same registry in the same shape (cumulative _bucket series with le, _sum, _count).
+ */
+class CommandDurations {
+  readonly name = 'vtpm_command_duration_seconds';
+  readonly help = 'Time from a command reaching its vTPM to its answer, by transport and guest';
+  readonly type = 'histogram';
+  readonly aggregator = 'sum';
+  readonly #series = new Map<string, DurationSeries>();
+
+  constructor() {
+    registry.registerMetric(this as unknown as Prom.Metric);
+  }
+
+  /** The series of one guest (the same object for the same labels). */
+  labels(transport: string, domid: string, vm: string): DurationSeries {
+    const k = `${transport}\0${domid}\0${vm}`;
+    let d = this.#series.get(k);
+    if (!d) this.#series.set(k, (d = new DurationSeries({ transport, domid, vm })));
+    return d;
+  }
+
+  get(): Promise<Prom.MetricObjectWithValues<Prom.MetricValueWithName<string>>> {
+    const values: Array<Prom.MetricValueWithName<string>> = [];
+    for (const d of this.#series.values()) {
+      let acc = 0;
+      LATENCY_BUCKETS.forEach((le, i) => {
+        acc += d.counts[i]!;
+        values.push({ labels: { ...d.labels, le }, value: acc, metricName: `${this.name}_bucket` });
+      });
+      values.push(
+        { labels: { ...d.labels, le: '+Inf' }, value: d.count, metricName: `${this.name}_bucket` },
+        { labels: { ...d.labels }, value: d.sum, metricName: `${this.name}_sum` },
+        { labels: { ...d.labels }, value: d.count, metricName: `${this.name}_count` },
+      );
+    }
+    return Promise.resolve({ name: this.name, help: this.help, type: this.type as unknown as Prom.MetricType, aggregator: this.aggregator, values, collect: () => {} });
+  }
+
+  reset(): void {
+    this.#series.clear();
+  }
+}
+
 /** One guest as the backend sees it, for vtpm_guests and vtpm_guest_info (read at each scrape). */
 export interface GuestView {
   domid: string;
@@ -103,8 +169,20 @@ function domainUsage(): DomainUsage {
 
 function backendSet() {
   return {
-    commands: counter('vtpm_commands_total', 'TPM commands answered, by guest, transport, command and outcome', ['domid', 'vm', 'transport', 'command', 'rc'] as const),
-    duration: histogram('vtpm_command_duration_seconds', 'Time from a command reaching its vTPM to its answer, by transport and guest', ['transport', 'domid', 'vm'] as const),
+    commands: new Counter({
+      name: 'vtpm_commands_total',
+      help: 'TPM commands answered, by guest, transport, command and outcome',
+      labelNames: ['domid', 'vm', 'transport', 'command', 'rc'] as const,
+      registers: [registry],
+      collect(this: Counter<CommandLabel>) {
+        for (const p of pendingCommands.values()) {
+          if (p.n === 0) continue;
+          this.inc(p.labels, p.n);
+          p.n = 0;
+        }
+      },
+    }),
+    duration: new CommandDurations(),
     guests: new Gauge({
       name: 'vtpm_guests',
       help: 'Guests with a vTPM device or QEMU endpoint, by transport and xenbus state of the backend side',
@@ -136,6 +214,10 @@ function backendSet() {
       help: 'When a guest last saw an error (Unix time), labelled with what it was; one series per guest',
       labelNames: ['domid', 'vm', 'error'] as const,
       registers: [registry],
+      collect(this: Gauge<'domid' | 'vm' | 'error'>) {
+        this.reset();
+        for (const e of lastErrors.values()) this.set({ domid: e.domid, vm: e.vm, error: e.error }, e.at);
+      },
     }),
     domainRestarts: counter('vtpm_domain_restarts_total', 'vTPM-domain processes that died and were restarted from the manager state (multi-VM mode)'),
     domainMemory: new Gauge({
@@ -219,16 +301,40 @@ export const xenstoreMetrics = lazy(xenstoreSet);
 export type BackendMetrics = ReturnType<typeof backendSet>;
 
 
-const lastErrorSeries = new Map<string, { vm: string; error: string }>();
+// A guest's command counts and last error are plain numbers on its command path, folded into their
+// series when the series are read (a scrape): prom-client hashes the label set of every inc() and
+// set(), which cost each command microseconds for series read once in seconds.
+type CommandLabel = 'domid' | 'vm' | 'transport' | 'command' | 'rc';
+
+/** Commands counted since the last scrape, for one label set of vtpm_commands_total. */
+export interface PendingCount {
+  n: number;
+}
+
+const pendingCommands = new Map<string, { labels: Record<CommandLabel, string>; n: number }>();
+
+/** The pending count of one vtpm_commands_total series (the same object for the same labels). */
+export function commandCount(labels: Record<CommandLabel, string>): PendingCount {
+  backendMetrics();
+  const k = [labels.domid, labels.vm, labels.transport, labels.command, labels.rc].join('\0');
+  let p = pendingCommands.get(k);
+  if (!p) pendingCommands.set(k, (p = { labels: { ...labels }, n: 0 }));
+  return p;
+}
+
+/** Each guest's last error and when it came (Unix seconds): one series per guest. */
+const lastErrors = new Map<string, { domid: string; vm: string; error: string; at: number }>();
 
 /** Record that guest `domid` just saw `error` (a name from a fixed set); its previous error series goes. */
 export function guestError(domid: string, vm: string, error: string): void {
-  const m = backendMetrics();
-  const old = lastErrorSeries.get(`${domid}/${vm}`);
-  if (old) m.lastError.remove({ domid, vm: old.vm, error: old.error });
-  lastErrorSeries.set(`${domid}/${vm}`, { vm, error });
-  m.lastError.set({ domid, vm, error }, Date.now() / 1000);
+  backendMetrics();
+  const k = `${domid}/${vm}`;
+  const e = lastErrors.get(k);
+  if (e) {
+    e.error = error;
+    e.at = Date.now() / 1000;
+  } else lastErrors.set(k, { domid, vm, error, at: Date.now() / 1000 });
 }
 
 // Loading this module is what turns metrics on in a process (metrics-sink.ts).
-registerMetrics({ backendMetrics, guestError, showGuest, forgetGuest });
+registerMetrics({ backendMetrics, commandCount, guestError, showGuest, forgetGuest });

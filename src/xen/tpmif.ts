@@ -14,8 +14,8 @@
 // be outstanding; they run in order. A cancel request (op 1) names the id to cancel as a u64 where
 // the grefs would be, and is itself answered with status OK. A suspend notice (op 2, no segments)
 // says the frontend is about to write Closing to suspend: the backend answers everything accepted
-// before it, makes the vTPM's state durable, switches its own state to Closing and then answers the
-// notice (status OK), without first waiting to read the frontend's Closing from xenstore.
+// before it, makes the vTPM's state durable, sends its Closing and then answers the notice (status
+// OK), which the frontend takes as that Closing; then it unmaps the ring.
 
 export const TPMIF_STATE_IDLE = 0;
 export const TPMIF_STATE_SUBMIT = 1;

@@ -98,7 +98,8 @@ async function finishConnect(
  * ring other than the one it serves closes that one first. No transaction is needed: our state says
  * Initialising while the keys change, and xenstored applies one connection's requests in order, so
  * whoever reads Initialised reads the new keys. The backend is Closing (its acknowledgement of our
- * close) or InitWait when this starts, so a Closing seen before anything else is that old answer.
+ * close), InitWait, or (answered on the ring) still Connected when this starts, so a Closing seen
+ * before anything else, or a Connected at the first read, is that old connection's.
  */
 export async function frontendReconnect(client: XsClient, dev: VtpmDevice, ring: FrontendRing, opts: ConnectOptions = {}): Promise<void> {
   const feature = opts.requireBackendFeature ?? 'feature-protocol-v2';
@@ -111,12 +112,17 @@ export async function frontendReconnect(client: XsClient, dev: VtpmDevice, ring:
     switchState(client, dev.frontend, XenbusState.Initialised),
   ]);
   let fresh = false;
+  let first = true;
   const waiting = Promise.all([
     waitForState(
       client,
       dev.backend,
       (st) => {
-        if (st === XenbusState.Closing && !fresh) return false;
+        // The first read is answered before the backend can have seen this publish: a Connected
+        // there is the old connection's (its Closing not applied yet), never the new one's.
+        const stale = st === XenbusState.Closing || (first && st === XenbusState.Connected);
+        first = false;
+        if (stale && !fresh) return false;
         fresh = true;
         return st === XenbusState.Initialised || st === XenbusState.Connected || st === XenbusState.Closing || st === XenbusState.Closed;
       },
@@ -134,23 +140,32 @@ export async function frontendReconnect(client: XsClient, dev: VtpmDevice, ring:
  * to leave Connected for Closing/Closed/InitWait, then Closed. Resolves even if the backend is silent:
  * with whether it answered.
  */
-export async function frontendClose(client: XsClient, dev: VtpmDevice, opts: WaitOptions & { closing?: boolean } = {}): Promise<boolean> {
+export async function frontendClose(
+  client: XsClient,
+  dev: VtpmDevice,
+  opts: WaitOptions & { closing?: boolean; answered?: Promise<boolean> } = {},
+): Promise<boolean> {
   // `closing`: our state is Closing already. The wait's first read goes out right behind the write.
   const announced = opts.closing ? Promise.resolve() : switchState(client, dev.frontend, XenbusState.Closing);
+  // `answered`: the backend's answer by another way (the ring's suspend notice answered OK). It stands
+  // for the Closing it writes, so that read-back is not waited for; false leaves the wait to xenstore.
+  const stop = new AbortController();
+  const seen = waitForState(
+    client,
+    dev.backend,
+    (s) => s === XenbusState.Closing || s === XenbusState.Closed || s === XenbusState.InitWait || s === XenbusState.Unknown,
+    { timeoutMs: opts.timeoutMs ?? 5000, signal: stop.signal },
+  );
+  seen.catch(() => {});
+  const other = opts.answered?.then((ok) => (ok ? undefined : seen));
   let answered = false;
   try {
-    await Promise.all([
-      announced,
-      waitForState(
-        client,
-        dev.backend,
-        (s) => s === XenbusState.Closing || s === XenbusState.Closed || s === XenbusState.InitWait || s === XenbusState.Unknown,
-        { timeoutMs: opts.timeoutMs ?? 5000 },
-      ),
-    ]);
+    await Promise.all([announced, other ? Promise.race([seen, other]) : seen]);
     answered = true;
   } catch (err) {
     if (!(err instanceof XenbusError && err.code === 'XENBUS_TIMEOUT')) throw err;
+  } finally {
+    stop.abort();
   }
   await switchState(client, dev.frontend, XenbusState.Closed);
   return answered;

@@ -4,12 +4,15 @@
 // client re-holds its latest checkpoints on a restarted manager before anything else.
 import { describe, expect, it, vi } from 'vitest';
 import net from 'node:net';
+import path from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { ManagerClient } from '../../src/manager/client.js';
 import { connectPair } from '../../src/manager/fifo-client.js';
 import { Ord, Status, encodeRequest, type Frame } from '../../src/manager/wire.js';
 import { perTest, startManager, type RunningManager } from './helpers.js';
 import { HOLD_FLUSH_MS } from '../../src/manager/daemon.js';
+import { getFromSocket } from '../../src/util/metrics-http.js';
+import { removeDir, tempDir } from '../helpers/temp.js';
 
 const VM = '6f1b0d52-6c1e-4b8e-9a57-3f0c2f7d9a11';
 const { clients, managers, manager } = perTest();
@@ -174,5 +177,52 @@ describe('vtpm manager: HOLD_VOLATILE', () => {
     }
     expect(Buffer.from((await c.load(a, 'volatile'))!).toString()).toBe('A0246');
     expect(Buffer.from((await c.load(b, 'volatile'))!).toString()).toBe('B1357');
+  });
+
+  it('writes the checkpoints of many guests in the background in one group commit, not one commit (and fdatasync) each', async () => {
+    const runDir = tempDir('held-run');
+    const stateDir = tempDir('held-state');
+    const socket = path.join(runDir, 'manager-metrics.sock');
+    process.env.VTPM_METRICS_SOCKET = socket;
+    let m: RunningManager;
+    try {
+      m = await manager(stateDir, runDir);
+    } finally {
+      delete process.env.VTPM_METRICS_SOCKET;
+    }
+    try {
+      /** Group commits the manager's store has made, log records and checkpoints alike. */
+      const commits = async (): Promise<number> => {
+        const text = await getFromSocket(socket, '/metrics');
+        return [...text.matchAll(/^vtpm_manager_commits_total\{[^}]*\} (\d+)$/gm)].reduce((a, x) => a + Number(x[1]), 0);
+      };
+      const c = await client(m);
+      const N = 12;
+      const instances: number[] = [];
+      for (let i = 0; i < N; i++) instances.push((await c.open({ vmUuid: `5e1d0c2a-0000-4000-8000-${String(i).padStart(12, '0')}`, version: '2.0' })).instance);
+      const before = await commits();
+      await Promise.all(instances.map((inst, i) => c.holdVolatile(inst, Buffer.from(`held-${i}`))));
+      // Holding is memory only; the background writer runs HOLD_FLUSH_MS after the first hold.
+      expect(await commits()).toBe(before);
+      let after = before;
+      for (let t = 0; t < 50 && after === before; t++, await sleep(100)) after = await commits();
+      await sleep(HOLD_FLUSH_MS / 2);
+      after = await commits();
+      // One flush of twelve checkpoints: one commit (two if the timer split the holds), never twelve.
+      expect(after - before).toBeGreaterThanOrEqual(1);
+      expect(after - before).toBeLessThanOrEqual(2);
+      // And every one of them was written: a kill -9 now loses none.
+      await m.stop('SIGKILL');
+      const n = await restart(m);
+      const r = await client(n);
+      for (let i = 0; i < N; i++) {
+        await r.open({ vmUuid: `5e1d0c2a-0000-4000-8000-${String(i).padStart(12, '0')}`, version: '2.0' });
+        expect(Buffer.from((await r.load(instances[i]!, 'volatile'))!).toString()).toBe(`held-${i}`);
+      }
+    } finally {
+      for (const x of managers) await x.stop('SIGKILL');
+      removeDir(runDir);
+      removeDir(stateDir);
+    }
   });
 });

@@ -341,4 +341,28 @@ describe('event-channel masks (busy-polling ends)', () => {
     fe.evtchn.close(p1);
     fe.evtchn.close(p2);
   });
+
+  it('a poller\'s otherPending sees a port bound after its last look, and no longer one closed since', async () => {
+    const p1 = fe.evtchn.allocUnbound(0);
+    const l1 = be.evtchn.bindInterdomain(4, p1);
+    counter(be, l1);
+    await sleep(20);
+    be.evtchn.mask(l1);
+    expect(be.evtchn.otherPending(l1)).toBe(false);
+    // Bound after that look: its pending bit counts at once.
+    const p2 = fe.evtchn.allocUnbound(0);
+    const l2 = be.evtchn.bindInterdomain(4, p2);
+    counter(be, l2);
+    await sleep(20);
+    be.evtchn.mask(l2);
+    fe.evtchn.send(p2);
+    expect(be.evtchn.otherPending(l1)).toBe(true);
+    // Closed: its bit no longer counts (its page is gone).
+    be.evtchn.close(l2);
+    expect(be.evtchn.otherPending(l1)).toBe(false);
+    be.evtchn.unmask(l1);
+    be.evtchn.close(l1);
+    fe.evtchn.close(p1);
+    fe.evtchn.close(p2);
+  });
 });

@@ -3,7 +3,7 @@
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { execFile } from 'node:child_process';
 import { createHash, randomBytes } from 'node:crypto';
-import { readFileSync } from 'node:fs';
+import { readFileSync, rmSync } from 'node:fs';
 import { join } from 'node:path';
 import { promisify } from 'node:util';
 import { dist } from '../../helpers/child.js';
@@ -247,7 +247,7 @@ describe('suspend/resume through xenstore', () => {
     await dom0.write('/local/domain/29/control/shutdown', 'suspend');
     const a = randomBytes(32);
     const extended = f.transmit(tpm2.pcrExtendSha256(16, a));
-    f.announceSuspend();
+    void f.announceSuspend();
     // Our state is still Connected: the backend acts on the notice alone.
     expect(await xenbus.waitForState(dom0, dev.backend, (st) => st === xenbus.XenbusState.Closing, { timeoutMs: 10_000 })).toBe(xenbus.XenbusState.Closing);
     expect(await xenbus.readState(dom0, dev.frontend)).toBe(xenbus.XenbusState.Connected);
@@ -259,6 +259,42 @@ describe('suspend/resume through xenstore', () => {
     // Resumed, the vTPM has A in PCR 16: the extend's state was made durable with the notice.
     await dom0.write('/local/domain/0/backend/vtpm/29/0/resume', 'True');
     await dom0.write('/local/domain/29/control/shutdown', '');
+    const s = await Session.open({ xs: g.xs, dom: g.dom, firstId: f.nextId, reconnect: true });
+    expect(Buffer.from(tpm2.parsePcrRead(await s.submit(tpm2.pcrReadSha256(16)))).toString('hex')).toBe(extend(Buffer.alloc(32), a).toString('hex'));
+    await s.close();
+  });
+
+  it("the notice's answer on the ring comes after every earlier answer, with the state durable, and the backend drops the ring before the frontend's Closed", async () => {
+    const g = await guest(31);
+    const dev = xenbus.vtpmDevice(31, 0, 0);
+    const ringOpts = { timeoutMs: 10_000, requireBackendFeature: XS_FEATURE_RING };
+    const f = new RingFront(g.dom, 0);
+    await xenbusFront.frontendConnect(g.xs, dev, { ringRef: f.refs[0]!, eventChannel: f.port, extra: { [XS_FEATURE_RING]: '1' } }, ringOpts);
+    ok(await f.transmit(tpm2.startup()), 'Startup');
+    await dom0.write('/local/domain/31/control/shutdown', 'suspend');
+    const a = randomBytes(32);
+    const extended = f.transmit(tpm2.pcrExtendSha256(16, a));
+    // Answered OK, and by then the extend sent before it is answered too (taken off the ring first).
+    expect(await f.announceSuspend()).toBe(true);
+    expect(f.outstanding).toBe(0);
+    ok(await extended, 'extend sent before the notice');
+    // Our state still says Connected: the backend takes the ring down on the notice alone, so every
+    // grant of it can be ended (a backend still mapping them until our Closed would leave them held).
+    expect(await xenbus.readState(dom0, dev.frontend)).toBe(xenbus.XenbusState.Connected);
+    await f.close();
+    expect(await f.released).toBe(true);
+    await xenbusFront.frontendClose(g.xs, dev, { timeoutMs: 10_000 });
+    // Durable at the answer: with the backend and the manager both killed (nothing held in memory
+    // survives), the resumed guest still finds A in PCR 16.
+    const h = new RunDir(runDir).readHost();
+    for (const role of ['manager', 'backend'] as const) process.kill(h.processes.find((p) => p.role === role)!.pid, 'SIGKILL');
+    // With both dead nobody removes the backend's FIFO pair at the manager (restart.ts does when it
+    // restarts a backend under a dead manager; here the manager comes back first).
+    for (const f of ['backend.req.fifo', 'backend.rsp.fifo']) rmSync(join(h.managerRunDir, 'clients', f), { force: true });
+    await restartDaemon(runDir, 'manager');
+    await restartDaemon(runDir, 'backend');
+    await dom0.write('/local/domain/0/backend/vtpm/31/0/resume', 'True');
+    await dom0.write('/local/domain/31/control/shutdown', '');
     const s = await Session.open({ xs: g.xs, dom: g.dom, firstId: f.nextId, reconnect: true });
     expect(Buffer.from(tpm2.parsePcrRead(await s.submit(tpm2.pcrReadSha256(16)))).toString('hex')).toBe(extend(Buffer.alloc(32), a).toString('hex'));
     await s.close();
