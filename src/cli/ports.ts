@@ -1,4 +1,8 @@
 // Finding a free pair of loopback TCP ports (P for TPM data, P+1 for control, as swtpm's TCTI expects).
+// The pair is chosen below the kernel's ephemeral range (ip_local_port_range): a port the kernel hands
+// out (listen on port 0, or the source port of any outgoing connection on the host) could otherwise
+// take P+1 between this check and the guest's listen.
+import fs from 'node:fs';
 import net from 'node:net';
 
 function tryListen(port: number): Promise<net.Server | null> {
@@ -9,12 +13,24 @@ function tryListen(port: number): Promise<net.Server | null> {
   });
 }
 
+/** The lowest port of the kernel's ephemeral range (Linux's default when it cannot be read). */
+function ephemeralLow(): number {
+  try {
+    const low = Number(fs.readFileSync('/proc/sys/net/ipv4/ip_local_port_range', 'latin1').trim().split(/\s+/)[0]);
+    return Number.isInteger(low) && low > 2048 ? low : 32768;
+  } catch {
+    return 32768;
+  }
+}
+
 export async function freePortPair(): Promise<number> {
+  const low = 10_000;
+  const high = ephemeralLow() - 2;
   for (let i = 0; i < 200; i++) {
-    const a = await tryListen(0);
+    const p = low + Math.floor(Math.random() * (high - low + 1));
+    const a = await tryListen(p);
     if (!a) continue;
-    const p = (a.address() as net.AddressInfo).port;
-    const b = p < 65535 ? await tryListen(p + 1) : null;
+    const b = await tryListen(p + 1);
     await new Promise((r) => a.close(r));
     if (b) {
       await new Promise((r) => b.close(r));
