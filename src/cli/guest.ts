@@ -135,7 +135,15 @@ export async function guestAttach(o: AttachOptions): Promise<GuestInfo> {
       child.once('exit', (code, sig) => reject(new CliError('FAILED', `guest dom${o.domid} exited (${sig ?? code}) before connecting:\n${tailFile(guestLog)}`))),
     );
     exited.catch(() => {});
-    await Promise.race([waitConnected(xs, dev, o.timeoutMs ?? 30_000), exited]).catch((err: unknown) => {
+    const connected = waitConnected(xs, dev, o.timeoutMs ?? 30_000);
+    connected.catch(() => {});
+    // A guest that exits at the backend's refusal can beat our own read of it: the refusal (its reason
+    // in the backend's error node) says more than the exit, so give that read a moment to land.
+    const exitedOrRefused = exited.catch(async (err: unknown) => {
+      const settled = await Promise.race([connected.then(() => undefined, (e: unknown) => e), new Promise((r) => setTimeout(r, 2000, undefined))]);
+      throw settled instanceof CliError && settled.code === 'REFUSED' ? settled : err;
+    });
+    await Promise.race([connected, exitedOrRefused]).catch((err: unknown) => {
       // The manager's reason for refusing the vTPM (migrated out, …) says more than its status.
       const why = managerReason(mgrLog, mgrLogFrom, 'OPEN');
       if (!(err instanceof CliError) || err.code !== 'REFUSED' || why === undefined) throw err;
