@@ -8,15 +8,13 @@
 // wait of up to SLEEP_SLACK windows still counts as short and reopens it; after longer waits it stays
 // shut, and every PROBE_EVERY-th wait polls anyway, in case the peer got fast again. A process whose
 // peer is slow or busy (keygen, many guests) thus wastes at most one window per PROBE_EVERY waits.
-// Polls that keep missing shut it too (MISSES_TO_SHUT in a row), however short the waits: that is the
-// mark of a peer on our own CPU, which cannot answer while we spin, and whose answers come right after
-// each window ends. Only a poll that catches its answer opens the window again, not a short sleep.
+// A poll that misses by a little is not wasted: it keeps its vCPU from halting, so the message that
+// ends the wait wakes it cheaply. (A peer pinned to our own vCPU is the exception, docs/benchmarks.md.)
 import fs from 'node:fs';
 import os from 'node:os';
 
 const SLEEP_SLACK = 4;
 const PROBE_EVERY = 16;
-const MISSES_TO_SHUT = 8;
 
 // A poll only pays while the peer has a CPU to answer on. When runnable tasks already wait for CPUs, a
 // spinner takes the CPU the peer needs (measured with the machine loaded to ~4× its cores: polled round
@@ -53,9 +51,6 @@ export class PollWindow {
   readonly maxUs: number;
   #open: boolean;
   #sinceProbe = 0;
-  /** Polls in a row that ended without their answer; the budget handed out for the wait being timed. */
-  #misses = 0;
-  #lastBudget = 0;
   readonly #contended: () => boolean;
   /** When the last answer left with nothing else to do (performance.now()), or -1: the peer's pace starts there. */
   #answeredAt = -1;
@@ -74,16 +69,12 @@ export class PollWindow {
       if (++this.#sinceProbe < PROBE_EVERY) return 0;
       this.#sinceProbe = 0;
     }
-    this.#lastBudget = this.#contended() ? 0 : this.maxUs;
-    return this.#lastBudget;
+    return this.#contended() ? 0 : this.maxUs;
   }
 
   /** Report how long the last wait lasted in all (polled or slept), in µs. */
   record(waitedUs: number): void {
-    const polled = this.#lastBudget > 0;
-    this.#lastBudget = 0;
-    if (polled) this.#misses = waitedUs <= this.maxUs ? 0 : this.#misses + 1;
-    this.#open = this.maxUs > 0 && waitedUs <= this.maxUs * SLEEP_SLACK && this.#misses < MISSES_TO_SHUT;
+    this.#open = this.maxUs > 0 && waitedUs <= this.maxUs * SLEEP_SLACK;
   }
 
   /** A server answered everything it had: the peer's next message will say how long it took (arrived()). */
