@@ -209,20 +209,16 @@ export async function run(ctx: BenchContext): Promise<Figure[]> {
       { id: `extend_rtt_p50_captured${sfx}`, unit: 'µs', ours: median(cap.capturedEx), peer: median(cap.plainEx), note: 'as above, PCR_Extend', target: { on: 'ratio', op: '<=', value: 1.1 } },
     );
 
-    // The same round trips with both sides pinned alike (docs/benchmarks.md, "Why the peer's figure
-    // moves"): the unpinned figures above are whatever placement the scheduler chose in this run.
-    const placed = await placedMedians(
-      ctx,
-      {
-        clients: [process.pid],
-        ours: { servers: [backendPid], rtt: (n) => latencies(ours, () => GET_RANDOM_8, n) },
-        peer: { servers: [swPid], rtt: (n) => latencies(peer, () => GET_RANDOM_8, n) },
-      },
-      nRtt / 2,
-    );
-    for (const [where, m] of placed) {
-      figures.push({ id: `getrandom_rtt_p50_${where}${sfx}`, unit: 'µs', ours: m.ours, peer: m.peer, note: `client and server ${where === 'apart' ? 'on different vCPUs' : 'on one vCPU'}, both sides pinned alike` });
-    }
+    // GetRandom round trips of a front and swtpm with both sides pinned alike (docs/benchmarks.md, "Why the
+    // peer's figure moves"): the unpinned figures are whatever placement the scheduler chose in this run.
+    const placedGetRandom = async (front: Client, id: string, what: string): Promise<void> => {
+      const rtt = (c: Client) => (n: number) => latencies(c, () => GET_RANDOM_8, n);
+      const placed = await placedMedians(ctx, { clients: [process.pid], ours: { servers: [backendPid], rtt: rtt(front) }, peer: { servers: [swPid], rtt: rtt(peer) } }, nRtt / 2);
+      for (const [where, m] of placed) {
+        figures.push({ id: `${id}_${where}`, unit: 'µs', ours: m.ours, peer: m.peer, note: `${what}client and server ${where === 'apart' ? 'on different vCPUs' : 'on one vCPU'}, both sides pinned alike` });
+      }
+    };
+    await placedGetRandom(ours, `getrandom_rtt_p50${sfx}`, '');
 
     for (const n of counts) {
       const t0 = Date.now();
@@ -260,18 +256,7 @@ export async function run(ctx: BenchContext): Promise<Figure[]> {
       }
       ctx.log(`ring GetRandom p50 ours ${median(gr[0]!).toFixed(1)} µs, swtpm ${median(gr[1]!).toFixed(1)} µs`);
       figures.push({ id: 'getrandom_rtt_p50_ring', unit: 'µs', ours: median(gr[0]!), peer: median(gr[1]!), note: 'ring transport, exactly-once; swtpm UNIX socket', target: { on: 'ratio', op: '<=', value: 1 } });
-      const ringPlaced = await placedMedians(
-        ctx,
-        {
-          clients: [process.pid],
-          ours: { servers: [backendPid], rtt: (n) => latencies(r0, () => GET_RANDOM_8, n) },
-          peer: { servers: [swPid], rtt: (n) => latencies(peer, () => GET_RANDOM_8, n) },
-        },
-        nRtt / 2,
-      );
-      for (const [where, m] of ringPlaced) {
-        figures.push({ id: `getrandom_rtt_p50_ring_${where}`, unit: 'µs', ours: m.ours, peer: m.peer, note: `ring transport; client and server ${where === 'apart' ? 'on different vCPUs' : 'on one vCPU'}, pinned alike` });
-      }
+      await placedGetRandom(r0, 'getrandom_rtt_p50_ring', 'ring transport; ');
       while (ring.length < maxN) ring.push(await addGuest(RING_DOMID_BASE + ring.length, undefined, {}, 'ring'));
       // CPU per extend of everything that serves it: this process's fronts (clients), the backend and the
       // manager (which holds every checkpoint), against the clients and the swtpm processes.
