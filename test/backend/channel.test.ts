@@ -1,12 +1,9 @@
 // openChannel: the one Channel interface the backend's device dispatches through, for either
 // transport, against the real frontends and a real swtpm answering the commands.
-import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { rmSync } from 'node:fs';
-import { freshXenDir } from '../helpers/child.js';
+import { describe, expect, it } from 'vitest';
+import { useDom0Swtpm } from '../helpers/dom0-swtpm.js';
 import { getRandom } from '../../src/tpm/tpm2-commands.js';
 import { responseCode as rc } from '../../src/tpm/wire.js';
-import { SwtpmProcess } from '../helpers/swtpm.js';
-import { TpmClient } from '../helpers/tpm-client.js';
 import { Domain } from '../../src/xen/index.js';
 import { openChannel } from '../../src/backend/channel.js';
 import { V2Channel } from '../../src/backend/v2-channel.js';
@@ -15,23 +12,10 @@ import { V2Front } from '../../src/frontend/v2-front.js';
 import { RingFront } from '../../src/tpmif/ring-front.js';
 import type { TpmTransport } from '../../src/tpmif/transport.js';
 
-const dir = freshXenDir();
-let dom0: Domain;
-let swtpm: SwtpmProcess;
-let client: TpmClient;
+const fx = useDom0Swtpm();
+const { dir } = fx;
 let nextDomid = 40;
 
-beforeAll(async () => {
-  dom0 = await Domain.create({ domid: 0, dir });
-  swtpm = await SwtpmProcess.onSockets();
-  client = await TpmClient.connect({ path: swtpm.dataPath! });
-});
-afterAll(async () => {
-  client.close();
-  await swtpm.stop();
-  await dom0.destroy();
-  rmSync(dir, { recursive: true, force: true });
-});
 
 describe('openChannel', () => {
   for (const protocol of ['v2', 'ring'] as const) {
@@ -39,11 +23,11 @@ describe('openChannel', () => {
       const g = await Domain.create({ domid: nextDomid++, dir });
       const front: TpmTransport = protocol === 'ring' ? new RingFront(g, 0) : new V2Front(g, 0);
       const fatal: string[] = [];
-      const ch = openChannel(dom0, protocol, {
+      const ch = openChannel(fx.dom0, protocol, {
         frontDomid: g.domid,
         refs: [...front.refs],
         port: front.port,
-        target: { execute: (cmd) => client.transmit(cmd), cancel: () => {} },
+        target: { execute: (cmd) => fx.client.transmit(cmd), cancel: () => {} },
         onFatal: (r) => fatal.push(r),
       });
       expect(ch.protocol).toBe(protocol);

@@ -1,9 +1,9 @@
 // The two guest↔backend transports end to end over the emulated hypervisor, with a real swtpm process
 // answering the TPM commands: bytes on the v2 page, ordering on the ring, cancel, hostile frontends.
-import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { describe, expect, it } from 'vitest';
 import { createHash, randomBytes } from 'node:crypto';
 import { setTimeout as sleep } from 'node:timers/promises';
-import { freshXenDir } from '../helpers/child.js';
+import { useDom0Swtpm } from '../helpers/dom0-swtpm.js';
 import * as tpm2 from '../../src/tpm/tpm2-commands.js';
 import { responseCode as rc } from '../../src/tpm/wire.js';
 import { SwtpmProcess } from '../helpers/swtpm.js';
@@ -16,12 +16,9 @@ import { RingFront } from '../../src/tpmif/ring-front.js';
 import type { VtpmTarget } from '../../src/tpm/vtpm.js';
 import { FrontendError } from '../../src/tpmif/transport.js';
 import { TPMIF_STATE_FINISH, TPMIF_STATE_IDLE, TPMIF_STATE_CANCEL, RING_SLOT } from '../../src/xen/tpmif.js';
-import { removeDir } from '../helpers/temp.js';
 
-const dir = freshXenDir();
-let dom0: Domain;
-let swtpm: SwtpmProcess;
-let client: TpmClient;
+const fx = useDom0Swtpm();
+const { dir } = fx;
 let nextDomid = 10;
 
 /** The swtpm, as a target; `hold` lets a test keep a command "running" until released. */
@@ -31,7 +28,7 @@ function target(): VtpmTarget & { cancels: number; hold: Promise<void> | null } 
     hold: null as Promise<void> | null,
     async execute(cmd: Uint8Array): Promise<Uint8Array> {
       if (t.hold) await t.hold;
-      return client.transmit(cmd);
+      return fx.client.transmit(cmd);
     },
     cancel(): void {
       t.cancels++;
@@ -39,18 +36,6 @@ function target(): VtpmTarget & { cancels: number; hold: Promise<void> | null } 
   };
   return t;
 }
-
-beforeAll(async () => {
-  dom0 = await Domain.create({ domid: 0, dir });
-  swtpm = await SwtpmProcess.onSockets();
-  client = await TpmClient.connect({ path: swtpm.dataPath! });
-});
-afterAll(async () => {
-  client.close();
-  await swtpm.stop();
-  await dom0.destroy();
-  removeDir(dir);
-});
 
 async function guest(): Promise<Domain> {
   return Domain.create({ domid: nextDomid++, dir });
@@ -61,7 +46,7 @@ describe('tpmif v2 shared page', () => {
     const g = await guest();
     const front = new V2Front(g, 0);
     const fatal: string[] = [];
-    const ch = new V2Channel(dom0, { frontDomid: g.domid, refs: [...front.refs], port: front.port, target: target(), onFatal: (r) => fatal.push(r) });
+    const ch = new V2Channel(fx.dom0, { frontDomid: g.domid, refs: [...front.refs], port: front.port, target: target(), onFatal: (r) => fatal.push(r) });
     const page = g.frames(0); // the first frame the frontend allocated is its shared page
     const rsp = await front.transmit(tpm2.getRandom(16), { locality: 2 });
     expect(rc(rsp)).toBe(0);
@@ -80,11 +65,11 @@ describe('tpmif v2 shared page', () => {
     for (const pollUs of [0, 2000]) {
       const g = await guest();
       const front = new V2Front(g, 0, { pollUs });
-      const ch = new V2Channel(dom0, { frontDomid: g.domid, refs: [...front.refs], port: front.port, target: target(), onFatal: () => {}, pollUs });
+      const ch = new V2Channel(fx.dom0, { frontDomid: g.domid, refs: [...front.refs], port: front.port, target: target(), onFatal: () => {}, pollUs });
       for (let i = 0; i < 50; i++) expect(rc(await front.transmit(tpm2.getRandom(8)))).toBe(0);
       // Both ends leave the port unmasked whenever they sleep: a notification still wakes them.
       await sleep(5);
-      expect(dom0.evtchn.status(ch.port).masked).toBe(false);
+      expect(fx.dom0.evtchn.status(ch.port).masked).toBe(false);
       ch.close();
       await front.close();
       await g.destroy();
@@ -94,7 +79,7 @@ describe('tpmif v2 shared page', () => {
   it('answers CANCEL on an idle device with IDLE', async () => {
     const g = await guest();
     const front = new V2Front(g, 0);
-    const ch = new V2Channel(dom0, { frontDomid: g.domid, refs: [...front.refs], port: front.port, target: target(), onFatal: () => {} });
+    const ch = new V2Channel(fx.dom0, { frontDomid: g.domid, refs: [...front.refs], port: front.port, target: target(), onFatal: () => {} });
     const page = g.frames(0);
     page[4] = TPMIF_STATE_CANCEL;
     g.evtchn.send(front.port);
@@ -111,7 +96,7 @@ describe('tpmif v2 shared page', () => {
     const t = target();
     let release!: () => void;
     t.hold = new Promise((r) => (release = r));
-    const ch = new V2Channel(dom0, { frontDomid: g.domid, refs: [...front.refs], port: front.port, target: t, onFatal: () => {} });
+    const ch = new V2Channel(fx.dom0, { frontDomid: g.domid, refs: [...front.refs], port: front.port, target: t, onFatal: () => {} });
     const p = front.transmit(tpm2.getRandom(8));
     await sleep(20);
     front.cancel();
@@ -128,7 +113,7 @@ describe('tpmif v2 shared page', () => {
     const g = await guest();
     const front = new V2Front(g, 0);
     const fatal: string[] = [];
-    const ch = new V2Channel(dom0, { frontDomid: g.domid, refs: [...front.refs], port: front.port, target: target(), onFatal: (r) => fatal.push(r) });
+    const ch = new V2Channel(fx.dom0, { frontDomid: g.domid, refs: [...front.refs], port: front.port, target: target(), onFatal: (r) => fatal.push(r) });
     const page = g.frames(0);
     new DataView(page.buffer, page.byteOffset).setUint32(0, 5000, true);
     Atomics.store(page, 4, 1);
@@ -148,7 +133,7 @@ describe('multi-request ring', () => {
     const front = new RingFront(g, 0, { segments });
     const fatal: string[] = [];
     const t = target();
-    const ch = new RingChannel(dom0, { frontDomid: g.domid, refs: [...front.refs], port: front.port, target: t, onFatal: (r) => fatal.push(r) });
+    const ch = new RingChannel(fx.dom0, { frontDomid: g.domid, refs: [...front.refs], port: front.port, target: t, onFatal: (r) => fatal.push(r) });
     return { g, front, ch, fatal, t };
   }
 
@@ -211,7 +196,7 @@ describe('multi-request ring', () => {
     const ownClient = await TpmClient.connect({ path: own.dataPath! });
     const g = await guest();
     const front = new RingFront(g, 0, { segments: 3 });
-    const ch = new RingChannel(dom0, {
+    const ch = new RingChannel(fx.dom0, {
       frontDomid: g.domid,
       refs: [...front.refs],
       port: front.port,

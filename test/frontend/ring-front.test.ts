@@ -1,37 +1,21 @@
 // A ring frontend's pages across a close and a new ring (a resume): once the backend has unmapped them
 // and every grant has ended, the frames stay backed and the next ring reuses them, zeroed, without a
 // hypercall; a frame the backend still maps goes back to the hypervisor (decrease_reservation) instead.
-import { afterAll, beforeAll, describe, expect, it, vi } from 'vitest';
-import { freshXenDir } from '../helpers/child.js';
-import { SwtpmProcess } from '../helpers/swtpm.js';
-import { TpmClient } from '../helpers/tpm-client.js';
+import { describe, expect, it, vi } from 'vitest';
+import { useDom0Swtpm } from '../helpers/dom0-swtpm.js';
 import { Domain } from '../../src/xen/index.js';
 import { HC } from '../../src/xen/hypercall.js';
 import { RingChannel } from '../../src/backend/ring-channel.js';
 import { RingFront } from '../../src/tpmif/ring-front.js';
 import * as tpm2 from '../../src/tpm/tpm2-commands.js';
 import { responseCode as rc } from '../../src/tpm/wire.js';
-import { removeDir } from '../helpers/temp.js';
 
-const dir = freshXenDir();
-let dom0: Domain;
-let swtpm: SwtpmProcess;
-let client: TpmClient;
+const fx = useDom0Swtpm();
+const { dir } = fx;
 
-beforeAll(async () => {
-  dom0 = await Domain.create({ domid: 0, dir });
-  swtpm = await SwtpmProcess.onSockets();
-  client = await TpmClient.connect({ path: swtpm.dataPath! });
-});
-afterAll(async () => {
-  client.close();
-  await swtpm.stop();
-  await dom0.destroy();
-  removeDir(dir);
-});
 
 function serve(front: RingFront, domid: number): RingChannel {
-  return new RingChannel(dom0, { frontDomid: domid, refs: [...front.refs], port: front.port, target: { execute: (c) => client.transmit(c), cancel: () => {} }, onFatal: () => {} });
+  return new RingChannel(fx.dom0, { frontDomid: domid, refs: [...front.refs], port: front.port, target: { execute: (c) => fx.client.transmit(c), cancel: () => {} }, onFatal: () => {} });
 }
 
 describe('ring frontend pages across a new ring', () => {
