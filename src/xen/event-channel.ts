@@ -53,6 +53,9 @@ export interface PortStatus {
 
 type Handler = (port: number) => void;
 
+/** Where every port's wake-up bytes are read to (and dropped): a flood is drained 4 KiB per read. */
+const wakeScratch = Buffer.alloc(4096);
+
 // Busy mode, the idea of Linux NAPI: a process that was just woken usually has more work coming (a
 // backend serving many guests, a guest whose next answer follows). While busy, every handled port of
 // the domain stays masked, so peers' sends cost them one atomic OR instead of a wake-up write (12–20 µs
@@ -133,7 +136,16 @@ export class EventChannels {
     } finally {
       closeFd(pageFd);
     }
-    const sock = new net.Socket({ fd: sockFd, readable: true, writable: true });
+    // libuv reads the wake-up bytes straight into one shared scratch buffer and calls us: no stream
+    // machinery, no 'data' event, no Buffer per wake-up. The bytes mean nothing; the pending bit does.
+    // (Node's Socket constructor takes `onread` as connect() does; its typings list it for connect() only.)
+    const opts: net.SocketConstructorOpts & { onread: net.OnReadOpts } = {
+      fd: sockFd,
+      readable: true,
+      writable: true,
+      onread: { buffer: wakeScratch, callback: () => (this.#deliver(port), true) },
+    };
+    const sock = new net.Socket(opts);
     // Channels must not keep a process alive on their own.
     sock.unref();
     const lp: LocalPort = {
@@ -143,7 +155,6 @@ export class EventChannels {
       fd: sockFd,
       sock,
     };
-    sock.on('data', () => this.#deliver(port));
     sock.on('error', () => sock.destroy());
     this.#ports.set(port, lp);
     this.#watched = null;

@@ -1,6 +1,7 @@
 // Event channels: Xen's alloc_unbound / bind_interdomain / send / close semantics between domains.
 import { afterAll, beforeAll, describe, expect, it, vi } from 'vitest';
 import fs from 'node:fs';
+import net from 'node:net';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { freshXenDir } from '../helpers/child.js';
 import { Domain, ECS_interdomain, ECS_unbound, ECS_closed, EventChannelError } from '../../src/xen/index.js';
@@ -301,6 +302,22 @@ describe('event-channel masks (busy-polling ends)', () => {
     }
     expect(c.n).toBe(5);
     end();
+  });
+
+  it('reads wake-ups into one scratch buffer: a delivery emits no stream data event', async () => {
+    const { p, c, end } = await busyChannel(0);
+    const emits = vi.spyOn(net.Socket.prototype, 'emit');
+    try {
+      for (let i = 0; i < 3; i++) {
+        fe.evtchn.send(p);
+        await sleep(20);
+      }
+      expect(c.n).toBe(4); // the bind's event and the three sends, each a wake-up read
+      expect(emits.mock.calls.filter(([ev]) => ev === 'data')).toEqual([]);
+    } finally {
+      emits.mockRestore();
+      end();
+    }
   });
 
   it('consume() takes the pending bit a poller saw, so unmask delivers nothing', async () => {
