@@ -53,8 +53,8 @@ export interface PortStatus {
 
 type Handler = (port: number) => void;
 
-/** Where every port's wake-up bytes are read to (and dropped): a flood is drained 4 KiB per read. */
-const wakeScratch = Buffer.alloc(4096);
+/** Where every port's wake-up bytes are read to and dropped: a peer's flood drains 64 KiB per read, as a stream's reads did. */
+const wakeScratch = Buffer.alloc(65536);
 
 // Busy mode, the idea of Linux NAPI: a process that was just woken usually has more work coming (a
 // backend serving many guests, a guest whose next answer follows). While busy, every handled port of

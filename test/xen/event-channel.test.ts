@@ -320,6 +320,35 @@ describe('event-channel masks (busy-polling ends)', () => {
     }
   });
 
+  it('a peer flooding its wake-up socket with raw bytes runs no handler; its next real send is delivered once', async () => {
+    const { p, c, end } = await busyChannel(0);
+    const writes = vi.spyOn(fs, 'writeSync');
+    let fd: number;
+    try {
+      fe.evtchn.send(p);
+      fd = writes.mock.calls[0]![0] as number; // the wake-up socket send() wrote to
+    } finally {
+      writes.mockRestore();
+    }
+    await sleep(20);
+    expect(c.n).toBe(2);
+    // Bytes without the pending bit: as many as the socket takes (it is non-blocking), several reads' worth.
+    const junk = Buffer.alloc(65536, 0xff);
+    let flooded = 0;
+    try {
+      for (let i = 0; i < 8; i++) flooded += fs.writeSync(fd, junk);
+    } catch (err) {
+      expect((err as NodeJS.ErrnoException).code).toBe('EAGAIN');
+    }
+    expect(flooded).toBeGreaterThan(65536);
+    await sleep(50);
+    expect(c.n).toBe(2);
+    fe.evtchn.send(p);
+    await sleep(20);
+    expect(c.n).toBe(3);
+    end();
+  });
+
   it('consume() takes the pending bit a poller saw, so unmask delivers nothing', async () => {
     const p = fe.evtchn.allocUnbound(0);
     const local = be.evtchn.bindInterdomain(4, p);
