@@ -163,6 +163,23 @@ export function memfdSealed(name: string, length: number): number {
   return fd;
 }
 
+const c_pipe2 = libc.func('int pipe2(_Out_ int *fds, int flags)');
+const O_NONBLOCK = 0o4000;
+const O_CLOEXEC = 0o2000000;
+const F_SETPIPE_SZ = 1031;
+
+/**
+ * A non-blocking pipe for wake-ups, [read end, write end], its buffer cut to one page: a wake-up is
+ * one byte and the bytes mean nothing, so a page is plenty, and it counts one page, not sixteen,
+ * against the user's pipe limit (a hypervisor holds two pipes per event channel).
+ */
+export function wakePipe(): [number, number] {
+  const fds = [0, 0];
+  if ((c_pipe2(fds, O_NONBLOCK | O_CLOEXEC) as number) !== 0) throw new NativeError('pipe2', lastErrno());
+  c_fcntl(fds[0]!, F_SETPIPE_SZ, PAGE_SIZE);
+  return [fds[0]!, fds[1]!];
+}
+
 /** The seals of a memfd (F_SEAL_* bits). */
 export function getSeals(fd: number): number {
   const r = c_fcntl(fd, F_GET_SEALS, 0) as number;

@@ -1,11 +1,11 @@
 // Event channels (docs/hypervisor.md, docs/protocols/event-channels.md): alloc_unbound /
 // bind_interdomain / send / close with Xen's semantics. Routing (which port is bound to which) lives in the hypervisor process; each channel it
-// hands out is a page holding the two ends' words (pending bit, mask bit) and a socketpair for wake-ups,
-// so a domain only ever touches channels it is an end of. A send sets the remote end's pending bit and,
-// only on its 0→1 edge and only when that end is not masked, writes one byte to the channel's socket.
+// hands out is a page holding the two ends' words (pending bit, mask bit) and a wake-up pipe towards
+// each end, so a domain only ever touches channels it is an end of. A send sets the remote end's pending
+// bit and, only on its 0→1 edge and only when that end is not masked, writes one byte to the peer's pipe.
 // A process busy-polling its ring masks the port (EVTCHNOP_unmask's other half): peers then notify it
-// for the price of one atomic OR instead of a wake-up write, which costs 12–20 µs here (the syscall
-// wakes the other CPU). Setting up and closing a channel is a hypercall; sending never is.
+// for the price of one atomic OR instead of a wake-up write (2–3 µs of CPU, and the receiver's read
+// and epoll wake-up on top). Setting up and closing a channel is a hypercall; sending never is.
 import fs from 'node:fs';
 import net from 'node:net';
 import { mapShared, PAGE_SIZE, type Mapping } from '../../native/libc.js';
@@ -24,12 +24,14 @@ const MASKED = 2;
 /** Byte offset of each end's word in a channel page (src/xen/hv-domain.ts CHANNEL_WORD_STRIDE). */
 const WORD_STRIDE = 64;
 
-/** One of our ports: its channel page (our word, the remote end's word) and its wake-up socket. */
+/** One of our ports: its channel page (our word, the remote end's word) and its wake-up pipes. */
 interface LocalPort {
   own: Int32Array;
   remote: Int32Array;
   page: Mapping;
-  fd: number;
+  /** Write end of the pipe that wakes the remote end. */
+  tx: number;
+  /** Read end of the pipe that wakes us. */
   sock: net.Socket;
 }
 
@@ -58,8 +60,8 @@ const wakeScratch = Buffer.alloc(65536);
 
 // Busy mode, the idea of Linux NAPI: a process that was just woken usually has more work coming (a
 // backend serving many guests, a guest whose next answer follows). While busy, every handled port of
-// the domain stays masked, so peers' sends cost them one atomic OR instead of a wake-up write (12–20 µs
-// here, see above), and the process looks for pending ports itself once per turn of its event loop.
+// the domain stays masked, so peers' sends cost them one atomic OR instead of a wake-up write (see
+// above), and the process looks for pending ports itself once per turn of its event loop.
 // A backend answering 256 guests otherwise spends almost half its time in those writes.
 //  - Only a delivery starts it, not a send: a process that spins after each of its few sends (a suspend
 //    cycle) takes the CPU xenstored needs. Figures: docs/benchmarks.md.
@@ -124,14 +126,15 @@ export class EventChannels {
     return (this.#watched = out);
   }
 
-  /** Take over the channel page and socket the hypervisor handed us for `port` (end `end`). */
+  /** Take over the channel page and wake-up pipes the hypervisor handed us for `port` (end `end`). */
   #adopt(port: number, end: number, rep: Reply): void {
-    const [pageFd, sockFd] = rep.fds as [number, number];
+    const [pageFd, rxFd, txFd] = rep.fds as [number, number, number];
     let page: Mapping;
     try {
       page = mapShared(pageFd, 0, PAGE_SIZE, true);
     } catch (err) {
-      closeFd(sockFd);
+      closeFd(rxFd);
+      closeFd(txFd);
       throw err;
     } finally {
       closeFd(pageFd);
@@ -140,9 +143,9 @@ export class EventChannels {
     // machinery, no 'data' event, no Buffer per wake-up. The bytes mean nothing; the pending bit does.
     // (Node's Socket constructor takes `onread` as connect() does; its typings list it for connect() only.)
     const opts: net.SocketConstructorOpts & { onread: net.OnReadOpts } = {
-      fd: sockFd,
+      fd: rxFd,
       readable: true,
-      writable: true,
+      writable: false,
       onread: { buffer: wakeScratch, callback: () => (this.#deliver(port), true) },
     };
     const sock = new net.Socket(opts);
@@ -152,7 +155,7 @@ export class EventChannels {
       own: new Int32Array(page.buffer, WORD_STRIDE * end, 1),
       remote: new Int32Array(page.buffer, WORD_STRIDE * (1 - end), 1),
       page,
-      fd: sockFd,
+      tx: txFd,
       sock,
     };
     sock.on('error', () => sock.destroy());
@@ -332,9 +335,9 @@ export class EventChannels {
     const was = Atomics.or(lp.remote, 0, PENDING);
     // A masked end is being polled (or will be checked at unmask): no wake-up at all.
     if (was & (MASKED | PENDING)) return;
-    // Only the 0→1 edge wakes; one byte straight to the socket, the hot path of every round trip.
+    // Only the 0→1 edge wakes; one byte straight to the peer's pipe, the hot path of every round trip.
     try {
-      fs.writeSync(lp.fd, this.#wake);
+      fs.writeSync(lp.tx, this.#wake);
     } catch {
       // EAGAIN: the remote end has unread wake-ups already; EPIPE: it is gone. Either way, done.
     }
@@ -361,6 +364,7 @@ export class EventChannels {
 
   #release(lp: LocalPort): void {
     lp.sock.destroy();
+    closeFd(lp.tx);
     lp.page.unmap();
   }
 

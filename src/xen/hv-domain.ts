@@ -3,8 +3,8 @@
 // active grant entries (pin counts), the grants this domain has mapped from others, and its event-channel
 // ports with their routing. Guests see none of this but their own grant table and channel pages.
 import fs from 'node:fs';
-import { mapShared, memfdSealed, PAGE_SIZE, type Mapping } from '../../native/libc.js';
-import { closeFd, socketPair } from '../../native/unix-rights.js';
+import { mapShared, memfdSealed, PAGE_SIZE, wakePipe, type Mapping } from '../../native/libc.js';
+import { closeFd } from '../../native/unix-rights.js';
 import {
   DOMAIN_MAGIC,
   GNTTAB_NR_RESERVED_ENTRIES,
@@ -29,15 +29,19 @@ export const CHANNEL_WORD_STRIDE = 64;
 
 const MAX_PIN = 0xffff;
 /**
- * Descriptors the hypervisor keeps for one domain (frames, and three per channel it allocated): a domain
+ * Descriptors the hypervisor keeps for one domain (frames, and five per channel it allocated): a domain
  * past it gets ENOMEM, so no guest can exhaust the hypervisor's descriptors for the others.
  */
-export const MAX_OBJECTS_PER_DOMAIN = 1024;
+export const MAX_OBJECTS_PER_DOMAIN = 2048;
 
-/** One event channel: a page holding both ends' pending/mask words and a socketpair for wake-ups. */
+/** Descriptors the hypervisor holds per channel: its page and both ends of its two wake-up pipes. */
+export const CHANNEL_OBJECTS = 5;
+
+/** One event channel: a page holding both ends' pending/mask words, and a wake-up pipe towards each end. */
 export class Channel {
   readonly page: number;
-  readonly socks: [number, number];
+  /** pipes[e]: [read end, write end] of the pipe whose bytes wake end e. */
+  readonly pipes: [[number, number], [number, number]];
   /** The port holding each end, 0 while that end is free. */
   readonly holder: [Port | null, Port | null] = [null, null];
 
@@ -47,13 +51,21 @@ export class Channel {
   constructor(owner: HvDomain) {
     this.owner = owner;
     this.page = memfdSealed('evtchn', PAGE_SIZE);
+    let first: [number, number] | null = null;
     try {
-      this.socks = socketPair();
+      first = wakePipe();
+      this.pipes = [first, wakePipe()];
     } catch (err) {
       closeFd(this.page);
+      for (const fd of first ?? []) closeFd(fd);
       throw err;
     }
-    owner.objects += 3;
+    owner.objects += CHANNEL_OBJECTS;
+  }
+
+  /** What end `end` gets besides the page: the read end of its own pipe and the write end of its peer's. */
+  wakeFds(end: 0 | 1): [number, number] {
+    return [this.pipes[end][0], this.pipes[1 - end]![1]];
   }
 
   /** Set end `end`'s word to pending and unmasked (a port that starts bound starts pending). */
@@ -64,10 +76,9 @@ export class Channel {
   }
 
   destroy(): void {
-    this.owner.objects -= 3;
+    this.owner.objects -= CHANNEL_OBJECTS;
     closeFd(this.page);
-    closeFd(this.socks[0]);
-    closeFd(this.socks[1]);
+    for (const p of this.pipes) for (const fd of p) closeFd(fd);
   }
 }
 
@@ -118,7 +129,7 @@ export class HvDomain {
     this.domid = domid;
     this.geometry = g;
     this.maxPorts = maxPorts;
-    this.maxObjects = domid === 0 ? Math.max(MAX_OBJECTS_PER_DOMAIN, g.nrPages + 3 * maxPorts) : MAX_OBJECTS_PER_DOMAIN;
+    this.maxObjects = domid === 0 ? Math.max(MAX_OBJECTS_PER_DOMAIN, g.nrPages + CHANNEL_OBJECTS * maxPorts) : MAX_OBJECTS_PER_DOMAIN;
     this.controlFd = memfdSealed(`dom${domid}-control`, controlSize(g));
     this.#control = mapShared(this.controlFd, 0, controlSize(g), true);
     const header = new Uint32Array(this.#control.buffer, 0, 16);

@@ -9,7 +9,7 @@ import net from 'node:net';
 import { join } from 'node:path';
 import { sendWithFds, closeFd, socketPair } from '../../native/unix-rights.js';
 import { raiseFdLimit } from '../../native/libc.js';
-import { Channel, ECS_interdomain, ECS_unbound, HvDomain, type Port } from './hv-domain.js';
+import { Channel, CHANNEL_OBJECTS, ECS_interdomain, ECS_unbound, HvDomain, type Port } from './hv-domain.js';
 import { EEXIST, EINVAL, ENOMEM, ENOSPC, EPERM, ESRCH, HC, HC_MSG, HC_NAMES, POPULATE_MAX, encodeReply, hypervisorSocket } from './hypercall.js';
 import { EVTCHN_PORTS_PER_PAGE, MAX_EVTCHN_PAGES, type DomainGeometry } from './layout.js';
 import { GNTST } from './grant-table.js';
@@ -57,7 +57,7 @@ export class Hypervisor {
   }
 
   async listen(): Promise<void> {
-    // One descriptor per populated frame and three per channel: bounded per domain, not per host.
+    // One descriptor per populated frame and five per channel: bounded per domain, not per host.
     raiseFdLimit(1 << 20);
     fs.mkdirSync(this.dir, { recursive: true, mode: 0o700 });
     const path = hypervisorSocket(this.dir);
@@ -188,12 +188,12 @@ export class Hypervisor {
       case HC.evtchn_alloc_unbound: {
         const port = d.freePort();
         if (!port) return { status: -ENOSPC };
-        if (d.objects + 3 > d.maxObjects) return { status: -ENOMEM };
+        if (d.objects + CHANNEL_OBJECTS > d.maxObjects) return { status: -ENOMEM };
         const chan = new Channel(d);
         const p: Port = { port, state: ECS_unbound, remoteDom: a[0]!, remotePort: 0, chan, end: 0 };
         chan.holder[0] = p;
         d.ports.set(port, p);
-        return { status: 0, r: [port, 0], fds: [chan.page, chan.socks[0]] };
+        return { status: 0, r: [port, 0], fds: [chan.page, ...chan.wakeFds(0)] };
       }
       case HC.evtchn_bind_interdomain:
         return this.#bind(d, a[0]!, a[1]!);
@@ -248,7 +248,7 @@ export class Hypervisor {
     rp.remotePort = port;
     // The new port starts pending (Xen's bind): it covers sends made before the bind.
     rp.chan.setPending(end);
-    return { status: 0, r: [port, end], fds: [rp.chan.page, rp.chan.socks[end]] };
+    return { status: 0, r: [port, end], fds: [rp.chan.page, ...rp.chan.wakeFds(end)] };
   }
 
   /** EVTCHNOP_close: the remote end of an interdomain channel goes back to unbound (for us). */

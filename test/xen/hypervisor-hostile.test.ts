@@ -100,10 +100,10 @@ describe('hypervisor against a hostile domain', () => {
 
   it(`lets dom0, the toolstack's domain, hold what its geometry needs beyond ${MAX_OBJECTS_PER_DOMAIN} (multi-VM mode grants 33 frames per vTPM domain)`, async () => {
     const own = freshXenDir();
-    const big = await Domain.create({ domid: 0, dir: own, geometry: { nrPages: 2048, evtchnPages: 1 } });
+    const big = await Domain.create({ domid: 0, dir: own, geometry: { nrPages: 4096, evtchnPages: 1 } });
     try {
       let held = 0;
-      for (let gfn = 0; gfn < 1200; gfn += 8) {
+      for (let gfn = 0; gfn < MAX_OBJECTS_PER_DOMAIN + 200; gfn += 8) {
         const rep = big.hc.tryCall(HC.populate, [gfn, 8]);
         expect(rep.status, `populate at gfn ${gfn}`).toBe(0);
         held += 8;
