@@ -6,6 +6,8 @@ import { setTimeout as sleep } from 'node:timers/promises';
 import { freshXenDir } from '../helpers/child.js';
 import { Domain, ECS_interdomain, ECS_unbound, ECS_closed, EventChannelError } from '../../src/xen/index.js';
 import { removeDir } from '../helpers/temp.js';
+import { HC } from '../../src/xen/hypercall.js';
+import { closeFd } from '../../native/unix-rights.js';
 
 const dir = freshXenDir();
 let fe: Domain;
@@ -140,6 +142,31 @@ describe('event channels', () => {
     expect(be.evtchn.status(local).pending).toBe(false);
     be.evtchn.close(local);
     fe.evtchn.close(p);
+  });
+
+  it('hands each end its page, the read end of its own wake-up pipe and the write end of its peer\'s', async () => {
+    const a = fe.hc.tryCall(HC.evtchn_alloc_unbound, [0]);
+    const b = be.hc.tryCall(HC.evtchn_bind_interdomain, [4, a.r[0]!]);
+    try {
+      expect([a.status, b.status]).toEqual([0, 0]);
+      expect([a.fds.length, b.fds.length]).toEqual([3, 3]);
+      for (const fd of [...a.fds.slice(1), ...b.fds.slice(1)]) expect(fs.fstatSync(fd).isFIFO()).toBe(true);
+      const rd = (fd: number): string => {
+        const buf = Buffer.alloc(16);
+        return buf.subarray(0, fs.readSync(fd, buf)).toString('hex');
+      };
+      // End 0 writes its peer's pipe; end 1 reads it from its own, and the other way round.
+      fs.writeSync(a.fds[2]!, Buffer.from([0xa0]));
+      expect(rd(b.fds[1]!)).toBe('a0');
+      fs.writeSync(b.fds[2]!, Buffer.from([0xb1]));
+      expect(rd(a.fds[1]!)).toBe('b1');
+      // Nothing crosses over to the writer's own read end.
+      expect(() => rd(a.fds[1]!)).toThrow(/EAGAIN/);
+    } finally {
+      for (const fd of [...a.fds, ...b.fds]) closeFd(fd);
+      be.hc.tryCall(HC.evtchn_close, [b.r[0]!]);
+      fe.hc.tryCall(HC.evtchn_close, [a.r[0]!]);
+    }
   });
 
   it('gives a domain with more event-channel pages more ports (a backend with hundreds of guests)', async () => {
