@@ -214,7 +214,8 @@ export class ExactlyOnce implements VtpmTarget {
     }
     // A manager restarted meanwhile must hold our checkpoints again before anything is answered, even
     // answers that needed no checkpoint: until then acknowledged state would be in this process alone.
-    await journal.settled();
+    const settling = journal.settled();
+    if (settling) await settling;
     return out;
   }
 
