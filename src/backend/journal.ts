@@ -24,7 +24,8 @@ export const MAX_REPLAY = 256;
 /**
  * Replay records appended after one full checkpoint; then the next is full again. The manager writes
  * each guest's whole held checkpoint (full copy and records) every second, so the records' average
- * share of it is what this trades against one VolatileAll_Store (~12 µs) per REPLAY_PER_FULL extends.
+ * share of it is what this trades against one whole checkpoint (VolatileAll_Store and the table's
+ * encoding) per REPLAY_PER_FULL extends.
  */
 export const REPLAY_PER_FULL = 64;
 const MAX_RESPONSE = 12 * 4096;
