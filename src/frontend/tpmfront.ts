@@ -278,7 +278,8 @@ export class TpmFront {
         // CPU before we would have sent the Closing. Its answer on the ring says what the backend's
         // Closing says (all answered, state durable) one hop sooner than xenstore would.
         const notice = ring ? new Promise<boolean>((r) => process.nextTick(() => void ring.announceSuspend().then(r))) : undefined;
-        const answered = await frontendClose(this.#xs, this.dev, { timeoutMs, closing: s === XenbusState.Closing, ...(notice ? { answered: notice } : {}) });
+        const release = (): Promise<void> => this.#transport.close();
+        const answered = await frontendClose(this.#xs, this.dev, { timeoutMs, closing: s === XenbusState.Closing, release, ...(notice ? { answered: notice } : {}) });
         const last = lastBackend.get(this.#xs)?.get(this.dev.frontend);
         if (last && last.dev.backend === this.dev.backend) last.answeredClose = answered;
         trace('front closed');

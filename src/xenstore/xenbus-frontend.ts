@@ -137,13 +137,13 @@ export async function frontendReconnect(client: XsClient, dev: VtpmDevice, ring:
 
 /**
  * Frontend close (docs/protocols/xenbus.md, Close): Closing, wait (up to timeoutMs, default 5 s as Linux) for the backend
- * to leave Connected for Closing/Closed/InitWait, then Closed. Resolves even if the backend is silent:
- * with whether it answered.
+ * to leave Connected for Closing/Closed/InitWait, then Closed (and `release` right behind it). Resolves
+ * even if the backend is silent: with whether it answered.
  */
 export async function frontendClose(
   client: XsClient,
   dev: VtpmDevice,
-  opts: WaitOptions & { closing?: boolean; answered?: Promise<boolean> } = {},
+  opts: WaitOptions & { closing?: boolean; answered?: Promise<boolean>; release?: () => Promise<void> } = {},
 ): Promise<boolean> {
   // `closing`: our state is Closing already. The wait's first read goes out right behind the write.
   const announced = opts.closing ? Promise.resolve() : switchState(client, dev.frontend, XenbusState.Closing);
@@ -167,7 +167,15 @@ export async function frontendClose(
   } finally {
     stop.abort();
   }
-  await switchState(client, dev.frontend, XenbusState.Closed);
+  const closed = switchState(client, dev.frontend, XenbusState.Closed);
+  if (opts.release) {
+    // `release`: the ring's teardown (synchronous hypercalls) runs once Closed has left, while
+    // xenstored applies it, not after its answer.
+    closed.catch(() => {});
+    client.flush();
+    await opts.release();
+  }
+  await closed;
   return answered;
 }
 

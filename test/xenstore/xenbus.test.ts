@@ -120,6 +120,33 @@ describe('xenbus', () => {
     expect(await readState(fe, dev.frontend)).toBe(XenbusState.Connected);
   });
 
+  it("releases the ring once its Closed has left, before xenstored's answer to it", async () => {
+    const dev = await writeDeviceDirectories(dom0, { frontDomid: 5, backDomid: 0, devid: 7 });
+    const back = backendConnect(dev, async () => {});
+    await frontendConnect(fe, dev, { ringRef: 8, eventChannel: 3 }, { timeoutMs: 10_000 });
+    await back;
+    const order: string[] = [];
+    // The guest's client, noting when xenstored answers its Closed.
+    const client = new Proxy(fe, {
+      get: (t, p) => {
+        if (p === 'write') {
+          return (path: string, value: string, tx?: number) => {
+            const w = t.write(path, value, tx);
+            if (path === `${dev.frontend}/state` && value === String(XenbusState.Closed)) void w.then(() => order.push('Closed answered'));
+            return w;
+          };
+        }
+        const v = Reflect.get(t, p, t) as unknown;
+        return typeof v === 'function' ? (v as (...a: unknown[]) => unknown).bind(t) : v;
+      },
+    });
+    // The backend's answer came by the ring (a suspend notice): no wait for its Closing.
+    const answered = await frontendClose(client, dev, { timeoutMs: 10_000, answered: Promise.resolve(true), release: async () => void order.push('released') });
+    expect(answered).toBe(true);
+    expect(order).toEqual(['released', 'Closed answered']);
+    expect(await readState(dom0, dev.frontend)).toBe(XenbusState.Closed);
+  });
+
   it('publishes in a transaction started beforehand, and redoes it in a new one when its commit conflicts', async () => {
     const dev = await writeDeviceDirectories(dom0, { frontDomid: 5, backDomid: 0, devid: 4 });
     await dom0.write(`${dev.backend}/feature-protocol-v2`, '1');
