@@ -435,6 +435,8 @@ export class BackendDevice {
     this.#closingSent = false;
     this.#closingEarly = false;
     await backendConnected(xs, this.dev);
+    // After xenstored applied Connected: a frontend that goes on at this event never reads an older state.
+    this.#channel?.notifyConnected?.();
     this.#obs.connected(resume, t0);
     this.#o.log(`dom${this.dev.frontDomid}: connected (${wantsRing ? 'ring' : 'v2'}), vTPM instance ${this.#vtpm.instance} of VM ${vm}`);
   }

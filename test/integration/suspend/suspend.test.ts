@@ -237,6 +237,25 @@ describe('suspend/resume through xenstore', () => {
     await f2.close();
   });
 
+  it("the backend signals the resumed guest's new event channel once its Connected is in xenstore", async () => {
+    const g = await guest(32);
+    const dev = xenbus.vtpmDevice(32, 0, 0);
+    const s = await Session.open({ xs: g.xs, dom: g.dom });
+    ok(await s.submit(tpm2.startup()), 'Startup');
+    await dom0.write('/local/domain/32/control/shutdown', 'suspend');
+    expect(await s.suspend()).toEqual([]);
+    await dom0.write('/local/domain/0/backend/vtpm/32/0/resume', 'True');
+    await dom0.write('/local/domain/32/control/shutdown', '');
+    // The new ring published without waiting for that signal; nothing sent on it yet.
+    const f2 = new RingFront(g.dom, 0, { firstId: s.nextId });
+    const notified = f2.notified.then(() => xenbus.readState(dom0, dev.backend));
+    await xenbusFront.frontendReconnect(g.xs, dev, { ringRef: f2.refs[0]!, eventChannel: f2.port, extra: { [XS_FEATURE_RING]: '1' } }, { timeoutMs: 10_000, requireBackendFeature: XS_FEATURE_RING });
+    const state = await Promise.race([notified, new Promise<'no event'>((r) => setTimeout(() => r('no event'), 5000))]);
+    expect(state).toBe(xenbus.XenbusState.Connected);
+    ok(await f2.transmit(tpm2.getRandom(8)), 'GetRandom on the new ring');
+    await f2.close();
+  });
+
   it('a suspend notice on the ring (op 2) makes the backend answer what came before it and go Closing before the frontend writes Closing', async () => {
     const g = await guest(29);
     const dev = xenbus.vtpmDevice(29, 0, 0);
