@@ -114,6 +114,8 @@ const SIGNATURES: Record<string, [string, string]> = {
     'TPMLIB_Process',
     'uint32_t %s(_Inout_ void **respbuffer, _Out_ uint32_t *resp_size, _Inout_ uint32_t *respbufsize, const uint8_t *command, uint32_t command_size)',
   ],
+  // The same entry point with its out-parameters as raw memory we keep (no marshalling of arrays per call).
+  ProcessRaw: ['TPMLIB_Process', 'uint32_t %s(void *respbuffer, void *resp_size, void *respbufsize, const uint8_t *command, uint32_t command_size)'],
   CancelCommand: ['TPMLIB_CancelCommand', 'uint32_t %s(void)'],
   GetState: ['TPMLIB_GetState', 'uint32_t %s(int st, _Out_ void **buffer, _Out_ uint32_t *buflen)'],
   SetState: ['TPMLIB_SetState', 'uint32_t %s(int st, const uint8_t *buffer, uint32_t buflen)'],
@@ -148,6 +150,15 @@ export class Libtpms {
   // libtpms reallocs the response buffer to TPM_BUFFER_MAX and keeps using what we hand back.
   #respBuf: unknown = null;
   #respBufSize = 0;
+  // ProcessRaw's out-parameters, off the V8 heap (a GC during a callback must not move them): the
+  // response buffer's address, the response size and the buffer size; and a view of the buffer, made
+  // again only when libtpms moves it.
+  readonly #cells = new ArrayBuffer(16);
+  readonly #addr = new BigUint64Array(this.#cells, 0, 1);
+  readonly #size = new Uint32Array(this.#cells, 8, 1);
+  readonly #bufsize = new Uint32Array(this.#cells, 12, 1);
+  #view: Uint8Array = new Uint8Array(0);
+  #viewAddr = 0n;
   #unloaded = false;
 
   /** A new private copy made the default way (see DEFAULT_LOADER). */
@@ -267,11 +278,27 @@ export class Libtpms {
 
   /** Run one command on this thread (blocks the event loop for its duration). */
   process(command: Uint8Array): { rc: number; response: Uint8Array } {
-    const out = [this.#respBuf];
-    const size = [0];
-    const bufsize = [this.#respBufSize];
-    const rc = this.#fn['Process']!(out, size, bufsize, command, command.length) as number;
-    return { rc, response: this.#takeResponse(out[0], size[0]!, bufsize[0]!) };
+    this.#addr[0] = this.#viewAddr;
+    this.#size[0] = 0;
+    this.#bufsize[0] = this.#respBufSize;
+    const rc = this.#fn['ProcessRaw']!(this.#addr, this.#size, this.#bufsize, command, command.length) as number;
+    const addr = this.#addr[0]!;
+    const size = this.#size[0]!;
+    if (addr !== this.#viewAddr || this.#bufsize[0] !== this.#respBufSize) {
+      // First call, or libtpms reallocated the buffer: take the new pointer and view it once.
+      this.#respBuf = addr === 0n ? null : koffi.decode(this.#cells, 'void *');
+      this.#respBufSize = this.#bufsize[0]!;
+      this.#adopt();
+    }
+    if (size === 0 || addr === 0n) return { rc, response: new Uint8Array(0) };
+    return { rc, response: this.#view.slice(0, Math.min(size, this.#view.length)) };
+  }
+
+  /** Views the response buffer #respBuf (the async path hands pointers back as objects). */
+  #adopt(): void {
+    const p = this.#respBuf;
+    this.#viewAddr = p ? koffi.address(p) : 0n;
+    this.#view = p && this.#respBufSize ? new Uint8Array(koffi.view(p, this.#respBufSize) as ArrayBuffer) : new Uint8Array(0);
   }
 
   /** Run one command on a libuv pool thread; callbacks are relayed to the JS thread by koffi. */
@@ -284,10 +311,13 @@ export class Libtpms {
   }
 
   #takeResponse(buf: unknown, size: number, bufsize: number): Uint8Array {
-    this.#respBuf = buf;
-    this.#respBufSize = bufsize;
+    if ((buf ? koffi.address(buf) : 0n) !== this.#viewAddr || bufsize !== this.#respBufSize) {
+      this.#respBuf = buf;
+      this.#respBufSize = bufsize;
+      this.#adopt();
+    }
     if (!buf || size === 0) return new Uint8Array(0);
-    return new Uint8Array(koffi.view(buf, size) as ArrayBuffer).slice();
+    return this.#view.slice(0, Math.min(size, this.#view.length));
   }
 
   /** Safe from any thread while a command runs: sets libtpms' cancel flag. */
@@ -348,6 +378,8 @@ export class Libtpms {
     this.#unloaded = true;
     if (this.#respBuf) this.#fn['Free']!(this.#respBuf);
     this.#respBuf = null;
+    this.#view = new Uint8Array(0);
+    this.#viewAddr = 0n;
     this.#unregister();
     this.#release();
   }

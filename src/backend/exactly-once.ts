@@ -29,8 +29,10 @@ export class ExactlyOnce implements VtpmTarget {
   #saved = 0;
   /** Ids run and recorded whose checkpoint is not held yet: not answered from the table until it is. */
   readonly #unheld = new Set<bigint>();
-  /** Groups run one at a time, also across channels (a guest that reconnects while one is running). */
-  #chain: Promise<void> = Promise.resolve();
+  /** Groups run one at a time, also across channels (a guest that reconnects while one is running): */
+  #busy = false;
+  /** the groups waiting, in arrival order (no promise is made for a group that finds none running). */
+  readonly #waiting: Array<() => void> = [];
 
   /** `dirty`: the instance consumed stored volatile state at power-on, so it differs from the store. */
   constructor(inst: TpmInstance, journal: JournalStore, log: (l: string) => void, dirty = true) {
@@ -109,15 +111,16 @@ export class ExactlyOnce implements VtpmTarget {
     more: (joins: (command: Uint8Array) => boolean) => OnceRequest | undefined,
     statusOf: (request: OnceRequest, response: Uint8Array) => number,
   ): Promise<Uint8Array[]> {
-    const prev = this.#chain;
-    let done!: () => void;
-    this.#chain = new Promise((r) => (done = r));
-    await prev;
+    if (this.#busy) await new Promise<void>((r) => this.#waiting.push(r));
+    this.#busy = true;
     try {
       return await this.#group(first, more, statusOf);
     } finally {
       this.#unheld.clear();
-      done();
+      // Handed straight to the next group (still busy), so none can overtake it meanwhile.
+      const next = this.#waiting.shift();
+      if (next) next();
+      else this.#busy = false;
     }
   }
 
@@ -217,7 +220,8 @@ export class ExactlyOnce implements VtpmTarget {
     }
     // A manager restarted meanwhile must hold our checkpoints again before anything is answered, even
     // answers that needed no checkpoint: until then acknowledged state would be in this process alone.
-    await journal.settled();
+    const settling = journal.settled();
+    if (settling) await settling;
     return out;
   }
 

@@ -19,8 +19,15 @@ const MAGIC_V1 = 0x314a5456; // "VTJ1"
 const MAGIC_V2 = 0x324a5456; // "VTJ2"
 /** Completed ids kept: twice the ring's 32 slots, so every request a frontend can still resubmit is here. */
 export const JOURNAL_WINDOW = 64;
-/** Replay records after one full checkpoint; then the next checkpoint is full again. */
+/** Replay records a loaded checkpoint may carry (what any backend version appends stays within it). */
 export const MAX_REPLAY = 256;
+/**
+ * Replay records appended after one full checkpoint; then the next is full again. The manager writes
+ * each guest's whole held checkpoint (full copy and records) every second, so the records' average
+ * share of it is what this trades against one whole checkpoint (VolatileAll_Store and the table's
+ * encoding) per REPLAY_PER_FULL extends.
+ */
+export const REPLAY_PER_FULL = 64;
 const MAX_RESPONSE = 12 * 4096;
 
 export class JournalError extends Error {
@@ -122,14 +129,14 @@ export class JournalStore implements StateStore {
     return this.#durable;
   }
 
-  /** Resolves once the store holds our checkpoints again after its restart, if it is doing that. */
-  async settled(): Promise<void> {
-    await this.#inner.settled?.();
+  /** Resolves once the store holds our checkpoints again after its restart; null when it is not doing that. */
+  settled(): Promise<void> | null {
+    return this.#inner.settled?.() ?? null;
   }
 
   /** `n` more replay records can go after the held checkpoint (else the next one must be full). */
   canAppend(n: number): boolean {
-    return this.canHold && typeof this.#inner.appendVolatile === 'function' && this.#appended >= 0 && this.#appended + n <= MAX_REPLAY;
+    return this.canHold && typeof this.#inner.appendVolatile === 'function' && this.#appended >= 0 && this.#appended + n <= REPLAY_PER_FULL;
   }
 
   /** Run `save` (a TPMLIB_VolatileAll_Store) with its volatile store held, not made durable. */

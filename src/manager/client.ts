@@ -278,8 +278,12 @@ export class ManagerClient implements StateStore, VolatileHolder {
     pieces.push(bytes);
   }
 
-  async settled(): Promise<void> {
-    while (this.#reconnecting) await this.#reconnecting.catch(() => undefined);
+  settled(): Promise<void> | null {
+    // Asked after every group of ring commands: no promise when nothing is being held again.
+    if (!this.#reconnecting) return null;
+    return (async () => {
+      while (this.#reconnecting) await this.#reconnecting.catch(() => undefined);
+    })();
   }
 
   /** A pair handed over (reconnect: false) cannot hold checkpoints again after a manager restart. */

@@ -11,16 +11,16 @@ import { processAlive } from '../util/proc.js';
 import { STATE_KINDS, type StateKind } from '../tpm/state-store.js';
 import { ClientChannel, FifoServer, type QueueLimits } from './fifo.js';
 import { DEFAULT_SEAL_PCRS, SealError, Sealer, loadKeyFile, loadTpmSealedKey, readMasterKeyFile } from './seal.js';
-import { StoreError } from './store-meta.js';
 import { DirOps } from './store-ops.js';
 import { GroupCommitStore } from './store.js';
 import { EtcdStore } from './etcd-store.js';
-import { EtcdStoreError, type EtcdTls } from './etcd-claims.js';
+import type { EtcdTls } from './etcd-claims.js';
 import type { VtpmStore } from './vm-store.js';
-import { MigType, VmTable, VmTableError, legacyUuid, type VmRecord } from './vm-table.js';
-import { MIGRATION_STATUS, MigrationHandlers } from './migration-handlers.js';
-import { MigrationError, emptyMigrationRecord, migrationRecordFrom, type MigrationRecord } from './migration.js';
+import { MigType, VmTable, legacyUuid, type VmRecord } from './vm-table.js';
+import { MigrationHandlers } from './migration-handlers.js';
+import { emptyMigrationRecord, migrationRecordFrom, type MigrationRecord } from './migration.js';
 import { Refusal, type Reply } from './refusal.js';
+import { statusForError } from './refusal-status.js';
 import { HeldVolatile } from './held-volatile.js';
 import { claimForOpen, deleteInCluster, refreshTable } from './cluster-ops.js';
 import {
@@ -39,7 +39,6 @@ import {
   isPrivileged,
   ordinalName,
   type Frame,
-  type StatusCode,
 } from './wire.js';
 import { escapeLogLine } from '../util/log-escape.js';
 import { CA_CHAIN_FILE, EkCa } from './ca.js';
@@ -358,14 +357,28 @@ export class ManagerDaemon {
     const bound = ch.info.bind === ANY_INSTANCE ? 'any instance' : `instance ${ch.info.bind}`;
     this.#log(`${ch.label} attached (${bound}${ch.info.privileged ? ', privileged: through the console' : ''})`);
     let tail: Promise<void> = Promise.resolve();
+    let behind = 0; // replies queued in `tail`: one made at once goes out only when there are none
     ch.on('frame', (f) => {
+      // Holds and appends go to memory only: with no reply queued ahead, answered here, off the promise chain.
+      if (behind === 0 && f.tag === TAG_REQ && HeldVolatile.takes(f.code) && (ch.info.bind === ANY_INSTANCE || f.instance === ch.info.bind)) {
+        let r: Reply = { status: Status.SUCCESS };
+        try {
+          this.#held.take(f.code, this.#openVm(f.instance).instance, f.params);
+        } catch (err) {
+          r = this.#refused(ch.label, f, err);
+        }
+        ch.send(encodeResponse(f.instance, r.status, r.params, f.tag));
+        return;
+      }
+      behind++;
       const reply = this.#answer(ch.label, f, () => this.#client(ch, f));
       tail = tail
         .then(async () => {
           const r = await reply;
           ch.send(encodeResponse(f.instance, r.status, r.params, f.tag));
         })
-        .catch((err: unknown) => this.#log(`${ch.label}: reply lost: ${(err as Error).message}`));
+        .catch((err: unknown) => this.#log(`${ch.label}: reply lost: ${(err as Error).message}`))
+        .finally(() => behind--);
     });
     ch.on('error', (e) => {
       // One writer on this FIFO: after a framing error there is no telling where the next frame starts.
@@ -404,17 +417,11 @@ export class ManagerDaemon {
     }
     const saveKind = SAVE_ORDS[f.code];
     const loadKind = LOAD_ORDS[f.code];
-    const holds = f.code === Ord.HOLD_VOLATILE || f.code === Ord.APPEND_VOLATILE;
+    const holds = HeldVolatile.takes(f.code);
     if (saveKind === undefined && loadKind === undefined && f.code !== Ord.DELETE_STATE && !holds)
       throw new Refusal(Status.BAD_ORDINAL, `unknown ordinal ${ordinalName(f.code)}`);
     const vm = this.#openVm(f.instance);
-    if (holds) {
-      if (f.params.length === 0) throw new Refusal(Status.BAD_PARAMETER, `empty ${ordinalName(f.code)} for instance ${vm.instance}`);
-      if (f.code === Ord.HOLD_VOLATILE) this.#held.hold(vm.instance, Buffer.from(f.params));
-      else if (!this.#held.append(vm.instance, Buffer.from(f.params)))
-        throw new Refusal(Status.BAD_PARAMETER, `APPEND_VOLATILE on instance ${vm.instance}: no checkpoint held to append to`);
-      return { status: Status.SUCCESS };
-    }
+    if (holds) return (this.#held.take(f.code, vm.instance, f.params), { status: Status.SUCCESS });
     if (saveKind) return this.#save(vm, saveKind, f.params);
     if (loadKind) return this.#load(vm, loadKind);
     if (f.params.length !== 1 || f.params[0]! >= STATE_KINDS.length)
@@ -476,25 +483,18 @@ export class ManagerDaemon {
     }
   }
 
-  /** Runs a handler; any refusal or failure becomes a tcg.h status and one log line. */
-  async #answer(who: string, f: Frame, fn: () => Promise<Reply>): Promise<Reply> {
-    try {
-      return await fn();
-    } catch (err) {
-      let status: StatusCode = Status.FAIL;
-      if (err instanceof Refusal || err instanceof WireError) status = err.status;
-      else if (err instanceof VmTableError) status = err.code === 'FULL' ? Status.RESOURCES : Status.BAD_PARAMETER;
-      else if (err instanceof MigrationError) status = MIGRATION_STATUS[err.code];
-      // A missing blob file must not read as "never stored" (IOERROR): a fresh TPM would replace the lost one.
-      else if (err instanceof StoreError) status = err.code === 'IO' || err.code === 'MISSING_BLOB' ? Status.FAIL : Status.DECRYPT_ERROR;
-      // Held by another host: a policy refusal naming the holder. Fenced or etcd down: the request failed.
-      else if (err instanceof EtcdStoreError) status = err.code === 'HELD' ? Status.AUTHFAIL : err.code === 'FORMAT' || err.code === 'KEY_MISMATCH' ? Status.DECRYPT_ERROR : Status.FAIL;
-      managerMetrics().refused.inc({ status: STATUS_NAMES[status] ?? 'unknown' });
-      const line = `${who}: ${ordinalName(f.code)} on instance ${f.instance}: ${(err as Error).message}; answered ${STATUS_NAMES[status]}`;
-      // The console is dom0's own tool (its refusals explain a CLI error); a client gets a few lines per interval.
-      if (who === 'console') this.#log(line);
-      else this.#refusals.line(who, line);
-      return { status };
-    }
+  /** Runs an async handler; any refusal or failure becomes a tcg.h status and one log line (#refused). */
+  #answer(who: string, f: Frame, fn: () => Promise<Reply>): Promise<Reply> {
+    return fn().catch((err: unknown) => this.#refused(who, f, err));
+  }
+
+  #refused(who: string, f: Frame, err: unknown): Reply {
+    const status = statusForError(err);
+    managerMetrics().refused.inc({ status: STATUS_NAMES[status] ?? 'unknown' });
+    const line = `${who}: ${ordinalName(f.code)} on instance ${f.instance}: ${(err as Error).message}; answered ${STATUS_NAMES[status]}`;
+    // The console is dom0's own tool (its refusals explain a CLI error); a client gets a few lines per interval.
+    if (who === 'console') this.#log(line);
+    else this.#refusals.line(who, line);
+    return { status };
   }
 }

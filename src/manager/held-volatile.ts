@@ -5,6 +5,9 @@
 // checkpoint to the store in the background, at CLOSE and at shutdown; a backend holds its latest
 // checkpoints again after a manager restart. A written checkpoint stays here (clean) so later appends
 // still find it, until a durable save, a delete or CLOSE replaces it.
+import { Refusal } from './refusal.js';
+import { Ord, Status, ordinalName } from './wire.js';
+
 interface Entry {
   pieces: Buffer[];
   /** Changed since it was last written. */
@@ -24,6 +27,20 @@ export class HeldVolatile {
     this.#write = write;
     this.#delayMs = delayMs;
     this.#log = log;
+  }
+
+  /** The ordinals take() serves. */
+  static takes(code: number): boolean {
+    return code === Ord.HOLD_VOLATILE || code === Ord.APPEND_VOLATILE;
+  }
+
+  /** A client's HOLD_VOLATILE or APPEND_VOLATILE for an open instance; refused (Refusal) if it cannot be held. */
+  take(code: number, instance: number, params: Uint8Array): void {
+    if (params.length === 0) throw new Refusal(Status.BAD_PARAMETER, `empty ${ordinalName(code)} for instance ${instance}`);
+    // A copy: the frame is a view of the FIFO's read buffer.
+    if (code === Ord.HOLD_VOLATILE) this.hold(instance, Buffer.from(params));
+    else if (!this.append(instance, Buffer.from(params)))
+      throw new Refusal(Status.BAD_PARAMETER, `APPEND_VOLATILE on instance ${instance}: no checkpoint held to append to`);
   }
 
   hold(instance: number, data: Buffer): void {

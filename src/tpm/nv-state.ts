@@ -120,6 +120,8 @@ export class NvState {
    * settle()).
    */
   flush(): Promise<void> {
+    // Most commands write no NV: nothing to add to the chain, and its newest link already waits for all.
+    if (this.#pending.size === 0) return this.#flushing;
     const p = this.#flushing.then(() => this.#flushPending());
     this.#flushing = p;
     return p;

@@ -29,6 +29,6 @@ export interface VolatileHolder {
   readonly canHold: boolean;
   /** A checkpoint just loaded from the peer: hold it here too (see ManagerClient.adoptHeld). */
   adoptHeld(instance: number, blob: Uint8Array): void;
-  /** Resolves once no holding-again after a peer restart is under way (its failure included). */
-  settled(): Promise<void>;
+  /** Resolves once no holding-again after a peer restart is under way (its failure included); null: none is. */
+  settled(): Promise<void> | null;
 }

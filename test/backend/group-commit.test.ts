@@ -35,6 +35,9 @@ async function startManager(): Promise<void> {
 /** The real manager client; volatile stores (the checkpoints) are counted and can be held at a gate. */
 class Checkpoints {
   count = 0;
+  /** Of them: whole checkpoints held, and replay records appended to one. */
+  holds = 0;
+  appends = 0;
   #gate: Promise<void> | null = null;
   #open = (): void => {};
 
@@ -54,6 +57,8 @@ class Checkpoints {
         if (p === 'holdVolatile' || p === 'appendVolatile') {
           return async (instance: number, blob: Uint8Array): Promise<void> => {
             this.count++;
+            if (p === 'holdVolatile') this.holds++;
+            else this.appends++;
             if (this.#gate) await this.#gate;
             return p === 'holdVolatile' ? t.holdVolatile(instance, blob) : t.appendVolatile(instance, blob);
           };
@@ -165,6 +170,23 @@ describe("group commit of a guest's outstanding ring requests", () => {
       expect(await pcr16(r.front)).toBe(model.toString('hex'));
     } finally {
       r.cps.release();
+      await r.close();
+    }
+  });
+
+  it('appends 64 extends to a held checkpoint, then holds a whole one again, and the PCR is right throughout', async () => {
+    // The manager writes a guest's whole held checkpoint each second: a short tail of records keeps
+    // that write small, for one VolatileAll_Store per REPLAY_PER_FULL extends.
+    const r = await rig();
+    try {
+      ok(await r.front.transmit(tpm2.startup()));
+      const [holds, appends] = [r.cps.holds, r.cps.appends];
+      const digests = Array.from({ length: 130 }, () => randomBytes(32));
+      for (const d of digests) ok(await r.front.transmit(tpm2.pcrExtendSha256(16, d)));
+      // Extends 1-64 and 66-129 are appended; 65 and 130 find 64 records after the held copy and hold a new one.
+      expect([r.cps.holds - holds, r.cps.appends - appends]).toEqual([2, 128]);
+      expect(await pcr16(r.front)).toBe(digests.reduce(extendModel, Buffer.alloc(32)).toString('hex'));
+    } finally {
       await r.close();
     }
   });

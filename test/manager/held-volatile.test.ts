@@ -79,6 +79,43 @@ describe('vtpm manager: HOLD_VOLATILE', () => {
     p.writer.destroy();
   });
 
+  it('answers in request order though a hold or append is answered at once and a load behind the store', async () => {
+    // Holds and appends are answered in the frame's own callback unless a reply is queued ahead of
+    // them: here LOADNVM goes to the store first, so the append behind it must wait its turn.
+    const m = await manager();
+    const c = await client(m);
+    const { instance } = await c.open({ vmUuid: VM, version: '2.0' });
+    const p = await connectPair(m.runDir, { name: 'raw-order' });
+    const frames: Frame[] = [];
+    p.reader.on('frame', (f) => frames.push(f));
+    const next = async (n: number): Promise<Frame> => {
+      while (frames.length < n) await sleep(2);
+      return frames[n - 1]!;
+    };
+    p.writer.write(encodeRequest(instance, Ord.HOLD_VOLATILE, Buffer.from('abc')));
+    expect((await next(1)).code).toBe(Status.SUCCESS);
+    p.writer.write(
+      Buffer.concat([
+        encodeRequest(instance, Ord.LOADNVM),
+        encodeRequest(instance, Ord.APPEND_VOLATILE, Buffer.from('x')),
+        encodeRequest(instance, Ord.APPEND_VOLATILE),
+        encodeRequest(instance, Ord.LOAD_VOLATILE),
+        encodeRequest(instance, Ord.APPEND_VOLATILE, Buffer.from('y')),
+      ]),
+    );
+    const [nvm, append, empty, load, last] = [await next(2), await next(3), await next(4), await next(5), await next(6)];
+    expect(nvm.code).toBe(Status.SUCCESS);
+    expect(nvm.params.length).toBeGreaterThan(1000); // the manufactured permanent state
+    expect([append.code, append.params.length]).toEqual([Status.SUCCESS, 0]);
+    expect(empty.code).toBe(Status.BAD_PARAMETER);
+    expect(Buffer.from(load.params).toString()).toBe('abcx');
+    expect([last.code, last.params.length]).toEqual([Status.SUCCESS, 0]);
+    p.writer.write(encodeRequest(instance, Ord.LOAD_VOLATILE));
+    expect(Buffer.from((await next(7)).params).toString()).toBe('abcxy');
+    p.reader.close();
+    p.writer.destroy();
+  });
+
   it('a durable SAVE_VOLATILE or a DELETE_STATE replaces what is held', async () => {
     const m = await manager();
     const c = await client(m);

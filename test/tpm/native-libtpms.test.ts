@@ -49,6 +49,31 @@ describe('private libtpms copies', () => {
     }
   });
 
+  it('answers are copies: later calls, sync or on the pool, never change an answer already taken', async () => {
+    // process() reads the response through one view of libtpms' response buffer, kept while the
+    // buffer stays where it is; processAsync() gets the buffer back as a pointer object.
+    const lib = Libtpms.load('elf');
+    boot(lib);
+    const answers: Array<{ bytes: Uint8Array; hex: string }> = [];
+    const take = (r: { rc: number; response: Uint8Array }): void => {
+      expect(r.rc).toBe(0);
+      answers.push({ bytes: r.response, hex: hex(r.response) });
+    };
+    for (let i = 0; i < 20; i++) {
+      take(lib.process(tpm2.getRandom(32)));
+      take(await lib.processAsync(tpm2.getRandom(16)));
+      take(lib.process(tpm2.pcrExtendSha256(16, new Uint8Array(32).fill(i))));
+    }
+    const pcr = tpm2.parsePcrRead(lib.process(tpm2.pcrReadSha256(16)).response);
+    expect(hex(pcr)).not.toBe('00'.repeat(32));
+    // Every answer kept its own bytes and length, and the random ones all differ.
+    for (const a of answers) expect(hex(a.bytes)).toBe(a.hex);
+    expect(new Set(answers.filter((a) => a.bytes.length > 19).map((a) => a.hex)).size).toBe(40);
+    expect(answers.filter((a) => a.bytes.length === 19)).toHaveLength(20);
+    lib.terminate();
+    lib.unload();
+  });
+
   it('the ELF loader refuses what it cannot load, precisely', () => {
     const t = scratchDir('elf');
     const f = join(t.dir, 'not-elf.so');
