@@ -7,7 +7,7 @@ import { readFileSync, rmSync } from 'node:fs';
 import { join } from 'node:path';
 import { promisify } from 'node:util';
 import { dist } from '../../helpers/child.js';
-import { tempDir } from '../../helpers/temp.js';
+import { removeDir, tempDir } from '../../helpers/temp.js';
 
 const run = promisify(execFile);
 const cli = dist('src/cli/main.js');
@@ -34,8 +34,10 @@ const { restartDaemon } = (await import(dist('src/cli/restart.js'))) as typeof i
 const { RingFront } = (await import(dist('src/tpmif/ring-front.js'))) as typeof import('../../../src/tpmif/ring-front.js');
 const { XS_FEATURE_RING } = (await import(dist('src/xen/tpmif.js'))) as typeof import('../../../src/xen/tpmif.js');
 
-const runDir = join(tempDir('suspend'), 'run');
-const stateDir = join(tempDir('suspend-state'), 'state');
+const runBase = tempDir('suspend');
+const stateBase = tempDir('suspend-state');
+const runDir = join(runBase, 'run');
+const stateDir = join(stateBase, 'state');
 let dom0: XsClient;
 
 beforeAll(async () => {
@@ -46,6 +48,8 @@ beforeAll(async () => {
 afterAll(async () => {
   await dom0?.close().catch(() => {});
   await vtpm('host', 'down', '--run', runDir).catch(() => {});
+  removeDir(runBase);
+  removeDir(stateBase);
 });
 
 /** A guest domain in this process with its vTPM device written as the toolstack does. */
