@@ -38,6 +38,8 @@ export interface Channel {
   drain(): Promise<void>;
   /** Unbind the port and unmap the frontend's pages; nothing more is answered. */
   close(): void;
+  /** An event on the frontend's port with nothing on the ring: we are Connected (ring protocol). */
+  notifyConnected?(): void;
 }
 
 /** Map the frontend's page(s) and bind its port; throws if either is refused. */

@@ -153,7 +153,7 @@ export class BackendDevice {
     // round trip less on the resume path; the keys read right after a state that says Initialised
     // are that state's, as the frontend changes them together in a transaction).
     const statePromise = readState(this.#o.xs, this.dev.frontend);
-    const keys = !this.#channel && !this.#closingEarly && !this.#fatal ? this.#attachKeys() : null;
+    const keys = !this.#channel && !this.#fatal ? this.#attachKeys() : null;
     keys?.catch(() => {});
     let s: XenbusState;
     try {
@@ -192,14 +192,16 @@ export class BackendDevice {
           // A resuming frontend may pass Closed and Initialising faster than our steps read its state
           // (Linux's tpmfront publishes its new ring without waiting for our InitWait): a ring other
           // than the one we serve is a new connection. End the old one exactly as for Closed first.
-          const [ringRef, eventChannel] = await Promise.all([
-            this.#o.xs.tryRead(`${this.dev.frontend}/ring-ref`),
-            this.#o.xs.tryRead(`${this.dev.frontend}/event-channel`),
-          ]);
+          // After a suspend notice (ring taken down) the keys came with this state: no second read.
+          const [ringRef, eventChannel] = pre
+            ? await pre.then((k) => [k.ringRef, k.eventChannel])
+            : await Promise.all([this.#o.xs.tryRead(`${this.dev.frontend}/ring-ref`), this.#o.xs.tryRead(`${this.dev.frontend}/event-channel`)]);
           if (`${ringRef ?? ''}/${eventChannel ?? ''}` === this.#serving) break;
           await this.#closed();
           if (this.#gone || this.#offline) break;
-          await this.#attach(s, await this.#attachKeys());
+          // #closed wrote our InitWait (the keys read before it show our Closing); the frontend's keys
+          // read with its Initialised are that state's.
+          await this.#attach(s, pre ? { ...(await pre), own: XenbusState.InitWait } : await this.#attachKeys());
           break;
         }
         const keys = await (pre ?? this.#attachKeys());
@@ -435,6 +437,8 @@ export class BackendDevice {
     this.#closingSent = false;
     this.#closingEarly = false;
     await backendConnected(xs, this.dev);
+    // After xenstored applied Connected: a frontend that goes on at this event never reads an older state.
+    this.#channel?.notifyConnected?.();
     this.#obs.connected(resume, t0);
     this.#o.log(`dom${this.dev.frontDomid}: connected (${wantsRing ? 'ring' : 'v2'}), vTPM instance ${this.#vtpm.instance} of VM ${vm}`);
   }

@@ -61,8 +61,9 @@ export class ExactlyOnce implements VtpmTarget {
     this.#saved = runs;
   }
 
-  #run(command: Uint8Array, locality: number): Promise<Uint8Array> {
-    this.#runs++;
+  /** `changes`: false for a read (effect 'none'), which leaves the last checkpoint covering the state. */
+  #run(command: Uint8Array, locality: number, changes = true): Promise<Uint8Array> {
+    if (changes) this.#runs++;
     return this.inst.execute(command, { locality });
   }
 
@@ -168,7 +169,10 @@ export class ExactlyOnce implements VtpmTarget {
             answers.push(done.response);
             continue;
           }
-          const response = await this.#run(r.command, r.locality);
+          // A read changes nothing a restore must bring back (volatile-effect.ts): the session stays
+          // clean, so a suspend after only reads stores nothing.
+          const effect = volatileEffect(inst.version, r.command);
+          const response = await this.#run(r.command, r.locality, effect !== 'none' || r.id === 0n);
           if (inst.status === 'failed' && inst.failure?.reason !== 'store') {
             // Failure mode: what ran before it in this segment is not stored and the TPM is lost.
             // Redo those alone from the checkpoint, then this one alone, answered with the TPM's
@@ -187,7 +191,6 @@ export class ExactlyOnce implements VtpmTarget {
             journal.record(r.id, { status, response });
             this.#unheld.add(r.id);
           }
-          const effect = volatileEffect(inst.version, r.command);
           if (effect === 'full' || r.id === 0n) full = true;
           else if (effect === 'replay') records.push({ id: r.id, locality: r.locality, status, command: r.command, response });
           answers.push(response);

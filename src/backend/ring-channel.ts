@@ -118,6 +118,12 @@ export class RingChannel implements Channel {
     return this.#port;
   }
 
+  notifyConnected(): void {
+    if (this.#closed) return;
+    this.#dom.evtchn.send(this.#port);
+    this.#opts.tap?.(RingEvent.NOTIFY_OUT);
+  }
+
   #onEvent(): void {
     if (this.#closed) return;
     this.#opts.tap?.(RingEvent.NOTIFY_IN);

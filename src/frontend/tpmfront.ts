@@ -163,10 +163,14 @@ export class TpmFront {
     const { xs, dom } = opts;
     const protocol = opts.protocol ?? 'v2';
     let transport = TpmFront.#build(opts, dev.backDomid);
-    const connectOpts = { timeoutMs: opts.timeoutMs, requireBackendFeature: protocol === 'ring' ? XS_FEATURE_RING : undefined };
+    const connectOpts = (t: TpmTransport) => ({
+      timeoutMs: opts.timeoutMs,
+      requireBackendFeature: protocol === 'ring' ? XS_FEATURE_RING : undefined,
+      ...(t instanceof RingFront ? { connected: t.notified } : {}),
+    });
     const ring = (t: TpmTransport): FrontendRing => ({ ringRef: t.refs[0]!, eventChannel: t.port, extra: protocol === 'ring' ? { [XS_FEATURE_RING]: '1' } : {} });
     remember(xs, home, dev);
-    const published = frontendReconnect(xs, dev, ring(transport), connectOpts);
+    const published = frontendReconnect(xs, dev, ring(transport), connectOpts(transport));
     published.catch(() => {});
     try {
       const [backendId, backend] = await details;
@@ -180,7 +184,7 @@ export class TpmFront {
         transport = TpmFront.#build(opts, backDomid);
         dev = actual;
         remember(xs, home, dev);
-        await frontendReconnect(xs, dev, ring(transport), connectOpts);
+        await frontendReconnect(xs, dev, ring(transport), connectOpts(transport));
       } else await published;
     } catch (err) {
       await transport.close();
@@ -278,7 +282,8 @@ export class TpmFront {
         // CPU before we would have sent the Closing. Its answer on the ring says what the backend's
         // Closing says (all answered, state durable) one hop sooner than xenstore would.
         const notice = ring ? new Promise<boolean>((r) => process.nextTick(() => void ring.announceSuspend().then(r))) : undefined;
-        const answered = await frontendClose(this.#xs, this.dev, { timeoutMs, closing: s === XenbusState.Closing, ...(notice ? { answered: notice } : {}) });
+        const release = (): Promise<void> => this.#transport.close();
+        const answered = await frontendClose(this.#xs, this.dev, { timeoutMs, closing: s === XenbusState.Closing, release, ...(notice ? { answered: notice } : {}) });
         const last = lastBackend.get(this.#xs)?.get(this.dev.frontend);
         if (last && last.dev.backend === this.dev.backend) last.answeredClose = answered;
         trace('front closed');

@@ -76,6 +76,8 @@ export class RingFront implements TpmTransport {
   polled = 0;
   /** After close: resolves once our grants are revoked and frames freed (false: the backend kept a mapping). */
   released: Promise<boolean> = Promise.resolve(false);
+  /** The first event on our port: one before any request is the backend's word that it is Connected. */
+  readonly notified: Promise<void>;
 
   constructor(dom: Domain, backDomid: number, opts: RingFrontOptions = {}) {
     this.#dom = dom;
@@ -96,7 +98,9 @@ export class RingFront implements TpmTransport {
     for (let b = 0; b < n; b++) this.#free.push(b);
     this.refs = [dom.grants.grantAccess(backDomid, this.#ringGfn)];
     this.port = dom.evtchn.allocUnbound(backDomid);
-    dom.evtchn.on(this.port, () => this.#onResponses());
+    let notified!: () => void;
+    this.notified = new Promise((r) => (notified = r));
+    dom.evtchn.on(this.port, () => (notified(), this.#onResponses()));
   }
 
   get sharedPage(): Uint8Array {

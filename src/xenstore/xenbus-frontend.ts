@@ -19,6 +19,11 @@ export interface ConnectOptions extends WaitOptions {
    * first attempt: the publish then costs one round trip instead of three.
    */
   tx?: Promise<TxId>;
+  /**
+   * Resume only: resolves when the backend signals on the new ring's event channel, which it does once
+   * xenstored applied its Connected (only a backend that bound the new port can): taken as that state.
+   */
+  connected?: Promise<void>;
 }
 
 /**
@@ -113,7 +118,9 @@ export async function frontendReconnect(client: XsClient, dev: VtpmDevice, ring:
   ]);
   let fresh = false;
   let first = true;
-  const waiting = Promise.all([
+  const stop = new AbortController();
+  const featureRead = client.tryRead(`${dev.backend}/${feature}`);
+  const watched = Promise.all([
     waitForState(
       client,
       dev.backend,
@@ -126,24 +133,31 @@ export async function frontendReconnect(client: XsClient, dev: VtpmDevice, ring:
         fresh = true;
         return st === XenbusState.Initialised || st === XenbusState.Connected || st === XenbusState.Closing || st === XenbusState.Closed;
       },
-      opts,
+      { ...opts, signal: opts.signal ? AbortSignal.any([opts.signal, stop.signal]) : stop.signal },
     ),
-    client.tryRead(`${dev.backend}/${feature}`),
+    featureRead,
   ]);
+  watched.catch(() => {});
+  // The event saves the watch event and the read of the backend's state behind it.
+  const waiting = opts.connected ? Promise.race([watched, Promise.all([opts.connected.then(() => XenbusState.Connected), featureRead])]) : watched;
   waiting.catch(() => {});
-  await writes;
-  await finishConnect(client, dev, feature, waiting);
+  try {
+    await writes;
+    await finishConnect(client, dev, feature, waiting);
+  } finally {
+    stop.abort();
+  }
 }
 
 /**
  * Frontend close (docs/protocols/xenbus.md, Close): Closing, wait (up to timeoutMs, default 5 s as Linux) for the backend
- * to leave Connected for Closing/Closed/InitWait, then Closed. Resolves even if the backend is silent:
- * with whether it answered.
+ * to leave Connected for Closing/Closed/InitWait, then Closed (and `release` right behind it). Resolves
+ * even if the backend is silent: with whether it answered.
  */
 export async function frontendClose(
   client: XsClient,
   dev: VtpmDevice,
-  opts: WaitOptions & { closing?: boolean; answered?: Promise<boolean> } = {},
+  opts: WaitOptions & { closing?: boolean; answered?: Promise<boolean>; release?: () => Promise<void> } = {},
 ): Promise<boolean> {
   // `closing`: our state is Closing already. The wait's first read goes out right behind the write.
   const announced = opts.closing ? Promise.resolve() : switchState(client, dev.frontend, XenbusState.Closing);
@@ -167,7 +181,15 @@ export async function frontendClose(
   } finally {
     stop.abort();
   }
-  await switchState(client, dev.frontend, XenbusState.Closed);
+  const closed = switchState(client, dev.frontend, XenbusState.Closed);
+  if (opts.release) {
+    // `release`: the ring's teardown (synchronous hypercalls) runs once Closed has left, while
+    // xenstored applies it, not after its answer.
+    closed.catch(() => {});
+    client.flush();
+    await opts.release();
+  }
+  await closed;
   return answered;
 }
 

@@ -81,6 +81,7 @@ class Checkpoints {
 
 interface Rig {
   vm: string;
+  target: Awaited<ReturnType<InProcessVtpms['open']>>;
   host: TpmHost;
   mgr: ManagerClient;
   front: RingFront;
@@ -106,6 +107,7 @@ async function rig(): Promise<Rig> {
   const ch = new RingChannel(dom0, { frontDomid: guest.domid, refs: [...front.refs], port: front.port, target, onFatal: () => {} });
   return {
     vm,
+    target,
     host,
     mgr,
     front,
@@ -202,6 +204,29 @@ describe("group commit of a guest's outstanding ring requests", () => {
       expect(order).toEqual(['GetRandom', 'CreatePrimary']);
       // GetRandom changes nothing a restore needs (the DRBG is stirred after one): no checkpoint of its own.
       expect(r.cps.count - before).toBe(1);
+    } finally {
+      await r.close();
+    }
+  });
+
+  it('a suspend checkpoint after only reads stores nothing; one after an extend stores the state durably', async () => {
+    const r = await rig();
+    try {
+      ok(await r.front.transmit(tpm2.startup()));
+      ok(await r.front.transmit(tpm2.pcrExtendSha256(16, randomBytes(32))));
+      await r.target.checkpoint!();
+      const durable = r.cps.count;
+      // Reads since that durable checkpoint: GetRandom, PCR_Read, GetCapability (effect 'none').
+      ok(await r.front.transmit(tpm2.getRandom(16)));
+      await pcr16(r.front);
+      ok(await r.front.transmit(tpm2.getHandles(0x80000000)));
+      await r.target.checkpoint!();
+      expect(r.cps.count).toBe(durable);
+      // An extend changes volatile state: its suspend stores again (held first, then made durable).
+      ok(await r.front.transmit(tpm2.pcrExtendSha256(16, randomBytes(32))));
+      const afterExtend = r.cps.count;
+      await r.target.checkpoint!();
+      expect(r.cps.count).toBe(afterExtend + 1);
     } finally {
       await r.close();
     }

@@ -4,7 +4,7 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import type { XsClient } from '../../src/xenstore/client.js';
 import { backendPath, frontendPath, ignoreEnoent, readState, switchState, vtpmDevice, waitForState, XenbusError, XenbusState, type VtpmDevice } from '../../src/xenstore/xenbus.js';
 import { backendConnected, backendInitWait, parseFrontendRing, type FrontendInfo } from '../../src/xenstore/xenbus-backend.js';
-import { frontendClose, frontendConnect, frontendResume } from '../../src/xenstore/xenbus-frontend.js';
+import { frontendClose, frontendConnect, frontendReconnect, frontendResume } from '../../src/xenstore/xenbus-frontend.js';
 import { writeDeviceDirectories } from '../../src/xenstore/xenbus-toolstack.js';
 import { connectClient, errnoOf, startDaemon, type Daemon } from './helpers.js';
 
@@ -118,6 +118,45 @@ describe('xenbus', () => {
     await switchState(dom0, dev.backend, XenbusState.Connected);
     await front2;
     expect(await readState(fe, dev.frontend)).toBe(XenbusState.Connected);
+  });
+
+  it("releases the ring once its Closed has left, before xenstored's answer to it", async () => {
+    const dev = await writeDeviceDirectories(dom0, { frontDomid: 5, backDomid: 0, devid: 7 });
+    const back = backendConnect(dev, async () => {});
+    await frontendConnect(fe, dev, { ringRef: 8, eventChannel: 3 }, { timeoutMs: 10_000 });
+    await back;
+    const order: string[] = [];
+    // The guest's client, noting when xenstored answers its Closed.
+    const client = new Proxy(fe, {
+      get: (t, p) => {
+        if (p === 'write') {
+          return (path: string, value: string, tx?: number) => {
+            const w = t.write(path, value, tx);
+            if (path === `${dev.frontend}/state` && value === String(XenbusState.Closed)) void w.then(() => order.push('Closed answered'));
+            return w;
+          };
+        }
+        const v = Reflect.get(t, p, t) as unknown;
+        return typeof v === 'function' ? (v as (...a: unknown[]) => unknown).bind(t) : v;
+      },
+    });
+    // The backend's answer came by the ring (a suspend notice): no wait for its Closing.
+    const answered = await frontendClose(client, dev, { timeoutMs: 10_000, answered: Promise.resolve(true), release: async () => void order.push('released') });
+    expect(answered).toBe(true);
+    expect(order).toEqual(['released', 'Closed answered']);
+    expect(await readState(dom0, dev.frontend)).toBe(XenbusState.Closed);
+  });
+
+  it("resumes at the backend's signal on the new event channel, without reading its Connected back", async () => {
+    const dev = await writeDeviceDirectories(dom0, { frontDomid: 5, backDomid: 0, devid: 8 });
+    const back = backendConnect(dev, async () => {});
+    await frontendConnect(fe, dev, { ringRef: 8, eventChannel: 3 }, { timeoutMs: 10_000 });
+    await back;
+    // The backend is still Connected with the old ring in xenstore (stale for the resume) and never
+    // writes again: only the signal, given here, says the new ring is served.
+    await frontendReconnect(fe, dev, { ringRef: 9, eventChannel: 4 }, { timeoutMs: 1000, connected: Promise.resolve() });
+    await waitForState(dom0, dev.frontend, (s) => s === XenbusState.Connected, { timeoutMs: 10_000 });
+    expect(await dom0.readString(`${dev.frontend}/ring-ref`)).toBe('9');
   });
 
   it('publishes in a transaction started beforehand, and redoes it in a new one when its commit conflicts', async () => {

@@ -7,7 +7,7 @@ import { readFileSync, rmSync } from 'node:fs';
 import { join } from 'node:path';
 import { promisify } from 'node:util';
 import { dist } from '../../helpers/child.js';
-import { tempDir } from '../../helpers/temp.js';
+import { removeDir, tempDir } from '../../helpers/temp.js';
 
 const run = promisify(execFile);
 const cli = dist('src/cli/main.js');
@@ -34,8 +34,10 @@ const { restartDaemon } = (await import(dist('src/cli/restart.js'))) as typeof i
 const { RingFront } = (await import(dist('src/tpmif/ring-front.js'))) as typeof import('../../../src/tpmif/ring-front.js');
 const { XS_FEATURE_RING } = (await import(dist('src/xen/tpmif.js'))) as typeof import('../../../src/xen/tpmif.js');
 
-const runDir = join(tempDir('suspend'), 'run');
-const stateDir = join(tempDir('suspend-state'), 'state');
+const runBase = tempDir('suspend');
+const stateBase = tempDir('suspend-state');
+const runDir = join(runBase, 'run');
+const stateDir = join(stateBase, 'state');
 let dom0: XsClient;
 
 beforeAll(async () => {
@@ -46,6 +48,8 @@ beforeAll(async () => {
 afterAll(async () => {
   await dom0?.close().catch(() => {});
   await vtpm('host', 'down', '--run', runDir).catch(() => {});
+  removeDir(runBase);
+  removeDir(stateBase);
 });
 
 /** A guest domain in this process with its vTPM device written as the toolstack does. */
@@ -234,6 +238,25 @@ describe('suspend/resume through xenstore', () => {
     // Served on the new ring, by the same vTPM: A is still in PCR 16.
     const pcr = tpm2.parsePcrRead(await f2.transmit(tpm2.pcrReadSha256(16)));
     expect(Buffer.from(pcr).toString('hex')).toBe(extend(Buffer.alloc(32), a).toString('hex'));
+    await f2.close();
+  });
+
+  it("the backend signals the resumed guest's new event channel once its Connected is in xenstore", async () => {
+    const g = await guest(32);
+    const dev = xenbus.vtpmDevice(32, 0, 0);
+    const s = await Session.open({ xs: g.xs, dom: g.dom });
+    ok(await s.submit(tpm2.startup()), 'Startup');
+    await dom0.write('/local/domain/32/control/shutdown', 'suspend');
+    expect(await s.suspend()).toEqual([]);
+    await dom0.write('/local/domain/0/backend/vtpm/32/0/resume', 'True');
+    await dom0.write('/local/domain/32/control/shutdown', '');
+    // The new ring published without waiting for that signal; nothing sent on it yet.
+    const f2 = new RingFront(g.dom, 0, { firstId: s.nextId });
+    const notified = f2.notified.then(() => xenbus.readState(dom0, dev.backend));
+    await xenbusFront.frontendReconnect(g.xs, dev, { ringRef: f2.refs[0]!, eventChannel: f2.port, extra: { [XS_FEATURE_RING]: '1' } }, { timeoutMs: 10_000, requireBackendFeature: XS_FEATURE_RING });
+    const state = await Promise.race([notified, new Promise<'no event'>((r) => setTimeout(() => r('no event'), 5000))]);
+    expect(state).toBe(xenbus.XenbusState.Connected);
+    ok(await f2.transmit(tpm2.getRandom(8)), 'GetRandom on the new ring');
     await f2.close();
   });
 
