@@ -1,11 +1,12 @@
 // `npm run bench -- suspend [--cycles N] [--warmup N] [--series]`
 // One guest's suspend + resume cycle under load, against swtpm doing what a save must do, same run:
 //  - ours: a real host (xenstored, manager, backend processes); this process is the guest domain with a
-//    GuestSession on the ring protocol and a GetRandom loop running. A cycle = control/shutdown =
-//    "suspend" → the session closes (backend answers in-flight, checkpoints, saves volatile state and
-//    releases the vTPM to the manager) → backend resume = True → a new session builds a new ring,
-//    grants and event channel and is Connected (the backend re-opened the vTPM from the manager).
-//  - peer: `swtpm socket` with a GetRandom loop on its data socket; a cycle = GET_STATEBLOB ×3
+//    GuestSession on the ring protocol and a command loop running: GetRandom (cycle_p50; reads leave
+//    nothing new to save), then PCR_Extend (cycle_extend_p50; every suspend makes the changed state
+//    durable). A cycle = control/shutdown = "suspend" → the session closes (backend answers in-flight,
+//    makes the volatile state durable at the manager if anything changed it) → backend resume = True →
+//    a new session builds a new ring, grants and event channel and is Connected.
+//  - peer: `swtpm socket` with the same command loop on its data socket; a cycle = GET_STATEBLOB ×3
 //    (permanent, volatile, savestate), each written to a file and fdatasync'd (the state on disk, as
 //    libvirt's managed save and `xl save` need), CMD_STOP, SET_STATEBLOB ×3 read back from those files,
 //    CMD_INIT, over its control socket. QEMU's order: swtpm 0.7.1 refuses GET_STATEBLOB once stopped
@@ -153,6 +154,9 @@ export async function run_(ctx: BenchContext): Promise<Figure[]> {
   const oursCold: number[] = [];
   const peerCold: number[] = [];
   const peerIdle: number[] = [];
+  /** Cycles under a PCR_Extend loop: every one of ours has a durable checkpoint to make, as swtpm's does. */
+  const oursExtend: number[] = [];
+  const peerExtend: number[] = [];
   let loadOurs = 0;
   let onceRate1 = 0;
   let onceRate16 = 0;
@@ -198,10 +202,13 @@ export async function run_(ctx: BenchContext): Promise<Figure[]> {
     let resumed: Promise<void> = Promise.resolve();
     let markResumed = (): void => {};
     let cycling = false;
-    const load = (async () => {
+    // GetRandom first: a guest that only read since its last durable checkpoint has nothing to save.
+    // Then PCR_Extend: each cycle's state changed, so each makes a durable checkpoint.
+    let loadCommand = (): Uint8Array => tpm2.getRandom(16);
+    const startLoad = (): Promise<void> => (async () => {
       while (!stop) {
         try {
-          await s.submit(tpm2.getRandom(16));
+          await s.submit(loadCommand());
           answeredAt = performance.now();
           trace('bench answered');
           loadOurs++;
@@ -212,6 +219,7 @@ export async function run_(ctx: BenchContext): Promise<Figure[]> {
         }
       }
     })();
+    let load = startLoad();
     load.catch(() => {});
     /** One cycle: as `xl save` (control/shutdown = suspend, the guest closes), then as a restore. */
     const cycle = async (): Promise<{ ms: number; t0: number }> => {
@@ -243,6 +251,17 @@ export async function run_(ctx: BenchContext): Promise<Figure[]> {
       // The load always has one GetRandom in flight: the backend answers it (after its checkpoint is
       // durable at the manager) before it acknowledges the suspend.
       saveWait.push(answeredAt > t0 && answeredAt < t0 + ms ? answeredAt - t0 : 0);
+    }
+    stop = true;
+    await load;
+    stop = false;
+    loadCommand = () => tpm2.pcrExtendSha256(16, digest);
+    load = startLoad();
+    load.catch(() => {});
+    for (let i = 0; i < cycles + COLD; i++) {
+      await new Promise((r) => setTimeout(r, 20));
+      const { ms } = await cycle();
+      if (i >= COLD) oursExtend.push(ms);
     }
     stop = true;
     await load;
@@ -280,16 +299,17 @@ export async function run_(ctx: BenchContext): Promise<Figure[]> {
     fs.mkdirSync(saveDir);
     let stopPeer = false;
     let paused: Promise<void> | null = null;
-    const loadP = (async () => {
+    let peerCommand = (): Uint8Array => tpm2.getRandom(16);
+    const startPeerLoad = (): Promise<void> => (async () => {
       while (!stopPeer) {
         if (paused) await paused;
         // swtpm may drop the data connection across CMD_INIT: reconnect when an answer does not come.
-        const ok = await Promise.race([data.transact(tpm2.getRandom(16)).then(() => true), new Promise<false>((r) => setTimeout(() => r(false), 500))]);
+        const ok = await Promise.race([data.transact(peerCommand()).then(() => true), new Promise<false>((r) => setTimeout(() => r(false), 500))]);
         if (ok) loadPeer++;
         else data = await sw.connect();
       }
     })();
-    for (let i = 0; i < cycles + warmup; i++) {
+    const peerCycle = async (): Promise<number> => {
       await new Promise((r) => setTimeout(r, 20));
       // swtpm serves one channel at a time per main loop turn; stop the data load at a command
       // boundary as QEMU does (the VM is paused before its TPM state is taken).
@@ -301,8 +321,22 @@ export async function run_(ctx: BenchContext): Promise<Figure[]> {
       const ms = performance.now() - t0;
       paused = null;
       release();
+      return ms;
+    };
+    let loadP = startPeerLoad();
+    for (let i = 0; i < cycles + warmup; i++) {
+      const ms = await peerCycle();
       if (i >= warmup) peer.push(ms);
       else if (i < COLD) peerCold.push(ms);
+    }
+    stopPeer = true;
+    await loadP;
+    stopPeer = false;
+    peerCommand = () => tpm2.pcrExtendSha256(16, digest);
+    loadP = startPeerLoad();
+    for (let i = 0; i < cycles + COLD; i++) {
+      const ms = await peerCycle();
+      if (i >= COLD) peerExtend.push(ms);
     }
     stopPeer = true;
     await loadP;
@@ -324,14 +358,24 @@ export async function run_(ctx: BenchContext): Promise<Figure[]> {
     row('ours save wait ms', saveWait);
     row('ours idle ms', oursIdle);
     row('swtpm loaded ms', peer);
+    row('ours extend-loaded ms', oursExtend);
+    row('swtpm extend-loaded ms', peerExtend);
   }
   ctx.log(`ours: ${ours.length} cycles, ${loadOurs} GetRandom answered meanwhile; swtpm: ${peer.length} cycles, ${loadPeer} GetRandom`);
-  const note = `${cycles} cycles under a GetRandom loop; swtpm 0.7.1 GET_STATEBLOB×3 to files + fdatasync, STOP, SET_STATEBLOB×3 from them, INIT`;
+  const note = `${cycles} cycles under a GetRandom loop (reads only: no new state to save at the suspend); swtpm 0.7.1 GET_STATEBLOB×3 to files + fdatasync, STOP, SET_STATEBLOB×3 from them, INIT`;
   const minusSave = ours.map((ms, i) => ms - saveWait[i]!);
   ctx.log(`ours under load: save wait p50 ${percentile(saveWait, 50).toFixed(2)} ms, the rest p50 ${percentile(minusSave, 50).toFixed(2)} ms`);
   return [
     { id: 'cycle_p50', unit: 'ms', ours: percentile(ours, 50), peer: percentile(peer, 50), note, target: { on: 'ratio', op: '<=', value: 1 } },
     { id: 'cycle_p99', unit: 'ms', ours: percentile(ours, 99), peer: percentile(peer, 99), note },
+    {
+      id: 'cycle_extend_p50',
+      unit: 'ms',
+      ours: percentile(oursExtend, 50),
+      peer: percentile(peerExtend, 50),
+      note: `${cycles} cycles under a PCR_Extend loop: every cycle of ours makes a durable checkpoint (under GetRandom alone there is nothing new to save); swtpm the same save + restore`,
+      target: { on: 'ratio', op: '<=', value: 1 },
+    },
     {
       id: 'cycle_save_wait_p50',
       unit: 'ms',
