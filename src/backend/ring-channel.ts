@@ -21,7 +21,7 @@ import {
   RING_STATUS_EINVAL,
   RING_STATUS_EIO,
   RING_STATUS_OK,
-  decodeRingRequest,
+  decodeRingRequestAt,
   encodeRingResponse,
   type RingRequest,
 } from '../xen/tpmif.js';
@@ -60,6 +60,8 @@ interface Job {
 
 interface DataMapping {
   map: GrantMapping;
+  /** One view of the page for every job that pins it (made once, not per segment). */
+  view: Uint8Array;
   /** Queued or running jobs' segments viewing this page: never unmapped while above zero. */
   pins: number;
 }
@@ -78,6 +80,9 @@ export class RingChannel implements Channel {
   readonly #dom: Domain;
   readonly #ringMap: GrantMapping;
   readonly #ring: BackRing;
+  /** Private copies of the slots taken in one look, decoded through one DataView (no copy per request). */
+  readonly #slots: Uint8Array;
+  readonly #slotView: DataView;
   readonly #port: number;
   readonly #opts: ChannelOptions;
   /** gref -> mapping, least recently used first (a use moves it to the end). */
@@ -104,6 +109,8 @@ export class RingChannel implements Channel {
     this.#poll = new PollWindow(opts.pollUs, opts.pollContended);
     this.#ringMap = dom.mapper.mapMany(opts.frontDomid, opts.refs);
     this.#ring = new BackRing(new SharedRing(this.#ringMap.buffer, RING_SLOT));
+    this.#slots = new Uint8Array(this.#ring.size * RING_SLOT);
+    this.#slotView = new DataView(this.#slots.buffer);
     try {
       this.#port = dom.evtchn.bindInterdomain(opts.frontDomid, opts.port);
     } catch (err) {
@@ -136,8 +143,9 @@ export class RingChannel implements Channel {
     this.#poll.arrived();
     try {
       do {
-        for (const copy of this.#ring.takeRequests()) {
-          this.#accept(decodeRingRequest(copy));
+        // Every slot taken is copied before any is decoded; #accept never takes slots itself.
+        for (let n = this.#ring.takeRequestsInto(this.#slots), i = 0; i < n; i++) {
+          this.#accept(decodeRingRequestAt(this.#slotView, i * RING_SLOT));
           if (this.#closed) return;
         }
       } while (this.#ring.finalCheckForRequests());
@@ -228,11 +236,12 @@ export class RingChannel implements Channel {
       if (this.#data.size >= MAX_MAPPED_PAGES) {
         throw new MappingLimitError(`keeps more than ${MAX_MAPPED_PAGES} data pages mapped at once (ref ${gref} refused)`);
       }
-      d = { map: this.#dom.mapper.map(this.frontDomid, gref), pins: 0 };
+      const map = this.#dom.mapper.map(this.frontDomid, gref);
+      d = { map, view: new Uint8Array(map.buffer), pins: 0 };
     }
     this.#data.set(gref, d);
     d.pins++;
-    return new Uint8Array(d.map.buffer);
+    return d.view;
   }
 
   #unpinData(grefs: readonly number[]): void {

@@ -58,6 +58,8 @@ export class RingFront implements TpmTransport {
   readonly #ringGfn: number;
   readonly #dataGfn: number;
   readonly #dataRefs: number[];
+  /** Each buffer's grefs, as a request names them (sliced once, not per command). */
+  readonly #bufferRefs: number[][] = [];
   readonly #free: number[] = [];
   readonly #pending = new Map<bigint, Pending>();
   readonly #waitingForSlot: Array<() => void> = [];
@@ -95,7 +97,10 @@ export class RingFront implements TpmTransport {
     this.#dataGfn = dom.allocFrames(n * this.segments);
     this.#dataRefs = [];
     for (let i = 0; i < n * this.segments; i++) this.#dataRefs.push(dom.grants.grantAccess(backDomid, this.#dataGfn + i));
-    for (let b = 0; b < n; b++) this.#free.push(b);
+    for (let b = 0; b < n; b++) {
+      this.#free.push(b);
+      this.#bufferRefs.push(this.#dataRefs.slice(b * this.segments, (b + 1) * this.segments));
+    }
     this.refs = [dom.grants.grantAccess(backDomid, this.#ringGfn)];
     this.port = dom.evtchn.allocUnbound(backDomid);
     let notified!: () => void;
@@ -132,7 +137,7 @@ export class RingFront implements TpmTransport {
     // its exactly-once table; fresh ids continue above every id used.
     const id = opts.id ?? this.#nextId;
     if (id >= this.#nextId) this.#nextId = id + 1n;
-    const grefs = this.#dataRefs.slice(buffer * this.segments, (buffer + 1) * this.segments);
+    const grefs = this.#bufferRefs[buffer]!;
     const locality = opts.locality ?? 0;
     const request = { op: RING_OP_COMMAND, id, locality, length: command.length, grefs } as const;
     encodeRingRequest(this.#ring.sring.view, this.#ring.nextRequestSlot(), request);

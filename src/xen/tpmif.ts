@@ -76,18 +76,26 @@ export interface RingRequest {
 }
 
 export function decodeRingRequest(b: Uint8Array): RingRequest {
-  const dv = new DataView(b.buffer, b.byteOffset, b.byteLength);
-  const nrSegments = dv.getUint8(REQ_NR_SEGMENTS);
+  return decodeRingRequestAt(new DataView(b.buffer, b.byteOffset, b.byteLength), 0);
+}
+
+/**
+ * Decode the slot at `off` of a private copy (a backend's scratch, read through one DataView it keeps).
+ * Only an op-1 request has a cancel id: a command's grefs are not read a second time as a u64.
+ */
+export function decodeRingRequestAt(dv: DataView, off: number): RingRequest {
+  const nrSegments = dv.getUint8(off + REQ_NR_SEGMENTS);
+  const op = dv.getUint8(off + REQ_OP);
   const grefs: number[] = [];
-  for (let i = 0; i < Math.min(nrSegments, RING_MAX_SEGMENTS); i++) grefs.push(dv.getUint32(REQ_GREFS + 4 * i, true));
+  for (let i = 0; i < Math.min(nrSegments, RING_MAX_SEGMENTS); i++) grefs.push(dv.getUint32(off + REQ_GREFS + 4 * i, true));
   return {
-    id: dv.getBigUint64(REQ_ID, true),
-    op: dv.getUint8(REQ_OP),
-    locality: dv.getUint8(REQ_LOCALITY),
+    id: dv.getBigUint64(off + REQ_ID, true),
+    op,
+    locality: dv.getUint8(off + REQ_LOCALITY),
     nrSegments,
-    length: dv.getUint32(REQ_LENGTH, true),
+    length: dv.getUint32(off + REQ_LENGTH, true),
     grefs,
-    cancelId: dv.getBigUint64(REQ_GREFS, true),
+    cancelId: op === RING_OP_CANCEL ? dv.getBigUint64(off + REQ_GREFS, true) : 0n,
   };
 }
 

@@ -3,6 +3,7 @@
 import { describe, expect, it } from 'vitest';
 import {
   decodeRingRequest,
+  decodeRingRequestAt,
   decodeRingResponse,
   decodeV2Header,
   encodeRingRequest,
@@ -35,6 +36,16 @@ describe('tpmif ring slots', () => {
     );
     const back = decodeRingRequest(bytes.subarray(RING_SLOT));
     expect(back).toMatchObject({ id: 0x0102030405060708n, op: RING_OP_COMMAND, locality: 3, nrSegments: 2, length: 0x1234, grefs: [0x11, 0x22] });
+  });
+
+  it('decodes a slot in place in a scratch of several (the backend\'s one look), a command without a cancel id', () => {
+    const { bytes, view } = slot();
+    encodeRingRequest(view, 0, { op: RING_OP_CANCEL, id: 9n, arg: 7n });
+    encodeRingRequest(view, RING_SLOT, { op: RING_OP_COMMAND, id: 10n, locality: 1, length: 12, grefs: [0x11, 0x22] });
+    expect(hex(bytes.subarray(RING_SLOT, RING_SLOT + 24))).toBe('0a00000000000000' + '00' + '01' + '02' + '00' + '0c000000' + '11000000' + '22000000');
+    expect(decodeRingRequestAt(view, 0)).toMatchObject({ id: 9n, op: RING_OP_CANCEL, grefs: [], cancelId: 7n });
+    // The grefs 0x11, 0x22 read as a u64 would be 0x2200000011: only a cancel names an id there.
+    expect(decodeRingRequestAt(view, RING_SLOT)).toEqual({ id: 10n, op: RING_OP_COMMAND, locality: 1, nrSegments: 2, length: 12, grefs: [0x11, 0x22], cancelId: 0n });
   });
 
   it('encodes a cancel with the id to cancel as a u64 where the grefs would be', () => {
