@@ -100,6 +100,8 @@ export class EventChannels {
    * (never changed in place, so a walk survives a handler that opens or closes ports) when either map changes.
    */
   #watched: ReadonlyArray<{ port: number; own: Int32Array }> | null = null;
+  /** Where otherPendingSome() looks next in the watch list. */
+  #cursor = 0;
   #dispatchQueued = false;
   /** Ports masked by their channel (polling its ring itself): neither wake-ups nor busy mode deliver them. */
   readonly #channelMasked = new Set<number>();
@@ -279,6 +281,27 @@ export class EventChannels {
   /** True if any port with a handler, other than `except`, is pending: work waits elsewhere. */
   otherPending(except: number): boolean {
     for (const w of this.#watchList()) if (w.port !== except && Atomics.load(w.own, 0) & PENDING) return true;
+    return false;
+  }
+
+  /**
+   * otherPending() over at most `max` ports, starting where the last call stopped: a spin asks this
+   * often, so a look costs a few loads (not a walk over every guest's port, during which its own ring
+   * goes unwatched), and a few calls cover every port.
+   */
+  otherPendingSome(except: number, max: number): boolean {
+    const list = this.#watchList();
+    const n = list.length;
+    let i = this.#cursor < n ? this.#cursor : 0;
+    for (let k = Math.min(max, n); k > 0; k--) {
+      const w = list[i]!;
+      if (++i === n) i = 0;
+      if (w.port !== except && Atomics.load(w.own, 0) & PENDING) {
+        this.#cursor = i;
+        return true;
+      }
+    }
+    this.#cursor = i;
     return false;
   }
 

@@ -418,6 +418,40 @@ describe('event-channel masks (busy-polling ends)', () => {
     fe.evtchn.close(p2);
   });
 
+  it('otherPendingSome looks at a few ports per call, resuming where it stopped, and finds a pending one within one sweep', async () => {
+    const n = 40;
+    const fps: number[] = [];
+    const lps: number[] = [];
+    for (let i = 0; i < n; i++) {
+      fps.push(fe.evtchn.allocUnbound(0));
+      lps.push(be.evtchn.bindInterdomain(4, fps[i]!));
+      counter(be, lps[i]!);
+    }
+    await sleep(20);
+    for (const l of lps) be.evtchn.mask(l);
+    const own = lps[0]!;
+    // Nothing else pending: no call says so, however many.
+    for (let i = 0; i < 10; i++) expect(be.evtchn.otherPendingSome(own, 16)).toBe(false);
+    fe.evtchn.send(fps[0]!);
+    for (let i = 0; i < 10; i++) expect(be.evtchn.otherPendingSome(own, 16)).toBe(false); // its own port does not count
+    // Any other port, wherever the cursor stands, is seen within ceil(40 / 16) = 3 calls, and not by
+    // a call that looks at too few ports to reach it.
+    for (const target of [1, 17, 39]) {
+      fe.evtchn.send(fps[target]!);
+      let calls = 0;
+      while (!be.evtchn.otherPendingSome(own, 16)) expect(++calls).toBeLessThan(3);
+      be.evtchn.consume(lps[target]!);
+    }
+    fe.evtchn.send(fps[20]!);
+    expect(be.evtchn.otherPendingSome(own, 0)).toBe(false);
+    expect(be.evtchn.otherPending(own)).toBe(true);
+    for (let i = 0; i < n; i++) {
+      be.evtchn.unmask(lps[i]!);
+      be.evtchn.close(lps[i]!);
+      fe.evtchn.close(fps[i]!);
+    }
+  });
+
   it('a poller\'s otherPending sees a port bound after its last look, and no longer one closed since', async () => {
     const p1 = fe.evtchn.allocUnbound(0);
     const l1 = be.evtchn.bindInterdomain(4, p1);
