@@ -359,19 +359,19 @@ export class ManagerDaemon {
     let tail: Promise<void> = Promise.resolve();
     let behind = 0; // replies queued in `tail`: one made at once goes out only when there are none
     ch.on('frame', (f) => {
-      // Holds and appends go to memory only: with no reply queued ahead, answered here, off the promise chain.
-      if (behind === 0 && f.tag === TAG_REQ && HeldVolatile.takes(f.code) && (ch.info.bind === ANY_INSTANCE || f.instance === ch.info.bind)) {
-        let r: Reply = { status: Status.SUCCESS };
-        try {
-          this.#held.take(f.code, this.#openVm(f.instance).instance, f.params);
-        } catch (err) {
-          r = this.#refused(ch.label, f, err);
-        }
-        ch.send(encodeResponse(f.instance, r.status, r.params, f.tag));
+      let made: Reply | Promise<Reply>;
+      try {
+        made = this.#client(ch, f);
+      } catch (err) {
+        made = this.#refused(ch.label, f, err);
+      }
+      // Made at once (a hold or append in memory, a refusal) and none queued ahead: no promise chain.
+      if (!(made instanceof Promise) && behind === 0) {
+        ch.send(encodeResponse(f.instance, made.status, made.params, f.tag));
         return;
       }
       behind++;
-      const reply = this.#answer(ch.label, f, () => this.#client(ch, f));
+      const reply = Promise.resolve(made).catch((err: unknown) => this.#refused(ch.label, f, err));
       tail = tail
         .then(async () => {
           const r = await reply;
@@ -395,7 +395,8 @@ export class ManagerDaemon {
     });
   }
 
-  async #client(ch: ClientChannel, f: Frame): Promise<Reply> {
+  /** A client's request: answered synchronously where it touches only memory, else by a promise; throws a refusal. */
+  #client(ch: ClientChannel, f: Frame): Reply | Promise<Reply> {
     if (f.tag !== TAG_REQ) throw new Refusal(Status.FAIL, `TPM command (tag 0x${f.tag.toString(16)}): this manager forwards no TPM commands`);
     if (ch.info.privileged && (isPrivileged(f.code) || CONSOLE_UNPRIVILEGED.includes(f.code))) return this.#serialized(() => this.#privileged(f));
     if (isPrivileged(f.code)) throw new Refusal(Status.BAD_ORDINAL, `privileged ordinal ${ordinalName(f.code)} on a client FIFO`);
@@ -428,8 +429,7 @@ export class ManagerDaemon {
       throw new Refusal(Status.BAD_PARAMETER, `DELETE_STATE takes one kind byte (0..2), got ${f.params.length} bytes`);
     const kind = STATE_KINDS[f.params[0]!]!;
     if (kind === 'volatile') this.#held.drop(vm.instance);
-    await this.#store.remove(vm.instance, [kind]);
-    return { status: Status.SUCCESS };
+    return this.#store.remove(vm.instance, [kind]).then(() => ({ status: Status.SUCCESS }));
   }
 
   #openVm(instance: number): VmRecord {
