@@ -10,7 +10,7 @@
 // After answering everything it had, the channel may watch the ring for the guest's next request for a
 // short, adaptive window (src/xen/poll.ts), its port masked, as the v2 channel does; it gives way as soon
 // as another guest's port is pending, and a request it finds is taken on a later turn of the loop.
-import { BackRing, GrantError, OTHER_PORTS_PER_LOOK, PollWindow, RingError, SharedRing, spinUntil, type Domain, type GrantMapping } from '../xen/index.js';
+import { BackRing, GrantError, PollWindow, RingError, SharedRing, spinUntil, type Domain, type GrantMapping } from '../xen/index.js';
 import {
   RING_MAX_SEGMENTS,
   RING_OP_CANCEL,
@@ -306,7 +306,7 @@ export class RingChannel implements Channel {
     if (this.#closed || this.#queue.length > 0) return;
     this.#poll.answered();
     if (budget <= 0) return;
-    if (spinUntil(() => this.#ring.unconsumedRequests() > 0, budget, () => this.#dom.evtchn.otherPendingSome(this.#port, OTHER_PORTS_PER_LOOK))) {
+    if (spinUntil(() => this.#ring.unconsumedRequests() > 0, budget, () => this.#dom.evtchn.otherPendingSome(this.#port))) {
       this.#dom.evtchn.consume(this.#port);
       this.polled++;
       this.#dom.evtchn.unmask(this.#port);

@@ -6,7 +6,7 @@
 // adaptive window (src/xen/poll.ts), its port masked so the guest's notification costs no wake-up. The
 // poll gives way as soon as another guest's port is pending, and a SUBMIT it finds is run on a later
 // turn of the loop, so one busy guest cannot keep the backend from its other work.
-import { OTHER_PORTS_PER_LOOK, PollWindow, spinUntil, type Domain, type GrantMapping } from '../xen/index.js';
+import { PollWindow, spinUntil, type Domain, type GrantMapping } from '../xen/index.js';
 import {
   TPMIF_STATE_CANCEL,
   TPMIF_STATE_FINISH,
@@ -162,7 +162,7 @@ export class V2Channel implements Channel {
       const s = this.#state();
       return s === TPMIF_STATE_SUBMIT || s === TPMIF_STATE_CANCEL;
     };
-    if (spinUntil(next, budget, () => this.#dom.evtchn.otherPendingSome(this.#port, OTHER_PORTS_PER_LOOK))) {
+    if (spinUntil(next, budget, () => this.#dom.evtchn.otherPendingSome(this.#port))) {
       this.#dom.evtchn.consume(this.#port);
       setImmediate(() => this.#onEvent());
       return true;

@@ -7,7 +7,7 @@
 // Waiting for an answer: a command sent while nothing else is outstanding is watched for on the ring
 // (rsp_prod) for up to an adaptive poll window (src/xen/poll.ts), its port masked, as the v2 frontend
 // watches its state byte: a backend that answers within microseconds then costs neither side a wake-up.
-import { FrontRing, OTHER_PORTS_PER_LOOK, PollWindow, SharedRing, spinUntil, type Domain } from '../xen/index.js';
+import { FrontRing, PollWindow, SharedRing, spinUntil, type Domain } from '../xen/index.js';
 import {
   decodeRingResponse,
   encodeRingRequest,
@@ -151,7 +151,7 @@ export class RingFront implements TpmTransport {
     if (budget > 0) this.#mask();
     if (this.#ring.pushRequestsAndCheckNotify()) this.#dom.evtchn.send(this.port);
     // Gives way when another port of this domain is pending (the multi-VM backend's other guests).
-    if (budget > 0 && spinUntil(() => this.#ring.unconsumedResponses() > 0, budget, () => this.#dom.evtchn.otherPendingSome(this.port, OTHER_PORTS_PER_LOOK))) {
+    if (budget > 0 && spinUntil(() => this.#ring.unconsumedResponses() > 0, budget, () => this.#dom.evtchn.otherPendingSome(this.port))) {
       this.#dom.evtchn.consume(this.port);
       this.polled++;
       this.#onResponses();

@@ -9,7 +9,7 @@
 import type { Domain } from './domain.js';
 import type { GrantMapping } from './grant-table.js';
 import { BackRing, RingError, SharedRing } from './ring.js';
-import { OTHER_PORTS_PER_LOOK, PollWindow, spinUntil } from './poll.js';
+import { PollWindow, spinUntil } from './poll.js';
 import { ECHO_OP, ECHO_SLOT, type RingOffer } from './echo-front.js';
 
 /** Longest a backend keeps serving one frontend in one turn of its event loop (ms), polls included. */
@@ -62,7 +62,7 @@ export class EchoBackend {
       if (budget > 0) this.dom.evtchn.mask(port);
       if (!this.#serveAll(front, c)) return;
       c.poll.answered();
-      const more = budget > 0 && spinUntil(() => ring.unconsumedRequests() > 0, budget, () => this.dom.evtchn.otherPendingSome(port, OTHER_PORTS_PER_LOOK));
+      const more = budget > 0 && spinUntil(() => ring.unconsumedRequests() > 0, budget, () => this.dom.evtchn.otherPendingSome(port));
       if (!more) break;
       this.dom.evtchn.consume(port);
       c.poll.arrived();

@@ -11,8 +11,8 @@ import net from 'node:net';
 import { mapShared, PAGE_SIZE, type Mapping } from '../../native/libc.js';
 import { closeFd } from '../../native/unix-rights.js';
 import type { Domain } from './domain.js';
-import { EINVAL, ENOSPC, ESRCH, HC, type Reply } from './hypercall.js';
-import { PollWindow, cpuContended, defaultPollUs } from './poll.js';
+import { ENOSPC, ESRCH, HC, type Reply } from './hypercall.js';
+import { OTHER_PORTS_PER_LOOK, PollWindow, cpuContended, defaultPollUs } from './poll.js';
 
 export const ECS_closed = 0;
 export const ECS_unbound = 1;
@@ -280,8 +280,7 @@ export class EventChannels {
 
   /** True if any port with a handler, other than `except`, is pending: work waits elsewhere. */
   otherPending(except: number): boolean {
-    for (const w of this.#watchList()) if (w.port !== except && Atomics.load(w.own, 0) & PENDING) return true;
-    return false;
+    return this.otherPendingSome(except, Infinity);
   }
 
   /**
@@ -289,7 +288,7 @@ export class EventChannels {
    * often, so a look costs a few loads (not a walk over every guest's port, during which its own ring
    * goes unwatched), and a few calls cover every port.
    */
-  otherPendingSome(except: number, max: number): boolean {
+  otherPendingSome(except: number, max = OTHER_PORTS_PER_LOOK): boolean {
     const list = this.#watchList();
     const n = list.length;
     let i = this.#cursor < n ? this.#cursor : 0;
