@@ -22,6 +22,7 @@ import { emptyMigrationRecord, migrationRecordFrom, type MigrationRecord } from 
 import { Refusal, type Reply } from './refusal.js';
 import { statusForError } from './refusal-status.js';
 import { HeldVolatile } from './held-volatile.js';
+import { heldWriter } from './held-writer.js';
 import { claimForOpen, deleteInCluster, refreshTable } from './cluster-ops.js';
 import {
   ANY_INSTANCE,
@@ -177,14 +178,8 @@ export class ManagerDaemon {
       loadPlain: (vm, kind) => this.#loadPlain(vm, kind),
     });
     if (store instanceof GroupCommitStore && store.stats.replayed > 0) this.#log(`replayed ${store.stats.replayed} log records (then: ${store.replayStop})`);
-    this.#held = new HeldVolatile(
-      async (instance, data) => {
-        const vm = this.#table.byInstance(instance);
-        // A VM closed, deleted or migrated out meanwhile: what it held went with that step.
-        if (vm?.status === 'open') await this.#store.save(instance, 'volatile', ...this.#sealed(vm, 'volatile', data));
-      },
-      this.opts.holdFlushMs ?? HOLD_FLUSH_MS,
-      (l) => this.#log(l),
+    this.#held = new HeldVolatile(heldWriter((i) => this.#table.byInstance(i), store, this.#sealer), this.opts.holdFlushMs ?? HOLD_FLUSH_MS, (l) =>
+      this.#log(l),
     );
     // Last before serving: its libtpms work must not keep a manager that failed to start alive.
     this.#factory = new Factory(ca, (l) => this.#log(l), this.opts.platform);

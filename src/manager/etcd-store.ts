@@ -22,7 +22,8 @@ import { CompareResult, CompareTarget, type Etcd3, type ICompare, type IRequestO
 import type { StateKind } from '../tpm/state-store.js';
 import { Claims, EtcdStoreError, connect, parseEtcdUrl, putIfAbsent, unavailable, type EtcdTls } from './etcd-claims.js';
 import { openRecord, sealRecord } from './etcd-record.js';
-import { observeCommit, type StoreStats } from './store.js';
+import type { StoreStats } from './store.js';
+import { observeCommit } from './store-view.js';
 import type { VmRecord } from './vm-table.js';
 import type { VtpmStore } from './vm-store.js';
 

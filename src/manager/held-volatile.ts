@@ -4,26 +4,40 @@
 // checkpoint it may be acknowledged. The manager serves LOAD_VOLATILE from here and writes each held
 // checkpoint to the store in the background, at CLOSE and at shutdown; a backend holds its latest
 // checkpoints again after a manager restart. A written checkpoint stays here (clean) so later appends
-// still find it, until a durable save, a delete or CLOSE replaces it.
+// still find it, until a durable save, a delete or CLOSE replaces it. The writer is told what the store
+// already holds of each checkpoint, so it can write only what was appended since (held-writer.ts).
 import { Refusal } from './refusal.js';
 import { Ord, Status, ordinalName } from './wire.js';
+
+/** What the store holds of a held checkpoint: the whole blob of generation `base`, then pieces up to byte `end`, the last at `generation`. */
+export interface Stored {
+  base: number;
+  generation: number;
+  end: number;
+}
+
+/**
+ * Stores one checkpoint durably, given what the store already holds of it (null: nothing yet); returns
+ * what the store holds now, or null when it dropped it (the instance no longer takes saves).
+ */
+export type HeldWriter = (instance: number, data: Buffer, stored: Stored | null) => Promise<Stored | null>;
 
 interface Entry {
   pieces: Buffer[];
   /** Changed since it was last written. */
   dirty: boolean;
+  stored: Stored | null;
 }
 
 export class HeldVolatile {
   readonly #held = new Map<number, Entry>();
-  readonly #write: (instance: number, data: Buffer) => Promise<void>;
+  readonly #write: HeldWriter;
   readonly #delayMs: number;
   readonly #log: (line: string) => void;
   #timer: NodeJS.Timeout | null = null;
   #flushing: Promise<void> = Promise.resolve();
 
-  /** `write` stores one checkpoint durably (or drops it when its instance no longer takes saves). */
-  constructor(write: (instance: number, data: Buffer) => Promise<void>, delayMs: number, log: (line: string) => void) {
+  constructor(write: HeldWriter, delayMs: number, log: (line: string) => void) {
     this.#write = write;
     this.#delayMs = delayMs;
     this.#log = log;
@@ -44,7 +58,7 @@ export class HeldVolatile {
   }
 
   hold(instance: number, data: Buffer): void {
-    this.#held.set(instance, { pieces: [data], dirty: true });
+    this.#held.set(instance, { pieces: [data], dirty: true, stored: null });
     this.#schedule();
   }
 
@@ -94,10 +108,15 @@ export class HeldVolatile {
         const data = this.get(i)!;
         e.dirty = false;
         writes.push(
-          this.#write(i, data).catch((err: unknown) => {
-            if (this.#held.get(i) === e) e.dirty = true;
-            throw err;
-          }),
+          this.#write(i, data, e.stored).then(
+            (stored) => void (e.stored = stored),
+            (err: unknown) => {
+              // What the store holds is uncertain now: the next write is a whole one.
+              e.stored = null;
+              if (this.#held.get(i) === e) e.dirty = true;
+              throw err;
+            },
+          ),
         );
       }
       // Every write settles (and marks its instance dirty again on failure) before the first error is reported.

@@ -14,6 +14,7 @@ import { execFileSync } from 'node:child_process';
 import type { StateKind } from '../tpm/state-store.js';
 import { createDurableSync } from '../util/durable.js';
 import { KIND_CODES, bytesToUuid, uuidToBytes } from './wire.js';
+import { ChainError, splitChain } from './chain.js';
 
 export const KEY_BYTES = 32;
 const IV_BYTES = 12;
@@ -26,6 +27,10 @@ const SALT_BYTES = 16;
 /** magic 8 | format u8 | kind u8 | instance u32 | uuid 16 | generation u64 — also the AAD. */
 const HEADER_BYTES = 8 + 1 + 1 + 4 + 16 + 8;
 const HKDF_SALT = Buffer.from('vtpm-split manager v1', 'ascii');
+const PIECE_MAGIC = Buffer.from('VTPMPIEC', 'ascii');
+const PIECE_FORMAT = 1;
+/** magic 8 | format u8 | instance u32 | uuid 16 | base gen u64 | previous gen u64 | offset u64 | generation u64 — also the AAD. */
+const PIECE_HEADER_BYTES = 8 + 1 + 4 + 16 + 8 + 8 + 8 + 8;
 
 export const MASTER_KEY_FILE = 'master.key';
 export const SEALED_PUB = 'master.tpm.pub';
@@ -50,6 +55,33 @@ export interface BlobContext {
   kind: StateKind;
   /** Monotonic per (instance, kind); the manager's metadata holds the one expected on load. */
   generation: number;
+}
+
+/** Bytes appended to a held volatile blob, sealed on their own (docs/manager-storage.md, "Appended pieces"). */
+export interface PieceContext {
+  instance: number;
+  vmUuid: string;
+  /** The generation of the whole blob the pieces follow. */
+  base: number;
+  /** The generation of what this piece follows: the base, or the piece before. */
+  previous: number;
+  /** Where the piece's bytes start in the blob's plaintext. */
+  offset: number;
+  /** The piece's own generation: the blob's generation once it is appended. */
+  generation: number;
+}
+
+function pieceHeader(p: PieceContext): Buffer {
+  const h = Buffer.alloc(PIECE_HEADER_BYTES);
+  PIECE_MAGIC.copy(h, 0);
+  h.writeUInt8(PIECE_FORMAT, 8);
+  h.writeUInt32BE(p.instance >>> 0, 9);
+  uuidToBytes(p.vmUuid).copy(h, 13);
+  h.writeBigUInt64BE(BigInt(p.base), 29);
+  h.writeBigUInt64BE(BigInt(p.previous), 37);
+  h.writeBigUInt64BE(BigInt(p.offset), 45);
+  h.writeBigUInt64BE(BigInt(p.generation), 53);
+  return h;
 }
 
 function header(ctx: BlobContext, format: number): Buffer {
@@ -118,8 +150,77 @@ export class Sealer {
     return Buffer.from(crypto.hkdfSync('sha256', this.instanceKey(ctx.instance, ctx.vmUuid), salt, info, KEY_BYTES));
   }
 
-  /** Decrypts a blob that must belong to `expected`; the reason of a refusal names what did not match. */
-  open(expected: BlobContext, envelope: Uint8Array): Buffer {
+  /** Piece header | salt 16 | tag 16 | ciphertext, under a key of its own (HKDF of the instance key, salt, header). */
+  sealPiece(p: PieceContext, data: Uint8Array): Buffer {
+    const h = pieceHeader(p);
+    const salt = crypto.randomBytes(SALT_BYTES);
+    const c = crypto.createCipheriv('aes-256-gcm', this.#pieceKey(p, h, salt), generationIv(p.generation));
+    c.setAAD(h);
+    const body = Buffer.concat([c.update(data), c.final()]);
+    return Buffer.concat([h, salt, c.getAuthTag(), body]);
+  }
+
+  #pieceKey(p: PieceContext, h: Buffer, salt: Uint8Array): Buffer {
+    const info = Buffer.concat([Buffer.from('piece', 'ascii'), h]);
+    return Buffer.from(crypto.hkdfSync('sha256', this.instanceKey(p.instance, p.vmUuid), salt, info, KEY_BYTES));
+  }
+
+  /**
+   * A stored blob: a bare envelope, or a volatile chain (chain.ts) whose base and pieces are opened in
+   * order, each piece bound to this instance, the chain's base, the piece before it and the offset it
+   * continues at, and the last one to the generation the metadata expects.
+   */
+  open(expected: BlobContext, stored: Uint8Array): Buffer {
+    let chain: ReturnType<typeof splitChain>;
+    try {
+      chain = splitChain(stored);
+    } catch (err) {
+      if (err instanceof ChainError) throw new SealError('BAD_FORMAT', err.message);
+      throw err;
+    }
+    if (chain.pieces.length === 0) return this.openEnvelope(expected, chain.base);
+    if (expected.kind !== 'volatile') throw new SealError('BAD_FORMAT', `a ${expected.kind} blob with appended pieces`);
+    const b = chain.base;
+    if (b.length < HEADER_BYTES) throw new SealError('BAD_FORMAT', `chain base of ${b.length} bytes`);
+    const base = Number(b.readBigUInt64BE(30));
+    const parts = [this.openEnvelope({ ...expected, generation: base }, b)];
+    let offset = parts[0]!.length;
+    let previous = base;
+    for (const [i, piece] of chain.pieces.entries()) {
+      if (piece.length < PIECE_HEADER_BYTES + SALT_BYTES + TAG_BYTES || !piece.subarray(0, 8).equals(PIECE_MAGIC) || piece[8] !== PIECE_FORMAT)
+        throw new SealError('BAD_FORMAT', `piece ${i} of instance ${expected.instance}'s volatile chain is not a sealed piece (${piece.length} bytes)`);
+      const instance = piece.readUInt32BE(9);
+      const uuid = bytesToUuid(piece.subarray(13, 29));
+      if (instance !== expected.instance || uuid !== expected.vmUuid)
+        throw new SealError('WRONG_OWNER', `piece ${i} belongs to instance ${instance} (vm ${uuid}), not instance ${expected.instance} (vm ${expected.vmUuid})`);
+      const got = { base: Number(piece.readBigUInt64BE(29)), previous: Number(piece.readBigUInt64BE(37)), offset: Number(piece.readBigUInt64BE(45)) };
+      if (got.base !== base || got.previous !== previous || got.offset !== offset)
+        throw new SealError(
+          'ROLLBACK',
+          `piece ${i} follows base ${got.base}, generation ${got.previous} at offset ${got.offset}; the chain has base ${base}, generation ${previous}, offset ${offset}`,
+        );
+      const p: PieceContext = { instance: expected.instance, vmUuid: expected.vmUuid, base, previous, offset, generation: Number(piece.readBigUInt64BE(53)) };
+      const h = pieceHeader(p);
+      const salt = piece.subarray(PIECE_HEADER_BYTES, PIECE_HEADER_BYTES + SALT_BYTES);
+      const d = crypto.createDecipheriv('aes-256-gcm', this.#pieceKey(p, h, salt), generationIv(p.generation));
+      d.setAAD(h);
+      d.setAuthTag(piece.subarray(PIECE_HEADER_BYTES + SALT_BYTES, PIECE_HEADER_BYTES + SALT_BYTES + TAG_BYTES));
+      try {
+        parts.push(Buffer.concat([d.update(piece.subarray(PIECE_HEADER_BYTES + SALT_BYTES + TAG_BYTES)), d.final()]));
+      } catch {
+        throw new SealError('TAMPERED', `authentication failed for piece ${i} (generation ${p.generation}) of instance ${expected.instance}'s volatile chain`);
+      }
+      offset += parts[parts.length - 1]!.length;
+      previous = p.generation;
+    }
+    // The metadata names the last piece: a chain cut short ends at an older generation.
+    if (previous !== expected.generation)
+      throw new SealError('ROLLBACK', `volatile chain ends at generation ${previous} but the manager expects ${expected.generation}`);
+    return Buffer.concat(parts);
+  }
+
+  /** Decrypts one envelope that must belong to `expected`; the reason of a refusal names what did not match. */
+  openEnvelope(expected: BlobContext, envelope: Uint8Array): Buffer {
     const e = Buffer.from(envelope.buffer, envelope.byteOffset, envelope.length);
     const format = e[8];
     const nonceBytes = format === FORMAT_BLOB_KEY ? SALT_BYTES : IV_BYTES;

@@ -5,7 +5,7 @@ import type { StateKind } from '../tpm/state-store.js';
 
 export class StoreError extends Error {
   constructor(
-    readonly code: 'META_TAMPERED' | 'META_FORMAT' | 'MISSING_BLOB' | 'IO',
+    readonly code: 'META_TAMPERED' | 'META_FORMAT' | 'MISSING_BLOB' | 'IO' | 'STALE',
     message: string,
   ) {
     super(message);

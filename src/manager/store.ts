@@ -20,14 +20,16 @@
 // becomes files, the log generation moves on past both) and remove every blob file the new metadata
 // does not name.
 // Loads come from memory for blobs saved since the last checkpoint (the log keeps that view current),
-// else from the blob files.
+// else from the blob files. A volatile blob also grows by sealed pieces (append()), one log entry each
+// applied onto the generation it names; a checkpoint writes the blob and its pieces as one file (chain.ts).
 import crypto from 'node:crypto';
 import { STATE_KINDS, type StateKind } from '../tpm/state-store.js';
 import { StoreError, blobKey, blobName, decodeMeta, encodeMeta, nameOf, type MetaRecord } from './store-meta.js';
 import type { StoreOps } from './store-ops.js';
 import { managerMetrics } from '../util/metrics.js';
 import type { VtpmStore } from './vm-store.js';
-import { DEFAULT_WAL_BYTES, encodeRecord, replay, walKey, type AppendLog, type WalRecord } from './wal.js';
+import { DEFAULT_WAL_BYTES, encodeRecord, walKey, type AppendLog, type WalAppend, type WalRecord } from './wal.js';
+import { applyRecord, inMemory, materialize, observeCommit, replayLog, type Dirty, type View } from './store-view.js';
 
 /** How long a commit waits for stragglers when the previous one was shared (see #gather). */
 const GATHER_MS = 5;
@@ -37,6 +39,7 @@ export const CLOCK_JUMP = 2 ** 24;
 type Op =
   | { type: 'save'; instance: number; kind: StateKind; generation: number; data: Uint8Array; done: Deferred }
   | { type: 'remove'; instance: number; kinds: readonly StateKind[]; done: Deferred }
+  | { type: 'append'; instance: number; kind: StateKind; onto: number; generation: number; data: Uint8Array; done: Deferred }
   | { type: 'meta'; done: Deferred }
   | { type: 'checkpoint'; done: Deferred };
 
@@ -57,6 +60,8 @@ export interface StoreStats {
   checkpoints: number;
   /** Log records replayed at open. */
   replayed: number;
+  /** Pieces appended to blobs (store.ts append()). */
+  appends?: number;
 }
 
 export interface StoreOptions {
@@ -72,45 +77,23 @@ export interface StoreOptions {
   append?: 'sync' | 'async';
 }
 
-/** Applies one replayed record (or a committed batch) to a view: saves, removals, table, clock. */
-function applyRecord(r: WalRecord, view: { blobs: Record<string, number>; dirty: Map<string, Dirty>; table: unknown; clock: number }): void {
-  for (const s of r.saves) {
-    const k = blobKey(s.instance, s.kind);
-    view.blobs[k] = s.generation;
-    view.dirty.set(k, { generation: s.generation, data: s.data });
-  }
-  for (const x of r.removes) {
-    const k = blobKey(x.instance, x.kind);
-    delete view.blobs[k];
-    view.dirty.delete(k);
-  }
-  if (r.table !== undefined) view.table = r.table;
-  view.clock = Math.max(view.clock, r.clock, ...r.saves.map((s) => s.generation));
-}
-
-/** A blob saved since the last checkpoint: its only durable copy is in the log. */
-interface Dirty {
-  generation: number;
-  data: Uint8Array;
-}
-
 /** How many distinct savers a batch and the queue behind it represent (other operations count once each). */
 function expected(batch: readonly Op[], queue: readonly Op[]): number {
   const keys = new Set<string>();
   let other = 0;
   for (const op of [...batch, ...queue]) {
-    if (op.type === 'save') keys.add(blobKey(op.instance, op.kind));
+    if (op.type === 'save' || op.type === 'append') keys.add(blobKey(op.instance, op.kind));
     else other++;
   }
   return keys.size + other;
 }
 
 export class GroupCommitStore implements VtpmStore {
-  /** The last durable checkpoint: its blobs are the files on disk. */
-  #ck: MetaRecord;
+  #ck: MetaRecord; // the last durable checkpoint: its blobs are the files on disk
   /** The current state: the checkpoint plus every log record since. */
   #blobs: Record<string, number>;
   #dirty: Map<string, Dirty>;
+  #kept = new Map<string, Dirty>();
   #clock: number;
   #log: AppendLog;
   #walKey: Buffer;
@@ -129,7 +112,7 @@ export class GroupCommitStore implements VtpmStore {
   #pending = new Map<string, number>();
   #lastBatch = 0;
   #gathered: (() => void) | null = null;
-  readonly stats: StoreStats = { commits: 0, saves: 0, coalesced: 0, checkpoints: 0, replayed: 0 };
+  readonly stats: StoreStats = { commits: 0, saves: 0, coalesced: 0, checkpoints: 0, replayed: 0, appends: 0 };
   /** Why replay stopped at open (the end of the records, a torn one, …), for the log. */
   readonly replayStop: string;
 
@@ -170,26 +153,8 @@ export class GroupCommitStore implements VtpmStore {
     const ck: MetaRecord = raw
       ? decodeMeta(raw, macKey)
       : { format: 2, seq: 0, clock: 0, blobs: {}, table: null, walGen: crypto.randomInt(1, 2 ** 40), walHalf: 0 };
-    const view = { blobs: { ...ck.blobs }, dirty: new Map<string, Dirty>(), table: ck.table, clock: ck.clock };
-    let replayed = 0;
-    let replayStop = 'no log';
-    if (raw && ck.walGen > 0) {
-      const log = await ops.readLog();
-      if (log) {
-        // The checkpoint's generation, then the next one, written while that checkpoint was under way
-        // (a generation after that needs this checkpoint durable first, so the metadata would name it).
-        const key = walKey(macKey);
-        const stops: string[] = [];
-        for (const gen of [ck.walGen, ck.walGen + 1]) {
-          const base = (gen % 2) * ck.walHalf;
-          const r = replay(log.subarray(Math.min(base, log.length), Math.min(base + ck.walHalf, log.length)), key, gen);
-          for (const rec of r.records) applyRecord(rec, view);
-          replayed += r.records.length;
-          stops.push(`generation ${gen}: ${r.stop}`);
-        }
-        replayStop = stops.join('; ');
-      }
-    }
+    const view: View = { blobs: { ...ck.blobs }, dirty: new Map(), kept: new Map(), table: ck.table, clock: ck.clock };
+    const { replayed, replayStop } = raw && ck.walGen > 0 ? await replayLog(ops, macKey, ck, view) : { replayed: 0, replayStop: 'no log' };
     const logBytes = opts.logBytes ?? DEFAULT_WAL_BYTES;
     // The last run may have sealed blobs under generations above the clock it made durable (reserved
     // after its last commit, written, never committed). Reusing those numbers would let a copy of such
@@ -207,7 +172,7 @@ export class GroupCommitStore implements VtpmStore {
     // The replayed blobs become files and the log generation moves on before anything new is logged,
     // so this start's records can never be mistaken for the last run's.
     await ops.commit(
-      [...view.dirty].map(([k, d]) => ({ name: nameOf(k, d.generation), data: d.data })),
+      [...view.dirty].map(([k, d]) => ({ name: nameOf(k, d.generation), data: materialize(d) })),
       encodeMeta(next, macKey),
     );
     const live = new Set(Object.entries(next.blobs).map(([k, g]) => nameOf(k, g)));
@@ -235,6 +200,14 @@ export class GroupCommitStore implements VtpmStore {
     return this.#enqueue({ type: 'save', instance, kind, generation, data }, [blobKey(instance, kind)]);
   }
 
+  /**
+   * Appends a sealed piece to the blob of (instance, kind), which must be at generation `onto` and in
+   * memory; durable like a save. Else refused (StoreError STALE): the caller saves the whole blob.
+   */
+  append(instance: number, kind: StateKind, onto: number, generation: number, data: Uint8Array): Promise<void> {
+    return this.#enqueue({ type: 'append', instance, kind, onto, generation, data }, [blobKey(instance, kind)]);
+  }
+
   remove(instance: number, kinds: readonly StateKind[] = STATE_KINDS): Promise<void> {
     return this.#enqueue({ type: 'remove', instance, kinds }, kinds.map((k) => blobKey(instance, k)));
   }
@@ -256,8 +229,8 @@ export class GroupCommitStore implements VtpmStore {
     for (;;) {
       const g = this.#blobs[k];
       if (g === undefined) return null;
-      const d = this.#dirty.get(k);
-      if (d && d.generation === g) return { generation: g, data: Buffer.from(d.data) };
+      const d = inMemory({ dirty: this.#dirty, kept: this.#kept }, k, g);
+      if (d) return { generation: g, data: Buffer.from(materialize(d)) };
       const data = await this.ops.readBlob(blobName(instance, kind, g));
       if (data) return { generation: g, data };
       // Superseded and removed while we read: the view now names a newer one.
@@ -334,6 +307,8 @@ export class GroupCommitStore implements VtpmStore {
     const blobs = { ...this.#blobs };
     const writes = new Map<string, { instance: number; kind: StateKind; generation: number; data: Uint8Array }>();
     const removes = new Map<string, { instance: number; kind: StateKind }>();
+    const appends: Array<WalAppend & { op: Op }> = [];
+    const rejected = new Set<Op>();
     let saves = 0;
     let tableChanged = false;
     let checkpoint = this.#mustCheckpoint;
@@ -345,6 +320,7 @@ export class GroupCommitStore implements VtpmStore {
         blobs[k] = op.generation;
         writes.set(k, { instance: op.instance, kind: op.kind, generation: op.generation, data: op.data });
         removes.delete(k);
+        dropAppends(k);
       } else if (op.type === 'remove') {
         tableChanged = true;
         for (const kind of op.kinds) {
@@ -352,16 +328,34 @@ export class GroupCommitStore implements VtpmStore {
           delete blobs[k];
           writes.delete(k);
           removes.set(k, { instance: op.instance, kind });
+          dropAppends(k);
         }
+      } else if (op.type === 'append') {
+        const k = blobKey(op.instance, op.kind);
+        const held = writes.has(k) || appends.some((a) => blobKey(a.instance, a.kind) === k) || inMemory({ dirty: this.#dirty, kept: this.#kept }, k, blobs[k]);
+        if (blobs[k] !== op.onto || !held) {
+          rejected.add(op);
+          op.done.reject(new StoreError('STALE', `append to ${k} onto generation ${op.onto}: the blob is at ${blobs[k] ?? 'none'}${held ? '' : ' and not in memory'}`));
+          continue;
+        }
+        blobs[k] = op.generation;
+        appends.push({ instance: op.instance, kind: op.kind, onto: op.onto, generation: op.generation, data: op.data, op });
       } else if (op.type === 'meta') tableChanged = true;
       else checkpoint = true;
     }
+    // An append superseded in its batch (by a later save or removal of the blob) is never written.
+    function dropAppends(k: string): void {
+      for (let i = appends.length - 1; i >= 0; i--) if (blobKey(appends[i]!.instance, appends[i]!.kind) === k) appends.splice(i, 1);
+    }
+    batch = batch.filter((op) => !rejected.has(op));
+    if (batch.length === 0) return;
     const rec: WalRecord = {
       gen: this.#gen,
       seq: this.#walSeq,
       clock: this.#clock,
       saves: [...writes.values()],
       removes: [...removes.values()],
+      appends: appends.map(({ op: _op, ...a }) => a),
       table: tableChanged ? this.snapshotTable() : undefined,
     };
     const fail = (err: unknown, how: string): void => {
@@ -390,8 +384,10 @@ export class GroupCommitStore implements VtpmStore {
       }
       this.#walOff += bytes.length;
       this.#walSeq++;
-      this.#blobs = blobs;
-      applyRecord(rec, { blobs, dirty: this.#dirty, table: null, clock: 0 });
+      // Onto the state before the batch (`blobs` holds its outcome already): appends check their base.
+      this.#blobs = { ...this.#blobs };
+      applyRecord(rec, { blobs: this.#blobs, dirty: this.#dirty, kept: this.#kept, table: null, clock: 0 });
+      this.stats.appends! += appends.length;
       this.stats.commits++;
       this.stats.saves += saves;
       observeCommit('log', batch.length, saves);
@@ -403,10 +399,11 @@ export class GroupCommitStore implements VtpmStore {
     // the next log generation. Not concurrently with a background one (both would write the metadata).
     if (this.#background) await this.#background;
     const dirty = new Map(this.#dirty);
-    applyRecord(rec, { blobs: { ...this.#blobs }, dirty, table: null, clock: 0 });
+    applyRecord(rec, { blobs: { ...this.#blobs }, dirty, kept: new Map(this.#kept), table: null, clock: 0 });
     const snap = { blobs, dirty, table: this.snapshotTable(), clock: this.#clock };
+    let written: Map<string, Dirty>;
     try {
-      await this.#writeCheckpoint(snap, this.#gen + 1);
+      written = await this.#writeCheckpoint(snap, this.#gen + 1);
     } catch (err) {
       return fail(err, 'checkpoint');
     }
@@ -415,6 +412,9 @@ export class GroupCommitStore implements VtpmStore {
     this.#walOff = 0;
     this.#blobs = blobs;
     this.#dirty.clear();
+    for (const k of removes.keys()) this.#kept.delete(k);
+    this.#keep(written);
+    this.stats.appends! += appends.length;
     this.#mustCheckpoint = false;
     this.stats.commits++;
     this.stats.saves += saves;
@@ -431,9 +431,10 @@ export class GroupCommitStore implements VtpmStore {
     this.#walOff = 0;
     this.#background = (async () => {
       try {
-        await this.#writeCheckpoint(snap, this.#gen);
+        const written = await this.#writeCheckpoint(snap, this.#gen);
         // In files now, unless saved again since (then the newer copy is in this generation's records).
         for (const [k, d] of snap.dirty) if (this.#dirty.get(k) === d) this.#dirty.delete(k);
+        this.#keep(new Map([...written].filter(([k]) => !this.#dirty.has(k) && this.#blobs[k] === written.get(k)!.generation)));
         await this.#removeStale();
       } catch {
         // The previous generation's records are still needed: the next batch checkpoints in line
@@ -445,13 +446,22 @@ export class GroupCommitStore implements VtpmStore {
     })();
   }
 
+  /** Volatile blobs just written as files stay in memory (materialized) so pieces can still be appended to them. */
+  #keep(written: Map<string, Dirty>): void {
+    for (const [k, d] of written) if (k.endsWith('.volatile')) this.#kept.set(k, d);
+  }
+
   #stale: string[] = [];
 
-  /** Writes a checkpoint: `snap.dirty` as files, then the metadata naming `snap.blobs` and log generation `walGen`. */
-  async #writeCheckpoint(snap: { blobs: Record<string, number>; dirty: Map<string, Dirty>; table: unknown; clock: number }, walGen: number): Promise<void> {
+  /**
+   * Writes a checkpoint: `snap.dirty` as files (each blob with its pieces as one), then the metadata
+   * naming `snap.blobs` and log generation `walGen`. Returns what it wrote, by blob.
+   */
+  async #writeCheckpoint(snap: { blobs: Record<string, number>; dirty: Map<string, Dirty>; table: unknown; clock: number }, walGen: number): Promise<Map<string, Dirty>> {
     const next: MetaRecord = { format: 2, seq: this.#ck.seq + 1, clock: snap.clock, blobs: snap.blobs, table: snap.table, walGen, walHalf: this.#half };
+    const written = new Map<string, Dirty>([...snap.dirty].map(([k, d]) => [k, { generation: d.generation, data: materialize(d), pieces: [] }]));
     await this.ops.commit(
-      [...snap.dirty].map(([k, d]) => ({ name: nameOf(k, d.generation), data: d.data })),
+      [...written].map(([k, d]) => ({ name: nameOf(k, d.generation), data: d.data })),
       encodeMeta(next, this.macKey),
     );
     // Files of the previous checkpoint that this one no longer names: removed only now (a crash
@@ -461,6 +471,7 @@ export class GroupCommitStore implements VtpmStore {
     this.#ck = next;
     this.stats.checkpoints++;
     managerMetrics().checkpoints.inc();
+    return written;
   }
 
   async #removeStale(): Promise<void> {
@@ -486,12 +497,4 @@ export class GroupCommitStore implements VtpmStore {
       this.#log.close();
     }
   }
-}
-
-/** A group commit made durable (`kind`: a log record, a checkpoint, or one etcd transaction), for the metrics. */
-export function observeCommit(kind: 'log' | 'checkpoint' | 'etcd', ops: number, saves: number): void {
-  const m = managerMetrics();
-  m.commits.inc({ kind });
-  m.groupSize.observe(ops);
-  m.saves.inc(saves);
 }

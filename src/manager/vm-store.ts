@@ -11,6 +11,11 @@ export interface VtpmStore {
   reserve(): number;
   /** Resolves once the sealed blob is durable (and will be what a load returns). */
   save(instance: number, kind: StateKind, generation: number, data: Uint8Array): Promise<void>;
+  /**
+   * Appends a sealed piece to the blob at generation `onto`, which becomes `generation` (store.ts);
+   * absent where the store keeps whole saves only (etcd). Refused with StoreError STALE when it cannot.
+   */
+  append?(instance: number, kind: StateKind, onto: number, generation: number, data: Uint8Array): Promise<void>;
   remove(instance: number, kinds?: readonly StateKind[]): Promise<void>;
   /** Makes the current VM table (and migration record) durable. */
   commitTable(): Promise<void>;
