@@ -19,8 +19,9 @@ export interface Stored {
 /**
  * Stores one checkpoint durably, given what the store already holds of it (null: nothing yet); returns
  * what the store holds now, or null when it dropped it (the instance no longer takes saves).
+ * `current()`: the checkpoint is still the one held (no durable save or new hold replaced it since).
  */
-export type HeldWriter = (instance: number, data: Buffer, stored: Stored | null) => Promise<Stored | null>;
+export type HeldWriter = (instance: number, data: Buffer, stored: Stored | null, current: () => boolean) => Promise<Stored | null>;
 
 interface Entry {
   pieces: Buffer[];
@@ -108,7 +109,7 @@ export class HeldVolatile {
         const data = this.get(i)!;
         e.dirty = false;
         writes.push(
-          this.#write(i, data, e.stored).then(
+          this.#write(i, data, e.stored, () => this.#held.get(i) === e).then(
             (stored) => void (e.stored = stored),
             (err: unknown) => {
               // What the store holds is uncertain now: the next write is a whole one.

@@ -8,7 +8,7 @@ import type { VmRecord } from './vm-table.js';
 import type { VtpmStore } from './vm-store.js';
 
 export function heldWriter(vmOf: (instance: number) => VmRecord | undefined, store: VtpmStore, sealer: Sealer): HeldWriter {
-  return async (instance, data, stored) => {
+  return async (instance, data, stored, current) => {
     const vm = vmOf(instance);
     // A VM closed, deleted or migrated out meanwhile: what it held went with that step.
     if (vm?.status !== 'open') return null;
@@ -22,9 +22,11 @@ export function heldWriter(vmOf: (instance: number) => VmRecord | undefined, sto
         await store.append(instance, 'volatile', stored.generation, generation, piece);
         return { base: stored.base, generation, end: data.length };
       } catch (err) {
-        // The stored blob moved on (a durable save, a delete) or left memory: write it whole instead.
         if (!(err instanceof StoreError && err.code === 'STALE')) throw err;
       }
+      // The stored blob moved on or left the store's memory. Written whole only if still held: a durable
+      // save or delete that replaced it was ordered after the piece, and must not be overwritten.
+      if (!current()) return null;
     }
     const generation = store.reserve();
     await store.save(instance, 'volatile', generation, sealer.seal({ instance, vmUuid: vm.vmUuid, kind: 'volatile', generation }, data));

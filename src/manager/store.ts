@@ -412,7 +412,6 @@ export class GroupCommitStore implements VtpmStore {
     this.#walOff = 0;
     this.#blobs = blobs;
     this.#dirty.clear();
-    for (const k of removes.keys()) this.#kept.delete(k);
     this.#keep(written);
     this.stats.appends! += appends.length;
     this.#mustCheckpoint = false;
@@ -446,9 +445,9 @@ export class GroupCommitStore implements VtpmStore {
     })();
   }
 
-  /** Volatile blobs just written as files stay in memory (materialized) so pieces can still be appended to them. */
+  /** Volatile blobs just written stay in memory for more pieces; any not saved or appended to since the last checkpoint leave. */
   #keep(written: Map<string, Dirty>): void {
-    for (const [k, d] of written) if (k.endsWith('.volatile')) this.#kept.set(k, d);
+    this.#kept = new Map([...written].filter(([k]) => k.endsWith('.volatile')));
   }
 
   #stale: string[] = [];

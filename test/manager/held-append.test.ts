@@ -11,6 +11,10 @@ import { setTimeout as sleep } from 'node:timers/promises';
 import { ManagerClient } from '../../src/manager/client.js';
 import { chainBytes, splitChain } from '../../src/manager/chain.js';
 import { HOLD_FLUSH_MS } from '../../src/manager/daemon.js';
+import { HeldVolatile } from '../../src/manager/held-volatile.js';
+import { heldWriter } from '../../src/manager/held-writer.js';
+import type { VmRecord } from '../../src/manager/vm-table.js';
+import type { VtpmStore } from '../../src/manager/vm-store.js';
 import { SealError, Sealer, type PieceContext } from '../../src/manager/seal.js';
 import { StoreError } from '../../src/manager/store-meta.js';
 import { DirOps } from '../../src/manager/store-ops.js';
@@ -235,6 +239,79 @@ describe('the store: appends across checkpoints', () => {
     expect(s.stats.replayed).toBe(0);
     await check(s);
     await s.close();
+  });
+});
+
+describe('the writer over the real store and sealer', () => {
+  const vm = { instance: 1, vmUuid: A, status: 'open' } as VmRecord;
+  const opened = async (st: GroupCommitStore, sealer: Sealer): Promise<string> => {
+    const got = (await st.load(1, 'volatile'))!;
+    return sealer.open({ instance: 1, vmUuid: A, kind: 'volatile', generation: got.generation }, got.data).toString();
+  };
+
+  it('writes whole, then pieces; a blob idle for a log generation leaves memory and the next write is whole again', async () => {
+    const st = await open(dir('writer'));
+    const sealer = new Sealer(crypto.randomBytes(32));
+    const held = new HeldVolatile(heldWriter(() => vm, st, sealer), 60_000, () => {});
+    held.hold(1, Buffer.from('base.'));
+    await held.flush();
+    held.append(1, Buffer.from('r1.'));
+    held.append(1, Buffer.from('r2.'));
+    await held.flush();
+    expect(st.stats.appends).toBe(1);
+    expect(await opened(st, sealer)).toBe('base.r1.r2.');
+    // Two checkpoints with no write between: the blob left the store's memory.
+    await st.checkpoint();
+    await st.checkpoint();
+    held.append(1, Buffer.from('r3.'));
+    await held.flush();
+    expect(st.stats.appends).toBe(1);
+    expect(st.stats.saves).toBe(2);
+    expect(await opened(st, sealer)).toBe('base.r1.r2.r3.');
+    held.stop();
+    await st.close();
+  });
+
+  it('a durable save that replaces the held checkpoint while its piece is refused is never overwritten by the held bytes', async () => {
+    const st = await open(dir('writer-race'));
+    const sealer = new Sealer(crypto.randomBytes(32));
+    let onAppend = (): void => {};
+    // The real store, with a hook just after the writer queues its piece (where a SAVE_VOLATILE can arrive).
+    const hooked: VtpmStore = {
+      description: st.description,
+      stats: st.stats,
+      reserve: () => st.reserve(),
+      save: (...a) => st.save(...a),
+      append: (...a) => {
+        const p = st.append(...a);
+        onAppend();
+        return p;
+      },
+      remove: (...a) => st.remove(...a),
+      commitTable: () => st.commitTable(),
+      load: (...a) => st.load(...a),
+      flush: () => st.flush(),
+      close: () => st.close(),
+    };
+    const held = new HeldVolatile(heldWriter(() => vm, hooked, sealer), 60_000, () => {});
+    held.hold(1, Buffer.from('base.'));
+    await held.flush();
+    await st.checkpoint();
+    await st.checkpoint(); // not in the store's memory: the piece will be refused
+    let durable: Promise<void> | null = null;
+    onAppend = () => {
+      // What the daemon does for SAVE_VOLATILE: drop what is held, then save durably.
+      held.drop(1);
+      const g = st.reserve();
+      durable = st.save(1, 'volatile', g, sealer.seal({ instance: 1, vmUuid: A, kind: 'volatile', generation: g }, Buffer.from('durable')));
+    };
+    held.append(1, Buffer.from('r1.'));
+    await held.flush();
+    await durable;
+    await st.flush();
+    expect(await opened(st, sealer)).toBe('durable');
+    held.stop();
+    await st.close();
   });
 });
 
