@@ -60,8 +60,7 @@ export interface StoreStats {
   checkpoints: number;
   /** Log records replayed at open. */
   replayed: number;
-  /** Pieces appended to blobs (store.ts append()). */
-  appends?: number;
+  appends?: number; // pieces appended to blobs (append())
 }
 
 export interface StoreOptions {
@@ -401,12 +400,8 @@ export class GroupCommitStore implements VtpmStore {
     const dirty = new Map(this.#dirty);
     applyRecord(rec, { blobs: { ...this.#blobs }, dirty, kept: new Map(this.#kept), table: null, clock: 0 });
     const snap = { blobs, dirty, table: this.snapshotTable(), clock: this.#clock };
-    let written: Map<string, Dirty>;
-    try {
-      written = await this.#writeCheckpoint(snap, this.#gen + 1);
-    } catch (err) {
-      return fail(err, 'checkpoint');
-    }
+    const written = await this.#writeCheckpoint(snap, this.#gen + 1).catch((err: unknown) => void fail(err, 'checkpoint'));
+    if (!written) return;
     this.#gen++;
     this.#walSeq = 1;
     this.#walOff = 0;
@@ -445,9 +440,11 @@ export class GroupCommitStore implements VtpmStore {
     })();
   }
 
-  /** Volatile blobs just written stay in memory for more pieces; any not saved or appended to since the last checkpoint leave. */
+  /** Volatile blobs just written stay in memory for pieces; others leave unless an operation on them is queued. */
   #keep(written: Map<string, Dirty>): void {
-    this.#kept = new Map([...written].filter(([k]) => k.endsWith('.volatile')));
+    const next = new Map([...written].filter(([k]) => k.endsWith('.volatile')));
+    for (const [k, d] of this.#kept) if (!next.has(k) && this.#pending.has(k)) next.set(k, d);
+    this.#kept = next;
   }
 
   #stale: string[] = [];

@@ -17,7 +17,7 @@ import type { VmRecord } from '../../src/manager/vm-table.js';
 import type { VtpmStore } from '../../src/manager/vm-store.js';
 import { SealError, Sealer, type PieceContext } from '../../src/manager/seal.js';
 import { StoreError } from '../../src/manager/store-meta.js';
-import { DirOps } from '../../src/manager/store-ops.js';
+import { DirOps, type StoreOps } from '../../src/manager/store-ops.js';
 import { GroupCommitStore } from '../../src/manager/store.js';
 import { WAL_FILE, encodeRecord, readRecord, walKey, type WalRecord } from '../../src/manager/wal.js';
 import { startManager, type RunningManager } from './helpers.js';
@@ -242,6 +242,55 @@ describe('the store: appends across checkpoints', () => {
   });
 });
 
+describe('the store: an append waiting for a background checkpoint', () => {
+  it('keeps the blob it goes onto in memory though that checkpoint did not write it', async () => {
+    const d = dir('append-bg');
+    // The real directory store; its checkpoint commits wait at a gate this test opens.
+    const dirOps = new DirOps(d);
+    let gate: Promise<void> | null = null;
+    let started = 0;
+    const ops: StoreOps = {
+      description: dirOps.description,
+      prepare: () => dirOps.prepare(),
+      readMeta: () => dirOps.readMeta(),
+      commit: async (items, meta) => {
+        started++;
+        if (gate) await gate;
+        return dirOps.commit(items, meta);
+      },
+      readBlob: (n) => dirOps.readBlob(n),
+      removeBlobs: (n) => dirOps.removeBlobs(n),
+      listBlobs: () => dirOps.listBlobs(),
+      readLog: () => dirOps.readLog(),
+      openLog: (n) => dirOps.openLog(n),
+    };
+    const s = (await GroupCommitStore.open(ops, macKey, () => [], { logBytes: 4096 })).store;
+    const g0 = s.reserve();
+    await s.save(1, 'volatile', g0, Buffer.alloc(100, 0x61));
+    await s.checkpoint(); // the blob is a file now, kept in memory for pieces
+    let release = (): void => {};
+    gate = new Promise((r) => (release = r));
+    // Fill the log half until a background checkpoint starts (only instance 2 is in it), held at the gate.
+    const before = started;
+    for (let i = 0; started === before && i < 10; i++) await s.save(2, 'permanent', s.reserve(), Buffer.alloc(900, i));
+    expect(started).toBe(before + 1);
+    // A piece too large for what is left of the new half: its batch waits for that checkpoint.
+    const g1 = s.reserve();
+    const appended = s.append(1, 'volatile', g0, g1, Buffer.alloc(1500, 0x62));
+    await sleep(50);
+    release();
+    gate = null;
+    await appended;
+    expect(s.generation(1, 'volatile')).toBe(g1);
+    const { base, pieces } = splitChain((await s.load(1, 'volatile'))!.data);
+    expect([base, ...pieces].map((b) => b.length)).toEqual([100, 1500]);
+    await s.close();
+    const t = await open(d, 4096);
+    expect(splitChain((await t.load(1, 'volatile'))!.data).pieces.map((p) => p.length)).toEqual([1500]);
+    await t.close();
+  });
+});
+
 describe('the writer over the real store and sealer', () => {
   const vm = { instance: 1, vmUuid: A, status: 'open' } as VmRecord;
   const opened = async (st: GroupCommitStore, sealer: Sealer): Promise<string> => {
@@ -374,9 +423,10 @@ describe('the real manager: the background writer appends', () => {
     // Per instance: every state it was acknowledged in (held, or held then appended), in order.
     const states: Buffer[][] = inst.map(() => []);
     const current: Buffer[] = inst.map(() => Buffer.alloc(0));
+    // Per instance: the index of the newest state known to be stored (a pause long enough for the
+    // writer, or what a restart loaded): the least a restart may load; -1: none yet.
+    const durable = inst.map(() => -1);
     for (let round = 0; round < 5; round++) {
-      // States as of the last pause long enough for the writer: the least a restart may load.
-      const durable = states.map((s) => s.length - 1);
       let stop = false;
       const work = (async () => {
         while (!stop) {
@@ -410,12 +460,17 @@ describe('the real manager: the background writer appends', () => {
       c = await start(stateDir, runDir, extra);
       for (let i = 0; i < N; i++) {
         const got = await c.load(inst[i]!, 'volatile');
-        if (durable[i]! < 0 && got === null) continue;
+        if (durable[i]! < 0 && got === null) {
+          current[i] = Buffer.alloc(0); // never written: the guest starts over with a whole hold
+          continue;
+        }
+        expect(got, `instance ${inst[i]} round ${round}: nothing loaded; manager log:\n${running!.log.join('\n')}`).not.toBeNull();
         const at = states[i]!.findLastIndex((s) => s.equals(Buffer.from(got!)));
         expect(at, `instance ${inst[i]} round ${round}: loaded a state it never had`).toBeGreaterThanOrEqual(0);
         expect(at, `instance ${inst[i]} round ${round}: older than the state written before`).toBeGreaterThanOrEqual(durable[i]!);
         // Go on from what the store has (the guest's backend would hold it again).
         states[i]!.push(Buffer.from(got!));
+        durable[i] = states[i]!.length - 1;
         current[i] = Buffer.from(got!);
         await c.holdVolatile(inst[i]!, current[i]!);
       }
