@@ -178,9 +178,8 @@ export class ManagerDaemon {
       loadPlain: (vm, kind) => this.#loadPlain(vm, kind),
     });
     if (store instanceof GroupCommitStore && store.stats.replayed > 0) this.#log(`replayed ${store.stats.replayed} log records (then: ${store.replayStop})`);
-    this.#held = new HeldVolatile(heldWriter((i) => this.#table.byInstance(i), store, this.#sealer), this.opts.holdFlushMs ?? HOLD_FLUSH_MS, (l) =>
-      this.#log(l),
-    );
+    const writer = heldWriter((i) => this.#table.byInstance(i), store, this.#sealer);
+    this.#held = new HeldVolatile(writer, this.opts.holdFlushMs ?? HOLD_FLUSH_MS, (l) => this.#log(l));
     // Last before serving: its libtpms work must not keep a manager that failed to start alive.
     this.#factory = new Factory(ca, (l) => this.#log(l), this.opts.platform);
     this.#server = FifoServer.listen(runDir, this.opts.clientQueue);
