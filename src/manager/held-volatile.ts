@@ -9,11 +9,12 @@
 import { Refusal } from './refusal.js';
 import { Ord, Status, ordinalName } from './wire.js';
 
-/** What the store holds of a held checkpoint: the whole blob of generation `base`, then pieces up to byte `end`, the last at `generation`. */
+/** What the store holds of a held checkpoint: the whole blob of generation `base`, then `pieces` up to byte `end`, the last at `generation`. */
 export interface Stored {
   base: number;
   generation: number;
   end: number;
+  pieces: number;
 }
 
 /**

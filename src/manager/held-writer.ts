@@ -7,12 +7,15 @@ import { StoreError } from './store-meta.js';
 import type { VmRecord } from './vm-table.js';
 import type { VtpmStore } from './vm-store.js';
 
+/** Pieces after one whole write, then the next is whole: a load opens at most this many, whatever a client appends. */
+export const MAX_PIECES = 64;
+
 export function heldWriter(vmOf: (instance: number) => VmRecord | undefined, store: VtpmStore, sealer: Sealer): HeldWriter {
   return async (instance, data, stored, current) => {
     const vm = vmOf(instance);
     // A VM closed, deleted or migrated out meanwhile: what it held went with that step.
     if (vm?.status !== 'open') return null;
-    if (stored && store.append && data.length > stored.end) {
+    if (stored && store.append && data.length > stored.end && stored.pieces < MAX_PIECES) {
       const generation = store.reserve();
       const piece = sealer.sealPiece(
         { instance, vmUuid: vm.vmUuid, base: stored.base, previous: stored.generation, offset: stored.end, generation },
@@ -20,7 +23,7 @@ export function heldWriter(vmOf: (instance: number) => VmRecord | undefined, sto
       );
       try {
         await store.append(instance, 'volatile', stored.generation, generation, piece);
-        return { base: stored.base, generation, end: data.length };
+        return { base: stored.base, generation, end: data.length, pieces: stored.pieces + 1 };
       } catch (err) {
         if (!(err instanceof StoreError && err.code === 'STALE')) throw err;
       }
@@ -30,6 +33,6 @@ export function heldWriter(vmOf: (instance: number) => VmRecord | undefined, sto
     }
     const generation = store.reserve();
     await store.save(instance, 'volatile', generation, sealer.seal({ instance, vmUuid: vm.vmUuid, kind: 'volatile', generation }, data));
-    return { base: generation, generation, end: data.length };
+    return { base: generation, generation, end: data.length, pieces: 0 };
   };
 }

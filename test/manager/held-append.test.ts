@@ -12,7 +12,7 @@ import { ManagerClient } from '../../src/manager/client.js';
 import { chainBytes, splitChain } from '../../src/manager/chain.js';
 import { HOLD_FLUSH_MS } from '../../src/manager/daemon.js';
 import { HeldVolatile } from '../../src/manager/held-volatile.js';
-import { heldWriter } from '../../src/manager/held-writer.js';
+import { MAX_PIECES, heldWriter } from '../../src/manager/held-writer.js';
 import type { VmRecord } from '../../src/manager/vm-table.js';
 import type { VtpmStore } from '../../src/manager/vm-store.js';
 import { SealError, Sealer, type PieceContext } from '../../src/manager/seal.js';
@@ -317,6 +317,27 @@ describe('the writer over the real store and sealer', () => {
     expect(st.stats.appends).toBe(1);
     expect(st.stats.saves).toBe(2);
     expect(await opened(st, sealer)).toBe('base.r1.r2.r3.');
+    held.stop();
+    await st.close();
+  });
+
+  it(`writes whole again after ${MAX_PIECES} pieces, so a load never opens more`, async () => {
+    const st = await open(dir('writer-max'));
+    const sealer = new Sealer(crypto.randomBytes(32));
+    const held = new HeldVolatile(heldWriter(() => vm, st, sealer), 60_000, () => {});
+    held.hold(1, Buffer.from('b.'));
+    await held.flush();
+    let want = 'b.';
+    for (let i = 0; i < MAX_PIECES + 1; i++) {
+      held.append(1, Buffer.from(`${i}.`));
+      want += `${i}.`;
+      await held.flush();
+    }
+    expect(st.stats.appends).toBe(MAX_PIECES);
+    expect(st.stats.saves).toBe(2);
+    const got = (await st.load(1, 'volatile'))!;
+    expect(splitChain(got.data).pieces).toHaveLength(0);
+    expect(await opened(st, sealer)).toBe(want);
     held.stop();
     await st.close();
   });
