@@ -9,7 +9,18 @@ import { DirOps } from '../../src/manager/store-ops.js';
 import { GroupCommitStore } from '../../src/manager/store.js';
 import { WAL_FILE, encodeRecord, readRecord, replay, walKey, type WalRecord } from '../../src/manager/wal.js';
 import { startManager, type RunningManager } from './helpers.js';
-import { tempDir } from '../helpers/temp.js';
+import { removeDir, tempDir as newTempDir } from '../helpers/temp.js';
+
+// Every directory a test here makes is removed after it.
+const made: string[] = [];
+const tempDir = (tag: string): string => {
+  const d = newTempDir(tag);
+  made.push(d);
+  return d;
+};
+afterEach(() => {
+  for (const d of made.splice(0)) removeDir(d);
+});
 
 const macKey = crypto.randomBytes(32);
 
