@@ -150,12 +150,13 @@ export class JournalStore implements StateStore {
   }
 
   /** Hold `records` after the held checkpoint at the manager (they are in the table already). */
-  async append(records: ReplayRecord[]): Promise<void> {
+  append(records: ReplayRecord[]): Promise<void> {
     const n = this.#appended;
     this.#appended = -1; // unknown until the manager answers
     this.#durable = false;
-    await this.#inner.appendVolatile!(this.#instance, encodeRecords(records));
-    this.#appended = n + records.length;
+    return this.#inner.appendVolatile!(this.#instance, encodeRecords(records)).then(() => {
+      this.#appended = n + records.length;
+    });
   }
 
   async store(instance: number, kind: StateKind, blob: Uint8Array): Promise<void> {
@@ -240,7 +241,7 @@ export class JournalStore implements StateStore {
 function encodeRecords(records: ReplayRecord[]): Uint8Array {
   let size = 0;
   for (const r of records) size += 17 + r.command.length + 4 + r.response.length;
-  const out = Buffer.alloc(size);
+  const out = Buffer.allocUnsafe(size); // every byte is written below; small ones come from Node's pool
   let off = 0;
   for (const r of records) {
     out.writeBigUInt64LE(r.id, off);
