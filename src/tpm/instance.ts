@@ -390,13 +390,16 @@ export class TpmInstance extends EventEmitter implements SwtpmVtpm {
    */
   executeNow(command: Uint8Array, locality: number): Uint8Array | Promise<Uint8Array> | null {
     const lib = this.#lib;
-    if (!this.#inlineFast || this.#queued > 0 || this.#status !== 'running' || !lib || !this.#nv.idle) return null;
-    if (!Number.isInteger(locality) || locality < 0 || locality > 4) return null;
-    if (command.length > this.#bufferSize || !isFastCommand(this.version, command)) return null;
+    if (!lib || !this.canRunNow(command) || !Number.isInteger(locality) || locality < 0 || locality > 4) return null;
     this.#locality = locality;
     const { rc, response } = lib.process(command);
     if (this.#nv.idle) return this.#checked(rc, response);
     return this.#flush().then(() => this.#checked(rc, response));
+  }
+
+  /** Whether executeNow would run `command` now. */
+  canRunNow(command: Uint8Array): boolean {
+    return this.#inlineFast && this.#queued === 0 && this.#status === 'running' && this.#nv.idle && command.length <= this.#bufferSize && isFastCommand(this.version, command);
   }
 
   /** The response of TPMLIB_Process, or the fatal error answer; the instance fails on either failure. */
