@@ -10,7 +10,7 @@ import { randomBytes } from 'node:crypto';
 import { setTimeout as sleep } from 'node:timers/promises';
 import type { TpmInstance } from '../tpm/instance.js';
 import { isFastCommand } from '../tpm/fast-path.js';
-import { stirRandom, volatileEffect } from '../tpm/volatile-effect.js';
+import { stirRandom, volatileEffect, type VolatileEffect } from '../tpm/volatile-effect.js';
 import type { Completed, OnceRequest, VtpmTarget } from '../tpm/vtpm.js';
 import type { JournalStore, ReplayRecord } from './journal.js';
 
@@ -155,11 +155,11 @@ export class ExactlyOnce implements VtpmTarget {
     else this.#busy = false;
   }
 
-  /** A command the instance runs at once whose effect `n` appended records (or none) cover. */
-  #qualifies(command: Uint8Array, n: number): boolean {
-    if (!this.inst.canRunNow(command)) return false;
+  /** The effect of a command the instance runs at once whose effect `n` appended records (or none) cover; else null. */
+  #effectNow(command: Uint8Array, n: number): VolatileEffect | null {
+    if (!this.inst.canRunNow(command)) return null;
     const effect = volatileEffect(this.inst.version, command);
-    return effect === 'none' || (effect === 'replay' && this.#journal.canAppend(n + 1));
+    return effect === 'none' || (effect === 'replay' && this.#journal.canAppend(n + 1)) ? effect : null;
   }
 
   /**
@@ -169,13 +169,15 @@ export class ExactlyOnce implements VtpmTarget {
    * TPM failing, the append refused): it then holds a full checkpoint of what ran, or rebuilds the TPM.
    */
   #groupNow(first: OnceRequest, more: More, statusOf: StatusOf): Promise<Uint8Array[]> {
-    if (first.id === 0n || this.#journal.get(first.id) || !this.#qualifies(first.command, 0)) return this.#group(first, more, statusOf);
+    const firstEffect = first.id === 0n || this.#journal.get(first.id) ? null : this.#effectNow(first.command, 0);
+    if (firstEffect === null) return this.#group(first, more, statusOf);
     const inst = this.inst;
     const journal = this.#journal;
     const reqs: OnceRequest[] = [];
     const answers: Uint8Array[] = [];
     const records: ReplayRecord[] = [];
-    const joins = (c: Uint8Array): boolean => isFastCommand(inst.version, c) && this.#qualifies(c, records.length);
+    let effect: VolatileEffect | null = firstEffect; // of the request `more` hands over next
+    const joins = (c: Uint8Array): boolean => isFastCommand(inst.version, c) && (effect = this.#effectNow(c, records.length)) !== null;
     // Those taken so far first, then the channel's queue: #group answers what ran from the table.
     const slow = (): Promise<Uint8Array[]> => {
       let i = 1;
@@ -189,8 +191,7 @@ export class ExactlyOnce implements VtpmTarget {
         answers.push(done.response);
         continue;
       }
-      const effect = volatileEffect(inst.version, r.command);
-      const ran = inst.executeNow(r.command, r.locality);
+      const ran = effect === null ? null : inst.executeNow(r.command, r.locality);
       if (ran === null) return reqs.length === 1 ? this.#group(first, more, statusOf) : slow();
       if (effect !== 'none') this.#runs++;
       if (!(ran instanceof Uint8Array)) {
