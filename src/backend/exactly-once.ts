@@ -114,7 +114,9 @@ export class ExactlyOnce implements VtpmTarget {
 
   /** Id 0 means "no id" (a command forwarded for a v2 guest): never answered from the table. */
   completed(id: bigint): Completed | undefined {
-    return id === 0n || this.#unheld.has(id) ? undefined : this.#journal.get(id);
+    if (id === 0n) return undefined;
+    const c = this.#journal.get(id); // mostly a new id: no table entry, and no #unheld lookup either
+    return c === undefined || this.#unheld.has(id) ? undefined : c;
   }
 
   executeGroup(first: OnceRequest, more: More, statusOf: StatusOf): Promise<Uint8Array[]> {
