@@ -10,12 +10,15 @@ import { randomBytes } from 'node:crypto';
 import { setTimeout as sleep } from 'node:timers/promises';
 import type { TpmInstance } from '../tpm/instance.js';
 import { isFastCommand } from '../tpm/fast-path.js';
-import { stirRandom, volatileEffect } from '../tpm/volatile-effect.js';
+import { stirRandom, volatileEffect, type VolatileEffect } from '../tpm/volatile-effect.js';
 import type { Completed, OnceRequest, VtpmTarget } from '../tpm/vtpm.js';
 import type { JournalStore, ReplayRecord } from './journal.js';
 
 /** How long a command waits for an unreachable manager (killed and being restarted) before failing. */
 export const STORE_RETRY_MS = 60_000;
+
+type More = (joins: (command: Uint8Array) => boolean) => OnceRequest | undefined;
+type StatusOf = (request: OnceRequest, response: Uint8Array) => number;
 
 /** A request that put the TPM in failure mode after others of its group ran: roll those back and redo. */
 class Rollback extends Error {}
@@ -67,6 +70,14 @@ export class ExactlyOnce implements VtpmTarget {
     return this.inst.execute(command, { locality });
   }
 
+  /** #run without the instance queue's promises when it can take the command at once (`executeNow`). */
+  #runNow(command: Uint8Array, locality: number, changes: boolean): Uint8Array | Promise<Uint8Array> {
+    const now = this.inst.executeNow(command, locality);
+    if (now === null) return this.#run(command, locality, changes);
+    if (changes) this.#runs++;
+    return now;
+  }
+
   /**
    * After the TPM powered on from a checkpoint: run the checkpoint's replay records again (their ids
    * answered from the table from then on), and stir the DRBG with fresh entropy so that no random
@@ -103,32 +114,131 @@ export class ExactlyOnce implements VtpmTarget {
 
   /** Id 0 means "no id" (a command forwarded for a v2 guest): never answered from the table. */
   completed(id: bigint): Completed | undefined {
-    return id === 0n || this.#unheld.has(id) ? undefined : this.#journal.get(id);
+    if (id === 0n) return undefined;
+    const c = this.#journal.get(id); // mostly a new id: no table entry, and no #unheld lookup either
+    return c === undefined || this.#unheld.has(id) ? undefined : c;
   }
 
-  async executeGroup(
-    first: OnceRequest,
-    more: (joins: (command: Uint8Array) => boolean) => OnceRequest | undefined,
-    statusOf: (request: OnceRequest, response: Uint8Array) => number,
-  ): Promise<Uint8Array[]> {
-    if (this.#busy) await new Promise<void>((r) => this.#waiting.push(r));
+  executeGroup(first: OnceRequest, more: More, statusOf: StatusOf): Promise<Uint8Array[]> {
+    if (this.#busy) return this.#afterWaiting(first, more, statusOf);
     this.#busy = true;
+    let run: Promise<Uint8Array[]>;
     try {
-      return await this.#group(first, more, statusOf);
+      run = this.#groupNow(first, more, statusOf);
+    } catch (err) {
+      run = Promise.reject(err);
+    }
+    return run.then(
+      (out) => {
+        this.#release();
+        return out;
+      },
+      (err: unknown) => {
+        this.#release();
+        throw err;
+      },
+    );
+  }
+
+  async #afterWaiting(first: OnceRequest, more: More, statusOf: StatusOf): Promise<Uint8Array[]> {
+    await new Promise<void>((r) => this.#waiting.push(r)); // handed over still busy
+    try {
+      return await this.#groupNow(first, more, statusOf);
     } finally {
-      this.#unheld.clear();
-      // Handed straight to the next group (still busy), so none can overtake it meanwhile.
-      const next = this.#waiting.shift();
-      if (next) next();
-      else this.#busy = false;
+      this.#release();
     }
   }
 
-  async #group(
-    first: OnceRequest,
-    more: (joins: (command: Uint8Array) => boolean) => OnceRequest | undefined,
-    statusOf: (request: OnceRequest, response: Uint8Array) => number,
-  ): Promise<Uint8Array[]> {
+  #release(): void {
+    this.#unheld.clear();
+    // Handed straight to the next group (still busy), so none can overtake it meanwhile.
+    const next = this.#waiting.shift();
+    if (next) next();
+    else this.#busy = false;
+  }
+
+  /** The effect of a command the instance runs at once whose effect `n` appended records (or none) cover; else null. */
+  #effectNow(command: Uint8Array, n: number): VolatileEffect | null {
+    if (!this.inst.canRunNow(command)) return null;
+    const effect = volatileEffect(this.inst.version, command);
+    return effect === 'none' || (effect === 'replay' && this.#journal.canAppend(n + 1)) ? effect : null;
+  }
+
+  /**
+   * The common group without an async frame or the instance queue: every request a fast command the
+   * instance runs at once, deterministic (its replay records appended to the held checkpoint) or a
+   * read. Anything else goes to #group; so does a group whose run turns out unusual (an NV write, the
+   * TPM failing, the append refused): it then holds a full checkpoint of what ran, or rebuilds the TPM.
+   */
+  #groupNow(first: OnceRequest, more: More, statusOf: StatusOf): Promise<Uint8Array[]> {
+    const firstEffect = first.id === 0n || this.#journal.get(first.id) ? null : this.#effectNow(first.command, 0);
+    if (firstEffect === null) return this.#group(first, more, statusOf);
+    const inst = this.inst;
+    const journal = this.#journal;
+    const reqs: OnceRequest[] = [];
+    const answers: Uint8Array[] = [];
+    const records: ReplayRecord[] = [];
+    let effect: VolatileEffect | null = firstEffect; // of the request `more` hands over next
+    const joins = (c: Uint8Array): boolean => isFastCommand(inst.version, c) && (effect = this.#effectNow(c, records.length)) !== null;
+    // Those taken so far first, then the channel's queue: #group answers what ran from the table.
+    const slow = (): Promise<Uint8Array[]> => {
+      let i = 1;
+      return this.#group(reqs[0]!, (j) => (i < reqs.length ? reqs[i++] : more(j)), statusOf, true);
+    };
+    for (let r: OnceRequest | undefined = first; r; r = more(joins)) {
+      reqs.push(r);
+      if (r.id === 0n) return slow(); // not recorded, so a full checkpoint (#group runs it)
+      const done = journal.get(r.id); // ran in an earlier group, which holds it
+      if (done) {
+        answers.push(done.response);
+        continue;
+      }
+      const ran = effect === null ? null : inst.executeNow(r.command, r.locality);
+      if (ran === null) return reqs.length === 1 ? this.#group(first, more, statusOf) : slow();
+      if (effect !== 'none') this.#runs++;
+      if (!(ran instanceof Uint8Array)) {
+        // It wrote NV: once that is durable, record it and hold a full checkpoint; a failed write
+        // failed the TPM, which #group rebuilds from the last checkpoint.
+        const r0 = r;
+        return ran.then(
+          (response) => {
+            if (inst.status === 'running') this.#record(r0, statusOf(r0, response), response);
+            return slow();
+          },
+          () => slow(),
+        );
+      }
+      if (inst.status !== 'running') return slow(); // rebuilt from the checkpoint, then run again
+      const status = statusOf(r, ran);
+      this.#record(r, status, ran);
+      if (effect === 'replay') records.push({ id: r.id, locality: r.locality, status, command: r.command, response: ran });
+      answers.push(ran);
+    }
+    const settled = (): Uint8Array[] | Promise<Uint8Array[]> => {
+      const settling = journal.settled();
+      return settling ? settling.then(() => answers) : answers;
+    };
+    if (records.length === 0) return Promise.resolve(settled());
+    const runs = this.#runs;
+    return journal.append(records).then(
+      () => {
+        this.#saved = runs;
+        return settled();
+      },
+      (err: unknown) => {
+        this.#log(`vTPM instance ${inst.instance}: requests ${first.id}..: ${(err as Error).message}; holding a full checkpoint`);
+        return slow();
+      },
+    );
+  }
+
+  /** Ran and in the table; not answered from it until its checkpoint is held. */
+  #record(r: OnceRequest, status: number, response: Uint8Array): void {
+    this.#journal.record(r.id, { status, response });
+    this.#unheld.add(r.id);
+  }
+
+  async #group(first: OnceRequest, more: More, statusOf: StatusOf, mustHoldFirst = false): Promise<Uint8Array[]> {
     if (first.id === 0n) return [await this.execute(first.command, first)];
     const inst = this.inst;
     const journal = this.#journal;
@@ -143,7 +253,7 @@ export class ExactlyOnce implements VtpmTarget {
     let attempt = 0;
     // A checkpoint failed while the TPM kept running (an append refused, the manager gone): what ran
     // is only in this process, so the next attempt holds a full copy even if it runs nothing new.
-    let mustHold = false;
+    let mustHold = mustHoldFirst;
     // Until the responses, their ids and the volatile state are stored together, nothing is released.
     while (out.length < reqs.length || (open && out.length < stop)) {
       const start = out.length;
@@ -172,7 +282,8 @@ export class ExactlyOnce implements VtpmTarget {
           // A read changes nothing a restore must bring back (volatile-effect.ts): the session stays
           // clean, so a suspend after only reads stores nothing.
           const effect = volatileEffect(inst.version, r.command);
-          const response = await this.#run(r.command, r.locality, effect !== 'none' || r.id === 0n);
+          const ran = this.#runNow(r.command, r.locality, effect !== 'none' || r.id === 0n);
+          const response = ran instanceof Uint8Array ? ran : await ran;
           if (inst.status === 'failed' && inst.failure?.reason !== 'store') {
             // Failure mode: what ran before it in this segment is not stored and the TPM is lost.
             // Redo those alone from the checkpoint, then this one alone, answered with the TPM's

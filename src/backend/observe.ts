@@ -69,24 +69,26 @@ export function observeTarget(target: VtpmTarget, obs: GuestObserver): VtpmTarge
     ...(target.checkpoint ? { checkpoint: () => target.checkpoint!() } : {}),
     ...(target.executeGroup
       ? {
-          executeGroup: async (first, more, status) => {
+          executeGroup: (first, more, status) => {
             // Each request is timed from when it joined the group to the group's durable answer.
             const joined: Array<{ r: OnceRequest; t0: number }> = [{ r: first, t0: performance.now() }];
-            let responses: Uint8Array[] | null = null;
-            try {
-              responses = await target.executeGroup!(
-                first,
-                (joins) => {
-                  const r = more(joins);
-                  if (r) joined.push({ r, t0: performance.now() });
-                  return r;
-                },
-                status,
-              );
-              return responses;
-            } finally {
-              joined.forEach((j, i) => obs.done(j.r.command, responses?.[i] ?? null, j.t0));
-            }
+            const report = (responses: Uint8Array[] | null): void => joined.forEach((j, i) => obs.done(j.r.command, responses?.[i] ?? null, j.t0));
+            const joining = (joins: (command: Uint8Array) => boolean): OnceRequest | undefined => {
+              const r = more(joins);
+              if (r) joined.push({ r, t0: performance.now() });
+              return r;
+            };
+            // One reaction on the group's promise, not an async frame awaiting it (one per group).
+            return target.executeGroup!(first, joining, status).then(
+              (responses) => {
+                report(responses);
+                return responses;
+              },
+              (err: unknown) => {
+                report(null);
+                throw err;
+              },
+            );
           },
         }
       : {}),

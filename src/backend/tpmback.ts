@@ -27,6 +27,11 @@ export class Backend {
   #watch: XsWatch | null = null;
   #qemu: QemuDevices | null = null;
   #scanning: Promise<void> = Promise.resolve();
+  /** A scan is queued and has not started: a change seen now is still in what it will read. */
+  #scanQueued = false;
+  /** What the queued scan looks at: the frontends named by watch events, or (`#scanAll`) every one. */
+  readonly #scanFronts = new Set<string>();
+  #scanAll = false;
   /** Devices' captures get the xenstore packets that concern them. */
   readonly #captures: XsCaptureRouter;
 
@@ -43,13 +48,7 @@ export class Backend {
     const xs = await connect(o.xenstoredSocket);
     const b = new Backend(dom, xs, o);
     // The watch fires once at registration, which picks up devices written before we started.
-    b.#watch = await xs.watch(BACKEND_ROOT, (ev) => {
-      // A key inside a device we drive already (its state, ready, ...) changes nothing here; skipping
-      // those keeps the scan's round trips from queueing ahead of the device's own on this connection.
-      const m = /^\/local\/domain\/0\/backend\/vtpm\/([0-9]+\/[0-9]+)\/./.exec(ev.path);
-      if (m && b.#devices.has(m[1]!)) return;
-      b.#scanning = b.#scanning.then(() => b.#scan()).catch((err: unknown) => o.log(`scan: ${(err as Error).message}`));
-    });
+    b.#watch = await xs.watch(BACKEND_ROOT, (ev) => b.#changed(ev.path));
     // QEMU guests (`vtpm qemu attach`) get swtpm-compatible endpoints on the same vTPMs.
     b.#qemu = await QemuDevices.start(xs, o.vtpms, o.log);
     return b;
@@ -59,10 +58,36 @@ export class Backend {
     return [...this.#devices.values()];
   }
 
-  async #scan(): Promise<void> {
+  /**
+   * A watch event under BACKEND_ROOT. A toolstack's device transaction fires one event per key it
+   * wrote, so events coalesce into one queued scan of the frontends they name (a rescan of every
+   * frontend per event made attaching N devices cost O(N²) directory reads, still running long after).
+   */
+  #changed(path: string): void {
+    const m = /^\/local\/domain\/0\/backend\/vtpm\/([0-9]+)(?:\/([0-9]+))?(\/.)?/.exec(path);
+    // A key inside a device we drive already (its state, ready, ...) changes nothing here; skipping
+    // those keeps the scan's round trips from queueing ahead of the device's own on this connection.
+    if (m?.[2] !== undefined && m[3] !== undefined && this.#devices.has(`${m[1]}/${m[2]}`)) return;
+    if (m) this.#scanFronts.add(m[1]!);
+    else this.#scanAll = true;
+    if (this.#scanQueued) return;
+    this.#scanQueued = true;
+    this.#scanning = this.#scanning
+      .then(() => {
+        this.#scanQueued = false;
+        const fronts = this.#scanAll ? null : [...this.#scanFronts];
+        this.#scanAll = false;
+        this.#scanFronts.clear();
+        return this.#scan(fronts);
+      })
+      .catch((err: unknown) => this.#o.log(`scan: ${(err as Error).message}`));
+  }
+
+  /** Pick up finished devices of `only` (frontend domids), or of every frontend when null. */
+  async #scan(only: string[] | null): Promise<void> {
     let fronts: string[];
     try {
-      fronts = await this.xs.directory(BACKEND_ROOT);
+      fronts = only ?? (await this.xs.directory(BACKEND_ROOT));
     } catch {
       return; // nothing there yet
     }

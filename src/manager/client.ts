@@ -154,7 +154,13 @@ export class ManagerClient implements StateStore, VolatileHolder {
    * when the manager goes away fail with DISCONNECTED (whether they took effect is unknown: a save can
    * simply be repeated); the next request attaches a new pair, unless `reconnect: false`.
    */
-  async request(instance: number, ordinal: number, params?: Uint8Array): Promise<Frame> {
+  request(instance: number, ordinal: number, params?: Uint8Array): Promise<Frame> {
+    // Attached and nothing being held again (every checkpoint of a busy backend): no async frame.
+    if (!this.#gone && !this.#reconnecting) return this.#send(instance, ordinal, params);
+    return this.#requestAfterReattach(instance, ordinal, params);
+  }
+
+  async #requestAfterReattach(instance: number, ordinal: number, params?: Uint8Array): Promise<Frame> {
     // A re-attach that holds our checkpoints again goes first: nothing may read state before it.
     while (this.#gone || this.#reconnecting) {
       if (this.#gone && (this.#closedByUs || this.opts.reconnect === false)) throw this.#gone;
@@ -233,10 +239,11 @@ export class ManagerClient implements StateStore, VolatileHolder {
     return p;
   }
 
-  async #call(instance: number, ordinal: number, params?: Uint8Array): Promise<Uint8Array> {
-    const f = await this.request(instance, ordinal, params);
-    if (f.code !== Status.SUCCESS) throw statusError(ordinal, instance, f.code);
-    return f.params;
+  #call(instance: number, ordinal: number, params?: Uint8Array): Promise<Uint8Array> {
+    return this.request(instance, ordinal, params).then((f) => {
+      if (f.code !== Status.SUCCESS) throw statusError(ordinal, instance, f.code);
+      return f.params;
+    });
   }
 
   // ---- StateStore ------------------------------------------------------------------------
@@ -270,12 +277,13 @@ export class ManagerClient implements StateStore, VolatileHolder {
   }
 
   /** APPEND_VOLATILE: `bytes` join the checkpoint the manager holds for the instance. */
-  async appendVolatile(instance: number, bytes: Uint8Array): Promise<void> {
+  appendVolatile(instance: number, bytes: Uint8Array): Promise<void> {
     const pieces = this.#held.get(instance);
     // Nothing held here means nothing we could hold again after a restart: refuse rather than lose it.
-    if (!pieces) throw new ManagerError('PROTOCOL', `APPEND_VOLATILE on instance ${instance} without a held checkpoint`);
-    await this.#call(instance, Ord.APPEND_VOLATILE, bytes);
-    pieces.push(bytes);
+    if (!pieces) return Promise.reject(new ManagerError('PROTOCOL', `APPEND_VOLATILE on instance ${instance} without a held checkpoint`));
+    return this.#call(instance, Ord.APPEND_VOLATILE, bytes).then(() => {
+      pieces.push(bytes);
+    });
   }
 
   settled(): Promise<void> | null {

@@ -379,22 +379,41 @@ export class TpmInstance extends EventEmitter implements SwtpmVtpm {
       // A response nobody else will see need not wait; the next one released waits for this flush.
       if (released) await flushed;
       else flushed.catch(() => undefined); // a failure fails the instance and every later flush
-      if (rc !== TPM_SUCCESS || response.length === 0) {
-        const msg = `TPMLIB_Process failed with 0x${rc.toString(16)}`;
-        this.#fail({ instance: this.instance, reason: 'failure-mode', tpmResult: rc, message: msg });
-        return errorResponse(this.version, fatalErrorCode(this.version));
-      }
-      if (isFailureModeResponse(this.version, response)) {
-        const code = responseCode(response);
-        this.#fail({
-          instance: this.instance,
-          reason: 'failure-mode',
-          tpmResult: code,
-          message: `libtpms entered failure mode (response 0x${code.toString(16)})`,
-        });
-      }
-      return response;
+      return this.#checked(rc, response);
     });
+  }
+
+  /**
+   * An `inline: 'fast'` command run now, without the queue's promises, if nothing of this instance is
+   * queued and its NV is durable: the response (a promise of it if the command wrote NV, settled once
+   * that is durable, as execute's); null when it must go through execute(). `command` is not kept.
+   */
+  executeNow(command: Uint8Array, locality: number): Uint8Array | Promise<Uint8Array> | null {
+    const lib = this.#lib;
+    if (!lib || !this.canRunNow(command) || !Number.isInteger(locality) || locality < 0 || locality > 4) return null;
+    this.#locality = locality;
+    const { rc, response } = lib.process(command);
+    if (this.#nv.idle) return this.#checked(rc, response);
+    return this.#flush().then(() => this.#checked(rc, response));
+  }
+
+  /** Whether executeNow would run `command` now. */
+  canRunNow(command: Uint8Array): boolean {
+    return this.#inlineFast && this.#queued === 0 && this.#status === 'running' && this.#nv.idle && command.length <= this.#bufferSize && isFastCommand(this.version, command);
+  }
+
+  /** The response of TPMLIB_Process, or the fatal error answer; the instance fails on either failure. */
+  #checked(rc: number, response: Uint8Array): Uint8Array {
+    if (rc !== TPM_SUCCESS || response.length === 0) {
+      const msg = `TPMLIB_Process failed with 0x${rc.toString(16)}`;
+      this.#fail({ instance: this.instance, reason: 'failure-mode', tpmResult: rc, message: msg });
+      return errorResponse(this.version, fatalErrorCode(this.version));
+    }
+    if (isFailureModeResponse(this.version, response)) {
+      const code = responseCode(response);
+      this.#fail({ instance: this.instance, reason: 'failure-mode', tpmResult: code, message: `libtpms entered failure mode (response 0x${code.toString(16)})` });
+    }
+    return response;
   }
 
   /**

@@ -18,6 +18,8 @@ export class NvState {
   #pending = new Map<StateKind, Uint8Array | null>();
   /** The newest flush (see flush). */
   #flushing: Promise<void> = Promise.resolve();
+  /** #flushing once it fulfilled: every change captured before it is durable and none failed. */
+  #fulfilled: Promise<void> | null = this.#flushing;
   /**
    * True once memory holds every kind the store holds (a sync read them) and only this object has
    * written the store since: a restore (a new permanent state set while off) then starts at once.
@@ -95,7 +97,7 @@ export class NvState {
     const ops = [...this.#pending];
     this.#pending.clear();
     const durable = this.#flushing.then(() => this.#write(ops)); // a failed earlier flush fails this one too
-    this.#flushing = durable;
+    this.#link(durable);
     // A caller that only needs `ready` may leave it: a failure has failed the instance already.
     durable.catch(() => undefined);
     const skipRead = this.#mirrored && written.has('permanent');
@@ -123,14 +125,31 @@ export class NvState {
     // Most commands write no NV: nothing to add to the chain, and its newest link already waits for all.
     if (this.#pending.size === 0) return this.#flushing;
     const p = this.#flushing.then(() => this.#flushPending());
-    this.#flushing = p;
+    this.#link(p);
     return p;
+  }
+
+  /** `p` becomes the chain's newest link; the chain is idle again once it fulfils while still newest. */
+  #link(p: Promise<void>): void {
+    this.#flushing = p;
+    p.then(
+      () => {
+        if (this.#flushing === p) this.#fulfilled = p;
+      },
+      () => undefined,
+    );
+  }
+
+  /** Nothing captured waits to be written and every write made durable: a response may go out at once. */
+  get idle(): boolean {
+    return this.#pending.size === 0 && this.#fulfilled === this.#flushing;
   }
 
   /** Wait for whatever is still being written, ignore its outcome, and start a fresh chain. */
   async settle(): Promise<void> {
     await this.#flushing.catch(() => undefined);
     this.#flushing = Promise.resolve();
+    this.#fulfilled = this.#flushing;
   }
 
   async #flushPending(): Promise<void> {

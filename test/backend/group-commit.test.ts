@@ -11,6 +11,7 @@ import { Domain } from '../../src/xen/index.js';
 import { RingChannel } from '../../src/backend/ring-channel.js';
 import { RingFront } from '../../src/tpmif/ring-front.js';
 import { InProcessVtpms } from '../../src/backend/single-vm.js';
+import type { ExactlyOnce } from '../../src/backend/exactly-once.js';
 import { ManagerClient } from '../../src/manager/client.js';
 import { TpmHost } from '../../src/tpm/host.js';
 import type { StateKind } from '../../src/tpm/state-store.js';
@@ -38,6 +39,8 @@ class Checkpoints {
   /** Of them: whole checkpoints held, and replay records appended to one. */
   holds = 0;
   appends = 0;
+  /** The manager's refusal of this many appends to come (as after a restart that lost the held base). */
+  refuseAppends = 0;
   #gate: Promise<void> | null = null;
   #open = (): void => {};
 
@@ -60,6 +63,7 @@ class Checkpoints {
             if (p === 'holdVolatile') this.holds++;
             else this.appends++;
             if (this.#gate) await this.#gate;
+            if (p === 'appendVolatile' && this.refuseAppends > 0 && this.refuseAppends--) throw new Error('APPEND_VOLATILE refused (test)');
             return p === 'holdVolatile' ? t.holdVolatile(instance, blob) : t.appendVolatile(instance, blob);
           };
         }
@@ -186,6 +190,54 @@ describe("group commit of a guest's outstanding ring requests", () => {
       // Extends 1-64 and 66-129 are appended; 65 and 130 find 64 records after the held copy and hold a new one.
       expect([r.cps.holds - holds, r.cps.appends - appends]).toEqual([2, 128]);
       expect(await pcr16(r.front)).toBe(digests.reduce(extendModel, Buffer.alloc(32)).toString('hex'));
+    } finally {
+      await r.close();
+    }
+  });
+
+  it('runs a lone PCR_Extend in libtpms in the tick its group starts, and answers it once its record is held', async () => {
+    const r = await rig();
+    try {
+      ok(await r.front.transmit(tpm2.startup()));
+      const s = r.target as ExactlyOnce;
+      const appends = r.cps.appends;
+      const d = randomBytes(32);
+      const id = r.front.nextId + 1000n;
+      let answered = false;
+      r.cps.hold();
+      const group = s.executeGroup({ id, command: tpm2.pcrExtendSha256(16, d), locality: 0 }, () => undefined, () => 0).then((a) => ((answered = true), a));
+      // Before any promise reaction ran: libtpms extended the PCR (a read run now shows it), and the
+      // id is recorded but not answered from the table until the manager holds it.
+      const now = s.inst.executeNow(tpm2.pcrReadSha256(16), 0);
+      expect(now).toBeInstanceOf(Uint8Array);
+      expect(Buffer.from(tpm2.parsePcrRead(ok(now as Uint8Array))).toString('hex')).toBe(extendModel(Buffer.alloc(32), d).toString('hex'));
+      expect(s.completed(id)).toBeUndefined();
+      await sleep(100);
+      expect(answered).toBe(false);
+      r.cps.release();
+      ok((await group)[0]!);
+      expect(r.cps.appends - appends).toBe(1);
+      expect(s.completed(id)?.status).toBe(0);
+    } finally {
+      r.cps.release();
+      await r.close();
+    }
+  });
+
+  it('holds a whole checkpoint of what ran when an append is refused, and the extend is counted once', async () => {
+    const r = await rig();
+    try {
+      ok(await r.front.transmit(tpm2.startup()));
+      const a = randomBytes(32);
+      ok(await r.front.transmit(tpm2.pcrExtendSha256(16, a)));
+      const [holds, appends] = [r.cps.holds, r.cps.appends];
+      r.cps.refuseAppends = 1;
+      const b = randomBytes(32);
+      ok(await r.front.transmit(tpm2.pcrExtendSha256(16, b)));
+      // The refused append, then a whole checkpoint held in its place (the extend not run again).
+      expect([r.cps.holds - holds, r.cps.appends - appends]).toEqual([1, 1]);
+      expect(r.logs.some((l) => l.includes('APPEND_VOLATILE refused (test)'))).toBe(true);
+      expect(await pcr16(r.front)).toBe([a, b].reduce(extendModel, Buffer.alloc(32)).toString('hex'));
     } finally {
       await r.close();
     }

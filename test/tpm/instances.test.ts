@@ -6,7 +6,7 @@ import { TpmHost } from '../../src/tpm/host.js';
 import type { TpmInstance } from '../../src/tpm/instance.js';
 import * as tpm2 from '../../src/tpm/tpm2-commands.js';
 import { isFastCommand } from '../../src/tpm/fast-path.js';
-import { hex, tempStore, unhex } from './helpers.js';
+import { GatedStore, hex, tempStore, unhex } from './helpers.js';
 
 describe('200 instances in one process', () => {
   const t = tempStore('many');
@@ -113,5 +113,29 @@ describe("host option inline: 'fast'", () => {
     }
     await keygen;
     expect(Math.max(...latencies)).toBeLessThan(200);
+  });
+
+  it('executeNow answers a fast command in the same tick, and runs nothing while a state write is not durable or the queue holds work', async () => {
+    const gated = new GatedStore(t.store);
+    const c = await host.create({ instance: 3, version: '2.0', store: gated, inline: 'fast' });
+    // Startup's NV write goes to the store and waits there: nothing may be answered before it is durable.
+    gated.hold();
+    expect(await c.startupUnreleased('clear')).toBe(0);
+    const d = new Uint8Array(randomBytes(32));
+    expect(c.executeNow(tpm2.pcrExtendSha256(16, d), 0)).toBeNull();
+    // The queued path waits for the same write; meanwhile the queue holds work, so still nothing runs now.
+    const queued = c.execute(tpm2.pcrReadSha256(16));
+    expect(c.executeNow(tpm2.pcrExtendSha256(16, d), 0)).toBeNull();
+    gated.release();
+    expect(hex(tpm2.parsePcrRead(await queued))).toBe('00'.repeat(32));
+    await new Promise((r) => setImmediate(r));
+    // Idle and durable: the extend runs at once and its answer is a plain value (no promise).
+    const now = c.executeNow(tpm2.pcrExtendSha256(16, d), 0);
+    expect(now).toBeInstanceOf(Uint8Array);
+    expect(hex((now as Uint8Array).subarray(6, 10))).toBe('00000000');
+    // Not a fast command: never run in line.
+    expect(c.executeNow(tpm2.createPrimaryRsa(2048), 0)).toBeNull();
+    const expected = createHash('sha256').update(new Uint8Array(32)).update(d).digest('hex');
+    expect(hex(tpm2.parsePcrRead(await c.execute(tpm2.pcrReadSha256(16))))).toBe(expected);
   });
 });
