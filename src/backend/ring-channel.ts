@@ -9,8 +9,9 @@
 //
 // After answering everything it had, the channel may watch the ring for the guest's next request for a
 // short, adaptive window (src/xen/poll.ts), its port masked, as the v2 channel does; it gives way as soon
-// as another guest's port is pending, and a request it finds is taken on a later turn of the loop.
-import { BackRing, GrantError, PollWindow, RingError, SharedRing, spinUntil, type Domain, type GrantMapping } from '../xen/index.js';
+// as another guest's port is pending, and a request it finds is taken on a later turn of the loop. A
+// guest waiting for the very CPU the watch holds gets it: the watch yields (SpinPeer, src/xen/poll.ts).
+import { BackRing, GrantError, PollWindow, RingError, SharedRing, spinUntil, type Domain, type GrantMapping, type SpinPeer } from '../xen/index.js';
 import {
   RING_MAX_SEGMENTS,
   RING_OP_CANCEL,
@@ -98,6 +99,17 @@ export class RingChannel implements Channel {
   polled = 0;
   /** Requests answered from the exactly-once table instead of running. */
   replayed = 0;
+  /** Times a poll stood aside (went to sleep at once) because the guest waited for our CPU. */
+  stoodAside = 0;
+  /** Whether the current poll stood aside. */
+  #peerWaited = false;
+  readonly #peer: SpinPeer = {
+    sharesCpu: () => {
+      if (!this.#dom.evtchn.sharesCpu(this.#port)) return false;
+      this.stoodAside++;
+      return (this.#peerWaited = true);
+    },
+  };
   /** A frontend sending bad requests by the thousand gets one log line per interval, with a count. */
   readonly #refusals = new LogRateLimiter((l) => this.#opts.log?.(l));
 
@@ -305,8 +317,9 @@ export class RingChannel implements Channel {
   #afterLastAnswer(budget: number): void {
     if (this.#closed || this.#queue.length > 0) return;
     this.#poll.answered();
-    if (budget <= 0) return;
-    if (spinUntil(() => this.#ring.unconsumedRequests() > 0, budget, () => this.#dom.evtchn.otherPendingSome(this.#port))) {
+    this.#peerWaited = false;
+    if (budget <= 0) return this.#dom.evtchn.resting(this.#port);
+    if (spinUntil(() => this.#ring.unconsumedRequests() > 0, budget, () => this.#dom.evtchn.otherPendingSome(this.#port), this.#peer)) {
       this.#dom.evtchn.consume(this.#port);
       this.polled++;
       this.#dom.evtchn.unmask(this.#port);
@@ -314,6 +327,7 @@ export class RingChannel implements Channel {
       return;
     }
     // Nothing yet: sleep on the event channel again. unmask() delivers a request that raced this.
+    this.#dom.evtchn.resting(this.#port, this.#peerWaited);
     this.#dom.evtchn.unmask(this.#port);
   }
 

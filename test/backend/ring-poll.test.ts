@@ -4,7 +4,8 @@
 // side a wake-up. Each end runs in a process of its own (the other end in a child), a real swtpm answers
 // the commands, and under CPU pressure both stand down and sleep on the event channel again.
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { fork } from 'node:child_process';
+import { execFileSync, fork } from 'node:child_process';
+import os from 'node:os';
 import { join } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { ROOT, freshXenDir } from '../helpers/child.js';
@@ -29,6 +30,7 @@ function child(script: string, args: string[]) {
   proc.on('message', (m: Record<string, unknown>) => (waiting.length ? waiting.shift()!(m) : inbox.push(m)));
   const exited = new Promise<void>((r) => proc.once('exit', () => r()));
   return {
+    pid: proc.pid!,
     next: (): Promise<Record<string, unknown>> => (inbox.length ? Promise.resolve(inbox.shift()!) : new Promise((r) => waiting.push(r))),
     send: (m: object) => proc.send(m),
     stop: async (): Promise<void> => {
@@ -148,6 +150,55 @@ describe('ring polling', () => {
       expect(dom.evtchn.status(front.port).masked).toBe(false);
       await front.close();
     } finally {
+      await backend.stop();
+      await dom.destroy();
+      client = await TpmClient.connect({ path: swtpm.dataPath! });
+    }
+  });
+  it('an end whose peer waits for its CPU stands aside instead of spinning (both on one vCPU), and keeps polling when they are apart', async () => {
+    const dir = freshXenDir();
+    dirs.push(dir);
+    const backend = child('ring-backend.mjs', [dir, swtpm.dataPath!]);
+    client.close();
+    const dom = await Domain.create({ domid: 24, dir });
+    const pids = [process.pid, backend.pid, swtpm.proc.pid!];
+    const pin = (cpus: (pid: number) => string): void => {
+      for (const pid of pids) execFileSync('taskset', ['-a', '-p', '-c', cpus(pid), String(pid)], { stdio: 'ignore' });
+    };
+    const stats = async (): Promise<{ polled: number; stoodAside: number }> => {
+      backend.send({ kind: 'stats' });
+      return (await backend.next()) as unknown as { polled: number; stoodAside: number };
+    };
+    try {
+      expect((await backend.next()).kind).toBe('ready');
+      // 5 ms windows and no stand-down under pressure: on one vCPU, a poll that kept spinning would hold
+      // its peer off for the whole window, each way.
+      const front = new RingFront(dom, 0, { pollUs: 5000, contended: () => false });
+      backend.send({ kind: 'offer', offer: { frontDomid: 24, refs: [...front.refs], port: front.port }, poll: true });
+      expect((await backend.next()).kind).toBe('connected');
+      const run = async (n: number): Promise<void> => {
+        for (let i = 0; i < n; i++) expect(rc(await front.transmit(tpm2.getRandom(8)))).toBe(0);
+      };
+      // Apart: each end finds the other elsewhere, so neither stands aside and the polls find the work.
+      pin((pid) => (pid === process.pid ? '0' : '1'));
+      await run(20);
+      let back = await stats();
+      const before = { front: front.stoodAside, back: back.stoodAside, polled: front.polled + back.polled };
+      await run(200);
+      back = await stats();
+      expect(front.stoodAside).toBe(before.front);
+      expect(back.stoodAside).toBe(before.back);
+      expect(front.polled + back.polled - before.polled).toBeGreaterThan(50);
+      // One vCPU for all: the ends see each other waiting for it and sleep on the event channel instead.
+      pin(() => '0');
+      await run(20);
+      const shared = { front: front.stoodAside, back: (await stats()).stoodAside };
+      await run(200);
+      back = await stats();
+      expect(front.stoodAside - shared.front + back.stoodAside - shared.back).toBeGreaterThan(100);
+      await front.close();
+    } finally {
+      pin(() => `0-${os.cpus().length - 1}`);
       await backend.stop();
       await dom.destroy();
       client = await TpmClient.connect({ path: swtpm.dataPath! });

@@ -1,6 +1,7 @@
 // Child for the ring-poll tests: domain 0 in a process of its own serving one guest's ring with a
 // RingChannel whose commands go to a real swtpm's data socket. On {kind:'offer', offer} it connects
-// and replies {kind:'connected'}; {kind:'exit'} closes everything.
+// and replies {kind:'connected'} (with `poll` set, it polls for 5 ms whatever the CPU pressure);
+// {kind:'stats'} replies with its poll counters; {kind:'exit'} closes everything.
 import net from 'node:net';
 import { Domain } from '../../dist/src/xen/index.js';
 import { RingChannel } from '../../dist/src/backend/ring-channel.js';
@@ -27,8 +28,11 @@ let ch;
 process.send({ kind: 'ready' });
 process.on('message', async (m) => {
   if (m.kind === 'offer') {
-    ch = new RingChannel(dom, { ...m.offer, target, onFatal: () => {} });
+    const poll = m.poll ? { pollUs: 5000, pollContended: () => false } : {};
+    ch = new RingChannel(dom, { ...m.offer, target, onFatal: () => {}, ...poll });
     process.send({ kind: 'connected' });
+  } else if (m.kind === 'stats') {
+    process.send({ kind: 'stats', polled: ch.polled, stoodAside: ch.stoodAside });
   } else if (m.kind === 'exit') {
     ch?.close();
     sock.destroy();
