@@ -9,7 +9,7 @@
 //
 // After answering everything it had, the channel may watch the ring for the guest's next request for a
 // short, adaptive window (src/xen/poll.ts), its port masked, as the v2 channel does; it gives way as soon
-// as another guest's port is pending, and a request it finds is taken on a later turn of the loop. A
+// as another guest's port is pending, and a request it finds runs without a turn of the loop between. A
 // guest waiting for the very CPU the watch holds gets it: the watch yields (SpinPeer, src/xen/poll.ts).
 import { BackRing, GrantError, PollWindow, RingError, SharedRing, spinUntil, type Domain, type GrantMapping, type SpinPeer } from '../xen/index.js';
 import {
@@ -43,6 +43,8 @@ const MAX_CACHED_MAPPINGS = 256;
  * requests of at most 12 pages, 384 pins; a frontend that needs more is cut off, never evicted under.
  */
 export const MAX_MAPPED_PAGES = 1024;
+/** Longest a channel serves requests its watch found in one turn of the event loop (ms), as the echo backend. */
+const MAX_TURN_MS = 2;
 
 /**
  * Channels of this process with requests queued or running. A channel polls for its guest's next
@@ -94,6 +96,8 @@ export class RingChannel implements Channel {
   #pump: Promise<void> | null = null;
   #closed = false;
   readonly #poll: PollWindow;
+  /** When this turn of the event loop started serving us (performance.now()). */
+  #turnAt = 0;
   commands = 0;
   /** Requests found by the poll after an answer, before any notification. */
   polled = 0;
@@ -146,6 +150,7 @@ export class RingChannel implements Channel {
   #onEvent(): void {
     if (this.#closed) return;
     this.#opts.tap?.(RingEvent.NOTIFY_IN);
+    this.#turnAt = performance.now();
     this.#take();
   }
 
@@ -323,7 +328,10 @@ export class RingChannel implements Channel {
       this.#dom.evtchn.consume(this.#port);
       this.polled++;
       this.#dom.evtchn.unmask(this.#port);
-      setImmediate(() => this.#take());
+      // Queued now, the request runs as soon as this answer's group returns to the queue's loop; other
+      // work of the process (IPC, the manager's socket) gets a turn at least every MAX_TURN_MS.
+      if (performance.now() - this.#turnAt < MAX_TURN_MS) return this.#take();
+      setImmediate(() => ((this.#turnAt = performance.now()), this.#take()));
       return;
     }
     // Nothing yet: sleep on the event channel again. unmask() delivers a request that raced this.
