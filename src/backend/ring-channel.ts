@@ -10,7 +10,7 @@
 // After answering everything it had, the channel may watch the ring for the guest's next request for a
 // short, adaptive window (src/xen/poll.ts), its port masked, as the v2 channel does; it gives way as soon
 // as another guest's port is pending, and a request it finds runs without a turn of the loop between. A
-// guest waiting for the very CPU the watch holds gets it: the watch yields (SpinPeer, src/xen/poll.ts).
+// guest waiting for the very CPU the watch holds gets it: the watch ends and we sleep (SpinPeer, src/xen/poll.ts).
 import { BackRing, GrantError, PollWindow, RingError, SharedRing, spinUntil, type Domain, type GrantMapping, type SpinPeer } from '../xen/index.js';
 import {
   RING_MAX_SEGMENTS,

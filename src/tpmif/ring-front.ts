@@ -7,7 +7,7 @@
 // Waiting for an answer: a command sent while nothing else is outstanding is watched for on the ring
 // (rsp_prod) for up to an adaptive poll window (src/xen/poll.ts), its port masked, as the v2 frontend
 // watches its state byte: a backend that answers within microseconds then costs neither side a wake-up.
-// A backend waiting for the very CPU the poll holds gets it: the poll yields (SpinPeer, src/xen/poll.ts).
+// A backend waiting for the very CPU the poll holds gets it: the poll ends and we sleep (SpinPeer, src/xen/poll.ts).
 import { FrontRing, PollWindow, SharedRing, spinUntil, type Domain, type SpinPeer } from '../xen/index.js';
 import {
   decodeRingResponse,
