@@ -256,6 +256,9 @@ export class RingFront implements TpmTransport {
       }
     } while (r.finalCheckForResponses());
     this.#noteWaiting();
+    // Taken: nothing here for the backend to wait on us for, until our next command says we run again.
+    // (A front left marked runnable would make a backend on its CPU stop polling for nothing.)
+    this.#dom.evtchn.resting(this.port);
     while (this.#waitingForSlot.length && this.#free.length && r.freeRequests() >= 2) this.#waitingForSlot.shift()!();
   }
 
