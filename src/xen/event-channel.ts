@@ -113,7 +113,8 @@ interface Watched {
 /** Publish in `lp`'s where-word that we run now, and on which CPU (plus one; 0 if unknown). */
 function publishWhere(lp: { ownWhere: Int32Array }): number {
   const cpu = (currentCpu() + 1) & WHERE_CPU;
-  Atomics.store(lp.ownWhere, 0, cpu | WHERE_RUNNABLE);
+  // Stored only when it changes: the peer reads this cache line in its own spin.
+  if (Atomics.load(lp.ownWhere, 0) !== (cpu | WHERE_RUNNABLE)) Atomics.store(lp.ownWhere, 0, cpu | WHERE_RUNNABLE);
   return cpu;
 }
 
@@ -251,9 +252,11 @@ export class EventChannels {
   /** Say on every watched port that we run (and where); true if one's remote end waits for this CPU. */
   #peerWaitsForCpu(): boolean {
     const cpu = (currentCpu() + 1) & WHERE_CPU;
+    const where = cpu | WHERE_RUNNABLE;
     let waits = false;
     for (const w of this.#watchList()) {
-      Atomics.store(w.ownWhere, 0, cpu | WHERE_RUNNABLE);
+      // Written only when it changes: a busy backend's turns would otherwise dirty every guest's page.
+      if (Atomics.load(w.ownWhere, 0) !== where) Atomics.store(w.ownWhere, 0, where);
       const remote = Atomics.load(w.remoteWhere, 0);
       if (cpu > 0 && remote & WHERE_RUNNABLE && (remote & WHERE_CPU) === cpu) waits = true;
     }
