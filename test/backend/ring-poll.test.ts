@@ -41,6 +41,12 @@ function child(script: string, args: string[]) {
   };
 }
 
+/** Pin every thread of `pids` with taskset: `cpus(pid)` is the list for each (e.g. '0', '0-1'). */
+function pin(pids: number[], cpus: (pid: number) => string): void {
+  for (const pid of pids) execFileSync('taskset', ['-a', '-p', '-c', cpus(pid), String(pid)], { stdio: 'ignore' });
+}
+const allCpus = (): string => `0-${os.cpus().length - 1}`;
+
 beforeAll(async () => {
   swtpm = await SwtpmProcess.onSockets();
   client = await TpmClient.connect({ path: swtpm.dataPath! });
@@ -57,6 +63,9 @@ describe('ring polling', () => {
     dirs.push(dir);
     const dom0 = await Domain.create({ domid: 0, dir });
     const guest = child('ring-guest.mjs', [dir, '21', '0']);
+    // Apart: an end whose peer shares its CPU stands aside instead of polling (the last test).
+    const apart = [process.pid, guest.pid, swtpm.proc.pid!];
+    pin(apart, (pid) => (pid === process.pid ? '0' : '1'));
     let contended = false;
     try {
       const { offer } = (await guest.next()) as { offer: { frontDomid: number; refs: number[]; port: number } };
@@ -108,6 +117,7 @@ describe('ring polling', () => {
       expect(dom0.evtchn.status(ch.port).masked).toBe(false);
       ch.close();
     } finally {
+      pin(apart, allCpus);
       await guest.stop();
       await dom0.destroy();
     }
@@ -117,6 +127,8 @@ describe('ring polling', () => {
     const dir = freshXenDir();
     dirs.push(dir);
     const backend = child('ring-backend.mjs', [dir, swtpm.dataPath!]);
+    const apart = [process.pid, backend.pid, swtpm.proc.pid!];
+    pin(apart, (pid) => (pid === process.pid ? '0' : '1'));
     // The child holds swtpm's data socket now; ours would interleave with it.
     client.close();
     let contended = false;
@@ -151,6 +163,7 @@ describe('ring polling', () => {
       expect(dom.evtchn.status(front.port).masked).toBe(false);
       await front.close();
     } finally {
+      pin(apart, allCpus);
       await backend.stop();
       await dom.destroy();
       client = await TpmClient.connect({ path: swtpm.dataPath! });
@@ -164,9 +177,6 @@ describe('ring polling', () => {
     client.close();
     const dom = await Domain.create({ domid: 24, dir });
     const pids = [process.pid, backend.pid, swtpm.proc.pid!];
-    const pin = (cpus: (pid: number) => string): void => {
-      for (const pid of pids) execFileSync('taskset', ['-a', '-p', '-c', cpus(pid), String(pid)], { stdio: 'ignore' });
-    };
     const stats = async (): Promise<{ polled: number; stoodAside: number }> => {
       backend.send({ kind: 'stats' });
       const m = (await backend.next()) as { polled?: number; stoodAside: number };
@@ -185,7 +195,7 @@ describe('ring polling', () => {
         for (let i = 0; i < n; i++) expect(rc(await front.transmit(tpm2.getRandom(8)))).toBe(0);
       };
       // Apart: each end finds the other elsewhere, so neither stands aside and the polls find the work.
-      pin((pid) => (pid === process.pid ? '0' : '1'));
+      pin(pids, (pid) => (pid === process.pid ? '0' : '1'));
       await run(20);
       let back = await stats();
       const before = { front: front.stoodAside, back: back.stoodAside, polled: frontPolled(front) + back.polled };
@@ -195,7 +205,7 @@ describe('ring polling', () => {
       expect(back.stoodAside).toBe(before.back);
       if (protocol === 'ring') expect(frontPolled(front) + back.polled - before.polled).toBeGreaterThan(50);
       // One vCPU for all: the ends see each other waiting for it and sleep on the event channel instead.
-      pin(() => '0');
+      pin(pids, () => '0');
       await run(20);
       const shared = { front: front.stoodAside, back: (await stats()).stoodAside };
       await run(200);
@@ -203,7 +213,7 @@ describe('ring polling', () => {
       expect(front.stoodAside - shared.front + back.stoodAside - shared.back).toBeGreaterThan(100);
       await front.close();
     } finally {
-      pin(() => `0-${os.cpus().length - 1}`);
+      pin(pids, allCpus);
       await backend.stop();
       await dom.destroy();
       client = await TpmClient.connect({ path: swtpm.dataPath! });
