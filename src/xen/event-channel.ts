@@ -103,19 +103,16 @@ function pollTurn(): void {
 }
 
 /** A port busy mode and otherPending() look at: its own words and the remote end's where-word. */
-interface Watched {
-  port: number;
-  own: Int32Array;
-  ownWhere: Int32Array;
-  remoteWhere: Int32Array;
-}
+type Watched = { port: number } & Pick<LocalPort, 'own' | 'ownWhere' | 'remoteWhere'>;
 
-/** Publish in `lp`'s where-word that we run now, and on which CPU (plus one; 0 if unknown). */
-function publishWhere(lp: { ownWhere: Int32Array }): number {
-  const cpu = (currentCpu() + 1) & WHERE_CPU;
-  // Stored only when it changes: the peer reads this cache line in its own spin.
-  if (Atomics.load(lp.ownWhere, 0) !== (cpu | WHERE_RUNNABLE)) Atomics.store(lp.ownWhere, 0, cpu | WHERE_RUNNABLE);
-  return cpu;
+/**
+ * Say in `ownWhere` that we run now, on `cpu` (+ 1), stored only when it changes (the peer reads that
+ * cache line in its own spin); true if `remoteWhere` says the peer is runnable on that same CPU.
+ */
+function runsWith(ownWhere: Int32Array, remoteWhere: Int32Array, cpu = (currentCpu() + 1) & WHERE_CPU): boolean {
+  if (Atomics.load(ownWhere, 0) !== (cpu | WHERE_RUNNABLE)) Atomics.store(ownWhere, 0, cpu | WHERE_RUNNABLE);
+  const remote = Atomics.load(remoteWhere, 0);
+  return cpu > 0 && (remote & WHERE_RUNNABLE) !== 0 && (remote & WHERE_CPU) === cpu;
 }
 
 export class EventChannels {
@@ -205,7 +202,7 @@ export class EventChannels {
     // in Xen; the masks of busy mode are ours, and we are looking.
     if (this.#channelMasked.has(port)) return;
     if ((Atomics.and(lp.own, 0, ~PENDING) & PENDING) === 0) return;
-    publishWhere(lp);
+    runsWith(lp.ownWhere, lp.remoteWhere);
     const now = performance.now();
     // How long this work kept us waiting decides whether waiting busy for the next pays (poll.ts).
     this.#busyWindow.record((now - this.#lastWorkAt) * 1000);
@@ -252,14 +249,8 @@ export class EventChannels {
   /** Say on every watched port that we run (and where); true if one's remote end waits for this CPU. */
   #peerWaitsForCpu(): boolean {
     const cpu = (currentCpu() + 1) & WHERE_CPU;
-    const where = cpu | WHERE_RUNNABLE;
     let waits = false;
-    for (const w of this.#watchList()) {
-      // Written only when it changes: a busy backend's turns would otherwise dirty every guest's page.
-      if (Atomics.load(w.ownWhere, 0) !== where) Atomics.store(w.ownWhere, 0, where);
-      const remote = Atomics.load(w.remoteWhere, 0);
-      if (cpu > 0 && remote & WHERE_RUNNABLE && (remote & WHERE_CPU) === cpu) waits = true;
-    }
+    for (const w of this.#watchList()) if (runsWith(w.ownWhere, w.remoteWhere, cpu)) waits = true;
     return waits;
   }
 
@@ -332,10 +323,7 @@ export class EventChannels {
    */
   sharesCpu(port: number): boolean {
     const lp = this.#ports.get(port);
-    if (!lp) return false;
-    const cpu = publishWhere(lp);
-    const remote = Atomics.load(lp.remoteWhere, 0);
-    return cpu > 0 && (remote & WHERE_RUNNABLE) !== 0 && (remote & WHERE_CPU) === cpu;
+    return lp ? runsWith(lp.ownWhere, lp.remoteWhere) : false;
   }
 
   /**
