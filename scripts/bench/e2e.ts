@@ -270,9 +270,10 @@ export async function run(ctx: BenchContext): Promise<Figure[]> {
           const sc = { ours: { us: 0, n: 0 }, peer: { us: 0, n: 0 } };
           await latencies(r0, () => GET_RANDOM_8, 200);
           await latencies(peer, () => GET_RANDOM_8, 200);
+          const half = Math.floor(k / 2);
           for (let round = 0; round < 4; round++) {
-            await cpuOf(sc.ours, [backendPid], k / 2, () => latencies(r0, () => GET_RANDOM_8, k / 2));
-            await cpuOf(sc.peer, [swPid], k / 2, () => latencies(peer, () => GET_RANDOM_8, k / 2));
+            await cpuOf(sc.ours, [backendPid], half, () => latencies(r0, () => GET_RANDOM_8, half));
+            await cpuOf(sc.peer, [swPid], half, () => latencies(peer, () => GET_RANDOM_8, half));
           }
           figures.push({ id: 'getrandom_cpu_per_cmd_ring_shared', unit: 'µs', ours: sc.ours.us / sc.ours.n, peer: sc.peer.us / sc.peer.n, note: 'CPU of client + backend (ours) or client + swtpm per ring GetRandom, all on one vCPU' });
         } finally {
