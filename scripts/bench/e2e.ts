@@ -16,7 +16,7 @@ import { writeDeviceDirectories } from '../../src/xenstore/xenbus-toolstack.js';
 import { TpmFront } from '../../src/frontend/tpmfront.js';
 import { SwtpmProcess } from './_swtpm.js';
 import { smapsRollup } from './_engine-host.js';
-import { cpuUs, median, percentile, placedMedians, settle, usSince, type BenchContext, type Figure } from './lib.js';
+import { cpuUs, median, percentile, pin, placedMedians, settle, usSince, type BenchContext, type Figure } from './lib.js';
 
 const GET_RANDOM_8 = new Uint8Array([0x80, 0x01, 0, 0, 0, 0x0c, 0, 0, 0x01, 0x7b, 0, 8]);
 const STARTUP_CLEAR = new Uint8Array([0x80, 0x01, 0, 0, 0, 0x0c, 0, 0, 0x01, 0x44, 0, 0]);
@@ -262,6 +262,24 @@ export async function run(ctx: BenchContext): Promise<Figure[]> {
       ctx.log(`ring GetRandom p50 ours ${median(gr[0]!).toFixed(1)} µs, swtpm ${median(gr[1]!).toFixed(1)} µs`);
       figures.push({ id: 'getrandom_rtt_p50_ring', unit: 'µs', ours: median(gr[0]!), peer: median(gr[1]!), note: 'ring transport, exactly-once; swtpm UNIX socket', target: { on: 'ratio', op: '<=', value: 1 } });
       await placedGetRandom(r0, 'getrandom_rtt_p50_ring', 'ring transport; ');
+      // What a shared vCPU costs in CPU: two polling ends that spun out their windows in turn burnt ~10×
+      // swtpm's CPU per round trip there (docs/exactly-once.md "Round trips").
+      const undo = pin('shared', [process.pid], [backendPid, swPid]);
+      if (undo) {
+        try {
+          const sc = { ours: { us: 0, n: 0 }, peer: { us: 0, n: 0 } };
+          await latencies(r0, () => GET_RANDOM_8, 200);
+          await latencies(peer, () => GET_RANDOM_8, 200);
+          const half = Math.floor(k / 2);
+          for (let round = 0; round < 4; round++) {
+            await cpuOf(sc.ours, [backendPid], half, () => latencies(r0, () => GET_RANDOM_8, half));
+            await cpuOf(sc.peer, [swPid], half, () => latencies(peer, () => GET_RANDOM_8, half));
+          }
+          figures.push({ id: 'getrandom_cpu_per_cmd_ring_shared', unit: 'µs', ours: sc.ours.us / sc.ours.n, peer: sc.peer.us / sc.peer.n, note: 'CPU of client + backend (ours) or client + swtpm per ring GetRandom, all on one vCPU' });
+        } finally {
+          undo();
+        }
+      }
       while (ring.length < maxN) ring.push(await addGuest(RING_DOMID_BASE + ring.length, undefined, {}, 'ring'));
       // CPU per extend of everything that serves it: this process's fronts (clients), the backend and the
       // manager (which holds every checkpoint), against the clients and the swtpm processes.

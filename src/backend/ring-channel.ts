@@ -9,8 +9,9 @@
 //
 // After answering everything it had, the channel may watch the ring for the guest's next request for a
 // short, adaptive window (src/xen/poll.ts), its port masked, as the v2 channel does; it gives way as soon
-// as another guest's port is pending, and a request it finds is taken on a later turn of the loop.
-import { BackRing, GrantError, PollWindow, RingError, SharedRing, spinUntil, type Domain, type GrantMapping } from '../xen/index.js';
+// as another guest's port is pending, and a request it finds runs without a turn of the loop between. A
+// guest waiting for the very CPU the watch holds gets it: the watch ends and we sleep (SpinPeer, src/xen/poll.ts).
+import { BackRing, GrantError, PollWindow, RingError, SharedRing, spinUntil, type Domain, type GrantMapping, type SpinPeer } from '../xen/index.js';
 import {
   RING_MAX_SEGMENTS,
   RING_OP_CANCEL,
@@ -42,6 +43,8 @@ const MAX_CACHED_MAPPINGS = 256;
  * requests of at most 12 pages, 384 pins; a frontend that needs more is cut off, never evicted under.
  */
 export const MAX_MAPPED_PAGES = 1024;
+/** Longest a channel serves requests its watch found in one turn of the event loop (ms), as the echo backend. */
+const MAX_TURN_MS = 2;
 
 /**
  * Channels of this process with requests queued or running. A channel polls for its guest's next
@@ -93,11 +96,24 @@ export class RingChannel implements Channel {
   #pump: Promise<void> | null = null;
   #closed = false;
   readonly #poll: PollWindow;
+  /** When this turn of the event loop started serving us (performance.now()). */
+  #turnAt = 0;
   commands = 0;
   /** Requests found by the poll after an answer, before any notification. */
   polled = 0;
   /** Requests answered from the exactly-once table instead of running. */
   replayed = 0;
+  /** Times a poll stood aside (went to sleep at once) because the guest waited for our CPU. */
+  stoodAside = 0;
+  /** Whether the current poll stood aside. */
+  #peerWaited = false;
+  readonly #peer: SpinPeer = {
+    sharesCpu: () => {
+      if (!this.#dom.evtchn.sharesCpu(this.#port)) return false;
+      this.stoodAside++;
+      return (this.#peerWaited = true);
+    },
+  };
   /** A frontend sending bad requests by the thousand gets one log line per interval, with a count. */
   readonly #refusals = new LogRateLimiter((l) => this.#opts.log?.(l));
 
@@ -134,6 +150,7 @@ export class RingChannel implements Channel {
   #onEvent(): void {
     if (this.#closed) return;
     this.#opts.tap?.(RingEvent.NOTIFY_IN);
+    this.#turnAt = performance.now();
     this.#take();
   }
 
@@ -305,15 +322,20 @@ export class RingChannel implements Channel {
   #afterLastAnswer(budget: number): void {
     if (this.#closed || this.#queue.length > 0) return;
     this.#poll.answered();
-    if (budget <= 0) return;
-    if (spinUntil(() => this.#ring.unconsumedRequests() > 0, budget, () => this.#dom.evtchn.otherPendingSome(this.#port))) {
+    this.#peerWaited = false;
+    if (budget <= 0) return this.#dom.evtchn.resting(this.#port);
+    if (spinUntil(() => this.#ring.unconsumedRequests() > 0, budget, () => this.#dom.evtchn.otherPendingSome(this.#port), this.#peer)) {
       this.#dom.evtchn.consume(this.#port);
       this.polled++;
       this.#dom.evtchn.unmask(this.#port);
-      setImmediate(() => this.#take());
+      // Queued now, the request runs as soon as this answer's group returns to the queue's loop; other
+      // work of the process (IPC, the manager's socket) gets a turn at least every MAX_TURN_MS.
+      if (performance.now() - this.#turnAt < MAX_TURN_MS) return this.#take();
+      setImmediate(() => ((this.#turnAt = performance.now()), this.#take()));
       return;
     }
     // Nothing yet: sleep on the event channel again. unmask() delivers a request that raced this.
+    this.#dom.evtchn.resting(this.#port, this.#peerWaited);
     this.#dom.evtchn.unmask(this.#port);
   }
 

@@ -31,7 +31,7 @@ export interface TpmFrontOptions {
    * channel's spin and the guest domain's busy mode (EventChannels.busyPollUs) alike.
    */
   pollUs?: number;
-  /** Ring only: when the frontend's poll stands down (default: CPU pressure, src/xen/poll.ts). */
+  /** When the frontend's poll stands down (default: CPU pressure, src/xen/poll.ts). */
   pollContended?: () => boolean;
   /** v2 only: bound on one command before it is cancelled (V2Front's default otherwise). */
   commandTimeoutMs?: number;
@@ -197,7 +197,7 @@ export class TpmFront {
     if (opts.pollUs !== undefined) opts.dom.evtchn.busyPollUs = opts.pollUs;
     return (opts.protocol ?? 'v2') === 'ring'
       ? new RingFront(opts.dom, backDomid, { segments: opts.segments, firstId: opts.firstId, pollUs: opts.pollUs, contended: opts.pollContended })
-      : new V2Front(opts.dom, backDomid, { pollUs: opts.pollUs, commandTimeoutMs: opts.commandTimeoutMs });
+      : new V2Front(opts.dom, backDomid, { pollUs: opts.pollUs, commandTimeoutMs: opts.commandTimeoutMs, contended: opts.pollContended });
   }
 
   /** The device is Connected: follow the backend's state from now on. */

@@ -9,7 +9,7 @@
 // watches the state byte for up to the window before it sleeps on the event channel, so a backend that
 // answers within microseconds costs neither side a wake-up. Linux's TPM core polls the chip's status
 // the same way; here the window adapts and closes for commands that run long.
-import { PollWindow, spinUntil, type Domain } from '../xen/index.js';
+import { PollWindow, spinUntil, type Domain, type SpinPeer } from '../xen/index.js';
 import {
   TPMIF_STATE_CANCEL,
   TPMIF_STATE_FINISH,
@@ -33,6 +33,8 @@ export const V2_IDLE_TIMEOUT_MS = 750;
 
 export interface V2FrontOptions {
   pollUs?: number;
+  /** When polling stands down (default: CPU pressure, src/xen/poll.ts cpuContended). */
+  contended?: () => boolean;
   /** Bound on one command (default V2_COMMAND_TIMEOUT_MS); past it the command is cancelled, ETIME. */
   commandTimeoutMs?: number;
 }
@@ -48,11 +50,21 @@ export class V2Front implements TpmTransport {
   #wake: (() => void) | null = null;
   #closed = false;
   readonly #poll: PollWindow;
+  /** Times a poll stood aside (slept at once) because the backend waited for our CPU. */
+  stoodAside = 0;
+  #peerWaited = false;
+  readonly #peer: SpinPeer = {
+    sharesCpu: () => {
+      if (!this.#dom.evtchn.sharesCpu(this.port)) return false;
+      this.stoodAside++;
+      return (this.#peerWaited = true);
+    },
+  };
 
   readonly #commandTimeoutMs: number;
 
   constructor(dom: Domain, backDomid: number, opts: V2FrontOptions = {}) {
-    this.#poll = new PollWindow(opts.pollUs);
+    this.#poll = new PollWindow(opts.pollUs, opts.contended);
     this.#commandTimeoutMs = opts.commandTimeoutMs ?? V2_COMMAND_TIMEOUT_MS;
     this.#dom = dom;
     this.#gfn = dom.allocFrames(1);
@@ -100,6 +112,8 @@ export class V2Front implements TpmTransport {
     if (done()) return true;
     // unmask() delivers a notification that arrived while masked (on a later turn, after #until has
     // installed its waker), so nothing between the last look and the sleep is lost.
+    this.#dom.evtchn.resting(this.port, this.#peerWaited);
+    this.#peerWaited = false;
     this.#dom.evtchn.unmask(this.port);
     return this.#until(done, ms);
   }
@@ -137,7 +151,8 @@ export class V2Front implements TpmTransport {
     if (budget > 0) this.#dom.evtchn.mask(this.port);
     setV2State(this.#page, TPMIF_STATE_SUBMIT);
     this.#dom.evtchn.send(this.port);
-    if (budget > 0 && spinUntil(answered, budget)) {
+    this.#peerWaited = false;
+    if (budget > 0 && spinUntil(answered, budget, undefined, this.#peer)) {
       // The port stays masked while we are this busy: the FINISH notification, if the backend's send
       // lands after our look, then wakes nobody. #wait() unmasks before anything sleeps.
       this.#dom.evtchn.consume(this.port);
@@ -148,6 +163,8 @@ export class V2Front implements TpmTransport {
       throw new FrontendError('ETIME', `no answer within ${this.#commandTimeoutMs} ms; cancelled`);
     }
     this.#poll.record((performance.now() - t0) * 1000);
+    // Answered: nothing for the backend to wait on us for until our next command (ring-front.ts).
+    this.#dom.evtchn.resting(this.port);
     if (this.#state() === TPMIF_STATE_IDLE) throw new FrontendError('ECANCELED', 'command cancelled by the backend');
     // Never trust the backend's length beyond the page.
     const len = Math.min(decodeV2Header(this.#page).length, V2_MAX_DATA);

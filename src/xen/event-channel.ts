@@ -10,6 +10,7 @@ import fs from 'node:fs';
 import net from 'node:net';
 import { mapShared, PAGE_SIZE, type Mapping } from '../../native/libc.js';
 import { closeFd } from '../../native/unix-rights.js';
+import { currentCpu } from '../../native/sched.js';
 import type { Domain } from './domain.js';
 import { ENOSPC, ESRCH, HC, type Reply } from './hypercall.js';
 import { OTHER_PORTS_PER_LOOK, PollWindow, cpuContended, defaultPollUs } from './poll.js';
@@ -23,11 +24,23 @@ const PENDING = 1;
 const MASKED = 2;
 /** Byte offset of each end's word in a channel page (src/xen/hv-domain.ts CHANNEL_WORD_STRIDE). */
 const WORD_STRIDE = 64;
+/**
+ * Each end's second word (4 bytes after its first), written by that end: where it runs, as a hint for
+ * its peer's polls (Xen's analogue is the vCPU runstate area). Bits 0–15: the CPU it last ran on, plus
+ * one (0: not said). Bit 16: runnable (running, polling, or woken by a send and not yet resting). The
+ * peer may write anything here: a wrong value costs a poll its speed, never a message.
+ */
+const WHERE_OFFSET = 4;
+const WHERE_CPU = 0xffff;
+const WHERE_RUNNABLE = 0x10000;
 
 /** One of our ports: its channel page (our word, the remote end's word) and its wake-up pipes. */
 interface LocalPort {
   own: Int32Array;
   remote: Int32Array;
+  /** Where we run, and where the remote end runs (WHERE_OFFSET). */
+  ownWhere: Int32Array;
+  remoteWhere: Int32Array;
   page: Mapping;
   /** Write end of the pipe that wakes the remote end. */
   tx: number;
@@ -89,6 +102,19 @@ function pollTurn(): void {
   if (busyDomains.size > 0) queuePoll();
 }
 
+/** A port busy mode and otherPending() look at: its own words and the remote end's where-word. */
+type Watched = { port: number } & Pick<LocalPort, 'own' | 'ownWhere' | 'remoteWhere'>;
+
+/**
+ * Say in `ownWhere` that we run now, on `cpu` (+ 1), stored only when it changes (the peer reads that
+ * cache line in its own spin); true if `remoteWhere` says the peer is runnable on that same CPU.
+ */
+function runsWith(ownWhere: Int32Array, remoteWhere: Int32Array, cpu = (currentCpu() + 1) & WHERE_CPU): boolean {
+  if (Atomics.load(ownWhere, 0) !== (cpu | WHERE_RUNNABLE)) Atomics.store(ownWhere, 0, cpu | WHERE_RUNNABLE);
+  const remote = Atomics.load(remoteWhere, 0);
+  return cpu > 0 && (remote & WHERE_RUNNABLE) !== 0 && (remote & WHERE_CPU) === cpu;
+}
+
 export class EventChannels {
   readonly #dom: Domain;
   readonly #handlers = new Map<number, Handler>();
@@ -99,7 +125,7 @@ export class EventChannels {
    * (walking the two maps cost a spinning backend with 256 idle guests microseconds per look). Rebuilt
    * (never changed in place, so a walk survives a handler that opens or closes ports) when either map changes.
    */
-  #watched: ReadonlyArray<{ port: number; own: Int32Array }> | null = null;
+  #watched: ReadonlyArray<Watched> | null = null;
   /** Where otherPendingSome() looks next in the watch list. */
   #cursor = 0;
   #dispatchQueued = false;
@@ -118,12 +144,12 @@ export class EventChannels {
     this.#dom = dom;
   }
 
-  #watchList(): ReadonlyArray<{ port: number; own: Int32Array }> {
+  #watchList(): ReadonlyArray<Watched> {
     if (this.#watched) return this.#watched;
-    const out: Array<{ port: number; own: Int32Array }> = [];
+    const out: Watched[] = [];
     for (const port of this.#handlers.keys()) {
       const lp = this.#ports.get(port);
-      if (lp) out.push({ port, own: lp.own });
+      if (lp) out.push({ port, own: lp.own, ownWhere: lp.ownWhere, remoteWhere: lp.remoteWhere });
     }
     return (this.#watched = out);
   }
@@ -156,6 +182,8 @@ export class EventChannels {
     const lp: LocalPort = {
       own: new Int32Array(page.buffer, WORD_STRIDE * end, 1),
       remote: new Int32Array(page.buffer, WORD_STRIDE * (1 - end), 1),
+      ownWhere: new Int32Array(page.buffer, WORD_STRIDE * end + WHERE_OFFSET, 1),
+      remoteWhere: new Int32Array(page.buffer, WORD_STRIDE * (1 - end) + WHERE_OFFSET, 1),
       page,
       tx: txFd,
       sock,
@@ -174,6 +202,7 @@ export class EventChannels {
     // in Xen; the masks of busy mode are ours, and we are looking.
     if (this.#channelMasked.has(port)) return;
     if ((Atomics.and(lp.own, 0, ~PENDING) & PENDING) === 0) return;
+    runsWith(lp.ownWhere, lp.remoteWhere);
     const now = performance.now();
     // How long this work kept us waiting decides whether waiting busy for the next pays (poll.ts).
     this.#busyWindow.record((now - this.#lastWorkAt) * 1000);
@@ -213,7 +242,16 @@ export class EventChannels {
     }
     if (found || !this.#busy) return;
     if (this.#quietUs < 0) this.#quietUs = this.#busyWindow.budgetUs;
-    if ((now - this.#lastWorkAt) * 1000 >= this.#quietUs) this.#leaveBusy();
+    // A peer runnable on our CPU cannot send what we wait for until we sleep: leave at once.
+    if ((now - this.#lastWorkAt) * 1000 >= this.#quietUs || this.#peerWaitsForCpu()) this.#leaveBusy();
+  }
+
+  /** Say on every watched port that we run (and where); true if one's remote end waits for this CPU. */
+  #peerWaitsForCpu(): boolean {
+    const cpu = (currentCpu() + 1) & WHERE_CPU;
+    let waits = false;
+    for (const w of this.#watchList()) if (runsWith(w.ownWhere, w.remoteWhere, cpu)) waits = true;
+    return waits;
   }
 
   /** Unmask the ports busy mode masked; one that became pending meanwhile is delivered (later turn). */
@@ -224,6 +262,7 @@ export class EventChannels {
     let pending = false;
     for (const w of this.#watchList()) {
       if (this.#channelMasked.has(w.port)) continue;
+      Atomics.and(w.ownWhere, 0, ~WHERE_RUNNABLE);
       if (Atomics.and(w.own, 0, ~MASKED) & PENDING) pending = true;
     }
     if (pending) this.#scheduleDispatch();
@@ -276,6 +315,25 @@ export class EventChannels {
   consume(port: number): boolean {
     const lp = this.#port(port);
     return (Atomics.and(lp.own, 0, ~PENDING) & PENDING) !== 0;
+  }
+
+  /**
+   * Whether the remote end of `port` is runnable on the CPU we run on now (so it cannot run while we
+   * spin), saying first that we run there too. A polling end asks this every few looks (poll.ts).
+   */
+  sharesCpu(port: number): boolean {
+    const lp = this.#ports.get(port);
+    return lp ? runsWith(lp.ownWhere, lp.remoteWhere) : false;
+  }
+
+  /**
+   * Say that we go back to sleep on `port` (not runnable until a send wakes us, or we look again). With
+   * `peerWaits` (its remote end waits for our CPU), busy mode ends too, so the process really sleeps.
+   */
+  resting(port: number, peerWaits = false): void {
+    const lp = this.#ports.get(port);
+    if (lp) Atomics.and(lp.ownWhere, 0, ~WHERE_RUNNABLE);
+    if (peerWaits) this.#leaveBusy();
   }
 
   /** True if any port with a handler, other than `except`, is pending: work waits elsewhere. */
@@ -358,6 +416,8 @@ export class EventChannels {
     // A masked end is being polled (or will be checked at unmask): no wake-up at all.
     if (was & (MASKED | PENDING)) return;
     // Only the 0→1 edge wakes; one byte straight to the peer's pipe, the hot path of every round trip.
+    // The byte makes the peer runnable: said in its where-word, for our next poll to see (sharesCpu).
+    Atomics.or(lp.remoteWhere, 0, WHERE_RUNNABLE);
     try {
       fs.writeSync(lp.tx, this.#wake);
     } catch {

@@ -9,7 +9,8 @@
 // shut, and every PROBE_EVERY-th wait polls anyway, in case the peer got fast again. A process whose
 // peer is slow or busy (keygen, many guests) thus wastes at most one window per PROBE_EVERY waits.
 // A poll that misses by a little is not wasted: it keeps its vCPU from halting, so the message that
-// ends the wait wakes it cheaply. (A peer pinned to our own vCPU is the exception, docs/benchmarks.md.)
+// ends the wait wakes it cheaply. A peer on our own vCPU cannot answer while we spin: spinUntil's
+// SpinPeer says so per check, and the spin ends (docs/protocols/event-channels.md).
 import fs from 'node:fs';
 import os from 'node:os';
 
@@ -99,14 +100,26 @@ export class PollWindow {
 export const OTHER_PORTS_PER_LOOK = 16;
 
 /**
+ * The other end of what a spin waits for, as far as the CPU goes (EventChannels.sharesCpu): whether it
+ * is runnable on the very CPU the spinner holds, so that it cannot answer until the spinner lets it.
+ */
+export interface SpinPeer {
+  sharesCpu(): boolean;
+}
+
+/**
  * Spin until `done()` or `budgetUs` passed or `giveUp()` says other work waits. Returns whether
  * `done()` came true. Blocks the calling thread for at most the budget (plus one check). `giveUp` is
  * asked once per 16 looks, so it must cost no more than a few of them (EventChannels.otherPendingSome).
+ * `peer`, asked as often (and once before the first look), says when the peer waits for our CPU: the
+ * spin then ends at once, so the caller sleeps and the peer runs. (sched_yield does not hand the CPU
+ * over here: the host's daemons run detached, each in a scheduler autogroup of its own.)
  */
-export function spinUntil(done: () => boolean, budgetUs: number, giveUp?: () => boolean): boolean {
+export function spinUntil(done: () => boolean, budgetUs: number, giveUp?: () => boolean, peer?: SpinPeer): boolean {
   if (done()) return true;
   if (budgetUs <= 0) return false;
   const deadline = performance.now() + budgetUs / 1000;
+  if (peer?.sharesCpu()) return done();
   for (let i = 1; ; i++) {
     if (done()) return true;
     // The clock and the other-work check cost more than a load of the ring: look at them less often, so
@@ -114,6 +127,7 @@ export function spinUntil(done: () => boolean, budgetUs: number, giveUp?: () => 
     if ((i & 15) === 0) {
       if (performance.now() >= deadline) return done();
       if (giveUp?.()) return done();
+      if (peer?.sharesCpu()) return done();
     }
   }
 }

@@ -1,6 +1,8 @@
 // Event channels: Xen's alloc_unbound / bind_interdomain / send / close semantics between domains.
 import { afterAll, beforeAll, describe, expect, it, vi } from 'vitest';
 import fs from 'node:fs';
+import os from 'node:os';
+import { execFileSync } from 'node:child_process';
 import net from 'node:net';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { freshXenDir } from '../helpers/child.js';
@@ -474,5 +476,58 @@ describe('event-channel masks (busy-polling ends)', () => {
     be.evtchn.close(l1);
     fe.evtchn.close(p1);
     fe.evtchn.close(p2);
+  });
+  it('says where each end runs in its channel page: a poller sees its peer runnable on its own CPU (published, or woken by its send) and not once it rests', async () => {
+    // Both ends live on this thread; pinned, they stay on one CPU between the publishing and the look.
+    execFileSync('taskset', ['-a', '-p', '-c', '0', String(process.pid)], { stdio: 'ignore' });
+    try {
+      const p = fe.evtchn.allocUnbound(0);
+      const local = be.evtchn.bindInterdomain(4, p);
+      const c = counter(be, local);
+      await sleep(20); // the bind's own event, delivered: be said it runs here
+      expect(c.n).toBe(1);
+      expect(fe.evtchn.sharesCpu(p)).toBe(true);
+      be.evtchn.resting(local);
+      expect(fe.evtchn.sharesCpu(p)).toBe(false);
+      // A send that writes a wake-up makes the peer runnable on the CPU it last ran on.
+      fe.evtchn.send(p);
+      expect(fe.evtchn.sharesCpu(p)).toBe(true);
+      await sleep(20);
+      expect(c.n).toBe(2);
+      be.evtchn.resting(local);
+      // A masked peer is polling already: the send writes no wake-up and says nothing about it.
+      be.evtchn.mask(local);
+      fe.evtchn.send(p);
+      expect(fe.evtchn.sharesCpu(p)).toBe(false);
+      // Its own look says it runs (here): the other end sees that too.
+      expect(be.evtchn.sharesCpu(local)).toBe(true);
+      expect(fe.evtchn.sharesCpu(p)).toBe(true);
+      be.evtchn.consume(local);
+      be.evtchn.unmask(local);
+      be.evtchn.close(local);
+      // A closed port says nothing.
+      expect(be.evtchn.sharesCpu(local)).toBe(false);
+      fe.evtchn.close(p);
+    } finally {
+      execFileSync('taskset', ['-a', '-p', '-c', `0-${os.cpus().length - 1}`, String(process.pid)], { stdio: 'ignore' });
+    }
+  });
+  it('busy mode ends at its next turn, not after its quiet window, once a peer waits for the CPU it spins on', async () => {
+    execFileSync('taskset', ['-a', '-p', '-c', '0', String(process.pid)], { stdio: 'ignore' });
+    const { p, local, c, end } = await busyChannel(300_000);
+    try {
+      fe.evtchn.send(p);
+      await sleep(20);
+      expect(c.n).toBe(2);
+      expect(be.evtchn.status(local).masked).toBe(true); // woken, busy for up to 300 ms
+      // The guest end says it runs on this CPU (as a poll of its own does): dom0's poller gives way.
+      expect(fe.evtchn.sharesCpu(p)).toBe(true);
+      await sleep(20);
+      expect(be.evtchn.status(local).masked).toBe(false);
+      fe.evtchn.resting(p);
+    } finally {
+      end();
+      execFileSync('taskset', ['-a', '-p', '-c', `0-${os.cpus().length - 1}`, String(process.pid)], { stdio: 'ignore' });
+    }
   });
 });

@@ -95,4 +95,20 @@ describe('spinUntil', () => {
     expect(spinUntil(() => (n++, false), 0)).toBe(false);
     expect(n).toBe(1);
   });
+  it('stands aside before its first look when the peer waits for its CPU, and at the next check when it starts to', () => {
+    let looks = 0;
+    let asked = 0;
+    expect(spinUntil(() => (looks++, false), 10_000_000, undefined, { sharesCpu: () => (asked++, true) })).toBe(false);
+    expect(asked).toBe(1);
+    expect(looks).toBe(2); // the look before the spin, and the one after standing aside
+    // Elsewhere for the first 100 checks, then on our CPU: the spin ends at that check, not at its budget.
+    looks = 0;
+    asked = 0;
+    expect(spinUntil(() => (looks++, false), 10_000_000, undefined, { sharesCpu: () => ++asked > 100 })).toBe(false);
+    expect(asked).toBe(101);
+    expect(looks).toBeLessThanOrEqual(100 * 16 + 2);
+    // A peer that never shares the CPU changes nothing: the answer is still found.
+    looks = 0;
+    expect(spinUntil(() => ++looks >= 500, 10_000_000, undefined, { sharesCpu: () => false })).toBe(true);
+  });
 });
