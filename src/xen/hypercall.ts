@@ -9,6 +9,7 @@
 //   reply    i32 status | u32 nfds | u32 r0 .. r5        status 0 ok, <0 -errno or GNTST_*
 import { join } from 'node:path';
 import { closeFd, connectUnix, recvBlocking, sendWithFds } from '../../native/unix-rights.js';
+import { trace, tracing } from '../util/trace.js';
 
 export const HC_MSG = 32;
 
@@ -120,6 +121,7 @@ export class HypercallClient {
   /** Make the call and return the reply whatever its status. */
   tryCall(op: number, args: readonly number[] = []): Reply {
     if (this.#fd < 0) throw new HypercallError(op, -ESRCH, 'connection to the hypervisor closed');
+    if (tracing) trace(`hc > ${HC_NAMES.get(op) ?? op} ${args.join(' ')}`);
     sendWithFds(this.#fd, encodeRequest(op, args), []);
     const buf = new Uint8Array(HC_MSG);
     const fds: number[] = [];
@@ -142,6 +144,7 @@ export class HypercallClient {
       throw new HypercallError(op, -EINVAL, `reply announced ${nfds} descriptors, ${fds.length} came`);
     }
     const r = [0, 1, 2, 3, 4, 5].map((i) => dv.getUint32(8 + 4 * i, true));
+    if (tracing) trace(`hc < ${HC_NAMES.get(op) ?? op} ${status}`);
     return { status, r, fds };
   }
 
