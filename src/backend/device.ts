@@ -85,6 +85,8 @@ export class BackendDevice {
   /** The ring was taken down at a suspend notice; the connection ends at the frontend's Closed. */
   #closingEarly = false;
   #feQueued = false;
+  /** The request id of the last read of the frontend's state (0: none yet). */
+  #stateRead = 0;
   /** The frontend state the last step acted on (steps act on changes only). */
   #lastFrontend: XenbusState | undefined;
   /** ring-ref/event-channel of the ring the channel serves. */
@@ -134,6 +136,9 @@ export class BackendDevice {
     // the ring it published next would tear that ring down again.
     // One read per burst of events (Initialised right behind Initialising): a queued step reads for all.
     this.#watch = await this.#o.xs.watch(`${this.dev.frontend}/state`, () => {
+      // An event that arrives before the answer to our last read of the state is covered by that read
+      // (xenstored answers in order): the Closed right behind a Closing costs no second read.
+      if (this.#stateRead !== 0 && !this.#o.xs.answered(this.#stateRead)) return;
       if (!this.#feQueued) this.#enqueue(() => ((this.#feQueued = false), this.#frontendChanged()));
       this.#feQueued = true;
     });
@@ -153,6 +158,7 @@ export class BackendDevice {
     // round trip less on the resume path; the keys read right after a state that says Initialised
     // are that state's, as the frontend changes them together in a transaction).
     const statePromise = readState(this.#o.xs, this.dev.frontend);
+    this.#stateRead = this.#o.xs.lastRequestId;
     const keys = !this.#channel && !this.#fatal ? this.#attachKeys() : null;
     keys?.catch(() => {});
     let s: XenbusState;

@@ -99,6 +99,7 @@ export class XsClient {
   private readonly watches = new Map<string, XsWatch>();
   private readonly receiver: XsReceiver;
   private nextReq = 1;
+  private lastReq = 0;
   private nextToken = 1;
   private corked = false;
   private closedErr: Error | undefined;
@@ -159,6 +160,7 @@ export class XsClient {
     if (this.closedErr) return Promise.reject(this.closedErr);
     const reqId = this.nextReq;
     this.nextReq = (this.nextReq + 1) >>> 0 || 1;
+    this.lastReq = reqId;
     return new Promise((resolve, reject) => {
       this.pending.set(reqId, { type, resolve, reject });
       // Requests issued in the same tick (a pipelined batch) leave in one write: one syscall, and
@@ -173,6 +175,21 @@ export class XsClient {
       this.tap?.('out', packet);
       this.socket.write(packet);
     });
+  }
+
+  /** The id of the request sent last (0 before any): what `answered` takes. */
+  get lastRequestId(): number {
+    return this.lastReq;
+  }
+
+  /**
+   * Whether the reply to request `reqId` has arrived (also once the connection is gone). xenstored
+   * sends one connection's replies and watch events in the order it makes them, so a watch event that
+   * arrives while a READ is unanswered reports a change made before that READ was handled: the READ's
+   * answer already shows it.
+   */
+  answered(reqId: number): boolean {
+    return !this.pending.has(reqId);
   }
 
   /**
