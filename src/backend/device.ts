@@ -442,9 +442,16 @@ export class BackendDevice {
     this.#serving = `${keys.ringRef ?? ''}/${keys.eventChannel ?? ''}`;
     this.#closingSent = false;
     this.#closingEarly = false;
-    await backendConnected(xs, this.dev);
-    // After xenstored applied Connected: a frontend that goes on at this event never reads an older state.
-    this.#channel?.notifyConnected?.();
+    const connected = backendConnected(xs, this.dev);
+    xs.flush();
+    // Once Connected has left for xenstored (in the kernel: it is applied even if we die now), not once
+    // applied: a frontend that goes on at this event takes an InitWait it reads before any Connected as
+    // stale (followBackend). Only a backend that bound the new port can send it.
+    const early = xs.sent;
+    if (early) this.#channel?.notifyConnected?.();
+    trace('dev connected signalled');
+    await connected;
+    if (!early) this.#channel?.notifyConnected?.();
     this.#obs.connected(resume, t0);
     this.#o.log(`dom${this.dev.frontDomid}: connected (${wantsRing ? 'ring' : 'v2'}), vTPM instance ${this.#vtpm.instance} of VM ${vm}`);
   }

@@ -57,6 +57,11 @@ export class XsWatch implements AsyncIterable<WatchEvent> {
     else if (!this.onEvent) this.buffered.push(ev);
   }
 
+  /** Whether events still come (not closed, connection not gone). */
+  get active(): boolean {
+    return !this.ended;
+  }
+
   /** @internal no more events (unwatched or connection closed) */
   end(): void {
     this.ended = true;
@@ -200,6 +205,11 @@ export class XsClient {
     if (!this.corked) return;
     this.corked = false;
     this.socket.uncork();
+  }
+
+  /** Whether every request sent so far has been handed to the kernel (none held back in this process). */
+  get sent(): boolean {
+    return !this.corked && this.socket.writableLength === 0;
   }
 
   private onMessage(m: XsMessage): void {
