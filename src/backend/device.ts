@@ -85,6 +85,11 @@ export class BackendDevice {
   /** The ring was taken down at a suspend notice; the connection ends at the frontend's Closed. */
   #closingEarly = false;
   #feQueued = false;
+  /**
+   * control/shutdown as read when the frontend began to close (its suspend notice or Closing): whether
+   * the close is a suspend. Read then, not at its Closed, by when the toolstack may have cleared it.
+   */
+  #shutdown: Promise<string | undefined> | null = null;
   /** The request id of the last read of the frontend's state (0: none yet). */
   #stateRead = 0;
   /** The frontend state the last step acted on (steps act on changes only). */
@@ -227,6 +232,7 @@ export class BackendDevice {
         // Suspend (or close): answer what is in flight before acknowledging, then make the vTPM's
         // volatile state durable, so a resumed guest finds both the answer and the state. (Closing
         // again when the toolstack already wrote it is harmless; Closed only follows a finish.)
+        this.#shutdown ??= this.#readShutdown();
         this.#obs.closing();
         await this.#quiesce();
         trace('dev quiesced');
@@ -252,6 +258,7 @@ export class BackendDevice {
       this.#enqueue(async () => {
         try {
           if (!this.#channel || this.#gone || this.#closingSent) return resolve();
+          this.#shutdown ??= this.#readShutdown();
           this.#obs.closing();
           await this.#quiesce();
           trace('dev quiesced (notice)');
@@ -278,10 +285,10 @@ export class BackendDevice {
     // it publishes next is a later step of this queue. control/shutdown decides only what becomes of
     // the vTPM (durable already), settled here before the queue looks at the frontend again.
     const offline = this.#offline;
+    const control = this.#shutdown ?? this.#readShutdown();
+    this.#shutdown = null;
     const batch = Promise.all([
-      // A vTPM stub domain may not read the guest's control node (as under Xen): then the close is
-      // no suspend to it, and its vTPM, checkpointed by quiesce, stays loaded until detach.
-      this.#o.xs.tryRead(`/local/domain/${this.dev.frontDomid}/control/shutdown`).catch(() => undefined),
+      control,
       this.#o.xs.rm(`${this.dev.backend}/ready`).catch(() => {}),
       offline ? undefined : switchState(this.#o.xs, this.dev.backend, XenbusState.InitWait),
     ]);
@@ -298,6 +305,14 @@ export class BackendDevice {
     if (this.#vtpm && shutdown === 'suspend') await this.#suspended(this.#vtpm).then(() => this.#obs.suspended());
     this.#obs.closed(offline);
     if (offline) await this.#finish(XenbusState.Closed);
+  }
+
+  /**
+   * The guest's control/shutdown. A vTPM stub domain may not read it (as under Xen): then the close is
+   * no suspend to it, and its vTPM, checkpointed by quiesce, stays loaded until detach.
+   */
+  #readShutdown(): Promise<string | undefined> {
+    return this.#o.xs.tryRead(`/local/domain/${this.dev.frontDomid}/control/shutdown`).catch(() => undefined);
   }
 
   /**
@@ -440,6 +455,7 @@ export class BackendDevice {
       return this.#fail(5, `cannot map ring-ref ${fe.ringRef} / bind event-channel ${fe.eventChannel}: ${(err as Error).message}`, 'bad_grant');
     }
     this.#serving = `${keys.ringRef ?? ''}/${keys.eventChannel ?? ''}`;
+    this.#shutdown = null;
     this.#closingSent = false;
     this.#closingEarly = false;
     const connected = backendConnected(xs, this.dev);

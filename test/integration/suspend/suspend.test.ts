@@ -372,6 +372,29 @@ describe('suspend/resume through xenstore', () => {
     await s.close();
   });
 
+  it('a suspend stays one when the toolstack clears control/shutdown before the backend sees the Closed: the vTPM is parked', async () => {
+    const g = await guest(33);
+    const dev = xenbus.vtpmDevice(33, 0, 0);
+    const f = new RingFront(g.dom, 0);
+    await xenbusFront.frontendConnect(g.xs, dev, { ringRef: f.refs[0]!, eventChannel: f.port, extra: { [XS_FEATURE_RING]: '1' } }, { timeoutMs: 10_000, requireBackendFeature: XS_FEATURE_RING });
+    ok(await f.transmit(tpm2.startup()), 'Startup');
+    const shutdownKey = '/local/domain/33/control/shutdown';
+    await dom0.write(shutdownKey, 'suspend');
+    expect(await f.announceSuspend()).toBe(true);
+    // The toolstack is done with the request (as xl once the guest suspended) before the Closed comes.
+    await dom0.write(shutdownKey, '');
+    await xenbus.switchState(g.xs, dev.frontend, xenbus.XenbusState.Closed);
+    await f.close();
+    // Parked, hence released after VTPM_PARK_MS; a close that is no suspend leaves it loaded until detach.
+    const log = new RunDir(runDir).log('backend');
+    const deadline = Date.now() + 20_000;
+    while (!/dom33: no resume within 1500 ms; vTPM instance [0-9]+ released/.test(readFileSync(log, 'utf8'))) {
+      expect(Date.now(), 'parked vTPM released').toBeLessThan(deadline);
+      await new Promise((r) => setTimeout(r, 100));
+    }
+    expect(readFileSync(log, 'utf8')).toMatch(/dom33: suspended, vTPM instance [0-9]+ saved \(kept loaded for the resume\)/);
+  });
+
   it('a backend killed with -9 mid-stream is restarted; in-flight extends run exactly once', async () => {
     const g = await guest(24);
     const s = await Session.open({ xs: g.xs, dom: g.dom });
