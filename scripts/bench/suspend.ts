@@ -29,6 +29,19 @@ import { trace } from '../../src/util/trace.js';
 
 const run = promisify(execFile);
 
+/** CPU time (ms) of every thread of process `pid` so far, from the scheduler's accounting. */
+function cpuMs(pid: number): number {
+  let ns = 0;
+  for (const t of fs.readdirSync(`/proc/${pid}/task`)) {
+    try {
+      ns += Number(fs.readFileSync(`/proc/${pid}/task/${t}/schedstat`, 'latin1').split(' ')[0]);
+    } catch {
+      // the thread ended meanwhile
+    }
+  }
+  return ns / 1e6;
+}
+
 function arg(ctx: BenchContext, name: string, def: string): string {
   const i = ctx.args.indexOf(`--${name}`);
   return i >= 0 && ctx.args[i + 1] ? ctx.args[i + 1]! : def;
@@ -265,12 +278,23 @@ export async function run_(ctx: BenchContext): Promise<Figure[]> {
     }
     stop = true;
     await load;
-    // Idle: nothing in flight, so no manager save on the path at all.
+    // Idle: nothing in flight, so no manager save on the path at all. CPU per cycle per process
+    // (every thread; the guest is this process) does not depend on what else the machine runs.
+    const daemons = h.processes.filter((p) => p.role !== 'guest');
+    let cpu0: number[] = [];
+    let guest0 = process.cpuUsage();
     for (let i = 0; i < cycles + warmup; i++) {
       await new Promise((r) => setTimeout(r, 5));
+      if (i === warmup) {
+        cpu0 = daemons.map((p) => cpuMs(p.pid));
+        guest0 = process.cpuUsage();
+      }
       const { ms } = await cycle();
       if (i >= warmup) oursIdle.push(ms);
     }
+    const guestCpu = process.cpuUsage(guest0);
+    const perCycle = daemons.map((p, i) => `${p.role} ${((cpuMs(p.pid) - cpu0[i]!) / cycles).toFixed(2)}`);
+    ctx.log(`ours idle: CPU ms per cycle ${perCycle.join(', ')}, guest (this process) ${((guestCpu.user + guestCpu.system) / 1000 / cycles).toFixed(2)}`);
     await s.close();
     await xs.close();
     await dom.destroy();

@@ -85,6 +85,13 @@ export class BackendDevice {
   /** The ring was taken down at a suspend notice; the connection ends at the frontend's Closed. */
   #closingEarly = false;
   #feQueued = false;
+  /**
+   * control/shutdown as read when the frontend began to close (its suspend notice or Closing): whether
+   * the close is a suspend. Read then, not at its Closed, by when the toolstack may have cleared it.
+   */
+  #shutdown: Promise<string | undefined> | null = null;
+  /** The request id of the last read of the frontend's state (0: none yet). */
+  #stateRead = 0;
   /** The frontend state the last step acted on (steps act on changes only). */
   #lastFrontend: XenbusState | undefined;
   /** ring-ref/event-channel of the ring the channel serves. */
@@ -134,6 +141,9 @@ export class BackendDevice {
     // the ring it published next would tear that ring down again.
     // One read per burst of events (Initialised right behind Initialising): a queued step reads for all.
     this.#watch = await this.#o.xs.watch(`${this.dev.frontend}/state`, () => {
+      // An event that arrives before the answer to our last read of the state is covered by that read
+      // (xenstored answers in order): the Closed right behind a Closing costs no second read.
+      if (this.#stateRead !== 0 && !this.#o.xs.answered(this.#stateRead)) return;
       if (!this.#feQueued) this.#enqueue(() => ((this.#feQueued = false), this.#frontendChanged()));
       this.#feQueued = true;
     });
@@ -153,6 +163,7 @@ export class BackendDevice {
     // round trip less on the resume path; the keys read right after a state that says Initialised
     // are that state's, as the frontend changes them together in a transaction).
     const statePromise = readState(this.#o.xs, this.dev.frontend);
+    this.#stateRead = this.#o.xs.lastRequestId;
     const keys = !this.#channel && !this.#fatal ? this.#attachKeys() : null;
     keys?.catch(() => {});
     let s: XenbusState;
@@ -221,6 +232,7 @@ export class BackendDevice {
         // Suspend (or close): answer what is in flight before acknowledging, then make the vTPM's
         // volatile state durable, so a resumed guest finds both the answer and the state. (Closing
         // again when the toolstack already wrote it is harmless; Closed only follows a finish.)
+        this.#shutdown ??= this.#readShutdown();
         this.#obs.closing();
         await this.#quiesce();
         trace('dev quiesced');
@@ -246,6 +258,7 @@ export class BackendDevice {
       this.#enqueue(async () => {
         try {
           if (!this.#channel || this.#gone || this.#closingSent) return resolve();
+          this.#shutdown ??= this.#readShutdown();
           this.#obs.closing();
           await this.#quiesce();
           trace('dev quiesced (notice)');
@@ -272,10 +285,10 @@ export class BackendDevice {
     // it publishes next is a later step of this queue. control/shutdown decides only what becomes of
     // the vTPM (durable already), settled here before the queue looks at the frontend again.
     const offline = this.#offline;
+    const control = this.#shutdown ?? this.#readShutdown();
+    this.#shutdown = null;
     const batch = Promise.all([
-      // A vTPM stub domain may not read the guest's control node (as under Xen): then the close is
-      // no suspend to it, and its vTPM, checkpointed by quiesce, stays loaded until detach.
-      this.#o.xs.tryRead(`/local/domain/${this.dev.frontDomid}/control/shutdown`).catch(() => undefined),
+      control,
       this.#o.xs.rm(`${this.dev.backend}/ready`).catch(() => {}),
       offline ? undefined : switchState(this.#o.xs, this.dev.backend, XenbusState.InitWait),
     ]);
@@ -292,6 +305,14 @@ export class BackendDevice {
     if (this.#vtpm && shutdown === 'suspend') await this.#suspended(this.#vtpm).then(() => this.#obs.suspended());
     this.#obs.closed(offline);
     if (offline) await this.#finish(XenbusState.Closed);
+  }
+
+  /**
+   * The guest's control/shutdown. A vTPM stub domain may not read it (as under Xen): then the close is
+   * no suspend to it, and its vTPM, checkpointed by quiesce, stays loaded until detach.
+   */
+  #readShutdown(): Promise<string | undefined> {
+    return this.#o.xs.tryRead(`/local/domain/${this.dev.frontDomid}/control/shutdown`).catch(() => undefined);
   }
 
   /**
@@ -434,11 +455,19 @@ export class BackendDevice {
       return this.#fail(5, `cannot map ring-ref ${fe.ringRef} / bind event-channel ${fe.eventChannel}: ${(err as Error).message}`, 'bad_grant');
     }
     this.#serving = `${keys.ringRef ?? ''}/${keys.eventChannel ?? ''}`;
+    this.#shutdown = null;
     this.#closingSent = false;
     this.#closingEarly = false;
-    await backendConnected(xs, this.dev);
-    // After xenstored applied Connected: a frontend that goes on at this event never reads an older state.
-    this.#channel?.notifyConnected?.();
+    const connected = backendConnected(xs, this.dev);
+    xs.flush();
+    // Once Connected has left for xenstored (in the kernel: it is applied even if we die now), not once
+    // applied: a frontend that goes on at this event takes an InitWait it reads before any Connected as
+    // stale (followBackend). Only a backend that bound the new port can send it.
+    const early = xs.sent;
+    if (early) this.#channel?.notifyConnected?.();
+    trace('dev connected signalled');
+    await connected;
+    if (!early) this.#channel?.notifyConnected?.();
     this.#obs.connected(resume, t0);
     this.#o.log(`dom${this.dev.frontDomid}: connected (${wantsRing ? 'ring' : 'v2'}), vTPM instance ${this.#vtpm.instance} of VM ${vm}`);
   }

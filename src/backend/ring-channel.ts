@@ -452,11 +452,13 @@ export class RingChannel implements Channel {
     this.#closed = true;
     this.#refusals.flush();
     this.#queue.length = 0;
-    this.#dom.evtchn.close(this.#port);
+    // Posted, not waited for: nothing here needs the hypervisor's answers, and the next hypercall (a
+    // resumed ring's map) reads them first. The frontend ends its grants once the unmaps have run.
+    this.#dom.evtchn.close(this.#port, { wait: false });
     // Jobs still running hold views, but #closed keeps them from ever writing through them again.
-    for (const d of this.#data.values()) d.map.unmap();
+    for (const d of this.#data.values()) d.map.unmap({ wait: false });
     this.#data.clear();
-    this.#ringMap.unmap();
+    this.#ringMap.unmap({ wait: false });
   }
 }
 

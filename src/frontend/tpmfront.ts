@@ -3,8 +3,8 @@
 // xenbus connect sequence, and offers transmit/cancel/close to applications and the TCTI bridge.
 import type { Domain } from '../xen/index.js';
 import type { XsClient } from '../xenstore/client.js';
-import { readState, switchState, vtpmDevice, type VtpmDevice, waitForState, watchState, XenbusState } from '../xenstore/xenbus.js';
-import { frontendClose, frontendConnect, frontendReconnect, type FrontendRing } from '../xenstore/xenbus-frontend.js';
+import { readState, switchState, vtpmDevice, type VtpmDevice, waitForState, XenbusState } from '../xenstore/xenbus.js';
+import { followBackend, frontendClose, frontendConnect, frontendReconnect, type FrontendRing } from '../xenstore/xenbus-frontend.js';
 import type { XsWatch } from '../xenstore/client.js';
 import { XS_FEATURE_RING } from '../xen/tpmif.js';
 import { V2Front } from './v2-front.js';
@@ -190,7 +190,7 @@ export class TpmFront {
       await transport.close();
       throw err;
     }
-    return TpmFront.#following(opts, dev, transport);
+    return TpmFront.#following(opts, dev, transport, protocol === 'ring');
   }
 
   static #build(opts: TpmFrontOptions, backDomid: number): TpmTransport {
@@ -201,11 +201,12 @@ export class TpmFront {
   }
 
   /** The device is Connected: follow the backend's state from now on. */
-  static #following(opts: TpmFrontOptions, dev: VtpmDevice, transport: TpmTransport): TpmFront {
+  static #following(opts: TpmFrontOptions, dev: VtpmDevice, transport: TpmTransport, signalled = false): TpmFront {
     const xs = opts.xs;
     const front = new TpmFront(xs, dev, transport);
     // Not waited for: the WATCH goes out before anything we send later, and fires once registered.
-    front.#backendWatch = watchState(xs, dev.backend, (s) => {
+    // `signalled`: a resume that may have gone on at the backend's event (an early InitWait is stale).
+    front.#backendWatch = followBackend(xs, dev, (s) => {
       // The backend closing (or vanishing) ends the device from our side too, as xen-tpmfront does.
       if (!front.#closed && s === XenbusState.InitWait && opts.onBackendReset) {
         front.#closed = true;
@@ -220,7 +221,7 @@ export class TpmFront {
         front.#connected = false;
         void front.close().then(() => opts.onClosed?.(`backend went to ${XenbusState[s]}`));
       }
-    });
+    }, { signalled });
     front.#backendWatch.catch(() => {});
     return front;
   }

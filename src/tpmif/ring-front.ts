@@ -286,7 +286,8 @@ export class RingFront implements TpmTransport {
     // An error (and its stack) only when someone is left to receive it.
     if (this.#pending.size) this.#failAll(new FrontendError('ENODEV', 'frontend closed'));
     for (const w of this.#waitingForSlot.splice(0)) w();
-    this.#dom.evtchn.close(this.port);
+    // Posted: the suspend's Closed is answered without waiting for the hypervisor process to run.
+    this.#dom.evtchn.close(this.port, { wait: false });
     // The backend unmaps our pages only once it sees us Closed, a moment after this. Like Linux's
     // gnttab_end_foreign_access, do not wait for it: revoke in the background (every few ms, up to 1 s)
     // and free the frames once nobody maps them; `released` says when.

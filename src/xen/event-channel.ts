@@ -425,8 +425,11 @@ export class EventChannels {
     }
   }
 
-  /** EVTCHNOP_close: the local port is freed; an interdomain peer goes back to unbound. */
-  close(port: number): void {
+  /**
+   * EVTCHNOP_close: the local port is freed; an interdomain peer goes back to unbound. `wait: false`
+   * (a teardown nobody waits on) posts the call instead of waiting for the hypervisor's answer.
+   */
+  close(port: number, opts: { wait?: boolean } = {}): void {
     this.#checkPort(port);
     this.#handlers.delete(port);
     this.#channelMasked.delete(port);
@@ -437,7 +440,8 @@ export class EventChannels {
     this.#release(lp);
     if (!this.#dom.hc.closed) {
       try {
-        this.#dom.hc.tryCall(HC.evtchn_close, [port]);
+        if (opts.wait === false) this.#dom.hc.post(HC.evtchn_close, [port]);
+        else this.#dom.hc.tryCall(HC.evtchn_close, [port]);
       } catch {
         // The hypervisor is gone, and the channel with it.
       }

@@ -123,12 +123,13 @@ export class GrantMapping {
     return this.#mapping !== null;
   }
 
-  unmap(): void {
+  /** GNTTABOP_unmap_grant_ref; `wait: false` posts it (see HypercallClient.post). */
+  unmap(opts: { wait?: boolean } = {}): void {
     if (!this.#mapping) return;
     const m = this.#mapping;
     this.#mapping = null;
     m.unmap();
-    this.#mapper.release(this);
+    this.#mapper.release(this, opts.wait ?? true);
   }
 }
 
@@ -179,19 +180,20 @@ export class GrantMapper {
   }
 
   /** Called by GrantMapping.unmap: the hypervisor drops the pins, clearing the in-use bits with the last. */
-  release(gm: GrantMapping): void {
+  release(gm: GrantMapping, wait = true): void {
     if (!this.#live.delete(gm)) return;
-    for (const h of gm.handles) this.#unmap(h);
+    for (const h of gm.handles) this.#unmap(h, wait);
   }
 
   unmapAll(): void {
     for (const gm of [...this.#live]) gm.unmap();
   }
 
-  #unmap(handle: number): void {
+  #unmap(handle: number, wait = true): void {
     if (this.#dom.hc.closed) return;
     try {
-      this.#dom.hc.tryCall(HC.unmap_grant, [handle]);
+      if (wait) this.#dom.hc.tryCall(HC.unmap_grant, [handle]);
+      else this.#dom.hc.post(HC.unmap_grant, [handle]);
     } catch {
       // The hypervisor is gone, and every pin with it.
     }

@@ -9,6 +9,7 @@
 //   reply    i32 status | u32 nfds | u32 r0 .. r5        status 0 ok, <0 -errno or GNTST_*
 import { join } from 'node:path';
 import { closeFd, connectUnix, recvBlocking, sendWithFds } from '../../native/unix-rights.js';
+import { trace, tracing } from '../util/trace.js';
 
 export const HC_MSG = 32;
 
@@ -86,9 +87,14 @@ export function encodeReply(status: number, r: readonly number[], nfds: number):
   return b;
 }
 
+/** Posted calls whose replies may wait unread before a call waits for them all (a few KiB of socket). */
+const POSTED_MAX = 64;
+
 /** A domain's (or the toolstack's) end of a hypercall connection: blocking calls, one at a time. */
 export class HypercallClient {
   #fd: number;
+  /** Replies owed to `post`ed calls, read (and dropped) before the next call's. */
+  #owed = 0;
 
   constructor(fd: number) {
     this.#fd = fd;
@@ -117,9 +123,38 @@ export class HypercallClient {
     return rep;
   }
 
+  /**
+   * Send a call whose answer nobody waits for (a close or an unmap on a teardown path): the caller goes
+   * on without waiting for the hypervisor process to run. The hypervisor handles one connection's calls
+   * in order, so every later call of this domain sees its effect; other domains see it once the
+   * hypervisor has run, a moment later (a granter's end_access retries until then).
+   */
+  post(op: number, args: readonly number[] = []): void {
+    if (this.#fd < 0) throw new HypercallError(op, -ESRCH, 'connection to the hypervisor closed');
+    if (this.#owed >= POSTED_MAX) this.#drain();
+    if (tracing) trace(`hc >> ${HC_NAMES.get(op) ?? op} ${args.join(' ')}`);
+    sendWithFds(this.#fd, encodeRequest(op, args), []);
+    this.#owed++;
+  }
+
+  /** Read the replies owed to posted calls; nothing else is outstanding, so every byte is theirs. */
+  #drain(): void {
+    let want = this.#owed * HC_MSG;
+    this.#owed = 0;
+    while (want > 0) {
+      const r = recvBlocking(this.#fd);
+      for (const fd of r.fds) closeFd(fd);
+      // The hypervisor is gone: the call that follows finds that out itself.
+      if (r.data.length === 0) return;
+      want -= r.data.length;
+    }
+  }
+
   /** Make the call and return the reply whatever its status. */
   tryCall(op: number, args: readonly number[] = []): Reply {
     if (this.#fd < 0) throw new HypercallError(op, -ESRCH, 'connection to the hypervisor closed');
+    if (this.#owed > 0) this.#drain();
+    if (tracing) trace(`hc > ${HC_NAMES.get(op) ?? op} ${args.join(' ')}`);
     sendWithFds(this.#fd, encodeRequest(op, args), []);
     const buf = new Uint8Array(HC_MSG);
     const fds: number[] = [];
@@ -142,6 +177,7 @@ export class HypercallClient {
       throw new HypercallError(op, -EINVAL, `reply announced ${nfds} descriptors, ${fds.length} came`);
     }
     const r = [0, 1, 2, 3, 4, 5].map((i) => dv.getUint32(8 + 4 * i, true));
+    if (tracing) trace(`hc < ${HC_NAMES.get(op) ?? op} ${status}`);
     return { status, r, fds };
   }
 

@@ -15,6 +15,7 @@ import { EVTCHN_PORTS_PER_PAGE, MAX_EVTCHN_PAGES, type DomainGeometry } from './
 import { GNTST } from './grant-table.js';
 import { processAlive } from '../util/proc.js';
 import { hypervisorMetrics } from '../util/metrics.js';
+import { trace, tracing } from '../util/trace.js';
 
 export { hypervisorSocket };
 
@@ -101,6 +102,7 @@ export class Hypervisor {
         const op = buf.readUInt32LE(off);
         const a = [0, 1, 2, 3, 4, 5, 6].map((i) => buf.readUInt32LE(off + 4 + 4 * i));
         let ans: Answer;
+        if (tracing) trace(`hv < ${HC_NAMES.get(op) ?? op}`);
         try {
           hypervisorMetrics().hypercalls.inc({ op: HC_NAMES.get(op) ?? 'unknown' });
           ans = handle(op, a);
@@ -118,6 +120,7 @@ export class Hypervisor {
         } finally {
           for (const o of ans.own ?? []) closeFd(o);
         }
+        if (tracing) trace(`hv > ${HC_NAMES.get(op) ?? op} ${ans.status}`);
         if (sock.destroyed) return;
       }
       carry = Buffer.from(buf.subarray(off));

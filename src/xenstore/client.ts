@@ -57,6 +57,11 @@ export class XsWatch implements AsyncIterable<WatchEvent> {
     else if (!this.onEvent) this.buffered.push(ev);
   }
 
+  /** Whether events still come (not closed, connection not gone). */
+  get active(): boolean {
+    return !this.ended;
+  }
+
   /** @internal no more events (unwatched or connection closed) */
   end(): void {
     this.ended = true;
@@ -99,6 +104,7 @@ export class XsClient {
   private readonly watches = new Map<string, XsWatch>();
   private readonly receiver: XsReceiver;
   private nextReq = 1;
+  private lastReq = 0;
   private nextToken = 1;
   private corked = false;
   private closedErr: Error | undefined;
@@ -159,6 +165,7 @@ export class XsClient {
     if (this.closedErr) return Promise.reject(this.closedErr);
     const reqId = this.nextReq;
     this.nextReq = (this.nextReq + 1) >>> 0 || 1;
+    this.lastReq = reqId;
     return new Promise((resolve, reject) => {
       this.pending.set(reqId, { type, resolve, reject });
       // Requests issued in the same tick (a pipelined batch) leave in one write: one syscall, and
@@ -175,6 +182,21 @@ export class XsClient {
     });
   }
 
+  /** The id of the request sent last (0 before any): what `answered` takes. */
+  get lastRequestId(): number {
+    return this.lastReq;
+  }
+
+  /**
+   * Whether the reply to request `reqId` has arrived (also once the connection is gone). xenstored
+   * sends one connection's replies and watch events in the order it makes them, so a watch event that
+   * arrives while a READ is unanswered reports a change made before that READ was handled: the READ's
+   * answer already shows it.
+   */
+  answered(reqId: number): boolean {
+    return !this.pending.has(reqId);
+  }
+
   /**
    * Send the requests batched so far now, not at the end of this tick: before synchronous work (a
    * hypercall, building a ring) that would otherwise hold them back while xenstored could be answering.
@@ -183,6 +205,11 @@ export class XsClient {
     if (!this.corked) return;
     this.corked = false;
     this.socket.uncork();
+  }
+
+  /** Whether every request sent so far has been handed to the kernel (none held back in this process). */
+  get sent(): boolean {
+    return !this.corked && this.socket.writableLength === 0;
   }
 
   private onMessage(m: XsMessage): void {

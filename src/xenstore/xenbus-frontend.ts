@@ -1,7 +1,7 @@
 // Xenbus, frontend role: the vTPM frontend's connect, reconnect, close and resume steps
 // (docs/protocols/xenbus.md).
-import { XsError, type TxId, type XsClient } from './client.js';
-import { XenbusError, XenbusState, deviceFatal, switchState, waitForState, type VtpmDevice, type WaitOptions } from './xenbus.js';
+import { XsError, type TxId, type XsClient, type XsWatch } from './client.js';
+import { XenbusError, XenbusState, deviceFatal, readState, switchState, waitForState, watchState, type VtpmDevice, type WaitOptions } from './xenbus.js';
 
 /** What a vTPM frontend publishes: its ring's grant ref and its event channel port. */
 export interface FrontendRing {
@@ -200,4 +200,43 @@ export async function frontendClose(
 export async function frontendResume(client: XsClient, dev: VtpmDevice, ring: FrontendRing, opts: ConnectOptions = {}): Promise<void> {
   await switchState(client, dev.frontend, XenbusState.Initialising);
   await frontendConnect(client, dev, ring, opts);
+}
+
+/** How long an InitWait seen before any Connected may be the backend's state from before it connected. */
+export const STALE_INITWAIT_MS = 1000;
+
+/**
+ * Follow the backend's state once connected: `onState` with every change (duplicates dropped), as
+ * watchState. `signalled`: the connection went on at the backend's event on the new port, which the
+ * backend sends once its Connected has left for xenstored, not once xenstored applied it, so a read on
+ * our own connection may still answer the InitWait it wrote before. An InitWait before any Connected
+ * is passed on only if it is still there after `staleMs` (a backend that died and was replaced).
+ */
+export async function followBackend(
+  client: XsClient,
+  dev: VtpmDevice,
+  onState: (s: XenbusState) => void,
+  opts: { signalled?: boolean; staleMs?: number } = {},
+): Promise<XsWatch> {
+  let connectedSeen = !opts.signalled;
+  let confirm: NodeJS.Timeout | undefined;
+  const watch: Promise<XsWatch> = watchState(client, dev.backend, (s) => {
+    if (s !== XenbusState.InitWait || connectedSeen) {
+      if (s === XenbusState.Connected) connectedSeen = true;
+      clearTimeout(confirm);
+      confirm = undefined;
+      onState(s);
+      return;
+    }
+    confirm ??= setTimeout(() => {
+      void Promise.all([watch, readState(client, dev.backend)]).then(
+        ([w, now]) => {
+          if (w.active && !connectedSeen && now === XenbusState.InitWait) onState(now);
+        },
+        () => {},
+      );
+    }, opts.staleMs ?? STALE_INITWAIT_MS);
+    confirm.unref();
+  });
+  return watch;
 }

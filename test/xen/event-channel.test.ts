@@ -4,6 +4,8 @@ import fs from 'node:fs';
 import os from 'node:os';
 import { execFileSync } from 'node:child_process';
 import net from 'node:net';
+import { join } from 'node:path';
+import { spawn } from 'node:child_process';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { freshXenDir } from '../helpers/child.js';
 import { Domain, ECS_interdomain, ECS_unbound, ECS_closed, EventChannelError } from '../../src/xen/index.js';
@@ -128,6 +130,30 @@ describe('event channels', () => {
     const again = be.evtchn.bindInterdomain(4, p);
     expect(fe.evtchn.status(p).remotePort).toBe(again);
     be.evtchn.close(again);
+    fe.evtchn.close(p);
+  });
+
+  it('a close posted without waiting returns while the hypervisor is stopped; the next call sees its effect', async () => {
+    const p = fe.evtchn.allocUnbound(0);
+    const local = be.evtchn.bindInterdomain(4, p);
+    const hv = Number(fs.readFileSync(join(dir, 'hypervisor.pid'), 'latin1'));
+    // Another process wakes the hypervisor again: a call that waited would block this loop till then.
+    const waker = spawn('sh', ['-c', `sleep 1.5; kill -CONT ${hv}`], { stdio: 'ignore' });
+    const woken = new Promise((r) => waker.once('exit', r));
+    process.kill(hv, 'SIGSTOP');
+    let took: number;
+    try {
+      const t0 = performance.now();
+      be.evtchn.close(local, { wait: false });
+      took = performance.now() - t0;
+      // The next call on be's connection reads the posted call's reply first, then its own.
+      expect(be.evtchn.status(local).state).toBe(ECS_closed);
+    } finally {
+      process.kill(hv, 'SIGCONT');
+      await woken;
+    }
+    expect(fe.evtchn.status(p)).toMatchObject({ state: ECS_unbound, remoteDom: 0 });
+    expect(took).toBeLessThan(500);
     fe.evtchn.close(p);
   });
 

@@ -118,6 +118,26 @@ describe('watches', () => {
     await x.close();
   });
 
+  it('tells whether a READ is answered: an event that comes before its reply is covered by it', async () => {
+    await c.write('/cov', 'a');
+    const seen: boolean[] = [];
+    // WATCH and READ leave in one batch: the registration event comes between their replies.
+    let readId = 0;
+    const watch = w.watch('/cov', () => seen.push(w.answered(readId)));
+    const read = w.readString('/cov');
+    readId = w.lastRequestId;
+    expect(w.answered(readId)).toBe(false);
+    expect(await read).toBe('a');
+    expect(w.answered(readId)).toBe(true);
+    // The registration event arrived while the READ was outstanding.
+    expect(seen).toEqual([false]);
+    // A change after the reply: the READ no longer covers it.
+    await c.write('/cov', 'b');
+    await settle();
+    expect(seen).toEqual([false, true]);
+    await (await watch).close();
+  });
+
   it('fires transaction changes only on commit', async () => {
     const seen: string[] = [];
     await w.watch('/txw', (ev) => seen.push(ev.path));

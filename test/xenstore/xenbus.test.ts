@@ -4,7 +4,7 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import type { XsClient } from '../../src/xenstore/client.js';
 import { backendPath, frontendPath, ignoreEnoent, readState, switchState, vtpmDevice, waitForState, XenbusError, XenbusState, type VtpmDevice } from '../../src/xenstore/xenbus.js';
 import { backendConnected, backendInitWait, parseFrontendRing, type FrontendInfo } from '../../src/xenstore/xenbus-backend.js';
-import { frontendClose, frontendConnect, frontendReconnect, frontendResume } from '../../src/xenstore/xenbus-frontend.js';
+import { followBackend, frontendClose, frontendConnect, frontendReconnect, frontendResume } from '../../src/xenstore/xenbus-frontend.js';
 import { writeDeviceDirectories } from '../../src/xenstore/xenbus-toolstack.js';
 import { connectClient, errnoOf, startDaemon, type Daemon } from './helpers.js';
 
@@ -157,6 +157,43 @@ describe('xenbus', () => {
     await frontendReconnect(fe, dev, { ringRef: 9, eventChannel: 4 }, { timeoutMs: 1000, connected: Promise.resolve() });
     await waitForState(dom0, dev.frontend, (s) => s === XenbusState.Connected, { timeoutMs: 10_000 });
     expect(await dom0.readString(`${dev.frontend}/ring-ref`)).toBe('9');
+  });
+
+  it('after a signalled resume, an InitWait read before any Connected is stale: held back, and dropped once Connected comes', async () => {
+    const dev = await writeDeviceDirectories(dom0, { frontDomid: 5, backDomid: 0, devid: 10 });
+    // The backend signalled, but xenstored has not applied its Connected yet: our read says InitWait.
+    await switchState(dom0, dev.backend, XenbusState.InitWait);
+    const seen: XenbusState[] = [];
+    const w = await followBackend(fe, dev, (s) => seen.push(s), { signalled: true, staleMs: 300 });
+    await waitForState(fe, dev.backend, (s) => s === XenbusState.InitWait, { timeoutMs: 10_000 });
+    await switchState(dom0, dev.backend, XenbusState.Connected);
+    await waitForState(fe, dev.backend, (s) => s === XenbusState.Connected, { timeoutMs: 10_000 });
+    await new Promise((r) => setTimeout(r, 500));
+    expect(seen).toEqual([XenbusState.Connected]);
+    // Once Connected was seen, InitWait is a reset (a restarted backend), passed on at once.
+    await switchState(dom0, dev.backend, XenbusState.InitWait);
+    for (let i = 0; i < 200 && seen.length < 2; i++) await new Promise((r) => setTimeout(r, 10));
+    expect(seen).toEqual([XenbusState.Connected, XenbusState.InitWait]);
+    await w.close();
+  });
+
+  it('after a signalled resume, an InitWait that stays past the bound is passed on (the backend was replaced); unsignalled at once', async () => {
+    const dev = await writeDeviceDirectories(dom0, { frontDomid: 5, backDomid: 0, devid: 11 });
+    await switchState(dom0, dev.backend, XenbusState.InitWait);
+    const seen: Array<[XenbusState, number]> = [];
+    const t0 = performance.now();
+    const w = await followBackend(fe, dev, (s) => seen.push([s, performance.now() - t0]), { signalled: true, staleMs: 300 });
+    for (let i = 0; i < 200 && !seen.length; i++) await new Promise((r) => setTimeout(r, 10));
+    expect(seen.map(([s]) => s)).toEqual([XenbusState.InitWait]);
+    expect(seen[0]![1]).toBeGreaterThanOrEqual(300);
+    await w.close();
+    const plain: XenbusState[] = [];
+    const t1 = performance.now();
+    const w2 = await followBackend(fe, dev, (s) => plain.push(s));
+    for (let i = 0; i < 200 && !plain.length; i++) await new Promise((r) => setTimeout(r, 5));
+    expect(plain).toEqual([XenbusState.InitWait]);
+    expect(performance.now() - t1).toBeLessThan(300);
+    await w2.close();
   });
 
   it('publishes in a transaction started beforehand, and redoes it in a new one when its commit conflicts', async () => {

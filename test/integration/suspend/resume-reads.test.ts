@@ -45,17 +45,22 @@ afterAll(async () => {
   removeDir(traceDir);
 });
 
-/** The backend's xenstore requests so far (its trace is written every 200 ms). */
-function backendRequests(): string[] {
+/** The backend's trace lines so far (written every 200 ms). */
+function backendLines(): string[] {
   for (const f of readdirSync(traceDir)) {
     const text = readFileSync(join(traceDir, f), 'utf8');
-    if (/^\d+ start \S+ backend /.test(text)) return text.split('\n').filter((l) => / xc > /.test(l));
+    if (/^\d+ start \S+ backend /.test(text)) return text.split('\n');
   }
   throw new Error('no backend trace');
 }
 
+/** The backend's xenstore requests so far. */
+function backendRequests(): string[] {
+  return backendLines().filter((l) => / xc > /.test(l));
+}
+
 describe('resume after a suspend notice', () => {
-  it("the backend attaches the new ring with the keys read alongside the frontend's Initialised: one read of ring-ref before its Connected", async () => {
+  it("the backend attaches the new ring with the keys read alongside the frontend's Initialised (one read of ring-ref before its Connected), and signals the new port before xenstored answers that Connected", async () => {
     const h = new RunDir(runDir).readHost();
     const domid = 41;
     await dom0.introduce(domid);
@@ -77,6 +82,7 @@ describe('resume after a suspend notice', () => {
       await dom0.write(`/local/domain/${domid}/control/shutdown`, '');
       await sleep(500);
       const before = backendRequests().length;
+      const linesBefore = backendLines().length;
       // Closed, Initialising, the new ring and Initialised in one batch: the backend's first read of our
       // state after it says Initialised.
       const f2 = new RingFront(dom, 0, { firstId: f1.nextId });
@@ -91,6 +97,13 @@ describe('resume after a suspend notice', () => {
       const connected = resume.findIndex((l) => l.endsWith(` ${dev.backend}/state|${xenbus.XenbusState.Connected}`));
       expect(connected).toBeGreaterThan(0);
       expect(resume.slice(0, connected).filter((l) => l.endsWith(` ${dev.frontend}/ring-ref|`))).toHaveLength(1);
+      // The new port is signalled once that WRITE has left, before xenstored's answer to it comes back.
+      const lines = backendLines().slice(linesBefore);
+      const write = lines.find((l) => l.endsWith(` ${dev.backend}/state|${xenbus.XenbusState.Connected}`))!;
+      const id = / xc > WRITE (\d+) /.exec(write)![1];
+      const signalled = lines.findIndex((l) => l.endsWith(' dev connected signalled'));
+      expect(signalled).toBeGreaterThan(lines.indexOf(write));
+      expect(lines.findIndex((l) => new RegExp(` xc < WRITE ${id} *$`).test(l))).toBeGreaterThan(signalled);
       await f2.close();
     } finally {
       await xs.close();

@@ -241,7 +241,7 @@ describe('suspend/resume through xenstore', () => {
     await f2.close();
   });
 
-  it("the backend signals the resumed guest's new event channel once its Connected is in xenstore", async () => {
+  it("the backend signals the resumed guest's new event channel with its Connected on the way to xenstore", async () => {
     const g = await guest(32);
     const dev = xenbus.vtpmDevice(32, 0, 0);
     const s = await Session.open({ xs: g.xs, dom: g.dom });
@@ -252,7 +252,8 @@ describe('suspend/resume through xenstore', () => {
     await dom0.write('/local/domain/32/control/shutdown', '');
     // The new ring published without waiting for that signal; nothing sent on it yet.
     const f2 = new RingFront(g.dom, 0, { firstId: s.nextId });
-    const notified = f2.notified.then(() => xenbus.readState(dom0, dev.backend));
+    // Connected has left for xenstored when the event comes; it is applied right behind it.
+    const notified = f2.notified.then(() => xenbus.waitForState(dom0, dev.backend, (st) => st === xenbus.XenbusState.Connected, { timeoutMs: 1000 }));
     await xenbusFront.frontendReconnect(g.xs, dev, { ringRef: f2.refs[0]!, eventChannel: f2.port, extra: { [XS_FEATURE_RING]: '1' } }, { timeoutMs: 10_000, requireBackendFeature: XS_FEATURE_RING });
     const state = await Promise.race([notified, new Promise<'no event'>((r) => setTimeout(() => r('no event'), 5000))]);
     expect(state).toBe(xenbus.XenbusState.Connected);
@@ -369,6 +370,29 @@ describe('suspend/resume through xenstore', () => {
     expect(Buffer.from(tpm2.parsePcrRead(await s.submit(tpm2.pcrReadSha256(16)))).toString('hex')).toBe(extend(Buffer.alloc(32), a).toString('hex'));
     expect(tpm2.parseHandles(await s.submit(handlesFrom(0x02000000)))).toContain(sess);
     await s.close();
+  });
+
+  it('a suspend stays one when the toolstack clears control/shutdown before the backend sees the Closed: the vTPM is parked', async () => {
+    const g = await guest(33);
+    const dev = xenbus.vtpmDevice(33, 0, 0);
+    const f = new RingFront(g.dom, 0);
+    await xenbusFront.frontendConnect(g.xs, dev, { ringRef: f.refs[0]!, eventChannel: f.port, extra: { [XS_FEATURE_RING]: '1' } }, { timeoutMs: 10_000, requireBackendFeature: XS_FEATURE_RING });
+    ok(await f.transmit(tpm2.startup()), 'Startup');
+    const shutdownKey = '/local/domain/33/control/shutdown';
+    await dom0.write(shutdownKey, 'suspend');
+    expect(await f.announceSuspend()).toBe(true);
+    // The toolstack is done with the request (as xl once the guest suspended) before the Closed comes.
+    await dom0.write(shutdownKey, '');
+    await xenbus.switchState(g.xs, dev.frontend, xenbus.XenbusState.Closed);
+    await f.close();
+    // Parked, hence released after VTPM_PARK_MS; a close that is no suspend leaves it loaded until detach.
+    const log = new RunDir(runDir).log('backend');
+    const deadline = Date.now() + 20_000;
+    while (!/dom33: no resume within 1500 ms; vTPM instance [0-9]+ released/.test(readFileSync(log, 'utf8'))) {
+      expect(Date.now(), 'parked vTPM released').toBeLessThan(deadline);
+      await new Promise((r) => setTimeout(r, 100));
+    }
+    expect(readFileSync(log, 'utf8')).toMatch(/dom33: suspended, vTPM instance [0-9]+ saved \(kept loaded for the resume\)/);
   });
 
   it('a backend killed with -9 mid-stream is restarted; in-flight extends run exactly once', async () => {
