@@ -9,6 +9,7 @@ import { XS_FEATURE_RING, XS_FEATURE_V2 } from '../xen/tpmif.js';
 import { openChannel, type Channel, type ChannelOptions } from './channel.js';
 import type { VtpmProvider, VtpmSession } from './provider.js';
 import { trace } from '../util/trace.js';
+import { claimsOf, parkMs, readAttachKeys, suspendBoundMs, type AttachKeys } from './device-keys.js';
 import { DeviceObservation, captureKeys, observeTarget } from './observe.js';
 import type { XsCaptureRouter } from './capture.js';
 
@@ -22,50 +23,6 @@ export interface DeviceOptions {
   onGone: () => void;
   /** Where a device's capture registers for its xenstore traffic (docs/observability.md). */
   captures?: XsCaptureRouter;
-}
-
-/**
- * Which device holds each VM's vTPM, per provider (one per backend process). A VM's vTPM serves one
- * guest: a second device naming the same uuid (any toolstack may write one) would share its instance,
- * its completed-request table and its cancels, and detaching either would destroy it under the other.
- */
-const claims = new WeakMap<VtpmProvider, Map<string, string>>();
-
-function claimsOf(p: VtpmProvider): Map<string, string> {
-  let m = claims.get(p);
-  if (!m) claims.set(p, (m = new Map()));
-  return m;
-}
-
-/** Everything an attach reads from xenstore, read in one batch. */
-interface AttachKeys {
-  own: XenbusState;
-  ringRef: string | undefined;
-  eventChannel: string | undefined;
-  protocolV2: string | undefined;
-  ring: string | undefined;
-  uuid: string | undefined;
-  version: string | undefined;
-  resume: string | undefined;
-}
-
-/**
- * How long a suspending guest's in-flight command may still run before it is cancelled through libtpms
- * (Xen's tpmback used 30 s); VTPM_SUSPEND_BOUND_MS lowers it (tests).
- */
-export function suspendBoundMs(): number {
-  const v = Number(process.env.VTPM_SUSPEND_BOUND_MS);
-  return Number.isFinite(v) && v > 0 ? v : 30_000;
-}
-
-/**
- * How long a suspended guest's vTPM (durable at the manager all along) stays loaded waiting for its
- * resume before it is released. VTPM_PARK_MS changes it (0: release at suspend).
- */
-export function parkMs(): number {
-  const raw = process.env.VTPM_PARK_MS;
-  const v = Number(raw);
-  return raw !== undefined && raw !== '' && Number.isFinite(v) && v >= 0 ? v : 60_000;
 }
 
 export class BackendDevice {
@@ -179,18 +136,7 @@ export class BackendDevice {
   }
 
   #attachKeys(): Promise<AttachKeys> {
-    const xs = this.#o.xs;
-    const { frontend, backend } = this.dev;
-    return Promise.all([
-      readState(xs, backend),
-      xs.tryRead(`${frontend}/ring-ref`),
-      xs.tryRead(`${frontend}/event-channel`),
-      xs.tryRead(`${frontend}/feature-protocol-v2`),
-      xs.tryRead(`${frontend}/${XS_FEATURE_RING}`),
-      xs.tryRead(`${backend}/uuid`),
-      xs.tryRead(`${backend}/tpm-version`),
-      xs.tryRead(`${backend}/resume`),
-    ]).then(([own, ringRef, eventChannel, protocolV2, ring, uuid, version, resume]) => ({ own, ringRef, eventChannel, protocolV2, ring, uuid, version, resume }));
+    return readAttachKeys(this.#o.xs, this.dev);
   }
 
   async #onFrontend(s: XenbusState, pre: Promise<AttachKeys> | null = null): Promise<void> {

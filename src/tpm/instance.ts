@@ -28,22 +28,11 @@ import { NvState } from './nv-state.js';
 import { shutdownCommand, startupCommand } from './power-commands.js';
 import { StateTransfer } from './state-transfer.js';
 import { NVRAM_NAME } from './state-blob.js';
-import { STATE_KINDS, type StateKind, type StateStore } from './state-store.js';
+import { SPARE_STORE, STATE_KINDS, type StateKind, type StateStore } from './state-store.js';
 import { errorResponse, fatalErrorCode, sizeErrorCode } from './error-response.js';
 import { isFailureModeResponse, responseCode, type TpmVersion } from './wire.js';
 
 export type { TpmVersion } from './wire.js';
-
-/** A spare's store until it is bound: it has no state, and must never be written to. */
-const SPARE_STORE: StateStore = {
-  load: async () => null,
-  store: async () => {
-    throw new Error('a spare TPM has no store');
-  },
-  delete: async () => {
-    throw new Error('a spare TPM has no store');
-  },
-};
 
 /**
  * Events: 'failure' (FailureInfo) when the instance enters the failed state.
@@ -150,13 +139,9 @@ export class TpmInstance extends EventEmitter implements SwtpmVtpm {
    * Works once: a bound TPM is no spare any more, so it can never be handed out a second time.
    */
   bindSpare(opts: InstanceOptions): void {
-    if (!this.#spare || this.#status !== 'running') {
-      throw new TpmInstanceError('RUNNING', this.#instance, 'not an unbound, running spare');
-    }
+    if (!this.#spare || this.#status !== 'running') throw new TpmInstanceError('RUNNING', this.#instance, 'not an unbound, running spare');
     if (opts.version !== this.version) throw new RangeError(`spare is TPM ${this.version}, not ${opts.version}`);
-    if ((opts.bufferSize ?? DEFAULT_BUFFER_SIZE) !== this.#wantedBufferSize) {
-      throw new RangeError('a spare has the default buffer size only');
-    }
+    if ((opts.bufferSize ?? DEFAULT_BUFFER_SIZE) !== this.#wantedBufferSize) throw new RangeError('a spare has the default buffer size only');
     checkInstanceNumber(opts.instance);
     this.#spare = false;
     this.#fromSpare = true;
@@ -231,9 +216,7 @@ export class TpmInstance extends EventEmitter implements SwtpmVtpm {
   }
 
   #requireLib(): Libtpms {
-    if (this.#status === 'destroyed' || !this.#lib) {
-      throw new TpmInstanceError('DESTROYED', this.instance, 'instance destroyed');
-    }
+    if (this.#status === 'destroyed' || !this.#lib) throw new TpmInstanceError('DESTROYED', this.instance, 'instance destroyed');
     return this.#lib;
   }
 
@@ -275,9 +258,7 @@ export class TpmInstance extends EventEmitter implements SwtpmVtpm {
   async #powerOn(): Promise<void> {
     const lib = this.#requireLib();
     if (this.#status === 'running') return;
-    if (this.#status === 'failed') {
-      throw new TpmInstanceError('FAILED', this.instance, 'instance failed; recreate() it');
-    }
+    if (this.#status === 'failed') throw new TpmInstanceError('FAILED', this.instance, 'instance failed; recreate() it');
     // Blobs set while off are committed while libtpms starts on them, durable before this resolves. A
     // TPM 2.0 with state starts in line: MainInit only loads it (~20 µs), less than a pool hop costs.
     const { ready, durable } = this.#nv.sync();
@@ -404,16 +385,12 @@ export class TpmInstance extends EventEmitter implements SwtpmVtpm {
 
   /** The response of TPMLIB_Process, or the fatal error answer; the instance fails on either failure. */
   #checked(rc: number, response: Uint8Array): Uint8Array {
-    if (rc !== TPM_SUCCESS || response.length === 0) {
-      const msg = `TPMLIB_Process failed with 0x${rc.toString(16)}`;
-      this.#fail({ instance: this.instance, reason: 'failure-mode', tpmResult: rc, message: msg });
-      return errorResponse(this.version, fatalErrorCode(this.version));
-    }
-    if (isFailureModeResponse(this.version, response)) {
-      const code = responseCode(response);
-      this.#fail({ instance: this.instance, reason: 'failure-mode', tpmResult: code, message: `libtpms entered failure mode (response 0x${code.toString(16)})` });
-    }
-    return response;
+    const failed = rc !== TPM_SUCCESS || response.length === 0;
+    const code = failed ? rc : isFailureModeResponse(this.version, response) ? responseCode(response) : null;
+    if (code === null) return response;
+    const message = failed ? `TPMLIB_Process failed with 0x${rc.toString(16)}` : `libtpms entered failure mode (response 0x${code.toString(16)})`;
+    this.#fail({ instance: this.instance, reason: 'failure-mode', tpmResult: code, message });
+    return failed ? errorResponse(this.version, fatalErrorCode(this.version)) : response;
   }
 
   /**

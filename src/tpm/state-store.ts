@@ -32,3 +32,14 @@ export interface VolatileHolder {
   /** Resolves once no holding-again after a peer restart is under way (its failure included); null: none is. */
   settled(): Promise<void> | null;
 }
+
+/** A spare's store until it is bound: it has no state, and must never be written to. */
+export const SPARE_STORE: StateStore = {
+  load: async () => null,
+  store: async () => {
+    throw new Error('a spare TPM has no store');
+  },
+  delete: async () => {
+    throw new Error('a spare TPM has no store');
+  },
+};
