@@ -11,7 +11,7 @@
 // short, adaptive window (src/xen/poll.ts), its port masked, as the v2 channel does; it gives way as soon
 // as another guest's port is pending, and a request it finds runs without a turn of the loop between. A
 // guest waiting for the very CPU the watch holds gets it: the watch ends and we sleep (SpinPeer, src/xen/poll.ts).
-import { BackRing, GrantError, PollWindow, RingError, SharedRing, spinUntil, type Domain, type GrantMapping, type SpinPeer } from '../xen/index.js';
+import { BackRing, GrantError, PollWindow, RingError, SharedRing, StandAside, spinUntil, type Domain, type GrantMapping } from '../xen/index.js';
 import {
   RING_MAX_SEGMENTS,
   RING_OP_CANCEL,
@@ -103,17 +103,11 @@ export class RingChannel implements Channel {
   polled = 0;
   /** Requests answered from the exactly-once table instead of running. */
   replayed = 0;
-  /** Times a poll stood aside (went to sleep at once) because the guest waited for our CPU. */
-  stoodAside = 0;
-  /** Whether the current poll stood aside. */
-  #peerWaited = false;
-  readonly #peer: SpinPeer = {
-    sharesCpu: () => {
-      if (!this.#dom.evtchn.sharesCpu(this.#port)) return false;
-      this.stoodAside++;
-      return (this.#peerWaited = true);
-    },
-  };
+  /** Waits that stood aside (slept at once) because the other end waited for our CPU. */
+  get stoodAside(): number {
+    return this.#peer.stoodAside;
+  }
+  readonly #peer = new StandAside(() => this.#dom.evtchn.sharesCpu(this.#port));
   /** A frontend sending bad requests by the thousand gets one log line per interval, with a count. */
   readonly #refusals = new LogRateLimiter((l) => this.#opts.log?.(l));
 
@@ -322,7 +316,7 @@ export class RingChannel implements Channel {
   #afterLastAnswer(budget: number): void {
     if (this.#closed || this.#queue.length > 0) return;
     this.#poll.answered();
-    this.#peerWaited = false;
+    this.#peer.waited = false;
     if (budget <= 0) return this.#dom.evtchn.resting(this.#port);
     if (spinUntil(() => this.#ring.unconsumedRequests() > 0, budget, () => this.#dom.evtchn.otherPendingSome(this.#port), this.#peer)) {
       this.#dom.evtchn.consume(this.#port);
@@ -335,7 +329,7 @@ export class RingChannel implements Channel {
       return;
     }
     // Nothing yet: sleep on the event channel again. unmask() delivers a request that raced this.
-    this.#dom.evtchn.resting(this.#port, this.#peerWaited);
+    this.#dom.evtchn.resting(this.#port, this.#peer.waited);
     this.#dom.evtchn.unmask(this.#port);
   }
 

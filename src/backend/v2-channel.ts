@@ -6,7 +6,7 @@
 // adaptive window (src/xen/poll.ts), its port masked so the guest's notification costs no wake-up. The
 // poll gives way as soon as another guest's port is pending, and a SUBMIT it finds is run on a later
 // turn of the loop, so one busy guest cannot keep the backend from its other work.
-import { PollWindow, spinUntil, type Domain, type GrantMapping, type SpinPeer } from '../xen/index.js';
+import { PollWindow, StandAside, spinUntil, type Domain, type GrantMapping } from '../xen/index.js';
 import {
   TPMIF_STATE_CANCEL,
   TPMIF_STATE_FINISH,
@@ -63,16 +63,11 @@ export class V2Channel implements Channel {
   #busy: Promise<void> | null = null;
   #closed = false;
   readonly #poll: PollWindow;
-  /** Times the watch stood aside (slept at once) because the guest waited for our CPU. */
-  stoodAside = 0;
-  #peerWaited = false;
-  readonly #peer: SpinPeer = {
-    sharesCpu: () => {
-      if (!this.#dom.evtchn.sharesCpu(this.#port)) return false;
-      this.stoodAside++;
-      return (this.#peerWaited = true);
-    },
-  };
+  /** Waits that stood aside (slept at once) because the other end waited for our CPU. */
+  get stoodAside(): number {
+    return this.#peer.stoodAside;
+  }
+  readonly #peer = new StandAside(() => this.#dom.evtchn.sharesCpu(this.#port));
   commands = 0;
 
   constructor(dom: Domain, opts: ChannelOptions) {
@@ -172,14 +167,14 @@ export class V2Channel implements Channel {
       const s = this.#state();
       return s === TPMIF_STATE_SUBMIT || s === TPMIF_STATE_CANCEL;
     };
-    this.#peerWaited = false;
+    this.#peer.waited = false;
     if (spinUntil(next, budget, () => this.#dom.evtchn.otherPendingSome(this.#port), this.#peer)) {
       this.#dom.evtchn.consume(this.#port);
       setImmediate(() => this.#onEvent());
       return true;
     }
     // Nothing yet: sleep on the event channel again. unmask() delivers a SUBMIT that raced this.
-    this.#dom.evtchn.resting(this.#port, this.#peerWaited);
+    this.#dom.evtchn.resting(this.#port, this.#peer.waited);
     this.#dom.evtchn.unmask(this.#port);
     return false;
   }

@@ -9,7 +9,7 @@
 // watches the state byte for up to the window before it sleeps on the event channel, so a backend that
 // answers within microseconds costs neither side a wake-up. Linux's TPM core polls the chip's status
 // the same way; here the window adapts and closes for commands that run long.
-import { PollWindow, spinUntil, type Domain, type SpinPeer } from '../xen/index.js';
+import { PollWindow, StandAside, spinUntil, type Domain } from '../xen/index.js';
 import {
   TPMIF_STATE_CANCEL,
   TPMIF_STATE_FINISH,
@@ -50,16 +50,11 @@ export class V2Front implements TpmTransport {
   #wake: (() => void) | null = null;
   #closed = false;
   readonly #poll: PollWindow;
-  /** Times a poll stood aside (slept at once) because the backend waited for our CPU. */
-  stoodAside = 0;
-  #peerWaited = false;
-  readonly #peer: SpinPeer = {
-    sharesCpu: () => {
-      if (!this.#dom.evtchn.sharesCpu(this.port)) return false;
-      this.stoodAside++;
-      return (this.#peerWaited = true);
-    },
-  };
+  /** Waits that stood aside (slept at once) because the other end waited for our CPU. */
+  get stoodAside(): number {
+    return this.#peer.stoodAside;
+  }
+  readonly #peer = new StandAside(() => this.#dom.evtchn.sharesCpu(this.port));
 
   readonly #commandTimeoutMs: number;
 
@@ -112,8 +107,8 @@ export class V2Front implements TpmTransport {
     if (done()) return true;
     // unmask() delivers a notification that arrived while masked (on a later turn, after #until has
     // installed its waker), so nothing between the last look and the sleep is lost.
-    this.#dom.evtchn.resting(this.port, this.#peerWaited);
-    this.#peerWaited = false;
+    this.#dom.evtchn.resting(this.port, this.#peer.waited);
+    this.#peer.waited = false;
     this.#dom.evtchn.unmask(this.port);
     return this.#until(done, ms);
   }
@@ -151,7 +146,7 @@ export class V2Front implements TpmTransport {
     if (budget > 0) this.#dom.evtchn.mask(this.port);
     setV2State(this.#page, TPMIF_STATE_SUBMIT);
     this.#dom.evtchn.send(this.port);
-    this.#peerWaited = false;
+    this.#peer.waited = false;
     if (budget > 0 && spinUntil(answered, budget, undefined, this.#peer)) {
       // The port stays masked while we are this busy: the FINISH notification, if the backend's send
       // lands after our look, then wakes nobody. #wait() unmasks before anything sleeps.

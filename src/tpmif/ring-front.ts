@@ -8,7 +8,7 @@
 // (rsp_prod) for up to an adaptive poll window (src/xen/poll.ts), its port masked, as the v2 frontend
 // watches its state byte: a backend that answers within microseconds then costs neither side a wake-up.
 // A backend waiting for the very CPU the poll holds gets it: the poll ends and we sleep (SpinPeer, src/xen/poll.ts).
-import { FrontRing, PollWindow, SharedRing, spinUntil, type Domain, type SpinPeer } from '../xen/index.js';
+import { FrontRing, PollWindow, SharedRing, StandAside, spinUntil, type Domain } from '../xen/index.js';
 import {
   decodeRingResponse,
   encodeRingRequest,
@@ -77,17 +77,11 @@ export class RingFront implements TpmTransport {
   #notice: { id: bigint; resolve: (ok: boolean) => void } | null = null;
   /** Answers taken from the ring by the poll, before any notification (for tests and studies). */
   polled = 0;
-  /** Times a poll stood aside (went to sleep at once) because the backend waited for our CPU. */
-  stoodAside = 0;
-  /** Whether the current poll stood aside. */
-  #peerWaited = false;
-  readonly #peer: SpinPeer = {
-    sharesCpu: () => {
-      if (!this.#dom.evtchn.sharesCpu(this.port)) return false;
-      this.stoodAside++;
-      return (this.#peerWaited = true);
-    },
-  };
+  /** Waits that stood aside (slept at once) because the other end waited for our CPU. */
+  get stoodAside(): number {
+    return this.#peer.stoodAside;
+  }
+  readonly #peer = new StandAside(() => this.#dom.evtchn.sharesCpu(this.port));
   /** After close: resolves once our grants are revoked and frames freed (false: the backend kept a mapping). */
   released: Promise<boolean> = Promise.resolve(false);
   /** The first event on our port: one before any request is the backend's word that it is Connected. */
@@ -163,7 +157,7 @@ export class RingFront implements TpmTransport {
     if (budget > 0) this.#mask();
     if (this.#ring.pushRequestsAndCheckNotify()) this.#dom.evtchn.send(this.port);
     // Gives way when another port of this domain is pending (the multi-VM backend's other guests).
-    this.#peerWaited = false;
+    this.#peer.waited = false;
     if (budget > 0 && spinUntil(() => this.#ring.unconsumedResponses() > 0, budget, () => this.#dom.evtchn.otherPendingSome(this.port), this.#peer)) {
       this.#dom.evtchn.consume(this.port);
       this.polled++;
@@ -172,7 +166,7 @@ export class RingFront implements TpmTransport {
       if (this.#pending.size === 0) return p;
     }
     // Answers still to come arrive by notification: unmask delivers one that raced the spin.
-    this.#dom.evtchn.resting(this.port, this.#peerWaited);
+    this.#dom.evtchn.resting(this.port, this.#peer.waited);
     this.#unmask();
     return p;
   }

@@ -107,6 +107,25 @@ export interface SpinPeer {
   sharesCpu(): boolean;
 }
 
+/** A spin's peer that waits for our CPU when `waits()` says so, counting the spins that stood aside for it. */
+export class StandAside implements SpinPeer {
+  /** Spins that stood aside (ended at once, so the caller sleeps and the peer runs). */
+  stoodAside = 0;
+  /** Whether a spin stood aside since the caller last cleared it. */
+  waited = false;
+  readonly #waits: () => boolean;
+
+  constructor(waits: () => boolean) {
+    this.#waits = waits;
+  }
+
+  sharesCpu(): boolean {
+    if (!this.#waits()) return false;
+    this.stoodAside++;
+    return (this.waited = true);
+  }
+}
+
 /**
  * Spin until `done()` or `budgetUs` passed or `giveUp()` says other work waits. Returns whether
  * `done()` came true. Blocks the calling thread for at most the budget (plus one check). `giveUp` is
