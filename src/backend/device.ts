@@ -121,7 +121,7 @@ export class BackendDevice {
     // are that state's, as the frontend changes them together in a transaction).
     const statePromise = readState(this.#o.xs, this.dev.frontend);
     this.#stateRead = this.#o.xs.lastRequestId;
-    const keys = !this.#channel && !this.#fatal ? this.#attachKeys() : null;
+    const keys = !this.#channel && !this.#fatal ? readAttachKeys(this.#o.xs, this.dev) : null;
     keys?.catch(() => {});
     let s: XenbusState;
     try {
@@ -133,10 +133,6 @@ export class BackendDevice {
     this.#lastFrontend = s;
     trace(`dev fe=${XenbusState[s]}`);
     await this.#onFrontend(s, keys);
-  }
-
-  #attachKeys(): Promise<AttachKeys> {
-    return readAttachKeys(this.#o.xs, this.dev);
   }
 
   async #onFrontend(s: XenbusState, pre: Promise<AttachKeys> | null = null): Promise<void> {
@@ -158,10 +154,10 @@ export class BackendDevice {
           if (this.#gone || this.#offline) break;
           // #closed wrote our InitWait (the keys read before it show our Closing); the frontend's keys
           // read with its Initialised are that state's.
-          await this.#attach(s, pre ? { ...(await pre), own: XenbusState.InitWait } : await this.#attachKeys());
+          await this.#attach(s, pre ? { ...(await pre), own: XenbusState.InitWait } : await readAttachKeys(this.#o.xs, this.dev));
           break;
         }
-        const keys = await (pre ?? this.#attachKeys());
+        const keys = await (pre ?? readAttachKeys(this.#o.xs, this.dev));
         // A ring published for a backend that died is not ours to map: wait for a new one.
         if (this.#stale !== null && `${keys.ringRef ?? ''}/${keys.eventChannel ?? ''}` === this.#stale) break;
         this.#stale = null;

@@ -298,10 +298,7 @@ export class ExactlyOnce implements VtpmTarget {
           }
           if (inst.status !== 'running') throw new Error(`state store failed (${inst.failure?.message ?? inst.status})`);
           const status = statusOf(r, response);
-          if (r.id !== 0n) {
-            journal.record(r.id, { status, response });
-            this.#unheld.add(r.id);
-          }
+          if (r.id !== 0n) this.#record(r, status, response);
           if (effect === 'full' || r.id === 0n) full = true;
           else if (effect === 'replay') records.push({ id: r.id, locality: r.locality, status, command: r.command, response });
           answers.push(response);

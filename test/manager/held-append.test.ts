@@ -15,12 +15,12 @@ import { HeldVolatile } from '../../src/manager/held-volatile.js';
 import { MAX_PIECES, heldWriter } from '../../src/manager/held-writer.js';
 import type { VmRecord } from '../../src/manager/vm-table.js';
 import type { VtpmStore } from '../../src/manager/vm-store.js';
-import { SealError, Sealer, type PieceContext } from '../../src/manager/seal.js';
+import { Sealer, type PieceContext } from '../../src/manager/seal.js';
 import { StoreError } from '../../src/manager/store-meta.js';
 import { DirOps, type StoreOps } from '../../src/manager/store-ops.js';
 import { GroupCommitStore } from '../../src/manager/store.js';
 import { WAL_FILE, encodeRecord, readRecord, walKey, type WalRecord } from '../../src/manager/wal.js';
-import { startManager, type RunningManager } from './helpers.js';
+import { refusal, startManager, type RunningManager } from './helpers.js';
 import { removeDir, tempDir } from '../helpers/temp.js';
 
 const A = '11111111-1111-4111-8111-111111111111';
@@ -53,16 +53,6 @@ function logRecords(log: Buffer): Array<[number, number, string]> {
   }
   return out;
 }
-
-const refusal = (fn: () => unknown): string => {
-  try {
-    fn();
-  } catch (e) {
-    expect(e).toBeInstanceOf(SealError);
-    return (e as SealError).code;
-  }
-  throw new Error('accepted');
-};
 
 describe('append entry and sealed pieces: formats', () => {
   it('a record with appends is "VWAP" with an appends count and one entry per piece (bytes shown); one without stays "VWAL"', () => {

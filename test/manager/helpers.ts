@@ -2,9 +2,10 @@
 import { spawn, type ChildProcess } from 'node:child_process';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
-import { afterEach } from 'vitest';
+import { afterEach, expect } from 'vitest';
 import type { ManagerClient } from '../../src/manager/client.js';
 import { CONSOLE_IN, CONSOLE_OUT, openReader, writeShared } from '../../src/manager/fifo.js';
+import { SealError } from '../../src/manager/seal.js';
 import { tempDir, removeDir } from '../helpers/temp.js';
 
 export const ROOT = path.join(path.dirname(fileURLToPath(import.meta.url)), '..', '..');
@@ -110,4 +111,15 @@ export async function rawConsole(runDir: string, frame: Buffer): Promise<Buffer>
   } finally {
     r.destroy();
   }
+}
+
+/** The code of the SealError `fn` throws (any other error fails the test; so does no error). */
+export function refusal(fn: () => unknown): string {
+  try {
+    fn();
+  } catch (e) {
+    expect(e).toBeInstanceOf(SealError);
+    return (e as SealError).code;
+  }
+  throw new Error('accepted');
 }

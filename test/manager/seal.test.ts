@@ -3,9 +3,9 @@ import { execFileSync, spawnSync } from 'node:child_process';
 import crypto from 'node:crypto';
 import fs from 'node:fs';
 import path from 'node:path';
-import { MASTER_KEY_FILE, SealError, Sealer, loadKeyFile, loadTpmSealedKey } from '../../src/manager/seal.js';
+import { MASTER_KEY_FILE, Sealer, loadKeyFile, loadTpmSealedKey } from '../../src/manager/seal.js';
 import { ManagerClient } from '../../src/manager/client.js';
-import { CLI, startManager } from './helpers.js';
+import { CLI, refusal, startManager } from './helpers.js';
 import { SwtpmProcess } from '../helpers/swtpm.js';
 import { tempDir, removeDir } from '../helpers/temp.js';
 
@@ -17,16 +17,6 @@ describe('blob sealing (AES-256-GCM, per-blob key from the instance key, bound A
   const ctx = { instance: 3, vmUuid: A, kind: 'permanent' as const, generation: 17 };
   const data = crypto.randomBytes(5000);
   const sealed = s.seal(ctx, data);
-
-  const refusal = (fn: () => unknown): string => {
-    try {
-      fn();
-    } catch (e) {
-      expect(e).toBeInstanceOf(SealError);
-      return (e as SealError).code;
-    }
-    throw new Error('accepted');
-  };
 
   it('opens what it sealed, and the ciphertext does not contain the plaintext', () => {
     expect(s.open(ctx, sealed)).toEqual(data);
