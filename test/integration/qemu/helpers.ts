@@ -152,7 +152,17 @@ export class Qemu {
     this.proc.on('exit', () => (this.exited = true));
   }
 
+  /**
+   * The console so far, whole lines only: the file is read while QEMU is still writing it, and a capture
+   * such as (\S*) or a PCR's hex would otherwise take the first half of a line that is still arriving.
+   */
   serialText(): string {
+    const text = this.rawSerial();
+    return text.slice(0, text.lastIndexOf('\n') + 1);
+  }
+
+  /** The console file as it stands, a line still being written included (for error messages). */
+  rawSerial(): string {
     try {
       return fs.readFileSync(this.serial, 'utf8');
     } catch {
@@ -166,8 +176,8 @@ export class Qemu {
     for (;;) {
       const m = this.serialText().match(re);
       if (m) return m;
-      if (this.exited) throw new Error(`QEMU exited before ${re}: ${this.stderr}\n${this.serialText().slice(-2000)}`);
-      if (Date.now() > end) throw new Error(`timeout waiting for ${re}; serial tail:\n${this.serialText().slice(-2000)}`);
+      if (this.exited) throw new Error(`QEMU exited before ${re}: ${this.stderr}\n${this.rawSerial().slice(-2000)}`);
+      if (Date.now() > end) throw new Error(`timeout waiting for ${re}; serial tail:\n${this.rawSerial().slice(-2000)}`);
       await sleep(100);
     }
   }
