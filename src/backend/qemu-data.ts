@@ -29,7 +29,10 @@ export function awaitNextOnSocket(poll: PollWindow, fd: number, idle: () => bool
   const budget = poll.budgetUs;
   if (budget <= 0) return;
   setImmediate(() => {
-    if (idle() && poll.awaiting) spinReadable(fd, budget);
+    if (!idle() || !poll.awaiting) return;
+    const t0 = performance.now();
+    const end = spinReadable(fd, budget);
+    poll.lastSpin = { end, us: (performance.now() - t0) * 1000 };
   });
 }
 

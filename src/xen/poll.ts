@@ -83,6 +83,9 @@ export class PollWindow {
     this.#answeredAt = now;
   }
 
+  /** How the last spin on this window ended and how long it lasted (µs): what a test or trace can look at. */
+  lastSpin: { end: string; us: number } | null = null;
+
   /** Whether an answer is out and the peer's next message has not come yet. */
   get awaiting(): boolean {
     return this.#answeredAt >= 0;
