@@ -8,7 +8,7 @@
 // (rsp_prod) for up to an adaptive poll window (src/xen/poll.ts), its port masked, as the v2 frontend
 // watches its state byte: a backend that answers within microseconds then costs neither side a wake-up.
 // A backend waiting for the very CPU the poll holds gets it: the poll ends and we sleep (SpinPeer, src/xen/poll.ts).
-import { FrontRing, PollWindow, SharedRing, StandAside, spinUntil, type Domain } from '../xen/index.js';
+import { FrontRing, PollWindow, SharedRing, StandAside, ringSize, spinUntil, type Domain } from '../xen/index.js';
 import {
   decodeRingResponse,
   encodeRingRequest,
@@ -24,6 +24,8 @@ import { FrontendError, type TpmTransport, type TransmitOptions } from './transp
 import { endAccessEventually } from './grants.js';
 
 const PAGE = 4096;
+/** How long after a ring is set up the frames for the next one are made ready (src/xen/domain.ts keepSpare). */
+const SPARE_AFTER_MS = 50;
 
 /**
  * Fronts of this process with commands outstanding. A lone command is polled for only while no other
@@ -58,6 +60,8 @@ export class RingFront implements TpmTransport {
   readonly #ring: FrontRing;
   readonly #ringGfn: number;
   readonly #dataGfn: number;
+  /** The ring page and the data pages, one run of frames from #ringGfn. */
+  readonly #frameCount: number;
   readonly #dataRefs: number[];
   /** Each buffer's grefs, as a request names them (sliced once, not per command). */
   readonly #bufferRefs: number[][] = [];
@@ -93,14 +97,16 @@ export class RingFront implements TpmTransport {
     if (this.segments < 1 || this.segments > RING_MAX_SEGMENTS) throw new RangeError(`segments must be 1..${RING_MAX_SEGMENTS}`);
     this.#nextId = opts.firstId ?? 1n;
     this.#poll = new PollWindow(opts.pollUs, opts.contended);
-    this.#ringGfn = dom.allocFrames(1);
+    // The ring page and one buffer per slot in one run of frames (a cancel uses a slot but no buffer,
+    // so buffers never run out before slots): one run is what the next ring reuses or keeps spare.
+    const n = ringSize(PAGE, RING_SLOT);
+    this.#frameCount = 1 + n * this.segments;
+    this.#ringGfn = dom.allocFrames(this.#frameCount);
+    this.#dataGfn = this.#ringGfn + 1;
     const page = dom.frames(this.#ringGfn);
     const sring = new SharedRing(page.buffer as ArrayBuffer, RING_SLOT, page.byteOffset, PAGE);
     sring.init();
     this.#ring = new FrontRing(sring);
-    // One buffer per slot. A cancel uses a slot but no buffer, so buffers never run out before slots.
-    const n = sring.size;
-    this.#dataGfn = dom.allocFrames(n * this.segments);
     this.#dataRefs = [];
     for (let i = 0; i < n * this.segments; i++) this.#dataRefs.push(dom.grants.grantAccess(backDomid, this.#dataGfn + i));
     for (let b = 0; b < n; b++) {
@@ -112,6 +118,15 @@ export class RingFront implements TpmTransport {
     let notified!: () => void;
     this.notified = new Promise((r) => (notified = r));
     dom.evtchn.on(this.port, () => (notified(), this.#onResponses()));
+    // Frames for the next ring (a resume builds one at once, while these may still be mapped by the
+    // backend), backed while nothing waits: that ring then makes no populate hypercall on its path.
+    setTimeout(() => {
+      try {
+        dom.keepSpare(this.#frameCount);
+      } catch {
+        // the hypervisor refused (memory, or the domain is going): the next ring populates, or says why
+      }
+    }, SPARE_AFTER_MS).unref();
   }
 
   get sharedPage(): Uint8Array {
@@ -290,8 +305,7 @@ export class RingFront implements TpmTransport {
       // Nobody maps them any more: kept backed for the next ring (a resume builds one at once).
       // A page the backend may still map goes back to the hypervisor instead.
       const free = all ? this.#dom.releaseFrames.bind(this.#dom) : this.#dom.freeFrames.bind(this.#dom);
-      free(this.#ringGfn, 1);
-      free(this.#dataGfn, this.#dataRefs.length);
+      free(this.#ringGfn, this.#frameCount);
       return all;
     });
   }

@@ -205,20 +205,40 @@ export class Domain {
     return new Domain(new HypercallClient(fd), xenDir(dir));
   }
 
-  /** Allocate `count` contiguous guest frames (zeroed); returns the first gfn. */
+  /**
+   * Allocate `count` contiguous guest frames (zeroed); returns the first gfn. Frames already backed are
+   * taken first (no populate hypercall), as a guest's page allocator hands out memory it has.
+   */
   allocFrames(count = 1): number {
+    const first = this.#freeRun(count, true) ?? this.#freeRun(count, false);
+    if (first === undefined) throw new DomainError('ENOMEM', `domain ${this.domid}: no ${count} free contiguous frames`);
+    this.#populate(first, count);
+    this.#used.fill(1, first, first + count);
+    this.#frames.fill(0, first * PAGE_SIZE, (first + count) * PAGE_SIZE);
+    return first;
+  }
+
+  /** The first run of `count` free frames (all of them backed, with `backed`). */
+  #freeRun(count: number, backed: boolean): number | undefined {
     let run = 0;
     for (let gfn = 0; gfn < this.#used.length; gfn++) {
-      run = this.#used[gfn] ? 0 : run + 1;
-      if (run === count) {
-        const first = gfn - count + 1;
-        this.#populate(first, count);
-        this.#used.fill(1, first, first + count);
-        this.#frames.fill(0, first * PAGE_SIZE, (first + count) * PAGE_SIZE);
-        return first;
-      }
+      run = this.#used[gfn] || (backed && !this.#populated[gfn]) ? 0 : run + 1;
+      if (run === count) return gfn - count + 1;
     }
-    throw new DomainError('ENOMEM', `domain ${this.domid}: no ${count} free contiguous frames`);
+    return undefined;
+  }
+
+  /**
+   * Make sure `count` contiguous free frames are backed, populating them now if none are: called while
+   * idle (after a ring is set up), so the next allocFrames of that size (a resume's ring) makes no
+   * hypercall. Returns whether it had to populate.
+   */
+  keepSpare(count: number): boolean {
+    if (this.#closed || this.hc.closed || this.#freeRun(count, true) !== undefined) return false;
+    const first = this.#freeRun(count, false);
+    if (first === undefined) return false;
+    this.#populate(first, count);
+    return true;
   }
 
   /** XENMEM_populate_physmap for the frames not backed yet, placed side by side in our range. */
