@@ -118,10 +118,12 @@ export class BackendDevice {
     if (this.#gone) return;
     // While we wait for a ring, what an attach needs is read in the same batch as the state (one
     // round trip less on the resume path; the keys read right after a state that says Initialised
-    // are that state's, as the frontend changes them together in a transaction).
+    // are that state's, as the frontend changes them together in a transaction). Not while a ring
+    // taken down at a suspend notice still awaits the frontend's Closing and Closed: those reads would
+    // carry eight keys each for nothing, and a frontend already past them costs one read more.
     const statePromise = readState(this.#o.xs, this.dev.frontend);
     this.#stateRead = this.#o.xs.lastRequestId;
-    const keys = !this.#channel && !this.#fatal ? readAttachKeys(this.#o.xs, this.dev) : null;
+    const keys = !this.#channel && !this.#fatal && !this.#closingEarly ? readAttachKeys(this.#o.xs, this.dev) : null;
     keys?.catch(() => {});
     let s: XenbusState;
     try {
@@ -145,16 +147,18 @@ export class BackendDevice {
           // A resuming frontend may pass Closed and Initialising faster than our steps read its state
           // (Linux's tpmfront publishes its new ring without waiting for our InitWait): a ring other
           // than the one we serve is a new connection. End the old one exactly as for Closed first.
-          // After a suspend notice (ring taken down) the keys came with this state: no second read.
-          const [ringRef, eventChannel] = pre
-            ? await pre.then((k) => [k.ringRef, k.eventChannel])
+          // After a suspend notice (ring taken down) the keys came with this state, or, for a frontend
+          // that passed its Closing and Closed unread, come in one read now: it is a new ring.
+          const keys = pre ?? (this.#closingEarly ? readAttachKeys(this.#o.xs, this.dev) : null);
+          const [ringRef, eventChannel] = keys
+            ? await keys.then((k) => [k.ringRef, k.eventChannel])
             : await Promise.all([this.#o.xs.tryRead(`${this.dev.frontend}/ring-ref`), this.#o.xs.tryRead(`${this.dev.frontend}/event-channel`)]);
           if (`${ringRef ?? ''}/${eventChannel ?? ''}` === this.#serving) break;
           await this.#closed();
           if (this.#gone || this.#offline) break;
           // #closed wrote our InitWait (the keys read before it show our Closing); the frontend's keys
           // read with its Initialised are that state's.
-          await this.#attach(s, pre ? { ...(await pre), own: XenbusState.InitWait } : await readAttachKeys(this.#o.xs, this.dev));
+          await this.#attach(s, keys ? { ...(await keys), own: XenbusState.InitWait } : await readAttachKeys(this.#o.xs, this.dev));
           break;
         }
         const keys = await (pre ?? readAttachKeys(this.#o.xs, this.dev));

@@ -110,4 +110,52 @@ describe('resume after a suspend notice', () => {
       await dom.destroy();
     }
   });
+
+  it("the frontend's Closing and Closed after a suspend notice cost the backend one read of its state each, without the eight attach keys; the Initialised behind them brings the keys", async () => {
+    const h = new RunDir(runDir).readHost();
+    const domid = 42;
+    await dom0.introduce(domid);
+    await xenbusTool.writeDeviceDirectories(dom0, { frontDomid: domid, backDomid: 0, devid: 0, uuid: '00000000-0000-4000-8000-000000000042' });
+    const dom = await Domain.create({ domid, dir: h.xenDir });
+    const xs = await connect(join(h.domainSocketDir, `dom${domid}.sock`));
+    const dev = xenbus.vtpmDevice(domid, 0, 0);
+    const ringOpts = { timeoutMs: 10_000, requireBackendFeature: XS_FEATURE_RING };
+    const reads = (from: number, key: string) => backendRequests().slice(from).filter((l) => l.endsWith(` ${dev.frontend}/${key}|`)).length;
+    try {
+      const f1 = new RingFront(dom, 0);
+      await xenbusFront.frontendConnect(xs, dev, { ringRef: f1.refs[0]!, eventChannel: f1.port, extra: { [XS_FEATURE_RING]: '1' } }, ringOpts);
+      expect(wire.responseCode(await f1.transmit(tpm2.startup()))).toBe(0);
+      await dom0.write(`/local/domain/${domid}/control/shutdown`, 'suspend');
+      expect(await f1.announceSuspend()).toBe(true);
+      await xenbus.waitForState(dom0, dev.backend, (st) => st === xenbus.XenbusState.Closing, { timeoutMs: 10_000 });
+      await sleep(300);
+      const before = backendRequests().length;
+      // Closing and Closed apart, each read by the backend on its own.
+      await xenbus.switchState(xs, dev.frontend, xenbus.XenbusState.Closing);
+      await sleep(300);
+      await xenbus.switchState(xs, dev.frontend, xenbus.XenbusState.Closed);
+      await f1.close();
+      await xenbus.waitForState(dom0, dev.backend, (st) => st === xenbus.XenbusState.InitWait, { timeoutMs: 10_000 });
+      await sleep(500);
+      expect(reads(before, 'state')).toBe(2);
+      for (const key of ['ring-ref', 'event-channel', XS_FEATURE_RING]) expect(reads(before, key)).toBe(0);
+      expect(backendRequests().slice(before).filter((l) => l.endsWith(`${dev.backend}/uuid|`))).toHaveLength(0);
+      // The resume: one read of the new ring's keys, with its Initialised.
+      await dom0.write(`/local/domain/0/backend/vtpm/${domid}/0/resume`, 'True');
+      await dom0.write(`/local/domain/${domid}/control/shutdown`, '');
+      const mid = backendRequests().length;
+      const f2 = new RingFront(dom, 0, { firstId: f1.nextId });
+      await xenbusFront.frontendReconnect(xs, dev, { ringRef: f2.refs[0]!, eventChannel: f2.port, extra: { [XS_FEATURE_RING]: '1' } }, ringOpts);
+      expect(tpm2.parseGetRandom(await f2.transmit(tpm2.getRandom(8)))).toHaveLength(8);
+      await sleep(500);
+      const resume = backendRequests().slice(mid);
+      const connected = resume.findIndex((l) => l.endsWith(` ${dev.backend}/state|${xenbus.XenbusState.Connected}`));
+      expect(connected).toBeGreaterThan(0);
+      expect(resume.slice(0, connected).filter((l) => l.endsWith(` ${dev.frontend}/ring-ref|`))).toHaveLength(1);
+      await f2.close();
+    } finally {
+      await xs.close();
+      await dom.destroy();
+    }
+  });
 });
