@@ -3,7 +3,7 @@
 // xenbus connect sequence, and offers transmit/cancel/close to applications and the TCTI bridge.
 import type { Domain } from '../xen/index.js';
 import type { XsClient } from '../xenstore/client.js';
-import { readState, switchState, vtpmDevice, type VtpmDevice, waitForState, XenbusState } from '../xenstore/xenbus.js';
+import { readState, switchState, vtpmDevice, type VtpmDevice, waitForState, WAIT_STOPPED, XenbusState } from '../xenstore/xenbus.js';
 import { followBackend, frontendClose, frontendConnect, frontendReconnect, type FrontendRing } from '../xenstore/xenbus-frontend.js';
 import type { XsWatch } from '../xenstore/client.js';
 import { XS_FEATURE_RING } from '../xen/tpmif.js';
@@ -117,7 +117,7 @@ export class TpmFront {
       if (backend !== dev.backend) throw new FrontendError('ENODEV', `${home}/backend is ${backend}, expected ${dev.backend}`);
       if (opts.reconnect) {
         if (!known || known.backend !== dev.backend) {
-          stop.abort();
+          stop.abort(WAIT_STOPPED);
           initWait = waitForState(xs, dev.backend, (s) => s === XenbusState.InitWait, { timeoutMs });
         }
         await Promise.all([initialising, initWait]);
@@ -129,7 +129,7 @@ export class TpmFront {
       }
       transport ??= build(backDomid);
     } catch (err) {
-      stop.abort();
+      stop.abort(WAIT_STOPPED);
       void tx.then((id) => xs.transactionEnd(id, false)).catch(() => {});
       await transport?.close();
       throw err;

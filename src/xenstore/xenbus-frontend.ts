@@ -1,7 +1,7 @@
 // Xenbus, frontend role: the vTPM frontend's connect, reconnect, close and resume steps
 // (docs/protocols/xenbus.md).
 import { XsError, type TxId, type XsClient, type XsWatch } from './client.js';
-import { XenbusError, XenbusState, deviceFatal, readState, switchState, waitForState, watchState, type VtpmDevice, type WaitOptions } from './xenbus.js';
+import { WAIT_STOPPED, XenbusError, XenbusState, deviceFatal, readState, switchState, waitForState, watchState, type VtpmDevice, type WaitOptions } from './xenbus.js';
 
 /** What a vTPM frontend publishes: its ring's grant ref and its event channel port. */
 export interface FrontendRing {
@@ -145,7 +145,7 @@ export async function frontendReconnect(client: XsClient, dev: VtpmDevice, ring:
     await writes;
     await finishConnect(client, dev, feature, waiting);
   } finally {
-    stop.abort();
+    stop.abort(WAIT_STOPPED);
   }
 }
 
@@ -179,7 +179,7 @@ export async function frontendClose(
   } catch (err) {
     if (!(err instanceof XenbusError && err.code === 'XENBUS_TIMEOUT')) throw err;
   } finally {
-    stop.abort();
+    stop.abort(WAIT_STOPPED);
   }
   const closed = switchState(client, dev.frontend, XenbusState.Closed);
   if (opts.release) {

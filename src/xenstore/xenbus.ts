@@ -17,7 +17,7 @@ export enum XenbusState {
   Reconfigured = 8,
 }
 
-export type XenbusErrorCode = 'XENBUS_TIMEOUT' | 'XENBUS_PROTOCOL' | 'XENBUS_CLOSED';
+export type XenbusErrorCode = 'XENBUS_TIMEOUT' | 'XENBUS_PROTOCOL' | 'XENBUS_CLOSED' | 'XENBUS_STOPPED';
 
 /** A handshake failure: a peer that never reached a state, broke the protocol, or went away. */
 export class XenbusError extends Error {
@@ -29,6 +29,12 @@ export class XenbusError extends Error {
     this.name = 'XenbusError';
   }
 }
+
+/**
+ * The reason a wait nobody needs any more is stopped with (`controller.abort(WAIT_STOPPED)`): made once,
+ * as abort() without a reason builds a DOMException and its stack trace every time, on every handshake.
+ */
+export const WAIT_STOPPED = new XenbusError('XENBUS_STOPPED', 'the wait was stopped by its caller');
 
 /** Both directories of one vTPM device. */
 export interface VtpmDevice {
