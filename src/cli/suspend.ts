@@ -7,7 +7,8 @@
 // id sequence). See docs/suspend-and-stress.md and docs/protocols/xenbus.md.
 import type { Command } from 'commander';
 import { setTimeout as sleep } from 'node:timers/promises';
-import { connect, type XsClient } from '../xenstore/client.js';
+import { XsError, connect, type XsClient } from '../xenstore/client.js';
+import { XenbusState } from '../xenstore/xenbus.js';
 import { deviceOf } from '../xenstore/xenbus-toolstack.js';
 import { controlShutdown } from '../frontend/guest-main.js';
 import { RunDir, alive } from './rundir.js';
@@ -33,11 +34,27 @@ export async function guestSuspend(run: string, domid: number, timeoutMs = 120_0
   const xs = await connect(h.xenstoredSocket);
   const t0 = performance.now();
   try {
-    await writeControl(xs, domid, 'suspend');
+    // The guest's Closed, its last xenstore step before it saves its record and exits, is watched for;
+    // until it comes the process is looked at only now and then (a guest that died without closing).
+    const state = `/local/domain/${domid}/device/vtpm/${g.devid}/state`;
+    let closed = false;
+    let wake = (): void => {};
+    const watching = xs.watch(state, () => {
+      void xs.tryRead(state).then((v) => {
+        if (v !== String(XenbusState.Closed)) return;
+        closed = true;
+        wake();
+      }, () => {});
+    });
+    // The WATCH and the transaction's start leave together.
+    await Promise.all([watching, writeControl(xs, domid, 'suspend')]);
     const deadline = Date.now() + timeoutMs;
     while (alive(g.pid, g.start)) {
       if (Date.now() > deadline) throw new Error(`dom${domid} did not suspend within ${timeoutMs} ms:\n${tailFile(rd.log(`guest-${domid}`))}`);
-      await sleep(2);
+      await new Promise<void>((r) => {
+        const t = setTimeout(r, closed ? 1 : 50);
+        wake = () => (clearTimeout(t), r());
+      });
     }
   } finally {
     await xs.close();
@@ -47,12 +64,20 @@ export async function guestSuspend(run: string, domid: number, timeoutMs = 120_0
   return { ms: performance.now() - t0, ...(after.nextId !== undefined ? { nextId: after.nextId } : {}), inflight: after.inflight?.length ?? 0 };
 }
 
-/** The toolstack's write of control/shutdown, readable and writable by the guest (as libxl sets it). */
-async function writeControl(xs: XsClient, domid: number, value: string): Promise<void> {
-  await xs.transaction(async (tx) => {
-    await xs.write(controlShutdown(domid), value, tx);
-    await xs.setPerms(controlShutdown(domid), [{ domid, access: 'n' }], tx);
-  });
+/**
+ * The toolstack's write of control/shutdown, readable and writable by the guest (as libxl sets it), in
+ * one transaction so the guest's watch fires on the finished node. Two round trips: the start, then the
+ * write, the permissions and the commit together (xenstored applies one connection's requests in order).
+ */
+export async function writeControl(xs: XsClient, domid: number, value: string): Promise<void> {
+  for (let attempt = 1; ; attempt++) {
+    const tx = await xs.transactionStart();
+    const steps = Promise.all([xs.write(controlShutdown(domid), value, tx), xs.setPerms(controlShutdown(domid), [{ domid, access: 'n' }], tx)]);
+    const [w, c] = await Promise.allSettled([steps, xs.transactionEnd(tx, true)]);
+    if (w.status === 'rejected') throw w.reason;
+    if (c.status === 'fulfilled') return;
+    if (!(c.reason instanceof XsError && c.reason.code === 'EAGAIN') || attempt >= 100) throw c.reason;
+  }
 }
 
 export interface ResumeOptions {
