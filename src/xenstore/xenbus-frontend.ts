@@ -149,6 +149,9 @@ export async function frontendReconnect(client: XsClient, dev: VtpmDevice, ring:
   }
 }
 
+/** How long a close waits for the answer to its suspend notice before it watches the backend's state too. */
+export const NOTICE_GRACE_MS = 200;
+
 /**
  * Frontend close (docs/protocols/xenbus.md, Close): Closing, wait (up to timeoutMs, default 5 s as Linux) for the backend
  * to leave Connected for Closing/Closed/InitWait, then Closed (and `release` right behind it). Resolves
@@ -163,22 +166,33 @@ export async function frontendClose(
   const announced = opts.closing ? Promise.resolve() : switchState(client, dev.frontend, XenbusState.Closing);
   // `answered`: the backend's answer by another way (the ring's suspend notice answered OK). It stands
   // for the Closing it writes, so that read-back is not waited for; false leaves the wait to xenstore.
+  // Its watch and read then start only if that answer says no, or has not come within
+  // NOTICE_GRACE_MS (a backend that died: its successor's InitWait ends the wait).
   const stop = new AbortController();
-  const seen = waitForState(
-    client,
-    dev.backend,
-    (s) => s === XenbusState.Closing || s === XenbusState.Closed || s === XenbusState.InitWait || s === XenbusState.Unknown,
-    { timeoutMs: opts.timeoutMs ?? 5000, signal: stop.signal },
-  );
-  seen.catch(() => {});
-  const other = opts.answered?.then((ok) => (ok ? undefined : seen));
+  let seen: Promise<XenbusState> | undefined;
+  const watchBackend = (): Promise<XenbusState> => {
+    seen ??= waitForState(
+      client,
+      dev.backend,
+      (s) => s === XenbusState.Closing || s === XenbusState.Closed || s === XenbusState.InitWait || s === XenbusState.Unknown,
+      { timeoutMs: opts.timeoutMs ?? 5000, signal: stop.signal },
+    );
+    seen.catch(() => {});
+    return seen;
+  };
+  let grace: NodeJS.Timeout | undefined;
+  const viaNotice = opts.answered?.then((ok) => (ok ? undefined : watchBackend()));
+  const viaXenstore = viaNotice ? new Promise<void>((r) => (grace = setTimeout(r, NOTICE_GRACE_MS))).then(watchBackend) : watchBackend();
+  viaNotice?.catch(() => {});
+  viaXenstore.catch(() => {});
   let answered = false;
   try {
-    await Promise.all([announced, other ? Promise.race([seen, other]) : seen]);
+    await Promise.all([announced, viaNotice ? Promise.race([viaNotice, viaXenstore]) : viaXenstore]);
     answered = true;
   } catch (err) {
     if (!(err instanceof XenbusError && err.code === 'XENBUS_TIMEOUT')) throw err;
   } finally {
+    clearTimeout(grace);
     stop.abort(WAIT_STOPPED);
   }
   const closed = switchState(client, dev.frontend, XenbusState.Closed);

@@ -4,7 +4,8 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import type { XsClient } from '../../src/xenstore/client.js';
 import { backendPath, frontendPath, ignoreEnoent, readState, switchState, vtpmDevice, waitForState, XenbusError, XenbusState, type VtpmDevice } from '../../src/xenstore/xenbus.js';
 import { backendConnected, backendInitWait, parseFrontendRing, type FrontendInfo } from '../../src/xenstore/xenbus-backend.js';
-import { followBackend, frontendClose, frontendConnect, frontendReconnect, frontendResume } from '../../src/xenstore/xenbus-frontend.js';
+import { NOTICE_GRACE_MS, followBackend, frontendClose, frontendConnect, frontendReconnect, frontendResume } from '../../src/xenstore/xenbus-frontend.js';
+import { XsType } from '../../src/xenstore/wire.js';
 import { writeDeviceDirectories } from '../../src/xenstore/xenbus-toolstack.js';
 import { connectClient, errnoOf, startDaemon, type Daemon } from './helpers.js';
 
@@ -144,6 +145,38 @@ describe('xenbus', () => {
     const answered = await frontendClose(client, dev, { timeoutMs: 10_000, answered: Promise.resolve(true), release: async () => void order.push('released') });
     expect(answered).toBe(true);
     expect(order).toEqual(['released', 'Closed answered']);
+    expect(await readState(dom0, dev.frontend)).toBe(XenbusState.Closed);
+  });
+
+  it("a close answered on the ring (the suspend notice) sends no WATCH and no read of the backend's state", async () => {
+    const dev = await writeDeviceDirectories(dom0, { frontDomid: 5, backDomid: 0, devid: 8 });
+    const back = backendConnect(dev, async () => {});
+    await frontendConnect(fe, dev, { ringRef: 8, eventChannel: 3 }, { timeoutMs: 10_000 });
+    await back;
+    const sent: string[] = [];
+    fe.tap = (dir, packet) => {
+      if (dir === 'out') sent.push(XsType[packet.readUInt32LE(0)]!);
+    };
+    try {
+      expect(await frontendClose(fe, dev, { timeoutMs: 10_000, answered: Promise.resolve(true) })).toBe(true);
+      await new Promise((r) => setTimeout(r, NOTICE_GRACE_MS + 100));
+    } finally {
+      fe.tap = null;
+    }
+    expect(sent).toEqual(['WRITE', 'WRITE']); // Closing, Closed
+    expect(await readState(dom0, dev.frontend)).toBe(XenbusState.Closed);
+  });
+
+  it('a close whose suspend notice is never answered goes on at the backend\'s Closing, read through xenstore', async () => {
+    const dev = await writeDeviceDirectories(dom0, { frontDomid: 5, backDomid: 0, devid: 9 });
+    const back = backendConnect(dev, async () => {});
+    await frontendConnect(fe, dev, { ringRef: 8, eventChannel: 3 }, { timeoutMs: 10_000 });
+    await back;
+    const closing = waitForState(dom0, dev.frontend, (s) => s === XenbusState.Closing, { timeoutMs: 10_000 }).then(() => switchState(dom0, dev.backend, XenbusState.Closing));
+    const t0 = performance.now();
+    expect(await frontendClose(fe, dev, { timeoutMs: 10_000, answered: new Promise<boolean>(() => {}) })).toBe(true);
+    await closing;
+    expect(performance.now() - t0).toBeLessThan(5000);
     expect(await readState(dom0, dev.frontend)).toBe(XenbusState.Closed);
   });
 
