@@ -97,6 +97,8 @@ export class RingFront implements TpmTransport {
     if (this.segments < 1 || this.segments > RING_MAX_SEGMENTS) throw new RangeError(`segments must be 1..${RING_MAX_SEGMENTS}`);
     this.#nextId = opts.firstId ?? 1n;
     this.#poll = new PollWindow(opts.pollUs, opts.contended);
+    // The event channel's hypercall runs while the ring is set up in our own memory.
+    const port = dom.evtchn.startAllocUnbound(backDomid);
     // The ring page and one buffer per slot in one run of frames (a cancel uses a slot but no buffer,
     // so buffers never run out before slots): one run is what the next ring reuses or keeps spare.
     const n = ringSize(PAGE, RING_SLOT);
@@ -114,7 +116,7 @@ export class RingFront implements TpmTransport {
       this.#bufferRefs.push(this.#dataRefs.slice(b * this.segments, (b + 1) * this.segments));
     }
     this.refs = [dom.grants.grantAccess(backDomid, this.#ringGfn)];
-    this.port = dom.evtchn.allocUnbound(backDomid);
+    this.port = port();
     let notified!: () => void;
     this.notified = new Promise((r) => (notified = r));
     dom.evtchn.on(this.port, () => (notified(), this.#onResponses()));

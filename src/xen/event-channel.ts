@@ -370,19 +370,28 @@ export class EventChannels {
     if (this.#busy && lp) Atomics.and(lp.own, 0, ~MASKED);
   }
 
-  #hypercall(op: number, args: number[], what: string): Reply {
-    const rep = this.#dom.hc.tryCall(op, args);
+  #hypercall(op: number, args: number[], what: string, rep = this.#dom.hc.tryCall(op, args)): Reply {
     if (rep.status === 0) return rep;
     for (const fd of rep.fds) closeFd(fd);
     const code = rep.status === -ESRCH ? 'ESRCH' : rep.status === -ENOSPC ? 'ENOSPC' : 'EINVAL';
     throw new EventChannelError(code, `dom${this.#dom.domid}: ${what}`);
   }
 
-  /** EVTCHNOP_alloc_unbound: a fresh port that only `remoteDom` may bind to. */
+  /**
+   * EVTCHNOP_alloc_unbound: a fresh port that only `remoteDom` may bind to. startAllocUnbound sends it
+   * now and takes the port later, so the caller's own work overlaps the hypervisor's.
+   */
   allocUnbound(remoteDom: number): number {
-    const rep = this.#hypercall(HC.evtchn_alloc_unbound, [remoteDom], `no free event channel port for dom${remoteDom}`);
-    this.#adopt(rep.r[0]!, rep.r[1]!, rep);
-    return rep.r[0]!;
+    return this.startAllocUnbound(remoteDom)();
+  }
+
+  startAllocUnbound(remoteDom: number): () => number {
+    const call = this.#dom.hc.start(HC.evtchn_alloc_unbound, [remoteDom]);
+    return () => {
+      const rep = this.#hypercall(HC.evtchn_alloc_unbound, [], `no free event channel port for dom${remoteDom}`, call.finish());
+      this.#adopt(rep.r[0]!, rep.r[1]!, rep);
+      return rep.r[0]!;
+    };
   }
 
   /**
@@ -396,11 +405,7 @@ export class EventChannels {
     if (!Number.isInteger(remoteDom) || remoteDom < 0 || remoteDom > 0xffff) {
       throw new EventChannelError('ESRCH', `dom${remoteDom} does not exist`);
     }
-    const rep = this.#hypercall(
-      HC.evtchn_bind_interdomain,
-      [remoteDom, remotePort],
-      `bind to dom${remoteDom} port ${remotePort} refused (no such domain, or not unbound for us)`,
-    );
+    const rep = this.#hypercall(HC.evtchn_bind_interdomain, [remoteDom, remotePort], `bind to dom${remoteDom} port ${remotePort} refused (no such domain, or not unbound for us)`);
     const local = rep.r[0]!;
     this.#adopt(local, rep.r[1]!, rep);
     this.#scheduleDispatch();

@@ -90,11 +90,20 @@ export function encodeReply(status: number, r: readonly number[], nfds: number):
 /** Posted calls whose replies may wait unread before a call waits for them all (a few KiB of socket). */
 const POSTED_MAX = 64;
 
+interface Started {
+  op: number;
+  reply: Reply | null;
+  /** Why its reply could not be read (the hypervisor went away): thrown by its finish. */
+  error?: unknown;
+}
+
 /** A domain's (or the toolstack's) end of a hypercall connection: blocking calls, one at a time. */
 export class HypercallClient {
   #fd: number;
   /** Replies owed to `post`ed calls, read (and dropped) before the next call's. */
   #owed = 0;
+  /** A `start`ed call whose reply is not read yet. */
+  #started: Started | null = null;
 
   constructor(fd: number) {
     this.#fd = fd;
@@ -131,6 +140,8 @@ export class HypercallClient {
    */
   post(op: number, args: readonly number[] = []): void {
     if (this.#fd < 0) throw new HypercallError(op, -ESRCH, 'connection to the hypervisor closed');
+    // A started call's reply comes before this one's: read it first, so #drain counts only posted ones.
+    if (this.#started) this.#settle();
     if (this.#owed >= POSTED_MAX) this.#drain();
     if (tracing) trace(`hc >> ${HC_NAMES.get(op) ?? op} ${args.join(' ')}`);
     sendWithFds(this.#fd, encodeRequest(op, args), []);
@@ -150,12 +161,50 @@ export class HypercallClient {
     }
   }
 
+  /**
+   * Send a call now and take its reply later (`finish`, whatever its status), so the hypervisor process
+   * runs it while the caller does work of its own. A call made meanwhile reads this reply first and
+   * keeps it for `finish`.
+   */
+  start(op: number, args: readonly number[] = []): { finish: () => Reply } {
+    if (this.#fd < 0) throw new HypercallError(op, -ESRCH, 'connection to the hypervisor closed');
+    this.#settle();
+    if (tracing) trace(`hc >| ${HC_NAMES.get(op) ?? op} ${args.join(' ')}`);
+    sendWithFds(this.#fd, encodeRequest(op, args), []);
+    const call: Started = { op, reply: null };
+    this.#started = call;
+    return {
+      finish: () => {
+        if (this.#started === call) this.#settle();
+        if (!call.reply) throw call.error;
+        return call.reply;
+      },
+    };
+  }
+
+  /** Read what earlier calls are owed: posted calls' replies, then a started call's (kept for it). */
+  #settle(): void {
+    if (this.#owed > 0) this.#drain();
+    const s = this.#started;
+    if (!s) return;
+    this.#started = null;
+    try {
+      s.reply = this.#readReply(s.op);
+    } catch (err) {
+      s.error = err;
+    }
+  }
+
   /** Make the call and return the reply whatever its status. */
   tryCall(op: number, args: readonly number[] = []): Reply {
     if (this.#fd < 0) throw new HypercallError(op, -ESRCH, 'connection to the hypervisor closed');
-    if (this.#owed > 0) this.#drain();
+    this.#settle();
     if (tracing) trace(`hc > ${HC_NAMES.get(op) ?? op} ${args.join(' ')}`);
     sendWithFds(this.#fd, encodeRequest(op, args), []);
+    return this.#readReply(op);
+  }
+
+  #readReply(op: number): Reply {
     const buf = new Uint8Array(HC_MSG);
     const fds: number[] = [];
     let got = 0;

@@ -101,4 +101,23 @@ describe('ring frontend pages across a new ring', () => {
       await g.destroy();
     }
   });
+
+  it("sends its event channel's alloc_unbound before it sets up the ring's grants, and takes the port after", async () => {
+    const g = await Domain.create({ domid: 34, dir });
+    try {
+      const start = vi.spyOn(g.hc, 'start');
+      const grant = vi.spyOn(g.grants, 'grantAccess');
+      const f = new RingFront(g, 0, { pollUs: 0 });
+      expect(start.mock.calls.map((c) => c[0])).toEqual([HC.evtchn_alloc_unbound]);
+      expect(start.mock.invocationCallOrder[0]!).toBeLessThan(grant.mock.invocationCallOrder[0]!);
+      start.mockRestore();
+      grant.mockRestore();
+      const ch = serve(f, g.domid);
+      expect(rc(await f.transmit(tpm2.getRandom(8)))).toBe(0);
+      ch.close();
+      await f.close();
+    } finally {
+      await g.destroy();
+    }
+  });
 });

@@ -157,6 +157,41 @@ describe('event channels', () => {
     fe.evtchn.close(p);
   });
 
+  it('an alloc_unbound started returns while the hypervisor is stopped; a call made before its port is taken keeps its reply for it', async () => {
+    const hv = Number(fs.readFileSync(join(dir, 'hypervisor.pid'), 'latin1'));
+    const waker = spawn('sh', ['-c', `sleep 1.5; kill -CONT ${hv}`], { stdio: 'ignore' });
+    const woken = new Promise((r) => waker.once('exit', r));
+    process.kill(hv, 'SIGSTOP');
+    let took: number;
+    let port: number;
+    let other: number;
+    try {
+      const t0 = performance.now();
+      const take = fe.evtchn.startAllocUnbound(0);
+      took = performance.now() - t0;
+      // A call in between (it waits for the hypervisor): it reads the started call's reply first.
+      other = fe.evtchn.allocUnbound(0);
+      port = take();
+    } finally {
+      process.kill(hv, 'SIGCONT');
+      await woken;
+    }
+    expect(took).toBeLessThan(500);
+    expect(port).not.toBe(other);
+    expect(fe.evtchn.status(port)).toMatchObject({ state: ECS_unbound, remoteDom: 0 });
+    expect(fe.evtchn.status(other)).toMatchObject({ state: ECS_unbound, remoteDom: 0 });
+    const local = be.evtchn.bindInterdomain(4, port);
+    const got = counter(fe, port);
+    await sleep(20);
+    got.n = 0;
+    be.evtchn.send(local);
+    await sleep(50);
+    expect(got.n).toBe(1);
+    be.evtchn.close(local);
+    fe.evtchn.close(port);
+    fe.evtchn.close(other);
+  });
+
   it('keeps an event pending until a handler is registered', async () => {
     const p = fe.evtchn.allocUnbound(0);
     const local = be.evtchn.bindInterdomain(4, p);
