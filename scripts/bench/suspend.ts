@@ -17,9 +17,11 @@ import os from 'node:os';
 import { connect as netConnect, type Socket } from 'node:net';
 import { join } from 'node:path';
 import { promisify } from 'node:util';
+import v8 from 'node:v8';
 import { percentile, settle, type BenchContext, type Figure } from './lib.js';
 import { SwtpmProcess } from './_swtpm.js';
 import { RunDir } from '../../src/cli/rundir.js';
+import { daemonV8Flags } from '../../src/cli/spawn.js';
 import { Domain } from '../../src/xen/index.js';
 import { connect } from '../../src/xenstore/client.js';
 import { writeDeviceDirectories } from '../../src/xenstore/xenbus-toolstack.js';
@@ -146,6 +148,9 @@ async function swtpmSaveRestore(ctrl: Ctrl, dir: string): Promise<void> {
 }
 
 export async function run_(ctx: BenchContext): Promise<Figure[]> {
+  // This process plays the guest: it runs with the V8 flags a guest process started by `vtpm` gets
+  // (src/cli/spawn.ts), set before the guest's code is first called.
+  for (const flag of daemonV8Flags()) v8.setFlagsFromString(flag);
   const cycles = Number(arg(ctx, 'cycles', '100'));
   // The handshake's code runs a few times per cycle, so V8 optimizes it only after ~100 cycles: the
   // first cycles of a fresh host took 2–3× as long (10–12 ms loaded, falling to ~4 ms by cycle 100;

@@ -11,6 +11,15 @@ import { createDomainConnection } from '../xen/index.js';
 
 export const MAIN_JS = join(dirname(fileURLToPath(import.meta.url)), 'main.js');
 
+/**
+ * V8 flags for every daemon and guest process started here: none by default. VTPM_DAEMON_V8_FLAGS
+ * (space-separated, e.g. `--always-sparkplug`) sets them, for measuring what a flag does to a host's
+ * first suspend cycles against its memory and warm CPU (docs/benchmarks.md "V8 flags and cold cycles").
+ */
+export function daemonV8Flags(env: NodeJS.ProcessEnv = process.env): string[] {
+  return (env.VTPM_DAEMON_V8_FLAGS ?? '').split(/\s+/).filter((f) => f !== '');
+}
+
 export interface Started {
   pid: number;
   log: string;
@@ -24,7 +33,7 @@ export async function startDaemon(args: string[], log: string, ready: RegExp, en
   // VTPM_CPU_PROF_DIR: every daemon writes a V8 CPU profile there when it exits (node --cpu-prof is not
   // allowed in NODE_OPTIONS, so it has to go on the command line).
   const prof = process.env.VTPM_CPU_PROF_DIR ? ['--cpu-prof', `--cpu-prof-dir=${process.env.VTPM_CPU_PROF_DIR}`] : [];
-  const child = spawn(process.execPath, [...prof, MAIN_JS, ...args], {
+  const child = spawn(process.execPath, [...daemonV8Flags(), ...prof, MAIN_JS, ...args], {
     detached: true,
     stdio: ['ignore', fd, fd],
     env: { ...process.env, ...env, VTPM_NO_SETUP: '1' },
@@ -57,7 +66,7 @@ export async function spawnGuestProcess(h: HostInfo, domid: number, args: string
   let hvFd = -1;
   try {
     hvFd = await createDomainConnection({ domid, dir: h.xenDir });
-    const l = domainLaunch(h.isolation, domid, 'guest', process.execPath, [MAIN_JS, ...args]);
+    const l = domainLaunch(h.isolation, domid, 'guest', process.execPath, [...daemonV8Flags(), MAIN_JS, ...args]);
     // cwd /: the caller's working directory may be one the domain's uid cannot enter.
     const child = spawn(l.file, l.args, {
       detached: true,
