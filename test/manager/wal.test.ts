@@ -7,7 +7,7 @@ import { ManagerClient } from '../../src/manager/client.js';
 import { blobName } from '../../src/manager/store-meta.js';
 import { DirOps } from '../../src/manager/store-ops.js';
 import { GroupCommitStore } from '../../src/manager/store.js';
-import { WAL_FILE, encodeRecord, readRecord, replay, walKey, type WalRecord } from '../../src/manager/wal.js';
+import { WAL_FILE, encodeRecord, readRecord, replay, type WalRecord } from '../../src/manager/wal.js';
 import { restartable } from './helpers.js';
 import { removeDir, tempDir as newTempDir } from '../helpers/temp.js';
 
