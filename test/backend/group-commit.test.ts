@@ -12,6 +12,7 @@ import { RingChannel } from '../../src/backend/ring-channel.js';
 import { RingFront } from '../../src/tpmif/ring-front.js';
 import { InProcessVtpms } from '../../src/backend/single-vm.js';
 import type { ExactlyOnce } from '../../src/backend/exactly-once.js';
+import type { VtpmSession } from '../../src/backend/provider.js';
 import { ManagerClient } from '../../src/manager/client.js';
 import { TpmHost } from '../../src/tpm/host.js';
 import type { StateKind } from '../../src/tpm/state-store.js';
@@ -85,7 +86,7 @@ class Checkpoints {
 
 interface Rig {
   vm: string;
-  target: Awaited<ReturnType<InProcessVtpms['open']>>;
+  target: VtpmSession;
   host: TpmHost;
   mgr: ManagerClient;
   front: RingFront;

@@ -13,7 +13,7 @@ import fs from 'node:fs';
 import net from 'node:net';
 import { join } from 'node:path';
 import readline from 'node:readline';
-import type { EventLoopUtilization } from 'node:perf_hooks';
+import { performance, type EventLoopUtilization } from 'node:perf_hooks';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { spinReadable } from '../../native/busy-poll.js';
 import { closeFd, socketPair } from '../../native/unix-rights.js';

@@ -48,7 +48,7 @@ function opensslCa(d: string, opts: { ca?: boolean; subj?: string } = {}): void 
 function verify(chainPem: string, der: Uint8Array): string {
   const d = dir();
   fs.writeFileSync(join(d, 'chain.pem'), chainPem);
-  fs.writeFileSync(join(d, 'ek.pem'), new x509.X509Certificate(der).toString('pem'));
+  fs.writeFileSync(join(d, 'ek.pem'), new x509.X509Certificate(new Uint8Array(der)).toString('pem'));
   return execFileSync('openssl', ['verify', '-CAfile', join(d, 'chain.pem'), join(d, 'ek.pem')], { encoding: 'utf8' }).trim();
 }
 
@@ -72,7 +72,7 @@ describe('the host CA', () => {
     for (const pub of [rsaEk(), eccEk()]) {
       const der = await ca.issueEk(pub, TPM, VM);
       expect(verify(ca.chainPem, der)).toMatch(/: OK$/);
-      const c = new x509.X509Certificate(der);
+      const c = new x509.X509Certificate(new Uint8Array(der));
       expect(c.subject).toBe(`CN=${VM}`);
       expect(c.notAfter.toISOString()).toBe('9999-12-31T23:59:59.000Z');
       expect(c.getExtension(x509.BasicConstraintsExtension)).toMatchObject({ ca: false, critical: true });
@@ -136,7 +136,7 @@ describe("an operator's CA (--ca DIR)", () => {
 describe('the platform certificate', () => {
   it('is an attribute certificate held by the EK certificate, signed by the issuing CA (checked with openssl), naming the platform', async () => {
     const { ca } = await EkCa.open({ stateDir: dir() });
-    const ek = new x509.X509Certificate(await ca.issueEk(rsaEk(), TPM, VM));
+    const ek = new x509.X509Certificate(new Uint8Array(await ca.issueEk(rsaEk(), TPM, VM)));
     const der = await ca.issuePlatform(new Uint8Array(ek.rawData), { manufacturer: 'ACME', model: 'Anvil 9', version: '2.1' });
     const issuerPem = ca.chainPem.match(/-----BEGIN CERTIFICATE-----[\s\S]+?-----END CERTIFICATE-----/)![0];
     const v = checkPlatformCert(der, issuerPem, dir());
@@ -160,7 +160,7 @@ describe('the platform certificate from an operator EC CA', () => {
     const d = dir();
     execFileSync('openssl', ['req', '-x509', '-newkey', 'ec', '-pkeyopt', 'ec_paramgen_curve:P-256', '-nodes', '-keyout', join(d, 'key.pem'), '-out', join(d, 'cert.pem'), '-days', '30', '-subj', '/CN=ec op CA', '-addext', 'basicConstraints=critical,CA:TRUE'], { stdio: 'ignore' });
     const { ca } = await EkCa.open({ stateDir: dir(), operatorDir: d });
-    const ek = new x509.X509Certificate(await ca.issueEk(rsaEk(), TPM, VM));
+    const ek = new x509.X509Certificate(new Uint8Array(await ca.issueEk(rsaEk(), TPM, VM)));
     const v = checkPlatformCert(await ca.issuePlatform(new Uint8Array(ek.rawData), { manufacturer: 'm', model: 'n', version: 'v' }), fs.readFileSync(join(d, 'cert.pem'), 'utf8'), dir());
     expect(v.signature).toBe('Verified OK');
     expect(v.issuer).toBe('CN=ec op CA');

@@ -40,7 +40,7 @@ beforeAll(async () => {
     await tpm.execute(startup());
     const id = await readTpmIdentity(tpm);
     const { ca } = await EkCa.open({ stateDir: join(work, 'ours') });
-    ours = new x509.X509Certificate(await ca.issueEk({ alg: 'rsa', modulus: Buffer.from(exported.n!, 'base64url'), exponent: 65537 }, id, VM));
+    ours = new x509.X509Certificate(new Uint8Array(await ca.issueEk({ alg: 'rsa', modulus: Buffer.from(exported.n!, 'base64url'), exponent: 65537 }, id, VM)));
   } finally {
     await host.destroyAll();
     t.cleanup();
@@ -103,7 +103,7 @@ describe('our TPM 1.2 EK certificate against swtpm_setup (TPM 1.2) --create-ek-c
       const id = parseVersionInfo(await tpm.execute(getVersionInfo()));
       const { ca } = await EkCa.open({ stateDir: join(w12, 'ours') });
       const der = await ca.issueEk12(Buffer.from(spki.n!, 'base64url'), id);
-      ours12 = new x509.X509Certificate(der);
+      ours12 = new x509.X509Certificate(new Uint8Array(der));
       stored = Buffer.from(storedCert(der));
     } finally {
       await host.destroyAll();

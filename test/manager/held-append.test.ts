@@ -8,7 +8,6 @@ import crypto from 'node:crypto';
 import fs from 'node:fs';
 import path from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
-import { ManagerClient } from '../../src/manager/client.js';
 import { chainBytes, splitChain } from '../../src/manager/chain.js';
 import { HOLD_FLUSH_MS } from '../../src/manager/daemon.js';
 import { HeldVolatile } from '../../src/manager/held-volatile.js';
@@ -20,7 +19,7 @@ import { StoreError } from '../../src/manager/store-meta.js';
 import { DirOps, type StoreOps } from '../../src/manager/store-ops.js';
 import { GroupCommitStore } from '../../src/manager/store.js';
 import { WAL_FILE, encodeRecord, readRecord, walKey, type WalRecord } from '../../src/manager/wal.js';
-import { refusal, startManager, type RunningManager } from './helpers.js';
+import { refusal, restartable } from './helpers.js';
 import { removeDir, tempDir } from '../helpers/temp.js';
 
 const A = '11111111-1111-4111-8111-111111111111';
@@ -376,20 +375,8 @@ describe('the writer over the real store and sealer', () => {
 });
 
 describe('the real manager: the background writer appends', () => {
-  let running: RunningManager | null = null;
-  const clients: ManagerClient[] = [];
-  afterEach(async () => {
-    for (const c of clients.splice(0)) c.disconnect();
-    await running?.stop('SIGKILL');
-    running = null;
-  });
-  const start = async (stateDir: string, runDir: string, extra: string[] = []): Promise<ManagerClient> => {
-    running = await startManager(stateDir, runDir, extra);
-    // No holding again after a restart: what a restarted manager loads must come from its store.
-    const c = await ManagerClient.connect(runDir, { reconnect: false });
-    clients.push(c);
-    return c;
-  };
+  // No holding again after a restart: what a restarted manager loads must come from its store.
+  const { start, now } = restartable({ reconnect: false });
   const uuid = (i: number): string => `a0000000-0000-4000-8000-${i.toString(16).padStart(12, '0')}`;
   const walRecords = (d: string): Array<[number, number, string]> => logRecords(fs.readFileSync(path.join(d, WAL_FILE)));
 
@@ -411,12 +398,12 @@ describe('the real manager: the background writer appends', () => {
     expect(after.map((r) => r[2])).toEqual(['VWAP']);
     expect(after[0]![1]).toBeLessThan(945 + 61 + 32 + 25 + 48 + 44 + 40);
     c.disconnect();
-    await running!.stop('SIGKILL');
+    await now().stop('SIGKILL');
     c = await start(stateDir, runDir);
     expect(Buffer.from((await c.load(instance, 'volatile'))!)).toEqual(Buffer.concat([base, ...records]));
     // And once more after the checkpoint that restart took (the chain is a file now).
     c.disconnect();
-    await running!.stop('SIGKILL');
+    await now().stop('SIGKILL');
     c = await start(stateDir, runDir);
     expect(Buffer.from((await c.load(instance, 'volatile'))!)).toEqual(Buffer.concat([base, ...records]));
   });
@@ -466,7 +453,7 @@ describe('the real manager: the background writer appends', () => {
       await sleep(300 + Math.random() * 3000);
       stop = true;
       c.disconnect();
-      await running!.stop('SIGKILL');
+      await now().stop('SIGKILL');
       await work;
       c = await start(stateDir, runDir, extra);
       for (let i = 0; i < N; i++) {
@@ -475,7 +462,7 @@ describe('the real manager: the background writer appends', () => {
           current[i] = Buffer.alloc(0); // never written: the guest starts over with a whole hold
           continue;
         }
-        expect(got, `instance ${inst[i]} round ${round}: nothing loaded; manager log:\n${running!.log.join('\n')}`).not.toBeNull();
+        expect(got, `instance ${inst[i]} round ${round}: nothing loaded; manager log:\n${now().log.join('\n')}`).not.toBeNull();
         const at = states[i]!.findLastIndex((s) => s.equals(Buffer.from(got!)));
         expect(at, `instance ${inst[i]} round ${round}: loaded a state it never had`).toBeGreaterThanOrEqual(0);
         expect(at, `instance ${inst[i]} round ${round}: older than the state written before`).toBeGreaterThanOrEqual(durable[i]!);

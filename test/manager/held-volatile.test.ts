@@ -198,8 +198,10 @@ describe('vtpm manager: HOLD_VOLATILE', () => {
     const b = (await c.open({ vmUuid: '0c3f9a4e-2b7d-4e51-8f6a-1d2e3f4a5b6c', version: '2.0' })).instance;
     await Promise.all([c.holdVolatile(a, Buffer.from('A')), c.holdVolatile(b, Buffer.from('B'))]);
     // Eight appends, each from its own macrotask of the same phase, as a backend's ring events arrive.
-    const writes = vi.spyOn(net.Socket.prototype, '_write');
-    const writevs = vi.spyOn(net.Socket.prototype, '_writev');
+    // Node's stream internals, untyped in @types/node.
+    const proto = net.Socket.prototype as unknown as { _write: (...a: unknown[]) => void; _writev: (chunks: unknown[], cb: () => void) => void };
+    const writes = vi.spyOn(proto, '_write');
+    const writevs = vi.spyOn(proto, '_writev');
     try {
       const acks = await new Promise<Array<Promise<void>>>((resolve) => {
         const out: Array<Promise<void>> = [];

@@ -3,7 +3,7 @@ import { spawn, type ChildProcess } from 'node:child_process';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { afterEach, expect } from 'vitest';
-import type { ManagerClient } from '../../src/manager/client.js';
+import { ManagerClient } from '../../src/manager/client.js';
 import { CONSOLE_IN, CONSOLE_OUT, openReader, writeShared } from '../../src/manager/fifo.js';
 import { SealError } from '../../src/manager/seal.js';
 import { tempDir, removeDir } from '../helpers/temp.js';
@@ -93,6 +93,37 @@ export function perTest(): {
     return m;
   };
   return { managers, clients, manager };
+}
+
+/**
+ * One real manager at a time that a test kills -9 and starts again on the same directories: `start`
+ * runs it and connects a client (`reconnect` as ManagerClient.connect takes it); after each test every
+ * client is cut and the manager killed. `now()` is the manager running at the moment; push other
+ * clients onto `clients`.
+ */
+export function restartable(opts: { reconnect?: boolean } = {}): {
+  start: (stateDir: string, runDir: string, extra?: string[]) => Promise<ManagerClient>;
+  now: () => RunningManager;
+  clients: ManagerClient[];
+} {
+  let running: RunningManager | null = null;
+  const clients: ManagerClient[] = [];
+  afterEach(async () => {
+    for (const c of clients.splice(0)) c.disconnect();
+    await running?.stop('SIGKILL');
+    running = null;
+  });
+  const start = async (stateDir: string, runDir: string, extra: string[] = []): Promise<ManagerClient> => {
+    running = await startManager(stateDir, runDir, extra);
+    const c = await ManagerClient.connect(runDir, opts.reconnect === undefined ? {} : { reconnect: opts.reconnect });
+    clients.push(c);
+    return c;
+  };
+  const now = (): RunningManager => {
+    if (!running) throw new Error('no manager is running');
+    return running;
+  };
+  return { start, now, clients };
 }
 
 /** One raw exchange on the console FIFOs, as a Xen hotplug script or vtpm_migrator does it: write one frame, read the reply bytes. */

@@ -7,8 +7,8 @@ import { ManagerClient } from '../../src/manager/client.js';
 import { blobName } from '../../src/manager/store-meta.js';
 import { DirOps } from '../../src/manager/store-ops.js';
 import { GroupCommitStore } from '../../src/manager/store.js';
-import { WAL_FILE, encodeRecord, readRecord, replay, walKey, type WalRecord } from '../../src/manager/wal.js';
-import { startManager, type RunningManager } from './helpers.js';
+import { WAL_FILE, encodeRecord, readRecord, replay, type WalRecord } from '../../src/manager/wal.js';
+import { restartable } from './helpers.js';
 import { removeDir, tempDir as newTempDir } from '../helpers/temp.js';
 
 // Every directory a test here makes is removed after it.
@@ -288,19 +288,7 @@ describe('write-ahead log: replay in the store', () => {
 });
 
 describe('write-ahead log: kill -9 of the real manager', () => {
-  let running: RunningManager | null = null;
-  const clients: ManagerClient[] = [];
-  afterEach(async () => {
-    for (const c of clients.splice(0)) c.disconnect();
-    await running?.stop('SIGKILL');
-    running = null;
-  });
-  const start = async (stateDir: string, runDir: string, extra: string[] = []): Promise<ManagerClient> => {
-    running = await startManager(stateDir, runDir, extra);
-    const c = await ManagerClient.connect(runDir);
-    clients.push(c);
-    return c;
-  };
+  const { start, now, clients } = restartable();
   const uuid = (i: number): string => `e0000000-0000-4000-8000-${i.toString(16).padStart(12, '0')}`;
 
   it('saves acknowledged only through the log survive kill -9, and a second restart changes nothing', async () => {
@@ -319,10 +307,10 @@ describe('write-ahead log: kill -9 of the real manager', () => {
         }
     // Acknowledged, and only in the log: no blob file exists yet.
     expect(fs.readdirSync(stateDir).filter((f) => f.endsWith('.blob'))).toEqual([]);
-    await running!.stop('SIGKILL');
+    await now().stop('SIGKILL');
 
     c = await start(stateDir, runDir);
-    await running!.waitLog(/replayed \d+ log records/);
+    await now().waitLog(/replayed \d+ log records/);
     const check = async (): Promise<void> => {
       for (const [k, b] of want) {
         const [i, kind] = k.split('.') as [string, 'permanent' | 'volatile'];
@@ -334,10 +322,10 @@ describe('write-ahead log: kill -9 of the real manager', () => {
     expect(files).toHaveLength(8);
 
     // Killed again right away: the restart before checkpointed the replay, so nothing is replayed now.
-    await running!.stop('SIGKILL');
+    await now().stop('SIGKILL');
     clients.splice(0).forEach((x) => x.disconnect());
     c = await start(stateDir, runDir);
-    expect(running!.log.some((l) => /replayed/.test(l))).toBe(false);
+    expect(now().log.some((l) => /replayed/.test(l))).toBe(false);
     await check();
     expect(fs.readdirSync(stateDir).filter((f) => f.endsWith('.blob')).sort()).toEqual(files);
     for (let v = 1; v <= 4; v++) expect(await c.open({ vmUuid: uuid(v), version: '2.0' })).toEqual({ instance: inst[v - 1], created: false });
@@ -372,12 +360,12 @@ describe('write-ahead log: kill -9 of the real manager', () => {
             return; // cut off by the kill
           }
           acked.set(i, b);
-          if (++ok === killAt) running!.proc.kill('SIGKILL');
+          if (++ok === killAt) now().proc.kill('SIGKILL');
         }
       }),
     );
     expect(ok).toBeGreaterThanOrEqual(killAt); 
-    await running!.stop();
+    await now().stop();
     for (const x of clients.splice(0)) x.disconnect();
     c = await start(stateDir, runDir, extra);
     for (const i of inst) {

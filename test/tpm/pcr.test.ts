@@ -98,7 +98,7 @@ describe('TPM 1.2 basics', () => {
 
   it('TPM_Extend and TPM_PCRRead follow the SHA-1 model', async () => {
     const digests = [unhex('01'.repeat(20)), unhex('ab'.repeat(20)), unhex('00'.repeat(20))];
-    let last = new Uint8Array(0);
+    let last: Uint8Array = new Uint8Array(0);
     for (const d of digests) last = tpm12.parsePcrValue(await tpm.execute(tpm12.extend(10, d)));
     const read = await tpm.execute(tpm12.pcrRead(10));
     expect(hex(read.subarray(0, 10))).toBe('00c4' + '0000001e' + '00000000');

@@ -403,7 +403,7 @@ describe('event-channel masks (busy-polling ends)', () => {
         await sleep(20);
       }
       expect(c.n).toBe(4); // the bind's event and the three sends, each a wake-up read
-      expect(emits.mock.calls.filter(([ev]) => ev === 'data')).toEqual([]);
+      expect(emits.mock.calls.filter(([ev]) => (ev as string) === 'data')).toEqual([]);
     } finally {
       emits.mockRestore();
       end();

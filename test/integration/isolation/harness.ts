@@ -181,8 +181,8 @@ export async function runRawGuest(host: IsolatedHost, domid: number, mode: strin
   }
   const lines: Outcome[] = [];
   let stderr = '';
-  child.stderr.on('data', (d: Buffer) => (stderr += d.toString()));
-  createInterface({ input: child.stdout }).on('line', (l) => lines.push(JSON.parse(l) as Outcome));
+  child.stderr!.on('data', (d: Buffer) => (stderr += d.toString()));
+  createInterface({ input: child.stdout! }).on('line', (l) => lines.push(JSON.parse(l) as Outcome));
   const timer = setTimeout(() => child.kill('SIGKILL'), timeoutMs);
   const code = await new Promise<number | null>((resolve) => child.once('close', resolve));
   clearTimeout(timer);

@@ -47,7 +47,7 @@ afterEach(async () => {
   for (const d of started.splice(0)) {
     if (d.alive) await d.stop();
     else await d.exited();
-    await d.front.close();
+    await d.front!.close();
   }
 });
 
@@ -151,7 +151,7 @@ describe('vTPM-domain process', () => {
     fs.closeSync(hvFd);
     const reader = new FrameReader();
     const frames: Array<{ type: number; id: number; payload: Uint8Array }> = [];
-    child.stdout.on('data', (c: Buffer) => frames.push(...reader.push(new Uint8Array(c))));
+    child.stdout!.on('data', (c: Buffer) => frames.push(...reader.push(new Uint8Array(c))));
     const waitFor = async (n: number) => {
       while (frames.length < n) await new Promise((r) => setTimeout(r, 5));
     };
@@ -162,13 +162,13 @@ describe('vTPM-domain process', () => {
       // STARTUP id 0x01020304, CLEAR: frame bytes spelled out; the reply carries the response code.
       const frame = encodeFrame(DomainMsg.STARTUP, 0x01020304, Uint8Array.of(0));
       expect(hex(frame)).toBe('00000006' + '0b' + '01020304' + '00');
-      child.stdin.write(frame);
+      child.stdin!.write(frame);
       await waitFor(2);
       expect(frames[1]).toMatchObject({ type: DomainMsg.OK, id: 0x01020304 });
       expect(hex(frames[1]!.payload)).toBe('00000000');
       // The removed stdio command path is refused as an unknown type: commands go over the ring only.
       const exited = new Promise<number | null>((r) => child.once('exit', (c) => r(c)));
-      child.stdin.write(unhex('0000000e 01 00000001 00 8001 0000000c 00000144 0000'.replace(/ /g, '')));
+      child.stdin!.write(unhex('0000000e 01 00000001 00 8001 0000000c 00000144 0000'.replace(/ /g, '')));
       await waitFor(3);
       expect(frames[2]!.type).toBe(DomainMsg.ERROR);
       expect(JSON.parse(Buffer.from(frames[2]!.payload).toString())).toMatchObject({ code: 'BAD_TYPE' });

@@ -399,7 +399,7 @@ describe('suspend/resume through xenstore', () => {
     const g = await guest(24);
     const s = await Session.open({ xs: g.xs, dom: g.dom });
     ok(await s.submit(tpm2.startup()), 'Startup');
-    let model = Buffer.alloc(32);
+    let model: Buffer = Buffer.alloc(32);
     // Enough extends that many are still queued or in a group checkpoint when the backend dies, which
     // happens once the first few are answered (group commit with the manager's log answers 40 within
     // a few ms, so a fixed delay would not catch any in flight).
