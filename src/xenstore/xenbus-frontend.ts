@@ -168,9 +168,10 @@ export async function frontendClose(
   // for the Closing it writes, so that read-back is not waited for; false leaves the wait to xenstore.
   // Its watch and read then start only if that answer says no, or has not come within
   // NOTICE_GRACE_MS (a backend that died: its successor's InitWait ends the wait).
-  const stop = new AbortController();
+  let stop: AbortController | undefined;
   let seen: Promise<XenbusState> | undefined;
   const watchBackend = (): Promise<XenbusState> => {
+    stop ??= new AbortController();
     seen ??= waitForState(
       client,
       dev.backend,
@@ -193,7 +194,7 @@ export async function frontendClose(
     if (!(err instanceof XenbusError && err.code === 'XENBUS_TIMEOUT')) throw err;
   } finally {
     clearTimeout(grace);
-    stop.abort(WAIT_STOPPED);
+    stop?.abort(WAIT_STOPPED);
   }
   const closed = switchState(client, dev.frontend, XenbusState.Closed);
   if (opts.release) {
