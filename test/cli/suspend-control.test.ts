@@ -1,23 +1,15 @@
 // The toolstack's control/shutdown write (`vtpm guest suspend`) against a real xenstored: one
 // transaction in two round trips (the start, then the write, the permissions and the commit sent
 // together), and the node the guest's watch then sees is finished: value and permissions.
-import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { describe, expect, it } from 'vitest';
 import { XsType } from '../../src/xenstore/wire.js';
 import type { XsClient } from '../../src/xenstore/client.js';
 import { writeControl } from '../../src/cli/suspend.js';
-import { connectClient, startDaemon, type Daemon } from '../xenstore/helpers.js';
+import { daemonPerFile } from '../xenstore/helpers.js';
 
-let d: Daemon;
 let c: XsClient;
 
-beforeAll(async () => {
-  d = await startDaemon();
-  c = await connectClient(d.socket);
-});
-afterAll(async () => {
-  await c?.close();
-  await d?.stop();
-});
+daemonPerFile((_d, cc) => (c = cc));
 
 describe('writeControl', () => {
   it('writes control/shutdown and its permissions in one transaction of two round trips', async () => {

@@ -1,21 +1,14 @@
 // Daemon semantics through a real `vtpm xenstored` process: node operations, error names, and what
 // happens to a connection that breaks the framing.
-import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { describe, expect, it } from 'vitest';
 import { XsType, encodeMessage, encodeStrings } from '../../src/xenstore/wire.js';
 import type { XsClient } from '../../src/xenstore/client.js';
-import { RawConn, connectClient, errnoOf, header, hex, startDaemon, type Daemon } from './helpers.js';
+import { RawConn, daemonPerFile, errnoOf, header, hex, startDaemon, type Daemon } from './helpers.js';
 
 let d: Daemon;
 let c: XsClient;
 
-beforeAll(async () => {
-  d = await startDaemon();
-  c = await connectClient(d.socket);
-});
-afterAll(async () => {
-  await c?.close();
-  await d?.stop();
-});
+daemonPerFile((dd, cc) => ((d = dd), (c = cc)));
 
 describe('xenstored node operations', () => {
   it('answers a READ with the raw value bytes, echoing type, req_id and tx_id', async () => {

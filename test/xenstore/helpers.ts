@@ -5,6 +5,7 @@ import net from 'node:net';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { HEADER_SIZE, XsReceiver, type XsMessage } from '../../src/xenstore/wire.js';
+import { afterAll, beforeAll } from 'vitest';
 import { XsClient } from '../../src/xenstore/client.js';
 import { tempDir, removeDir } from '../helpers/temp.js';
 
@@ -162,4 +163,22 @@ export async function errnoOf(p: Promise<unknown>): Promise<string> {
     return (err as { code?: string }).code ?? String(err);
   }
   return 'no error';
+}
+
+/**
+ * One daemon and one dom0 client for a whole test file: started before its tests, stopped after.
+ * `use` hands both to the file once they are up.
+ */
+export function daemonPerFile(use: (d: Daemon, c: XsClient) => void): void {
+  let d: Daemon | undefined;
+  let c: XsClient | undefined;
+  beforeAll(async () => {
+    d = await startDaemon();
+    c = await connectClient(d.socket);
+    use(d, c);
+  });
+  afterAll(async () => {
+    await c?.close();
+    await d?.stop();
+  });
 }

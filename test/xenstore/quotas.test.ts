@@ -3,22 +3,15 @@
 // requests 20).
 // dom0 is exempt. A guest that stops reading is stalled, and one flooded with events it never reads
 // is disconnected, without hurting anybody else.
-import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { describe, expect, it } from 'vitest';
 import { XsType, encodeMessage, encodeStrings, encodeWrite } from '../../src/xenstore/wire.js';
 import type { XsClient } from '../../src/xenstore/client.js';
-import { RawConn, connectClient, errnoOf, startDaemon, type Daemon } from './helpers.js';
+import { RawConn, connectClient, daemonPerFile, errnoOf, type Daemon } from './helpers.js';
 
 let d: Daemon;
 let dom0: XsClient;
 
-beforeAll(async () => {
-  d = await startDaemon();
-  dom0 = await connectClient(d.socket);
-});
-afterAll(async () => {
-  await dom0?.close();
-  await d?.stop();
-});
+daemonPerFile((dd, cc) => ((d = dd), (dom0 = cc)));
 
 async function guest(domid: number): Promise<XsClient> {
   await dom0.introduce(domid);

@@ -2,22 +2,15 @@
 // run in a transaction, -watch uses a watch) against a `vtpm xenstored` process.
 import { execFile, spawn } from 'node:child_process';
 import { promisify } from 'node:util';
-import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { describe, expect, it } from 'vitest';
 import type { XsClient } from '../../src/xenstore/client.js';
-import { connectClient, startDaemon, type Daemon } from './helpers.js';
+import { daemonPerFile, type Daemon } from './helpers.js';
 
 const run = promisify(execFile);
 let d: Daemon;
 let c: XsClient;
 
-beforeAll(async () => {
-  d = await startDaemon();
-  c = await connectClient(d.socket);
-});
-afterAll(async () => {
-  await c?.close();
-  await d?.stop();
-});
+daemonPerFile((dd, cc) => ((d = dd), (c = cc)));
 
 /** Run a xenstore-* tool against our daemon; resolves with stdout and the exit code. */
 async function tool(name: string, args: string[], socket = d.socket): Promise<{ out: string; code: number; err: string }> {

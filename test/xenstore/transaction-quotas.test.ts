@@ -3,21 +3,14 @@
 // memory quota (as C xenstored charges transaction nodes). Past either: ENOSPC to the offender, the
 // daemon's memory stays flat, and other guests notice nothing.
 import fs from 'node:fs';
-import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { describe, expect, it } from 'vitest';
 import type { XsClient } from '../../src/xenstore/client.js';
-import { connectClient, errnoOf, startDaemon, type Daemon } from './helpers.js';
+import { connectClient, daemonPerFile, errnoOf, type Daemon } from './helpers.js';
 
 let d: Daemon;
 let dom0: XsClient;
 
-beforeAll(async () => {
-  d = await startDaemon();
-  dom0 = await connectClient(d.socket);
-});
-afterAll(async () => {
-  await dom0?.close();
-  await d?.stop();
-});
+daemonPerFile((dd, cc) => ((d = dd), (dom0 = cc)));
 
 async function guest(domid: number): Promise<XsClient> {
   await dom0.introduce(domid);
