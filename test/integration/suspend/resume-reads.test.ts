@@ -59,21 +59,29 @@ function backendRequests(): string[] {
   return backendLines().filter((l) => / xc > /.test(l));
 }
 
+/**
+ * Guest `domid` on the ring, connected and started up, then told to suspend (control/shutdown): the
+ * test takes it from there. The caller closes `xs` and destroys `dom`.
+ */
+async function suspendingGuest(domid: number) {
+  const h = new RunDir(runDir).readHost();
+  await dom0.introduce(domid);
+  await xenbusTool.writeDeviceDirectories(dom0, { frontDomid: domid, backDomid: 0, devid: 0, uuid: `00000000-0000-4000-8000-0000000000${domid}` });
+  const dom = await Domain.create({ domid, dir: h.xenDir });
+  const xs = await connect(join(h.domainSocketDir, `dom${domid}.sock`));
+  const dev = xenbus.vtpmDevice(domid, 0, 0);
+  const ringOpts = { timeoutMs: 10_000, requireBackendFeature: XS_FEATURE_RING };
+  const f1 = new RingFront(dom, 0);
+  await xenbusFront.frontendConnect(xs, dev, { ringRef: f1.refs[0]!, eventChannel: f1.port, extra: { [XS_FEATURE_RING]: '1' } }, ringOpts);
+  expect(wire.responseCode(await f1.transmit(tpm2.startup()))).toBe(0);
+  await dom0.write(`/local/domain/${domid}/control/shutdown`, 'suspend');
+  return { domid, dom, xs, dev, ringOpts, f1 };
+}
+
 describe('resume after a suspend notice', () => {
   it("the backend attaches the new ring with the keys read alongside the frontend's Initialised (one read of ring-ref before its Connected), and signals the new port before xenstored answers that Connected", async () => {
-    const h = new RunDir(runDir).readHost();
-    const domid = 41;
-    await dom0.introduce(domid);
-    await xenbusTool.writeDeviceDirectories(dom0, { frontDomid: domid, backDomid: 0, devid: 0, uuid: '00000000-0000-4000-8000-000000000041' });
-    const dom = await Domain.create({ domid, dir: h.xenDir });
-    const xs = await connect(join(h.domainSocketDir, `dom${domid}.sock`));
-    const dev = xenbus.vtpmDevice(domid, 0, 0);
-    const ringOpts = { timeoutMs: 10_000, requireBackendFeature: XS_FEATURE_RING };
+    const { domid, dom, xs, dev, ringOpts, f1 } = await suspendingGuest(41);
     try {
-      const f1 = new RingFront(dom, 0);
-      await xenbusFront.frontendConnect(xs, dev, { ringRef: f1.refs[0]!, eventChannel: f1.port, extra: { [XS_FEATURE_RING]: '1' } }, ringOpts);
-      expect(wire.responseCode(await f1.transmit(tpm2.startup()))).toBe(0);
-      await dom0.write(`/local/domain/${domid}/control/shutdown`, 'suspend');
       // The notice alone: the backend answers it, goes Closing and takes the ring down.
       expect(await f1.announceSuspend()).toBe(true);
       await xenbus.waitForState(dom0, dev.backend, (st) => st === xenbus.XenbusState.Closing, { timeoutMs: 10_000 });
@@ -112,20 +120,9 @@ describe('resume after a suspend notice', () => {
   });
 
   it("the frontend's Closing and Closed after a suspend notice cost the backend one read of its state each, without the eight attach keys; the Initialised behind them brings the keys", async () => {
-    const h = new RunDir(runDir).readHost();
-    const domid = 42;
-    await dom0.introduce(domid);
-    await xenbusTool.writeDeviceDirectories(dom0, { frontDomid: domid, backDomid: 0, devid: 0, uuid: '00000000-0000-4000-8000-000000000042' });
-    const dom = await Domain.create({ domid, dir: h.xenDir });
-    const xs = await connect(join(h.domainSocketDir, `dom${domid}.sock`));
-    const dev = xenbus.vtpmDevice(domid, 0, 0);
-    const ringOpts = { timeoutMs: 10_000, requireBackendFeature: XS_FEATURE_RING };
+    const { domid, dom, xs, dev, ringOpts, f1 } = await suspendingGuest(42);
     const reads = (from: number, key: string) => backendRequests().slice(from).filter((l) => l.endsWith(` ${dev.frontend}/${key}|`)).length;
     try {
-      const f1 = new RingFront(dom, 0);
-      await xenbusFront.frontendConnect(xs, dev, { ringRef: f1.refs[0]!, eventChannel: f1.port, extra: { [XS_FEATURE_RING]: '1' } }, ringOpts);
-      expect(wire.responseCode(await f1.transmit(tpm2.startup()))).toBe(0);
-      await dom0.write(`/local/domain/${domid}/control/shutdown`, 'suspend');
       expect(await f1.announceSuspend()).toBe(true);
       await xenbus.waitForState(dom0, dev.backend, (st) => st === xenbus.XenbusState.Closing, { timeoutMs: 10_000 });
       await sleep(300);
