@@ -123,6 +123,19 @@ export function cpuUs(pid: number | 'self'): number {
   return Number(text.split(' ')[0]) / 1000;
 }
 
+/** CPU time (ns) of every thread of process `pid` so far, from /proc/PID/task/TID/schedstat. */
+export function cpuNsAllThreads(pid: number): number {
+  let ns = 0;
+  for (const tid of fs.readdirSync(`/proc/${pid}/task`)) {
+    try {
+      ns += Number(fs.readFileSync(`/proc/${pid}/task/${tid}/schedstat`, 'latin1').split(' ')[0]);
+    } catch {
+      // the thread ended meanwhile
+    }
+  }
+  return ns;
+}
+
 /**
  * Wait (up to `maxMs`) until CPU pressure (PSI some avg10) is at most half the share at which our pollers
  * stand down (poll.ts: 10 %). Starting a host is a burst of process start-ups whose pressure lingers in

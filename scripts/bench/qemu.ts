@@ -11,7 +11,7 @@ import { join, dirname } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { promisify } from 'node:util';
 import { closeFd, sendWithFds, socketPair } from '../../native/unix-rights.js';
-import { median, placedMedians, settle, usSince, type BenchContext, type Figure } from './lib.js';
+import { cpuNsAllThreads, median, placedMedians, settle, usSince, type BenchContext, type Figure } from './lib.js';
 
 const exec = promisify(execFile);
 const MAIN = join(dirname(fileURLToPath(import.meta.url)), '..', '..', 'src', 'cli', 'main.js');
@@ -104,7 +104,7 @@ export async function run(ctx: BenchContext): Promise<Figure[]> {
     let cpu: [number, number] = [0, 0];
     const time = async (n: number, f: (s: { c: Conn; d: Conn }) => Promise<unknown>): Promise<[number, number]> => {
       const t: [number[], number[]] = [[], []];
-      const c0 = pids.map(cpuNs);
+      const c0 = pids.map(cpuNsAllThreads);
       for (let i = 0; i < n; i++) {
         for (const k of [0, 1] as const) {
           const t0 = process.hrtime.bigint();
@@ -112,7 +112,7 @@ export async function run(ctx: BenchContext): Promise<Figure[]> {
           t[k].push(usSince(t0));
         }
       }
-      cpu = [(cpuNs(pids[0]!) - c0[0]!) / 1000 / n, (cpuNs(pids[1]!) - c0[1]!) / 1000 / n];
+      cpu = [(cpuNsAllThreads(pids[0]!) - c0[0]!) / 1000 / n, (cpuNsAllThreads(pids[1]!) - c0[1]!) / 1000 / n];
       return [median(t[0]), median(t[1])];
     };
     const figs: Figure[] = [];
@@ -176,19 +176,6 @@ export async function run(ctx: BenchContext): Promise<Figure[]> {
     await cli('host', 'down', '--run', run).catch(() => {});
     fs.rmSync(work, { recursive: true, force: true });
   }
-}
-
-/** CPU time of every thread of `pid` so far (ns), from /proc/PID/task/TID/schedstat. */
-function cpuNs(pid: number): number {
-  let ns = 0;
-  for (const tid of fs.readdirSync(`/proc/${pid}/task`)) {
-    try {
-      ns += Number(fs.readFileSync(`/proc/${pid}/task/${tid}/schedstat`, 'utf8').split(' ')[0]);
-    } catch {
-      /* the thread ended meanwhile */
-    }
-  }
-  return ns;
 }
 
 function u32(n: number): Buffer {

@@ -18,7 +18,7 @@ import { connect as netConnect, type Socket } from 'node:net';
 import { join } from 'node:path';
 import { promisify } from 'node:util';
 import v8 from 'node:v8';
-import { percentile, settle, type BenchContext, type Figure } from './lib.js';
+import { cpuNsAllThreads, percentile, settle, type BenchContext, type Figure } from './lib.js';
 import { SwtpmProcess } from './_swtpm.js';
 import { RunDir } from '../../src/cli/rundir.js';
 import { daemonV8Flags } from '../../src/cli/spawn.js';
@@ -32,17 +32,7 @@ import { trace } from '../../src/util/trace.js';
 const run = promisify(execFile);
 
 /** CPU time (ms) of every thread of process `pid` so far, from the scheduler's accounting. */
-function cpuMs(pid: number): number {
-  let ns = 0;
-  for (const t of fs.readdirSync(`/proc/${pid}/task`)) {
-    try {
-      ns += Number(fs.readFileSync(`/proc/${pid}/task/${t}/schedstat`, 'latin1').split(' ')[0]);
-    } catch {
-      // the thread ended meanwhile
-    }
-  }
-  return ns / 1e6;
-}
+const cpuMs = (pid: number): number => cpuNsAllThreads(pid) / 1e6;
 
 function arg(ctx: BenchContext, name: string, def: string): string {
   const i = ctx.args.indexOf(`--${name}`);
