@@ -131,6 +131,8 @@ export class DirStateStore implements StateStore {
   #recovered = false;
   #refilling: Promise<void> | null = null;
   #refillTimer: NodeJS.Timeout | null = null;
+  /** close() was called: no more refills. */
+  #closed = false;
   /** Names linked into the directory since its last fsync (claims, recovery). */
   #dirDirty = false;
   /**
@@ -223,8 +225,13 @@ export class DirStateStore implements StateStore {
     });
   }
 
-  /** Closes the directory fd kept for fsyncs and stops refills; call when no operation is under way. */
+  /**
+   * Closes the directory fd kept for fsyncs and stops refills for good (a later write takes the slow
+   * path); call when no operation is under way. A refill left running would make `.spare` again under
+   * whoever removes the directory next.
+   */
   close(): void {
+    this.#closed = true;
     for (const sp of this.#spares) {
       if (sp.fd !== null) fs.closeSync(sp.fd);
       sp.fd = null;
@@ -409,7 +416,7 @@ export class DirStateStore implements StateStore {
    * would queue in front of their fdatasyncs on the same device), for at most REFILL_MAX_DEFER_MS.
    */
   #scheduleRefill(since = performance.now()): void {
-    if (this.#refillTimer || this.#refilling || (this.#spares.length >= this.#spareTarget && !this.#dirDirty)) return;
+    if (this.#closed || this.#refillTimer || this.#refilling || (this.#spares.length >= this.#spareTarget && !this.#dirDirty)) return;
     this.#refillTimer = setTimeout(() => {
       this.#refillTimer = null;
       if (this.#chains.size > 0 && performance.now() - since < REFILL_MAX_DEFER_MS) return this.#scheduleRefill(since);

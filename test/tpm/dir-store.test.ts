@@ -4,6 +4,7 @@
 // an unreadable state or one older than the last it acknowledged.
 import { spawn } from 'node:child_process';
 import { copyFileSync, linkSync, mkdirSync, readFileSync, readdirSync, renameSync, statSync, writeFileSync } from 'node:fs';
+import { setTimeout as sleep } from 'node:timers/promises';
 import { dirname, join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { createInterface } from 'node:readline';
@@ -79,6 +80,17 @@ describe('DirStateStore', () => {
     await store.sparesReady();
     expect(store.spareCount).toBe(2);
     store.close();
+  });
+
+  it('close() stops spare refills for good: nothing makes files in the directory after it (a test may be removing it)', async () => {
+    const store = await DirStateStore.open(dir(), { spares: 2 });
+    store.close();
+    // A claim after close still works; the refill it used to schedule would make a file again.
+    await store.store(1, 'permanent', Uint8Array.of(1));
+    expect(hex((await store.load(1, 'permanent'))!)).toBe('01');
+    await sleep(100);
+    expect(readdirSync(join(store.dir, SPARE_DIR))).toHaveLength(1);
+    expect(store.spareCount).toBe(1);
   });
 
   it('a first write never clobbers a file another writer made since load() found none (link, EEXIST)', async () => {

@@ -6,7 +6,9 @@ import { scratchDir } from '../helpers/temp.js';
 
 export function tempStore(prefix: string): { store: DirStateStore; dir: string; cleanup: () => void } {
   const t = scratchDir(prefix);
-  return { store: new DirStateStore(t.dir), ...t };
+  const store = new DirStateStore(t.dir);
+  // The store first: its spare refills would otherwise make files again under the removal.
+  return { store, dir: t.dir, cleanup: () => (store.close(), t.cleanup()) };
 }
 
 export function hex(b: Uint8Array): string {
