@@ -40,10 +40,12 @@ const work = tempDir('qpoll');
 const host = new TpmHost();
 let ep: QemuEndpoint;
 let windows: PollWindow[] = [];
+let store: DirStateStore;
 
 beforeAll(async () => {
   fs.mkdirSync(join(work, 'state'));
-  const vtpm = await host.create({ instance: 1, version: '2.0', store: new DirStateStore(join(work, 'state')), powerOn: false });
+  store = new DirStateStore(join(work, 'state'));
+  const vtpm = await host.create({ instance: 1, version: '2.0', store, powerOn: false });
   ep = await QemuEndpoint.listen({
     path: join(work, 'ctrl.sock'),
     vtpm,
@@ -104,6 +106,7 @@ function expectOneWindow(w: PollWindow, busy: number): void {
 afterAll(async () => {
   await ep?.close();
   await host.destroyAll();
+  store?.close(); // no spare refill under the removal
   removeDir(work);
 });
 
