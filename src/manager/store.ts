@@ -306,7 +306,8 @@ export class GroupCommitStore implements VtpmStore {
     const blobs = { ...this.#blobs };
     const writes = new Map<string, { instance: number; kind: StateKind; generation: number; data: Uint8Array }>();
     const removes = new Map<string, { instance: number; kind: StateKind }>();
-    const appends: Array<WalAppend & { op: Op }> = [];
+    const appends: WalAppend[] = [];
+    const appended = new Set<string>(); // the blobs with a piece in `appends`
     const rejected = new Set<Op>();
     let saves = 0;
     let tableChanged = false;
@@ -331,19 +332,21 @@ export class GroupCommitStore implements VtpmStore {
         }
       } else if (op.type === 'append') {
         const k = blobKey(op.instance, op.kind);
-        const held = writes.has(k) || appends.some((a) => blobKey(a.instance, a.kind) === k) || inMemory({ dirty: this.#dirty, kept: this.#kept }, k, blobs[k]);
+        const held = writes.has(k) || appended.has(k) || inMemory({ dirty: this.#dirty, kept: this.#kept }, k, blobs[k]);
         if (blobs[k] !== op.onto || !held) {
           rejected.add(op);
           op.done.reject(new StoreError('STALE', `append to ${k} onto generation ${op.onto}: the blob is at ${blobs[k] ?? 'none'}${held ? '' : ' and not in memory'}`));
           continue;
         }
         blobs[k] = op.generation;
-        appends.push({ instance: op.instance, kind: op.kind, onto: op.onto, generation: op.generation, data: op.data, op });
+        appends.push({ instance: op.instance, kind: op.kind, onto: op.onto, generation: op.generation, data: op.data });
+        appended.add(k);
       } else if (op.type === 'meta') tableChanged = true;
       else checkpoint = true;
     }
     // An append superseded in its batch (by a later save or removal of the blob) is never written.
     function dropAppends(k: string): void {
+      if (!appended.delete(k)) return;
       for (let i = appends.length - 1; i >= 0; i--) if (blobKey(appends[i]!.instance, appends[i]!.kind) === k) appends.splice(i, 1);
     }
     batch = batch.filter((op) => !rejected.has(op));
@@ -354,7 +357,7 @@ export class GroupCommitStore implements VtpmStore {
       clock: this.#clock,
       saves: [...writes.values()],
       removes: [...removes.values()],
-      appends: appends.map(({ op: _op, ...a }) => a),
+      appends,
       table: tableChanged ? this.snapshotTable() : undefined,
     };
     const fail = (err: unknown, how: string): void => {
@@ -428,7 +431,7 @@ export class GroupCommitStore implements VtpmStore {
         const written = await this.#writeCheckpoint(snap, this.#gen);
         // In files now, unless saved again since (then the newer copy is in this generation's records).
         for (const [k, d] of snap.dirty) if (this.#dirty.get(k) === d) this.#dirty.delete(k);
-        this.#keep(new Map([...written].filter(([k]) => !this.#dirty.has(k) && this.#blobs[k] === written.get(k)!.generation)));
+        this.#keep(new Map([...written].filter(([k, d]) => !this.#dirty.has(k) && this.#blobs[k] === d.generation)));
         await this.#removeStale();
       } catch {
         // The previous generation's records are still needed: the next batch checkpoints in line
